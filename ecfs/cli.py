@@ -1,0 +1,168 @@
+"""The `ecfs` command line (click). No logic here: parse, call, report.
+
+Exit status: 0 success, 1 the operation failed or found problems, 2 usage
+error (bad arguments, refused request). Errors are one line on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EcfsError, VolumeError
+from .mkfs import VolumeSpec, create_volume
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: str) -> int:
+    """'128K', '1M', '4096' -> bytes (powers of two)."""
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 128K, 1M)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: object, param: object, ctx: object) -> int:
+        return value if isinstance(value, int) else parse_size(str(value))
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"ecfs: {message}", err=True)
+    sys.exit(code)
+
+
+def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> "callable":
+    def setup(foreground: bool) -> None:
+        handlers: list[logging.Handler] = []
+        if log_file:
+            handlers.append(logging.FileHandler(log_file))
+        elif foreground:
+            handlers.append(logging.StreamHandler(sys.stderr))
+        else:
+            directory = Path("/var/log/ecfs") if os.geteuid() == 0 else (
+                Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "ecfs"
+            )
+            directory.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(directory / f"mount{volume_hint}.log"))
+        logging.basicConfig(
+            level=getattr(logging, level.upper()),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            handlers=handlers,
+            force=True,
+        )
+
+    return setup
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ecfs")
+def main() -> None:
+    """ecfs: a filesystem that stores every file erasure-coded across
+    several directories or disks, and keeps reading when some fail."""
+
+
+@main.command()
+@click.option("--data", "-k", "k", default=4, show_default=True, help="Data fragments per chunk (k).")
+@click.option("--parity", "-m", "m", default=2, show_default=True, help="Parity fragments per chunk (m): stores that may fail.")
+@click.option("--fragment-size", type=SizeType(), default="128K", show_default=True,
+              help="Bytes per fragment; a chunk holds k x this many file bytes.")
+@click.option("--cell-size", type=SizeType(), default="4K", show_default=True,
+              help="Checksum granularity inside a fragment.")
+@click.option("--inline-max", type=SizeType(), default="64K", show_default=True,
+              help="Files up to this size are kept inline in the metadata.")
+@click.argument("stores", nargs=-1, required=True)
+def mkfs(k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]) -> None:
+    """Create a new volume over STORES (empty or new directories, ideally
+    one per disk; at least k+m of them)."""
+    spec = VolumeSpec(k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max)
+    try:
+        volume_id = create_volume([Path(s) for s in stores], spec)
+    except VolumeError as exc:
+        _fail(str(exc), 2)
+    except EcfsError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"created volume {volume_id}: k={k} m={m} over {len(stores)} stores")
+
+
+@main.command()
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground, log to stderr.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME...")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Log to this file.")
+@click.argument("stores", nargs=-1, required=True)
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+def mount(foreground: bool, options: tuple[str, ...], log_level: str, log_file: str | None,
+          stores: tuple[str, ...], mountpoint: str) -> None:
+    """Mount the volume made of STORES (paths or quoted glob patterns, in
+    any order) on MOUNTPOINT. Returns once the mount is ready."""
+    from .mount import check_mountpoint, parse_options, run_mount
+    from .volume import expand_store_args
+
+    try:
+        parsed = parse_options(options)
+        check_mountpoint(Path(mountpoint), expand_store_args(stores))
+    except VolumeError as exc:
+        _fail(str(exc), 2)
+    try:
+        code = run_mount(
+            stores,
+            Path(mountpoint),
+            parsed,
+            foreground=foreground,
+            setup_logging=_setup_logging(log_level, log_file),
+        )
+    except VolumeError as exc:
+        _fail(str(exc), 2)
+    except EcfsError as exc:
+        _fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the daemon to finish.")
+@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+def umount(timeout: float, mountpoint: str) -> None:
+    """Write back everything and unmount MOUNTPOINT; waits until the
+    daemon has made all data durable and exited."""
+    try:
+        pid = int(os.getxattr(mountpoint, "user.ecfs.pid"))
+    except (OSError, ValueError):
+        _fail(f"{mountpoint} is not a mounted ecfs volume", 2)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        _fail(f"cannot unmount {mountpoint}: {result.stderr.strip()}", 1)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            _fail(f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1)
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,444 @@
+"""File contents: write buffers, chunk maps, inline small files, truncate,
+flush and fsync.
+
+Owns: the per-inode write buffers (whole chunks, copy-on-write: a dirty
+chunk is written as a NEW chunk version and the metadata switches to it in
+one transaction), the choice between inline and chunked storage, and when
+data is written back. Must not: speak SQL (see metadb), touch stores
+directly (see reader/writer), or know pyfuse3.
+
+Concurrency contract (trio; awaits are the only switch points):
+* `FileState.lock(idx)` serialises everything that reads-modifies-writes
+  or writes back chunk `idx` of one inode: a write that must load the chunk,
+  the write-back of the chunk (held from taking the buffer until the commit,
+  so commits of one chunk are in order), truncate (takes the locks of every
+  chunk it cuts, in ascending order: no deadlock, since nothing else holds
+  two chunk locks).
+* A buffer being written back stays visible to readers in `flushing`.
+* A metadata transaction never spans an await.
+
+Crash contract: written fragments are committed by one transaction per
+chunk (old or new version, never a mix); the replaced version is deleted
+only after the commit is durable (see garbage). Unflushed buffers are lost
+on a crash, as in any filesystem: fsync() is the promise.
+
+Small files: a file whose size is at most `inline_max` is stored as one
+blob in its inode row (no fragments); it moves to chunks when it grows.
+A chunk whose bytes are all zero is not stored (a hole).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import EcfsError
+from .garbage import ChunkPins, Garbage
+from .geometry import ChunkSpan, Layout
+from .metadb.chunks import ChunkTable, RepairQueue
+from .metadb.database import Database
+from .model import NO_STORE
+from .namespace import Namespace
+from .reader import ChunkReader
+from .writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+#: Repair-queue priority of a chunk written with reduced redundancy.
+PRIORITY_SHORT_WRITE = 10
+
+
+@dataclass(eq=False)
+class FileState:
+    """Data state of one inode that is open or has unwritten data."""
+
+    ino: int
+    opens: int = 0
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    flushing: dict[int, bytearray] = field(default_factory=dict)
+    locks: dict[int, trio.Lock] = field(default_factory=dict)
+    error: EcfsError | None = None
+
+    def lock(self, idx: int) -> trio.Lock:
+        lock = self.locks.get(idx)
+        if lock is None:
+            lock = self.locks[idx] = trio.Lock()
+        return lock
+
+    def buffered(self, idx: int) -> bytearray | None:
+        buf = self.dirty.get(idx)
+        return self.flushing.get(idx) if buf is None else buf
+
+    @property
+    def idle(self) -> bool:
+        return (
+            self.opens == 0
+            and not self.dirty
+            and not self.flushing
+            and not any(lock.locked() for lock in self.locks.values())
+        )
+
+
+class FileData:
+    """Reads and writes file contents by inode number."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        db: Database,
+        namespace: Namespace,
+        reader: ChunkReader,
+        writer: ChunkWriter,
+        garbage: Garbage,
+        pins: ChunkPins,
+        wait_durable: Callable[[int], Awaitable[None]],
+        *,
+        inline_max: int,
+        dirty_limit: int = 256 << 20,
+        background_flushes: int = 4,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.layout = layout
+        self.db = db
+        self.namespace = namespace
+        self.chunks = ChunkTable(db)
+        self.repairs = RepairQueue(db)
+        self.reader = reader
+        self.writer = writer
+        self.garbage = garbage
+        self.pins = pins
+        self.wait_durable = wait_durable
+        self.inline_max = min(inline_max, layout.chunk_size)
+        self.dirty_limit = dirty_limit
+        self.clock_ns = clock_ns
+        self.dirty_bytes = 0
+        self._states: dict[int, FileState] = {}
+        self._background = trio.Semaphore(background_flushes)
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the service the nursery its background write-backs run in."""
+        self._nursery = nursery
+
+    # -- open / close --------------------------------------------------------
+
+    def opened(self, ino: int) -> None:
+        self._state(ino).opens += 1
+
+    def is_open(self, ino: int) -> bool:
+        state = self._states.get(ino)
+        return state is not None and state.opens > 0
+
+    async def released(self, ino: int) -> None:
+        """Last step of a close: write back what is left, drop the state."""
+        state = self._states.get(ino)
+        if state is None:
+            return
+        state.opens -= 1
+        if state.opens == 0:
+            try:
+                await self.flush(ino)
+            except EcfsError as exc:
+                log.error("inode %d: write-back at close failed: %s", ino, exc)
+            self._forget_state_if_idle(ino)
+
+    # -- read ----------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """File bytes [offset, offset+size), clipped at the file size."""
+        file_size = self.namespace.get(ino).size
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        state = self._states.get(ino)
+        spans = self.layout.chunk_spans(offset, end - offset)
+        if len(spans) == 1:
+            return await self._read_span(ino, state, spans[0])
+        parts = [await self._read_span(ino, state, span) for span in spans]
+        return b"".join(parts)
+
+    async def _read_span(self, ino: int, state: FileState | None, span: ChunkSpan) -> bytes:
+        want = span.end - span.start
+        buf = state.buffered(span.chunk_index) if state is not None else None
+        if buf is not None:
+            return _padded(buf[span.start : span.end], want)
+        ref = self.chunks.get(ino, span.chunk_index)
+        if ref is None:
+            if span.chunk_index == 0:
+                inline = self.namespace.inline_data(ino)
+                if inline is not None:
+                    return _padded(inline[span.start : span.end], want)
+            return bytes(want)
+        stop = min(span.end, ref.length)
+        if span.start >= stop:
+            return bytes(want)
+        self.pins.pin(ref.chunk_id)
+        try:
+            data = await self.reader.read(ref, span.start, stop)
+        finally:
+            self.pins.unpin(ref.chunk_id)
+        return _padded(data, want)
+
+    # -- write ---------------------------------------------------------------
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        """Buffer a write; full chunks are written back in the background."""
+        state = self._state(ino)
+        chunk_size = self.layout.chunk_size
+        pos = 0
+        for span in self.layout.chunk_spans(offset, len(data)):
+            idx = span.chunk_index
+            count = span.end - span.start
+            async with state.lock(idx):
+                buf = state.dirty.get(idx)
+                if buf is None:
+                    covers = span.start == 0 and span.end >= self._valid_length(ino, idx)
+                    buf = bytearray() if covers else await self._load(ino, idx)
+                    state.dirty[idx] = buf
+                    self.dirty_bytes += len(buf)
+                before = len(buf)
+                if before < span.start:
+                    buf.extend(bytes(span.start - before))
+                buf[span.start : span.end] = data[pos : pos + count]
+                self.dirty_bytes += len(buf) - before
+                pos += count
+                new_end = idx * chunk_size + span.end
+                inode = self.namespace.get(ino)
+                self.namespace.set_size(
+                    ino, max(inode.size, new_end), mtime_ns=self.clock_ns(), persist=False
+                )
+            if len(buf) == chunk_size:
+                await self._write_back_soon(state, idx)
+        if self.dirty_bytes > self.dirty_limit:
+            await self._flush_state(state)
+        return len(data)
+
+    def _valid_length(self, ino: int, idx: int) -> int:
+        """Bytes of chunk idx that lie below the current file size."""
+        base = idx * self.layout.chunk_size
+        size = self.namespace.get(ino).size
+        return max(0, min(self.layout.chunk_size, size - base))
+
+    async def _load(self, ino: int, idx: int) -> bytearray:
+        """The current content of chunk idx (its valid bytes), for a partial
+        rewrite. Caller holds the chunk's lock."""
+        valid = self._valid_length(ino, idx)
+        if valid == 0:
+            return bytearray()
+        ref = self.chunks.get(ino, idx)
+        if ref is None:
+            inline = self.namespace.inline_data(ino) if idx == 0 else None
+            return bytearray(_padded(inline[:valid], valid) if inline else bytes(valid))
+        stop = min(valid, ref.length)
+        self.pins.pin(ref.chunk_id)
+        try:
+            data = await self.reader.read(ref, 0, stop)
+        finally:
+            self.pins.unpin(ref.chunk_id)
+        return bytearray(_padded(data, valid))
+
+    async def _write_back_soon(self, state: FileState, idx: int) -> None:
+        """Write a full chunk back in the background (bounded: waits when
+        too many write-backs are in flight, which is the backpressure)."""
+        if self._nursery is None:
+            await self._flush_chunk(state, idx)
+            return
+        await self._background.acquire()
+
+        async def run() -> None:
+            try:
+                await self._flush_chunk(state, idx)
+            except EcfsError:
+                pass  # recorded in state.error, reported by flush/fsync
+            finally:
+                self._background.release()
+                self._forget_state_if_idle(state.ino)
+
+        self._nursery.start_soon(run)
+
+    # -- write-back ----------------------------------------------------------
+
+    async def flush(self, ino: int) -> None:
+        """Write back all buffered data of ino and persist its attributes.
+        Raises the first write-back error since the last flush."""
+        state = self._states.get(ino)
+        if state is not None:
+            await self._flush_state(state)
+        if ino in self.namespace.dirty_inodes():
+            with self.db.transaction():
+                self.namespace.persist(ino)
+        if state is not None and state.error is not None:
+            error, state.error = state.error, None
+            raise error
+
+    async def fsync(self, ino: int) -> None:
+        """flush(), then wait until the metadata is durable on the replicas
+        (fragments are made durable before that, see writer)."""
+        await self.flush(ino)
+        await self.wait_durable(self.db.generation)
+
+    async def flush_all(self) -> None:
+        """Write back everything (unmount)."""
+        for ino in list(self._states):
+            try:
+                await self.flush(ino)
+            except EcfsError as exc:
+                log.error("inode %d: write-back failed: %s", ino, exc)
+        dirty = self.namespace.dirty_inodes()
+        if dirty:
+            with self.db.transaction():
+                for ino in dirty:
+                    self.namespace.persist(ino)
+
+    async def _flush_state(self, state: FileState) -> None:
+        indices = sorted(set(state.dirty) | set(state.flushing))
+        if not indices:
+            return
+        limit = trio.CapacityLimiter(8)
+
+        async def one(idx: int) -> None:
+            async with limit:
+                try:
+                    await self._flush_chunk(state, idx)
+                except EcfsError:
+                    pass  # recorded in state.error
+
+        async with trio.open_nursery() as nursery:
+            for idx in indices:
+                nursery.start_soon(one, idx)
+
+    async def _flush_chunk(self, state: FileState, idx: int) -> None:
+        async with state.lock(idx):
+            buf = state.dirty.pop(idx, None)
+            if buf is None:
+                return
+            self.dirty_bytes -= len(buf)
+            state.flushing[idx] = buf
+            try:
+                await self._store_chunk(state.ino, idx, bytes(buf))
+            except EcfsError as exc:
+                log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
+                state.error = state.error or exc
+                if idx not in state.dirty:
+                    state.dirty[idx] = buf
+                    self.dirty_bytes += len(buf)
+                raise
+            finally:
+                state.flushing.pop(idx, None)
+
+    async def _store_chunk(self, ino: int, idx: int, data: bytes) -> None:
+        """Commit `data` as the content of chunk idx (caller holds its lock)."""
+        valid = self._valid_length(ino, idx)
+        data = data[:valid]
+        if not data:
+            return  # truncated away meanwhile; truncate removed the chunk
+        size = self.namespace.get(ino).size
+        if idx == 0 and size <= self.inline_max:
+            with self.db.transaction():
+                removed = self.chunks.remove_from(ino, 0)
+                self.namespace.set_inline_data(ino, data)
+                self.namespace.persist(ino)
+            self.garbage.discard(removed, self.db.generation)
+            return
+        if data.count(0) == len(data):
+            with self.db.transaction():
+                old = self.chunks.remove(ino, idx)
+                self._drop_inline(ino, idx)
+                self.namespace.persist(ino)
+            if old is not None:
+                self.garbage.discard([old], self.db.generation)
+            return
+        ref = await self.writer.write(data)
+        if self._valid_length(ino, idx) == 0:
+            self.garbage.discard([ref], self.db.generation)
+            return
+        with self.db.transaction():
+            old = self.chunks.put(ino, idx, ref)
+            self._drop_inline(ino, idx)
+            missing = sum(1 for s in ref.stores if s == NO_STORE)
+            if missing:
+                self.repairs.add(ref.chunk_id, "write", PRIORITY_SHORT_WRITE - missing, self.clock_ns())
+            self.namespace.persist(ino)
+        if old is not None:
+            self.garbage.discard([old], self.db.generation)
+
+    def _drop_inline(self, ino: int, idx: int) -> None:
+        if idx == 0 and self.namespace.inline_data(ino) is not None:
+            self.namespace.set_inline_data(ino, None)
+
+    # -- truncate / free -------------------------------------------------------
+
+    async def truncate(self, ino: int, new_size: int) -> None:
+        """Set the file size; bytes past it are gone, a later extension
+        reads zeros."""
+        inode = self.namespace.get(ino)
+        if new_size >= inode.size:
+            self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
+            return
+        state = self._state(ino)
+        chunk_size = self.layout.chunk_size
+        keep = new_size // chunk_size
+        first_dropped = -(-new_size // chunk_size)
+        async with AsyncExitStack() as stack:
+            for idx in sorted(set(state.locks) | {keep}):
+                if idx >= keep:
+                    await stack.enter_async_context(state.lock(idx))
+            for idx in [i for i in state.dirty if i >= first_dropped]:
+                self.dirty_bytes -= len(state.dirty.pop(idx))
+            if new_size % chunk_size:
+                buf = state.dirty.get(keep)
+                if buf is None:
+                    buf = await self._load(ino, keep)
+                    state.dirty[keep] = buf
+                    self.dirty_bytes += len(buf)
+                cut = new_size - keep * chunk_size
+                self.dirty_bytes -= max(0, len(buf) - cut)
+                del buf[cut:]
+            with self.db.transaction():
+                removed = self.chunks.remove_from(ino, first_dropped)
+                inline = self.namespace.inline_data(ino)
+                if inline is not None and len(inline) > new_size:
+                    self.namespace.set_inline_data(ino, inline[:new_size] or None)
+                self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
+            self.garbage.discard(removed, self.db.generation)
+        self._forget_state_if_idle(ino)
+
+    async def free(self, ino: int) -> None:
+        """Delete an inode and its data (nlink 0, no longer open or known
+        to the kernel)."""
+        state = self._states.get(ino)
+        if state is not None:
+            async with AsyncExitStack() as stack:
+                for idx in sorted(state.locks):
+                    await stack.enter_async_context(state.lock(idx))
+                self.dirty_bytes -= sum(len(b) for b in state.dirty.values())
+                state.dirty.clear()
+            self._states.pop(ino, None)
+        with self.db.transaction():
+            removed = self.chunks.remove_from(ino, 0)
+            self.namespace.delete_inode(ino)
+        self.garbage.discard(removed, self.db.generation)
+
+    # -- states ----------------------------------------------------------------
+
+    def _state(self, ino: int) -> FileState:
+        state = self._states.get(ino)
+        if state is None:
+            state = self._states[ino] = FileState(ino)
+        return state
+
+    def _forget_state_if_idle(self, ino: int) -> None:
+        state = self._states.get(ino)
+        if state is not None and state.idle:
+            del self._states[ino]
+
+
+def _padded(data: bytes | bytearray | memoryview, length: int) -> bytes:
+    """`data` as bytes, zero-extended to `length` (holes, short chunks)."""
+    data = bytes(data)
+    return data if len(data) >= length else data + bytes(length - len(data))

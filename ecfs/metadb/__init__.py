@@ -1,0 +1,7 @@
+"""All SQL of ecfs: the metadata schema and the queries on it.
+
+* `schema`: the tables (documented column by column) and volume creation.
+* `database`: the working-copy connection, transactions and their write log.
+* `inodes`: inodes, directory entries, symlinks, xattrs.
+* `chunks`: chunk maps, fragment locations, the repair queue.
+"""

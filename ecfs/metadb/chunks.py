@@ -1,0 +1,151 @@
+"""SQL for chunk maps and the repair queue.
+
+Owns: the `chunks` and `repair_queue` tables (see `schema`). Must not:
+decide placement, read fragments, or know about FUSE.
+
+All writes must run inside the caller's `db.transaction()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..model import NO_STORE, ChunkRef
+from .database import Database
+from .schema import MISSING_STORE_BYTE
+
+
+def encode_stores(stores: tuple[int, ...]) -> bytes:
+    """ChunkRef.stores -> the `chunks.stores` blob (0xFF for NO_STORE)."""
+    return bytes(MISSING_STORE_BYTE if s == NO_STORE else s for s in stores)
+
+
+def decode_stores(blob: bytes) -> tuple[int, ...]:
+    return tuple(NO_STORE if b == MISSING_STORE_BYTE else b for b in blob)
+
+
+def _ref(chunk_id: int, length: int, stores: bytes) -> ChunkRef:
+    return ChunkRef(chunk_id, length, decode_stores(stores))
+
+
+class ChunkTable:
+    """Chunk maps of files: which chunk version holds chunk index i of inode."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get_range(self, inode: int, first: int, last: int) -> dict[int, ChunkRef]:
+        """Chunk refs of indices first..last (inclusive) that exist (holes omitted)."""
+        rows = self.db.query(
+            "SELECT idx, chunk_id, length, stores FROM chunks"
+            " WHERE inode = ? AND idx BETWEEN ? AND ?",
+            (inode, first, last),
+        )
+        return {idx: _ref(cid, length, stores) for idx, cid, length, stores in rows}
+
+    def get(self, inode: int, idx: int) -> ChunkRef | None:
+        row = self.db.query_one(
+            "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx = ?",
+            (inode, idx),
+        )
+        return None if row is None else _ref(*row)
+
+    def put(self, inode: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
+        """Make `ref` the chunk at (inode, idx); return the version it replaced."""
+        old = self.get(inode, idx)
+        self.db.write(
+            "INSERT OR REPLACE INTO chunks (inode, idx, chunk_id, length, stores)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (inode, idx, ref.chunk_id, ref.length, encode_stores(ref.stores)),
+        )
+        if old is not None:
+            self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (old.chunk_id,))
+        return old
+
+    def remove(self, inode: int, idx: int) -> ChunkRef | None:
+        """Delete chunk idx of inode (it becomes a hole); return it."""
+        old = self.get(inode, idx)
+        if old is not None:
+            self.db.write("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, idx))
+            self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (old.chunk_id,))
+        return old
+
+    def remove_from(self, inode: int, first: int) -> list[ChunkRef]:
+        """Delete chunks idx >= first of inode; return what was removed."""
+        rows = self.db.query(
+            "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx >= ?",
+            (inode, first),
+        )
+        if rows:
+            self.db.write("DELETE FROM chunks WHERE inode = ? AND idx >= ?", (inode, first))
+            self.db.write(
+                "DELETE FROM repair_queue WHERE chunk_id IN"
+                " (SELECT chunk_id FROM repair_queue EXCEPT SELECT chunk_id FROM chunks)"
+            )
+        return [_ref(*row) for row in rows]
+
+    def set_stores(self, chunk_id: int, stores: tuple[int, ...]) -> bool:
+        """Record new fragment locations of a chunk (repair); False if gone."""
+        return (
+            self.db.write(
+                "UPDATE chunks SET stores = ? WHERE chunk_id = ?",
+                (encode_stores(stores), chunk_id),
+            )
+            > 0
+        )
+
+    def by_id(self, chunk_id: int) -> tuple[int, int, ChunkRef] | None:
+        """(inode, idx, ref) of a chunk id, or None if it no longer exists."""
+        row = self.db.query_one(
+            "SELECT inode, idx, chunk_id, length, stores FROM chunks WHERE chunk_id = ?",
+            (chunk_id,),
+        )
+        if row is None:
+            return None
+        return row[0], row[1], _ref(row[2], row[3], row[4])
+
+    def iter_all(self) -> Iterator[tuple[int, int, ChunkRef]]:
+        """Every (inode, idx, ref) of the volume (for fsck, scrub, rebuilds)."""
+        for inode, idx, cid, length, stores in self.db.query(
+            "SELECT inode, idx, chunk_id, length, stores FROM chunks ORDER BY chunk_id"
+        ):
+            yield inode, idx, _ref(cid, length, stores)
+
+    def stored_bytes(self) -> int:
+        return int(self.db.query_value("SELECT COALESCE(SUM(length), 0) FROM chunks", default=0))
+
+
+class RepairQueue:
+    """Persistent queue of chunks with missing or bad fragments."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, chunk_id: int, reason: str, priority: int, now_ns: int) -> None:
+        """Queue a chunk (or, if queued, raise its priority and demand)."""
+        self.db.write(
+            "INSERT INTO repair_queue (chunk_id, reason, priority, demand, enqueued_ns)"
+            " VALUES (?, ?, ?, 1, ?) ON CONFLICT (chunk_id) DO UPDATE SET"
+            " priority = MIN(priority, excluded.priority), demand = demand + 1",
+            (chunk_id, reason, priority, now_ns),
+        )
+
+    def remove(self, chunk_id: int) -> None:
+        self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (chunk_id,))
+
+    def contains(self, chunk_id: int) -> bool:
+        return self.db.query_one("SELECT 1 FROM repair_queue WHERE chunk_id = ?", (chunk_id,)) is not None
+
+    def entries(self, limit: int = 1000) -> list[tuple[int, str, int, int]]:
+        """(chunk_id, reason, priority, demand), most urgent first."""
+        return [
+            (int(a), str(b), int(c), int(d))
+            for a, b, c, d in self.db.query(
+                "SELECT chunk_id, reason, priority, demand FROM repair_queue"
+                " ORDER BY priority, demand DESC, enqueued_ns LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def count(self) -> int:
+        return int(self.db.query_value("SELECT COUNT(*) FROM repair_queue", default=0))

@@ -1,0 +1,125 @@
+"""The mount's working copy of the metadata database, and its write log.
+
+Owns: the sqlite3 connection of the working copy, transactions, and the
+recording of every write statement into a `Transaction` that the replicator
+ships to the replica databases. Must not: know about FUSE, stores, or what
+the tables mean (see `inodes` and `chunks`).
+
+Concurrency contract: the working copy is a local file (not on a store), so
+its queries are fast and run directly on the trio event loop. A transaction
+is a plain `with` block that must contain no `await`: trio only switches
+tasks at awaits, so a transaction is atomic with respect to every other
+request handler. Nested `transaction()` blocks join the outermost one.
+
+Crash contract: the working copy is not durable (synchronous=OFF) and is
+discarded at the next mount, which starts from the freshest replica.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..model import Statement, Transaction
+
+#: How many ids `next_id` reserves per database round trip.
+ID_BLOCK = 1024
+
+
+class Database:
+    """The working copy. Reads with `query*`; writes with `write` inside
+    `transaction()`; every committed transaction is passed to `on_commit`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=MEMORY")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._conn.execute("PRAGMA temp_store=MEMORY")
+        self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
+        row = self._conn.execute("SELECT generation FROM replica_state WHERE id = 0").fetchone()
+        self.generation: int = int(row[0])
+        self.on_commit: Callable[[Transaction], None] | None = None
+        self._statements: list[Statement] | None = None
+        self._reserved: dict[str, list[int]] = {}
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- reads ---------------------------------------------------------------
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._conn.execute(sql, params).fetchone()
+        return row
+
+    def query_value(self, sql: str, params: tuple[Any, ...] = (), default: Any = None) -> Any:
+        row = self._conn.execute(sql, params).fetchone()
+        return default if row is None else row[0]
+
+    # -- writes --------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._statements is not None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block as one atomic, replicated transaction.
+
+        On normal exit: COMMIT, generation += 1, and `on_commit` receives the
+        statements (plus the generation bump). On an exception: ROLLBACK and
+        nothing is shipped. Must not contain an `await`.
+        """
+        if self._statements is not None:
+            yield
+            return
+        self._conn.execute("BEGIN")
+        self._statements = []
+        try:
+            yield
+            generation = self.generation + 1
+            self.write("UPDATE replica_state SET generation = ? WHERE id = 0", (generation,))
+            statements = tuple(self._statements)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._statements = None
+            self._conn.execute("ROLLBACK")
+            raise
+        self._statements = None
+        self.generation = generation
+        if self.on_commit is not None:
+            self.on_commit(Transaction(generation, statements))
+
+    def write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Execute one deterministic write statement; returns its rowcount."""
+        if self._statements is None:
+            raise RuntimeError("Database.write outside a transaction")
+        cursor = self._conn.execute(sql, params)
+        self._statements.append((sql, params))
+        return cursor.rowcount
+
+    def next_id(self, counter: str) -> int:
+        """Take a fresh value of an id counter ('inode' or 'chunk').
+
+        Ids are reserved from the database in blocks of ID_BLOCK (one small
+        replicated transaction per block); a crash only skips unused ids,
+        which is harmless because ids need only be unique.
+        """
+        reserved = self._reserved.get(counter)
+        if reserved is None or reserved[0] >= reserved[1]:
+            with self.transaction():
+                start = int(self.query_value("SELECT value FROM counters WHERE name = ?", (counter,)))
+                self.write(
+                    "UPDATE counters SET value = ? WHERE name = ?", (start + ID_BLOCK, counter)
+                )
+            reserved = [start, start + ID_BLOCK]
+            self._reserved[counter] = reserved
+        value = reserved[0]
+        reserved[0] += 1
+        return value

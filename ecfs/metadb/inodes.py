@@ -1,0 +1,214 @@
+"""SQL for the POSIX namespace: inodes, directory entries, symlinks, xattrs.
+
+Owns: every statement on the `inodes`, `dentries`, `symlinks` and `xattrs`
+tables (see `schema` for what each column means). Must not: decide anything
+about POSIX semantics (permissions, nlink rules, errno choice, timestamps) —
+that is `ecfs.namespace`, the only intended caller — nor touch `chunks`.
+
+Contracts:
+* Reads may run anywhere; every write method must be called inside
+  `db.transaction()` (`Database.write` raises otherwise).
+* Every write is deterministic: all values, including dentry rowids, are
+  passed as parameters, so replaying the recorded statements on a replica
+  gives an identical database.
+* Inode attributes travel as `InodeRow` tuples in `INODE_COLUMNS` order.
+* Names, targets and xattr names/values are raw `bytes` (stored as BLOBs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from .database import Database
+
+#: Attribute columns of `inodes`, in `InodeRow` order (inline_data excluded).
+INODE_COLUMNS = (
+    "id",
+    "mode",
+    "uid",
+    "gid",
+    "nlink",
+    "size",
+    "atime_ns",
+    "mtime_ns",
+    "ctime_ns",
+    "rdev",
+)
+
+#: (id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev)
+InodeRow = tuple[int, int, int, int, int, int, int, int, int, int]
+
+#: (dentry rowid, name) followed by the InodeRow of the entry's inode.
+EntryRow = tuple[int, bytes, int, int, int, int, int, int, int, int, int, int]
+
+_COLS = ", ".join(INODE_COLUMNS)
+_ICOLS = ", ".join(f"i.{c}" for c in INODE_COLUMNS)
+
+
+class InodeTable:
+    """Typed access to the namespace tables of one `Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- inodes ----------------------------------------------------------------
+
+    def get(self, ino: int) -> InodeRow | None:
+        """The attribute row of inode `ino`, or None if there is none."""
+        row = self._db.query_one(f"SELECT {_COLS} FROM inodes WHERE id = ?", (ino,))
+        return None if row is None else _inode_row(row)
+
+    def insert(self, row: InodeRow) -> None:
+        """Add a new inode (no inline data)."""
+        self._db.write(
+            f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(row)
+        )
+
+    def update(self, row: InodeRow) -> None:
+        """Overwrite every attribute column of inode `row[0]`."""
+        ino, *attrs = row
+        self._db.write(
+            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, nlink = ?, size = ?,"
+            " atime_ns = ?, mtime_ns = ?, ctime_ns = ?, rdev = ? WHERE id = ?",
+            (*attrs, ino),
+        )
+
+    def delete(self, ino: int) -> None:
+        """Remove inode `ino` with its xattrs and symlink target.
+
+        Directory entries are not touched (the caller ensures none refer to
+        it) and neither are chunks (file data is freed by its owner first).
+        """
+        self._db.write("DELETE FROM xattrs WHERE inode = ?", (ino,))
+        self._db.write("DELETE FROM symlinks WHERE inode = ?", (ino,))
+        self._db.write("DELETE FROM inodes WHERE id = ?", (ino,))
+
+    def orphans(self) -> list[int]:
+        """Ids of inodes with nlink == 0, ascending."""
+        return [r[0] for r in self._db.query("SELECT id FROM inodes WHERE nlink = 0 ORDER BY id")]
+
+    def count(self) -> int:
+        """The number of inodes."""
+        return int(self._db.query_value("SELECT count(*) FROM inodes", (), 0))
+
+    def inline_bytes(self) -> int:
+        """Total length of all inline data."""
+        return int(
+            self._db.query_value("SELECT coalesce(sum(length(inline_data)), 0) FROM inodes", (), 0)
+        )
+
+    def inline_data(self, ino: int) -> tuple[bool, bytes | None]:
+        """(inode exists, its inline data or None)."""
+        row = self._db.query_one("SELECT inline_data FROM inodes WHERE id = ?", (ino,))
+        if row is None:
+            return False, None
+        return True, None if row[0] is None else bytes(row[0])
+
+    def set_inline_data(self, ino: int, data: bytes | None) -> None:
+        """Set (or clear with None) the inline data of inode `ino`."""
+        self._db.write("UPDATE inodes SET inline_data = ? WHERE id = ?", (data, ino))
+
+    # -- directory entries -------------------------------------------------------
+
+    def find(self, parent: int, name: bytes) -> int | None:
+        """The inode that `name` in directory `parent` refers to, or None."""
+        value = self._db.query_value(
+            "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        )
+        return None if value is None else int(value)
+
+    def parent_of(self, directory: int) -> int | None:
+        """The directory holding the (only) entry of directory `directory`.
+
+        None for the root and for removed directories (they have no entry).
+        """
+        value = self._db.query_value(
+            "SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (directory,)
+        )
+        return None if value is None else int(value)
+
+    def is_empty(self, directory: int) -> bool:
+        """True if no entry has `directory` as its parent."""
+        return (
+            self._db.query_one("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (directory,))
+            is None
+        )
+
+    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Insert entry `name` -> `ino` in `parent` with the next free rowid.
+
+        The rowid is chosen here (max + 1) and passed explicitly, so a
+        replica assigns the same one.
+        """
+        rowid = int(self._db.query_value("SELECT coalesce(max(rowid), 0) + 1 FROM dentries", (), 1))
+        self._db.write(
+            "INSERT INTO dentries (rowid, parent, name, inode) VALUES (?, ?, ?, ?)",
+            (rowid, parent, name, ino),
+        )
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        """Delete entry `name` of `parent` (no-op if absent)."""
+        self._db.write("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
+    def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        """Rename an entry in place (keeps its rowid). The new name must be free."""
+        self._db.write(
+            "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+            (new_parent, new_name, parent, name),
+        )
+
+    def repoint_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Make existing entry `name` of `parent` refer to inode `ino`."""
+        self._db.write(
+            "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)
+        )
+
+    def entries(self, parent: int, after_rowid: int, limit: int | None) -> list[EntryRow]:
+        """Entries of `parent` with rowid > `after_rowid`, in rowid order,
+        each with its inode's attributes; at most `limit` (None: all)."""
+        rows = self._db.query(
+            f"SELECT d.rowid, d.name, {_ICOLS} FROM dentries AS d"
+            " JOIN inodes AS i ON i.id = d.inode"
+            " WHERE d.parent = ? AND d.rowid > ? ORDER BY d.rowid LIMIT ?",
+            (parent, after_rowid, -1 if limit is None else limit),
+        )
+        return [cast(EntryRow, (r[0], bytes(r[1]), *r[2:])) for r in rows]
+
+    # -- symlinks --------------------------------------------------------------
+
+    def symlink_target(self, ino: int) -> bytes | None:
+        """The target of symlink `ino`, or None if it has none."""
+        value = self._db.query_value("SELECT target FROM symlinks WHERE inode = ?", (ino,))
+        return None if value is None else bytes(value)
+
+    def insert_symlink(self, ino: int, target: bytes) -> None:
+        self._db.write("INSERT INTO symlinks (inode, target) VALUES (?, ?)", (ino, target))
+
+    # -- xattrs ----------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        value = self._db.query_value(
+            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
+        )
+        return None if value is None else bytes(value)
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        """Create or overwrite one attribute."""
+        self._db.write(
+            "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
+            (ino, name, value),
+        )
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        """Attribute names of `ino`, in byte order."""
+        rows = self._db.query("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+        return [bytes(r[0]) for r in rows]
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        """Delete one attribute; False if it did not exist."""
+        return self._db.write("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name)) > 0
+
+
+def _inode_row(row: tuple[Any, ...]) -> InodeRow:
+    return cast(InodeRow, tuple(row))

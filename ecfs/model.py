@@ -1,0 +1,46 @@
+"""Small value types shared by every layer (pure, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Marks a fragment slot whose fragment is not stored anywhere.
+NO_STORE = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One stored chunk version of a file.
+
+    ``chunk_id`` is unique for the volume's lifetime and names this version:
+    a rewrite creates a new id (copy-on-write). ``length`` is the number of
+    file bytes the chunk holds. ``stores[i]`` is the store index holding
+    fragment i (0 <= i < k+m), or NO_STORE when that fragment is missing.
+    """
+
+    chunk_id: int
+    length: int
+    stores: tuple[int, ...]
+
+    def present(self) -> list[int]:
+        """Fragment indices that have a store."""
+        return [i for i, s in enumerate(self.stores) if s != NO_STORE]
+
+
+#: One recorded SQL write: the statement text and its parameters.
+Statement = tuple[str, tuple[object, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A committed metadata transaction as shipped to replicas.
+
+    ``generation`` increases by one per transaction, starting after the
+    generation the volume was opened at. ``statements`` replayed in order on
+    a replica at generation ``generation - 1`` bring it to ``generation``.
+    Statements are deterministic (no random(), no SQL time functions, every
+    id chosen explicitly), so replaying them gives identical databases.
+    """
+
+    generation: int
+    statements: tuple[Statement, ...]

@@ -1,0 +1,73 @@
+"""Where new fragments go.
+
+Owns: the choice of stores for the fragments of a new chunk, and each
+store's free-space estimate. Must not: do I/O (free space is refreshed by
+the caller through `update_usage`), or know about files.
+
+Policy: only available (not failed) active stores are candidates; stores
+known to be full are skipped until their usage is refreshed. Candidates are
+ordered by free space in whole GiB (most first), then round-robin, so
+stores of different sizes fill evenly and equal stores share the load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .offload import StoreRunner
+from .store import StoreUsage
+
+#: Stores whose free space differs by less than this are treated as equal.
+FREE_SPACE_GRAIN = 1 << 30
+
+
+class Placement:
+    """Chooses distinct stores for new fragments."""
+
+    def __init__(self, runners: Mapping[int, StoreRunner]) -> None:
+        self.runners = runners
+        self.usage: dict[int, StoreUsage] = {}
+        self.full: set[int] = set()
+        self._turn = 0
+
+    def update_usage(self, store: int, usage: StoreUsage) -> None:
+        self.usage[store] = usage
+        self.full.discard(store)
+
+    def note_written(self, store: int, nbytes: int) -> None:
+        usage = self.usage.get(store)
+        if usage is not None:
+            self.usage[store] = StoreUsage(usage.total_bytes, max(0, usage.free_bytes - nbytes))
+
+    def mark_full(self, store: int) -> None:
+        self.full.add(store)
+
+    def choose(self, count: int, exclude: Iterable[int] = ()) -> list[int]:
+        """Up to `count` distinct usable stores, best first."""
+        excluded = set(exclude)
+        n = max(len(self.runners), 1)
+        self._turn = (self._turn + 1) % n
+        candidates = [
+            index
+            for index, runner in self.runners.items()
+            if runner.available and index not in excluded and index not in self.full
+        ]
+        candidates.sort(key=lambda index: (-self._free_grains(index), (index - self._turn) % n))
+        return candidates[:count]
+
+    def usable_stores(self) -> int:
+        return sum(1 for i, r in self.runners.items() if r.available and i not in self.full)
+
+    def _free_grains(self, store: int) -> int:
+        usage = self.usage.get(store)
+        return 0 if usage is None else usage.free_bytes // FREE_SPACE_GRAIN
+
+    def capacity(self) -> tuple[int, int]:
+        """(total, free) raw bytes over available stores."""
+        total = free = 0
+        for index, runner in self.runners.items():
+            usage = self.usage.get(index)
+            if usage is not None and runner.available:
+                total += usage.total_bytes
+                free += usage.free_bytes
+        return total, free

@@ -1,0 +1,603 @@
+"""One store = one directory: its on-disk layout and every blocking call on it.
+
+Owns: the layout of a store directory, the store marker format, and the raw
+file operations on fragment files (create, open, pread, delete, list,
+durability via syncfs, free space).
+
+Must not: run on the event loop (every method here may block on a disk, so
+callers go through `ecfs.offload.StoreRunner.call`), interpret fragment
+contents (`ecfs.fragment` builds and parses them; here they are opaque
+bytes), touch the metadata replica database (`ecfs.replicas` owns `meta/`),
+or decide placement or health (services above do that).
+
+On-disk layout of a store directory (created 0700, subdirectories 0700,
+files 0600)::
+
+    <store>/
+      ecfs-store.json           the marker (JSON object, see StoreMarker)
+      frags/XX/YY/<chunk>.<i>   fragment i of chunk <chunk>
+      meta/                     the metadata replica database (ecfs.replicas)
+
+- ``<chunk>`` is the chunk id as exactly 16 lowercase hex digits, ``<i>`` the
+  fragment index in decimal without leading zeros (0 <= i < 256).
+- ``XXYY`` are 4 lowercase hex digits: the top 16 bits of
+  ``(chunk_id * 0x9E3779B97F4A7C15) mod 2**64`` (Fibonacci hashing), so
+  consecutive chunk ids spread evenly over the 65,536 fan-out directories.
+  All fragments of one chunk on one store share a directory.
+- A fragment file is created once (O_EXCL) and never modified: chunks are
+  copy-on-write, a rewrite makes a new chunk id.
+- Fan-out directories are created on demand and never removed.
+
+Marker keys (``ecfs-store.json``, UTF-8 JSON object, at most 64 KiB; unknown
+keys are ignored so that a later format can add optional ones):
+
+    volume_id      UUID of the volume, 32 lowercase hex digits
+    store_id       UUID of this store, 32 lowercase hex digits
+    format         store layout version, must equal STORE_FORMAT
+    k, m           data and parity fragments per chunk (1 <= k, 0 <= m,
+                   k + m <= 256)
+    fragment_size  bytes of chunk data per fragment (F)
+    cell_size      checksum granularity inside a fragment (<= F)
+    inline_max     largest file kept inline in the metadata (bytes, >= 0)
+
+Crash behaviour: `DirectoryStore.initialise` writes the marker last and
+atomically (tmp file, fsync, rename, fsync directory), so a store directory
+either has a complete marker or is not a store. `write_fragment` does not
+fsync: after a crash a fragment written since the last `sync()` may be
+missing or truncated; the header/checksums written by ``ecfs.fragment`` and
+fsck detect that. `sync()` makes everything written before it durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ecfs.errors import FragmentMissing, NoSpace, StoreError, VolumeError
+
+MARKER_NAME = "ecfs-store.json"
+STORE_FORMAT = 1
+FRAGS_DIR = "frags"
+META_DIR = "meta"
+
+#: Largest marker file accepted (bytes); anything bigger is garbage.
+MARKER_MAX_BYTES = 64 * 1024
+
+#: Largest accepted fragment_size / inline_max: far above any sane volume.
+_MAX_SIZE = 1 << 30
+_MAX_FRAGMENTS = 256
+_CHUNK_ID_LIMIT = 1 << 64
+_FANOUT_MULTIPLIER = 0x9E3779B97F4A7C15
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_FRAGMENT_NAME = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,2})")
+_INT_FIELDS = ("format", "k", "m", "fragment_size", "cell_size", "inline_max")
+
+
+# --------------------------------------------------------------------------
+# Marker
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMarker:
+    """The identity and geometry of a store, as kept in ``ecfs-store.json``.
+
+    Construction validates every field and raises StoreError on a bad one,
+    so a StoreMarker that exists is always well-formed.
+    """
+
+    volume_id: str
+    store_id: str
+    format: int
+    k: int
+    m: int
+    fragment_size: int
+    cell_size: int
+    inline_max: int
+
+    def __post_init__(self) -> None:
+        _check_uuid("volume_id", self.volume_id)
+        _check_uuid("store_id", self.store_id)
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise StoreError(f"store marker: {name} must be an integer, got {value!r:.40}")
+        if self.format != STORE_FORMAT:
+            raise StoreError(
+                f"store marker: unsupported store format {self.format} "
+                f"(this ecfs reads format {STORE_FORMAT})"
+            )
+        _check_geometry(self)
+
+    def to_json(self) -> bytes:
+        """Serialise to the marker file's bytes (UTF-8 JSON, sorted keys)."""
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StoreMarker:
+        """Parse a marker file's bytes.
+
+        Raises StoreError with a one-line reason for anything that is not a
+        valid marker (too big, not UTF-8 JSON, not an object, missing keys,
+        wrong types, bad UUIDs, out-of-range values); never another type.
+        """
+        if len(data) > MARKER_MAX_BYTES:
+            raise StoreError(f"store marker: larger than {MARKER_MAX_BYTES} bytes")
+        try:
+            obj: Any = json.loads(data)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise StoreError(f"store marker: not valid JSON ({type(exc).__name__})") from None
+        if not isinstance(obj, dict):
+            raise StoreError("store marker: not a JSON object")
+        names = ("volume_id", "store_id", *_INT_FIELDS)
+        missing = [name for name in names if name not in obj]
+        if missing:
+            raise StoreError(f"store marker: missing keys {', '.join(missing)}")
+        return cls(**{name: obj[name] for name in names})
+
+
+def _check_uuid(name: str, value: object) -> None:
+    """Raise StoreError unless `value` is a UUID as 32 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 32:
+        raise StoreError(f"store marker: {name} must be 32 hex digits, got {value!r:.40}")
+    try:
+        canonical = uuid.UUID(hex=value).hex
+    except ValueError:
+        canonical = None
+    if canonical != value:
+        raise StoreError(f"store marker: {name} is not a UUID in lowercase hex: {value!r}")
+
+
+def _check_geometry(marker: StoreMarker) -> None:
+    """Raise StoreError if k, m and the sizes are outside sane bounds."""
+    if not (marker.k >= 1 and marker.m >= 0 and marker.k + marker.m <= _MAX_FRAGMENTS):
+        raise StoreError(
+            f"store marker: bad k={marker.k}, m={marker.m} "
+            f"(need k >= 1, m >= 0, k + m <= {_MAX_FRAGMENTS})"
+        )
+    if not 0 < marker.fragment_size <= _MAX_SIZE:
+        raise StoreError(f"store marker: bad fragment_size {marker.fragment_size}")
+    if not 0 < marker.cell_size <= marker.fragment_size:
+        raise StoreError(f"store marker: bad cell_size {marker.cell_size}")
+    if not 0 <= marker.inline_max <= _MAX_SIZE:
+        raise StoreError(f"store marker: bad inline_max {marker.inline_max}")
+
+
+# --------------------------------------------------------------------------
+# Store interface
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """Space on the filesystem holding a store (bytes; free = usable by us)."""
+
+    total_bytes: int
+    free_bytes: int
+
+
+class Store(Protocol):
+    """What services need from a store; DirectoryStore is the real one.
+
+    Every method may block. Fakes for tests (e.g. fault injection) honour
+    the same contracts, including the exception types.
+    """
+
+    path: Path
+
+    def read_marker(self) -> StoreMarker: ...
+    def fragment_relpath(self, chunk_id: int, index: int) -> str: ...
+    def write_fragment(
+        self, chunk_id: int, index: int, parts: Sequence[bytes | memoryview]
+    ) -> int: ...
+    def open_fragment(self, chunk_id: int, index: int) -> int: ...
+    def read_at(self, fd: int, length: int, offset: int) -> bytes: ...
+    def delete_fragment(self, chunk_id: int, index: int) -> None: ...
+    def sync(self) -> None: ...
+    def usage(self) -> StoreUsage: ...
+    def iter_fragments(self) -> Iterator[tuple[int, int]]: ...
+    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int: ...
+    def probe(self) -> StoreMarker: ...
+    @property
+    def meta_dir(self) -> Path: ...
+
+
+# --------------------------------------------------------------------------
+# Directory store
+
+
+class DirectoryStore:
+    """A store kept in one local (or network-mounted) directory.
+
+    Stateless apart from its path and thread-safe: methods may run
+    concurrently in several worker threads.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Refer to the store at `path`; does no I/O."""
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"DirectoryStore({str(self.path)!r})"
+
+    @property
+    def meta_dir(self) -> Path:
+        """Directory for the metadata replica database (owned by ecfs.replicas)."""
+        return self.path / META_DIR
+
+    # ---- creation and identity
+
+    @classmethod
+    def initialise(cls, path: str | os.PathLike[str], marker: StoreMarker) -> DirectoryStore:
+        """Create a new store at `path` for `marker` (mkfs).
+
+        `path` must not exist or be an empty directory; otherwise VolumeError
+        says why ("not a directory", "not empty", "belongs to volume X").
+        Creates it 0700 (parents as needed), then ``frags/`` and ``meta/``
+        0700, then writes the marker atomically, last. OSError -> StoreError
+        (NoSpace for ENOSPC/EDQUOT).
+        """
+        store = cls(path)
+        store._check_can_initialise()
+        try:
+            store._create_directories()
+            _write_file_atomically(store.path / MARKER_NAME, marker.to_json())
+        except OSError as exc:
+            raise _store_error(exc, f"cannot initialise store {store.path}") from exc
+        return store
+
+    def _check_can_initialise(self) -> None:
+        """Raise VolumeError unless self.path is absent or an empty directory."""
+        try:
+            entries = os.listdir(self.path)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise VolumeError(f"{self.path}: not a directory") from None
+        except OSError as exc:
+            raise VolumeError(f"{self.path}: cannot read directory: {exc.strerror}") from None
+        if not entries:
+            return
+        if MARKER_NAME in entries:
+            try:
+                existing = self.read_marker()
+            except StoreError:
+                pass
+            else:
+                raise VolumeError(f"{self.path}: not empty, belongs to volume {existing.volume_id}")
+        raise VolumeError(f"{self.path}: not empty ({len(entries)} entries)")
+
+    def _create_directories(self) -> None:
+        """Create the store directory (parents as needed), frags/ and meta/, 0700."""
+        if not self.path.exists():
+            parent = self.path.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=_DIR_MODE)
+            _fsync_directory(parent)
+        os.chmod(self.path, _DIR_MODE)
+        for name in (FRAGS_DIR, META_DIR):
+            sub = self.path / name
+            sub.mkdir(mode=_DIR_MODE)
+            os.chmod(sub, _DIR_MODE)
+
+    def read_marker(self) -> StoreMarker:
+        """Read and parse the marker; StoreError (naming the path) if missing,
+        unreadable or garbled."""
+        marker_path = self.path / MARKER_NAME
+        try:
+            with open(marker_path, "rb") as f:
+                data = f.read(MARKER_MAX_BYTES + 1)
+        except FileNotFoundError:
+            raise StoreError(f"{marker_path}: no ecfs store marker (not a store?)") from None
+        except OSError as exc:
+            raise StoreError(f"{marker_path}: cannot read store marker: {exc.strerror}") from exc
+        try:
+            return StoreMarker.from_json(data)
+        except StoreError as exc:
+            raise StoreError(f"{marker_path}: {exc}") from None
+
+    def probe(self) -> StoreMarker:
+        """Cheap health check: read the marker and statvfs the directory.
+
+        Raises StoreError if the store is gone, unreadable or garbled. (The
+        marker is usually in the page cache, so this proves the directory is
+        reachable, not that the disk is healthy.)
+        """
+        marker = self.read_marker()
+        self.usage()
+        return marker
+
+    # ---- fragments
+
+    def fragment_relpath(self, chunk_id: int, index: int) -> str:
+        """Path of a fragment file relative to the store directory.
+
+        Raises ValueError (a caller bug) if chunk_id is not in [0, 2**64) or
+        index not in [0, 256).
+        """
+        if not 0 <= chunk_id < _CHUNK_ID_LIMIT:
+            raise ValueError(f"chunk id out of range: {chunk_id}")
+        if not 0 <= index < _MAX_FRAGMENTS:
+            raise ValueError(f"fragment index out of range: {index}")
+        fan = _fanout(chunk_id)
+        return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
+
+    def _fragment_path(self, chunk_id: int, index: int) -> str:
+        return os.path.join(self.path, self.fragment_relpath(chunk_id, index))
+
+    def write_fragment(self, chunk_id: int, index: int, parts: Sequence[bytes | memoryview]) -> int:
+        """Create the fragment file with the concatenation of `parts`.
+
+        The file must not exist (O_EXCL: fragments are never overwritten).
+        Fan-out directories are created as needed. No fsync: call `sync()`
+        for durability. Returns the number of bytes written. ENOSPC/EDQUOT
+        -> NoSpace; any other OSError -> StoreError. On failure a partially
+        written file is removed (best effort); an existing file is left alone.
+        """
+        path = self._fragment_path(chunk_id, index)
+        try:
+            fd = self._create_exclusive(path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot create fragment {path}") from exc
+        try:
+            written = _writev_all(fd, parts)
+        except BaseException as exc:
+            os.close(fd)
+            _unlink_quietly(path)
+            if isinstance(exc, OSError):
+                raise _store_error(exc, f"cannot write fragment {path}") from exc
+            raise
+        try:
+            os.close(fd)
+        except OSError as exc:
+            _unlink_quietly(path)
+            raise _store_error(exc, f"cannot write fragment {path}") from exc
+        return written
+
+    @staticmethod
+    def _create_exclusive(path: str) -> int:
+        """Open a new file O_EXCL 0600, creating missing fan-out directories."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, _FILE_MODE)
+        except FileNotFoundError:
+            pass
+        fan_yy = os.path.dirname(path)
+        for directory in (os.path.dirname(fan_yy), fan_yy):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, _DIR_MODE)
+        return os.open(path, flags, _FILE_MODE)
+
+    def open_fragment(self, chunk_id: int, index: int) -> int:
+        """Open a fragment read-only and return the fd (the caller closes it).
+
+        Missing file -> FragmentMissing; any other OSError -> StoreError.
+        """
+        path = self._fragment_path(chunk_id, index)
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FragmentMissing(f"fragment missing: {path}") from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot open fragment {path}") from exc
+
+    @staticmethod
+    def read_at(fd: int, length: int, offset: int) -> bytes:
+        """Read `length` bytes at `offset`; fewer only at end of file.
+
+        Loops on short reads. OSError -> StoreError.
+        """
+        try:
+            data = os.pread(fd, length, offset)
+            if len(data) == length or not data:
+                return data
+            pieces = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(fd, length - got, offset + got)
+                if not more:
+                    break
+                pieces.append(more)
+                got += len(more)
+            return b"".join(pieces)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read fragment (fd {fd})") from exc
+
+    def delete_fragment(self, chunk_id: int, index: int) -> None:
+        """Remove a fragment file; a missing one is fine. OSError -> StoreError."""
+        path = self._fragment_path(chunk_id, index)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _store_error(exc, f"cannot delete fragment {path}") from exc
+
+    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
+        """Size in bytes of a fragment file; FragmentMissing if absent."""
+        path = self._fragment_path(chunk_id, index)
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            raise FragmentMissing(f"fragment missing: {path}") from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat fragment {path}") from exc
+
+    def iter_fragments(self) -> Iterator[tuple[int, int]]:
+        """Yield (chunk_id, index) of every well-named fragment file.
+
+        Skips anything else: other names, non-regular files, and fragment
+        names in the wrong fan-out directory. Order is unspecified. This is a
+        generator: run the whole iteration in the worker thread (e.g.
+        offload ``list_fragments``), not just the call. OSError -> StoreError.
+        """
+        frags = os.path.join(self.path, FRAGS_DIR)
+        try:
+            for xx in _subdirectories(frags):
+                for yy in _subdirectories(os.path.join(frags, xx)):
+                    yield from _fragments_in(os.path.join(frags, xx, yy), xx + yy)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot list fragments in {frags}") from exc
+
+    def list_fragments(self) -> list[tuple[int, int]]:
+        """`iter_fragments` collected into a list (convenient to offload)."""
+        return list(self.iter_fragments())
+
+    # ---- whole store
+
+    def sync(self) -> None:
+        """Make everything written to this store so far durable (files and
+        directory entries): syncfs(2) on the store's filesystem, or os.sync()
+        where syncfs is unavailable. OSError -> StoreError."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot sync store {self.path}") from exc
+
+    def usage(self) -> StoreUsage:
+        """Total and free (usable by unprivileged writers) bytes, by statvfs."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot statvfs store {self.path}") from exc
+        return StoreUsage(
+            total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize
+        )
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+def _fanout(chunk_id: int) -> str:
+    """The 4 hex digits XXYY of a chunk's fan-out directory."""
+    return f"{((chunk_id * _FANOUT_MULTIPLIER) % _CHUNK_ID_LIMIT) >> 48:04x}"
+
+
+def _store_error(exc: OSError, what: str) -> StoreError:
+    """Translate an OSError: NoSpace for ENOSPC/EDQUOT, else StoreError."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return NoSpace(f"{what}: {reason}")
+    return StoreError(f"{what}: {reason}")
+
+
+def _writev_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
+    """Write all of `parts` with os.writev, looping on short writes."""
+    pending = [memoryview(p).cast("B") for p in parts]
+    pending = [p for p in pending if len(p)]
+    total = 0
+    iov_max = _iov_max()
+    while pending:
+        written = os.writev(fd, pending[:iov_max])
+        if written <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        total += written
+        while written:
+            head = pending[0]
+            if written >= len(head):
+                written -= len(head)
+                pending.pop(0)
+            else:
+                pending[0] = head[written:]
+                written = 0
+    return total
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        value = -1
+    return value if value > 0 else 1024
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _fsync_directory(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (0600) via tmp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        _writev_all(fd, [data])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(str(tmp))
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def _subdirectories(path: str) -> list[str]:
+    """Names of the 2-hex-digit subdirectories of `path`."""
+    with os.scandir(path) as entries:
+        return [
+            e.name for e in entries if _HEX2.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+        ]
+
+
+def _fragments_in(directory: str, fan: str) -> Iterator[tuple[int, int]]:
+    """(chunk_id, index) of the well-named regular fragment files in `directory`."""
+    with os.scandir(directory) as entries:
+        found = [(e.name, e.is_file(follow_symlinks=False)) for e in entries]
+    for name, is_file in found:
+        match = _FRAGMENT_NAME.fullmatch(name)
+        if not (match and is_file):
+            continue
+        chunk_id, index = int(match[1], 16), int(match[2])
+        if index < _MAX_FRAGMENTS and _fanout(chunk_id) == fan:
+            yield chunk_id, index
+
+
+def _load_syncfs() -> Any:
+    """libc's syncfs function, or None where it does not exist."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(fd), falling back to os.sync(); raises OSError on failure."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    if _SYNCFS(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

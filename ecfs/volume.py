@@ -1,0 +1,331 @@
+"""Opening a volume and wiring its services together.
+
+Owns: finding and checking the stores given by the user, preparing the
+metadata working copy from the freshest replica, building every service,
+the mount's background tasks, and an orderly shutdown. Must not: contain
+filesystem logic (see filedata, namespace) or speak FUSE (see fs).
+
+Store tolerance at open: every store in the volume's store table is either
+present (its marker names this volume and that store) or missing; at most
+m may be missing, otherwise some data could be unreadable and the mount is
+refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .codec import Codec
+from .damage import DamageRecorder
+from .errors import StoreError, VolumeError
+from .filedata import FileData
+from .garbage import ChunkPins, Garbage
+from .geometry import Layout
+from .handles import Expected, HandleCache
+from .metadb.database import Database
+from .metadb.stores import StoreTable
+from .mkfs import check_store_paths
+from .namespace import Namespace
+from .offload import StoreRunner
+from .placement import Placement
+from .reader import ChunkReader
+from .replicas import Replicator, copy_database, prepare_working_copy, replica_path
+from .store import DirectoryStore, StoreMarker
+from .writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+#: Seconds between refreshes of store usage and probes of failed stores.
+HEALTH_INTERVAL = 5.0
+
+
+def expand_store_args(args: Sequence[str]) -> list[Path]:
+    """Store arguments as given, with glob patterns expanded (sorted)."""
+    paths: list[Path] = []
+    for arg in args:
+        if glob.has_magic(arg):
+            matches = sorted(glob.glob(arg))
+            if not matches:
+                raise VolumeError(f"no store matches {arg!r}")
+            paths.extend(Path(m) for m in matches)
+        else:
+            paths.append(Path(arg))
+    return paths
+
+
+def read_markers(paths: Sequence[Path]) -> dict[Path, StoreMarker]:
+    """Markers of the readable stores; unreadable ones are logged and left out."""
+    markers: dict[Path, StoreMarker] = {}
+    for path in paths:
+        try:
+            markers[path] = DirectoryStore(path).read_marker()
+        except StoreError as exc:
+            log.warning("store %s is unavailable: %s", path, exc)
+    return markers
+
+
+class Volume:
+    """An open volume: its parameters, stores and services."""
+
+    def __init__(self, db: Database, stores: dict[int, DirectoryStore], workdir: Path) -> None:
+        self.db = db
+        self.workdir = workdir
+        params = StoreTable(db).params()
+        self.volume_id = str(params["uuid"])
+        k, m = int(params["k"]), int(params["m"])
+        self.layout = Layout(k, m, int(params["fragment_size"]), int(params["cell_size"]))
+        self.inline_max = int(params["inline_max"])
+        self.stores = stores
+        self.store_table = StoreTable(db)
+        self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
+        self.codec = Codec(k, m)
+        self.handles = HandleCache()
+        self.placement = Placement(self.runners)
+        self.pins = ChunkPins()
+        self.namespace = Namespace(db)
+        self.writer = ChunkWriter(
+            self.layout,
+            self.codec,
+            self.runners,
+            self.placement,
+            uuid.UUID(self.volume_id).bytes,
+            lambda: db.next_id("chunk"),
+        )
+        self.damage = DamageRecorder(db, k)
+        self.reader = ChunkReader(
+            self.layout,
+            self.codec,
+            self.runners,
+            self.handles,
+            Expected(uuid.UUID(self.volume_id).bytes, k, m, self.layout.cell_size),
+            self.damage.record,
+        )
+        self.replicator: Replicator | None = None
+        self.garbage = Garbage(self.runners, self.handles, self.pins, self._durable_generation)
+        self.filedata = FileData(
+            self.layout,
+            db,
+            self.namespace,
+            self.reader,
+            self.writer,
+            self.garbage,
+            self.pins,
+            self._wait_durable,
+            inline_max=self.inline_max,
+        )
+        self._devices = {i: os.stat(s.path).st_dev for i, s in stores.items()}
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store_args: Sequence[str], *, runtime_dir: Path | None = None) -> Volume:
+        """Blocking: check the stores, prepare the working copy, build."""
+        paths = check_store_paths(expand_store_args(store_args))
+        markers = read_markers(paths)
+        if not markers:
+            raise VolumeError("none of the given stores is readable")
+        volumes = {marker.volume_id for marker in markers.values()}
+        if len(volumes) > 1:
+            listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+            raise VolumeError(f"the stores belong to different volumes: {listing}")
+        by_store_id: dict[str, Path] = {}
+        for path, marker in markers.items():
+            if marker.store_id in by_store_id:
+                raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
+            by_store_id[marker.store_id] = path
+        replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
+        workdir = Path(tempfile.mkdtemp(prefix="ecfs-", dir=runtime_dir))
+        try:
+            working = workdir / "metadata.sqlite"
+            prepared = prepare_working_copy(
+                [r for r in replicas if r.exists()] or replicas, working
+            )
+            db = Database(working)
+            stores = _match_stores(StoreTable(db).all(), by_store_id, db)
+            volume = cls(db, stores, workdir)
+            volume._setup_replicas(prepared.current)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return volume
+
+    def _setup_replicas(self, current: list[Path]) -> None:
+        """Replicate to the current replicas, adding copies on other stores
+        until there are m+1 (a replica lost with its store is rebuilt)."""
+        targets: dict[int, Path] = {}
+        for index, store in self.stores.items():
+            path = replica_path(store.meta_dir)
+            if path in current:
+                targets[index] = path
+        wanted = self.layout.m + 1
+        for index, store in sorted(self.stores.items()):
+            if len(targets) >= wanted:
+                break
+            if index in targets:
+                continue
+            path = replica_path(store.meta_dir)
+            try:
+                copy_database(self.db.path, path)
+            except (StoreError, OSError) as exc:
+                log.warning("cannot add a metadata replica on store %d: %s", index, exc)
+                continue
+            log.info("added metadata replica on store %d (%s)", index, store.path)
+            targets[index] = path
+        if len(targets) < wanted:
+            log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
+        self.replicator = Replicator(
+            targets, self.runners, self.writer.sync_stores, self.db.generation
+        )
+        self.db.on_commit = self.replicator.submit
+
+    # -- running -----------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the background tasks and finish crash recovery."""
+        assert self.replicator is not None
+        await nursery.start(self.replicator.run)
+        await nursery.start(self.garbage.run)
+        await self.refresh_usage()
+        nursery.start_soon(self._health_loop)
+        self.filedata.attach(nursery)
+        for ino in self.namespace.orphans():
+            log.info("freeing inode %d (unlinked while open before a crash)", ino)
+            await self.filedata.free(ino)
+
+    async def shutdown(self) -> None:
+        """Write back everything, make it durable, delete garbage."""
+        await self.filedata.flush_all()
+        if self.replicator is not None:
+            try:
+                await self.replicator.drain()
+            except StoreError as exc:
+                log.error("metadata not durable at unmount: %s", exc)
+        await self.garbage.collect()
+
+    def close(self) -> None:
+        """Release files (after shutdown and after the task nursery ended)."""
+        self.handles.close_all()
+        self.db.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def aclose_replicas(self) -> None:
+        if self.replicator is not None:
+            await self.replicator.aclose()
+
+    async def refresh_usage(self) -> None:
+        async def one(index: int, runner: StoreRunner) -> None:
+            try:
+                usage = await runner.call(runner.store.usage, timeout=5.0)
+            except StoreError as exc:
+                log.debug("store %d: usage unavailable: %s", index, exc)
+                return
+            self.placement.update_usage(index, usage)
+
+        async with trio.open_nursery() as nursery:
+            for index, runner in self.runners.items():
+                nursery.start_soon(one, index, runner)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await trio.sleep(HEALTH_INTERVAL)
+            for runner in self.runners.values():
+                if not runner.available and await runner.probe():
+                    log.warning("store %d is back", runner.index)
+            await self.refresh_usage()
+            self.garbage.poke()
+
+    def status(self) -> dict[str, object]:
+        """A JSON-able snapshot: stores, read/write counters, metadata."""
+        return _status_of(self)
+
+    def _durable_generation(self) -> int:
+        return self.replicator.durable_generation if self.replicator else self.db.generation
+
+    async def _wait_durable(self, generation: int) -> None:
+        if self.replicator is not None:
+            await self.replicator.wait_durable(generation)
+
+    def capacity(self) -> tuple[int, int]:
+        """(total, free) usable bytes: raw space of the stores' distinct
+        filesystems, scaled by k/(k+m)."""
+        total = free = 0
+        seen: set[int] = set()
+        for index, usage in self.placement.usage.items():
+            device = self._devices.get(index)
+            if device in seen or not self.runners[index].available:
+                continue
+            seen.add(device if device is not None else -index)
+            total += usage.total_bytes
+            free += usage.free_bytes
+        k, n = self.layout.k, self.layout.n
+        return total * k // n, free * k // n
+
+
+def _match_stores(
+    table: list[tuple[int, str]], by_store_id: dict[str, Path], db: Database
+) -> dict[int, DirectoryStore]:
+    """Store index -> DirectoryStore for the stores present; VolumeError if
+    a given store is not in the volume or too many are missing."""
+    known = {store_id: index for index, store_id in table}
+    stores: dict[int, DirectoryStore] = {}
+    for store_id, path in by_store_id.items():
+        if store_id not in known:
+            raise VolumeError(f"store {path} is not (or no longer) part of this volume")
+        stores[known[store_id]] = DirectoryStore(path)
+    m = int(StoreTable(db).params()["m"])
+    missing = [index for index, _ in table if index not in stores]
+    if len(missing) > m:
+        raise VolumeError(
+            f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
+            f" missing (missing store indices: {missing})"
+        )
+    if missing:
+        log.warning("mounting degraded: stores %s are missing", missing)
+    return stores
+
+
+def _status_of(volume: Volume) -> dict[str, object]:
+    """A JSON-able snapshot of the volume's state (see `Volume.status`)."""
+    stores = []
+    for index, runner in sorted(volume.runners.items()):
+        stats = runner.statistics()
+        usage = volume.placement.usage.get(index)
+        stores.append(
+            {
+                "index": index,
+                "path": str(runner.store.path),
+                "state": stats.state.value,
+                "in_flight": stats.in_flight,
+                "errors": stats.errors,
+                "timeouts": stats.timeouts,
+                "latency_p50_ms": round(stats.latency_p50 * 1000, 3),
+                "latency_p95_ms": round(stats.latency_p95 * 1000, 3),
+                "bytes_read": stats.bytes_read,
+                "bytes_written": stats.bytes_written,
+                "free_bytes": usage.free_bytes if usage else None,
+            }
+        )
+    replication = volume.replicator.statistics() if volume.replicator else None
+    return {
+        "volume": volume.volume_id,
+        "k": volume.layout.k,
+        "m": volume.layout.m,
+        "stores": stores,
+        "reads": volume.reader.counters.as_dict(),
+        "writes": {"bytes_in": volume.writer.bytes_in, "bytes_out": volume.writer.bytes_out},
+        "metadata": {
+            "generation": volume.db.generation,
+            "durable_generation": replication.durable_generation if replication else None,
+            "live_replicas": list(replication.live_replicas) if replication else [],
+        },
+        "repair_queue": volume.damage.queue.count(),
+    }

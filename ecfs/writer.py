@@ -1,0 +1,190 @@
+"""Writing new chunk versions: encode, place, write fragments in parallel.
+
+Owns: turning chunk bytes into k+m fragment files on distinct stores, the
+reduced-redundancy policy, and the set of stores with writes not yet made
+durable (`sync_stores`). Must not: touch the metadata database (the caller
+commits the returned ChunkRef) or know about files.
+
+Write policy: every fragment goes to a distinct store. A store that fails
+during the write is replaced by another healthy store that holds no
+fragment of the chunk. If fewer than k+m fragments could be stored but at
+least `min_fragments` (k+1 by default: the chunk still survives the loss
+of one store), the chunk is accepted with reduced redundancy, the missing
+slots are NO_STORE, and the caller queues it for repair. Below that, the
+fragments already written are deleted and the write fails: NoSpace
+(ENOSPC) when stores were full, StoreError (EIO) otherwise. Data already
+committed is never touched by a failed write.
+
+Durability: fragment files are written without fsync. `sync_stores()`
+makes every write so far durable (syncfs per store that was written to);
+the replicator calls it before each metadata batch it commits, so a
+durable metadata generation never refers to a fragment that is not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import trio
+
+from . import fragment
+from .codec import Codec
+from .errors import EcfsError, NoSpace, StoreError
+from .geometry import Layout
+from .model import NO_STORE, ChunkRef
+from .offload import StoreRunner
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+#: Chunks larger than this are encoded in a worker thread, not on the loop.
+LOOP_ENCODE_LIMIT = 64 * 1024
+
+FragmentParts = list[bytes | memoryview]
+
+
+class ChunkWriter:
+    """Writes chunk versions as k+m fragment files."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        codec: Codec,
+        runners: Mapping[int, StoreRunner],
+        placement: Placement,
+        volume_id: bytes,
+        new_chunk_id: Callable[[], int],
+        *,
+        min_fragments: int | None = None,
+        write_timeout: float = 30.0,
+    ) -> None:
+        self.layout = layout
+        self.codec = codec
+        self.runners = runners
+        self.placement = placement
+        self.volume_id = volume_id
+        self.new_chunk_id = new_chunk_id
+        self.min_fragments = min_fragments or min(layout.n, layout.k + 1)
+        self.write_timeout = write_timeout
+        self.unsynced: set[int] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._cpu = trio.CapacityLimiter(2)
+
+    async def write(self, data: bytes | bytearray) -> ChunkRef:
+        """Store `data` (1..chunk_size bytes) as a new chunk version."""
+        chunk_id = self.new_chunk_id()
+        if len(data) > LOOP_ENCODE_LIMIT:
+            fragments = await trio.to_thread.run_sync(
+                self._build, chunk_id, data, limiter=self._cpu
+            )
+        else:
+            fragments = self._build(chunk_id, data)
+        stores = await self._place_all(chunk_id, fragments)
+        self.bytes_in += len(data)
+        return ChunkRef(chunk_id, len(data), tuple(stores))
+
+    def _build(self, chunk_id: int, data: bytes | bytearray) -> list[FragmentParts]:
+        """Encode and frame every fragment (CPU only; may run in a thread)."""
+        layout = self.layout
+        return [
+            fragment.build_fragment(
+                self.volume_id, chunk_id, index, layout.k, layout.m, layout.cell_size, payload
+            )
+            for index, payload in enumerate(self.codec.encode(data))
+        ]
+
+    async def _place_all(self, chunk_id: int, fragments: list[FragmentParts]) -> list[int]:
+        n = self.layout.n
+        stores = [NO_STORE] * n
+        errors: list[EcfsError] = []
+        targets = self.placement.choose(n)
+        used = set(targets)
+
+        async def place(index: int, store: int | None) -> None:
+            while store is not None:
+                try:
+                    await self._write_one(store, chunk_id, index, fragments[index])
+                    stores[index] = store
+                    return
+                except StoreError as exc:
+                    errors.append(exc)
+                    if isinstance(exc, NoSpace):
+                        self.placement.mark_full(store)
+                    replacement = self.placement.choose(1, exclude=used)
+                    store = replacement[0] if replacement else None
+                    if store is not None:
+                        used.add(store)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(n):
+                nursery.start_soon(place, index, targets[index] if index < len(targets) else None)
+        stored = sum(1 for s in stores if s != NO_STORE)
+        if stored < self.min_fragments:
+            await self._remove(chunk_id, stores)
+            if errors and all(isinstance(e, NoSpace) for e in errors) or not errors:
+                raise NoSpace(f"cannot place chunk: only {stored} of {n} fragments fit")
+            raise StoreError(
+                f"cannot place chunk: only {stored} of {n} fragments written ({errors[0]})"
+            )
+        if stored < n:
+            log.warning(
+                "chunk %016x written with reduced redundancy (%d of %d fragments)",
+                chunk_id,
+                stored,
+                n,
+            )
+        return stores
+
+    async def _write_one(self, store: int, chunk_id: int, index: int, parts: FragmentParts) -> None:
+        runner = self.runners[store]
+        size = sum(len(p) for p in parts)
+        await runner.call(
+            runner.store.write_fragment,
+            chunk_id,
+            index,
+            parts,
+            timeout=self.write_timeout,
+            nbytes_written=size,
+        )
+        self.unsynced.add(store)
+        self.placement.note_written(store, size)
+        self.bytes_out += size
+
+    async def _remove(self, chunk_id: int, stores: list[int]) -> None:
+        for index, store in enumerate(stores):
+            if store != NO_STORE:
+                await delete_fragment(self.runners[store], chunk_id, index)
+
+    async def sync_stores(self) -> None:
+        """Make every fragment written so far durable (files and dirents).
+
+        Never raises: a store that cannot sync is marked failed instead.
+        """
+        pending, self.unsynced = self.unsynced, set()
+
+        async def sync(store: int) -> None:
+            runner = self.runners[store]
+            try:
+                await runner.call(runner.store.sync, timeout=self.write_timeout)
+            except StoreError as exc:
+                # Its fragments may be lost: the store is routed around and
+                # the chunks keep the redundancy of the other stores.
+                runner.mark_failed(f"sync failed: {exc}")
+                log.warning("store %d: sync failed: %s", store, exc)
+
+        async with trio.open_nursery() as nursery:
+            for store in pending:
+                nursery.start_soon(sync, store)
+
+
+async def delete_fragment(runner: StoreRunner, chunk_id: int, index: int) -> bool:
+    """Best-effort delete; False if the store could not be reached (the
+    fragment is then an orphan for fsck to collect)."""
+    try:
+        await runner.call(runner.store.delete_fragment, chunk_id, index)
+    except StoreError as exc:
+        log.info("store %d: could not delete fragment %016x.%d: %s", runner.index, chunk_id, index, exc)
+        return False
+    return True

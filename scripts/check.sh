@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one check that CI and people both run: install, lint, test.
+#
+#   bash scripts/check.sh                 # everything
+#   bash scripts/check.sh -k layering -x  # extra arguments go to pytest
+#
+# Exits non-zero if the install, ruff or pytest fails.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+bash scripts/install.sh
+
+echo
+echo "=== ruff check ecfs tests scripts ==="
+if ! .venv/bin/ruff check ecfs tests scripts; then
+    echo "=== FAILED: ruff found problems (run: .venv/bin/ruff check --fix ecfs tests scripts) ==="
+    exit 1
+fi
+
+echo
+echo "=== pytest $* ==="
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+if [[ $status -ne 0 ]]; then
+    echo "=== FAILED: pytest exited with $status ==="
+    exit "$status"
+fi
+echo "=== all checks passed ==="

@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""A minimal pyfuse3 + trio passthrough filesystem: the benchmark baseline.
+
+    python scripts/passthrough.py SRC MOUNTPOINT [--foreground]
+
+Mirrors the directory SRC at MOUNTPOINT. It costs what any Python FUSE
+filesystem costs (one request through the kernel and pyfuse3) and nothing
+more, so ecfs's numbers can be compared against it. It uses the FUSE setup
+ecfs uses: options fsname, default_permissions and (as root) allow_other,
+the writeback cache, and the mount's read-ahead raised to 1 MiB.
+
+Inodes are the source's st_ino (the source root is ROOT_INODE), mapped to the
+paths they were seen at. Every call that may block on the disk runs in a
+thread (`trio.to_thread.run_sync` behind one limiter), except reads of
+page-cached data: `preadv(RWF_NOWAIT)` serves them on the loop and only a
+cache miss goes to a thread. Without --foreground the process detaches once
+the mount answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import os
+import signal
+import stat
+import sys
+from collections import defaultdict
+
+import pyfuse3
+import trio
+
+TIMEOUT = 60.0  # seconds the kernel may cache entries and attributes
+STAT_FIELDS = (
+    "st_mode st_nlink st_uid st_gid st_rdev st_size st_blksize st_blocks"
+    " st_atime_ns st_mtime_ns st_ctime_ns"
+).split()
+STATVFS_FIELDS = (
+    "f_bsize f_frsize f_blocks f_bfree f_bavail f_files f_ffree f_favail f_namemax".split()
+)
+
+
+class Passthrough(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = os.fsencode(os.path.realpath(source))
+        self.source_ino = os.lstat(self.source).st_ino
+        self.paths: dict[int, set[bytes]] = {pyfuse3.ROOT_INODE: {self.source}}
+        self.lookups: defaultdict[int, int] = defaultdict(int)
+        self.fd_inodes: dict[int, int] = {}  # open fd (= FUSE fh) -> inode
+        # directory fh -> (path, sorted listing taken at opendir)
+        self.dir_listings: dict[int, tuple[bytes, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
+        self.next_dir_fh = 1
+        self.limiter = trio.CapacityLimiter(32)
+        self.as_root = os.geteuid() == 0
+
+    # --- helpers --------------------------------------------------------
+    async def run(self, fn, *args, **kwargs):
+        """Run a blocking call in a thread; OSError becomes FUSEError."""
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), limiter=self.limiter
+            )
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    def path(self, inode: int, name: bytes | None = None) -> bytes:
+        paths = self.paths.get(inode)
+        if not paths:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        base = next(iter(paths))
+        return base if name is None else os.path.join(base, name)
+
+    def attr(self, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        for key in STAT_FIELDS:
+            setattr(entry, key, getattr(st, key))
+        entry.st_ino = pyfuse3.ROOT_INODE if st.st_ino == self.source_ino else st.st_ino
+        entry.entry_timeout = entry.attr_timeout = TIMEOUT
+        return entry
+
+    async def remember(self, path: bytes, st: os.stat_result | None = None):
+        """Stat `path`, map its inode to it, count a lookup; return attributes."""
+        entry = self.attr(st or await self.run(os.lstat, path))
+        self.paths.setdefault(entry.st_ino, set()).add(path)
+        self.lookups[entry.st_ino] += 1
+        return entry
+
+    def give_to_caller(self, path: bytes, ctx: pyfuse3.RequestContext, fd: int | None = None):
+        if self.as_root:
+            if fd is None:
+                os.lchown(path, ctx.uid, ctx.gid)
+            else:
+                os.fchown(fd, ctx.uid, ctx.gid)
+
+    def forget_path(self, path: bytes) -> None:
+        for paths in self.paths.values():
+            paths.discard(path)
+
+    # --- names ----------------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx):
+        return await self.remember(self.path(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.lookups[inode] -= count
+            if self.lookups[inode] <= 0:
+                del self.lookups[inode]
+                if inode != pyfuse3.ROOT_INODE:
+                    self.paths.pop(inode, None)
+
+    async def getattr(self, inode, ctx):
+        if not self.paths.get(inode):  # unlinked but still open: use an fd
+            fd = next((fd for fd, ino in self.fd_inodes.items() if ino == inode), None)
+            if fd is not None:
+                return self.attr(await self.run(os.fstat, fd))
+        return self.attr(await self.run(os.lstat, self.path(inode)))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        target = fh if fh is not None else self.path(inode)
+
+        def apply() -> os.stat_result:
+            st = os.stat(target) if fh is not None else os.lstat(target)
+            if fields.update_size:
+                os.truncate(target, attr.st_size)
+            if fields.update_mode and not stat.S_ISLNK(st.st_mode):
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                os.chown(target, uid, gid, follow_symlinks=fh is not None)
+            if fields.update_atime or fields.update_mtime:
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(target, ns=(atime, mtime), follow_symlinks=fh is not None)
+            return os.stat(target) if fh is not None else os.lstat(target)
+
+        return self.attr(await self.run(apply))
+
+    async def readlink(self, inode, ctx):
+        return await self.run(os.readlink, self.path(inode))
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        path = self.path(parent_inode, name)
+        await self.run(os.mkdir, path, mode & ~ctx.umask)
+        await self.run(self.give_to_caller, path, ctx)
+        return await self.remember(path)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        path = self.path(parent_inode, name)
+        await self.run(os.symlink, target, path)
+        await self.run(self.give_to_caller, path, ctx)
+        return await self.remember(path)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        path = self.path(new_parent_inode, new_name)
+        await self.run(os.link, self.path(inode), path, follow_symlinks=False)
+        return await self.remember(path)
+
+    async def unlink(self, parent_inode, name, ctx):
+        path = self.path(parent_inode, name)
+        await self.run(os.unlink, path)
+        self.forget_path(path)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        path = self.path(parent_inode, name)
+        await self.run(os.rmdir, path)
+        self.forget_path(path)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # callers fall back to plain rename
+        old, new = self.path(parent_inode_old, name_old), self.path(parent_inode_new, name_new)
+        await self.run(os.rename, old, new)
+        self.forget_path(new)
+        prefix = old + b"/"
+        for paths in self.paths.values():  # the moved entry and, for a directory, all below
+            for p in [p for p in paths if p == old or p.startswith(prefix)]:
+                paths.discard(p)
+                paths.add(new + p[len(old) :])
+
+    # --- directories ----------------------------------------------------
+    async def opendir(self, inode, ctx):
+        path = self.path(inode)
+
+        def list_dir() -> list[tuple[bytes, os.stat_result]]:
+            with os.scandir(path) as it:
+                return sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
+
+        listing = [(name, self.attr(st)) for name, st in await self.run(list_dir)]
+        fh, self.next_dir_fh = self.next_dir_fh, self.next_dir_fh + 1
+        self.dir_listings[fh] = (path, listing)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        path, listing = self.dir_listings[fh]
+        for i in range(start_id, len(listing)):
+            name, entry = listing[i]
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                break
+            self.paths.setdefault(entry.st_ino, set()).add(os.path.join(path, name))
+            self.lookups[entry.st_ino] += 1
+
+    async def releasedir(self, fh):
+        del self.dir_listings[fh]
+
+    # --- files ----------------------------------------------------------
+    @staticmethod
+    def open_flags(flags: int) -> int:
+        # With the writeback cache the kernel reads pages of files opened for
+        # writing and does O_APPEND itself.
+        flags &= ~os.O_APPEND
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    async def open(self, inode, flags, ctx):
+        fd = await self.run(os.open, self.path(inode), self.open_flags(flags))
+        self.fd_inodes[fd] = inode
+        return pyfuse3.FileInfo(fh=fd)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        path = self.path(parent_inode, name)
+        fd = await self.run(os.open, path, self.open_flags(flags) | os.O_CREAT, mode & ~ctx.umask)
+        await self.run(self.give_to_caller, path, ctx, fd)
+        entry = await self.remember(path, await self.run(os.fstat, fd))
+        self.fd_inodes[fd] = entry.st_ino
+        return pyfuse3.FileInfo(fh=fd), entry
+
+    async def read(self, fh, off, size):
+        buf = bytearray(size)
+        try:  # page-cached data without a thread hop
+            n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return await self.run(os.pread, fh, size, off)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        if n == size or n == 0:
+            return buf if n else b""
+        return bytes(buf[:n]) + await self.run(os.pread, fh, size - n, off + n)
+
+    async def write(self, fh, off, buf):
+        def write_all() -> int:
+            view, done = memoryview(buf), 0
+            while done < len(view):
+                done += os.pwrite(fh, view[done:], off + done)
+            return done
+
+        return await self.run(write_all)
+
+    async def fsync(self, fh, datasync):
+        await self.run(os.fdatasync if datasync else os.fsync, fh)
+
+    async def release(self, fh):
+        self.fd_inodes.pop(fh, None)
+        await self.run(os.close, fh)
+
+    async def statfs(self, ctx):
+        sv = await self.run(os.statvfs, self.source)
+        data = pyfuse3.StatvfsData()
+        for key in STATVFS_FIELDS:
+            setattr(data, key, getattr(sv, key))
+        return data
+
+
+# --- mounting ---------------------------------------------------------------
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """The "major:minor" of the mount at `mountpoint`, from the mount table
+    (no stat: that would wait for the filesystem to answer)."""
+    target = os.path.realpath(mountpoint).replace(" ", "\\040")
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                device = fields[2]  # the last one is the top of the stack
+    return device
+
+
+def raise_read_ahead(mountpoint: str, kib: int = 1024) -> None:
+    """Best effort: 1 MiB read-ahead gives 1 MiB read requests instead of 256 KiB.
+    Done once the mount answered, so the kernel's FUSE INIT cannot lower it again."""
+    try:
+        os.stat(mountpoint)
+        device = mount_device(mountpoint)
+        if device is None:
+            raise OSError(f"{mountpoint} is not in /proc/self/mountinfo")
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        print(f"passthrough: could not set read_ahead_kb: {e}", file=sys.stderr)
+
+
+async def serve(mountpoint: str, ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(terminate_on_signal)
+        nursery.start_soon(announce_ready, mountpoint, ready_fd)
+        await pyfuse3.main()  # returns once unmounted
+        nursery.cancel_scope.cancel()
+
+
+async def announce_ready(mountpoint: str, ready_fd: int | None) -> None:
+    await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
+    if ready_fd is not None:  # tell the waiting parent, detach from the terminal
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+
+
+async def terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--foreground", action="store_true", help="do not detach")
+    args = parser.parse_args()
+
+    ready_fd = None
+    if not args.foreground:
+        read_end, ready_fd = os.pipe()
+        if os.fork():  # parent: wait until the child mounted (or failed)
+            os.close(ready_fd)
+            answer = os.read(read_end, 4096)
+            if answer != b"ok":
+                print(f"passthrough: mount failed: {answer.decode(errors='replace')}",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            return 0
+        os.close(read_end)
+        os.setsid()
+
+    try:
+        os.umask(0)  # create() and mkdir() apply the caller's umask
+        ops = Passthrough(args.source)
+        options = {"fsname=passthrough", "default_permissions"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(ops, args.mountpoint, options)
+    except Exception as e:
+        if ready_fd is None:
+            raise
+        os.write(ready_fd, f"{type(e).__name__}: {e}".encode())  # the parent reports it
+        return 1
+    try:
+        trio.run(serve, args.mountpoint, ready_fd)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Tests for ecfs.offload: timeouts, abandonment, health states, statistics.
+
+Real worker threads run fake blocking functions; a "hung store" is a
+function waiting on a threading.Event, and every test releases its Events in
+`finally` and waits for the threads to return, so no thread outlives a test.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ecfs.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
+from ecfs.offload import HEDGE_FLOOR, PROBE_TIMEOUT, StoreRunner, StoreState
+from ecfs.store import DirectoryStore, StoreMarker
+
+pytestmark = pytest.mark.trio
+
+
+class Hang:
+    """Blocking functions that return only when released (a hung disk)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = 0
+        self.finished = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, value: object = None) -> object:
+        with self._lock:
+            self.started += 1
+        try:
+            self.release.wait(timeout=20)  # a safety net, never reached
+            return value
+        finally:
+            with self._lock:
+                self.finished += 1
+
+
+@pytest.fixture
+def hang() -> Iterator[Hang]:
+    h = Hang()
+    try:
+        yield h
+    finally:
+        h.release.set()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DirectoryStore:
+    marker = StoreMarker(
+        volume_id="0" * 31 + "1",
+        store_id="0" * 31 + "2",
+        format=1,
+        k=2,
+        m=1,
+        fragment_size=4096,
+        cell_size=4096,
+        inline_max=0,
+    )
+    return DirectoryStore.initialise(tmp_path / "store", marker)
+
+
+async def drain(runner: StoreRunner, hang: Hang) -> None:
+    """Release hung calls and wait until their threads have all returned."""
+    hang.release.set()
+    with trio.fail_after(5):
+        while runner.statistics().abandoned or runner.in_flight:  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def call_hang(runner: StoreRunner, hang: Hang) -> None:
+    await runner.call(hang)
+
+
+def raiser(exc: BaseException) -> Callable[[], None]:
+    def fn() -> None:
+        raise exc
+
+    return fn
+
+
+# ---- timeouts and abandonment
+
+
+async def test_hung_call_times_out_while_other_store_keeps_working(
+    store: DirectoryStore, hang: Hang
+) -> None:
+    hung = StoreRunner(0, store, timeout=0.2)
+    healthy = StoreRunner(1, store)
+    completed = 0
+
+    async def keep_calling() -> None:
+        nonlocal completed
+        while True:
+            assert await healthy.call(lambda: 42) == 42
+            completed += 1
+            await trio.sleep(0.01)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_calling)
+            start = time.monotonic()
+            with pytest.raises(StoreTimeout, match="store 0"):
+                await hung.call(hang)
+            elapsed = time.monotonic() - start
+            nursery.cancel_scope.cancel()
+        assert 0.2 <= elapsed < 1.0
+        assert completed >= 3
+        assert hung.statistics().timeouts == 1
+        assert hung.state is StoreState.FAILED
+        assert healthy.state is StoreState.OK
+    finally:
+        await drain(hung, hang)
+
+
+async def test_abandoned_counted_until_thread_returns(store: DirectoryStore, hang: Hang) -> None:
+    runner = StoreRunner(0, store, max_threads=4, timeout=0.05)
+    try:
+        for expected in (1, 2):
+            with pytest.raises(StoreTimeout):
+                await runner.call(hang)
+            assert runner.statistics().abandoned == expected
+        assert runner.in_flight == 2
+        await drain(runner, hang)
+        stats = runner.statistics()
+        assert (stats.abandoned, stats.in_flight, stats.timeouts) == (0, 0, 2)
+        assert hang.finished == 2
+    finally:
+        await drain(runner, hang)
+
+
+async def test_call_timeout_overrides_default(store: DirectoryStore, hang: Hang) -> None:
+    runner = StoreRunner(0, store, timeout=60)
+    try:
+        with trio.fail_after(2):
+            with pytest.raises(StoreTimeout):
+                await runner.call(hang, timeout=0.05)
+    finally:
+        await drain(runner, hang)
+
+
+async def test_enough_hung_calls_fail_the_store_and_probe_recovers(
+    store: DirectoryStore, hang: Hang
+) -> None:
+    runner = StoreRunner(0, store, max_threads=3, timeout=5)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(call_hang, runner, hang)
+            await wait_until(lambda: hang.started == 3)
+            assert runner.in_flight == 3
+            assert runner.available
+            nursery.cancel_scope.cancel()  # e.g. hedged reads giving up
+        stats = runner.statistics()
+        assert stats.abandoned == 3 and stats.timeouts == 0
+        assert stats.state is StoreState.FAILED and not runner.available
+        assert "stuck" in (runner.failure_reason or "")
+        # FAILED still runs calls; with every thread stuck they time out
+        with pytest.raises(StoreTimeout):
+            await runner.call(lambda: 1, timeout=0.05)
+        assert hang.started == 3  # that call never got a thread
+        # the probe cannot get a thread either
+        with trio.fail_after(PROBE_TIMEOUT + 1):
+            assert await runner.probe() is False
+        assert runner.state is StoreState.FAILED
+        await drain(runner, hang)
+        assert await runner.probe() is True
+        assert runner.state is StoreState.OK and runner.available
+    finally:
+        await drain(runner, hang)
+
+
+async def test_cancel_before_thread_starts_never_runs_fn(store: DirectoryStore, hang: Hang) -> None:
+    runner = StoreRunner(0, store, max_threads=1, timeout=5)
+    ran = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_hang, runner, hang)
+            await wait_until(lambda: hang.started == 1)
+            with pytest.raises(StoreTimeout):
+                await runner.call(ran.set, timeout=0.05)
+            nursery.cancel_scope.cancel()
+        await drain(runner, hang)
+        assert not ran.is_set()
+        assert runner.statistics().abandoned == 0
+    finally:
+        await drain(runner, hang)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 (polls threads)
+            await trio.sleep(0.002)
+
+
+# ---- errors
+
+
+async def test_enospc_is_no_space_and_not_a_health_failure(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    with pytest.raises(NoSpace, match="store 0"):
+        await runner.call(raiser(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(NoSpace):
+        await runner.call(raiser(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert runner.state is StoreState.OK
+    assert runner.statistics().errors == 0
+
+
+async def test_os_error_is_store_error_and_fails_store(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    with pytest.raises(StoreError) as info:
+        await runner.call(raiser(OSError(errno.EIO, "Input/output error")))
+    assert type(info.value) is StoreError
+    assert isinstance(info.value.__cause__, OSError)
+    assert runner.state is StoreState.FAILED
+    assert runner.statistics().errors == 1
+    assert await runner.call(lambda: "still runs") == "still runs"
+    assert runner.state is StoreState.FAILED  # sticky until probe / mark_ok
+    assert await runner.probe() is True
+    assert runner.state is StoreState.OK
+
+
+async def test_domain_errors_pass_through(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    missing = FragmentMissing("gone")
+    with pytest.raises(FragmentMissing) as info:
+        await runner.call(raiser(missing))
+    assert info.value is missing
+    corrupt = FragmentCorrupt("bad cell")
+    with pytest.raises(FragmentCorrupt):
+        await runner.call(raiser(corrupt))
+    with pytest.raises(ValueError):
+        await runner.call(raiser(ValueError("a bug")))
+    assert runner.state is StoreState.OK
+    assert runner.statistics().errors == 0
+    with pytest.raises(StoreError):
+        await runner.call(raiser(StoreError("marker garbled")))
+    assert runner.state is StoreState.FAILED
+
+
+async def test_real_store_calls(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    await runner.call(store.write_fragment, 1, 0, [b"abc"], nbytes_written=3)
+    fd = await runner.call(store.open_fragment, 1, 0)
+    try:
+        assert await runner.call(store.read_at, fd, 3, 0, nbytes_read=3) == b"abc"
+    finally:
+        await runner.call(os.close, fd)
+    await runner.call(store.sync)
+    with pytest.raises(FragmentMissing):
+        await runner.call(store.open_fragment, 2, 0)
+    stats = runner.statistics()
+    assert (stats.bytes_read, stats.bytes_written, stats.calls) == (3, 3, 6)
+    assert runner.available
+
+
+async def test_probe_of_missing_store_fails(tmp_path: Path) -> None:
+    runner = StoreRunner(3, DirectoryStore(tmp_path / "gone"))
+    assert await runner.probe() is False
+    assert runner.state is StoreState.FAILED
+    assert "probe failed" in (runner.failure_reason or "")
+
+
+# ---- concurrency bound
+
+
+async def test_limiter_bounds_concurrency(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store, max_threads=3)
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+    peak_in_flight = 0
+
+    def work() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+
+    async def watch() -> None:
+        nonlocal peak_in_flight
+        while True:
+            peak_in_flight = max(peak_in_flight, runner.in_flight)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(runner.call, work)
+            await wait_until(lambda: runner.waiting > 0)
+        outer.cancel_scope.cancel()
+    assert peak == 3
+    assert 1 <= peak_in_flight <= 3
+    assert runner.in_flight == 0 and runner.waiting == 0
+    assert runner.statistics().calls == 12
+
+
+# ---- latency signals
+
+
+def fake_clock(step: float) -> Callable[[], float]:
+    """A clock advancing by `step` on every read (one call = one step)."""
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def clock() -> float:
+        with lock:
+            return next(counter) * step
+
+    return clock
+
+
+async def test_statistics_latencies_from_calls(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store, clock=fake_clock(0.004))
+    for _ in range(10):
+        await runner.call(lambda: None)
+    stats = runner.statistics()
+    assert stats.latency_p50 == pytest.approx(0.004)
+    assert stats.latency_p95 == pytest.approx(0.004)
+    assert stats.latency_ewma == pytest.approx(0.004)
+
+
+async def test_percentiles_and_hedge_deadline(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    assert runner.statistics().latency_p95 == 0.0
+    assert runner.hedge_deadline() == HEDGE_FLOOR
+    for ms in range(1, 101):
+        runner.record_latency(ms / 1000)
+    stats = runner.statistics()
+    assert stats.latency_p50 == pytest.approx(0.050)
+    assert stats.latency_p95 == pytest.approx(0.095)
+    assert runner.hedge_deadline() == pytest.approx(3 * 0.095)
+    # the window keeps the last 256 samples only
+    for _ in range(256):
+        runner.record_latency(0.001)
+    assert runner.statistics().latency_p95 == pytest.approx(0.001)
+    assert runner.hedge_deadline() == HEDGE_FLOOR
+
+
+async def test_expected_latency(store: DirectoryStore, hang: Hang) -> None:
+    runner = StoreRunner(0, store, timeout=5)
+    unmeasured = runner.expected_latency()
+    assert unmeasured > 0
+    runner.record_latency(0.002)
+    assert runner.expected_latency() == pytest.approx(0.002)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_hang, runner, hang)
+            nursery.start_soon(call_hang, runner, hang)
+            await wait_until(lambda: runner.in_flight == 2)
+            assert runner.expected_latency() == pytest.approx(0.006)
+            hang.release.set()
+    finally:
+        await drain(runner, hang)
+
+
+async def test_slow_state_relative_to_own_baseline(store: DirectoryStore) -> None:
+    runner = StoreRunner(0, store)
+    for _ in range(50):
+        runner.record_latency(0.001)
+    assert runner.state is StoreState.OK
+    for _ in range(5):
+        runner.record_latency(0.1)
+    assert runner.state is StoreState.SLOW
+    assert runner.available  # slow is still usable
+    for _ in range(40):
+        runner.record_latency(0.001)
+    assert runner.state is StoreState.OK
+    runner.mark_failed("test")
+    assert runner.state is StoreState.FAILED
+    runner.mark_ok()
+    assert runner.state is StoreState.OK and runner.failure_reason is None
