@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -45,7 +46,7 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> "callable":
+def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> Callable[[bool], None]:
     def setup(foreground: bool) -> None:
         handlers: list[logging.Handler] = []
         if log_file:

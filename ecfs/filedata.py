@@ -269,7 +269,7 @@ class FileData:
         state = self._states.get(ino)
         if state is not None:
             await self._flush_state(state)
-        if ino in self.namespace.dirty_inodes():
+        if self.namespace.is_dirty(ino):
             with self.db.transaction():
                 self.namespace.persist(ino)
         if state is not None and state.error is not None:

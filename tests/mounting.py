@@ -188,6 +188,7 @@ _BAD_LOG_LINE = re.compile(
     # Python warnings printed by the warnings module: "file.py:12: FooWarning: text"
     r"|^\S+:\d+: \w*Warning: "
 )
+_TRACEBACK_HEADER = "Traceback (most recent call last)"
 _TRACEBACK_CHAINING = (
     "During handling of the above exception",
     "The above exception was the direct cause",
@@ -201,11 +202,10 @@ def _log_entries(text: str) -> list[str]:
     i = 0
     while i < len(lines):
         entry = [lines[i]]
-        starts_traceback = "Traceback (most recent call last)" in lines[i]
         i += 1
-        if starts_traceback:
+        if _TRACEBACK_HEADER in entry[0]:
             i = _end_of_traceback(lines, i, entry)
-        while i < len(lines) and "Traceback (most recent call last)" in lines[i]:
+        while i < len(lines) and _TRACEBACK_HEADER in lines[i]:
             entry.append(lines[i])
             i = _end_of_traceback(lines, i + 1, entry)
         entries.append("\n".join(entry))
@@ -213,20 +213,30 @@ def _log_entries(text: str) -> list[str]:
 
 
 def _end_of_traceback(lines: list[str], i: int, entry: list[str]) -> int:
-    """Append a traceback's body (from line i) to `entry`; return the next line."""
-    while i < len(lines):
-        while i < len(lines) and (lines[i][:1] in (" ", "\t") or not lines[i].strip()):
+    """Append the body of the traceback whose header is lines[i - 1] (and of the
+    tracebacks chained to it) to `entry`; return the index of the next line."""
+    n = len(lines)
+    while True:
+        indented_header = lines[i - 1][:1] in (" ", "\t")  # e.g. an exception group
+        while i < n and lines[i][:1] in (" ", "\t"):
             entry.append(lines[i])
             i += 1
-        if i < len(lines):
-            entry.append(lines[i])  # the exception line ends the traceback
-            i += 1
-        if i < len(lines) and lines[i].startswith(_TRACEBACK_CHAINING):
-            entry.append(lines[i])
-            i += 1
-            continue
-        break
-    return i
+        if indented_header or i >= n:
+            return i
+        entry.append(lines[i])  # the exception line ends a plain traceback
+        i += 1
+        j = i
+        while j < n and not lines[j].strip():
+            j += 1
+        if j < n and lines[j].startswith(_TRACEBACK_CHAINING):
+            k = j + 1
+            while k < n and not lines[k].strip():
+                k += 1
+            if k < n and _TRACEBACK_HEADER in lines[k]:
+                entry.extend(lines[i : k + 1])
+                i = k + 1
+                continue
+        return i
 
 
 def find_log_problems(text: str, allowed: Sequence[str] = ()) -> list[str]:

@@ -89,6 +89,7 @@ class Database:
             self._conn.execute("COMMIT")
         except BaseException:
             self._statements = None
+            self._reserved.clear()  # the rolled-back counter rows are free again
             self._conn.execute("ROLLBACK")
             raise
         self._statements = None

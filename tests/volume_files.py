@@ -1,0 +1,78 @@
+"""Helpers for mount tests: deterministic file contents, hashes, and a look
+at what a volume holds on its stores (read as plain files, not via ecfs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from tests.mounting import MountedVolume
+
+MiB = 1 << 20
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """`size` pseudo-random bytes determined by `seed`."""
+    return random.Random(seed).randbytes(size)
+
+
+def sha256_file(path: Path, block: int = MiB) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_pattern_file(path: Path, seed: int, size: int, block: int = 3 * MiB + 17) -> str:
+    """Write `size` deterministic bytes in odd-sized writes; return sha256."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            piece = rng.randbytes(min(block, left))
+            f.write(piece)
+            digest.update(piece)
+            left -= len(piece)
+    return digest.hexdigest()
+
+
+def drop_caches() -> None:
+    """Make the next reads go to the daemon (best effort; needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        pass
+
+
+def fragment_files(store: Path) -> dict[tuple[int, int], Path]:
+    """(chunk id, fragment index) -> path, for every fragment on a store."""
+    found = {}
+    for path in (store / "frags").rglob("*.*"):
+        stem, _, index = path.name.partition(".")
+        found[(int(stem, 16), int(index))] = path
+    return found
+
+
+def fragments_by_chunk(stores: list[Path]) -> dict[int, dict[int, int]]:
+    """chunk id -> {fragment index: store number} over all stores."""
+    chunks: dict[int, dict[int, int]] = defaultdict(dict)
+    for number, store in enumerate(stores):
+        if (store / "frags").exists():
+            for chunk_id, index in fragment_files(store):
+                chunks[chunk_id][index] = number
+    return chunks
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in fragment_files(store).values())
+
+
+def status(vol: MountedVolume) -> dict:
+    return json.loads(os.getxattr(vol.mountpoint, "user.ecfs.status"))
