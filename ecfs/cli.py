@@ -7,14 +7,17 @@ never a traceback.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -41,12 +44,14 @@ class SizeType(click.ParamType):
         return value if isinstance(value, int) else parse_size(str(value))
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"ecfs: {message}", err=True)
     sys.exit(code)
 
 
-def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> Callable[[bool], None]:
+def _setup_logging(
+    level: str, log_file: str | None, volume_hint: str = ""
+) -> Callable[[bool], None]:
     def setup(foreground: bool) -> None:
         handlers: list[logging.Handler] = []
         if log_file:
@@ -54,8 +59,10 @@ def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> C
         elif foreground:
             handlers.append(logging.StreamHandler(sys.stderr))
         else:
-            directory = Path("/var/log/ecfs") if os.geteuid() == 0 else (
-                Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "ecfs"
+            directory = (
+                Path("/var/log/ecfs")
+                if os.geteuid() == 0
+                else (Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "ecfs")
             )
             directory.mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(directory / f"mount{volume_hint}.log"))
@@ -69,7 +76,30 @@ def _setup_logging(level: str, log_file: str | None, volume_hint: str = "") -> C
     return setup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _EcfsGroup(click.Group):
+    """Reports usage errors in one line (`ecfs: ... (see 'ecfs mkfs --help')`)
+    instead of click's three-line usage block; exit status 2 as before."""
+
+    def main(self, *args: Any, **extra: Any) -> Any:
+        extra["standalone_mode"] = False
+        if not extra.get("prog_name") and len(args) < 2:
+            extra["prog_name"] = "ecfs"  # not "python -m ecfs"
+        try:
+            result = super().main(*args, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(2)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "ecfs"
+            _fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_EcfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ecfs")
 def main() -> None:
     """ecfs: a filesystem that stores every file erasure-coded across
@@ -77,19 +107,47 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", "-k", "k", default=4, show_default=True, help="Data fragments per chunk (k).")
-@click.option("--parity", "-m", "m", default=2, show_default=True, help="Parity fragments per chunk (m): stores that may fail.")
-@click.option("--fragment-size", type=SizeType(), default="128K", show_default=True,
-              help="Bytes per fragment; a chunk holds k x this many file bytes.")
-@click.option("--cell-size", type=SizeType(), default="4K", show_default=True,
-              help="Checksum granularity inside a fragment.")
-@click.option("--inline-max", type=SizeType(), default="64K", show_default=True,
-              help="Files up to this size are kept inline in the metadata.")
+@click.option(
+    "--data", "-k", "k", default=4, show_default=True, help="Data fragments per chunk (k)."
+)
+@click.option(
+    "--parity",
+    "-m",
+    "m",
+    default=2,
+    show_default=True,
+    help="Parity fragments per chunk (m): stores that may fail.",
+)
+@click.option(
+    "--fragment-size",
+    type=SizeType(),
+    default="128K",
+    show_default=True,
+    help="Bytes per fragment; a chunk holds k x this many file bytes.",
+)
+@click.option(
+    "--cell-size",
+    type=SizeType(),
+    default="4K",
+    show_default=True,
+    help="Checksum granularity inside a fragment.",
+)
+@click.option(
+    "--inline-max",
+    type=SizeType(),
+    default="64K",
+    show_default=True,
+    help="Files up to this size are kept inline in the metadata.",
+)
 @click.argument("stores", nargs=-1, required=True)
-def mkfs(k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]) -> None:
+def mkfs(
+    k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]
+) -> None:
     """Create a new volume over STORES (empty or new directories, ideally
     one per disk; at least k+m of them)."""
-    spec = VolumeSpec(k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max)
+    spec = VolumeSpec(
+        k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max
+    )
     try:
         volume_id = create_volume([Path(s) for s in stores], spec)
     except VolumeError as exc:
@@ -101,29 +159,60 @@ def mkfs(k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, st
 
 @main.command()
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground, log to stderr.")
-@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
-              help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME...")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Log to this file.")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
+    help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME...",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Log to this file (default: stderr with --foreground, else"
+    " ~/.local/state/ecfs/mount.log, /var/log/ecfs/mount.log for root).",
+)
 @click.argument("stores", nargs=-1, required=True)
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-def mount(foreground: bool, options: tuple[str, ...], log_level: str, log_file: str | None,
-          stores: tuple[str, ...], mountpoint: str) -> None:
+@click.argument("mountpoint")
+def mount(
+    foreground: bool,
+    options: tuple[str, ...],
+    log_level: str,
+    log_file: str | None,
+    stores: tuple[str, ...],
+    mountpoint: str,
+) -> None:
     """Mount the volume made of STORES (paths or quoted glob patterns, in
-    any order) on MOUNTPOINT. Returns once the mount is ready."""
+    any order) on MOUNTPOINT. Returns once the mount is ready; the daemon
+    keeps running in the background until `ecfs umount`."""
     from .mount import check_mountpoint, parse_options, run_mount
     from .volume import expand_store_args
 
+    # Absolute paths: the daemon leaves the current directory (it changes to /).
+    store_args = tuple(_absolute_store_arg(s) for s in stores)
+    mountpoint_path = Path(os.path.abspath(mountpoint))
     try:
         parsed = parse_options(options)
-        check_mountpoint(Path(mountpoint), expand_store_args(stores))
+        check_mountpoint(mountpoint_path, expand_store_args(store_args))
     except VolumeError as exc:
         _fail(str(exc), 2)
+    if log_file is not None:
+        log_file = os.path.abspath(log_file)
+        try:
+            with open(log_file, "a"):
+                pass
+        except OSError as exc:
+            _fail(f"cannot write the log file {log_file}: {exc.strerror}", 2)
     try:
         code = run_mount(
-            stores,
-            Path(mountpoint),
+            store_args,
+            mountpoint_path,
             parsed,
             foreground=foreground,
             setup_logging=_setup_logging(log_level, log_file),
@@ -135,24 +224,64 @@ def mount(foreground: bool, options: tuple[str, ...], log_level: str, log_file: 
     sys.exit(code)
 
 
+def _absolute_store_arg(arg: str) -> str:
+    """A store path or glob pattern, made absolute (glob characters in the
+    current directory's name are escaped, those in `arg` kept)."""
+    if os.path.isabs(arg):
+        return arg
+    cwd = os.getcwd()
+    return os.path.join(glob.escape(cwd) if glob.has_magic(arg) else cwd, arg)
+
+
 @main.command()
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the daemon to finish.")
-@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--timeout", default=300.0, show_default=True, help="Seconds to wait for the daemon to finish."
+)
+@click.argument("mountpoint")
 def umount(timeout: float, mountpoint: str) -> None:
     """Write back everything and unmount MOUNTPOINT; waits until the
     daemon has made all data durable and exited."""
-    try:
-        pid = int(os.getxattr(mountpoint, "user.ecfs.pid"))
-    except (OSError, ValueError):
-        _fail(f"{mountpoint} is not a mounted ecfs volume", 2)
-    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    from .mount import mounted_fstype
+
+    fstype = mounted_fstype(Path(mountpoint))
+    if fstype is None:
+        _fail(f"{mountpoint} is not a mount point", 2)
+    if fstype != "fuse.ecfs":
+        _fail(f"{mountpoint} is not an ecfs mount (it is {fstype})", 2)
+    pid = _daemon_pid(mountpoint)
+    result = subprocess.run(
+        ["fusermount3", "-u", mountpoint], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     if result.returncode != 0:
-        _fail(f"cannot unmount {mountpoint}: {result.stderr.strip()}", 1)
+        reason = result.stderr.strip().removeprefix("fusermount3: ") or f"exit {result.returncode}"
+        _fail(f"cannot unmount {mountpoint}: {reason}", 1)
+    if pid is None:
+        click.echo(f"ecfs: unmounted {mountpoint}; its daemon was not answering", err=True)
+        return
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:
-            _fail(f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1)
+            _fail(
+                f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1
+            )
         time.sleep(0.05)
+
+
+def _daemon_pid(mountpoint: str, timeout: float = 10.0) -> int | None:
+    """The pid the ecfs daemon reports for `mountpoint`, or None if it does
+    not answer (dead, or hung: asked from a thread so we never hang too)."""
+    answer: list[int] = []
+
+    def ask() -> None:
+        try:
+            answer.append(int(os.getxattr(mountpoint, "user.ecfs.pid")))
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
 
 
 def _alive(pid: int) -> bool:

@@ -49,6 +49,9 @@ from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
+#: How many chunks ahead of a sequential reader are prefetched.
+PREFETCH_CHUNKS = 4
+
 #: Repair-queue priority of a chunk written with reduced redundancy.
 PRIORITY_SHORT_WRITE = 10
 
@@ -63,6 +66,10 @@ class FileState:
     flushing: dict[int, bytearray] = field(default_factory=dict)
     locks: dict[int, trio.Lock] = field(default_factory=dict)
     error: EcfsError | None = None
+    #: Where the last read ended (sequential detection) and the highest
+    #: chunk index already prefetched.
+    next_read: int = -1
+    prefetched: int = -1
 
     def lock(self, idx: int) -> trio.Lock:
         lock = self.locks.get(idx)
@@ -157,10 +164,37 @@ class FileData:
             return b""
         state = self._states.get(ino)
         spans = self.layout.chunk_spans(offset, end - offset)
+        if state is not None:
+            self._maybe_prefetch(ino, state, offset, end, file_size)
         if len(spans) == 1:
             return await self._read_span(ino, state, spans[0])
-        parts = [await self._read_span(ino, state, span) for span in spans]
+        parts: list[bytes] = [b""] * len(spans)
+
+        async def read_one(i: int, span: ChunkSpan) -> None:
+            parts[i] = await self._read_span(ino, state, span)
+
+        async with trio.open_nursery() as nursery:
+            for i, span in enumerate(spans):
+                nursery.start_soon(read_one, i, span)
         return b"".join(parts)
+
+    def _maybe_prefetch(
+        self, ino: int, state: FileState, offset: int, end: int, file_size: int
+    ) -> None:
+        """On a sequential read, prefetch the next PREFETCH_CHUNKS chunks."""
+        sequential = offset == state.next_read
+        state.next_read = end
+        if not sequential or self._nursery is None:
+            return
+        chunk_size = self.layout.chunk_size
+        first = max(state.prefetched + 1, (end - 1) // chunk_size + 1)
+        last = min((end - 1) // chunk_size + PREFETCH_CHUNKS, (file_size - 1) // chunk_size)
+        if first > last:
+            return
+        state.prefetched = last
+        for idx, ref in self.chunks.get_range(ino, first, last).items():
+            if idx not in state.dirty:
+                self._nursery.start_soon(self.reader.prefetch, ref)
 
     async def _read_span(self, ino: int, state: FileState | None, span: ChunkSpan) -> bytes:
         want = span.end - span.start

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 60.0
 ENTRY_TIMEOUT = 60.0
 
+#: Directory entries fetched from the database per step of a readdir (the
+#: kernel takes ~25 per request; fetching all remaining entries for each
+#: request would make listing a large directory quadratic).
+READDIR_BATCH = 64
+
 #: Virtual attributes of the root directory, used by the CLI (not listed).
 CONTROL_PID = b"user.ecfs.pid"
 CONTROL_STATUS = b"user.ecfs.status"
@@ -215,7 +220,7 @@ class EcfsOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         offset = start_id
         while True:
-            entries = self.ns.readdir(fh, offset)
+            entries = self.ns.readdir(fh, offset, READDIR_BATCH)
             if not entries:
                 return
             for name, node, next_offset in entries:
@@ -240,6 +245,11 @@ class EcfsOperations(pyfuse3.Operations):
         node = self.ns.get(inode)
         if node.is_dir:
             raise FsError("is a directory", errno=errno.EISDIR)
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse negotiates atomic O_TRUNC: the kernel sends no setattr
+            # for open(O_TRUNC), the truncation is ours (and it updates mtime
+            # and ctime even when the file is already empty, as POSIX says).
+            await self.data.truncate(inode, 0)
         self.data.opened(inode)
         return pyfuse3.FileInfo(fh=inode)
 
@@ -282,6 +292,11 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        # pyfuse3 does not pass setxattr's flags on: it emulates XATTR_CREATE
+        # (EEXIST) and XATTR_REPLACE (ENODATA) by calling getxattr first. That
+        # is atomic here, as neither handler awaits anything in between. One
+        # case it gets wrong, which we cannot see: both flags together on a
+        # missing attribute set it (ext4 and tmpfs answer ENODATA).
         if inode == pyfuse3.ROOT_INODE and name.startswith(b"user.ecfs."):
             raise FsError("reserved attribute", errno=errno.EPERM)
         self.ns.setxattr(inode, name, value)

@@ -41,6 +41,9 @@ class FragmentHandle:
     header: fragment.FragmentHeader
     users: int = 0
     evicted: bool = field(default=False)
+    #: The bytes read from the start of the file when it was opened (kept
+    #: only until the opener has used them).
+    prefix: bytes | None = None
 
     @property
     def payload_offset(self) -> int:
@@ -48,13 +51,15 @@ class FragmentHandle:
 
 
 def open_fragment(
-    store: DirectoryStore, chunk_id: int, index: int, expected: Expected
+    store: DirectoryStore, chunk_id: int, index: int, expected: Expected, *, probe: int = 0
 ) -> FragmentHandle:
     """Blocking: open a fragment file and verify its header against what the
-    metadata expects. Raises FragmentMissing, StoreError or FragmentCorrupt."""
+    metadata expects. Raises FragmentMissing, StoreError or FragmentCorrupt.
+    The first max(probe, HEADER_PROBE_SIZE) bytes are read in one request
+    and returned in `prefix`."""
     fd = store.open_fragment(chunk_id, index)
     try:
-        prefix = store.read_at(fd, fragment.HEADER_PROBE_SIZE, 0)
+        prefix = store.read_at(fd, max(probe, fragment.HEADER_PROBE_SIZE), 0)
         needed = fragment.header_size_needed(prefix)
         if needed > len(prefix):
             prefix = store.read_at(fd, needed, 0)
@@ -73,19 +78,23 @@ def open_fragment(
     except BaseException:
         os.close(fd)
         raise
-    return FragmentHandle(fd, header)
+    return FragmentHandle(fd, header, prefix=prefix)
 
 
 class HandleCache:
     """LRU of FragmentHandle by (store, chunk, index), at most `capacity`
     idle handles kept open."""
 
-    def __init__(self, capacity: int = 2048) -> None:
+    def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._handles: OrderedDict[HandleKey, FragmentHandle] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    def peek(self, key: HandleKey) -> FragmentHandle | None:
+        """The cached handle for key, without using it."""
+        return self._handles.get(key)
 
     def acquire(self, key: HandleKey) -> FragmentHandle | None:
         """The cached handle for key (marked in use), or None."""

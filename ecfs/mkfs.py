@@ -10,15 +10,25 @@ directories as they were.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StoreError, VolumeError
-from .geometry import Layout
+from .errors import EcfsError, StoreError, VolumeError
+from .geometry import (
+    MAX_CELL_SIZE,
+    MAX_FRAGMENT_SIZE,
+    MAX_K,
+    MAX_M,
+    MAX_N,
+    MIN_CELL_SIZE,
+    Layout,
+)
 from .metadb.schema import create_database
 from .replicas import replica_path
 from .store import MARKER_NAME, STORE_FORMAT, DirectoryStore, StoreMarker
@@ -55,68 +65,149 @@ def check_store_paths(paths: Sequence[Path]) -> list[Path]:
     return resolved
 
 
-def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
-    """Create a volume over `paths`; returns its UUID (hex)."""
-    if spec.m < 1:
-        raise VolumeError("--parity must be at least 1")
+def check_spec(spec: VolumeSpec) -> Layout:
+    """The layout of `spec`; VolumeError naming the option for a bad value."""
+    if not 1 <= spec.k <= MAX_K:
+        raise VolumeError(f"--data (k) must be between 1 and {MAX_K}, got {spec.k}")
+    if not 1 <= spec.m <= MAX_M:
+        raise VolumeError(f"--parity (m) must be between 1 and {MAX_M}, got {spec.m}")
+    if spec.k + spec.m > MAX_N:
+        raise VolumeError(f"--data + --parity must be at most {MAX_N}, got {spec.k + spec.m}")
+    c = spec.cell_size
+    if c & (c - 1) or not MIN_CELL_SIZE <= c <= MAX_CELL_SIZE:
+        raise VolumeError(
+            f"--cell-size must be a power of two between {MIN_CELL_SIZE} and"
+            f" {MAX_CELL_SIZE}, got {c}"
+        )
+    f = spec.fragment_size
+    if f <= 0 or f > MAX_FRAGMENT_SIZE:
+        raise VolumeError(f"--fragment-size must be between {c} and {MAX_FRAGMENT_SIZE}, got {f}")
+    if f % c:
+        raise VolumeError(f"--fragment-size ({f}) must be a multiple of --cell-size ({c})")
+    if not 0 <= spec.inline_max <= f * spec.k:
+        raise VolumeError(
+            f"--inline-max must be between 0 and one chunk ({f * spec.k}), got {spec.inline_max}"
+        )
     try:
-        Layout(spec.k, spec.m, spec.fragment_size, spec.cell_size)
+        return Layout(spec.k, spec.m, spec.fragment_size, spec.cell_size)
     except ValueError as exc:
         raise VolumeError(str(exc)) from None
+
+
+def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
+    """Create a volume over `paths`; returns its UUID (hex).
+
+    All checks run first. If creating a store or a metadata replica fails
+    half-way, what was created is removed again (the directories were
+    checked to be absent or empty), so a failed mkfs can simply be rerun.
+    """
+    check_spec(spec)
     if len(paths) < spec.k + spec.m:
         raise VolumeError(
-            f"{len(paths)} stores given; k={spec.k} + m={spec.m} needs at least {spec.k + spec.m}"
+            f"{len(paths)} stores given; --data {spec.k} + --parity {spec.m} needs"
+            f" at least {spec.k + spec.m}"
         )
-    if not 0 <= spec.inline_max <= spec.fragment_size * spec.k:
-        raise VolumeError("--inline-max must be between 0 and one chunk")
     resolved = check_store_paths(paths)
-    for path in resolved:
-        _check_empty(path)
+    for given, path in zip(paths, resolved, strict=True):
+        _check_empty(given, path)
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in resolved]
-    stores = []
-    for path, store_id in zip(resolved, store_ids, strict=True):
-        marker = StoreMarker(
-            volume_id=volume_id,
-            store_id=store_id,
-            format=STORE_FORMAT,
-            k=spec.k,
-            m=spec.m,
-            fragment_size=spec.fragment_size,
-            cell_size=spec.cell_size,
-            inline_max=spec.inline_max,
-        )
-        try:
-            stores.append(DirectoryStore.initialise(path, marker))
-        except StoreError as exc:
-            raise VolumeError(f"cannot create store {path}: {exc}") from None
-    params = {
-        "uuid": volume_id,
-        "k": spec.k,
-        "m": spec.m,
-        "fragment_size": spec.fragment_size,
-        "cell_size": spec.cell_size,
-        "inline_max": spec.inline_max,
-    }
-    for store in stores[: spec.m + 1]:
-        create_database(
-            replica_path(store.meta_dir),
-            params,
-            store_ids,
-            root_uid=os.getuid(),
-            root_gid=os.getgid(),
-            now_ns=time.time_ns(),
-        )
+    created: list[tuple[Path, bool]] = []  # (path, existed before)
+    try:
+        stores = []
+        for path, store_id in zip(resolved, store_ids, strict=True):
+            marker = StoreMarker(
+                volume_id=volume_id,
+                store_id=store_id,
+                format=STORE_FORMAT,
+                k=spec.k,
+                m=spec.m,
+                fragment_size=spec.fragment_size,
+                cell_size=spec.cell_size,
+                inline_max=spec.inline_max,
+            )
+            existed = path.exists()
+            try:
+                stores.append(DirectoryStore.initialise(path, marker))
+            except StoreError as exc:
+                raise VolumeError(f"cannot create store {path}: {_reason(exc)}") from None
+            finally:
+                if path.exists():
+                    created.append((path, existed))
+        params: dict[str, str | int] = {
+            "uuid": volume_id,
+            "k": spec.k,
+            "m": spec.m,
+            "fragment_size": spec.fragment_size,
+            "cell_size": spec.cell_size,
+            "inline_max": spec.inline_max,
+        }
+        for store in stores[: spec.m + 1]:
+            try:
+                create_database(
+                    replica_path(store.meta_dir),
+                    params,
+                    store_ids,
+                    root_uid=os.getuid(),
+                    root_gid=os.getgid(),
+                    now_ns=time.time_ns(),
+                )
+            except (OSError, EcfsError) as exc:
+                raise VolumeError(
+                    f"cannot create the metadata on store {store.path}: {_reason(exc)}"
+                ) from None
+    except BaseException:
+        for path, existed in reversed(created):
+            _remove_created(path, existed)
+        raise
     return volume_id
 
 
-def _check_empty(path: Path) -> None:
-    if not path.exists():
+def _reason(exc: BaseException) -> str:
+    """The innermost OS reason of `exc` (without repeating the path)."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _remove_created(path: Path, existed: bool) -> None:
+    """Undo `DirectoryStore.initialise` of `path` (which was absent or empty)."""
+    if existed:
+        for entry in os.listdir(path):
+            target = path / entry
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_empty(given: Path, path: Path) -> None:
+    """VolumeError unless `path` is absent or an empty directory."""
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):  # a dangling symlink
+            raise VolumeError(f"{given} is a dangling symbolic link") from None
         return
-    if not path.is_dir():
-        raise VolumeError(f"{path} is not a directory")
-    entries = os.listdir(path)
+    except NotADirectoryError:
+        raise VolumeError(f"{given} is not a directory") from None
+    except OSError as exc:
+        raise VolumeError(f"cannot read {given}: {exc.strerror}") from None
     if MARKER_NAME in entries:
-        raise VolumeError(f"{path} already holds an ecfs store (refusing to overwrite it)")
+        try:
+            marker = DirectoryStore(path).read_marker()
+        except StoreError:
+            raise VolumeError(
+                f"{given} holds an ecfs store marker (refusing to overwrite it)"
+            ) from None
+        raise VolumeError(
+            f"{given} already holds a store of volume {marker.volume_id} (refusing to overwrite it)"
+        )
     if entries:
-        raise VolumeError(f"{path} is not empty ({len(entries)} entries); give an empty directory")
+        raise VolumeError(f"{given} is not empty ({len(entries)} entries); give an empty directory")

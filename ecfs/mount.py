@@ -14,8 +14,10 @@ the same way and unmount.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -25,15 +27,28 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .errors import VolumeError
+from .errors import EcfsError, VolumeError
 from .fs import EcfsOperations
-from .volume import Volume
+from .volume import Volume, expand_store_args
 
 log = logging.getLogger(__name__)
 
 #: FUSE options ecfs passes through when given with -o.
-PASSTHROUGH_OPTIONS = {"allow_other", "default_permissions", "noatime", "ro", "nosuid", "nodev",
-                       "noexec", "suid", "dev", "exec", "rw", "relatime", "atime"}
+PASSTHROUGH_OPTIONS = {
+    "allow_other",
+    "default_permissions",
+    "noatime",
+    "ro",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "suid",
+    "dev",
+    "exec",
+    "rw",
+    "relatime",
+    "atime",
+}
 #: Options for mount helpers and fstab that mean nothing to the daemon.
 IGNORED_OPTIONS = {"_netdev", "nofail", "auto", "noauto", "user", "users", "defaults"}
 
@@ -95,11 +110,38 @@ def set_read_ahead(mountpoint: Path, kib: int = 1024) -> None:
         log.debug("cannot set read-ahead of %s: %s", mountpoint, exc)
 
 
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path` ("fuse.ecfs", "ext4"...),
+    or None. Read from /proc/self/mountinfo, never by stat(), which hangs on
+    a hung FUSE daemon and fails on the dead mount a killed daemon leaves."""
+    target = os.path.realpath(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-", 6)
+                if _unescape_mountinfo(fields[4]) == target:
+                    found = fields[sep + 1]  # the last mount on a path is the visible one
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
 def check_mountpoint(mountpoint: Path, stores: Sequence[Path]) -> None:
+    """VolumeError unless `mountpoint` is a directory, nothing is mounted
+    on it, and no store lies inside it."""
+    fstype = mounted_fstype(mountpoint)
+    if fstype is not None:
+        raise VolumeError(f"{mountpoint} is already a mount point ({fstype}); unmount it first")
     if not mountpoint.is_dir():
-        raise VolumeError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise VolumeError(f"{mountpoint} is already a mount point; unmount it first")
+        if mountpoint.exists():
+            raise VolumeError(f"mountpoint {mountpoint} is not a directory")
+        raise VolumeError(f"mountpoint {mountpoint} does not exist")
     real = Path(os.path.realpath(mountpoint))
     for store in stores:
         store_real = Path(os.path.realpath(store))
@@ -107,6 +149,36 @@ def check_mountpoint(mountpoint: Path, stores: Sequence[Path]) -> None:
             raise VolumeError(f"store {store} is inside the mountpoint {mountpoint}")
     if not os.path.exists("/dev/fuse"):
         raise VolumeError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+
+def lock_stores(store_args: Sequence[str]) -> list[int]:
+    """Take an exclusive flock on every given store directory that exists,
+    so that one volume is never served by two daemons at once (their
+    metadata and fragments would silently diverge). Returns the locked fds;
+    the locks last as long as the process that holds them (the daemon).
+    VolumeError names a store already locked by another process."""
+    fds: list[int] = []
+    try:
+        for path in expand_store_args(store_args):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue  # missing or unreadable: Volume.open says what is wrong
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VolumeError(
+                    f"store {path} is in use by another ecfs process"
+                    " (is this volume already mounted?)"
+                ) from None
+            except OSError as exc:
+                log.debug("cannot lock store %s: %s", path, exc)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def run_mount(
@@ -118,7 +190,13 @@ def run_mount(
     setup_logging: Callable[[bool], None],
 ) -> int:
     """Mount and serve until unmounted. Without `foreground`, the calling
-    process returns (0 or 1) once the daemon child is ready or has failed."""
+    process returns once the daemon child is ready (0) or has failed (2 for
+    a VolumeError, a usage problem; 1 otherwise), after printing the
+    child's one-line reason on stderr.
+
+    Parent and child talk through a pipe: the child writes "ok" once the
+    mount answers, or "<exit status>:<message>"; end-of-file without a
+    message means the child died."""
     if foreground:
         setup_logging(True)
         return _serve_process(store_args, mountpoint, options, ready=lambda msg: None)
@@ -128,11 +206,14 @@ def run_mount(
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
-        if message.startswith("ok"):
+        if message == "ok":
             return 0
-        sys.stderr.write(f"ecfs mount: {message or 'the mount daemon died; see its log'}\n")
         os.waitpid(pid, 0)
-        return 1
+        status, _, text = message.partition(":")
+        if not status.isdigit():
+            status, text = "1", "the mount daemon died before mounting; see its log"
+        sys.stderr.write(f"ecfs: {text}\n")
+        return int(status)
     os.close(read_end)
     os.setsid()
     reported = False
@@ -144,15 +225,25 @@ def run_mount(
             os.write(write_end, message.encode())
             os.close(write_end)
 
+    code = 1
     try:
         setup_logging(False)
         _detach_stdio()
+        os.chdir("/")  # never keep the caller's directory (and its filesystem) busy
         code = _serve_process(store_args, mountpoint, options, ready=ready)
+    except VolumeError as exc:
+        log.error("mount failed: %s", exc)
+        ready(f"2:{exc}")
+    except EcfsError as exc:
+        log.error("mount failed: %s", exc)
+        ready(f"1:{exc}")
     except BaseException as exc:  # report anything to the parent, then exit
-        ready(f"mount failed: {exc}")
-        os._exit(1)
-    ready("mount failed")
-    os._exit(code)
+        log.exception("mount failed")
+        ready(f"1:mount failed: {type(exc).__name__}: {exc}")
+    finally:
+        ready("1:the mount daemon stopped before the mount was ready; see its log")
+        logging.shutdown()
+        os._exit(code)
 
 
 def _detach_stdio() -> None:
@@ -170,11 +261,8 @@ def _serve_process(
     ready: Callable[[str], None],
 ) -> int:
     tune_malloc()
-    try:
-        volume = Volume.open(store_args)
-    except VolumeError as exc:
-        ready(str(exc))
-        raise
+    locks = lock_stores(store_args)
+    volume = Volume.open(store_args)
     try:
         operations = EcfsOperations(volume, mount_uid=os.getuid())
         try:
@@ -188,6 +276,8 @@ def _serve_process(
             pyfuse3.close(unmount=True)
     finally:
         volume.close()
+        for fd in locks:
+            os.close(fd)
     log.info("unmounted %s cleanly", mountpoint)
     return 0
 
@@ -196,7 +286,7 @@ async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None])
     async with trio.open_nursery() as nursery:
         await volume.start(nursery)
         nursery.start_soon(_terminate_on_signals)
-        nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, mountpoint)
+        nursery.start_soon(_set_read_ahead_off_loop, mountpoint)
         ready("ok")
         try:
             await pyfuse3.main()
@@ -205,6 +295,10 @@ async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None])
                 await volume.shutdown()
                 nursery.cancel_scope.cancel()
     await volume.aclose_replicas()
+
+
+async def _set_read_ahead_off_loop(mountpoint: Path) -> None:
+    await trio.to_thread.run_sync(set_read_ahead, mountpoint)
 
 
 async def _terminate_on_signals() -> None:

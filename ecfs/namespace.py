@@ -55,6 +55,12 @@ RENAME_EXCHANGE = 2
 #: setxattr flags.
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+#: POSIX ACL xattrs. ecfs does not implement ACLs; FUSE passes these names
+#: through as plain xattrs, and storing them would let a program (libacl, so
+#: `cp -a`, `setfacl`) believe it set permissions that nothing enforces and
+#: that do not change the mode. Refusing them (EOPNOTSUPP, as a filesystem
+#: mounted without ACL support does) makes those programs fall back to chmod.
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
 
 #: Default bound of the attribute cache (entries).
 CACHE_SIZE = 200_000
@@ -578,20 +584,23 @@ class Namespace:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         """Set xattr `name`; ctime = now.
 
-        flags: XATTR_CREATE (EEXIST if present) or XATTR_REPLACE (ENODATA if
-        absent); both or others: EINVAL. ERANGE for an empty name, a name
-        over 255 bytes or a value over 64 KiB.
+        flags: XATTR_CREATE (EEXIST if present) and/or XATTR_REPLACE (ENODATA
+        if absent; both flags: both checks, as ext4 and tmpfs); others: EINVAL. ERANGE for an empty name, a name
+        over 255 bytes or a value over 64 KiB. EOPNOTSUPP for the POSIX ACL
+        names (`ACL_XATTRS`).
         """
         self.get(ino)
         _check_xattr_name(name)
+        if name in ACL_XATTRS:
+            raise FsError("POSIX ACLs are not supported", errno=errno.EOPNOTSUPP)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too long", errno=errno.ERANGE)
-        if flags not in (0, XATTR_CREATE, XATTR_REPLACE):
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE):
             raise FsError(f"bad setxattr flags {flags:#x}", errno=errno.EINVAL)
         exists = self._table.get_xattr(ino, name) is not None
-        if flags == XATTR_CREATE and exists:
+        if flags & XATTR_CREATE and exists:
             raise FsError(f"xattr {name!r} exists", errno=errno.EEXIST)
-        if flags == XATTR_REPLACE and not exists:
+        if flags & XATTR_REPLACE and not exists:
             raise FsError(f"no xattr {name!r}", errno=errno.ENODATA)
         staged: _Staged = {}
         self._stage(staged, ino).ctime_ns = self._clock()

@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 #: Called with (chunk, fragment indices found bad, reason) after a degraded read.
 DamageCallback = Callable[[ChunkRef, list[int], str], None]
 
+#: A cold read starting this close to the payload start is read together
+#: with the header in one pread.
+ONE_READ_GAP = 64 * 1024
+
+#: Fragment opens + read-ahead hints in flight for sequential prefetch.
+PREFETCH_CONCURRENCY = 16
+
 #: Decodes larger than this run in a worker thread instead of on the loop.
 LOOP_DECODE_LIMIT = 64 * 1024
 
@@ -75,13 +82,39 @@ def _pread_verified(fd: int, header: fragment.FragmentHeader, start: int, end: i
 def _open_and_read(
     store: DirectoryStore, chunk_id: int, index: int, expected: Expected, start: int, end: int
 ) -> tuple[FragmentHandle, bytes]:
-    """Blocking: open a fragment (one thread hop on a cache miss) and read."""
-    handle = open_fragment(store, chunk_id, index, expected)
+    """Blocking: open a fragment (one thread hop on a cache miss) and read.
+    A range near the start of the payload is read with the header in one
+    pread (one disk request for a cold fragment)."""
+    together = fragment.HEADER_PROBE_SIZE + end if start < ONE_READ_GAP else 0
+    handle = open_fragment(store, chunk_id, index, expected, probe=together)
     try:
+        offset = handle.payload_offset
+        if handle.prefix is not None and len(handle.prefix) >= offset + end:
+            data = bytes(handle.prefix[offset + start : offset + end])
+            handle.prefix = None
+            _verify(handle.header, start, end, data)
+            return handle, data
+        handle.prefix = None
         return handle, _pread_verified(handle.fd, handle.header, start, end)
     except BaseException:
         os.close(handle.fd)
         raise
+
+
+def _open_and_advise(
+    store: DirectoryStore, chunk_id: int, index: int, expected: Expected
+) -> FragmentHandle:
+    """Blocking: open a fragment and ask the kernel to read its payload
+    into the page cache in the background (sequential prefetch)."""
+    handle = open_fragment(store, chunk_id, index, expected)
+    handle.prefix = None
+    try:
+        os.posix_fadvise(
+            handle.fd, handle.payload_offset, handle.header.payload_length, os.POSIX_FADV_WILLNEED
+        )
+    except OSError:
+        pass
+    return handle
 
 
 def _verify(header: fragment.FragmentHeader, start: int, end: int, data: bytes) -> None:
@@ -117,6 +150,36 @@ class ChunkReader:
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._prefetch_limit = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
+
+    async def prefetch(self, ref: ChunkRef) -> None:
+        """Open the data fragments of a chunk a sequential reader will want
+        next and start reading them into the page cache, so that the read
+        itself is served on the loop (RWF_NOWAIT) without a thread hop.
+        Best effort: errors are ignored (the real read will see them)."""
+        async with trio.open_nursery() as nursery:
+            for index in range(self.layout.k):
+                store = ref.stores[index]
+                if store != NO_STORE and self.handles.peek((store, ref.chunk_id, index)) is None:
+                    nursery.start_soon(self._prefetch_fragment, ref, index, store)
+
+    async def _prefetch_fragment(self, ref: ChunkRef, index: int, store: int) -> None:
+        runner = self.runners.get(store)
+        if runner is None or not runner.available:
+            return
+        async with self._prefetch_limit:
+            try:
+                handle = await runner.call(
+                    _open_and_advise,
+                    runner.store,
+                    ref.chunk_id,
+                    index,
+                    self.expected,
+                    timeout=self.read_timeout,
+                )
+            except (StoreError, FragmentCorrupt):
+                return
+        self.handles.release(self.handles.insert((store, ref.chunk_id, index), handle))
 
     async def read(self, ref: ChunkRef, start: int, end: int) -> bytes:
         """Verified chunk bytes [start, end), 0 <= start < end <= ref.length."""

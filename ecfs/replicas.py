@@ -63,6 +63,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -512,6 +513,9 @@ class Replicator:
     before the batch is applied anywhere. `timeout` is passed to every
     `call` (None: the runner's default). If `sync_stores` raises
     StoreError, the batch is kept and retried after `retry_delay` seconds.
+    `commit_interval`: how long a transaction may wait for company before
+    its batch is applied when nobody waits for durability (see
+    `_wait_batch`); 0 applies batches as soon as they arrive.
     """
 
     def __init__(
@@ -524,6 +528,7 @@ class Replicator:
         max_batch: int = 2000,
         timeout: float | None = None,
         retry_delay: float = 1.0,
+        commit_interval: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -541,6 +546,9 @@ class Replicator:
         self._timeout = timeout
         self._retry_delay = retry_delay
         self._pending: deque[Transaction] = deque()
+        self._commit_interval = commit_interval
+        self._oldest_pending = 0.0
+        self._waiters = 0
         self._submitted = generation
         self._durable = generation
         self._batches = 0
@@ -590,6 +598,8 @@ class Replicator:
             raise ValueError(
                 f"transaction generation {txn.generation} submitted after {self._submitted}"
             )
+        if not self._pending:
+            self._oldest_pending = time.monotonic()
         self._pending.append(txn)
         self._submitted = txn.generation
         self._pending_event.set()
@@ -604,13 +614,18 @@ class Replicator:
         if generation > self._submitted:
             raise ValueError(f"generation {generation} was not submitted ({self._submitted})")
         await trio.lowlevel.checkpoint()
-        while self._durable < generation:
-            if not self._live:
-                raise StoreError(
-                    f"no live metadata replica: generation {generation} cannot be made durable"
-                    f" (durable: {self._durable}; stale: {self._stale})"
-                )
-            await self._changed.wait()
+        self._waiters += 1
+        self._pending_event.set()  # apply what is pending now, not later
+        try:
+            while self._durable < generation:
+                if not self._live:
+                    raise StoreError(
+                        f"no live metadata replica: generation {generation} cannot be made"
+                        f" durable (durable: {self._durable}; stale: {self._stale})"
+                    )
+                await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     async def drain(self) -> None:
         """Wait until every submitted transaction is durable (for unmount)."""
@@ -648,18 +663,32 @@ class Replicator:
     # ---- internals
 
     async def _wait_batch(self) -> list[Transaction]:
-        """Wait for pending transactions; return up to max_batch of them
-        (left in the deque until applied). With no live replica left the
-        queue is dropped (nothing can take it) and waiting continues."""
+        """Wait for a batch worth applying; return up to max_batch pending
+        transactions (left in the deque until applied).
+
+        Group commit: a batch is applied at once when someone waits for
+        durability (fsync, unmount) or max_batch are pending, otherwise at
+        most `commit_interval` seconds after the oldest pending transaction
+        was submitted (like a journalling filesystem's commit interval).
+        With no live replica left the queue is dropped (nothing can take
+        it) and waiting continues."""
         while True:
             if self._pending and not self._live:
                 log.debug("dropping %d transactions: no live replica", len(self._pending))
                 self._pending.clear()
-            if self._pending:
+            if self._pending and (
+                self._waiters
+                or len(self._pending) >= self._max_batch
+                or time.monotonic() >= self._oldest_pending + self._commit_interval
+            ):
                 count = min(len(self._pending), self._max_batch)
                 return [self._pending[i] for i in range(count)]
             self._pending_event = trio.Event()
-            await self._pending_event.wait()
+            if self._pending:
+                with trio.move_on_after(self._oldest_pending + self._commit_interval - time.monotonic()):
+                    await self._pending_event.wait()
+            else:
+                await self._pending_event.wait()
 
     async def _sync_before_apply(self) -> None:
         """Await sync_stores(), retrying after StoreError (the batch waits)."""

@@ -44,6 +44,11 @@ from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
+#: Seconds a metadata transaction may wait to be batched with others before
+#: it is made durable on the replicas when nobody calls fsync (fsync() and
+#: unmount never wait for it: they flush at once).
+COMMIT_INTERVAL = 1.0
+
 #: Seconds between refreshes of store usage and probes of failed stores.
 HEALTH_INTERVAL = 5.0
 
@@ -99,6 +104,7 @@ class Volume:
             self.placement,
             uuid.UUID(self.volume_id).bytes,
             lambda: db.next_id("chunk"),
+            device_of={i: os.stat(s.path).st_dev for i, s in stores.items()},
         )
         self.damage = DamageRecorder(db, k)
         self.reader = ChunkReader(
@@ -122,7 +128,7 @@ class Volume:
             self._wait_durable,
             inline_max=self.inline_max,
         )
-        self._devices = {i: os.stat(s.path).st_dev for i, s in stores.items()}
+        self._devices = self.writer.device_of
 
     # -- opening -----------------------------------------------------------------
 
@@ -183,7 +189,11 @@ class Volume:
         if len(targets) < wanted:
             log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
         self.replicator = Replicator(
-            targets, self.runners, self.writer.sync_stores, self.db.generation
+            targets,
+            self.runners,
+            self.writer.sync_stores,
+            self.db.generation,
+            commit_interval=COMMIT_INTERVAL,
         )
         self.db.on_commit = self.replicator.submit
 

@@ -58,6 +58,7 @@ class ChunkWriter:
         *,
         min_fragments: int | None = None,
         write_timeout: float = 30.0,
+        device_of: Mapping[int, int] | None = None,
     ) -> None:
         self.layout = layout
         self.codec = codec
@@ -68,6 +69,7 @@ class ChunkWriter:
         self.min_fragments = min_fragments or min(layout.n, layout.k + 1)
         self.write_timeout = write_timeout
         self.unsynced: set[int] = set()
+        self.device_of = dict(device_of or {})
         self.bytes_in = 0
         self.bytes_out = 0
         self._cpu = trio.CapacityLimiter(2)
@@ -161,8 +163,14 @@ class ChunkWriter:
         """Make every fragment written so far durable (files and dirents).
 
         Never raises: a store that cannot sync is marked failed instead.
+        syncfs(2) flushes a whole filesystem, so stores sharing one
+        (`device_of`) are synced once.
         """
         pending, self.unsynced = self.unsynced, set()
+        one_per_device: dict[int, int] = {}
+        for store in sorted(pending):
+            one_per_device.setdefault(self.device_of.get(store, -1 - store), store)
+        pending = set(one_per_device.values())
 
         async def sync(store: int) -> None:
             runner = self.runners[store]
