@@ -9,6 +9,11 @@ Life cycle: open the volume (blocking: stores, freshest metadata replica)
 tell the parent "ready", serve until unmounted -> write back everything,
 make metadata durable, delete garbage -> exit. SIGTERM/SIGINT end the loop
 the same way and unmount.
+
+The daemon holds an exclusive flock on every store directory for its whole
+life (`lock_stores`), so a second mount of the same volume is refused
+instead of two daemons diverging on the same stores; a killed daemon's
+locks die with it.
 """
 
 from __future__ import annotations
@@ -262,7 +267,12 @@ def _serve_process(
 ) -> int:
     tune_malloc()
     locks = lock_stores(store_args)
-    volume = Volume.open(store_args)
+    try:
+        volume = Volume.open(store_args)
+    except BaseException:
+        for fd in locks:
+            os.close(fd)
+        raise
     try:
         operations = EcfsOperations(volume, mount_uid=os.getuid())
         try:

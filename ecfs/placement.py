@@ -17,6 +17,9 @@ from collections.abc import Iterable, Mapping
 from .offload import StoreRunner
 from .store import StoreUsage
 
+#: A full store is used again once it has this much free space.
+FULL_MARGIN = 64 << 20
+
 #: Stores whose free space differs by less than this are treated as equal.
 FREE_SPACE_GRAIN = 1 << 30
 
@@ -31,8 +34,11 @@ class Placement:
         self._turn = 0
 
     def update_usage(self, store: int, usage: StoreUsage) -> None:
+        """New free-space reading; a store marked full is retried only once
+        it has room for a few more fragments again."""
         self.usage[store] = usage
-        self.full.discard(store)
+        if usage.free_bytes > FULL_MARGIN:
+            self.full.discard(store)
 
     def note_written(self, store: int, nbytes: int) -> None:
         usage = self.usage.get(store)

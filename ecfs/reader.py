@@ -32,7 +32,7 @@ import trio
 
 from . import fragment
 from .codec import Codec
-from .errors import EcfsError, FragmentCorrupt, StoreError, Unrecoverable
+from .errors import EcfsError, FragmentCorrupt, FragmentMissing, StoreError, Unrecoverable
 from .geometry import FragmentPiece, Layout
 from .handles import Expected, FragmentHandle, HandleCache, open_fragment
 from .model import NO_STORE, ChunkRef
@@ -51,6 +51,10 @@ ONE_READ_GAP = 64 * 1024
 #: Fragment opens + read-ahead hints in flight for sequential prefetch.
 PREFETCH_CONCURRENCY = 16
 
+#: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
+HEDGE_FRACTION = 0.05
+HEDGE_BURST = 16
+
 #: Decodes larger than this run in a worker thread instead of on the loop.
 LOOP_DECODE_LIMIT = 64 * 1024
 
@@ -65,6 +69,7 @@ class ReadCounters:
     degraded_requested_bytes: int = 0
     degraded_store_bytes: int = 0
     unrecoverable_reads: int = 0
+    hedged_reads: int = 0
     nowait_hits: int = 0
     thread_reads: int = 0
 
@@ -140,6 +145,7 @@ class ChunkReader:
         on_damage: DamageCallback,
         *,
         read_timeout: float = 10.0,
+        on_missing: Callable[[int], None] | None = None,
     ) -> None:
         self.layout = layout
         self.codec = codec
@@ -147,6 +153,7 @@ class ChunkReader:
         self.handles = handles
         self.expected = expected
         self.on_damage = on_damage
+        self.on_missing = on_missing
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -214,13 +221,89 @@ class ChunkReader:
 
     async def _read_piece(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> bytes:
         a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
-        try:
-            data = await self._read_fragment(ref, piece.index, a, b)
-        except (StoreError, FragmentCorrupt) as exc:
-            self.counters.degraded_reads += 1
-            self.counters.degraded_requested_bytes += piece.frag_end - piece.frag_start
-            data = await self._read_degraded(ref, piece.index, a, b, str(exc))
+        data = self._read_cached_nowait(ref, piece.index, a, b)
+        if data is None:
+            data = await self._read_hedged(ref, piece.index, a, b, piece.frag_end - piece.frag_start)
         return data[piece.frag_start - a : piece.frag_end - a]
+
+    def _read_cached_nowait(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes | None:
+        """The fast path: an open handle and page-cached bytes, on the loop."""
+        store = ref.stores[index]
+        runner = self.runners.get(store) if store != NO_STORE else None
+        if runner is None or not runner.available:
+            return None
+        key = (store, ref.chunk_id, index)
+        handle = self.handles.acquire(key)
+        if handle is None:
+            return None
+        try:
+            self._check_payload(ref, handle)
+            data = self._read_nowait(handle, start, end, runner)
+        except FragmentCorrupt:
+            self.handles.discard(key)
+            return None  # the slow path reads it again and reports the damage
+        finally:
+            self.handles.release(handle)
+        if data is not None:
+            self.counters.store_bytes += end - start
+        return data
+
+    async def _read_hedged(
+        self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
+    ) -> bytes:
+        """Read one fragment range; if it fails, decode it from others; if it
+        is slow (past its store's hedge deadline), ALSO decode it from others
+        and take whichever answers first. The slow read keeps running until
+        then (cancelling it abandons its thread, which the store's health
+        counts)."""
+        store = ref.stores[index]
+        runner = self.runners.get(store) if store != NO_STORE else None
+        if runner is None or not runner.available:
+            return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        winner: list[bytes] = []
+        errors: list[EcfsError] = []
+        primary_done = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+
+            async def primary() -> None:
+                try:
+                    winner.append(await self._read_fragment(ref, index, start, end))
+                    nursery.cancel_scope.cancel()
+                except (StoreError, FragmentCorrupt) as exc:
+                    errors.append(exc)
+                    if isinstance(exc, FragmentMissing) and self.on_missing is not None:
+                        self.on_missing(store)  # a vanished store looks like this
+                finally:
+                    primary_done.set()
+
+            async def hedge() -> None:
+                with trio.move_on_after(runner.hedge_deadline()):
+                    await primary_done.wait()
+                if winner or (not errors and not self._may_hedge()):
+                    return
+                reason = str(errors[0]) if errors else f"store {store} slow: hedged"
+                if not errors:
+                    self.counters.hedged_reads += 1
+                try:
+                    winner.append(await self._degraded(ref, index, start, end, wanted, reason))
+                except Unrecoverable:
+                    if errors:
+                        raise
+                    return  # the slow primary is the only hope: wait for it
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(primary)
+            nursery.start_soon(hedge)
+        if winner:
+            return winner[0]
+        raise errors[0]
+
+    def _may_hedge(self) -> bool:
+        """Hedging a slow read costs k extra reads: allow it for at most
+        HEDGE_FRACTION of fragment reads (plus a small burst allowance)."""
+        reads = self.counters.thread_reads + self.counters.nowait_hits
+        return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
 
     async def _read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
         """Verified bytes of one fragment; StoreError/FragmentCorrupt if not."""
@@ -297,37 +380,87 @@ class ChunkReader:
 
     # -- degraded ---------------------------------------------------------------
 
+    async def _degraded(
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str
+    ) -> bytes:
+        self.counters.degraded_reads += 1
+        self.counters.degraded_requested_bytes += wanted
+        return await self._read_degraded(ref, lost, start, end, reason)
+
     async def _read_degraded(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str
     ) -> bytes:
         """Bytes [start, end) of fragment `lost`, decoded from k others."""
         k = self.layout.k
-        bad = [lost]
-        candidates = self._sources(ref, exclude={lost})
-        pieces: dict[int, bytes] = {}
-        while len(pieces) < k:
-            batch = candidates[: k - len(pieces)]
-            del candidates[: len(batch)]
-            if len(batch) < k - len(pieces):
-                self.counters.unrecoverable_reads += 1
-                self.on_damage(ref, bad, reason)
-                raise Unrecoverable(
-                    f"chunk {ref.chunk_id:016x}: fewer than {k} good fragments for"
-                    f" bytes [{start}, {end}) of fragment {lost}"
-                )
-            results = await self._read_many(ref, batch, start, end)
-            for index, result in results.items():
-                if isinstance(result, bytes):
-                    pieces[index] = result
-                    self.counters.degraded_store_bytes += end - start
-                else:
-                    bad.append(index)
+        pieces, bad = await self._gather(ref, self._sources(ref, exclude={lost}), start, end)
+        bad = [lost, *bad]
         self.on_damage(ref, bad, reason)
+        if len(pieces) < k:
+            self.counters.unrecoverable_reads += 1
+            raise Unrecoverable(
+                f"chunk {ref.chunk_id:016x}: fewer than {k} good fragments for"
+                f" bytes [{start}, {end}) of fragment {lost}"
+            )
         if end - start > LOOP_DECODE_LIMIT:
             decoded = await trio.to_thread.run_sync(self.codec.decode, pieces, [lost])
         else:
             decoded = self.codec.decode(pieces, [lost])
         return decoded[lost]
+
+    async def _gather(
+        self, ref: ChunkRef, candidates: list[int], start: int, end: int
+    ) -> tuple[dict[int, bytes], list[int]]:
+        """Read [start, end) of k fragments among `candidates` (best first).
+
+        k reads start at once; a failed one is replaced by the next
+        candidate; if they are not all in after the slowest store's hedge
+        deadline, every remaining candidate is read too and the first k
+        answers win. Returns (pieces, indices found bad)."""
+        k = self.layout.k
+        pieces: dict[int, bytes] = {}
+        bad: list[int] = []
+        waiting = list(candidates)
+        running = 0
+        if len(candidates) < k:
+            return pieces, bad
+
+        async with trio.open_nursery() as nursery:
+
+            def finish_if_done() -> None:
+                if len(pieces) >= k or (running == 0 and not waiting):
+                    nursery.cancel_scope.cancel()
+
+            def launch(count: int) -> None:
+                nonlocal running
+                for _ in range(min(count, len(waiting))):
+                    running += 1
+                    nursery.start_soon(read_one, waiting.pop(0))
+
+            async def read_one(index: int) -> None:
+                nonlocal running
+                try:
+                    data = await self._read_fragment(ref, index, start, end)
+                    self.counters.degraded_store_bytes += end - start
+                    if len(pieces) < k:
+                        pieces[index] = data
+                except (StoreError, FragmentCorrupt):
+                    bad.append(index)
+                    launch(1)
+                finally:
+                    running -= 1
+                    finish_if_done()
+
+            async def widen() -> None:
+                deadline = max(
+                    self.runners[ref.stores[i]].hedge_deadline() for i in candidates[:k]
+                )
+                await trio.sleep(deadline)
+                launch(len(waiting))
+                finish_if_done()
+
+            launch(k)
+            nursery.start_soon(widen)
+        return pieces, bad
 
     def _sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
         """Fragment indices worth reading, best first: available stores,
@@ -340,19 +473,3 @@ class ChunkReader:
             usable.append((runner.expected_latency(), index >= self.layout.k, index))
         usable.sort()
         return [index for _, _, index in usable]
-
-    async def _read_many(
-        self, ref: ChunkRef, indices: list[int], start: int, end: int
-    ) -> dict[int, bytes | EcfsError]:
-        results: dict[int, bytes | EcfsError] = {}
-
-        async def read_one(index: int) -> None:
-            try:
-                results[index] = await self._read_fragment(ref, index, start, end)
-            except (StoreError, FragmentCorrupt) as exc:
-                results[index] = exc
-
-        async with trio.open_nursery() as nursery:
-            for index in indices:
-                nursery.start_soon(read_one, index)
-        return results

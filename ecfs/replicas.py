@@ -535,6 +535,7 @@ class Replicator:
         missing = set(targets) - set(runners)
         if missing:
             raise ValueError(f"no runner for replica store(s) {sorted(missing)}")
+        self._runners = runners
         self._replicas = {
             index: _Replica(index, path, runners[index], generation)
             for index, path in sorted(targets.items())
@@ -626,6 +627,29 @@ class Replicator:
                 await self._changed.wait()
         finally:
             self._waiters -= 1
+
+    async def add_replica(self, index: int, path: Path, generation: int) -> bool:
+        """Start shipping to a new (or resynced) replica that already holds
+        every transaction up to `generation` (a copy of the working copy
+        taken at that generation, which must be >= durable_generation).
+        Replaces a stale replica of the same store. False if it cannot be
+        opened (it stays stale)."""
+        runner = self._runners[index]
+        replica = _Replica(index, path, runner, generation)
+        try:
+            await runner.call(replica.open_blocking, timeout=self._timeout)
+        except EcfsError as exc:
+            log.warning("cannot add metadata replica on store %d: %s", index, exc)
+            return False
+        old = self._replicas.get(index)
+        if old is not None and index in self._live:
+            return True  # raced with another add: keep the one in use
+        self._replicas[index] = replica
+        self._stale.pop(index, None)
+        self._live.add(index)
+        log.info("metadata replica on store %d is live at generation %d", index, generation)
+        self._notify_changed()
+        return True
 
     async def drain(self) -> None:
         """Wait until every submitted transaction is durable (for unmount)."""
@@ -719,6 +743,10 @@ class Replicator:
             self._mark_stale(replica, f"cannot open {replica.path}: {exc}")
 
     async def _apply_one(self, replica: _Replica, batch: Sequence[Transaction]) -> None:
+        # A replica added mid-run already holds the start of the batch.
+        batch = [txn for txn in batch if txn.generation > replica.generation]
+        if not batch:
+            return
         try:
             replica.generation = await replica.runner.call(
                 replica.apply_blocking, batch, replica.generation, timeout=self._timeout

@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 #: unmount never wait for it: they flush at once).
 COMMIT_INTERVAL = 1.0
 
+#: Seconds a store probe may take before the store counts as failed.
+PROBE_TIMEOUT = 2.0
+
+#: Minimum seconds between two on-demand probes of one store.
+PROBE_SPACING = 1.0
+
 #: Seconds between refreshes of store usage and probes of failed stores.
 HEALTH_INTERVAL = 5.0
 
@@ -114,6 +120,7 @@ class Volume:
             self.handles,
             Expected(uuid.UUID(self.volume_id).bytes, k, m, self.layout.cell_size),
             self.damage.record,
+            on_missing=self.store_may_be_gone,
         )
         self.replicator: Replicator | None = None
         self.garbage = Garbage(self.runners, self.handles, self.pins, self._durable_generation)
@@ -129,6 +136,9 @@ class Volume:
             inline_max=self.inline_max,
         )
         self._devices = self.writer.device_of
+        self.store_ids = dict(self.store_table.all())
+        self._last_probe: dict[int, float] = {}
+        self._nursery: trio.Nursery | None = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -202,6 +212,7 @@ class Volume:
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the background tasks and finish crash recovery."""
         assert self.replicator is not None
+        self._nursery = nursery
         await nursery.start(self.replicator.run)
         await nursery.start(self.garbage.run)
         await self.refresh_usage()
@@ -247,11 +258,76 @@ class Volume:
     async def _health_loop(self) -> None:
         while True:
             await trio.sleep(HEALTH_INTERVAL)
-            for runner in self.runners.values():
-                if not runner.available and await runner.probe():
-                    log.warning("store %d is back", runner.index)
+            await self.check_stores()
             await self.refresh_usage()
+            await self.ensure_replicas()
             self.garbage.poke()
+
+    async def check_stores(self) -> None:
+        """Probe every store: a store whose marker vanished (or changed) is
+        marked failed; a failed store whose marker is back is marked ok."""
+        async with trio.open_nursery() as nursery:
+            for index in self.runners:
+                nursery.start_soon(self.probe_store, index)
+
+    async def probe_store(self, index: int) -> None:
+        runner = self.runners[index]
+        was_available = runner.available
+        try:
+            marker = await runner.call(runner.store.probe, timeout=PROBE_TIMEOUT)
+            if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
+                raise StoreError(f"{runner.store.path} now holds a different store")
+        except StoreError as exc:
+            if was_available:
+                runner.mark_failed(str(exc))
+                self.handles.discard_store(index)
+                log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
+            return
+        if not was_available:
+            runner.mark_ok()
+            log.warning("store %d (%s) is back", index, runner.store.path)
+
+    def store_may_be_gone(self, index: int) -> None:
+        """Reader callback on a missing fragment: probe that store soon
+        (at most once per PROBE_SPACING seconds), so a vanished store is
+        detected on first use and routed around."""
+        now = trio.current_time()
+        if now - self._last_probe.get(index, -PROBE_SPACING) < PROBE_SPACING:
+            return
+        self._last_probe[index] = now
+        if self._nursery is not None:
+            self._nursery.start_soon(self.probe_store, index)
+
+    async def ensure_replicas(self) -> None:
+        """Keep m+1 live metadata replicas: replace a stale one by a fresh
+        copy on its own store if it is back, else on another healthy store."""
+        replicator = self.replicator
+        if replicator is None:
+            return
+        live = set(replicator.live_replicas())
+        wanted = self.layout.m + 1
+        if len(live) >= wanted:
+            return
+        stale = set(replicator.stale_replicas())
+        candidates = sorted(
+            (i for i, r in self.runners.items() if r.available and i not in live),
+            key=lambda i: (i not in stale, i),
+        )
+        for index in candidates[: wanted - len(live)]:
+            await self.writer.sync_stores()  # what the copy refers to is durable
+            generation = self.db.generation
+            snapshot = self.workdir / f"replica-{index}.sqlite"
+            self.db.snapshot(snapshot)  # on the loop: consistent at `generation`
+            runner = self.runners[index]
+            target = replica_path(runner.store.meta_dir)
+            try:
+                await runner.call(copy_database, snapshot, target, timeout=60.0)
+            except StoreError as exc:
+                log.warning("cannot place a metadata replica on store %d: %s", index, exc)
+                continue
+            finally:
+                snapshot.unlink(missing_ok=True)
+            await replicator.add_replica(index, target, generation)
 
     def status(self) -> dict[str, object]:
         """A JSON-able snapshot: stores, read/write counters, metadata."""

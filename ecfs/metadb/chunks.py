@@ -8,11 +8,15 @@ All writes must run inside the caller's `db.transaction()`.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 
 from ..model import NO_STORE, ChunkRef
 from .database import Database
 from .schema import MISSING_STORE_BYTE
+
+_S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
 
 
 def encode_stores(stores: tuple[int, ...]) -> bytes:
@@ -114,6 +118,29 @@ class ChunkTable:
     def stored_bytes(self) -> int:
         return int(self.db.query_value("SELECT COALESCE(SUM(length), 0) FROM chunks", default=0))
 
+    def count(self) -> int:
+        """Number of chunk rows."""
+        return int(self.db.query_value("SELECT COUNT(*) FROM chunks", default=0))
+
+    def misplaced(self, chunk_size: int) -> list[tuple[int, int, ChunkRef, str]]:
+        """(inode, idx, ref, reason) of chunk rows no file can own (fsck):
+        reason 'no-inode' (the inode does not exist), 'not-a-file' (it is
+        not a regular file) or 'beyond-size' (idx * chunk_size >= size)."""
+        rows = self.db.query(
+            "SELECT c.inode, c.idx, c.chunk_id, c.length, c.stores,"
+            " CASE WHEN i.id IS NULL THEN 'no-inode'"
+            f" WHEN (i.mode & {_S_IFMT}) != {_S_IFREG} THEN 'not-a-file'"
+            " ELSE 'beyond-size' END"
+            " FROM chunks AS c LEFT JOIN inodes AS i ON i.id = c.inode"
+            f" WHERE i.id IS NULL OR (i.mode & {_S_IFMT}) != {_S_IFREG}"
+            " OR c.idx * ? >= i.size ORDER BY c.inode, c.idx",
+            (chunk_size,),
+        )
+        return [
+            (int(inode), int(idx), _ref(cid, length, stores), str(reason))
+            for inode, idx, cid, length, stores, reason in rows
+        ]
+
 
 class RepairQueue:
     """Persistent queue of chunks with missing or bad fragments."""
@@ -149,3 +176,13 @@ class RepairQueue:
 
     def count(self) -> int:
         return int(self.db.query_value("SELECT COUNT(*) FROM repair_queue", default=0))
+
+    def dangling(self) -> list[int]:
+        """Queued chunk ids that no chunk row has (fsck), ascending."""
+        return [
+            int(r[0])
+            for r in self.db.query(
+                "SELECT chunk_id FROM repair_queue EXCEPT SELECT chunk_id FROM chunks"
+                " ORDER BY 1"
+            )
+        ]

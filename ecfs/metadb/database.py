@@ -62,6 +62,18 @@ class Database:
         row = self._conn.execute(sql, params).fetchone()
         return default if row is None else row[0]
 
+    def snapshot(self, path: Path) -> None:
+        """Write a consistent copy of the database (at the current
+        generation) to `path` with SQLite's backup API. Must not be called
+        inside a transaction."""
+        if self._statements is not None:
+            raise RuntimeError("snapshot inside a transaction")
+        target = sqlite3.connect(path)
+        try:
+            self._conn.backup(target)
+        finally:
+            target.close()
+
     # -- writes --------------------------------------------------------------
 
     @property

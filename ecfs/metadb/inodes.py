@@ -17,6 +17,7 @@ Contracts:
 
 from __future__ import annotations
 
+import stat
 from typing import Any, cast
 
 from .database import Database
@@ -42,6 +43,14 @@ InodeRow = tuple[int, int, int, int, int, int, int, int, int, int]
 EntryRow = tuple[int, bytes, int, int, int, int, int, int, int, int, int, int]
 
 _COLS = ", ".join(INODE_COLUMNS)
+
+#: File type bits of st_mode, for the consistency queries.
+_S_IFMT = stat.S_IFMT(0o170000)
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+#: Deepest directory nesting `paths_of` follows (a guard against cycles).
+_MAX_DEPTH = 4096
 _ICOLS = ", ".join(f"i.{c}" for c in INODE_COLUMNS)
 
 
@@ -208,6 +217,131 @@ class InodeTable:
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         """Delete one attribute; False if it did not exist."""
         return self._db.write("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name)) > 0
+
+    # -- consistency checks (fsck) -------------------------------------------------
+    #
+    # Read-only queries that find rows breaking the namespace's invariants,
+    # and the few writes fsck needs to repair them. Nothing else calls these.
+
+    def entries_to_missing_inodes(self) -> list[tuple[int, bytes, int]]:
+        """(parent, name, inode) of entries whose inode does not exist."""
+        rows = self._db.query(
+            "SELECT d.parent, d.name, d.inode FROM dentries AS d"
+            " WHERE NOT EXISTS (SELECT 1 FROM inodes AS i WHERE i.id = d.inode)"
+            " ORDER BY d.parent, d.name"
+        )
+        return [(int(p), bytes(n), int(i)) for p, n, i in rows]
+
+    def entries_in_non_directories(self) -> list[tuple[int, bytes, int]]:
+        """(parent, name, inode) of entries whose parent is missing or is
+        not a directory."""
+        rows = self._db.query(
+            "SELECT d.parent, d.name, d.inode FROM dentries AS d"
+            " LEFT JOIN inodes AS p ON p.id = d.parent"
+            f" WHERE p.id IS NULL OR (p.mode & {_S_IFMT}) != {_S_IFDIR}"
+            " ORDER BY d.parent, d.name"
+        )
+        return [(int(p), bytes(n), int(i)) for p, n, i in rows]
+
+    def link_census(self) -> list[tuple[int, int, int, int, int]]:
+        """(id, mode, nlink, entries, subdirectories) of every inode:
+        `entries` counts the directory entries naming it, `subdirectories`
+        the entries inside it that name a directory."""
+        rows = self._db.query(
+            "SELECT i.id, i.mode, i.nlink,"
+            " (SELECT count(*) FROM dentries AS d WHERE d.inode = i.id),"
+            " (SELECT count(*) FROM dentries AS d JOIN inodes AS c ON c.id = d.inode"
+            f"   WHERE d.parent = i.id AND (c.mode & {_S_IFMT}) = {_S_IFDIR})"
+            " FROM inodes AS i ORDER BY i.id"
+        )
+        return [(int(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e in rows]
+
+    def unreachable(self, root: int) -> list[int]:
+        """Ids of inodes no chain of directory entries from `root` reaches
+        (excluding `root` itself), ascending."""
+        rows = self._db.query(
+            "WITH RECURSIVE reach(id) AS (SELECT ?"
+            " UNION SELECT d.inode FROM dentries AS d JOIN reach AS r ON d.parent = r.id)"
+            " SELECT id FROM inodes WHERE id NOT IN (SELECT id FROM reach) ORDER BY id",
+            (root,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def stray_symlinks(self) -> list[int]:
+        """Inodes with a symlink row that are missing or not symlinks."""
+        rows = self._db.query(
+            "SELECT s.inode FROM symlinks AS s LEFT JOIN inodes AS i ON i.id = s.inode"
+            f" WHERE i.id IS NULL OR (i.mode & {_S_IFMT}) != {_S_IFLNK} ORDER BY s.inode"
+        )
+        return [int(r[0]) for r in rows]
+
+    def symlinks_without_target(self) -> list[int]:
+        """Symlink inodes that have no symlink row."""
+        rows = self._db.query(
+            f"SELECT i.id FROM inodes AS i WHERE (i.mode & {_S_IFMT}) = {_S_IFLNK}"
+            " AND NOT EXISTS (SELECT 1 FROM symlinks AS s WHERE s.inode = i.id) ORDER BY i.id"
+        )
+        return [int(r[0]) for r in rows]
+
+    def stray_xattr_owners(self) -> list[int]:
+        """Inode numbers that own xattrs but do not exist."""
+        rows = self._db.query(
+            "SELECT DISTINCT x.inode FROM xattrs AS x"
+            " WHERE NOT EXISTS (SELECT 1 FROM inodes AS i WHERE i.id = x.inode) ORDER BY x.inode"
+        )
+        return [int(r[0]) for r in rows]
+
+    def bad_inline_data(self) -> list[tuple[int, int, int, int]]:
+        """(id, mode, size, inline length) of inodes whose inline data is on
+        a file that is not regular, or is longer than the file."""
+        rows = self._db.query(
+            "SELECT id, mode, size, length(inline_data) FROM inodes"
+            " WHERE inline_data IS NOT NULL"
+            f" AND ((mode & {_S_IFMT}) != {_S_IFREG} OR length(inline_data) > size)"
+            " ORDER BY id"
+        )
+        return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+
+    def paths_of(self, ino: int, root: int, limit: int = 16) -> list[bytes]:
+        """Up to `limit` absolute paths (b"/a/b") naming inode `ino`, found by
+        walking directory entries up to `root`; empty if none reaches it.
+        The root itself is b"/"."""
+        if ino == root:
+            return [b"/"]
+        paths: list[bytes] = []
+        for parent, name in self._db.query(
+            "SELECT parent, name FROM dentries WHERE inode = ? ORDER BY parent, name LIMIT ?",
+            (ino, limit),
+        ):
+            parts = [bytes(name)]
+            seen = {ino}
+            current = int(parent)
+            while current != root:
+                if current in seen or len(parts) > _MAX_DEPTH:
+                    break
+                seen.add(current)
+                row = self._db.query_one(
+                    "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (current,)
+                )
+                if row is None:
+                    break
+                parts.append(bytes(row[1]))
+                current = int(row[0])
+            if current == root:
+                paths.append(b"/" + b"/".join(reversed(parts)))
+        return paths
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        """Overwrite the link count of inode `ino` (fsck)."""
+        self._db.write("UPDATE inodes SET nlink = ? WHERE id = ?", (nlink, ino))
+
+    def delete_symlink(self, ino: int) -> None:
+        """Remove the symlink row of `ino`, if any (fsck)."""
+        self._db.write("DELETE FROM symlinks WHERE inode = ?", (ino,))
+
+    def delete_xattrs(self, ino: int) -> None:
+        """Remove every xattr of `ino` (fsck: of an inode that is gone)."""
+        self._db.write("DELETE FROM xattrs WHERE inode = ?", (ino,))
 
 
 def _inode_row(row: tuple[Any, ...]) -> InodeRow:
