@@ -113,5 +113,19 @@ step "Unmount and put store s3 back"
 run "$ecfs" umount "$mnt"
 run mv "$offline" "$state/stores/s3"
 
+step "Check the daemon's log: two clean unmounts, no errors (warnings about s3 are expected)"
+warnings=$(grep -cE ' WARNING ' "$log" || true)
+echo "    $warnings warnings, the first ones:"
+grep -E ' WARNING ' "$log" | head -n 3 | cut -c1-150 | sed 's/^/    /' || true
+if grep -nE ' ERROR | CRITICAL |Traceback' "$log"; then
+    echo "    the log shows errors" >&2
+    exit 1
+fi
+[[ $(grep -c 'unmounted .* cleanly' "$log") -eq 2 ]] || {
+    echo "    expected two clean unmounts in $log" >&2
+    exit 1
+}
+echo "    no errors"
+
 printf '\nSUCCESS: %s files (%s) written over 6 stores and read back intact, also with one store gone.\n' \
     "$(wc -l <"$state/SHA256SUMS")" "$(du -sh "$src" | cut -f1)"
