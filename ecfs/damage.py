@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
-from .model import ChunkRef
+from .model import ChunkRef, repair_priority
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,27 @@ class DamageRecorder:
         self.k = k
         self.clock_ns = clock_ns
         self._logged: set[int] = set()
+        #: Called after a chunk was queued (wakes the repairer).
+        self.on_queued: Callable[[], None] = lambda: None
 
     def record(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
-        """Queue `ref` for repair; priority = spare fragments left (lower is
-        more urgent, negative means data is already unreadable)."""
+        """Queue `ref` for repair, with the bad fragments and a priority
+        from the spare fragments left (see model.repair_priority)."""
         if self.chunks.by_id(ref.chunk_id) is None:
             return  # replaced meanwhile: nothing to repair
         good = len(set(ref.present()) - set(bad))
+        mask = 0
+        for index in bad:
+            mask |= 1 << index
         with self.db.transaction():
-            self.queue.add(ref.chunk_id, "degraded-read", good - self.k, self.clock_ns())
+            self.queue.add(
+                ref.chunk_id,
+                "degraded-read",
+                repair_priority(good - self.k, "degraded-read"),
+                self.clock_ns(),
+                bad=mask,
+            )
+        self.on_queued()
         if ref.chunk_id not in self._logged:
             self._logged.add(ref.chunk_id)
             log.warning(

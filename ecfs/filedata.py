@@ -42,7 +42,7 @@ from .garbage import ChunkPins, Garbage
 from .geometry import ChunkSpan, Layout
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
-from .model import NO_STORE
+from .model import NO_STORE, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
 from .writer import ChunkWriter
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 
 #: How many chunks ahead of a sequential reader are prefetched.
 PREFETCH_CHUNKS = 4
-
-#: Repair-queue priority of a chunk written with reduced redundancy.
-PRIORITY_SHORT_WRITE = 10
 
 
 @dataclass(eq=False)
@@ -124,6 +121,9 @@ class FileData:
         self.dirty_limit = dirty_limit
         self.clock_ns = clock_ns
         self.dirty_bytes = 0
+        #: time.monotonic() of the last read or write (foreground activity,
+        #: which background repair yields to).
+        self.last_activity = 0.0
         self._states: dict[int, FileState] = {}
         self._background = trio.Semaphore(background_flushes)
         self._nursery: trio.Nursery | None = None
@@ -158,6 +158,7 @@ class FileData:
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         """File bytes [offset, offset+size), clipped at the file size."""
+        self.last_activity = time.monotonic()
         file_size = self.namespace.get(ino).size
         end = min(offset + size, file_size)
         if offset >= end:
@@ -222,6 +223,7 @@ class FileData:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         """Buffer a write; full chunks are written back in the background."""
+        self.last_activity = time.monotonic()
         state = self._state(ino)
         chunk_size = self.layout.chunk_size
         pos = 0
@@ -394,9 +396,17 @@ class FileData:
         with self.db.transaction():
             old = self.chunks.put(ino, idx, ref)
             self._drop_inline(ino, idx)
-            missing = sum(1 for s in ref.stores if s == NO_STORE)
+            missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
             if missing:
-                self.repairs.add(ref.chunk_id, "write", PRIORITY_SHORT_WRITE - missing, self.clock_ns())
+                spare = self.layout.m - len(missing)
+                self.repairs.add(
+                    ref.chunk_id,
+                    "write",
+                    repair_priority(spare, "write"),
+                    self.clock_ns(),
+                    bad=sum(1 << i for i in missing),
+                    demand=0,
+                )
             self.namespace.persist(ino)
         if old is not None:
             self.garbage.discard([old], self.db.generation)

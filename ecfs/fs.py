@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from . import control
 from .errors import EcfsError, FsError
 from .namespace import Inode
 from .volume import Volume
@@ -43,6 +44,7 @@ READDIR_BATCH = 64
 #: Virtual attributes of the root directory, used by the CLI (not listed).
 CONTROL_PID = b"user.ecfs.pid"
 CONTROL_STATUS = b"user.ecfs.status"
+CONTROL_COMMAND = b"user.ecfs.control"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -297,6 +299,10 @@ class EcfsOperations(pyfuse3.Operations):
         # is atomic here, as neither handler awaits anything in between. One
         # case it gets wrong, which we cannot see: both flags together on a
         # missing attribute set it (ext4 and tmpfs answer ENODATA).
+        if inode == pyfuse3.ROOT_INODE and name == CONTROL_COMMAND:
+            self._check_control_access(ctx)
+            control.run_command(self.volume, value.decode(errors="replace"))
+            return
         if inode == pyfuse3.ROOT_INODE and name.startswith(b"user.ecfs."):
             raise FsError("reserved attribute", errno=errno.EPERM)
         self.ns.setxattr(inode, name, value)
@@ -309,9 +315,12 @@ class EcfsOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self.ns.removexattr(inode, name)
 
-    def _control(self, name: bytes, ctx: Any) -> bytes:
+    def _check_control_access(self, ctx: Any) -> None:
         if ctx.uid not in (0, self.mount_uid):
             raise FsError("control attributes are for root and the mounting user", errno=errno.EACCES)
+
+    def _control(self, name: bytes, ctx: Any) -> bytes:
+        self._check_control_access(ctx)
         if name == CONTROL_PID:
             return str(os.getpid()).encode()
         return json.dumps(self.volume.status(), sort_keys=True).encode()

@@ -44,3 +44,19 @@ class Transaction:
 
     generation: int
     statements: tuple[Statement, ...]
+
+
+#: Repair reasons in the order the repairer serves them at equal risk.
+REPAIR_REASONS = ("degraded-read", "write", "scrub", "store-failed", "store-replaced")
+
+
+def repair_priority(spare: int, reason: str) -> int:
+    """The repair-queue priority of a chunk (lower is repaired sooner).
+
+    Risk first: `spare` is how many more fragments the chunk can lose
+    (good fragments - k; negative means part of it is unreadable now).
+    At equal risk: chunks readers hit, then short writes, then scrub
+    findings, then bulk rebuilds of a failed or replaced store. Within a
+    priority, more read demand comes first (see RepairQueue.next_batch).
+    """
+    return max(spare, -1) * len(REPAIR_REASONS) + REPAIR_REASONS.index(reason)

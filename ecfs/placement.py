@@ -31,6 +31,8 @@ class Placement:
         self.runners = runners
         self.usage: dict[int, StoreUsage] = {}
         self.full: set[int] = set()
+        #: Stores being removed: never chosen for new fragments.
+        self.draining: set[int] = set()
         self._turn = 0
 
     def update_usage(self, store: int, usage: StoreUsage) -> None:
@@ -56,7 +58,10 @@ class Placement:
         candidates = [
             index
             for index, runner in self.runners.items()
-            if runner.available and index not in excluded and index not in self.full
+            if runner.available
+            and index not in excluded
+            and index not in self.full
+            and index not in self.draining
         ]
         candidates.sort(key=lambda index: (-self._free_grains(index), (index - self._turn) % n))
         return candidates[:count]

@@ -207,6 +207,11 @@ class ChunkReader:
                 nursery.start_soon(read_one, i, piece)
         return b"".join(parts)
 
+    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
+        """Verified bytes [start, end) (cell-aligned) of fragment `index`
+        itself; StoreError or FragmentCorrupt if it cannot be read."""
+        return await self._read_fragment(ref, index, start, end)
+
     async def read_fragment_range(
         self, ref: ChunkRef, index: int, start: int, end: int
     ) -> bytes:

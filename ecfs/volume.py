@@ -13,6 +13,7 @@ refused with a clear message.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import trio
 
+from . import control
 from .codec import Codec
 from .damage import DamageRecorder
-from .errors import StoreError, VolumeError
+from .errors import EcfsError, FsError, StoreError, VolumeError
 from .filedata import FileData
 from .garbage import ChunkPins, Garbage
 from .geometry import Layout
@@ -38,8 +40,11 @@ from .namespace import Namespace
 from .offload import StoreRunner
 from .placement import Placement
 from .reader import ChunkReader
+from .repair import Repairer
 from .replicas import Replicator, copy_database, prepare_working_copy, replica_path
+from .scrub import Scrubber
 from .store import DirectoryStore, StoreMarker
+from .store_admin import StoreAdmin
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
@@ -135,8 +140,35 @@ class Volume:
             self._wait_durable,
             inline_max=self.inline_max,
         )
+        self.repairer = Repairer(
+            db,
+            self.layout,
+            self.codec,
+            self.reader,
+            self.runners,
+            self.placement,
+            self.handles,
+            self.garbage,
+            self.pins,
+            uuid.UUID(self.volume_id).bytes,
+            lambda: self.filedata.last_activity,
+        )
+        self.damage.on_queued = self.repairer.poke
+        self.scrubber = Scrubber(
+            db,
+            self.layout,
+            self.reader,
+            self.runners,
+            lambda: self.filedata.last_activity,
+            self.repairer.poke,
+        )
+        self.store_change: dict[str, str | None] = {}
+        self.stores_admin = StoreAdmin(self)
         self._devices = self.writer.device_of
         self.store_ids = dict(self.store_table.all())
+        draining = {i for i, state in self.store_table.states().items() if state == "draining"}
+        self.placement.draining |= draining
+        self.repairer.draining |= draining
         self._last_probe: dict[int, float] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -215,6 +247,7 @@ class Volume:
         self._nursery = nursery
         await nursery.start(self.replicator.run)
         await nursery.start(self.garbage.run)
+        await nursery.start(self.repairer.run)
         await self.refresh_usage()
         nursery.start_soon(self._health_loop)
         self.filedata.attach(nursery)
@@ -261,6 +294,7 @@ class Volume:
             await self.check_stores()
             await self.refresh_usage()
             await self.ensure_replicas()
+            self.repairer.note_store_states()
             self.garbage.poke()
 
     async def check_stores(self) -> None:
@@ -330,8 +364,41 @@ class Volume:
             await replicator.add_replica(index, target, generation)
 
     def status(self) -> dict[str, object]:
-        """A JSON-able snapshot: stores, read/write counters, metadata."""
-        return _status_of(self)
+        """A JSON-able snapshot (see control.status for the keys)."""
+        status = control.status(self)
+        status["store_change"] = dict(self.store_change)
+        return status
+
+    # -- operator commands -----------------------------------------------------------
+
+    def start_scrub(self, max_duration: float | None) -> None:
+        if self._nursery is None or self.scrubber.progress.running:
+            return
+        self._nursery.start_soon(self.scrubber.run, max_duration)
+
+    def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
+        """Begin replacing, adding or draining a store (progress in
+        status()["store_change"])."""
+        if self.store_change.get("state") == "running":
+            raise FsError("a store change is already running", errno=errno.EBUSY)
+        self.store_change = {"op": op, "old": old, "new": new, "state": "running", "message": ""}
+        assert self._nursery is not None
+        self._nursery.start_soon(self._store_change, op, old, new)
+
+    async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
+        try:
+            if op == "replace":
+                message = await self.stores_admin.replace(old or "", new or "")
+            elif op == "add":
+                message = await self.stores_admin.add(new or "")
+            else:
+                message = await self.stores_admin.remove(old or "")
+        except EcfsError as exc:
+            self.store_change.update(state="failed", message=str(exc))
+            log.error("store %s failed: %s", op, exc)
+            return
+        self.store_change.update(state="done", message=message)
+        log.warning("store %s: %s", op, message)
 
     def _durable_generation(self) -> int:
         return self.replicator.durable_generation if self.replicator else self.db.generation
@@ -378,40 +445,3 @@ def _match_stores(
         log.warning("mounting degraded: stores %s are missing", missing)
     return stores
 
-
-def _status_of(volume: Volume) -> dict[str, object]:
-    """A JSON-able snapshot of the volume's state (see `Volume.status`)."""
-    stores = []
-    for index, runner in sorted(volume.runners.items()):
-        stats = runner.statistics()
-        usage = volume.placement.usage.get(index)
-        stores.append(
-            {
-                "index": index,
-                "path": str(runner.store.path),
-                "state": stats.state.value,
-                "in_flight": stats.in_flight,
-                "errors": stats.errors,
-                "timeouts": stats.timeouts,
-                "latency_p50_ms": round(stats.latency_p50 * 1000, 3),
-                "latency_p95_ms": round(stats.latency_p95 * 1000, 3),
-                "bytes_read": stats.bytes_read,
-                "bytes_written": stats.bytes_written,
-                "free_bytes": usage.free_bytes if usage else None,
-            }
-        )
-    replication = volume.replicator.statistics() if volume.replicator else None
-    return {
-        "volume": volume.volume_id,
-        "k": volume.layout.k,
-        "m": volume.layout.m,
-        "stores": stores,
-        "reads": volume.reader.counters.as_dict(),
-        "writes": {"bytes_in": volume.writer.bytes_in, "bytes_out": volume.writer.bytes_out},
-        "metadata": {
-            "generation": volume.db.generation,
-            "durable_generation": replication.durable_generation if replication else None,
-            "live_replicas": list(replication.live_replicas) if replication else [],
-        },
-        "repair_queue": volume.damage.queue.count(),
-    }

@@ -36,6 +36,11 @@ def _populate(volume: MountedVolume, count: int = 6) -> dict[Path, str]:
     return hashes
 
 
+def _queued_or_repaired(volume: MountedVolume) -> int:
+    repair = status(volume)["repair"]
+    return repair["chunks"] + repair["chunks_repaired"] + repair["chunks_checked_fine"]
+
+
 def _check(hashes: dict[Path, str]) -> None:
     drop_caches()
     for path, digest in hashes.items():
@@ -48,8 +53,8 @@ def test_a_store_whose_fragments_vanished_is_read_around(volume: MountedVolume) 
     shutil.rmtree(volume.stores[2] / "frags")
     volume.mount()
     _check(hashes)
-    assert status(volume)["repair_queue"] > 0
     assert status(volume)["reads"]["degraded_reads"] > 0
+    assert _queued_or_repaired(volume) > 0
 
 
 def test_a_missing_store_is_read_around(volume: MountedVolume) -> None:
@@ -90,7 +95,7 @@ def test_rotten_fragments_are_caught_by_checksums(volume: MountedVolume) -> None
     assert rotten > 0
     volume.mount()
     _check(hashes)
-    assert status(volume)["repair_queue"] > 0
+    assert _queued_or_repaired(volume) > 0
 
 
 def test_degraded_read_reads_only_the_range_asked_for(volume: MountedVolume) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..model import NO_STORE, ChunkRef
 from .database import Database
@@ -115,6 +116,30 @@ class ChunkTable:
         ):
             yield inode, idx, _ref(cid, length, stores)
 
+    def mark_verified(self, chunk_ids: list[int], now_ns: int) -> None:
+        for chunk_id in chunk_ids:
+            self.db.write("UPDATE chunks SET verified_ns = ? WHERE chunk_id = ?", (now_ns, chunk_id))
+
+    def least_recently_verified(self, after: tuple[int, int], limit: int) -> list[tuple[int, int]]:
+        """(verified_ns, chunk_id) of chunks in scrub order after `after`."""
+        return [
+            (int(v), int(c))
+            for v, c in self.db.query(
+                "SELECT verified_ns, chunk_id FROM chunks WHERE (verified_ns, chunk_id) > (?, ?)"
+                " ORDER BY verified_ns, chunk_id LIMIT ?",
+                (after[0], after[1], limit),
+            )
+        ]
+
+    def redundancy_classes(self) -> list[tuple[tuple[int, ...], int, int]]:
+        """(stores tuple, chunk count, bytes) per distinct placement."""
+        return [
+            (decode_stores(stores), int(count), int(size))
+            for stores, count, size in self.db.query(
+                "SELECT stores, COUNT(*), SUM(length) FROM chunks GROUP BY stores"
+            )
+        ]
+
     def stored_bytes(self) -> int:
         return int(self.db.query_value("SELECT COALESCE(SUM(length), 0) FROM chunks", default=0))
 
@@ -142,19 +167,40 @@ class ChunkTable:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class RepairEntry:
+    """One queued chunk (see the repair_queue table)."""
+
+    chunk_id: int
+    reason: str
+    priority: int
+    demand: int
+    bad: int  # bitmask of fragment indices known bad
+
+
 class RepairQueue:
     """Persistent queue of chunks with missing or bad fragments."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def add(self, chunk_id: int, reason: str, priority: int, now_ns: int) -> None:
-        """Queue a chunk (or, if queued, raise its priority and demand)."""
+    def add(
+        self,
+        chunk_id: int,
+        reason: str,
+        priority: int,
+        now_ns: int,
+        bad: int = 0,
+        demand: int = 1,
+    ) -> None:
+        """Queue a chunk, or merge into its entry: the more urgent priority,
+        demand added up, bad fragments OR-ed."""
         self.db.write(
-            "INSERT INTO repair_queue (chunk_id, reason, priority, demand, enqueued_ns)"
-            " VALUES (?, ?, ?, 1, ?) ON CONFLICT (chunk_id) DO UPDATE SET"
-            " priority = MIN(priority, excluded.priority), demand = demand + 1",
-            (chunk_id, reason, priority, now_ns),
+            "INSERT INTO repair_queue (chunk_id, reason, priority, demand, bad, enqueued_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chunk_id) DO UPDATE SET"
+            " priority = MIN(priority, excluded.priority),"
+            " demand = demand + excluded.demand, bad = bad | excluded.bad",
+            (chunk_id, reason, priority, demand, bad, now_ns),
         )
 
     def remove(self, chunk_id: int) -> None:
@@ -163,16 +209,20 @@ class RepairQueue:
     def contains(self, chunk_id: int) -> bool:
         return self.db.query_one("SELECT 1 FROM repair_queue WHERE chunk_id = ?", (chunk_id,)) is not None
 
-    def entries(self, limit: int = 1000) -> list[tuple[int, str, int, int]]:
-        """(chunk_id, reason, priority, demand), most urgent first."""
+    def next_batch(self, limit: int = 64) -> list[RepairEntry]:
+        """The most urgent entries: priority, then demand, then age."""
         return [
-            (int(a), str(b), int(c), int(d))
-            for a, b, c, d in self.db.query(
-                "SELECT chunk_id, reason, priority, demand FROM repair_queue"
+            RepairEntry(int(a), str(b), int(c), int(d), int(e))
+            for a, b, c, d, e in self.db.query(
+                "SELECT chunk_id, reason, priority, demand, bad FROM repair_queue"
                 " ORDER BY priority, demand DESC, enqueued_ns LIMIT ?",
                 (limit,),
             )
         ]
+
+    def entries(self, limit: int = 1000) -> list[tuple[int, str, int, int]]:
+        """(chunk_id, reason, priority, demand), most urgent first."""
+        return [(e.chunk_id, e.reason, e.priority, e.demand) for e in self.next_batch(limit)]
 
     def count(self) -> int:
         return int(self.db.query_value("SELECT COUNT(*) FROM repair_queue", default=0))
@@ -186,3 +236,27 @@ class RepairQueue:
                 " ORDER BY 1"
             )
         ]
+
+    def summary(self) -> list[tuple[str, int, int]]:
+        """(reason, chunks, file bytes) per reason."""
+        return [
+            (str(reason), int(count), int(size))
+            for reason, count, size in self.db.query(
+                "SELECT q.reason, COUNT(*), COALESCE(SUM(c.length), 0) FROM repair_queue q"
+                " LEFT JOIN chunks c ON c.chunk_id = q.chunk_id GROUP BY q.reason"
+            )
+        ]
+
+    def enqueue_store(self, store: int, reason: str, priority: int, now_ns: int) -> int:
+        """Queue every chunk with a fragment on `store` (bulk rebuild);
+        returns how many chunks that is."""
+        count = 0
+        for chunk_id, stores in self.db.query("SELECT chunk_id, stores FROM chunks"):
+            bad = 0
+            for index, value in enumerate(stores):
+                if value == store:
+                    bad |= 1 << index
+            if bad:
+                self.add(chunk_id, reason, priority, now_ns, bad=bad, demand=0)
+                count += 1
+        return count

@@ -103,23 +103,32 @@ CREATE TABLE xattrs (
 -- inode is stored as chunk version chunk_id holding `length` file bytes.
 -- stores: k+m bytes, byte i = index of the store holding fragment i, or
 -- 0xFF when that fragment is missing. A chunk index with no row is a hole.
+-- verified_ns: when scrub last verified every cell of every fragment (0:
+-- never); scrub visits the oldest first.
 CREATE TABLE chunks (
-    inode    INTEGER NOT NULL,
-    idx      INTEGER NOT NULL,
-    chunk_id INTEGER NOT NULL UNIQUE,
-    length   INTEGER NOT NULL,
-    stores   BLOB NOT NULL,
+    inode       INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    chunk_id    INTEGER NOT NULL UNIQUE,
+    length      INTEGER NOT NULL,
+    stores      BLOB NOT NULL,
+    verified_ns INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (inode, idx)
 ) WITHOUT ROWID;
+CREATE INDEX chunks_by_verified ON chunks (verified_ns);
 
--- Chunks that need repair. reason: 'degraded-read', 'write', 'scrub',
--- 'store-failed'...; priority: lower is more urgent; demand counts degraded
--- reads that hit the chunk; enqueued_ns: when first queued.
+-- Chunks that need repair. reason: why it was first queued ('degraded-read',
+-- 'write' (reduced redundancy), 'scrub', 'store-failed', 'store-replaced');
+-- priority: the repair order class (see ecfs.repair: risk first, then
+-- demand, then scrub findings, then bulk rebuilds), lower is sooner;
+-- demand: degraded reads that hit the chunk (more come first);
+-- bad: bitmask of fragment indices known to be missing or corrupt;
+-- enqueued_ns: when first queued.
 CREATE TABLE repair_queue (
     chunk_id    INTEGER PRIMARY KEY,
     reason      TEXT NOT NULL,
     priority    INTEGER NOT NULL,
     demand      INTEGER NOT NULL DEFAULT 0,
+    bad         INTEGER NOT NULL DEFAULT 0,
     enqueued_ns INTEGER NOT NULL
 );
 
