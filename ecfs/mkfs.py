@@ -142,6 +142,8 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             "cell_size": spec.cell_size,
             "inline_max": spec.inline_max,
         }
+        # One timestamp for every replica: they must be identical copies.
+        now_ns = time.time_ns()
         for store in stores[: spec.m + 1]:
             try:
                 create_database(
@@ -150,7 +152,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
                     store_ids,
                     root_uid=os.getuid(),
                     root_gid=os.getgid(),
-                    now_ns=time.time_ns(),
+                    now_ns=now_ns,
                 )
             except (OSError, EcfsError) as exc:
                 raise VolumeError(

@@ -6,7 +6,8 @@ does that).
 
 `digest_tables` is meant for replicas no process has open (fsck holds the
 volume lock): it opens the file read-only, so it never changes it, except
-that SQLite may create the ``-shm`` side file to read a WAL left by a crash.
+that SQLite may create the (empty) ``-wal`` and ``-shm`` side files it
+needs to read a database in WAL mode.
 """
 
 from __future__ import annotations

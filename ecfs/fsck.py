@@ -1,0 +1,269 @@
+"""`ecfs fsck`: the offline checker (and repairer) of a whole volume.
+
+Owns: opening a volume for checking, the order of the checks (they live in
+`ecfs.fsck_checks`, one function per invariant), and with --repair the
+write-back of the repaired metadata to the replicas. Must not: run while
+the volume is mounted (it takes the `ecfs.lock.VolumeLock` of every store
+it opens, and the mount holds the same lock), print anything (the CLI
+renders the `FsckReport`), or use trio (everything here is blocking).
+
+How a run goes:
+
+1. The stores are found and identified as a mount does it
+   (`ecfs.volume.expand_store_args`, `read_markers`, `_match_stores`):
+   usage problems (stores of different volumes, one store given twice, no
+   readable store, more than m stores missing) raise VolumeError (exit 2).
+2. The volume lock is taken on every readable store.
+3. replicas_agree: every replica file is compared, read-only, by generation
+   and by a digest of every table, BEFORE anything is written.
+4. The freshest readable replica is copied into a private temp directory as
+   the working copy; every check reads and (with --repair) fixes it.
+5. namespace_consistent, repair_queue_valid, chunk_fragments_present,
+   no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
+6. With --repair, if anything was found: the stores written to are synced,
+   one more (empty) transaction bumps the generation above every replica's,
+   and the working copy is copied over every replica file on the present
+   stores, creating replicas on more stores until there are m+1.
+
+Without --repair nothing on the stores is changed, except that SQLite may
+create the (empty) ``-wal`` and ``-shm`` side files SQLite needs to read
+a replica in WAL mode.
+
+Crash during a repair: rebuilt fragment files written before the crash are
+not referred to by any replica yet (they are orphans, or replace a file
+that was bad anyway); a replica is replaced atomically by `copy_database`.
+Rerunning fsck finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import StoreError, VolumeError
+from .fsck_checks import (
+    COUNT_KEYS,
+    Finding,
+    FsckContext,
+    FsckReport,
+    UnrecoverableRange,
+    check_chunk_fragments_present,
+    check_namespace_consistent,
+    check_no_orphan_fragments,
+    check_repair_queue_valid,
+    check_replicas_agree,
+)
+from .geometry import Layout
+from .lock import VolumeLock
+from .metadb.database import Database
+from .metadb.stores import StoreTable
+from .mkfs import check_store_paths
+from .replicas import copy_database, replica_path
+from .store import DirectoryStore, StoreMarker
+from .volume import _match_stores, expand_store_args, read_markers
+
+__all__ = [
+    "COUNT_KEYS",
+    "Finding",
+    "FsckReport",
+    "UnrecoverableRange",
+    "run_fsck",
+]
+
+log = logging.getLogger(__name__)
+
+#: Check names, in the order they run (the `check` of every Finding is one).
+CHECKS = (
+    "replicas_agree",
+    "namespace_consistent",
+    "repair_queue_valid",
+    "chunk_fragments_present",
+    "no_orphan_fragments",
+)
+
+#: Progress stages passed to the `progress` callback, in order.
+STAGES = ("replicas", "namespace", "chunks", "orphans", "write-back")
+
+
+def run_fsck(
+    store_args: Sequence[str],
+    *,
+    repair: bool,
+    verify_data: bool,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> FsckReport:
+    """Blocking: check (and with `repair`, fix) the volume made of the
+    stores in `store_args` (paths or glob patterns, as for mount).
+
+    `verify_data` reads every fragment payload and verifies every cell
+    checksum (otherwise only headers and file sizes are checked).
+    `progress(stage, done, total)` is called as work advances; stages are
+    `STAGES`. Raises VolumeError for usage problems (see the module
+    docstring) and when the volume is in use; every problem found in the
+    volume itself is a Finding in the returned report instead.
+    """
+    report = FsckReport(repair=repair, verify_data=verify_data)
+    paths = check_store_paths(expand_store_args(store_args))
+    markers = read_markers(paths)
+    for path in paths:
+        if path not in markers:
+            report.add("chunk_fragments_present", f"store {path} is unreadable: {_why(path)}")
+    if not markers:
+        raise VolumeError("none of the given stores is readable")
+    by_store_id = _identify(markers)
+    first = next(iter(markers.values()))
+    report.volume_id = first.volume_id
+    with VolumeLock.acquire(list(markers)):
+        workdir = Path(tempfile.mkdtemp(prefix="ecfs-fsck-"))
+        try:
+            _check_volume(report, markers, by_store_id, workdir, repair, verify_data, progress)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _check_volume(
+    report: FsckReport,
+    markers: dict[Path, StoreMarker],
+    by_store_id: dict[str, Path],
+    workdir: Path,
+    repair: bool,
+    verify_data: bool,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """Steps 3 to 6 of the module docstring, with the lock held."""
+    m = next(iter(markers.values())).m
+    replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
+    replica_findings_start = len(report.findings)
+    ranked = check_replicas_agree(report, replicas, m + 1, progress)
+    replica_findings = report.findings[replica_findings_start:]
+    working = workdir / "metadata.sqlite"
+    _copy_freshest(ranked, replicas, working)
+    db = Database(working)
+    try:
+        params = StoreTable(db).params()
+        if params.get("uuid") != report.volume_id:
+            raise VolumeError(
+                f"the metadata belongs to volume {params.get('uuid')}, the stores to"
+                f" {report.volume_id}"
+            )
+        table = StoreTable(db).all()
+        stores = _match_stores(table, by_store_id, db)
+        layout = Layout(
+            int(params["k"]), int(params["m"]), int(params["fragment_size"]),
+            int(params["cell_size"]),
+        )  # fmt: skip
+        report.counts["stores"] = len(table)
+        report.counts["stores_missing"] = len(table) - len(stores)
+        ctx = FsckContext(
+            db=db,
+            layout=layout,
+            volume_id=uuid.UUID(report.volume_id).bytes,
+            stores=stores,
+            store_ids=dict(table),
+            report=report,
+            repair=repair,
+            verify_data=verify_data,
+            progress=progress,
+        )
+        check_namespace_consistent(ctx)
+        check_repair_queue_valid(ctx)
+        check_chunk_fragments_present(ctx)
+        check_no_orphan_fragments(ctx)
+        if not repair or report.clean:
+            return
+        for failure in ctx.sync_touched():
+            report.add("chunk_fragments_present", f"cannot make repairs durable: {failure}")
+            return  # never write metadata that refers to fragments not durable
+        with db.transaction():
+            pass  # bump the generation above every replica's
+    finally:
+        db.close()
+    if _write_back(report, working, stores, m + 1, progress):
+        for finding in replica_findings:
+            finding.fixed = True
+
+
+def _identify(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
+    """Store UUID -> path; VolumeError if the stores belong to different
+    volumes or one store was given twice (the checks of `Volume.open`)."""
+    volumes = {marker.volume_id for marker in markers.values()}
+    if len(volumes) > 1:
+        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+        raise VolumeError(f"the stores belong to different volumes: {listing}")
+    by_store_id: dict[str, Path] = {}
+    for path, marker in markers.items():
+        if marker.store_id in by_store_id:
+            raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
+        by_store_id[marker.store_id] = path
+    return by_store_id
+
+
+def _why(path: Path) -> str:
+    try:
+        DirectoryStore(path).read_marker()
+    except StoreError as exc:
+        return str(exc)
+    return "unreadable"
+
+
+def _copy_freshest(ranked: list[tuple[Path, int]], replicas: list[Path], working: Path) -> None:
+    """Copy the freshest replica that can be copied to `working`."""
+    reasons = []
+    for path, _generation in ranked:
+        try:
+            copy_database(path, working)
+        except StoreError as exc:
+            reasons.append(str(exc))
+            continue
+        return
+    raise VolumeError(
+        "no metadata replica could be read ("
+        + ", ".join(str(p) for p in replicas)
+        + ")"
+        + (": " + "; ".join(reasons) if reasons else "")
+    )
+
+
+def _write_back(
+    report: FsckReport,
+    working: Path,
+    stores: dict[int, DirectoryStore],
+    wanted: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> bool:
+    """Copy the working copy over every replica file on the present stores,
+    then onto more stores until `wanted` exist. True if every copy was
+    written and there are `wanted` of them."""
+    present = [replica_path(store.meta_dir) for _, store in sorted(stores.items())]
+    targets = [p for p in present if p.exists()]
+    for path in present:
+        if len(targets) >= wanted:
+            break
+        if path not in targets:
+            targets.append(path)
+    written = failed = 0
+    for n, path in enumerate(targets):
+        if progress is not None:
+            progress("write-back", n, len(targets))
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            copy_database(working, path)
+        except (StoreError, OSError) as exc:
+            report.add("replicas_agree", f"cannot write metadata replica {path}: {exc}")
+            failed += 1
+            continue
+        written += 1
+    if progress is not None:
+        progress("write-back", len(targets), len(targets))
+    report.counts["replicas_written"] = written
+    if written < wanted:
+        report.add(
+            "replicas_agree",
+            f"only {written} metadata replica(s) could be written; the volume needs {wanted}",
+        )
+    return not failed and written >= wanted

@@ -1,0 +1,884 @@
+"""The checks of `ecfs fsck`, one function per invariant, and what they report.
+
+Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
+`FsckContext` (what a check works on) and the checks:
+
+* `check_replicas_agree`: every metadata replica is readable, at the same
+  generation and holds the same rows (runs on the replica files before any
+  working copy exists; its repair is the write-back done by `ecfs.fsck`).
+* `check_namespace_consistent`: directory entries, link counts,
+  reachability, symlink/xattr/chunk/inline rows of the namespace.
+* `check_repair_queue_valid`: the repair queue names only existing chunks.
+* `check_chunk_fragments_present`: every fragment of every chunk exists on
+  its store with a valid header (and, with verify_data, valid cells);
+  repair rebuilds bad ones from k good ones.
+* `check_no_orphan_fragments`: every fragment file on a store is referred
+  to by a chunk at that (store, chunk, index); repair deletes the others.
+
+Must not: speak SQL (all queries are in `ecfs.metadb`), open the volume
+(see `ecfs.fsck`), or run while anything else uses the volume: the caller
+holds the `ecfs.lock.VolumeLock`. Everything here is blocking.
+
+Repair order matters and is the order above: freeing namespace rows can
+turn chunks into garbage, so fragments are checked after the namespace,
+and orphans are looked for last, after rebuilt fragments were recorded.
+Metadata fixes go to the working copy only; `ecfs.fsck` writes it back to
+the replicas after every repaired fragment file was made durable
+(`FsckContext.sync_touched`), honouring the rule that durable metadata
+never refers to a fragment that is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import fragment
+from .codec import Codec
+from .errors import FragmentCorrupt, FragmentMissing, StoreError
+from .geometry import Layout
+from .handles import Expected, open_fragment
+from .metadb.chunks import ChunkTable, RepairQueue
+from .metadb.database import Database
+from .metadb.digest import digest_tables
+from .metadb.inodes import InodeTable
+from .metadb.schema import ROOT_INODE
+from .model import NO_STORE, ChunkRef
+from .replicas import read_generation
+from .store import FRAGS_DIR, DirectoryStore
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["error", "warning"]
+ProgressFn = Callable[[str, int, int], None]
+
+#: Name of the directory in the root that unreachable inodes are linked into.
+LOST_AND_FOUND = b"lost+found"
+
+#: How many example names a finding about many files lists.
+EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------
+# What a run reports
+
+
+@dataclass
+class Finding:
+    """One problem found. `check` is the name of the check (the invariant);
+    `fixed` says whether --repair fixed it (always False without it)."""
+
+    check: str
+    severity: Severity
+    message: str
+    fixed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "severity": self.severity,
+            "message": self.message,
+            "fixed": self.fixed,
+        }
+
+
+@dataclass(frozen=True)
+class UnrecoverableRange:
+    """File bytes ``[start, end)`` of `inode` that fewer than k good
+    fragments hold: reads of them fail with EIO. `paths` are the file's
+    names (empty if no directory entry reaches it)."""
+
+    inode: int
+    paths: tuple[str, ...]
+    start: int
+    end: int
+    chunk_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inode": self.inode,
+            "paths": list(self.paths),
+            "start": self.start,
+            "end": self.end,
+            "chunk_id": f"{self.chunk_id:016x}",
+        }
+
+    def describe(self) -> str:
+        name = " = ".join(self.paths) if self.paths else f"inode {self.inode} (no path)"
+        return f"{name}: bytes [{self.start}, {self.end}) (chunk {self.chunk_id:016x})"
+
+
+@dataclass
+class FsckReport:
+    """The result of one fsck run.
+
+    `clean`: no error findings and no unrecoverable ranges (warnings, such
+    as stray non-fragment files, do not make a volume unclean). The CLI
+    exits with `exit_status`: 0 clean, 1 problems found (fixed or not).
+    """
+
+    volume_id: str = ""
+    repair: bool = False
+    verify_data: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    unrecoverable: list[UnrecoverableRange] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(
+        self, check: str, message: str, *, severity: Severity = "error", fixed: bool = False
+    ) -> Finding:
+        finding = Finding(check, severity, message, fixed)
+        self.findings.append(finding)
+        log.log(logging.WARNING if severity == "error" else logging.INFO, "%s: %s", check, message)
+        return finding
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def clean(self) -> bool:
+        return not self.errors and not self.unrecoverable
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.clean else 1
+
+    @property
+    def all_fixed(self) -> bool:
+        """True if every error was fixed and nothing is unrecoverable."""
+        return not self.unrecoverable and all(f.fixed for f in self.errors)
+
+    def summary(self) -> str:
+        """One line for the end of the CLI's output."""
+        if self.clean:
+            extra = f" ({len(self.warnings)} warning(s))" if self.warnings else ""
+            return f"volume {self.volume_id} is clean{extra}"
+        errors = self.errors
+        fixed = sum(f.fixed for f in errors)
+        parts = [f"{len(errors)} problem(s) found"]
+        if self.repair:
+            parts.append(f"{fixed} fixed, {len(errors) - fixed} not fixed")
+        else:
+            parts.append("none fixed (run with --repair)")
+        if self.unrecoverable:
+            parts.append(f"{len(self.unrecoverable)} unrecoverable file range(s)")
+        return f"volume {self.volume_id}: " + ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict with stable keys:
+
+        ``volume`` (UUID hex), ``clean`` (bool), ``exit_status`` (0/1),
+        ``repair`` and ``verify_data`` (the options), ``findings`` (list of
+        {``check``, ``severity`` 'error'|'warning', ``message``, ``fixed``}),
+        ``unrecoverable`` (list of {``inode``, ``paths`` (list of str),
+        ``start``, ``end`` (file byte range), ``chunk_id`` (16 hex digits)}),
+        ``counts`` (name -> int, see `COUNT_KEYS`; all keys always present).
+        """
+        return {
+            "volume": self.volume_id,
+            "clean": self.clean,
+            "exit_status": self.exit_status,
+            "repair": self.repair,
+            "verify_data": self.verify_data,
+            "findings": [f.to_json() for f in self.findings],
+            "unrecoverable": [u.to_json() for u in self.unrecoverable],
+            "counts": {key: int(self.counts[key]) for key in sorted({*COUNT_KEYS, *self.counts})},
+        }
+
+
+#: Counters every report carries (`FsckReport.counts`):
+COUNT_KEYS = (
+    "stores",  # stores of the volume (its store table)
+    "stores_missing",  # of them, not given or unreadable
+    "replicas",  # metadata replica files examined
+    "replicas_written",  # replicas rewritten by --repair
+    "inodes",  # inodes in the metadata (after repairs)
+    "chunks",  # chunk rows checked
+    "fragments_checked",  # fragment files whose header was verified
+    "bytes_verified",  # payload bytes whose cell checksums were verified
+    "fragments_rebuilt",  # fragment files rewritten by --repair
+    "orphan_fragments",  # fragment files no chunk refers to
+    "orphans_deleted",  # of them, deleted by --repair
+    "inodes_freed",  # inodes with no links freed by --repair
+)
+
+
+# --------------------------------------------------------------------------
+# What a check works on
+
+
+@dataclass
+class FsckContext:
+    """The open volume as the checks see it.
+
+    `stores`: the present stores by store index; `store_ids`: every store
+    of the volume's store table (index -> store UUID), present or not.
+    `touched`: indices of stores written to or deleted from, which must be
+    synced before the metadata is written back.
+    """
+
+    db: Database
+    layout: Layout
+    volume_id: bytes
+    stores: dict[int, DirectoryStore]
+    store_ids: dict[int, str]
+    report: FsckReport
+    repair: bool
+    verify_data: bool
+    progress: ProgressFn | None = None
+    touched: set[int] = field(default_factory=set)
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    def sync_touched(self) -> list[str]:
+        """Make every repair on the stores durable; the failures, described."""
+        failures = []
+        for index in sorted(self.touched):
+            try:
+                self.stores[index].sync()
+            except StoreError as exc:
+                failures.append(f"store {index}: {exc}")
+        self.touched.clear()
+        return failures
+
+    def describe_inode(self, ino: int) -> str:
+        paths = InodeTable(self.db).paths_of(ino, ROOT_INODE, limit=2)
+        if not paths:
+            return f"inode {ino}"
+        return f"{os.fsdecode(paths[0])} (inode {ino})"
+
+
+# --------------------------------------------------------------------------
+# 1. replicas_agree
+
+
+def check_replicas_agree(
+    report: FsckReport, replicas: list[Path], wanted: int, progress: ProgressFn | None = None
+) -> list[tuple[Path, int]]:
+    """Blocking, before the working copy exists: compare every replica file
+    in `replicas` (paths that do not exist are skipped) by generation and
+    table digests, with read-only connections (nothing is changed).
+
+    Returns the readable replicas with their generations, freshest first
+    (ties keep the order of `replicas`). The findings it adds are fixed by
+    the write-back of `ecfs.fsck` with --repair (which marks them fixed).
+    """
+    check = "replicas_agree"
+    existing = [p for p in replicas if p.exists()]
+    readable: list[tuple[Path, int, dict[str, str]]] = []
+    for n, path in enumerate(existing):
+        if progress is not None:
+            progress("replicas", n, len(existing))
+        generation = read_generation(path)
+        if generation is None:
+            report.add(check, f"metadata replica {path} is unreadable or corrupt")
+            continue
+        try:
+            digests = digest_tables(path)
+        except StoreError as exc:
+            report.add(check, f"metadata replica {path} is unreadable: {exc}")
+            continue
+        readable.append((path, generation, digests))
+    if progress is not None:
+        progress("replicas", len(existing), len(existing))
+    report.counts["replicas"] = len(existing)
+    if not readable:
+        return []
+    readable_sorted = sorted(readable, key=lambda item: -item[1])
+    best, top, best_digests = readable_sorted[0]
+    for path, generation, digests in readable:
+        if path == best:
+            continue
+        if generation < top:
+            report.add(
+                check,
+                f"metadata replica {path} is stale: generation {generation},"
+                f" the freshest ({best}) is at {top}",
+            )
+        elif digests != best_digests:
+            tables = sorted(
+                t for t in {*digests, *best_digests} if digests.get(t) != best_digests.get(t)
+            )
+            report.add(
+                check,
+                f"metadata replica {path} is at generation {generation} like {best}"
+                f" but differs from it in {', '.join(tables)}",
+            )
+    if len(readable) < wanted:
+        report.add(
+            check,
+            f"only {len(readable)} readable metadata replica(s); the volume needs {wanted}"
+            " to survive the loss of m stores",
+        )
+    return [(path, generation) for path, generation, _ in readable_sorted]
+
+
+# --------------------------------------------------------------------------
+# 2. namespace_consistent
+
+
+def check_namespace_consistent(ctx: FsckContext) -> None:
+    """Directory entries, link counts, reachability and the rows hanging off
+    inodes. With repair: remove entries to missing inodes or in
+    non-directories, free inodes with no links, link unreachable inodes
+    into /lost+found, correct link counts, drop rows of missing or wrong
+    inodes, clear or trim bad inline data."""
+    check = "namespace_consistent"
+    db, report, fix = ctx.db, ctx.report, ctx.repair
+    inodes = InodeTable(db)
+    chunks = ChunkTable(db)
+    ctx.tick("namespace", 0, 6)
+
+    for parent, name, ino in inodes.entries_to_missing_inodes():
+        where = _entry_name(inodes, parent, name)
+        if fix:
+            with db.transaction():
+                inodes.remove_entry(parent, name)
+        report.add(check, f"entry {where} refers to missing inode {ino}", fixed=fix)
+    for parent, name, ino in inodes.entries_in_non_directories():
+        if fix:
+            with db.transaction():
+                inodes.remove_entry(parent, name)
+        report.add(
+            check,
+            f"entry {os.fsdecode(name)!r} (inode {ino}) is in inode {parent},"
+            " which is missing or not a directory",
+            fixed=fix,
+        )
+    ctx.tick("namespace", 1, 6)
+
+    # Inodes left with no link by a crash while they were open.
+    reported: set[int] = set()
+    for ino, _mode, nlink, entries, _subdirs in inodes.link_census():
+        if nlink == 0 and entries == 0 and ino != ROOT_INODE:
+            if fix:
+                with db.transaction():
+                    chunks.remove_from(ino, 0)
+                    inodes.delete(ino)
+                report.counts["inodes_freed"] += 1
+            reported.add(ino)
+            report.add(
+                check,
+                f"inode {ino} has no links (unlinked while open before a crash)"
+                + (": freed" if fix else ""),
+                fixed=fix,
+            )
+    ctx.tick("namespace", 2, 6)
+
+    silent = _check_reachability(ctx, inodes, reported)
+    ctx.tick("namespace", 3, 6)
+
+    for ino, mode, nlink, entries, subdirs in inodes.link_census():
+        if ino in reported:
+            continue
+        is_dir = stat.S_ISDIR(mode)
+        expected = 2 + subdirs if is_dir else entries
+        if nlink == expected:
+            continue
+        if fix:
+            with db.transaction():
+                inodes.set_nlink(ino, expected)
+        if ino not in silent:
+            report.add(
+                check,
+                f"{ctx.describe_inode(ino)} has link count {nlink}, but"
+                + (
+                    f" {subdirs} subdirectories (expected {expected})"
+                    if is_dir
+                    else f" {entries} directory entries"
+                ),
+                fixed=fix,
+            )
+    ctx.tick("namespace", 4, 6)
+
+    for ino in inodes.stray_symlinks():
+        if fix:
+            with db.transaction():
+                inodes.delete_symlink(ino)
+        report.add(
+            check,
+            f"symlink target stored for inode {ino}, which is missing or not a symlink",
+            fixed=fix,
+        )
+    for ino in inodes.symlinks_without_target():
+        report.add(check, f"symlink {ctx.describe_inode(ino)} has no target")
+    for ino in inodes.stray_xattr_owners():
+        if fix:
+            with db.transaction():
+                inodes.delete_xattrs(ino)
+        report.add(check, f"extended attributes stored for missing inode {ino}", fixed=fix)
+    ctx.tick("namespace", 5, 6)
+
+    reasons = {
+        "no-inode": "the inode does not exist",
+        "not-a-file": "the inode is not a regular file",
+        "beyond-size": "it starts at or beyond the end of the file",
+    }
+    for ino, idx, ref, reason in chunks.misplaced(ctx.layout.chunk_size):
+        if fix:
+            with db.transaction():
+                chunks.remove(ino, idx)
+        report.add(
+            check,
+            f"chunk {ref.chunk_id:016x} (index {idx} of inode {ino}): {reasons[reason]}"
+            + ("; removed (its fragments are now orphans)" if fix else ""),
+            fixed=fix,
+        )
+    for ino, mode, size, length in inodes.bad_inline_data():
+        regular = stat.S_ISREG(mode)
+        if fix:
+            with db.transaction():
+                inodes.set_inline_data(ino, _trimmed_inline(inodes, ino, size) if regular else None)
+        problem = (
+            f"{length} bytes of inline data but the file is {size} bytes"
+            if regular
+            else f"inline data ({length} bytes) but it is not a regular file"
+        )
+        report.add(check, f"{ctx.describe_inode(ino)} has {problem}", fixed=fix)
+    report.counts["inodes"] = inodes.count()
+    ctx.tick("namespace", 6, 6)
+
+
+def _check_reachability(ctx: FsckContext, inodes: InodeTable, reported: set[int]) -> set[int]:
+    """Report inodes no path from the root reaches; with repair, link the
+    ones without any entry into /lost+found. Adds them to `reported`;
+    returns inodes whose link count may change silently as a consequence
+    (the root, lost+found, the linked inodes)."""
+    check = "namespace_consistent"
+    db, report, fix = ctx.db, ctx.report, ctx.repair
+    census = {row[0]: row for row in inodes.link_census()}
+    unreachable = [ino for ino in inodes.unreachable(ROOT_INODE) if ino not in reported]
+    detached = [ino for ino in unreachable if census[ino][3] == 0]
+    silent: set[int] = set()
+    if detached and fix:
+        lost = _lost_and_found(ctx, inodes)
+        if lost is None:
+            fix = False
+        else:
+            silent.update({ROOT_INODE, lost, *detached})
+            with db.transaction():
+                for ino in detached:
+                    inodes.add_entry(lost, b"inode-%d" % ino, ino)
+    for ino in detached:
+        reported.add(ino)
+        report.add(
+            check,
+            f"inode {ino} has no directory entry (link count {census[ino][2]})"
+            + (f": linked as /{LOST_AND_FOUND.decode()}/inode-{ino}" if fix else ""),
+            fixed=fix,
+        )
+    # What is still unreachable now (after linking, if repairing) sits in a
+    # directory cycle or under a directory that is itself unreachable.
+    remaining = [ino for ino in inodes.unreachable(ROOT_INODE) if ino not in reported]
+    if remaining and (fix or not detached):
+        reported.update(remaining)
+        shown = ", ".join(str(i) for i in remaining[:EXAMPLES])
+        report.add(
+            check,
+            f"{len(remaining)} inode(s) are not reachable from the root (directory"
+            f" cycle?): {shown}{' ...' if len(remaining) > EXAMPLES else ''}",
+        )
+    return silent
+
+
+def _lost_and_found(ctx: FsckContext, inodes: InodeTable) -> int | None:
+    """The inode of /lost+found, created if needed; None (reported) if the
+    name is taken by something that is not a directory."""
+    existing = inodes.find(ROOT_INODE, LOST_AND_FOUND)
+    if existing is not None:
+        row = inodes.get(existing)
+        if row is not None and stat.S_ISDIR(row[1]):
+            return existing
+        ctx.report.add(
+            "namespace_consistent",
+            "/lost+found exists but is not a directory: cannot link unreachable inodes",
+        )
+        return None
+    root = inodes.get(ROOT_INODE)
+    uid, gid = (root[2], root[3]) if root is not None else (0, 0)
+    now = time.time_ns()
+    ino = ctx.db.next_id("inode")
+    with ctx.db.transaction():
+        inodes.insert((ino, stat.S_IFDIR | 0o700, uid, gid, 2, 0, now, now, now, 0))
+        inodes.add_entry(ROOT_INODE, LOST_AND_FOUND, ino)
+    return ino
+
+
+def _entry_name(inodes: InodeTable, parent: int, name: bytes) -> str:
+    paths = inodes.paths_of(parent, ROOT_INODE, limit=1)
+    if not paths:
+        return f"{os.fsdecode(name)!r} in inode {parent}"
+    return os.fsdecode(paths[0].rstrip(b"/") + b"/" + name)
+
+
+def _trimmed_inline(inodes: InodeTable, ino: int, size: int) -> bytes | None:
+    _, data = inodes.inline_data(ino)
+    return (data[:size] or None) if data is not None else None
+
+
+# --------------------------------------------------------------------------
+# 3. repair_queue_valid
+
+
+def check_repair_queue_valid(ctx: FsckContext) -> None:
+    """Repair-queue entries must name existing chunks; repair deletes the rest."""
+    queue = RepairQueue(ctx.db)
+    for chunk_id in queue.dangling():
+        if ctx.repair:
+            with ctx.db.transaction():
+                queue.remove(chunk_id)
+        ctx.report.add(
+            "repair_queue_valid",
+            f"repair queue entry for chunk {chunk_id:016x}, which does not exist",
+            fixed=ctx.repair,
+        )
+
+
+# --------------------------------------------------------------------------
+# 4. chunk_fragments_present
+
+
+@dataclass
+class _ChunkState:
+    """What checking one chunk found. `good` maps index -> verified payload
+    (None if only the header and size were checked); `bad` index -> why."""
+
+    good: dict[int, bytes | None] = field(default_factory=dict)
+    bad: dict[int, str] = field(default_factory=dict)
+    unavailable: set[int] = field(default_factory=set)
+
+
+def check_chunk_fragments_present(ctx: FsckContext) -> None:
+    """Every fragment slot of every chunk: recorded on a store, present on
+    it, header matching the chunk, file size matching the header; with
+    verify_data every cell checksum too. Fragments on a missing store are
+    not checked (one finding per missing store). With repair, each bad or
+    missing fragment is rebuilt from k good ones; with fewer than k, the
+    file range is reported as unrecoverable."""
+    layout = ctx.layout
+    codec = Codec(layout.k, layout.m)
+    expected = Expected(ctx.volume_id, layout.k, layout.m, layout.cell_size)
+    all_chunks = list(ChunkTable(ctx.db).iter_all())
+    on_missing_store: Counter[int] = Counter()
+    total = len(all_chunks)
+    for n, (ino, idx, ref) in enumerate(all_chunks):
+        ctx.tick("chunks", n, total)
+        _check_chunk(ctx, codec, expected, ino, idx, ref, on_missing_store)
+    ctx.tick("chunks", total, total)
+    ctx.report.counts["chunks"] = total
+    for index in sorted(set(ctx.store_ids) - set(ctx.stores)):
+        ctx.report.add(
+            "chunk_fragments_present",
+            f"store {index} ({ctx.store_ids[index]}) is missing: its"
+            f" {on_missing_store[index]} fragment(s) were not checked (give every store,"
+            " or replace the lost one)",
+        )
+
+
+def _check_chunk(
+    ctx: FsckContext,
+    codec: Codec,
+    expected: Expected,
+    ino: int,
+    idx: int,
+    ref: ChunkRef,
+    on_missing_store: Counter[int],
+) -> None:
+    check = "chunk_fragments_present"
+    layout = ctx.layout
+    start = idx * layout.chunk_size
+
+    def where() -> str:
+        return (
+            f"chunk {ref.chunk_id:016x} of {ctx.describe_inode(ino)}"
+            f" bytes [{start}, {start + ref.length})"
+        )
+
+    if not 0 < ref.length <= layout.chunk_size or len(ref.stores) != layout.n:
+        ctx.report.add(
+            check,
+            f"{where()}: malformed chunk row (length {ref.length},"
+            f" {len(ref.stores)} fragment slots for k + m = {layout.n})",
+        )
+        return
+    payload_length = layout.payload_length(ref.length)
+    state = _ChunkState()
+    for index, store_index in enumerate(ref.stores):
+        if store_index == NO_STORE:
+            state.bad[index] = "not stored (reduced redundancy)"
+        elif store_index not in ctx.store_ids:
+            state.bad[index] = f"recorded on store {store_index}, which is not in the volume"
+        elif store_index not in ctx.stores:
+            state.unavailable.add(index)
+            on_missing_store[store_index] += 1
+        else:
+            problem, payload = _verify_fragment(
+                ctx, ctx.stores[store_index], ref.chunk_id, index, payload_length, expected,
+                full=ctx.verify_data,
+            )  # fmt: skip
+            if problem is None:
+                state.good[index] = payload
+            else:
+                state.bad[index] = f"on store {store_index}: {problem}"
+    if not state.bad:
+        return
+    payloads: dict[int, bytes] | None = None
+    if len(state.good) >= layout.k and ctx.repair:
+        payloads = _gather_payloads(ctx, expected, ref, payload_length, state)
+    if len(state.good) < layout.k:
+        _report_unrecoverable(ctx, ino, idx, ref, state, where())
+        return
+    fixed = False
+    notes = ""
+    if ctx.repair and payloads is not None:
+        failures = _rebuild(ctx, codec, ref, payloads, state)
+        fixed = not failures
+        notes = "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
+    details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
+    ctx.report.add(check, f"{where()}: {details}{notes}", fixed=fixed)
+
+
+def _verify_fragment(
+    ctx: FsckContext,
+    store: DirectoryStore,
+    chunk_id: int,
+    index: int,
+    payload_length: int,
+    expected: Expected,
+    *,
+    full: bool,
+) -> tuple[str | None, bytes | None]:
+    """(problem or None, payload if `full` and good) of one fragment file."""
+    try:
+        handle = open_fragment(store, chunk_id, index, expected)
+    except FragmentMissing:
+        return "missing", None
+    except FragmentCorrupt as exc:
+        return f"bad header ({exc})", None
+    except StoreError as exc:
+        return f"unreadable ({exc})", None
+    ctx.report.counts["fragments_checked"] += 1
+    try:
+        header = handle.header
+        if header.payload_length != payload_length:
+            return (
+                f"header says payload length {header.payload_length},"
+                f" the chunk needs {payload_length}"
+            ), None
+        size = os.fstat(handle.fd).st_size
+        if size != header.file_size:
+            return f"file is {size} bytes, its header says {header.file_size}", None
+        if not full:
+            return None, None
+        payload = store.read_at(handle.fd, payload_length, header.payload_offset)
+        if len(payload) != payload_length:
+            return f"short read ({len(payload)} of {payload_length} payload bytes)", None
+        ctx.report.counts["bytes_verified"] += payload_length
+        bad = fragment.bad_cells(header, 0, payload)
+        if bad:
+            shown = ", ".join(str(c) for c in bad[:EXAMPLES])
+            return f"checksum mismatch in {len(bad)} cell(s): {shown}", None
+        return None, payload
+    except (StoreError, FragmentCorrupt, OSError) as exc:
+        return f"unreadable ({exc})", None
+    finally:
+        os.close(handle.fd)
+
+
+def _gather_payloads(
+    ctx: FsckContext,
+    expected: Expected,
+    ref: ChunkRef,
+    payload_length: int,
+    state: _ChunkState,
+) -> dict[int, bytes]:
+    """k fully verified payloads of good fragments (data fragments first);
+    a good fragment that fails the full check moves to `state.bad`."""
+    payloads: dict[int, bytes] = {}
+    for index in sorted(state.good):
+        if len(payloads) == ctx.layout.k:
+            break
+        payload = state.good[index]
+        if payload is None:
+            store_index = ref.stores[index]
+            problem, payload = _verify_fragment(
+                ctx, ctx.stores[store_index], ref.chunk_id, index, payload_length, expected,
+                full=True,
+            )  # fmt: skip
+            if problem is not None or payload is None:
+                del state.good[index]
+                state.bad[index] = f"on store {store_index}: {problem}"
+                continue
+        payloads[index] = payload
+    return payloads
+
+
+def _rebuild(
+    ctx: FsckContext, codec: Codec, ref: ChunkRef, payloads: dict[int, bytes], state: _ChunkState
+) -> list[str]:
+    """Rebuild the fragments in `state.bad` and record their stores; the
+    failures, described (empty: every one was rebuilt)."""
+    layout = ctx.layout
+    wanted = sorted(state.bad)
+    decoded = codec.decode(payloads, wanted)
+    stores = list(ref.stores)
+    used = {s for i, s in enumerate(stores) if i not in state.bad and s != NO_STORE}
+    failures: list[str] = []
+    for index in wanted:
+        original = stores[index]
+        target = original if original in ctx.stores and original not in used else None
+        if target is None:
+            target = _pick_store(ctx, used)
+        if target is None:
+            failures.append(f"fragment {index}: no present store without a fragment of it")
+            continue
+        parts = fragment.build_fragment(
+            ctx.volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size,
+            decoded[index],
+        )  # fmt: skip
+        try:
+            if original in ctx.stores:
+                # The bad file goes first: fragment files are never overwritten.
+                ctx.stores[original].delete_fragment(ref.chunk_id, index)
+                ctx.touched.add(original)
+                stores[index] = NO_STORE
+            store = ctx.stores[target]
+            if target != original:
+                store.delete_fragment(ref.chunk_id, index)  # an orphan by that name
+            ctx.touched.add(target)
+            store.write_fragment(ref.chunk_id, index, [memoryview(p) for p in parts])
+        except StoreError as exc:
+            failures.append(f"fragment {index}: {exc}")
+            continue
+        ctx.report.counts["fragments_rebuilt"] += 1
+        stores[index] = target
+        used.add(target)
+    queue = RepairQueue(ctx.db)
+    with ctx.db.transaction():
+        ChunkTable(ctx.db).set_stores(ref.chunk_id, tuple(stores))
+        if failures:
+            # Left for the mount's repair task (priority: spare fragments).
+            spare = sum(s != NO_STORE for s in stores) - layout.k
+            queue.add(ref.chunk_id, "fsck", spare, time.time_ns())
+        else:
+            queue.remove(ref.chunk_id)
+    return failures
+
+
+def _pick_store(ctx: FsckContext, used: set[int]) -> int | None:
+    """The present store with the most free space among those not in `used`."""
+    best: tuple[int, int] | None = None
+    for index, store in ctx.stores.items():
+        if index in used:
+            continue
+        try:
+            free = store.usage().free_bytes
+        except StoreError:
+            continue
+        if best is None or free > best[0]:
+            best = (free, index)
+    return None if best is None else best[1]
+
+
+def _report_unrecoverable(
+    ctx: FsckContext, ino: int, idx: int, ref: ChunkRef, state: _ChunkState, where: str
+) -> None:
+    start = idx * ctx.layout.chunk_size
+    paths = tuple(os.fsdecode(p) for p in InodeTable(ctx.db).paths_of(ino, ROOT_INODE))
+    ctx.report.unrecoverable.append(
+        UnrecoverableRange(ino, paths, start, start + ref.length, ref.chunk_id)
+    )
+    details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
+    unavailable = f", {len(state.unavailable)} on missing stores" if state.unavailable else ""
+    ctx.report.add(
+        "chunk_fragments_present",
+        f"{where}: UNRECOVERABLE, only {len(state.good)} good fragment(s) of the"
+        f" {ctx.layout.k} needed{unavailable}: {details}",
+    )
+
+
+# --------------------------------------------------------------------------
+# 5. no_orphan_fragments
+
+
+def check_no_orphan_fragments(ctx: FsckContext) -> None:
+    """Every fragment file on a present store must be referred to by a chunk
+    at that (store, chunk, index); repair deletes the others. Files under
+    ``frags/`` that are not fragment files are warnings (never deleted)."""
+    check = "no_orphan_fragments"
+    referenced: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for _, _, ref in ChunkTable(ctx.db).iter_all():
+        for index, store_index in enumerate(ref.stores):
+            referenced[store_index].add((ref.chunk_id, index))
+    total = len(ctx.stores)
+    for n, (store_index, store) in enumerate(sorted(ctx.stores.items())):
+        ctx.tick("orphans", n, total)
+        try:
+            found = store.list_fragments()
+        except StoreError as exc:
+            ctx.report.add(check, f"store {store_index}: cannot list fragments: {exc}")
+            continue
+        orphans = sorted(set(found) - referenced[store_index])
+        if orphans:
+            ctx.report.counts["orphan_fragments"] += len(orphans)
+            failures = 0
+            if ctx.repair:
+                for chunk_id, index in orphans:
+                    try:
+                        store.delete_fragment(chunk_id, index)
+                    except StoreError as exc:
+                        log.warning("cannot delete orphan fragment: %s", exc)
+                        failures += 1
+                ctx.touched.add(store_index)
+                ctx.report.counts["orphans_deleted"] += len(orphans) - failures
+            shown = ", ".join(store.fragment_relpath(c, i) for c, i in orphans[:EXAMPLES])
+            more = " ..." if len(orphans) > EXAMPLES else ""
+            outcome = ""
+            if ctx.repair:
+                outcome = "; deleted" if not failures else f"; {failures} could not be deleted"
+            ctx.report.add(
+                check,
+                f"store {store_index} ({store.path}): {len(orphans)} fragment file(s) no"
+                f" chunk refers to: {shown}{more}{outcome}",
+                fixed=ctx.repair and not failures,
+            )
+        stray = _stray_files(store, found)
+        if stray:
+            shown = ", ".join(stray[:EXAMPLES])
+            ctx.report.add(
+                check,
+                f"store {store_index} ({store.path}): {len(stray)} file(s) under"
+                f" {FRAGS_DIR}/ that are not fragments (left alone): {shown}"
+                f"{' ...' if len(stray) > EXAMPLES else ''}",
+                severity="warning",
+            )
+    ctx.tick("orphans", total, total)
+
+
+def _stray_files(store: DirectoryStore, fragments: list[tuple[int, int]]) -> list[str]:
+    """Paths (relative to the store) of non-directory entries under frags/
+    that are not well-named fragment files in their fan-out directory."""
+    known = {store.fragment_relpath(c, i) for c, i in fragments}
+    stray = []
+    root = store.path / FRAGS_DIR
+    for directory, dirnames, filenames in os.walk(root):
+        relative = Path(directory).relative_to(store.path)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(directory, d))]:
+            path = (relative / name).as_posix()
+            if path not in known:
+                stray.append(path)
+    return sorted(stray)
