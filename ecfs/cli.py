@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -21,20 +20,17 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
+from . import __version__, units
 from .errors import EcfsError, VolumeError
 from .mkfs import VolumeSpec, create_volume
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_size(value: str) -> int:
     """'128K', '1M', '4096' -> bytes (powers of two)."""
-    match = _SIZE.match(value)
-    if not match:
-        raise click.BadParameter(f"{value!r} is not a size (e.g. 128K, 1M)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    try:
+        return units.parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 class SizeType(click.ParamType):

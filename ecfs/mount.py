@@ -28,12 +28,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from .errors import EcfsError, VolumeError
 from .fs import EcfsOperations
+from .units import parse_size
 from .volume import Volume, expand_store_args
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ class MountOptions:
     fuse: set[str] = field(default_factory=set)
     allow_other: bool = os.geteuid() == 0
     fsname: str = "ecfs"
+    #: Repair bandwidth cap in bytes/s (0: none; repair still yields to
+    #: foreground I/O).
+    repair_rate: int = 0
+    #: Seconds a store may stay failed before all its chunks are rebuilt
+    #: elsewhere (when there is a store to rebuild onto).
+    rebuild_after: float = 900.0
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -85,6 +93,10 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.allow_other = False
             elif name == "fsname" and arg:
                 options.fsname = arg
+            elif name == "repair_rate" and arg:
+                options.repair_rate = _option_number(item, parse_size, arg)
+            elif name == "rebuild_after" and arg:
+                options.rebuild_after = _option_number(item, float, arg)
             elif name in PASSTHROUGH_OPTIONS and not arg:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
@@ -92,6 +104,16 @@ def parse_options(values: Sequence[str]) -> MountOptions:
             else:
                 raise VolumeError(f"unknown mount option {item!r}")
     return options
+
+
+def _option_number(item: str, parse: Callable[[str], float], arg: str) -> Any:
+    try:
+        value = parse(arg)
+    except ValueError:
+        raise VolumeError(f"bad value in mount option {item!r}") from None
+    if value < 0:
+        raise VolumeError(f"mount option {item!r} must not be negative")
+    return value
 
 
 def tune_malloc() -> None:
@@ -269,6 +291,8 @@ def _serve_process(
     locks = lock_stores(store_args)
     try:
         volume = Volume.open(store_args)
+        volume.repairer.rate = options.repair_rate
+        volume.repairer.rebuild_after = options.rebuild_after
     except BaseException:
         for fd in locks:
             os.close(fd)

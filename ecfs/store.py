@@ -368,14 +368,18 @@ class DirectoryStore:
 
     @staticmethod
     def _create_exclusive(path: str) -> int:
-        """Open a new file O_EXCL 0600, creating missing fan-out directories."""
+        """Open a new file O_EXCL 0600, creating missing fan-out directories
+        (and frags/ itself, but never the store directory)."""
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         try:
             return os.open(path, flags, _FILE_MODE)
         except FileNotFoundError:
             pass
+        # Recreate frags/ too (a store that lost its fragments), but never
+        # the store directory itself: a missing one means the disk is gone.
         fan_yy = os.path.dirname(path)
-        for directory in (os.path.dirname(fan_yy), fan_yy):
+        fan_xx = os.path.dirname(fan_yy)
+        for directory in (os.path.dirname(fan_xx), fan_xx, fan_yy):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory, _DIR_MODE)
         return os.open(path, flags, _FILE_MODE)
