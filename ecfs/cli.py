@@ -292,3 +292,179 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+# -- talking to a running mount ------------------------------------------------------
+
+
+def _client(mountpoint: str) -> Any:
+    from .client import MountClient
+
+    return MountClient(mountpoint)
+
+
+def _run_client(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except VolumeError as exc:
+        _fail(str(exc), 2)
+    except EcfsError as exc:
+        _fail(str(exc), 1)
+
+
+def _duration(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return units.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _watch(
+    client: Any, label: str, progress: Callable[[dict[str, Any]], tuple[int, int]],
+    done: Callable[[dict[str, Any]], bool], poll: float = 0.5,
+) -> dict[str, Any]:
+    """Poll the status until done(status); a progress bar on a terminal."""
+    status = _run_client(client.status)
+    if not sys.stderr.isatty():
+        while not done(status):
+            time.sleep(poll)
+            status = _run_client(client.status)
+        return status
+    total = max(progress(status)[1], 1)
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        shown = 0
+        while not done(status):
+            current, total = progress(status)
+            bar.length = max(total, 1)
+            bar.update(max(0, current - shown))
+            shown = max(shown, current)
+            time.sleep(poll)
+            status = _run_client(client.status)
+        bar.update(max(0, bar.length - shown))
+    return status
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.argument("mountpoint")
+def status(as_json: bool, mountpoint: str) -> None:
+    """Show the health of a mounted volume: how many more stores it can
+    lose, each store's state and latency, the repair queue and scrub.
+    Exit status 0 when healthy, 1 otherwise."""
+    import json
+
+    from .render import render_status
+
+    document = _run_client(_client(mountpoint).status)
+    click.echo(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
+    sys.exit(0 if document["health"] == "healthy" else 1)
+
+
+@main.command()
+@click.option("--max-duration", metavar="D", help="Stop after D (e.g. 30m, 2h); the next scrub resumes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.argument("mountpoint")
+def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
+    """Verify every cell of every fragment of a mounted volume (oldest
+    verified first) and queue what is missing or corrupt for repair.
+    Exit status 0 when nothing was found, 1 otherwise."""
+    import json
+
+    from .render import render_scrub
+
+    seconds = _duration(max_duration)
+    client = _client(mountpoint)
+    before = _run_client(client.status)["scrub"]["started_ns"]
+    _run_client(lambda: client.command("scrub" + (f" {seconds}" if seconds else "")))
+    final = _watch(
+        client,
+        "scrubbing",
+        lambda s: (s["scrub"]["chunks_done"], s["scrub"]["chunks_total"]),
+        lambda s: s["scrub"]["started_ns"] != before and not s["scrub"]["running"],
+    )["scrub"]
+    click.echo(json.dumps(final, indent=2, sort_keys=True) if as_json else render_scrub(final))
+    sys.exit(1 if final["finding_count"] else 0)
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="Show progress until the repair queue is empty.")
+@click.option("--normal", is_flag=True, help="Go back to repairing only when the volume is idle.")
+@click.argument("mountpoint")
+def repair(wait: bool, normal: bool, mountpoint: str) -> None:
+    """Make background repair urgent (full speed, even while files are
+    being used); with --wait, follow it until nothing is left to repair.
+    Exit status 1 if some data cannot be recovered."""
+    client = _client(mountpoint)
+    _run_client(lambda: client.command("repair normal" if normal else "repair urgent"))
+    if not wait:
+        return
+    start = _run_client(client.status)["repair"]["chunks"]
+    final = _watch(
+        client,
+        "repairing",
+        lambda s: (max(0, start - s["repair"]["chunks"]), max(start, 1)),
+        lambda s: (s["repair"]["chunks"] == 0 or s["repair"]["deferred"] >= s["repair"]["chunks"])
+        and not s["repair"]["busy"],
+    )
+    left = final["repair"]["chunks"]
+    click.echo(
+        f"repair: {final['repair']['fragments_rebuilt']} fragments rebuilt;"
+        f" {left} chunks still queued" + (" (waiting for a store to rebuild onto)" if left else "")
+    )
+    for message in final["unrecoverable"]:
+        click.echo(f"UNRECOVERABLE: {message}")
+    sys.exit(1 if final["unrecoverable"] else 0)
+
+
+@main.group()
+def store() -> None:
+    """Replace, add or remove a store of a mounted volume."""
+
+
+def _store_change(mountpoint: str, command: str) -> None:
+    client = _client(mountpoint)
+    _run_client(lambda: client.command(command))
+    final = _watch(
+        client, "moving fragments", lambda s: (0, 1),
+        lambda s: s.get("store_change", {}).get("state") in ("done", "failed"),
+    )["store_change"]
+    if final["state"] == "failed":
+        _fail(final["message"], 1)
+    click.echo(final["message"])
+
+
+@store.command("replace")
+@click.argument("mountpoint")
+@click.argument("old")
+@click.argument("new")
+def store_replace(mountpoint: str, old: str, new: str) -> None:
+    """Replace store OLD (a path or store index; it may be dead) with NEW, an
+    empty directory; its fragments are rebuilt onto NEW in the background
+    (follow with `ecfs repair --wait`). Mount with NEW in the store list
+    afterwards."""
+    _store_change(mountpoint, f"store-replace {_quote(old)} {_quote(os.path.abspath(new))}")
+
+
+@store.command("add")
+@click.argument("mountpoint")
+@click.argument("new")
+def store_add(mountpoint: str, new: str) -> None:
+    """Add NEW (an empty directory) as a store; new chunks use it at once."""
+    _store_change(mountpoint, f"store-add {_quote(os.path.abspath(new))}")
+
+
+@store.command("remove")
+@click.argument("mountpoint")
+@click.argument("old")
+def store_remove(mountpoint: str, old: str) -> None:
+    """Drain store OLD: move its fragments to the other stores, then drop
+    it from the volume (waits until done)."""
+    _store_change(mountpoint, f"store-remove {_quote(old)}")
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
