@@ -468,3 +468,56 @@ def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+@main.command()
+@click.option("--repair", "do_repair", is_flag=True,
+              help="Fix what can be fixed: rebuild fragments, delete orphans, resync replicas.")
+@click.option("--verify-data", is_flag=True, help="Read every fragment and verify every cell.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.argument("stores", nargs=-1, required=True)
+def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, ...]) -> None:
+    """Check an unmounted volume made of STORES (paths or quoted globs).
+    Exit status 0 clean, 1 problems found (fixed or not), 2 usage."""
+    import json
+
+    from .fsck import run_fsck
+
+    # The report says everything; the checker's log lines would repeat it.
+    logging.basicConfig(level=logging.ERROR, format="ecfs: %(message)s", force=True)
+    bar: Any = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if not sys.stderr.isatty() or as_json:
+            return
+        if bar is None or bar.label != stage:
+            if bar is not None:
+                bar.render_finish()
+            bar = click.progressbar(length=max(total, 1), label=stage, file=sys.stderr)
+        bar.pos = min(done, bar.length)
+        bar.render_progress()
+
+    try:
+        report = run_fsck(
+            [_absolute_store_arg(s) for s in stores],
+            repair=do_repair,
+            verify_data=verify_data,
+            progress=progress,
+        )
+    except VolumeError as exc:
+        _fail(str(exc), 2)
+    except EcfsError as exc:
+        _fail(str(exc), 1)
+    if bar is not None:
+        bar.render_finish()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        for finding in report.findings:
+            state = "fixed" if finding.fixed else "NOT fixed" if do_repair else "found"
+            click.echo(f"{finding.severity}: [{finding.check}] {finding.message} ({state})")
+        for item in report.unrecoverable:
+            click.echo(f"UNRECOVERABLE: {item}")
+        click.echo(report.summary())
+    sys.exit(report.exit_status)

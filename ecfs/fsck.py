@@ -63,7 +63,7 @@ from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
 from .replicas import copy_database, replica_path
-from .store import DirectoryStore, StoreMarker
+from .store import MARKER_NAME, DirectoryStore, StoreMarker
 from .volume import _match_stores, expand_store_args, read_markers
 
 __all__ = [
@@ -111,7 +111,15 @@ def run_fsck(
     markers = read_markers(paths)
     for path in paths:
         if path not in markers:
-            report.add("chunk_fragments_present", f"store {path} is unreadable: {_why(path)}")
+            # A directory without any marker (never a store, or retired by
+            # `ecfs store remove/replace`) is not part of the volume: a
+            # warning. A store whose marker is unreadable is an error.
+            retired = path.is_dir() and not (path / MARKER_NAME).exists()
+            report.add(
+                "chunk_fragments_present",
+                f"store {path} is unreadable: {_why(path)}",
+                severity="warning" if retired else "error",
+            )
     if not markers:
         raise VolumeError("none of the given stores is readable")
     by_store_id = _identify(markers)

@@ -10,7 +10,7 @@ tell the parent "ready", serve until unmounted -> write back everything,
 make metadata durable, delete garbage -> exit. SIGTERM/SIGINT end the loop
 the same way and unmount.
 
-The daemon holds an exclusive flock on every store directory for its whole
+The daemon holds the volume lock (see `lock`) on every store for its whole
 life (`lock_stores`), so a second mount of the same volume is refused
 instead of two daemons diverging on the same stores; a killed daemon's
 locks die with it.
@@ -19,7 +19,6 @@ locks die with it.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import re
@@ -35,6 +34,8 @@ import trio
 
 from .errors import EcfsError, VolumeError
 from .fs import EcfsOperations
+from .lock import VolumeLock
+from .store import MARKER_NAME
 from .units import parse_size
 from .volume import Volume, expand_store_args
 
@@ -178,34 +179,13 @@ def check_mountpoint(mountpoint: Path, stores: Sequence[Path]) -> None:
         raise VolumeError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
 
 
-def lock_stores(store_args: Sequence[str]) -> list[int]:
-    """Take an exclusive flock on every given store directory that exists,
-    so that one volume is never served by two daemons at once (their
-    metadata and fragments would silently diverge). Returns the locked fds;
-    the locks last as long as the process that holds them (the daemon).
-    VolumeError names a store already locked by another process."""
-    fds: list[int] = []
-    try:
-        for path in expand_store_args(store_args):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                continue  # missing or unreadable: Volume.open says what is wrong
-            fds.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VolumeError(
-                    f"store {path} is in use by another ecfs process"
-                    " (is this volume already mounted?)"
-                ) from None
-            except OSError as exc:
-                log.debug("cannot lock store %s: %s", path, exc)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
+def lock_stores(store_args: Sequence[str]) -> VolumeLock:
+    """Take the volume lock (see `lock`) on every given store that exists,
+    so that one volume is never served by two daemons at once, nor checked
+    by fsck while mounted. Missing stores are skipped (Volume.open says
+    whether that is within tolerance). VolumeError if one is in use."""
+    present = [p for p in expand_store_args(store_args) if (p / MARKER_NAME).is_file()]
+    return VolumeLock.acquire(present)
 
 
 def run_mount(
@@ -288,14 +268,13 @@ def _serve_process(
     ready: Callable[[str], None],
 ) -> int:
     tune_malloc()
-    locks = lock_stores(store_args)
+    lock = lock_stores(store_args)
     try:
         volume = Volume.open(store_args)
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
     except BaseException:
-        for fd in locks:
-            os.close(fd)
+        lock.release()
         raise
     try:
         operations = EcfsOperations(volume, mount_uid=os.getuid())
@@ -310,8 +289,7 @@ def _serve_process(
             pyfuse3.close(unmount=True)
     finally:
         volume.close()
-        for fd in locks:
-            os.close(fd)
+        lock.release()
     log.info("unmounted %s cleanly", mountpoint)
     return 0
 

@@ -207,6 +207,16 @@ class Store(Protocol):
     def usage(self) -> StoreUsage: ...
     def iter_fragments(self) -> Iterator[tuple[int, int]]: ...
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int: ...
+    def retire(self) -> None:
+        """Rename the marker to MARKER_NAME + '.retired': this directory is
+        no longer a store of its volume (after `ecfs store remove/replace`)."""
+        marker = self.path / MARKER_NAME
+        try:
+            os.rename(marker, marker.with_name(MARKER_NAME + ".retired"))
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot retire {self.path}") from exc
+
     def probe(self) -> StoreMarker: ...
     @property
     def meta_dir(self) -> Path: ...
@@ -307,6 +317,16 @@ class DirectoryStore:
             return StoreMarker.from_json(data)
         except StoreError as exc:
             raise StoreError(f"{marker_path}: {exc}") from None
+
+    def retire(self) -> None:
+        """Rename the marker to MARKER_NAME + '.retired': this directory is
+        no longer a store of its volume (after `ecfs store remove/replace`)."""
+        marker = self.path / MARKER_NAME
+        try:
+            os.rename(marker, marker.with_name(MARKER_NAME + ".retired"))
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot retire {self.path}") from exc
 
     def probe(self) -> StoreMarker:
         """Cheap health check: read the marker and statvfs the directory.

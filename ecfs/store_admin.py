@@ -39,6 +39,16 @@ if TYPE_CHECKING:
 DRAIN_POLL = 1.0
 
 
+async def _retire(runner: StoreRunner) -> None:
+    """Rename a store's marker away (best effort: the old disk may be dead),
+    so that a glob still matching its directory no longer offers it to the
+    volume; its fragment files are left for the operator to delete."""
+    try:
+        await runner.call(runner.store.retire, timeout=5.0)
+    except StoreError:
+        pass
+
+
 class StoreAdmin:
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
@@ -89,6 +99,7 @@ class StoreAdmin:
         marker = await trio.to_thread.run_sync(store.read_marker)
         with volume.db.transaction():
             volume.store_table.replace(index, marker.store_id)
+        await _retire(volume.runners[index])
         self._install(index, store)
         await volume.refresh_usage()
         count = volume.repairer.queue_store_rebuild(index, "store-replaced")
@@ -129,6 +140,7 @@ class StoreAdmin:
             volume.store_table.remove(index)
         volume.placement.draining.discard(index)
         volume.repairer.draining.discard(index)
-        del volume.runners[index]
+        runner = volume.runners.pop(index)
         volume.handles.discard_store(index)
+        await _retire(runner)
         return f"store {index} ({old}) drained and removed from the volume"
