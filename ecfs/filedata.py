@@ -226,6 +226,7 @@ class FileData:
         self.last_activity = time.monotonic()
         state = self._state(ino)
         chunk_size = self.layout.chunk_size
+        view = memoryview(data)
         pos = 0
         for span in self.layout.chunk_spans(offset, len(data)):
             idx = span.chunk_index
@@ -240,7 +241,7 @@ class FileData:
                 before = len(buf)
                 if before < span.start:
                     buf.extend(bytes(span.start - before))
-                buf[span.start : span.end] = data[pos : pos + count]
+                buf[span.start : span.end] = view[pos : pos + count]
                 self.dirty_bytes += len(buf) - before
                 pos += count
                 new_end = idx * chunk_size + span.end
@@ -381,7 +382,7 @@ class FileData:
                 self.namespace.persist(ino)
             self.garbage.discard(removed, self.db.generation)
             return
-        if data.count(0) == len(data):
+        if _all_zero(data):
             with self.db.transaction():
                 old = self.chunks.remove(ino, idx)
                 self._drop_inline(ino, idx)
@@ -480,6 +481,12 @@ class FileData:
         state = self._states.get(ino)
         if state is not None and state.idle:
             del self._states[ino]
+
+
+def _all_zero(data: bytes) -> bool:
+    """True if every byte is zero (cheap for real data: it almost always
+    differs at one end; only candidates are compared in full, with memcmp)."""
+    return not data[0] and not data[-1] and data == bytes(len(data))
 
 
 def _padded(data: bytes | bytearray | memoryview, length: int) -> bytes:
