@@ -45,6 +45,7 @@ from .metadb.database import Database
 from .model import NO_STORE, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
+from .tasks import guarded
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class FileData:
         state.prefetched = last
         for idx, ref in self.chunks.get_range(ino, first, last).items():
             if idx not in state.dirty:
-                self._nursery.start_soon(self.reader.prefetch, ref)
+                self._nursery.start_soon(guarded, "prefetch", self.reader.prefetch, ref)
 
     async def _read_span(self, ino: int, state: FileState | None, span: ChunkSpan) -> bytes:
         want = span.end - span.start
@@ -292,6 +293,9 @@ class FileData:
                 await self._flush_chunk(state, idx)
             except EcfsError:
                 pass  # recorded in state.error, reported by flush/fsync
+            except Exception as exc:  # a bug: keep the mount, report EIO later
+                log.exception("bug in write-back of inode %d chunk %d", state.ino, idx)
+                state.error = state.error or EcfsError(f"write-back failed: {exc}")
             finally:
                 self._background.release()
                 self._forget_state_if_idle(state.ino)

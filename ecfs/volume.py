@@ -45,6 +45,7 @@ from .replicas import Replicator, copy_database, prepare_working_copy, replica_p
 from .scrub import Scrubber
 from .store import DirectoryStore, StoreMarker
 from .store_admin import StoreAdmin
+from .tasks import guarded, supervised
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,10 @@ class Volume:
         assert self.replicator is not None
         self._nursery = nursery
         await nursery.start(self.replicator.run)
-        await nursery.start(self.garbage.run)
-        await nursery.start(self.repairer.run)
+        await nursery.start(supervised, "garbage collector", self.garbage.run)
+        await nursery.start(supervised, "repair", self.repairer.run)
         await self.refresh_usage()
-        nursery.start_soon(self._health_loop)
+        nursery.start_soon(supervised, "store health", self._health_loop)
         self.filedata.attach(nursery)
         for ino in self.namespace.orphans():
             log.info("freeing inode %d (unlinked while open before a crash)", ino)
@@ -330,7 +331,7 @@ class Volume:
             return
         self._last_probe[index] = now
         if self._nursery is not None:
-            self._nursery.start_soon(self.probe_store, index)
+            self._nursery.start_soon(guarded, "store probe", self.probe_store, index)
 
     async def ensure_replicas(self) -> None:
         """Keep m+1 live metadata replicas: replace a stale one by a fresh
@@ -374,7 +375,7 @@ class Volume:
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:
             return
-        self._nursery.start_soon(self.scrubber.run, max_duration)
+        self._nursery.start_soon(guarded, "scrub", self.scrubber.run, max_duration)
 
     def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
         """Begin replacing, adding or draining a store (progress in
@@ -383,7 +384,7 @@ class Volume:
             raise FsError("a store change is already running", errno=errno.EBUSY)
         self.store_change = {"op": op, "old": old, "new": new, "state": "running", "message": ""}
         assert self._nursery is not None
-        self._nursery.start_soon(self._store_change, op, old, new)
+        self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
 
     async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
         try:
