@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -99,7 +100,13 @@ class _EcfsGroup(click.Group):
 @click.version_option(__version__, prog_name="ecfs")
 def main() -> None:
     """ecfs: a filesystem that stores every file erasure-coded across
-    several directories or disks, and keeps reading when some fail."""
+    several directories or disks, and keeps reading when some fail.
+
+    \b
+    Shell completion: add to ~/.bashrc or ~/.zshrc
+      eval "$(_ECFS_COMPLETE=bash_source ecfs)"
+      eval "$(_ECFS_COMPLETE=zsh_source ecfs)"
+    Manual: man ecfs (MANPATH=.venv/share/man in a virtual environment)."""
 
 
 @main.command()
@@ -198,6 +205,7 @@ def mount(
         check_mountpoint(mountpoint_path, expand_store_args(store_args))
     except VolumeError as exc:
         _fail(str(exc), 2)
+    _check_unprivileged_mount(parsed.allow_other)
     if log_file is not None:
         log_file = os.path.abspath(log_file)
         try:
@@ -218,6 +226,34 @@ def mount(
     except EcfsError as exc:
         _fail(str(exc), 1)
     sys.exit(code)
+
+
+#: Where libfuse's fusermount3 reads `user_allow_other`.
+FUSE_CONF = Path("/etc/fuse.conf")
+
+
+def _check_unprivileged_mount(allow_other: bool) -> None:
+    """A user who is not root mounts through the setuid fusermount3, which
+    refuses -o allow_other unless /etc/fuse.conf says `user_allow_other`;
+    its own message would be lost in the daemon's log, so refuse here."""
+    if os.geteuid() == 0:
+        return
+    if shutil.which("fusermount3") is None:
+        _fail("fusermount3 not found: install the fuse3 package (or mount as root)", 2)
+    if allow_other and not _fuse_conf_allows_other():
+        _fail(
+            f"-o allow_other needs a line 'user_allow_other' in {FUSE_CONF} when not root;"
+            " add it, mount as root, or leave allow_other out",
+            2,
+        )
+
+
+def _fuse_conf_allows_other() -> bool:
+    try:
+        lines = FUSE_CONF.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(line.strip() == "user_allow_other" for line in lines)
 
 
 def _absolute_store_arg(arg: str) -> str:
@@ -245,9 +281,15 @@ def umount(timeout: float, mountpoint: str) -> None:
     if fstype != "fuse.ecfs":
         _fail(f"{mountpoint} is not an ecfs mount (it is {fstype})", 2)
     pid = _daemon_pid(mountpoint)
-    result = subprocess.run(
-        ["fusermount3", "-u", mountpoint], capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
+    try:
+        result = subprocess.run(
+            ["fusermount3", "-u", mountpoint],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        _fail("fusermount3 not found: install the fuse3 package (or use umount as root)", 2)
     if result.returncode != 0:
         reason = result.stderr.strip().removeprefix("fusermount3: ") or f"exit {result.returncode}"
         _fail(f"cannot unmount {mountpoint}: {reason}", 1)
@@ -298,9 +340,13 @@ def _alive(pid: int) -> bool:
 
 
 def _client(mountpoint: str) -> Any:
+    """A client for the mount at `mountpoint`; exit 2 if it is not one (asked
+    before any command, which a plain directory would store as an xattr)."""
     from .client import MountClient
 
-    return MountClient(mountpoint)
+    client = MountClient(mountpoint)
+    _run_client(client.pid)
+    return client
 
 
 def _run_client(fn: Callable[[], Any]) -> Any:
@@ -348,8 +394,14 @@ def _watch(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the metrics in the Prometheus text format; exit status 0 whenever"
+    " the mount answered.",
+)
 @click.argument("mountpoint")
-def status(as_json: bool, mountpoint: str) -> None:
+def status(as_json: bool, prometheus: bool, mountpoint: str) -> None:
     """Show the health of a mounted volume: how many more stores it can
     lose, each store's state and latency, the repair queue and scrub.
     Exit status 0 when healthy, 1 otherwise."""
@@ -357,7 +409,14 @@ def status(as_json: bool, mountpoint: str) -> None:
 
     from .render import render_status
 
+    if as_json and prometheus:
+        raise click.UsageError("--json and --prometheus exclude each other")
     document = _run_client(_client(mountpoint).status)
+    if prometheus:
+        from .metrics import render_prometheus
+
+        click.echo(render_prometheus(document), nl=False)
+        return
     click.echo(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
     sys.exit(0 if document["health"] == "healthy" else 1)
 
@@ -521,3 +580,42 @@ def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, .
             click.echo(f"UNRECOVERABLE: {item}")
         click.echo(report.summary())
     sys.exit(report.exit_status)
+
+
+# -- for the man page generator (ecfs.manpages, which must not import click) --------
+
+
+def help_texts() -> dict[str, dict[str, Any]]:
+    """What `--help` shows for every command, as plain data, keyed by command
+    path ("ecfs", "ecfs mkfs", "ecfs store replace", ...) in help order:
+    {"usage": "ecfs mkfs [OPTIONS] STORES...", "help": the docstring (dedented;
+    paragraphs separated by blank lines), "short_help": one line, "options":
+    [(terms, help)] as listed under Options, "commands": [(name, short help)]}."""
+    import inspect
+
+    texts: dict[str, dict[str, Any]] = {}
+
+    def visit(command: click.Command, name: str, parent: click.Context | None) -> None:
+        ctx = click.Context(command, info_name=name, parent=parent, **command.context_settings)
+        records = [
+            param.get_help_record(ctx)
+            for param in command.get_params(ctx)
+            if isinstance(param, click.Option)
+        ]
+        entry: dict[str, Any] = {
+            "usage": " ".join([ctx.command_path, *command.collect_usage_pieces(ctx)]),
+            "help": inspect.cleandoc(command.help or ""),
+            "short_help": command.get_short_help_str(limit=200),
+            "options": [record for record in records if record is not None],
+            "commands": [],
+        }
+        texts[ctx.command_path] = entry
+        if isinstance(command, click.Group):
+            for sub_name in command.list_commands(ctx):
+                sub = command.get_command(ctx, sub_name)
+                if sub is not None and not sub.hidden:
+                    entry["commands"].append((sub_name, sub.get_short_help_str(limit=200)))
+                    visit(sub, sub_name, ctx)
+
+    visit(main, "ecfs", None)
+    return texts

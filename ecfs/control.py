@@ -47,8 +47,9 @@ def status(volume: Volume) -> dict[str, object]:
     """
     layout = volume.layout
     available = {i for i, r in volume.runners.items() if r.available}
-    fragments: dict[int, int] = {i: 0 for i in volume.runners}
-    fragment_bytes: dict[int, int] = {i: 0 for i in volume.runners}
+    every_store = set(volume.store_ids)
+    fragments: dict[int, int] = {i: 0 for i in every_store}
+    fragment_bytes: dict[int, int] = {i: 0 for i in every_store}
     tolerance = layout.m
     for stores, count, size in volume.filedata.chunks.redundancy_classes():
         good = sum(1 for s in stores if s != NO_STORE and s in available)
@@ -80,6 +81,16 @@ def status(volume: Volume) -> dict[str, object]:
                 "draining": index in volume.placement.draining,
             }
         )
+    for index, path in sorted(volume.missing_stores().items()):
+        store_rows.append(
+            {
+                "index": index, "path": path, "state": "missing", "in_flight": 0, "errors": 0,
+                "timeouts": 0, "latency_p50_ms": 0.0, "latency_p95_ms": 0.0, "bytes_read": 0,
+                "bytes_written": 0, "free_bytes": None, "total_bytes": None,
+                "fragments": fragments.get(index, 0), "fragment_bytes": fragment_bytes.get(index, 0),
+                "draining": False,
+            }
+        )
     repairer = volume.repairer
     queue = {
         reason: {"chunks": chunks, "bytes": size}
@@ -93,7 +104,7 @@ def status(volume: Volume) -> dict[str, object]:
         health = "data-loss"
     elif tolerance == 0:
         health = "at-risk"
-    elif len(available) < len(volume.runners) or queue:
+    elif len(available) < len(every_store) or queue:
         health = "degraded"
     else:
         health = "healthy"

@@ -54,7 +54,7 @@ class DamageRecorder:
         if ref.chunk_id not in self._logged:
             self._logged.add(ref.chunk_id)
             log.warning(
-                "chunk %016x: fragments %s unreadable (%s); served degraded, queued for repair",
+                "chunk %016x: fragments %s unreadable (%s); queued for repair",
                 ref.chunk_id,
                 sorted(set(bad)),
                 reason,

@@ -13,6 +13,9 @@ class EcfsError(Exception):
     """Base class: an error with an errno and a human-readable message."""
 
     errno: int = _errno.EIO
+    #: Set once the error was reported in the log where it happened, so the
+    #: FUSE boundary does not log it again for every request.
+    already_logged: bool = False
 
     def __init__(self, message: str = "", errno: int | None = None) -> None:
         super().__init__(message)

@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import EcfsError
+from .errors import EcfsError, Unrecoverable
 from .garbage import ChunkPins, Garbage
 from .geometry import ChunkSpan, Layout
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
+from .metadb.inodes import InodeTable
+from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
@@ -122,6 +124,8 @@ class FileData:
         self.dirty_limit = dirty_limit
         self.clock_ns = clock_ns
         self.dirty_bytes = 0
+        self.inodes = InodeTable(db)
+        self._reported_lost: set[tuple[int, int]] = set()
         #: time.monotonic() of the last read or write (foreground activity,
         #: which background repair yields to).
         self.last_activity = 0.0
@@ -216,9 +220,30 @@ class FileData:
         self.pins.pin(ref.chunk_id)
         try:
             data = await self.reader.read(ref, span.start, stop)
+        except Unrecoverable as exc:
+            self._report_unrecoverable(ino, span.chunk_index, ref.length, exc)
+            raise
         finally:
             self.pins.unpin(ref.chunk_id)
         return _padded(data, want)
+
+    def _report_unrecoverable(self, ino: int, idx: int, length: int, exc: Unrecoverable) -> None:
+        """Log lost data once per chunk, with the file's path and range."""
+        exc.already_logged = True
+        key = (ino, idx)
+        if key in self._reported_lost:
+            return
+        self._reported_lost.add(key)
+        paths = [p.decode(errors="replace") for p in self.inodes.paths_of(ino, ROOT_INODE)]
+        start = idx * self.layout.chunk_size
+        log.error(
+            "%s (inode %d): bytes [%d, %d) are unreadable: %s",
+            " or ".join(paths) or "an unlinked file",
+            ino,
+            start,
+            start + length,
+            exc,
+        )
 
     # -- write ---------------------------------------------------------------
 

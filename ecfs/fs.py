@@ -59,7 +59,7 @@ def errno_boundary(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except EcfsError as exc:
-            if exc.errno == errno.EIO:
+            if exc.errno == errno.EIO and not exc.already_logged:
                 log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:

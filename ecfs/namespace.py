@@ -585,9 +585,9 @@ class Namespace:
         """Set xattr `name`; ctime = now.
 
         flags: XATTR_CREATE (EEXIST if present) and/or XATTR_REPLACE (ENODATA
-        if absent; both flags: both checks, as ext4 and tmpfs); others: EINVAL. ERANGE for an empty name, a name
-        over 255 bytes or a value over 64 KiB. EOPNOTSUPP for the POSIX ACL
-        names (`ACL_XATTRS`).
+        if absent; both flags: both checks, as ext4 and tmpfs); others:
+        EINVAL. ERANGE for an empty name, a name over 255 bytes or a value
+        over 64 KiB. EOPNOTSUPP for the POSIX ACL names (`ACL_XATTRS`).
         """
         self.get(ino)
         _check_xattr_name(name)

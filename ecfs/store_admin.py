@@ -55,11 +55,14 @@ class StoreAdmin:
 
     def _index_of(self, given: str) -> int:
         """A store by index number or by path."""
-        if given.isdigit() and int(given) in self.volume.runners:
+        if given.isdigit() and int(given) in self.volume.store_ids:
             return int(given)
         real = Path(os.path.realpath(given))
         for index, runner in self.volume.runners.items():
             if Path(os.path.realpath(runner.store.path)) == real:
+                return index
+        for index, path in self.volume.missing_stores().items():
+            if path and Path(os.path.realpath(path)) == real:
                 return index
         for index, store_id in self.volume.store_ids.items():
             if store_id == given:
@@ -99,7 +102,9 @@ class StoreAdmin:
         marker = await trio.to_thread.run_sync(store.read_marker)
         with volume.db.transaction():
             volume.store_table.replace(index, marker.store_id)
-        await _retire(volume.runners[index])
+            volume.store_table.set_path(index, str(store.path))
+        if index in volume.runners:
+            await _retire(volume.runners[index])
         self._install(index, store)
         await volume.refresh_usage()
         count = volume.repairer.queue_store_rebuild(index, "store-replaced")
@@ -112,6 +117,7 @@ class StoreAdmin:
         marker = await trio.to_thread.run_sync(store.read_marker)
         with volume.db.transaction():
             index = volume.store_table.add(marker.store_id)
+            volume.store_table.set_path(index, str(store.path))
         self._install(index, store)
         await volume.refresh_usage()
         return f"store {index} added: {new}"
@@ -141,6 +147,7 @@ class StoreAdmin:
         volume.placement.draining.discard(index)
         volume.repairer.draining.discard(index)
         runner = volume.runners.pop(index)
+        volume.store_ids.pop(index, None)
         volume.handles.discard_store(index)
         await _retire(runner)
         return f"store {index} ({old}) drained and removed from the volume"

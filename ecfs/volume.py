@@ -173,6 +173,20 @@ class Volume:
         self._last_probe: dict[int, float] = {}
         self._nursery: trio.Nursery | None = None
 
+    def _remember_store_paths(self) -> None:
+        """Record where each present store is, so a store that dies later
+        can still be named by its path."""
+        known = self.store_table.paths()
+        changed = {i: str(s.path) for i, s in self.stores.items() if known.get(i) != str(s.path)}
+        if changed:
+            with self.db.transaction():
+                for index, path in changed.items():
+                    self.store_table.set_path(index, path)
+
+    def missing_stores(self) -> dict[int, str]:
+        """Stores of the volume that are not open in this mount: index -> last path."""
+        return {i: p for i, p in self.store_table.paths().items() if i not in self.runners}
+
     # -- opening -----------------------------------------------------------------
 
     @classmethod
@@ -202,6 +216,7 @@ class Volume:
             stores = _match_stores(StoreTable(db).all(), by_store_id, db)
             volume = cls(db, stores, workdir)
             volume._setup_replicas(prepared.current)
+            volume._remember_store_paths()  # after: so the change is replicated
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

@@ -48,11 +48,14 @@ CREATE TABLE replica_state (
 
 -- The stores of the volume. idx: the small integer used in chunks.stores
 -- (stable for the life of the store); store_id: UUID hex in the store's
--- marker; state: 'active' (used for new data) or 'draining'/'removed'.
+-- marker; state: 'active' (used for new data) or 'draining' (being
+-- removed); path: where the store was last seen (so a dead store can still
+-- be named by its path, e.g. in `ecfs store replace`).
 CREATE TABLE stores (
     idx      INTEGER PRIMARY KEY,
     store_id TEXT NOT NULL UNIQUE,
-    state    TEXT NOT NULL DEFAULT 'active'
+    state    TEXT NOT NULL DEFAULT 'active',
+    path     TEXT NOT NULL DEFAULT ''
 );
 
 -- One row per inode. mode: st_mode incl. file type; size: st_size in bytes;

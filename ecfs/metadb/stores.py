@@ -19,6 +19,13 @@ class StoreTable:
         """The volume parameters (key -> text value)."""
         return {str(k): str(v) for k, v in self.db.query("SELECT key, value FROM volume")}
 
+    def paths(self) -> dict[int, str]:
+        """index -> the path the store was last seen at ('' if never)."""
+        return {int(i): str(p) for i, p in self.db.query("SELECT idx, path FROM stores")}
+
+    def set_path(self, index: int, path: str) -> None:
+        self.db.write("UPDATE stores SET path = ? WHERE idx = ?", (path, index))
+
     def states(self) -> dict[int, str]:
         """index -> 'active' or 'draining'."""
         return {int(i): str(s) for i, s in self.db.query("SELECT idx, state FROM stores")}
