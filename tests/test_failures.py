@@ -1,0 +1,672 @@
+"""Store failures while a real ecfs volume is mounted and in use.
+
+Stores vanish (renamed away, or faultfs mode `gone`), rot, hang, fail with
+EIO or fill up under a mounted 6-store k=4 m=2 volume, while files are read
+and written; every test checks file contents end to end with hashes.
+
+Faults are injected with scripts/faultfs.py: six faultfs mounts are shared
+by the module (`faulty_dirs`, all back to `ok` before every test), and a
+test's volume puts the stores it wants to break in a fresh subdirectory of
+those mounts; the others are plain directories. Metadata replicas live on
+stores 0..m (mkfs), so the faultfs stores are 3..5 unless a test is about
+the replicas too.
+
+Cleanup order (`failure_volume`): every faultfs is set back to `ok` (a hung
+store would otherwise hang the unmount), then ecfs is unmounted; the
+faultfs mounts are unmounted at module end.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounting import FUSE_MISSING_REASON, MountedVolume, cli
+from tests.test_faultfs import faultfs
+from tests.volume_files import (
+    MiB,
+    drop_caches,
+    fragment_files,
+    pattern,
+    sha256_file,
+    status,
+    write_pattern_file,
+)
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or ""),
+]
+
+K, M, N = 4, 2, 6
+FRAGMENT = 128 * 1024
+PAYLOAD_OFFSET = 4096  # fragment header block
+HANG_READ_LIMIT = 5.0  # seconds a read touching a hung store may take
+QUICK = 1.0  # seconds for ls / stat / small reads while a store misbehaves
+RECOVERY_LIMIT = 12.0  # seconds to notice a store is back (probes every 5 s)
+
+
+# --- fixtures and helpers ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list]:
+    base = tmp_path_factory.mktemp("faultfs")
+    dirs = [faultfs.FaultyDir(base / f"f{i}") for i in range(N)]
+    try:
+        for d in dirs:
+            d.launch()
+        for d in dirs:
+            d.wait_ready()
+        yield dirs
+    finally:
+        for d in dirs:
+            d.close()
+
+
+@pytest.fixture
+def dirs(faulty_dirs: list) -> Iterator[list]:
+    for d in faulty_dirs:
+        d.set("ok")
+    yield faulty_dirs
+    for d in faulty_dirs:
+        d.set("ok")
+
+
+@contextmanager
+def failure_volume(
+    base: Path, dirs: Sequence, faulty: Sequence[int] = (), allowed_log: Sequence[str] = ()
+) -> Iterator[MountedVolume]:
+    """A mounted 6-store volume; store i is on faultfs dirs[i] for i in
+    `faulty`, a plain directory otherwise. Every faultfs is set back to ok
+    before ecfs is unmounted; the log is checked after a clean unmount."""
+    stores = [
+        dirs[i].path / base.name if i in faulty else base / "stores" / f"s{i}" for i in range(N)
+    ]
+    (base / "stores").mkdir(parents=True, exist_ok=True)
+    mountpoint = base / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    cli("mkfs", "--data", K, "--parity", M, *stores)
+    volume = MountedVolume(stores, mountpoint, base / "ecfs.log")
+    ok = False
+    try:
+        volume.mount()
+        yield volume
+        ok = True
+    finally:
+        for d in dirs:
+            d.set("ok")
+        volume.unmount(check=ok)
+    volume.check_log_clean(allowed_log)
+
+
+def store_index(volume: MountedVolume, path: Path) -> int:
+    for store in status(volume)["stores"]:
+        if Path(store["path"]) == Path(os.path.realpath(path)):
+            return int(store["index"])
+    raise AssertionError(f"{path} is not a store of {volume}")
+
+
+def store_state(volume: MountedVolume, index: int) -> str:
+    return str(status(volume)["stores"][index]["state"])
+
+
+def populate(root: Path, count: int = 4, size: int = 2 * MiB + 4321) -> dict[Path, str]:
+    hashes = {}
+    for i in range(count):
+        path = root / f"f{i}"
+        hashes[path] = write_pattern_file(path, seed=i, size=size - i * 77777)
+    return hashes
+
+
+def check_all(hashes: dict[Path, str], caches: bool = True) -> None:
+    if caches:
+        drop_caches()
+    else:
+        drop_caches_nosync()
+    for path, digest in hashes.items():
+        assert sha256_file(path) == digest, path
+
+
+def drop_caches_nosync() -> None:
+    """drop_caches without sync(): sync() may wait on a hung store."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        pass
+
+
+def timed(fn: Callable[[], Any], limit: float) -> tuple[float | None, Any]:
+    """Run fn in a daemon thread; (seconds, result or exception), or
+    (None, None) if it did not finish within `limit` (it is left running:
+    the test's cleanup releases the fault it waits on)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        return None, None
+    return time.monotonic() - start, out[0]
+
+
+def wait_for(
+    predicate: Callable[[], bool], limit: float, poke: Callable[[], None] = lambda: None
+) -> float | None:
+    """Seconds until predicate() is true (polling, calling poke() between
+    tries), or None after `limit`."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if predicate():
+            return time.monotonic() - start
+        poke()
+        time.sleep(0.1)
+    return None
+
+
+def new_fragments(store: Path, before: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    return set(fragment_files(store)) - before if (store / "frags").exists() else set()
+
+
+class BackgroundIO:
+    """Reads (verifying hashes) and writes files in two threads while a
+    test breaks stores. `read_errors` and `write_errors` collect what went
+    wrong; `written` holds the files written completely (path -> sha256)."""
+
+    def __init__(self, hashes: dict[Path, str], write_dir: Path | None, size: int = MiB + 999):
+        self.hashes = dict(hashes)
+        self.write_dir = write_dir
+        self.size = size
+        self.read_errors: list[str] = []
+        self.write_errors: list[str] = []
+        self.written: dict[Path, str] = {}
+        self.reads = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._reader, daemon=True)]
+        if write_dir is not None:
+            self._threads.append(threading.Thread(target=self._writer, daemon=True))
+
+    def __enter__(self) -> BackgroundIO:
+        for t in self._threads:
+            t.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in self._threads), "background I/O is stuck"
+
+    def _reader(self) -> None:
+        while not self._stop.is_set():
+            for path, digest in self.hashes.items():
+                try:
+                    if sha256_file(path) != digest:
+                        self.read_errors.append(f"{path}: WRONG BYTES")
+                except OSError as exc:
+                    self.read_errors.append(f"{path}: {exc}")
+                self.reads += 1
+
+    def _writer(self) -> None:
+        assert self.write_dir is not None
+        n = 0
+        while not self._stop.is_set():
+            path = self.write_dir / f"bg{n}"
+            try:
+                self.written[path] = write_pattern_file(path, seed=1000 + n, size=self.size)
+            except OSError as exc:
+                self.write_errors.append(f"{path}: {exc}")
+            n += 1
+            time.sleep(0.05)
+
+
+def read_pieces(path: Path, data: bytes, piece: int = FRAGMENT) -> tuple[int, int]:
+    """Read `path` in `piece`-sized preads: each must give the right bytes
+    or EIO. Returns (good pieces, EIO pieces)."""
+    good = failed = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(0, len(data), piece):
+            try:
+                got = os.pread(fd, piece, offset)
+            except OSError as exc:
+                assert exc.errno == errno.EIO, (path, offset, exc)
+                failed += 1
+                continue
+            assert got == data[offset : offset + piece], f"WRONG BYTES in {path} at {offset}"
+            good += 1
+    finally:
+        os.close(fd)
+    return good, failed
+
+
+# --- stores vanishing ----------------------------------------------------------
+
+
+def test_a_store_renamed_away_while_mounted(tmp_path: Path) -> None:
+    """Store 1 (it holds a metadata replica) is renamed away under load:
+    reads go on (degraded), writes go on and put nothing in the lost store,
+    and after a remount with the store back everything reads."""
+    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica"]) as vol:
+        hashes = populate(vol.mountpoint)
+        (vol.mountpoint / "new").mkdir()
+        drop_caches()
+        lost = vol.stores[1]
+        away = lost.with_name("s1-away")
+        with BackgroundIO(hashes, vol.mountpoint / "new") as io:
+            os.rename(lost, away)
+            time.sleep(0.5)  # fragment writes that started before the rename end
+            settled = set(fragment_files(away))
+            written_before = len(io.written)
+            time.sleep(2.0)
+        assert io.read_errors == []
+        assert io.write_errors == []
+        assert len(io.written) > written_before
+        check_all({**hashes, **io.written})
+        assert new_fragments(away, settled) == set()  # nothing went to the lost store
+        os.rename(away, lost)
+        vol.remount()
+        check_all({**hashes, **io.written})
+
+
+def test_two_stores_renamed_away_reads_go_on(tmp_path: Path) -> None:
+    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica"]) as vol:
+        hashes = populate(vol.mountpoint)
+        drop_caches()
+        with BackgroundIO(hashes, None) as io:
+            os.rename(vol.stores[1], tmp_path / "s1-away")
+            os.rename(vol.stores[4], tmp_path / "s4-away")
+            time.sleep(2.0)
+        assert io.read_errors == []
+        assert io.reads > 0
+        check_all(hashes)
+        os.rename(tmp_path / "s1-away", vol.stores[1])
+        os.rename(tmp_path / "s4-away", vol.stores[4])
+        vol.remount()
+        check_all(hashes)
+
+
+@pytest.mark.xfail(
+    reason="writer needs k+1=5 stores for a chunk (min_fragments); with 2 of 6"
+    " stores gone only 4 remain, so writes fail with EIO",
+    strict=False,
+)
+def test_two_stores_renamed_away_writes_go_on(tmp_path: Path) -> None:
+    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica|place"]) as vol:
+        hashes = populate(vol.mountpoint, count=2)
+        os.rename(vol.stores[1], tmp_path / "s1-away")
+        os.rename(vol.stores[4], tmp_path / "s4-away")
+        try:
+            written: dict[Path, str] = {}
+            for i in range(3):
+                path = vol.mountpoint / f"w{i}"
+                written[path] = write_pattern_file(path, seed=50 + i, size=MiB + 3)
+            check_all({**hashes, **written})
+        finally:
+            os.rename(tmp_path / "s1-away", vol.stores[1])
+            os.rename(tmp_path / "s4-away", vol.stores[4])
+        vol.remount()
+        check_all({**hashes, **written})
+
+
+# --- rot -------------------------------------------------------------------------
+
+
+def test_fragments_rotting_while_mounted_are_read_around(tmp_path: Path) -> None:
+    with failure_volume(tmp_path, [], allowed_log=[r"bad cells|unreadable|corrupt"]) as vol:
+        hashes = populate(vol.mountpoint)
+        check_all(hashes)  # fragments now open in the daemon and cached
+        rng = random.Random(7)
+        before = status(vol)["reads"]["degraded_reads"]
+        with BackgroundIO(hashes, None) as io:
+            rotten = 0
+            for path in fragment_files(vol.stores[2]).values():
+                size = path.stat().st_size
+                with open(path, "r+b") as f:
+                    for _ in range(4):
+                        f.seek(rng.randrange(PAYLOAD_OFFSET, size))
+                        byte = f.read(1)
+                        f.seek(-1, os.SEEK_CUR)
+                        f.write(bytes([byte[0] ^ 0x5A]))
+                rotten += 1
+            drop_caches()
+            time.sleep(1.0)
+        assert rotten > 0
+        assert io.read_errors == []
+        check_all(hashes)
+        assert status(vol)["reads"]["degraded_reads"] > before  # the rot was seen
+
+
+# --- a hung store ----------------------------------------------------------------
+
+
+def test_a_hung_store_does_not_stall_the_mount(tmp_path: Path, dirs: list) -> None:
+    """Store 3 hangs (every call blocks): reads needing its fragments are
+    served degraded within HANG_READ_LIMIT, ls/stat/small files answer at
+    once, and once it answers again the volume uses it again."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint)
+        small = {}
+        for i in range(4):
+            path = vol.mountpoint / f"small{i}"
+            small[path] = write_pattern_file(path, seed=200 + i, size=5000 + i)
+        hung = store_index(vol, vol.stores[3])
+        drop_caches()
+        dirs[3].set("hang")
+        drop_caches_nosync()
+        slow: list[str] = []
+        busy = threading.Thread(
+            target=lambda: [sha256_file(p) for p in hashes], daemon=True
+        )  # keeps reads of the hung store in flight meanwhile
+        busy.start()
+        for path, digest in hashes.items():
+            seconds, result = timed(lambda p=path: sha256_file(p), 3 * HANG_READ_LIMIT)
+            if seconds is None or seconds > HANG_READ_LIMIT:
+                slow.append(f"{path.name}: {seconds}")
+            elif not isinstance(result, Exception):
+                assert result == digest, path
+            for probe in (
+                lambda: os.listdir(vol.mountpoint),
+                lambda p=path: os.stat(p),
+                lambda: [p.read_bytes() for p in small],
+            ):
+                seconds, result = timed(probe, 10 * QUICK)
+                assert seconds is not None and seconds < QUICK, (
+                    "metadata/small read stalled",
+                    seconds,
+                )
+                assert not isinstance(result, Exception), result
+        for path, digest in small.items():
+            assert sha256_file(path) == digest
+        dirs[3].set("ok")
+        busy.join(30)
+        assert slow == [], f"reads touching the hung store took too long: {slow}"
+        # Back: the health probe notices, and reads stop being degraded.
+        assert wait_for(lambda: store_state(vol, hung) == "ok", RECOVERY_LIMIT), status(vol)
+
+        def clean_pass() -> bool:
+            before = status(vol)["reads"]["degraded_reads"]
+            check_all(hashes)
+            return status(vol)["reads"]["degraded_reads"] == before
+
+        assert wait_for(clean_pass, RECOVERY_LIMIT), status(vol)["reads"]
+
+
+def _timed_under_hang(dirs: list, hung: Sequence[int], fn: Callable[[], Any]) -> float | None:
+    """Seconds fn() took with stores `hung` hanging, None if more than
+    HANG_READ_LIMIT (the hang is then released so that fn can finish)."""
+    for i in hung:
+        dirs[i].set("hang")
+    try:
+        seconds, result = timed(fn, HANG_READ_LIMIT)
+    finally:
+        for i in hung:
+            dirs[i].set("ok")
+    if isinstance(result, Exception):
+        raise result
+    return seconds
+
+
+@pytest.mark.xfail(
+    reason="a fragment write to a hung store waits for the writer's 30 s"
+    " write_timeout: nothing replaces a slow fragment write, and the store is"
+    " not known to be failed yet (a 2 MiB write took 30.0 s)",
+    strict=False,
+)
+def test_writes_do_not_stall_on_a_hung_store(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint, count=2)
+        path = vol.mountpoint / "during-hang"
+        seconds = _timed_under_hang(
+            dirs, [3], lambda: write_pattern_file(path, seed=400, size=2 * MiB + 1)
+        )
+        assert seconds is not None, f"a 2 MiB write took more than {HANG_READ_LIMIT} s"
+        hashes[path] = write_pattern_file(path, seed=400, size=2 * MiB + 1)
+        check_all(hashes)
+
+
+@pytest.mark.xfail(
+    reason="fsync waits for every live metadata replica; a hung replica is"
+    " dropped only when apply_blocking times out after 30 s, although the"
+    " health probe marked its store failed after ~7 s (fsync took 30.0 s)",
+    strict=False,
+)
+def test_fsync_does_not_stall_on_a_hung_replica_store(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(tmp_path, dirs, faulty=[0], allowed_log=[r"store 0|replica"]) as vol:
+        path = vol.mountpoint / "small"
+        path.write_bytes(b"before")
+        fsync_file(path)
+
+        def write_and_fsync() -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, b"during the hang")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        seconds = _timed_under_hang(dirs, [0], write_and_fsync)
+        assert seconds is not None, f"fsync took more than {HANG_READ_LIMIT} s"
+        vol.remount()
+        assert path.read_bytes() == b"during the hang"
+
+
+# --- EIO and ENOSPC ---------------------------------------------------------------
+
+
+def test_a_store_failing_with_eio(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint)
+        (vol.mountpoint / "new").mkdir()
+        bad = store_index(vol, vol.stores[3])
+        drop_caches()
+        source = dirs[3].source / tmp_path.name
+        before_frags = set(fragment_files(source))
+        degraded_before = status(vol)["reads"]["degraded_reads"]
+        dirs[3].set("eio")
+        with BackgroundIO(hashes, vol.mountpoint / "new") as io:
+            time.sleep(2.0)
+        assert io.read_errors == []
+        assert io.write_errors == []
+        assert len(io.written) >= 1
+        assert status(vol)["reads"]["degraded_reads"] > degraded_before
+        assert store_state(vol, bad) == "failed"
+        check_all({**hashes, **io.written})
+        assert new_fragments(source, before_frags) == set()
+        dirs[3].set("ok")
+        check_all({**hashes, **io.written})
+
+
+def test_a_full_store_is_skipped_by_writes(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint, count=2)
+        source = dirs[3].source / tmp_path.name
+        before_frags = set(fragment_files(source))
+        dirs[3].set("enospc")
+        written = {}
+        for i in range(4):
+            path = vol.mountpoint / f"w{i}"
+            written[path] = write_pattern_file(path, seed=70 + i, size=MiB + 5)
+            st = os.statvfs(vol.mountpoint)
+            assert st.f_blocks > 0
+        check_all({**hashes, **written})
+        assert new_fragments(source, before_frags) == set()
+        dirs[3].set("ok")
+        vol.remount()
+        check_all({**hashes, **written})
+
+
+def write_until_enospc(path: Path, data: bytes) -> OSError | None:
+    """Write, fsync and close `path`; the first error (or None)."""
+    failure: OSError | None = None
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as exc:
+        failure = exc
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            failure = failure or exc
+    return failure
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ALL_FULL_LOG = [
+    r"[Nn]o space|ENOSPC|disk is full|cannot place chunk|replica|metadata not durable",
+]
+
+
+def test_all_stores_full_write_fails_with_enospc(tmp_path: Path, dirs: list) -> None:
+    """Every store full (metadata replicas too): a write fails with ENOSPC;
+    what was written and fsync()ed before stays readable, also after a
+    remount once the stores have space again."""
+    with failure_volume(tmp_path, dirs, faulty=range(N), allowed_log=ALL_FULL_LOG) as vol:
+        hashes = populate(vol.mountpoint, count=2, size=MiB + 11)
+        for path in hashes:
+            fsync_file(path)
+        late = vol.mountpoint / "late"  # closed, not fsync()ed
+        hashes[late] = write_pattern_file(late, seed=93, size=MiB)
+        for d in dirs:
+            d.set("enospc")
+        failure = write_until_enospc(vol.mountpoint / "too-much", pattern(90, 2 * MiB))
+        assert failure is not None, "a write to a volume with every store full succeeded"
+        assert failure.errno == errno.ENOSPC, failure
+        assert os.statvfs(vol.mountpoint).f_blocks > 0  # statfs answers
+        check_all(hashes)
+        assert vol.proc is not None and vol.proc.poll() is None, "the daemon died"
+        for d in dirs:
+            d.set("ok")
+        # Space again: the metadata replicas come back (health loop, every 5 s).
+        replicas_back = wait_for(
+            lambda: len(status(vol)["metadata"]["live_replicas"]) == M + 1, RECOVERY_LIMIT
+        )
+        assert replicas_back is not None, status(vol)["metadata"]
+        vol.remount()
+        check_all(hashes)
+
+
+@pytest.mark.xfail(
+    reason="replicas that failed (ENOSPC) are only replaced by the 5 s health"
+    " loop; an unmount in between does not try to rebuild them: 'metadata not"
+    " durable at unmount' is logged, 'ecfs umount' exits 0 ('unmounted cleanly')"
+    " and files closed before the stores filled are gone after the remount",
+    strict=False,
+)
+def test_files_closed_before_the_stores_filled_survive_a_clean_unmount(
+    tmp_path: Path, dirs: list
+) -> None:
+    with failure_volume(tmp_path, dirs, faulty=range(N), allowed_log=ALL_FULL_LOG) as vol:
+        hashes = populate(vol.mountpoint, count=2, size=MiB + 11)  # closed, no fsync
+        last = vol.mountpoint / "last"
+        hashes[last] = write_pattern_file(last, seed=92, size=MiB)
+        for d in dirs:  # at once: the metadata waits up to 1 s to be batched
+            d.set("enospc")
+        metadata = status(vol)["metadata"]
+        if metadata["durable_generation"] >= metadata["generation"]:
+            pytest.skip(f"metadata was made durable before the stores filled: {metadata}")
+        failure = write_until_enospc(vol.mountpoint / "too-much", pattern(91, 2 * MiB))
+        assert failure is not None and failure.errno == errno.ENOSPC, failure
+        # An fsync while full makes the replicator try (and fail) to commit.
+        small = vol.mountpoint / "small"
+        small.write_bytes(b"tiny")
+        try:
+            fsync_file(small)
+        except OSError:
+            pass
+        if status(vol)["metadata"]["live_replicas"]:
+            pytest.skip(f"no replica failed while the stores were full: {status(vol)['metadata']}")
+        check_all(hashes)
+        for d in dirs:  # space again: a clean unmount can save everything
+            d.set("ok")
+        vol.remount()
+        check_all(hashes)
+
+
+# --- more than m stores away -------------------------------------------------------
+
+
+def test_three_stores_gone_give_eio_never_wrong_bytes(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(
+        tmp_path, dirs, faulty=[3, 4, 5], allowed_log=[r"store [345]|fewer than|[Uu]nrecoverable"]
+    ) as vol:
+        data = {vol.mountpoint / f"g{i}": pattern(300 + i, 2 * MiB + i * 1000) for i in range(3)}
+        for path, content in data.items():
+            path.write_bytes(content)
+        drop_caches()
+        for i in (3, 4, 5):
+            dirs[i].set("gone")
+        drop_caches_nosync()
+        good = failed = 0
+        for path, content in data.items():
+            g, f = read_pieces(path, content)
+            good, failed = good + g, failed + f
+        assert failed > 0, "every range read although 3 of 6 stores are gone"
+        # Metadata keeps working; so do small (inline) files.
+        root = vol.mountpoint
+        assert sorted(os.listdir(root)) == sorted(p.name for p in data)
+        (root / "dir").mkdir()
+        (root / "dir" / "note").write_bytes(b"still here")
+        os.rename(root / "dir" / "note", root / "dir" / "note2")
+        assert (root / "dir" / "note2").read_bytes() == b"still here"
+        assert os.stat(root / "g0").st_size == len(data[root / "g0"])
+        assert vol.proc is not None and vol.proc.poll() is None, "the daemon died"
+        for i in (3, 4, 5):
+            dirs[i].set("ok")
+        vol.remount()
+        drop_caches()
+        for path, content in data.items():
+            assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(content).digest()
+        assert (root / "dir" / "note2").read_bytes() == b"still here"
+
+
+# --- stores coming back ---------------------------------------------------------------
+
+
+def test_a_store_that_comes_back_is_noticed(tmp_path: Path, dirs: list) -> None:
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint, count=2)
+        index = store_index(vol, vol.stores[3])
+        drop_caches()
+        dirs[3].set("gone")
+
+        def poke() -> None:  # reads and a write make the daemon touch store 3
+            drop_caches_nosync()
+            for path in hashes:
+                sha256_file(path)
+            write_pattern_file(vol.mountpoint / "poke", seed=5, size=MiB)
+
+        assert wait_for(lambda: store_state(vol, index) == "failed", 10.0, poke), status(vol)
+        check_all(hashes)
+        dirs[3].set("ok")
+        seconds = wait_for(lambda: store_state(vol, index) == "ok", RECOVERY_LIMIT)
+        assert seconds is not None, json.dumps(status(vol)["stores"][index])
+        check_all(hashes)
