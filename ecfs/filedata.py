@@ -47,7 +47,7 @@ from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
-from .tasks import guarded
+from .tasks import guarded, open_fan_out
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class FileData:
         async def read_one(i: int, span: ChunkSpan) -> None:
             parts[i] = await self._read_span(ino, state, span)
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for i, span in enumerate(spans):
                 nursery.start_soon(read_one, i, span)
         return b"".join(parts)
@@ -374,7 +374,7 @@ class FileData:
                 except EcfsError:
                     pass  # recorded in state.error
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for idx in indices:
                 nursery.start_soon(one, idx)
 

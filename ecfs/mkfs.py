@@ -109,6 +109,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
         )
     resolved = check_store_paths(paths)
     for given, path in zip(paths, resolved, strict=True):
+        _check_not_inside_a_store(given, path)
         _check_empty(given, path)
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in resolved]
@@ -187,6 +188,14 @@ def _remove_created(path: Path, existed: bool) -> None:
                     target.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_not_inside_a_store(given: Path, path: Path) -> None:
+    """VolumeError if a directory above `path` (resolved) is a store: a
+    store nested in another would be lost, or swept as stray files, with it."""
+    for parent in path.parents:
+        if (parent / MARKER_NAME).exists():
+            raise VolumeError(f"{given} is inside the existing store {parent}")
 
 
 def _check_empty(given: Path, path: Path) -> None:

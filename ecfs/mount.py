@@ -290,6 +290,8 @@ def _serve_process(
     finally:
         volume.close()
         lock.release()
+    if volume.metadata_at_risk:
+        return 1
     log.info("unmounted %s cleanly", mountpoint)
     return 0
 

@@ -38,6 +38,7 @@ from .handles import Expected, FragmentHandle, HandleCache, open_fragment
 from .model import NO_STORE, ChunkRef
 from .offload import StoreRunner
 from .store import DirectoryStore
+from .tasks import open_fan_out
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class ChunkReader:
         next and start reading them into the page cache, so that the read
         itself is served on the loop (RWF_NOWAIT) without a thread hop.
         Best effort: errors are ignored (the real read will see them)."""
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for index in range(self.layout.k):
                 store = ref.stores[index]
                 if store != NO_STORE and self.handles.peek((store, ref.chunk_id, index)) is None:
@@ -202,7 +203,7 @@ class ChunkReader:
         async def read_one(i: int, piece: FragmentPiece) -> None:
             parts[i] = await self._read_piece(ref, payload, piece)
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for i, piece in enumerate(pieces):
                 nursery.start_soon(read_one, i, piece)
         return b"".join(parts)
@@ -269,7 +270,7 @@ class ChunkReader:
         errors: list[EcfsError] = []
         primary_done = trio.Event()
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
 
             async def primary() -> None:
                 try:
@@ -429,7 +430,7 @@ class ChunkReader:
         if len(candidates) < k:
             return pieces, bad
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
 
             def finish_if_done() -> None:
                 if len(pieces) >= k or (running == 0 and not waiting):

@@ -252,7 +252,14 @@ class Repairer:
             return 0
         good = await self._read_good(ref, set(broken), payload)
         if len(good) < layout.k:
-            self._give_up(ref, broken)
+            away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
+            if len(good) + len(away) >= layout.k:
+                # Not lost: stores holding the rest are only unavailable now.
+                log.info("chunk %016x: waiting for stores %s to come back", ref.chunk_id,
+                         sorted({ref.stores[i] for i in away}))
+                self._defer(ref.chunk_id)
+            else:
+                self._give_up(ref, broken)
             return 0
         if payload > 64 * 1024:
             rebuilt = await trio.to_thread.run_sync(self.codec.decode, good, broken)

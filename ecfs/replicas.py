@@ -189,6 +189,18 @@ def copy_database(src: Path, dst: Path) -> None:
         raise
 
 
+def place_replica(snapshot: Path, target: Path) -> None:
+    """Blocking: install a snapshot of the working copy as a new replica.
+    A failure is a ReplicaError, not a StoreError: a store that cannot take
+    a replica (full, say) still serves its fragments, so its health must
+    not suffer (the caller tries another store)."""
+    try:
+        target.parent.mkdir(exist_ok=True)
+        copy_database(snapshot, target)
+    except (StoreError, OSError) as exc:
+        raise ReplicaError(f"cannot place a metadata replica at {target}: {exc}") from exc
+
+
 def choose_freshest(paths: Sequence[Path]) -> tuple[Path, int]:
     """Blocking. The readable replica with the highest generation and that
     generation (ties: the first in `paths`). VolumeError if none is readable.
@@ -547,6 +559,9 @@ class Replicator:
         self._timeout = timeout
         self._retry_delay = retry_delay
         self._pending: deque[Transaction] = deque()
+        self._applying: dict[int, trio.CancelScope] = {}
+        #: Called (on the loop) whenever a replica goes stale.
+        self.on_stale: Callable[[int], None] = lambda index: None
         self._commit_interval = commit_interval
         self._oldest_pending = 0.0
         self._waiters = 0
@@ -747,12 +762,33 @@ class Replicator:
         batch = [txn for txn in batch if txn.generation > replica.generation]
         if not batch:
             return
-        try:
-            replica.generation = await replica.runner.call(
-                replica.apply_blocking, batch, replica.generation, timeout=self._timeout
-            )
-        except EcfsError as exc:
-            self._mark_stale(replica, str(exc))
+        with trio.CancelScope() as scope:
+            self._applying[replica.index] = scope
+            try:
+                replica.generation = await replica.runner.call(
+                    replica.apply_blocking, batch, replica.generation, timeout=self._timeout
+                )
+            except EcfsError as exc:
+                self._mark_stale(replica, str(exc))
+            finally:
+                self._applying.pop(replica.index, None)
+
+    def lagging(self, generation: int) -> list[int]:
+        """Live replicas that have not yet committed `generation`."""
+        return sorted(i for i in self._live if self._replicas[i].generation < generation)
+
+    def drop_replica(self, index: int, reason: str) -> None:
+        """Stop waiting for a replica whose store failed (e.g. its probe
+        timed out): it becomes stale now, and a batch being applied to it is
+        abandoned, so fsync() does not wait for a hung store's timeout."""
+        replica = self._replicas.get(index)
+        if replica is None or index not in self._live:
+            return
+        self._mark_stale(replica, reason)
+        scope = self._applying.pop(index, None)
+        if scope is not None:
+            scope.cancel()
+        self._notify_changed()
 
     async def _close_one(self, replica: _Replica) -> None:
         try:
@@ -772,6 +808,7 @@ class Replicator:
             return
         self._live.discard(replica.index)
         self._stale[replica.index] = reason
+        self.on_stale(replica.index)
         log.warning(
             "metadata replica on store %d is stale at generation %d (%d live left): %s",
             replica.index,

@@ -9,10 +9,13 @@ dropped), because an exception escaping into the mount's nursery would end
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+
+from .errors import EcfsError
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +46,30 @@ async def supervised(
         except Exception:
             log.exception("bug in background task %s; restarting in %.0f s", name, RESTART_DELAY)
         await trio.sleep(RESTART_DELAY)
+
+
+@asynccontextmanager
+async def open_fan_out() -> AsyncIterator[trio.Nursery]:
+    """A nursery for parallel parts of ONE request (the pieces of a read,
+    the fragments of a write). trio groups child failures into an
+    ExceptionGroup; callers of a request expect the domain error itself
+    (it carries the errno), so a failed fan-out re-raises its first error,
+    preferring an EcfsError. A group holding a Cancelled is re-raised as is,
+    so cancellation keeps working."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if any(isinstance(e, trio.Cancelled) or not isinstance(e, Exception) for e in leaves):
+            raise
+        domain = [e for e in leaves if isinstance(e, EcfsError)]
+        raise (domain or leaves)[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

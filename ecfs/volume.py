@@ -41,7 +41,13 @@ from .offload import StoreRunner
 from .placement import Placement
 from .reader import ChunkReader
 from .repair import Repairer
-from .replicas import Replicator, copy_database, prepare_working_copy, replica_path
+from .replicas import (
+    Replicator,
+    copy_database,
+    place_replica,
+    prepare_working_copy,
+    replica_path,
+)
 from .scrub import Scrubber
 from .store import DirectoryStore, StoreMarker
 from .store_admin import StoreAdmin
@@ -57,6 +63,9 @@ COMMIT_INTERVAL = 1.0
 
 #: Seconds a store probe may take before the store counts as failed.
 PROBE_TIMEOUT = 2.0
+
+#: An fsync waiting this long probes the stores of the replicas behind.
+LAGGING_REPLICA_PROBE = 1.0
 
 #: Minimum seconds between two on-demand probes of one store.
 PROBE_SPACING = 1.0
@@ -171,6 +180,11 @@ class Volume:
         self.placement.draining |= draining
         self.repairer.draining |= draining
         self._last_probe: dict[int, float] = {}
+        self._replacing_replicas = False
+        self._replica_lock = trio.Lock()
+        #: Set when unmount could not make the metadata durable anywhere: the
+        #: working copy is then kept (its path is logged) instead of deleted.
+        self.metadata_at_risk = False
         self._nursery: trio.Nursery | None = None
 
     def _remember_store_paths(self) -> None:
@@ -254,6 +268,7 @@ class Volume:
             commit_interval=COMMIT_INTERVAL,
         )
         self.db.on_commit = self.replicator.submit
+        self.replicator.on_stale = lambda index: self._replace_replicas_soon()
 
     # -- running -----------------------------------------------------------------
 
@@ -274,18 +289,38 @@ class Volume:
     async def shutdown(self) -> None:
         """Write back everything, make it durable, delete garbage."""
         await self.filedata.flush_all()
-        if self.replicator is not None:
-            try:
-                await self.replicator.drain()
-            except StoreError as exc:
-                log.error("metadata not durable at unmount: %s", exc)
+        try:
+            await self._drain_metadata()
+        except StoreError as exc:
+            self.metadata_at_risk = True
+            log.critical(
+                "metadata not durable at unmount: %s; the working copy is kept at %s"
+                " (copy it over a replica to recover the latest changes)",
+                exc,
+                self.db.path,
+            )
+            return
         await self.garbage.collect()
+
+    async def _drain_metadata(self) -> None:
+        """Make everything durable; if every replica went stale, place new
+        ones on healthy stores first (a store that was full or away may be
+        usable again)."""
+        if self.replicator is None:
+            return
+        try:
+            await self.replicator.drain()
+        except StoreError:
+            await self.refresh_usage()  # a store that was full may have room now
+            await self.ensure_replicas()
+            await self.replicator.drain()
 
     def close(self) -> None:
         """Release files (after shutdown and after the task nursery ended)."""
         self.handles.close_all()
         self.db.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not self.metadata_at_risk:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def aclose_replicas(self) -> None:
         if self.replicator is not None:
@@ -332,6 +367,8 @@ class Volume:
                 runner.mark_failed(str(exc))
                 self.handles.discard_store(index)
                 log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
+            if self.replicator is not None:
+                self.replicator.drop_replica(index, f"store failed: {exc}")
             return
         if not was_available:
             runner.mark_ok()
@@ -348,9 +385,25 @@ class Volume:
         if self._nursery is not None:
             self._nursery.start_soon(guarded, "store probe", self.probe_store, index)
 
+    def _replace_replicas_soon(self) -> None:
+        if self._nursery is not None and not self._replacing_replicas:
+            self._replacing_replicas = True
+            self._nursery.start_soon(guarded, "replica replacement", self._replace_replicas)
+
+    async def _replace_replicas(self) -> None:
+        try:
+            await trio.lowlevel.checkpoint()  # let the stale-marking caller finish
+            await self.ensure_replicas()
+        finally:
+            self._replacing_replicas = False
+
     async def ensure_replicas(self) -> None:
         """Keep m+1 live metadata replicas: replace a stale one by a fresh
         copy on its own store if it is back, else on another healthy store."""
+        async with self._replica_lock:
+            await self._ensure_replicas()
+
+    async def _ensure_replicas(self) -> None:
         replicator = self.replicator
         if replicator is None:
             return
@@ -361,7 +414,7 @@ class Volume:
         stale = set(replicator.stale_replicas())
         candidates = sorted(
             (i for i, r in self.runners.items() if r.available and i not in live),
-            key=lambda i: (i not in stale, i),
+            key=lambda i: (i in self.placement.full, i not in stale, i),
         )
         for index in candidates[: wanted - len(live)]:
             await self.writer.sync_stores()  # what the copy refers to is durable
@@ -371,8 +424,8 @@ class Volume:
             runner = self.runners[index]
             target = replica_path(runner.store.meta_dir)
             try:
-                await runner.call(copy_database, snapshot, target, timeout=60.0)
-            except StoreError as exc:
+                await runner.call(place_replica, snapshot, target, timeout=60.0)
+            except EcfsError as exc:
                 log.warning("cannot place a metadata replica on store %d: %s", index, exc)
                 continue
             finally:
@@ -420,8 +473,25 @@ class Volume:
         return self.replicator.durable_generation if self.replicator else self.db.generation
 
     async def _wait_durable(self, generation: int) -> None:
-        if self.replicator is not None:
-            await self.replicator.wait_durable(generation)
+        """fsync(): wait until `generation` is durable; if no replica is
+        live, try to place new ones before giving up (EIO)."""
+        replicator = self.replicator
+        if replicator is None:
+            return
+        try:
+            while True:
+                with trio.move_on_after(LAGGING_REPLICA_PROBE):
+                    await replicator.wait_durable(generation)
+                    return
+                # Slow: probe the stores of the replicas still behind; a
+                # hung one is dropped (see probe_store) instead of waited for.
+                async with trio.open_nursery() as nursery:
+                    for index in replicator.lagging(generation):
+                        nursery.start_soon(self.probe_store, index)
+        except StoreError:
+            await self.refresh_usage()
+            await self.ensure_replicas()
+            await replicator.wait_durable(generation)
 
     def capacity(self) -> tuple[int, int]:
         """(total, free) usable bytes: raw space of the stores' distinct

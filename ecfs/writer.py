@@ -35,8 +35,12 @@ from .geometry import Layout
 from .model import NO_STORE, ChunkRef
 from .offload import StoreRunner
 from .placement import Placement
+from .tasks import open_fan_out
 
 log = logging.getLogger(__name__)
+
+#: A fragment write is given up (and placed elsewhere) after at least this.
+WRITE_DEADLINE_FLOOR = 3.0
 
 #: Chunks larger than this are encoded in a worker thread, not on the loop.
 LOOP_ENCODE_LIMIT = 64 * 1024
@@ -119,16 +123,21 @@ class ChunkWriter:
                     if store is not None:
                         used.add(store)
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for index in range(n):
                 nursery.start_soon(place, index, targets[index] if index < len(targets) else None)
         stored = sum(1 for s in stores if s != NO_STORE)
         if stored < self.min_fragments:
             await self._remove(chunk_id, stores)
-            if errors and all(isinstance(e, NoSpace) for e in errors) or not errors:
+            # ENOSPC only when space is what is missing; too few healthy
+            # stores is an I/O error (EIO).
+            all_up = all(r.available for r in self.runners.values())
+            if all_up and all(isinstance(e, NoSpace) for e in errors):
                 raise NoSpace(f"cannot place chunk: only {stored} of {n} fragments fit")
+            reason = f" ({errors[0]})" if errors else " (too few healthy stores)"
             raise StoreError(
-                f"cannot place chunk: only {stored} of {n} fragments written ({errors[0]})"
+                f"cannot place chunk: only {stored} of {n} fragments written, at least"
+                f" {self.min_fragments} are needed{reason}"
             )
         if stored < n:
             log.warning(
@@ -147,12 +156,18 @@ class ChunkWriter:
             chunk_id,
             index,
             parts,
-            timeout=self.write_timeout,
+            timeout=self._deadline(runner),
             nbytes_written=size,
         )
         self.unsynced.add(store)
         self.placement.note_written(store, size)
         self.bytes_out += size
+
+    def _deadline(self, runner: StoreRunner) -> float:
+        """How long one fragment write may take before the fragment goes
+        to another store instead: generous against the store's own
+        latency, but a hung store costs seconds, not the full timeout."""
+        return min(self.write_timeout, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
 
     async def _remove(self, chunk_id: int, stores: list[int]) -> None:
         for index, store in enumerate(stores):
@@ -182,7 +197,7 @@ class ChunkWriter:
                 runner.mark_failed(f"sync failed: {exc}")
                 log.warning("store %d: sync failed: %s", store, exc)
 
-        async with trio.open_nursery() as nursery:
+        async with open_fan_out() as nursery:
             for store in pending:
                 nursery.start_soon(sync, store)
 

