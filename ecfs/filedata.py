@@ -29,6 +29,7 @@ A chunk whose bytes are all zero is not stored (a hole).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,7 @@ from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
-from .tasks import guarded, open_fan_out
+from .tasks import gather_in_order, guarded, open_fan_out
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
@@ -172,17 +173,10 @@ class FileData:
         spans = self.layout.chunk_spans(offset, end - offset)
         if state is not None:
             self._maybe_prefetch(ino, state, offset, end, file_size)
-        if len(spans) == 1:
-            return await self._read_span(ino, state, spans[0])
-        parts: list[bytes] = [b""] * len(spans)
-
-        async def read_one(i: int, span: ChunkSpan) -> None:
-            parts[i] = await self._read_span(ino, state, span)
-
-        async with open_fan_out() as nursery:
-            for i, span in enumerate(spans):
-                nursery.start_soon(read_one, i, span)
-        return b"".join(parts)
+        parts = await gather_in_order(
+            [functools.partial(self._read_span, ino, state, span) for span in spans]
+        )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _maybe_prefetch(
         self, ino: int, state: FileState, offset: int, end: int, file_size: int

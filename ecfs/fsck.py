@@ -64,7 +64,7 @@ from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
 from .replicas import copy_database, replica_path
 from .store import MARKER_NAME, DirectoryStore, StoreMarker
-from .volume import _match_stores, expand_store_args, read_markers
+from .volume import _match_stores, expand_store_args, identify_stores, read_markers
 
 __all__ = [
     "COUNT_KEYS",
@@ -122,7 +122,7 @@ def run_fsck(
             )
     if not markers:
         raise VolumeError("none of the given stores is readable")
-    by_store_id = _identify(markers)
+    by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
     with VolumeLock.acquire(list(markers)):
@@ -194,21 +194,6 @@ def _check_volume(
     if _write_back(report, working, stores, m + 1, progress):
         for finding in replica_findings:
             finding.fixed = True
-
-
-def _identify(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
-    """Store UUID -> path; VolumeError if the stores belong to different
-    volumes or one store was given twice (the checks of `Volume.open`)."""
-    volumes = {marker.volume_id for marker in markers.values()}
-    if len(volumes) > 1:
-        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
-        raise VolumeError(f"the stores belong to different volumes: {listing}")
-    by_store_id: dict[str, Path] = {}
-    for path, marker in markers.items():
-        if marker.store_id in by_store_id:
-            raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
-        by_store_id[marker.store_id] = path
-    return by_store_id
 
 
 def _why(path: Path) -> str:

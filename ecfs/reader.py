@@ -23,6 +23,7 @@ guessed or zeroed bytes.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ from .handles import Expected, FragmentHandle, HandleCache, open_fragment
 from .model import NO_STORE, ChunkRef
 from .offload import StoreRunner
 from .store import DirectoryStore
-from .tasks import open_fan_out
+from .tasks import gather_in_order, open_fan_out
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +197,10 @@ class ChunkReader:
         payload = self.layout.payload_length(ref.length)
         pieces = self.layout.data_pieces(ref.length, start, end)
         self.counters.requested_bytes += end - start
-        if len(pieces) == 1:
-            return await self._read_piece(ref, payload, pieces[0])
-        parts: list[bytes] = [b""] * len(pieces)
-
-        async def read_one(i: int, piece: FragmentPiece) -> None:
-            parts[i] = await self._read_piece(ref, payload, piece)
-
-        async with open_fan_out() as nursery:
-            for i, piece in enumerate(pieces):
-                nursery.start_soon(read_one, i, piece)
-        return b"".join(parts)
+        parts = await gather_in_order(
+            [functools.partial(self._read_piece, ref, payload, piece) for piece in pieces]
+        )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`

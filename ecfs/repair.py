@@ -49,6 +49,7 @@ from .model import NO_STORE, ChunkRef, repair_priority
 from .offload import StoreRunner
 from .placement import Placement
 from .reader import ChunkReader
+from .tasks import wait_until_idle
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +210,8 @@ class Repairer:
         self.counters.deferred += 1
 
     async def _pace(self) -> None:
-        if self.urgent:
-            return
-        waited = 0.0
-        while self.clock() - self.last_foreground() < IDLE_GAP and waited < MAX_STARVATION:
-            await trio.sleep(IDLE_GAP)
-            waited += IDLE_GAP
+        if not self.urgent:
+            await wait_until_idle(self.last_foreground, IDLE_GAP, MAX_STARVATION)
 
     async def _throttle(self, nbytes: int, elapsed: float) -> None:
         if elapsed > 0:

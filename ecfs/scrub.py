@@ -27,6 +27,7 @@ from .metadb.database import Database
 from .model import NO_STORE, repair_priority
 from .offload import StoreRunner
 from .reader import ChunkReader
+from .tasks import wait_until_idle
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,7 @@ class Scrubber:
             done.clear()
 
     async def _pace(self) -> None:
-        waited = 0.0
-        while time.monotonic() - self.last_foreground() < IDLE_GAP and waited < MAX_STARVATION:
-            await trio.sleep(IDLE_GAP)
-            waited += IDLE_GAP
-        await trio.lowlevel.checkpoint()
+        await wait_until_idle(self.last_foreground, IDLE_GAP, MAX_STARVATION)
 
     async def _verify_chunk(self, chunk_id: int) -> None:
         found = self.chunks.by_id(chunk_id)

@@ -9,15 +9,18 @@ dropped), because an exception escaping into the mount's nursery would end
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from .errors import EcfsError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds before a crashed long-running task is started again.
 RESTART_DELAY = 1.0
@@ -73,3 +76,30 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield from _leaves(exc)
         else:
             yield exc
+
+
+async def gather_in_order(jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run the jobs of one request concurrently; their results in order.
+    A single job runs without a nursery (the common, cheap case)."""
+    if len(jobs) == 1:
+        return [await jobs[0]()]
+    results: list[Any] = [None] * len(jobs)
+
+    async def run(i: int) -> None:
+        results[i] = await jobs[i]()
+
+    async with open_fan_out() as nursery:
+        for i in range(len(jobs)):
+            nursery.start_soon(run, i)
+    return results
+
+
+async def wait_until_idle(last_activity: Callable[[], float], gap: float, patience: float) -> None:
+    """Background work yields to foreground requests: wait until none was
+    seen for `gap` seconds, but at most `patience` seconds (so background
+    work never starves). `last_activity` returns a time.monotonic()."""
+    waited = 0.0
+    while time.monotonic() - last_activity() < gap and waited < patience:
+        await trio.sleep(gap)
+        waited += gap
+    await trio.lowlevel.checkpoint()

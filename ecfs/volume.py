@@ -99,6 +99,21 @@ def read_markers(paths: Sequence[Path]) -> dict[Path, StoreMarker]:
     return markers
 
 
+def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
+    """Store UUID -> path; VolumeError if the stores belong to different
+    volumes or one store was given twice (under two paths)."""
+    volumes = {marker.volume_id for marker in markers.values()}
+    if len(volumes) > 1:
+        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+        raise VolumeError(f"the stores belong to different volumes: {listing}")
+    by_store_id: dict[str, Path] = {}
+    for path, marker in markers.items():
+        if marker.store_id in by_store_id:
+            raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
+        by_store_id[marker.store_id] = path
+    return by_store_id
+
+
 class Volume:
     """An open volume: its parameters, stores and services."""
 
@@ -210,15 +225,7 @@ class Volume:
         markers = read_markers(paths)
         if not markers:
             raise VolumeError("none of the given stores is readable")
-        volumes = {marker.volume_id for marker in markers.values()}
-        if len(volumes) > 1:
-            listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
-            raise VolumeError(f"the stores belong to different volumes: {listing}")
-        by_store_id: dict[str, Path] = {}
-        for path, marker in markers.items():
-            if marker.store_id in by_store_id:
-                raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
-            by_store_id[marker.store_id] = path
+        by_store_id = identify_stores(markers)
         replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
         workdir = Path(tempfile.mkdtemp(prefix="ecfs-", dir=runtime_dir))
         try:
