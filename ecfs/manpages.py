@@ -153,7 +153,8 @@ Success.
 1::
 The operation failed, or found problems (see each command).
 
-""" + _EXIT_USAGE,
+"""
+            + _EXIT_USAGE,
             "ENVIRONMENT": """\
 `_ECFS_COMPLETE`::
 `bash_source` or `zsh_source`: print the shell completion script and exit.
@@ -186,7 +187,8 @@ Sizes take the suffixes K, M, G (powers of two).""",
             "EXAMPLES": """\
 A 4+2 volume over six disks (1.5 times the space, any 2 disks may fail):
 
-    ecfs mkfs --data 4 --parity 2 /srv/d1/ecfs /srv/d2/ecfs /srv/d3/ecfs \\
+    ecfs mkfs --data 4 --parity 2 \\
+        /srv/d1/ecfs /srv/d2/ecfs /srv/d3/ecfs \\
         /srv/d4/ecfs /srv/d5/ecfs /srv/d6/ecfs
 
 An 8+3 volume over eleven disks:
@@ -199,7 +201,9 @@ The volume was created; its id is printed.
 1::
 Writing a store failed.
 
-""" + _EXIT_USAGE + """ For example: fewer than k+m stores, a directory
+"""
+            + _EXIT_USAGE
+            + """ For example: fewer than k+m stores, a directory
 that is not empty or belongs to another volume, the same directory given
 twice, a bad size.""",
             "FILES": _STORE_FILES,
@@ -250,17 +254,23 @@ by `:` or `,`:
 
     mount -t fuse.ecfs '/srv/d*/ecfs' /mnt/pool -o noatime
 
-An `/etc/fstab` line (`_netdev` and `nofail` let the boot go on without it;
+An `/etc/fstab` line (`nofail` lets the boot go on without it;
 `x-systemd.requires-mounts-for=` orders it after the disks holding the
 stores):
 
-    /srv/d*/ecfs  /mnt/pool  fuse.ecfs  noatime,nofail,x-systemd.requires-mounts-for=/srv  0  0
+    /srv/d*/ecfs  /mnt/pool  fuse.ecfs  noatime,_netdev,nofail,x-systemd.requires-mounts-for=/srv  0  0
 
-The helper runs `ecfs mount -o `*OPTIONS* *SOURCE* *MOUNTPOINT*, with the
-stores taken from the source. Its companion `umount.fuse.ecfs` makes
-umount(8) run `ecfs umount`, which waits until the daemon has written
-everything back. `scripts/systemd/` has an example `.mount` unit, and a
-service and timer for a weekly scrub.""",
+The helper runs `ecfs mount -o `*OPTIONS* *STORES...* *MOUNTPOINT*, with
+the stores taken from the source (`$ECFS` names the ecfs command and
+`$ECFS_LOG_FILE` the log file, if set). It exits 0 when mounted, 1 when
+called wrongly and 32 when the mount failed, as mount(8) expects.
+
+Its companion `umount.fuse.ecfs` makes umount(8) run `ecfs umount`, which
+waits until the daemon has written everything back. umount(8) runs it when
+it reads the mount table, that is for mounts it recorded options of (such
+as `_netdev`); otherwise it detaches the mount itself and the daemon
+finishes writing back on its own a moment later. `scripts/systemd/` has an
+example `.mount` unit, and a service and timer for a weekly scrub.""",
             "EXAMPLES": """\
     ecfs mount '/srv/d*/ecfs' /mnt/pool
     ecfs mount -o noatime,repair_rate=100M /srv/d1/ecfs /srv/d2/ecfs ... /mnt/pool
@@ -273,7 +283,9 @@ cleanly).
 1::
 Mounting failed (see the log).
 
-""" + _EXIT_USAGE + """ For example: the mountpoint does not exist or is
+"""
+            + _EXIT_USAGE
+            + """ For example: the mountpoint does not exist or is
 already a mount point, stores of different volumes, more than m stores
 missing, the volume is mounted elsewhere, an unknown option, `/dev/fuse`
 missing, `allow_other` not permitted.""",
@@ -288,7 +300,8 @@ The daemon's log when mounted by root, or by another user, without
 `/sbin/mount.fuse.ecfs`, `/sbin/umount.fuse.ecfs`::
 The helpers mount(8) and umount(8) run for type `fuse.ecfs`.
 
-""" + _STORE_FILES,
+"""
+            + _STORE_FILES,
             "SEE ALSO": "mount(8), fstab(5), systemd.mount(5), fuse(8)",
         },
     ),
@@ -317,7 +330,9 @@ Unmounted, and the daemon exited.
 The mount is busy (a file is open or a process has its working directory
 in it; see fuser(1)), or the daemon did not finish within `--timeout`.
 
-""" + _EXIT_USAGE + " For example: *MOUNTPOINT* is not an ecfs mount.",
+"""
+            + _EXIT_USAGE
+            + " For example: *MOUNTPOINT* is not an ecfs mount.",
         },
     ),
     Page(
@@ -354,7 +369,8 @@ As above; `tolerance` is how many more stores the worst chunk can lose
 (negative: data unreadable now).
 
 `stores`::
-One object per store: `index`, `path`, `state` (`ok`, `slow`, `failed`),
+One object per store: `index`, `path`, `state` (`ok`, `slow`, `failed`,
+`missing`: part of the volume but not found at mount),
 `in_flight`, `errors`, `timeouts`, `latency_p50_ms`, `latency_p95_ms`,
 `bytes_read`, `bytes_written`, `free_bytes`, `total_bytes` (null when
 unknown), `fragments`, `fragment_bytes`, `draining`.
@@ -405,7 +421,9 @@ The volume is healthy (with `--prometheus`: the mount answered).
 1::
 The volume is not healthy, or the daemon did not answer.
 
-""" + _EXIT_USAGE + " For example: *MOUNTPOINT* is not a mounted ecfs volume.",
+"""
+            + _EXIT_USAGE
+            + " For example: *MOUNTPOINT* is not a mounted ecfs volume.",
             "FILES": _control_files(),
         },
     ),
@@ -421,7 +439,8 @@ missing or corrupt fragment for repair. Chunks verified longest ago come
 first, so a scrub stopped by `--max-duration` resumes where it stopped.
 The scrub runs in the daemon; foreground I/O goes first.
 
-""" + _PROGRESS,
+"""
+        + _PROGRESS,
         sections={
             "SCHEDULE": """\
 Scrub every month or so. `scripts/systemd/ecfs-scrub@.service` and
@@ -446,7 +465,8 @@ Nothing was found.
 1::
 Missing or corrupt fragments were found (and queued for repair).
 
-""" + _EXIT_USAGE,
+"""
+            + _EXIT_USAGE,
             "SEE ALSO": "ecfs-repair(8), ecfs-fsck(8)",
         },
     ),
@@ -463,7 +483,8 @@ endangered chunks first, and normally only while the volume is idle (at
 most `repair_rate`, see ecfs-mount(8)). `ecfs repair` makes it urgent: full
 speed, even while files are used, until `--normal`.
 
-""" + _PROGRESS,
+"""
+        + _PROGRESS,
         sections={
             "EXAMPLES": """\
     ecfs repair --wait /mnt/pool
@@ -475,7 +496,8 @@ Done (with `--wait`: nothing left that can be repaired now).
 1::
 Some data cannot be recovered: fewer than k good fragments are left.
 
-""" + _EXIT_USAGE,
+"""
+            + _EXIT_USAGE,
         },
     ),
     Page(
@@ -491,7 +513,8 @@ too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.
 It refuses a volume that is mounted (the stores are locked).
 
-""" + _PROGRESS,
+"""
+        + _PROGRESS,
         sections={
             "JSON OUTPUT": """\
 `--json` prints an object with these stable keys: `volume`, `clean`,
@@ -513,7 +536,9 @@ count).
 1::
 Problems were found (fixed or not; the report says which).
 
-""" + _EXIT_USAGE + " For example: the volume is mounted, stores of two volumes.",
+"""
+            + _EXIT_USAGE
+            + " For example: the volume is mounted, stores of two volumes.",
             "FILES": _STORE_FILES,
         },
     ),
@@ -526,7 +551,8 @@ Store changes run in the daemon while the volume stays in use; the
 command follows them until done. After a change, mount with the new list
 of stores (a glob that matches the new ones keeps working).
 
-""" + _PROGRESS,
+"""
+        + _PROGRESS,
         sections={
             "EXAMPLES": """\
 Replace a dead disk: mount the new disk, then
@@ -546,7 +572,8 @@ Done.
 1::
 The change failed (the message says why; the volume is unchanged).
 
-""" + _EXIT_USAGE,
+"""
+            + _EXIT_USAGE,
         },
     ),
 )
@@ -568,7 +595,7 @@ def render_page(page: Page, help_texts: dict[str, dict[str, Any]]) -> str:
         ".nh",  # no hyphenation: option names must stay whole
         ".ad l",
         ".SH NAME",
-        f"{_escape(page.name)} \\- {_escape(page.summary)}",
+        f"{_escape(page.name, hyphens=True)} \\- {_escape(page.summary)}",
         ".SH SYNOPSIS",
     ]
     for i, command in enumerate(page.commands):
@@ -632,7 +659,7 @@ def _see_also(page: Page, extra: str) -> str:
 
 
 def _synopsis(usage: str) -> list[str]:
-    """"ecfs mount [OPTIONS] STORES... MOUNTPOINT" -> bold command words,
+    """ "ecfs mount [OPTIONS] STORES... MOUNTPOINT" -> bold command words,
     italic metavariables."""
     words = usage.split()
     command = [w for w in words if re.fullmatch(r"[a-z][a-z0-9-]*", w)]
@@ -653,7 +680,7 @@ def _options(records: Iterable[Sequence[str]]) -> list[str]:
 
 
 def _option_term(terms: str) -> str:
-    """"-k, --data INTEGER" -> bold flags, italic metavariable."""
+    """ "-k, --data INTEGER" -> bold flags, italic metavariable."""
     parts = []
     for part in terms.split(", "):
         flag, _, metavar = part.partition(" ")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 HEALTH_STATES = ("healthy", "degraded", "at-risk", "data-loss")
-STORE_STATES = ("ok", "slow", "failed")
+STORE_STATES = ("ok", "slow", "failed", "missing")
 
 
 @dataclass(frozen=True)
@@ -37,22 +37,35 @@ def _m(name: str, type_: str, help_: str, *labels: str) -> Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    _m("ecfs_volume_info", "gauge", "Always 1; the volume id and its code k+m.", "volume", "k", "m"),
-    _m("ecfs_volume_health", "gauge",
-       "1 for the current health state, 0 for the others.", "state"),
-    _m("ecfs_volume_tolerance", "gauge",
-       "How many more stores the worst chunk can lose (negative: data unreadable)."),
+    _m(
+        "ecfs_volume_info", "gauge", "Always 1; the volume id and its code k+m.", "volume", "k", "m"
+    ),
+    _m("ecfs_volume_health", "gauge", "1 for the current health state, 0 for the others.", "state"),
+    _m(
+        "ecfs_volume_tolerance",
+        "gauge",
+        "How many more stores the worst chunk can lose (negative: data unreadable).",
+    ),
     _m("ecfs_unrecoverable_chunks", "gauge", "Chunks that repair found unrecoverable."),
     _m("ecfs_store_info", "gauge", "Always 1; the store's path.", "store", "path"),
-    _m("ecfs_store_state", "gauge",
-       "1 for the store's current state (ok, slow, failed), 0 for the others.",
-       "store", "state"),
+    _m(
+        "ecfs_store_state",
+        "gauge",
+        "1 for the store's current state (ok, slow, failed, missing), 0 for the others.",
+        "store",
+        "state",
+    ),
     _m("ecfs_store_draining", "gauge", "1 while the store is being removed.", "store"),
     _m("ecfs_store_in_flight", "gauge", "Operations running on the store now.", "store"),
     _m("ecfs_store_errors_total", "counter", "Failed operations on the store.", "store"),
     _m("ecfs_store_timeouts_total", "counter", "Timed-out operations on the store.", "store"),
-    _m("ecfs_store_latency_seconds", "summary",
-       "Recent operation latency of the store (quantiles 0.5 and 0.95).", "store", "quantile"),
+    _m(
+        "ecfs_store_latency_seconds",
+        "summary",
+        "Recent operation latency of the store (quantiles 0.5 and 0.95).",
+        "store",
+        "quantile",
+    ),
     _m("ecfs_store_bytes_read_total", "counter", "Bytes read from the store.", "store"),
     _m("ecfs_store_bytes_written_total", "counter", "Bytes written to the store.", "store"),
     _m("ecfs_store_free_bytes", "gauge", "Free space of the store's filesystem.", "store"),
@@ -61,36 +74,61 @@ METRICS: tuple[Metric, ...] = (
     _m("ecfs_store_fragment_bytes", "gauge", "Bytes of fragments held by the store.", "store"),
     _m("ecfs_read_requested_bytes_total", "counter", "Bytes programs read from the mount."),
     _m("ecfs_read_store_bytes_total", "counter", "Bytes read from stores to serve them."),
-    _m("ecfs_degraded_reads_total", "counter",
-       "Reads that had to decode from parity (a fragment was missing or bad)."),
+    _m(
+        "ecfs_degraded_reads_total",
+        "counter",
+        "Reads that had to decode from parity (a fragment was missing or bad).",
+    ),
     _m("ecfs_degraded_read_requested_bytes_total", "counter", "Bytes served by degraded reads."),
-    _m("ecfs_degraded_read_store_bytes_total", "counter",
-       "Bytes read from stores for degraded reads."),
-    _m("ecfs_hedged_reads_total", "counter",
-       "Extra fragment reads sent because a store was slow to answer."),
-    _m("ecfs_unrecoverable_reads_total", "counter",
-       "Reads that failed with EIO: fewer than k good fragments."),
-    _m("ecfs_read_nowait_hits_total", "counter",
-       "Fragment reads served without a worker thread (page cache hits)."),
+    _m(
+        "ecfs_degraded_read_store_bytes_total",
+        "counter",
+        "Bytes read from stores for degraded reads.",
+    ),
+    _m(
+        "ecfs_hedged_reads_total",
+        "counter",
+        "Extra fragment reads sent because a store was slow to answer.",
+    ),
+    _m(
+        "ecfs_unrecoverable_reads_total",
+        "counter",
+        "Reads that failed with EIO: fewer than k good fragments.",
+    ),
+    _m(
+        "ecfs_read_nowait_hits_total",
+        "counter",
+        "Fragment reads served without a worker thread (page cache hits).",
+    ),
     _m("ecfs_read_thread_reads_total", "counter", "Fragment reads done in a worker thread."),
     _m("ecfs_write_bytes_in_total", "counter", "Bytes programs wrote to the mount."),
     _m("ecfs_write_bytes_out_total", "counter", "Bytes written to stores (data and parity)."),
     _m("ecfs_repair_queue_chunks", "gauge", "Chunks queued for repair, by reason.", "reason"),
     _m("ecfs_repair_queue_bytes", "gauge", "File bytes of the chunks queued, by reason.", "reason"),
     _m("ecfs_repair_bytes_left", "gauge", "Fragment bytes still to rebuild."),
-    _m("ecfs_repair_deferred_chunks", "gauge",
-       "Queued chunks waiting for a store to rebuild onto."),
+    _m(
+        "ecfs_repair_deferred_chunks", "gauge", "Queued chunks waiting for a store to rebuild onto."
+    ),
     _m("ecfs_repair_rate_bytes_per_second", "gauge", "Current repair speed."),
-    _m("ecfs_repair_rate_limit_bytes_per_second", "gauge",
-       "Repair bandwidth cap (-o repair_rate; 0: none)."),
-    _m("ecfs_repair_eta_seconds", "gauge",
-       "Estimated time until the repair queue is empty (absent when idle)."),
+    _m(
+        "ecfs_repair_rate_limit_bytes_per_second",
+        "gauge",
+        "Repair bandwidth cap (-o repair_rate; 0: none).",
+    ),
+    _m(
+        "ecfs_repair_eta_seconds",
+        "gauge",
+        "Estimated time until the repair queue is empty (absent when idle).",
+    ),
     _m("ecfs_repair_urgent", "gauge", "1 after `ecfs repair` (full speed), else 0."),
     _m("ecfs_repair_busy", "gauge", "1 while a repair is running."),
     _m("ecfs_repair_fragments_rebuilt_total", "counter", "Fragments rebuilt by repair."),
     _m("ecfs_repair_chunks_repaired_total", "counter", "Chunks repaired."),
-    _m("ecfs_repair_chunks_checked_fine_total", "counter",
-       "Queued chunks that turned out to need nothing."),
+    _m(
+        "ecfs_repair_chunks_checked_fine_total",
+        "counter",
+        "Queued chunks that turned out to need nothing.",
+    ),
     _m("ecfs_repair_bytes_read_total", "counter", "Bytes repair read from stores."),
     _m("ecfs_repair_bytes_written_total", "counter", "Bytes repair wrote to stores."),
     _m("ecfs_scrub_running", "gauge", "1 while a scrub runs."),
@@ -98,15 +136,27 @@ METRICS: tuple[Metric, ...] = (
     _m("ecfs_scrub_chunks_done", "gauge", "Of them, chunks verified so far."),
     _m("ecfs_scrub_fragments_verified", "gauge", "Fragments verified by the current or last pass."),
     _m("ecfs_scrub_bytes_verified", "gauge", "Bytes verified by the current or last pass."),
-    _m("ecfs_scrub_findings", "gauge",
-       "Chunks with missing or corrupt fragments found by the current or last pass."),
-    _m("ecfs_scrub_last_start_timestamp_seconds", "gauge",
-       "When the current or last scrub started (0: never)."),
-    _m("ecfs_scrub_last_finish_timestamp_seconds", "gauge",
-       "When the last scrub finished (0: never)."),
+    _m(
+        "ecfs_scrub_findings",
+        "gauge",
+        "Chunks with missing or corrupt fragments found by the current or last pass.",
+    ),
+    _m(
+        "ecfs_scrub_last_start_timestamp_seconds",
+        "gauge",
+        "When the current or last scrub started (0: never).",
+    ),
+    _m(
+        "ecfs_scrub_last_finish_timestamp_seconds",
+        "gauge",
+        "When the last scrub finished (0: never).",
+    ),
     _m("ecfs_metadata_generation", "gauge", "Metadata generation (commits so far)."),
-    _m("ecfs_metadata_durable_generation", "gauge",
-       "Newest metadata generation on every live replica."),
+    _m(
+        "ecfs_metadata_durable_generation",
+        "gauge",
+        "Newest metadata generation on every live replica.",
+    ),
     _m("ecfs_metadata_live_replicas", "gauge", "Metadata replicas being kept up to date."),
     _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
 )
@@ -178,16 +228,20 @@ def render_prometheus(status: dict[str, Any]) -> str:
         lines.append(f"# TYPE {metric.name} {metric.type}")
         for name, labels, value in samples[metric.name]:
             lines.append(f"{name}{_labels(labels)} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    return "".join(line + "\n" for line in lines)
 
 
 def _samples(status: dict[str, Any]) -> Iterator[tuple[str, dict[str, str], float]]:
     if "volume" in status:
-        yield "ecfs_volume_info", {
-            "volume": str(status["volume"]),
-            "k": str(status.get("k", "")),
-            "m": str(status.get("m", "")),
-        }, 1
+        yield (
+            "ecfs_volume_info",
+            {
+                "volume": str(status["volume"]),
+                "k": str(status.get("k", "")),
+                "m": str(status.get("m", "")),
+            },
+            1,
+        )
     if "health" in status:
         for state in (*HEALTH_STATES, *({status["health"]} - set(HEALTH_STATES))):
             yield "ecfs_volume_health", {"state": state}, status["health"] == state

@@ -71,6 +71,11 @@ if ! command -v fio >/dev/null 2>&1; then
     apt_install fio || say "could not install fio (only needed for benchmarks); continuing"
 fi
 
+# groff and man render the man pages (tests/test_manpages.py checks them).
+if ! command -v groff >/dev/null 2>&1 || ! command -v man >/dev/null 2>&1; then
+    apt_install man-db groff-base || say "could not install man-db/groff-base; man page rendering tests will be skipped"
+fi
+
 [[ -e /dev/fuse ]] || say "warning: /dev/fuse does not exist; mount tests will be skipped"
 
 # --- Python environment -----------------------------------------------------
@@ -97,4 +102,27 @@ else
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
     echo "$want" >"$stamp"
 fi
+# --- man pages and mount helpers ---------------------------------------------
+# A regular `pip install` puts man/*.8 into PREFIX/share/man/man8 (pyproject's
+# data-files); an editable install does not, so link them there: `man ecfs`
+# then works whenever .venv/bin is in PATH.
+mkdir -p "$venv/share/man/man8"
+for page in "$repo"/man/*.8; do
+    ln -sfn "$page" "$venv/share/man/man8/"
+done
+
+# mount(8) and umount(8) run /sbin/mount.fuse.ecfs and /sbin/umount.fuse.ecfs
+# for type fuse.ecfs (mount -t fuse.ecfs, /etc/fstab, systemd .mount units).
+# Only links (or nothing) are replaced: a helper installed otherwise stays.
+for helper in mount.fuse.ecfs umount.fuse.ecfs; do
+    target=/sbin/$helper
+    if [[ $EUID -ne 0 ]]; then
+        [[ -e $target ]] || say "not root: for mount -t fuse.ecfs, run: sudo ln -s $repo/scripts/$helper $target"
+    elif [[ -e $target && ! -L $target ]]; then
+        say "$target exists and is not a link: leaving it"
+    elif [[ $(readlink "$target" 2>/dev/null) != "$repo/scripts/$helper" ]]; then
+        ln -sfn "$repo/scripts/$helper" "$target"
+        say "linked $target -> $repo/scripts/$helper"
+    fi
+done
 say "done: use $venv/bin/ecfs, or $venv/bin/python -m pytest"
