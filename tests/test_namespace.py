@@ -926,9 +926,22 @@ def test_xattr_flags(ns: Namespace) -> None:
     expect_errno(errno.EEXIST, ns.setxattr, f.id, b"user.a", b"2", XATTR_CREATE)
     ns.setxattr(f.id, b"user.a", b"3", XATTR_REPLACE)
     assert ns.getxattr(f.id, b"user.a") == b"3"
-    expect_errno(errno.EINVAL, ns.setxattr, f.id, b"user.a", b"4", XATTR_CREATE | XATTR_REPLACE)
+    both = XATTR_CREATE | XATTR_REPLACE
+    expect_errno(errno.EEXIST, ns.setxattr, f.id, b"user.a", b"4", both)
+    expect_errno(errno.ENODATA, ns.setxattr, f.id, b"user.b", b"4", both)
     expect_errno(errno.EINVAL, ns.setxattr, f.id, b"user.a", b"4", 8)
     assert ns.getxattr(f.id, b"user.a") == b"3"
+    assert ns.listxattr(f.id) == [b"user.a"]
+
+
+def test_posix_acl_xattrs_are_refused(ns: Namespace) -> None:
+    # No ACL support: refusing them makes libacl (cp -a, setfacl) use chmod.
+    f = ns.create(ROOT, b"f", REG | 0o644, 0, 0)
+    for name in (b"system.posix_acl_access", b"system.posix_acl_default"):
+        expect_errno(errno.EOPNOTSUPP, ns.setxattr, f.id, name, b"\x02\x00\x00\x00")
+        expect_errno(errno.ENODATA, ns.getxattr, f.id, name)
+        expect_errno(errno.ENODATA, ns.removexattr, f.id, name)
+    assert ns.listxattr(f.id) == []
 
 
 def test_xattr_limits(ns: Namespace) -> None:
