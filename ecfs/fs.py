@@ -252,6 +252,13 @@ class EcfsOperations(pyfuse3.Operations):
             # for open(O_TRUNC), the truncation is ours (and it updates mtime
             # and ctime even when the file is already empty, as POSIX says).
             await self.data.truncate(inode, 0)
+            if ctx.uid != 0 and node.mode & (stat.S_ISUID | stat.S_ISGID):
+                # The kernel's own kill-suid on truncate is skipped with
+                # atomic O_TRUNC: clear the bits as a write would.
+                mode = node.mode & ~stat.S_ISUID
+                if mode & stat.S_IXGRP:
+                    mode &= ~stat.S_ISGID
+                self.ns.setattr(inode, mode=mode)
         self.data.opened(inode)
         return pyfuse3.FileInfo(fh=inode)
 

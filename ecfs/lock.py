@@ -13,7 +13,7 @@ A user of the volume holds an exclusive ``flock(2)`` on ``<store>/lock`` of
 every store it opened, for as long as it uses the volume: the mount for its
 whole lifetime, ``ecfs fsck`` while it runs. The lock is non-blocking: a
 second user is refused at once with VolumeError ("volume is in use
-(mounted?): <store> is locked by another process"), never queued.
+(already mounted?): <store> is locked by another process"), never queued.
 
 Why flock: the kernel drops it when the holder's last file descriptor on the
 lock file closes, including when the process dies (a crashed mount leaves no
@@ -116,7 +116,7 @@ def _lock_one(store: Path) -> int:
         os.close(fd)
         if exc.errno in _BUSY_ERRNOS:
             raise VolumeError(
-                f"volume is in use (mounted?): {store} is locked by another process"
+                f"volume is in use (already mounted?): {store} is locked by another process"
             ) from None
         raise VolumeError(f"cannot lock store {store}: {exc.strerror or exc}") from None
     return fd

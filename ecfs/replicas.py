@@ -306,6 +306,9 @@ def _generation_of(conn: sqlite3.Connection) -> int:
 def _backup_into(src: Path, tmp: Path) -> None:
     """Backup API copy of `src` into a fresh file `tmp`, left without side files."""
     _remove_with_side_files(tmp)
+    # Created 0600 before SQLite opens it: metadata is private (SQLite
+    # itself would create it with the umask's mode, typically 0644).
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
     source = _connect_read_only(src)
     try:
         target = sqlite3.connect(tmp, isolation_level=None)

@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 #: unmount never wait for it: they flush at once).
 COMMIT_INTERVAL = 1.0
 
+#: In a working-copy directory: keep it (it holds metadata not durable anywhere).
+KEEP_MARKER = "KEEP-not-durable-on-replicas"
+
 #: Seconds a store probe may take before the store counts as failed.
 PROBE_TIMEOUT = 2.0
 
@@ -97,6 +100,25 @@ def read_markers(paths: Sequence[Path]) -> dict[Path, StoreMarker]:
         except StoreError as exc:
             log.warning("store %s is unavailable: %s", path, exc)
     return markers
+
+
+def remove_dead_working_copies(runtime_dir: Path | None) -> None:
+    """Delete the working-copy directories of mounts that died (their pid is
+    gone). Each is a full copy of some volume's metadata, made obsolete by
+    the replicas at the next mount; a crash would otherwise leave it behind.
+    One whose metadata could not be made durable at unmount is kept (the
+    daemon exited normally then, but logged its path: its name says so)."""
+    directory = Path(runtime_dir or tempfile.gettempdir())
+    for path in directory.glob("ecfs-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or (path / KEEP_MARKER).exists():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
@@ -139,7 +161,7 @@ class Volume:
             self.runners,
             self.placement,
             uuid.UUID(self.volume_id).bytes,
-            lambda: db.next_id("chunk"),
+            self._new_chunk_id,
             device_of={i: os.stat(s.path).st_dev for i, s in stores.items()},
         )
         self.damage = DamageRecorder(db, k)
@@ -227,7 +249,8 @@ class Volume:
             raise VolumeError("none of the given stores is readable")
         by_store_id = identify_stores(markers)
         replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
-        workdir = Path(tempfile.mkdtemp(prefix="ecfs-", dir=runtime_dir))
+        remove_dead_working_copies(runtime_dir)
+        workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
         try:
             working = workdir / "metadata.sqlite"
             prepared = prepare_working_copy(
@@ -326,7 +349,9 @@ class Volume:
         """Release files (after shutdown and after the task nursery ended)."""
         self.handles.close_all()
         self.db.close()
-        if not self.metadata_at_risk:
+        if self.metadata_at_risk:
+            (self.workdir / KEEP_MARKER).touch()
+        else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def aclose_replicas(self) -> None:
@@ -475,6 +500,15 @@ class Volume:
             return
         self.store_change.update(state="done", message=message)
         log.warning("store %s: %s", op, message)
+
+    async def _new_chunk_id(self) -> int:
+        """A chunk id that no later mount can hand out again: ids come in
+        blocks, and the first use of a block waits until the reservation is
+        durable (once per ID_BLOCK chunks)."""
+        chunk_id, reserved_at = self.db.next_id_reserved("chunk")
+        if self.replicator is not None and reserved_at > self.replicator.durable_generation:
+            await self._wait_durable(reserved_at)
+        return chunk_id
 
     def _durable_generation(self) -> int:
         return self.replicator.durable_generation if self.replicator else self.db.generation

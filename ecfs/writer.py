@@ -24,7 +24,7 @@ durable metadata generation never refers to a fragment that is not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -58,7 +58,7 @@ class ChunkWriter:
         runners: Mapping[int, StoreRunner],
         placement: Placement,
         volume_id: bytes,
-        new_chunk_id: Callable[[], int],
+        new_chunk_id: Callable[[], Awaitable[int]],
         *,
         min_fragments: int | None = None,
         write_timeout: float = 30.0,
@@ -80,7 +80,7 @@ class ChunkWriter:
 
     async def write(self, data: bytes | bytearray) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version."""
-        chunk_id = self.new_chunk_id()
+        chunk_id = await self.new_chunk_id()
         if len(data) > LOOP_ENCODE_LIMIT:
             fragments = await trio.to_thread.run_sync(
                 self._build, chunk_id, data, limiter=self._cpu

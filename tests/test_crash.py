@@ -77,7 +77,6 @@ CRASH_LOG = (
     r"freeing inode",
     r"write-back .*failed",  # the workload's writes after the kill
     r"reduced redundancy",
-    r"File exists",  # bug: chunk ids reused after a crash (see the xfail test)
     r"cannot place chunk",
     r"fewer than|unrecoverable|Unrecoverable",
 )
@@ -814,14 +813,6 @@ def test_lazy_unmount_while_files_are_written(tmp_path: Path, how: str) -> None:
 # Bugs found by the kill loop, each shown by the smallest test
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunk ids are handed out from a counter block whose reservation is not yet"
-    " durable: after a kill the next mount hands out the same ids again, O_EXCL fails on"
-    " the killed daemon's orphan fragments (EEXIST), the stores are marked failed and"
-    " writes fail with ENOSPC/EIO (fix: wait until a block's reservation is durable"
-    " before using its ids, see the report)",
-)
 def test_chunk_ids_are_not_reused_after_a_crash(tmp_path: Path) -> None:
     with mounted_volume(tmp_path) as volume:
         with open(volume.mountpoint / "lost", "wb") as f:
@@ -839,11 +830,6 @@ def test_chunk_ids_are_not_reused_after_a_crash(tmp_path: Path) -> None:
     assert "File exists" not in text and "failed" not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed daemon's working copy (TMPDIR/ecfs-*/metadata.sqlite, a full copy of"
-    " the metadata) is never removed: every crash leaks one",
-)
 def test_a_killed_daemon_leaves_no_working_copy_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -136,13 +136,6 @@ def test_stores_are_private_to_the_mounting_user(
     assert _modes(volume.stores) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replicas.copy_database creates the copy with sqlite3.connect, i.e. 0666 &"
-    " ~umask: a replica resynced or added at mount (and one written back by fsck --repair)"
-    " is world-readable under umask 0 (0644 under 022); fix: create the temp file 0600"
-    " (os.open O_CREAT|O_EXCL, 0o600) before the backup in _backup_into",
-)
 def test_a_resynced_replica_is_private_too(tmp_path: Path, open_umask: None) -> None:
     with mounted_volume(tmp_path) as volume:
         (volume.mountpoint / "data").write_bytes(os.urandom(1 << 20))
@@ -212,13 +205,6 @@ def test_suid_and_sgid_are_cleared_by_truncate_and_writes_of_the_owner(d: Path) 
     assert (d / "by-write").read_bytes() == b"y!/bin/sh\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open(O_TRUNC) by a user without CAP_FSETID must clear S_ISUID (and S_ISGID with"
-    " S_IXGRP) as ext4 does; with atomic_o_trunc the kernel drops the mode change it asked"
-    " for (fuse_do_setattr returns early for ATTR_OPEN), so ecfs must do it in"
-    " EcfsOperations.open: if flags & O_TRUNC and ctx.uid != 0, clear the bits",
-)
 def test_open_with_o_trunc_by_a_non_owner_clears_suid(d: Path) -> None:
     (d / "f").write_bytes(b"#!/bin/sh\n")
     os.chmod(d / "f", 0o6777)

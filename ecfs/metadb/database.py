@@ -45,6 +45,7 @@ class Database:
         self.on_commit: Callable[[Transaction], None] | None = None
         self._statements: list[Statement] | None = None
         self._reserved: dict[str, list[int]] = {}
+        self._reserved_at: dict[str, int] = {}
 
     def close(self) -> None:
         self._conn.close()
@@ -117,6 +118,14 @@ class Database:
         self._statements.append((sql, params))
         return cursor.rowcount
 
+    def next_id_reserved(self, counter: str) -> tuple[int, int]:
+        """Like next_id, also returning the generation of the transaction
+        that reserved the id's block: an id must not be used where it
+        outlives a crash (a fragment file name) before that generation is
+        durable, or the next mount would hand it out again."""
+        value = self.next_id(counter)
+        return value, self._reserved_at[counter]
+
     def next_id(self, counter: str) -> int:
         """Take a fresh value of an id counter ('inode' or 'chunk').
 
@@ -133,6 +142,7 @@ class Database:
                 )
             reserved = [start, start + ID_BLOCK]
             self._reserved[counter] = reserved
+            self._reserved_at[counter] = self.generation
         value = reserved[0]
         reserved[0] += 1
         return value
