@@ -205,3 +205,47 @@ def _fsck(volume: MountedVolume, repair: bool = False):
     except ImportError:
         return None
     return run_fsck([str(s) for s in volume.stores], repair=repair, verify_data=True)
+
+
+def test_add_a_store_and_drain_one_through_the_cli(tmp_path: Path) -> None:
+    from tests.mounting import cli, mounted_volume
+
+    with mounted_volume(tmp_path) as volume:
+        hashes = populate(volume, 2)
+        extra = tmp_path / "disk7" / "ecfs"
+        result = cli("store", "add", str(volume.mountpoint), str(extra))
+        assert "added" in result.stdout
+        hashes.update(
+            {volume.mountpoint / "after-add": write_pattern_file(volume.mountpoint / "after-add", 9, 8 * MiB)}
+        )
+        assert fragment_files(extra), "new chunks should use the new store"
+        leaving = volume.stores[0]
+        result = cli("store", "remove", str(volume.mountpoint), str(leaving))
+        assert "drained" in result.stdout
+        check(hashes)
+        assert not (leaving / "ecfs-store.json").exists()  # retired: globs skip it now
+        volume.unmount()
+        volume.stores = [*volume.stores[1:], extra]
+        assert_fully_placed(volume.stores)
+        volume.mount()
+        check(hashes)
+        status_run = cli("status", str(volume.mountpoint), check=False)
+        assert status_run.returncode == 0, status_run.stdout
+        assert "can lose 2 more stores" in status_run.stdout
+
+
+def test_scrub_and_repair_commands(volume: MountedVolume) -> None:
+    from tests.mounting import cli
+
+    hashes = populate(volume, 2)
+    volume.unmount()
+    victim = next(iter(fragment_files(volume.stores[2]).values()))
+    victim.unlink()
+    volume.mount()
+    scrub = cli("scrub", "--json", str(volume.mountpoint), check=False)
+    assert scrub.returncode == 1  # findings
+    assert '"finding_count": 1' in scrub.stdout
+    repair = cli("repair", "--wait", str(volume.mountpoint))  # may have started already
+    assert "1 fragments rebuilt" in repair.stdout
+    assert cli("status", str(volume.mountpoint), check=False).returncode == 0
+    check(hashes)
