@@ -727,7 +727,8 @@ class Replicator:
                 return [self._pending[i] for i in range(count)]
             self._pending_event = trio.Event()
             if self._pending:
-                with trio.move_on_after(self._oldest_pending + self._commit_interval - time.monotonic()):
+                left = self._oldest_pending + self._commit_interval - time.monotonic()
+                with trio.move_on_after(max(0.0, left)):
                     await self._pending_event.wait()
             else:
                 await self._pending_event.wait()

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 #: unmount never wait for it: they flush at once).
 COMMIT_INTERVAL = 1.0
 
+#: Seconds unmount waits for the metadata to become durable before giving
+#: up (and keeping the working copy, see KEEP_MARKER).
+SHUTDOWN_DRAIN_TIMEOUT = 300.0
+
 #: In a working-copy directory: keep it (it holds metadata not durable anywhere).
 KEEP_MARKER = "KEEP-not-durable-on-replicas"
 
@@ -306,7 +310,7 @@ class Volume:
         """Start the background tasks and finish crash recovery."""
         assert self.replicator is not None
         self._nursery = nursery
-        await nursery.start(self.replicator.run)
+        await nursery.start(supervised, "metadata replication", self.replicator.run)
         await nursery.start(supervised, "garbage collector", self.garbage.run)
         await nursery.start(supervised, "repair", self.repairer.run)
         await self.refresh_usage()
@@ -320,8 +324,9 @@ class Volume:
         """Write back everything, make it durable, delete garbage."""
         await self.filedata.flush_all()
         try:
-            await self._drain_metadata()
-        except StoreError as exc:
+            with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
+                await self._drain_metadata()
+        except (StoreError, trio.TooSlowError) as exc:
             self.metadata_at_risk = True
             log.critical(
                 "metadata not durable at unmount: %s; the working copy is kept at %s"
