@@ -153,7 +153,9 @@ def read_generation(path: Path) -> int | None:
             return _generation_of(conn)
         finally:
             conn.close()
-    except (sqlite3.Error, OSError, ReplicaError) as exc:
+    except (sqlite3.Error, OSError, ReplicaError, ValueError) as exc:
+        # ValueError: a damaged file can make SQLite hand back text that is
+        # not valid UTF-8 (UnicodeDecodeError) or absurd values.
         log.warning("metadata replica %s is unreadable: %s", path, exc)
         return None
 

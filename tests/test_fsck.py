@@ -481,7 +481,7 @@ def make_volume(base: Path, n: int = 6) -> list[Path]:
 def test_fsck_refuses_a_locked_volume(tmp_path: Path) -> None:
     stores = make_volume(tmp_path)
     with VolumeLock.acquire(stores[3:4]):
-        with pytest.raises(VolumeError, match=r"volume is in use \(mounted\?\): .*s3 is locked"):
+        with pytest.raises(VolumeError, match=r"volume is in use \(already mounted\?\): .*s3 is locked"):
             run_fsck([str(s) for s in stores], repair=True, verify_data=False)
     # Refused before it touched anything; free again once the lock is gone.
     assert run_fsck([str(s) for s in stores], repair=False, verify_data=True).clean

@@ -54,7 +54,7 @@ def digest_tables(path: Path) -> dict[str, str]:
             if _type == "table" and name not in EXCLUDED_TABLES:
                 digests[name] = _digest_table(conn, name)
         return digests
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:  # ValueError: text that is not UTF-8
         raise StoreError(f"cannot read metadata replica {path}: {exc}") from None
     finally:
         conn.close()
