@@ -53,6 +53,10 @@ ONE_READ_GAP = 64 * 1024
 #: Fragment opens + read-ahead hints in flight for sequential prefetch.
 PREFETCH_CONCURRENCY = 16
 
+#: Consecutive reads of one store beaten by their hedge before the store
+#: is marked failed (hung).
+OUTRUN_LIMIT = 4
+
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
 HEDGE_BURST = 16
@@ -160,6 +164,7 @@ class ChunkReader:
         self.counters = ReadCounters()
         self._nowait = hasattr(os, "RWF_NOWAIT")
         self._prefetch_limit = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
+        self._outrun: dict[int, int] = {}
 
     async def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want
@@ -269,6 +274,7 @@ class ChunkReader:
             async def primary() -> None:
                 try:
                     winner.append(await self._read_fragment(ref, index, start, end))
+                    self._outrun.pop(store, None)
                     nursery.cancel_scope.cancel()
                 except (StoreError, FragmentCorrupt) as exc:
                     errors.append(exc)
@@ -291,6 +297,8 @@ class ChunkReader:
                     if errors:
                         raise
                     return  # the slow primary is the only hope: wait for it
+                if not primary_done.is_set():
+                    self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(primary)
@@ -298,6 +306,19 @@ class ChunkReader:
         if winner:
             return winner[0]
         raise errors[0]
+
+    def _note_outrun(self, runner: StoreRunner) -> None:
+        """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
+        store is treated as hung and routed around (its health probe brings
+        it back once it answers again), instead of every read waiting for
+        the hedge deadline first."""
+        count = self._outrun.get(runner.index, 0) + 1
+        self._outrun[runner.index] = count
+        if count >= OUTRUN_LIMIT and runner.available:
+            runner.mark_failed(f"{count} reads in a row outrun by hedged reads: store hung?")
+            log.warning("store %d: %d reads in a row did not answer in time; routing around it",
+                        runner.index, count)
+            self._outrun.pop(runner.index, None)
 
     def _may_hedge(self) -> bool:
         """Hedging a slow read costs k extra reads: allow it for at most
