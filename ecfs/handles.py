@@ -7,17 +7,52 @@ Must not: read payload bytes or decide what is degraded (see `reader`).
 Contract: a handle is used between `acquire` and `release`; eviction never
 closes a handle that is in use (it is closed when its last user releases
 it), so a file descriptor number can never be reused under a reader.
+
+Closing happens off the event loop, in a small pool of closer threads:
+close() of a file on a hung store (a network or FUSE-backed directory)
+can block forever, uninterruptibly, and must never stall the mount. It is
+fire-and-forget, so it does not go through `offload` (nobody waits for it).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import fragment
 from .errors import FragmentCorrupt
 from .store import DirectoryStore
+
+#: Closer threads (see the module docstring). Daemon threads: a close
+#: stuck on a hung store must not keep the process from exiting either.
+CLOSER_THREADS = 4
+_to_close: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closers: list[threading.Thread] = []
+_closers_lock = threading.Lock()
+
+
+def close_later(fd: int) -> None:
+    """Close `fd` in a closer thread: never blocks the caller."""
+    if len(_closers) < CLOSER_THREADS:
+        with _closers_lock:
+            if len(_closers) < CLOSER_THREADS:
+                thread = threading.Thread(target=_close_forever, name="ecfs-close", daemon=True)
+                thread.start()
+                _closers.append(thread)
+    _to_close.put(fd)
+
+
+def _close_forever() -> None:
+    while True:
+        fd = _to_close.get()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
 
 #: (store index, chunk id, fragment index)
 HandleKey = tuple[int, int, int]
@@ -110,7 +145,7 @@ class HandleCache:
         task cached one for the same key meanwhile, keep that one."""
         existing = self.acquire(key)
         if existing is not None:
-            os.close(handle.fd)
+            close_later(handle.fd)
             return existing
         handle.users += 1
         self._handles[key] = handle
@@ -120,7 +155,7 @@ class HandleCache:
     def release(self, handle: FragmentHandle) -> None:
         handle.users -= 1
         if handle.evicted and handle.users == 0:
-            os.close(handle.fd)
+            close_later(handle.fd)
 
     def discard(self, key: HandleKey) -> None:
         """Forget a handle (bad or deleted fragment); closed once unused."""
@@ -149,4 +184,4 @@ class HandleCache:
     def _retire(handle: FragmentHandle) -> None:
         handle.evicted = True
         if handle.users == 0:
-            os.close(handle.fd)
+            close_later(handle.fd)
