@@ -413,7 +413,10 @@ class ChunkReader:
     ) -> bytes:
         """Bytes [start, end) of fragment `lost`, decoded from k others."""
         k = self.layout.k
-        pieces, bad = await self._gather(ref, self._sources(ref, exclude={lost}), start, end)
+        pieces, bad, bytes_read = await self.gather_fragments(
+            ref, self.sources(ref, exclude={lost}), start, end
+        )
+        self.counters.degraded_store_bytes += bytes_read
         bad = [lost, *bad]
         self.on_damage(ref, bad, reason)
         if len(pieces) < k:
@@ -428,22 +431,23 @@ class ChunkReader:
             decoded = self.codec.decode(pieces, [lost])
         return decoded[lost]
 
-    async def _gather(
+    async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int
-    ) -> tuple[dict[int, bytes], list[int]]:
+    ) -> tuple[dict[int, bytes], list[int], int]:
         """Read [start, end) of k fragments among `candidates` (best first).
 
         k reads start at once; a failed one is replaced by the next
         candidate; if they are not all in after the slowest store's hedge
         deadline, every remaining candidate is read too and the first k
-        answers win. Returns (pieces, indices found bad)."""
+        answers win. Returns (pieces, indices found bad, bytes read)."""
         k = self.layout.k
         pieces: dict[int, bytes] = {}
         bad: list[int] = []
         waiting = list(candidates)
         running = 0
+        bytes_read = 0
         if len(candidates) < k:
-            return pieces, bad
+            return pieces, bad, bytes_read
 
         async with open_fan_out() as nursery:
 
@@ -458,10 +462,10 @@ class ChunkReader:
                     nursery.start_soon(read_one, waiting.pop(0))
 
             async def read_one(index: int) -> None:
-                nonlocal running
+                nonlocal running, bytes_read
                 try:
                     data = await self._read_fragment(ref, index, start, end)
-                    self.counters.degraded_store_bytes += end - start
+                    bytes_read += end - start
                     if len(pieces) < k:
                         pieces[index] = data
                 except (StoreError, FragmentCorrupt):
@@ -481,9 +485,9 @@ class ChunkReader:
 
             launch(k)
             nursery.start_soon(widen)
-        return pieces, bad
+        return pieces, bad, bytes_read
 
-    def _sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
+    def sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
         """Fragment indices worth reading, best first: available stores,
         lowest expected latency, data before parity on ties."""
         usable = []

@@ -53,6 +53,9 @@ from .tasks import wait_until_idle
 
 log = logging.getLogger(__name__)
 
+#: Chunks repaired at once in urgent mode.
+URGENT_PARALLEL = 4
+
 #: Seconds without foreground requests before a non-urgent repair step.
 IDLE_GAP = 0.05
 #: A non-urgent repair waits at most this long for the foreground to pause.
@@ -93,6 +96,7 @@ class Repairer:
         pins: ChunkPins,
         volume_id: bytes,
         last_foreground: Callable[[], float],
+        note_unsynced: Callable[[int], None],
         *,
         rate: float = 0.0,
         rebuild_after: float = DEFAULT_REBUILD_AFTER,
@@ -111,6 +115,7 @@ class Repairer:
         self.pins = pins
         self.volume_id = volume_id
         self.last_foreground = last_foreground
+        self.note_unsynced = note_unsynced
         self.rate = rate
         self.rebuild_after = rebuild_after
         self.clock = clock
@@ -192,13 +197,23 @@ class Repairer:
                     await self._wakeup.wait()
                 continue
             self._idle = trio.Event()
-            for entry in entries:
-                await self._pace()
-                try:
-                    await self.repair_chunk(entry)
-                except EcfsError as exc:
-                    log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
-                    self._defer(entry.chunk_id)
+            # Urgent: several chunks at once (their fragments are on
+            # different stores' queues); otherwise one at a time, paced.
+            limit = trio.Semaphore(URGENT_PARALLEL if self.urgent else 1)
+            async with trio.open_nursery() as nursery:
+                for entry in entries:
+                    await self._pace()
+                    await limit.acquire()
+                    nursery.start_soon(self._repair_entry, entry, limit)
+
+    async def _repair_entry(self, entry: RepairEntry, limit: trio.Semaphore) -> None:
+        try:
+            await self.repair_chunk(entry)
+        except EcfsError as exc:
+            log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
+            self._defer(entry.chunk_id)
+        finally:
+            limit.release()
 
     def _due_entries(self) -> list[RepairEntry]:
         now = self.clock()
@@ -297,17 +312,14 @@ class Repairer:
         return True
 
     async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, bytes]:
-        good: dict[int, bytes] = {}
-        for index in sorted(range(self.layout.n), key=lambda i: (i >= self.layout.k, i)):
-            if len(good) == self.layout.k:
-                break
-            if index in broken or not self._usable(ref.stores[index]):
-                continue
-            try:
-                good[index] = await self.reader.read_fragment(ref, index, 0, payload)
-                self.counters.bytes_read += payload
-            except (StoreError, FragmentCorrupt):
-                broken.add(index)
+        """k whole, verified fragments (read in parallel, fastest stores and
+        data fragments first); fragments found bad are added to `broken`."""
+        candidates = [
+            i for i in self.reader.sources(ref, exclude=broken) if self._usable(ref.stores[i])
+        ]
+        good, bad, bytes_read = await self.reader.gather_fragments(ref, candidates, 0, payload)
+        broken.update(bad)
+        self.counters.bytes_read += bytes_read
         return good
 
     def _target(self, ref: ChunkRef, index: int, stores: list[int]) -> int | None:
@@ -329,7 +341,9 @@ class Repairer:
         self.handles.discard((store, ref.chunk_id, index))
         await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
         size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
-        await runner.call(runner.store.sync)
+        # Made durable before any metadata batch that refers to it (the
+        # replicator syncs every store written since its last batch).
+        self.note_unsynced(store)
         check = ChunkRef(ref.chunk_id, ref.length, tuple(
             store if i == index else s for i, s in enumerate(ref.stores)
         ))

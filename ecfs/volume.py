@@ -203,6 +203,7 @@ class Volume:
             self.pins,
             uuid.UUID(self.volume_id).bytes,
             lambda: self.filedata.last_activity,
+            lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
         )
         self.damage.on_queued = self.repairer.poke
         self.scrubber = Scrubber(
