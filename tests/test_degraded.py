@@ -15,6 +15,7 @@ from tests.mounting import MountedVolume
 from tests.volume_files import (
     MiB,
     drop_caches,
+    flip_payload_bytes,
     fragment_files,
     fragments_by_chunk,
     pattern,
@@ -25,7 +26,6 @@ from tests.volume_files import (
 
 K, M = 4, 2
 CELL = 4096
-PAYLOAD_OFFSET = 4096  # header block of a 128 KiB fragment
 
 
 def _populate(volume: MountedVolume, count: int = 6) -> dict[Path, str]:
@@ -84,13 +84,7 @@ def test_rotten_fragments_are_caught_by_checksums(volume: MountedVolume) -> None
     rng = random.Random(5)
     rotten = 0
     for path in fragment_files(volume.stores[1]).values():
-        size = path.stat().st_size
-        with open(path, "r+b") as f:
-            for _ in range(3):
-                f.seek(rng.randrange(PAYLOAD_OFFSET, size))
-                byte = f.read(1)
-                f.seek(-1, os.SEEK_CUR)
-                f.write(bytes([byte[0] ^ 0xFF]))
+        flip_payload_bytes(path, rng, 3)
         rotten += 1
     assert rotten > 0
     volume.mount()

@@ -37,6 +37,7 @@ from tests.test_faultfs import faultfs
 from tests.volume_files import (
     MiB,
     drop_caches,
+    flip_payload_bytes,
     fragment_files,
     pattern,
     sha256_file,
@@ -51,7 +52,6 @@ pytestmark = [
 
 K, M, N = 4, 2, 6
 FRAGMENT = 128 * 1024
-PAYLOAD_OFFSET = 4096  # fragment header block
 HANG_READ_LIMIT = 5.0  # seconds a read touching a hung store may take
 QUICK = 1.0  # seconds for ls / stat / small reads while a store misbehaves
 RECOVERY_LIMIT = 12.0  # seconds to notice a store is back (probes every 5 s)
@@ -345,13 +345,7 @@ def test_fragments_rotting_while_mounted_are_read_around(tmp_path: Path) -> None
         with BackgroundIO(hashes, None) as io:
             rotten = 0
             for path in fragment_files(vol.stores[2]).values():
-                size = path.stat().st_size
-                with open(path, "r+b") as f:
-                    for _ in range(4):
-                        f.seek(rng.randrange(PAYLOAD_OFFSET, size))
-                        byte = f.read(1)
-                        f.seek(-1, os.SEEK_CUR)
-                        f.write(bytes([byte[0] ^ 0x5A]))
+                flip_payload_bytes(path, rng, 4, mask=0x5A)
                 rotten += 1
             drop_caches()
             time.sleep(1.0)

@@ -24,6 +24,7 @@ from ecfs.replicas import replica_path
 from ecfs.store import DirectoryStore
 from tests.mounting import MountedVolume, cli
 from tests.volume_files import (
+    PAYLOAD_OFFSET,
     drop_caches,
     fragment_files,
     sha256_file,
@@ -32,7 +33,6 @@ from tests.volume_files import (
 
 K, M = 4, 2
 CHUNK = K * 128 * 1024
-PAYLOAD_OFFSET = 4096  # header block of a 128 KiB fragment
 
 
 # --- helpers -----------------------------------------------------------------

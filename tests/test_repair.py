@@ -13,6 +13,7 @@ from tests.mounting import MountedVolume
 from tests.volume_files import (
     MiB,
     drop_caches,
+    flip_payload_bytes,
     fragment_files,
     fragments_by_chunk,
     sha256_file,
@@ -22,7 +23,6 @@ from tests.volume_files import (
 )
 
 K, M = 4, 2
-PAYLOAD_OFFSET = 4096
 
 
 def command(volume: MountedVolume, text: str) -> None:
@@ -111,11 +111,7 @@ def test_scrub_finds_exactly_the_rotten_fragments_and_repair_fixes_them(volume: 
     for store_no in (1, 4):
         frags = sorted(fragment_files(volume.stores[store_no]).items())
         for (chunk_id, index), path in rng.sample(frags, 3):
-            with open(path, "r+b") as f:
-                f.seek(PAYLOAD_OFFSET + rng.randrange(path.stat().st_size - PAYLOAD_OFFSET))
-                byte = f.read(1)
-                f.seek(-1, os.SEEK_CUR)
-                f.write(bytes([byte[0] ^ 0x55]))
+            flip_payload_bytes(path, rng, 1, mask=0x55)
             rotten.add((chunk_id, index))
     volume.mount()
     scrub = run_scrub(volume)

@@ -76,3 +76,18 @@ def store_bytes(store: Path) -> int:
 
 def status(vol: MountedVolume) -> dict:
     return json.loads(os.getxattr(vol.mountpoint, "user.ecfs.status"))
+
+
+#: Where a fragment's payload starts (the header block of a 128 KiB fragment).
+PAYLOAD_OFFSET = 4096
+
+
+def flip_payload_bytes(path: Path, rng: random.Random, count: int, mask: int = 0xFF) -> None:
+    """Corrupt `count` random payload bytes of a fragment file in place."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for _ in range(count):
+            f.seek(rng.randrange(PAYLOAD_OFFSET, size))
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ mask]))
