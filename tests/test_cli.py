@@ -22,18 +22,14 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import (
-    FUSE_MISSING_REASON,
     MOUNT_TIMEOUT,
     _cli_env,
     cli,
     is_mounted,
     lazy_unmount,
+    requires_fuse,
 )
 from tests.volume_files import MiB, sha256_file, write_pattern_file
-
-requires_fuse = pytest.mark.skipif(
-    FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or "FUSE available"
-)
 
 K, M = 4, 2
 

@@ -34,6 +34,7 @@ from tests.mounting import (
     cli,
     is_mounted,
     mounted_volume,
+    requires_fuse,
 )
 from tests.test_cli import (
     assert_refused,
@@ -47,9 +48,6 @@ from tests.test_cli import (
 )
 from tests.volume_files import MiB, sha256_file, write_pattern_file
 
-requires_fuse = pytest.mark.skipif(
-    FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or "FUSE available"
-)
 SCRIPTS = REPO_ROOT / "scripts"
 
 

@@ -19,8 +19,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.as_user import NOBODY, run_as_user
 from tests.mounting import MountedVolume
 from tests.volume_files import MiB, drop_caches, fragment_files, pattern
-
-NOBODY = 65534
-CHILD_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid child)")
 
@@ -57,30 +53,8 @@ def expect_errno(code: int, fn, *args, **kwargs) -> None:  # type: ignore[no-unt
 def run_as(uid: int, cwd: Path, code: str, gid: int | None = None) -> str:
     """Run python `code` (after the `attempt` helper) as `uid` with `cwd` as
     working directory; return its stdout. The code reports by printing."""
-    result = subprocess.run(
-        [CHILD_PYTHON, "-c", CHILD_PRELUDE + textwrap.dedent(code)],
-        cwd=cwd,
-        user=uid,
-        group=uid if gid is None else gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return run_as_user(uid, uid if gid is None else gid, cwd, code).strip()
 
-
-# Child-side helper: attempt() returns the errno name of an OSError, or "ok".
-CHILD_PRELUDE = """
-import errno, os
-def attempt(fn, *args, **kw):
-    try:
-        fn(*args, **kw)
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-    return "ok"
-"""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100

@@ -16,18 +16,15 @@ import json
 import os
 import stat
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.as_user import CHILD_PYTHON, NOBODY, run_as_user
 from tests.mounting import REPO_ROOT, MountedVolume, mounted_volume, requires_fuse
 
-NOBODY = 65534
 OTHER_GROUP = 4242
-CHILD_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 pytestmark = [
     requires_fuse,
@@ -35,31 +32,9 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, a child as another user)"),
 ]
 
-CHILD_PRELUDE = """
-import errno, json, os, stat
-def attempt(fn, *args, **kw):
-    try:
-        fn(*args, **kw)
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-    return "ok"
-"""
-
-
 def run_as(cwd: Path, code: str, uid: int = NOBODY, gid: int = NOBODY) -> list[str]:
     """Run python `code` as `uid` in `cwd`; return its output lines."""
-    result = subprocess.run(
-        [CHILD_PYTHON, "-c", CHILD_PRELUDE + textwrap.dedent(code)],
-        cwd=cwd,
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    return run_as_user(uid, gid, cwd, code).splitlines()
 
 
 # --------------------------------------------------------------------------
