@@ -292,7 +292,7 @@ class Repairer:
             stores[index] = target
         if written == 0:
             return 0
-        self._commit(ref, tuple(stores), moved, complete=len(moved) + written > 0)
+        self._commit(ref, tuple(stores), moved)
         return written
 
     def _usable(self, store: int) -> bool:
@@ -353,7 +353,7 @@ class Repairer:
         self.counters.bytes_written += size
         return size
 
-    def _commit(self, ref: ChunkRef, stores: tuple[int, ...], moved: list[int], complete: bool) -> None:
+    def _commit(self, ref: ChunkRef, stores: tuple[int, ...], moved: list[int]) -> None:
         with self.db.transaction():
             still_there = self.chunks.set_stores(ref.chunk_id, stores)
             if still_there and NO_STORE not in stores and ref.chunk_id not in self._deferred:
