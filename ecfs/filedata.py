@@ -40,21 +40,33 @@ import trio
 
 from .errors import EcfsError, Unrecoverable
 from .garbage import ChunkPins, Garbage
-from .geometry import ChunkSpan, Layout
+from .geometry import ChunkSpan, FragmentPiece, Layout
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
 from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
-from .model import NO_STORE, repair_priority
+from .model import NO_STORE, ChunkRef, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
-from .tasks import gather_in_order, guarded, open_fan_out
+from .tasks import gather_in_order, open_fan_out
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
 #: How many chunks ahead of a sequential reader are prefetched.
-PREFETCH_CHUNKS = 4
+PREFETCH_CHUNKS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _SlowSpan:
+    """Part of a read the page cache could not serve: `missing` pieces of
+    chunk `ref` (span `span` of inode `ino`) still to be read into `dest`."""
+
+    ino: int
+    span: ChunkSpan
+    ref: ChunkRef
+    missing: list[FragmentPiece]
+    dest: memoryview
 
 
 @dataclass(eq=False)
@@ -66,6 +78,13 @@ class FileState:
     dirty: dict[int, bytearray] = field(default_factory=dict)
     flushing: dict[int, bytearray] = field(default_factory=dict)
     locks: dict[int, trio.Lock] = field(default_factory=dict)
+    #: Ranges of a dirty buffer that were zero-filled to reach a later
+    #: write and not written since. Concurrent FUSE writes arrive out of
+    #: order: a chunk's tail often comes before its head, and a buffer is
+    #: only complete (worth writing back at once) with no gap left;
+    #: writing it back earlier would commit zeros and make the head's
+    #: write re-read and re-encode the whole chunk.
+    gaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     error: EcfsError | None = None
     #: Where the last read ended (sequential detection) and the highest
     #: chunk index already prefetched.
@@ -77,6 +96,31 @@ class FileState:
         if lock is None:
             lock = self.locks[idx] = trio.Lock()
         return lock
+
+    def note_gap(self, idx: int, start: int, end: int) -> None:
+        self.gaps.setdefault(idx, []).append((start, end))
+
+    def note_written(self, idx: int, start: int, end: int) -> None:
+        """Bytes [start, end) of chunk idx's buffer now hold data (or no
+        longer exist, after a truncate): they are no gap."""
+        gaps = self.gaps.get(idx)
+        if not gaps:
+            return
+        left = []
+        for a, b in gaps:
+            if a < start:
+                left.append((a, min(b, start)))
+            if b > end:
+                left.append((max(a, end), b))
+        if left:
+            self.gaps[idx] = left
+        else:
+            del self.gaps[idx]
+
+    def complete(self, idx: int, chunk_size: int) -> bool:
+        """Whether chunk idx's dirty buffer is whole: full length, no gap."""
+        buf = self.dirty.get(idx)
+        return buf is not None and len(buf) == chunk_size and idx not in self.gaps
 
     def buffered(self, idx: int) -> bytearray | None:
         buf = self.dirty.get(idx)
@@ -162,21 +206,39 @@ class FileData:
 
     # -- read ----------------------------------------------------------------
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
-        """File bytes [offset, offset+size), clipped at the file size."""
+    async def read(self, ino: int, offset: int, size: int) -> bytearray:
+        """File bytes [offset, offset+size), clipped at the file size.
+
+        Built in one buffer: buffered (dirty) bytes and inline data are
+        copied in, holes are left zero, and stored chunks are read straight
+        into it, first from the page cache on the loop (`read_cached`, no
+        task, no thread) and only what that left in worker threads."""
         self.last_activity = time.monotonic()
         file_size = self.namespace.get(ino).size
         end = min(offset + size, file_size)
         if offset >= end:
-            return b""
+            return bytearray()
         state = self._states.get(ino)
-        spans = self.layout.chunk_spans(offset, end - offset)
         if state is not None:
             self._maybe_prefetch(ino, state, offset, end, file_size)
-        parts = await gather_in_order(
-            [functools.partial(self._read_span, ino, state, span) for span in spans]
-        )
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        out = bytearray(end - offset)
+        view = memoryview(out)
+        slow: list[_SlowSpan] = []
+        pos = 0
+        try:
+            for span in self.layout.chunk_spans(offset, end - offset):
+                dest = view[pos : pos + span.end - span.start]
+                pos += span.end - span.start
+                job = self._read_span_cached(ino, state, span, dest)
+                if job is not None:
+                    self.pins.pin(job.ref.chunk_id)
+                    slow.append(job)
+            if slow:
+                await gather_in_order([functools.partial(self._finish_span, job) for job in slow])
+        finally:
+            for job in slow:
+                self.pins.unpin(job.ref.chunk_id)
+        return out
 
     def _maybe_prefetch(
         self, ino: int, state: FileState, offset: int, end: int, file_size: int
@@ -184,7 +246,7 @@ class FileData:
         """On a sequential read, prefetch the next PREFETCH_CHUNKS chunks."""
         sequential = offset == state.next_read
         state.next_read = end
-        if not sequential or self._nursery is None:
+        if not sequential:
             return
         chunk_size = self.layout.chunk_size
         first = max(state.prefetched + 1, (end - 1) // chunk_size + 1)
@@ -194,32 +256,38 @@ class FileData:
         state.prefetched = last
         for idx, ref in self.chunks.get_range(ino, first, last).items():
             if idx not in state.dirty:
-                self._nursery.start_soon(guarded, "prefetch", self.reader.prefetch, ref)
+                self.reader.prefetch(ref)
 
-    async def _read_span(self, ino: int, state: FileState | None, span: ChunkSpan) -> bytes:
-        want = span.end - span.start
+    def _read_span_cached(
+        self, ino: int, state: FileState | None, span: ChunkSpan, dest: memoryview
+    ) -> _SlowSpan | None:
+        """Fill `dest` with chunk bytes [span.start, span.end) if that can be
+        done without waiting; otherwise return what is left to read."""
         buf = state.buffered(span.chunk_index) if state is not None else None
         if buf is not None:
-            return _padded(buf[span.start : span.end], want)
+            _copy_padded(dest, buf, span.start)
+            return None
         ref = self.chunks.get(ino, span.chunk_index)
         if ref is None:
             if span.chunk_index == 0:
                 inline = self.namespace.inline_data(ino)
                 if inline is not None:
-                    return _padded(inline[span.start : span.end], want)
-            return bytes(want)
+                    _copy_padded(dest, inline, span.start)
+            return None  # a hole: dest is already zero
         stop = min(span.end, ref.length)
         if span.start >= stop:
-            return bytes(want)
-        self.pins.pin(ref.chunk_id)
+            return None
+        dest = dest[: stop - span.start]
+        missing = self.reader.read_cached(ref, span.start, stop, dest)
+        return _SlowSpan(ino, span, ref, missing, dest) if missing else None
+
+    async def _finish_span(self, job: _SlowSpan) -> None:
+        """Read what `_read_span_cached` left (the caller pins the chunk)."""
         try:
-            data = await self.reader.read(ref, span.start, stop)
+            await self.reader.read_missing(job.ref, job.span.start, job.missing, job.dest)
         except Unrecoverable as exc:
-            self._report_unrecoverable(ino, span.chunk_index, ref.length, exc)
+            self._report_unrecoverable(job.ino, job.span.chunk_index, job.ref.length, exc)
             raise
-        finally:
-            self.pins.unpin(ref.chunk_id)
-        return _padded(data, want)
 
     def _report_unrecoverable(self, ino: int, idx: int, length: int, exc: Unrecoverable) -> None:
         """Log lost data once per chunk, with the file's path and range."""
@@ -261,7 +329,9 @@ class FileData:
                 before = len(buf)
                 if before < span.start:
                     buf.extend(bytes(span.start - before))
+                    state.note_gap(idx, before, span.start)
                 buf[span.start : span.end] = view[pos : pos + count]
+                state.note_written(idx, span.start, span.end)
                 self.dirty_bytes += len(buf) - before
                 pos += count
                 new_end = idx * chunk_size + span.end
@@ -269,7 +339,7 @@ class FileData:
                 self.namespace.set_size(
                     ino, max(inode.size, new_end), mtime_ns=self.clock_ns(), persist=False
                 )
-            if len(buf) == chunk_size:
+            if state.complete(idx, chunk_size):
                 await self._write_back_soon(state, idx)
         if self.dirty_bytes > self.dirty_limit:
             await self._flush_state(state)
@@ -381,6 +451,7 @@ class FileData:
             state.flushing[idx] = buf
             try:
                 await self._store_chunk(state.ino, idx, bytes(buf))
+                state.gaps.pop(idx, None)  # committed: the zeros are content now
             except EcfsError as exc:
                 log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
                 state.error = state.error or exc
@@ -458,6 +529,7 @@ class FileData:
                     await stack.enter_async_context(state.lock(idx))
             for idx in [i for i in state.dirty if i >= first_dropped]:
                 self.dirty_bytes -= len(state.dirty.pop(idx))
+                state.gaps.pop(idx, None)
             if new_size % chunk_size:
                 buf = state.dirty.get(keep)
                 if buf is None:
@@ -467,6 +539,7 @@ class FileData:
                 cut = new_size - keep * chunk_size
                 self.dirty_bytes -= max(0, len(buf) - cut)
                 del buf[cut:]
+                state.note_written(keep, cut, chunk_size)
             with self.db.transaction():
                 removed = self.chunks.remove_from(ino, first_dropped)
                 inline = self.namespace.inline_data(ino)
@@ -486,6 +559,7 @@ class FileData:
                     await stack.enter_async_context(state.lock(idx))
                 self.dirty_bytes -= sum(len(b) for b in state.dirty.values())
                 state.dirty.clear()
+                state.gaps.clear()
             self._states.pop(ino, None)
         with self.db.transaction():
             removed = self.chunks.remove_from(ino, 0)
@@ -510,6 +584,13 @@ def _all_zero(data: bytes) -> bool:
     """True if every byte is zero (cheap for real data: it almost always
     differs at one end; only candidates are compared in full, with memcmp)."""
     return not data[0] and not data[-1] and data == bytes(len(data))
+
+
+def _copy_padded(dest: memoryview, data: bytes | bytearray, start: int) -> None:
+    """Copy data[start:] into `dest`, as far as both go (the rest of `dest`
+    stays zero: bytes past a short buffer or inline blob read as zeros)."""
+    n = max(0, min(len(dest), len(data) - start))
+    dest[:n] = memoryview(data)[start : start + n]
 
 
 def _padded(data: bytes | bytearray | memoryview, length: int) -> bytes:

@@ -38,6 +38,7 @@ from .geometry import FragmentPiece, Layout
 from .handles import Expected, FragmentHandle, HandleCache, open_fragment
 from .model import NO_STORE, ChunkRef
 from .offload import StoreRunner
+from .readahead import ReadAhead
 from .store import DirectoryStore
 from .tasks import gather_in_order, open_fan_out
 
@@ -49,9 +50,6 @@ DamageCallback = Callable[[ChunkRef, list[int], str], None]
 #: A cold read starting this close to the payload start is read together
 #: with the header in one pread.
 ONE_READ_GAP = 64 * 1024
-
-#: Fragment opens + read-ahead hints in flight for sequential prefetch.
-PREFETCH_CONCURRENCY = 16
 
 #: Consecutive reads of one store beaten by their hedge before the store
 #: is marked failed (hung).
@@ -112,23 +110,9 @@ def _open_and_read(
         raise
 
 
-def _open_and_advise(
-    store: DirectoryStore, chunk_id: int, index: int, expected: Expected
-) -> FragmentHandle:
-    """Blocking: open a fragment and ask the kernel to read its payload
-    into the page cache in the background (sequential prefetch)."""
-    handle = open_fragment(store, chunk_id, index, expected)
-    handle.prefix = None
-    try:
-        os.posix_fadvise(
-            handle.fd, handle.payload_offset, handle.header.payload_length, os.POSIX_FADV_WILLNEED
-        )
-    except OSError:
-        pass
-    return handle
-
-
-def _verify(header: fragment.FragmentHeader, start: int, end: int, data: bytes) -> None:
+def _verify(
+    header: fragment.FragmentHeader, start: int, end: int, data: fragment.Buffer
+) -> None:
     if len(data) != end - start:
         raise FragmentCorrupt(f"fragment {header.chunk_id:016x}.{header.index} is truncated")
     bad = fragment.bad_cells(header, start, data)
@@ -163,49 +147,59 @@ class ChunkReader:
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self._nowait = hasattr(os, "RWF_NOWAIT")
-        self._prefetch_limit = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
+        self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
 
-    async def prefetch(self, ref: ChunkRef) -> None:
+    def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want
-        next and start reading them into the page cache, so that the read
-        itself is served on the loop (RWF_NOWAIT) without a thread hop.
-        Best effort: errors are ignored (the real read will see them)."""
-        async with open_fan_out() as nursery:
-            for index in range(self.layout.k):
-                store = ref.stores[index]
-                if store != NO_STORE and self.handles.peek((store, ref.chunk_id, index)) is None:
-                    nursery.start_soon(self._prefetch_fragment, ref, index, store)
+        next and have their payload read into the page cache in the
+        background (see readahead), so that the reads themselves are served
+        on the loop. Best effort; returns at once."""
+        for index in range(self.layout.k):
+            store = ref.stores[index]
+            runner = self.runners.get(store) if store != NO_STORE else None
+            if runner is not None and runner.available:
+                self.readahead.request((store, ref.chunk_id, index), runner.store)
 
-    async def _prefetch_fragment(self, ref: ChunkRef, index: int, store: int) -> None:
-        runner = self.runners.get(store)
-        if runner is None or not runner.available:
-            return
-        async with self._prefetch_limit:
-            try:
-                handle = await runner.call(
-                    _open_and_advise,
-                    runner.store,
-                    ref.chunk_id,
-                    index,
-                    self.expected,
-                    timeout=self.read_timeout,
-                )
-            except (StoreError, FragmentCorrupt):
-                return
-        self.handles.release(self.handles.insert((store, ref.chunk_id, index), handle))
-
-    async def read(self, ref: ChunkRef, start: int, end: int) -> bytes:
+    async def read(self, ref: ChunkRef, start: int, end: int) -> bytearray:
         """Verified chunk bytes [start, end), 0 <= start < end <= ref.length."""
+        out = bytearray(end - start)
+        await self.read_into(ref, start, end, memoryview(out))
+        return out
+
+    async def read_into(self, ref: ChunkRef, start: int, end: int, dest: memoryview) -> None:
+        """Fill `dest` (end - start bytes) with verified chunk bytes [start, end)."""
+        missing = self.read_cached(ref, start, end, dest)
+        if missing:
+            await self.read_missing(ref, start, missing, dest)
+
+    def read_cached(
+        self, ref: ChunkRef, start: int, end: int, dest: memoryview
+    ) -> list[FragmentPiece]:
+        """The fast path, on the loop without awaiting: fill the parts of
+        `dest` (chunk bytes [start, end)) whose fragments are open and whose
+        bytes are in the page cache. Returns the pieces not served (to be
+        passed to `read_missing`); an empty list means `dest` is complete."""
         if not 0 <= start < end <= ref.length:
             raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
-        payload = self.layout.payload_length(ref.length)
-        pieces = self.layout.data_pieces(ref.length, start, end)
         self.counters.requested_bytes += end - start
-        parts = await gather_in_order(
-            [functools.partial(self._read_piece, ref, payload, piece) for piece in pieces]
+        payload = self.layout.payload_length(ref.length)
+        missing = []
+        for piece in self.layout.data_pieces(ref.length, start, end):
+            at = piece.chunk_start - start
+            if not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
+                missing.append(piece)
+        return missing
+
+    async def read_missing(
+        self, ref: ChunkRef, start: int, pieces: list[FragmentPiece], dest: memoryview
+    ) -> None:
+        """Fill the parts of `dest` (chunk bytes from `start`) that
+        `read_cached` left: read in worker threads, hedged, or decoded."""
+        payload = self.layout.payload_length(ref.length)
+        await gather_in_order(
+            [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`
@@ -224,34 +218,45 @@ class ChunkReader:
 
     # -- one data piece ---------------------------------------------------------
 
-    async def _read_piece(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> bytes:
+    async def _read_piece(
+        self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
+    ) -> None:
         a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
-        data = self._read_cached_nowait(ref, piece.index, a, b)
-        if data is None:
-            data = await self._read_hedged(ref, piece.index, a, b, piece.frag_end - piece.frag_start)
-        return data[piece.frag_start - a : piece.frag_end - a]
+        data = await self._read_hedged(ref, piece.index, a, b, piece.length)
+        at = piece.chunk_start - start
+        dest[at : at + piece.length] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
 
-    def _read_cached_nowait(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes | None:
-        """The fast path: an open handle and page-cached bytes, on the loop."""
-        store = ref.stores[index]
+    def _read_cached_nowait(
+        self, ref: ChunkRef, payload: int, piece: FragmentPiece, dest: memoryview
+    ) -> bool:
+        """Fill `dest` with `piece` from an open handle and page-cached
+        bytes, on the loop; False if it cannot be done without blocking."""
+        store = ref.stores[piece.index]
         runner = self.runners.get(store) if store != NO_STORE else None
-        if runner is None or not runner.available:
-            return None
-        key = (store, ref.chunk_id, index)
+        if runner is None or not runner.available or not self._nowait:
+            return False
+        key = (store, ref.chunk_id, piece.index)
         handle = self.handles.acquire(key)
         if handle is None:
-            return None
+            return False
+        a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
         try:
             self._check_payload(ref, handle)
-            data = self._read_nowait(handle, start, end, runner)
+            if a == piece.frag_start and b == piece.frag_end:
+                done = self._read_nowait(handle, a, dest)  # straight into the caller's buffer
+            else:
+                cells = bytearray(b - a)
+                done = self._read_nowait(handle, a, memoryview(cells))
+                if done:
+                    dest[:] = memoryview(cells)[piece.frag_start - a : piece.frag_end - a]
         except FragmentCorrupt:
             self.handles.discard(key)
-            return None  # the slow path reads it again and reports the damage
+            return False  # the slow path reads it again and reports the damage
         finally:
             self.handles.release(handle)
-        if data is not None:
-            self.counters.store_bytes += end - start
-        return data
+        if done:
+            self.counters.store_bytes += b - a
+        return done
 
     async def _read_hedged(
         self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
@@ -352,7 +357,8 @@ class ChunkReader:
                 self.counters.thread_reads += 1
             else:
                 self._check_payload(ref, handle)
-                data = self._read_nowait(handle, start, end, runner)
+                cells = bytearray(end - start)
+                data = cells if self._read_nowait(handle, start, memoryview(cells)) else None
                 if data is None:
                     data = await runner.call(
                         _pread_verified,
@@ -377,27 +383,26 @@ class ChunkReader:
         if handle.header.payload_length != self.layout.payload_length(ref.length):
             raise FragmentCorrupt(f"chunk {ref.chunk_id:016x}: fragment payload length mismatch")
 
-    def _read_nowait(
-        self, handle: FragmentHandle, start: int, end: int, runner: StoreRunner
-    ) -> bytes | None:
-        """Page-cache hit on the loop without blocking, or None."""
+    def _read_nowait(self, handle: FragmentHandle, start: int, dest: memoryview) -> bool:
+        """Read payload bytes [start, start + len(dest)) (cell-aligned) into
+        `dest` and verify them, if they are in the page cache (on the loop,
+        never blocking); False if they are not. FragmentCorrupt if they fail
+        their checksums."""
         if not self._nowait:
-            return None
-        buf = bytearray(end - start)
+            return False
         try:
-            n = os.preadv(handle.fd, [buf], handle.payload_offset + start, os.RWF_NOWAIT)
+            n = os.preadv(handle.fd, [dest], handle.payload_offset + start, os.RWF_NOWAIT)
         except BlockingIOError:
-            return None
+            return False
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False
-            return None
-        if n != len(buf):
-            return None
-        data = bytes(buf)
-        _verify(handle.header, start, end, data)
+            return False
+        if n != len(dest):
+            return False
+        _verify(handle.header, start, start + n, dest)
         self.counters.nowait_hits += 1
-        return data
+        return True
 
     # -- degraded ---------------------------------------------------------------
 

@@ -353,6 +353,7 @@ class Volume:
 
     def close(self) -> None:
         """Release files (after shutdown and after the task nursery ended)."""
+        self.reader.readahead.close()
         self.handles.close_all()
         self.db.close()
         if self.metadata_at_risk:
