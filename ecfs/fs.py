@@ -96,7 +96,7 @@ class EcfsOperations(pyfuse3.Operations):
         entry.st_gid = node.gid
         entry.st_rdev = node.rdev
         entry.st_size = node.size
-        entry.st_blksize = 128 * 1024
+        entry.st_blksize = self.volume.layout.fragment_size  # the preferred I/O size
         entry.st_blocks = -(-node.size // 512)
         entry.st_atime_ns = node.atime_ns
         entry.st_mtime_ns = node.mtime_ns

@@ -36,6 +36,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MOUNT_TIMEOUT = 30.0  # seconds for a mount to appear
+#: Test volumes use 128 KiB fragments (mkfs's default is 1 MiB): files of a
+#: few MiB then span many chunks, so multi-chunk paths are exercised by
+#: small, fast tests, and the tests' offsets are written for this geometry.
+TEST_FRAGMENT_SIZE = 128 * 1024
+TEST_MKFS_ARGS = ("--fragment-size", str(TEST_FRAGMENT_SIZE))
 POLL_INTERVAL = 0.02
 UMOUNT_TIMEOUT = 60.0  # seconds for `ecfs umount`
 EXIT_TIMEOUT = 10.0  # seconds for the daemon to exit once unmounted
@@ -449,7 +454,7 @@ def mounted_volume(
     mountpoint = base / "mnt"
     mountpoint.mkdir(exist_ok=True)
     volume = MountedVolume(stores, mountpoint, base / "ecfs.log", mount_args)
-    cli("mkfs", "--data", k, "--parity", m, *mkfs_args, *stores)
+    cli("mkfs", "--data", k, "--parity", m, *TEST_MKFS_ARGS, *mkfs_args, *stores)
     try:
         volume.mount()
         yield volume

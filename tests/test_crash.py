@@ -60,10 +60,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import REPO_ROOT, MountedVolume, mounted_volume, requires_fuse
+from tests.mounting import (
+    REPO_ROOT,
+    TEST_FRAGMENT_SIZE,
+    MountedVolume,
+    mounted_volume,
+    requires_fuse,
+)
 
 K, M = 4, 2
-FRAGMENT = 128 * 1024
+FRAGMENT = TEST_FRAGMENT_SIZE
 CHUNK = K * FRAGMENT
 PAGE = 4096
 INLINE_MAX = 64 * 1024

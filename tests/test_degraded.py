@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import MountedVolume
+from tests.mounting import TEST_FRAGMENT_SIZE, MountedVolume
 from tests.volume_files import (
     MiB,
     drop_caches,
@@ -105,8 +105,8 @@ def test_degraded_read_reads_only_the_range_asked_for(volume: MountedVolume) -> 
     volume.mount()
     drop_caches()
     before = status(volume)["reads"]
-    chunk = K * 128 * 1024
-    offset = 3 * chunk + 128 * 1024 + 5 * CELL  # inside fragment 1 of chunk 3
+    chunk = K * TEST_FRAGMENT_SIZE
+    offset = 3 * chunk + TEST_FRAGMENT_SIZE + 5 * CELL  # inside fragment 1 of chunk 3
     with open(path, "rb", buffering=0) as f:
         # O_DIRECT is not needed: a fresh mount has nothing cached, and the
         # kernel reads ahead, so count per byte the kernel asked for.
@@ -119,7 +119,7 @@ def test_degraded_read_reads_only_the_range_asked_for(volume: MountedVolume) -> 
     # k cells per cell asked for, plus rounding to whole cells at both ends.
     assert read <= K * (asked + 2 * CELL), (read, asked)
     # Never the whole chunk for a small read.
-    assert read < K * 128 * 1024
+    assert read < K * TEST_FRAGMENT_SIZE
 
 
 @pytest.mark.allow_log(r"unrecoverable|fewer than|Unrecoverable|bytes \[")
@@ -143,7 +143,7 @@ def test_more_than_m_lost_fragments_give_eio_for_that_range_only(volume: Mounted
         with pytest.raises(OSError) as caught:
             os.pread(fd, 4096, 0)
         assert caught.value.errno == errno.EIO
-        chunk = K * 128 * 1024
+        chunk = K * TEST_FRAGMENT_SIZE
         assert os.pread(fd, chunk, chunk) == data[chunk : 2 * chunk]
         assert os.pread(fd, 100, 4 * MiB - 100) == data[-100:]
     finally:

@@ -32,7 +32,13 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import FUSE_MISSING_REASON, MountedVolume, cli
+from tests.mounting import (
+    FUSE_MISSING_REASON,
+    TEST_FRAGMENT_SIZE,
+    TEST_MKFS_ARGS,
+    MountedVolume,
+    cli,
+)
 from tests.test_faultfs import faultfs
 from tests.volume_files import (
     MiB,
@@ -51,7 +57,7 @@ pytestmark = [
 ]
 
 K, M, N = 4, 2, 6
-FRAGMENT = 128 * 1024
+FRAGMENT = TEST_FRAGMENT_SIZE
 HANG_READ_LIMIT = 5.0  # seconds a read touching a hung store may take
 QUICK = 1.0  # seconds for ls / stat / small reads while a store misbehaves
 RECOVERY_LIMIT = 12.0  # seconds to notice a store is back (probes every 5 s)
@@ -97,7 +103,7 @@ def failure_volume(
     (base / "stores").mkdir(parents=True, exist_ok=True)
     mountpoint = base / "mnt"
     mountpoint.mkdir(exist_ok=True)
-    cli("mkfs", "--data", K, "--parity", M, *stores)
+    cli("mkfs", "--data", K, "--parity", M, *TEST_MKFS_ARGS, *stores)
     volume = MountedVolume(stores, mountpoint, base / "ecfs.log")
     ok = False
     try:

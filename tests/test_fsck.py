@@ -22,7 +22,7 @@ from ecfs.fsck import COUNT_KEYS, FsckReport, run_fsck
 from ecfs.lock import LOCK_NAME, VolumeLock
 from ecfs.replicas import replica_path
 from ecfs.store import DirectoryStore
-from tests.mounting import MountedVolume, cli
+from tests.mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from tests.volume_files import (
     PAYLOAD_OFFSET,
     drop_caches,
@@ -474,7 +474,7 @@ def test_a_repair_queue_entry_for_a_missing_chunk_is_deleted(volume: MountedVolu
 
 def make_volume(base: Path, n: int = 6) -> list[Path]:
     stores = [base / f"s{i}" for i in range(n)]
-    cli("mkfs", "--data", K, "--parity", M, *stores)
+    cli("mkfs", "--data", K, "--parity", M, *TEST_MKFS_ARGS, *stores)
     return stores
 
 
