@@ -154,12 +154,31 @@ class ChunkReader:
         """Open the data fragments of a chunk a sequential reader will want
         next and have their payload read into the page cache in the
         background (see readahead), so that the reads themselves are served
-        on the loop. Best effort; returns at once."""
-        for index in range(self.layout.k):
-            store = ref.stores[index]
-            runner = self.runners.get(store) if store != NO_STORE else None
-            if runner is not None and runner.available:
-                self.readahead.request((store, ref.chunk_id, index), runner.store)
+        on the loop. A data fragment whose store is unavailable will be
+        decoded: one more fragment (the best available parity) is read
+        ahead in its place, so that the degraded read finds all k sources
+        in the page cache too. Best effort; returns at once."""
+        k = self.layout.k
+        replacements = 0
+        for index in range(k):
+            if not self._read_ahead(ref, index):
+                replacements += 1
+        if replacements:
+            for index in self.sources(ref, exclude=set(range(k))):
+                if replacements == 0:
+                    break
+                if self._read_ahead(ref, index):
+                    replacements -= 1
+
+    def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
+        """Ask for fragment `index` of `ref` to be read ahead; False if its
+        store is unavailable."""
+        store = ref.stores[index]
+        runner = self.runners.get(store) if store != NO_STORE else None
+        if runner is None or not runner.available:
+            return False
+        self.readahead.request((store, ref.chunk_id, index), runner.store)
+        return True
 
     async def read(self, ref: ChunkRef, start: int, end: int) -> bytearray:
         """Verified chunk bytes [start, end), 0 <= start < end <= ref.length."""

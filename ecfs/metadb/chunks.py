@@ -4,11 +4,20 @@ Owns: the `chunks` and `repair_queue` tables (see `schema`). Must not:
 decide placement, read fragments, or know about FUSE.
 
 All writes must run inside the caller's `db.transaction()`.
+
+Chunk-map cache: every read request needs the chunk refs of the range it
+reads, and a SQL point query costs ~100-200 us, as much as the rest of a
+1 MiB read. So `get` and `get_range` answer from a cache of rows (and of
+holes) that all ChunkTables of one Database share, kept exact by this
+module's own write methods (the only writers of `chunks` while a volume is
+open) and dropped on a rollback. It is bounded: past CACHE_LIMIT cached
+indices it starts over.
 """
 
 from __future__ import annotations
 
 import stat
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,27 +42,109 @@ def _ref(chunk_id: int, length: int, stores: bytes) -> ChunkRef:
     return ChunkRef(chunk_id, length, decode_stores(stores))
 
 
+#: Cached chunk indices (refs and holes) per Database before the cache is
+#: emptied (~200 bytes each).
+CACHE_LIMIT = 1 << 17
+
+
+class _ChunkCache:
+    """Rows of `chunks` by inode and index (None: a hole), and where each
+    cached chunk id sits. See the module docstring."""
+
+    def __init__(self) -> None:
+        self.by_inode: dict[int, dict[int, ChunkRef | None]] = {}
+        self.where: dict[int, tuple[int, int]] = {}
+        self.size = 0
+
+    def clear(self) -> None:
+        self.by_inode.clear()
+        self.where.clear()
+        self.size = 0
+
+    def lookup(self, inode: int, idx: int) -> tuple[bool, ChunkRef | None]:
+        entries = self.by_inode.get(inode)
+        if entries is None or idx not in entries:
+            return False, None
+        return True, entries[idx]
+
+    def store(self, inode: int, idx: int, ref: ChunkRef | None) -> None:
+        entries = self.by_inode.get(inode)
+        if entries is None:
+            if self.size >= CACHE_LIMIT:
+                self.clear()
+            entries = self.by_inode[inode] = {}
+        old = entries.get(idx)
+        if old is not None:
+            self.where.pop(old.chunk_id, None)
+        elif idx not in entries:
+            self.size += 1
+        entries[idx] = ref
+        if ref is not None:
+            self.where[ref.chunk_id] = (inode, idx)
+
+    def forget_from(self, inode: int, first: int) -> None:
+        entries = self.by_inode.get(inode)
+        if entries is None:
+            return
+        for idx in [i for i in entries if i >= first]:
+            ref = entries.pop(idx)
+            self.size -= 1
+            if ref is not None:
+                self.where.pop(ref.chunk_id, None)
+
+    def forget_chunk(self, chunk_id: int) -> None:
+        place = self.where.pop(chunk_id, None)
+        if place is not None:
+            entries = self.by_inode[place[0]]
+            del entries[place[1]]
+            self.size -= 1
+
+
+_caches: weakref.WeakKeyDictionary[Database, _ChunkCache] = weakref.WeakKeyDictionary()
+
+
+def _cache_of(db: Database) -> _ChunkCache:
+    cache = _caches.get(db)
+    if cache is None:
+        cache = _caches[db] = _ChunkCache()
+        db.on_rollback.append(cache.clear)
+    return cache
+
+
 class ChunkTable:
     """Chunk maps of files: which chunk version holds chunk index i of inode."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._cache = _cache_of(db)
 
     def get_range(self, inode: int, first: int, last: int) -> dict[int, ChunkRef]:
         """Chunk refs of indices first..last (inclusive) that exist (holes omitted)."""
+        cache = self._cache
+        entries = cache.by_inode.get(inode)
+        if entries is not None and all(i in entries for i in range(first, last + 1)):
+            return {i: ref for i in range(first, last + 1) if (ref := entries[i]) is not None}
         rows = self.db.query(
             "SELECT idx, chunk_id, length, stores FROM chunks"
             " WHERE inode = ? AND idx BETWEEN ? AND ?",
             (inode, first, last),
         )
-        return {idx: _ref(cid, length, stores) for idx, cid, length, stores in rows}
+        found = {idx: _ref(cid, length, stores) for idx, cid, length, stores in rows}
+        for idx in range(first, last + 1):
+            cache.store(inode, idx, found.get(idx))
+        return found
 
     def get(self, inode: int, idx: int) -> ChunkRef | None:
+        cached, ref = self._cache.lookup(inode, idx)
+        if cached:
+            return ref
         row = self.db.query_one(
             "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx = ?",
             (inode, idx),
         )
-        return None if row is None else _ref(*row)
+        ref = None if row is None else _ref(*row)
+        self._cache.store(inode, idx, ref)
+        return ref
 
     def put(self, inode: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
         """Make `ref` the chunk at (inode, idx); return the version it replaced."""
@@ -63,6 +154,7 @@ class ChunkTable:
             " VALUES (?, ?, ?, ?, ?)",
             (inode, idx, ref.chunk_id, ref.length, encode_stores(ref.stores)),
         )
+        self._cache.store(inode, idx, ref)
         if old is not None:
             self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (old.chunk_id,))
         return old
@@ -72,6 +164,7 @@ class ChunkTable:
         old = self.get(inode, idx)
         if old is not None:
             self.db.write("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, idx))
+            self._cache.store(inode, idx, None)
             self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (old.chunk_id,))
         return old
 
@@ -81,6 +174,7 @@ class ChunkTable:
             "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx >= ?",
             (inode, first),
         )
+        self._cache.forget_from(inode, first)
         if rows:
             self.db.write("DELETE FROM chunks WHERE inode = ? AND idx >= ?", (inode, first))
             self.db.write(
@@ -91,6 +185,7 @@ class ChunkTable:
 
     def set_stores(self, chunk_id: int, stores: tuple[int, ...]) -> bool:
         """Record new fragment locations of a chunk (repair); False if gone."""
+        self._cache.forget_chunk(chunk_id)
         return (
             self.db.write(
                 "UPDATE chunks SET stores = ? WHERE chunk_id = ?",

@@ -43,6 +43,9 @@ class Database:
         row = self._conn.execute("SELECT generation FROM replica_state WHERE id = 0").fetchone()
         self.generation: int = int(row[0])
         self.on_commit: Callable[[Transaction], None] | None = None
+        #: Called after a ROLLBACK: caches of table contents (see
+        #: chunks.ChunkTable) must forget what the rolled-back writes put there.
+        self.on_rollback: list[Callable[[], None]] = []
         self._statements: list[Statement] | None = None
         self._reserved: dict[str, list[int]] = {}
         self._reserved_at: dict[str, int] = {}
@@ -104,6 +107,8 @@ class Database:
             self._statements = None
             self._reserved.clear()  # the rolled-back counter rows are free again
             self._conn.execute("ROLLBACK")
+            for forget in self.on_rollback:
+                forget()
             raise
         self._statements = None
         self.generation = generation
