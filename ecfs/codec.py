@@ -103,6 +103,29 @@ class Codec:
         parity = self._encoder.encode(tuple(data), tuple(range(k, self.n)))
         return data + [_to_bytes(b) for b in parity]
 
+    def encode_into(self, chunk: Buffer, out: memoryview) -> list[memoryview]:
+        """Like `encode`, but the n payloads are laid out in `out`, payload i
+        at ``out[i * P : (i + 1) * P]``, and returned as those views (one
+        copy of the chunk, no other allocation that outlives the call; used
+        to build fragments in aligned memory for direct I/O). `out` must be
+        writable and hold at least n x P bytes.
+        """
+        view = _byte_view(chunk)
+        length = view.nbytes
+        if length == 0:
+            raise CodecError("cannot encode an empty chunk")
+        k, n = self.k, self.n
+        p = -(-length // k)
+        if out.readonly or out.nbytes < n * p:
+            raise CodecError(f"output buffer must be writable and hold {n} x {p} bytes")
+        slots = [out[i * p : (i + 1) * p] for i in range(n)]
+        out[:length] = view  # the data slots are the chunk, zero-padded
+        out[length : k * p] = bytes(k * p - length)
+        parity = self._encoder.encode(tuple(slots[:k]), tuple(range(k, n)))
+        for slot, block in zip(slots[k:], parity, strict=True):
+            slot[:] = block
+        return slots
+
     def decode(self, pieces: Mapping[int, Buffer], wanted: Iterable[int]) -> dict[int, bytes]:
         """Rebuild fragments' bytes ``[a, b)`` from the same range of others.
 

@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ecfs.aligned import is_aligned
 from ecfs.errors import FragmentMissing, NoSpace, StoreError, VolumeError
 
 MARKER_NAME = "ecfs-store.json"
@@ -200,7 +201,7 @@ class Store(Protocol):
     def read_marker(self) -> StoreMarker: ...
     def fragment_relpath(self, chunk_id: int, index: int) -> str: ...
     def write_fragment(
-        self, chunk_id: int, index: int, parts: Sequence[bytes | memoryview]
+        self, chunk_id: int, index: int, parts: Sequence[bytes | bytearray | memoryview]
     ) -> int: ...
     def open_fragment(self, chunk_id: int, index: int) -> int: ...
     def read_at(self, fd: int, length: int, offset: int) -> bytes: ...
@@ -222,15 +223,18 @@ class Store(Protocol):
 class DirectoryStore:
     """A store kept in one local (or network-mounted) directory.
 
-    Stateless apart from its path and thread-safe: methods may run
-    concurrently in several worker threads.
+    Stateless apart from its path and whether its filesystem takes direct
+    I/O, and thread-safe: methods may run concurrently in several worker
+    threads.
     """
 
-    __slots__ = ("path",)
+    __slots__ = ("path", "_direct_io")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
         self.path = Path(path)
+        #: Cleared (for good) the first time the filesystem refuses O_DIRECT.
+        self._direct_io = True
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.path)!r})"
@@ -350,7 +354,7 @@ class DirectoryStore:
     def _fragment_path(self, chunk_id: int, index: int) -> str:
         return os.path.join(self.path, self.fragment_relpath(chunk_id, index))
 
-    def write_fragment(self, chunk_id: int, index: int, parts: Sequence[bytes | memoryview]) -> int:
+    def write_fragment(self, chunk_id: int, index: int, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         """Create the fragment file with the concatenation of `parts`.
 
         The file must not exist (O_EXCL: fragments are never overwritten).
@@ -358,17 +362,32 @@ class DirectoryStore:
         for durability. Returns the number of bytes written. ENOSPC/EDQUOT
         -> NoSpace; any other OSError -> StoreError. On failure a partially
         written file is removed (best effort); an existing file is left alone.
+
+        When every part is block-aligned (`aligned.is_aligned`: what the
+        writer builds for full chunks), the file is written with O_DIRECT,
+        bypassing the page cache (see `aligned` for why); a filesystem that
+        refuses it (tmpfs, some network and FUSE filesystems) gets ordinary
+        writes from then on. Durability is the same either way: `sync()`.
         """
         path = self._fragment_path(chunk_id, index)
+        direct = self._direct_io and all(is_aligned(p) for p in parts)
         try:
-            fd = self._create_exclusive(path)
+            fd = self._create_exclusive(path, direct)
         except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                # The file is created before the open fails: remove it.
+                _unlink_quietly(path)
+                self._direct_io = False
+                return self.write_fragment(chunk_id, index, parts)
             raise _store_error(exc, f"cannot create fragment {path}") from exc
         try:
             written = _writev_all(fd, parts)
         except BaseException as exc:
             os.close(fd)
             _unlink_quietly(path)
+            if direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+                self._direct_io = False
+                return self.write_fragment(chunk_id, index, parts)
             if isinstance(exc, OSError):
                 raise _store_error(exc, f"cannot write fragment {path}") from exc
             raise
@@ -380,10 +399,13 @@ class DirectoryStore:
         return written
 
     @staticmethod
-    def _create_exclusive(path: str) -> int:
-        """Open a new file O_EXCL 0600, creating missing fan-out directories
-        (and frags/ itself, but never the store directory)."""
+    def _create_exclusive(path: str, direct: bool = False) -> int:
+        """Open a new file O_EXCL 0600 (with O_DIRECT if `direct`), creating
+        missing fan-out directories (and frags/ itself, but never the store
+        directory)."""
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
         try:
             return os.open(path, flags, _FILE_MODE)
         except FileNotFoundError:
@@ -515,7 +537,7 @@ def _store_error(exc: OSError, what: str) -> StoreError:
     return StoreError(f"{what}: {reason}")
 
 
-def _writev_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
+def _writev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> int:
     """Write all of `parts` with os.writev, looping on short writes."""
     pending = [memoryview(p).cast("B") for p in parts]
     pending = [p for p in pending if len(p)]

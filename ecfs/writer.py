@@ -24,11 +24,12 @@ durable metadata generation never refers to a fragment that is not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
 from . import fragment
+from .aligned import BLOCK, aligned_buffer, aligned_copy
 from .codec import Codec
 from .errors import EcfsError, NoSpace, StoreError
 from .geometry import Layout
@@ -45,7 +46,7 @@ WRITE_DEADLINE_FLOOR = 3.0
 #: Chunks larger than this are encoded in a worker thread, not on the loop.
 LOOP_ENCODE_LIMIT = 64 * 1024
 
-FragmentParts = list[bytes | memoryview]
+FragmentParts = list[fragment.Buffer]
 
 
 class ChunkWriter:
@@ -78,7 +79,7 @@ class ChunkWriter:
         self.bytes_out = 0
         self._cpu = trio.CapacityLimiter(2)
 
-    async def write(self, data: bytes | bytearray) -> ChunkRef:
+    async def write(self, data: bytes | bytearray | memoryview) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version."""
         chunk_id = await self.new_chunk_id()
         if len(data) > LOOP_ENCODE_LIMIT:
@@ -91,15 +92,29 @@ class ChunkWriter:
         self.bytes_in += len(data)
         return ChunkRef(chunk_id, len(data), tuple(stores))
 
-    def _build(self, chunk_id: int, data: bytes | bytearray) -> list[FragmentParts]:
-        """Encode and frame every fragment (CPU only; may run in a thread)."""
+    def _build(self, chunk_id: int, data: bytes | bytearray | memoryview) -> list[FragmentParts]:
+        """Encode and frame every fragment (CPU only; may run in a thread).
+
+        When payloads are whole blocks (every full chunk), headers and
+        payloads are laid out in block-aligned memory, so that the store can
+        write them with direct I/O (see `aligned`); the chunk is copied once
+        into that memory, and nothing returned refers to `data`."""
         layout = self.layout
-        return [
-            fragment.build_fragment(
+        payload_length = -(-len(data) // layout.k)
+        direct = payload_length % BLOCK == 0
+        if direct:
+            payloads: Sequence[fragment.Buffer] = self.codec.encode_into(
+                data, aligned_buffer(layout.n * payload_length)
+            )
+        else:
+            payloads = self.codec.encode(data)
+        fragments = []
+        for index, payload in enumerate(payloads):
+            header, body = fragment.build_fragment(
                 self.volume_id, chunk_id, index, layout.k, layout.m, layout.cell_size, payload
             )
-            for index, payload in enumerate(self.codec.encode(data))
-        ]
+            fragments.append([aligned_copy(header) if direct else header, body])
+        return fragments
 
     async def _place_all(self, chunk_id: int, fragments: list[FragmentParts]) -> list[int]:
         n = self.layout.n

@@ -176,3 +176,28 @@ def test_decode_reusable_after_many_calls(k: int, m: int, chunk: bytes) -> None:
     for _ in range(3):
         pieces = {i: frags[i] for i in range(m, m + k)}
         assert codec.decode(pieces, range(codec.n)) == dict(enumerate(frags))
+
+
+@given(
+    k=st.integers(1, 6),
+    m=st.integers(1, 3),
+    data=st.binary(min_size=1, max_size=3000),
+    slack=st.integers(0, 9),
+)
+def test_encode_into_lays_out_what_encode_returns(k: int, m: int, data: bytes, slack: int) -> None:
+    codec = Codec(k, m)
+    expected = codec.encode(data)
+    p = len(expected[0])
+    out = memoryview(bytearray(b"\xaa" * ((k + m) * p + slack)))
+    views = codec.encode_into(data, out)
+    assert [bytes(v) for v in views] == expected
+    assert [v.nbytes for v in views] == [p] * (k + m)
+    assert bytes(out[: (k + m) * p]) == b"".join(expected)
+
+
+def test_encode_into_refuses_a_small_or_read_only_buffer() -> None:
+    codec = Codec(4, 2)
+    with pytest.raises(CodecError):
+        codec.encode_into(b"x" * 400, memoryview(bytearray(599)))
+    with pytest.raises(CodecError):
+        codec.encode_into(b"x" * 400, memoryview(bytes(600)))

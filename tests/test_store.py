@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ecfs.aligned import BLOCK, aligned_copy
 from ecfs.errors import FragmentMissing, NoSpace, StoreError, VolumeError
 from ecfs.store import (
     MARKER_MAX_BYTES,
@@ -287,6 +289,56 @@ def test_fragment_round_trip(store: DirectoryStore) -> None:
     with pytest.raises(FragmentMissing):
         store.open_fragment(42, 1)
     store.delete_fragment(42, 1)  # missing is fine
+
+
+def _page_cached(fd: int, length: int) -> bool:
+    try:
+        return os.preadv(fd, [bytearray(length)], 0, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+
+
+def test_aligned_parts_are_written_around_the_page_cache(store: DirectoryStore) -> None:
+    header = aligned_copy(b"h" * BLOCK)
+    payload = aligned_copy(os.urandom(16 * BLOCK))
+    assert store.write_fragment(7, 2, [header, payload]) == 17 * BLOCK
+    unaligned = [bytes(header), bytes(payload)]
+    store.write_fragment(7, 3, unaligned)
+    for index, cached in ((2, False), (3, True)):
+        fd = store.open_fragment(7, index)
+        try:
+            assert _page_cached(fd, 17 * BLOCK) is cached, index
+            assert store.read_at(fd, 17 * BLOCK, 0) == b"".join(unaligned)
+        finally:
+            os.close(fd)
+
+
+def test_a_filesystem_without_direct_io_gets_ordinary_writes(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+    refused = []
+
+    def open_without_direct_io(path, flags, *args):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags & ~os.O_DIRECT, *args)
+        if flags & os.O_DIRECT:  # like the kernel: the file exists, the open fails
+            os.close(fd)
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return fd
+
+    monkeypatch.setattr(os, "open", open_without_direct_io)
+    parts = [aligned_copy(b"h" * BLOCK), aligned_copy(b"p" * BLOCK)]
+    for chunk_id in (1, 2):
+        assert store.write_fragment(chunk_id, 0, parts) == 2 * BLOCK
+    monkeypatch.undo()
+    assert len(refused) == 1  # tried once, then never again
+    for chunk_id in (1, 2):
+        fd = store.open_fragment(chunk_id, 0)
+        try:
+            assert store.read_at(fd, 3 * BLOCK, 0) == b"h" * BLOCK + b"p" * BLOCK
+        finally:
+            os.close(fd)
 
 
 def test_write_empty_and_many_parts(store: DirectoryStore) -> None:
