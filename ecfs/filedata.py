@@ -152,7 +152,7 @@ class FileData:
         *,
         inline_max: int,
         dirty_limit: int = 256 << 20,
-        background_flushes: int = 4,
+        background_flushes: int = 8,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.layout = layout

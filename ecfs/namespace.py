@@ -64,6 +64,8 @@ ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"}
 
 #: Default bound of the attribute cache (entries).
 CACHE_SIZE = 200_000
+#: Bound of the absent-xattr cache (entries) before it starts over.
+ABSENT_XATTRS_MAX = 100_000
 
 #: File types `create` accepts (everything but directories and symlinks).
 _CREATE_TYPES = frozenset({stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
@@ -153,6 +155,13 @@ class Namespace:
         self._evicted: weakref.WeakValueDictionary[int, Inode] = weakref.WeakValueDictionary()
         self._dirty: set[int] = set()
         self._counts: list[int] | None = None  # [inodes, inline bytes], once loaded
+        #: (inode, xattr name) pairs known to be absent. The kernel asks for
+        #: security.capability before every write() to a file (to clear it),
+        #: and almost no file has one: answering from memory saves a SQL
+        #: query per write request. Only setxattr adds xattrs (it discards the
+        #: pair); inode ids are never reused, so no other change can make a
+        #: remembered pair wrong.
+        self._absent_xattrs: set[tuple[int, bytes]] = set()
 
     # -- attributes and lookup ---------------------------------------------------
 
@@ -576,8 +585,12 @@ class Namespace:
         """The value of xattr `name`. ENODATA if absent, ENOENT, ERANGE (name)."""
         self.get(ino)
         _check_xattr_name(name)
-        value = self._table.get_xattr(ino, name)
+        key = (ino, name)
+        value = None if key in self._absent_xattrs else self._table.get_xattr(ino, name)
         if value is None:
+            if len(self._absent_xattrs) >= ABSENT_XATTRS_MAX:
+                self._absent_xattrs.clear()
+            self._absent_xattrs.add(key)
             raise FsError(f"no xattr {name!r}", errno=errno.ENODATA)
         return value
 
@@ -604,6 +617,7 @@ class Namespace:
             raise FsError(f"no xattr {name!r}", errno=errno.ENODATA)
         staged: _Staged = {}
         self._stage(staged, ino).ctime_ns = self._clock()
+        self._absent_xattrs.discard((ino, name))
         with self._db.transaction():
             self._table.set_xattr(ino, name, bytes(value))
             self._write(staged)

@@ -351,7 +351,13 @@ class ChunkReader:
         return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
 
     async def _read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
-        """Verified bytes of one fragment; StoreError/FragmentCorrupt if not."""
+        """Verified bytes of one fragment; StoreError/FragmentCorrupt if not.
+
+        An open fragment's page cache is tried (again) before a worker
+        thread: a RWF_NOWAIT read that misses (in `read_cached`) makes the
+        kernel start reading those pages, and the disk often answers before
+        a thread would even be woken (measured: p50 of a random 4 KiB read
+        ~290 us with this second try, ~500 us without)."""
         store = ref.stores[index]
         runner = self.runners.get(store) if store != NO_STORE else None
         if runner is None or not runner.available:
