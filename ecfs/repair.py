@@ -262,6 +262,13 @@ class Repairer:
                 self.queue.remove(ref.chunk_id)
             self.counters.chunks_checked_fine += 1
             return 0
+        if all(self._target(ref, i, list(ref.stores)) is None for i in broken):
+            # Nowhere to put a rebuilt fragment (e.g. a store is gone and
+            # every other one already holds a fragment of this chunk): do not
+            # read k fragments and decode for nothing, while readers wait.
+            log.info("chunk %016x: no store can take fragments %s now", ref.chunk_id, broken)
+            self._defer(ref.chunk_id)
+            return 0
         good = await self._read_good(ref, set(broken), payload)
         if len(good) < layout.k:
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]

@@ -245,3 +245,25 @@ def test_scrub_and_repair_commands(volume: MountedVolume) -> None:
     assert "1 fragments rebuilt" in repair.stdout
     assert cli("status", str(volume.mountpoint), check=False).returncode == 0
     check(hashes)
+
+
+def test_repair_with_nowhere_to_rebuild_reads_nothing(volume: MountedVolume) -> None:
+    """k + m stores and one away: every other store already holds a fragment
+    of each chunk, so there is no target; repair must not read k fragments
+    and decode them (competing with the readers) only to give up."""
+    hashes = populate(volume, 2)
+    volume.unmount()
+    volume.mount(stores=volume.stores[:-1])
+    check(hashes)  # degraded reads queue the chunks with a fragment on the last store
+    assert status(volume)["repair"]["chunks"] > 0
+    command(volume, "repair urgent")
+
+    def deferred() -> dict | None:
+        current = status(volume)
+        return current if current["repair"]["deferred"] > 0 else None
+
+    s = wait_for(deferred, 60.0, "repair to defer the chunks")
+    assert s["repair"]["bytes_read"] == 0, s["repair"]
+    assert s["repair"]["chunks_repaired"] == 0
+    volume.unmount()
+    volume.mount()
