@@ -41,6 +41,29 @@ def aligned_copy(data: bytes | bytearray | memoryview) -> memoryview:
     return out
 
 
+class BufferPool:
+    """Aligned buffers kept for reuse: a fresh buffer is zero-filled by
+    Python and page-faulted by the kernel (6 MiB per chunk written), a
+    reused one is neither. The caller gives a buffer back only once nothing
+    (no abandoned thread either) can still read it. At most `limit` idle
+    buffers are kept. Used from one thread (the loop) at a time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._idle: list[memoryview] = []
+
+    def take(self, size: int) -> memoryview:
+        """An aligned buffer of `size` bytes with unspecified contents."""
+        for i, buf in enumerate(self._idle):
+            if buf.nbytes == size:
+                return self._idle.pop(i)
+        return aligned_buffer(size)
+
+    def give(self, buf: memoryview) -> None:
+        if len(self._idle) < self.limit:
+            self._idle.append(buf)
+
+
 def is_aligned(buf: bytes | bytearray | memoryview) -> bool:
     """Whether `buf` can be written with direct I/O: a writable buffer at an
     aligned address whose length is a multiple of BLOCK. (Read-only buffers,

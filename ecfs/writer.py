@@ -29,9 +29,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import trio
 
 from . import fragment
-from .aligned import BLOCK, aligned_buffer, aligned_copy
+from .aligned import BLOCK, BufferPool, aligned_copy
 from .codec import Codec
-from .errors import EcfsError, NoSpace, StoreError
+from .errors import EcfsError, NoSpace, StoreError, StoreTimeout
 from .geometry import Layout
 from .model import NO_STORE, ChunkRef
 from .offload import StoreRunner
@@ -45,6 +45,9 @@ WRITE_DEADLINE_FLOOR = 3.0
 
 #: Chunks larger than this are encoded in a worker thread, not on the loop.
 LOOP_ENCODE_LIMIT = 64 * 1024
+
+#: Encode buffers of full chunks kept for reuse (each n x F bytes).
+POOLED_BUFFERS = 8
 
 FragmentParts = list[fragment.Buffer]
 
@@ -78,34 +81,51 @@ class ChunkWriter:
         self.bytes_in = 0
         self.bytes_out = 0
         self._cpu = trio.CapacityLimiter(2)
+        self._buffers = BufferPool(POOLED_BUFFERS)
 
     async def write(self, data: bytes | bytearray | memoryview) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version."""
         chunk_id = await self.new_chunk_id()
+        payload_length = -(-len(data) // self.layout.k)
+        # Whole-block payloads (every full chunk) are laid out in aligned
+        # memory, so that the stores can write them with direct I/O.
+        buffer = (
+            self._buffers.take(self.layout.n * payload_length)
+            if payload_length % BLOCK == 0
+            else None
+        )
         if len(data) > LOOP_ENCODE_LIMIT:
             fragments = await trio.to_thread.run_sync(
-                self._build, chunk_id, data, limiter=self._cpu
+                self._build, chunk_id, data, buffer, limiter=self._cpu
             )
         else:
-            fragments = self._build(chunk_id, data)
-        stores = await self._place_all(chunk_id, fragments)
+            fragments = self._build(chunk_id, data, buffer)
+        timed_out: list[int] = []
+        try:
+            stores = await self._place_all(chunk_id, fragments, timed_out)
+        except EcfsError:
+            if buffer is not None and not timed_out:
+                self._buffers.give(buffer)
+            raise
+        # A write given up on may still be reading the buffer in its thread.
+        if buffer is not None and not timed_out:
+            self._buffers.give(buffer)
         self.bytes_in += len(data)
         return ChunkRef(chunk_id, len(data), tuple(stores))
 
-    def _build(self, chunk_id: int, data: bytes | bytearray | memoryview) -> list[FragmentParts]:
+    def _build(
+        self, chunk_id: int, data: bytes | bytearray | memoryview, buffer: memoryview | None
+    ) -> list[FragmentParts]:
         """Encode and frame every fragment (CPU only; may run in a thread).
 
-        When payloads are whole blocks (every full chunk), headers and
-        payloads are laid out in block-aligned memory, so that the store can
-        write them with direct I/O (see `aligned`); the chunk is copied once
-        into that memory, and nothing returned refers to `data`."""
+        With a `buffer` (aligned, n x payload bytes), headers and payloads
+        are laid out in aligned memory so that the store can write them with
+        direct I/O (see `aligned`); the chunk is copied once into it, and
+        nothing returned refers to `data`."""
         layout = self.layout
-        payload_length = -(-len(data) // layout.k)
-        direct = payload_length % BLOCK == 0
-        if direct:
-            payloads: Sequence[fragment.Buffer] = self.codec.encode_into(
-                data, aligned_buffer(layout.n * payload_length)
-            )
+        direct = buffer is not None
+        if buffer is not None:
+            payloads: Sequence[fragment.Buffer] = self.codec.encode_into(data, buffer)
         else:
             payloads = self.codec.encode(data)
         fragments = []
@@ -116,7 +136,11 @@ class ChunkWriter:
             fragments.append([aligned_copy(header) if direct else header, body])
         return fragments
 
-    async def _place_all(self, chunk_id: int, fragments: list[FragmentParts]) -> list[int]:
+    async def _place_all(
+        self, chunk_id: int, fragments: list[FragmentParts], timed_out: list[int]
+    ) -> list[int]:
+        """Write the fragments to distinct stores (see the module docstring);
+        the stores whose write was given up on (timed out) go to `timed_out`."""
         n = self.layout.n
         stores = [NO_STORE] * n
         errors: list[EcfsError] = []
@@ -131,6 +155,8 @@ class ChunkWriter:
                     return
                 except StoreError as exc:
                     errors.append(exc)
+                    if isinstance(exc, StoreTimeout):
+                        timed_out.append(store)
                     if isinstance(exc, NoSpace):
                         self.placement.mark_full(store)
                     replacement = self.placement.choose(1, exclude=used)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecfs.aligned import BLOCK, address_of, aligned_buffer, aligned_copy, is_aligned
+from ecfs.aligned import BLOCK, BufferPool, address_of, aligned_buffer, aligned_copy, is_aligned
 
 
 @pytest.mark.parametrize("size", [BLOCK, 3 * BLOCK, 1 << 20])
@@ -28,3 +28,14 @@ def test_aligned_copy_keeps_the_bytes() -> None:
     data = bytes(range(256)) * 32
     copy = aligned_copy(data)
     assert bytes(copy) == data and is_aligned(copy)
+
+
+def test_the_pool_reuses_buffers_of_the_same_size_only() -> None:
+    pool = BufferPool(limit=1)
+    first = pool.take(2 * BLOCK)
+    assert is_aligned(first)
+    pool.give(first)
+    pool.give(pool.take(3 * BLOCK))  # over the limit: not kept
+    assert pool.take(3 * BLOCK) is not first
+    assert pool.take(2 * BLOCK) is first
+    assert pool.take(2 * BLOCK) is not first  # handed out once only
