@@ -14,7 +14,10 @@ Degraded read: when a data fragment is missing, its store unavailable, its
 cells fail their checksums, or the read errors or times out, the SAME
 cell-aligned byte range [a, b) is read from k surviving fragments (fastest
 stores first, data fragments before parity on ties) and only that range is
-decoded. zfec is systematic and works byte position by byte position, so
+decoded. When k of those fragments are open on healthy stores (sequential
+readers have them read ahead, parity included), the k reads, their checks
+and the decode are one worker-thread call; otherwise, or if that call
+fails or is slow, each source is read and hedged on its own. zfec is systematic and works byte position by byte position, so
 bytes [a, b) of any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes.
@@ -37,7 +40,7 @@ from .errors import EcfsError, FragmentCorrupt, FragmentMissing, StoreError, Unr
 from .geometry import FragmentPiece, Layout
 from .handles import Expected, FragmentHandle, HandleCache, open_fragment
 from .model import NO_STORE, ChunkRef
-from .offload import StoreRunner
+from .offload import StoreRunner, StoreState
 from .readahead import ReadAhead
 from .store import DirectoryStore
 from .tasks import gather_in_order, open_fan_out
@@ -62,6 +65,9 @@ HEDGE_BURST = 16
 #: Decodes larger than this run in a worker thread instead of on the loop.
 LOOP_DECODE_LIMIT = 64 * 1024
 
+#: Degraded reads done at once in one worker-thread call each.
+ONE_CALL_THREADS = 8
+
 
 @dataclass(slots=True)
 class ReadCounters:
@@ -76,6 +82,8 @@ class ReadCounters:
     hedged_reads: int = 0
     nowait_hits: int = 0
     thread_reads: int = 0
+    #: Degraded reads done in one worker-thread call (`_decode_in_one_call`).
+    one_call_reads: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -108,6 +116,26 @@ def _open_and_read(
     except BaseException:
         os.close(handle.fd)
         raise
+
+
+def _decode_range(
+    codec: Codec, sources: list[tuple[int, FragmentHandle]], lost: int, start: int, end: int
+) -> bytes | None:
+    """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
+    decoded from the same range of k open `sources` (index, handle). Their
+    reads are started together (POSIX_FADV_WILLNEED), then read and
+    verified in turn, so the wait is about one disk read, not k. None if a
+    source cannot be read or fails its checksums (the caller then takes the
+    general path, which finds out which one and reads another)."""
+    try:
+        for _, handle in sources:
+            os.posix_fadvise(
+                handle.fd, handle.payload_offset + start, end - start, os.POSIX_FADV_WILLNEED
+            )
+        pieces = {i: _pread_verified(h.fd, h.header, start, end) for i, h in sources}
+    except (OSError, StoreError, FragmentCorrupt):
+        return None
+    return codec.decode(pieces, [lost])[lost]
 
 
 def _verify(
@@ -149,6 +177,8 @@ class ChunkReader:
         self._nowait = hasattr(os, "RWF_NOWAIT")
         self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
+        #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
+        self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
     def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want
@@ -443,9 +473,14 @@ class ChunkReader:
     ) -> bytes:
         """Bytes [start, end) of fragment `lost`, decoded from k others."""
         k = self.layout.k
-        pieces, bad, bytes_read = await self.gather_fragments(
-            ref, self.sources(ref, exclude={lost}), start, end
-        )
+        candidates = self.sources(ref, exclude={lost})
+        decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
+        if decoded_fast is not None:
+            self.counters.one_call_reads += 1
+            self.counters.degraded_store_bytes += k * (end - start)
+            self.on_damage(ref, [lost], reason)
+            return decoded_fast
+        pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
         bad = [lost, *bad]
         self.on_damage(ref, bad, reason)
@@ -460,6 +495,54 @@ class ChunkReader:
         else:
             decoded = self.codec.decode(pieces, [lost])
         return decoded[lost]
+
+    async def _decode_in_one_call(
+        self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
+    ) -> bytes | None:
+        """The common degraded read in ONE worker-thread call (k reads, their
+        checks and the decode: `_decode_range`) instead of k thread round
+        trips and a task each, then a decode: possible when k of the
+        `candidates` (best first) are open fragments on healthy stores (read
+        ahead, or read before). None when it is not, or when the call fails
+        or takes longer than twice the slowest source's hedge deadline (it
+        is then abandoned and `gather_fragments`, which hedges and widens
+        per source, takes over).
+
+        Handles stay in use until the thread is done with them; an
+        abandoned call (a store that hung meanwhile) keeps its k handles
+        open for good, which is bounded by how often a store hangs."""
+        k = self.layout.k
+        payload = self.layout.payload_length(ref.length)
+        acquired: list[tuple[int, FragmentHandle]] = []
+        abandoned = False
+        try:
+            deadline = 0.0
+            for index in candidates:
+                if len(acquired) == k:
+                    break
+                runner = self.runners.get(ref.stores[index])
+                if runner is None or runner.state is not StoreState.OK:
+                    continue
+                handle = self.handles.acquire((ref.stores[index], ref.chunk_id, index))
+                if handle is None:
+                    continue
+                acquired.append((index, handle))
+                if handle.header.payload_length != payload:
+                    return None
+                deadline = max(deadline, 2 * runner.hedge_deadline())
+            if len(acquired) < k:
+                return None
+            with trio.move_on_after(deadline) as scope:
+                decoded = await trio.to_thread.run_sync(
+                    _decode_range, self.codec, acquired, lost, start, end,
+                    abandon_on_cancel=True, limiter=self._one_call_limiter,
+                )  # fmt: skip
+            abandoned = scope.cancelled_caught
+            return None if abandoned else decoded
+        finally:
+            if not abandoned:
+                for _, handle in acquired:
+                    self.handles.release(handle)
 
     async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int

@@ -62,6 +62,10 @@ def test_a_missing_store_is_read_around(volume: MountedVolume) -> None:
     volume.unmount()
     volume.mount(stores=[s for i, s in enumerate(volume.stores) if i != 4])
     _check(hashes)
+    reads = status(volume)["reads"]
+    # Sequential readers have the k sources of a decode read ahead: most
+    # degraded reads are then one worker-thread call (reads + decode).
+    assert 0 < reads["one_call_reads"] <= reads["degraded_reads"], reads
     # Writes with a store missing: reduced redundancy, still readable.
     extra = volume.mountpoint / "written-degraded"
     hashes[extra] = write_pattern_file(extra, seed=99, size=5 * MiB + 1)
