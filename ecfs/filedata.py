@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 #: How many chunks ahead of a sequential reader are prefetched.
 PREFETCH_CHUNKS = 16
 
+#: A write of at least chunk_size / this many bytes into a chunk with no
+#: buffer yet gets a whole-chunk buffer at once (see `FileData.write`).
+PREALLOCATE_FRACTION = 8
+
 
 @dataclass(frozen=True, slots=True)
 class _SlowSpan:
@@ -324,6 +328,12 @@ class FileData:
                 if buf is None:
                     covers = span.start == 0 and span.end >= self._valid_length(ino, idx)
                     buf = bytearray() if covers else await self._load(ino, idx)
+                    if count >= chunk_size // PREALLOCATE_FRACTION and len(buf) < chunk_size:
+                        # A large writer fills the whole chunk: size the
+                        # buffer once (growing it write by write re-copied
+                        # it each time); the rest is a gap until written.
+                        state.note_gap(idx, len(buf), chunk_size)
+                        buf.extend(bytes(chunk_size - len(buf)))
                     state.dirty[idx] = buf
                     self.dirty_bytes += len(buf)
                 before = len(buf)
