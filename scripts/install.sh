@@ -71,6 +71,11 @@ if ! command -v fio >/dev/null 2>&1; then
     apt_install fio || say "could not install fio (only needed for benchmarks); continuing"
 fi
 
+# rsync is one of the real programs the tests run on a mount.
+if ! command -v rsync >/dev/null 2>&1; then
+    apt_install rsync || say "could not install rsync; its test will be skipped"
+fi
+
 # groff and man render the man pages (tests/test_manpages.py checks them).
 if ! command -v groff >/dev/null 2>&1 || ! command -v man >/dev/null 2>&1; then
     apt_install man-db groff-base || say "could not install man-db/groff-base; man page rendering tests will be skipped"
