@@ -179,7 +179,13 @@ class Volume:
             on_missing=self.store_may_be_gone,
         )
         self.replicator: Replicator | None = None
-        self.garbage = Garbage(self.runners, self.handles, self.pins, self._durable_generation)
+        self.garbage = Garbage(
+            self.runners,
+            self.handles,
+            self.pins,
+            self._durable_generation,
+            lambda: self.filedata.last_activity,
+        )
         self.filedata = FileData(
             self.layout,
             db,
