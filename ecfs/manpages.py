@@ -390,7 +390,8 @@ ecfs-scrub(8)).
 `reads`::
 Counters: `requested_bytes`, `store_bytes`, `degraded_reads`,
 `degraded_requested_bytes`, `degraded_store_bytes`, `hedged_reads`,
-`unrecoverable_reads`, `nowait_hits`, `thread_reads`.
+`unrecoverable_reads`, `nowait_hits`, `thread_reads`, `one_call_reads`
+(degraded reads done as one worker-thread call: k reads and the decode).
 
 `writes`::
 `bytes_in` (written by programs), `bytes_out` (written to stores).
