@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 K, M, N_STORES = 4, 2, 6
-FRAGMENT_SIZE = 128 * 1024  # mkfs's default
+FRAGMENT_SIZE = 1024 * 1024  # mkfs's default
 FRAGMENT_HEADER = 4096  # header + cell checksums, padded to 4 KiB (ecfs/fragment.py)
 #: (k+m)/k, plus each fragment's header.
 EXPECTED_WRITE_AMP = (K + M) / K * (FRAGMENT_SIZE + FRAGMENT_HEADER) / FRAGMENT_SIZE
