@@ -44,10 +44,10 @@ Threads: calls run in trio's thread cache, started with
 `trio.lowlevel.start_thread_soon` and reported back with one
 `run_sync_soon`, not through `trio.to_thread.run_sync`: measured here, a
 round trip costs ~110 us this way against ~175 us through to_thread with a
-limiter and a timeout, and a random 4 KiB read is one round trip. It also
-lets a call outlive the task that started it (`start` / `PendingCall`),
-which is how a hedged read waits for a slow fragment and for its hedge at
-once without a nursery for every read.
+limiter and a timeout, and a random 4 KiB read is one round trip. A call
+can also outlive the task that started it (`start` / `PendingCall`), so a
+caller may wait for it, give up waiting and wait again; today only `call`
+uses that (the reader's hedged reads still race two tasks in a nursery).
 """
 
 from __future__ import annotations

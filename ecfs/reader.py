@@ -17,8 +17,9 @@ stores first, data fragments before parity on ties) and only that range is
 decoded. When k of those fragments are open on healthy stores (sequential
 readers have them read ahead, parity included), the k reads, their checks
 and the decode are one worker-thread call; otherwise, or if that call
-fails or is slow, each source is read and hedged on its own. zfec is systematic and works byte position by byte position, so
-bytes [a, b) of any k fragments determine bytes [a, b) of every other one.
+fails or is slow, each source is read and hedged on its own. zfec is
+systematic and works byte position by byte position, so bytes [a, b) of
+any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes.
 """
@@ -512,7 +513,6 @@ class ChunkReader:
         abandoned call (a store that hung meanwhile) keeps its k handles
         open for good, which is bounded by how often a store hangs."""
         k = self.layout.k
-        payload = self.layout.payload_length(ref.length)
         acquired: list[tuple[int, FragmentHandle]] = []
         abandoned = False
         try:
@@ -527,8 +527,10 @@ class ChunkReader:
                 if handle is None:
                     continue
                 acquired.append((index, handle))
-                if handle.header.payload_length != payload:
-                    return None
+                try:
+                    self._check_payload(ref, handle)
+                except FragmentCorrupt:
+                    return None  # the general path reads it and reports it
                 deadline = max(deadline, 2 * runner.hedge_deadline())
             if len(acquired) < k:
                 return None

@@ -354,7 +354,9 @@ class DirectoryStore:
     def _fragment_path(self, chunk_id: int, index: int) -> str:
         return os.path.join(self.path, self.fragment_relpath(chunk_id, index))
 
-    def write_fragment(self, chunk_id: int, index: int, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+    def write_fragment(
+        self, chunk_id: int, index: int, parts: Sequence[bytes | bytearray | memoryview]
+    ) -> int:
         """Create the fragment file with the concatenation of `parts`.
 
         The file must not exist (O_EXCL: fragments are never overwritten).
