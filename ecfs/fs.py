@@ -145,6 +145,9 @@ class EcfsOperations(pyfuse3.Operations):
             if not node.is_reg:
                 raise FsError("not a regular file", errno=errno.EINVAL)
             await self.data.truncate(inode, attr.st_size)
+        # Attribute-only changes are deferred (written within a fraction of a
+        # second, at close or at fsync: see Namespace.setattr); a truncate is
+        # written with its data.
         node = self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -152,6 +155,7 @@ class EcfsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            defer=not fields.update_size,
         )
         return self._entry(node)
 
@@ -238,6 +242,7 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.ns.persist_dirty([fh])  # its own deferred attributes (fh is the inode)
         await self.volume._wait_durable(self.volume.db.generation)
 
     # -- files -----------------------------------------------------------------------

@@ -20,7 +20,14 @@ Contracts:
   evicted object that someone still references is found again through a
   weak map, so there is never more than one live `Inode` object per inode
   and a held reference always shows current values. Dirty entries (size/mtime
-  from the data path, not yet written) are never evicted.
+  from the data path, attributes of a deferred `setattr`, not yet written)
+  are never evicted.
+* Deferred attributes: `setattr(..., defer=True)` changes only the cache; the
+  row is written by the next transaction that stages the inode, by `persist`
+  or by `persist_dirty`, which the data layer calls for idle inodes a
+  fraction of a second later. A tarball extract sends ~4 setattr requests
+  per file (chown, chmod, utimens, the kernel's mtime at close): deferred,
+  they cost one row write per file instead of four transactions.
 * The `Inode` objects returned are the live cached objects: read them, never
   assign to them; change attributes only through this class.
 * Inode ids are taken with `db.next_id` before the transaction starts (see
@@ -483,8 +490,10 @@ class Namespace:
         size: int | None = None,
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
+        defer: bool = False,
     ) -> Inode:
-        """Change attributes and persist them now; ctime = now.
+        """Change attributes and persist them now (or, with `defer`, only
+        in the cache, marking the inode dirty: see `persist_dirty`); ctime = now.
 
         mode changes only the permission bits (the file type is kept). A
         chown (uid or gid given) of a non-directory clears S_ISUID, and
@@ -492,8 +501,11 @@ class Namespace:
         (an explicit mode wins). `size` only records the new size (the caller
         handles file data); if it changes the size and no mtime is given,
         mtime = now (truncate). size: EISDIR for a directory, EINVAL for other
-        non-regular files or a negative size.
+        non-regular files or a negative size. `defer` with `size` is a
+        ValueError (a truncate changes data, which is persisted with it).
         """
+        if defer and size is not None:
+            raise ValueError("a size change cannot be deferred")
         node = self.get(ino)
         now = self._clock()
         staged: _Staged = {}
@@ -515,6 +527,10 @@ class Namespace:
         if mtime_ns is not None:
             new.mtime_ns = mtime_ns
         new.ctime_ns = now
+        if defer:
+            node.assign(new)
+            self._dirty.add(ino)
+            return node
         with self._db.transaction():
             self._write(staged)
         self._install(staged.values())
@@ -549,6 +565,21 @@ class Namespace:
         with self._db.transaction():
             self._table.update(node.row())
         self._dirty.discard(ino)
+
+    def persist_dirty(self, inodes: Iterable[int]) -> None:
+        """Write the attributes of those of `inodes` that are dirty, in one
+        transaction of its own (RuntimeError inside another: a rollback of
+        that one could not mark them dirty again). On an exception nothing
+        changes: they stay dirty."""
+        if self._db.in_transaction:
+            raise RuntimeError("persist_dirty inside a transaction")
+        dirty = [ino for ino in inodes if ino in self._dirty]
+        if not dirty:
+            return
+        with self._db.transaction():
+            for ino in dirty:
+                self._table.update(self.get(ino).row())
+        self._dirty.difference_update(dirty)
 
     def dirty_inodes(self) -> list[int]:
         """Inodes whose cached attributes are newer than the database."""

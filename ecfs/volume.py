@@ -286,19 +286,25 @@ class Volume:
             if path in current:
                 targets[index] = path
         wanted = self.layout.m + 1
-        for index, store in sorted(self.stores.items()):
-            if len(targets) >= wanted:
-                break
-            if index in targets:
-                continue
-            path = replica_path(store.meta_dir)
-            try:
-                copy_database(self.db.path, path)
-            except (StoreError, OSError) as exc:
-                log.warning("cannot add a metadata replica on store %d: %s", index, exc)
-                continue
-            log.info("added metadata replica on store %d (%s)", index, store.path)
-            targets[index] = path
+        snapshot = self.workdir / "replica-source.sqlite"
+        try:
+            for index, store in sorted(self.stores.items()):
+                if len(targets) >= wanted:
+                    break
+                if index in targets:
+                    continue
+                if not snapshot.exists():  # the working copy is locked: copy a snapshot
+                    self.db.snapshot(snapshot)
+                path = replica_path(store.meta_dir)
+                try:
+                    copy_database(snapshot, path)
+                except (StoreError, OSError) as exc:
+                    log.warning("cannot add a metadata replica on store %d: %s", index, exc)
+                    continue
+                log.info("added metadata replica on store %d (%s)", index, store.path)
+                targets[index] = path
+        finally:
+            snapshot.unlink(missing_ok=True)
         if len(targets) < wanted:
             log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
         self.replicator = Replicator(
@@ -322,6 +328,7 @@ class Volume:
         await nursery.start(supervised, "repair", self.repairer.run)
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
+        nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
         self.filedata.attach(nursery)
         for ino in self.namespace.orphans():
             log.info("freeing inode %d (unlinked while open before a crash)", ino)

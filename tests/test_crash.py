@@ -846,3 +846,70 @@ def test_a_killed_daemon_leaves_no_working_copy_behind(
         volume.kill()
         volume.mount()
     assert list(runtime.glob("ecfs-*")) == []
+
+
+def replica_modes(stores: list[Path], ino: int) -> set[int]:
+    """The mode of inode `ino` in every readable replica on `stores`."""
+    modes = set()
+    for store in stores:
+        path = store / "meta" / "ecfs-meta.sqlite"
+        if not path.exists():
+            continue
+        conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT mode FROM inodes WHERE id = ?", (ino,)).fetchone()
+        except sqlite3.Error:
+            continue
+        finally:
+            conn.close()
+        if row is not None:
+            modes.add(row[0])
+    return modes
+
+
+def test_fsynced_attribute_changes_survive_a_kill(tmp_path: Path) -> None:
+    """chown/chmod/utimens are written back lazily (Namespace.setattr with
+    defer): fsync of the file, or of the directory, must still make them
+    durable before it returns."""
+    with mounted_volume(tmp_path) as volume:
+        f = volume.mountpoint / "f"
+        f.write_bytes(b"x")
+        d = volume.mountpoint / "d"
+        d.mkdir()
+        os.chown(f, 12, 34)
+        os.chmod(f, 0o600)
+        os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(d, 0o701)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        volume.kill()
+        volume.mount()
+        st = os.stat(f)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 12, 34)
+        assert st.st_mtime_ns == 2_000_000_000
+        assert os.stat(d).st_mode & 0o7777 == 0o701
+
+
+def test_attribute_changes_reach_the_replicas_without_fsync(tmp_path: Path) -> None:
+    """A deferred chmod of a closed file is written back by the background
+    write-back, then shipped by the replicator: no fsync, no close needed."""
+    with mounted_volume(tmp_path) as volume:
+        f = volume.mountpoint / "f"
+        f.write_bytes(b"x")
+        ino = os.stat(f).st_ino
+        os.chmod(f, 0o640)
+        deadline = time.monotonic() + 60
+        while replica_modes(volume.stores, ino) != {0o100640}:
+            assert time.monotonic() < deadline, replica_modes(volume.stores, ino)
+            time.sleep(0.1)
+        volume.kill()
+        volume.mount()
+        assert os.stat(f).st_mode == 0o100640

@@ -66,7 +66,7 @@ class Env:
     def reopen(self) -> Namespace:
         """A new Database + Namespace on the same file (sees only what was
         written). Read from it only: its writes would not be shipped."""
-        db = Database(self.path)
+        db = Database(self.path, exclusive=False)
         self.reopened.append(db)
         return Namespace(db, self.clock)
 
@@ -76,7 +76,7 @@ def make_env(directory: Path, cache_size: int = 200_000) -> Env:
     create_database(path, {"uuid": "x", "k": 4, "m": 2}, ["s0"], root_uid=0, root_gid=0, now_ns=1)
     initial = directory / "initial.db"
     shutil.copyfile(path, initial)
-    db = Database(path)
+    db = Database(path, exclusive=False)  # reopen() reads the file beside it
     clock = Clock()
     env = Env(path, initial, db, Namespace(db, clock, cache_size=cache_size), clock)
     db.on_commit = env.shipped.append
@@ -135,11 +135,9 @@ def check_replicated(env: Env) -> None:
             for sql, params in transaction.statements:
                 replica.execute(sql, params)
             replica.execute("COMMIT")
-        working = sqlite3.connect(env.path)
-        try:
-            assert dump(replica) == dump(working)
-        finally:
-            working.close()
+        # Through the mount's own connection: it holds the working copy locked.
+        working = {table: env.db.query(sql) for table, sql in TABLE_DUMPS.items()}
+        assert dump(replica) == working
     finally:
         replica.close()
 
@@ -814,6 +812,44 @@ def test_set_size_dirty_then_persist(env: Env) -> None:
     assert env.reopen().get(f.id) == f
     ns.persist(f.id)  # clean: no-op
     assert env.db.generation == generation + 1
+
+
+def test_deferred_setattr_changes_only_the_cache_until_persisted(env: Env) -> None:
+    ns = env.ns
+    f = ns.create(ROOT, b"f", REG | 0o4755, 0, 0)
+    generation = env.db.generation
+    node = ns.setattr(f.id, uid=5, defer=True)  # a chown: clears S_ISUID too
+    node = ns.setattr(f.id, mtime_ns=60_000, defer=True)
+    assert node is f and (f.uid, f.mode, f.mtime_ns) == (5, REG | 0o755, 60_000)
+    assert f.ctime_ns == env.clock.now
+    assert env.db.generation == generation and ns.dirty_inodes() == [f.id]
+    assert env.reopen().get(f.id).uid == 0  # not written yet
+    ns.persist_dirty([f.id, f.id + 1000])  # ids that are not dirty are skipped
+    assert env.db.generation == generation + 1 and ns.dirty_inodes() == []
+    assert env.reopen().get(f.id) == f
+    ns.persist_dirty([f.id])  # clean: no transaction
+    assert env.db.generation == generation + 1
+    check_replicated(env)
+
+
+def test_deferred_setattr_is_written_by_the_next_operation_on_the_inode(env: Env) -> None:
+    ns = env.ns
+    f = ns.create(ROOT, b"f", REG | 0o644, 0, 0)
+    ns.setattr(f.id, mode=0o600, defer=True)
+    ns.rename(ROOT, b"f", ROOT, b"g")  # stages and writes the whole row
+    assert ns.dirty_inodes() == []
+    assert env.reopen().get(f.id).mode == REG | 0o600
+
+
+def test_deferral_refuses_sizes_and_transactions(env: Env) -> None:
+    ns = env.ns
+    f = ns.create(ROOT, b"f", REG | 0o644, 0, 0)
+    with pytest.raises(ValueError):
+        ns.setattr(f.id, size=1, defer=True)
+    ns.setattr(f.id, mode=0o600, defer=True)
+    with env.db.transaction(), pytest.raises(RuntimeError):
+        ns.persist_dirty([f.id])
+    assert ns.dirty_inodes() == [f.id]
 
 
 def test_set_size_persist_now(env: Env) -> None:

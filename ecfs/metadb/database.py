@@ -13,6 +13,14 @@ request handler. Nested `transaction()` blocks join the outermost one.
 
 Crash contract: the working copy is not durable (synchronous=OFF) and is
 discarded at the next mount, which starts from the freshest replica.
+
+Locking: the connection holds the file locked (``locking_mode=EXCLUSIVE``)
+for as long as it is open. Nothing else opens the working copy (copies of
+it are made with `snapshot`, through this connection), and the lock saves
+every transaction its file-lock calls and its check that another process
+changed the file: a one-row transaction went from ~19 us to ~7 us, which
+is most of the metadata cost of a small-file workload (a 10,000-file
+tarball extract makes ~150,000 transactions).
 """
 
 from __future__ import annotations
@@ -33,13 +41,18 @@ class Database:
     """The working copy. Reads with `query*`; writes with `write` inside
     `transaction()`; every committed transaction is passed to `on_commit`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
+        """Open the working copy at `path`; `exclusive=False` (tests that
+        read the file from a second connection) leaves it unlocked between
+        transactions."""
         self.path = path
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=MEMORY")
         self._conn.execute("PRAGMA synchronous=OFF")
         self._conn.execute("PRAGMA temp_store=MEMORY")
         self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
+        if exclusive:
+            self._conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # see the module docstring
         row = self._conn.execute("SELECT generation FROM replica_state WHERE id = 0").fetchone()
         self.generation: int = int(row[0])
         self.on_commit: Callable[[Transaction], None] | None = None
