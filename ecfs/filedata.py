@@ -415,9 +415,7 @@ class FileData:
         state = self._states.get(ino)
         if state is not None:
             await self._flush_state(state)
-        if self.namespace.is_dirty(ino):
-            with self.db.transaction():
-                self.namespace.persist(ino)
+        self.namespace.persist_dirty([ino])
         if state is not None and state.error is not None:
             error, state.error = state.error, None
             raise error
@@ -456,24 +454,25 @@ class FileData:
         indices = sorted(set(state.dirty) | set(state.flushing))
         if not indices:
             return
-        if len(indices) == 1:  # most files: no limiter, no nursery (~30 us)
+
+        async def one(idx: int) -> None:
             try:
-                await self._flush_chunk(state, indices[0])
+                await self._flush_chunk(state, idx)
             except EcfsError:
                 pass  # recorded in state.error
+
+        if len(indices) == 1:  # most files: no limiter, no nursery (~30 us)
+            await one(indices[0])
             return
         limit = trio.CapacityLimiter(8)
 
-        async def one(idx: int) -> None:
+        async def limited(idx: int) -> None:
             async with limit:
-                try:
-                    await self._flush_chunk(state, idx)
-                except EcfsError:
-                    pass  # recorded in state.error
+                await one(idx)
 
         async with open_fan_out() as nursery:
             for idx in indices:
-                nursery.start_soon(one, idx)
+                nursery.start_soon(limited, idx)
 
     async def _flush_chunk(self, state: FileState, idx: int) -> None:
         async with state.lock(idx):

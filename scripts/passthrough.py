@@ -294,7 +294,7 @@ class Passthrough(pyfuse3.Operations):
         view, done = memoryview(buf), 0
         try:  # into the page cache without a thread hop, if it need not wait
             done = os.pwritev(fh, [view], off, os.RWF_NOWAIT)
-        except (BlockingIOError, NotImplementedError):
+        except BlockingIOError:
             pass
         except OSError as e:
             if e.errno != errno.EOPNOTSUPP:
