@@ -274,15 +274,17 @@ def _absolute_store_arg(arg: str) -> str:
 @click.argument("mountpoint")
 def umount(timeout: float, mountpoint: str) -> None:
     """Write back everything and unmount MOUNTPOINT; waits until the
-    daemon has made all data durable and exited."""
+    daemon has made all data durable and exited. Exits 1 if the daemon
+    reported that its shutdown failed (the message says what failed)."""
     from .mount import mounted_fstype
+    from .volume import KEEP_MARKER, SHUTDOWN_REPORT
 
     fstype = mounted_fstype(Path(mountpoint))
     if fstype is None:
         _fail(f"{mountpoint} is not a mount point", 2)
     if fstype != "fuse.ecfs":
         _fail(f"{mountpoint} is not an ecfs mount (it is {fstype})", 2)
-    pid = _daemon_pid(mountpoint)
+    pid, workdir = _daemon_identity(mountpoint)
     try:
         result = subprocess.run(
             ["fusermount3", "-u", mountpoint],
@@ -305,23 +307,40 @@ def umount(timeout: float, mountpoint: str) -> None:
                 f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1
             )
         time.sleep(0.05)
+    if workdir is None:
+        return
+    try:
+        report = (workdir / SHUTDOWN_REPORT).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        report = f"(cannot read {workdir / SHUTDOWN_REPORT}: {exc})"
+    kept = (workdir / KEEP_MARKER).exists()
+    _fail(
+        f"{mountpoint} was unmounted, but writing back failed: {report}"
+        + (f"; the latest metadata is kept in {workdir}" if kept else "")
+        + " (see the daemon's log)",
+        1,
+    )
 
 
-def _daemon_pid(mountpoint: str, timeout: float = 10.0) -> int | None:
-    """The pid the ecfs daemon reports for `mountpoint`, or None if it does
-    not answer (dead, or hung: asked from a thread so we never hang too)."""
-    answer: list[int] = []
+def _daemon_identity(mountpoint: str, timeout: float = 10.0) -> tuple[int | None, Path | None]:
+    """The pid and working directory the ecfs daemon reports for
+    `mountpoint`, None for what it does not answer (dead, or hung: asked
+    from a thread so we never hang too)."""
+    answer: dict[str, Any] = {}
 
     def ask() -> None:
         try:
-            answer.append(int(os.getxattr(mountpoint, "user.ecfs.pid")))
+            answer["pid"] = int(os.getxattr(mountpoint, "user.ecfs.pid"))
+            answer["workdir"] = Path(os.fsdecode(os.getxattr(mountpoint, "user.ecfs.workdir")))
         except (OSError, ValueError):
             pass
 
     thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout)
-    return answer[0] if answer else None
+    return answer.get("pid"), answer.get("workdir")
 
 
 def _alive(pid: int) -> bool:

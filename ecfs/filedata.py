@@ -427,13 +427,23 @@ class FileData:
         await self.wait_durable(self.db.generation)
 
     async def flush_all(self) -> None:
-        """Write back everything (unmount)."""
+        """Write back everything (unmount). Every inode is tried; then an
+        EcfsError names the ones that failed (each is logged)."""
+        failed: list[str] = []
         for ino in list(self._states):
             try:
                 await self.flush(ino)
-            except EcfsError as exc:
-                log.error("inode %d: write-back failed: %s", ino, exc)
-        self.namespace.persist_dirty(self.namespace.dirty_inodes())
+            except Exception as exc:
+                log.error("inode %d: write-back failed: %r", ino, exc)
+                failed.append(f"inode {ino}: {exc}")
+        try:
+            self.namespace.persist_dirty(self.namespace.dirty_inodes())
+        except EcfsError as exc:
+            failed.append(str(exc))
+        if failed:
+            error = EcfsError("write-back failed: " + "; ".join(failed))
+            error.already_logged = True
+            raise error
 
     async def write_back_attributes(self) -> None:
         """Forever: every ATTRIBUTE_WRITEBACK_INTERVAL, persist the dirty

@@ -45,6 +45,8 @@ READDIR_BATCH = 64
 CONTROL_PID = b"user.ecfs.pid"
 CONTROL_STATUS = b"user.ecfs.status"
 CONTROL_COMMAND = b"user.ecfs.control"
+#: The daemon's working directory (see volume.SHUTDOWN_REPORT), for umount.
+CONTROL_WORKDIR = b"user.ecfs.workdir"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -300,7 +302,7 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name in (CONTROL_PID, CONTROL_STATUS):
+        if inode == pyfuse3.ROOT_INODE and name in (CONTROL_PID, CONTROL_STATUS, CONTROL_WORKDIR):
             return self._control(name, ctx)
         return self.ns.getxattr(inode, name)
 
@@ -335,6 +337,8 @@ class EcfsOperations(pyfuse3.Operations):
         self._check_control_access(ctx)
         if name == CONTROL_PID:
             return str(os.getpid()).encode()
+        if name == CONTROL_WORKDIR:
+            return os.fsencode(self.volume.workdir)
         return json.dumps(self.volume.status(), sort_keys=True).encode()
 
     # -- whole filesystem ----------------------------------------------------------------

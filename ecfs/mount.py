@@ -300,7 +300,8 @@ def _serve_process(
     finally:
         volume.close()
         lock.release()
-    if volume.metadata_at_risk:
+    if volume.shutdown_errors or volume.metadata_at_risk:
+        log.error("unmounted %s with errors: %s", mountpoint, "; ".join(volume.shutdown_errors))
         return 1
     log.info("unmounted %s cleanly", mountpoint)
     return 0

@@ -37,16 +37,19 @@ Contracts:
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from .errors import FsError
+from .errors import EcfsError, FsError
 from .metadb.database import Database
 from .metadb.inodes import InodeRow, InodeTable
 from .metadb.schema import ROOT_INODE
+
+log = logging.getLogger(__name__)
 
 #: Longest file name, in bytes.
 NAME_MAX = 255
@@ -55,6 +58,18 @@ SYMLINK_MAX = 4095
 #: Longest xattr name and value, in bytes.
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+
+#: Timestamps are kept in ns since the epoch in signed 64-bit columns:
+#: 1677-09-21 to 2262-04-11. A time set outside that range (touch -d 2514,
+#: utimensat with any seconds the kernel accepts) is clamped to it when it
+#: is set, as ext4 clamps to its own range, so a deferred write can never
+#: fail later (see `clamp_time_ns`).
+TIME_NS_MIN = -(1 << 63)
+TIME_NS_MAX = (1 << 63) - 1
+#: Linux's clock id (Python's time module names it only from 3.13 on).
+CLOCK_REALTIME_COARSE: int = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+#: Largest file size (off_t; the kernel's MAX_LFS_FILESIZE for FUSE).
+FILE_SIZE_MAX = (1 << 63) - 1
 
 #: rename flags (as in renameat2).
 RENAME_NOREPLACE = 1
@@ -144,19 +159,37 @@ class Inode:
 _Staged = dict[int, Inode]
 
 
+def clamp_time_ns(value: int) -> int:
+    """`value` (ns since the epoch) clamped to the storable range."""
+    return min(max(int(value), TIME_NS_MIN), TIME_NS_MAX)
+
+
+def coarse_realtime_ns() -> int:
+    """The clock the kernel stamps its own inode times with
+    (`current_time()` reads CLOCK_REALTIME_COARSE). With the writeback
+    cache the kernel stamps a regular file's mtime and ctime itself (write,
+    truncate, chmod, link...), so stamping ours from the finer
+    CLOCK_REALTIME could put them up to one tick ahead of a later
+    kernel-stamped time: a socket made before `ln` showed a later ctime than
+    the linked file (fstests generic/423). One clock for both keeps time
+    from going backwards as the kernel sees it."""
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+
+
 class Namespace:
     """POSIX operations on the namespace of one volume's working database."""
 
     def __init__(
         self,
         db: Database,
-        clock_ns: Callable[[], int] = time.time_ns,
+        clock_ns: Callable[[], int] = coarse_realtime_ns,
         *,
         cache_size: int = CACHE_SIZE,
     ) -> None:
         self._db = db
         self._table = InodeTable(db)
         self._clock = clock_ns
+        self._last_now = TIME_NS_MIN
         self._cache_size = max(1, cache_size)
         self._cache: dict[int, Inode] = {}
         self._evicted: weakref.WeakValueDictionary[int, Inode] = weakref.WeakValueDictionary()
@@ -171,6 +204,17 @@ class Namespace:
         self._absent_xattrs: set[tuple[int, bytes]] = set()
 
     # -- attributes and lookup ---------------------------------------------------
+
+    def now_ns(self) -> int:
+        """The time to stamp a change with: the clock (`coarse_realtime_ns`
+        by default), clamped to the storable range and never earlier than a
+        time this method returned before (a clock stepped back does not make
+        a later change look older)."""
+        now = clamp_time_ns(self._clock())
+        if now < self._last_now:
+            return self._last_now
+        self._last_now = now
+        return now
 
     def get(self, ino: int) -> Inode:
         """The attributes of inode `ino`. ENOENT if there is no such inode."""
@@ -264,7 +308,7 @@ class Namespace:
             raise FsError("cannot hard-link a directory", errno=errno.EPERM)
         if node.nlink == 0:
             raise FsError(f"inode {ino} has been removed", errno=errno.ENOENT)
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         target = self._stage(staged, ino)
         target.nlink += 1
@@ -293,7 +337,7 @@ class Namespace:
         node = self._entry(parent, name)
         if node.is_dir:
             raise FsError(f"{name!r} is a directory", errno=errno.EISDIR)
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         victim = self._stage(staged, node.id)
         victim.nlink -= 1
@@ -323,7 +367,7 @@ class Namespace:
             raise FsError(f"{name!r} is not a directory", errno=errno.ENOTDIR)
         if not self._table.is_empty(node.id):
             raise FsError(f"{name!r} is not empty", errno=errno.ENOTEMPTY)
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         gone = self._stage(staged, node.id)
         gone.nlink = 0
@@ -396,7 +440,7 @@ class Namespace:
         target: Inode | None,
     ) -> Inode | None:
         """Rename after validation, replacing `target` if given."""
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         self._stage(staged, source.id).ctime_ns = now
         old_dir = self._touch_dir(staged, old_parent, now)
@@ -430,7 +474,7 @@ class Namespace:
         target: Inode,
     ) -> None:
         """RENAME_EXCHANGE after validation: swap what the two entries name."""
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         self._stage(staged, source.id).ctime_ns = now
         self._stage(staged, target.id).ctime_ns = now
@@ -501,13 +545,15 @@ class Namespace:
         (an explicit mode wins). `size` only records the new size (the caller
         handles file data); if it changes the size and no mtime is given,
         mtime = now (truncate). size: EISDIR for a directory, EINVAL for other
-        non-regular files or a negative size. `defer` with `size` is a
-        ValueError (a truncate changes data, which is persisted with it).
+        non-regular files or a negative size, EFBIG above `FILE_SIZE_MAX`.
+        `defer` with `size` is a ValueError (a truncate changes data, which is
+        persisted with it). Times outside the storable range are clamped to
+        it (`clamp_time_ns`), here, so that a deferred write cannot fail.
         """
         if defer and size is not None:
             raise ValueError("a size change cannot be deferred")
         node = self.get(ino)
-        now = self._clock()
+        now = self.now_ns()
         staged: _Staged = {}
         new = self._stage(staged, ino)
         if uid is not None or gid is not None:
@@ -523,9 +569,9 @@ class Namespace:
                 new.mtime_ns = now
             new.size = size
         if atime_ns is not None:
-            new.atime_ns = atime_ns
+            new.atime_ns = clamp_time_ns(atime_ns)
         if mtime_ns is not None:
-            new.mtime_ns = mtime_ns
+            new.mtime_ns = clamp_time_ns(mtime_ns)
         new.ctime_ns = now
         if defer:
             node.assign(new)
@@ -569,17 +615,42 @@ class Namespace:
     def persist_dirty(self, inodes: Iterable[int]) -> None:
         """Write the attributes of those of `inodes` that are dirty, in one
         transaction of its own (RuntimeError inside another: a rollback of
-        that one could not mark them dirty again). On an exception nothing
-        changes: they stay dirty."""
+        that one could not mark them dirty again).
+
+        If that transaction fails, each inode is written in a transaction of
+        its own, so that one row that cannot be written (a bug: values are
+        validated when set) never holds back the others; the ones that fail
+        stay dirty, are logged, and an EcfsError (EIO) naming them is raised
+        once the rest are written."""
         if self._db.in_transaction:
             raise RuntimeError("persist_dirty inside a transaction")
         dirty = [ino for ino in inodes if ino in self._dirty]
         if not dirty:
             return
-        with self._db.transaction():
-            for ino in dirty:
-                self._table.update(self.get(ino).row())
+        try:
+            with self._db.transaction():
+                for ino in dirty:
+                    self._table.update(self.get(ino).row())
+        except Exception:
+            self._persist_one_by_one(dirty)
+            return
         self._dirty.difference_update(dirty)
+
+    def _persist_one_by_one(self, inodes: list[int]) -> None:
+        failed: list[str] = []
+        for ino in inodes:
+            try:
+                with self._db.transaction():
+                    self._table.update(self.get(ino).row())
+            except Exception as exc:
+                log.error("cannot write the attributes of inode %d: %r", ino, exc)
+                failed.append(f"inode {ino}: {exc!r}")
+                continue
+            self._dirty.discard(ino)
+        if failed:
+            error = EcfsError("cannot write attributes: " + "; ".join(failed))
+            error.already_logged = True
+            raise error
 
     def dirty_inodes(self) -> list[int]:
         """Inodes whose cached attributes are newer than the database."""
@@ -647,7 +718,7 @@ class Namespace:
         if flags & XATTR_REPLACE and not exists:
             raise FsError(f"no xattr {name!r}", errno=errno.ENODATA)
         staged: _Staged = {}
-        self._stage(staged, ino).ctime_ns = self._clock()
+        self._stage(staged, ino).ctime_ns = self.now_ns()
         self._absent_xattrs.discard((ino, name))
         with self._db.transaction():
             self._table.set_xattr(ino, name, bytes(value))
@@ -663,7 +734,7 @@ class Namespace:
         """Remove xattr `name`; ctime = now. ENODATA if absent."""
         self.getxattr(ino, name)
         staged: _Staged = {}
-        self._stage(staged, ino).ctime_ns = self._clock()
+        self._stage(staged, ino).ctime_ns = self.now_ns()
         with self._db.transaction():
             self._table.remove_xattr(ino, name)
             self._write(staged)
@@ -721,7 +792,7 @@ class Namespace:
             if is_dir:
                 mode |= stat.S_ISGID
         ino = self._db.next_id("inode")  # before the transaction: see module doc
-        now = self._clock()
+        now = self.now_ns()
         node = Inode(
             id=ino,
             mode=mode,
@@ -888,6 +959,16 @@ def _check_truncatable(node: Inode, size: int) -> None:
         raise FsError("cannot truncate a directory", errno=errno.EISDIR)
     if not node.is_reg or size < 0:
         raise FsError("can only truncate a regular file to size >= 0", errno=errno.EINVAL)
+    check_file_size(size)
+
+
+def check_file_size(size: int) -> None:
+    """EFBIG for a file size above `FILE_SIZE_MAX` (as the kernel for
+    a size past s_maxbytes), EINVAL for a negative one."""
+    if size < 0:
+        raise FsError("negative file size", errno=errno.EINVAL)
+    if size > FILE_SIZE_MAX:
+        raise FsError(f"file size {size} is too large", errno=errno.EFBIG)
 
 
 def _clear_suid(mode: int) -> int:

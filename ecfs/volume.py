@@ -68,6 +68,12 @@ SHUTDOWN_DRAIN_TIMEOUT = 300.0
 #: In a working-copy directory: keep it (it holds metadata not durable anywhere).
 KEEP_MARKER = "KEEP-not-durable-on-replicas"
 
+#: In a working-copy directory: what went wrong at unmount, one line per
+#: error. Written by a daemon whose shutdown failed; `ecfs umount` (which
+#: learns the directory from the user.ecfs.workdir attribute) reports it
+#: and exits 1. The next mount deletes the directory as usual.
+SHUTDOWN_REPORT = "shutdown-errors"
+
 #: Seconds a store probe may take before the store counts as failed.
 PROBE_TIMEOUT = 2.0
 
@@ -196,6 +202,7 @@ class Volume:
             self.pins,
             self._wait_durable,
             inline_max=self.inline_max,
+            clock_ns=self.namespace.now_ns,  # one clock for every inode time
         )
         self.repairer = Repairer(
             db,
@@ -233,6 +240,8 @@ class Volume:
         #: Set when unmount could not make the metadata durable anywhere: the
         #: working copy is then kept (its path is logged) instead of deleted.
         self.metadata_at_risk = False
+        #: What failed at unmount (see `shutdown`); empty after a clean one.
+        self.shutdown_errors: list[str] = []
         self._nursery: trio.Nursery | None = None
 
     def _remember_store_paths(self) -> None:
@@ -335,8 +344,16 @@ class Volume:
             await self.filedata.free(ino)
 
     async def shutdown(self) -> None:
-        """Write back everything, make it durable, delete garbage."""
-        await self.filedata.flush_all()
+        """Write back everything, make it durable, delete garbage.
+
+        Each step runs even if an earlier one failed (a file whose data
+        cannot be written must not keep the metadata of every other change
+        from the replicas); every failure is logged and recorded in
+        `shutdown_errors`, so that the unmount is never reported clean."""
+        try:
+            await self.filedata.flush_all()
+        except Exception as exc:
+            self._shutdown_failed("writing back data and attributes", exc)
         try:
             with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
                 await self._drain_metadata()
@@ -348,8 +365,21 @@ class Volume:
                 exc,
                 self.db.path,
             )
+            self.shutdown_errors.append(f"metadata not durable on the replicas: {exc}")
             return
-        await self.garbage.collect()
+        except Exception as exc:
+            self.metadata_at_risk = True
+            self._shutdown_failed("making the metadata durable", exc)
+            return
+        try:
+            await self.garbage.collect()
+        except Exception as exc:
+            self._shutdown_failed("deleting garbage", exc)
+
+    def _shutdown_failed(self, step: str, exc: Exception) -> None:
+        if not isinstance(exc, EcfsError) or not exc.already_logged:
+            log.error("unmount: %s failed: %r", step, exc, exc_info=not isinstance(exc, EcfsError))
+        self.shutdown_errors.append(f"{step} failed: {exc}")
 
     async def _drain_metadata(self) -> None:
         """Make everything durable; if every replica went stale, place new
@@ -371,7 +401,9 @@ class Volume:
         self.db.close()
         if self.metadata_at_risk:
             (self.workdir / KEEP_MARKER).touch()
-        else:
+        if self.shutdown_errors:
+            (self.workdir / SHUTDOWN_REPORT).write_text("\n".join(self.shutdown_errors) + "\n")
+        elif not self.metadata_at_risk:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def aclose_replicas(self) -> None:

@@ -1,0 +1,232 @@
+"""Issue 13 findings about file-system operations: far-future timestamps and
+a failing shutdown (A0), system.* xattrs and xattr bounds (B5), control
+commands (C8, C9), ctime ordering against the kernel's clock (E17),
+read-only remount (E18) and open by handle (E19).
+
+In-process tests drive `Namespace` and the control parser; the rest run on
+real mounts through the real CLI (tests/mounting.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ecfs.errors import EcfsError, FsError
+from ecfs.namespace import (
+    FILE_SIZE_MAX,
+    TIME_NS_MAX,
+    TIME_NS_MIN,
+    Namespace,
+    clamp_time_ns,
+)
+from tests import test_failures
+from tests.mounting import FUSE_MISSING_REASON, MountedVolume, cli
+from tests.test_namespace import Env, finish_env, make_env
+
+ROOT = 1
+REG = 0o100000
+
+requires_mount = [
+    pytest.mark.mount,
+    pytest.mark.skipif(FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or ""),
+]
+
+#: Year 2514 in ns (touch -d 'May 30 01:53:03 UTC 2514'): past the signed 64-bit range.
+YEAR_2514_NS = 17_180_473_983 * 10**9
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    environment = make_env(tmp_path)
+    yield environment
+    finish_env(environment)
+
+
+# --- A0: timestamps are validated when set -------------------------------------------
+
+extreme_times = st.one_of(
+    st.integers(min_value=-(1 << 80), max_value=1 << 80),
+    st.sampled_from(
+        [
+            0, -1, 1 << 63, (1 << 63) - 1, -(1 << 63), -(1 << 63) - 1, YEAR_2514_NS,
+            -YEAR_2514_NS, (1 << 64), 10**9 * (1 << 62), 999_999_999, 10**9 - 1 + (1 << 63),
+        ]
+    ),  # fmt: skip
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    atime=st.none() | extreme_times,
+    mtime=st.none() | extreme_times,
+    defer=st.booleans(),
+    size=st.none() | st.integers(min_value=-(1 << 64), max_value=1 << 65),
+)
+def test_setattr_with_extreme_values_never_fails_later(
+    env: Env, atime: int | None, mtime: int | None, defer: bool, size: int | None
+) -> None:
+    """Any time is clamped to the storable range when it is set; a size
+    past 2^63-1 is EFBIG, a negative one EINVAL: nothing is left for a
+    deferred write to trip over, and a new entry in a far-future directory
+    can be created."""
+    ns = env.ns
+    name = f"d{env.clock.now}".encode()
+    directory = ns.mkdir(ROOT, name, 0o755, 0, 0)
+    f = ns.create(directory.id, b"f", REG | 0o644, 0, 0)
+    ns.setattr(directory.id, atime_ns=atime, mtime_ns=mtime, defer=True)
+    if size is not None:
+        if size < 0:
+            expected: int | None = errno.EINVAL
+        elif size > FILE_SIZE_MAX:
+            expected = errno.EFBIG
+        else:
+            expected = None
+        if expected is not None:
+            with pytest.raises(FsError) as caught:
+                ns.setattr(f.id, size=size, atime_ns=atime)
+            assert caught.value.errno == expected
+        else:
+            ns.setattr(f.id, size=size, atime_ns=atime, mtime_ns=mtime)
+            assert f.size == size
+    ns.setattr(f.id, atime_ns=atime, mtime_ns=mtime, defer=defer)
+    for node, old in ((directory, None), (f, None)):
+        for value in (node.atime_ns, node.mtime_ns, node.ctime_ns):
+            assert TIME_NS_MIN <= value <= TIME_NS_MAX, old
+    if atime is not None:
+        assert f.atime_ns == clamp_time_ns(atime)
+    if mtime is not None:
+        assert directory.mtime_ns == clamp_time_ns(mtime)
+    ns.create(directory.id, b"new", REG | 0o644, 0, 0)  # the issue's EIO
+    ns.persist_dirty(ns.dirty_inodes())
+    assert not ns.dirty_inodes()
+
+
+def test_year_2514_is_clamped_to_2262(env: Env) -> None:
+    d = env.ns.mkdir(ROOT, b"d", 0o755, 0, 0)
+    env.ns.setattr(d.id, atime_ns=YEAR_2514_NS, mtime_ns=YEAR_2514_NS, defer=True)
+    assert d.mtime_ns == d.atime_ns == TIME_NS_MAX
+    env.ns.create(d.id, b"new", REG | 0o644, 0, 0)
+    assert env.reopen().get(d.id).atime_ns == TIME_NS_MAX
+
+
+def test_one_unwritable_row_does_not_hold_back_the_others(env: Env) -> None:
+    """Defence in depth: if a dirty row cannot be written (a bug that slipped
+    past validation), persist_dirty writes every other row, keeps the bad one
+    dirty and raises an EcfsError naming it."""
+    good = env.ns.create(ROOT, b"good", REG | 0o644, 0, 0)
+    bad = env.ns.create(ROOT, b"bad", REG | 0o644, 0, 0)
+    env.ns.setattr(good.id, mode=0o600, defer=True)
+    env.ns.setattr(bad.id, mode=0o600, defer=True)
+    bad.atime_ns = 1 << 70  # what validation prevents: a value SQLite cannot store
+    with pytest.raises(EcfsError, match=f"inode {bad.id}"):
+        env.ns.persist_dirty(env.ns.dirty_inodes())
+    assert env.reopen().get(good.id).mode & 0o777 == 0o600
+    assert env.ns.dirty_inodes() == [bad.id]
+    bad.atime_ns = 5  # repaired, so that the teardown oracles see a clean cache
+    env.ns.persist_dirty([bad.id])
+
+
+def test_the_clock_never_goes_backwards(tmp_path: Path) -> None:
+    """E17 in-process: a clock stepped back (or past 2262) never yields a
+    time earlier than one already handed out, nor one that cannot be stored."""
+    env = make_env(tmp_path)
+    times = iter([10, 20, 5, 1 << 64, 30])
+    ns = Namespace(env.db, lambda: next(times))
+    try:
+        assert [ns.now_ns() for _ in range(5)] == [10, 20, 20, TIME_NS_MAX, TIME_NS_MAX]
+    finally:
+        finish_env(env)
+
+
+# --- A0 on a real mount ---------------------------------------------------------------
+
+
+@pytest.mark.mount
+def test_far_future_timestamp_keeps_every_change(volume: MountedVolume) -> None:
+    """The issue's reproduction: touch -d year 2514 on a directory, then a
+    new file in it, unmount (clean), remount: everything is there, and the
+    time reads as the last storable one (2262)."""
+    mnt = volume.mountpoint
+    (mnt / "d").mkdir()
+    (mnt / "d" / "keep").write_text("keep\n")
+    os.sync()
+    subprocess.run(["touch", "-d", "May 30 01:53:03 UTC 2514", str(mnt / "d")], check=True)
+    (mnt / "d" / "new").write_text("x\n")
+    os.utime(mnt / "d" / "keep", ns=(-(1 << 62), 1 << 62))
+    subprocess.run(["touch", "-d", "1600-01-01 UTC", str(mnt / "d" / "new")], check=True)
+    volume.unmount()
+    assert "cleanly" in (volume.umount_result.stderr + volume.log_text())
+    volume.mount()
+    assert (mnt / "d" / "keep").read_text() == "keep\n"
+    assert (mnt / "d" / "new").read_text() == "x\n"
+    assert os.stat(mnt / "d").st_atime_ns == TIME_NS_MAX  # its mtime moved on with "new"
+    assert os.stat(mnt / "d" / "keep").st_mtime_ns == 1 << 62
+    assert os.stat(mnt / "d" / "new").st_mtime_ns == TIME_NS_MIN
+    cli("umount", mnt)
+    volume.proc.wait(30)
+    fsck = cli("fsck", *volume.stores, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    volume.mount()
+
+
+@pytest.mark.mount
+def test_truncate_near_2_to_the_63(volume: MountedVolume) -> None:
+    """Sizes near 2^63: the largest one works, past it the kernel or ecfs
+    refuses with EFBIG/EINVAL; the mount stays up and the file shrinks back."""
+    path = volume.mountpoint / "big"
+    path.write_bytes(b"abc")
+    with open(path, "r+b") as f:
+        os.truncate(f.fileno(), FILE_SIZE_MAX)
+        assert os.fstat(f.fileno()).st_size == FILE_SIZE_MAX
+        for size in (FILE_SIZE_MAX + 1, 1 << 64):
+            with pytest.raises((OSError, OverflowError)) as caught:
+                os.truncate(f.fileno(), size)
+            if isinstance(caught.value, OSError):
+                assert caught.value.errno in (errno.EFBIG, errno.EINVAL)
+        with pytest.raises(OSError) as write_error:
+            os.pwrite(f.fileno(), b"x", FILE_SIZE_MAX)
+        assert write_error.value.errno in (errno.EFBIG, errno.EINVAL)
+        os.truncate(f.fileno(), 2)
+    assert path.read_bytes() == b"ab"
+
+
+# --- A0: a failing shutdown is never reported clean ------------------------------------
+
+#: The faultfs stores of test_failures (module-scoped: six faultfs mounts).
+faulty_dirs = test_failures.faulty_dirs
+dirs = test_failures.dirs
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or "")
+def test_a_failed_write_back_at_unmount_is_reported(tmp_path: Path, dirs: list) -> None:
+    """Every store fails writes while a file's data is still buffered:
+    `ecfs umount` must exit 1 and say that writing back failed (it said
+    nothing and exited 0), and the daemon must exit non-zero."""
+    allowed = [r"write-back failed|EIO|I/O error|not durable|replica|unmount|failed", r"store \d"]
+    with test_failures.failure_volume(tmp_path, dirs, faulty=range(6), allowed_log=allowed) as vol:
+        (vol.mountpoint / "early").write_bytes(b"e" * 1000)
+        os.sync()
+        fd = os.open(vol.mountpoint / "late", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, os.urandom(600_000))  # buffered in the daemon, not written back
+        for d in dirs:
+            d.set("enospc")
+        try:
+            os.close(fd)  # the close reports the write-back error (EIO) ...
+        except OSError:
+            pass  # ... and the data stays buffered, to be tried again at unmount
+        vol.unmount(check=False)
+        result = vol.umount_result
+        assert result is not None and result.returncode == 1, (result, vol.log_tail())
+        assert "writing back failed" in result.stderr, result.stderr
+        assert vol.returncode == 1, vol.log_tail()
+        assert "cleanly" not in vol.log_text()
