@@ -147,6 +147,8 @@ class EcfsOperations(pyfuse3.Operations):
             if not node.is_reg:
                 raise FsError("not a regular file", errno=errno.EINVAL)
             await self.data.truncate(inode, attr.st_size)
+        if fields.update_ctime:
+            self.ns.kernel_time_seen(attr.st_ctime_ns)  # see Namespace.now_ns
         # Attribute-only changes are deferred (written within a fraction of a
         # second, at close or at fsync: see Namespace.setattr); a truncate is
         # written with its data.

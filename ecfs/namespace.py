@@ -216,6 +216,17 @@ class Namespace:
         self._last_now = now
         return now
 
+    def kernel_time_seen(self, time_ns: int) -> None:
+        """Note a time the kernel stamped (the ctime it sends with a setattr
+        of a regular file under the writeback cache). The kernel's clock is
+        the coarse one raised to the multigrain floor (the latest fine time
+        another filesystem handed out), so it can run up to a tick ahead of
+        CLOCK_REALTIME_COARSE as a process reads it: later stamps of ours
+        must not come out earlier. A time in the future of the fine clock is
+        not the kernel's current time and is ignored."""
+        if self._last_now < time_ns <= time.time_ns():
+            self._last_now = time_ns
+
     def get(self, ino: int) -> Inode:
         """The attributes of inode `ino`. ENOENT if there is no such inode."""
         node = self._cache.get(ino)

@@ -230,3 +230,39 @@ def test_a_failed_write_back_at_unmount_is_reported(tmp_path: Path, dirs: list) 
         assert "writing back failed" in result.stderr, result.stderr
         assert vol.returncode == 1, vol.log_tail()
         assert "cleanly" not in vol.log_text()
+
+
+# --- E17: times never go backwards as the kernel sees them ---------------------------
+
+
+@pytest.mark.mount
+def test_ctime_never_goes_backwards_against_kernel_stamped_times(volume: MountedVolume) -> None:
+    """fstests generic/423's failure: a socket/FIFO made (stamped by ecfs)
+    before `ln` showed a later ctime than the linked file, whose ctime the
+    kernel stamps itself (writeback cache) from its coarse clock. Both
+    directions, many times: a reference made by ecfs before a kernel-stamped
+    change, and a kernel-stamped change before an ecfs-stamped one; and a
+    CLOCK_REALTIME_COARSE reading (the kernel's own clock) taken before a
+    change is never later than the ctime after it."""
+    mnt = volume.mountpoint
+    target = mnt / "target"
+    target.write_bytes(b"t")
+    coarse = 5  # CLOCK_REALTIME_COARSE
+    for i in range(300):
+        ref = mnt / f"ref{i}"
+        os.mkfifo(ref)  # stamped by ecfs
+        os.link(target, mnt / f"link{i}")  # the file's ctime: stamped by the kernel
+        assert os.stat(target).st_ctime_ns >= os.stat(ref).st_ctime_ns, i
+        before = time.clock_gettime_ns(coarse)
+        os.chmod(target, 0o600 | (i & 0o77))  # kernel-stamped
+        assert os.stat(target).st_ctime_ns >= before, i
+        later = mnt / f"later{i}"
+        os.mkfifo(later)  # ecfs-stamped after the kernel-stamped chmod
+        assert os.stat(later).st_ctime_ns >= os.stat(target).st_ctime_ns, i
+        os.link(target, mnt / f"again{i}")  # kernel-stamped
+        after_link = mnt / f"after_link{i}"
+        os.mkfifo(after_link)  # ecfs-stamped
+        assert os.stat(after_link).st_ctime_ns >= os.stat(target).st_ctime_ns, i
+        before = time.clock_gettime_ns(coarse)
+        os.mkdir(mnt / f"dir{i}")  # ecfs-stamped
+        assert os.stat(mnt / f"dir{i}").st_ctime_ns >= before, i
