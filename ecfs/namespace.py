@@ -77,12 +77,22 @@ RENAME_EXCHANGE = 2
 #: setxattr flags.
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
-#: POSIX ACL xattrs. ecfs does not implement ACLs; FUSE passes these names
-#: through as plain xattrs, and storing them would let a program (libacl, so
-#: `cp -a`, `setfacl`) believe it set permissions that nothing enforces and
-#: that do not change the mode. Refusing them (EOPNOTSUPP, as a filesystem
-#: mounted without ACL support does) makes those programs fall back to chmod.
-ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
+#: Total bytes (names + values) of the xattrs of one inode: room for one
+#: value of the largest size and a few small ones. ext4 gives one block
+#: (4 KiB) without ea_inode; either way a user cannot grow the metadata
+#: database without bound through one file. Past it: ENOSPC, as ext4.
+XATTR_TOTAL_MAX = 128 * 1024
+#: The `system.` namespace is for attributes a filesystem implements itself
+#: (POSIX ACLs, on other filesystems also richacl, nfs4_acl...); the kernel
+#: leaves their permission checks to the filesystem and FUSE passes them
+#: through. ecfs implements none of them: the mount uses default_permissions
+#: and nothing enforces ACLs, so storing system.posix_acl_* would let libacl
+#: (`cp -a`, `setfacl`) believe it set permissions that do not apply, and
+#: storing any system.* name would let every user attach them to any file,
+#: root's included. Set and remove are refused with EOPNOTSUPP (as ext4
+#: mounted without ACL support, and for names it does not know); get says
+#: ENODATA and list leaves them out (also ones an older version stored).
+SYSTEM_XATTR_PREFIX = b"system."
 
 #: Default bound of the attribute cache (entries).
 CACHE_SIZE = 200_000
@@ -695,11 +705,15 @@ class Namespace:
     # -- xattrs -------------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        """The value of xattr `name`. ENODATA if absent, ENOENT, ERANGE (name)."""
+        """The value of xattr `name`. ENODATA if absent (always for
+        `system.*`), ENOENT, ERANGE (name)."""
         self.get(ino)
         _check_xattr_name(name)
         key = (ino, name)
-        value = None if key in self._absent_xattrs else self._table.get_xattr(ino, name)
+        if name.startswith(SYSTEM_XATTR_PREFIX):
+            value = None
+        else:
+            value = None if key in self._absent_xattrs else self._table.get_xattr(ino, name)
         if value is None:
             if len(self._absent_xattrs) >= ABSENT_XATTRS_MAX:
                 self._absent_xattrs.clear()
@@ -712,22 +726,32 @@ class Namespace:
 
         flags: XATTR_CREATE (EEXIST if present) and/or XATTR_REPLACE (ENODATA
         if absent; both flags: both checks, as ext4 and tmpfs); others:
-        EINVAL. ERANGE for an empty name, a name over 255 bytes or a value
-        over 64 KiB. EOPNOTSUPP for the POSIX ACL names (`ACL_XATTRS`).
+        EINVAL. ERANGE for an empty name or a name over 255 bytes, E2BIG for
+        a value over 64 KiB (as Linux), ENOSPC past `XATTR_TOTAL_MAX` bytes
+        for the inode. EOPNOTSUPP for `system.*` names (see
+        `SYSTEM_XATTR_PREFIX`).
         """
         self.get(ino)
         _check_xattr_name(name)
-        if name in ACL_XATTRS:
-            raise FsError("POSIX ACLs are not supported", errno=errno.EOPNOTSUPP)
+        _check_not_system(name)
         if len(value) > XATTR_SIZE_MAX:
-            raise FsError("xattr value too long", errno=errno.ERANGE)
+            raise FsError("xattr value too long", errno=errno.E2BIG)
         if flags & ~(XATTR_CREATE | XATTR_REPLACE):
             raise FsError(f"bad setxattr flags {flags:#x}", errno=errno.EINVAL)
-        exists = self._table.get_xattr(ino, name) is not None
+        old = self._table.get_xattr(ino, name)
+        exists = old is not None
         if flags & XATTR_CREATE and exists:
             raise FsError(f"xattr {name!r} exists", errno=errno.EEXIST)
         if flags & XATTR_REPLACE and not exists:
             raise FsError(f"no xattr {name!r}", errno=errno.ENODATA)
+        total = self._table.xattr_bytes(ino) + len(name) + len(value)
+        if old is not None:
+            total -= len(name) + len(old)
+        if total > XATTR_TOTAL_MAX:
+            raise FsError(
+                f"xattrs of inode {ino} would take {total} bytes (at most {XATTR_TOTAL_MAX})",
+                errno=errno.ENOSPC,
+            )
         staged: _Staged = {}
         self._stage(staged, ino).ctime_ns = self.now_ns()
         self._absent_xattrs.discard((ino, name))
@@ -737,12 +761,16 @@ class Namespace:
         self._install(staged.values())
 
     def listxattr(self, ino: int) -> list[bytes]:
-        """Names of the xattrs of `ino`, in byte order. ENOENT."""
+        """Names of the xattrs of `ino`, in byte order (no `system.*`). ENOENT."""
         self.get(ino)
-        return self._table.list_xattrs(ino)
+        return [n for n in self._table.list_xattrs(ino) if not n.startswith(SYSTEM_XATTR_PREFIX)]
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove xattr `name`; ctime = now. ENODATA if absent."""
+        """Remove xattr `name`; ctime = now. ENODATA if absent, EOPNOTSUPP
+        for `system.*`."""
+        self.get(ino)
+        _check_xattr_name(name)
+        _check_not_system(name)
         self.getxattr(ino, name)
         staged: _Staged = {}
         self._stage(staged, ino).ctime_ns = self.now_ns()
@@ -953,6 +981,12 @@ def _check_xattr_name(name: bytes) -> None:
     """ERANGE for an empty xattr name or one over 255 bytes (as Linux)."""
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError("bad xattr name length", errno=errno.ERANGE)
+
+
+def _check_not_system(name: bytes) -> None:
+    """EOPNOTSUPP for a `system.*` xattr name (see SYSTEM_XATTR_PREFIX)."""
+    if name.startswith(SYSTEM_XATTR_PREFIX):
+        raise FsError(f"{name!r}: system.* attributes are not supported", errno=errno.EOPNOTSUPP)
 
 
 def _check_replaceable(source: Inode, target: Inode, target_empty: bool) -> None:

@@ -266,3 +266,85 @@ def test_ctime_never_goes_backwards_against_kernel_stamped_times(volume: Mounted
         before = time.clock_gettime_ns(coarse)
         os.mkdir(mnt / f"dir{i}")  # ecfs-stamped
         assert os.stat(mnt / f"dir{i}").st_ctime_ns >= before, i
+
+
+# --- B5: system.* xattrs and the per-inode xattr bound -------------------------------
+
+
+def test_system_xattrs_are_refused_and_hidden(env: Env) -> None:
+    ns = env.ns
+    f = ns.create(ROOT, b"f", REG | 0o644, 0, 0)
+    for name in (b"system.posix_acl_access", b"system.foo", b"system.nfs4_acl", b"system."):
+        with pytest.raises(FsError) as caught:
+            ns.setxattr(f.id, name, b"v")
+        assert caught.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(FsError) as caught:
+            ns.removexattr(f.id, name)
+        assert caught.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(FsError) as caught:
+            ns.getxattr(f.id, name)
+        assert caught.value.errno == errno.ENODATA
+    ns.setxattr(f.id, b"user.ok", b"v")
+    assert ns.listxattr(f.id) == [b"user.ok"]
+
+
+def test_xattr_bytes_per_inode_are_bounded(env: Env) -> None:
+    from ecfs.namespace import XATTR_SIZE_MAX, XATTR_TOTAL_MAX
+
+    ns = env.ns
+    f = ns.create(ROOT, b"f", REG | 0o644, 0, 0)
+    ns.setxattr(f.id, b"user.a", b"a" * XATTR_SIZE_MAX)
+    ns.setxattr(f.id, b"user.a", b"b" * XATTR_SIZE_MAX)  # a replacement counts once
+    room = XATTR_TOTAL_MAX - (6 + XATTR_SIZE_MAX) - 6
+    with pytest.raises(FsError) as caught:
+        ns.setxattr(f.id, b"user.b", b"x" * (room + 1))
+    assert caught.value.errno == errno.ENOSPC
+    ns.setxattr(f.id, b"user.b", b"x" * room)  # exactly full
+    with pytest.raises(FsError) as caught:
+        ns.setxattr(f.id, b"user.c", b"")
+    assert caught.value.errno == errno.ENOSPC
+    ns.removexattr(f.id, b"user.a")
+    ns.setxattr(f.id, b"user.c", b"y" * 1000)
+
+
+@pytest.mark.mount
+def test_system_xattrs_as_a_second_user(volume: MountedVolume) -> None:
+    """A local user (nobody) can neither set nor remove system.* xattrs on
+    root's files, the mount root or its own file (EOPNOTSUPP, as ext4),
+    and cannot grow one file's xattrs past the bound (ENOSPC)."""
+    from tests.as_user import NOBODY, run_as_user
+
+    mnt = volume.mountpoint
+    os.chmod(mnt, 0o777)
+    (mnt / "roots").write_text("root's\n")
+    os.chmod(mnt / "roots", 0o666)
+    out = run_as_user(
+        NOBODY,
+        NOBODY,
+        mnt,
+        """
+        open("mine", "w").close()
+        results = {}
+        for path in (".", "roots", "mine"):
+            for name in ("system.foo", "system.posix_acl_access", "system.posix_acl_default"):
+                results[f"set {path} {name}"] = attempt(os.setxattr, path, name, b"x" * 100)
+                results[f"remove {path} {name}"] = attempt(os.removexattr, path, name)
+        big = b"v" * 65536
+        results["fill"] = [attempt(os.setxattr, "mine", f"user.{i}", big) for i in range(4)]
+        results["list"] = sorted(os.listxattr("mine"))
+        print(json.dumps(results))
+        """,
+    )
+    import json
+
+    results = json.loads(out)
+    fill, listed = results.pop("fill"), results.pop("list")
+    # The kernel answers a removal of a file's (not a directory's) default
+    # ACL itself with success: a no-op that never reaches ecfs.
+    for key in ("remove roots system.posix_acl_default", "remove mine system.posix_acl_default"):
+        assert results.pop(key) in ("ok", "ENOTSUP", "EPERM")
+    assert set(results.values()) <= {"ENOTSUP", "EPERM"}, json.dumps(results, indent=0)
+    assert all(v == "ENOTSUP" for k, v in results.items() if k.startswith("set")), results
+    assert fill[0] == "ok" and "ENOSPC" in fill, fill
+    assert not any(name.startswith("system.") for name in listed), listed
+    assert not [n for n in os.listxattr(mnt) if n.startswith("system.")]

@@ -214,6 +214,17 @@ class InodeTable:
         rows = self._db.query("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
         return [bytes(r[0]) for r in rows]
 
+    def xattr_bytes(self, ino: int) -> int:
+        """Total length of the names and values of the xattrs of `ino`."""
+        return int(
+            self._db.query_value(
+                "SELECT coalesce(sum(length(name) + length(value)), 0) FROM xattrs"
+                " WHERE inode = ?",
+                (ino,),
+                0,
+            )
+        )
+
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         """Delete one attribute; False if it did not exist."""
         return self._db.write("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name)) > 0
