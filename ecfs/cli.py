@@ -524,7 +524,7 @@ def store_replace(mountpoint: str, old: str, new: str) -> None:
     empty directory; its fragments are rebuilt onto NEW in the background
     (follow with `ecfs repair --wait`). Mount with NEW in the store list
     afterwards."""
-    _store_change(mountpoint, f"store-replace {_quote(old)} {_quote(os.path.abspath(new))}")
+    _store_change(mountpoint, f"store-replace {_store_ref(old)} {_new_store_path(new)}")
 
 
 @store.command("add")
@@ -532,7 +532,7 @@ def store_replace(mountpoint: str, old: str, new: str) -> None:
 @click.argument("new")
 def store_add(mountpoint: str, new: str) -> None:
     """Add NEW (an empty directory) as a store; new chunks use it at once."""
-    _store_change(mountpoint, f"store-add {_quote(os.path.abspath(new))}")
+    _store_change(mountpoint, f"store-add {_new_store_path(new)}")
 
 
 @store.command("remove")
@@ -541,13 +541,32 @@ def store_add(mountpoint: str, new: str) -> None:
 def store_remove(mountpoint: str, old: str) -> None:
     """Drain store OLD: move its fragments to the other stores, then drop
     it from the volume (waits until done)."""
-    _store_change(mountpoint, f"store-remove {_quote(old)}")
+    _store_change(mountpoint, f"store-remove {_store_ref(old)}")
 
 
 def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def _new_store_path(path: str) -> str:
+    """A new store's directory, made absolute (the daemon refuses relative
+    paths: its working directory is /), quoted for the control command."""
+    if not path:
+        _fail("the new store's path is empty: give a directory", 2)
+    return _quote(os.path.abspath(path))
+
+
+def _store_ref(old: str) -> str:
+    """A store index or id as given; anything else is a path, made absolute."""
+    import re
+
+    if not old:
+        _fail("the store is empty: give its path, index or id", 2)
+    if re.fullmatch(r"[0-9]{1,9}|[0-9a-f]{32}", old):
+        return old
+    return _quote(os.path.abspath(old))
 
 
 @main.command()

@@ -69,5 +69,5 @@ def _translate(mountpoint: str, exc: OSError) -> EcfsError:
     if exc.errno == errno.EBUSY:
         return VolumeError(f"{mountpoint}: another operation of this kind is running")
     if exc.errno == errno.EINVAL:
-        return VolumeError(f"{mountpoint}: the daemon refused the request")
+        return VolumeError(f"{mountpoint}: the daemon refused the request (its log says why)")
     return EcfsError(f"{mountpoint}: {exc.strerror}")

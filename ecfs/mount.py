@@ -283,6 +283,7 @@ def _serve_process(
         volume = Volume.open(store_args)
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
+        volume.mountpoint = mountpoint
     except BaseException:
         lock.release()
         raise

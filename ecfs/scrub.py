@@ -103,16 +103,16 @@ class Scrubber:
             chunks_total=self.chunks.count(),
         )
         start_ns = progress.started_ns
-        with trio.CancelScope() as self._cancel:
-            if max_duration is not None:
-                self._cancel.deadline = trio.current_time() + max_duration
-            try:
+        try:
+            with trio.CancelScope() as self._cancel:
+                if max_duration is not None:
+                    self._cancel.deadline = trio.current_time() + max_duration
                 await self._pass(start_ns)
-            finally:
-                self._cancel = None
-        progress.stopped_early = progress.chunks_done < progress.chunks_total
-        progress.running = False
-        progress.finished_ns = time.time_ns()
+        finally:  # also after a bug: a scrub that ended never shows "running"
+            self._cancel = None
+            progress.stopped_early = progress.chunks_done < progress.chunks_total
+            progress.running = False
+            progress.finished_ns = time.time_ns()
         log.info(
             "scrub: %d of %d chunks verified, %d findings",
             progress.chunks_done,

@@ -16,14 +16,21 @@ itself (the repairer does, in the background).
 
 After a change, give the new store list (or a glob that matches it) to the
 next `ecfs mount`.
+
+A new store must be an absolute path (`control` refuses others), must not
+be or nest with a store, and must not lie on the mount itself. Every path
+operation (realpath, stat, marker) runs in a thread (`_off_loop`): the
+event loop answers this mount's requests, so a path on the mount resolved
+on the loop would wait for the loop forever.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -37,6 +44,11 @@ if TYPE_CHECKING:
 
 #: Seconds between checks while a removed store drains.
 DRAIN_POLL = 1.0
+#: Seconds a path check (realpath, stat, marker) may take before the
+#: command fails (a hung disk).
+PATH_TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 async def _retire(runner: StoreRunner) -> None:
@@ -49,30 +61,72 @@ async def _retire(runner: StoreRunner) -> None:
         pass
 
 
+async def _off_loop(fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking path function (realpath, stat, reading a marker) in
+    a thread, never on the event loop: a path may lie on this very mount,
+    whose requests the loop answers (realpath of MNT/inner on the loop was a
+    deadlock), or on a hung disk (the call is abandoned after a timeout)."""
+    try:
+        with trio.fail_after(PATH_TIMEOUT):
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise VolumeError(f"a store path did not answer within {PATH_TIMEOUT:g} s") from None
+
+
+def _resolve_index(given: str, paths: dict[int, str]) -> int | None:
+    """The index whose path (from `paths`) is the same directory as `given`
+    (blocking: realpath)."""
+    real = Path(os.path.realpath(given))
+    for index, path in paths.items():
+        if path and Path(os.path.realpath(path)) == real:
+            return index
+    return None
+
+
+def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> None:
+    """VolumeError unless `path` can become a new store: not a store
+    already, not nested with one, and not on this mount (a store inside the
+    volume it serves would hang or lose everything). Blocking."""
+    check_store_paths([*known, Path(path)])
+    if mountpoint is None:
+        return
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(Path(os.path.realpath(mountpoint))):
+        raise VolumeError(f"{path} is inside the mountpoint {mountpoint}: a store cannot be")
+    existing = real
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.stat(existing).st_dev == os.stat(mountpoint).st_dev:
+        raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
+
+
+def _device_and_id(store: DirectoryStore) -> tuple[int, str]:
+    return os.stat(store.path).st_dev, store.read_marker().store_id
+
+
 class StoreAdmin:
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
 
-    def _index_of(self, given: str) -> int:
-        """A store by index number or by path."""
-        if given.isdigit() and int(given) in self.volume.store_ids:
+    async def _index_of(self, given: str) -> int:
+        """A store by index number, store id or absolute path."""
+        volume = self.volume
+        if given.isdigit() and int(given) in volume.store_ids:
             return int(given)
-        real = Path(os.path.realpath(given))
-        for index, runner in self.volume.runners.items():
-            if Path(os.path.realpath(runner.store.path)) == real:
-                return index
-        for index, path in self.volume.missing_stores().items():
-            if path and Path(os.path.realpath(path)) == real:
-                return index
-        for index, store_id in self.volume.store_ids.items():
+        for index, store_id in volume.store_ids.items():
             if store_id == given:
                 return index
-        raise VolumeError(f"{given} is not a store of this volume")
+        paths = {index: str(runner.store.path) for index, runner in volume.runners.items()}
+        paths.update({i: p for i, p in volume.missing_stores().items() if i not in paths})
+        index = await _off_loop(_resolve_index, given, paths)
+        if index is None:
+            raise VolumeError(f"{given} is not a store of this volume")
+        return index
 
     async def _initialise(self, path: str) -> DirectoryStore:
         volume = self.volume
         known = [runner.store.path for runner in volume.runners.values()]
-        check_store_paths([*known, Path(path)])
+        await _off_loop(_check_new_store, known, path, volume.mountpoint)
         marker = StoreMarker(
             volume_id=volume.volume_id,
             store_id=uuid.uuid4().hex,
@@ -88,16 +142,17 @@ class StoreAdmin:
         except StoreError as exc:
             raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
 
-    def _install(self, index: int, store: DirectoryStore) -> None:
+    async def _install(self, index: int, store: DirectoryStore) -> None:
         volume = self.volume
+        device, store_id = await _off_loop(_device_and_id, store)
         volume.runners[index] = StoreRunner(index, store)  # shared by every service
         volume.handles.discard_store(index)
-        volume.writer.device_of[index] = os.stat(store.path).st_dev
-        volume.store_ids[index] = store.read_marker().store_id
+        volume.writer.device_of[index] = device
+        volume.store_ids[index] = store_id
 
     async def replace(self, old: str, new: str) -> str:
         volume = self.volume
-        index = self._index_of(old)
+        index = await self._index_of(old)
         store = await self._initialise(new)
         marker = await trio.to_thread.run_sync(store.read_marker)
         with volume.db.transaction():
@@ -105,7 +160,7 @@ class StoreAdmin:
             volume.store_table.set_path(index, str(store.path))
         if index in volume.runners:
             await _retire(volume.runners[index])
-        self._install(index, store)
+        await self._install(index, store)
         await volume.refresh_usage()
         count = volume.repairer.queue_store_rebuild(index, "store-replaced")
         await volume.ensure_replicas()
@@ -118,13 +173,13 @@ class StoreAdmin:
         with volume.db.transaction():
             index = volume.store_table.add(marker.store_id)
             volume.store_table.set_path(index, str(store.path))
-        self._install(index, store)
+        await self._install(index, store)
         await volume.refresh_usage()
         return f"store {index} added: {new}"
 
     async def remove(self, old: str) -> str:
         volume = self.volume
-        index = self._index_of(old)
+        index = await self._index_of(old)
         others = [i for i in volume.runners if i != index and i not in volume.placement.draining]
         if len(others) < volume.layout.n:
             raise VolumeError(

@@ -240,6 +240,9 @@ class Volume:
         #: Set when unmount could not make the metadata durable anywhere: the
         #: working copy is then kept (its path is logged) instead of deleted.
         self.metadata_at_risk = False
+        #: Where the volume is mounted (set by `mount`; None offline): new
+        #: stores must not lie on it.
+        self.mountpoint: Path | None = None
         #: What failed at unmount (see `shutdown`); empty after a clean one.
         self.shutdown_errors: list[str] = []
         self._nursery: trio.Nursery | None = None

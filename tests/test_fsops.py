@@ -348,3 +348,110 @@ def test_system_xattrs_as_a_second_user(volume: MountedVolume) -> None:
     assert fill[0] == "ok" and "ENOSPC" in fill, fill
     assert not any(name.startswith("system.") for name in listed), listed
     assert not [n for n in os.listxattr(mnt) if n.startswith("system.")]
+
+
+# --- C9: every control argument is validated -----------------------------------------
+
+control_words = st.one_of(
+    st.sampled_from(
+        ["scrub", "scrub-stop", "repair", "urgent", "normal", "store-add", "store-replace",
+         "store-remove", "nan", "inf", "-inf", "-1", "0", "1e400", "0.5", "30", "''", '""',
+         "/abs/path", "rel/path", ".", "..", "/", "3", "x" * 40, "0" * 32, "'a b'", "\\0", "\x00",
+         "1_000", "0x10"]
+    ),  # fmt: skip
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(words=st.lists(control_words, max_size=4), raw=st.none() | st.text(max_size=40))
+def test_control_grammar_fuzz(words: list[str], raw: str | None) -> None:
+    """Any text gives a validated Command or an FsError (EINVAL): never
+    another exception, never a relative or empty path, never a scrub
+    limit that is not a positive finite number."""
+    from ecfs.control import Command, parse_command
+
+    text = raw if raw is not None else " ".join(words)
+    try:
+        command = parse_command(text)
+    except FsError as exc:
+        assert exc.errno == errno.EINVAL
+        assert "refused" in str(exc)
+        return
+    assert isinstance(command, Command)
+    if command.seconds is not None:
+        assert command.verb == "scrub" and 0 < command.seconds < float("inf")
+    for path in (command.new, command.old):
+        if path is not None and not path.isdigit() and len(path) != 32:
+            assert os.path.isabs(path) and "\0" not in path
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["scrub nan", "scrub inf", "scrub -1", "scrub 0", "scrub abc", "scrub 1 2", "store-add relative/path",
+     "store-add ''", "store-add", "store-replace 0 ''", "store-replace '' /new", "store-remove rel",
+     "repair maybe", "frobnicate", "", "   ", "scrub 'unterminated", "store-add '/a\x00b'"],
+)  # fmt: skip
+def test_bad_control_commands_are_refused(text: str) -> None:
+    from ecfs.control import parse_command
+
+    with pytest.raises(FsError) as caught:
+        parse_command(text)
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_good_control_commands_parse() -> None:
+    from ecfs.control import Command, parse_command
+
+    assert parse_command("scrub") == Command("scrub")
+    assert parse_command("scrub 2.5") == Command("scrub", seconds=2.5)
+    assert parse_command("repair urgent") == Command("repair", urgent=True)
+    assert parse_command("store-add '/a b/../c'") == Command("store-add", new="/c")
+    assert parse_command("store-replace 3 /n") == Command("store-replace", old="3", new="/n")
+    assert parse_command("store-remove /old/") == Command("store-remove", old="/old")
+
+
+@pytest.mark.mount
+def test_bad_control_input_through_the_mount(volume: MountedVolume) -> None:
+    """The issue's cases through setfattr: a clean EINVAL, nothing started,
+    no /relative/path made, and a later scrub runs to its end."""
+    mnt = volume.mountpoint
+    for text in ("scrub nan", "scrub inf", "store-add relative/path", "store-add ''", "store-add"):
+        with pytest.raises(OSError) as caught:  # what setfattr -n user.ecfs.control -v TEXT does
+            os.setxattr(mnt, "user.ecfs.control", text.encode())
+        assert caught.value.errno == errno.EINVAL, text
+    assert not Path("/relative/path").exists()
+    from tests.volume_files import status
+
+    assert status(volume)["scrub"]["running"] is False
+    assert status(volume)["store_change"] == {}
+    (mnt / "f").write_bytes(b"x" * 300_000)
+    done = cli("scrub", mnt, timeout=60)
+    assert done.returncode == 0
+    empty = cli("store", "add", mnt, "", check=False)
+    assert empty.returncode == 2 and "empty" in empty.stderr, empty
+
+
+# --- C8: a store inside the mountpoint is refused, without a deadlock ----------------
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"store add failed: .* (inside the mountpoint|on the ecfs volume)")
+def test_store_add_inside_the_mountpoint_is_refused(volume: MountedVolume, tmp_path: Path) -> None:
+    mnt = volume.mountpoint
+    for inner in (mnt / "inner", mnt / "deeper" / "inner"):
+        result = cli("store", "add", mnt, inner, check=False, timeout=60)
+        assert result.returncode == 1, result
+        assert "inside the mountpoint" in result.stderr, result.stderr
+    os.mkdir(mnt / "d")
+    bind = tmp_path / "bind"  # the same mount under another path
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(mnt / "d"), str(bind)], check=True)
+    try:
+        result = cli("store", "add", mnt, bind / "inner", check=False, timeout=60)
+        assert result.returncode == 1 and "on the ecfs volume" in result.stderr, result
+    finally:
+        subprocess.run(["umount", str(bind)], check=True)
+    assert not (mnt / "inner").exists()
+    (mnt / "after").write_text("the mount still answers")
+    assert (mnt / "after").read_text() == "the mount still answers"
