@@ -195,8 +195,10 @@ def mount(
 ) -> None:
     """Mount the volume made of STORES (paths or quoted glob patterns, in
     any order) on MOUNTPOINT. Returns once the mount is ready; the daemon
-    keeps running in the background until `ecfs umount`."""
-    from .mount import check_mountpoint, parse_options, run_mount
+    keeps running in the background until `ecfs umount`. With -o
+    remount,ro (or rw, nosuid...), change the flags of the ecfs mount on
+    MOUNTPOINT instead (root only; other options cannot change)."""
+    from .mount import check_mountpoint, parse_options, remount, run_mount
     from .volume import expand_store_args
 
     # Absolute paths: the daemon leaves the current directory (it changes to /).
@@ -204,6 +206,9 @@ def mount(
     mountpoint_path = Path(os.path.abspath(mountpoint))
     try:
         parsed = parse_options(options)
+        if parsed.remount:
+            remount(mountpoint_path, parsed)
+            return
         check_mountpoint(mountpoint_path, expand_store_args(store_args))
     except VolumeError as exc:
         _fail(str(exc), 2)

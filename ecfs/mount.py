@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,16 @@ PASSTHROUGH_OPTIONS = {
 }
 #: Options for mount helpers and fstab that mean nothing to the daemon.
 IGNORED_OPTIONS = {"_netdev", "nofail", "auto", "noauto", "user", "users", "defaults"}
+#: What `-o remount,...` can change: the kernel's flags of the mount (FUSE
+#: accepts a remount that changes only those, and does not tell the
+#: daemon; read-only is then enforced by the kernel: EROFS). Every other
+#: option is fixed for the life of the daemon and is ignored on a remount
+#: (mount(8) repeats the fstab options).
+REMOUNT_FLAGS = {
+    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "nodiratime", "diratime",
+    "lazytime", "nolazytime", "sync", "async",
+}  # fmt: skip
 
 
 @dataclass
@@ -75,6 +86,10 @@ class MountOptions:
     #: Seconds a store may stay failed before all its chunks are rebuilt
     #: elsewhere (when there is a store to rebuild onto).
     rebuild_after: float = 900.0
+    #: `-o remount,...`: change the flags of an existing mount (see `remount`).
+    remount: bool = False
+    #: The REMOUNT_FLAGS given, in order.
+    remount_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -86,6 +101,14 @@ class MountOptions:
 def parse_options(values: Sequence[str]) -> MountOptions:
     """`-o a,b=c` values -> MountOptions; VolumeError for unknown options."""
     options = MountOptions()
+    items = [item for value in values for item in value.split(",") if item]
+    if "remount" in items:
+        # mount(8) adds the options of the mount table (user_id=0, fsname=...)
+        # and of fstab: only the flags can change, the rest is ignored.
+        options.remount = True
+        options.remount_flags = [item for item in items if item in REMOUNT_FLAGS]
+        return options
+    remount_only: list[str] = []  # flags a remount may change, but a mount does not take
     for value in values:
         for item in filter(None, value.split(",")):
             name, _, arg = item.partition("=")
@@ -103,8 +126,12 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
                 continue
+            elif name in REMOUNT_FLAGS and not arg:
+                remount_only.append(item)
             else:
                 raise VolumeError(f"unknown mount option {item!r}")
+    if remount_only and not options.remount:
+        raise VolumeError(f"unknown mount option {remount_only[0]!r}")
     return options
 
 
@@ -116,6 +143,29 @@ def _option_number(item: str, parse: Callable[[str], float], arg: str) -> Any:
     if value < 0:
         raise VolumeError(f"mount option {item!r} must not be negative")
     return value
+
+
+def remount(mountpoint: Path, options: MountOptions) -> None:
+    """Change the kernel flags (ro/rw, nosuid...) of the ecfs mount at
+    `mountpoint`: what `mount -o remount,ro MNT` asks of mount.fuse.ecfs,
+    also at system shutdown. Runs `mount --internal-only` (mount(2) with
+    MS_REMOUNT and the mount's other flags kept, without calling this helper
+    again); only root may (fusermount3 cannot remount). VolumeError if it
+    is not an ecfs mount or the remount fails."""
+    fstype = mounted_fstype(mountpoint)
+    if fstype != "fuse.ecfs":
+        raise VolumeError(f"{mountpoint} is not an ecfs mount" + (f" ({fstype})" if fstype else ""))
+    if os.geteuid() != 0:
+        raise VolumeError("only root can remount (fusermount3 cannot): use sudo mount -o remount,...")
+    argv = ["mount", "--internal-only", "-o", ",".join(["remount", *options.remount_flags])]
+    try:
+        result = subprocess.run(
+            [*argv, str(mountpoint)], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise VolumeError("mount(8) not found: cannot remount") from None
+    if result.returncode != 0:
+        raise VolumeError(f"remount of {mountpoint} failed: {result.stderr.strip()}")
 
 
 def tune_gc() -> None:

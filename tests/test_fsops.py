@@ -28,7 +28,7 @@ from ecfs.namespace import (
     Namespace,
     clamp_time_ns,
 )
-from tests import test_failures
+from tests import test_ecosystem, test_failures
 from tests.mounting import FUSE_MISSING_REASON, MountedVolume, cli
 from tests.test_namespace import Env, finish_env, make_env
 
@@ -455,3 +455,58 @@ def test_store_add_inside_the_mountpoint_is_refused(volume: MountedVolume, tmp_p
     assert not (mnt / "inner").exists()
     (mnt / "after").write_text("the mount still answers")
     assert (mnt / "after").read_text() == "the mount still answers"
+
+
+# --- E18: mount -o remount,ro and back ------------------------------------------------
+
+
+@test_ecosystem.requires_mount_helper
+@pytest.mark.mount
+def test_remount_read_only_and_back(volume: MountedVolume) -> None:
+    """`mount -o remount,ro MNT` (mount(8) runs mount.fuse.ecfs, which ran
+    `ecfs mount -o remount,ro` and failed: "unknown mount option 'remount'")
+    makes the mount read-only (EROFS, reads work, its other flags kept);
+    remount,rw makes it writable again; the same daemon serves throughout."""
+    mnt = volume.mountpoint
+    (mnt / "before").write_text("before\n")
+    env = test_ecosystem.helper_env(volume.log_path)
+    pid = volume.proc.pid if volume.proc else None
+    flags_before = set(test_ecosystem.fuse_mount_options(mnt)[1].split(",")) - {"rw"}
+    result = test_ecosystem.run("mount", "-o", "remount,ro", mnt, env=env)
+    assert result.returncode == 0, result.stderr
+    fstype, mount_opts, _ = test_ecosystem.fuse_mount_options(mnt)
+    assert fstype == "fuse.ecfs" and "ro" in mount_opts.split(",")
+    assert flags_before <= set(mount_opts.split(",")), (flags_before, mount_opts)
+    for attempt in (
+        lambda: (mnt / "new").write_text("x"),
+        lambda: (mnt / "before").write_text("changed"),
+        lambda: os.mkdir(mnt / "dir"),
+        lambda: os.chmod(mnt / "before", 0o600),
+    ):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS
+    assert (mnt / "before").read_text() == "before\n"
+    result = test_ecosystem.run("mount", "-o", "remount,rw", mnt, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "rw" in test_ecosystem.fuse_mount_options(mnt)[1].split(",")
+    (mnt / "after").write_text("after\n")
+    assert (mnt / "after").read_text() == "after\n"
+    # The CLI itself, as the helper calls it (the source is ignored on a remount).
+    cli("mount", "-o", "remount,ro,noatime", "ecfs", mnt)
+    with pytest.raises(OSError) as caught:
+        (mnt / "again").write_text("x")
+    assert caught.value.errno == errno.EROFS
+    cli("mount", "-o", "remount,rw", "ecfs", mnt)
+    assert volume.proc is not None and volume.proc.pid == pid and volume.proc.poll() is None
+
+
+def test_remount_options_parse() -> None:
+    from ecfs.errors import VolumeError
+    from ecfs.mount import parse_options
+
+    parsed = parse_options(["rw,remount,ro,strictatime,_netdev,repair_rate=10M"])
+    assert parsed.remount and parsed.remount_flags == ["rw", "ro", "strictatime"]
+    with pytest.raises(VolumeError, match="strictatime"):
+        parse_options(["strictatime"])  # only a remount takes it
+    assert not parse_options(["ro,noatime"]).remount
