@@ -111,6 +111,17 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            # File handles (open_by_handle_at, NFS export): pyfuse3 asks for
+            # FUSE_EXPORT_SUPPORT (supports_dot_lookup), and the kernel finds
+            # an inode it no longer caches with a lookup of "." in it, for
+            # any file type ("..": the parent of a directory, as usual).
+            # ENOENT for an inode that is gone becomes ESTALE. Inode numbers
+            # are never reused, so the handles' generation is always 0.
+            node = self.ns.get(parent_inode)
+            if node.nlink == 0:  # removed: its handles are stale (as on ext4)
+                raise FsError(f"inode {parent_inode} was removed", errno=errno.ENOENT)
+            return self._looked_up(node)
         return self._looked_up(self.ns.lookup(parent_inode, name))
 
     @errno_boundary

@@ -9,6 +9,7 @@ real mounts through the real CLI (tests/mounting.py).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -510,3 +511,83 @@ def test_remount_options_parse() -> None:
     with pytest.raises(VolumeError, match="strictatime"):
         parse_options(["strictatime"])  # only a remount takes it
     assert not parse_options(["ro,noatime"]).remount
+
+
+# --- E19: open by file handle ---------------------------------------------------------
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * 128),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _name_to_handle(path: Path) -> _FileHandle:
+    handle = _FileHandle()
+    handle.handle_bytes = 128
+    mount_id = ctypes.c_int()
+    at_fdcwd = -100
+    if _libc.name_to_handle_at(
+        at_fdcwd, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id), 0
+    ):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(path))
+    return handle
+
+
+def _open_by_handle(mount_fd: int, handle: _FileHandle, flags: int = os.O_RDONLY) -> int:
+    fd = int(_libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return fd
+
+
+def _drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at and drop_caches need root")
+def test_open_by_handle_after_the_kernel_forgot_the_inode(volume: MountedVolume) -> None:
+    """fstests' open_by_handle (generic/426...): handles of a file, its hard
+    link and a directory stay valid once the kernel has dropped the inodes
+    (it then looks up "." in the inode: ESTALE before); a removed file's
+    handle is ESTALE."""
+    mnt = volume.mountpoint
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"hello")
+    os.link(mnt / "d" / "f", mnt / "d" / "link")
+    (mnt / "gone").write_bytes(b"bye")
+    handles = {name: _name_to_handle(mnt / name) for name in ("d/f", "d/link", "d", "gone")}
+    os.unlink(mnt / "gone")
+    mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(2):
+            _drop_caches()
+            for name in ("d/f", "d/link"):
+                fd = _open_by_handle(mount_fd, handles[name])
+                try:
+                    assert os.read(fd, 10) == b"hello", name
+                finally:
+                    os.close(fd)
+            fd = _open_by_handle(mount_fd, handles["d"], os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                assert sorted(os.listdir(fd)) == ["f", "link"]
+            finally:
+                os.close(fd)
+            with pytest.raises(OSError) as caught:
+                os.close(_open_by_handle(mount_fd, handles["gone"]))
+            assert caught.value.errno == errno.ESTALE
+        fd = _open_by_handle(mount_fd, handles["d/link"], os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b" world")
+        finally:
+            os.close(fd)
+        assert (mnt / "d" / "f").read_bytes() == b"hello world"
+    finally:
+        os.close(mount_fd)
