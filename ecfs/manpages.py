@@ -245,7 +245,35 @@ other stores (default 900).
 
 `_netdev`, `nofail`, `auto`, `noauto`, `user`, `users`, `defaults`, `x-`*...*, `comment=`*...*::
 Meant for mount(8), fstab(5) and systemd; ecfs accepts and ignores them.
-Any other option is refused.""",
+Any other option is refused.
+
+`remount`::
+With `ro` or `rw` (and `noatime`, `nosuid`, `nodev`, `noexec` and the like):
+change those flags of the ecfs mount on *MOUNTPOINT* (the stores are
+ignored), as `mount -o remount,ro` *MOUNTPOINT* does through the helper.
+Root only. The kernel enforces read-only (writes fail with EROFS); the
+daemon keeps running, and what it had buffered is still written back.
+Other options cannot change while mounted and are ignored on a remount.""",
+            "FILESYSTEM SEMANTICS": """\
+Timestamps are kept in nanoseconds in a signed 64-bit number, which covers
+1677-09-21 to 2262-04-11 UTC. A time set outside that range (`touch -d`,
+utimensat(2)) is clamped to it, as ext4 clamps to its own range: it is
+stored as the nearest end and reads back so. Change times come from the
+same clock the kernel stamps its own times with (CLOCK_REALTIME_COARSE)
+and never go backwards while mounted.
+
+Extended attributes: the `user.`, `trusted.` and `security.` namespaces are
+stored (the kernel checks who may set the latter two). `system.` attributes
+are refused with EOPNOTSUPP: ecfs implements none of them, in particular no
+POSIX ACLs (permissions are the mode bits, checked by the kernel), so
+setfacl(1) and `cp -a` fall back to the mode. A name may have 255 bytes, a
+value 64 KiB (E2BIG beyond), and all attributes of one file together
+128 KiB (ENOSPC beyond).
+
+File handles (name_to_handle_at(2), open_by_handle_at(2)) stay valid while
+the file exists, also after the kernel dropped it from its caches, and
+become stale (ESTALE) once it is removed. The largest file size is
+2^63-1 bytes.""",
             "MOUNT HELPER AND FSTAB": """\
 With the helper `mount.fuse.ecfs` installed in `/sbin` (`scripts/install.sh`
 does it when run as root), mount(8) mounts ecfs volumes like any other
@@ -328,7 +356,10 @@ Unmounted, and the daemon exited.
 
 1::
 The mount is busy (a file is open or a process has its working directory
-in it; see fuser(1)), or the daemon did not finish within `--timeout`.
+in it; see fuser(1)), the daemon did not finish within `--timeout`, or the
+daemon could not write everything back (it says what failed, and its log
+says more; metadata that could not be made durable is kept in the
+directory named).
 
 """
             + _EXIT_USAGE
