@@ -8,6 +8,10 @@ on the root directory. Must not: contain filesystem logic or SQL.
 Errors: domain exceptions carry an errno and become FUSEError here; any
 other exception is logged as a bug and becomes EIO, so that no request can
 end the main loop (which would kill the mount).
+
+File handles: the kernel's FUSE export support (requested by pyfuse3)
+finds an inode it no longer caches by looking up "." in it; `lookup`
+answers that for every file type, so open_by_handle_at and NFS export work.
 """
 
 from __future__ import annotations

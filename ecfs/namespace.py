@@ -32,6 +32,13 @@ Contracts:
   assign to them; change attributes only through this class.
 * Inode ids are taken with `db.next_id` before the transaction starts (see
   `_add`), never inside one.
+* Values are validated when they are set, never when they are written: a
+  time outside the storable range (`TIME_NS_MIN`..`TIME_NS_MAX`, signed
+  64-bit ns) is clamped to it, a size past `FILE_SIZE_MAX` is EFBIG, so a
+  deferred row cannot fail to be written later. Change times come from
+  `now_ns` (the kernel's clock, never backwards: see `coarse_realtime_ns`).
+* `system.*` xattrs are refused and the xattrs of one inode are bounded
+  (see `SYSTEM_XATTR_PREFIX`, `XATTR_TOTAL_MAX`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ metadata working copy from the freshest replica, building every service,
 the mount's background tasks, and an orderly shutdown. Must not: contain
 filesystem logic (see filedata, namespace) or speak FUSE (see fs).
 
+Shutdown: every step (write back, make the metadata durable, delete
+garbage) runs even if an earlier one failed, and each failure is recorded
+in `shutdown_errors`: the daemon then exits 1 and leaves a report that
+`ecfs umount` prints (see SHUTDOWN_REPORT) instead of a clean unmount.
+
 Store tolerance at open: every store in the volume's store table is either
 present (its marker names this volume and that store) or missing; at most
 m may be missing, otherwise some data could be unreadable and the mount is
