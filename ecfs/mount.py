@@ -1,8 +1,9 @@
 """Running a mount: options, daemonising, the trio main loop, shutdown.
 
 Owns: FUSE mount options, the process life cycle of a mount (fork once the
-mount is ready, report failures to the waiting parent), signals, and the
-orderly shutdown after unmount. Must not: contain filesystem logic.
+mount is ready, report failures to the waiting parent), signals, the
+orderly shutdown after unmount, and `-o remount` (the kernel's flags of a
+running mount, see `remount`). Must not: contain filesystem logic.
 
 Life cycle: open the volume (blocking: stores, freshest metadata replica)
 -> pyfuse3.init (the kernel mount exists) -> trio: start background tasks,
@@ -108,7 +109,6 @@ def parse_options(values: Sequence[str]) -> MountOptions:
         options.remount = True
         options.remount_flags = [item for item in items if item in REMOUNT_FLAGS]
         return options
-    remount_only: list[str] = []  # flags a remount may change, but a mount does not take
     for value in values:
         for item in filter(None, value.split(",")):
             name, _, arg = item.partition("=")
@@ -126,12 +126,8 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
                 continue
-            elif name in REMOUNT_FLAGS and not arg:
-                remount_only.append(item)
             else:
                 raise VolumeError(f"unknown mount option {item!r}")
-    if remount_only and not options.remount:
-        raise VolumeError(f"unknown mount option {remount_only[0]!r}")
     return options
 
 

@@ -75,6 +75,9 @@ TIME_NS_MIN = -(1 << 63)
 TIME_NS_MAX = (1 << 63) - 1
 #: Linux's clock id (Python's time module names it only from 3.13 on).
 CLOCK_REALTIME_COARSE: int = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+#: A clock reading this much behind the last stamp is a stepped clock (NTP,
+#: date -s), not the sub-tick lag between the clocks (see `Namespace.now_ns`).
+CLOCK_STEP_NS = 1_000_000_000
 #: Largest file size (off_t; the kernel's MAX_LFS_FILESIZE for FUSE).
 FILE_SIZE_MAX = (1 << 63) - 1
 
@@ -225,10 +228,12 @@ class Namespace:
     def now_ns(self) -> int:
         """The time to stamp a change with: the clock (`coarse_realtime_ns`
         by default), clamped to the storable range and never earlier than a
-        time this method returned before (a clock stepped back does not make
-        a later change look older)."""
+        time this method returned or the kernel stamped before
+        (`kernel_time_seen`) — unless the clock was stepped back by more
+        than CLOCK_STEP_NS: then it is followed, as the kernel follows it,
+        instead of stamping every change with one frozen time."""
         now = clamp_time_ns(self._clock())
-        if now < self._last_now:
+        if self._last_now - CLOCK_STEP_NS <= now < self._last_now:
             return self._last_now
         self._last_now = now
         return now

@@ -140,10 +140,16 @@ def test_the_clock_never_goes_backwards(tmp_path: Path) -> None:
     """E17 in-process: a clock stepped back (or past 2262) never yields a
     time earlier than one already handed out, nor one that cannot be stored."""
     env = make_env(tmp_path)
-    times = iter([10, 20, 5, 1 << 64, 30])
+    second = 10**9
+    times = iter([10, 20, 5, 1 << 64, 30, 7 * second, 7 * second - 5, 2 * second, 3 * second, 3 * second])
     ns = Namespace(env.db, lambda: next(times))
     try:
-        assert [ns.now_ns() for _ in range(5)] == [10, 20, 20, TIME_NS_MAX, TIME_NS_MAX]
+        # A lag of less than CLOCK_STEP_NS is held at the last stamp; a
+        # larger step back is followed (as by the kernel).
+        expected = [10, 20, 20, TIME_NS_MAX, 30, 7 * second, 7 * second, 2 * second, 3 * second]
+        assert [ns.now_ns() for _ in range(9)] == expected
+        ns.kernel_time_seen(3 * second + 500)
+        assert ns.now_ns() == 3 * second + 500  # the clock says 3 s: the kernel's time is later
     finally:
         finish_env(env)
 
