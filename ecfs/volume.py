@@ -409,10 +409,13 @@ class Volume:
         self.db.close()
         if self.metadata_at_risk:
             (self.workdir / KEEP_MARKER).touch()
+        elif self.shutdown_errors:  # the metadata is durable: keep only the report
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir.mkdir(mode=0o700, exist_ok=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         if self.shutdown_errors:
             (self.workdir / SHUTDOWN_REPORT).write_text("\n".join(self.shutdown_errors) + "\n")
-        elif not self.metadata_at_risk:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def aclose_replicas(self) -> None:
         if self.replicator is not None:

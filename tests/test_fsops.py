@@ -215,18 +215,24 @@ dirs = test_failures.dirs
 
 @pytest.mark.mount
 @pytest.mark.skipif(FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or "")
-def test_a_failed_write_back_at_unmount_is_reported(tmp_path: Path, dirs: list) -> None:
-    """Every store fails writes while a file's data is still buffered:
-    `ecfs umount` must exit 1 and say that writing back failed (it said
-    nothing and exited 0), and the daemon must exit non-zero."""
+@pytest.mark.parametrize("failing", ["data-stores", "every-store"])
+def test_a_failed_write_back_at_unmount_is_reported(
+    tmp_path: Path, dirs: list, failing: str
+) -> None:
+    """More than m stores (only those without a metadata copy, or all of
+    them) fail writes while a file's data is still buffered: `ecfs umount`
+    must exit 1 and say that writing back failed (it said nothing and
+    exited 0), the daemon must exit non-zero, and every other change must
+    still be there after a remount."""
     allowed = [r"write-back failed|EIO|I/O error|not durable|replica|unmount|failed", r"store \d"]
-    with test_failures.failure_volume(tmp_path, dirs, faulty=range(6), allowed_log=allowed) as vol:
+    faulty = range(3, 6) if failing == "data-stores" else range(6)  # copies: stores 0..m
+    with test_failures.failure_volume(tmp_path, dirs, faulty=faulty, allowed_log=allowed) as vol:
         (vol.mountpoint / "early").write_bytes(b"e" * 1000)
-        os.sync()
+        (vol.mountpoint / "dir").mkdir()
         fd = os.open(vol.mountpoint / "late", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, os.urandom(600_000))  # buffered in the daemon, not written back
-        for d in dirs:
-            d.set("enospc")
+        for i in faulty:
+            dirs[i].set("enospc")
         try:
             os.close(fd)  # the close reports the write-back error (EIO) ...
         except OSError:
@@ -235,8 +241,17 @@ def test_a_failed_write_back_at_unmount_is_reported(tmp_path: Path, dirs: list) 
         result = vol.umount_result
         assert result is not None and result.returncode == 1, (result, vol.log_tail())
         assert "writing back failed" in result.stderr, result.stderr
+        kept = "the latest metadata is kept in" in result.stderr
+        assert kept == (failing == "every-store"), result.stderr
         assert vol.returncode == 1, vol.log_tail()
         assert "cleanly" not in vol.log_text()
+        for d in dirs:
+            d.set("ok")
+        if failing == "data-stores":  # the metadata was durable: nothing else is lost
+            vol.mount()
+            assert (vol.mountpoint / "early").read_bytes() == b"e" * 1000
+            assert (vol.mountpoint / "dir").is_dir()
+            assert (vol.mountpoint / "late").exists()
 
 
 # --- E17: times never go backwards as the kernel sees them ---------------------------
