@@ -359,6 +359,11 @@ class Volume:
         from the replicas); every failure is logged and recorded in
         `shutdown_errors`, so that the unmount is never reported clean."""
         try:
+            # A store back, or with room again, since the last health check
+            # (up to HEALTH_INTERVAL ago) can still take the buffered data.
+            if not all(runner.available for runner in self.runners.values()):
+                await self.check_stores()
+            await self.refresh_usage()
             await self.filedata.flush_all()
         except Exception as exc:
             self._shutdown_failed("writing back data and attributes", exc)
