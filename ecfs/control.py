@@ -7,6 +7,9 @@ or clean up, and the kernel tells the daemon who asks):
 * getxattr(MOUNTPOINT, "user.ecfs.status") -> the JSON document built by
   `status()` (keys documented there);
 * getxattr(MOUNTPOINT, "user.ecfs.pid") -> the daemon's pid;
+* getxattr(MOUNTPOINT, "user.ecfs.workdir") -> the daemon's working
+  directory, where it leaves a report if its shutdown fails (`ecfs umount`
+  reads it: see volume.SHUTDOWN_REPORT);
 * setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
   "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
   "store-replace OLD NEW", "store-add NEW", "store-remove OLD".

@@ -232,7 +232,9 @@ class Namespace:
         (`kernel_time_seen`) — unless the clock was stepped back by more
         than CLOCK_STEP_NS: then it is followed, as the kernel follows it,
         instead of stamping every change with one frozen time."""
-        now = clamp_time_ns(self._clock())
+        now = self._clock()
+        if not TIME_NS_MIN <= now <= TIME_NS_MAX:  # (on the write path: no call when in range)
+            now = clamp_time_ns(now)
         if self._last_now - CLOCK_STEP_NS <= now < self._last_now:
             return self._last_now
         self._last_now = now
