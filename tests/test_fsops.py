@@ -41,6 +41,8 @@ requires_mount = [
     pytest.mark.skipif(FUSE_MISSING_REASON is not None, reason=FUSE_MISSING_REASON or ""),
 ]
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 #: Year 2514 in ns (touch -d 'May 30 01:53:03 UTC 2514'): past the signed 64-bit range.
 YEAR_2514_NS = 17_180_473_983 * 10**9
 
@@ -182,6 +184,58 @@ def test_far_future_timestamp_keeps_every_change(volume: MountedVolume) -> None:
     fsck = cli("fsck", *volume.stores, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     volume.mount()
+
+
+#: Times utimensat(2) can carry (seconds in a signed 64-bit time_t).
+_utime_ns = st.one_of(
+    st.integers(min_value=-(1 << 62) * 10**9, max_value=(1 << 62) * 10**9),
+    st.integers(min_value=-(1 << 64), max_value=1 << 64),
+    st.sampled_from([YEAR_2514_NS, TIME_NS_MAX, TIME_NS_MAX + 1, TIME_NS_MIN, TIME_NS_MIN - 1, 0, -1]),
+)
+
+
+@pytest.mark.mount
+def test_utimens_fuzz_on_a_mount(volume: MountedVolume) -> None:
+    """utimensat with extreme times on a directory and a file: every call
+    succeeds, the directory reads back the clamped times at once (a regular
+    file's the kernel keeps from its own cache until it drops the inode),
+    entries can still be made in it, out-of-range nanoseconds are EINVAL
+    (from the kernel), and after a clean unmount and a remount the last
+    values, clamped, are there."""
+    mnt = volume.mountpoint
+    d, f = mnt / "d", mnt / "f"
+    d.mkdir()
+    f.write_bytes(b"f")
+    last: list[tuple[int, int]] = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(atime=_utime_ns, mtime=_utime_ns)
+    def apply(atime: int, mtime: int) -> None:
+        os.utime(d, ns=(atime, mtime))
+        os.utime(f, ns=(atime, mtime))
+        st_d = os.stat(d)
+        assert (st_d.st_atime_ns, st_d.st_mtime_ns) == (clamp_time_ns(atime), clamp_time_ns(mtime))
+        (d / "e").write_bytes(b"e")
+        (d / "e").unlink()
+        os.utime(d, ns=(atime, mtime))
+        last[:] = [(atime, mtime)]
+
+    apply()
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_long)]
+
+    times = (Timespec * 2)(Timespec(0, 10**9), Timespec(0, -1))
+    if _libc.utimensat(-100, os.fsencode(f), times, 0) == 0:
+        raise AssertionError("utimensat with tv_nsec = 10^9 succeeded")
+    assert ctypes.get_errno() == errno.EINVAL
+    volume.unmount()
+    assert "cleanly" in volume.log_text()
+    volume.mount()
+    atime, mtime = last[0]
+    for path in (d, f):
+        st_p = os.stat(path)
+        assert (st_p.st_atime_ns, st_p.st_mtime_ns) == (clamp_time_ns(atime), clamp_time_ns(mtime))
 
 
 @pytest.mark.mount
@@ -542,9 +596,6 @@ class _FileHandle(ctypes.Structure):
         ("handle_type", ctypes.c_int),
         ("f_handle", ctypes.c_ubyte * 128),
     ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _name_to_handle(path: Path) -> _FileHandle:
