@@ -258,7 +258,8 @@ Other options cannot change while mounted and are ignored on a remount.""",
 Timestamps are kept in nanoseconds in a signed 64-bit number, which covers
 1677-09-21 to 2262-04-11 UTC. A time set outside that range (`touch -d`,
 utimensat(2)) is clamped to it, as ext4 clamps to its own range: it is
-stored as the nearest end and reads back so. Change times come from the
+stored as the nearest end and reads back so (a regular file may show the
+time as set until the kernel drops it from its cache). Change times come from the
 same clock the kernel stamps its own times with (CLOCK_REALTIME_COARSE)
 and never go backwards while mounted.
 
