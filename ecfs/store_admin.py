@@ -118,10 +118,10 @@ class StoreAdmin:
                 return index
         paths = {index: str(runner.store.path) for index, runner in volume.runners.items()}
         paths.update({i: p for i, p in volume.missing_stores().items() if i not in paths})
-        index = await _off_loop(_resolve_index, given, paths)
-        if index is None:
+        found = await _off_loop(_resolve_index, given, paths)
+        if found is None:
             raise VolumeError(f"{given} is not a store of this volume")
-        return index
+        return found
 
     async def _initialise(self, path: str) -> DirectoryStore:
         volume = self.volume
