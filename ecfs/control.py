@@ -86,7 +86,8 @@ def status(volume: Volume) -> dict[str, object]:
     for index, path in sorted(volume.missing_stores().items()):
         store_rows.append(
             {
-                "index": index, "path": path, "state": "missing", "reason": "not given",
+                "index": index, "path": path, "state": "missing",
+                "reason": volume.left_out.get(volume.store_ids.get(index, ""), "not given or unusable"),
                 "in_flight": 0, "errors": 0,
                 "timeouts": 0, "latency_p50_ms": 0.0, "latency_p95_ms": 0.0, "bytes_read": 0,
                 "bytes_written": 0, "free_bytes": None, "total_bytes": None,

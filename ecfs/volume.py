@@ -57,7 +57,7 @@ from .geometry import Layout
 from .handles import Expected, HandleCache
 from .metadb.database import Database
 from .metadb.stores import StoreTable
-from .mkfs import check_store_paths
+from .mkfs import check_store_arg, check_store_paths
 from .namespace import Namespace
 from .offload import StoreRunner
 from .placement import Placement
@@ -108,9 +108,11 @@ IDENTITY_MAX_AGE = 2.0
 
 
 def expand_store_args(args: Sequence[str]) -> list[Path]:
-    """Store arguments as given, with glob patterns expanded (sorted)."""
+    """Store arguments as given, with glob patterns expanded (sorted);
+    VolumeError for an empty or URL-like argument (`check_store_arg`)."""
     paths: list[Path] = []
     for arg in args:
+        check_store_arg(arg)
         if glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
@@ -330,6 +332,8 @@ class Volume:
         self.placement.draining |= draining
         self.repairer.draining |= draining
         self._last_probe: dict[int, float] = {}
+        #: Store id -> why the store was given but left out (its marker).
+        self.left_out: dict[str, str] = {}
         #: Store index -> trio time of its last successful probe.
         self._verified: dict[int, float] = {}
         self._probing: dict[int, trio.Event] = {}
@@ -379,15 +383,18 @@ class Volume:
             )
             db = Database(working)
             params = StoreTable(db).params()
+            left_out: dict[str, str] = {}
             for store_id, path in list(by_store_id.items()):
                 mismatch = marker_mismatch(markers[path], params)
                 if mismatch is not None:
                     log.warning("store %s is left out: %s", path, mismatch)
+                    left_out[store_id] = f"{path}: {mismatch}"
                     del by_store_id[store_id]
             stores = _match_stores(StoreTable(db).all(), by_store_id, db)
             for store in stores.values():
                 store.pin_identity(markers[store.path])
             volume = cls(db, stores, workdir)
+            volume.left_out = left_out
             volume._setup_replicas(prepared.current)
             volume._remember_store_paths()  # after: so the change is replicated
         except BaseException:
