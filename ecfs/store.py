@@ -297,6 +297,7 @@ class DirectoryStore:
             _write_file_atomically(store.path / MARKER_NAME, marker.to_json())
         except OSError as exc:
             raise _store_error(exc, f"cannot initialise store {store.path}") from exc
+        store.pin_identity(marker)
         return store
 
     def _check_can_initialise(self) -> None:

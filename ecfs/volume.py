@@ -338,6 +338,7 @@ class Volume:
         self._verified: dict[int, float] = {}
         self._probing: dict[int, trio.Event] = {}
         self.writer.before_write = self.verify_before_write
+        self.repairer.before_write = self.verify_before_write
         self._replacing_replicas = False
         self._replica_lock = trio.Lock()
         #: Set when unmount could not make the metadata durable anywhere: the

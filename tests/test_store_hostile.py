@@ -385,7 +385,8 @@ def test_a_marker_that_disagrees_degrades_only_its_store(
 def test_url_like_store_arguments_are_usage_errors(command: str, tmp_path: Path) -> None:
     args = [tmp_path / "a", "s3://bucket/store", tmp_path / "b"]
     if command == "mount":
-        args.append(tmp_path)
+        (tmp_path / "mnt").mkdir()
+        args.append(tmp_path / "mnt")
     refused = cli(command, *args, check=False, timeout=60)
     assert refused.returncode == 2, refused.stderr
     assert "looks like a URL" in refused.stderr
