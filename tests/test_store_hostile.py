@@ -411,3 +411,35 @@ def test_too_many_blank_stores_names_the_metadata_copies(tmp_path: Path) -> None
         for store in holders:
             assert str(store) in message
         assert "meta/ecfs-meta.sqlite" not in message
+
+
+def test_a_store_is_verified_before_it_gets_fragments_after_idle_time(tmp_path: Path) -> None:
+    """A directory swapped in that already has fan-out directories (a copy
+    of another store here) gives no ENOENT to notice: the identity check
+    before a write after IDENTITY_MAX_AGE does."""
+    import trio
+
+    from ecfs.volume import IDENTITY_MAX_AGE, Volume
+
+    stores = [tmp_path / f"s{i}" for i in range(6)]
+    cli("mkfs", "--data", 4, "--parity", 2, *stores)
+    volume = Volume.open([str(s) for s in stores], runtime_dir=tmp_path)
+    away = tmp_path / "s2-away"
+
+    async def check() -> None:
+        assert await volume.verify_before_write(2)
+        os.rename(stores[2], away)
+        shutil.copytree(stores[3], stores[2])
+        await trio.sleep(IDENTITY_MAX_AGE + 0.2)
+        assert not await volume.verify_before_write(2)
+        runner = volume.runners[2]
+        assert runner.failure_reason is not None and "another store" in runner.failure_reason
+        shutil.rmtree(stores[2])
+        os.rename(away, stores[2])
+        await volume.probe_store(2)
+        assert runner.available
+
+    try:
+        trio.run(check)
+    finally:
+        volume.close()
