@@ -377,8 +377,9 @@ As above; `tolerance` is how many more stores the worst chunk can lose
 
 `stores`::
 One object per store: `index`, `path`, `state` (`ok`, `slow`, `failed`,
-`missing`: part of the volume but not found at mount),
-`in_flight`, `errors`, `timeouts`, `latency_p50_ms`, `latency_p95_ms`,
+`missing`: part of the volume but not found at mount, or left out for its
+marker), `reason` (why a store is `failed` or `missing`, e.g. the store was
+swapped underneath the mount; null otherwise), `in_flight`, `errors`, `timeouts`, `latency_p50_ms`, `latency_p95_ms`,
 `bytes_read`, `bytes_written`, `free_bytes`, `total_bytes` (null when
 unknown), `fragments`, `fragment_bytes`, `draining`.
 
