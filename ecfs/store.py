@@ -43,6 +43,13 @@ keys are ignored so that a later format can add optional ones):
     cell_size      checksum granularity inside a fragment (<= F)
     inline_max     largest file kept inline in the metadata (bytes, >= 0)
 
+A marker is checked here only for being well-formed. Whether it belongs to
+the volume being opened is decided by `ecfs.volume` (one rule for mount and
+fsck): a store whose marker is unreadable, names another volume than most
+stores given, or whose geometry (k, m, fragment_size, cell_size,
+inline_max) differs from the volume's metadata is left out and counts as
+missing; more than m missing refuses the volume.
+
 Hostile contents: every store file is opened with O_NOFOLLOW and
 O_NONBLOCK and checked with fstat to be a regular file (`open_regular`), so
 a symlink planted in a store is never followed and a FIFO never blocks an
