@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -71,7 +71,7 @@ from .replicas import (
     replica_path,
 )
 from .scrub import Scrubber
-from .store import DirectoryStore, StoreMarker
+from .store import DirectoryStore, Store, StoreMarker
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
 from .writer import ChunkWriter
@@ -180,7 +180,7 @@ def select_volume(markers: dict[Path, StoreMarker]) -> dict[Path, str]:
     return rejected
 
 
-def marker_mismatch(marker: StoreMarker, params: dict[str, object]) -> str | None:
+def marker_mismatch(marker: StoreMarker, params: Mapping[str, object]) -> str | None:
     """Why a store's marker disagrees with the volume's metadata parameters
     (its geometry), or None if it agrees."""
     wrong = [
@@ -720,7 +720,7 @@ class Volume:
         return total * k // n, free * k // n
 
 
-def _probe_store(store: DirectoryStore, accept_moved: bool) -> tuple[StoreMarker, int]:
+def _probe_store(store: Store, accept_moved: bool) -> tuple[StoreMarker, int]:
     """Blocking: `store.probe` and the device of the store root."""
     marker = store.probe(accept_moved=accept_moved)
     try:
