@@ -15,7 +15,7 @@ marker cannot be used is left out with a warning naming it and why, and
 counts as missing: an unreadable or garbled marker (or a symlink, FIFO or
 directory in its place), a marker of another volume (the volume is the one
 most given stores belong to; a tie is refused), and a marker whose geometry
-(format, k, m, fragment_size, cell_size, inline_max) differs from the
+(k, m, fragment_size, cell_size, inline_max) differs from the
 volume's metadata. Only when more than m stores are missing that way is
 the mount refused; fsck reports every such store.
 
