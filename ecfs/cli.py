@@ -23,7 +23,7 @@ import click
 
 from . import __version__, units
 from .errors import EcfsError, VolumeError
-from .mkfs import VolumeSpec, create_volume
+from .mkfs import VolumeSpec, check_store_arg, create_volume
 
 
 def parse_size(value: str) -> int:
@@ -41,9 +41,41 @@ class SizeType(click.ParamType):
         return value if isinstance(value, int) else parse_size(str(value))
 
 
+def _store_args(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Click callback: refuse empty and URL-like store arguments (exit 2)."""
+    for arg in (value,) if isinstance(value, str) else value or ():
+        try:
+            check_store_arg(arg)
+        except VolumeError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"ecfs: {message}", err=True)
     sys.exit(code)
+
+
+#: Mode of log files ecfs creates: store paths and errors are not for
+#: every local user to read.
+LOG_FILE_MODE = 0o600
+
+
+def open_log_file(path: str | os.PathLike[str], *, private: bool) -> Any:
+    """The log file at `path` opened for appending: created LOG_FILE_MODE
+    if new, never through a symlink (O_NOFOLLOW). With `private` (ecfs's
+    own default log), an existing file readable by others is made
+    LOG_FILE_MODE too; a file the user named keeps its mode. OSError."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, LOG_FILE_MODE)
+    try:
+        if private and os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, LOG_FILE_MODE)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _setup_logging(
@@ -52,7 +84,7 @@ def _setup_logging(
     def setup(foreground: bool) -> None:
         handlers: list[logging.Handler] = []
         if log_file:
-            handlers.append(logging.FileHandler(log_file))
+            handlers.append(logging.StreamHandler(open_log_file(log_file, private=False)))
         elif foreground:
             handlers.append(logging.StreamHandler(sys.stderr))
         else:
@@ -61,8 +93,9 @@ def _setup_logging(
                 if os.geteuid() == 0
                 else (Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "ecfs")
             )
-            directory.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(directory / f"mount{volume_hint}.log"))
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = directory / f"mount{volume_hint}.log"
+            handlers.append(logging.StreamHandler(open_log_file(path, private=True)))
         logging.basicConfig(
             level=getattr(logging, level.upper()),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -144,7 +177,7 @@ def main() -> None:
     show_default=True,
     help="Files up to this size are kept inline in the metadata.",
 )
-@click.argument("stores", nargs=-1, required=True)
+@click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def mkfs(
     k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]
 ) -> None:
@@ -183,7 +216,7 @@ def mkfs(
     help="Log to this file (default: stderr with --foreground, else"
     " ~/.local/state/ecfs/mount.log, /var/log/ecfs/mount.log for root).",
 )
-@click.argument("stores", nargs=-1, required=True)
+@click.argument("stores", nargs=-1, required=True, callback=_store_args)
 @click.argument("mountpoint")
 def mount(
     foreground: bool,
@@ -216,8 +249,7 @@ def mount(
     if log_file is not None:
         log_file = os.path.abspath(log_file)
         try:
-            with open(log_file, "a"):
-                pass
+            open_log_file(log_file, private=False).close()
         except OSError as exc:
             _fail(f"cannot write the log file {log_file}: {exc.strerror}", 2)
     try:
@@ -523,7 +555,7 @@ def _store_change(mountpoint: str, command: str) -> None:
 @store.command("replace")
 @click.argument("mountpoint")
 @click.argument("old")
-@click.argument("new")
+@click.argument("new", callback=_store_args)
 def store_replace(mountpoint: str, old: str, new: str) -> None:
     """Replace store OLD (a path or store index; it may be dead) with NEW, an
     empty directory; its fragments are rebuilt onto NEW in the background
@@ -534,7 +566,7 @@ def store_replace(mountpoint: str, old: str, new: str) -> None:
 
 @store.command("add")
 @click.argument("mountpoint")
-@click.argument("new")
+@click.argument("new", callback=_store_args)
 def store_add(mountpoint: str, new: str) -> None:
     """Add NEW (an empty directory) as a store; new chunks use it at once."""
     _store_change(mountpoint, f"store-add {_new_store_path(new)}")
@@ -579,7 +611,7 @@ def _store_ref(old: str) -> str:
               help="Fix what can be fixed: rebuild fragments, delete orphans, resync replicas.")
 @click.option("--verify-data", is_flag=True, help="Read every fragment and verify every cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.argument("stores", nargs=-1, required=True)
+@click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, ...]) -> None:
     """Check an unmounted volume made of STORES (paths or quoted globs).
     Exit status 0 clean, 1 problems found (fixed or not), 2 usage."""

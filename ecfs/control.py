@@ -47,7 +47,8 @@ def status(volume: Volume) -> dict[str, object]:
 
     volume, k, m, health ("healthy" | "degraded" | "at-risk" |
     "data-loss"), tolerance (how many more stores the worst chunk can
-    lose; may be negative), stores[] (index, path, state, in_flight,
+    lose; may be negative), stores[] (index, path, state, reason (why a
+    store is failed or missing, else null), in_flight,
     errors, timeouts, latency_p50_ms, latency_p95_ms, bytes_read,
     bytes_written, free_bytes, total_bytes, fragments, fragment_bytes,
     draining), repair (queue {reason: {chunks, bytes}}, chunks, bytes_left,
@@ -79,6 +80,7 @@ def status(volume: Volume) -> dict[str, object]:
                 "index": index,
                 "path": str(runner.store.path),
                 "state": stats.state.value,
+                "reason": runner.failure_reason,
                 "in_flight": stats.in_flight,
                 "errors": stats.errors,
                 "timeouts": stats.timeouts,
@@ -96,7 +98,9 @@ def status(volume: Volume) -> dict[str, object]:
     for index, path in sorted(volume.missing_stores().items()):
         store_rows.append(
             {
-                "index": index, "path": path, "state": "missing", "in_flight": 0, "errors": 0,
+                "index": index, "path": path, "state": "missing",
+                "reason": volume.left_out.get(volume.store_ids.get(index, ""), "not given or unusable"),
+                "in_flight": 0, "errors": 0,
                 "timeouts": 0, "latency_p50_ms": 0.0, "latency_p95_ms": 0.0, "bytes_read": 0,
                 "bytes_written": 0, "free_bytes": None, "total_bytes": None,
                 "fragments": fragments.get(index, 0), "fragment_bytes": fragment_bytes.get(index, 0),

@@ -81,3 +81,26 @@ class FragmentMissing(StoreError):
     """
 
     errno = _errno.EIO
+
+
+class BadFragmentEntry(StoreError):
+    """The directory entry where a fragment file belongs is not a usable
+    fragment file: a directory, symlink, FIFO, socket or device, or one the
+    kernel refuses to open as such (ELOOP, EISDIR, ENXIO).
+
+    The fragment is damaged, the store is fine: like FragmentMissing, the
+    offload helper does not count it against the store's health; the reader
+    decodes around it and queues the chunk, and repair (or fsck --repair)
+    replaces the entry with a rebuilt fragment file.
+    """
+
+    errno = _errno.EIO
+
+
+class StoreSwapped(StoreError):
+    """A store directory no longer is the store that was opened: its marker
+    changed or vanished, or its root is another directory (another device
+    or inode), as when a disk drops off the bus and leaves its mountpoint
+    behind. The store is failed until the same store is back."""
+
+    errno = _errno.EIO

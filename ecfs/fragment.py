@@ -183,7 +183,7 @@ def _unpack_fixed(view: memoryview) -> tuple[int, int, int, int, int, bytes, int
     (magic, version, k, m, index, cell_size, payload_length, volume_id, chunk_id,
      n_cells) = _FIXED.unpack_from(view, 0)  # fmt: skip
     if magic != MAGIC:
-        raise FragmentCorrupt(f"not an ecfs fragment (magic {bytes(magic)!r})")
+        raise FragmentCorrupt("not an ecfs fragment (bad magic)")  # never echo the bytes
     if version != FORMAT_VERSION:
         raise FragmentCorrupt(f"unsupported fragment format version {version}")
     problem = _valid_shape(k, m, index, cell_size, payload_length)

@@ -11,8 +11,11 @@ How a run goes:
 
 1. The stores are found and identified as a mount does it
    (`ecfs.volume.expand_store_args`, `read_markers`, `_match_stores`):
-   usage problems (stores of different volumes, one store given twice, no
-   readable store, more than m stores missing) raise VolumeError (exit 2).
+   usage problems (stores of two volumes in equal numbers, one store given
+   twice, no readable store, no metadata copy, more than m stores missing)
+   raise VolumeError (exit 2). A store whose marker names another volume
+   than most, or disagrees with the volume's geometry, is reported and not
+   used (`ecfs.volume.select_volume`, `marker_mismatch`).
 2. The volume lock is taken on every readable store.
 3. replicas_agree: every replica file is compared, read-only, by generation
    and by a digest of every table, BEFORE anything is written.
@@ -64,7 +67,15 @@ from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
 from .replicas import copy_database, replica_path
 from .store import MARKER_NAME, DirectoryStore, StoreMarker
-from .volume import _match_stores, expand_store_args, identify_stores, read_markers
+from .volume import (
+    _match_stores,
+    expand_store_args,
+    identify_stores,
+    marker_mismatch,
+    no_metadata_copy_message,
+    read_markers,
+    select_volume,
+)
 
 __all__ = [
     "COUNT_KEYS",
@@ -108,7 +119,8 @@ def run_fsck(
     """
     report = FsckReport(repair=repair, verify_data=verify_data)
     paths = check_store_paths(expand_store_args(store_args))
-    markers = read_markers(paths)
+    unusable: dict[Path, str] = {}
+    markers = read_markers(paths, unusable)
     for path in paths:
         if path not in markers:
             # A directory without any marker (never a store, or retired by
@@ -122,6 +134,11 @@ def run_fsck(
             )
     if not markers:
         raise VolumeError("none of the given stores is readable")
+    for path, why in select_volume(markers).items():
+        unusable[path] = why
+        report.add("chunk_fragments_present", f"store {path} is not used: {why}")
+    if not any(replica_path(DirectoryStore(p).meta_dir).exists() for p in markers):
+        raise VolumeError(no_metadata_copy_message(markers, unusable))
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
@@ -159,6 +176,11 @@ def _check_volume(
                 f"the metadata belongs to volume {params.get('uuid')}, the stores to"
                 f" {report.volume_id}"
             )
+        for store_id, path in list(by_store_id.items()):
+            mismatch = marker_mismatch(markers[path], params)
+            if mismatch is not None:
+                report.add("chunk_fragments_present", f"store {path} is not used: {mismatch}")
+                del by_store_id[store_id]
         table = StoreTable(db).all()
         stores = _match_stores(table, by_store_id, db)
         layout = Layout(

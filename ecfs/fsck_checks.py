@@ -10,8 +10,11 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   reachability, symlink/xattr/chunk/inline rows of the namespace.
 * `check_repair_queue_valid`: the repair queue names only existing chunks.
 * `check_chunk_fragments_present`: every fragment of every chunk exists on
-  its store with a valid header (and, with verify_data, valid cells);
-  repair rebuilds bad ones from k good ones.
+  its store as a regular file (a directory, symlink or FIFO there is a bad
+  entry; never followed nor blocked on) with a valid header (and, with
+  verify_data, valid cells); repair removes a bad entry and rebuilds the
+  fragment from k good ones. A bad header is described, its bytes never
+  printed.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others.
 
@@ -42,7 +45,7 @@ from typing import Any, Literal
 
 from . import fragment
 from .codec import Codec
-from .errors import FragmentCorrupt, FragmentMissing, StoreError
+from .errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from .geometry import Layout
 from .handles import Expected, open_fragment
 from .metadb.chunks import ChunkTable, RepairQueue
@@ -669,6 +672,8 @@ def _verify_fragment(
         return "missing", None
     except FragmentCorrupt as exc:
         return f"bad header ({exc})", None
+    except BadFragmentEntry as exc:
+        return f"not a fragment file ({exc})", None
     except StoreError as exc:
         return f"unreadable ({exc})", None
     ctx.report.counts["fragments_checked"] += 1

@@ -89,7 +89,9 @@ def open_fragment(
     store: DirectoryStore, chunk_id: int, index: int, expected: Expected, *, probe: int = 0
 ) -> FragmentHandle:
     """Blocking: open a fragment file and verify its header against what the
-    metadata expects. Raises FragmentMissing, StoreError or FragmentCorrupt.
+    metadata expects. Raises FragmentMissing, BadFragmentEntry (not a
+    regular file: never followed nor blocked on), StoreError or
+    FragmentCorrupt.
     The first max(probe, HEADER_PROBE_SIZE) bytes are read in one request
     and returned in `prefix`."""
     fd = store.open_fragment(chunk_id, index)

@@ -7,7 +7,9 @@ about a volume that is in use (callers report the VolumeError).
 On disk, part of the store layout (see `ecfs.store`)::
 
     <store>/lock    empty regular file, 0600, created on first use and never
-                    removed; its contents are meaningless
+                    removed; its contents are meaningless. Opened with
+                    O_NOFOLLOW | O_NONBLOCK and checked to be a regular
+                    file: a symlink, FIFO or directory there is refused.
 
 A user of the volume holds an exclusive ``flock(2)`` on ``<store>/lock`` of
 every store it opened, for as long as it uses the volume: the mount for its
@@ -35,6 +37,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -124,17 +127,38 @@ def _lock_one(store: Path) -> int:
 
 def _open_lock_file(path: Path) -> int:
     """The lock file opened for locking: created 0600 if missing; opened
-    read-only if the store is read-only (flock works on any fd)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    read-only if the store is read-only (flock works on any fd). Never
+    follows a symlink nor blocks on a FIFO; anything but a regular file is
+    refused (VolumeError naming it), so a hostile entry cannot hang the
+    caller while it holds the locks of other stores."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, flags, _FILE_MODE)
+        return _regular(path, os.open(path, flags, _FILE_MODE))
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise VolumeError(f"cannot open lock file {path}: {exc.strerror or exc}") from None
+            raise _unusable(path, exc) from None
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return _regular(path, os.open(path, os.O_RDONLY | (flags & ~os.O_RDWR & ~os.O_CREAT)))
     except OSError as exc:
-        raise VolumeError(f"cannot open lock file {path}: {exc.strerror or exc}") from None
+        raise _unusable(path, exc) from None
+
+
+def _regular(path: Path, fd: int) -> int:
+    """`fd` if it is a regular file; else close it and raise VolumeError."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "special"
+    raise VolumeError(
+        f"cannot lock store {path.parent}: its lock file {path} is {kind}, not a regular"
+        " file (remove it)"
+    )
+
+
+def _unusable(path: Path, exc: OSError) -> VolumeError:
+    reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+    return VolumeError(f"cannot open lock file {path}: {reason}")
 
 
 def _release_all(held: list[tuple[Path, int]]) -> None:

@@ -68,7 +68,13 @@ printed."""
 _STORE_FILES = """\
 *STORE*`/ecfs-store.json`::
 The store's marker: the volume id, this store's id, k and m. A directory
-without it is not a store.
+without it is not a store. A store whose marker is unreadable, names
+another volume than most stores given, or disagrees with the volume's k, m
+or sizes is left out (it counts as missing; at most m may be). While
+mounted, the marker and the store directory itself are checked again: a
+store swapped underneath (a disk gone, its empty mountpoint left behind)
+is marked failed, with the reason in `ecfs status`, until it is back.
+Stores are local directories: an argument like `s3://...` is refused.
 
 *STORE*`/frags/`::
 Fragment files, one per chunk and store.
@@ -321,7 +327,8 @@ missing, `allow_other` not permitted.""",
             "FILES": """\
 `/var/log/ecfs/mount.log`, `~/.local/state/ecfs/mount.log`::
 The daemon's log when mounted by root, or by another user, without
-`--log-file`.
+`--log-file`. Created mode 0600 (and made so if others could read it);
+a file given with `--log-file` is created 0600 too.
 
 `/etc/fuse.conf`::
 `user_allow_other` lets users other than root mount with `allow_other`.
@@ -402,8 +409,9 @@ As above; `tolerance` is how many more stores the worst chunk can lose
 
 `stores`::
 One object per store: `index`, `path`, `state` (`ok`, `slow`, `failed`,
-`missing`: part of the volume but not found at mount),
-`in_flight`, `errors`, `timeouts`, `latency_p50_ms`, `latency_p95_ms`,
+`missing`: part of the volume but not found at mount, or left out for its
+marker), `reason` (why a store is `failed` or `missing`, e.g. the store was
+swapped underneath the mount; null otherwise), `in_flight`, `errors`, `timeouts`, `latency_p50_ms`, `latency_p95_ms`,
 `bytes_read`, `bytes_written`, `free_bytes`, `total_bytes` (null when
 unknown), `fragments`, `fragment_bytes`, `draining`.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -55,6 +56,25 @@ class VolumeSpec:
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
     cell_size: int = DEFAULT_CELL_SIZE
     inline_max: int = DEFAULT_INLINE_MAX
+
+
+#: "scheme://...": a URL (s3://bucket, http://host/...), not a directory.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_store_arg(arg: str) -> str:
+    """`arg` if it can name a store directory; VolumeError (a usage error)
+    for an empty one and for one that looks like a URL (``s3://bucket``):
+    stores are local directories, and ``Path("s3://b")`` would silently be
+    the relative directory ``s3:/b``."""
+    if not arg:
+        raise VolumeError("a store argument is empty")
+    if _URL.match(arg):
+        raise VolumeError(
+            f"store {arg!r} looks like a URL; stores are local directories (mount a remote"
+            " filesystem and give its directory instead)"
+        )
+    return arg
 
 
 def check_store_paths(paths: Sequence[Path]) -> list[Path]:

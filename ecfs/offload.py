@@ -22,8 +22,9 @@ then, so hung threads shrink the store's concurrency and are counted in
 Health policy (kept deliberately simple):
 
 - OK -> FAILED on: a store error (an OSError escaping `fn`, or a StoreError
-  other than FragmentMissing and NoSpace: a missing fragment is the
-  fragment's problem and a full store still serves reads), a timeout, or
+  other than FragmentMissing, BadFragmentEntry and NoSpace: a missing or
+  bad fragment file is the fragment's problem and a full store still
+  serves reads), a timeout, or
   `abandoned >= max_threads` (the store has no thread left to run on).
   `mark_failed()` does the same.
 - FAILED is sticky: successful calls do not clear it; `mark_ok()` or a
@@ -66,7 +67,14 @@ from typing import Generic, TypeVar, TypeVarTuple, cast
 import outcome
 import trio
 
-from ecfs.errors import EcfsError, FragmentMissing, NoSpace, StoreError, StoreTimeout
+from ecfs.errors import (
+    BadFragmentEntry,
+    EcfsError,
+    FragmentMissing,
+    NoSpace,
+    StoreError,
+    StoreTimeout,
+)
 from ecfs.store import Store
 
 T = TypeVar("T")
@@ -497,7 +505,9 @@ class StoreRunner:
 
 def _is_health_error(exc: EcfsError) -> bool:
     """Whether an error from a store call says the store is unhealthy."""
-    return isinstance(exc, StoreError) and not isinstance(exc, (FragmentMissing, NoSpace))
+    return isinstance(exc, StoreError) and not isinstance(
+        exc, (FragmentMissing, NoSpace, BadFragmentEntry)
+    )
 
 
 def _translate_os_error(exc: OSError, index: int, fn: Callable[..., object]) -> StoreError:

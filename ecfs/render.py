@@ -36,6 +36,8 @@ def render_status(status: dict[str, Any]) -> str:
             f" {store['errors'] + store['timeouts']:>6} {store['fragments']:>9}"
             f" {format_size(store['fragment_bytes']):>10} {free:>10}  {store['path']}"
         )
+        if store.get("reason") and store["state"] == "failed":
+            lines.append(f"{'':>7}failed: {store['reason']}")
     repair = status["repair"]
     lines.append("")
     if repair["chunks"]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -124,6 +124,9 @@ class Repairer:
         self.unrecoverable: dict[int, str] = {}
         #: Stores being drained: their fragments are moved, never kept.
         self.draining: set[int] = set()
+        #: Asked before a rebuilt fragment goes to a store (the volume
+        #: re-checks its identity after idle time); False: retry later.
+        self.before_write: Callable[[int], Awaitable[bool]] | None = None
         self._deferred: dict[int, float] = {}
         self._failed_since: dict[int, float] = {}
         self._bulk_queued: set[int] = set()
@@ -345,6 +348,8 @@ class Repairer:
         parts = fragment.build_fragment(
             self.volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size, payload
         )
+        if self.before_write is not None and not await self.before_write(store):
+            raise StoreError(f"store {store} is unavailable")
         self.handles.discard((store, ref.chunk_id, index))
         await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
         size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)

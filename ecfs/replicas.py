@@ -74,6 +74,7 @@ import trio
 
 from ecfs.errors import EcfsError, NoSpace, StoreError, VolumeError
 from ecfs.model import Transaction
+from ecfs.store import irregular_entry
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,15 @@ def read_generation(path: Path) -> int | None:
     without a readable ``replica_state`` row.
 
     Opens the file read-only (it may create the ``-shm`` side file to read
-    a WAL left by a crash). Never raises for a bad file; logs why at
+    a WAL left by a crash), and only if it and its side files are regular
+    files or absent (a symlink or FIFO planted there is never opened). Never raises for a bad file; logs why at
     WARNING (a missing file only at INFO: it is normal for a new replica).
     """
+    for candidate in (path, *(_side_file(path, s) for s in _SIDE_SUFFIXES)):
+        kind = irregular_entry(candidate)
+        if kind is not None:  # SQLite would follow it, or block on a FIFO
+            log.warning("metadata replica %s is unusable: %s is %s", path, candidate, kind)
+            return None
     if not path.exists():
         log.info("metadata replica %s does not exist", path)
         return None

@@ -43,6 +43,29 @@ keys are ignored so that a later format can add optional ones):
     cell_size      checksum granularity inside a fragment (<= F)
     inline_max     largest file kept inline in the metadata (bytes, >= 0)
 
+A marker is checked here only for being well-formed. Whether it belongs to
+the volume being opened is decided by `ecfs.volume` (one rule for mount and
+fsck): a store whose marker is unreadable, names another volume than most
+stores given, or whose geometry (k, m, fragment_size, cell_size,
+inline_max) differs from the volume's metadata is left out and counts as
+missing; more than m missing refuses the volume.
+
+Hostile contents: every store file is opened with O_NOFOLLOW and
+O_NONBLOCK and checked with fstat to be a regular file (`open_regular`), so
+a symlink planted in a store is never followed and a FIFO never blocks an
+open. An entry where a fragment file belongs that is not one (a directory,
+symlink, FIFO, socket or device) raises BadFragmentEntry: a damaged
+fragment, not a sick store; `delete_fragment` removes such an entry
+(a directory with its contents), so repair can put the fragment back.
+
+Identity: `pin_identity` remembers the marker and the device and inode of
+the store root as found when the volume was opened; `probe` then fails
+(StoreSwapped) if either changed, e.g. when a disk dropped off the bus and
+left its empty mountpoint directory behind, or something was mounted over
+the store. A write that finds a fan-out directory missing checks the
+identity before creating any directory, so fragments never go into a
+directory that replaced the store.
+
 Crash behaviour: `DirectoryStore.initialise` writes the marker last and
 atomically (tmp file, fsync, rename, fsync directory), so a store directory
 either has a complete marker or is not a store. `write_fragment` does not
@@ -59,6 +82,8 @@ import errno
 import json
 import os
 import re
+import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -66,7 +91,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ecfs.aligned import is_aligned
-from ecfs.errors import FragmentMissing, NoSpace, StoreError, VolumeError
+from ecfs.errors import (
+    BadFragmentEntry,
+    FragmentMissing,
+    NoSpace,
+    StoreError,
+    StoreSwapped,
+    VolumeError,
+)
 
 MARKER_NAME = "ecfs-store.json"
 STORE_FORMAT = 1
@@ -86,6 +118,12 @@ _FILE_MODE = 0o600
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _FRAGMENT_NAME = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,2})")
 _INT_FIELDS = ("format", "k", "m", "fragment_size", "cell_size", "inline_max")
+#: Flags of every open of an existing store file: never follow a symlink
+#: planted in a store, never block on a FIFO.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: open() errors that concern one directory entry, not the store: a
+#: symlink (O_NOFOLLOW), a directory, a socket or a device without driver.
+_BAD_ENTRY_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV})
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +249,8 @@ class Store(Protocol):
     def iter_fragments(self) -> Iterator[tuple[int, int]]: ...
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int: ...
     def retire(self) -> None: ...
-    def probe(self) -> StoreMarker: ...
+    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker: ...
+    def probe(self, *, accept_moved: bool = False) -> StoreMarker: ...
     @property
     def meta_dir(self) -> Path: ...
 
@@ -223,18 +262,20 @@ class Store(Protocol):
 class DirectoryStore:
     """A store kept in one local (or network-mounted) directory.
 
-    Stateless apart from its path and whether its filesystem takes direct
-    I/O, and thread-safe: methods may run concurrently in several worker
-    threads.
+    Stateless apart from its path, whether its filesystem takes direct
+    I/O and its pinned identity, and thread-safe: methods may run
+    concurrently in several worker threads.
     """
 
-    __slots__ = ("path", "_direct_io")
+    __slots__ = ("path", "_direct_io", "_pinned")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
         self.path = Path(path)
         #: Cleared (for good) the first time the filesystem refuses O_DIRECT.
         self._direct_io = True
+        #: (marker, st_dev, st_ino of the root) once `pin_identity` ran.
+        self._pinned: tuple[StoreMarker, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.path)!r})"
@@ -263,6 +304,7 @@ class DirectoryStore:
             _write_file_atomically(store.path / MARKER_NAME, marker.to_json())
         except OSError as exc:
             raise _store_error(exc, f"cannot initialise store {store.path}") from exc
+        store.pin_identity(marker)
         return store
 
     def _check_can_initialise(self) -> None:
@@ -304,12 +346,17 @@ class DirectoryStore:
         unreadable or garbled."""
         marker_path = self.path / MARKER_NAME
         try:
-            with open(marker_path, "rb") as f:
-                data = f.read(MARKER_MAX_BYTES + 1)
+            fd = open_regular(marker_path)
+            try:
+                data = _read_up_to(fd, MARKER_MAX_BYTES + 1)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise StoreError(f"{marker_path}: no ecfs store marker (not a store?)") from None
         except OSError as exc:
-            raise StoreError(f"{marker_path}: cannot read store marker: {exc.strerror}") from exc
+            raise StoreError(
+                f"{marker_path}: cannot read store marker: {_entry_problem(exc)}"
+            ) from None
         try:
             return StoreMarker.from_json(data)
         except StoreError as exc:
@@ -325,14 +372,64 @@ class DirectoryStore:
         except OSError as exc:
             raise _store_error(exc, f"cannot retire {self.path}") from exc
 
-    def probe(self) -> StoreMarker:
-        """Cheap health check: read the marker and statvfs the directory.
+    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
+        """Remember this store as it is now: its marker (read unless given)
+        and the device and inode of its root. From then on `probe` and the
+        creation of fan-out directories check that it is still the same
+        store. StoreError if the root or the marker cannot be read."""
+        try:
+            root = os.stat(self.path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat store {self.path}") from exc
+        if marker is None:
+            marker = self.read_marker()
+        self._pinned = (marker, root.st_dev, root.st_ino)
+        return marker
 
-        Raises StoreError if the store is gone, unreadable or garbled. (The
-        marker is usually in the page cache, so this proves the directory is
-        reachable, not that the disk is healthy.)
+    def check_identity(self, *, accept_moved: bool = False) -> StoreMarker:
+        """The marker, after checking that this is still the pinned store.
+
+        StoreSwapped if the marker differs from the pinned one, or if the
+        root is another directory (device or inode changed) and not
+        `accept_moved`; with `accept_moved`, a root that moved but holds
+        the same marker (a disk that came back, mounted anew) is pinned
+        again. StoreError if the root or the marker cannot be read. Without
+        a pinned identity, only reads the marker.
         """
+        try:
+            root = os.stat(self.path)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat store {self.path}") from exc
         marker = self.read_marker()
+        pinned = self._pinned
+        if pinned is None:
+            return marker
+        was = pinned[0]
+        if marker != was:
+            if _same_ids(marker, was):
+                raise StoreSwapped(f"{self.path}: the store marker changed (its geometry)")
+            raise StoreSwapped(
+                f"{self.path}: another store is here now (volume {marker.volume_id}, store"
+                f" {marker.store_id}; it was volume {was.volume_id}, store {was.store_id})"
+            )
+        if (root.st_dev, root.st_ino) != pinned[1:]:
+            if not accept_moved:
+                raise StoreSwapped(
+                    f"{self.path}: the store directory was replaced (device {root.st_dev},"
+                    f" inode {root.st_ino}; it was device {pinned[1]}, inode {pinned[2]})"
+                )
+            self._pinned = (marker, root.st_dev, root.st_ino)
+        return marker
+
+    def probe(self, *, accept_moved: bool = False) -> StoreMarker:
+        """Cheap health check: check the identity (`check_identity`), then
+        statvfs the directory.
+
+        Raises StoreError if the store is gone, unreadable, garbled or
+        swapped. (The marker is usually in the page cache, so this proves
+        the directory is reachable, not that the disk is healthy.)
+        """
+        marker = self.check_identity(accept_moved=accept_moved)
         self.usage()
         return marker
 
@@ -400,18 +497,21 @@ class DirectoryStore:
             raise _store_error(exc, f"cannot write fragment {path}") from exc
         return written
 
-    @staticmethod
-    def _create_exclusive(path: str, direct: bool = False) -> int:
+    def _create_exclusive(self, path: str, direct: bool = False) -> int:
         """Open a new file O_EXCL 0600 (with O_DIRECT if `direct`), creating
         missing fan-out directories (and frags/ itself, but never the store
-        directory)."""
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+        directory), after checking the pinned identity (StoreSwapped)."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
         if direct:
             flags |= os.O_DIRECT
         try:
             return os.open(path, flags, _FILE_MODE)
         except FileNotFoundError:
             pass
+        # A directory is missing: an empty directory that took the store's
+        # place (a disk gone, its mountpoint left behind) looks like this.
+        # It must never get fragments.
+        self.check_identity()
         # Recreate frags/ too (a store that lost its fragments), but never
         # the store directory itself: a missing one means the disk is gone.
         fan_yy = os.path.dirname(path)
@@ -424,14 +524,17 @@ class DirectoryStore:
     def open_fragment(self, chunk_id: int, index: int) -> int:
         """Open a fragment read-only and return the fd (the caller closes it).
 
-        Missing file -> FragmentMissing; any other OSError -> StoreError.
+        Missing file -> FragmentMissing; an entry that is not a regular file
+        (`open_regular`) -> BadFragmentEntry; any other OSError -> StoreError.
         """
         path = self._fragment_path(chunk_id, index)
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return open_regular(path)
         except FileNotFoundError:
             raise FragmentMissing(f"fragment missing: {path}") from None
         except OSError as exc:
+            if isinstance(exc, NotRegularFile) or exc.errno in _BAD_ENTRY_ERRNOS:
+                raise BadFragmentEntry(f"fragment {path}: {_entry_problem(exc)}") from None
             raise _store_error(exc, f"cannot open fragment {path}") from exc
 
     @staticmethod
@@ -457,24 +560,40 @@ class DirectoryStore:
             raise _store_error(exc, f"cannot read fragment (fd {fd})") from exc
 
     def delete_fragment(self, chunk_id: int, index: int) -> None:
-        """Remove a fragment file; a missing one is fine. OSError -> StoreError."""
+        """Remove a fragment file, or whatever entry took its name (a
+        symlink or FIFO is unlinked, never followed; a directory is removed
+        with its contents: the name belongs to ecfs). A missing one is
+        fine. A directory that cannot be removed -> BadFragmentEntry; any
+        other OSError -> StoreError."""
         path = self._fragment_path(chunk_id, index)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _store_error(exc, f"cannot delete fragment {path}") from exc
+            if exc.errno not in (errno.EISDIR, errno.EPERM) or not os.path.isdir(path):
+                raise _store_error(exc, f"cannot delete fragment {path}") from exc
+            try:
+                shutil.rmtree(path)  # never follows symlinks inside
+            except OSError as rm_exc:
+                raise BadFragmentEntry(
+                    f"cannot remove the directory {path} where a fragment belongs:"
+                    f" {rm_exc.strerror or rm_exc}"
+                ) from None
 
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
-        """Size in bytes of a fragment file; FragmentMissing if absent."""
+        """Size in bytes of a fragment file; FragmentMissing if absent,
+        BadFragmentEntry if the entry is not a regular file."""
         path = self._fragment_path(chunk_id, index)
         try:
-            return os.stat(path).st_size
+            st = os.lstat(path)
         except FileNotFoundError:
             raise FragmentMissing(f"fragment missing: {path}") from None
         except OSError as exc:
             raise _store_error(exc, f"cannot stat fragment {path}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise BadFragmentEntry(f"fragment {path}: is {_file_kind(st.st_mode)}")
+        return st.st_size
 
     def iter_fragments(self) -> Iterator[tuple[int, int]]:
         """Yield (chunk_id, index) of every well-named fragment file.
@@ -520,6 +639,84 @@ class DirectoryStore:
         return StoreUsage(
             total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize
         )
+
+
+# --------------------------------------------------------------------------
+# Opening store files
+
+
+class NotRegularFile(OSError):
+    """`open_regular` found a directory, FIFO, socket or device."""
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
+    """Open an existing store file and return its fd, never following a
+    symlink (O_NOFOLLOW: ELOOP) nor blocking on a FIFO (O_NONBLOCK), and
+    only if fstat says it is a regular file (NotRegularFile otherwise).
+    Raises OSError; closes what it opened on failure."""
+    fd = os.open(path, flags | _OPEN_FLAGS)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, f"is {_file_kind(mode)}, not a regular file")
+    return fd
+
+
+def irregular_entry(path: str | os.PathLike[str]) -> str | None:
+    """What the entry at `path` is if it exists and is not a regular file
+    ("a FIFO", "a symbolic link", ...), without following it; None for a
+    regular file, a missing entry or one that cannot be looked at (opening
+    it then reports the problem). For files that others open by name
+    (SQLite), to check them before they do."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _entry_problem(exc: OSError) -> str:
+    """A short reason for an OSError from opening a store file."""
+    if isinstance(exc, NotRegularFile):
+        return exc.strerror or "not a regular file"
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link (not followed)"
+    return exc.strerror or str(exc)
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from the start of `fd` (fewer only at EOF)."""
+    pieces = []
+    got = 0
+    while got < limit:
+        piece = os.read(fd, limit - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _same_ids(a: StoreMarker, b: StoreMarker) -> bool:
+    return a.volume_id == b.volume_id and a.store_id == b.store_id
 
 
 # --------------------------------------------------------------------------

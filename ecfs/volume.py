@@ -14,6 +14,26 @@ Store tolerance at open: every store in the volume's store table is either
 present (its marker names this volume and that store) or missing; at most
 m may be missing, otherwise some data could be unreadable and the mount is
 refused with a clear message.
+
+Markers, one rule (`select_volume`, `marker_mismatch`): a store whose
+marker cannot be used is left out with a warning naming it and why, and
+counts as missing: an unreadable or garbled marker (or a symlink, FIFO or
+directory in its place), a marker of another volume (the volume is the one
+most given stores belong to; a tie is refused), and a marker whose geometry
+(k, m, fragment_size, cell_size, inline_max) differs from the
+volume's metadata. Only when more than m stores are missing that way is
+the mount refused; fsck reports every such store.
+
+Store identity while mounted: each present store's marker and the device
+and inode of its root are pinned at open (`DirectoryStore.pin_identity`)
+and checked by every probe: periodically (HEALTH_INTERVAL), on a missing
+fragment (`store_may_be_gone`), and before a store not verified for
+IDENTITY_MAX_AGE seconds gets new fragments (`verify_before_write`); a
+write that finds a fan-out directory missing checks it too. A store that
+is no longer the same is marked failed with the reason (status shows it),
+gets no more writes, loses its cached file descriptors and its metadata
+replica, and is marked ok again once a probe finds the same marker there
+(a root that moved, e.g. a disk mounted anew, is then pinned again).
 """
 
 from __future__ import annotations
@@ -21,11 +41,13 @@ from __future__ import annotations
 import errno
 import glob
 import logging
+import math
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -40,7 +62,7 @@ from .geometry import Layout
 from .handles import Expected, HandleCache
 from .metadb.database import Database
 from .metadb.stores import StoreTable
-from .mkfs import check_store_paths
+from .mkfs import check_store_arg, check_store_paths
 from .namespace import Namespace
 from .offload import StoreRunner
 from .placement import Placement
@@ -54,7 +76,7 @@ from .replicas import (
     replica_path,
 )
 from .scrub import Scrubber
-from .store import DirectoryStore, StoreMarker
+from .store import DirectoryStore, Store, StoreMarker
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
 from .writer import ChunkWriter
@@ -88,14 +110,20 @@ LAGGING_REPLICA_PROBE = 1.0
 #: Minimum seconds between two on-demand probes of one store.
 PROBE_SPACING = 1.0
 
-#: Seconds between refreshes of store usage and probes of failed stores.
+#: Seconds between refreshes of store usage and probes of every store.
 HEALTH_INTERVAL = 5.0
+
+#: A store whose identity was last verified longer ago than this is probed
+#: before it gets new fragments (the write waits for that one probe).
+IDENTITY_MAX_AGE = 2.0
 
 
 def expand_store_args(args: Sequence[str]) -> list[Path]:
-    """Store arguments as given, with glob patterns expanded (sorted)."""
+    """Store arguments as given, with glob patterns expanded (sorted);
+    VolumeError for an empty or URL-like argument (`check_store_arg`)."""
     paths: list[Path] = []
     for arg in args:
+        check_store_arg(arg)
         if glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
@@ -106,14 +134,19 @@ def expand_store_args(args: Sequence[str]) -> list[Path]:
     return paths
 
 
-def read_markers(paths: Sequence[Path]) -> dict[Path, StoreMarker]:
-    """Markers of the readable stores; unreadable ones are logged and left out."""
+def read_markers(
+    paths: Sequence[Path], problems: dict[Path, str] | None = None
+) -> dict[Path, StoreMarker]:
+    """Markers of the readable stores; unreadable ones are logged and left
+    out (and their reasons put in `problems` if given)."""
     markers: dict[Path, StoreMarker] = {}
     for path in paths:
         try:
             markers[path] = DirectoryStore(path).read_marker()
         except StoreError as exc:
             log.warning("store %s is unavailable: %s", path, exc)
+            if problems is not None:
+                problems[path] = str(exc)
     return markers
 
 
@@ -136,9 +169,80 @@ def remove_dead_working_copies(runtime_dir: Path | None) -> None:
             pass
 
 
+def select_volume(markers: dict[Path, StoreMarker]) -> dict[Path, str]:
+    """Leave out (remove from `markers`) the stores of other volumes than
+    the one most of them belong to; returns path -> reason for each left
+    out (logged at WARNING). VolumeError if two volumes tie for most."""
+    counts = Counter(marker.volume_id for marker in markers.values())
+    if len(counts) <= 1:
+        return {}
+    (volume, most), (_, second) = counts.most_common(2)
+    if most == second:
+        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+        raise VolumeError(f"the stores belong to different volumes: {listing}")
+    rejected: dict[Path, str] = {}
+    for path, marker in list(markers.items()):
+        if marker.volume_id != volume:
+            rejected[path] = (
+                f"its marker names volume {marker.volume_id}, the other stores volume {volume}"
+            )
+            del markers[path]
+            log.warning("store %s is left out: %s", path, rejected[path])
+    return rejected
+
+
+def marker_mismatch(marker: StoreMarker, params: Mapping[str, object]) -> str | None:
+    """Why a store's marker disagrees with the volume's metadata parameters
+    (its geometry), or None if it agrees."""
+    wrong = [
+        f"{name}={getattr(marker, name)} (the volume has {params.get(key)})"
+        for name, key in _GEOMETRY_KEYS
+        if key in params and str(getattr(marker, name)) != str(params[key])
+    ]
+    return f"its marker says {', '.join(wrong)}" if wrong else None
+
+
+#: Marker field -> metadata parameter that must agree.
+_GEOMETRY_KEYS = (
+    ("k", "k"),
+    ("m", "m"),
+    ("fragment_size", "fragment_size"),
+    ("cell_size", "cell_size"),
+    ("inline_max", "inline_max"),
+)
+
+
+def no_metadata_copy_message(
+    markers: dict[Path, StoreMarker], unusable: dict[Path, str]
+) -> str:
+    """The VolumeError text when no readable store holds a metadata copy:
+    which stores were given and why, and that more than m are missing when
+    that follows from the geometry (a volume has at least k + m stores)."""
+    some = next(iter(markers.values()))
+    k, m = some.k, some.m
+    readable = ", ".join(str(p) for p in markers)
+    text = (
+        f"no metadata copy: none of the {len(markers)} readable store(s) of volume"
+        f" {some.volume_id} ({readable}) holds one; the copies are kept on m + 1 ="
+        f" {m + 1} stores"
+    )
+    if unusable:
+        listing = "; ".join(f"{p}: {why}" for p, why in unusable.items())
+        text += f", which must be among the unusable stores given ({listing})"
+    else:
+        text += ", none of which was given"
+    if len(markers) < k:
+        text += (
+            f"; the volume has at least k + m = {k + m} stores and only {len(markers)} are"
+            f" usable: more than m = {m} stores are missing"
+        )
+    return text
+
+
 def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
     """Store UUID -> path; VolumeError if the stores belong to different
-    volumes or one store was given twice (under two paths)."""
+    volumes (call `select_volume` first) or one store was given twice
+    (under two paths)."""
     volumes = {marker.volume_id for marker in markers.values()}
     if len(volumes) > 1:
         listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
@@ -240,6 +344,13 @@ class Volume:
         self.placement.draining |= draining
         self.repairer.draining |= draining
         self._last_probe: dict[int, float] = {}
+        #: Store id -> why the store was given but left out (its marker).
+        self.left_out: dict[str, str] = {}
+        #: Store index -> trio time of its last successful probe.
+        self._verified: dict[int, float] = {}
+        self._probing: dict[int, trio.Event] = {}
+        self.writer.before_write = self.verify_before_write
+        self.repairer.before_write = self.verify_before_write
         self._replacing_replicas = False
         self._replica_lock = trio.Lock()
         #: Set when unmount could not make the metadata durable anywhere: the
@@ -272,11 +383,15 @@ class Volume:
     def open(cls, store_args: Sequence[str], *, runtime_dir: Path | None = None) -> Volume:
         """Blocking: check the stores, prepare the working copy, build."""
         paths = check_store_paths(expand_store_args(store_args))
-        markers = read_markers(paths)
+        unusable: dict[Path, str] = {}
+        markers = read_markers(paths, unusable)
         if not markers:
             raise VolumeError("none of the given stores is readable")
+        unusable.update(select_volume(markers))
         by_store_id = identify_stores(markers)
         replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
+        if not any(r.exists() for r in replicas):
+            raise VolumeError(no_metadata_copy_message(markers, unusable))
         remove_dead_working_copies(runtime_dir)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
         try:
@@ -285,8 +400,19 @@ class Volume:
                 [r for r in replicas if r.exists()] or replicas, working
             )
             db = Database(working)
+            params = StoreTable(db).params()
+            left_out: dict[str, str] = {}
+            for store_id, path in list(by_store_id.items()):
+                mismatch = marker_mismatch(markers[path], params)
+                if mismatch is not None:
+                    log.warning("store %s is left out: %s", path, mismatch)
+                    left_out[store_id] = f"{path}: {mismatch}"
+                    del by_store_id[store_id]
             stores = _match_stores(StoreTable(db).all(), by_store_id, db)
+            for store in stores.values():
+                store.pin_identity(markers[store.path])
             volume = cls(db, stores, workdir)
+            volume.left_out = left_out
             volume._setup_replicas(prepared.current)
             volume._remember_store_paths()  # after: so the change is replicated
         except BaseException:
@@ -456,23 +582,47 @@ class Volume:
                 nursery.start_soon(self.probe_store, index)
 
     async def probe_store(self, index: int) -> None:
+        """Check that store `index` is reachable and still the store opened
+        (see the module docstring): mark it failed (with the reason, its
+        cached fds and replica dropped) or, if it was failed, ok again."""
         runner = self.runners[index]
         was_available = runner.available
         try:
-            marker = await runner.call(runner.store.probe, timeout=PROBE_TIMEOUT)
+            marker, device = await runner.call(
+                _probe_store, runner.store, not was_available, timeout=PROBE_TIMEOUT
+            )
             if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
                 raise StoreError(f"{runner.store.path} now holds a different store")
         except StoreError as exc:
+            runner.mark_failed(str(exc))  # the reason status shows: the latest
+            self.handles.discard_store(index)
             if was_available:
-                runner.mark_failed(str(exc))
-                self.handles.discard_store(index)
                 log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
             if self.replicator is not None:
                 self.replicator.drop_replica(index, f"store failed: {exc}")
             return
+        self._verified[index] = trio.current_time()
         if not was_available:
+            self.writer.device_of[index] = device  # a disk mounted anew: maybe another
             runner.mark_ok()
             log.warning("store %d (%s) is back", index, runner.store.path)
+
+    async def verify_before_write(self, index: int) -> bool:
+        """Writer hook: whether store `index` may get a new fragment. A
+        store not verified for IDENTITY_MAX_AGE seconds is probed first
+        (one probe per store at a time; concurrent writers wait for it)."""
+        if trio.current_time() - self._verified.get(index, -math.inf) > IDENTITY_MAX_AGE:
+            probing = self._probing.get(index)
+            if probing is not None:
+                await probing.wait()
+            else:
+                probing = self._probing[index] = trio.Event()
+                try:
+                    await self.probe_store(index)
+                finally:
+                    del self._probing[index]
+                    probing.set()
+        return self.runners[index].available
 
     def store_may_be_gone(self, index: int) -> None:
         """Reader callback on a missing fragment: probe that store soon
@@ -616,6 +766,15 @@ class Volume:
             free += usage.free_bytes
         k, n = self.layout.k, self.layout.n
         return total * k // n, free * k // n
+
+
+def _probe_store(store: Store, accept_moved: bool) -> tuple[StoreMarker, int]:
+    """Blocking: `store.probe` and the device of the store root."""
+    marker = store.probe(accept_moved=accept_moved)
+    try:
+        return marker, os.stat(store.path).st_dev
+    except OSError as exc:
+        raise StoreError(f"cannot stat store {store.path}: {exc.strerror}") from exc
 
 
 def _match_stores(

@@ -6,8 +6,8 @@ durable (`sync_stores`). Must not: touch the metadata database (the caller
 commits the returned ChunkRef) or know about files.
 
 Write policy: every fragment goes to a distinct store. A store that fails
-during the write is replaced by another healthy store that holds no
-fragment of the chunk. If fewer than k+m fragments could be stored but at
+during the write, or that `before_write` refuses, is replaced by another
+healthy store that holds no fragment of the chunk. If fewer than k+m fragments could be stored but at
 least `min_fragments` (k+1 by default: the chunk still survives the loss
 of one store), the chunk is accepted with reduced redundancy, the missing
 slots are NO_STORE, and the caller queues it for repair. Below that, the
@@ -80,6 +80,9 @@ class ChunkWriter:
         self.device_of = dict(device_of or {})
         self.bytes_in = 0
         self.bytes_out = 0
+        #: Asked before a fragment goes to a store: False means use another
+        #: (the volume re-checks a store's identity after idle time here).
+        self.before_write: Callable[[int], Awaitable[bool]] | None = None
         self._cpu = trio.CapacityLimiter(2)
         self._buffers = BufferPool(POOLED_BUFFERS)
 
@@ -150,6 +153,8 @@ class ChunkWriter:
         async def place(index: int, store: int | None) -> None:
             while store is not None:
                 try:
+                    if self.before_write is not None and not await self.before_write(store):
+                        raise StoreError(f"store {store} is unavailable")
                     await self._write_one(store, chunk_id, index, fragments[index])
                     stores[index] = store
                     return

@@ -514,7 +514,11 @@ def test_fsck_refuses_stores_of_two_volumes(tmp_path: Path) -> None:
     one = make_volume(tmp_path / "one")
     two = make_volume(tmp_path / "two")
     with pytest.raises(VolumeError, match="different volumes"):
-        run_fsck([str(s) for s in one[:5] + two[:1]], repair=False, verify_data=False)
+        run_fsck([str(s) for s in one[:3] + two[:3]], repair=False, verify_data=False)
+    # One store of another volume among the volume's own is reported, not used.
+    report = run_fsck([str(s) for s in one + two[:1]], repair=False, verify_data=False)
+    assert not report.clean
+    assert any(f"store {two[0]} is not used" in f.message for f in report.findings)
 
 
 def test_a_missing_store_is_reported_not_rebuilt_around(volume: MountedVolume) -> None:
