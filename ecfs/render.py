@@ -80,4 +80,11 @@ def render_scrub(scrub: dict[str, Any]) -> str:
             f"  chunk {finding['chunk_id']:016x} (inode {finding['inode']}, chunk"
             f" {finding['chunk_index']}): fragments {finding['fragments']}"
         )
+    metadata = scrub.get("metadata_findings", [])
+    lines.append(
+        f"metadata replicas: {scrub.get('metadata_replicas_verified', 0)} verified"
+        + (f", {len(metadata)} bad (replaced from the working copy)" if metadata else "")
+    )
+    for finding in metadata:
+        lines.append(f"  store {finding['store']}: {finding['problem']}")
     return "\n".join(lines)

@@ -66,13 +66,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
 
 from ecfs.errors import EcfsError, NoSpace, StoreError, VolumeError
+from ecfs.metadb.digest import SCHEMA_KEY, format_digest, tables_of
+from ecfs.metadb.schema import (
+    SCHEMA_VERSION,
+    schema_difference,
+    schema_version,
+    upgrade_database,
+)
 from ecfs.model import Transaction
 
 log = logging.getLogger(__name__)
@@ -214,72 +221,327 @@ def choose_freshest(paths: Sequence[Path]) -> tuple[Path, int]:
 
 
 @dataclass(frozen=True)
-class PreparedMetadata:
-    """Result of `prepare_working_copy`.
+class CopyExpectation:
+    """What a metadata copy must match to be used: the volume id and
+    geometry of the stores' markers, and the store ids of the stores given
+    (every one must be in the copy's store table, and at most m of that
+    table may be absent)."""
 
-    `generation`: the working copy's (and every current replica's)
-    generation. `current`: replica paths now at `generation`, in input
-    order, i.e. the targets to give the Replicator. `resynced`: the subset
-    of `current` that was rewritten. `failed`: replicas that could not be
+    volume_id: str
+    k: int
+    m: int
+    store_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CopyInspection:
+    """What `inspect_copy` found out about one copy (read-only).
+
+    `problem`: why the copy cannot be used (None: it can). `missing`: the
+    file does not exist (normal for a new replica; not a refusal).
+    `schema`: its schema version; `digest`: the content digest of its rows;
+    `claimed`: the digest it records (schema >= 2). `tables`: per-table
+    digests (for naming what differs). A usable schema-2 copy is
+    `verified`: its rows give the digest it records.
+    """
+
+    path: Path
+    problem: str | None = None
+    missing: bool = False
+    generation: int = -1
+    schema: int = 0
+    digest: str = ""
+    claimed: str | None = None
+    tables: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return self.problem is None and self.schema >= 2 and self.claimed == self.digest
+
+
+def inspect_copy(path: Path, expect: CopyExpectation | None = None) -> CopyInspection:
+    """Blocking and read-only. Check one metadata copy: readable, passes
+    ``PRAGMA quick_check``, has a known schema and nothing else (no
+    trigger, view, extra table or index), belongs to `expect`'s volume and
+    knows its stores, and (schema >= 2) its rows give the digest it
+    records. Reads every row once (the content digest). Never raises for a
+    bad file. SQLite may create the ``-shm`` side file it needs to read a
+    WAL left by a crash."""
+    if not path.exists():
+        return CopyInspection(path, problem="it does not exist", missing=True)
+    try:
+        conn = _connect_read_only(path)
+        try:
+            conn.execute("BEGIN")  # one snapshot for the generation and the rows
+            return _inspect(conn, path, expect)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError, ReplicaError, ValueError) as exc:
+        # ValueError: a damaged file can make SQLite hand back text that is
+        # not valid UTF-8 (UnicodeDecodeError) or absurd values.
+        return CopyInspection(path, problem=f"it is unreadable: {exc}")
+
+
+def _inspect(
+    conn: sqlite3.Connection, path: Path, expect: CopyExpectation | None
+) -> CopyInspection:
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        return CopyInspection(path, problem="it is corrupt: " + "; ".join(problems[:3]))
+    version = schema_version(conn)
+    if version is None:
+        return CopyInspection(
+            path, problem=f"its schema is not ecfs's ({schema_difference(conn)})"
+        )
+    generation = _generation_of(conn)
+    params = dict(conn.execute("SELECT key, value FROM volume").fetchall())
+    if params.get("schema") != str(version):
+        return CopyInspection(
+            path, problem=f"it says schema {params.get('schema')!r} but has schema {version}"
+        )
+    if expect is not None:
+        problem = _mismatch(conn, params, expect)
+        if problem is not None:
+            return CopyInspection(path, problem=problem, generation=generation)
+    claimed = None
+    if version >= 2:
+        (claimed,) = conn.execute("SELECT digest FROM replica_state WHERE id = 0").fetchone()
+    tables = tables_of(conn)
+    digest = format_digest(sum(int(v, 16) for k, v in tables.items() if k != SCHEMA_KEY))
+    inspection = CopyInspection(
+        path,
+        generation=generation,
+        schema=version,
+        digest=digest,
+        claimed=claimed,
+        tables=tables,
+    )
+    if claimed is not None and claimed != digest:
+        return replace(
+            inspection,
+            problem=f"its rows do not give the digest it records for generation {generation}"
+            " (changed outside ecfs: damaged, edited, or its generation raised by hand)",
+        )
+    return inspection
+
+
+def _mismatch(
+    conn: sqlite3.Connection, params: dict[str, str], expect: CopyExpectation
+) -> str | None:
+    """Why the copy does not belong to `expect`'s volume, or None."""
+    if params.get("uuid") != expect.volume_id:
+        return f"it belongs to volume {params.get('uuid')!r}, the stores to {expect.volume_id}"
+    if (params.get("k"), params.get("m")) != (str(expect.k), str(expect.m)):
+        return (
+            f"its geometry k={params.get('k')} m={params.get('m')} is not the stores'"
+            f" (k={expect.k} m={expect.m})"
+        )
+    table = {str(row[0]) for row in conn.execute("SELECT store_id FROM stores")}
+    unknown = sorted(expect.store_ids - table)
+    if unknown:
+        return f"its store table does not list store(s) {', '.join(unknown)}"
+    if len(table - expect.store_ids) > expect.m:
+        return (
+            f"{len(table - expect.store_ids)} of the {len(table)} stores it lists are"
+            f" missing, more than m={expect.m}"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class CopyChoice:
+    """Which copy becomes the working copy (`choose_copy`).
+
+    `winner`: None if no copy can be chosen (`problem` says why).
+    `current`: copies with the winner's generation and content (input
+    order). `stale`: usable copies that are only older (or of an older
+    schema). `refused`: path -> why it must not be used (unusable, or
+    different content at the winning generation). `missing`: copies that
+    do not exist. `trusted`: the winner's content is verified (schema >= 2)
+    or every usable copy at its generation agrees with it.
+    """
+
+    winner: CopyInspection | None
+    current: list[Path] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)
+    refused: dict[Path, str] = field(default_factory=dict)
+    missing: list[Path] = field(default_factory=list)
+    problem: str | None = None
+    trusted: bool = False
+
+    @property
+    def disagree(self) -> bool:
+        """Some existing copy was refused or none could be chosen."""
+        return self.winner is None or bool(self.refused)
+
+
+def choose_copy(inspections: Sequence[CopyInspection]) -> CopyChoice:
+    """Pure. The rule (see the module docstring): usable copies only; if
+    any has schema >= 2 (verified content), copies of schema 1 are only
+    stale; the freshest generation wins; copies at that generation with
+    different contents are decided by majority, and a tie chooses none."""
+    refused = {i.path: str(i.problem) for i in inspections if i.problem and not i.missing}
+    missing = [i.path for i in inspections if i.missing]
+    usable = [i for i in inspections if i.problem is None]
+    pool = [i for i in usable if i.schema >= 2] or usable
+    if not pool:
+        return CopyChoice(None, refused=refused, missing=missing, problem="no copy is usable")
+    top = max(i.generation for i in pool)
+    at_top = [i for i in pool if i.generation == top]
+    votes: dict[str, int] = {}
+    for inspection in at_top:
+        votes[inspection.digest] = votes.get(inspection.digest, 0) + 1
+    most = max(votes.values())
+    leaders = [d for d, n in votes.items() if n == most]
+    if len(leaders) > 1:
+        names = ", ".join(str(i.path) for i in at_top)
+        return CopyChoice(
+            None,
+            refused=refused,
+            missing=missing,
+            problem=f"the copies at generation {top} ({names}) hold different contents"
+            " and none has a majority",
+        )
+    winner = next(i for i in at_top if i.digest == leaders[0])
+    current = [i.path for i in at_top if i.digest == winner.digest]
+    for inspection in at_top:
+        if inspection.digest != winner.digest:
+            tables = sorted(
+                t
+                for t in {*inspection.tables, *winner.tables}
+                if inspection.tables.get(t) != winner.tables.get(t)
+            )
+            refused[inspection.path] = (
+                f"it is at generation {top} like {winner.path} but holds other contents"
+                f" (in {', '.join(tables)}); {len(current)} of {len(at_top)} copies agree"
+                " with the other"
+            )
+    stale = [i.path for i in usable if i.path not in current and i.path not in refused]
+    trusted = winner.verified or len(current) == len(at_top)
+    return CopyChoice(winner, current, stale, refused, missing, trusted=trusted)
+
+
+@dataclass
+class PreparedMetadata:
+    """Result of `prepare_working_copy`, completed by `resync_replicas`.
+
+    `generation`: the working copy's generation. `current`: replica paths
+    at `generation` with its content, in input order, i.e. the targets to
+    give the Replicator (after `resync_replicas`, including the rewritten
+    ones). `to_resync`: copies to rewrite from the working copy (stale,
+    refused). `refused`: copies that must not be used -> why.
+    `resynced`: copies rewritten. `failed`: copies that could not be
     read or rewritten -> reason; they must not be used this mount.
+    `paths`: every copy looked at, in input order.
     """
 
     generation: int
     current: list[Path]
+    to_resync: list[Path] = field(default_factory=list)
+    refused: dict[Path, str] = field(default_factory=dict)
     resynced: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
 
 
-def prepare_working_copy(replica_paths: Sequence[Path], working_path: Path) -> PreparedMetadata:
-    """Blocking, at mount before serving. Copy the freshest replica to
-    `working_path`, then bring every stale, missing or corrupt replica up to
-    date from the working copy (creating its parent directory if needed).
+def prepare_working_copy(
+    replica_paths: Sequence[Path], working_path: Path, expect: CopyExpectation | None = None
+) -> PreparedMetadata:
+    """Blocking, at mount before serving. Inspect every copy (`inspect_copy`,
+    read-only), choose one (`choose_copy`), copy it to `working_path` and
+    upgrade that to the current schema if it is older. Writes nothing but
+    `working_path`: the caller checks what else it must and then calls
+    `resync_replicas` to rewrite the stale and refused copies.
 
-    If the freshest replica cannot be copied, the next freshest is tried
-    (and so on); a replica that failed as a source is never overwritten,
-    in case it is fresher than what wins. A replica that cannot be
-    rewritten is reported in `failed` and logged at WARNING; only when no
-    replica can be copied at all does this raise VolumeError.
+    Each refused copy is logged at WARNING with its path and why. If the
+    chosen copy cannot be copied, the choice is made again without it.
+    VolumeError if no copy can be chosen.
     """
-    ranked = _ranked_replicas(replica_paths)
+    inspections = [inspect_copy(path, expect) for path in replica_paths]
+    for inspection in inspections:
+        if inspection.problem and not inspection.missing:
+            log.warning("metadata replica %s refused: %s", inspection.path, inspection.problem)
     failed: dict[Path, str] = {}
-    source: Path | None = None
-    generation = -1
-    for candidate, candidate_generation in ranked:
+    while True:
+        choice = choose_copy(inspections)
+        if choice.winner is None:
+            reasons = "; ".join(f"{p}: {r}" for p, r in {**choice.refused, **failed}.items())
+            raise VolumeError(
+                f"no metadata replica can be used ({choice.problem})"
+                + (f": {reasons}" if reasons else "")
+            )
+        source = choice.winner
         try:
-            copy_database(candidate, working_path)
+            copy_database(source.path, working_path)
         except StoreError as exc:
-            log.warning("cannot use metadata replica %s: %s", candidate, exc)
-            failed[candidate] = str(exc)
+            log.warning("cannot use metadata replica %s: %s", source.path, exc)
+            failed[source.path] = str(exc)
+            inspections = [
+                replace(i, problem=str(exc)) if i.path == source.path else i for i in inspections
+            ]
             continue
-        source, generation = candidate, candidate_generation
         break
-    if source is None:
-        reasons = "; ".join(f"{p}: {r}" for p, r in failed.items()) or "none is readable"
-        raise VolumeError(
-            "no metadata replica could be copied to the working copy"
-            f" ({', '.join(str(p) for p in replica_paths)}): {reasons}"
+    generation = source.generation
+    current = list(choice.current)
+    to_resync = [p for p in replica_paths if p in choice.stale or p in choice.refused]
+    to_resync = [p for p in to_resync if p not in failed]
+    if source.schema < SCHEMA_VERSION:
+        generation = upgrade_database(working_path)
+        log.warning(
+            "metadata upgraded from schema %d to %d (generation %d); every replica is rewritten",
+            source.schema,
+            SCHEMA_VERSION,
+            generation,
         )
-    known = dict(ranked)
-    current: list[Path] = []
-    resynced: list[Path] = []
-    for path in replica_paths:
-        if path in failed:
-            continue
-        if path == source or known.get(path) == generation:
-            current.append(path)
-            continue
+        to_resync = [p for p in replica_paths if p in to_resync or p in current]
+        current = []
+    log.info(
+        "metadata: using replica %s at generation %d%s",
+        source.path,
+        source.generation,
+        "" if source.verified else " (content not verifiable: schema 1)",
+    )
+    return PreparedMetadata(
+        generation, current, to_resync, dict(choice.refused), [], failed, list(replica_paths)
+    )
+
+
+def resync_replicas(prepared: PreparedMetadata, working_path: Path) -> None:
+    """Blocking. Rewrite every copy in ``prepared.to_resync`` from the
+    working copy (creating its parent directory if needed); a refused copy
+    is first set aside as ``<name>.refused`` (replacing an older one), so
+    its contents can still be examined. Updates ``prepared.current``,
+    ``resynced`` and ``failed``; a copy that cannot be rewritten is logged
+    at WARNING and must not be used this mount."""
+    for path in prepared.to_resync:
         try:
             path.parent.mkdir(exist_ok=True)
+            if path in prepared.refused:
+                set_aside(path)
             copy_database(working_path, path)
         except (StoreError, OSError) as exc:
             log.warning("cannot resync metadata replica %s: %s", path, exc)
-            failed[path] = str(exc)
+            prepared.failed[path] = str(exc)
             continue
-        log.info("resynced metadata replica %s to generation %d", path, generation)
-        current.append(path)
-        resynced.append(path)
-    return PreparedMetadata(generation, current, resynced, failed)
+        log.info("resynced metadata replica %s to generation %d", path, prepared.generation)
+        prepared.resynced.append(path)
+    now_current = {*prepared.current, *prepared.resynced}
+    prepared.current = [p for p in prepared.paths if p in now_current]
+    prepared.to_resync = []
+
+
+def set_aside(path: Path) -> None:
+    """Blocking. Rename a refused copy (and its side files) to
+    ``<name>.refused``, replacing an older one: it is kept for a look, never
+    read by ecfs."""
+    aside = path.with_name(path.name + ".refused")
+    for suffix in ("", *_SIDE_SUFFIXES):
+        _remove_if_exists(_side_file(aside, suffix))
+    for suffix in ("", *_SIDE_SUFFIXES):
+        try:
+            os.replace(_side_file(path, suffix), _side_file(aside, suffix))
+        except FileNotFoundError:
+            pass
 
 
 def _ranked_replicas(paths: Sequence[Path]) -> list[tuple[Path, int]]:
@@ -669,6 +931,53 @@ class Replicator:
         self._live.add(index)
         log.info("metadata replica on store %d is live at generation %d", index, generation)
         self._notify_changed()
+        return True
+
+    async def verify_replicas(self, call_timeout: float | None = None) -> dict[int, str]:
+        """Online check of every live replica (scrub): `inspect_copy` on
+        each, through its store's runner, with a read-only connection of
+        its own. WAL readers see one committed snapshot while batches go
+        on being applied, so this never waits for nor blocks `run`. A
+        replica whose content or schema is bad is dropped (stale, which
+        makes the volume place a fresh copy, see `on_stale`). Returns
+        store index -> the problem, for the replicas found bad or that
+        could not be read."""
+        problems: dict[int, str] = {}
+
+        async def one(replica: _Replica) -> None:
+            try:
+                found = await replica.runner.call(inspect_copy, replica.path, timeout=call_timeout)
+            except EcfsError as exc:
+                problems[replica.index] = f"cannot verify {replica.path}: {exc}"
+                return
+            if found.problem is not None and replica.index in self._live:
+                problems[replica.index] = f"{replica.path}: {found.problem}"
+                log.warning(
+                    "metadata replica on store %d failed verification: %s",
+                    replica.index,
+                    problems[replica.index],
+                )
+                self.drop_replica(replica.index, f"failed verification: {found.problem}")
+
+        async with trio.open_nursery() as nursery:
+            for index in sorted(self._live):
+                nursery.start_soon(one, self._replicas[index])
+        return problems
+
+    async def close_stale(self, index: int) -> bool:
+        """Close the connection of a stale replica before its file is
+        replaced: SQLite checkpoints and deletes ``<file>-wal`` by name when
+        its last connection closes, so a forgotten connection to the old
+        file could one day delete the new file's WAL. False if it cannot be
+        closed (an abandoned call still holds it): do not replace the file."""
+        replica = self._replicas.get(index)
+        if replica is None or index in self._live:
+            return replica is None
+        try:
+            await replica.runner.call(replica.close_blocking, timeout=self._timeout)
+        except EcfsError as exc:
+            log.warning("cannot close stale metadata replica on store %d: %s", index, exc)
+            return False
         return True
 
     async def drain(self) -> None:

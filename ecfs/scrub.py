@@ -6,6 +6,12 @@ what is missing or corrupt for repair, and recording progress. Must not:
 repair anything itself (the repairer does), or hurt foreground I/O: like
 repair, it yields to FUSE requests.
 
+Metadata replicas: each pass first verifies every live metadata replica
+online (`verify_metadata`, see `ecfs.replicas.Replicator.verify_replicas`:
+schema, and the rows against the content digest the replica records); a
+bad replica is replaced from the working copy by the volume. The findings
+are in `ScrubProgress.metadata_findings`.
+
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
 unmount, crash) continues next time with the chunks verified longest ago.
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -49,6 +55,8 @@ class ScrubProgress:
     bytes_verified: int = 0
     findings: list[dict[str, object]] = field(default_factory=list)
     stopped_early: bool = False
+    metadata_replicas_verified: int = 0
+    metadata_findings: list[dict[str, object]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -62,6 +70,8 @@ class ScrubProgress:
             "findings": self.findings[:1000],
             "finding_count": len(self.findings),
             "stopped_early": self.stopped_early,
+            "metadata_replicas_verified": self.metadata_replicas_verified,
+            "metadata_findings": list(self.metadata_findings),
         }
 
 
@@ -76,8 +86,15 @@ class Scrubber:
         runners: Mapping[int, StoreRunner],
         last_foreground: Callable[[], float],
         on_queued: Callable[[], None],
+        verify_metadata: Callable[[], Awaitable[dict[int, str]]] | None = None,
+        replica_count: Callable[[], int] = lambda: 0,
     ) -> None:
+        """`verify_metadata()` verifies the live metadata replicas and
+        replaces bad ones (store index -> problem); `replica_count()` is how
+        many replicas it looks at."""
         self.db = db
+        self.verify_metadata = verify_metadata
+        self.replica_count = replica_count
         self.chunks = ChunkTable(db)
         self.queue = RepairQueue(db)
         self.layout = layout
@@ -107,6 +124,7 @@ class Scrubber:
             if max_duration is not None:
                 self._cancel.deadline = trio.current_time() + max_duration
             try:
+                await self._verify_metadata()
                 await self._pass(start_ns)
             finally:
                 self._cancel = None
@@ -140,6 +158,15 @@ class Scrubber:
                         self._commit(done)
         finally:
             self._commit(done)  # synchronous: runs even when cancelled
+
+    async def _verify_metadata(self) -> None:
+        if self.verify_metadata is None:
+            return
+        count = self.replica_count()
+        problems = await self.verify_metadata()
+        self.progress.metadata_replicas_verified = count - len(problems)
+        for index, problem in sorted(problems.items()):
+            self.progress.metadata_findings.append({"store": index, "problem": problem})
 
     def _commit(self, done: list[int]) -> None:
         if done:

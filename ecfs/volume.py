@@ -42,11 +42,14 @@ from .placement import Placement
 from .reader import ChunkReader
 from .repair import Repairer
 from .replicas import (
+    CopyExpectation,
+    PreparedMetadata,
     Replicator,
     copy_database,
     place_replica,
     prepare_working_copy,
     replica_path,
+    resync_replicas,
 )
 from .scrub import Scrubber
 from .store import DirectoryStore, StoreMarker
@@ -79,6 +82,10 @@ PROBE_SPACING = 1.0
 
 #: Seconds between refreshes of store usage and probes of failed stores.
 HEALTH_INTERVAL = 5.0
+
+#: Seconds the online verification of one metadata replica may take (it
+#: reads every row: about 1 s per million rows).
+VERIFY_REPLICA_TIMEOUT = 600.0
 
 
 def expand_store_args(args: Sequence[str]) -> list[Path]:
@@ -123,6 +130,13 @@ def remove_dead_working_copies(runtime_dir: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass
+
+
+def expectation(markers: dict[Path, StoreMarker], by_store_id: dict[str, Path]) -> CopyExpectation:
+    """What a metadata copy must match for the stores given (their markers
+    agree on the volume, see `identify_stores`)."""
+    first = next(iter(markers.values()))
+    return CopyExpectation(first.volume_id, first.k, first.m, frozenset(by_store_id))
 
 
 def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
@@ -219,6 +233,8 @@ class Volume:
             self.runners,
             lambda: self.filedata.last_activity,
             self.repairer.poke,
+            self.verify_metadata_replicas,
+            lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
         )
         self.store_change: dict[str, str | None] = {}
         self.stores_admin = StoreAdmin(self)
@@ -264,36 +280,46 @@ class Volume:
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
         try:
             working = workdir / "metadata.sqlite"
+            # Every copy is checked (volume, stores, schema, content) and one
+            # chosen before any copy is written: a refused copy must never
+            # destroy the good ones (issue 13, A1).
             prepared = prepare_working_copy(
-                [r for r in replicas if r.exists()] or replicas, working
+                [r for r in replicas if r.exists()] or replicas,
+                working,
+                expectation(markers, by_store_id),
             )
             db = Database(working)
             stores = _match_stores(StoreTable(db).all(), by_store_id, db)
             volume = cls(db, stores, workdir)
-            volume._setup_replicas(prepared.current)
+            volume._setup_replicas(prepared)
             volume._remember_store_paths()  # after: so the change is replicated
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return volume
 
-    def _setup_replicas(self, current: list[Path]) -> None:
-        """Replicate to the current replicas, adding copies on other stores
-        until there are m+1 (a replica lost with its store is rebuilt)."""
+    def _setup_replicas(self, prepared: PreparedMetadata) -> None:
+        """Rewrite the stale and refused replicas (the first writes to any
+        copy), replicate to the current ones, and add copies on other
+        stores until there are m+1 (a replica lost with its store is rebuilt)."""
+        snapshot = self.workdir / "replica-source.sqlite"
+        if prepared.to_resync:  # the working copy is locked: copy a snapshot
+            self.db.snapshot(snapshot)
+            resync_replicas(prepared, snapshot)
+        current = prepared.current
         targets: dict[int, Path] = {}
         for index, store in self.stores.items():
             path = replica_path(store.meta_dir)
             if path in current:
                 targets[index] = path
         wanted = self.layout.m + 1
-        snapshot = self.workdir / "replica-source.sqlite"
         try:
             for index, store in sorted(self.stores.items()):
                 if len(targets) >= wanted:
                     break
                 if index in targets:
                     continue
-                if not snapshot.exists():  # the working copy is locked: copy a snapshot
+                if not snapshot.exists():
                     self.db.snapshot(snapshot)
                 path = replica_path(store.meta_dir)
                 try:
@@ -469,6 +495,8 @@ class Volume:
             key=lambda i: (i in self.placement.full, i not in stale, i),
         )
         for index in candidates[: wanted - len(live)]:
+            if not await replicator.close_stale(index):
+                continue  # its old connection is still busy: never replace the file under it
             await self.writer.sync_stores()  # what the copy refers to is durable
             generation = self.db.generation
             snapshot = self.workdir / f"replica-{index}.sqlite"
@@ -491,6 +519,17 @@ class Volume:
         return status
 
     # -- operator commands -----------------------------------------------------------
+
+    async def verify_metadata_replicas(self) -> dict[int, str]:
+        """Scrub: verify every live metadata replica online; a bad one is
+        dropped and replaced by a fresh copy of the working copy (on its own
+        store if it is healthy). Store index -> problem found."""
+        if self.replicator is None:
+            return {}
+        problems = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
+        if problems:
+            await self.ensure_replicas()
+        return problems
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:
