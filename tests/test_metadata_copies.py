@@ -270,11 +270,11 @@ def test_the_freshest_verified_copy_wins(tmp_path: Path) -> None:
     assert prepared.refused == {}
 
 
-def forge(path: Path) -> None:
+def forge(path: Path, uid: int = 4242) -> None:
     """Change a row and record the matching digest: a copy that verifies
     but holds other contents than its peers at the same generation."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE inodes SET uid = 4242 WHERE id = 1")
+    conn.execute("UPDATE inodes SET uid = ? WHERE id = 1", (uid,))
     conn.execute("UPDATE replica_state SET digest = ?", (content_digest(conn),))
     conn.close()
 
