@@ -440,6 +440,11 @@ missing or corrupt fragment for repair. Chunks verified longest ago come
 first, so a scrub stopped by `--max-duration` resumes where it stopped.
 The scrub runs in the daemon; foreground I/O goes first.
 
+Each pass first verifies every metadata replica while the volume stays in
+use: its schema, and every row against the content digest the replica
+records. A bad replica is dropped and replaced by a fresh copy of the
+mount's metadata (on its own store when that store is healthy).
+
 """
         + _PROGRESS,
         sections={
@@ -458,13 +463,16 @@ or with cron, at most 6 hours each Sunday night:
 `chunks_total`, `chunks_done`, `fragments_verified`, `bytes_verified`,
 `finding_count`, `findings` (list of {`chunk_id`, `inode`, `chunk_index`,
 `fragments`}), `started_ns`, `finished_ns` (nanoseconds since the epoch),
-`stopped_early`.""",
+`stopped_early`, `metadata_replicas_verified` (metadata replicas found
+good), `metadata_findings` (list of {`store`, `problem`}: replicas found
+bad or unreadable; bad ones are replaced).""",
             "EXIT STATUS": """\
 0::
 Nothing was found.
 
 1::
-Missing or corrupt fragments were found (and queued for repair).
+Missing or corrupt fragments were found (and queued for repair), or a bad
+metadata replica (replaced).
 
 """
             + _EXIT_USAGE,
@@ -513,6 +521,16 @@ exists and its header matches; with `--verify-data`, every cell checksum
 too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.
 It refuses a volume that is mounted (the stores are locked).
+
+The metadata copies are checked as a mount checks them: schema (no
+unknown table, index, view or trigger), volume, stores, and every row
+against the content digest the copy records. A copy that fails is
+refused (the finding says why); of the others the freshest wins, and
+copies at that generation with different contents are decided by
+majority. With a tie nothing is checked or repaired. Repair rewrites
+refused copies from the chosen one (the refused file is kept as
+`ecfs-meta.sqlite.refused`), and deletes no orphan fragment while the
+copies disagree: run `fsck --repair` again once they agree.
 
 """
         + _PROGRESS,

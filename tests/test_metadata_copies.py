@@ -13,9 +13,12 @@ raised; (c) a trigger that deletes every chunk row, generation raised.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sqlite3
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from ecfs.replicas import (
     replica_path,
     resync_replicas,
 )
+from tests.mounting import TEST_MKFS_ARGS, MountedVolume, MountError, cli
 from tests.test_replicas import FakeRunner, SyncRecorder
 
 VOLUME_ID = str(uuid.UUID(int=0x1234))
@@ -427,3 +431,134 @@ async def test_replicator_runs_on_prepared_replicas(tmp_path: Path) -> None:
     for path in paths.values():
         found = inspect_copy(path, EXPECT)
         assert found.verified and found.generation == len(history)
+
+
+# ---------------------------------------------------------------- real mounts
+
+
+def mount_copies(volume: MountedVolume) -> list[Path]:
+    """The metadata replica files of a volume, in store order."""
+    return [p for s in volume.stores if (p := replica_path(s / "meta")).exists()]
+
+
+def flip_every(path: Path, pattern: bytes) -> int:
+    """Flip one bit in every occurrence of `pattern` in the file (0 if none)."""
+    if not path.exists():
+        return 0
+    data = bytearray(path.read_bytes())
+    count, at = 0, data.find(pattern)
+    while at >= 0:
+        data[at + 5] ^= 0x01
+        count += 1
+        at = data.find(pattern, at + 1)
+    if count:
+        with open(path, "r+b") as f:  # in place, like a disk would
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return count
+
+
+@pytest.mark.allow_log(r"metadata replica .* refused: it belongs to volume")
+def test_mount_refuses_a_foreign_copy_with_a_huge_generation(
+    volume: MountedVolume, tmp_path: Path
+) -> None:
+    """Issue 13 A1: a copy of another volume's metadata with generation
+    1000000 in s1 is refused (the log says which and why), the good copies
+    are used, and the foreign one is kept aside, never copied over them."""
+    (volume.mountpoint / "keep").write_bytes(b"keep me\n")
+    volume.unmount()
+    other = [tmp_path / "other" / f"s{i}" for i in range(3)]
+    (tmp_path / "other").mkdir()
+    cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *other)
+    copies = mount_copies(volume)
+    foreign = copies[1]
+    for suffix in ("-wal", "-shm"):
+        foreign.with_name(foreign.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(replica_path(other[0] / "meta"), foreign)
+    conn = sqlite3.connect(foreign)
+    conn.execute("UPDATE replica_state SET generation = 1000000")
+    conn.commit()
+    conn.close()
+
+    volume.mount()
+    assert (volume.mountpoint / "keep").read_bytes() == b"keep me\n"
+    log = volume.log_text()
+    assert f"metadata replica {foreign} refused: it belongs to volume" in log
+    volume.unmount()
+    for path in mount_copies(volume):
+        found = inspect_copy(path)
+        assert found.verified and found.generation < 1000000, found
+    aside = foreign.with_name(foreign.name + ".refused")
+    assert read_generation(aside) == 1000000
+
+
+@pytest.mark.allow_log(r"metadata replica .* refused", r"no metadata replica can be used")
+def test_a_mount_that_fails_writes_no_copy(volume: MountedVolume, tmp_path: Path) -> None:
+    """Issue 13 A1: with no usable copy (a foreign one with a huge
+    generation, the other two carrying a trigger) the mount fails and
+    every copy is left exactly as it was."""
+    volume.unmount()
+    other = [tmp_path / "other" / f"s{i}" for i in range(3)]
+    (tmp_path / "other").mkdir()
+    cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *other)
+    copies = mount_copies(volume)
+    shutil.copyfile(replica_path(other[0] / "meta"), copies[1])
+    conn = sqlite3.connect(copies[1])
+    conn.execute("UPDATE replica_state SET generation = 1000000")
+    conn.commit()
+    conn.close()
+    for path in (copies[0], copies[2]):
+        damage(path, "trigger")
+    before = {p: p.read_bytes() for p in copies}
+    with pytest.raises(MountError):
+        volume.mount()
+    assert {p: p.read_bytes() for p in copies} == before
+    assert "no metadata replica can be used" in volume.log_text()
+
+
+@pytest.mark.allow_log(r"metadata replica .* refused: its rows do not give the digest")
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_a_bit_flip_in_inline_data_is_never_served(volume: MountedVolume, bad: int) -> None:
+    """Issue 13 A2 (a) on a real mount: one bit of a small file's inline
+    data flipped in one copy (generation unchanged; s0 would win a tie):
+    the copy is refused, the right bytes are served, every copy is
+    rewritten from the good ones."""
+    content = b"small file content %d, never to be served wrong\n" % bad
+    (volume.mountpoint / "small").write_bytes(content)
+    volume.unmount()
+    copies = mount_copies(volume)
+    assert flip_every(copies[bad], content[:24]) >= 1
+    volume.mount()
+    assert (volume.mountpoint / "small").read_bytes() == content
+    assert f"metadata replica {copies[bad]} refused" in volume.log_text()
+    volume.unmount()
+    for path in copies:
+        assert inspect_copy(path).verified
+    volume.mount()
+
+
+@pytest.mark.allow_log(r"failed verification", r"metadata replica on store \d is stale")
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_scrub_replaces_a_bad_replica_while_mounted(shared_volume: MountedVolume, bad: int) -> None:
+    """Issue 13 A2: scrub verifies every metadata replica online and
+    replaces a bad one from the working copy."""
+    volume = shared_volume
+    content = b"scrubbed small file %d: metadata replicas are verified online\n" % bad
+    path = volume.mountpoint / f"scrubbed-{bad}"
+    path.write_bytes(content)
+    copy = mount_copies(volume)[bad]
+    deadline = time.monotonic() + 10  # the commit interval ships it within ~1 s
+    while not sum(flip_every(Path(f"{copy}{s}"), content[:24]) for s in ("", "-wal")):
+        assert time.monotonic() < deadline, "the content never reached the replica"
+        time.sleep(0.1)
+    result = cli("scrub", "--json", volume.mountpoint, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    [finding] = report["metadata_findings"]
+    assert finding["store"] == bad and "digest" in finding["problem"]
+    status = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+    assert len(status["metadata"]["live_replicas"]) == 3, status["metadata"]
+    again = json.loads(cli("scrub", "--json", volume.mountpoint).stdout)
+    assert again["metadata_findings"] == [] and again["metadata_replicas_verified"] == 3
+    assert path.read_bytes() == content
