@@ -13,6 +13,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -593,3 +595,36 @@ def test_a_missing_store_is_reported_not_rebuilt_around(volume: MountedVolume) -
     assert {p for p in after if "/frags/" in p} == {p for p in before if "/frags/" in p}
     assert_clean(volume)
     check_contents(volume, hashes)
+
+
+# --- leftovers (issue 13, D13) ------------------------------------------------------
+
+
+def test_fsck_removes_the_leftovers_of_a_killed_fsck(
+    volume: MountedVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed fsck leaves its working directory (a full metadata copy) in
+    $TMPDIR; it is named after its pid, and the next run removes those of
+    dead processes only."""
+    volume.unmount()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmpdir / f"ecfs-{dead.pid}-fsck-abcd"
+    leftover.mkdir()
+    (leftover / "metadata.sqlite").write_bytes(bytes(4096))
+    alive = tmpdir / f"ecfs-{os.getpid()}-fsck-efgh"  # a run still going
+    alive.mkdir()
+    seen: set[str] = set()
+    run_fsck(
+        [str(s) for s in volume.stores],
+        repair=False,
+        verify_data=False,
+        progress=lambda *_: seen.update(p.name for p in tmpdir.iterdir()),
+    )
+    assert not leftover.exists()
+    assert sorted(tmpdir.iterdir()) == [alive]
+    own = seen - {alive.name, leftover.name}
+    assert own and all(n.startswith(f"ecfs-{os.getpid()}-fsck-") for n in own), seen
