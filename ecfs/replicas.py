@@ -224,13 +224,14 @@ def choose_freshest(paths: Sequence[Path]) -> tuple[Path, int]:
 class CopyExpectation:
     """What a metadata copy must match to be used: the volume id and
     geometry of the stores' markers, and the store ids of the stores given
-    (every one must be in the copy's store table, and at most m of that
-    table may be absent)."""
+    (every one must be in the copy's store table)."""
 
     volume_id: str
     k: int
     m: int
     store_ids: frozenset[str]
+    #: store id -> where it was given (for messages).
+    store_paths: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -339,13 +340,9 @@ def _mismatch(
     table = {str(row[0]) for row in conn.execute("SELECT store_id FROM stores")}
     unknown = sorted(expect.store_ids - table)
     if unknown:
-        return f"its store table does not list store(s) {', '.join(unknown)}"
-    if len(table - expect.store_ids) > expect.m:
-        return (
-            f"{len(table - expect.store_ids)} of the {len(table)} stores it lists are"
-            f" missing, more than m={expect.m}"
-        )
-    return None
+        named = ", ".join(f"{expect.store_paths.get(u, u)} ({u})" for u in unknown)
+        return f"it does not list store(s) {named}: not (or no longer) part of its volume"
+    return None  # too many missing stores is the volume's problem, not the copy's
 
 
 @dataclass(frozen=True)

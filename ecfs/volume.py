@@ -136,7 +136,9 @@ def expectation(markers: dict[Path, StoreMarker], by_store_id: dict[str, Path]) 
     """What a metadata copy must match for the stores given (their markers
     agree on the volume, see `identify_stores`)."""
     first = next(iter(markers.values()))
-    return CopyExpectation(first.volume_id, first.k, first.m, frozenset(by_store_id))
+    return CopyExpectation(
+        first.volume_id, first.k, first.m, frozenset(by_store_id), dict(by_store_id)
+    )
 
 
 def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
