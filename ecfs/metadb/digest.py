@@ -32,12 +32,10 @@ import hashlib
 import sqlite3
 import zlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-from ..errors import StoreError
 from ..fragment import checksum128
 
-#: Pseudo table name under which `digest_tables` gives the schema's digest.
+#: Pseudo table name under which `tables_of` gives the schema's digest.
 SCHEMA_KEY = "(schema)"
 
 #: Tables left out of content digests: replica_state holds the generation
@@ -113,26 +111,11 @@ def content_digest(conn: sqlite3.Connection) -> str:
     return format_digest(sum(table_sums(conn).values()))
 
 
-def digest_tables(path: Path) -> dict[str, str]:
-    """Blocking. Table name -> digest of its rows, for every table of the
-    database at `path` except `EXCLUDED_TABLES`, plus `SCHEMA_KEY` -> digest
-    of the schema's SQL text. Two databases holding the same rows give the
-    same digests whatever their page layout. Opens the file read-only;
-    raises StoreError if it cannot be read as a database."""
-    try:
-        conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open metadata replica {path}: {exc}") from None
-    try:
-        return tables_of(conn)
-    except (sqlite3.Error, ValueError) as exc:  # ValueError: text that is not UTF-8
-        raise StoreError(f"cannot read metadata replica {path}: {exc}") from None
-    finally:
-        conn.close()
-
-
 def tables_of(conn: sqlite3.Connection) -> dict[str, str]:
-    """`digest_tables` on an open connection."""
+    """Blocking. Table name -> digest of its rows (hex), for every digested
+    table of `conn`'s main database, plus `SCHEMA_KEY` -> a digest of the
+    schema's SQL text. Two databases holding the same rows give the same
+    digests whatever their page layout."""
     schema = conn.execute(
         "SELECT type, name, tbl_name, sql FROM sqlite_master"
         " WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
