@@ -20,6 +20,7 @@ import sqlite3
 import stat
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from ecfs.model import ChunkRef, Transaction
 from ecfs.namespace import Namespace
 from ecfs.replicas import (
     CopyExpectation,
+    CopyInspection,
     Replicator,
     choose_copy,
     inspect_copy,
@@ -110,7 +112,7 @@ def replica_at(initial: Path, history: list[Transaction], generation: int, path:
 
 def damage(path: Path, kind: str) -> None:
     """Damage one copy as the issue did."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
         if kind == "inline-bit-flip":
             ino, data = conn.execute(
@@ -303,6 +305,22 @@ def test_a_tie_chooses_no_copy(tmp_path: Path, bad: int) -> None:
     with pytest.raises(VolumeError, match="none has a majority"):
         prepare_working_copy(paths, tmp_path / "working.sqlite", EXPECT)
     assert {p: p.read_bytes() for p in paths} == before
+
+
+def test_unverifiable_copies_are_trusted_only_when_all_agree(tmp_path: Path) -> None:
+    """Schema-1 copies (no digest) can be chosen, by majority, but fsck
+    must not repair from them unless every copy at that generation agrees."""
+    paths = [tmp_path / f"c{i}.sqlite" for i in range(3)]
+    inspections = [
+        CopyInspection(p, generation=9, schema=1, digest="a" * 32, claimed=None) for p in paths
+    ]
+    assert choose_copy(inspections).trusted
+    inspections[2] = replace(inspections[2], digest="b" * 32)
+    choice = choose_copy(inspections)
+    assert choice.winner is not None and choice.winner.path == paths[0]
+    assert not choice.trusted and list(choice.refused) == [paths[2]]
+    verified = [replace(i, schema=2, claimed=i.digest) for i in inspections]
+    assert choose_copy(verified).trusted
 
 
 def test_a_schema_1_volume_is_upgraded_at_mount(tmp_path: Path) -> None:
@@ -562,3 +580,31 @@ def test_scrub_replaces_a_bad_replica_while_mounted(shared_volume: MountedVolume
     again = json.loads(cli("scrub", "--json", volume.mountpoint).stdout)
     assert again["metadata_findings"] == [] and again["metadata_replicas_verified"] == 3
     assert path.read_bytes() == content
+
+
+@pytest.mark.allow_log(r"failed verification", r"metadata replica on store \d is stale")
+@pytest.mark.parametrize("kind", ["chunks-deleted", "trigger"])
+def test_scrub_replaces_a_replica_changed_behind_its_back(
+    shared_volume: MountedVolume, kind: str
+) -> None:
+    """Issue 13 A2 (b) and (c) while mounted: rows deleted with the
+    generation raised, or a trigger added, in one live replica."""
+    volume = shared_volume
+    big = volume.mountpoint / f"big-{kind}"
+    data = os.urandom(600_000)
+    big.write_bytes(data)
+    bad = 1
+    copy = mount_copies(volume)[bad]
+    deadline = time.monotonic() + 10
+    while not rows(copy, "chunks"):
+        assert time.monotonic() < deadline, "no chunk row reached the replica"
+        time.sleep(0.1)
+    damage(copy, kind)
+    (volume.mountpoint / f"after-{kind}").write_bytes(b"x")  # the replicator goes on
+    result = cli("scrub", "--json", volume.mountpoint, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [finding] = json.loads(result.stdout)["metadata_findings"]
+    assert finding["store"] == bad, finding
+    again = json.loads(cli("scrub", "--json", volume.mountpoint).stdout)
+    assert again["metadata_findings"] == [] and again["metadata_replicas_verified"] == 3
+    assert big.read_bytes() == data
