@@ -182,6 +182,25 @@ def test_a_rolled_back_transaction_leaves_the_digest(tmp_path: Path) -> None:
     assert inspect_copy(tmp_path / "history.sqlite", EXPECT).verified
 
 
+def test_the_digest_follows_replace_upsert_and_multi_row_writes(tmp_path: Path) -> None:
+    """INSERT OR REPLACE deletes the row it replaces (counted thanks to
+    recursive_triggers), an upsert updates, a DELETE may take many rows."""
+    make_history(tmp_path, files=3)
+    path = tmp_path / "history.sqlite"
+    db = Database(path)
+    ns = Namespace(db, Clock())
+    chunks = ChunkTable(db)
+    with db.transaction():
+        chunks.put(2, 1, ChunkRef(5000, 7, (2, 1, 0)))  # replaces chunk 1000
+        ns.setxattr(2, b"user.a", b"1", 0)
+    with db.transaction():
+        ns.setxattr(2, b"user.a", b"2", 0)  # ON CONFLICT DO UPDATE
+        db.write("DELETE FROM chunks WHERE chunk_id BETWEEN ? AND ?", (1001, 1999))
+    db.close()
+    assert rows(path, "chunks") == [(2, 1, 5000, 7, bytes([2, 1, 0]), 0)]
+    assert inspect_copy(path, EXPECT).verified
+
+
 def test_inline_data_is_checked_on_read(tmp_path: Path) -> None:
     initial, _ = make_history(tmp_path, files=1)
     path = tmp_path / "history.sqlite"
