@@ -74,7 +74,10 @@ without it is not a store.
 Fragment files, one per chunk and store.
 
 *STORE*`/meta/`::
-A copy of the metadata (a SQLite database), on m+1 of the stores."""
+A copy of the metadata (a SQLite database, `ecfs-meta.sqlite`), on m+1 of
+the stores. A copy that was refused (damaged, edited, of another volume)
+is kept beside it as `ecfs-meta.sqlite.refused` when it is rewritten;
+ecfs never reads it again."""
 
 
 def _control_files() -> str:
@@ -558,7 +561,12 @@ Problems were found (fixed or not; the report says which).
 """
             + _EXIT_USAGE
             + " For example: the volume is mounted, stores of two volumes.",
-            "FILES": _STORE_FILES,
+            "FILES": _STORE_FILES
+            + """
+
+`$TMPDIR/ecfs-`*PID*`-fsck-`*XXXX*`/`::
+fsck's working copy of the metadata while it runs. Left behind by a
+killed fsck; the next fsck or mount removes those whose process is gone.""",
         },
     ),
     Page(

@@ -1,7 +1,9 @@
 """Opening a volume and wiring its services together.
 
 Owns: finding and checking the stores given by the user, preparing the
-metadata working copy from the freshest replica, building every service,
+metadata working copy from the replica `ecfs.replicas` chooses (every copy
+checked before any is written; the stale and refused ones are rewritten
+only once the volume opened), building every service,
 the mount's background tasks, and an orderly shutdown. Must not: contain
 filesystem logic (see filedata, namespace) or speak FUSE (see fs).
 
