@@ -19,8 +19,9 @@ How a run goes:
    records) and one is chosen by the mount's rule (`ecfs.replicas.choose_copy`),
    BEFORE anything is written. If none can be chosen (copies disagree
    with no majority) nothing else is checked or repaired. If the chosen
-   copy is not trusted (schema 1 and another copy differs) nothing is
-   repaired; if any copy is refused or stale, orphan fragments are not
+   copy is not trusted (schema 1 and another copy differs, or the last
+   resort of `choose_copy`: copies that agree but whose rows do not give
+   their recorded digest) nothing is repaired; if any copy is refused or stale, orphan fragments are not
    deleted (a fragment the chosen copy does not name may be named by
    another): a second --repair, after the write-back made the copies
    agree, deletes them.
@@ -182,8 +183,9 @@ def _check_volume(
         report.add(
             "replicas_agree",
             f"not repairing anything: the chosen metadata replica {choice.winner.path} cannot"
-            " be verified (schema 1) and another copy differs; mount the volume once (it"
-            " upgrades the metadata) and run fsck again",
+            " be verified (schema 1 with another copy differing, or no copy's rows give its"
+            " recorded digest); mount the volume once (it records a verified state) and"
+            " run fsck again",
         )
         repair = False
     working = workdir / "metadata.sqlite"

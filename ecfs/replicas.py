@@ -128,6 +128,7 @@ from ecfs.errors import EcfsError, NoSpace, StoreError, VolumeError
 from ecfs.metadb.digest import SCHEMA_KEY, format_digest, tables_of
 from ecfs.metadb.schema import (
     SCHEMA_VERSION,
+    record_digest,
     schema_difference,
     schema_version,
     upgrade_database,
@@ -156,6 +157,10 @@ _STORE_RESULT_CODES = frozenset(
         sqlite3.SQLITE_NOTADB,
     }
 )
+
+#: Seconds `Replicator.close_stale` waits for an abandoned call to let go
+#: of a stale replica's connection.
+CLOSE_STALE_WAIT = 2.0
 
 #: Suffixes of the side files SQLite may keep next to a database.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
@@ -295,12 +300,14 @@ class CopyInspection:
     `schema`: its schema version; `digest`: the content digest of its rows;
     `claimed`: the digest it records (schema >= 2). `tables`: per-table
     digests (for naming what differs). A usable schema-2 copy is
-    `verified`: its rows give the digest it records.
+    `verified`: its rows give the digest it records. `unrecorded`: the
+    only problem is that they do not.
     """
 
     path: Path
     problem: str | None = None
     missing: bool = False
+    unrecorded: bool = False
     generation: int = -1
     schema: int = 0
     digest: str = ""
@@ -372,6 +379,7 @@ def _inspect(
     if claimed is not None and claimed != digest:
         return replace(
             inspection,
+            unrecorded=True,
             problem=f"its rows do not give the digest it records for generation {generation}"
             " (changed outside ecfs: damaged, edited, or its generation raised by hand)",
         )
@@ -407,7 +415,8 @@ class CopyChoice:
     schema). `refused`: path -> why it must not be used (unusable, or
     different content at the winning generation). `missing`: copies that
     do not exist. `trusted`: the winner's content is verified (schema >= 2)
-    or every usable copy at its generation agrees with it.
+    or (schema 1) every usable copy at its generation agrees with it.
+    `note`: a warning about the choice (the last resort was taken).
     """
 
     winner: CopyInspection | None
@@ -417,6 +426,7 @@ class CopyChoice:
     missing: list[Path] = field(default_factory=list)
     problem: str | None = None
     trusted: bool = False
+    note: str | None = None
 
     @property
     def disagree(self) -> bool:
@@ -428,10 +438,24 @@ def choose_copy(inspections: Sequence[CopyInspection]) -> CopyChoice:
     """Pure. The rule (see the module docstring): usable copies only; if
     any has schema >= 2 (verified content), copies of schema 1 are only
     stale; the freshest generation wins; copies at that generation with
-    different contents are decided by majority, and a tie chooses none."""
+    different contents are decided by majority, and a tie chooses none.
+    When no copy is usable, copies whose rows merely do not give their
+    recorded digest may still be chosen, unverified (`_agreeing_unrecorded`)."""
     refused = {i.path: str(i.problem) for i in inspections if i.problem and not i.missing}
     missing = [i.path for i in inspections if i.missing]
     usable = [i for i in inspections if i.problem is None]
+    note = None
+    if not usable:
+        usable = _agreeing_unrecorded(inspections)
+        if usable:
+            for inspection in usable:
+                del refused[inspection.path]
+            usable = [replace(i, problem=None) for i in usable]
+            note = (
+                f"no copy's rows give the digest it records, but the {len(usable)} copies at"
+                f" generation {usable[0].generation} agree (written by an older ecfs after"
+                " this one?): using them, unverified"
+            )
     pool = [i for i in usable if i.schema >= 2] or usable
     if not pool:
         return CopyChoice(None, refused=refused, missing=missing, problem="no copy is usable")
@@ -466,8 +490,25 @@ def choose_copy(inspections: Sequence[CopyInspection]) -> CopyChoice:
                 " with the other"
             )
     stale = [i.path for i in usable if i.path not in current and i.path not in refused]
-    trusted = winner.verified or len(current) == len(at_top)
-    return CopyChoice(winner, current, stale, refused, missing, trusted=trusted)
+    unanimous = len(current) == len(at_top)
+    trusted = winner.verified or (winner.schema < 2 and unanimous)
+    return CopyChoice(winner, current, stale, refused, missing, trusted=trusted, note=note)
+
+
+def _agreeing_unrecorded(inspections: Sequence[CopyInspection]) -> list[CopyInspection]:
+    """The last resort when no copy is usable: copies whose only problem is
+    a digest that does not match their rows (an older ecfs wrote to the
+    volume after this one: it did not keep the digest), if at least two
+    are at the freshest such generation and all of those hold the same
+    rows. Damage does not make copies agree; a downgrade does."""
+    unrecorded = [i for i in inspections if i.unrecorded]
+    if not unrecorded:
+        return []
+    top = max(i.generation for i in unrecorded)
+    at_top = [i for i in unrecorded if i.generation == top]
+    if len(at_top) < 2 or len({i.digest for i in at_top}) != 1:
+        return []
+    return at_top
 
 
 @dataclass
@@ -512,9 +553,11 @@ def prepare_working_copy(
     # and checks pages without holding the GIL (the row hashing does hold it).
     with ThreadPoolExecutor(max_workers=max(1, len(replica_paths))) as pool:
         inspections = list(pool.map(lambda path: inspect_copy(path, expect), replica_paths))
-    for inspection in inspections:
-        if inspection.problem and not inspection.missing:
-            log.warning("metadata replica %s refused: %s", inspection.path, inspection.problem)
+    first = choose_copy(inspections)
+    for path, why in first.refused.items():
+        log.warning("metadata replica %s refused: %s", path, why)
+    if first.note:
+        log.warning("metadata replicas: %s", first.note)
     failed: dict[Path, str] = {}
     while True:
         choice = choose_copy(inspections)
@@ -547,13 +590,21 @@ def prepare_working_copy(
             SCHEMA_VERSION,
             generation,
         )
+    elif not source.verified:
+        generation = record_digest(working_path)
+        log.warning(
+            "metadata: the digest of the rows is recorded anew (generation %d); every"
+            " replica is rewritten",
+            generation,
+        )
+    if generation != source.generation:
         to_resync = [p for p in replica_paths if p in to_resync or p in current]
         current = []
     log.info(
         "metadata: using replica %s at generation %d%s",
         source.path,
         source.generation,
-        "" if source.verified else " (content not verifiable: schema 1)",
+        "" if source.verified else " (content not verified)",
     )
     return PreparedMetadata(
         generation, current, to_resync, dict(choice.refused), [], failed, list(replica_paths)
@@ -1027,12 +1078,21 @@ class Replicator:
         replica = self._replicas.get(index)
         if replica is None or index in self._live:
             return replica is None
-        try:
-            await replica.runner.call(replica.close_blocking, timeout=self._timeout)
-        except EcfsError as exc:
-            log.warning("cannot close stale metadata replica on store %d: %s", index, exc)
-            return False
-        return True
+        # A batch abandoned by drop_replica may still be finishing in its
+        # thread (it holds the connection): give it a moment.
+        deadline = trio.current_time() + CLOSE_STALE_WAIT
+        while True:
+            try:
+                await replica.runner.call(replica.close_blocking, timeout=self._timeout)
+                return True
+            except ReplicaError as exc:
+                if trio.current_time() >= deadline:
+                    log.warning("cannot close stale metadata replica on store %d: %s", index, exc)
+                    return False
+                await trio.sleep(0.05)
+            except EcfsError as exc:
+                log.warning("cannot close stale metadata replica on store %d: %s", index, exc)
+                return False
 
     async def drain(self) -> None:
         """Wait until every submitted transaction is durable (for unmount)."""

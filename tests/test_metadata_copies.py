@@ -342,6 +342,38 @@ def test_unverifiable_copies_are_trusted_only_when_all_agree(tmp_path: Path) -> 
     assert choose_copy(verified).trusted
 
 
+def test_copies_edited_alike_without_their_digest_are_the_last_resort(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older ecfs mounting the volume keeps no digest: every copy then
+    fails its digest, but they agree. The mount uses them (warning), records
+    the digest anew and rewrites them all; fsck does not repair from them."""
+    paths, top = three_copies(tmp_path)
+    for path in paths:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE inodes SET mtime_ns = 7 WHERE id = 1")
+        conn.execute("UPDATE replica_state SET generation = generation + 1")
+        conn.close()
+    choice = choose_copy([inspect_copy(p, EXPECT) for p in paths])
+    assert choice.winner is not None and not choice.trusted and choice.note
+    working = tmp_path / "working.sqlite"
+    prepared = prepare_working_copy(paths, working, EXPECT)
+    assert "agree" in caplog.text and "refused" not in caplog.text
+    assert prepared.generation == top + 2 and prepared.to_resync == paths
+    resync_replicas(prepared, working)
+    for path in paths:
+        assert inspect_copy(path, EXPECT).verified
+        assert rows(path, "inodes")[0][7] == 7
+
+
+def test_a_single_copy_without_its_digest_is_refused(tmp_path: Path) -> None:
+    paths, _ = three_copies(tmp_path)
+    damage(paths[0], "inline-bit-flip")
+    damage(paths[1], "chunks-deleted")
+    with pytest.raises(VolumeError, match="no metadata replica can be used"):
+        prepare_working_copy(paths[:2], tmp_path / "working.sqlite", EXPECT)
+
+
 def test_a_schema_1_volume_is_upgraded_at_mount(tmp_path: Path) -> None:
     """Volumes made by the previous version have no digest column and no
     inline checksums: the working copy is upgraded and every copy rewritten."""

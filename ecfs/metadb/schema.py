@@ -294,3 +294,23 @@ def create_database(
     finally:
         conn.close()
     path.chmod(0o600)
+
+
+def record_digest(path: Path) -> int:
+    """Blocking. Record the content digest of the rows of the database at
+    `path` (a working copy no one else has open, of the current schema) in
+    one more transaction; returns the new generation. For a copy whose rows
+    no longer give its recorded digest and that was chosen anyway (see
+    `ecfs.replicas.choose_copy`)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
+            (content_digest(conn),),
+        )
+        (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+        conn.execute("COMMIT")
+        return int(generation)
+    finally:
+        conn.close()
