@@ -48,7 +48,12 @@ read-only, before anything is written:
   2 is usable. Copies at the freshest generation with different contents
   (only possible if someone forged a digest, or for schema 1) are decided
   by majority; a tie chooses none and the mount is refused: nothing is
-  picked blindly by position. Copies that merely lag are stale.
+  picked blindly by position. Copies that merely lag are stale. Last
+  resort, when no copy is usable: two or more copies at the freshest
+  generation whose only fault is that their rows do not give their
+  recorded digest, and that all hold the same rows, are used unverified
+  with a warning and get a digest recorded anew (an older ecfs that keeps
+  no digest mounted the volume; damage does not make copies agree).
 - only then, and only after the volume's own checks passed, are the stale
   and refused copies rewritten from the working copy (`resync_replicas`;
   a refused file is kept as ``<name>.refused``). A mount that fails has
