@@ -668,3 +668,57 @@ def test_scrub_replaces_a_replica_changed_behind_its_back(
     again = json.loads(cli("scrub", "--json", volume.mountpoint).stdout)
     assert again["metadata_findings"] == [] and again["metadata_replicas_verified"] == 3
     assert big.read_bytes() == data
+
+
+def downgrade_to_schema_1(path: Path) -> None:
+    """Rewrite a replica as the previous ecfs version made it (schema 1:
+    no digest, no inline checksums), rows unchanged."""
+    old = path.with_name("schema2.sqlite")
+    shutil.move(path, old)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.executescript(SCHEMA)
+        conn.execute("ATTACH DATABASE ? AS new", (str(old),))
+        conn.execute("BEGIN")
+        tables = [r[0] for r in conn.execute("SELECT name FROM main.sqlite_master WHERE type='table'")]
+        for table in tables:
+            columns = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+            rowid = "rowid, " if table == "dentries" else ""
+            names = rowid + ", ".join(columns)
+            conn.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM new.{table}")
+        conn.execute("UPDATE main.volume SET value = '1' WHERE key = 'schema'")
+        conn.execute("COMMIT")
+        conn.execute("DETACH DATABASE new")
+    finally:
+        conn.close()
+    old.unlink()
+
+
+@pytest.mark.allow_log(r"metadata upgraded from schema 1")
+def test_a_volume_of_the_previous_version_is_upgraded_at_mount(volume: MountedVolume) -> None:
+    files = {"small": b"small and inline\n", "big": os.urandom(700_000)}
+    for name, data in files.items():
+        (volume.mountpoint / name).write_bytes(data)
+    volume.unmount()
+    copies = mount_copies(volume)
+    generations = set()
+    for path in copies:
+        downgrade_to_schema_1(path)
+        found = inspect_copy(path)
+        assert found.problem is None and found.schema == 1
+        generations.add(found.generation)
+    volume.mount()
+    assert "metadata upgraded from schema 1 to 2" in volume.log_text()
+    for name, data in files.items():
+        assert (volume.mountpoint / name).read_bytes() == data
+    volume.unmount()
+    for path in copies:
+        found = inspect_copy(path)
+        assert found.verified and found.schema == 2 and found.generation > max(generations)
+    from ecfs.fsck import run_fsck
+
+    report = run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True)
+    assert report.clean, [f.message for f in report.findings]
+    volume.mount()
