@@ -446,7 +446,8 @@ The scrub runs in the daemon; foreground I/O goes first.
 Each pass first verifies every metadata replica while the volume stays in
 use: its schema, and every row against the content digest the replica
 records. A bad replica is dropped and replaced by a fresh copy of the
-mount's metadata (on its own store when that store is healthy).
+mount's metadata (on its own store when that store is healthy). The
+mount's working copy of the metadata is verified the same way.
 
 """
         + _PROGRESS,
@@ -468,7 +469,8 @@ or with cron, at most 6 hours each Sunday night:
 `fragments`}), `started_ns`, `finished_ns` (nanoseconds since the epoch),
 `stopped_early`, `metadata_replicas_verified` (metadata replicas found
 good), `metadata_findings` (list of {`store`, `problem`}: replicas found
-bad or unreadable; bad ones are replaced).""",
+bad or unreadable, bad ones are replaced; `store` null: the mount's own
+working copy, which a remount restores from the replicas).""",
             "EXIT STATUS": """\
 0::
 Nothing was found.

@@ -83,8 +83,9 @@ def render_scrub(scrub: dict[str, Any]) -> str:
     metadata = scrub.get("metadata_findings", [])
     lines.append(
         f"metadata replicas: {scrub.get('metadata_replicas_verified', 0)} verified"
-        + (f", {len(metadata)} bad (replaced from the working copy)" if metadata else "")
+        + (f", {len(metadata)} problem(s) (bad replicas are replaced)" if metadata else "")
     )
     for finding in metadata:
-        lines.append(f"  store {finding['store']}: {finding['problem']}")
+        where = "working copy" if finding["store"] is None else f"store {finding['store']}"
+        lines.append(f"  {where}: {finding['problem']}")
     return "\n".join(lines)

@@ -9,8 +9,9 @@ repair, it yields to FUSE requests.
 Metadata replicas: each pass first verifies every live metadata replica
 online (`verify_metadata`, see `ecfs.replicas.Replicator.verify_replicas`:
 schema, and the rows against the content digest the replica records); a
-bad replica is replaced from the working copy by the volume. The findings
-are in `ScrubProgress.metadata_findings`.
+bad replica is replaced from the working copy by the volume, which also
+checks the working copy itself. The findings are in
+`ScrubProgress.metadata_findings` (store None: the working copy).
 
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
@@ -86,12 +87,13 @@ class Scrubber:
         runners: Mapping[int, StoreRunner],
         last_foreground: Callable[[], float],
         on_queued: Callable[[], None],
-        verify_metadata: Callable[[], Awaitable[dict[int, str]]] | None = None,
+        verify_metadata: Callable[[], Awaitable[dict[int | None, str]]] | None = None,
         replica_count: Callable[[], int] = lambda: 0,
     ) -> None:
-        """`verify_metadata()` verifies the live metadata replicas and
-        replaces bad ones (store index -> problem); `replica_count()` is how
-        many replicas it looks at."""
+        """`verify_metadata()` verifies the live metadata replicas (and
+        replaces bad ones) and the working copy (store index, None for the
+        working copy -> problem); `replica_count()` is how many replicas it
+        looks at."""
         self.db = db
         self.verify_metadata = verify_metadata
         self.replica_count = replica_count
@@ -164,9 +166,10 @@ class Scrubber:
             return
         count = self.replica_count()
         problems = await self.verify_metadata()
-        self.progress.metadata_replicas_verified = count - len(problems)
-        for index, problem in sorted(problems.items()):
-            self.progress.metadata_findings.append({"store": index, "problem": problem})
+        bad_replicas = [index for index in problems if index is not None]
+        self.progress.metadata_replicas_verified = count - len(bad_replicas)
+        for index in sorted(problems, key=lambda i: -1 if i is None else i):
+            self.progress.metadata_findings.append({"store": index, "problem": problems[index]})
 
     def _commit(self, done: list[int]) -> None:
         if done:

@@ -48,6 +48,7 @@ from .replicas import (
     PreparedMetadata,
     Replicator,
     copy_database,
+    inspect_copy,
     place_replica,
     prepare_working_copy,
     replica_path,
@@ -524,16 +525,42 @@ class Volume:
 
     # -- operator commands -----------------------------------------------------------
 
-    async def verify_metadata_replicas(self) -> dict[int, str]:
+    async def verify_metadata_replicas(self) -> dict[int | None, str]:
         """Scrub: verify every live metadata replica online; a bad one is
         dropped and replaced by a fresh copy of the working copy (on its own
-        store if it is healthy). Store index -> problem found."""
-        if self.replicator is None:
-            return {}
-        problems = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
-        if problems:
-            await self.ensure_replicas()
+        store if it is healthy). Then verify the working copy itself (a
+        snapshot of it, like a new replica's). Store index (None: the
+        working copy) -> problem found."""
+        problems: dict[int | None, str] = {}
+        if self.replicator is not None:
+            found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
+            problems.update(found)
+            if found:
+                await self.ensure_replicas()
+        working = await self._verify_working_copy()
+        if working is not None:
+            problems[None] = working
         return problems
+
+    async def _verify_working_copy(self) -> str | None:
+        """The working copy's rows against the digest it keeps: a mismatch
+        means it was damaged under the mount (memory, the temp directory)
+        or a bug; it cannot be fixed online, the replicas are still good."""
+        snapshot = self.workdir / "verify-working.sqlite"
+        try:
+            self.db.snapshot(snapshot)  # on the loop: consistent at one generation
+            found = await trio.to_thread.run_sync(inspect_copy, snapshot)
+        finally:
+            snapshot.unlink(missing_ok=True)
+        if found.problem is None:
+            return None
+        log.critical(
+            "the working copy of the metadata (%s) failed verification: %s; unmount and"
+            " mount again to start from the verified replicas",
+            self.db.path,
+            found.problem,
+        )
+        return f"working copy {self.db.path}: {found.problem}"
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:
