@@ -413,9 +413,7 @@ def test_prepare_reports_replicas_it_cannot_rewrite(tmp_path: Path) -> None:
     paths, top = three_copies(tmp_path)
     unreachable = tmp_path / "gone" / "meta" / "ecfs-meta.sqlite"  # store root missing
     stale = paths[2]
-    initial, history = tmp_path / "initial.sqlite", None
-    del history
-    shutil.copyfile(initial, stale)
+    shutil.copyfile(tmp_path / "initial.sqlite", stale)  # generation 0
     stale.with_name(stale.name + "-wal").unlink(missing_ok=True)
     prepared = prepare_working_copy([paths[0], unreachable, stale], tmp_path / "w.sqlite", EXPECT)
     assert prepared.generation == top
