@@ -67,6 +67,7 @@ class InodeTable:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._bad_inline: set[int] = set()  # logged once each
 
     # -- inodes ----------------------------------------------------------------
 
@@ -126,7 +127,9 @@ class InodeTable:
             return True, None
         data = bytes(row[0])
         if row[1] != inline_checksum(data):
-            log.error("inline data of inode %d does not match its checksum", ino)
+            if ino not in self._bad_inline:
+                self._bad_inline.add(ino)
+                log.error("inline data of inode %d does not match its checksum", ino)
             raise Unrecoverable(f"inline data of inode {ino} does not match its checksum")
         return True, data
 
