@@ -1,6 +1,9 @@
 """The metadata schema, documented column by column, and volume creation.
 
-Owns: the DDL of every table and the initial rows of a new volume. Must
+Owns: the DDL of every table and the initial rows of a new volume,
+recognising a database's schema version (`schema_version`), upgrading an
+older working copy (`upgrade_database`) and recording a digest anew
+(`record_digest`), and the inline data checksum (`inline_checksum`). Must
 not: run queries for the filesystem (see `inodes` and `chunks`).
 
 Every database of a volume (the mount's working copy and each replica on a
