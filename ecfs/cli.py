@@ -502,7 +502,7 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
         lambda s: s["scrub"]["started_ns"] != before and not s["scrub"]["running"],
     )["scrub"]
     click.echo(json.dumps(final, indent=2, sort_keys=True) if as_json else render_scrub(final))
-    sys.exit(1 if final["finding_count"] else 0)
+    sys.exit(1 if final["finding_count"] or final.get("metadata_findings") else 0)
 
 
 @main.command()

@@ -72,6 +72,12 @@ def checksum64(data: Buffer) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def checksum128(data: Buffer, seed: int = 0) -> int:
+    """xxh3_128 of ``data`` with ``seed``, as an unsigned int (the metadata
+    row digests of `ecfs.metadb.digest`)."""
+    return xxhash.xxh3_128_intdigest(data, seed)
+
+
 def cell_checksums(payload: Buffer, cell_size: int) -> list[int]:
     """xxh3_64 of each ``cell_size`` cell of ``payload`` (the last cell may be short)."""
     view = _byte_view(payload)

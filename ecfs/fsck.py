@@ -17,16 +17,28 @@ How a run goes:
    than most, or disagrees with the volume's geometry, is reported and not
    used (`ecfs.volume.select_volume`, `marker_mismatch`).
 2. The volume lock is taken on every readable store.
-3. replicas_agree: every replica file is compared, read-only, by generation
-   and by a digest of every table, BEFORE anything is written.
-4. The freshest readable replica is copied into a private temp directory as
-   the working copy; every check reads and (with --repair) fixes it.
+3. replicas_agree: every replica file is inspected, read-only, as a mount
+   does it (schema, volume, stores, rows against the content digest it
+   records) and one is chosen by the mount's rule (`ecfs.replicas.choose_copy`),
+   BEFORE anything is written. If none can be chosen (copies disagree
+   with no majority) nothing else is checked or repaired. If the chosen
+   copy is not trusted (schema 1 and another copy differs, or the last
+   resort of `choose_copy`: copies that agree but whose rows do not give
+   their recorded digest) nothing is repaired; if any copy is refused or stale, orphan fragments are not
+   deleted (a fragment the chosen copy does not name may be named by
+   another): a second --repair, after the write-back made the copies
+   agree, deletes them.
+4. The chosen replica is copied into a private temp directory
+   (``ecfs-<pid>-fsck-*``: directories of dead fsck runs and mounts are
+   removed at the start) as the working copy, and upgraded to the current
+   schema if it is older; every check reads and (with --repair) fixes it.
 5. namespace_consistent, repair_queue_valid, chunk_fragments_present,
    no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
 6. With --repair, if anything was found: the stores written to are synced,
    one more (empty) transaction bumps the generation above every replica's,
    and the working copy is copied over every replica file on the present
-   stores, creating replicas on more stores until there are m+1.
+   stores (a refused one is first set aside as ``<name>.refused``),
+   creating replicas on more stores until there are m+1.
 
 Without --repair nothing on the stores is changed, except that SQLite may
 create the (empty) ``-wal`` and ``-shm`` side files SQLite needs to read
@@ -41,6 +53,7 @@ Rerunning fsck finishes the job.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -63,17 +76,20 @@ from .fsck_checks import (
 from .geometry import Layout
 from .lock import VolumeLock
 from .metadb.database import Database
+from .metadb.schema import SCHEMA_VERSION, upgrade_database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
-from .replicas import copy_database, replica_path
+from .replicas import CopyChoice, copy_database, replica_path, set_aside
 from .store import MARKER_NAME, DirectoryStore, StoreMarker
 from .volume import (
     _match_stores,
     expand_store_args,
+    expectation,
     identify_stores,
     marker_mismatch,
     no_metadata_copy_message,
     read_markers,
+    remove_dead_working_copies,
     select_volume,
 )
 
@@ -143,7 +159,8 @@ def run_fsck(
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
     with VolumeLock.acquire(list(markers)):
-        workdir = Path(tempfile.mkdtemp(prefix="ecfs-fsck-"))
+        remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
+        workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:
             _check_volume(report, markers, by_store_id, workdir, repair, verify_data, progress)
         finally:
@@ -164,10 +181,27 @@ def _check_volume(
     m = next(iter(markers.values())).m
     replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
     replica_findings_start = len(report.findings)
-    ranked = check_replicas_agree(report, replicas, m + 1, progress)
+    choice = check_replicas_agree(
+        report, replicas, m + 1, progress, expectation(markers, by_store_id)
+    )
     replica_findings = report.findings[replica_findings_start:]
+    if choice.winner is None:
+        if not [p for p in replicas if p.exists()]:
+            raise VolumeError(
+                "no metadata replica could be read (" + ", ".join(str(p) for p in replicas) + ")"
+            )
+        return  # which metadata is right is unknown: check and repair nothing
+    if repair and not choice.trusted:
+        report.add(
+            "replicas_agree",
+            f"not repairing anything: the chosen metadata replica {choice.winner.path} cannot"
+            " be verified (schema 1 with another copy differing, or no copy's rows give its"
+            " recorded digest); mount the volume once (it records a verified state) and"
+            " run fsck again",
+        )
+        repair = False
     working = workdir / "metadata.sqlite"
-    _copy_freshest(ranked, replicas, working)
+    _copy_chosen(choice, working)
     db = Database(working)
     try:
         params = StoreTable(db).params()
@@ -199,6 +233,11 @@ def _check_volume(
             repair=repair,
             verify_data=verify_data,
             progress=progress,
+            keep_orphans=(
+                "the metadata replicas disagree"
+                if choice.refused or choice.stale
+                else None
+            ),
         )
         check_namespace_consistent(ctx)
         check_repair_queue_valid(ctx)
@@ -213,7 +252,7 @@ def _check_volume(
             pass  # bump the generation above every replica's
     finally:
         db.close()
-    if _write_back(report, working, stores, m + 1, progress):
+    if _write_back(report, working, stores, m + 1, progress, set(choice.refused)):
         for finding in replica_findings:
             finding.fixed = True
 
@@ -226,22 +265,15 @@ def _why(path: Path) -> str:
     return "unreadable"
 
 
-def _copy_freshest(ranked: list[tuple[Path, int]], replicas: list[Path], working: Path) -> None:
-    """Copy the freshest replica that can be copied to `working`."""
-    reasons = []
-    for path, _generation in ranked:
-        try:
-            copy_database(path, working)
-        except StoreError as exc:
-            reasons.append(str(exc))
-            continue
-        return
-    raise VolumeError(
-        "no metadata replica could be read ("
-        + ", ".join(str(p) for p in replicas)
-        + ")"
-        + (": " + "; ".join(reasons) if reasons else "")
-    )
+def _copy_chosen(choice: CopyChoice, working: Path) -> None:
+    """Copy the chosen replica to `working` and upgrade it to the current schema."""
+    assert choice.winner is not None
+    try:
+        copy_database(choice.winner.path, working)
+    except StoreError as exc:
+        raise VolumeError(f"cannot copy metadata replica {choice.winner.path}: {exc}") from exc
+    if choice.winner.schema < SCHEMA_VERSION:
+        upgrade_database(working)
 
 
 def _write_back(
@@ -250,10 +282,12 @@ def _write_back(
     stores: dict[int, DirectoryStore],
     wanted: int,
     progress: Callable[[str, int, int], None] | None,
+    refused: set[Path],
 ) -> bool:
-    """Copy the working copy over every replica file on the present stores,
-    then onto more stores until `wanted` exist. True if every copy was
-    written and there are `wanted` of them."""
+    """Copy the working copy over every replica file on the present stores
+    (setting the `refused` ones aside first), then onto more stores until
+    `wanted` exist. True if every copy was written and there are `wanted`
+    of them."""
     present = [replica_path(store.meta_dir) for _, store in sorted(stores.items())]
     targets = [p for p in present if p.exists()]
     for path in present:
@@ -267,6 +301,8 @@ def _write_back(
             progress("write-back", n, len(targets))
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
+            if path in refused:
+                set_aside(path)
             copy_database(working, path)
         except (StoreError, OSError) as exc:
             report.add("replicas_agree", f"cannot write metadata replica {path}: {exc}")

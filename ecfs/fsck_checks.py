@@ -3,9 +3,11 @@
 Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 `FsckContext` (what a check works on) and the checks:
 
-* `check_replicas_agree`: every metadata replica is readable, at the same
-  generation and holds the same rows (runs on the replica files before any
-  working copy exists; its repair is the write-back done by `ecfs.fsck`).
+* `check_replicas_agree`: every metadata replica is usable (schema,
+  volume, stores, rows matching the content digest it records, see
+  `ecfs.replicas.inspect_copy`) and current; chooses the copy to check by
+  the mount's rule (runs on the replica files before any working copy
+  exists; its repair is the write-back done by `ecfs.fsck`).
 * `check_namespace_consistent`: directory entries, link counts,
   reachability, symlink/xattr/chunk/inline rows of the namespace.
 * `check_repair_queue_valid`: the repair queue names only existing chunks.
@@ -16,7 +18,8 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   fragment from k good ones. A bad header is described, its bytes never
   printed.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
-  to by a chunk at that (store, chunk, index); repair deletes the others.
+  to by a chunk at that (store, chunk, index); repair deletes the others,
+  but never while the metadata copies disagree (`FsckContext.keep_orphans`).
 
 Must not: speak SQL (all queries are in `ecfs.metadb`), open the volume
 (see `ecfs.fsck`), or run while anything else uses the volume: the caller
@@ -50,11 +53,10 @@ from .geometry import Layout
 from .handles import Expected, open_fragment
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
-from .metadb.digest import digest_tables
 from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, ChunkRef
-from .replicas import read_generation
+from .replicas import CopyChoice, CopyExpectation, choose_copy, inspect_copy
 from .store import FRAGS_DIR, DirectoryStore
 
 log = logging.getLogger(__name__)
@@ -229,7 +231,10 @@ class FsckContext:
     `stores`: the present stores by store index; `store_ids`: every store
     of the volume's store table (index -> store UUID), present or not.
     `touched`: indices of stores written to or deleted from, which must be
-    synced before the metadata is written back.
+    synced before the metadata is written back. `keep_orphans`: why orphan
+    fragments must not be deleted this run (the metadata copies disagree:
+    a fragment no chunk of the chosen copy names may be named by another),
+    or None.
     """
 
     db: Database
@@ -242,6 +247,7 @@ class FsckContext:
     verify_data: bool
     progress: ProgressFn | None = None
     touched: set[int] = field(default_factory=set)
+    keep_orphans: str | None = None
 
     def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -270,64 +276,57 @@ class FsckContext:
 
 
 def check_replicas_agree(
-    report: FsckReport, replicas: list[Path], wanted: int, progress: ProgressFn | None = None
-) -> list[tuple[Path, int]]:
-    """Blocking, before the working copy exists: compare every replica file
-    in `replicas` (paths that do not exist are skipped) by generation and
-    table digests, with read-only connections (nothing is changed).
+    report: FsckReport,
+    replicas: list[Path],
+    wanted: int,
+    progress: ProgressFn | None = None,
+    expect: CopyExpectation | None = None,
+) -> CopyChoice:
+    """Blocking, before the working copy exists: inspect every replica file
+    in `replicas` (paths that do not exist are skipped) as a mount does
+    (`ecfs.replicas.inspect_copy`: schema, volume, stores, content against
+    its recorded digest) with read-only connections, and choose the copy
+    to check by the mount's rule (`choose_copy`). Nothing is changed.
 
-    Returns the readable replicas with their generations, freshest first
-    (ties keep the order of `replicas`). The findings it adds are fixed by
-    the write-back of `ecfs.fsck` with --repair (which marks them fixed).
+    Every refused copy is an error naming why; so is a stale copy, and no
+    choice at all (copies disagree with no majority). The findings it adds
+    are fixed by the write-back of `ecfs.fsck` with --repair (which marks
+    them fixed).
     """
     check = "replicas_agree"
     existing = [p for p in replicas if p.exists()]
-    readable: list[tuple[Path, int, dict[str, str]]] = []
+    inspections = []
     for n, path in enumerate(existing):
         if progress is not None:
             progress("replicas", n, len(existing))
-        generation = read_generation(path)
-        if generation is None:
-            report.add(check, f"metadata replica {path} is unreadable or corrupt")
-            continue
-        try:
-            digests = digest_tables(path)
-        except StoreError as exc:
-            report.add(check, f"metadata replica {path} is unreadable: {exc}")
-            continue
-        readable.append((path, generation, digests))
+        inspections.append(inspect_copy(path, expect))
     if progress is not None:
         progress("replicas", len(existing), len(existing))
     report.counts["replicas"] = len(existing)
-    if not readable:
-        return []
-    readable_sorted = sorted(readable, key=lambda item: -item[1])
-    best, top, best_digests = readable_sorted[0]
-    for path, generation, digests in readable:
-        if path == best:
-            continue
-        if generation < top:
-            report.add(
-                check,
-                f"metadata replica {path} is stale: generation {generation},"
-                f" the freshest ({best}) is at {top}",
-            )
-        elif digests != best_digests:
-            tables = sorted(
-                t for t in {*digests, *best_digests} if digests.get(t) != best_digests.get(t)
-            )
-            report.add(
-                check,
-                f"metadata replica {path} is at generation {generation} like {best}"
-                f" but differs from it in {', '.join(tables)}",
-            )
-    if len(readable) < wanted:
+    choice = choose_copy(inspections)
+    for path, why in choice.refused.items():
+        report.add(check, f"metadata replica {path} is refused: {why}")
+    winner = choice.winner
+    if winner is None:
+        if existing:
+            report.add(check, f"no metadata replica can be trusted: {choice.problem}")
+        return choice
+    by_path = {i.path: i for i in inspections}
+    for path in choice.stale:
         report.add(
             check,
-            f"only {len(readable)} readable metadata replica(s); the volume needs {wanted}"
+            f"metadata replica {path} is stale: generation {by_path[path].generation}"
+            f" (schema {by_path[path].schema}), the chosen one ({winner.path}) is at"
+            f" {winner.generation}",
+        )
+    usable = len(choice.current) + len(choice.stale)
+    if usable < wanted:
+        report.add(
+            check,
+            f"only {usable} usable metadata replica(s); the volume needs {wanted}"
             " to survive the loss of m stores",
         )
-    return [(path, generation) for path, generation, _ in readable_sorted]
+    return choice
 
 
 # --------------------------------------------------------------------------
@@ -841,7 +840,8 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
         if orphans:
             ctx.report.counts["orphan_fragments"] += len(orphans)
             failures = 0
-            if ctx.repair:
+            delete = ctx.repair and ctx.keep_orphans is None
+            if delete:
                 for chunk_id, index in orphans:
                     try:
                         store.delete_fragment(chunk_id, index)
@@ -853,13 +853,18 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
             shown = ", ".join(store.fragment_relpath(c, i) for c, i in orphans[:EXAMPLES])
             more = " ..." if len(orphans) > EXAMPLES else ""
             outcome = ""
-            if ctx.repair:
+            if delete:
                 outcome = "; deleted" if not failures else f"; {failures} could not be deleted"
+            elif ctx.repair:
+                outcome = (
+                    f"; not deleted: {ctx.keep_orphans} (run fsck --repair again once the"
+                    " copies agree)"
+                )
             ctx.report.add(
                 check,
                 f"store {store_index} ({store.path}): {len(orphans)} fragment file(s) no"
                 f" chunk refers to: {shown}{more}{outcome}",
-                fixed=ctx.repair and not failures,
+                fixed=delete and not failures,
             )
         stray = _stray_files(store, found)
         if stray:

@@ -80,7 +80,10 @@ Stores are local directories: an argument like `s3://...` is refused.
 Fragment files, one per chunk and store.
 
 *STORE*`/meta/`::
-A copy of the metadata (a SQLite database), on m+1 of the stores."""
+A copy of the metadata (a SQLite database, `ecfs-meta.sqlite`), on m+1 of
+the stores. A copy that was refused (damaged, edited, of another volume)
+is kept beside it as `ecfs-meta.sqlite.refused` when it is rewritten;
+ecfs never reads it again."""
 
 
 def _control_files() -> str:
@@ -480,6 +483,12 @@ missing or corrupt fragment for repair. Chunks verified longest ago come
 first, so a scrub stopped by `--max-duration` resumes where it stopped.
 The scrub runs in the daemon; foreground I/O goes first.
 
+Each pass first verifies every metadata replica while the volume stays in
+use: its schema, and every row against the content digest the replica
+records. A bad replica is dropped and replaced by a fresh copy of the
+mount's metadata (on its own store when that store is healthy). The
+mount's working copy of the metadata is verified the same way.
+
 """
         + _PROGRESS,
         sections={
@@ -498,13 +507,17 @@ or with cron, at most 6 hours each Sunday night:
 `chunks_total`, `chunks_done`, `fragments_verified`, `bytes_verified`,
 `finding_count`, `findings` (list of {`chunk_id`, `inode`, `chunk_index`,
 `fragments`}), `started_ns`, `finished_ns` (nanoseconds since the epoch),
-`stopped_early`.""",
+`stopped_early`, `metadata_replicas_verified` (metadata replicas found
+good), `metadata_findings` (list of {`store`, `problem`}: replicas found
+bad or unreadable, bad ones are replaced; `store` null: the mount's own
+working copy, which a remount restores from the replicas).""",
             "EXIT STATUS": """\
 0::
 Nothing was found.
 
 1::
-Missing or corrupt fragments were found (and queued for repair).
+Missing or corrupt fragments were found (and queued for repair), or a bad
+metadata replica (replaced).
 
 """
             + _EXIT_USAGE,
@@ -554,6 +567,16 @@ too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.
 It refuses a volume that is mounted (the stores are locked).
 
+The metadata copies are checked as a mount checks them: schema (no
+unknown table, index, view or trigger), volume, stores, and every row
+against the content digest the copy records. A copy that fails is
+refused (the finding says why); of the others the freshest wins, and
+copies at that generation with different contents are decided by
+majority. With a tie nothing is checked or repaired. Repair rewrites
+refused copies from the chosen one (the refused file is kept as
+`ecfs-meta.sqlite.refused`), and deletes no orphan fragment while the
+copies disagree: run `fsck --repair` again once they agree.
+
 """
         + _PROGRESS,
         sections={
@@ -580,7 +603,12 @@ Problems were found (fixed or not; the report says which).
 """
             + _EXIT_USAGE
             + " For example: the volume is mounted, stores of two volumes.",
-            "FILES": _STORE_FILES,
+            "FILES": _STORE_FILES
+            + """
+
+`$TMPDIR/ecfs-`*PID*`-fsck-`*XXXX*`/`::
+fsck's working copy of the metadata while it runs. Left behind by a
+killed fsck; the next fsck or mount removes those whose process is gone.""",
         },
     ),
     Page(

@@ -82,4 +82,12 @@ def render_scrub(scrub: dict[str, Any]) -> str:
             f"  chunk {finding['chunk_id']:016x} (inode {finding['inode']}, chunk"
             f" {finding['chunk_index']}): fragments {finding['fragments']}"
         )
+    metadata = scrub.get("metadata_findings", [])
+    lines.append(
+        f"metadata replicas: {scrub.get('metadata_replicas_verified', 0)} verified"
+        + (f", {len(metadata)} problem(s) (bad replicas are replaced)" if metadata else "")
+    )
+    for finding in metadata:
+        where = "working copy" if finding["store"] is None else f"store {finding['store']}"
+        lines.append(f"  {where}: {finding['problem']}")
     return "\n".join(lines)

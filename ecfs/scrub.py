@@ -6,6 +6,13 @@ what is missing or corrupt for repair, and recording progress. Must not:
 repair anything itself (the repairer does), or hurt foreground I/O: like
 repair, it yields to FUSE requests.
 
+Metadata replicas: each pass first verifies every live metadata replica
+online (`verify_metadata`, see `ecfs.replicas.Replicator.verify_replicas`:
+schema, and the rows against the content digest the replica records); a
+bad replica is replaced from the working copy by the volume, which also
+checks the working copy itself. The findings are in
+`ScrubProgress.metadata_findings` (store None: the working copy).
+
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
 unmount, crash) continues next time with the chunks verified longest ago.
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -49,6 +56,8 @@ class ScrubProgress:
     bytes_verified: int = 0
     findings: list[dict[str, object]] = field(default_factory=list)
     stopped_early: bool = False
+    metadata_replicas_verified: int = 0
+    metadata_findings: list[dict[str, object]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -62,6 +71,8 @@ class ScrubProgress:
             "findings": self.findings[:1000],
             "finding_count": len(self.findings),
             "stopped_early": self.stopped_early,
+            "metadata_replicas_verified": self.metadata_replicas_verified,
+            "metadata_findings": list(self.metadata_findings),
         }
 
 
@@ -76,8 +87,16 @@ class Scrubber:
         runners: Mapping[int, StoreRunner],
         last_foreground: Callable[[], float],
         on_queued: Callable[[], None],
+        verify_metadata: Callable[[], Awaitable[dict[int | None, str]]] | None = None,
+        replica_count: Callable[[], int] = lambda: 0,
     ) -> None:
+        """`verify_metadata()` verifies the live metadata replicas (and
+        replaces bad ones) and the working copy (store index, None for the
+        working copy -> problem); `replica_count()` is how many replicas it
+        looks at."""
         self.db = db
+        self.verify_metadata = verify_metadata
+        self.replica_count = replica_count
         self.chunks = ChunkTable(db)
         self.queue = RepairQueue(db)
         self.layout = layout
@@ -107,6 +126,7 @@ class Scrubber:
             with trio.CancelScope() as self._cancel:
                 if max_duration is not None:
                     self._cancel.deadline = trio.current_time() + max_duration
+                await self._verify_metadata()
                 await self._pass(start_ns)
         finally:  # also after a bug: a scrub that ended never shows "running"
             self._cancel = None
@@ -140,6 +160,16 @@ class Scrubber:
                         self._commit(done)
         finally:
             self._commit(done)  # synchronous: runs even when cancelled
+
+    async def _verify_metadata(self) -> None:
+        if self.verify_metadata is None:
+            return
+        count = self.replica_count()
+        problems = await self.verify_metadata()
+        bad_replicas = [index for index in problems if index is not None]
+        self.progress.metadata_replicas_verified = count - len(bad_replicas)
+        for index in sorted(problems, key=lambda i: -1 if i is None else i):
+            self.progress.metadata_findings.append({"store": index, "problem": problems[index]})
 
     def _commit(self, done: list[int]) -> None:
         if done:

@@ -1,7 +1,9 @@
 """Opening a volume and wiring its services together.
 
 Owns: finding and checking the stores given by the user, preparing the
-metadata working copy from the freshest replica, building every service,
+metadata working copy from the replica `ecfs.replicas` chooses (every copy
+checked before any is written; the stale and refused ones are rewritten
+only once the volume opened), building every service,
 the mount's background tasks, and an orderly shutdown. Must not: contain
 filesystem logic (see filedata, namespace) or speak FUSE (see fs).
 
@@ -69,11 +71,15 @@ from .placement import Placement
 from .reader import ChunkReader
 from .repair import Repairer
 from .replicas import (
+    CopyExpectation,
+    PreparedMetadata,
     Replicator,
     copy_database,
+    inspect_copy,
     place_replica,
     prepare_working_copy,
     replica_path,
+    resync_replicas,
 )
 from .scrub import Scrubber
 from .store import DirectoryStore, Store, StoreMarker
@@ -116,6 +122,10 @@ HEALTH_INTERVAL = 5.0
 #: A store whose identity was last verified longer ago than this is probed
 #: before it gets new fragments (the write waits for that one probe).
 IDENTITY_MAX_AGE = 2.0
+
+#: Seconds the online verification of one metadata replica may take (it
+#: reads every row: about 1 s per million rows).
+VERIFY_REPLICA_TIMEOUT = 600.0
 
 
 def expand_store_args(args: Sequence[str]) -> list[Path]:
@@ -239,6 +249,16 @@ def no_metadata_copy_message(
     return text
 
 
+def expectation(markers: dict[Path, StoreMarker], by_store_id: dict[str, Path]) -> CopyExpectation:
+    """What a metadata copy must match for the stores given (their markers
+    agree on the volume, see `identify_stores`)."""
+    first = next(iter(markers.values()))
+    # The geometry most markers give: a store whose marker disagrees is left
+    # out later (`marker_mismatch`) and must not make every copy look wrong.
+    (k, m), _ = Counter((marker.k, marker.m) for marker in markers.values()).most_common(1)[0]
+    return CopyExpectation(first.volume_id, k, m, frozenset(by_store_id), dict(by_store_id))
+
+
 def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
     """Store UUID -> path; VolumeError if the stores belong to different
     volumes (call `select_volume` first) or one store was given twice
@@ -335,6 +355,8 @@ class Volume:
             self.runners,
             lambda: self.filedata.last_activity,
             self.repairer.poke,
+            self.verify_metadata_replicas,
+            lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
         )
         self.store_change: dict[str, str | None] = {}
         self.stores_admin = StoreAdmin(self)
@@ -396,8 +418,13 @@ class Volume:
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
         try:
             working = workdir / "metadata.sqlite"
+            # Every copy is checked (volume, stores, schema, content) and one
+            # chosen before any copy is written: a refused copy must never
+            # destroy the good ones (issue 13, A1).
             prepared = prepare_working_copy(
-                [r for r in replicas if r.exists()] or replicas, working
+                [r for r in replicas if r.exists()] or replicas,
+                working,
+                expectation(markers, by_store_id),
             )
             db = Database(working)
             params = StoreTable(db).params()
@@ -413,30 +440,35 @@ class Volume:
                 store.pin_identity(markers[store.path])
             volume = cls(db, stores, workdir)
             volume.left_out = left_out
-            volume._setup_replicas(prepared.current)
+            volume._setup_replicas(prepared)
             volume._remember_store_paths()  # after: so the change is replicated
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return volume
 
-    def _setup_replicas(self, current: list[Path]) -> None:
-        """Replicate to the current replicas, adding copies on other stores
-        until there are m+1 (a replica lost with its store is rebuilt)."""
+    def _setup_replicas(self, prepared: PreparedMetadata) -> None:
+        """Rewrite the stale and refused replicas (the first writes to any
+        copy), replicate to the current ones, and add copies on other
+        stores until there are m+1 (a replica lost with its store is rebuilt)."""
+        snapshot = self.workdir / "replica-source.sqlite"
+        if prepared.to_resync:  # the working copy is locked: copy a snapshot
+            self.db.snapshot(snapshot)
+            resync_replicas(prepared, snapshot)
+        current = prepared.current
         targets: dict[int, Path] = {}
         for index, store in self.stores.items():
             path = replica_path(store.meta_dir)
             if path in current:
                 targets[index] = path
         wanted = self.layout.m + 1
-        snapshot = self.workdir / "replica-source.sqlite"
         try:
             for index, store in sorted(self.stores.items()):
                 if len(targets) >= wanted:
                     break
                 if index in targets:
                     continue
-                if not snapshot.exists():  # the working copy is locked: copy a snapshot
+                if not snapshot.exists():
                     self.db.snapshot(snapshot)
                 path = replica_path(store.meta_dir)
                 try:
@@ -667,6 +699,8 @@ class Volume:
             key=lambda i: (i in self.placement.full, i not in stale, i),
         )
         for index in candidates[: wanted - len(live)]:
+            if not await replicator.close_stale(index):
+                continue  # its old connection is still busy: never replace the file under it
             await self.writer.sync_stores()  # what the copy refers to is durable
             generation = self.db.generation
             snapshot = self.workdir / f"replica-{index}.sqlite"
@@ -689,6 +723,43 @@ class Volume:
         return status
 
     # -- operator commands -----------------------------------------------------------
+
+    async def verify_metadata_replicas(self) -> dict[int | None, str]:
+        """Scrub: verify every live metadata replica online; a bad one is
+        dropped and replaced by a fresh copy of the working copy (on its own
+        store if it is healthy). Then verify the working copy itself (a
+        snapshot of it, like a new replica's). Store index (None: the
+        working copy) -> problem found."""
+        problems: dict[int | None, str] = {}
+        if self.replicator is not None:
+            found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
+            problems.update(found)
+            if found:
+                await self.ensure_replicas()
+        working = await self._verify_working_copy()
+        if working is not None:
+            problems[None] = working
+        return problems
+
+    async def _verify_working_copy(self) -> str | None:
+        """The working copy's rows against the digest it keeps: a mismatch
+        means it was damaged under the mount (memory, the temp directory)
+        or a bug; it cannot be fixed online, the replicas are still good."""
+        snapshot = self.workdir / "verify-working.sqlite"
+        try:
+            self.db.snapshot(snapshot)  # on the loop: consistent at one generation
+            found = await trio.to_thread.run_sync(inspect_copy, snapshot)
+        finally:
+            snapshot.unlink(missing_ok=True)
+        if found.problem is None:
+            return None
+        log.critical(
+            "the working copy of the metadata (%s) failed verification: %s; unmount and"
+            " mount again to start from the verified replicas",
+            self.db.path,
+            found.problem,
+        )
+        return f"working copy {self.db.path}: {found.problem}"
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:

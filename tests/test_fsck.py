@@ -13,6 +13,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,11 @@ import pytest
 from ecfs.errors import VolumeError
 from ecfs.fsck import COUNT_KEYS, FsckReport, run_fsck
 from ecfs.lock import LOCK_NAME, VolumeLock
+from ecfs.metadb.digest import content_digest
 from ecfs.replicas import replica_path
 from ecfs.store import DirectoryStore
 from tests.mounting import TEST_MKFS_ARGS, MountedVolume, cli
+from tests.test_metadata_copies import KINDS, damage, forge
 from tests.volume_files import (
     PAYLOAD_OFFSET,
     drop_caches,
@@ -131,13 +135,15 @@ def replicas(volume: MountedVolume) -> list[Path]:
 
 def edit_replicas(volume: MountedVolume, *statements: tuple[str, tuple[object, ...]]) -> None:
     """Apply the same SQL to every replica (as if the volume had been left
-    that way): the replicas still agree with each other."""
+    that way by ecfs itself): the replicas still agree with each other and
+    each records the digest of its rows."""
     for path in replicas(volume):
         conn = sqlite3.connect(path, isolation_level=None)
         try:
             conn.execute("BEGIN")
             for sql, params in statements:
                 conn.execute(sql, params)
+            conn.execute("UPDATE replica_state SET digest = ?", (content_digest(conn),))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -370,6 +376,63 @@ def test_a_garbage_replica_is_rewritten(volume: MountedVolume) -> None:
     check_contents(volume, hashes)
 
 
+def all_fragments(volume: MountedVolume) -> set[tuple[int, int, int]]:
+    return {(n, *key) for n, s in enumerate(volume.stores) for key in fragment_files(s)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_a_bad_copy_is_refused_and_replaced_from_the_good_ones(
+    volume: MountedVolume, kind: str, bad: int
+) -> None:
+    """Issue 13 A2 (a), (b), (c), in each position (s0 would win a tie):
+    fsck names the bad copy, --repair rewrites it from the good ones (never
+    the other way) and deletes no fragment."""
+    hashes = populate(volume)
+    volume.unmount()
+    copies = replicas(volume)
+    assert len(copies) == M + 1
+    fragments = all_fragments(volume)
+    damage(copies[bad], kind)
+    found = detect_and_repair(volume, "replicas_agree")
+    refused = [m for m in messages(found, "replicas_agree") if "refused" in m]
+    assert len(refused) == 1 and str(copies[bad]) in refused[0], refused
+    assert all_fragments(volume) == fragments
+    assert copies[bad].with_name(copies[bad].name + ".refused").exists()
+    check_contents(volume, hashes)
+
+
+def test_orphans_are_kept_while_the_copies_disagree(volume: MountedVolume) -> None:
+    hashes = populate(volume)
+    volume.unmount()
+    chunk_id, stores = chunk_of(volume, b"big", 0)
+    orphan = fragment_path(volume, 0xABCDEF, 0, stores[0])
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fragment_path(volume, chunk_id, 0, stores[0]), orphan)
+    damage(replicas(volume)[0], "chunks-deleted")
+    first = fsck(volume, repair=True)
+    assert orphan.exists()
+    assert any("not deleted" in m for m in messages(first, "no_orphan_fragments"))
+    assert not first.all_fixed
+    second = fsck(volume, repair=True)
+    assert not orphan.exists() and second.all_fixed
+    assert_clean(volume)
+    check_contents(volume, hashes)
+
+
+def test_copies_that_tie_stop_fsck(volume: MountedVolume) -> None:
+    populate(volume)
+    volume.unmount()
+    copies = replicas(volume)
+    forge(copies[1])  # verifies, but two contents now hold one vote each...
+    forge(copies[2], uid=4343)  # ...and a third
+    before = snapshot(volume)
+    report = run_fsck([str(s) for s in volume.stores], repair=True, verify_data=False)
+    assert any("none has a majority" in m for m in messages(report, "replicas_agree"))
+    assert report.exit_status == 1 and not report.all_fixed
+    assert snapshot(volume) == before
+
+
 def test_too_few_replicas_are_replaced(volume: MountedVolume) -> None:
     hashes = populate(volume)
     volume.unmount()
@@ -536,3 +599,36 @@ def test_a_missing_store_is_reported_not_rebuilt_around(volume: MountedVolume) -
     assert {p for p in after if "/frags/" in p} == {p for p in before if "/frags/" in p}
     assert_clean(volume)
     check_contents(volume, hashes)
+
+
+# --- leftovers (issue 13, D13) ------------------------------------------------------
+
+
+def test_fsck_removes_the_leftovers_of_a_killed_fsck(
+    volume: MountedVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed fsck leaves its working directory (a full metadata copy) in
+    $TMPDIR; it is named after its pid, and the next run removes those of
+    dead processes only."""
+    volume.unmount()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmpdir / f"ecfs-{dead.pid}-fsck-abcd"
+    leftover.mkdir()
+    (leftover / "metadata.sqlite").write_bytes(bytes(4096))
+    alive = tmpdir / f"ecfs-{os.getpid()}-fsck-efgh"  # a run still going
+    alive.mkdir()
+    seen: set[str] = set()
+    run_fsck(
+        [str(s) for s in volume.stores],
+        repair=False,
+        verify_data=False,
+        progress=lambda *_: seen.update(p.name for p in tmpdir.iterdir()),
+    )
+    assert not leftover.exists()
+    assert sorted(tmpdir.iterdir()) == [alive]
+    own = seen - {alive.name, leftover.name}
+    assert own and all(n.startswith(f"ecfs-{os.getpid()}-fsck-") for n in own), seen

@@ -21,11 +21,9 @@ import trio.testing
 from ecfs.errors import StoreError, StoreTimeout, VolumeError
 from ecfs.model import Statement, Transaction
 from ecfs.replicas import (
-    REPLICA_FILENAME,
     Replicator,
     choose_freshest,
     copy_database,
-    prepare_working_copy,
     read_generation,
     replica_path,
 )
@@ -495,66 +493,3 @@ def test_copy_database_replaces_stale_side_files(tmp_path: Path) -> None:
     assert dump(dst) == dump(src)
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("src."))
     assert left == ["dst.sqlite"]
-
-
-def test_prepare_working_copy_resyncs_stale_replicas(tmp_path: Path) -> None:
-    history = make_transactions(7)
-    fresh = make_database(replica_path(tmp_path / "s0" / "meta"), history)
-    stale = make_database(replica_path(tmp_path / "s1" / "meta"), history[:2])
-    current = make_database(replica_path(tmp_path / "s2" / "meta"), history)
-    corrupt = replica_path(tmp_path / "s3" / "meta")
-    corrupt.parent.mkdir(parents=True)
-    corrupt.write_bytes(b"garbage" * 1000)
-    missing = replica_path(tmp_path / "s4" / "meta")  # meta dir missing too
-    (tmp_path / "s4").mkdir()
-    working = tmp_path / "local" / "working.sqlite"
-    working.parent.mkdir()
-    paths = [stale, corrupt, fresh, missing, current]
-
-    prepared = prepare_working_copy(paths, working)
-
-    assert prepared.generation == 7
-    assert prepared.current == paths
-    assert prepared.resynced == [stale, corrupt, missing]
-    assert prepared.failed == {}
-    expected = dump(fresh)
-    assert dump(working) == expected
-    for path in paths:
-        assert path.name == REPLICA_FILENAME
-        assert read_generation(path) == 7
-        assert dump(path) == expected
-
-
-def test_prepare_working_copy_reports_replicas_it_cannot_rewrite(tmp_path: Path) -> None:
-    fresh = make_database(tmp_path / "s0" / REPLICA_FILENAME, make_transactions(4))
-    unreachable = tmp_path / "gone" / "meta" / REPLICA_FILENAME  # store root missing
-    working = tmp_path / "working.sqlite"
-    prepared = prepare_working_copy([fresh, unreachable], working)
-    assert prepared.generation == 4
-    assert prepared.current == [fresh]
-    assert list(prepared.failed) == [unreachable]
-    with pytest.raises(VolumeError):
-        prepare_working_copy([unreachable], tmp_path / "w2.sqlite")
-
-
-@pytest.mark.trio
-async def test_replicator_runs_on_prepared_replicas(tmp_path: Path) -> None:
-    """Mount flow: prepare, then replicate on top of the resynced files."""
-    history = make_transactions(10)
-    paths = {
-        0: make_database(replica_path(tmp_path / "s0" / "meta"), history[:3]),
-        1: make_database(replica_path(tmp_path / "s1" / "meta"), history),
-    }
-    prepared = prepare_working_copy(list(paths.values()), tmp_path / "working.sqlite")
-    assert prepared.generation == 10
-    runners = {i: FakeRunner(i) for i in paths}
-    replicator = Replicator(paths, runners, SyncRecorder(), prepared.generation)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(replicator.run)
-        for txn in make_transactions(5, start=11):
-            replicator.submit(txn)
-        await replicator.drain()
-        nursery.cancel_scope.cancel()
-    await replicator.aclose()
-    expected = dump(make_database(tmp_path / "reference.sqlite", make_transactions(15)))
-    assert dump(paths[0]) == dump(paths[1]) == expected

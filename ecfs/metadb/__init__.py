@@ -4,4 +4,6 @@
 * `database`: the working-copy connection, transactions and their write log.
 * `inodes`: inodes, directory entries, symlinks, xattrs.
 * `chunks`: chunk maps, fragment locations, the repair queue.
+* `digest`: the content digest every copy records (row hashes kept current
+  by TEMP triggers on the working copy) and the per-table digests.
 """

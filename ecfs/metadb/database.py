@@ -11,6 +11,13 @@ is a plain `with` block that must contain no `await`: trio only switches
 tasks at awaits, so a transaction is atomic with respect to every other
 request handler. Nested `transaction()` blocks join the outermost one.
 
+Content digest: a `DigestTracker` keeps the digest of the working copy's
+rows current (TEMP triggers on this connection), and every transaction
+ends with ``UPDATE replica_state SET generation = ?, digest = ?``, so the
+working copy and every replica always claim the digest of their own rows
+(see `ecfs.metadb.digest`). The working copy must have the current schema
+(`ecfs.metadb.schema.upgrade_database` upgrades an older one first).
+
 Crash contract: the working copy is not durable (synchronous=OFF) and is
 discarded at the next mount, which starts from the freshest replica.
 
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model import Statement, Transaction
+from .digest import DigestTracker, content_digest, format_digest, parse_digest
 
 #: How many ids `next_id` reserves per database round trip.
 ID_BLOCK = 1024
@@ -53,8 +61,15 @@ class Database:
         self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
         if exclusive:
             self._conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # see the module docstring
-        row = self._conn.execute("SELECT generation FROM replica_state WHERE id = 0").fetchone()
+        row = self._conn.execute(
+            "SELECT generation, digest FROM replica_state WHERE id = 0"
+        ).fetchone()
         self.generation: int = int(row[0])
+        initial = parse_digest(row[1])
+        if initial is None:  # never trust a claim that is not one: compute it
+            initial = parse_digest(content_digest(self._conn))
+        assert initial is not None
+        self._digest = DigestTracker(self._conn, initial)
         self.on_commit: Callable[[Transaction], None] | None = None
         #: Called after a ROLLBACK: caches of table contents (see
         #: chunks.ChunkTable) must forget what the rolled-back writes put there.
@@ -94,6 +109,11 @@ class Database:
     # -- writes --------------------------------------------------------------
 
     @property
+    def digest(self) -> str:
+        """The content digest of the working copy (as in replica_state)."""
+        return format_digest(self._digest.value)
+
+    @property
     def in_transaction(self) -> bool:
         return self._statements is not None
 
@@ -110,14 +130,19 @@ class Database:
             return
         self._conn.execute("BEGIN")
         self._statements = []
+        digest_before = self._digest.value
         try:
             yield
             generation = self.generation + 1
-            self.write("UPDATE replica_state SET generation = ? WHERE id = 0", (generation,))
+            self.write(
+                "UPDATE replica_state SET generation = ?, digest = ? WHERE id = 0",
+                (generation, format_digest(self._digest.value)),
+            )
             statements = tuple(self._statements)
             self._conn.execute("COMMIT")
         except BaseException:
             self._statements = None
+            self._digest.value = digest_before
             self._reserved.clear()  # the rolled-back counter rows are free again
             self._conn.execute("ROLLBACK")
             for forget in self.on_rollback:

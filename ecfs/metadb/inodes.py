@@ -13,14 +13,22 @@ Contracts:
   gives an identical database.
 * Inode attributes travel as `InodeRow` tuples in `INODE_COLUMNS` order.
 * Names, targets and xattr names/values are raw `bytes` (stored as BLOBs).
+* Inline data is stored with its checksum (``inodes.inline_checksum``) and
+  checked on every read: a mismatch raises `Unrecoverable` (EIO), never
+  wrong bytes.
 """
 
 from __future__ import annotations
 
+import logging
 import stat
 from typing import Any, cast
 
+from ..errors import Unrecoverable
 from .database import Database
+from .schema import inline_checksum
+
+log = logging.getLogger(__name__)
 
 #: Attribute columns of `inodes`, in `InodeRow` order (inline_data excluded).
 INODE_COLUMNS = (
@@ -59,6 +67,7 @@ class InodeTable:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._bad_inline: set[int] = set()  # logged once each
 
     # -- inodes ----------------------------------------------------------------
 
@@ -107,15 +116,30 @@ class InodeTable:
         )
 
     def inline_data(self, ino: int) -> tuple[bool, bytes | None]:
-        """(inode exists, its inline data or None)."""
-        row = self._db.query_one("SELECT inline_data FROM inodes WHERE id = ?", (ino,))
+        """(inode exists, its inline data or None). Unrecoverable (EIO) if
+        the data does not match its checksum."""
+        row = self._db.query_one(
+            "SELECT inline_data, inline_checksum FROM inodes WHERE id = ?", (ino,)
+        )
         if row is None:
             return False, None
-        return True, None if row[0] is None else bytes(row[0])
+        if row[0] is None:
+            return True, None
+        data = bytes(row[0])
+        if row[1] != inline_checksum(data):
+            if ino not in self._bad_inline:
+                self._bad_inline.add(ino)
+                log.error("inline data of inode %d does not match its checksum", ino)
+            raise Unrecoverable(f"inline data of inode {ino} does not match its checksum")
+        return True, data
 
     def set_inline_data(self, ino: int, data: bytes | None) -> None:
-        """Set (or clear with None) the inline data of inode `ino`."""
-        self._db.write("UPDATE inodes SET inline_data = ? WHERE id = ?", (data, ino))
+        """Set (or clear with None) the inline data of inode `ino`, with its checksum."""
+        checksum = None if data is None else inline_checksum(data)
+        self._db.write(
+            "UPDATE inodes SET inline_data = ?, inline_checksum = ? WHERE id = ?",
+            (data, checksum, ino),
+        )
 
     # -- directory entries -------------------------------------------------------
 

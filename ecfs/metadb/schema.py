@@ -1,23 +1,41 @@
 """The metadata schema, documented column by column, and volume creation.
 
-Owns: the DDL of every table and the initial rows of a new volume. Must
+Owns: the DDL of every table and the initial rows of a new volume,
+recognising a database's schema version (`schema_version`), upgrading an
+older working copy (`upgrade_database`) and recording a digest anew
+(`record_digest`), and the inline data checksum (`inline_checksum`). Must
 not: run queries for the filesystem (see `inodes` and `chunks`).
 
 Every database of a volume (the mount's working copy and each replica on a
-store) has exactly this schema. Ids (inode numbers, chunk ids) are always
+store) has exactly this schema: `SCHEMA` (version 1) followed by
+`SCHEMA_2_DDL`. A new volume is made by running both, so that its DDL text
+is the same as that of a version-1 volume upgraded by `upgrade_database`,
+and `schema_version` can compare a copy's ``sqlite_master`` with the
+expected one exactly: any other table, index, view or trigger (or a
+changed definition) makes the copy unknown, and `ecfs.replicas` refuses
+it. Ids (inode numbers, chunk ids) are always
 chosen by ecfs from `counters`, never by SQLite, so that replaying the same
 statements on a replica gives an identical database.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..fragment import checksum64
+from .digest import content_digest
+
 #: Version of this schema; stored in `volume` under key "schema".
-SCHEMA_VERSION = 1
+#: 1: the tables of `SCHEMA`; 2: plus `SCHEMA_2_DDL` (content digest,
+#: inline data checksums).
+SCHEMA_VERSION = 2
+
+#: Schema versions `schema_version` recognises (older ones are upgraded).
+KNOWN_VERSIONS = (1, 2)
 
 #: Inode number of the root directory (FUSE's ROOT_INODE).
 ROOT_INODE = 1
@@ -140,6 +158,96 @@ CREATE TABLE repair_queue (
 CREATE INDEX dentries_by_parent ON dentries (parent);
 """
 
+SCHEMA_2_DDL = """
+-- replica_state.digest: the content digest of this database's rows (32 hex
+-- digits, see ecfs.metadb.digest), written by every transaction together
+-- with the generation, so that each copy can be checked against its rows.
+ALTER TABLE replica_state ADD COLUMN digest TEXT NOT NULL DEFAULT '';
+-- inodes.inline_checksum: xxh3_64 of inline_data as a signed 64-bit
+-- integer (`inline_checksum`), NULL when inline_data is NULL; verified on
+-- every read of the inline data.
+ALTER TABLE inodes ADD COLUMN inline_checksum INTEGER;
+"""
+
+
+def inline_checksum(data: bytes) -> int:
+    """The value of ``inodes.inline_checksum`` for inline data `data`."""
+    value = checksum64(data)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@functools.cache
+def _expected_master(version: int) -> frozenset[tuple[str, str, str, str]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(SCHEMA)
+        if version >= 2:
+            conn.executescript(SCHEMA_2_DDL)
+        return frozenset(_master(conn))
+    finally:
+        conn.close()
+
+
+def _master(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
+    return [
+        (str(t), str(n), str(tb), str(sql))
+        for t, n, tb, sql in conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        )
+    ]
+
+
+def schema_version(conn: sqlite3.Connection) -> int | None:
+    """Blocking. The schema version whose DDL the database of `conn` has
+    exactly (tables, columns, indexes, nothing else: no view, no trigger),
+    or None. Raises sqlite3.Error if the schema cannot be read."""
+    found = frozenset(_master(conn))
+    for version in KNOWN_VERSIONS:
+        if found == _expected_master(version):
+            return version
+    return None
+
+
+def schema_difference(conn: sqlite3.Connection) -> str:
+    """Blocking. What in `conn`'s schema is not in the current one (for messages)."""
+    found = frozenset(_master(conn))
+    expected = _expected_master(SCHEMA_VERSION)
+    extra = sorted(f"{t} {n}" for t, n, _, _ in found - expected)
+    missing = sorted(f"{t} {n}" for t, n, _, _ in expected - found)
+    parts = []
+    if extra:
+        parts.append("unknown or changed: " + ", ".join(extra))
+    if missing:
+        parts.append("missing or changed: " + ", ".join(missing))
+    return "; ".join(parts) or "no difference"
+
+
+def upgrade_database(path: Path) -> int:
+    """Blocking. Upgrade the schema-1 database at `path` (a working copy no
+    one else has open) to the current schema: add the `SCHEMA_2_DDL`
+    columns, checksum every inline data, record the schema version and
+    the content digest in one more transaction. Returns the new generation.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.executescript(SCHEMA_2_DDL)
+        conn.create_function("ecfs_inline_checksum", 1, inline_checksum, deterministic=True)
+        conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE inodes SET inline_checksum = ecfs_inline_checksum(inline_data)"
+            " WHERE inline_data IS NOT NULL"
+        )
+        conn.execute("UPDATE volume SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        conn.execute(
+            "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
+            (content_digest(conn),),
+        )
+        (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+        conn.execute("COMMIT")
+        return int(generation)
+    finally:
+        conn.close()
+
 
 def create_database(
     path: Path,
@@ -161,6 +269,7 @@ def create_database(
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA_2_DDL)
         conn.execute("BEGIN")
         rows = dict(params)
         rows["schema"] = SCHEMA_VERSION
@@ -182,8 +291,29 @@ def create_database(
             " VALUES (?, ?, ?, ?, 2, 0, ?, ?, ?)",
             (ROOT_INODE, stat.S_IFDIR | 0o755, root_uid, root_gid, now_ns, now_ns, now_ns),
         )
+        conn.execute("UPDATE replica_state SET digest = ? WHERE id = 0", (content_digest(conn),))
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
     path.chmod(0o600)
+
+
+def record_digest(path: Path) -> int:
+    """Blocking. Record the content digest of the rows of the database at
+    `path` (a working copy no one else has open, of the current schema) in
+    one more transaction; returns the new generation. For a copy whose rows
+    no longer give its recorded digest and that was chosen anyway (see
+    `ecfs.replicas.choose_copy`)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
+            (content_digest(conn),),
+        )
+        (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+        conn.execute("COMMIT")
+        return int(generation)
+    finally:
+        conn.close()
