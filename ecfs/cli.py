@@ -274,7 +274,10 @@ def _absolute_store_arg(arg: str) -> str:
 @click.argument("mountpoint")
 def umount(timeout: float, mountpoint: str) -> None:
     """Write back everything and unmount MOUNTPOINT; waits until the
-    daemon has made all data durable and exited."""
+    daemon has made all data durable and exited. Says so (and still exits
+    0) if chunks wait in the repair queue: the next mount repairs them, or
+    run `ecfs repair --wait` first."""
+    from .client import MountClient
     from .mount import mounted_fstype
 
     fstype = mounted_fstype(Path(mountpoint))
@@ -283,6 +286,12 @@ def umount(timeout: float, mountpoint: str) -> None:
     if fstype != "fuse.ecfs":
         _fail(f"{mountpoint} is not an ecfs mount (it is {fstype})", 2)
     pid = _daemon_pid(mountpoint)
+    queued = 0
+    if pid is not None:
+        try:
+            queued = int(MountClient(mountpoint).status()["repair"]["chunks"])
+        except (EcfsError, KeyError, TypeError, ValueError):
+            pass
     try:
         result = subprocess.run(
             ["fusermount3", "-u", mountpoint],
@@ -305,6 +314,13 @@ def umount(timeout: float, mountpoint: str) -> None:
                 f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1
             )
         time.sleep(0.05)
+    if queued:
+        click.echo(
+            f"ecfs: unmounted {mountpoint}; {queued} chunk(s) still wait for repair (reduced"
+            " redundancy): the next mount repairs them (`ecfs repair --wait MOUNTPOINT`"
+            " before unmounting finishes them first)",
+            err=True,
+        )
 
 
 def _daemon_pid(mountpoint: str, timeout: float = 10.0) -> int | None:

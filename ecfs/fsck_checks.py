@@ -644,12 +644,28 @@ def _check_chunk(
         return
     fixed = False
     notes = ""
+    severity: Severity = "error"
+    if _queued_for_repair(ctx, ref, state):
+        # Known damage the mount repairs by itself (e.g. written with
+        # reduced redundancy while a store was full): not an error.
+        severity = "warning"
+        notes = "; queued for repair"
     if ctx.repair and payloads is not None:
         failures = _rebuild(ctx, codec, ref, payloads, state)
         fixed = not failures
-        notes = "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
+        notes += "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
     details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
-    ctx.report.add(check, f"{where()}: {details}{notes}", fixed=fixed)
+    ctx.report.add(check, f"{where()}: {details}{notes}", severity=severity, fixed=fixed)
+
+
+def _queued_for_repair(ctx: FsckContext, ref: ChunkRef, state: _ChunkState) -> bool:
+    """Whether every bad fragment of a recoverable chunk is already known to
+    the persistent repair queue (its bad mask, or a slot without a store)."""
+    mask = RepairQueue(ctx.db).bad_mask(ref.chunk_id)
+    if mask is None:
+        return False
+    known = {i for i, s in enumerate(ref.stores) if s == NO_STORE or mask >> i & 1}
+    return set(state.bad) <= known
 
 
 def _verify_fragment(

@@ -318,13 +318,20 @@ stores and exited. With `umount.fuse.ecfs` installed (see ecfs-mount(8)),
 umount(8) does the same.
 
 A mount whose daemon was killed is detached (the volume stays consistent:
-what was fsync'ed is there, the rest is as of an earlier state).""",
+what was fsync'ed is there, the rest is as of an earlier state).
+
+If chunks still wait in the repair queue (for example written with reduced
+redundancy while a store was full or away), `ecfs umount` says how many
+on standard error and still exits 0: nothing is lost, they stay queued and
+the next mount repairs them, and `ecfs fsck` reports them as warnings. To
+unmount at full redundancy, run `ecfs repair --wait` first.""",
         sections={
             "EXAMPLES": """\
     ecfs umount /mnt/pool""",
             "EXIT STATUS": """\
 0::
-Unmounted, and the daemon exited.
+Unmounted, and the daemon exited (also when chunks still wait for repair,
+see above).
 
 1::
 The mount is busy (a file is open or a process has its working directory
@@ -531,8 +538,11 @@ that cannot be read), `counts` (`stores`, `stores_missing`, `replicas`,
     ecfs fsck --verify-data --repair '/srv/d*/ecfs'""",
             "EXIT STATUS": """\
 0::
-The volume is clean (warnings, such as stray files in a store, do not
-count).
+The volume is clean (warnings do not count: stray files in a store, and
+missing or bad fragments of a chunk that the volume's repair queue already
+holds, e.g. one written with reduced redundancy while a store was full,
+which the next mount repairs; `ecfs repair --wait` before unmounting
+avoids them).
 
 1::
 Problems were found (fixed or not; the report says which).

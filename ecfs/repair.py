@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -130,6 +130,11 @@ class Repairer:
         self._wakeup = trio.Event()
         self._rate_ewma = 0.0
         self._idle = trio.Event()
+        #: Refreshes the stores' free space (set by the volume); run before
+        #: the retry that `set_urgent` starts, so that a store that was full
+        #: and has room again takes the rebuilt fragments at once.
+        self.refresh_usage: Callable[[], Awaitable[None]] | None = None
+        self._refresh_first = False
 
     # -- control -------------------------------------------------------------------
 
@@ -140,6 +145,7 @@ class Repairer:
     def set_urgent(self, urgent: bool) -> None:
         self.urgent = urgent
         self._deferred.clear()
+        self._refresh_first = True
         self.poke()
 
     @property
@@ -189,6 +195,9 @@ class Repairer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
+            if self._refresh_first and self.refresh_usage is not None:
+                self._refresh_first = False
+                await self.refresh_usage()
             entries = self._due_entries()
             if not entries:
                 self._idle.set()

@@ -457,12 +457,16 @@ class DirectoryStore:
             raise _store_error(exc, f"cannot read fragment (fd {fd})") from exc
 
     def delete_fragment(self, chunk_id: int, index: int) -> None:
-        """Remove a fragment file; a missing one is fine. OSError -> StoreError."""
+        """Remove a fragment file; a missing one is fine, unless the whole
+        store is missing (its marker is gone too: the directory vanished or
+        was unmounted), which is a StoreError like any other OSError: the
+        fragment may still be there when the store comes back."""
         path = self._fragment_path(chunk_id, index)
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            if not os.path.lexists(self.path / MARKER_NAME):
+                raise StoreError(f"cannot delete fragment {path}: the store is gone") from None
         except OSError as exc:
             raise _store_error(exc, f"cannot delete fragment {path}") from exc
 

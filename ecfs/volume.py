@@ -46,6 +46,7 @@ from .replicas import (
     copy_database,
     place_replica,
     prepare_working_copy,
+    remove_replica,
     replica_path,
 )
 from .scrub import Scrubber
@@ -185,7 +186,9 @@ class Volume:
             self.pins,
             self._durable_generation,
             lambda: self.filedata.last_activity,
+            db,
         )
+        self.writer.on_abandoned = self.garbage.remember
         self.filedata = FileData(
             self.layout,
             db,
@@ -212,6 +215,7 @@ class Volume:
             lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
         )
         self.damage.on_queued = self.repairer.poke
+        self.repairer.refresh_usage = self.refresh_usage
         self.scrubber = Scrubber(
             db,
             self.layout,
@@ -233,6 +237,8 @@ class Volume:
         #: Set when unmount could not make the metadata durable anywhere: the
         #: working copy is then kept (its path is logged) instead of deleted.
         self.metadata_at_risk = False
+        #: Stale metadata replicas to delete once the replicas are closed.
+        self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
 
     def _remember_store_paths(self) -> None:
@@ -324,7 +330,9 @@ class Volume:
         assert self.replicator is not None
         self._nursery = nursery
         await nursery.start(supervised, "metadata replication", self.replicator.run)
+        self.garbage.load_leftovers()
         await nursery.start(supervised, "garbage collector", self.garbage.run)
+        self.garbage.poke()  # fragments left on stores that were away last time
         await nursery.start(supervised, "repair", self.repairer.run)
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
@@ -350,6 +358,28 @@ class Volume:
             )
             return
         await self.garbage.collect()
+        replicator = self.replicator
+        if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
+            self._stale_replicas_to_remove = sorted(
+                set(replicator.stale_replicas()) - set(replicator.live_replicas())
+            )
+
+    async def _remove_stale_replicas(self) -> None:
+        """After a clean shutdown with m+1 replicas live and up to date
+        (and their connections closed): delete the out-of-date copies on
+        stores that are available again (their store was away, and the copy
+        was replaced by one on another store), so that no stale copy is left
+        behind for fsck to report or a later mount to count."""
+        for index in self._stale_replicas_to_remove:
+            runner = self.runners.get(index)
+            if runner is None or not runner.available:
+                continue
+            try:
+                await runner.call(remove_replica, replica_path(runner.store.meta_dir), timeout=10.0)
+            except EcfsError as exc:
+                log.warning("cannot remove the stale metadata replica on store %d: %s", index, exc)
+                continue
+            log.info("removed the stale metadata replica on store %d", index)
 
     async def _drain_metadata(self) -> None:
         """Make everything durable; if every replica went stale, place new
@@ -377,6 +407,7 @@ class Volume:
     async def aclose_replicas(self) -> None:
         if self.replicator is not None:
             await self.replicator.aclose()
+            await self._remove_stale_replicas()
 
     async def refresh_usage(self) -> None:
         async def one(index: int, runner: StoreRunner) -> None:

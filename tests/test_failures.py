@@ -656,3 +656,80 @@ def test_a_store_that_comes_back_is_noticed(tmp_path: Path, dirs: list) -> None:
         seconds = wait_for(lambda: store_state(vol, index) == "ok", RECOVERY_LIMIT)
         assert seconds is not None, json.dumps(status(vol)["stores"][index])
         check_all(hashes)
+
+
+# --- what a store that was away leaves behind ----------------------------------------
+
+
+def fsck_report(stores: Sequence[Path]) -> dict:
+    return json.loads(cli("fsck", "--json", *stores, check=False).stdout)
+
+
+def test_a_store_away_while_files_are_rewritten_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Files are rewritten (their old chunk versions become garbage) while
+    store 1, which holds a metadata replica, is renamed away: the deletions
+    that could not reach it are remembered and done once it is back, and its
+    out-of-date metadata copy is removed at unmount. fsck then finds no
+    orphan fragment and no stale copy."""
+    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica|store 1"]) as vol:
+        hashes = populate(vol.mountpoint, count=3, size=MiB + 4321)
+        lost = vol.stores[1]
+        away = lost.with_name("s1-away")
+        os.rename(lost, away)
+        deadline = time.monotonic() + 3.0
+        seed = 500
+        while time.monotonic() < deadline or store_state(vol, 1) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+            assert time.monotonic() < deadline + 30, status(vol)
+        assert store_state(vol, 1) == "failed"
+        os.rename(away, lost)
+        assert wait_for(lambda: store_state(vol, 1) == "ok", RECOVERY_LIMIT), status(vol)
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]
+    vol.mount()
+    check_all(hashes)
+
+
+def test_reduced_redundancy_while_a_store_was_full_is_pending_repair(
+    tmp_path: Path, dirs: list
+) -> None:
+    """A file written while a store is full has one fragment fewer per chunk
+    (queued for repair). Unmounted before the repair: `ecfs umount` says so
+    (exit 0) and fsck calls it a warning (the volume is clean). Once the store
+    has room again, `ecfs repair --wait` finishes it: fsck has nothing to say."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3|[Nn]o space"]) as vol:
+        hashes = populate(vol.mountpoint, count=1)
+        dirs[3].set("enospc")
+        late = vol.mountpoint / "late"
+        hashes[late] = write_pattern_file(late, seed=71, size=MiB + 5)
+        fsync_file(late)
+        dirs[3].set("ok")
+        vol.unmount()
+        assert vol.umount_result is not None
+        assert "wait for repair" in vol.umount_result.stderr, vol.umount_result
+        result = cli("fsck", "--json", *vol.stores, check=False)
+        report = json.loads(result.stdout)
+        assert result.returncode == 0 and report["clean"], report["findings"]
+        queued = [f for f in report["findings"] if "queued for repair" in f["message"]]
+        assert queued and all(f["severity"] == "warning" for f in queued), report["findings"]
+
+        vol.mount()
+        dirs[3].set("enospc")
+        later = vol.mountpoint / "later"
+        hashes[later] = write_pattern_file(later, seed=72, size=MiB + 7)
+        fsync_file(later)
+        dirs[3].set("ok")
+        repaired = cli("repair", "--wait", vol.mountpoint)
+        assert "0 chunks still queued" in repaired.stdout, repaired.stdout
+        assert status(vol)["repair"]["chunks"] == 0
+        check_all(hashes)
+        vol.unmount()
+        assert vol.umount_result is not None
+        assert "repair" not in vol.umount_result.stderr, vol.umount_result
+        report = fsck_report(vol.stores)
+        assert report["clean"] and report["findings"] == [], report["findings"]
+        vol.mount()

@@ -135,6 +135,19 @@ CREATE TABLE repair_queue (
     enqueued_ns INTEGER NOT NULL
 );
 
+-- Fragment files to delete that could not be deleted when they became
+-- garbage (their store was away, failed or not mounted), or that a failed
+-- write may have left behind: fragment `idx` of chunk `chunk_id` on store
+-- `store`. Retried when the store is available (see ecfs.garbage); a row
+-- whose (store, chunk, idx) a chunk refers to again is dropped, never
+-- deleted. Created by `ensure_pending_deletions` on volumes made before it.
+CREATE TABLE pending_deletions (
+    store    INTEGER NOT NULL,
+    chunk_id INTEGER NOT NULL,
+    idx      INTEGER NOT NULL,
+    PRIMARY KEY (store, chunk_id, idx)
+) WITHOUT ROWID;
+
 -- readdir walks one directory in rowid order from a resume cookie; an index
 -- on parent alone is implicitly (parent, rowid), so that walk is a range scan.
 CREATE INDEX dentries_by_parent ON dentries (parent);
