@@ -684,6 +684,12 @@ def test_a_store_away_while_files_are_rewritten_leaves_nothing_behind(tmp_path: 
                 seed += 1
             assert time.monotonic() < deadline + 30, status(vol)
         assert store_state(vol, 1) == "failed"
+
+        def replaced() -> bool:  # its metadata copy is stale, a new one is live elsewhere
+            metadata = status(vol)["metadata"]
+            return "1" in metadata["stale_replicas"] and len(metadata["live_replicas"]) == M + 1
+
+        assert wait_for(replaced, RECOVERY_LIMIT), status(vol)["metadata"]
         os.rename(away, lost)
         assert wait_for(lambda: store_state(vol, 1) == "ok", RECOVERY_LIMIT), status(vol)
         check_all(hashes)
