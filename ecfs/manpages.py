@@ -271,6 +271,15 @@ it reads the mount table, that is for mounts it recorded options of (such
 as `_netdev`); otherwise it detaches the mount itself and the daemon
 finishes writing back on its own a moment later. `scripts/systemd/` has an
 example `.mount` unit, and a service and timer for a weekly scrub.""",
+            "DIRECT I/O": """\
+Files may be opened with `O_DIRECT`. Linux's FUSE module does not drop the
+pages that a buffered reader cached while an asynchronous direct write
+(io_submit(2)) was in flight, so a reader could see the old bytes
+afterwards (any FUSE filesystem with a kernel page cache shows this). ecfs
+drops the cached pages of a file at every open after a direct writer
+opened it: a buffered open after an asynchronous direct write reads the
+new bytes. A reader that keeps its file open across such a write may still
+read pages cached during it; synchronous direct writes are not affected.""",
             "EXAMPLES": """\
     ecfs mount '/srv/d*/ecfs' /mnt/pool
     ecfs mount -o noatime,repair_rate=100M /srv/d1/ecfs /srv/d2/ecfs ... /mnt/pool
