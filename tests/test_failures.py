@@ -700,6 +700,31 @@ def test_a_store_away_while_files_are_rewritten_leaves_nothing_behind(tmp_path: 
     check_all(hashes)
 
 
+def test_a_vanished_store_under_writers_leaves_no_orphans(tmp_path: Path, dirs: list) -> None:
+    """Store 3 vanishes (faultfs `gone`: every call says ENOENT) for a few
+    seconds while files are rewritten and read: once it is back and the
+    volume is unmounted cleanly, fsck finds no orphan fragment on it."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint, count=3, size=MiB + 4321)
+        index = store_index(vol, vol.stores[3])
+        drop_caches()
+        dirs[3].set("gone")
+        deadline = time.monotonic() + 3.0
+        seed = 700
+        while time.monotonic() < deadline or store_state(vol, index) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+                sha256_file(path)
+            assert time.monotonic() < deadline + 30, status(vol)
+        dirs[3].set("ok")
+        assert wait_for(lambda: store_state(vol, index) == "ok", RECOVERY_LIMIT), status(vol)
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]
+
+
 def test_reduced_redundancy_while_a_store_was_full_is_pending_repair(
     tmp_path: Path, dirs: list
 ) -> None:
