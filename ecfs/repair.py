@@ -20,7 +20,9 @@ new fragments are orphans and are deleted.
 
 Crash contract: the queue entry is removed in the same transaction that
 commits the new locations, so a crash at any point leaves the chunk queued
-(a fragment written but not committed is an orphan for fsck/garbage).
+(a fragment written but not committed is an orphan for fsck). A fragment
+write that fails is handed to the garbage collector's remembered
+deletions (see garbage).
 
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
@@ -355,15 +357,21 @@ class Repairer:
             self.volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size, payload
         )
         self.handles.discard((store, ref.chunk_id, index))
-        await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
-        size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
-        # Made durable before any metadata batch that refers to it (the
-        # replicator syncs every store written since its last batch).
-        self.note_unsynced(store)
-        check = ChunkRef(ref.chunk_id, ref.length, tuple(
-            store if i == index else s for i, s in enumerate(ref.stores)
-        ))
-        await self.reader.read_fragment(check, index, 0, len(payload))  # verify what landed
+        try:
+            await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
+            size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
+            # Made durable before any metadata batch that refers to it (the
+            # replicator syncs every store written since its last batch).
+            self.note_unsynced(store)
+            check = ChunkRef(ref.chunk_id, ref.length, tuple(
+                store if i == index else s for i, s in enumerate(ref.stores)
+            ))
+            await self.reader.read_fragment(check, index, 0, len(payload))  # verify what landed
+        except (StoreError, FragmentCorrupt):
+            # Whatever landed is deleted once the store is available (unless
+            # the chunk refers to it, i.e. it was rewritten in place).
+            self.garbage.remember([(store, ref.chunk_id, index)])
+            raise
         self.placement.note_written(store, size)
         self.counters.fragments_rebuilt += 1
         self.counters.bytes_written += size

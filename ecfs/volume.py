@@ -343,8 +343,23 @@ class Volume:
             await self.filedata.free(ino)
 
     async def shutdown(self) -> None:
-        """Write back everything, make it durable, delete garbage."""
+        """Write back everything, make it durable, delete garbage (and make
+        durable what that changed: remembered deletions done or added)."""
         await self.filedata.flush_all()
+        if not await self._drain_at_shutdown():
+            return
+        await self.garbage.collect()
+        if not await self._drain_at_shutdown():
+            return
+        replicator = self.replicator
+        if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
+            self._stale_replicas_to_remove = sorted(
+                set(replicator.stale_replicas()) - set(replicator.live_replicas())
+            )
+
+    async def _drain_at_shutdown(self) -> bool:
+        """Make the metadata durable; False (and the working copy kept) if
+        that is impossible."""
         try:
             with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
                 await self._drain_metadata()
@@ -356,13 +371,8 @@ class Volume:
                 exc,
                 self.db.path,
             )
-            return
-        await self.garbage.collect()
-        replicator = self.replicator
-        if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
-            self._stale_replicas_to_remove = sorted(
-                set(replicator.stale_replicas()) - set(replicator.live_replicas())
-            )
+            return False
+        return True
 
     async def _remove_stale_replicas(self) -> None:
         """After a clean shutdown with m+1 replicas live and up to date
