@@ -274,9 +274,8 @@ def _absolute_store_arg(arg: str) -> str:
 @click.argument("mountpoint")
 def umount(timeout: float, mountpoint: str) -> None:
     """Write back everything and unmount MOUNTPOINT; waits until the
-    daemon has made all data durable and exited. Says so (and still exits
-    0) if chunks wait in the repair queue: the next mount repairs them, or
-    run `ecfs repair --wait` first."""
+    daemon has made all data durable and exited; tells how many chunks
+    still wait for repair, if any."""
     from .client import MountClient
     from .mount import mounted_fstype
 
