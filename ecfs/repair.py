@@ -18,6 +18,12 @@ read back and verified, and then the new locations are committed. Nothing
 else of the chunk is rewritten. If the chunk was rewritten meanwhile, the
 new fragments are orphans and are deleted.
 
+A chunk that cannot be repaired now (no store can take a rebuilt
+fragment, or the stores holding the rest are away) is put off for
+RETRY_DELAY seconds, or until a store comes back or has room again
+(`retry_deferred`, called by the volume), or an operator makes repair
+urgent (`set_urgent`, which also refreshes the stores' free space first).
+
 Crash contract: the queue entry is removed in the same transaction that
 commits the new locations, so a crash at any point leaves the chunk queued
 (a fragment written but not committed is an orphan for fsck). A fragment
@@ -149,6 +155,13 @@ class Repairer:
         self._deferred.clear()
         self._refresh_first = True
         self.poke()
+
+    def retry_deferred(self) -> None:
+        """A store came back or has room again: retry the entries that were
+        put off (for RETRY_DELAY) because they had nowhere to go."""
+        if self._deferred:
+            self._deferred.clear()
+            self.poke()
 
     @property
     def busy(self) -> bool:

@@ -428,9 +428,12 @@ class Volume:
                 return
             self.placement.update_usage(index, usage)
 
+        full_before = set(self.placement.full)
         async with trio.open_nursery() as nursery:
             for index, runner in self.runners.items():
                 nursery.start_soon(one, index, runner)
+        if full_before - self.placement.full:
+            self.repairer.retry_deferred()  # room again for fragments that had none
 
     async def _health_loop(self) -> None:
         while True:
@@ -466,6 +469,7 @@ class Volume:
         if not was_available:
             runner.mark_ok()
             log.warning("store %d (%s) is back", index, runner.store.path)
+            self.repairer.retry_deferred()  # chunks that waited for it
 
     def store_may_be_gone(self, index: int) -> None:
         """Reader callback on a missing fragment: probe that store soon

@@ -731,17 +731,18 @@ def test_reduced_redundancy_while_a_store_was_full_is_pending_repair(
     """A file written while a store is full has one fragment fewer per chunk
     (queued for repair). Unmounted before the repair: `ecfs umount` says so
     (exit 0) and fsck calls it a warning (the volume is clean). Once the store
-    has room again, `ecfs repair --wait` finishes it: fsck has nothing to say."""
+    has room again, the repair happens (`ecfs repair --wait` follows it to the
+    end): fsck has nothing to say."""
     with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3|[Nn]o space"]) as vol:
         hashes = populate(vol.mountpoint, count=1)
         dirs[3].set("enospc")
         late = vol.mountpoint / "late"
         hashes[late] = write_pattern_file(late, seed=71, size=MiB + 5)
         fsync_file(late)
-        dirs[3].set("ok")
-        vol.unmount()
+        vol.unmount()  # still full: the repair had nowhere to go
         assert vol.umount_result is not None
         assert "wait for repair" in vol.umount_result.stderr, vol.umount_result
+        dirs[3].set("ok")
         result = cli("fsck", "--json", *vol.stores, check=False)
         report = json.loads(result.stdout)
         assert result.returncode == 0 and report["clean"], report["findings"]
@@ -764,3 +765,24 @@ def test_reduced_redundancy_while_a_store_was_full_is_pending_repair(
         report = fsck_report(vol.stores)
         assert report["clean"] and report["findings"] == [], report["findings"]
         vol.mount()
+
+
+def test_fragments_that_had_no_room_are_rebuilt_once_there_is_room(
+    tmp_path: Path, dirs: list
+) -> None:
+    """Chunks written while a store was full wait for repair; as soon as the
+    store has room again (seen by the health loop's free-space refresh) they
+    are rebuilt, without waiting out the retry delay and without an operator."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3|[Nn]o space"]) as vol:
+        dirs[3].set("enospc")
+        path = vol.mountpoint / "while-full"
+        digest = write_pattern_file(path, seed=73, size=MiB + 9)
+        fsync_file(path)
+        assert status(vol)["repair"]["chunks"] > 0
+        dirs[3].set("ok")
+        assert wait_for(lambda: status(vol)["repair"]["chunks"] == 0, RECOVERY_LIMIT), status(vol)[
+            "repair"
+        ]
+        check_all({path: digest})
+    report = fsck_report(vol.stores)
+    assert report["clean"] and report["findings"] == [], report["findings"]
