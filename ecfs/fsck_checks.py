@@ -14,6 +14,8 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   repair rebuilds bad ones from k good ones.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others.
+  If the volume remembers every one of them as to be deleted (their store
+  was away, see `ecfs.garbage`), that is a warning.
 
 Must not: speak SQL (all queries are in `ecfs.metadb`), open the volume
 (see `ecfs.fsck`), or run while anything else uses the volume: the caller
@@ -45,7 +47,7 @@ from .codec import Codec
 from .errors import FragmentCorrupt, FragmentMissing, StoreError
 from .geometry import Layout
 from .handles import Expected, open_fragment
-from .metadb.chunks import ChunkTable, RepairQueue
+from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.digest import digest_tables
 from .metadb.inodes import InodeTable
@@ -866,12 +868,18 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
             outcome = ""
             if ctx.repair:
                 outcome = "; deleted" if not failures else f"; {failures} could not be deleted"
+            # All of them remembered by the volume (left while the store was
+            # away; the next mount deletes them): a warning.
+            remembered = set(orphans) <= PendingDeletions(ctx.db).of_store(store_index)
             ctx.report.add(
                 check,
                 f"store {store_index} ({store.path}): {len(orphans)} fragment file(s) no"
-                f" chunk refers to: {shown}{more}{outcome}",
+                f" chunk refers to: {shown}{more}{outcome}"
+                + ("; left while the store was away, the next mount deletes them"
+                   if remembered else ""),
+                severity="warning" if remembered else "error",
                 fixed=ctx.repair and not failures,
-            )
+            )  # fmt: skip
         stray = _stray_files(store, found)
         if stray:
             shown = ", ".join(stray[:EXAMPLES])

@@ -786,3 +786,36 @@ def test_fragments_that_had_no_room_are_rebuilt_once_there_is_room(
         check_all({path: digest})
     report = fsck_report(vol.stores)
     assert report["clean"] and report["findings"] == [], report["findings"]
+
+
+def test_deletions_remembered_across_an_unmount_are_done_at_the_next_mount(
+    tmp_path: Path,
+) -> None:
+    """Store 4 is still away at unmount: the fragments that became garbage
+    meanwhile stay on it. Once it is back, fsck calls them a warning (the
+    volume remembers them), and the next mount deletes them."""
+    with failure_volume(tmp_path, [], allowed_log=[r"store 4"]) as vol:
+        hashes = populate(vol.mountpoint, count=2, size=MiB + 4321)
+        lost = vol.stores[4]
+        away = lost.with_name("s4-away")
+        os.rename(lost, away)
+        seed = 800
+        while store_state(vol, 4) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+        for path in list(hashes):  # garbage made while it is known to be failed
+            hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+            seed += 1
+        vol.unmount()
+        os.rename(away, lost)
+        report = fsck_report(vol.stores)
+        assert report["counts"]["orphan_fragments"] > 0, report
+        assert report["clean"] and report["exit_status"] == 0, report["findings"]
+        orphans = [f for f in report["findings"] if f["check"] == "no_orphan_fragments"]
+        assert orphans and all(f["severity"] == "warning" for f in orphans), orphans
+        vol.mount()
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]

@@ -428,6 +428,20 @@ class PendingDeletions:
             )
         ]
 
+    def of_store(self, store: int) -> set[tuple[int, int]]:
+        """(chunk_id, index) of every remembered fragment on `store` (none
+        in a volume that predates the table)."""
+        if self.db.query_one(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pending_deletions'"
+        ) is None:
+            return set()
+        return {
+            (int(c), int(i))
+            for c, i in self.db.query(
+                "SELECT chunk_id, idx FROM pending_deletions WHERE store = ?", (store,)
+            )
+        }
+
     def stores(self) -> set[int]:
         """The stores that have remembered fragments."""
         return {int(r[0]) for r in self.db.query("SELECT DISTINCT store FROM pending_deletions")}
