@@ -547,11 +547,12 @@ that cannot be read), `counts` (`stores`, `stores_missing`, `replicas`,
     ecfs fsck --verify-data --repair '/srv/d*/ecfs'""",
             "EXIT STATUS": """\
 0::
-The volume is clean (warnings do not count: stray files in a store, and
+The volume is clean (warnings do not count: stray files in a store;
 missing or bad fragments of a chunk that the volume's repair queue already
 holds, e.g. one written with reduced redundancy while a store was full,
-which the next mount repairs; `ecfs repair --wait` before unmounting
-avoids them).
+which the next mount repairs (`ecfs repair --wait` before unmounting
+avoids them); orphan fragments the volume remembers to delete, left on a
+store that was away, which the next mount deletes).
 
 1::
 Problems were found (fixed or not; the report says which).
