@@ -18,10 +18,10 @@ write may have left on a store (the writer's `on_abandoned`). They are
 retried (`retry_leftovers`) whenever the collector wakes (the volume's
 health loop pokes it every few seconds, so a store that comes back is
 cleaned within seconds), at mount and at unmount. A remembered fragment is
-never deleted while its chunk is pinned (a repair writes fragments of a
-pinned chunk), and a row whose (store, chunk, index) a chunk refers to
-again is dropped instead of deleted. Chunk ids are never reused, so no new
-chunk can take a remembered fragment's name.
+never deleted while its chunk is pinned or queued for repair (a repair
+may write that very fragment again), and a row whose (store, chunk, index)
+a chunk refers to again is dropped instead of deleted. Chunk ids are never
+reused, so no new chunk can take a remembered fragment's name.
 
 Pacing: the background collector yields to reads and writes (it waits for
 a gap in foreground activity, at most PATIENCE seconds per chunk), as
@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from .handles import HandleCache
-from .metadb.chunks import ChunkTable, PendingDeletions
+from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .model import NO_STORE, ChunkRef
@@ -162,14 +162,14 @@ class Garbage:
         if unknown:  # stores removed from the volume: nothing to delete there
             with db.transaction():
                 leftovers.forget_stores(unknown)
-        chunks = ChunkTable(db)
+        chunks, queue = ChunkTable(db), RepairQueue(db)
         while True:
             available = sorted(i for i, r in self.runners.items() if r.available)
             rows = leftovers.on_stores(available, LEFTOVER_BATCH)
             done: list[Fragment] = []
             for store, chunk_id, index in rows:
-                if self.pins.pinned(chunk_id):
-                    continue  # a repair may be writing it: later
+                if self.pins.pinned(chunk_id) or queue.contains(chunk_id):
+                    continue  # a repair may write this very fragment: later
                 found = chunks.by_id(chunk_id)
                 if found is not None and found[2].stores[index] == store:
                     done.append((store, chunk_id, index))  # referred to again: keep the file
