@@ -311,8 +311,10 @@ def _absolute_store_arg(arg: str) -> str:
 @click.argument("mountpoint")
 def umount(timeout: float, mountpoint: str) -> None:
     """Write back everything and unmount MOUNTPOINT; waits until the
-    daemon has made all data durable and exited. Exits 1 if the daemon
-    reported that its shutdown failed (the message says what failed)."""
+    daemon has made all data durable and exited; tells how many chunks
+    still wait for repair, if any. Exits 1 if the daemon reported that its
+    shutdown failed (the message says what failed)."""
+    from .client import MountClient
     from .mount import mounted_fstype
     from .volume import KEEP_MARKER, SHUTDOWN_REPORT
 
@@ -322,6 +324,12 @@ def umount(timeout: float, mountpoint: str) -> None:
     if fstype != "fuse.ecfs":
         _fail(f"{mountpoint} is not an ecfs mount (it is {fstype})", 2)
     pid, workdir = _daemon_identity(mountpoint)
+    queued = 0
+    if pid is not None:
+        try:
+            queued = int(MountClient(mountpoint).status()["repair"]["chunks"])
+        except (EcfsError, KeyError, TypeError, ValueError):
+            pass
     try:
         result = subprocess.run(
             ["fusermount3", "-u", mountpoint],
@@ -344,6 +352,13 @@ def umount(timeout: float, mountpoint: str) -> None:
                 f"unmounted, but the daemon (pid {pid}) is still writing back after {timeout} s", 1
             )
         time.sleep(0.05)
+    if queued:
+        click.echo(
+            f"ecfs: unmounted {mountpoint}; {queued} chunk(s) still wait for repair (reduced"
+            " redundancy): the next mount repairs them (`ecfs repair --wait MOUNTPOINT`"
+            " before unmounting finishes them first)",
+            err=True,
+        )
     if workdir is None:
         return
     try:

@@ -47,8 +47,10 @@ def status(volume: Volume) -> dict[str, object]:
 
     volume, k, m, health ("healthy" | "degraded" | "at-risk" |
     "data-loss"), tolerance (how many more stores the worst chunk can
-    lose; may be negative), stores[] (index, path, state, reason (why a
-    store is failed or missing, else null), in_flight,
+    lose, counting its fragments on unavailable stores, slots without a
+    store and fragments the repair queue knows to be bad; may be
+    negative), stores[] (index, path, state, reason (why a store is failed
+    or missing, else null), in_flight,
     errors, timeouts, latency_p50_ms, latency_p95_ms, bytes_read,
     bytes_written, free_bytes, total_bytes, fragments, fragment_bytes,
     draining), repair (queue {reason: {chunks, bytes}}, chunks, bytes_left,
@@ -71,6 +73,14 @@ def status(volume: Volume) -> dict[str, object]:
             if s in fragments:
                 fragments[s] += count
                 fragment_bytes[s] += size // layout.k
+    # Known damage: fragments found missing or corrupt, waiting for repair.
+    for stores, bad, _count in volume.repairer.queue.known_damage():
+        lost = sum(
+            1
+            for i, s in enumerate(stores)
+            if bad >> i & 1 or s == NO_STORE or s not in available
+        )
+        tolerance = min(tolerance, layout.n - lost - layout.k)
     store_rows = []
     for index, runner in sorted(volume.runners.items()):
         stats = runner.statistics()

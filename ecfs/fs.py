@@ -5,6 +5,19 @@ lookup counts (an inode's data is freed only when it has no links, is not
 open and the kernel has forgotten it), and the virtual control attributes
 on the root directory. Must not: contain filesystem logic or SQL.
 
+Page cache and direct I/O: opens keep the kernel's page cache of a file
+(keep_cache), except after a direct write. An asynchronous O_DIRECT write
+(io_submit) is not followed by an invalidation of the pages a concurrent
+buffered reader cached while it was in flight (the kernel's FUSE module
+does that only for synchronous ones; a plain pyfuse3 passthrough with the
+same options returns the same stale bytes, fstests generic/451). So an
+inode that a handle opened for writing with O_DIRECT may have changed is
+marked, and every open of a marked inode drops its cached pages
+(keep_cache off); the mark is cleared by such an open once no handle is
+open. A buffered reader that keeps its file open across an asynchronous
+direct write can still read pages cached during that write: that is the
+kernel's behaviour, not ours to fix without an invalidation per write.
+
 Errors: domain exceptions carry an errno and become FUSEError here; any
 other exception is logged as a bug and becomes EIO, so that no request can
 end the main loop (which would kill the mount).
@@ -87,6 +100,8 @@ class EcfsOperations(pyfuse3.Operations):
         self.data = volume.filedata
         self.mount_uid = mount_uid
         self._lookups: Counter[int] = Counter()
+        #: Inodes a direct write may have changed (see the module docstring).
+        self._direct_written: set[int] = set()
 
     # -- attributes ------------------------------------------------------------
 
@@ -134,6 +149,7 @@ class EcfsOperations(pyfuse3.Operations):
             self._lookups[ino] -= count
             if self._lookups[ino] <= 0:
                 del self._lookups[ino]
+                self._direct_written.discard(ino)  # the kernel dropped its pages too
                 await self._free_if_unused(ino)
 
     async def _free_if_unused(self, ino: int) -> None:
@@ -283,14 +299,26 @@ class EcfsOperations(pyfuse3.Operations):
                 if mode & stat.S_IXGRP:
                     mode &= ~stat.S_ISGID
                 self.ns.setattr(inode, mode=mode)
+        keep_cache = self._note_direct_open(inode, flags)
         self.data.opened(inode)
-        return pyfuse3.FileInfo(fh=inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=keep_cache)
+
+    def _note_direct_open(self, inode: int, flags: int) -> bool:
+        """Whether an open of `inode` may keep the kernel's cached pages
+        (see the module docstring); marks the inode for an O_DIRECT writer."""
+        marked = inode in self._direct_written
+        if marked and not self.data.is_open(inode):
+            self._direct_written.discard(inode)  # this open drops every stale page
+        if flags & os.O_DIRECT and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._direct_written.add(inode)
+        return not marked
 
     @errno_boundary
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
+        self._note_direct_open(node.id, flags)
         self.data.opened(node.id)
         return pyfuse3.FileInfo(fh=node.id), self._looked_up(node)
 

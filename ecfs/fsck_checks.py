@@ -20,6 +20,8 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others,
   but never while the metadata copies disagree (`FsckContext.keep_orphans`).
+  If the volume remembers every one of them as to be deleted (their store
+  was away, see `ecfs.garbage`), that is a warning.
 
 Must not: speak SQL (all queries are in `ecfs.metadb`), open the volume
 (see `ecfs.fsck`), or run while anything else uses the volume: the caller
@@ -51,7 +53,7 @@ from .codec import Codec
 from .errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from .geometry import Layout
 from .handles import Expected, open_fragment
-from .metadb.chunks import ChunkTable, RepairQueue
+from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
@@ -646,12 +648,28 @@ def _check_chunk(
         return
     fixed = False
     notes = ""
+    severity: Severity = "error"
+    if _queued_for_repair(ctx, ref, state):
+        # Known damage the mount repairs by itself (e.g. written with
+        # reduced redundancy while a store was full): not an error.
+        severity = "warning"
+        notes = "; queued for repair"
     if ctx.repair and payloads is not None:
         failures = _rebuild(ctx, codec, ref, payloads, state)
         fixed = not failures
-        notes = "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
+        notes += "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
     details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
-    ctx.report.add(check, f"{where()}: {details}{notes}", fixed=fixed)
+    ctx.report.add(check, f"{where()}: {details}{notes}", severity=severity, fixed=fixed)
+
+
+def _queued_for_repair(ctx: FsckContext, ref: ChunkRef, state: _ChunkState) -> bool:
+    """Whether every bad fragment of a recoverable chunk is already known to
+    the persistent repair queue (its bad mask, or a slot without a store)."""
+    mask = RepairQueue(ctx.db).bad_mask(ref.chunk_id)
+    if mask is None:
+        return False
+    known = {i for i, s in enumerate(ref.stores) if s == NO_STORE or mask >> i & 1}
+    return set(state.bad) <= known
 
 
 def _verify_fragment(
@@ -860,12 +878,18 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
                     f"; not deleted: {ctx.keep_orphans} (run fsck --repair again once the"
                     " copies agree)"
                 )
+            # All of them remembered by the volume (left while the store was
+            # away; the next mount deletes them): a warning.
+            remembered = set(orphans) <= PendingDeletions(ctx.db).of_store(store_index)
             ctx.report.add(
                 check,
                 f"store {store_index} ({store.path}): {len(orphans)} fragment file(s) no"
-                f" chunk refers to: {shown}{more}{outcome}",
+                f" chunk refers to: {shown}{more}{outcome}"
+                + ("; left while the store was away, the next mount deletes them"
+                   if remembered else ""),
+                severity="warning" if remembered else "error",
                 fixed=delete and not failures,
-            )
+            )  # fmt: skip
         stray = _stray_files(store, found)
         if stray:
             shown = ", ".join(stray[:EXAMPLES])

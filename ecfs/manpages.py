@@ -309,6 +309,15 @@ it reads the mount table, that is for mounts it recorded options of (such
 as `_netdev`); otherwise it detaches the mount itself and the daemon
 finishes writing back on its own a moment later. `scripts/systemd/` has an
 example `.mount` unit, and a service and timer for a weekly scrub.""",
+            "DIRECT I/O": """\
+Files may be opened with `O_DIRECT`. Linux's FUSE module does not drop the
+pages that a buffered reader cached while an asynchronous direct write
+(io_submit(2)) was in flight, so a reader could see the old bytes
+afterwards (any FUSE filesystem with a kernel page cache shows this). ecfs
+drops the cached pages of a file at every open after a direct writer
+opened it: a buffered open after an asynchronous direct write reads the
+new bytes. A reader that keeps its file open across such a write may still
+read pages cached during it; synchronous direct writes are not affected.""",
             "EXAMPLES": """\
     ecfs mount '/srv/d*/ecfs' /mnt/pool
     ecfs mount -o noatime,repair_rate=100M /srv/d1/ecfs /srv/d2/ecfs ... /mnt/pool
@@ -357,13 +366,20 @@ stores and exited. With `umount.fuse.ecfs` installed (see ecfs-mount(8)),
 umount(8) does the same.
 
 A mount whose daemon was killed is detached (the volume stays consistent:
-what was fsync'ed is there, the rest is as of an earlier state).""",
+what was fsync'ed is there, the rest is as of an earlier state).
+
+If chunks still wait in the repair queue (for example written with reduced
+redundancy while a store was full or away), `ecfs umount` says how many
+on standard error and still exits 0: nothing is lost, they stay queued and
+the next mount repairs them, and `ecfs fsck` reports them as warnings. To
+unmount at full redundancy, run `ecfs repair --wait` first.""",
         sections={
             "EXAMPLES": """\
     ecfs umount /mnt/pool""",
             "EXIT STATUS": """\
 0::
-Unmounted, and the daemon exited.
+Unmounted, and the daemon exited (also when chunks still wait for repair,
+see above).
 
 1::
 The mount is busy (a file is open or a process has its working directory
@@ -594,8 +610,12 @@ that cannot be read), `counts` (`stores`, `stores_missing`, `replicas`,
     ecfs fsck --verify-data --repair '/srv/d*/ecfs'""",
             "EXIT STATUS": """\
 0::
-The volume is clean (warnings, such as stray files in a store, do not
-count).
+The volume is clean (warnings do not count: stray files in a store;
+missing or bad fragments of a chunk that the volume's repair queue already
+holds, e.g. one written with reduced redundancy while a store was full,
+which the next mount repairs (`ecfs repair --wait` before unmounting
+avoids them); orphan fragments the volume remembers to delete, left on a
+store that was away, which the next mount deletes).
 
 1::
 Problems were found (fixed or not; the report says which).

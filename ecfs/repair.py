@@ -18,9 +18,17 @@ read back and verified, and then the new locations are committed. Nothing
 else of the chunk is rewritten. If the chunk was rewritten meanwhile, the
 new fragments are orphans and are deleted.
 
+A chunk that cannot be repaired now (no store can take a rebuilt
+fragment, or the stores holding the rest are away) is put off for
+RETRY_DELAY seconds, or until a store comes back or has room again
+(`retry_deferred`, called by the volume), or an operator makes repair
+urgent (`set_urgent`, which also refreshes the stores' free space first).
+
 Crash contract: the queue entry is removed in the same transaction that
 commits the new locations, so a crash at any point leaves the chunk queued
-(a fragment written but not committed is an orphan for fsck/garbage).
+(a fragment written but not committed is an orphan for fsck). A fragment
+write that fails is handed to the garbage collector's remembered
+deletions (see garbage).
 
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
@@ -133,6 +141,11 @@ class Repairer:
         self._wakeup = trio.Event()
         self._rate_ewma = 0.0
         self._idle = trio.Event()
+        #: Refreshes the stores' free space (set by the volume); run before
+        #: the retry that `set_urgent` starts, so that a store that was full
+        #: and has room again takes the rebuilt fragments at once.
+        self.refresh_usage: Callable[[], Awaitable[None]] | None = None
+        self._refresh_first = False
 
     # -- control -------------------------------------------------------------------
 
@@ -143,7 +156,15 @@ class Repairer:
     def set_urgent(self, urgent: bool) -> None:
         self.urgent = urgent
         self._deferred.clear()
+        self._refresh_first = True
         self.poke()
+
+    def retry_deferred(self) -> None:
+        """A store came back or has room again: retry the entries that were
+        put off (for RETRY_DELAY) because they had nowhere to go."""
+        if self._deferred:
+            self._deferred.clear()
+            self.poke()
 
     @property
     def busy(self) -> bool:
@@ -192,6 +213,9 @@ class Repairer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
+            if self._refresh_first and self.refresh_usage is not None:
+                self._refresh_first = False
+                await self.refresh_usage()
             entries = self._due_entries()
             if not entries:
                 self._idle.set()
@@ -351,15 +375,21 @@ class Repairer:
         if self.before_write is not None and not await self.before_write(store):
             raise StoreError(f"store {store} is unavailable")
         self.handles.discard((store, ref.chunk_id, index))
-        await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
-        size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
-        # Made durable before any metadata batch that refers to it (the
-        # replicator syncs every store written since its last batch).
-        self.note_unsynced(store)
-        check = ChunkRef(ref.chunk_id, ref.length, tuple(
-            store if i == index else s for i, s in enumerate(ref.stores)
-        ))
-        await self.reader.read_fragment(check, index, 0, len(payload))  # verify what landed
+        try:
+            await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
+            size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
+            # Made durable before any metadata batch that refers to it (the
+            # replicator syncs every store written since its last batch).
+            self.note_unsynced(store)
+            check = ChunkRef(ref.chunk_id, ref.length, tuple(
+                store if i == index else s for i, s in enumerate(ref.stores)
+            ))
+            await self.reader.read_fragment(check, index, 0, len(payload))  # verify what landed
+        except (StoreError, FragmentCorrupt):
+            # Whatever landed is deleted once the store is available (unless
+            # the chunk refers to it, i.e. it was rewritten in place).
+            self.garbage.remember([(store, ref.chunk_id, index)])
+            raise
         self.placement.note_written(store, size)
         self.counters.fragments_rebuilt += 1
         self.counters.bytes_written += size

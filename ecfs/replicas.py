@@ -715,6 +715,12 @@ def _remove_if_exists(path: Path) -> None:
         pass
 
 
+def remove_replica(path: Path) -> None:
+    """Blocking: delete a replica that is no longer wanted (an out-of-date
+    copy, replaced by one on another store), with its side files."""
+    _remove_with_side_files(path)
+
+
 def _remove_with_side_files(path: Path) -> None:
     """Best-effort removal of a temp database and its side files."""
     for candidate in (path, *(_side_file(path, s) for s in _SIDE_SUFFIXES)):

@@ -563,13 +563,16 @@ class DirectoryStore:
         """Remove a fragment file, or whatever entry took its name (a
         symlink or FIFO is unlinked, never followed; a directory is removed
         with its contents: the name belongs to ecfs). A missing one is
-        fine. A directory that cannot be removed -> BadFragmentEntry; any
-        other OSError -> StoreError."""
+        fine, unless the whole store is missing (its marker is gone too: the
+        directory vanished or was unmounted), which is a StoreError like any
+        other OSError: the fragment may still be there when the store comes
+        back. A directory that cannot be removed -> BadFragmentEntry."""
         path = self._fragment_path(chunk_id, index)
         try:
             os.unlink(path)
         except FileNotFoundError:
-            pass
+            if not os.path.lexists(self.path / MARKER_NAME):
+                raise StoreError(f"cannot delete fragment {path}: the store is gone") from None
         except OSError as exc:
             if exc.errno not in (errno.EISDIR, errno.EPERM) or not os.path.isdir(path):
                 raise _store_error(exc, f"cannot delete fragment {path}") from exc

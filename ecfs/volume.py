@@ -78,6 +78,7 @@ from .replicas import (
     inspect_copy,
     place_replica,
     prepare_working_copy,
+    remove_replica,
     replica_path,
     resync_replicas,
 )
@@ -320,7 +321,9 @@ class Volume:
             self.pins,
             self._durable_generation,
             lambda: self.filedata.last_activity,
+            db,
         )
+        self.writer.on_abandoned = self.garbage.remember
         self.filedata = FileData(
             self.layout,
             db,
@@ -348,6 +351,7 @@ class Volume:
             lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
         )
         self.damage.on_queued = self.repairer.poke
+        self.repairer.refresh_usage = self.refresh_usage
         self.scrubber = Scrubber(
             db,
             self.layout,
@@ -383,6 +387,8 @@ class Volume:
         self.mountpoint: Path | None = None
         #: What failed at unmount (see `shutdown`); empty after a clean one.
         self.shutdown_errors: list[str] = []
+        #: Stale metadata replicas to delete once the replicas are closed.
+        self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
 
     def _remember_store_paths(self) -> None:
@@ -499,7 +505,9 @@ class Volume:
         assert self.replicator is not None
         self._nursery = nursery
         await nursery.start(supervised, "metadata replication", self.replicator.run)
+        self.garbage.load_leftovers()
         await nursery.start(supervised, "garbage collector", self.garbage.run)
+        self.garbage.poke()  # fragments left on stores that were away last time
         await nursery.start(supervised, "repair", self.repairer.run)
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
@@ -510,7 +518,8 @@ class Volume:
             await self.filedata.free(ino)
 
     async def shutdown(self) -> None:
-        """Write back everything, make it durable, delete garbage.
+        """Write back everything, make it durable, delete garbage (and make
+        durable what that changed: remembered deletions done or added).
 
         Each step runs even if an earlier one failed (a file whose data
         cannot be written must not keep the metadata of every other change
@@ -525,6 +534,28 @@ class Volume:
             await self.filedata.flush_all()
         except Exception as exc:
             self._shutdown_failed("writing back data and attributes", exc)
+        if not await self._drain_at_shutdown():
+            return
+        try:
+            await self.garbage.collect()
+        except Exception as exc:
+            self._shutdown_failed("deleting garbage", exc)
+        if not await self._drain_at_shutdown():
+            return
+        replicator = self.replicator
+        if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
+            self._stale_replicas_to_remove = sorted(
+                set(replicator.stale_replicas()) - set(replicator.live_replicas())
+            )
+
+    def _shutdown_failed(self, step: str, exc: Exception) -> None:
+        if not isinstance(exc, EcfsError) or not exc.already_logged:
+            log.error("unmount: %s failed: %r", step, exc, exc_info=not isinstance(exc, EcfsError))
+        self.shutdown_errors.append(f"{step} failed: {exc}")
+
+    async def _drain_at_shutdown(self) -> bool:
+        """Make the metadata durable; False (the working copy kept and the
+        failure recorded) if that is impossible."""
         try:
             with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
                 await self._drain_metadata()
@@ -537,20 +568,29 @@ class Volume:
                 self.db.path,
             )
             self.shutdown_errors.append(f"metadata not durable on the replicas: {exc}")
-            return
+            return False
         except Exception as exc:
             self.metadata_at_risk = True
             self._shutdown_failed("making the metadata durable", exc)
-            return
-        try:
-            await self.garbage.collect()
-        except Exception as exc:
-            self._shutdown_failed("deleting garbage", exc)
+            return False
+        return True
 
-    def _shutdown_failed(self, step: str, exc: Exception) -> None:
-        if not isinstance(exc, EcfsError) or not exc.already_logged:
-            log.error("unmount: %s failed: %r", step, exc, exc_info=not isinstance(exc, EcfsError))
-        self.shutdown_errors.append(f"{step} failed: {exc}")
+    async def _remove_stale_replicas(self) -> None:
+        """After a clean shutdown with m+1 replicas live and up to date
+        (and their connections closed): delete the out-of-date copies on
+        stores that are available again (their store was away, and the copy
+        was replaced by one on another store), so that no stale copy is left
+        behind for fsck to report or a later mount to count."""
+        for index in self._stale_replicas_to_remove:
+            runner = self.runners.get(index)
+            if runner is None or not runner.available:
+                continue
+            try:
+                await runner.call(remove_replica, replica_path(runner.store.meta_dir), timeout=10.0)
+            except EcfsError as exc:
+                log.warning("cannot remove the stale metadata replica on store %d: %s", index, exc)
+                continue
+            log.info("removed the stale metadata replica on store %d", index)
 
     async def _drain_metadata(self) -> None:
         """Make everything durable; if every replica went stale, place new
@@ -583,6 +623,7 @@ class Volume:
     async def aclose_replicas(self) -> None:
         if self.replicator is not None:
             await self.replicator.aclose()
+            await self._remove_stale_replicas()
 
     async def refresh_usage(self) -> None:
         async def one(index: int, runner: StoreRunner) -> None:
@@ -593,9 +634,12 @@ class Volume:
                 return
             self.placement.update_usage(index, usage)
 
+        full_before = set(self.placement.full)
         async with trio.open_nursery() as nursery:
             for index, runner in self.runners.items():
                 nursery.start_soon(one, index, runner)
+        if full_before - self.placement.full:
+            self.repairer.retry_deferred()  # room again for fragments that had none
 
     async def _health_loop(self) -> None:
         while True:
@@ -638,6 +682,7 @@ class Volume:
             self.writer.device_of[index] = device  # a disk mounted anew: maybe another
             runner.mark_ok()
             log.warning("store %d (%s) is back", index, runner.store.path)
+            self.repairer.retry_deferred()  # chunks that waited for it
 
     async def verify_before_write(self, index: int) -> bool:
         """Writer hook: whether store `index` may get a new fragment. A

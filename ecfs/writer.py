@@ -15,6 +15,12 @@ fragments already written are deleted and the write fails: NoSpace
 (ENOSPC) when stores were full, StoreError (EIO) otherwise. Data already
 committed is never touched by a failed write.
 
+Leftovers: a fragment write that failed other than for lack of space (the
+store timed out, vanished or failed) may have left a file behind, and a
+fragment of a failed write may not be deletable right away; both are
+handed to `on_abandoned` (the volume remembers them for the garbage
+collector, which deletes them once the store is back).
+
 Durability: fragment files are written without fsync. `sync_stores()`
 makes every write so far durable (syncfs per store that was written to);
 the replicator calls it before each metadata batch it commits, so a
@@ -77,6 +83,9 @@ class ChunkWriter:
         self.min_fragments = min_fragments or min(layout.n, layout.k + 1)
         self.write_timeout = write_timeout
         self.unsynced: set[int] = set()
+        #: Receives (store, chunk_id, index) of fragment files that may be
+        #: left on a store (see the module docstring).
+        self.on_abandoned: Callable[[list[tuple[int, int, int]]], None] = lambda fragments: None
         self.device_of = dict(device_of or {})
         self.bytes_in = 0
         self.bytes_out = 0
@@ -149,6 +158,7 @@ class ChunkWriter:
         errors: list[EcfsError] = []
         targets = self.placement.choose(n)
         used = set(targets)
+        abandoned: list[tuple[int, int, int]] = []
 
         async def place(index: int, store: int | None) -> None:
             while store is not None:
@@ -164,6 +174,8 @@ class ChunkWriter:
                         timed_out.append(store)
                     if isinstance(exc, NoSpace):
                         self.placement.mark_full(store)
+                    else:
+                        abandoned.append((store, chunk_id, index))
                     replacement = self.placement.choose(1, exclude=used)
                     store = replacement[0] if replacement else None
                     if store is not None:
@@ -174,7 +186,9 @@ class ChunkWriter:
                 nursery.start_soon(place, index, targets[index] if index < len(targets) else None)
         stored = sum(1 for s in stores if s != NO_STORE)
         if stored < self.min_fragments:
-            await self._remove(chunk_id, stores)
+            abandoned += await self._remove(chunk_id, stores)
+        self.on_abandoned(abandoned)
+        if stored < self.min_fragments:
             # ENOSPC only when space is what is missing; too few healthy
             # stores is an I/O error (EIO).
             all_up = all(r.available for r in self.runners.values())
@@ -215,10 +229,13 @@ class ChunkWriter:
         latency, but a hung store costs seconds, not the full timeout."""
         return min(self.write_timeout, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
 
-    async def _remove(self, chunk_id: int, stores: list[int]) -> None:
+    async def _remove(self, chunk_id: int, stores: list[int]) -> list[tuple[int, int, int]]:
+        """Delete the fragments of a failed write; those that could not be."""
+        failed = []
         for index, store in enumerate(stores):
-            if store != NO_STORE:
-                await delete_fragment(self.runners[store], chunk_id, index)
+            if store != NO_STORE and not await delete_fragment(self.runners[store], chunk_id, index):
+                failed.append((store, chunk_id, index))
+        return failed
 
     async def sync_stores(self) -> None:
         """Make every fragment written so far durable (files and dirents).
@@ -250,7 +267,7 @@ class ChunkWriter:
 
 async def delete_fragment(runner: StoreRunner, chunk_id: int, index: int) -> bool:
     """Best-effort delete; False if the store could not be reached (the
-    fragment is then an orphan for fsck to collect)."""
+    caller remembers the fragment, see garbage.Garbage.remember)."""
     try:
         await runner.call(runner.store.delete_fragment, chunk_id, index)
     except StoreError as exc:

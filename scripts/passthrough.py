@@ -259,8 +259,10 @@ class Passthrough(pyfuse3.Operations):
     @staticmethod
     def open_flags(flags: int) -> int:
         # With the writeback cache the kernel reads pages of files opened for
-        # writing and does O_APPEND itself.
-        flags &= ~os.O_APPEND
+        # writing and does O_APPEND itself. O_DIRECT is the kernel's business
+        # too: the buffers FUSE hands us are not aligned, so an O_DIRECT
+        # source file would fail every write with EINVAL.
+        flags &= ~(os.O_APPEND | os.O_DIRECT)
         if flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags

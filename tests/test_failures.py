@@ -656,3 +656,166 @@ def test_a_store_that_comes_back_is_noticed(tmp_path: Path, dirs: list) -> None:
         seconds = wait_for(lambda: store_state(vol, index) == "ok", RECOVERY_LIMIT)
         assert seconds is not None, json.dumps(status(vol)["stores"][index])
         check_all(hashes)
+
+
+# --- what a store that was away leaves behind ----------------------------------------
+
+
+def fsck_report(stores: Sequence[Path]) -> dict:
+    return json.loads(cli("fsck", "--json", *stores, check=False).stdout)
+
+
+def test_a_store_away_while_files_are_rewritten_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Files are rewritten (their old chunk versions become garbage) while
+    store 1, which holds a metadata replica, is renamed away: the deletions
+    that could not reach it are remembered and done once it is back, and its
+    out-of-date metadata copy is removed at unmount. fsck then finds no
+    orphan fragment and no stale copy."""
+    with failure_volume(tmp_path, [], allowed_log=[r"metadata|replica|store 1"]) as vol:
+        hashes = populate(vol.mountpoint, count=3, size=MiB + 4321)
+        lost = vol.stores[1]
+        away = lost.with_name("s1-away")
+        os.rename(lost, away)
+        deadline = time.monotonic() + 3.0
+        seed = 500
+        while time.monotonic() < deadline or store_state(vol, 1) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+            assert time.monotonic() < deadline + 30, status(vol)
+        assert store_state(vol, 1) == "failed"
+
+        def replaced() -> bool:  # its metadata copy is stale, a new one is live elsewhere
+            metadata = status(vol)["metadata"]
+            return "1" in metadata["stale_replicas"] and len(metadata["live_replicas"]) == M + 1
+
+        assert wait_for(replaced, RECOVERY_LIMIT), status(vol)["metadata"]
+        os.rename(away, lost)
+        assert wait_for(lambda: store_state(vol, 1) == "ok", RECOVERY_LIMIT), status(vol)
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]
+    vol.mount()
+    check_all(hashes)
+
+
+def test_a_vanished_store_under_writers_leaves_no_orphans(tmp_path: Path, dirs: list) -> None:
+    """Store 3 vanishes (faultfs `gone`: every call says ENOENT) for a few
+    seconds while files are rewritten and read: once it is back and the
+    volume is unmounted cleanly, fsck finds no orphan fragment on it."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3"]) as vol:
+        hashes = populate(vol.mountpoint, count=3, size=MiB + 4321)
+        index = store_index(vol, vol.stores[3])
+        drop_caches()
+        dirs[3].set("gone")
+        deadline = time.monotonic() + 3.0
+        seed = 700
+        while time.monotonic() < deadline or store_state(vol, index) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+                sha256_file(path)
+            assert time.monotonic() < deadline + 30, status(vol)
+        dirs[3].set("ok")
+        assert wait_for(lambda: store_state(vol, index) == "ok", RECOVERY_LIMIT), status(vol)
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]
+
+
+def test_reduced_redundancy_while_a_store_was_full_is_pending_repair(
+    tmp_path: Path, dirs: list
+) -> None:
+    """A file written while a store is full has one fragment fewer per chunk
+    (queued for repair). Unmounted before the repair: `ecfs umount` says so
+    (exit 0) and fsck calls it a warning (the volume is clean). Once the store
+    has room again, the repair happens (`ecfs repair --wait` follows it to the
+    end): fsck has nothing to say."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3|[Nn]o space"]) as vol:
+        hashes = populate(vol.mountpoint, count=1)
+        dirs[3].set("enospc")
+        late = vol.mountpoint / "late"
+        hashes[late] = write_pattern_file(late, seed=71, size=MiB + 5)
+        fsync_file(late)
+        vol.unmount()  # still full: the repair had nowhere to go
+        assert vol.umount_result is not None
+        assert "wait for repair" in vol.umount_result.stderr, vol.umount_result
+        dirs[3].set("ok")
+        result = cli("fsck", "--json", *vol.stores, check=False)
+        report = json.loads(result.stdout)
+        assert result.returncode == 0 and report["clean"], report["findings"]
+        queued = [f for f in report["findings"] if "queued for repair" in f["message"]]
+        assert queued and all(f["severity"] == "warning" for f in queued), report["findings"]
+
+        vol.mount()
+        dirs[3].set("enospc")
+        later = vol.mountpoint / "later"
+        hashes[later] = write_pattern_file(later, seed=72, size=MiB + 7)
+        fsync_file(later)
+        dirs[3].set("ok")
+        repaired = cli("repair", "--wait", vol.mountpoint)
+        assert "0 chunks still queued" in repaired.stdout, repaired.stdout
+        assert status(vol)["repair"]["chunks"] == 0
+        check_all(hashes)
+        vol.unmount()
+        assert vol.umount_result is not None
+        assert "repair" not in vol.umount_result.stderr, vol.umount_result
+        report = fsck_report(vol.stores)
+        assert report["clean"] and report["findings"] == [], report["findings"]
+        vol.mount()
+
+
+def test_fragments_that_had_no_room_are_rebuilt_once_there_is_room(
+    tmp_path: Path, dirs: list
+) -> None:
+    """Chunks written while a store was full wait for repair; as soon as the
+    store has room again (seen by the health loop's free-space refresh) they
+    are rebuilt, without waiting out the retry delay and without an operator."""
+    with failure_volume(tmp_path, dirs, faulty=[3], allowed_log=[r"store 3|[Nn]o space"]) as vol:
+        dirs[3].set("enospc")
+        path = vol.mountpoint / "while-full"
+        digest = write_pattern_file(path, seed=73, size=MiB + 9)
+        fsync_file(path)
+        assert status(vol)["repair"]["chunks"] > 0
+        dirs[3].set("ok")
+        assert wait_for(lambda: status(vol)["repair"]["chunks"] == 0, RECOVERY_LIMIT), status(vol)[
+            "repair"
+        ]
+        check_all({path: digest})
+    report = fsck_report(vol.stores)
+    assert report["clean"] and report["findings"] == [], report["findings"]
+
+
+def test_deletions_remembered_across_an_unmount_are_done_at_the_next_mount(
+    tmp_path: Path,
+) -> None:
+    """Store 4 is still away at unmount: the fragments that became garbage
+    meanwhile stay on it. Once it is back, fsck calls them a warning (the
+    volume remembers them), and the next mount deletes them."""
+    with failure_volume(tmp_path, [], allowed_log=[r"store 4"]) as vol:
+        hashes = populate(vol.mountpoint, count=2, size=MiB + 4321)
+        lost = vol.stores[4]
+        away = lost.with_name("s4-away")
+        os.rename(lost, away)
+        seed = 800
+        while store_state(vol, 4) != "failed":
+            for path in list(hashes):
+                hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+                seed += 1
+        for path in list(hashes):  # garbage made while it is known to be failed
+            hashes[path] = write_pattern_file(path, seed=seed, size=MiB + seed)
+            seed += 1
+        vol.unmount()
+        os.rename(away, lost)
+        report = fsck_report(vol.stores)
+        assert report["counts"]["orphan_fragments"] > 0, report
+        assert report["clean"] and report["exit_status"] == 0, report["findings"]
+        orphans = [f for f in report["findings"] if f["check"] == "no_orphan_fragments"]
+        assert orphans and all(f["severity"] == "warning" for f in orphans), orphans
+        vol.mount()
+        check_all(hashes)
+    report = fsck_report(vol.stores)
+    assert report["counts"]["orphan_fragments"] == 0, report
+    assert report["clean"], report["findings"]

@@ -267,3 +267,39 @@ def test_repair_with_nowhere_to_rebuild_reads_nothing(volume: MountedVolume) -> 
     assert s["repair"]["chunks_repaired"] == 0
     volume.unmount()
     volume.mount()
+
+
+def test_known_bad_fragments_count_against_tolerance(volume: MountedVolume) -> None:
+    """A chunk waiting in the repair queue with a corrupt fragment can lose
+    one store fewer: status says tolerance m - 1 (health degraded) until it
+    is repaired, then m again."""
+    hashes = populate(volume, 1, size=3 * MiB + 77)
+    volume.unmount()
+    rng = random.Random(12)
+    corrupted = set()
+    for store in volume.stores:
+        for (chunk_id, index), path in sorted(fragment_files(store).items()):
+            if index == 0 and chunk_id not in corrupted and len(corrupted) < 2:
+                flip_payload_bytes(path, rng, 64)
+                corrupted.add(chunk_id)
+    assert len(corrupted) == 2
+    # Rate-limited: after the first chunk, repair pauses (for days), so the
+    # second stays queued.
+    volume.mount("-o", "repair_rate=1")
+    assert status(volume)["tolerance"] == M
+    check(hashes)  # degraded reads queue both chunks
+
+    def one_left() -> dict | None:
+        s = status(volume)
+        return s if s["repair"]["chunks_repaired"] == 1 and s["repair"]["chunks"] == 1 else None
+
+    s = wait_for(one_left, 60.0, "one chunk repaired, one queued")
+    assert s["tolerance"] == M - 1, s["repair"]
+    assert s["health"] == "degraded"
+    volume.unmount()
+    volume.mount()
+    command(volume, "repair urgent")
+    s = wait_repaired(volume)
+    assert s["tolerance"] == M
+    assert s["health"] == "healthy"
+    check(hashes)

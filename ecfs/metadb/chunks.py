@@ -1,6 +1,7 @@
 """SQL for chunk maps and the repair queue.
 
-Owns: the `chunks` and `repair_queue` tables (see `schema`). Must not:
+Owns: the `chunks`, `repair_queue` and `pending_deletions` tables (see
+`schema`). Must not:
 decide placement, read fragments, or know about FUSE.
 
 All writes must run inside the caller's `db.transaction()`.
@@ -304,6 +305,23 @@ class RepairQueue:
     def contains(self, chunk_id: int) -> bool:
         return self.db.query_one("SELECT 1 FROM repair_queue WHERE chunk_id = ?", (chunk_id,)) is not None
 
+    def bad_mask(self, chunk_id: int) -> int | None:
+        """The known-bad fragment mask of a queued chunk; None if not queued."""
+        row = self.db.query_one("SELECT bad FROM repair_queue WHERE chunk_id = ?", (chunk_id,))
+        return None if row is None else int(row[0])
+
+    def known_damage(self) -> list[tuple[tuple[int, ...], int, int]]:
+        """(stores, bad mask, chunks) of the queued chunks with known-bad
+        fragments, grouped (for the status's tolerance)."""
+        return [
+            (decode_stores(stores), int(bad), int(count))
+            for stores, bad, count in self.db.query(
+                "SELECT c.stores, q.bad, COUNT(*) FROM repair_queue AS q"
+                " JOIN chunks AS c ON c.chunk_id = q.chunk_id WHERE q.bad != 0"
+                " GROUP BY c.stores, q.bad"
+            )
+        ]
+
     def next_batch(self, limit: int = 64) -> list[RepairEntry]:
         """The most urgent entries: priority, then demand, then age."""
         return [
@@ -355,3 +373,61 @@ class RepairQueue:
                 self.add(chunk_id, reason, priority, now_ns, bad=bad, demand=0)
                 count += 1
         return count
+
+
+class PendingDeletions:
+    """Fragment files that still have to be deleted, per store (see the
+    `pending_deletions` table)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, fragments: list[tuple[int, int, int]]) -> None:
+        """Remember (store, chunk_id, index) triples."""
+        for store, chunk_id, index in fragments:
+            self.db.write(
+                "INSERT OR IGNORE INTO pending_deletions (store, chunk_id, idx) VALUES (?, ?, ?)",
+                (store, chunk_id, index),
+            )
+
+    def remove(self, fragments: list[tuple[int, int, int]]) -> None:
+        for store, chunk_id, index in fragments:
+            self.db.write(
+                "DELETE FROM pending_deletions WHERE store = ? AND chunk_id = ? AND idx = ?",
+                (store, chunk_id, index),
+            )
+
+    def on_stores(self, stores: list[int], limit: int = 1024) -> list[tuple[int, int, int]]:
+        """Up to `limit` remembered (store, chunk_id, index) on `stores`."""
+        if not stores:
+            return []
+        marks = ",".join("?" * len(stores))
+        return [
+            (int(s), int(c), int(i))
+            for s, c, i in self.db.query(
+                f"SELECT store, chunk_id, idx FROM pending_deletions WHERE store IN ({marks})"
+                " ORDER BY store, chunk_id, idx LIMIT ?",
+                (*stores, limit),
+            )
+        ]
+
+    def of_store(self, store: int) -> set[tuple[int, int]]:
+        """(chunk_id, index) of every remembered fragment on `store`."""
+        return {
+            (int(c), int(i))
+            for c, i in self.db.query(
+                "SELECT chunk_id, idx FROM pending_deletions WHERE store = ?", (store,)
+            )
+        }
+
+    def stores(self) -> set[int]:
+        """The stores that have remembered fragments."""
+        return {int(r[0]) for r in self.db.query("SELECT DISTINCT store FROM pending_deletions")}
+
+    def forget_stores(self, stores: list[int]) -> None:
+        """Drop every row of `stores` (stores no longer in the volume)."""
+        for store in stores:
+            self.db.write("DELETE FROM pending_deletions WHERE store = ?", (store,))
+
+    def count(self) -> int:
+        return int(self.db.query_value("SELECT COUNT(*) FROM pending_deletions", default=0))

@@ -167,6 +167,18 @@ ALTER TABLE replica_state ADD COLUMN digest TEXT NOT NULL DEFAULT '';
 -- integer (`inline_checksum`), NULL when inline_data is NULL; verified on
 -- every read of the inline data.
 ALTER TABLE inodes ADD COLUMN inline_checksum INTEGER;
+-- Fragment files to delete that could not be deleted when they became
+-- garbage (their store was away, failed or not mounted), or that a failed
+-- write may have left behind: fragment `idx` of chunk `chunk_id` on store
+-- `store`. Retried when the store is available (see ecfs.garbage); a row
+-- whose (store, chunk, idx) a chunk refers to again is dropped, never
+-- deleted. Added in schema 2.
+CREATE TABLE pending_deletions (
+    store    INTEGER NOT NULL,
+    chunk_id INTEGER NOT NULL,
+    idx      INTEGER NOT NULL,
+    PRIMARY KEY (store, chunk_id, idx)
+) WITHOUT ROWID;
 """
 
 
