@@ -211,11 +211,10 @@ def read_generation(path: Path) -> int | None:
     files or absent (a symlink or FIFO planted there is never opened). Never raises for a bad file; logs why at
     WARNING (a missing file only at INFO: it is normal for a new replica).
     """
-    for candidate in (path, *(_side_file(path, s) for s in _SIDE_SUFFIXES)):
-        kind = irregular_entry(candidate)
-        if kind is not None:  # SQLite would follow it, or block on a FIFO
-            log.warning("metadata replica %s is unusable: %s is %s", path, candidate, kind)
-            return None
+    irregular = _irregular_file(path)
+    if irregular is not None:
+        log.warning("metadata replica %s is unusable: %s", path, irregular)
+        return None
     if not path.exists():
         log.info("metadata replica %s does not exist", path)
         return None
@@ -331,6 +330,18 @@ class CopyInspection:
         return self.problem is None and self.schema >= 2 and self.claimed == self.digest
 
 
+def _irregular_file(path: Path) -> str | None:
+    """Why SQLite must not open the database at `path`: it or one of its
+    side files is there but not a regular file (SQLite would follow a
+    symlink, or block forever opening a FIFO); None if all are regular or
+    absent."""
+    for candidate in (path, *(_side_file(path, s) for s in _SIDE_SUFFIXES)):
+        kind = irregular_entry(candidate)
+        if kind is not None:
+            return f"{candidate} is {kind}"
+    return None
+
+
 def inspect_copy(path: Path, expect: CopyExpectation | None = None) -> CopyInspection:
     """Blocking and read-only. Check one metadata copy: readable, passes
     ``PRAGMA quick_check``, has a known schema and nothing else (no
@@ -339,6 +350,9 @@ def inspect_copy(path: Path, expect: CopyExpectation | None = None) -> CopyInspe
     records. Reads every row once (the content digest). Never raises for a
     bad file. SQLite may create the ``-shm`` side file it needs to read a
     WAL left by a crash."""
+    irregular = _irregular_file(path)
+    if irregular is not None:
+        return CopyInspection(path, problem=f"it is unusable: {irregular}")
     if not path.exists():
         return CopyInspection(path, problem="it does not exist", missing=True)
     try:
