@@ -250,15 +250,22 @@ def upgrade_database(path: Path) -> int:
             " WHERE inline_data IS NOT NULL"
         )
         conn.execute("UPDATE volume SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
-        conn.execute(
-            "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
-            (content_digest(conn),),
-        )
-        (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+        generation = _advance_with_digest(conn)
         conn.execute("COMMIT")
-        return int(generation)
+        return generation
     finally:
         conn.close()
+
+
+def _advance_with_digest(conn: sqlite3.Connection) -> int:
+    """In the caller's transaction: one generation more, with the content
+    digest of the rows as they are now; returns the new generation."""
+    conn.execute(
+        "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
+        (content_digest(conn),),
+    )
+    (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+    return int(generation)
 
 
 def create_database(
@@ -320,12 +327,8 @@ def record_digest(path: Path) -> int:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
-        conn.execute(
-            "UPDATE replica_state SET generation = generation + 1, digest = ? WHERE id = 0",
-            (content_digest(conn),),
-        )
-        (generation,) = conn.execute("SELECT generation FROM replica_state").fetchone()
+        generation = _advance_with_digest(conn)
         conn.execute("COMMIT")
-        return int(generation)
+        return generation
     finally:
         conn.close()
