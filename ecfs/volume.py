@@ -35,6 +35,7 @@ from .geometry import Layout
 from .handles import Expected, HandleCache
 from .metadb.database import Database
 from .metadb.stores import StoreTable
+from .metadb.writelog import ensure_write_log_table
 from .mkfs import check_store_paths
 from .namespace import Namespace
 from .offload import StoreRunner
@@ -49,6 +50,7 @@ from .replicas import (
     replica_path,
 )
 from .scrub import Scrubber
+from .smallwrites import WriteLog
 from .store import DirectoryStore, StoreMarker
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
@@ -186,6 +188,7 @@ class Volume:
             self._durable_generation,
             lambda: self.filedata.last_activity,
         )
+        self.writelog = WriteLog(db, self.layout.chunk_size)
         self.filedata = FileData(
             self.layout,
             db,
@@ -196,6 +199,7 @@ class Volume:
             self.pins,
             self._wait_durable,
             inline_max=self.inline_max,
+            writelog=self.writelog,
         )
         self.repairer = Repairer(
             db,
@@ -245,6 +249,20 @@ class Volume:
                 for index, path in changed.items():
                     self.store_table.set_path(index, path)
 
+    def _open_write_log(self) -> None:
+        """Create the small-write log's table on a volume that predates it
+        (replicated like any transaction), and load its index."""
+        if ensure_write_log_table(self.db):
+            log.info("created the small-write log table (write_log)")
+        chunks = self.filedata.chunks
+
+        def current(inode: int, idx: int) -> int | None:
+            ref = chunks.get(inode, idx)
+            return None if ref is None else ref.chunk_id
+
+        for problem in self.writelog.load(current):
+            log.warning("%s (ecfs fsck --repair deletes it)", problem)
+
     def missing_stores(self) -> dict[int, str]:
         """Stores of the volume that are not open in this mount: index -> last path."""
         return {i: p for i, p in self.store_table.paths().items() if i not in self.runners}
@@ -272,6 +290,7 @@ class Volume:
             volume = cls(db, stores, workdir)
             volume._setup_replicas(prepared.current)
             volume._remember_store_paths()  # after: so the change is replicated
+            volume._open_write_log()
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -329,6 +348,13 @@ class Volume:
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
         nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
+        nursery.start_soon(
+            supervised,
+            "small-write fold",
+            self.writelog.run,
+            self.filedata.fold_chunk,
+            lambda: self.filedata.last_activity,
+        )
         self.filedata.attach(nursery)
         for ino in self.namespace.orphans():
             log.info("freeing inode %d (unlinked while open before a crash)", ino)
@@ -337,6 +363,7 @@ class Volume:
     async def shutdown(self) -> None:
         """Write back everything, make it durable, delete garbage."""
         await self.filedata.flush_all()
+        await self.filedata.fold_all()
         try:
             with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
                 await self._drain_metadata()

@@ -16,6 +16,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .writelog import create_write_log_table
+
 #: Version of this schema; stored in `volume` under key "schema".
 SCHEMA_VERSION = 1
 
@@ -161,6 +163,7 @@ def create_database(
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
+        create_write_log_table(conn)  # ecfs.metadb.writelog documents it
         conn.execute("BEGIN")
         rows = dict(params)
         rows["schema"] = SCHEMA_VERSION
