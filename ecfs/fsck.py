@@ -18,8 +18,8 @@ How a run goes:
    and by a digest of every table, BEFORE anything is written.
 4. The freshest readable replica is copied into a private temp directory as
    the working copy; every check reads and (with --repair) fixes it.
-5. namespace_consistent, repair_queue_valid, chunk_fragments_present,
-   no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
+5. namespace_consistent, repair_queue_valid, write_log_valid,
+   chunk_fragments_present, no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
 6. With --repair, if anything was found: the stores written to are synced,
    one more (empty) transaction bumps the generation above every replica's,
    and the working copy is copied over every replica file on the present
@@ -56,6 +56,7 @@ from .fsck_checks import (
     check_no_orphan_fragments,
     check_repair_queue_valid,
     check_replicas_agree,
+    check_write_log_valid,
 )
 from .geometry import Layout
 from .lock import VolumeLock
@@ -81,6 +82,7 @@ CHECKS = (
     "replicas_agree",
     "namespace_consistent",
     "repair_queue_valid",
+    "write_log_valid",
     "chunk_fragments_present",
     "no_orphan_fragments",
 )
@@ -180,6 +182,7 @@ def _check_volume(
         )
         check_namespace_consistent(ctx)
         check_repair_queue_valid(ctx)
+        check_write_log_valid(ctx)
         check_chunk_fragments_present(ctx)
         check_no_orphan_fragments(ctx)
         if not repair or report.clean:
