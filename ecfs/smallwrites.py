@@ -92,10 +92,14 @@ log = logging.getLogger(__name__)
 
 #: A flush logs a chunk's patch when it holds at most chunk_size / this many
 #: bytes, and otherwise re-encodes the chunk; a patch that grows past it is
-#: turned into a whole-chunk buffer at once. Logging L bytes costs ~15 L
-#: written (3 replicas, WAL + checkpoint, page overhead) plus a share of the
-#: fold, a re-encode ~1.5 chunk_size: logging wins well past 1/16.
-LOG_FRACTION = 16
+#: turned into a whole-chunk buffer at once. Logging L bytes costs ~6 L
+#: written (m+1 = 3 replicas, each WAL + checkpoint) plus its share of the
+#: fold (1.5 chunk_size per fold_budget logged), a re-encode 1.5 chunk_size:
+#: break-even near chunk_size / 8. Measured (scripts/bench.py --small-writes,
+#: SQLite WAL mode, 100-row updates spread over the table, ~410 KiB of WAL
+#: frames per commit): 1/16 re-encoded a 4 MiB chunk per commit (1,272 MiB
+#: written to the stores, 10.5 s); 1/8 logs them (106 MiB, 8.2 s).
+LOG_FRACTION = 8
 #: A chunk is folded once its logged bytes pass chunk_size / this many.
 FOLD_FRACTION = 4
 #: Seconds without a new record after which a chunk is folded.

@@ -602,6 +602,10 @@ ROWS = [
 ]  # fmt: skip
 
 
+#: Metric prefixes of the --small-writes rows.
+SMALL_WRITE_METRICS = ("rand_write_fsync", "write_log", "sqlite")
+
+
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -620,11 +624,13 @@ def table_rows(res: Results, cfg: Config) -> list[dict[str, str]]:
     size = cfg.seq_size
     words = {
         "size": f"{size // wl.GiB} GiB" if size % wl.GiB == 0 else f"{size // wl.MiB} MiB",
-        "files": f"{res.notes.get('tarball', {}).get('files', '?'):,}",
+        "files": f"{res.notes.get('tarball', {}).get('files', 0):,}",
         "txns": cfg.sqlite_txns,
     }
     rows = []
     for row in ROWS:
+        if cfg.small_writes and not row.metric.startswith(SMALL_WRITE_METRICS):
+            continue
         value = res.median(row.label, row.metric)
         base = res.median(row.base_label, row.metric)
         quotient = value / base if value is not None and base else None

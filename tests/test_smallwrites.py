@@ -565,3 +565,25 @@ def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
     assert all(f.fixed for f in report.findings if f.check == "write_log_valid")
     report = run_fsck(args, repair=False, verify_data=True)
     assert report.clean and report.counts["write_log_records"] == 0
+
+
+def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> None:
+    from ecfs.control import status
+    from ecfs.metrics import render_prometheus
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(11, CHUNK))
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 10, b"m" * 50)
+        await volume.filedata.fsync(ino)
+        document = status(volume)
+        assert document["write_log"]["records"] == 1
+        assert document["write_log"]["bytes"] == 50
+        text = render_prometheus(document)
+        assert "ecfs_write_log_records 1\n" in text
+        assert "ecfs_write_log_bytes 50\n" in text
+        await volume.filedata.fold_chunk(ino, 0)
+        assert "ecfs_write_log_records 0\n" in render_prometheus(status(volume))
+
+    run(tmp_path, stores, body)
