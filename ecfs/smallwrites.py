@@ -260,17 +260,17 @@ class WriteLog:
         self.forced_folds = 0
         self._wakeup = trio.Event()
         self._reported_bad: set[tuple[int, int]] = set()
-        self._current_chunk: Callable[[int, int], int | None] | None = None
+        self._loaded = False
         db.on_rollback.append(self._reload)
 
     # -- index -----------------------------------------------------------------
 
-    def load(self, current_chunk: Callable[[int, int], int | None]) -> list[str]:
-        """Build the index from the database (at mount). `current_chunk(inode,
-        idx)` -> the chunk id of that chunk now: records over any other
-        version are left out (never applied) and described in the list
-        returned."""
-        self._current_chunk = current_chunk
+    def load(self, current_chunk: Callable[[int, int], int] | None = None) -> list[str]:
+        """Build the index from the database (at mount; again after a
+        rollback). `current_chunk(inode, idx)` -> the chunk id of that chunk
+        now (0 for none): records over any other version are left out
+        (never applied) and described in the list returned."""
+        self._loaded = True
         self._chunks.clear()
         self._by_inode.clear()
         self.total = self.records = 0
@@ -278,7 +278,7 @@ class WriteLog:
         largest = 0
         for seq, inode, idx, chunk_id, offset, length, _checksum in self.table.heads():
             largest = max(largest, seq)
-            if current_chunk(inode, idx) != chunk_id:
+            if current_chunk is not None and current_chunk(inode, idx) != chunk_id:
                 problems.append(
                     f"log record {seq} of inode {inode} chunk {idx} applies over chunk"
                     f" version {chunk_id}, which is not the current one: ignored"
@@ -289,9 +289,10 @@ class WriteLog:
         return problems
 
     def _reload(self) -> None:
-        """After a rollback: the index follows the database again."""
-        if self._current_chunk is not None:
-            self.load(self._current_chunk)
+        """After a rollback: the index follows the database again (the
+        chunk-map cache may not be reset yet, so no version check)."""
+        if self._loaded:
+            self.load()
 
     def _add(
         self, inode: int, idx: int, chunk_id: int, seq: int, offset: int, length: int, now: float

@@ -256,9 +256,9 @@ class Volume:
             log.info("created the small-write log table (write_log)")
         chunks = self.filedata.chunks
 
-        def current(inode: int, idx: int) -> int | None:
+        def current(inode: int, idx: int) -> int:
             ref = chunks.get(inode, idx)
-            return None if ref is None else ref.chunk_id
+            return 0 if ref is None else ref.chunk_id
 
         for problem in self.writelog.load(current):
             log.warning("%s (ecfs fsck --repair deletes it)", problem)

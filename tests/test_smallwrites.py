@@ -587,3 +587,22 @@ def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> 
         assert "ecfs_write_log_records 0\n" in render_prometheus(status(volume))
 
     run(tmp_path, stores, body)
+
+
+def test_a_rolled_back_append_leaves_no_record_in_the_index(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(12, CHUNK))
+        await volume.filedata.fsync(ino)
+        ref = volume.filedata.chunks.get(ino, 0)
+        assert ref is not None
+        with pytest.raises(ZeroDivisionError), volume.db.transaction():
+            volume.writelog.append(ino, 0, ref.chunk_id, [(0, b"x" * 10)])
+            assert volume.writelog.has(ino, 0)
+            _ = 1 / 0
+        assert not volume.writelog.has(ino, 0) and volume.writelog.records == 0
+        assert await volume.filedata.read(ino, 0, 10) == pattern(12, CHUNK)[:10]
+
+    run(tmp_path, stores, body)
