@@ -28,11 +28,16 @@ files, not log files on the stores:
 The price, counted per fsync'd 4 KiB write (4 KiB SQLite pages, WAL,
 synchronous=FULL on each of the m+1 replicas): the record's leaf page (its
 first ~490 bytes, shared by ~8 records) and one overflow page, the
-`replica_state` page and the inode's page (mtime) go to each replica's WAL,
-~4 frames = ~16 KiB, and the record's pages are written once more at the
-next checkpoint: ~20 KiB per replica, ~60 KiB for 3 replicas, against
-~6,400 KiB for a re-encoded chunk. Splitting records into pieces that fit
-a leaf page was considered: it writes the same two pages per commit.
+`replica_state` page and the inode's page (mtime) go to each replica's WAL:
+4 frames, which with their 24-byte headers dirty 5 pages of the WAL file
+(20 KiB), and the record's page is written once more at the next
+checkpoint: ~25 KiB per replica measured, ~75 KiB for 3 replicas plus the
+working copy (scripts/BENCHMARKS.md: 93-181 KiB per write on a busy
+machine), against ~6,400 KiB for a re-encoded chunk. That misses issue
+14's 48 KiB: it needs fewer or smaller pages per commit (smaller replica
+pages, or append-only log files on m+1 stores, which would need their own
+durability and repair). Splitting records into pieces that fit a leaf
+page was considered: it writes the same two pages per commit.
 Records are kept out of memory (only an index of their ranges is held), so
 the log may be large without costing RAM.
 
