@@ -606,3 +606,36 @@ def test_a_rolled_back_append_leaves_no_record_in_the_index(
         assert await volume.filedata.read(ino, 0, 10) == pattern(12, CHUNK)[:10]
 
     run(tmp_path, stores, body)
+
+
+def test_a_thousand_fsynced_4k_writes_to_one_default_chunk(tmp_path: Path) -> None:
+    """The issue's count on the default geometry (k=4, 1 MiB fragments: a
+    4 MiB chunk, a 1 MiB fold budget): 1,000 fsync'd 4 KiB writes to one
+    chunk are 1,000 records and only a handful of new chunk versions."""
+    stores = [tmp_path / f"s{i}" for i in range(6)]
+    create_volume(stores, VolumeSpec())
+    (tmp_path / "run").mkdir()
+    chunk = 4 << 20
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(13, chunk))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        versions = set()
+        for i in range(1000):
+            offset = (i * 7919 % 1024) * 4096
+            piece = i.to_bytes(4, "little") * 1024
+            await data.write(ino, offset, piece)
+            expected[offset : offset + 4096] = piece
+            await data.fsync(ino)
+            ref = data.chunks.get(ino, 0)
+            assert ref is not None
+            versions.add(ref.chunk_id)
+        stats = volume.writelog.statistics()
+        assert stats.records_written == 1000
+        assert len(versions) <= 8, len(versions)  # ~4 budget folds
+        assert await data.read(ino, 0, chunk) == expected
+
+    run(tmp_path, stores, body)
