@@ -637,5 +637,11 @@ def test_a_thousand_fsynced_4k_writes_to_one_default_chunk(tmp_path: Path) -> No
         assert stats.records_written == 1000
         assert len(versions) <= 8, len(versions)  # ~4 budget folds
         assert await data.read(ino, 0, chunk) == expected
+        # Over its budget, the chunk is folded as soon as the writer pauses
+        # (IDLE_GAP), not only after FOLD_IDLE.
+        await trio.sleep(1.5)
+        assert volume.writelog.statistics().folds >= 1
+        assert not volume.writelog.has(ino, 0)
+        assert await data.read(ino, 0, chunk) == expected
 
     run(tmp_path, stores, body)
