@@ -570,6 +570,7 @@ def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
 def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> None:
     from ecfs.control import status
     from ecfs.metrics import render_prometheus
+    from ecfs.render import render_status
 
     async def body(volume: Volume) -> None:
         ino = new_file(volume, b"f")
@@ -580,6 +581,7 @@ def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> 
         document = status(volume)
         assert document["write_log"]["records"] == 1
         assert document["write_log"]["bytes"] == 50
+        assert "small-write log: 1 records" in render_status(document)
         text = render_prometheus(document)
         assert "ecfs_write_log_records 1\n" in text
         assert "ecfs_write_log_bytes 50\n" in text
