@@ -647,3 +647,33 @@ def test_a_thousand_fsynced_4k_writes_to_one_default_chunk(tmp_path: Path) -> No
         assert await data.read(ino, 0, chunk) == expected
 
     run(tmp_path, stores, body)
+
+
+def test_a_volume_from_before_the_log_gets_its_table_at_mount(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    """Volumes made before the small-write log have no write_log table: the
+    first mount creates it, as a replicated transaction (every replica)."""
+    import sqlite3
+
+    _corrupt_replicas(stores, "DROP TABLE write_log")
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(14, CHUNK))
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 5, b"new")
+        await volume.filedata.fsync(ino)
+        assert volume.writelog.records == 1
+        raise Crash
+
+    run(tmp_path, stores, body)
+    replicas = [s / "meta" / "ecfs-meta.sqlite" for s in stores]
+    found = 0
+    for path in replicas:
+        if path.exists():
+            conn = sqlite3.connect(path)
+            assert conn.execute("SELECT count(*) FROM write_log").fetchone()[0] == 1
+            conn.close()
+            found += 1
+    assert found == M + 1
