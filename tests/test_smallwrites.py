@@ -677,3 +677,31 @@ def test_a_volume_from_before_the_log_gets_its_table_at_mount(
             conn.close()
             found += 1
     assert found == M + 1
+
+
+def test_a_chunk_with_many_records(tmp_path: Path, stores: list[Path]) -> None:
+    """Reading and folding a chunk with more records than one batch of the
+    table's reads and deletes (SQLite limits bound parameters; the fold
+    task may lag behind a busy writer)."""
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        expected = bytearray(pattern(15, CHUNK))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        ref = data.chunks.get(ino, 0)
+        assert ref is not None
+        volume.writelog.fold_idle = 3600.0
+        volume.writelog.fold_budget = 1 << 40
+        with volume.db.transaction():
+            pieces = [((i * 37) % (CHUNK - 2), bytes([i % 251, 7])) for i in range(1500)]
+            volume.writelog.append(ino, 0, ref.chunk_id, pieces)
+        for offset, piece in pieces:
+            expected[offset : offset + 2] = piece
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fold_chunk(ino, 0)
+        assert not volume.writelog.has(ino, 0)
+        assert await data.read(ino, 0, CHUNK) == expected
+
+    run(tmp_path, stores, body)

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS write_log (
 );
 """
 
+#: Records per statement when many are read or deleted by seq (SQLite
+#: limits the number of bound parameters).
+_BATCH = 500
+
 #: One row of `write_log` without its data: (seq, inode, idx, chunk_id,
 #: offset, length, checksum).
 RecordHead = tuple[int, int, int, int, int, int, int]
@@ -90,13 +94,15 @@ class WriteLogTable:
 
     def data(self, seqs: Sequence[int]) -> dict[int, tuple[int, bytes]]:
         """seq -> (checksum, data) of the given records (missing ones omitted)."""
-        if not seqs:
-            return {}
-        marks = ",".join("?" * len(seqs))
-        rows = self.db.query(
-            f"SELECT seq, checksum, data FROM write_log WHERE seq IN ({marks})", tuple(seqs)
-        )
-        return {seq: (checksum, data) for seq, checksum, data in rows}
+        found: dict[int, tuple[int, bytes]] = {}
+        for start in range(0, len(seqs), _BATCH):  # SQLite limits bound parameters
+            part = tuple(seqs[start : start + _BATCH])
+            marks = ",".join("?" * len(part))
+            rows = self.db.query(
+                f"SELECT seq, checksum, data FROM write_log WHERE seq IN ({marks})", part
+            )
+            found.update((seq, (checksum, data)) for seq, checksum, data in rows)
+        return found
 
     def insert(
         self, seq: int, inode: int, idx: int, chunk_id: int, offset: int, checksum: int, data: bytes
@@ -110,8 +116,8 @@ class WriteLogTable:
     def delete(self, seqs: Iterable[int]) -> None:
         """Delete records by seq (by primary key: no scan on any replica)."""
         seqs = sorted(seqs)
-        for start in range(0, len(seqs), 500):
-            part = seqs[start : start + 500]
+        for start in range(0, len(seqs), _BATCH):
+            part = seqs[start : start + _BATCH]
             marks = ",".join("?" * len(part))
             self.db.write(f"DELETE FROM write_log WHERE seq IN ({marks})", tuple(part))
 
