@@ -602,15 +602,27 @@ class FileData:
 
     async def fold_chunk(self, ino: int, idx: int) -> None:
         """Re-encode chunk idx of ino with its logged records as a new
-        version (the commit drops the records, see `_store_chunk`)."""
+        version (the commit drops the records, see `_store_chunk`).
+
+        All under the chunk's lock, after logging any patch: a failed fold
+        (EcfsError, for the caller) leaves the records and the old version
+        as they were, and is no error of the file's (`state.error`). A
+        chunk with a buffer gets the ordinary write-back instead."""
         state = self._state(ino)
         try:
             async with state.lock(idx):
-                if idx not in state.dirty and (self.log.has(ino, idx) or idx in state.patches):
+                ordinary = idx in state.dirty or (
+                    idx in state.patches and not self._log_patch(state, idx)
+                )
+                if not ordinary and self.log.has(ino, idx):
                     buf = await self._load(ino, idx)
-                    state.dirty[idx] = buf
-                    self.dirty_bytes += len(buf)
-            await self._flush_chunk(state, idx)
+                    state.flushing[idx] = buf  # readers see it meanwhile
+                    try:
+                        await self._store_chunk(ino, idx, buf)
+                    finally:
+                        state.flushing.pop(idx, None)
+            if ordinary:
+                await self._flush_chunk(state, idx)
         finally:
             self._forget_state_if_idle(ino)
 

@@ -705,3 +705,48 @@ def test_a_chunk_with_many_records(tmp_path: Path, stores: list[Path]) -> None:
         assert await data.read(ino, 0, CHUNK) == expected
 
     run(tmp_path, stores, body)
+
+
+class FailingWriter:
+    """A ChunkWriter whose next `failures` writes fail (a store error)."""
+
+    def __init__(self, inner: object, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def write(self, data: memoryview) -> object:
+        from ecfs.errors import StoreError
+
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("injected write failure")
+        return await self.inner.write(data)  # type: ignore[attr-defined]
+
+
+def test_a_failed_fold_keeps_the_records_and_is_not_the_files_error(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(16, CHUNK))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        await data.write(ino, 10, b"r" * 100)
+        expected[10:110] = b"r" * 100
+        await data.fsync(ino)
+        await data.write(ino, 500, b"p" * 10)  # a patch, not yet logged
+        expected[500:510] = b"p" * 10
+        real = data.writer
+        data.writer = FailingWriter(real, 1)  # type: ignore[assignment]
+        with pytest.raises(EcfsError):
+            await data.fold_chunk(ino, 0)
+        assert volume.writelog.records == 2  # the patch was logged first
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fsync(ino)  # no error left behind by the fold
+        await data.fold_chunk(ino, 0)
+        assert volume.writelog.records == 0
+        assert await data.read(ino, 0, CHUNK) == expected
+        data.writer = real
+
+    run(tmp_path, stores, body)
