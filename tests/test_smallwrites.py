@@ -750,3 +750,56 @@ def test_a_failed_fold_keeps_the_records_and_is_not_the_files_error(
         data.writer = real
 
     run(tmp_path, stores, body)
+
+
+def test_concurrent_writers_readers_and_folds(tmp_path: Path, stores: list[Path]) -> None:
+    """Writers (each owning its own 4 KiB blocks, so the expected content is
+    known), readers checking blocks only their owner changes between
+    checkpoints, and folds of random chunks, all at once."""
+    import random
+
+    size = 3 * CHUNK
+    blocks = size // 4096
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(17, size))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        done = trio.Event()
+
+        async def writer(me: int) -> None:
+            rng = random.Random(me)
+            mine = [b for b in range(blocks) if b % 3 == me]
+            for i in range(150):
+                block = rng.choice(mine)
+                offset = block * 4096 + rng.randrange(0, 4000)
+                piece = bytes([me * 50 + i % 50]) * rng.randrange(1, 96)
+                await data.write(ino, offset, piece)
+                expected[offset : offset + len(piece)] = piece
+                # What a reader of this block must see right now.
+                got = await data.read(ino, block * 4096, 4096)
+                assert got == expected[block * 4096 : block * 4096 + 4096]
+                if rng.random() < 0.5:
+                    await data.fsync(ino)
+
+        async def folder() -> None:
+            rng = random.Random(99)
+            while not done.is_set():
+                await data.fold_chunk(ino, rng.randrange(3))
+                await trio.sleep(0.003)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(folder)
+            async with trio.open_nursery() as writers:
+                for me in range(3):
+                    writers.start_soon(writer, me)
+            done.set()
+        assert await data.read(ino, 0, size) == expected
+        await data.fsync(ino)
+        await data.fold_all()
+        assert volume.writelog.records == 0
+        assert await data.read(ino, 0, size) == expected
+
+    run(tmp_path, stores, body)
