@@ -452,7 +452,10 @@ silently where nothing was read for months. A scrub reads every fragment
 of every chunk, verifies every cell checksum, and queues each chunk with a
 missing or corrupt fragment for repair. Chunks verified longest ago come
 first, so a scrub stopped by `--max-duration` resumes where it stopped.
-The scrub runs in the daemon; foreground I/O goes first.
+The scrub runs in the daemon; foreground I/O goes first. Small-write log
+records are rows of the metadata, not fragments: each is checked against
+its checksum whenever it is read, a lost or damaged metadata copy is
+rebuilt from the others at mount, and `ecfs fsck` checks them all.
 
 """
         + _PROGRESS,
