@@ -85,7 +85,7 @@ class WriteLogTable:
         if not has_write_log_table(self.db):
             return []
         return [
-            tuple(row)  # type: ignore[misc]
+            (row[0], row[1], row[2], row[3], row[4], row[5], row[6])
             for row in self.db.query(
                 "SELECT seq, inode, idx, chunk_id, offset, length(data), checksum"
                 " FROM write_log ORDER BY seq"
