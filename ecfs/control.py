@@ -24,6 +24,7 @@ logic of repair, scrub or store management (it calls the volume).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -57,7 +58,9 @@ def status(volume: Volume) -> dict[str, object]:
     rate_bytes_per_s, eta_seconds, urgent, busy, counters...), scrub
     (running, chunks_total, chunks_done, findings...), reads (counters),
     writes (bytes_in, bytes_out), metadata (generation,
-    durable_generation, live_replicas, stale_replicas), unrecoverable
+    durable_generation, live_replicas, stale_replicas), write_log (the
+    small-write log: records and bytes waiting to be folded, chunks,
+    records_written, bytes_written, folds, forced_folds, limit), unrecoverable
     (messages).
     """
     layout = volume.layout
@@ -152,6 +155,7 @@ def status(volume: Volume) -> dict[str, object]:
         "scrub": volume.scrubber.progress.as_dict(),
         "reads": volume.reader.counters.as_dict(),
         "writes": {"bytes_in": volume.writer.bytes_in, "bytes_out": volume.writer.bytes_out},
+        "write_log": dataclasses.asdict(volume.writelog.statistics()),
         "metadata": {
             "generation": volume.db.generation,
             "durable_generation": replication.durable_generation if replication else None,

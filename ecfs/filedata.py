@@ -19,12 +19,27 @@ Concurrency contract (trio; awaits are the only switch points):
 
 Crash contract: written fragments are committed by one transaction per
 chunk (old or new version, never a mix); the replaced version is deleted
-only after the commit is durable (see garbage). Unflushed buffers are lost
-on a crash, as in any filesystem: fsync() is the promise.
+only after the commit is durable (see garbage). Log records are durable
+with the transaction that wrote them; a fold commits the new version and
+drops the records in one transaction. Unflushed buffers and patches are
+lost on a crash, as in any filesystem: fsync() is the promise.
 
 Small files: a file whose size is at most `inline_max` is stored as one
 blob in its inode row (no fragments); it moves to chunks when it grows.
 A chunk whose bytes are all zero is not stored (a hole).
+
+Small writes (see `ecfs.smallwrites`): a write of a few KiB into a stored
+chunk that has no buffer is kept as a patch (`FileState.patches`) without
+reading the chunk; flush/fsync logs the patch as records over the chunk's
+version, in one transaction with the inode's attributes, unless it grew
+past `WriteLog.log_max` (then it becomes a whole-chunk buffer, built by
+`_load`). Invariants: a chunk has a patch or a buffer, never both; a
+buffer holds the chunk's records (`_load` lays them over it), so writing
+a buffer back drops them in the transaction that switches versions;
+`fold_chunk` is that write-back for a chunk with records and no buffer.
+Reads lay records and patches over the stored bytes, captured with the
+chunk ref before any await. Truncate drops the records of removed chunks
+and clips those of the kept one; free drops them all.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, ChunkRef, repair_priority
 from .namespace import Namespace
 from .reader import ChunkReader
+from .smallwrites import Extents, WriteLog, lay_over
 from .tasks import gather_in_order, open_fan_out
 from .writer import ChunkWriter
 
@@ -87,6 +103,9 @@ class FileState:
     opens: int = 0
     dirty: dict[int, bytearray] = field(default_factory=dict)
     flushing: dict[int, bytearray] = field(default_factory=dict)
+    #: Small writes over a stored chunk with no buffer, kept without reading
+    #: the chunk (see `FileData.write`); never both a patch and a buffer.
+    patches: dict[int, Extents] = field(default_factory=dict)
     locks: dict[int, trio.Lock] = field(default_factory=dict)
     #: Ranges of a dirty buffer that were zero-filled to reach a later
     #: write and not written since. Concurrent FUSE writes arrive out of
@@ -132,6 +151,9 @@ class FileState:
         buf = self.dirty.get(idx)
         return buf is not None and len(buf) == chunk_size and idx not in self.gaps
 
+    def has_data(self) -> bool:
+        return bool(self.dirty or self.flushing or self.patches)
+
     def buffered(self, idx: int) -> bytearray | None:
         buf = self.dirty.get(idx)
         return self.flushing.get(idx) if buf is None else buf
@@ -142,6 +164,7 @@ class FileState:
             self.opens == 0
             and not self.dirty
             and not self.flushing
+            and not self.patches
             and not any(lock.locked() for lock in self.locks.values())
         )
 
@@ -161,6 +184,7 @@ class FileData:
         wait_durable: Callable[[int], Awaitable[None]],
         *,
         inline_max: int,
+        writelog: WriteLog | None = None,
         dirty_limit: int = 256 << 20,
         background_flushes: int = 8,
         clock_ns: Callable[[], int] = time.time_ns,
@@ -180,6 +204,7 @@ class FileData:
         self.clock_ns = clock_ns
         self.dirty_bytes = 0
         self.inodes = InodeTable(db)
+        self.log = writelog if writelog is not None else WriteLog(db, layout.chunk_size)
         self._reported_lost: set[tuple[int, int]] = set()
         #: time.monotonic() of the last read or write (foreground activity,
         #: which background repair yields to).
@@ -234,11 +259,16 @@ class FileData:
         out = bytearray(end - offset)
         view = memoryview(out)
         slow: list[_SlowSpan] = []
+        overlays: list[tuple[memoryview, int, list[tuple[int, bytes]]]] = []
         pos = 0
         try:
             for span in self.layout.chunk_spans(offset, end - offset):
                 dest = view[pos : pos + span.end - span.start]
                 pos += span.end - span.start
+                # Captured with the chunk ref, before any await (see smallwrites).
+                pieces = self._overlay(ino, state, span)
+                if pieces:
+                    overlays.append((dest, span.start, pieces))
                 job = self._read_span_cached(ino, state, span, dest)
                 if job is not None:
                     self.pins.pin(job.ref.chunk_id)
@@ -248,7 +278,25 @@ class FileData:
         finally:
             for job in slow:
                 self.pins.unpin(job.ref.chunk_id)
+        for dest, start, pieces in overlays:
+            lay_over(dest, start, pieces)
         return out
+
+    def _overlay(
+        self, ino: int, state: FileState | None, span: ChunkSpan
+    ) -> list[tuple[int, bytes]] | None:
+        """The logged and patched bytes of a span of a chunk that has no
+        buffer (a buffer holds them already), oldest first."""
+        idx = span.chunk_index
+        patch = state.patches.get(idx) if state is not None else None
+        if patch is None and not self.log.has(ino, idx):
+            return None
+        if state is not None and state.buffered(idx) is not None:
+            return None
+        pieces = self.log.overlay(ino, idx, span.start, span.end)
+        if patch is not None:
+            pieces.extend(patch.items())
+        return pieces
 
     def _maybe_prefetch(
         self, ino: int, state: FileState, offset: int, end: int, file_size: int
@@ -331,8 +379,19 @@ class FileData:
             count = span.end - span.start
             async with state.lock(idx):
                 buf = state.dirty.get(idx)
+                if buf is None and self._patch(state, ino, span, view[pos : pos + count]):
+                    pos += count
+                    self.namespace.set_size(
+                        ino,
+                        max(self.namespace.get(ino).size, idx * chunk_size + span.end),
+                        mtime_ns=self.clock_ns(),
+                        persist=False,
+                    )
+                    continue
                 if buf is None:
                     covers = span.start == 0 and span.end >= self._valid_length(ino, idx)
+                    if covers:
+                        self._drop_patch(state, idx)
                     buf = bytearray() if covers else await self._load(ino, idx)
                     if count >= chunk_size // PREALLOCATE_FRACTION and len(buf) < chunk_size:
                         # A large writer fills the whole chunk: size the
@@ -361,6 +420,34 @@ class FileData:
             await self._flush_state(state)
         return len(data)
 
+    def _patch(self, state: FileState, ino: int, span: ChunkSpan, data: memoryview) -> bool:
+        """Keep a small write over a stored chunk that has no buffer as a
+        patch, without reading the chunk (flush logs it, see smallwrites);
+        False if it must go to a whole-chunk buffer (caller holds the lock).
+        A patch that grows past `log.log_max` is left for the buffer, which
+        `_load` builds with it."""
+        idx = span.chunk_index
+        patch = state.patches.get(idx)
+        if patch is None:
+            if (
+                len(data) > self.log.log_max
+                or (span.start == 0 and span.end >= self._valid_length(ino, idx))
+                or self.chunks.get(ino, idx) is None
+                or (idx == 0 and self.namespace.get(ino).size <= self.inline_max)
+            ):
+                return False
+            patch = state.patches[idx] = Extents()
+        before = patch.total
+        patch.add(span.start, data)
+        self.dirty_bytes += patch.total - before
+        return patch.total <= self.log.log_max
+
+    def _drop_patch(self, state: FileState, idx: int) -> Extents | None:
+        patch = state.patches.pop(idx, None)
+        if patch is not None:
+            self.dirty_bytes -= patch.total
+        return patch
+
     def _valid_length(self, ino: int, idx: int) -> int:
         """Bytes of chunk idx that lie below the current file size."""
         base = idx * self.layout.chunk_size
@@ -369,21 +456,33 @@ class FileData:
 
     async def _load(self, ino: int, idx: int) -> bytearray:
         """The current content of chunk idx (its valid bytes), for a partial
-        rewrite. Caller holds the chunk's lock."""
+        rewrite, with its logged records and its patch laid over (the patch
+        is consumed). Caller holds the chunk's lock."""
         valid = self._valid_length(ino, idx)
+        state = self._states.get(ino)
         if valid == 0:
+            if state is not None:
+                self._drop_patch(state, idx)
             return bytearray()
         ref = self.chunks.get(ino, idx)
         if ref is None:
             inline = self.namespace.inline_data(ino) if idx == 0 else None
-            return bytearray(_padded(inline[:valid], valid) if inline else bytes(valid))
-        stop = min(valid, ref.length)
-        self.pins.pin(ref.chunk_id)
-        try:
-            data = await self.reader.read(ref, 0, stop)
-        finally:
-            self.pins.unpin(ref.chunk_id)
-        return bytearray(_padded(data, valid))
+            buf = bytearray(_padded(inline[:valid], valid) if inline else bytes(valid))
+            pieces: list[tuple[int, bytes]] = []
+        else:
+            pieces = self.log.overlay(ino, idx, 0, valid)
+            stop = min(valid, ref.length)
+            self.pins.pin(ref.chunk_id)
+            try:
+                data = await self.reader.read(ref, 0, stop)
+            finally:
+                self.pins.unpin(ref.chunk_id)
+            buf = bytearray(_padded(data, valid))
+        patch = self._drop_patch(state, idx) if state is not None else None
+        if patch is not None:
+            pieces.extend(patch.items())
+        lay_over(memoryview(buf), 0, pieces)
+        return buf
 
     async def _write_back_soon(self, state: FileState, idx: int) -> None:
         """Write a full chunk back in the background (bounded: waits when
@@ -458,10 +557,10 @@ class FileData:
 
     def _has_buffers(self, ino: int) -> bool:
         state = self._states.get(ino)
-        return state is not None and bool(state.dirty or state.flushing)
+        return state is not None and state.has_data()
 
     async def _flush_state(self, state: FileState) -> None:
-        indices = sorted(set(state.dirty) | set(state.flushing))
+        indices = sorted(set(state.dirty) | set(state.flushing) | set(state.patches))
         if not indices:
             return
 
@@ -486,27 +585,88 @@ class FileData:
 
     async def _flush_chunk(self, state: FileState, idx: int) -> None:
         async with state.lock(idx):
-            buf = state.dirty.pop(idx, None)
-            if buf is None:
-                return
-            self.dirty_bytes -= len(buf)
-            state.flushing[idx] = buf
-            try:
-                # No copy: nothing modifies `buf` while its chunk lock is held.
-                await self._store_chunk(state.ino, idx, buf)
-                state.gaps.pop(idx, None)  # committed: the zeros are content now
-            except EcfsError as exc:
-                log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
-                state.error = state.error or exc
-                if idx not in state.dirty:
-                    # A copy: a view of `buf` may outlive the failed write
-                    # (a traceback, an abandoned thread), and a bytearray
-                    # with views cannot be resized by later writes.
-                    state.dirty[idx] = bytearray(buf)
+            logged = idx not in state.dirty and self._log_patch(state, idx)
+            if not logged:
+                if idx not in state.dirty and idx in state.patches:  # too big to log
+                    state.dirty[idx] = buf = await self._load(state.ino, idx)
                     self.dirty_bytes += len(buf)
-                raise
-            finally:
-                state.flushing.pop(idx, None)
+                await self._write_back_locked(state, idx)
+        if logged and self.log.over_limit:
+            await self.log.make_room(self.fold_chunk)
+
+    def _log_patch(self, state: FileState, idx: int) -> bool:
+        """Make chunk idx's patch durable as log records, with the inode's
+        attributes, in one transaction; False if there is none to log
+        (caller holds the lock)."""
+        patch = state.patches.get(idx)
+        ref = self.chunks.get(state.ino, idx)
+        if patch is None or ref is None or patch.total > self.log.log_max:
+            return False
+        valid = self._valid_length(state.ino, idx)
+        pieces = [(o, d[: valid - o]) for o, d in patch.items() if o < valid]
+        with self.db.transaction():
+            self.namespace.persist(state.ino)
+            self.log.append(state.ino, idx, ref.chunk_id, pieces)
+        self._drop_patch(state, idx)
+        return True
+
+    async def fold_chunk(self, ino: int, idx: int) -> None:
+        """Re-encode chunk idx of ino with its logged records as a new
+        version (the commit drops the records, see `_store_chunk`).
+
+        All under the chunk's lock, after logging any patch: a failed fold
+        (EcfsError, for the caller) leaves the records and the old version
+        as they were, and is no error of the file's (`state.error`). A
+        chunk with a buffer gets the ordinary write-back instead."""
+        state = self._state(ino)
+        try:
+            async with state.lock(idx):
+                ordinary = idx in state.dirty or (
+                    idx in state.patches and not self._log_patch(state, idx)
+                )
+                if not ordinary and self.log.has(ino, idx):
+                    buf = await self._load(ino, idx)
+                    state.flushing[idx] = buf  # readers see it meanwhile
+                    try:
+                        await self._store_chunk(ino, idx, buf)
+                    finally:
+                        state.flushing.pop(idx, None)
+            if ordinary:
+                await self._flush_chunk(state, idx)
+        finally:
+            self._forget_state_if_idle(ino)
+
+    async def fold_all(self) -> None:
+        """Fold every logged chunk (unmount)."""
+        for ino, idx in self.log.chunks():
+            try:
+                await self.fold_chunk(ino, idx)
+            except EcfsError as exc:
+                log.error("inode %d chunk %d: fold at unmount failed: %s", ino, idx, exc)
+
+    async def _write_back_locked(self, state: FileState, idx: int) -> None:
+        """Write back chunk idx's buffer (caller holds the lock)."""
+        buf = state.dirty.pop(idx, None)
+        if buf is None:
+            return
+        self.dirty_bytes -= len(buf)
+        state.flushing[idx] = buf
+        try:
+            # No copy: nothing modifies `buf` while its chunk lock is held.
+            await self._store_chunk(state.ino, idx, buf)
+            state.gaps.pop(idx, None)  # committed: the zeros are content now
+        except EcfsError as exc:
+            log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
+            state.error = state.error or exc
+            if idx not in state.dirty:
+                # A copy: a view of `buf` may outlive the failed write
+                # (a traceback, an abandoned thread), and a bytearray
+                # with views cannot be resized by later writes.
+                state.dirty[idx] = bytearray(buf)
+                self.dirty_bytes += len(buf)
+            raise
+        finally:
+            state.flushing.pop(idx, None)
 
     async def _store_chunk(self, ino: int, idx: int, buf: bytearray) -> None:
         """Commit the bytes of `buf` as the content of chunk idx (caller
@@ -519,6 +679,7 @@ class FileData:
         if idx == 0 and size <= self.inline_max:
             with self.db.transaction():
                 removed = self.chunks.remove_from(ino, 0)
+                self.log.drop_from(ino, 0)
                 self.namespace.set_inline_data(ino, bytes(data))
                 self.namespace.persist(ino)
             self.garbage.discard(removed, self.db.generation)
@@ -526,6 +687,7 @@ class FileData:
         if _all_zero(data):
             with self.db.transaction():
                 old = self.chunks.remove(ino, idx)
+                self.log.drop(ino, idx)
                 self._drop_inline(ino, idx)
                 self.namespace.persist(ino)
             if old is not None:
@@ -537,6 +699,7 @@ class FileData:
             return
         with self.db.transaction():
             old = self.chunks.put(ino, idx, ref)
+            self.log.drop(ino, idx)  # `buf` holds them (see _load)
             self._drop_inline(ino, idx)
             missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
             if missing:
@@ -577,6 +740,8 @@ class FileData:
             for idx in [i for i in state.dirty if i >= first_dropped]:
                 self.dirty_bytes -= len(state.dirty.pop(idx))
                 state.gaps.pop(idx, None)
+            for idx in [i for i in state.patches if i >= first_dropped]:
+                self._drop_patch(state, idx)
             if new_size % chunk_size:
                 buf = state.dirty.get(keep)
                 if buf is None:
@@ -589,6 +754,12 @@ class FileData:
                 state.note_written(keep, cut, chunk_size)
             with self.db.transaction():
                 removed = self.chunks.remove_from(ino, first_dropped)
+                self.log.drop_from(ino, first_dropped)
+                if new_size % chunk_size:
+                    # The kept chunk's buffer holds its records; a crash
+                    # before its write-back must not bring back logged bytes
+                    # past the new size when the file grows again.
+                    self.log.clip(ino, keep, new_size - keep * chunk_size)
                 inline = self.namespace.inline_data(ino)
                 if inline is not None and len(inline) > new_size:
                     self.namespace.set_inline_data(ino, inline[:new_size] or None)
@@ -605,11 +776,14 @@ class FileData:
                 for idx in sorted(state.locks):
                     await stack.enter_async_context(state.lock(idx))
                 self.dirty_bytes -= sum(len(b) for b in state.dirty.values())
+                self.dirty_bytes -= sum(p.total for p in state.patches.values())
                 state.dirty.clear()
+                state.patches.clear()
                 state.gaps.clear()
             self._states.pop(ino, None)
         with self.db.transaction():
             removed = self.chunks.remove_from(ino, 0)
+            self.log.drop_from(ino, 0)
             self.namespace.delete_inode(ino)
         self.garbage.discard(removed, self.db.generation)
 

@@ -32,8 +32,8 @@ How a run goes:
    (``ecfs-<pid>-fsck-*``: directories of dead fsck runs and mounts are
    removed at the start) as the working copy, and upgraded to the current
    schema if it is older; every check reads and (with --repair) fixes it.
-5. namespace_consistent, repair_queue_valid, chunk_fragments_present,
-   no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
+5. namespace_consistent, repair_queue_valid, write_log_valid,
+   chunk_fragments_present, no_orphan_fragments run in this order (see `ecfs.fsck_checks`).
 6. With --repair, if anything was found: the stores written to are synced,
    one more (empty) transaction bumps the generation above every replica's,
    and the working copy is copied over every replica file on the present
@@ -72,6 +72,7 @@ from .fsck_checks import (
     check_no_orphan_fragments,
     check_repair_queue_valid,
     check_replicas_agree,
+    check_write_log_valid,
 )
 from .geometry import Layout
 from .lock import VolumeLock
@@ -108,6 +109,7 @@ CHECKS = (
     "replicas_agree",
     "namespace_consistent",
     "repair_queue_valid",
+    "write_log_valid",
     "chunk_fragments_present",
     "no_orphan_fragments",
 )
@@ -241,6 +243,7 @@ def _check_volume(
         )
         check_namespace_consistent(ctx)
         check_repair_queue_valid(ctx)
+        check_write_log_valid(ctx)
         check_chunk_fragments_present(ctx)
         check_no_orphan_fragments(ctx)
         if not repair or report.clean:

@@ -11,6 +11,9 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 * `check_namespace_consistent`: directory entries, link counts,
   reachability, symlink/xattr/chunk/inline rows of the namespace.
 * `check_repair_queue_valid`: the repair queue names only existing chunks.
+* `check_write_log_valid`: every small-write log record matches its
+  checksum and applies over its chunk's current version (so no record is
+  older than its chunk, or of a chunk that is gone); repair deletes the others.
 * `check_chunk_fragments_present`: every fragment of every chunk exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
@@ -57,8 +60,10 @@ from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
+from .metadb.writelog import WriteLogTable
 from .model import NO_STORE, ChunkRef
 from .replicas import CopyChoice, CopyExpectation, choose_copy, inspect_copy
+from .smallwrites import record_checksum
 from .store import FRAGS_DIR, DirectoryStore
 
 log = logging.getLogger(__name__)
@@ -550,6 +555,35 @@ def check_repair_queue_valid(ctx: FsckContext) -> None:
             f"repair queue entry for chunk {chunk_id:016x}, which does not exist",
             fixed=ctx.repair,
         )
+
+
+def check_write_log_valid(ctx: FsckContext) -> None:
+    """Each small-write log record must match its checksum and apply over
+    the current version of its chunk; repair deletes the ones that do not
+    (a bad record is never applied: its bytes are lost either way)."""
+    table = WriteLogTable(ctx.db)
+    chunks = ChunkTable(ctx.db)
+    bad: list[int] = []
+    heads = table.heads()
+    ctx.report.counts["write_log_records"] = len(heads)
+    for seq, inode, idx, chunk_id, offset, length, checksum in heads:
+        ref = chunks.get(inode, idx)
+        where = f"log record {seq} of {ctx.describe_inode(inode)} chunk {idx}"
+        problem = None
+        if ref is None:
+            problem = f"{where} applies over chunk {chunk_id:016x}, which no longer exists"
+        elif ref.chunk_id != chunk_id:
+            problem = f"{where} is older than its chunk's version ({chunk_id:016x} is not the current {ref.chunk_id:016x})"
+        else:
+            _, data = table.data([seq])[seq]
+            if record_checksum(inode, idx, chunk_id, seq, offset, data) != checksum:
+                problem = f"{where} (bytes [{offset}, {offset + length})) fails its checksum"
+        if problem is not None:
+            bad.append(seq)
+            ctx.report.add("write_log_valid", problem, fixed=ctx.repair)
+    if bad and ctx.repair:
+        with ctx.db.transaction():
+            table.delete(bad)
 
 
 # --------------------------------------------------------------------------

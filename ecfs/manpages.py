@@ -113,7 +113,15 @@ missing fragment is queued for the background repair, which rebuilds it
 when the volume is idle. A chunk is never overwritten in place (a rewrite
 writes a new version), so a crash cannot leave a chunk half old, half new.
 The metadata (names, attributes, where each fragment lives) is a SQLite
-database kept on m+1 stores.""",
+database kept on m+1 stores.
+
+A small overwrite (a database page, say) that is flushed or fsync'd is not
+worth re-encoding a whole chunk: its bytes are kept as a checksummed record
+in the replicated metadata (the *small-write log*), which costs kilobytes,
+and reads lay the records over the chunk. A background task later folds a
+chunk's records into one new chunk version: when they reach a quarter of
+the chunk, when the chunk was not written for a few seconds, and at
+unmount.""",
         sections={
             "CONCEPTS": """\
 store::
@@ -455,6 +463,12 @@ Counters: `requested_bytes`, `store_bytes`, `degraded_reads`,
 `writes`::
 `bytes_in` (written by programs), `bytes_out` (written to stores).
 
+`write_log`::
+The small-write log: `records` and `bytes` waiting to be folded, `chunks`
+holding them, `limit` (log bytes past which writers fold first), and the
+counters `records_written`, `bytes_written`, `folds` (chunks re-encoded
+with their records) and `forced_folds` (of them, folds a writer waited for).
+
 `metadata`::
 `generation`, `durable_generation`, `live_replicas` (store indexes),
 `stale_replicas` ({store: reason}).
@@ -497,7 +511,10 @@ silently where nothing was read for months. A scrub reads every fragment
 of every chunk, verifies every cell checksum, and queues each chunk with a
 missing or corrupt fragment for repair. Chunks verified longest ago come
 first, so a scrub stopped by `--max-duration` resumes where it stopped.
-The scrub runs in the daemon; foreground I/O goes first.
+The scrub runs in the daemon; foreground I/O goes first. Small-write log
+records are rows of the metadata, not fragments: each is checked against
+its checksum whenever it is read, a lost or damaged metadata copy is
+rebuilt from the others at mount, and `ecfs fsck` checks them all.
 
 Each pass first verifies every metadata replica while the volume stays in
 use: its schema, and every row against the content digest the replica
@@ -577,7 +594,10 @@ Some data cannot be recovered: fewer than k good fragments are left.
         description="""\
 fsck checks, one check per invariant: `replicas_agree` (the metadata
 copies), `namespace_consistent` (directories, link counts, reachable
-inodes), `repair_queue_valid`, `chunk_fragments_present` (each fragment
+inodes), `repair_queue_valid`, `write_log_valid` (each small-write log
+record matches its checksum and applies over its chunk's current version;
+the records are rows of the metadata, so `replicas_agree` also compares
+them between the copies), `chunk_fragments_present` (each fragment
 exists and its header matches; with `--verify-data`, every cell checksum
 too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.

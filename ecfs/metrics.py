@@ -158,6 +158,18 @@ METRICS: tuple[Metric, ...] = (
         "Newest metadata generation on every live replica.",
     ),
     _m("ecfs_metadata_live_replicas", "gauge", "Metadata replicas being kept up to date."),
+    _m("ecfs_write_log_records", "gauge", "Small-write log records waiting to be folded."),
+    _m("ecfs_write_log_bytes", "gauge", "Bytes of small-write log records waiting to be folded."),
+    _m("ecfs_write_log_chunks", "gauge", "Chunks with small-write log records."),
+    _m("ecfs_write_log_limit_bytes", "gauge", "Log bytes past which writers fold first."),
+    _m("ecfs_write_log_records_total", "counter", "Small-write log records written."),
+    _m("ecfs_write_log_written_bytes_total", "counter", "Bytes written as log records."),
+    _m("ecfs_write_log_folds_total", "counter", "Chunks re-encoded with their log records."),
+    _m(
+        "ecfs_write_log_forced_folds_total",
+        "counter",
+        "Folds a writer waited for because the log was over its limit.",
+    ),
     _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
 )
 
@@ -176,6 +188,16 @@ _READS = {
     "thread_reads": "ecfs_read_thread_reads_total",
 }
 _WRITES = {"bytes_in": "ecfs_write_bytes_in_total", "bytes_out": "ecfs_write_bytes_out_total"}
+_WRITE_LOG = {
+    "records": "ecfs_write_log_records",
+    "bytes": "ecfs_write_log_bytes",
+    "chunks": "ecfs_write_log_chunks",
+    "limit": "ecfs_write_log_limit_bytes",
+    "records_written": "ecfs_write_log_records_total",
+    "bytes_written": "ecfs_write_log_written_bytes_total",
+    "folds": "ecfs_write_log_folds_total",
+    "forced_folds": "ecfs_write_log_forced_folds_total",
+}
 _REPAIR = {
     "bytes_left": "ecfs_repair_bytes_left",
     "deferred": "ecfs_repair_deferred_chunks",
@@ -264,7 +286,12 @@ def _samples(status: dict[str, Any]) -> Iterator[tuple[str, dict[str, str], floa
                     {**label, "quantile": quantile},
                     store[key] / 1000,
                 )
-    for section, names in (("reads", _READS), ("writes", _WRITES), ("scrub", _SCRUB)):
+    for section, names in (
+        ("reads", _READS),
+        ("writes", _WRITES),
+        ("write_log", _WRITE_LOG),
+        ("scrub", _SCRUB),
+    ):
         values = status.get(section) or {}
         for key, name in names.items():
             yield from _value(name, {}, values.get(key))

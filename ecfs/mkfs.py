@@ -40,7 +40,8 @@ DEFAULT_PARITY = 2
 #: header, a pread, a thread round trip) dominate a Python filesystem, so
 #: large fragments are what makes sequential I/O fast: 1 MiB fragments read
 #: ~3x and write ~2.5x faster than 128 KiB ones on the benchmark machine.
-#: The price: a small rewrite inside a large file re-encodes one whole chunk
+#: The price: a small rewrite inside a large file is logged (see
+#: ecfs.smallwrites) but later folded by re-encoding one whole chunk
 #: (k x F = 4 MiB with k=4); volumes for databases or VM images that rewrite
 #: in place may prefer --fragment-size 128K. Files smaller than a chunk are
 #: one short chunk whatever F is, and reads verify only the cells they touch.

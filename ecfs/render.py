@@ -64,6 +64,13 @@ def render_status(status: dict[str, Any]) -> str:
             f"scrub: last pass verified {scrub['chunks_done']}/{scrub['chunks_total']} chunks,"
             f" {scrub['finding_count']} findings"
         )
+    write_log = status.get("write_log")  # absent from an older daemon's status
+    if write_log is not None:
+        lines.append(
+            f"small-write log: {write_log['records']} records,"
+            f" {format_size(write_log['bytes'])} in {write_log['chunks']} chunks waiting to be"
+            f" folded; {write_log['folds']} chunks folded since mount"
+        )
     for message in status["unrecoverable"]:
         lines.append(f"UNRECOVERABLE: {message}")
     return "\n".join(lines)

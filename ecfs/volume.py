@@ -83,6 +83,7 @@ from .replicas import (
     resync_replicas,
 )
 from .scrub import Scrubber
+from .smallwrites import WriteLog
 from .store import DirectoryStore, Store, StoreMarker
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
@@ -324,6 +325,7 @@ class Volume:
             db,
         )
         self.writer.on_abandoned = self.garbage.remember
+        self.writelog = WriteLog(db, self.layout.chunk_size)
         self.filedata = FileData(
             self.layout,
             db,
@@ -335,6 +337,7 @@ class Volume:
             self._wait_durable,
             inline_max=self.inline_max,
             clock_ns=self.namespace.now_ns,  # one clock for every inode time
+            writelog=self.writelog,
         )
         self.repairer = Repairer(
             db,
@@ -401,6 +404,17 @@ class Volume:
                 for index, path in changed.items():
                     self.store_table.set_path(index, path)
 
+    def _open_write_log(self) -> None:
+        """Load the small-write log's index."""
+        chunks = self.filedata.chunks
+
+        def current(inode: int, idx: int) -> int:
+            ref = chunks.get(inode, idx)
+            return 0 if ref is None else ref.chunk_id
+
+        for problem in self.writelog.load(current):
+            log.warning("%s (ecfs fsck --repair deletes it)", problem)
+
     def missing_stores(self) -> dict[int, str]:
         """Stores of the volume that are not open in this mount: index -> last path."""
         return {i: p for i, p in self.store_table.paths().items() if i not in self.runners}
@@ -448,6 +462,7 @@ class Volume:
             volume.left_out = left_out
             volume._setup_replicas(prepared)
             volume._remember_store_paths()  # after: so the change is replicated
+            volume._open_write_log()
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -512,6 +527,13 @@ class Volume:
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
         nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
+        nursery.start_soon(
+            supervised,
+            "small-write fold",
+            self.writelog.run,
+            self.filedata.fold_chunk,
+            lambda: self.filedata.last_activity,
+        )
         self.filedata.attach(nursery)
         for ino in self.namespace.orphans():
             log.info("freeing inode %d (unlinked while open before a crash)", ino)
@@ -532,6 +554,7 @@ class Volume:
                 await self.check_stores()
             await self.refresh_usage()
             await self.filedata.flush_all()
+            await self.filedata.fold_all()
         except Exception as exc:
             self._shutdown_failed("writing back data and attributes", exc)
         if not await self._drain_at_shutdown():

@@ -86,6 +86,9 @@ class Config:
     out: Path
     workdir_parent: Path | None
     keep: bool
+    small_writes: bool = False  # only the small-overwrite workloads (issue 14)
+    randwrite_seconds: float = 20.0
+    sqlite_txns: int = 100
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -102,6 +105,9 @@ class Config:
             out=args.out,
             workdir_parent=args.workdir,
             keep=args.keep,
+            small_writes=args.small_writes,
+            randwrite_seconds=5.0 if quick else 20.0,
+            sqlite_txns=args.sqlite_txns,
         )
 
 
@@ -265,6 +271,7 @@ class Target:
         status = json.loads(raw)
         flat = {f"reads.{k}": v for k, v in status["reads"].items()}
         flat.update({f"writes.{k}": v for k, v in status["writes"].items()})
+        flat.update({f"write_log.{k}": v for k, v in status.get("write_log", {}).items()})
         return flat
 
 
@@ -465,6 +472,57 @@ def small_file_workloads(
     res.measure(target, label, "sync", wl.sync_all)
 
 
+def small_write_workloads(res: Results, target: Target, label: str, cfg: Config, work: Path) -> None:
+    """Issue 14: 4 KiB random overwrites + fsync over the 1 GiB file (IOPS;
+    bytes written per write: by the daemon from /proc/<pid>/io, by anyone
+    on the disk from /proc/diskstats, and on ecfs also counting the folds
+    that follow, once its small-write log is empty), then SQLite."""
+    d = target.directory
+    res.measure(
+        target, label, "prepare", lambda: wl.seq_write(d, cfg.seq_size, True, cfg.timeout)
+    )
+
+    def randwrite() -> None:
+        wl.sync_all()
+        pid = target.pid()
+        disk0, proc0 = wl.disk_sectors_written(work), wl.process_write_bytes(pid)
+        with observe(target) as obs:
+            r = wl.rand_write_fsync(d, cfg.seq_size, cfg.randwrite_seconds, cfg.timeout)
+        disk = (wl.disk_sectors_written(work) - disk0) * 512
+        proc = wl.process_write_bytes(pid) - proc0 if pid else disk
+        writes = max(1, int(r["writes"]))
+        res.add(label, "rand_write_fsync_iops", r["iops"])
+        res.add(label, "rand_write_fsync_kib", proc / writes / 1024)
+        res.add(label, "rand_write_fsync_disk_kib", disk / writes / 1024)
+        if not target.is_ecfs:
+            return
+        res.add(label, "rand_write_fsync_store_kib",
+                obs.counters.get("writes.bytes_out", 0) / writes / 1024)  # fmt: skip
+        status = target.status()
+        res.add(label, "write_log_bytes_after_run", status.get("write_log.bytes", 0))
+        res.add(label, "write_log_records_after_run", status.get("write_log.records", 0))
+        deadline = time.monotonic() + cfg.timeout
+        while "write_log.records" in status and status["write_log.records"] and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(1.0)
+            status = target.status()
+        res.add(label, "write_log_folds", status.get("write_log.folds", 0))
+        res.add(label, "rand_write_fsync_kib_with_folds",
+                (wl.process_write_bytes(pid) - proc0) / writes / 1024)  # fmt: skip
+
+    res.measure(target, label, "randwrite", randwrite)
+    for mode in ("delete", "wal"):
+
+        def sqlite(mode: str = mode) -> None:
+            r = wl.sqlite_workload(d, mode, cfg.sqlite_txns, 1000, cfg.timeout)
+            res.add(label, f"sqlite_{mode}_s", float(r["seconds"]))  # type: ignore[arg-type]
+            if r["integrity"] != "ok":
+                res.error(f"{label} sqlite {mode}: integrity_check: {r['integrity']}")
+
+        res.measure(target, label, f"sqlite {mode}", sqlite)
+
+
 # --- the table -------------------------------------------------------------------
 
 
@@ -527,7 +585,25 @@ ROWS = [
     Row("daemon CPU per GiB read (seq)", "s", "cpu_s_per_gib_read", goal=("ratio<=", 1.5)),
     Row("  same, one store missing", "s", "cpu_s_per_gib_read", "ecfs-degraded"),
     Row("daemon CPU per GiB written", "s", "cpu_s_per_gib_written"),
+    Row("4 KiB random overwrite + fsync", "IOPS", "rand_write_fsync_iops", goal=("ratio>=", 0.5)),
+    Row("  KiB written per write (daemon; raw: disk)", "KiB", "rand_write_fsync_kib",
+        goal=("range", 0, 48)),
+    Row("  KiB written per write (/proc/diskstats)", "KiB", "rand_write_fsync_disk_kib"),
+    Row("  store fragment KiB per write", "KiB", "rand_write_fsync_store_kib",
+        show_raw_and_pt=False),
+    Row("  KiB per write incl. the folds after it", "KiB", "rand_write_fsync_kib_with_folds",
+        show_raw_and_pt=False),
+    Row("  log bytes waiting at the end", "B", "write_log_bytes_after_run", show_raw_and_pt=False),
+    Row("  chunks folded (run + after)", "", "write_log_folds", show_raw_and_pt=False),
+    Row("SQLite {txns} txns x 1,000 rows, journal_mode=delete", "s", "sqlite_delete_s",
+        goal=("ratio<=", 2.0)),
+    Row("SQLite {txns} txns x 1,000 rows, journal_mode=wal", "s", "sqlite_wal_s",
+        goal=("ratio<=", 2.0)),
 ]  # fmt: skip
+
+
+#: Metric prefixes of the --small-writes rows.
+SMALL_WRITE_METRICS = ("rand_write_fsync", "write_log", "sqlite")
 
 
 def fmt(value: float | None, unit: str = "") -> str:
@@ -548,10 +624,13 @@ def table_rows(res: Results, cfg: Config) -> list[dict[str, str]]:
     size = cfg.seq_size
     words = {
         "size": f"{size // wl.GiB} GiB" if size % wl.GiB == 0 else f"{size // wl.MiB} MiB",
-        "files": f"{res.notes.get('tarball', {}).get('files', '?'):,}",
+        "files": f"{res.notes.get('tarball', {}).get('files', 0):,}",
+        "txns": cfg.sqlite_txns,
     }
     rows = []
     for row in ROWS:
+        if cfg.small_writes and not row.metric.startswith(SMALL_WRITE_METRICS):
+            continue
         value = res.median(row.label, row.metric)
         base = res.median(row.base_label, row.metric)
         quotient = value / base if value is not None and base else None
@@ -739,8 +818,11 @@ class Bench:
     # -- phases
     def run(self) -> None:
         cfg, res = self.cfg, self.res
-        tarball, info = get_tarball(cfg)
-        res.notes["tarball"] = {"path": str(tarball), **info}
+        if cfg.small_writes:
+            tarball = Path("/nonexistent")
+        else:
+            tarball, info = get_tarball(cfg)
+            res.notes["tarball"] = {"path": str(tarball), **info}
 
         raw = Target("raw", self.work / "raw")
         raw.directory.mkdir()
@@ -771,6 +853,9 @@ class Bench:
             for target in targets:
                 print(f"-- repetition {rep + 1}/{cfg.reps}: {target.name}", flush=True)
                 with self.timed_rep(target.name):
+                    if cfg.small_writes:
+                        small_write_workloads(res, target, target.name, cfg, self.work)
+                        continue
                     write_workloads(res, target, target.name, cfg)
                     read_workloads(res, target, target.name, cfg, tree=None)
                     small_file_workloads(
@@ -954,6 +1039,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " 0: no limit); at least one of each always runs",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (unmounted)")
+    parser.add_argument(
+        "--small-writes", action="store_true",
+        help="run only the small-overwrite workloads: fio randwrite 4k + fsync, SQLite",
+    )  # fmt: skip
+    parser.add_argument("--sqlite-txns", type=int, default=100, metavar="N",
+                        help="transactions of 1,000 rows in the SQLite workload (default 100)")  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tarfile
 import threading
@@ -350,3 +351,96 @@ def remove_tree(tree: Path, timeout: float) -> dict[str, float]:
 
 def have_command(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+# --- small overwrites with fsync (issue 14) ---------------------------------------
+
+
+def rand_write_fsync(directory: Path, size: int, seconds: float, timeout: float) -> dict[str, float]:
+    """4 KiB random overwrites, each followed by fsync (fio randwrite
+    --fsync=1, queue depth 1), over the file seq_write left, for `seconds`."""
+    job = fio(
+        "randwrite", directory / "seq.dat", timeout,
+        rw="randwrite", bs="4k", size=size, fsync=1, time_based=1, runtime=f"{seconds}s",
+        overwrite=1,
+    )  # fmt: skip
+    write = job["write"]
+    percentiles = write["clat_ns"].get("percentile", {})
+    return {
+        "iops": write["iops"],
+        "writes": write["total_ios"],
+        "p50_us": percentiles.get("50.000000", 0) / 1000,
+        "bytes": write["io_bytes"],
+    }
+
+
+#: The SQLite workload, run in a child Python (so that it can be timed out):
+#: argv = database path, journal mode, transactions, rows per transaction.
+SQLITE_SCRIPT = r"""
+import sqlite3, sys, time
+path, mode, txns, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t0 = time.monotonic()
+db = sqlite3.connect(path, isolation_level=None)
+db.execute(f"PRAGMA journal_mode={mode}")
+db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
+for t in range(txns):
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO t (a, b) VALUES (?, ?)",
+                   [(t * rows + i, f"row {t} {i} " + "x" * 100) for i in range(rows)])
+    db.execute("COMMIT")
+step = txns * rows // 100
+for t in range(100):  # 100 update transactions of 100 rows spread over the table
+    db.execute("BEGIN")
+    db.executemany("UPDATE t SET b = b || 'u' WHERE id = ?",
+                   [(1 + (t + i * 100) * step // 100,) for i in range(100)])
+    db.execute("COMMIT")
+for t in range(100):  # 100 delete transactions of 100 rows
+    db.execute("BEGIN")
+    db.executemany("DELETE FROM t WHERE id = ?",
+                   [(1 + (t + i * 100) * step // 100 + 1,) for i in range(100)])
+    db.execute("COMMIT")
+check = db.execute("PRAGMA integrity_check").fetchone()[0]
+db.close()
+print(time.monotonic() - t0, check)
+"""
+
+
+def sqlite_workload(
+    directory: Path, mode: str, txns: int, rows: int, timeout: float
+) -> dict[str, object]:
+    """A SQLite database built with `txns` transactions of `rows` rows, then
+    100 transactions updating and 100 deleting 100 rows each (by primary
+    key, spread over the table), in journal mode `mode`; seconds, and
+    PRAGMA integrity_check's answer."""
+    path = directory / f"bench-{mode}.sqlite"
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        call_with_timeout(lambda s=suffix: Path(f"{path}{s}").unlink(missing_ok=True), timeout)
+    result = run([sys.executable, "-c", SQLITE_SCRIPT, str(path), mode, str(txns), str(rows)],
+                 timeout)  # fmt: skip
+    seconds, check = result.stdout.decode().split(maxsplit=1)
+    return {"seconds": float(seconds), "integrity": check.strip()}
+
+
+def disk_sectors_written(path: Path) -> int:
+    """Sectors (512 B) written so far to the block device holding `path`
+    (/proc/diskstats; counts every writer of that disk)."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[0]) == major and int(fields[1]) == minor:
+                return int(fields[9])
+    return 0
+
+
+def process_write_bytes(pid: int | None) -> int:
+    """Bytes process `pid` caused to be written to storage (/proc/pid/io
+    write_bytes: its own writes and the page-cache pages it dirtied)."""
+    if pid is None:
+        return 0
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0

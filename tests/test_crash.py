@@ -38,7 +38,9 @@ hold is durable. The checks above must still hold.
 The workload profiles aim at kill points: `bigseq` (chunk encode and
 fragment writes of long sequential writes), `rewrite` (copy-on-write of
 existing chunks and the deletion of the replaced versions), `storm`
-(rename/unlink/create storms of small and inline files) and `mixed`.
+(rename/unlink/create storms of small and inline files), `commits`,
+`overwrite` (fsync'd 4 KiB overwrites: small-write log records and their
+folds) and `mixed`.
 """
 
 from __future__ import annotations
@@ -284,6 +286,22 @@ class Workload:
             dst = f"c{rng.randrange(10**6)}"
             self.rename(src, dst)
             self.fsync(self.names[dst])
+
+    def step_overwrite(self) -> None:
+        """Small fsync'd overwrites of existing chunks (the small-write log,
+        ecfs.smallwrites): records, folds of them, and now and then a
+        truncate into a logged chunk."""
+        rng = self.rng
+        if not self.names:
+            fid = self.create(rng.choice(["dio", "buf"]))
+            self.write(fid, 0, 3 * CHUNK + 5000, fsync=True)
+        fid = self.random_fid()
+        assert fid is not None
+        if rng.random() < 0.05 and self.sizes[fid] > PAGE:
+            self.truncate(fid, rng.randrange(self.sizes[fid] // 2, self.sizes[fid]))
+            return
+        offset = rng.randrange(max(1, self.sizes[fid]) // PAGE + 1) * PAGE
+        self.write(fid, offset, rng.choice([PAGE, PAGE, 2 * PAGE]), fsync=rng.random() < 0.9)
 
 
 def workload_main(argv: list[str]) -> int:
@@ -656,7 +674,7 @@ def traced_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # The tests
 
 KILL_POINTS = int(os.environ.get("ECFS_CRASH_KILLS", "30"))
-PROFILES = ("mixed", "bigseq", "rewrite", "storm", "commits")
+PROFILES = ("mixed", "bigseq", "rewrite", "storm", "commits", "overwrite")
 FULL_CHECK_EVERY = 3
 
 
@@ -668,7 +686,8 @@ def test_kill_loop(tmp_path: Path, traced_env: Path, request: pytest.FixtureRequ
     with mounted_volume(tmp_path / "vol") as volume:
         for n in range(KILL_POINTS):
             profile = PROFILES[n % len(PROFILES)]
-            power_loss = n % 3 == 1
+            # (every third kill; with six profiles, overwrite's every other)
+            power_loss = n % 3 == 1 or (profile == "overwrite" and n % 12 == 11)
             root = volume.mountpoint / f"c{n}"
             root.mkdir()
             journal = tmp_path / f"journal-{n}"

@@ -715,6 +715,12 @@ def test_a_volume_of_the_previous_version_is_upgraded_at_mount(volume: MountedVo
     for path in copies:
         found = inspect_copy(path)
         assert found.verified and found.schema == 2 and found.generation > max(generations)
+        conn = sqlite3.connect(path)  # the tables schema 2 adds are there
+        try:
+            for table in ("pending_deletions", "write_log"):
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        finally:
+            conn.close()
     from ecfs.fsck import run_fsck
 
     report = run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True)

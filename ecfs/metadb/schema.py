@@ -28,10 +28,11 @@ from pathlib import Path
 
 from ..fragment import checksum64
 from .digest import content_digest
+from .writelog import create_write_log_table
 
 #: Version of this schema; stored in `volume` under key "schema".
 #: 1: the tables of `SCHEMA`; 2: plus `SCHEMA_2_DDL` (content digest,
-#: inline data checksums).
+#: inline data checksums, remembered deletions) and the small-write log.
 SCHEMA_VERSION = 2
 
 #: Schema versions `schema_version` recognises (older ones are upgraded).
@@ -182,6 +183,13 @@ CREATE TABLE pending_deletions (
 """
 
 
+def _add_schema_2(conn: sqlite3.Connection) -> None:
+    """What schema 2 adds to schema 1: `SCHEMA_2_DDL` and the small-write
+    log's table (`ecfs.metadb.writelog` documents it)."""
+    conn.executescript(SCHEMA_2_DDL)
+    create_write_log_table(conn)
+
+
 def inline_checksum(data: bytes) -> int:
     """The value of ``inodes.inline_checksum`` for inline data `data`."""
     value = checksum64(data)
@@ -194,7 +202,7 @@ def _expected_master(version: int) -> frozenset[tuple[str, str, str, str]]:
     try:
         conn.executescript(SCHEMA)
         if version >= 2:
-            conn.executescript(SCHEMA_2_DDL)
+            _add_schema_2(conn)
         return frozenset(_master(conn))
     finally:
         conn.close()
@@ -242,7 +250,7 @@ def upgrade_database(path: Path) -> int:
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.executescript(SCHEMA_2_DDL)
+        _add_schema_2(conn)
         conn.create_function("ecfs_inline_checksum", 1, inline_checksum, deterministic=True)
         conn.execute("BEGIN")
         conn.execute(
@@ -288,7 +296,7 @@ def create_database(
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
-        conn.executescript(SCHEMA_2_DDL)
+        _add_schema_2(conn)
         conn.execute("BEGIN")
         rows = dict(params)
         rows["schema"] = SCHEMA_VERSION

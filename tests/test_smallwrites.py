@@ -1,0 +1,782 @@
+"""The small-write log (ecfs.smallwrites) in-process: a real volume on
+temp-dir stores, driven through FileData and Namespace without FUSE.
+
+Checked: small fsync'd overwrites become log records instead of new chunk
+versions; reads (healthy and degraded) lay the records over the chunk;
+folding re-encodes a chunk once for many records and drops them in the
+same transaction; truncate, unlink, hard links, rename over and inline
+files growing into chunks stay correct; a crash (the daemon gone without
+unmount) keeps every fsync'd byte; a corrupt record is never applied; and
+a hypothesis model of a file agrees with the volume after any sequence of
+writes, fsyncs, truncates, folds and crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ecfs.errors import EcfsError
+from ecfs.metadb.schema import ROOT_INODE
+from ecfs.metadb.writelog import WriteLogTable
+from ecfs.mkfs import VolumeSpec, create_volume
+from ecfs.smallwrites import Extents
+from ecfs.volume import Volume
+
+K, M, F = 2, 1, 64 * 1024
+CHUNK = K * F  # 128 KiB: log_max 8 KiB, fold budget 32 KiB
+INLINE = 4096
+
+
+def make_volume(root: Path) -> list[Path]:
+    stores = [root / f"s{i}" for i in range(K + M + 1)]
+    create_volume(stores, VolumeSpec(k=K, m=M, fragment_size=F, inline_max=INLINE))
+    (root / "run").mkdir(exist_ok=True)
+    return stores
+
+
+@asynccontextmanager
+async def mounted(
+    root: Path, stores: list[Path], *, crash: bool = False
+) -> AsyncIterator[Volume]:
+    """The volume opened and started as a mount does; at the end an orderly
+    shutdown, or with `crash`... see `Crash`."""
+    volume = Volume.open([str(s) for s in stores], runtime_dir=root / "run")
+    try:
+        async with trio.open_nursery() as nursery:
+            await volume.start(nursery)
+            try:
+                yield volume
+            except Crash:
+                nursery.cancel_scope.cancel()  # no write-back, no drain: a kill
+            else:
+                await volume.shutdown()
+                nursery.cancel_scope.cancel()
+        await volume.aclose_replicas()
+    finally:
+        volume.close()
+
+
+class Crash(Exception):
+    """Raised inside `mounted` to leave as a killed daemon would."""
+
+
+def run(root: Path, stores: list[Path], body: Callable[[Volume], Awaitable[None]]) -> None:
+    async def main() -> None:
+        try:
+            async with mounted(root, stores) as volume:
+                await body(volume)
+        except Crash:
+            pass
+
+    trio.run(main)
+
+
+def new_file(volume: Volume, name: bytes) -> int:
+    node = volume.namespace.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+    volume.filedata.opened(node.id)
+    return node.id
+
+
+def lookup(volume: Volume, name: bytes) -> int:
+    return volume.namespace.lookup(ROOT_INODE, name).id
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return bytes((seed * 131 + i * 7) % 251 for i in range(n))
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> list[Path]:
+    return make_volume(tmp_path)
+
+
+def table_rows(volume: Volume) -> int:
+    return len(WriteLogTable(volume.db).heads())
+
+
+def test_small_fsynced_overwrites_are_logged_not_reencoded(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    base = pattern(1, 3 * CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        refs = {i: volume.filedata.chunks.get(ino, i) for i in range(3)}
+        written = volume.writelog.statistics().records_written
+        await data.write(ino, CHUNK + 100, b"x" * 4096)
+        await data.fsync(ino)
+        await data.write(ino, 2 * CHUNK + 5000, b"y" * 300)
+        await data.fsync(ino)
+        # No new chunk version: the writes are records.
+        assert {i: data.chunks.get(ino, i) for i in range(3)} == refs
+        assert volume.writelog.statistics().records_written == written + 2
+        assert table_rows(volume) == 2
+        expected = bytearray(base)
+        expected[CHUNK + 100 : CHUNK + 4196] = b"x" * 4096
+        expected[2 * CHUNK + 5000 : 2 * CHUNK + 5300] = b"y" * 300
+        assert await data.read(ino, 0, 3 * CHUNK) == expected
+        assert await data.read(ino, CHUNK + 50, 200) == expected[CHUNK + 50 : CHUNK + 250]
+
+    run(tmp_path, stores, body)
+
+
+def test_fold_drops_records_in_the_switching_transaction(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    base = pattern(2, CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        old = data.chunks.get(ino, 0)
+        expected = bytearray(base)
+        for i in range(5):
+            chunk = bytes([i + 1]) * 1000
+            await data.write(ino, 7000 * i, chunk)
+            expected[7000 * i : 7000 * i + 1000] = chunk
+            await data.fsync(ino)
+        assert table_rows(volume) == 5
+        await data.fold_chunk(ino, 0)
+        new = data.chunks.get(ino, 0)
+        assert new is not None and old is not None and new.chunk_id != old.chunk_id
+        assert table_rows(volume) == 0 and not volume.writelog.has(ino, 0)
+        assert await data.read(ino, 0, CHUNK) == expected
+        assert volume.writelog.statistics().folds == 0  # fold_chunk directly, not the policy
+
+    run(tmp_path, stores, body)
+
+
+def test_many_small_writes_fold_only_a_handful_of_times(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    """1,000 fsync'd 4 KiB-class writes to one chunk: the budget (a quarter
+    chunk here) folds it a few dozen times at most, never once per write."""
+    base = pattern(3, CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        first = data.chunks.get(ino, 0)
+        versions = set()
+        expected = bytearray(base)
+        for i in range(1000):
+            offset = (i * 4099) % (CHUNK - 512)
+            piece = pattern(i, 512)
+            await data.write(ino, offset, piece)
+            expected[offset : offset + 512] = piece
+            await data.fsync(ino)
+            ref = data.chunks.get(ino, 0)
+            assert ref is not None
+            versions.add(ref.chunk_id)
+            if i % 10 == 0:
+                await trio.lowlevel.checkpoint()  # let the fold task run
+        await trio.sleep(0.5)
+        stats = volume.writelog.statistics()
+        assert await data.read(ino, 0, CHUNK) == expected
+        assert first is not None
+        # 1000 x 512 bytes = 500 KiB, budget 32 KiB: ~16 folds, not 1000.
+        assert len(versions) <= 40
+        assert stats.records_written >= 900
+
+    run(tmp_path, stores, body)
+
+
+def test_fsynced_records_survive_a_crash(tmp_path: Path, stores: list[Path]) -> None:
+    base = pattern(4, 2 * CHUNK)
+    expected = bytearray(base)
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        for i in range(20):
+            piece = pattern(100 + i, 777)
+            offset = (i * 12345) % (2 * CHUNK - 777)
+            await data.write(ino, offset, piece)
+            expected[offset : offset + 777] = piece
+            await data.fsync(ino)
+        assert volume.writelog.records > 0
+        raise Crash
+
+    run(tmp_path, stores, write)
+
+    async def check(volume: Volume) -> None:
+        ino = lookup(volume, b"f")
+        assert volume.writelog.records > 0  # loaded at mount
+        assert await volume.filedata.read(ino, 0, 2 * CHUNK) == expected
+
+    run(tmp_path, stores, check)
+
+    async def after_unmount(volume: Volume) -> None:
+        assert volume.writelog.records == 0  # folded at the previous unmount
+        ino = lookup(volume, b"f")
+        assert await volume.filedata.read(ino, 0, 2 * CHUNK) == expected
+
+    run(tmp_path, stores, after_unmount)
+
+
+def test_degraded_read_with_records(tmp_path: Path, stores: list[Path]) -> None:
+    base = pattern(5, CHUNK)
+    expected = bytearray(base)
+    expected[1000:3000] = b"z" * 2000
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, base)
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 1000, b"z" * 2000)
+        await volume.filedata.fsync(ino)
+        raise Crash
+
+    run(tmp_path, stores, write)
+    # Lose one store (any m): the data fragment 0 of the chunk may be on it.
+    for store in stores:
+        frags = list((store / "frags").rglob("*.0")) if (store / "frags").exists() else []
+        if frags:
+            shutil.rmtree(store)
+            break
+    remaining = [s for s in stores if s.exists()]
+
+    async def check(volume: Volume) -> None:
+        ino = lookup(volume, b"f")
+        assert await volume.filedata.read(ino, 0, CHUNK) == expected
+        assert await volume.filedata.read(ino, 500, 1000) == expected[500:1500]
+        raise Crash
+
+    run(tmp_path, remaining, check)
+
+
+def test_corrupt_record_is_never_applied(tmp_path: Path, stores: list[Path]) -> None:
+    base = pattern(6, CHUNK)
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, base)
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 100, b"q" * 100)
+        await volume.filedata.fsync(ino)
+        raise Crash
+
+    run(tmp_path, stores, write)
+    import sqlite3
+
+    for store in stores:
+        path = store / "meta" / "ecfs-meta.sqlite"
+        if path.exists():
+            conn = sqlite3.connect(path)
+            conn.execute("UPDATE write_log SET data = ?", (b"Q" * 100,))
+            conn.commit()
+            conn.close()
+
+    async def check(volume: Volume) -> None:
+        ino = lookup(volume, b"f")
+        with pytest.raises(EcfsError) as caught:
+            await volume.filedata.read(ino, 0, 4096)
+        assert caught.value.errno == 5
+        # Bytes the record does not cover still read.
+        assert await volume.filedata.read(ino, 8192, 100) == base[8192:8292]
+        raise Crash
+
+    run(tmp_path, stores, check)
+
+
+def test_truncate_unlink_link_rename_with_records(tmp_path: Path, stores: list[Path]) -> None:
+    base = pattern(7, 2 * CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ns, data = volume.namespace, volume.filedata
+        ino = new_file(volume, b"f")
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        await data.write(ino, CHUNK + 10, b"a" * 3000)
+        await data.write(ino, 50, b"b" * 100)
+        await data.fsync(ino)
+        assert volume.writelog.records == 2
+        # A hard link sees the records.
+        ns.link(ino, ROOT_INODE, b"g")
+        expected = bytearray(base)
+        expected[CHUNK + 10 : CHUNK + 3010] = b"a" * 3000
+        expected[50:150] = b"b" * 100
+        assert await data.read(lookup(volume, b"g"), 0, 2 * CHUNK) == expected
+        # Truncate into the middle of the record in chunk 1, then grow again:
+        # the cut bytes read as zeros.
+        await data.truncate(ino, CHUNK + 1000)
+        await data.truncate(ino, 2 * CHUNK)
+        expected[CHUNK + 1000 :] = bytes(CHUNK - 1000)
+        assert await data.read(ino, 0, 2 * CHUNK) == expected
+        await data.fsync(ino)
+        assert await data.read(ino, 0, 2 * CHUNK) == expected
+        # Rename another file over it and drop the last references: freed.
+        other = new_file(volume, b"h")
+        await data.write(other, 0, b"new")
+        await data.fsync(other)
+        await data.write(ino, 60, b"c" * 10)
+        await data.fsync(ino)
+        assert volume.writelog.records >= 1
+        ns.unlink(ROOT_INODE, b"g")
+        ns.rename(ROOT_INODE, b"h", ROOT_INODE, b"f")
+        await data.released(ino)
+        assert ns.get(ino).nlink == 0
+        await data.free(ino)
+        assert volume.writelog.records == 0 and table_rows(volume) == 0
+        assert await data.read(lookup(volume, b"f"), 0, 10) == b"new"
+
+    run(tmp_path, stores, body)
+
+
+def test_inline_file_growing_into_chunks(tmp_path: Path, stores: list[Path]) -> None:
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        await data.write(ino, 0, b"small")
+        await data.fsync(ino)
+        assert volume.namespace.inline_data(ino) == b"small"
+        await data.write(ino, 0, b"S")  # inline: no record
+        await data.fsync(ino)
+        assert volume.writelog.records == 0
+        await data.write(ino, 3 * INLINE, b"grown")
+        await data.fsync(ino)
+        await data.write(ino, 1, b"MALL")  # now chunked: a record
+        await data.fsync(ino)
+        assert volume.writelog.records == 1
+        expected = b"SMALL" + bytes(3 * INLINE - 5) + b"grown"
+        assert await data.read(ino, 0, 10 * INLINE) == expected
+
+    run(tmp_path, stores, body)
+
+
+def test_reading_while_a_chunk_folds(tmp_path: Path, stores: list[Path]) -> None:
+    base = pattern(8, CHUNK)
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        expected = bytearray(base)
+        for i in range(6):
+            await data.write(ino, i * 9000, b"r" * 2000)
+            expected[i * 9000 : i * 9000 + 2000] = b"r" * 2000
+            await data.fsync(ino)
+        results = []
+
+        async def reader() -> None:
+            for _ in range(50):
+                results.append(await data.read(ino, 0, CHUNK) == expected)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(data.fold_chunk, ino, 0)
+        assert all(results) and len(results) == 50
+        assert not volume.writelog.has(ino, 0)
+
+    run(tmp_path, stores, body)
+
+
+def test_log_over_its_limit_makes_writers_fold(tmp_path: Path, stores: list[Path]) -> None:
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        volume.writelog.limit = 20_000
+        ino = new_file(volume, b"f")
+        base = pattern(9, 4 * CHUNK)
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        expected = bytearray(base)
+        for i in range(30):
+            offset = (i % 4) * CHUNK + (i * 997) % (CHUNK - 3000)
+            await data.write(ino, offset, b"L" * 3000)
+            expected[offset : offset + 3000] = b"L" * 3000
+            await data.fsync(ino)
+            assert volume.writelog.total <= 20_000
+        assert volume.writelog.statistics().forced_folds > 0
+        assert await data.read(ino, 0, 4 * CHUNK) == expected
+
+    run(tmp_path, stores, body)
+
+
+def test_extents_newest_wins() -> None:
+    ext = Extents()
+    model = bytearray(100)
+    touched = bytearray(100)
+    for offset, length, value in [(10, 5, 1), (12, 10, 2), (30, 3, 3), (0, 11, 4), (33, 2, 5)]:
+        ext.add(offset, bytes([value]) * length)
+        model[offset : offset + length] = bytes([value]) * length
+        touched[offset : offset + length] = b"\1" * length
+    out = bytearray(100)
+    for offset, data in ext.items():
+        out[offset : offset + len(data)] = data
+    assert out == model
+    assert ext.total == sum(touched)
+
+
+# -- the model ---------------------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("write"),
+            st.integers(0, 3 * CHUNK),
+            st.sampled_from([1, 100, 4096, 5000, 9000, CHUNK + 7]),
+            st.integers(0, 255),
+        ),
+        st.tuples(st.just("fsync")),
+        st.tuples(st.just("truncate"), st.integers(0, 3 * CHUNK)),
+        st.tuples(st.just("fold")),
+        st.tuples(st.just("crash")),
+        st.tuples(st.just("remount")),
+        st.tuples(st.just("read"), st.integers(0, 3 * CHUNK), st.integers(1, CHUNK)),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("ECFS_MODEL_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=OPS)
+def test_model(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple]) -> None:
+    root = tmp_path_factory.mktemp("model")
+    stores = make_volume(root)
+    model = bytearray()
+    durable = bytearray()
+
+    async def main() -> None:
+        nonlocal model, durable
+        ino = None
+        pending = list(ops) + [("read", 0, 4 * CHUNK)]
+        while True:
+            try:
+                async with mounted(root, stores) as volume:
+                    data = volume.filedata
+                    if ino is None:
+                        ino = new_file(volume, b"f")
+                        await data.fsync(ino)
+                    else:
+                        data.opened(ino)
+                        assert await data.read(ino, 0, 4 * CHUNK) == durable
+                        model = bytearray(durable)
+                    while pending:
+                        op = pending.pop(0)
+                        if op[0] == "write":
+                            _, offset, length, value = op
+                            piece = bytes([value]) * length
+                            await data.write(ino, offset, piece)
+                            if len(model) < offset:
+                                model.extend(bytes(offset - len(model)))
+                            model[offset : offset + length] = piece
+                        elif op[0] == "fsync":
+                            await data.fsync(ino)
+                            durable = bytearray(model)
+                        elif op[0] == "truncate":
+                            await data.truncate(ino, op[1])
+                            del model[op[1] :]
+                            model.extend(bytes(op[1] - len(model)))
+                            # truncate persists the size in its own transaction
+                        elif op[0] == "fold":
+                            await data.fold_all()
+                        elif op[0] == "read":
+                            _, offset, length = op
+                            got = await data.read(ino, offset, length)
+                            assert got == model[offset : offset + length]
+                        elif op[0] == "remount":
+                            await data.fsync(ino)
+                            durable = bytearray(model)
+                            break
+                        elif op[0] == "crash":
+                            await data.fsync(ino)
+                            durable = bytearray(model)
+                            raise Crash
+                    else:
+                        await data.fsync(ino)
+                        durable = bytearray(model)
+                        return
+            except Crash:
+                pass
+
+    trio.run(main)
+
+
+# -- fsck ----------------------------------------------------------------------
+
+
+def _corrupt_replicas(stores: list[Path], sql: str) -> None:
+    """Apply `sql` to every replica as if ecfs had left it so: the copies
+    agree and each records the digest of its rows (else the copies would be
+    refused before the write log is looked at)."""
+    import sqlite3
+
+    from ecfs.metadb.digest import content_digest
+
+    for store in stores:
+        path = store / "meta" / "ecfs-meta.sqlite"
+        if path.exists():
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("BEGIN")
+            conn.execute(sql)
+            conn.execute("UPDATE replica_state SET digest = ?", (content_digest(conn),))
+            conn.execute("COMMIT")
+            conn.close()
+
+
+def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
+    """A clean log passes; a record failing its checksum and one over a
+    chunk version that is not current are found, --repair deletes them,
+    and fsck is clean again."""
+    from ecfs.fsck import run_fsck
+
+    base = pattern(10, 2 * CHUNK)
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, base)
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 100, b"a" * 100)
+        await volume.filedata.write(ino, CHUNK + 100, b"b" * 100)
+        await volume.filedata.fsync(ino)
+        assert volume.writelog.records == 2
+        raise Crash
+
+    run(tmp_path, stores, write)
+    args = [str(s) for s in stores]
+    report = run_fsck(args, repair=False, verify_data=True)
+    assert report.clean and report.counts["write_log_records"] == 2
+    _corrupt_replicas(stores, "UPDATE write_log SET data = zeroblob(100) WHERE idx = 0")
+    _corrupt_replicas(stores, "UPDATE write_log SET chunk_id = chunk_id + 1000 WHERE idx = 1")
+    report = run_fsck(args, repair=False, verify_data=False)
+    messages = [f.message for f in report.findings if f.check == "write_log_valid"]
+    assert len(messages) == 2, messages
+    assert any("fails its checksum" in m for m in messages)
+    assert any("older than its chunk's version" in m for m in messages)
+    report = run_fsck(args, repair=True, verify_data=False)
+    assert all(f.fixed for f in report.findings if f.check == "write_log_valid")
+    report = run_fsck(args, repair=False, verify_data=True)
+    assert report.clean and report.counts["write_log_records"] == 0
+
+
+def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> None:
+    from ecfs.control import status
+    from ecfs.metrics import render_prometheus
+    from ecfs.render import render_status
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(11, CHUNK))
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 10, b"m" * 50)
+        await volume.filedata.fsync(ino)
+        document = status(volume)
+        assert document["write_log"]["records"] == 1
+        assert document["write_log"]["bytes"] == 50
+        assert "small-write log: 1 records" in render_status(document)
+        text = render_prometheus(document)
+        assert "ecfs_write_log_records 1\n" in text
+        assert "ecfs_write_log_bytes 50\n" in text
+        await volume.filedata.fold_chunk(ino, 0)
+        assert "ecfs_write_log_records 0\n" in render_prometheus(status(volume))
+
+    run(tmp_path, stores, body)
+
+
+def test_a_rolled_back_append_leaves_no_record_in_the_index(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(12, CHUNK))
+        await volume.filedata.fsync(ino)
+        ref = volume.filedata.chunks.get(ino, 0)
+        assert ref is not None
+        with pytest.raises(ZeroDivisionError), volume.db.transaction():
+            volume.writelog.append(ino, 0, ref.chunk_id, [(0, b"x" * 10)])
+            assert volume.writelog.has(ino, 0)
+            _ = 1 / 0
+        assert not volume.writelog.has(ino, 0) and volume.writelog.records == 0
+        assert await volume.filedata.read(ino, 0, 10) == pattern(12, CHUNK)[:10]
+
+    run(tmp_path, stores, body)
+
+
+def test_a_thousand_fsynced_4k_writes_to_one_default_chunk(tmp_path: Path) -> None:
+    """The issue's count on the default geometry (k=4, 1 MiB fragments: a
+    4 MiB chunk, a 1 MiB fold budget): 1,000 fsync'd 4 KiB writes to one
+    chunk are 1,000 records and only a handful of new chunk versions."""
+    stores = [tmp_path / f"s{i}" for i in range(6)]
+    create_volume(stores, VolumeSpec())
+    (tmp_path / "run").mkdir()
+    chunk = 4 << 20
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(13, chunk))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        versions = set()
+        for i in range(1000):
+            offset = (i * 7919 % 1024) * 4096
+            piece = i.to_bytes(4, "little") * 1024
+            await data.write(ino, offset, piece)
+            expected[offset : offset + 4096] = piece
+            await data.fsync(ino)
+            ref = data.chunks.get(ino, 0)
+            assert ref is not None
+            versions.add(ref.chunk_id)
+        stats = volume.writelog.statistics()
+        assert stats.records_written == 1000
+        assert len(versions) <= 8, len(versions)  # ~4 budget folds
+        assert await data.read(ino, 0, chunk) == expected
+        # Over its budget, the chunk is folded as soon as the writer pauses
+        # (IDLE_GAP), not only after FOLD_IDLE.
+        await trio.sleep(1.5)
+        assert volume.writelog.statistics().folds >= 1
+        assert not volume.writelog.has(ino, 0)
+        assert await data.read(ino, 0, chunk) == expected
+
+    run(tmp_path, stores, body)
+
+
+def test_a_chunk_with_many_records(tmp_path: Path, stores: list[Path]) -> None:
+    """Reading and folding a chunk with more records than one batch of the
+    table's reads and deletes (SQLite limits bound parameters; the fold
+    task may lag behind a busy writer)."""
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        expected = bytearray(pattern(15, CHUNK))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        ref = data.chunks.get(ino, 0)
+        assert ref is not None
+        volume.writelog.fold_idle = 3600.0
+        volume.writelog.fold_budget = 1 << 40
+        with volume.db.transaction():
+            pieces = [((i * 37) % (CHUNK - 2), bytes([i % 251, 7])) for i in range(1500)]
+            volume.writelog.append(ino, 0, ref.chunk_id, pieces)
+        for offset, piece in pieces:
+            expected[offset : offset + 2] = piece
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fold_chunk(ino, 0)
+        assert not volume.writelog.has(ino, 0)
+        assert await data.read(ino, 0, CHUNK) == expected
+
+    run(tmp_path, stores, body)
+
+
+class FailingWriter:
+    """A ChunkWriter whose next `failures` writes fail (a store error)."""
+
+    def __init__(self, inner: object, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def write(self, data: memoryview) -> object:
+        from ecfs.errors import StoreError
+
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("injected write failure")
+        return await self.inner.write(data)  # type: ignore[attr-defined]
+
+
+def test_a_failed_fold_keeps_the_records_and_is_not_the_files_error(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(16, CHUNK))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        await data.write(ino, 10, b"r" * 100)
+        expected[10:110] = b"r" * 100
+        await data.fsync(ino)
+        await data.write(ino, 500, b"p" * 10)  # a patch, not yet logged
+        expected[500:510] = b"p" * 10
+        real = data.writer
+        data.writer = FailingWriter(real, 1)  # type: ignore[assignment]
+        with pytest.raises(EcfsError):
+            await data.fold_chunk(ino, 0)
+        assert volume.writelog.records == 2  # the patch was logged first
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fsync(ino)  # no error left behind by the fold
+        await data.fold_chunk(ino, 0)
+        assert volume.writelog.records == 0
+        assert await data.read(ino, 0, CHUNK) == expected
+        data.writer = real
+
+    run(tmp_path, stores, body)
+
+
+def test_concurrent_writers_readers_and_folds(tmp_path: Path, stores: list[Path]) -> None:
+    """Writers (each owning its own 4 KiB blocks, so the expected content is
+    known), readers checking blocks only their owner changes between
+    checkpoints, and folds of random chunks, all at once."""
+    import random
+
+    size = 3 * CHUNK
+    blocks = size // 4096
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(17, size))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        done = trio.Event()
+
+        async def writer(me: int) -> None:
+            rng = random.Random(me)
+            mine = [b for b in range(blocks) if b % 3 == me]
+            for i in range(150):
+                block = rng.choice(mine)
+                offset = block * 4096 + rng.randrange(0, 4000)
+                piece = bytes([me * 50 + i % 50]) * rng.randrange(1, 96)
+                await data.write(ino, offset, piece)
+                expected[offset : offset + len(piece)] = piece
+                # What a reader of this block must see right now.
+                got = await data.read(ino, block * 4096, 4096)
+                assert got == expected[block * 4096 : block * 4096 + 4096]
+                if rng.random() < 0.5:
+                    await data.fsync(ino)
+
+        async def folder() -> None:
+            rng = random.Random(99)
+            while not done.is_set():
+                await data.fold_chunk(ino, rng.randrange(3))
+                await trio.sleep(0.003)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(folder)
+            async with trio.open_nursery() as writers:
+                for me in range(3):
+                    writers.start_soon(writer, me)
+            done.set()
+        assert await data.read(ino, 0, size) == expected
+        await data.fsync(ino)
+        await data.fold_all()
+        assert volume.writelog.records == 0
+        assert await data.read(ino, 0, size) == expected
+
+    run(tmp_path, stores, body)
