@@ -624,7 +624,8 @@ copies disagree: run `fsck --repair` again once they agree.
 that cannot be read), `counts` (`stores`, `stores_missing`, `replicas`,
 `replicas_written`, `inodes`, `chunks`, `fragments_checked`,
 `bytes_verified`, `fragments_rebuilt`, `orphan_fragments`,
-`orphans_deleted`, `inodes_freed`).""",
+`orphans_deleted`, `inodes_freed`, `write_log_records`: small-write log
+records checked).""",
             "EXAMPLES": """\
     ecfs fsck '/srv/d*/ecfs'
     ecfs fsck --verify-data --repair '/srv/d*/ecfs'""",
