@@ -1127,13 +1127,26 @@ class Replicator:
         every transaction up to `generation` (a copy of the working copy
         taken at that generation, which must be >= durable_generation).
         Replaces a stale replica of the same store. False if it cannot be
-        opened (it stays stale)."""
+        opened, or if transactions after `generation` were applied to
+        every live replica (and forgotten) while it was being copied: it
+        could never catch up (it stays stale; place a newer copy)."""
         runner = self._runners[index]
         replica = _Replica(index, path, runner, generation)
         try:
             await runner.call(replica.open_blocking, timeout=self._timeout)
         except EcfsError as exc:
             log.warning("cannot add metadata replica on store %d: %s", index, exc)
+            return False
+        shipped = self._pending[0].generation - 1 if self._pending else self._submitted
+        if generation < shipped:  # checked after the last await: nothing is popped meanwhile
+            log.info(
+                "metadata replica on store %d at generation %d missed generations up to %d"
+                " while it was copied: not added",
+                index,
+                generation,
+                shipped,
+            )
+            await self._close_one(replica)
             return False
         old = self._replicas.get(index)
         if old is not None and index in self._live:
@@ -1313,6 +1326,13 @@ class Replicator:
         # A replica added mid-run already holds the start of the batch.
         batch = [txn for txn in batch if txn.generation > replica.generation]
         if not batch:
+            return
+        if batch[0].generation != replica.generation + 1:  # never skip a transaction
+            self._mark_stale(
+                replica,
+                f"it is at generation {replica.generation}, the next batch starts at"
+                f" {batch[0].generation}",
+            )
             return
         with trio.CancelScope() as scope:
             self._applying[replica.index] = scope
