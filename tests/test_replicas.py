@@ -515,3 +515,69 @@ def test_copy_database_replaces_stale_side_files(tmp_path: Path) -> None:
     assert dump(dst) == dump(src)
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("src."))
     assert left == ["dst.sqlite"]
+
+
+# ---------------------------------------------------------------- no mapped -shm
+
+
+def side_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(("-shm", "-wal")))
+
+
+@pytest.mark.trio
+async def test_replica_connections_never_map_a_shm_file(tmp_path: Path) -> None:
+    """A page fault on a mapped ``-shm`` whose disk fails is a SIGBUS that
+    kills the daemon: the replicator's connections keep the WAL index in
+    heap memory (exclusive locking mode), so no ``-shm`` file exists while
+    they are open and apply batches (they are in WAL mode all the same)."""
+    targets, runners, _ = setup_replicas(tmp_path)
+    for path in targets.values():
+        assert side_files(path.parent) == []
+    replicator = Replicator(targets, runners, SyncRecorder(), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        for txn in make_transactions(5):
+            replicator.submit(txn)
+        await replicator.drain()
+        for path in targets.values():
+            assert side_files(path.parent) == [path.name + "-wal"]
+        nursery.cancel_scope.cancel()
+    await replicator.aclose()
+    assert all(read_generation(p) == 5 for p in targets.values())
+
+
+def test_reading_a_copy_without_wal_frames_maps_nothing(tmp_path: Path) -> None:
+    """A copy with no WAL frames is read ``immutable=1``: no side file is
+    created (none mapped); one with frames left by a crash is still read
+    whole (see test_read_generation_sees_a_crashed_wal)."""
+    path = make_database(tmp_path / "copy.sqlite", make_transactions(3))
+    assert side_files(tmp_path) == []
+    assert read_generation(path) == 3
+    assert side_files(tmp_path) == []
+
+
+@pytest.mark.trio
+async def test_a_replica_copied_before_forgotten_transactions_is_not_added(
+    tmp_path: Path,
+) -> None:
+    """A new replica copied at generation g joins only if every transaction
+    after g is still queued: transactions applied to every live replica
+    while it was copied are forgotten, and it must never skip them."""
+    targets, runners, _ = setup_replicas(tmp_path)
+    late = targets.pop(2)  # at generation 0
+    replicator = Replicator(targets, runners, SyncRecorder(), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        for txn in make_transactions(3):
+            replicator.submit(txn)
+        await replicator.drain()  # 1..3 applied everywhere and forgotten
+        assert not await replicator.add_replica(2, late, 0)
+        assert replicator.live_replicas() == [0, 1]
+        current = make_database(late.with_name("current.sqlite"), make_transactions(3))
+        assert await replicator.add_replica(2, current, 3)
+        replicator.submit(make_transactions(1, start=4)[0])
+        await replicator.drain()
+        assert replicator.live_replicas() == [0, 1, 2]
+        nursery.cancel_scope.cancel()
+    await replicator.aclose()
+    assert dump(current) == dump(targets[0])
