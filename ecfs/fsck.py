@@ -41,8 +41,9 @@ How a run goes:
    creating replicas on more stores until there are m+1.
 
 Without --repair nothing on the stores is changed, except that SQLite may
-create the (empty) ``-wal`` and ``-shm`` side files SQLite needs to read
-a replica in WAL mode.
+create the ``-shm`` side file it needs to read a replica whose WAL still
+holds frames (left by a crash); other copies are read ``immutable=1``
+(see `ecfs.replicas._connect_read_only`).
 
 Crash during a repair: rebuilt fragment files written before the crash are
 not referred to by any replica yet (they are orphans, or replace a file

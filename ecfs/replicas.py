@@ -73,23 +73,34 @@ batch, after taking the batch and before applying it to any replica.
 
 Concurrency contract (`Replicator`): all its methods run on the trio
 thread. `submit` only appends to an in-memory deque and sets an event.
-`run` is the only task that applies batches; for one replica at most one
-call is in flight at a time (calls for one replica are strictly
+`run` is the only task that applies batches. Every call on a replica's
+connection (open, apply, verify, close) goes through `Replicator._call`
+or holds the replica's ``turn`` (a trio lock), so for one replica at most
+one call is in flight at a time (calls for one replica are strictly
 sequential), and each replica's connection is further guarded by a
 ``threading.Lock`` taken without blocking inside the worker thread, so a
-call abandoned by a timeout that is still running in its thread can never
-share the connection with a later call (the later call fails, the
-connection is leaked rather than closed under it). A replica whose call
+call abandoned by a timeout or a cancellation that is still running in
+its thread can never share the connection with a later call (the later
+call fails, the connection is leaked rather than closed under it). A replica whose call
 fails or times out is marked stale and never used again by this
 replicator; its file is rewritten by `copy_database` at the next mount,
 or by the volume placing a fresh copy, after `close_stale` closed the old
 connection (SQLite deletes ``<file>-wal`` by name when the last
 connection closes: a forgotten one must never outlive its file).
-`verify_replicas` (scrub) reads each live replica through a read-only
-connection of its own in the replica's runner: a WAL reader sees one
-committed snapshot (generation, digest and rows agree) while `run` goes on
-applying batches, so the two need no lock between them; a bad replica is
-dropped like a failed one (`drop_replica`).
+`verify_replicas` (scrub) checks each live replica on the replica's own
+connection, in its turn between two batches (the batches wait for it),
+after closing and reopening that connection so that the file on the disk
+is read, not the connection's page cache; a bad replica is dropped like a
+failed one (`drop_replica`).
+
+Replica connections use ``locking_mode=EXCLUSIVE`` (set before the first
+access): the WAL index then lives in the process's heap and
+``<file>-shm`` is never mapped, because a page fault on a mapped file
+whose disk fails is a SIGBUS that kills the daemon (see `_Replica._open`).
+The file stays locked while the replicator has it open: nothing else
+(another process, or a second connection) can read it then. Short reads
+at mount and by fsck, under the volume lock, open a copy ``immutable=1``
+unless a crash left WAL frames to read (`_connect_read_only`).
 `wait_durable` waits on an event that `run` replaces every time the
 durable generation or the set of live replicas changes.
 
@@ -170,6 +181,9 @@ CLOSE_STALE_WAIT = 2.0
 
 #: Suffixes of the side files SQLite may keep next to a database.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+
+#: Size of a WAL file's header: a ``-wal`` no longer than this has no frames.
+_WAL_HEADER_SIZE = 32
 
 
 class ReplicaError(EcfsError):
@@ -687,7 +701,39 @@ def _ranked_replicas(paths: Sequence[Path]) -> list[tuple[Path, int]]:
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+    """A read-only connection for one short read of a copy that nothing
+    else opens meanwhile: the caller holds the volume lock (mount before
+    serving, fsck) or the file is a private snapshot.
+
+    A connection in WAL mode maps the ``-shm`` wal-index, and a page fault
+    on a mapped file whose filesystem fails is a SIGBUS, which kills the
+    process. So when the copy has no WAL frames to read (no ``-wal`` or one
+    without frames, the normal case: a closed replica checkpoints and
+    deletes its WAL) nor a rollback journal, it is opened ``immutable=1``:
+    the file alone is the content and nothing changes it while we read,
+    and SQLite then takes no lock, creates no side file and maps nothing.
+    Only a WAL left by a crash is read the ordinary way, which maps
+    ``-shm`` for the duration of this read: its frames must be read, and
+    the alternative that avoids the mapping (exclusive locking, as the
+    replicator's connections use) needs a writable connection, which
+    checkpoints into the copy when it closes, i.e. writes a copy before it
+    was chosen (immutable=1 would silently ignore the frames).
+    """
+    uri = path.absolute().as_uri() + "?mode=ro"
+    if not _has_side_content(path):
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True)
+
+
+def _has_side_content(path: Path) -> bool:
+    """Whether `path` has WAL frames or a (hot) rollback journal beside it."""
+    for suffix, empty in (("-wal", _WAL_HEADER_SIZE), ("-journal", 0)):
+        try:
+            if os.stat(_side_file(path, suffix)).st_size > empty:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _generation_of(conn: sqlite3.Connection) -> int:
@@ -786,8 +832,10 @@ class _Replica:
 
     The `*_blocking` methods run in a worker thread of the replica's store,
     each holding `_lock` (taken without blocking: if an abandoned call
-    still holds it, the method raises ReplicaError). `generation` is the
-    last generation this replica committed (trio thread only).
+    still holds it, the method raises ReplicaError). The replicator makes
+    them one at a time, each holding `turn` (a trio lock) for its call
+    (`Replicator._call`). `generation` is the last generation this replica
+    committed (trio thread only).
     """
 
     def __init__(self, index: int, path: Path, runner: Runner, generation: int) -> None:
@@ -797,37 +845,78 @@ class _Replica:
         self.generation = generation
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self.turn = trio.Lock()
 
     def open_blocking(self) -> None:
-        """Open the (existing) file, set WAL + synchronous=FULL, check the
-        generation is the one the replicator starts from."""
+        """Open the (existing) file in exclusive locking mode, set WAL +
+        synchronous=FULL, check the generation is the one the replicator
+        starts from."""
         with self._locked("open"):
+            self._conn = self._open(self.generation)
+
+    def verify_blocking(self, generation: int) -> CopyInspection:
+        """Scrub: check the file as it is on the disk now (`inspect_copy`'s
+        checks), the replica being at `generation`. The connection is
+        closed and opened again first: in exclusive locking mode SQLite
+        trusts its page cache across transactions (nobody else can take
+        the lock), so a change made to the file behind its back would
+        otherwise go unseen. Any failure, the reopening included (after
+        which the replica has no connection), is returned as the problem:
+        the replica must then be dropped."""
+        with self._locked("verify"):
+            conn, self._conn = self._conn, None
             try:
-                conn = sqlite3.connect(
-                    self.path.absolute().as_uri() + "?mode=rw",
-                    uri=True,
-                    check_same_thread=False,
-                    isolation_level=None,
-                )
-            except sqlite3.Error as exc:
-                raise _translate_sqlite_error(exc, f"open {self.path}") from exc
-            try:
-                (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-                if str(mode).lower() != "wal":
-                    raise ReplicaError(f"cannot switch {self.path} to WAL (journal_mode={mode})")
-                conn.execute("PRAGMA synchronous=FULL")
-                found = _generation_of(conn)
-                if found != self.generation:
-                    raise ReplicaError(
-                        f"{self.path} is at generation {found}, expected {self.generation}"
-                    )
-            except sqlite3.Error as exc:
-                conn.close()
-                raise _translate_sqlite_error(exc, f"open {self.path}") from exc
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+                if conn is not None:
+                    conn.close()  # checkpoints and deletes the WAL (exclusive)
+                self._conn = self._open(generation)
+                self._conn.execute("BEGIN")  # one snapshot, as in inspect_copy
+                try:
+                    return _inspect(self._conn, self.path, None)
+                finally:
+                    self._conn.execute("ROLLBACK")
+            except (sqlite3.Error, OSError, EcfsError, ValueError) as exc:
+                return CopyInspection(self.path, problem=f"it is unreadable: {exc}")
+
+    def _open(self, generation: int) -> sqlite3.Connection:
+        """A connection to the file in exclusive locking mode and WAL with
+        synchronous=FULL, at `generation` (the caller holds `_lock`).
+
+        ``locking_mode=EXCLUSIVE`` is set before the first access to the
+        file: SQLite then keeps the WAL index in heap memory and never maps
+        ``<file>-shm`` (https://www.sqlite.org/wal.html, "Use of WAL
+        Without Shared-Memory"). A page fault on a mapped file whose
+        filesystem fails (a disk dying under its store) is a SIGBUS, which
+        no Python code can catch: the daemon would die with it. Read or
+        write errors are ordinary SQLite errors instead. The connection
+        keeps the file locked: no other connection can read it while it is
+        open (see `verify_blocking`)."""
+        try:
+            conn = sqlite3.connect(
+                self.path.absolute().as_uri() + "?mode=rw",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+        except sqlite3.Error as exc:
+            raise _translate_sqlite_error(exc, f"open {self.path}") from exc
+        try:
+            (locking,) = conn.execute("PRAGMA locking_mode=EXCLUSIVE").fetchone()
+            if str(locking).lower() != "exclusive":
+                raise ReplicaError(f"cannot lock {self.path} exclusively ({locking})")
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise ReplicaError(f"cannot switch {self.path} to WAL (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            found = _generation_of(conn)
+            if found != generation:
+                raise ReplicaError(f"{self.path} is at generation {found}, expected {generation}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate_sqlite_error(exc, f"open {self.path}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def apply_blocking(self, batch: Sequence[Transaction], previous: int) -> int:
         """Apply `batch` (generations previous+1.., consecutive) in one
@@ -1052,13 +1141,26 @@ class Replicator:
         every transaction up to `generation` (a copy of the working copy
         taken at that generation, which must be >= durable_generation).
         Replaces a stale replica of the same store. False if it cannot be
-        opened (it stays stale)."""
+        opened, or if transactions after `generation` were applied to
+        every live replica (and forgotten) while it was being copied: it
+        could never catch up (it stays stale; place a newer copy)."""
         runner = self._runners[index]
         replica = _Replica(index, path, runner, generation)
         try:
             await runner.call(replica.open_blocking, timeout=self._timeout)
         except EcfsError as exc:
             log.warning("cannot add metadata replica on store %d: %s", index, exc)
+            return False
+        shipped = self._pending[0].generation - 1 if self._pending else self._submitted
+        if generation < shipped:  # checked after the last await: nothing is popped meanwhile
+            log.info(
+                "metadata replica on store %d at generation %d missed generations up to %d"
+                " while it was copied: not added",
+                index,
+                generation,
+                shipped,
+            )
+            await self._close_one(replica)
             return False
         old = self._replicas.get(index)
         if old is not None and index in self._live:
@@ -1071,23 +1173,32 @@ class Replicator:
         return True
 
     async def verify_replicas(self, call_timeout: float | None = None) -> dict[int, str]:
-        """Online check of every live replica (scrub): `inspect_copy` on
-        each, through its store's runner, with a read-only connection of
-        its own. WAL readers see one committed snapshot while batches go
-        on being applied, so this never waits for nor blocks `run`. A
-        replica whose content or schema is bad is dropped (stale, which
-        makes the volume place a fresh copy, see `on_stale`). Returns
-        store index -> the problem, for the replicas found bad or that
-        could not be read."""
+        """Online check of every live replica (scrub), the replicas in
+        parallel: `_Replica.verify_blocking` on each, on its own connection
+        in its store's runner, in its turn between two batches (a replica's
+        batches wait meanwhile: about 3 us per row). A replica whose file,
+        content or schema is bad is dropped (stale, which makes the volume
+        place a fresh copy, see `on_stale`). Returns store index -> the
+        problem, for the replicas found bad or that could not be verified
+        (a call that failed or timed out: the replica stays live, and a
+        call still running in its thread makes its next batch fail)."""
         problems: dict[int, str] = {}
+
+        def live(replica: _Replica) -> bool:  # not dropped (nor replaced) meanwhile
+            return replica.index in self._live and self._replicas[replica.index] is replica
 
         async def one(replica: _Replica) -> None:
             try:
-                found = await replica.runner.call(inspect_copy, replica.path, timeout=call_timeout)
+                async with replica.turn:
+                    if not live(replica):
+                        return
+                    found = await replica.runner.call(
+                        replica.verify_blocking, replica.generation, timeout=call_timeout
+                    )
             except EcfsError as exc:
                 problems[replica.index] = f"cannot verify {replica.path}: {exc}"
                 return
-            if found.problem is not None and replica.index in self._live:
+            if found.problem is not None and live(replica):
                 problems[replica.index] = f"{replica.path}: {found.problem}"
                 log.warning(
                     "metadata replica on store %d failed verification: %s",
@@ -1115,7 +1226,7 @@ class Replicator:
         deadline = trio.current_time() + CLOSE_STALE_WAIT
         while True:
             try:
-                await replica.runner.call(replica.close_blocking, timeout=self._timeout)
+                await self._call(replica, replica.close_blocking)
                 return True
             except ReplicaError as exc:
                 if trio.current_time() >= deadline:
@@ -1212,9 +1323,16 @@ class Replicator:
             for index in sorted(self._live):
                 nursery.start_soon(operation, self._replicas[index], *args)
 
+    async def _call(self, replica: _Replica, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the replica's runner, in the replica's turn (one
+        call per replica at a time; an abandoned call lets go of the turn,
+        its thread still holds the connection's lock)."""
+        async with replica.turn:
+            return await replica.runner.call(fn, *args, timeout=self._timeout)
+
     async def _open_one(self, replica: _Replica) -> None:
         try:
-            await replica.runner.call(replica.open_blocking, timeout=self._timeout)
+            await self._call(replica, replica.open_blocking)
         except EcfsError as exc:
             self._mark_stale(replica, f"cannot open {replica.path}: {exc}")
 
@@ -1223,11 +1341,18 @@ class Replicator:
         batch = [txn for txn in batch if txn.generation > replica.generation]
         if not batch:
             return
+        if batch[0].generation != replica.generation + 1:  # never skip a transaction
+            self._mark_stale(
+                replica,
+                f"it is at generation {replica.generation}, the next batch starts at"
+                f" {batch[0].generation}",
+            )
+            return
         with trio.CancelScope() as scope:
             self._applying[replica.index] = scope
             try:
-                replica.generation = await replica.runner.call(
-                    replica.apply_blocking, batch, replica.generation, timeout=self._timeout
+                replica.generation = await self._call(
+                    replica, replica.apply_blocking, batch, replica.generation
                 )
             except EcfsError as exc:
                 self._mark_stale(replica, str(exc))
@@ -1253,7 +1378,7 @@ class Replicator:
 
     async def _close_one(self, replica: _Replica) -> None:
         try:
-            await replica.runner.call(replica.close_blocking, timeout=self._timeout)
+            await self._call(replica, replica.close_blocking)
         except EcfsError as exc:
             log.warning("closing metadata replica on store %d failed: %s", replica.index, exc)
 

@@ -128,6 +128,9 @@ IDENTITY_MAX_AGE = 2.0
 #: Seconds the online verification of one metadata replica may take (it
 #: reads every row: about 1 s per million rows).
 VERIFY_REPLICA_TIMEOUT = 600.0
+#: Times a new metadata replica is copied when transactions were shipped
+#: (and forgotten) while it was copied (`Replicator.add_replica`).
+PLACE_REPLICA_ATTEMPTS = 3
 
 
 def expand_store_args(args: Sequence[str]) -> list[Path]:
@@ -769,20 +772,28 @@ class Volume:
         for index in candidates[: wanted - len(live)]:
             if not await replicator.close_stale(index):
                 continue  # its old connection is still busy: never replace the file under it
-            await self.writer.sync_stores()  # what the copy refers to is durable
-            generation = self.db.generation
-            snapshot = self.workdir / f"replica-{index}.sqlite"
-            self.db.snapshot(snapshot)  # on the loop: consistent at `generation`
-            runner = self.runners[index]
-            target = replica_path(runner.store.meta_dir)
-            try:
-                await runner.call(place_replica, snapshot, target, timeout=60.0)
-            except EcfsError as exc:
-                log.warning("cannot place a metadata replica on store %d: %s", index, exc)
-                continue
-            finally:
-                snapshot.unlink(missing_ok=True)
-            await replicator.add_replica(index, target, generation)
+            # Again if transactions were shipped and forgotten while it was copied.
+            for _attempt in range(PLACE_REPLICA_ATTEMPTS):
+                if not await self._place_replica(replicator, index):
+                    break
+
+    async def _place_replica(self, replicator: Replicator, index: int) -> bool:
+        """Copy the working copy to store `index` and add it to the
+        replicator. True if it was copied but could not be added."""
+        await self.writer.sync_stores()  # what the copy refers to is durable
+        generation = self.db.generation
+        snapshot = self.workdir / f"replica-{index}.sqlite"
+        self.db.snapshot(snapshot)  # on the loop: consistent at `generation`
+        runner = self.runners[index]
+        target = replica_path(runner.store.meta_dir)
+        try:
+            await runner.call(place_replica, snapshot, target, timeout=60.0)
+        except EcfsError as exc:
+            log.warning("cannot place a metadata replica on store %d: %s", index, exc)
+            return False
+        finally:
+            snapshot.unlink(missing_ok=True)
+        return not await replicator.add_replica(index, target, generation)
 
     def status(self) -> dict[str, object]:
         """A JSON-able snapshot (see control.status for the keys)."""

@@ -463,6 +463,42 @@ def test_fsync_does_not_stall_on_a_hung_replica_store(tmp_path: Path, dirs: list
         assert path.read_bytes() == b"during the hang"
 
 
+def test_a_replica_store_gone_then_failing_does_not_kill_the_daemon(
+    tmp_path: Path, dirs: list
+) -> None:
+    """Store 0 holds a metadata replica; its filesystem goes away (faultfs
+    `gone`), then fails with EIO, while files are written and fsync'd. A
+    replica connection in WAL mode with a mapped ``-shm`` wal-index would
+    take a SIGBUS there ("Fatal Python error: Bus error": the daemon dies
+    and the mount with it); with the wal-index in heap memory the replica
+    only goes stale and the mount goes on."""
+    with failure_volume(tmp_path, dirs, faulty=[0], allowed_log=[r"store 0|replica"]) as vol:
+        bad = store_index(vol, vol.stores[0])
+        hashes = populate(vol.mountpoint, count=2, size=MiB + 4321)
+        seed = 900
+        for mode in ("gone", "eio"):
+            dirs[0].set(mode)
+            for i in range(12):
+                path = vol.mountpoint / f"{mode}-{i}"
+                hashes[path] = write_pattern_file(path, seed=seed, size=(i + 1) * 1000 + seed)
+                fsync_file(path)  # makes the transaction durable: applied to the replicas
+                seed += 1
+            metadata = status(vol)["metadata"]
+            assert bad not in metadata["live_replicas"], metadata
+            assert str(bad) in metadata["stale_replicas"], metadata
+        big = vol.mountpoint / "big"
+        hashes[big] = write_pattern_file(big, seed=1, size=3 * MiB + 1)
+        fsync_file(big)
+        check_all(hashes, caches=False)
+        assert vol.proc is not None and vol.proc.poll() is None, vol.log_tail()
+        dirs[0].set("ok")
+        vol.remount()  # checked: the daemon exited 0 after a clean unmount
+        check_all(hashes)
+        # The copy placed on another store while files were being written
+        # holds every generation (it is not refused as damaged).
+        assert "refused" not in vol.log_text(), vol.log_tail()
+
+
 # --- EIO and ENOSPC ---------------------------------------------------------------
 
 

@@ -134,6 +134,18 @@ def damage(path: Path, kind: str) -> None:
         conn.close()
 
 
+def inline_pattern(path: Path) -> bytes:
+    """The first bytes of some inline data in the copy (to find it in the file)."""
+    conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        (data,) = conn.execute(
+            "SELECT inline_data FROM inodes WHERE inline_data IS NOT NULL LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    return bytes(data[:24])
+
+
 def rows(path: Path, table: str) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
     try:
@@ -437,14 +449,17 @@ async def test_verify_replicas_drops_a_bad_live_replica(tmp_path: Path, bad: int
         i: replica_at(initial, history, top, replica_path(tmp_path / f"s{i}" / "meta"))
         for i in range(3)
     }
+    pattern = inline_pattern(targets[bad])
     runners = {i: FakeRunner(i) for i in targets}
     replicator = Replicator(targets, runners, SyncRecorder(), top)
     stale: list[int] = []
     replicator.on_stale = stale.append
     async with trio.open_nursery() as nursery:
         await nursery.start(replicator.run)
-        assert await replicator.verify_replicas() == {}
-        damage(targets[bad], "inline-bit-flip")  # while the replicator has it open
+        assert await replicator.verify_replicas() == {}  # every row now in its page cache
+        # While the replicator has it open (and locked: no SQLite
+        # connection can change it), the disk flips a bit in the file.
+        assert flip_every(targets[bad], pattern)
         for txn in history[top:]:
             replicator.submit(txn)
         problems = await replicator.verify_replicas()
@@ -637,31 +652,47 @@ def test_scrub_replaces_a_bad_replica_while_mounted(shared_volume: MountedVolume
 @pytest.mark.parametrize("kind", ["chunks-deleted", "trigger"])
 @pytest.mark.parametrize("bad", [0, 1, 2])
 def test_scrub_replaces_a_replica_changed_behind_its_back(
-    shared_volume: MountedVolume, kind: str, bad: int
+    shared_volume: MountedVolume, tmp_path: Path, kind: str, bad: int
 ) -> None:
     """Issue 13 A2 (b) and (c) while mounted: rows deleted with the
-    generation raised, or a trigger added, in one live replica."""
+    generation raised, or a trigger added, in one live replica.
+
+    The daemon holds its replicas in exclusive locking mode (no mapped
+    -shm: no SIGBUS when a disk fails), so no SQLite connection can open a
+    live replica any more: the edit is refused. What can still change one
+    behind the daemon's back is a file put in its place (its WAL removed),
+    here an edited copy of it, which scrub must read, not the daemon's
+    open file."""
     volume = shared_volume
     big = volume.mountpoint / f"big-{kind}-{bad}"
     data = os.urandom(600_000)
-    big.write_bytes(data)
+    with open(big, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())  # its chunk rows are on every replica
     copy = mount_copies(volume)[bad]
-    deadline = time.monotonic() + 10
-    while not rows(copy, "chunks"):
-        assert time.monotonic() < deadline, "no chunk row reached the replica"
-        time.sleep(0.1)
-    log_start = len(volume.log_text())
-    damage(copy, kind)
+    intruder = sqlite3.connect(copy, timeout=0)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            intruder.execute("SELECT count(*) FROM chunks").fetchone()
+    finally:
+        intruder.close()
+    edited = tmp_path / copy.name
+    for suffix in ("", "-wal"):  # the committed frames are a consistent copy
+        shutil.copyfile(f"{copy}{suffix}", f"{edited}{suffix}")
+    damage(edited, kind)  # then checkpointed into it on close: no side file
+    os.replace(edited, copy)
+    Path(f"{copy}-wal").unlink()  # the replaced file's WAL goes with it
     result = cli("scrub", "--json", volume.mountpoint, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [finding] = json.loads(result.stdout)["metadata_findings"]
     store = int(copy.parent.parent.name[1:])
-    if result.returncode == 1:
-        [finding] = json.loads(result.stdout)["metadata_findings"]
-        assert finding["store"] == store, finding
-    else:  # the replicator met the raised generation first and dropped it
-        assert f"metadata replica on store {store} is stale" in volume.log_text()[log_start:]
+    assert finding["store"] == store, finding
     deadline = time.monotonic() + 10
-    while not inspect_copy(copy).verified:  # replaced from the working copy
-        assert time.monotonic() < deadline, inspect_copy(copy).problem
+    while True:  # replaced from the working copy (the live copy is locked: ask the daemon)
+        status = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+        if len(status["metadata"]["live_replicas"]) == 3:
+            break
+        assert time.monotonic() < deadline, status["metadata"]
         time.sleep(0.1)
     again = json.loads(cli("scrub", "--json", volume.mountpoint).stdout)
     assert again["metadata_findings"] == [] and again["metadata_replicas_verified"] == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,10 +19,12 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from ecfs import replicas
 from ecfs.errors import StoreError, StoreTimeout, VolumeError
 from ecfs.model import Statement, Transaction
 from ecfs.replicas import (
     Replicator,
+    _generation_of,
     choose_freshest,
     copy_database,
     read_generation,
@@ -83,6 +86,16 @@ def dump(path: Path) -> list[str]:
         return list(conn.iterdump())
     finally:
         conn.close()
+
+
+def committed_generation(replicator: Replicator, index: int) -> int:
+    """The generation replica `index` has committed, read on the
+    replicator's own connection: while the replicator has a replica open it
+    holds the file in exclusive locking mode, so no other connection can
+    read it (the SIGBUS fix: no mapped ``-shm``)."""
+    replica = replicator._replicas[index]
+    with replica._locked("test read"):
+        return _generation_of(replica._connection())
 
 
 class FakeRunner:
@@ -228,7 +241,7 @@ async def test_sync_stores_runs_before_each_batch_is_applied(tmp_path: Path) -> 
     class CheckingSync(SyncRecorder):
         async def __call__(self) -> None:
             # No replica may have committed the batch yet.
-            seen_during_sync.append(read_generation(targets[0]))
+            seen_during_sync.append(committed_generation(replicator, 0))
             await super().__call__()
 
     sync = CheckingSync(log)
@@ -238,7 +251,7 @@ async def test_sync_stores_runs_before_each_batch_is_applied(tmp_path: Path) -> 
         for txn in make_transactions(12):
             replicator.submit(txn)
             await replicator.wait_durable(txn.generation)
-            assert read_generation(targets[0]) == txn.generation
+            assert committed_generation(replicator, 0) == txn.generation
         nursery.cancel_scope.cancel()
     await replicator.aclose()
 
@@ -274,12 +287,12 @@ async def test_wait_durable_blocks_until_applied(tmp_path: Path) -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert not done.is_set()
         assert replicator.durable_generation == 0
-        assert read_generation(targets[0]) == 0
+        assert committed_generation(replicator, 0) == 0
         sync.gate.set()
         with trio.fail_after(5):
             await done.wait()
         assert replicator.durable_generation == 1
-        assert all(read_generation(p) == 1 for p in targets.values())
+        assert all(committed_generation(replicator, i) == 1 for i in targets)
         with pytest.raises(ValueError):
             await replicator.wait_durable(2)  # never submitted
         nursery.cancel_scope.cancel()
@@ -326,18 +339,27 @@ async def test_failing_replica_goes_stale_and_others_continue(
 
 
 @pytest.mark.trio
-async def test_replica_locked_elsewhere_times_out_and_its_thread_is_fenced(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_replica_call_outliving_its_timeout_is_fenced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real blocking call that outlives the timeout: the replica goes
     stale, its abandoned thread keeps the connection (close is refused
-    until it returns), and the file stays consistent."""
+    until it returns), and the file stays consistent. (The apply is held
+    inside the worker thread: another connection can no longer lock the
+    replica, which the replicator holds in exclusive locking mode.)"""
     targets, runners, _ = setup_replicas(tmp_path)
     replicator = Replicator(targets, runners, SyncRecorder(), 0, timeout=0.2)
-    blocker = sqlite3.connect(targets[1], isolation_level=None)
+    gate = threading.Event()
+    real_apply = replicas._apply_in_transaction
+
+    def held_apply(conn: sqlite3.Connection, *args: Any) -> None:
+        if conn is replicator._replicas[1]._conn:
+            gate.wait(30)
+        real_apply(conn, *args)
+
+    monkeypatch.setattr(replicas, "_apply_in_transaction", held_apply)
     async with trio.open_nursery() as nursery:
         await nursery.start(replicator.run)
-        blocker.execute("BEGIN IMMEDIATE")  # the replica's writer now waits (busy)
         replicator.submit(make_transactions(1)[0])
         await replicator.drain()
         assert replicator.live_replicas() == [0, 2]
@@ -346,12 +368,12 @@ async def test_replica_locked_elsewhere_times_out_and_its_thread_is_fenced(
     with caplog.at_level(logging.WARNING, logger="ecfs.replicas"):
         await replicator.aclose()  # replica 1's connection is still in use
     assert any("abandoned call" in r.getMessage() for r in caplog.records)
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    gate.set()
     with trio.fail_after(10):  # the abandoned thread finishes its batch
-        while read_generation(targets[1]) != 1:  # noqa: ASYNC110 (polls a file)
+        while replicator._replicas[1]._lock.locked():  # noqa: ASYNC110 (a thread's lock)
             await trio.sleep(0.02)
     await replicator.aclose()  # now it closes
+    assert read_generation(targets[1]) == 1
     assert dump(targets[1]) == dump(targets[0])
 
 
@@ -493,3 +515,69 @@ def test_copy_database_replaces_stale_side_files(tmp_path: Path) -> None:
     assert dump(dst) == dump(src)
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("src."))
     assert left == ["dst.sqlite"]
+
+
+# ---------------------------------------------------------------- no mapped -shm
+
+
+def side_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(("-shm", "-wal")))
+
+
+@pytest.mark.trio
+async def test_replica_connections_never_map_a_shm_file(tmp_path: Path) -> None:
+    """A page fault on a mapped ``-shm`` whose disk fails is a SIGBUS that
+    kills the daemon: the replicator's connections keep the WAL index in
+    heap memory (exclusive locking mode), so no ``-shm`` file exists while
+    they are open and apply batches (they are in WAL mode all the same)."""
+    targets, runners, _ = setup_replicas(tmp_path)
+    for path in targets.values():
+        assert side_files(path.parent) == []
+    replicator = Replicator(targets, runners, SyncRecorder(), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        for txn in make_transactions(5):
+            replicator.submit(txn)
+        await replicator.drain()
+        for path in targets.values():
+            assert side_files(path.parent) == [path.name + "-wal"]
+        nursery.cancel_scope.cancel()
+    await replicator.aclose()
+    assert all(read_generation(p) == 5 for p in targets.values())
+
+
+def test_reading_a_copy_without_wal_frames_maps_nothing(tmp_path: Path) -> None:
+    """A copy with no WAL frames is read ``immutable=1``: no side file is
+    created (none mapped); one with frames left by a crash is still read
+    whole (see test_read_generation_sees_a_crashed_wal)."""
+    path = make_database(tmp_path / "copy.sqlite", make_transactions(3))
+    assert side_files(tmp_path) == []
+    assert read_generation(path) == 3
+    assert side_files(tmp_path) == []
+
+
+@pytest.mark.trio
+async def test_a_replica_copied_before_forgotten_transactions_is_not_added(
+    tmp_path: Path,
+) -> None:
+    """A new replica copied at generation g joins only if every transaction
+    after g is still queued: transactions applied to every live replica
+    while it was copied are forgotten, and it must never skip them."""
+    targets, runners, _ = setup_replicas(tmp_path)
+    late = targets.pop(2)  # at generation 0
+    replicator = Replicator(targets, runners, SyncRecorder(), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        for txn in make_transactions(3):
+            replicator.submit(txn)
+        await replicator.drain()  # 1..3 applied everywhere and forgotten
+        assert not await replicator.add_replica(2, late, 0)
+        assert replicator.live_replicas() == [0, 1]
+        current = make_database(late.with_name("current.sqlite"), make_transactions(3))
+        assert await replicator.add_replica(2, current, 3)
+        replicator.submit(make_transactions(1, start=4)[0])
+        await replicator.drain()
+        assert replicator.live_replicas() == [0, 1, 2]
+        nursery.cancel_scope.cancel()
+    await replicator.aclose()
+    assert dump(current) == dump(targets[0])
