@@ -620,6 +620,22 @@ def test_a_bit_flip_in_inline_data_is_never_served(volume: MountedVolume, bad: i
     volume.mount()
 
 
+def wait_metadata_settled(volume: MountedVolume, timeout: float = 30.0) -> None:
+    """Wait until the mount's metadata is durable on every replica and no
+    commit came for a while (deferred attribute write-backs come ~0.2 s
+    after a close, then the 1 s commit interval): polled, never timed."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        meta = json.loads(cli("status", "--json", volume.mountpoint).stdout)["metadata"]
+        now = (meta["generation"], meta["durable_generation"])
+        if now == last and now[0] == now[1]:
+            return
+        last = now
+        time.sleep(1.5)
+    raise AssertionError(f"the metadata did not settle: {last}")
+
+
 @pytest.mark.allow_log(r"failed verification", r"metadata replica on store \d is stale")
 @pytest.mark.parametrize("bad", [0, 1, 2])
 def test_scrub_replaces_a_bad_replica_while_mounted(shared_volume: MountedVolume, bad: int) -> None:
@@ -634,7 +650,7 @@ def test_scrub_replaces_a_bad_replica_while_mounted(shared_volume: MountedVolume
     while content[:24] not in copy.read_bytes() + Path(f"{copy}-wal").read_bytes():
         assert time.monotonic() < deadline, "the content never reached the replica"
         time.sleep(0.1)
-    time.sleep(1.5)  # let the attribute write-back settle: no later write heals the flip
+    wait_metadata_settled(volume)  # no later write may heal the flip
     assert sum(flip_every(Path(f"{copy}{s}"), content[:24]) for s in ("", "-wal"))
     result = cli("scrub", "--json", volume.mountpoint, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
