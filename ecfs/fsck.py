@@ -88,7 +88,7 @@ from .volume import (
     expand_store_args,
     expectation,
     identify_stores,
-    marker_mismatch,
+    leave_out_mismatched,
     no_metadata_copy_message,
     read_markers,
     remove_dead_working_copies,
@@ -181,12 +181,10 @@ def _check_volume(
     progress: Callable[[str, int, int], None] | None,
 ) -> None:
     """Steps 3 to 6 of the module docstring, with the lock held."""
-    m = next(iter(markers.values())).m
+    expect = expectation(markers, by_store_id)
     replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
     replica_findings_start = len(report.findings)
-    choice = check_replicas_agree(
-        report, replicas, m + 1, progress, expectation(markers, by_store_id)
-    )
+    choice = check_replicas_agree(report, replicas, expect.m + 1, progress, expect)
     replica_findings = report.findings[replica_findings_start:]
     if choice.winner is None:
         if not [p for p in replicas if p.exists()]:
@@ -213,11 +211,8 @@ def _check_volume(
                 f"the metadata belongs to volume {params.get('uuid')}, the stores to"
                 f" {report.volume_id}"
             )
-        for store_id, path in list(by_store_id.items()):
-            mismatch = marker_mismatch(markers[path], params)
-            if mismatch is not None:
-                report.add("chunk_fragments_present", f"store {path} is not used: {mismatch}")
-                del by_store_id[store_id]
+        for path, why in leave_out_mismatched(markers, by_store_id, params).values():
+            report.add("chunk_fragments_present", f"store {path} is not used: {why}")
         table = StoreTable(db).all()
         stores = _match_stores(table, by_store_id, db)
         layout = Layout(
@@ -256,7 +251,7 @@ def _check_volume(
             pass  # bump the generation above every replica's
     finally:
         db.close()
-    if _write_back(report, working, stores, m + 1, progress, set(choice.refused)):
+    if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused)):
         for finding in replica_findings:
             finding.fixed = True
 

@@ -217,6 +217,22 @@ def marker_mismatch(marker: StoreMarker, params: Mapping[str, object]) -> str | 
     return f"its marker says {', '.join(wrong)}" if wrong else None
 
 
+def leave_out_mismatched(
+    markers: dict[Path, StoreMarker], by_store_id: dict[str, Path], params: Mapping[str, object]
+) -> dict[str, tuple[Path, str]]:
+    """Remove from `by_store_id` the stores whose marker disagrees with the
+    volume's metadata parameters (`marker_mismatch`), logged at WARNING;
+    returns store id -> (path, why) for each."""
+    left_out: dict[str, tuple[Path, str]] = {}
+    for store_id, path in list(by_store_id.items()):
+        mismatch = marker_mismatch(markers[path], params)
+        if mismatch is not None:
+            log.warning("store %s is left out: %s", path, mismatch)
+            left_out[store_id] = (path, mismatch)
+            del by_store_id[store_id]
+    return left_out
+
+
 #: Marker field -> metadata parameter that must agree.
 _GEOMETRY_KEYS = (
     ("k", "k"),
@@ -450,14 +466,12 @@ class Volume:
                 expectation(markers, by_store_id),
             )
             db = Database(working)
-            params = StoreTable(db).params()
-            left_out: dict[str, str] = {}
-            for store_id, path in list(by_store_id.items()):
-                mismatch = marker_mismatch(markers[path], params)
-                if mismatch is not None:
-                    log.warning("store %s is left out: %s", path, mismatch)
-                    left_out[store_id] = f"{path}: {mismatch}"
-                    del by_store_id[store_id]
+            left_out = {
+                store_id: f"{path}: {why}"
+                for store_id, (path, why) in leave_out_mismatched(
+                    markers, by_store_id, StoreTable(db).params()
+                ).items()
+            }
             stores = _match_stores(StoreTable(db).all(), by_store_id, db)
             for store in stores.values():
                 store.pin_identity(markers[store.path])
