@@ -37,12 +37,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
 from .errors import VolumeError
+from .store import NotRegularFile, open_regular
 
 #: Name of the lock file inside a store directory.
 LOCK_NAME = "lock"
@@ -131,32 +131,23 @@ def _open_lock_file(path: Path) -> int:
     follows a symlink nor blocks on a FIFO; anything but a regular file is
     refused (VolumeError naming it), so a hostile entry cannot hang the
     caller while it holds the locks of other stores."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return _regular(path, os.open(path, flags, _FILE_MODE))
+        return open_regular(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise _unusable(path, exc) from None
     try:
-        return _regular(path, os.open(path, os.O_RDONLY | (flags & ~os.O_RDWR & ~os.O_CREAT)))
+        return open_regular(path)
     except OSError as exc:
         raise _unusable(path, exc) from None
 
 
-def _regular(path: Path, fd: int) -> int:
-    """`fd` if it is a regular file; else close it and raise VolumeError."""
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISREG(mode):
-        return fd
-    os.close(fd)
-    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "special"
-    raise VolumeError(
-        f"cannot lock store {path.parent}: its lock file {path} is {kind}, not a regular"
-        " file (remove it)"
-    )
-
-
 def _unusable(path: Path, exc: OSError) -> VolumeError:
+    if isinstance(exc, NotRegularFile):
+        return VolumeError(
+            f"cannot lock store {path.parent}: its lock file {path} {exc.strerror}"
+            " (remove it)"
+        )
     reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
     return VolumeError(f"cannot open lock file {path}: {reason}")
 

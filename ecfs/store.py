@@ -652,12 +652,15 @@ class NotRegularFile(OSError):
     """`open_regular` found a directory, FIFO, socket or device."""
 
 
-def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
-    """Open an existing store file and return its fd, never following a
-    symlink (O_NOFOLLOW: ELOOP) nor blocking on a FIFO (O_NONBLOCK), and
-    only if fstat says it is a regular file (NotRegularFile otherwise).
-    Raises OSError; closes what it opened on failure."""
-    fd = os.open(path, flags | _OPEN_FLAGS)
+def open_regular(
+    path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o600
+) -> int:
+    """Open a store file and return its fd, never following a symlink
+    (O_NOFOLLOW: ELOOP) nor blocking on a FIFO (O_NONBLOCK), and only if
+    fstat says it is a regular file (NotRegularFile otherwise). `mode` is
+    for a file that `flags` (O_CREAT) creates. Raises OSError; closes what
+    it opened on failure."""
+    fd = os.open(path, flags | _OPEN_FLAGS, mode)
     try:
         mode = os.fstat(fd).st_mode
     except BaseException:
