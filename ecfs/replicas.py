@@ -292,16 +292,6 @@ def place_replica(snapshot: Path, target: Path) -> None:
         raise ReplicaError(f"cannot place a metadata replica at {target}: {exc}") from exc
 
 
-def choose_freshest(paths: Sequence[Path]) -> tuple[Path, int]:
-    """Blocking. The readable replica with the highest generation and that
-    generation (ties: the first in `paths`). VolumeError if none is readable.
-    """
-    candidates = _ranked_replicas(paths)
-    if not candidates:
-        raise VolumeError("no readable metadata replica among: " + ", ".join(str(p) for p in paths))
-    return candidates[0]
-
-
 @dataclass(frozen=True)
 class CopyExpectation:
     """What a metadata copy must match to be used: the volume id and
@@ -687,17 +677,6 @@ def set_aside(path: Path) -> None:
             os.replace(_side_file(path, suffix), _side_file(aside, suffix))
         except FileNotFoundError:
             pass
-
-
-def _ranked_replicas(paths: Sequence[Path]) -> list[tuple[Path, int]]:
-    """Readable replicas with their generations, freshest first (stable)."""
-    readable: list[tuple[Path, int]] = []
-    for path in paths:
-        generation = read_generation(path)
-        if generation is not None:
-            readable.append((path, generation))
-    readable.sort(key=lambda item: -item[1])
-    return readable
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

@@ -20,12 +20,11 @@ import trio.lowlevel
 import trio.testing
 
 from ecfs import replicas
-from ecfs.errors import StoreError, StoreTimeout, VolumeError
+from ecfs.errors import StoreError, StoreTimeout
 from ecfs.model import Statement, Transaction
 from ecfs.replicas import (
     Replicator,
     _generation_of,
-    choose_freshest,
     copy_database,
     read_generation,
     replica_path,
@@ -487,21 +486,6 @@ def test_read_generation_sees_a_crashed_wal(tmp_path: Path) -> None:
     copy = tmp_path / "copy.sqlite"
     copy_database(crashed, copy)
     assert read_generation(copy) == 9
-
-
-def test_choose_freshest(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.sqlite"
-    garbage.write_bytes(b"\x00\xff" * 4096)
-    old = make_database(tmp_path / "old.sqlite", make_transactions(3))
-    fresh_a = make_database(tmp_path / "a.sqlite", make_transactions(5))
-    fresh_b = make_database(tmp_path / "b.sqlite", make_transactions(5))
-    missing = tmp_path / "missing.sqlite"
-
-    assert choose_freshest([garbage, old, missing, fresh_a, fresh_b]) == (fresh_a, 5)
-    assert choose_freshest([fresh_b, fresh_a]) == (fresh_b, 5)
-    assert choose_freshest([old, garbage]) == (old, 3)
-    with pytest.raises(VolumeError):
-        choose_freshest([garbage, missing])
 
 
 def test_copy_database_replaces_stale_side_files(tmp_path: Path) -> None:
