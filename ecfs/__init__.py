@@ -7,7 +7,8 @@ tests/test_layering.py):
   only xxhash user)
 * I/O boundary: offload (the one helper for blocking calls), store,
   metadb (all SQL), replicas (metadata copies on stores)
-* services: placement, reader, writer, filedata, namespace
+* services: placement, reader, writer, filedata, namespace, rebuild (the one
+  fragment rebuild of repair and fsck --repair)
 * assembly: volume, control
 * adapters: fs (pyfuse3 Operations, the errno boundary), mount, cli (click)
 """

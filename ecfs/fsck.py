@@ -5,7 +5,9 @@ Owns: opening a volume for checking, the order of the checks (they live in
 write-back of the repaired metadata to the replicas. Must not: run while
 the volume is mounted (it takes the `ecfs.lock.VolumeLock` of every store
 it opens, and the mount holds the same lock), print anything (the CLI
-renders the `FsckReport`), or use trio (everything here is blocking).
+renders the `FsckReport`), or use trio (everything here is blocking; only
+the rebuild of a damaged chunk, shared with the mount's repair, runs in a
+short trio run of its own, see `ecfs.fsck_checks`).
 
 How a run goes:
 

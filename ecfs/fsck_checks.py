@@ -17,9 +17,13 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 * `check_chunk_fragments_present`: every fragment of every chunk exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
-  verify_data, valid cells); repair removes a bad entry and rebuilds the
-  fragment from k good ones. A bad header is described, its bytes never
-  printed.
+  verify_data, valid cells); repair rebuilds the fragment from k good
+  ones through the mount's own path (`ecfs.rebuild.rebuild_fragments`:
+  the same placement, a bad entry replaced, every rebuilt fragment read
+  back and verified, the old one deleted only once the metadata names the
+  new one) and queues what it cannot rebuild for the mount's repair
+  (reason "fsck", `ecfs.model.repair_priority`, the bad fragments' mask).
+  A bad header is described, its bytes never printed.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others,
   but never while the metadata copies disagree (`FsckContext.keep_orphans`).
@@ -28,7 +32,8 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 
 Must not: speak SQL (all queries are in `ecfs.metadb`), open the volume
 (see `ecfs.fsck`), or run while anything else uses the volume: the caller
-holds the `ecfs.lock.VolumeLock`. Everything here is blocking.
+holds the `ecfs.lock.VolumeLock`. Everything here is blocking; the shared
+rebuild, which is async, runs in a trio run of its own per rebuilt chunk.
 
 Repair order matters and is the order above: freeing namespace rows can
 turn chunks into garbage, so fragments are checked after the namespace,
@@ -41,6 +46,7 @@ never refers to a fragment that is not.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -50,6 +56,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import trio
 
 from . import fragment
 from .codec import Codec
@@ -62,6 +70,8 @@ from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
 from .metadb.writelog import WriteLogTable
 from .model import NO_STORE, ChunkRef
+from .placement import Placement
+from .rebuild import rebuild_fragments
 from .replicas import CopyChoice, CopyExpectation, choose_copy, inspect_copy
 from .smallwrites import record_checksum
 from .store import FRAGS_DIR, DirectoryStore
@@ -613,9 +623,10 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
     all_chunks = list(ChunkTable(ctx.db).iter_all())
     on_missing_store: Counter[int] = Counter()
     total = len(all_chunks)
+    placement = _placement(ctx) if ctx.repair else None
     for n, (ino, idx, ref) in enumerate(all_chunks):
         ctx.tick("chunks", n, total)
-        _check_chunk(ctx, codec, expected, ino, idx, ref, on_missing_store)
+        _check_chunk(ctx, codec, expected, placement, ino, idx, ref, on_missing_store)
     ctx.tick("chunks", total, total)
     ctx.report.counts["chunks"] = total
     for index in sorted(set(ctx.store_ids) - set(ctx.stores)):
@@ -631,6 +642,7 @@ def _check_chunk(
     ctx: FsckContext,
     codec: Codec,
     expected: Expected,
+    placement: Placement | None,
     ino: int,
     idx: int,
     ref: ChunkRef,
@@ -688,8 +700,8 @@ def _check_chunk(
         # reduced redundancy while a store was full): not an error.
         severity = "warning"
         notes = "; queued for repair"
-    if ctx.repair and payloads is not None:
-        failures = _rebuild(ctx, codec, ref, payloads, state)
+    if placement is not None and payloads is not None:
+        failures = _rebuild(ctx, codec, expected, placement, ref, payloads, state)
         fixed = not failures
         notes += "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
     details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
@@ -715,8 +727,10 @@ def _verify_fragment(
     expected: Expected,
     *,
     full: bool,
+    count: bool = True,
 ) -> tuple[str | None, bytes | None]:
-    """(problem or None, payload if `full` and good) of one fragment file."""
+    """(problem or None, payload if `full` and good) of one fragment file;
+    with `count`, counted in the report's fragments_checked and bytes_verified."""
     try:
         handle = open_fragment(store, chunk_id, index, expected)
     except FragmentMissing:
@@ -727,7 +741,8 @@ def _verify_fragment(
         return f"not a fragment file ({exc})", None
     except StoreError as exc:
         return f"unreadable ({exc})", None
-    ctx.report.counts["fragments_checked"] += 1
+    if count:
+        ctx.report.counts["fragments_checked"] += 1
     try:
         header = handle.header
         if header.payload_length != payload_length:
@@ -743,7 +758,8 @@ def _verify_fragment(
         payload = store.read_at(handle.fd, payload_length, header.payload_offset)
         if len(payload) != payload_length:
             return f"short read ({len(payload)} of {payload_length} payload bytes)", None
-        ctx.report.counts["bytes_verified"] += payload_length
+        if count:
+            ctx.report.counts["bytes_verified"] += payload_length
         bad = fragment.bad_cells(header, 0, payload)
         if bad:
             shown = ", ".join(str(c) for c in bad[:EXAMPLES])
@@ -784,70 +800,104 @@ def _gather_payloads(
 
 
 def _rebuild(
-    ctx: FsckContext, codec: Codec, ref: ChunkRef, payloads: dict[int, bytes], state: _ChunkState
+    ctx: FsckContext,
+    codec: Codec,
+    expected: Expected,
+    placement: Placement,
+    ref: ChunkRef,
+    payloads: dict[int, bytes],
+    state: _ChunkState,
 ) -> list[str]:
-    """Rebuild the fragments in `state.bad` and record their stores; the
-    failures, described (empty: every one was rebuilt)."""
-    layout = ctx.layout
-    wanted = sorted(state.bad)
-    decoded = codec.decode(payloads, wanted)
-    stores = list(ref.stores)
-    used = {s for i, s in enumerate(stores) if i not in state.bad and s != NO_STORE}
-    failures: list[str] = []
-    for index in wanted:
-        original = stores[index]
-        target = original if original in ctx.stores and original not in used else None
-        if target is None:
-            target = _pick_store(ctx, used)
-        if target is None:
-            failures.append(f"fragment {index}: no present store without a fragment of it")
-            continue
-        parts = fragment.build_fragment(
-            ctx.volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size,
-            decoded[index],
+    """Rebuild the fragments in `state.bad` through the mount's repair path
+    (`ecfs.rebuild.rebuild_fragments`, run here in a trio run of its own)
+    and record their stores; the failures, described (empty: every one was
+    rebuilt). What is not rebuilt is queued for the mount's repair."""
+    done = trio.run(
+        functools.partial(
+            rebuild_fragments,
+            ctx.db, ctx.layout, codec, ctx.volume_id, placement, _FsckStores(ctx, expected),
+            ref, payloads, sorted(state.bad),
+            reason="fsck", unchecked=len(state.unavailable),
         )  # fmt: skip
-        try:
-            if original in ctx.stores:
-                # The bad file goes first: fragment files are never overwritten.
-                ctx.stores[original].delete_fragment(ref.chunk_id, index)
-                ctx.touched.add(original)
-                stores[index] = NO_STORE
-            store = ctx.stores[target]
-            if target != original:
-                store.delete_fragment(ref.chunk_id, index)  # an orphan by that name
-            ctx.touched.add(target)
-            store.write_fragment(ref.chunk_id, index, [memoryview(p) for p in parts])
-        except StoreError as exc:
-            failures.append(f"fragment {index}: {exc}")
-            continue
-        ctx.report.counts["fragments_rebuilt"] += 1
-        stores[index] = target
-        used.add(target)
-    queue = RepairQueue(ctx.db)
-    with ctx.db.transaction():
-        ChunkTable(ctx.db).set_stores(ref.chunk_id, tuple(stores))
-        if failures:
-            # Left for the mount's repair task (priority: spare fragments).
-            spare = sum(s != NO_STORE for s in stores) - layout.k
-            queue.add(ref.chunk_id, "fsck", spare, time.time_ns())
-        else:
-            queue.remove(ref.chunk_id)
-    return failures
+    )
+    ctx.report.counts["fragments_rebuilt"] += len(done.rebuilt)
+    return [f"fragment {i}: {why}" for i, why in sorted(done.failed.items())]
 
 
-def _pick_store(ctx: FsckContext, used: set[int]) -> int | None:
-    """The present store with the most free space among those not in `used`."""
-    best: tuple[int, int] | None = None
+@dataclass(frozen=True)
+class _Present:
+    """A store as fsck's placement sees it (fsck has no store runners)."""
+
+    available: bool
+
+
+def _placement(ctx: FsckContext) -> Placement:
+    """Placement over the present stores with their free space now; a store
+    whose usage cannot be read takes no rebuilt fragment."""
+    candidates: dict[int, _Present] = {}
+    usage = {}
     for index, store in ctx.stores.items():
-        if index in used:
-            continue
         try:
-            free = store.usage().free_bytes
+            usage[index] = store.usage()
         except StoreError:
+            candidates[index] = _Present(False)
             continue
-        if best is None or free > best[0]:
-            best = (free, index)
-    return None if best is None else best[1]
+        candidates[index] = _Present(True)
+    placement = Placement(candidates)
+    for index, found in usage.items():
+        placement.update_usage(index, found)
+    return placement
+
+
+class _FsckStores:
+    """fsck's way to the stores for `rebuild_fragments` (see
+    `ecfs.rebuild.FragmentIO`): blocking calls on the present stores (fsck
+    runs alone), every store written remembered in `ctx.touched` (synced
+    before the write-back), what no metadata refers to deleted at once."""
+
+    def __init__(self, ctx: FsckContext, expected: Expected) -> None:
+        self.ctx = ctx
+        self.expected = expected
+
+    async def replace_fragment(
+        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    ) -> int:
+        target = self.ctx.stores[store]
+        self.ctx.touched.add(store)
+        target.delete_fragment(chunk_id, index)  # fragment files are never overwritten
+        return target.write_fragment(chunk_id, index, parts)
+
+    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
+        store = self.ctx.stores[ref.stores[index]]
+        problem, _ = _verify_fragment(
+            self.ctx, store, ref.chunk_id, index, payload_length, self.expected,
+            full=True, count=False,
+        )  # fmt: skip
+        if problem is not None:
+            raise FragmentCorrupt(f"fragment {index} read back: {problem}")
+
+    def note_unsynced(self, store: int) -> None:
+        self.ctx.touched.add(store)
+
+    def remember(self, fragments: list[tuple[int, int, int]]) -> None:
+        self._delete(fragments)
+
+    def discard(self, refs: list[ChunkRef]) -> None:
+        self._delete(
+            [(s, ref.chunk_id, i) for ref in refs for i, s in enumerate(ref.stores) if s != NO_STORE]
+        )
+
+    def _delete(self, fragments: list[tuple[int, int, int]]) -> None:
+        """Best effort: one left behind is an orphan, reported next run."""
+        for store, chunk_id, index in fragments:
+            if store not in self.ctx.stores:
+                continue
+            try:
+                self.ctx.stores[store].delete_fragment(chunk_id, index)
+            except StoreError as exc:
+                log.warning("cannot delete fragment %016x.%d on store %d: %s",
+                            chunk_id, index, store, exc)  # fmt: skip
+            self.ctx.touched.add(store)
 
 
 def _report_unrecoverable(

@@ -43,7 +43,7 @@ from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .model import NO_STORE, ChunkRef
-from .offload import StoreRunner
+from .offload import StoreRunner, available_runner
 from .tasks import wait_until_idle
 from .writer import delete_fragment
 
@@ -233,8 +233,8 @@ class Garbage:
             for index, store in enumerate(ref.stores):
                 if store == NO_STORE:
                     continue
-                runner = self.runners.get(store)
-                if runner is None or not runner.available:
+                runner = available_runner(self.runners, store)
+                if runner is None:
                     waiting.append((store, ref.chunk_id, index))  # away: later
                 else:
                     nursery.start_soon(delete, runner, index)

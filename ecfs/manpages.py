@@ -444,7 +444,8 @@ unknown), `fragments`, `fragment_bytes`, `draining`.
 
 `repair`::
 `queue` ({reason: {`chunks`, `bytes`}}, reasons `degraded-read`, `write`,
-`scrub`, `store-failed`, `store-replaced`), `chunks`, `bytes_left`,
+`scrub`, `fsck` (what `ecfs fsck --repair` could not rebuild), `store-failed`,
+`store-replaced`), `chunks`, `bytes_left`,
 `rate_bytes_per_s`, `rate_limit`, `eta_seconds` (null when idle), `urgent`,
 `busy`, `deferred`, and the counters `fragments_rebuilt`,
 `chunks_repaired`, `chunks_checked_fine`, `bytes_read`, `bytes_written`,
@@ -601,7 +602,11 @@ them between the copies), `chunk_fragments_present` (each fragment
 exists and its header matches; with `--verify-data`, every cell checksum
 too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.
-It refuses a volume that is mounted (the stores are locked).
+Fragments are rebuilt as the mount's repair rebuilds them (same placement,
+each one read back and verified); one it cannot rebuild (e.g. no given
+store is free of the chunk's other fragments) is queued for the mount's
+repair with reason `fsck`. It refuses a volume that is mounted (the stores
+are locked).
 
 The metadata copies are checked as a mount checks them: schema (no
 unknown table, index, view or trigger), volume, stores, and every row

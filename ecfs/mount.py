@@ -38,6 +38,7 @@ import trio
 from .errors import EcfsError, VolumeError
 from .fs import EcfsOperations
 from .lock import VolumeLock
+from .offload import run_in_thread
 from .store import MARKER_NAME
 from .units import parse_size
 from .volume import Volume, expand_store_args
@@ -370,7 +371,7 @@ async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None])
 
 
 async def _set_read_ahead_off_loop(mountpoint: Path) -> None:
-    await trio.to_thread.run_sync(set_read_ahead, mountpoint)
+    await run_in_thread(set_read_ahead, mountpoint)
 
 
 async def _terminate_on_signals() -> None:

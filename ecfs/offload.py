@@ -6,6 +6,14 @@ thread of a call that times out or is cancelled), translating OSError into
 domain errors, and the per-store live signals that services use to choose
 and hedge sources: latency (EWMA, p50, p95), queue depth, and a health state.
 
+Also owns the two other ways work leaves the loop, so that nothing else
+calls `trio.to_thread` (tests/test_layering.py checks it): `run_in_thread`
+for a blocking call that is not a store call (a replica file being
+inspected, a sysfs knob, a store being created), and `run_cpu` for CPU work
+(encode, decode) that runs on the loop up to LOOP_CPU_LIMIT bytes and in a
+thread above; and `available_runner`, the one "which runner serves this
+fragment slot now" lookup.
+
 Must not: do any I/O itself (it only calls the functions it is given), know
 what the functions do, decide routing (services read `available`,
 `expected_latency()` and `hedge_deadline()` and decide), or probe stores on
@@ -60,7 +68,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar, TypeVarTuple, cast
 
@@ -75,6 +83,7 @@ from ecfs.errors import (
     StoreError,
     StoreTimeout,
 )
+from ecfs.model import NO_STORE
 from ecfs.store import Store
 
 T = TypeVar("T")
@@ -100,6 +109,11 @@ PERCENTILE_EXACT_SAMPLES = 64
 PERCENTILE_REFRESH = 16
 SLOW_FACTOR = 5.0
 SLOW_FLOOR = 0.02
+
+#: CPU work (encode, decode) on more bytes than this runs in a worker thread
+#: (`run_cpu`), smaller work on the loop: below it a thread round trip costs
+#: more than the work itself.
+LOOP_CPU_LIMIT = 64 * 1024
 
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PENDING, _RUNNING, _DONE, _GIVEN_UP, _ABANDONED = range(5)
@@ -501,6 +515,42 @@ class StoreRunner:
             return 0.0
         rank = math.ceil(q * len(ordered) - 1e-9)
         return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+async def run_in_thread(
+    fn: Callable[[*Ts], T],
+    *args: *Ts,
+    limiter: trio.CapacityLimiter | None = None,
+    abandon_on_cancel: bool = False,
+) -> T:
+    """Run a blocking ``fn(*args)`` that is not a store call in a worker
+    thread (trio's `to_thread.run_sync`: `limiter` bounds how many run at
+    once; with `abandon_on_cancel` a cancelled caller returns at once and
+    the thread runs on). Store calls go through `StoreRunner.call`."""
+    return await trio.to_thread.run_sync(
+        fn, *args, limiter=limiter, abandon_on_cancel=abandon_on_cancel
+    )
+
+
+async def run_cpu(
+    fn: Callable[[*Ts], T],
+    *args: *Ts,
+    size: int,
+    limiter: trio.CapacityLimiter | None = None,
+) -> T:
+    """``fn(*args)``, CPU work on `size` bytes: on the loop up to
+    LOOP_CPU_LIMIT bytes, in a worker thread (bounded by `limiter`) above."""
+    if size > LOOP_CPU_LIMIT:
+        return await run_in_thread(fn, *args, limiter=limiter)
+    return fn(*args)
+
+
+def available_runner(runners: Mapping[int, StoreRunner], store: int) -> StoreRunner | None:
+    """The runner serving fragment slots recorded on `store` if services
+    should use it now; None for NO_STORE, a store the volume does not have
+    open, or a FAILED one."""
+    runner = runners.get(store) if store != NO_STORE else None
+    return runner if runner is not None and runner.available else None
 
 
 def _is_health_error(exc: EcfsError) -> bool:

@@ -8,13 +8,19 @@ Policy: only available (not failed) active stores are candidates; stores
 known to be full are skipped until their usage is refreshed. Candidates are
 ordered by free space in whole GiB (most first), then round-robin, so
 stores of different sizes fill evenly and equal stores share the load.
+
+A rebuilt fragment (`rebuild_target`, used by `ecfs.rebuild` for both the
+mount's repair and `ecfs fsck --repair`) stays on its own store when that
+store is a candidate holding no other fragment of the chunk, and otherwise goes where `choose` says among the
+stores holding no other fragment of the chunk (not even a bad one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
-from .offload import StoreRunner
+from .model import NO_STORE
 from .store import StoreUsage
 
 #: A full store is used again once it has this much free space.
@@ -24,10 +30,18 @@ FULL_MARGIN = 64 << 20
 FREE_SPACE_GRAIN = 1 << 30
 
 
+class Candidate(Protocol):
+    """What placement needs of a store: whether it may be used now (an
+    `ecfs.offload.StoreRunner` in a mount; fsck passes its present stores)."""
+
+    @property
+    def available(self) -> bool: ...
+
+
 class Placement:
     """Chooses distinct stores for new fragments."""
 
-    def __init__(self, runners: Mapping[int, StoreRunner]) -> None:
+    def __init__(self, runners: Mapping[int, Candidate]) -> None:
         self.runners = runners
         self.usage: dict[int, StoreUsage] = {}
         self.full: set[int] = set()
@@ -65,6 +79,26 @@ class Placement:
         ]
         candidates.sort(key=lambda index: (-self._free_grains(index), (index - self._turn) % n))
         return candidates[:count]
+
+    def rebuild_target(self, stores: Sequence[int], index: int) -> int | None:
+        """Where rebuilt fragment `index` of a chunk whose fragment slots are
+        on `stores` goes: its own store if that is a candidate (available,
+        not full, not draining) holding no other fragment of the chunk, else
+        the best candidate holding no other fragment of the chunk; None if
+        there is none."""
+        own = stores[index]
+        others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
+        runner = self.runners.get(own) if own != NO_STORE else None
+        if (
+            runner is not None
+            and runner.available
+            and own not in self.full
+            and own not in self.draining
+            and own not in others
+        ):
+            return own
+        choice = self.choose(1, exclude=others)
+        return choice[0] if choice else None
 
     def usable_stores(self) -> int:
         return sum(1 for i, r in self.runners.items() if r.available and i not in self.full)

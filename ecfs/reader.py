@@ -40,8 +40,8 @@ from .codec import Codec
 from .errors import EcfsError, FragmentCorrupt, FragmentMissing, StoreError, Unrecoverable
 from .geometry import FragmentPiece, Layout
 from .handles import Expected, FragmentHandle, HandleCache, open_fragment
-from .model import NO_STORE, ChunkRef
-from .offload import StoreRunner, StoreState
+from .model import ChunkRef
+from .offload import StoreRunner, StoreState, available_runner, run_cpu, run_in_thread
 from .readahead import ReadAhead
 from .store import DirectoryStore
 from .tasks import gather_in_order, open_fan_out
@@ -62,9 +62,6 @@ OUTRUN_LIMIT = 4
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
 HEDGE_BURST = 16
-
-#: Decodes larger than this run in a worker thread instead of on the loop.
-LOOP_DECODE_LIMIT = 64 * 1024
 
 #: Degraded reads done at once in one worker-thread call each.
 ONE_CALL_THREADS = 8
@@ -205,8 +202,8 @@ class ChunkReader:
         """Ask for fragment `index` of `ref` to be read ahead; False if its
         store is unavailable."""
         store = ref.stores[index]
-        runner = self.runners.get(store) if store != NO_STORE else None
-        if runner is None or not runner.available:
+        runner = available_runner(self.runners, store)
+        if runner is None:
             return False
         self.readahead.request((store, ref.chunk_id, index), runner.store)
         return True
@@ -282,8 +279,8 @@ class ChunkReader:
         """Fill `dest` with `piece` from an open handle and page-cached
         bytes, on the loop; False if it cannot be done without blocking."""
         store = ref.stores[piece.index]
-        runner = self.runners.get(store) if store != NO_STORE else None
-        if runner is None or not runner.available or not self._nowait:
+        runner = available_runner(self.runners, store)
+        if runner is None or not self._nowait:
             return False
         key = (store, ref.chunk_id, piece.index)
         handle = self.handles.acquire(key)
@@ -317,8 +314,8 @@ class ChunkReader:
         then (cancelling it abandons its thread, which the store's health
         counts)."""
         store = ref.stores[index]
-        runner = self.runners.get(store) if store != NO_STORE else None
-        if runner is None or not runner.available:
+        runner = available_runner(self.runners, store)
+        if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
         winner: list[bytes] = []
         errors: list[EcfsError] = []
@@ -390,8 +387,8 @@ class ChunkReader:
         a thread would even be woken (measured: p50 of a random 4 KiB read
         ~290 us with this second try, ~500 us without)."""
         store = ref.stores[index]
-        runner = self.runners.get(store) if store != NO_STORE else None
-        if runner is None or not runner.available:
+        runner = available_runner(self.runners, store)
+        if runner is None:
             raise StoreError(f"fragment {index} of chunk {ref.chunk_id:016x}: store unavailable")
         key = (store, ref.chunk_id, index)
         handle = self.handles.acquire(key)
@@ -491,10 +488,7 @@ class ChunkReader:
                 f"chunk {ref.chunk_id:016x}: fewer than {k} good fragments for"
                 f" bytes [{start}, {end}) of fragment {lost}"
             )
-        if end - start > LOOP_DECODE_LIMIT:
-            decoded = await trio.to_thread.run_sync(self.codec.decode, pieces, [lost])
-        else:
-            decoded = self.codec.decode(pieces, [lost])
+        decoded = await run_cpu(self.codec.decode, pieces, [lost], size=end - start)
         return decoded[lost]
 
     async def _decode_in_one_call(
@@ -535,7 +529,7 @@ class ChunkReader:
             if len(acquired) < k:
                 return None
             with trio.move_on_after(deadline) as scope:
-                decoded = await trio.to_thread.run_sync(
+                decoded = await run_in_thread(
                     _decode_range, self.codec, acquired, lost, start, end,
                     abandon_on_cancel=True, limiter=self._one_call_limiter,
                 )  # fmt: skip
@@ -607,8 +601,8 @@ class ChunkReader:
         lowest expected latency, data before parity on ties."""
         usable = []
         for index in ref.present():
-            runner = self.runners.get(ref.stores[index])
-            if index in exclude or runner is None or not runner.available:
+            runner = available_runner(self.runners, ref.stores[index])
+            if index in exclude or runner is None:
                 continue
             usable.append((runner.expected_latency(), index >= self.layout.k, index))
         usable.sort()

@@ -11,12 +11,13 @@ Repairing one chunk: the fragments known bad (the queue's bitmask, slots
 without a store, slots on failed stores) are re-checked first: a fragment
 on a store that came back and still verifies is kept (a store that was only
 away for a while costs nothing). k good fragments are read whole and
-verified; only the missing fragments are regenerated (range decode of the
-whole payload), written to the same store when it is available, otherwise
-to a healthy store holding no other fragment of the chunk, made durable,
-read back and verified, and then the new locations are committed. Nothing
-else of the chunk is rewritten. If the chunk was rewritten meanwhile, the
-new fragments are orphans and are deleted.
+verified; only the missing fragments are regenerated, placed, written,
+read back and verified and recorded by `ecfs.rebuild.rebuild_fragments`
+(the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
+store's runner, the volume's identity check before a write, the handle
+cache, the replicator's sync before the next metadata batch, the garbage
+collector. Nothing else of the chunk is rewritten. If the chunk was
+rewritten meanwhile, the new fragments are orphans and are deleted.
 
 A chunk that cannot be repaired now (no store can take a rebuilt
 fragment, or the stores holding the rest are away) is put off for
@@ -28,7 +29,8 @@ Crash contract: the queue entry is removed in the same transaction that
 commits the new locations, so a crash at any point leaves the chunk queued
 (a fragment written but not committed is an orphan for fsck). A fragment
 write that fails is handed to the garbage collector's remembered
-deletions (see garbage).
+deletions (see garbage); the fragments rebuilt meanwhile are recorded and
+the chunk stays queued for the others.
 
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
@@ -53,10 +55,11 @@ from .geometry import Layout
 from .handles import HandleCache
 from .metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from .metadb.database import Database
-from .model import NO_STORE, ChunkRef, repair_priority
-from .offload import StoreRunner
+from .model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
+from .offload import StoreRunner, available_runner
 from .placement import Placement
 from .reader import ChunkReader
+from .rebuild import rebuild_fragments
 from .tasks import wait_until_idle
 
 log = logging.getLogger(__name__)
@@ -130,8 +133,9 @@ class Repairer:
         self.urgent = False
         self.counters = RepairCounters()
         self.unrecoverable: dict[int, str] = {}
-        #: Stores being drained: their fragments are moved, never kept.
-        self.draining: set[int] = set()
+        #: Stores being drained: their fragments are moved, never kept (the
+        #: placement's set itself: one truth for both).
+        self.draining: set[int] = placement.draining
         #: Asked before a rebuilt fragment goes to a store (the volume
         #: re-checks its identity after idle time); False: retry later.
         self.before_write: Callable[[int], Awaitable[bool]] | None = None
@@ -273,12 +277,12 @@ class Repairer:
         started = self.clock()
         self.pins.pin(ref.chunk_id)
         try:
-            written = await self._repair(ref, entry.bad)
+            written = await self._repair(ref, entry.bad, entry.reason)
         finally:
             self.pins.unpin(ref.chunk_id)
         await self._throttle(written, self.clock() - started)
 
-    async def _repair(self, ref: ChunkRef, bad_mask: int) -> int:
+    async def _repair(self, ref: ChunkRef, bad_mask: int, reason: str) -> int:
         layout = self.layout
         payload = layout.payload_length(ref.length)
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
@@ -289,14 +293,16 @@ class Repairer:
                 self.queue.remove(ref.chunk_id)
             self.counters.chunks_checked_fine += 1
             return 0
-        if all(self._target(ref, i, list(ref.stores)) is None for i in broken):
+        if all(self.placement.rebuild_target(ref.stores, i) is None for i in broken):
             # Nowhere to put a rebuilt fragment (e.g. a store is gone and
             # every other one already holds a fragment of this chunk): do not
             # read k fragments and decode for nothing, while readers wait.
             log.info("chunk %016x: no store can take fragments %s now", ref.chunk_id, broken)
             self._defer(ref.chunk_id)
             return 0
-        good = await self._read_good(ref, set(broken), payload)
+        found_bad = set(broken)
+        good = await self._read_good(ref, found_bad, payload)
+        broken = sorted(found_bad)  # sources found bad are rebuilt too
         if len(good) < layout.k:
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
             if len(good) + len(away) >= layout.k:
@@ -307,31 +313,21 @@ class Repairer:
             else:
                 self._give_up(ref, broken)
             return 0
-        if payload > 64 * 1024:
-            rebuilt = await trio.to_thread.run_sync(self.codec.decode, good, broken)
-        else:
-            rebuilt = self.codec.decode(good, broken)
-        stores = list(ref.stores)
-        moved: list[int] = []
-        written = 0
-        for index in broken:
-            target = self._target(ref, index, stores)
-            if target is None:
-                log.info("chunk %016x: no store can take fragment %d now", ref.chunk_id, index)
-                self._defer(ref.chunk_id)
-                continue
-            written += await self._write_fragment(ref, index, target, rebuilt[index])
-            if stores[index] != NO_STORE and stores[index] != target:
-                moved.append(index)
-            stores[index] = target
-        if written == 0:
-            return 0
-        self._commit(ref, tuple(stores), moved)
-        return written
+        done = await rebuild_fragments(
+            self.db, layout, self.codec, self.volume_id, self.placement, _RepairStores(self),
+            ref, good, broken,
+            reason=reason if reason in REPAIR_REASONS else "store-failed",
+        )  # fmt: skip
+        self.counters.fragments_rebuilt += len(done.rebuilt)
+        self.counters.bytes_written += done.bytes_written
+        if done.committed and done.rebuilt:
+            self.counters.chunks_repaired += 1
+        if done.failed:
+            self._defer(ref.chunk_id)
+        return done.bytes_written
 
     def _usable(self, store: int) -> bool:
-        runner = self.runners.get(store) if store != NO_STORE else None
-        return runner is not None and runner.available
+        return available_runner(self.runners, store) is not None
 
     async def _still_good(self, ref: ChunkRef, index: int, payload: int) -> bool:
         """A suspect fragment that is on an available store and verifies
@@ -356,58 +352,6 @@ class Repairer:
         self.counters.bytes_read += bytes_read
         return good
 
-    def _target(self, ref: ChunkRef, index: int, stores: list[int]) -> int | None:
-        """The same store if it is usable, else a usable store holding no
-        other fragment of the chunk."""
-        keep = stores[index]
-        if self._usable(keep) and keep not in self.placement.full and keep not in self.draining:
-            return keep
-        others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
-        choice = self.placement.choose(1, exclude=others)
-        return choice[0] if choice else None
-
-    async def _write_fragment(self, ref: ChunkRef, index: int, store: int, payload: bytes) -> int:
-        runner = self.runners[store]
-        layout = self.layout
-        parts = fragment.build_fragment(
-            self.volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size, payload
-        )
-        if self.before_write is not None and not await self.before_write(store):
-            raise StoreError(f"store {store} is unavailable")
-        self.handles.discard((store, ref.chunk_id, index))
-        try:
-            await runner.call(runner.store.delete_fragment, ref.chunk_id, index)
-            size = await runner.call(runner.store.write_fragment, ref.chunk_id, index, parts)
-            # Made durable before any metadata batch that refers to it (the
-            # replicator syncs every store written since its last batch).
-            self.note_unsynced(store)
-            check = ChunkRef(ref.chunk_id, ref.length, tuple(
-                store if i == index else s for i, s in enumerate(ref.stores)
-            ))
-            await self.reader.read_fragment(check, index, 0, len(payload))  # verify what landed
-        except (StoreError, FragmentCorrupt):
-            # Whatever landed is deleted once the store is available (unless
-            # the chunk refers to it, i.e. it was rewritten in place).
-            self.garbage.remember([(store, ref.chunk_id, index)])
-            raise
-        self.placement.note_written(store, size)
-        self.counters.fragments_rebuilt += 1
-        self.counters.bytes_written += size
-        return size
-
-    def _commit(self, ref: ChunkRef, stores: tuple[int, ...], moved: list[int]) -> None:
-        with self.db.transaction():
-            still_there = self.chunks.set_stores(ref.chunk_id, stores)
-            if still_there and NO_STORE not in stores and ref.chunk_id not in self._deferred:
-                self.queue.remove(ref.chunk_id)
-        if still_there:
-            self.counters.chunks_repaired += 1
-            old = tuple(ref.stores[i] if i in moved else NO_STORE for i in range(self.layout.n))
-            if moved:
-                self.garbage.discard([ChunkRef(ref.chunk_id, ref.length, old)], self.db.generation)
-        else:  # rewritten meanwhile: what we wrote is an orphan
-            self.garbage.discard([ChunkRef(ref.chunk_id, ref.length, stores)], self.db.generation)
-
     def _give_up(self, ref: ChunkRef, broken: list[int]) -> None:
         message = (
             f"chunk {ref.chunk_id:016x}: fewer than {self.layout.k} good fragments"
@@ -418,3 +362,39 @@ class Repairer:
         self.unrecoverable[ref.chunk_id] = message
         self.counters.unrecoverable += 1
         self._defer(ref.chunk_id)
+
+
+class _RepairStores:
+    """The mount's way to the stores for `rebuild_fragments` (see
+    `ecfs.rebuild.FragmentIO`)."""
+
+    def __init__(self, repairer: Repairer) -> None:
+        self.repairer = repairer
+
+    async def replace_fragment(
+        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    ) -> int:
+        repairer = self.repairer
+        if repairer.before_write is not None and not await repairer.before_write(store):
+            raise StoreError(f"store {store} is unavailable")
+        runner = repairer.runners[store]
+        repairer.handles.discard((store, chunk_id, index))
+        size = sum(len(p) for p in parts)
+        await runner.call(runner.store.delete_fragment, chunk_id, index)
+        return await runner.call(
+            runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size
+        )
+
+    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
+        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+
+    def note_unsynced(self, store: int) -> None:
+        # Made durable before any metadata batch that refers to it (the
+        # replicator syncs every store written since its last batch).
+        self.repairer.note_unsynced(store)
+
+    def remember(self, fragments: list[tuple[int, int, int]]) -> None:
+        self.repairer.garbage.remember(fragments)
+
+    def discard(self, refs: list[ChunkRef]) -> None:
+        self.repairer.garbage.discard(refs, self.repairer.db.generation)

@@ -31,8 +31,8 @@ from .errors import FragmentCorrupt, StoreError
 from .geometry import Layout
 from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
-from .model import NO_STORE, repair_priority
-from .offload import StoreRunner
+from .model import repair_priority
+from .offload import StoreRunner, available_runner
 from .reader import ChunkReader
 from .tasks import wait_until_idle
 
@@ -189,8 +189,7 @@ class Scrubber:
         bad: list[int] = []
         reasons: list[str] = []
         for index, store in enumerate(ref.stores):
-            runner = self.runners.get(store) if store != NO_STORE else None
-            if runner is None or not runner.available:
+            if available_runner(self.runners, store) is None:
                 bad.append(index)
                 reasons.append(f"{index}: store unavailable")
                 continue

@@ -36,7 +36,7 @@ import trio
 
 from .errors import StoreError, VolumeError
 from .mkfs import check_store_paths
-from .offload import StoreRunner
+from .offload import StoreRunner, run_in_thread
 from .store import STORE_FORMAT, DirectoryStore, StoreMarker
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ async def _off_loop(fn: Callable[..., T], *args: object) -> T:
     deadlock), or on a hung disk (the call is abandoned after a timeout)."""
     try:
         with trio.fail_after(PATH_TIMEOUT):
-            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            return await run_in_thread(fn, *args, abandon_on_cancel=True)
     except trio.TooSlowError:
         raise VolumeError(f"a store path did not answer within {PATH_TIMEOUT:g} s") from None
 
@@ -138,7 +138,7 @@ class StoreAdmin:
             inline_max=volume.inline_max,
         )
         try:
-            return await trio.to_thread.run_sync(DirectoryStore.initialise, path, marker)
+            return await run_in_thread(DirectoryStore.initialise, path, marker)
         except StoreError as exc:
             raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
 
@@ -154,7 +154,7 @@ class StoreAdmin:
         volume = self.volume
         index = await self._index_of(old)
         store = await self._initialise(new)
-        marker = await trio.to_thread.run_sync(store.read_marker)
+        marker = await run_in_thread(store.read_marker)
         with volume.db.transaction():
             volume.store_table.replace(index, marker.store_id)
             volume.store_table.set_path(index, str(store.path))
@@ -169,7 +169,7 @@ class StoreAdmin:
     async def add(self, new: str) -> str:
         volume = self.volume
         store = await self._initialise(new)
-        marker = await trio.to_thread.run_sync(store.read_marker)
+        marker = await run_in_thread(store.read_marker)
         with volume.db.transaction():
             index = volume.store_table.add(marker.store_id)
             volume.store_table.set_path(index, str(store.path))

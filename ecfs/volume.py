@@ -66,7 +66,7 @@ from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_arg, check_store_paths
 from .namespace import Namespace
-from .offload import StoreRunner
+from .offload import StoreRunner, run_in_thread
 from .placement import Placement
 from .reader import ChunkReader
 from .repair import Repairer
@@ -841,7 +841,7 @@ class Volume:
         snapshot = self.workdir / "verify-working.sqlite"
         try:
             self.db.snapshot(snapshot)  # on the loop: consistent at one generation
-            found = await trio.to_thread.run_sync(inspect_copy, snapshot)
+            found = await run_in_thread(inspect_copy, snapshot)
         finally:
             snapshot.unlink(missing_ok=True)
         if found.problem is None:

@@ -40,7 +40,7 @@ from .codec import Codec
 from .errors import EcfsError, NoSpace, StoreError, StoreTimeout
 from .geometry import Layout
 from .model import NO_STORE, ChunkRef
-from .offload import StoreRunner
+from .offload import StoreRunner, run_cpu
 from .placement import Placement
 from .tasks import open_fan_out
 
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 
 #: A fragment write is given up (and placed elsewhere) after at least this.
 WRITE_DEADLINE_FLOOR = 3.0
-
-#: Chunks larger than this are encoded in a worker thread, not on the loop.
-LOOP_ENCODE_LIMIT = 64 * 1024
 
 #: Encode buffers of full chunks kept for reuse (each n x F bytes).
 POOLED_BUFFERS = 8
@@ -106,12 +103,8 @@ class ChunkWriter:
             if payload_length % BLOCK == 0
             else None
         )
-        if len(data) > LOOP_ENCODE_LIMIT:
-            fragments = await trio.to_thread.run_sync(
-                self._build, chunk_id, data, buffer, limiter=self._cpu
-            )
-        else:
-            fragments = self._build(chunk_id, data, buffer)
+        # Chunks larger than offload.LOOP_CPU_LIMIT are encoded in a thread.
+        fragments = await run_cpu(self._build, chunk_id, data, buffer, size=len(data), limiter=self._cpu)
         timed_out: list[int] = []
         try:
             stores = await self._place_all(chunk_id, fragments, timed_out)

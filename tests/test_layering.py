@@ -96,3 +96,43 @@ def test_rule_checker_sees_imports(source: str, module: str, allowed: bool) -> N
     found = module in modules
     assert found != (module == "codec")  # relative imports are ours, not third-party
     assert may_import("ecfs/namespace.py", module) == allowed
+
+
+def thread_starters(tree: ast.AST) -> list[int]:
+    """Lines of `tree` that reach `trio.to_thread` (``trio.to_thread.run_sync``,
+    ``from trio import to_thread``, ``import trio.to_thread`` ...)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "to_thread":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trio"):
+            if node.module.startswith("trio.to_thread") or any(
+                alias.name == "to_thread" for alias in node.names
+            ):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Import) and any(
+            alias.name.startswith("trio.to_thread") for alias in node.names
+        ):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_offload_starts_threads() -> None:
+    """Work leaves the event loop through ecfs/offload.py only (StoreRunner
+    for store calls, run_in_thread and run_cpu for the rest): no other module
+    calls trio.to_thread. The checker itself is shown to see each spelling."""
+    for source in (
+        "import trio\nawait trio.to_thread.run_sync(f)",
+        "from trio import to_thread",
+        "from trio.to_thread import run_sync",
+        "import trio.to_thread",
+    ):
+        assert thread_starters(ast.parse(source)), source
+    assert not thread_starters(ast.parse("from .offload import run_in_thread\nrun_in_thread(f)"))
+    violations = [
+        f"{rel(path)}:{line}: calls trio.to_thread (use ecfs.offload's helpers)"
+        for path in MODULE_FILES
+        if rel(path) != "ecfs/offload.py"
+        for line in thread_starters(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    ]
+    assert not violations, "\n".join(violations)

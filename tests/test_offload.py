@@ -19,7 +19,16 @@ import pytest
 import trio
 
 from ecfs.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
-from ecfs.offload import HEDGE_FLOOR, PROBE_TIMEOUT, StoreRunner, StoreState
+from ecfs.model import NO_STORE
+from ecfs.offload import (
+    HEDGE_FLOOR,
+    LOOP_CPU_LIMIT,
+    PROBE_TIMEOUT,
+    StoreRunner,
+    StoreState,
+    available_runner,
+    run_cpu,
+)
 from ecfs.store import DirectoryStore, StoreMarker
 
 pytestmark = pytest.mark.trio
@@ -383,3 +392,20 @@ async def test_slow_state_relative_to_own_baseline(store: DirectoryStore) -> Non
     assert runner.state is StoreState.FAILED
     runner.mark_ok()
     assert runner.state is StoreState.OK and runner.failure_reason is None
+
+
+async def test_run_cpu_keeps_small_work_on_the_loop(store: DirectoryStore) -> None:
+    """One cutoff for every encode and decode: up to LOOP_CPU_LIMIT bytes on
+    the loop's thread, above it in a worker thread."""
+    loop = threading.get_ident()
+    assert await run_cpu(threading.get_ident, size=LOOP_CPU_LIMIT) == loop
+    assert await run_cpu(threading.get_ident, size=LOOP_CPU_LIMIT + 1) != loop
+
+
+async def test_available_runner_is_the_one_slot_lookup(store: DirectoryStore) -> None:
+    runners = {0: StoreRunner(0, store), 1: StoreRunner(1, store)}
+    runners[1].mark_failed("gone")
+    assert available_runner(runners, 0) is runners[0]
+    assert available_runner(runners, 1) is None  # failed
+    assert available_runner(runners, 2) is None  # not open
+    assert available_runner(runners, NO_STORE) is None
