@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.metrics import METRICS, render_prometheus
+from prometheus_client.parser import text_string_to_metric_families
+
+from ecfs.metrics import METRICS
 from tests.mounting import (
     FUSE_MISSING_REASON,
     REPO_ROOT,
@@ -425,6 +427,11 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]
     for name, kind in typed.items():
         if kind == "counter":
             assert name.endswith("_total"), name
+    # And what Prometheus's own client library reads from it.
+    parsed = {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    assert parsed == set(samples)
     return samples
 
 
@@ -454,36 +461,6 @@ def test_prometheus_output_of_a_live_mount(busy_volume: MountedVolume) -> None:
 def test_prometheus_and_json_exclude_each_other(busy_volume: MountedVolume) -> None:
     result = cli("status", "--json", "--prometheus", busy_volume.mountpoint, check=False)
     assert_refused(result, "--json", "--prometheus")
-
-
-def test_render_prometheus_of_a_degraded_document() -> None:
-    document = {
-        "volume": "ab" * 16, "k": 4, "m": 2, "health": "degraded", "tolerance": 1,
-        "stores": [
-            {"index": 0, "path": '/srv/a "quoted"\\dir', "state": "failed",
-             "latency_p50_ms": 1.5, "latency_p95_ms": 20.0, "errors": 3,
-             "free_bytes": None, "bytes_read": 10},
-        ],
-        "repair": {"queue": {"degraded-read": {"chunks": 2, "bytes": 1000},
-                             "scrub": {"chunks": 1, "bytes": 10}},
-                   "eta_seconds": None, "urgent": True, "fragments_rebuilt": 7},
-        "reads": {"degraded_reads": 5, "hedged_reads": 1, "some_new_counter": 4},
-        "unrecoverable": [],
-    }  # fmt: skip
-    samples = parse_prometheus(render_prometheus(document))
-    assert ({"state": "degraded"}, 1.0) in samples["ecfs_volume_health"]
-    assert ({"store": "0", "state": "failed"}, 1.0) in samples["ecfs_store_state"]
-    assert samples["ecfs_store_info"] == [({"store": "0", "path": '/srv/a \\"quoted\\"\\\\dir'}, 1)]
-    assert ({"store": "0", "quantile": "0.95"}, 0.02) in samples["ecfs_store_latency_seconds"]
-    assert "ecfs_store_free_bytes" not in samples  # unknown: no sample rather than a wrong one
-    assert "ecfs_repair_eta_seconds" not in samples
-    assert samples["ecfs_repair_queue_chunks"] == [
-        ({"reason": "degraded-read"}, 2.0), ({"reason": "scrub"}, 1.0),
-    ]  # fmt: skip
-    assert samples["ecfs_repair_urgent"] == [({}, 1.0)]
-    assert samples["ecfs_degraded_reads_total"] == [({}, 5.0)]
-    assert samples["ecfs_repair_fragments_rebuilt_total"] == [({}, 7.0)]
-    assert parse_prometheus(render_prometheus({})) == {}
 
 
 # --- progress bars: on a terminal only ---------------------------------------------
