@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from ecfs.metrics import METRICS
