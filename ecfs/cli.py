@@ -684,7 +684,7 @@ def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, .
     sys.exit(report.exit_status)
 
 
-# -- for the man page generator (ecfs.manpages, which must not import click) --------
+# -- for the man page generator (scripts/manpages.py, which must not import click) ----
 
 
 def help_texts() -> dict[str, dict[str, Any]]:

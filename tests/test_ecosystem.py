@@ -351,7 +351,7 @@ def assert_documented(keys: set[str], page: str) -> None:
     missing = sorted(k for k in keys if f"\\fB{k}\\fR" not in doc)
     assert not missing, (
         f"keys not documented in JSON OUTPUT of man/{page} "
-        f"(edit ecfs/manpages.py, run python -m ecfs.manpages): {missing}"
+        f"(edit man/src/, run python scripts/manpages.py): {missing}"
     )
 
 
