@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ecfs import host  # noqa: E402
 from ecfs.client import MountClient  # noqa: E402
 
 MiB = 1 << 20
@@ -43,8 +44,8 @@ def ecfs(*args: str) -> None:
 
 
 def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+    if not host.drop_caches():
+        raise SystemExit("bench_repair: cannot drop caches (run as root)")
 
 
 def random_reads(files: list[Path], count: int, seed: int) -> list[float]:

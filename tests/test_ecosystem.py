@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ecfs.host import mount_at
 from ecfs.metrics import METRICS
 from tests.mounting import (
     FUSE_MISSING_REASON,
@@ -54,14 +55,9 @@ SCRIPTS = REPO_ROOT / "scripts"
 
 def fuse_mount_options(mountpoint: Path) -> tuple[str, str, str]:
     """(fstype, mount options, super options) of the mount at `mountpoint`."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                sep = fields.index("-", 6)
-                return fields[sep + 1], fields[5], fields[sep + 3]
-    raise AssertionError(f"{mountpoint} is not mounted")
+    mount = mount_at(mountpoint)
+    assert mount is not None, f"{mountpoint} is not mounted"
+    return mount.fstype, mount.options, mount.super_options
 
 
 # --- mount(8), umount(8) and fstab -------------------------------------------------

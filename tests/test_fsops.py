@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ecfs import host
 from ecfs.errors import EcfsError, FsError
 from ecfs.namespace import (
     FILE_SIZE_MAX,
@@ -618,8 +619,7 @@ def _open_by_handle(mount_fd: int, handle: _FileHandle, flags: int = os.O_RDONLY
 
 
 def _drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+    assert host.drop_caches()
 
 
 @pytest.mark.mount
