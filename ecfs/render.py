@@ -124,7 +124,7 @@ def render_scrub(scrub: ScrubStatistics) -> str:
         f"metadata replicas: {scrub.metadata_replicas_verified} verified"
         + (f", {len(metadata)} problem(s) (bad replicas are replaced)" if metadata else "")
     )
-    for finding in metadata:
-        where = "working copy" if finding.store is None else f"store {finding.store}"
-        lines.append(f"  {where}: {finding.problem}")
+    for problem in metadata:
+        where = "working copy" if problem.store is None else f"store {problem.store}"
+        lines.append(f"  {where}: {problem.problem}")
     return "\n".join(lines)

@@ -175,7 +175,7 @@ def from_json(document: object) -> VolumeStatus:
 
 
 def _decode(kind: Any, value: object, where: str) -> object:
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         if not isinstance(value, Mapping):
             raise StatusFormatError(f"{where}: an object expected, not {value!r:.80}")
         hints = _hints(kind)
