@@ -467,7 +467,7 @@ def _watch(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option(
     "--prometheus",
     is_flag=True,
