@@ -394,24 +394,7 @@ class Volume:
         #: Where the volume is mounted (set by `mount`; None offline): new
         #: stores must not lie on it.
         self.mountpoint: Path | None = None
-        self.stores_admin = StoreAdmin(
-            db=db,
-            store_table=self.store_table,
-            layout=self.layout,
-            volume_id=self.volume_id,
-            inline_max=self.inline_max,
-            runners=self.runners,
-            store_ids=self.store_ids,
-            handles=self.handles,
-            device_of=self.writer.device_of,
-            placement=self.placement,
-            repairer=self.repairer,
-            missing_stores=self.missing_stores,
-            mountpoint=lambda: self.mountpoint,
-            refresh_usage=self.refresh_usage,
-            ensure_replicas=self.ensure_replicas,
-            report=self._report_store_change,
-        )
+        self.stores_admin = self._new_store_admin()
         draining = {i for i, state in self.store_table.states().items() if state == "draining"}
         self.placement.draining |= draining
         self.repairer.draining |= draining
@@ -433,6 +416,27 @@ class Volume:
         #: Stale metadata replicas to delete once the replicas are closed.
         self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
+
+    def _new_store_admin(self) -> StoreAdmin:
+        """The store changes' runner, given the parts of the volume it changes."""
+        return StoreAdmin(
+            db=self.db,
+            store_table=self.store_table,
+            layout=self.layout,
+            volume_id=self.volume_id,
+            inline_max=self.inline_max,
+            runners=self.runners,
+            store_ids=self.store_ids,
+            handles=self.handles,
+            device_of=self.writer.device_of,
+            placement=self.placement,
+            repairer=self.repairer,
+            missing_stores=self.missing_stores,
+            mountpoint=lambda: self.mountpoint,
+            refresh_usage=self.refresh_usage,
+            ensure_replicas=self.ensure_replicas,
+            report=self._report_store_change,
+        )
 
     def _remember_store_paths(self) -> None:
         """Record where each present store is, so a store that dies later
