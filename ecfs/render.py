@@ -24,7 +24,12 @@ WIDTH = 160
 def render_table(table: Table, width: int = WIDTH) -> str:
     """A rich table as plain text lines (no colour, no trailing blanks)."""
     out = io.StringIO()
-    Console(file=out, width=width, color_system=None, force_terminal=False).print(table)
+    # Cells are data (paths, reasons): no markup, emoji codes or highlighting.
+    console = Console(
+        file=out, width=width, color_system=None, force_terminal=False, markup=False,
+        emoji=False, highlight=False,
+    )  # fmt: skip
+    console.print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 

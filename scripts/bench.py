@@ -683,7 +683,10 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     for row in rows:
         table.add_row(*(row[c] for c in COLUMNS))
     out = io.StringIO()
-    Console(file=out, width=1000, color_system=None, force_terminal=False).print(table)
+    Console(
+        file=out, width=1000, color_system=None, force_terminal=False, markup=False, emoji=False,
+        highlight=False,
+    ).print(table)
     lines = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
     # Markdown's alignment row: a right-aligned column's dashes end with ':'.
     cells = lines[1].split("|")[1:-1]

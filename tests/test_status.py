@@ -166,6 +166,15 @@ def test_terminal_text_of_a_degraded_record() -> None:
     assert "store 3: digest mismatch" in scrub
 
 
+def test_terminal_text_shows_paths_as_they_are() -> None:
+    """A store path is data: brackets and colons are not rich markup or emoji codes."""
+    record = example_status()
+    odd = dataclasses.replace(record.stores[1], path="/srv/[bold]x[/]:smile:", reason="[/]")
+    text = render_status(dataclasses.replace(record, stores=(record.stores[0], odd)))
+    row = next(line for line in text.splitlines() if line.split()[:1] == ["1"])
+    assert row.endswith("   /srv/[bold]x[/]:smile:")
+
+
 def example_status(**changes: object) -> VolumeStatus:
     """A degraded volume's record with one failed store and a busy repair."""
     store = StoreStatus(
