@@ -17,8 +17,9 @@ from .scrub import ScrubStatistics
 from .status import VolumeStatus
 from .units import format_size
 
-#: Columns of the rendered text (a wider table is folded; paths never are).
-WIDTH = 160
+#: Columns rich may use: more than any table needs, so nothing is folded or
+#: cut (a long store path stays whole and greppable; tables are not expanded).
+WIDTH = 100_000
 
 
 def render_table(table: Table, width: int = WIDTH) -> str:

@@ -173,6 +173,13 @@ def test_terminal_text_shows_paths_as_they_are() -> None:
     text = render_status(dataclasses.replace(record, stores=(record.stores[0], odd)))
     row = next(line for line in text.splitlines() if line.split()[:1] == ["1"])
     assert row.endswith("   /srv/[bold]x[/]:smile:")
+    long = "/srv/" + "d" * 300 + "/end"
+    odd = dataclasses.replace(odd, path=long)
+    lines = render_status(dataclasses.replace(record, stores=(record.stores[0], odd))).splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["store", "state"])
+    assert header.split()[-1] == "path"  # no column squeezed away
+    row = next(line for line in lines if line.split()[:1] == ["1"])
+    assert row.split()[-1] == long  # whole, on one line
 
 
 def example_status(**changes: object) -> VolumeStatus:
