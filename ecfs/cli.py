@@ -327,8 +327,8 @@ def umount(timeout: float, mountpoint: str) -> None:
     queued = 0
     if pid is not None:
         try:
-            queued = int(MountClient(mountpoint).status()["repair"]["chunks"])
-        except (EcfsError, KeyError, TypeError, ValueError):
+            queued = MountClient(mountpoint).status().repair.chunks
+        except EcfsError:
             pass
     try:
         result = subprocess.run(
@@ -441,10 +441,11 @@ def _duration(value: str | None) -> float | None:
 
 
 def _watch(
-    client: Any, label: str, progress: Callable[[dict[str, Any]], tuple[int, int]],
-    done: Callable[[dict[str, Any]], bool], poll: float = 0.5,
-) -> dict[str, Any]:
-    """Poll the status until done(status); a progress bar on a terminal."""
+    client: Any, label: str, progress: Callable[[Any], tuple[int, int]],
+    done: Callable[[Any], bool], poll: float = 0.5,
+) -> Any:
+    """Poll the status (an `ecfs.status.VolumeStatus`) until done(status);
+    a progress bar on a terminal."""
     status = _run_client(client.status)
     if not sys.stderr.isatty():
         while not done(status):
@@ -466,7 +467,7 @@ def _watch(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option(
     "--prometheus",
     is_flag=True,
@@ -480,18 +481,23 @@ def status(as_json: bool, prometheus: bool, mountpoint: str) -> None:
     Exit status 0 when healthy, 1 otherwise."""
     import json
 
-    from .render import render_status
-
     if as_json and prometheus:
         raise click.UsageError("--json and --prometheus exclude each other")
-    document = _run_client(_client(mountpoint).status)
+    record = _run_client(_client(mountpoint).status)
     if prometheus:
         from .metrics import render_prometheus
 
-        click.echo(render_prometheus(document), nl=False)
+        click.echo(render_prometheus(record), nl=False)
         return
-    click.echo(json.dumps(document, indent=2, sort_keys=True) if as_json else render_status(document))
-    sys.exit(0 if document["health"] == "healthy" else 1)
+    if as_json:
+        from .status import to_json
+
+        click.echo(json.dumps(to_json(record), indent=2, sort_keys=True))
+    else:
+        from .render import render_status
+
+        click.echo(render_status(record))
+    sys.exit(0 if record.health == "healthy" else 1)
 
 
 @main.command()
@@ -502,22 +508,26 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
     """Verify every cell of every fragment of a mounted volume (oldest
     verified first) and queue what is missing or corrupt for repair.
     Exit status 0 when nothing was found, 1 otherwise."""
+    import dataclasses
     import json
 
     from .render import render_scrub
 
     seconds = _duration(max_duration)
     client = _client(mountpoint)
-    before = _run_client(client.status)["scrub"]["started_ns"]
+    before = _run_client(client.status).scrub.started_ns
     _run_client(lambda: client.command("scrub" + (f" {seconds}" if seconds else "")))
     final = _watch(
         client,
         "scrubbing",
-        lambda s: (s["scrub"]["chunks_done"], s["scrub"]["chunks_total"]),
-        lambda s: s["scrub"]["started_ns"] != before and not s["scrub"]["running"],
-    )["scrub"]
-    click.echo(json.dumps(final, indent=2, sort_keys=True) if as_json else render_scrub(final))
-    sys.exit(1 if final["finding_count"] or final.get("metadata_findings") else 0)
+        lambda s: (s.scrub.chunks_done, s.scrub.chunks_total),
+        lambda s: s.scrub.started_ns != before and not s.scrub.running,
+    ).scrub
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(final), indent=2, sort_keys=True))
+    else:
+        click.echo(render_scrub(final))
+    sys.exit(1 if final.finding_count or final.metadata_findings else 0)
 
 
 @main.command()
@@ -532,22 +542,22 @@ def repair(wait: bool, normal: bool, mountpoint: str) -> None:
     _run_client(lambda: client.command("repair normal" if normal else "repair urgent"))
     if not wait:
         return
-    start = _run_client(client.status)["repair"]["chunks"]
+    start = _run_client(client.status).repair.chunks
     final = _watch(
         client,
         "repairing",
-        lambda s: (max(0, start - s["repair"]["chunks"]), max(start, 1)),
-        lambda s: (s["repair"]["chunks"] == 0 or s["repair"]["deferred"] >= s["repair"]["chunks"])
-        and not s["repair"]["busy"],
+        lambda s: (max(0, start - s.repair.chunks), max(start, 1)),
+        lambda s: (s.repair.chunks == 0 or s.repair.deferred >= s.repair.chunks)
+        and not s.repair.busy,
     )
-    left = final["repair"]["chunks"]
+    left = final.repair.chunks
     click.echo(
-        f"repair: {final['repair']['fragments_rebuilt']} fragments rebuilt;"
+        f"repair: {final.repair.fragments_rebuilt} fragments rebuilt;"
         f" {left} chunks still queued" + (" (waiting for a store to rebuild onto)" if left else "")
     )
-    for message in final["unrecoverable"]:
+    for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
-    sys.exit(1 if final["unrecoverable"] else 0)
+    sys.exit(1 if final.unrecoverable else 0)
 
 
 @main.group()
@@ -560,11 +570,11 @@ def _store_change(mountpoint: str, command: str) -> None:
     _run_client(lambda: client.command(command))
     final = _watch(
         client, "moving fragments", lambda s: (0, 1),
-        lambda s: s.get("store_change", {}).get("state") in ("done", "failed"),
-    )["store_change"]
-    if final["state"] == "failed":
-        _fail(final["message"], 1)
-    click.echo(final["message"])
+        lambda s: s.store_change is not None and s.store_change.state in ("done", "failed"),
+    ).store_change
+    if final.state == "failed":
+        _fail(final.message, 1)
+    click.echo(final.message)
 
 
 @store.command("replace")
@@ -674,7 +684,7 @@ def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, .
     sys.exit(report.exit_status)
 
 
-# -- for the man page generator (ecfs.manpages, which must not import click) --------
+# -- for the man page generator (scripts/manpages.py, which must not import click) ----
 
 
 def help_texts() -> dict[str, dict[str, Any]]:

@@ -12,9 +12,10 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .errors import EcfsError, VolumeError
+from .status import StatusFormatError, VolumeStatus, from_json
 
 STATUS = "user.ecfs.status"
 PID = "user.ecfs.pid"
@@ -30,9 +31,16 @@ class MountClient:
         self.mountpoint = mountpoint
         self.timeout = timeout
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> VolumeStatus:
+        """The mount's status record (sent as JSON, see `ecfs.status`)."""
         raw = self._call(lambda: os.getxattr(self.mountpoint, STATUS))
-        return dict(json.loads(raw))
+        try:
+            return from_json(json.loads(raw))
+        except (ValueError, StatusFormatError) as exc:
+            raise EcfsError(
+                f"{self.mountpoint}: the daemon's status is not understood ({exc}); was it"
+                " mounted by another version of ecfs?"
+            ) from None
 
     def pid(self) -> int:
         return int(self._call(lambda: os.getxattr(self.mountpoint, PID)))

@@ -4,8 +4,9 @@ How the CLI reaches a mount: through virtual extended attributes of the
 mount's root directory, served by the daemon itself (no socket to secure
 or clean up, and the kernel tells the daemon who asks):
 
-* getxattr(MOUNTPOINT, "user.ecfs.status") -> the JSON document built by
-  `status()` (keys documented there);
+* getxattr(MOUNTPOINT, "user.ecfs.status") -> the volume's status record
+  (`Volume.status()`) as JSON (`ecfs.status.to_json`; the CLI parses it
+  back with `ecfs.status.from_json`);
 * getxattr(MOUNTPOINT, "user.ecfs.pid") -> the daemon's pid;
 * getxattr(MOUNTPOINT, "user.ecfs.workdir") -> the daemon's working
   directory, where it leaves a report if its shutdown fails (`ecfs umount`
@@ -18,13 +19,14 @@ Only root and the user who mounted may use them (checked in `fs`).
 Every argument is validated before anything starts (`parse_command`):
 scrub seconds finite and positive, store paths absolute and non-empty; a
 refused command answers EINVAL and is logged with the reason.
-Owns: the status document and command parsing. Must not: contain the
-logic of repair, scrub or store management (it calls the volume).
+Owns: the control channel's commands and their parsing. Must not: know
+the volume (the volume runs a parsed `Command`, `Volume.run_command`; the
+status is the volume's own record), or contain the logic of repair, scrub
+or store management.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import math
@@ -32,138 +34,10 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import FsError
-from .model import NO_STORE
-
-if TYPE_CHECKING:
-    from .volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def status(volume: Volume) -> dict[str, object]:
-    """The status document. Stable keys:
-
-    volume, k, m, health ("healthy" | "degraded" | "at-risk" |
-    "data-loss"), tolerance (how many more stores the worst chunk can
-    lose, counting its fragments on unavailable stores, slots without a
-    store and fragments the repair queue knows to be bad; may be
-    negative), stores[] (index, path, state, reason (why a store is failed
-    or missing, else null), in_flight,
-    errors, timeouts, latency_p50_ms, latency_p95_ms, bytes_read,
-    bytes_written, free_bytes, total_bytes, fragments, fragment_bytes,
-    draining), repair (queue {reason: {chunks, bytes}}, chunks, bytes_left,
-    rate_bytes_per_s, eta_seconds, urgent, busy, counters...), scrub
-    (running, chunks_total, chunks_done, findings...), reads (counters),
-    writes (bytes_in, bytes_out), metadata (generation,
-    durable_generation, live_replicas, stale_replicas), write_log (the
-    small-write log: records and bytes waiting to be folded, chunks,
-    records_written, bytes_written, folds, forced_folds, limit), unrecoverable
-    (messages).
-    """
-    layout = volume.layout
-    available = {i for i, r in volume.runners.items() if r.available}
-    every_store = set(volume.store_ids)
-    fragments: dict[int, int] = {i: 0 for i in every_store}
-    fragment_bytes: dict[int, int] = {i: 0 for i in every_store}
-    tolerance = layout.m
-    for stores, count, size in volume.filedata.chunks.redundancy_classes():
-        good = sum(1 for s in stores if s != NO_STORE and s in available)
-        tolerance = min(tolerance, good - layout.k)
-        for s in stores:
-            if s in fragments:
-                fragments[s] += count
-                fragment_bytes[s] += size // layout.k
-    # Known damage: fragments found missing or corrupt, waiting for repair.
-    for stores, bad, _count in volume.repairer.queue.known_damage():
-        lost = sum(
-            1
-            for i, s in enumerate(stores)
-            if bad >> i & 1 or s == NO_STORE or s not in available
-        )
-        tolerance = min(tolerance, layout.n - lost - layout.k)
-    store_rows = []
-    for index, runner in sorted(volume.runners.items()):
-        stats = runner.statistics()
-        usage = volume.placement.usage.get(index)
-        store_rows.append(
-            {
-                "index": index,
-                "path": str(runner.store.path),
-                "state": stats.state.value,
-                "reason": runner.failure_reason,
-                "in_flight": stats.in_flight,
-                "errors": stats.errors,
-                "timeouts": stats.timeouts,
-                "latency_p50_ms": round(stats.latency_p50 * 1000, 3),
-                "latency_p95_ms": round(stats.latency_p95 * 1000, 3),
-                "bytes_read": stats.bytes_read,
-                "bytes_written": stats.bytes_written,
-                "free_bytes": usage.free_bytes if usage else None,
-                "total_bytes": usage.total_bytes if usage else None,
-                "fragments": fragments.get(index, 0),
-                "fragment_bytes": fragment_bytes.get(index, 0),
-                "draining": index in volume.placement.draining,
-            }
-        )
-    for index, path in sorted(volume.missing_stores().items()):
-        store_rows.append(
-            {
-                "index": index, "path": path, "state": "missing",
-                "reason": volume.left_out.get(volume.store_ids.get(index, ""), "not given or unusable"),
-                "in_flight": 0, "errors": 0,
-                "timeouts": 0, "latency_p50_ms": 0.0, "latency_p95_ms": 0.0, "bytes_read": 0,
-                "bytes_written": 0, "free_bytes": None, "total_bytes": None,
-                "fragments": fragments.get(index, 0), "fragment_bytes": fragment_bytes.get(index, 0),
-                "draining": False,
-            }
-        )
-    repairer = volume.repairer
-    queue = {
-        reason: {"chunks": chunks, "bytes": size}
-        for reason, chunks, size in volume.filedata.repairs.summary()
-    }
-    bytes_left = sum(int(v["bytes"]) for v in queue.values()) * layout.n // layout.k
-    repair_stats = repairer.statistics()
-    rate = int(repair_stats["rate_bytes_per_s"])  # type: ignore[call-overload]
-    unrecoverable = list(repairer.unrecoverable.values())
-    if tolerance < 0 or unrecoverable:
-        health = "data-loss"
-    elif tolerance == 0:
-        health = "at-risk"
-    elif len(available) < len(every_store) or queue:
-        health = "degraded"
-    else:
-        health = "healthy"
-    replication = volume.replicator.statistics() if volume.replicator else None
-    return {
-        "volume": volume.volume_id,
-        "k": layout.k,
-        "m": layout.m,
-        "health": health,
-        "tolerance": tolerance,
-        "stores": store_rows,
-        "repair": {
-            **repair_stats,
-            "queue": queue,
-            "chunks": sum(int(v["chunks"]) for v in queue.values()),
-            "bytes_left": bytes_left,
-            "eta_seconds": round(bytes_left / rate) if rate else None,
-        },
-        "scrub": volume.scrubber.progress.as_dict(),
-        "reads": volume.reader.counters.as_dict(),
-        "writes": {"bytes_in": volume.writer.bytes_in, "bytes_out": volume.writer.bytes_out},
-        "write_log": dataclasses.asdict(volume.writelog.statistics()),
-        "metadata": {
-            "generation": volume.db.generation,
-            "durable_generation": replication.durable_generation if replication else None,
-            "live_replicas": list(replication.live_replicas) if replication else [],
-            "stale_replicas": dict(replication.stale_replicas) if replication else {},
-        },
-        "unrecoverable": unrecoverable,
-    }
 
 
 #: Longest scrub duration accepted (seconds; ~31 years: "no limit" is no argument).
@@ -223,26 +97,15 @@ def parse_command(text: str) -> Command:
     return Command(verb)
 
 
-def run_command(volume: Volume, text: str) -> None:
-    """Start an operator command (returns at once; progress via status).
-    A refused one is logged (the control attribute can only answer EINVAL)."""
+def read_command(text: str) -> Command:
+    """`parse_command`, logging a refused command (the control attribute
+    can only answer EINVAL; the log says why). The volume runs the command
+    (`Volume.run_command`)."""
     try:
-        command = parse_command(text)
+        return parse_command(text)
     except FsError as exc:
         log.warning("%s", exc)
         raise
-    if command.verb == "scrub":
-        volume.start_scrub(command.seconds)
-    elif command.verb == "scrub-stop":
-        volume.scrubber.stop()
-    elif command.verb == "repair":
-        volume.repairer.set_urgent(command.urgent)
-    elif command.verb == "store-replace":
-        volume.start_store_change("replace", command.old, command.new)
-    elif command.verb == "store-add":
-        volume.start_store_change("add", None, command.new)
-    else:
-        volume.start_store_change("remove", command.old, None)
 
 
 def _refused(text: str, reason: str) -> FsError:

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import control
+from . import control, status
 from .errors import EcfsError, FsError
 from .namespace import Inode
 from .volume import Volume
@@ -360,7 +360,7 @@ class EcfsOperations(pyfuse3.Operations):
         # missing attribute set it (ext4 and tmpfs answer ENODATA).
         if inode == pyfuse3.ROOT_INODE and name == CONTROL_COMMAND:
             self._check_control_access(ctx)
-            control.run_command(self.volume, value.decode(errors="replace"))
+            self.volume.run_command(control.read_command(value.decode(errors="replace")))
             return
         if inode == pyfuse3.ROOT_INODE and name.startswith(b"user.ecfs."):
             raise FsError("reserved attribute", errno=errno.EPERM)
@@ -384,7 +384,7 @@ class EcfsOperations(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if name == CONTROL_WORKDIR:
             return os.fsencode(self.volume.workdir)
-        return json.dumps(self.volume.status(), sort_keys=True).encode()
+        return json.dumps(status.to_json(self.volume.status()), sort_keys=True).encode()
 
     # -- whole filesystem ----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import trio
 
@@ -80,6 +81,15 @@ class ChunkPins:
         return chunk_id in self._pins
 
 
+@dataclass(frozen=True, slots=True)
+class GarbageStatistics:
+    """A snapshot of the collector (from `Garbage.statistics()`)."""
+
+    pending: int  # chunk versions waiting until their dereference is durable
+    deleted_chunks: int  # chunk versions deleted since mount
+    leftovers: int  # remembered fragment deletions that failed, to retry
+
+
 class Garbage:
     """Deletes the fragments of unreferenced chunk versions in the background."""
 
@@ -122,6 +132,9 @@ class Garbage:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def statistics(self) -> GarbageStatistics:
+        return GarbageStatistics(len(self._pending), self.deleted_chunks, self.leftover_count)
 
     def load_leftovers(self) -> None:
         """At mount: count the remembered deletions."""

@@ -1,25 +1,28 @@
-"""Prometheus text rendering of the status document (`control.status`).
+"""Prometheus metrics of the status record (`ecfs.status.VolumeStatus`).
 
-`ecfs status --prometheus MOUNTPOINT` prints it; a node_exporter textfile
-collector or a tiny HTTP wrapper can serve it. The metric names, types and
-help texts are the table `METRICS` below, which `ecfs.manpages` also prints
-in ecfs-status(8): a name listed there keeps its meaning.
+`ecfs status --prometheus MOUNTPOINT` prints them; a node_exporter textfile
+collector or a tiny HTTP wrapper can serve them. The metric names, types and
+help texts are the table `METRICS` below, which scripts/manpages.py also
+prints in ecfs-status(8): a name listed there keeps its meaning.
 
-Owns: metric names and the exposition format (version 0.0.4: `# HELP`,
-`# TYPE`, then `name{label="value"} number` lines). Must not: do I/O or
-compute anything the status document does not hold. Keys missing from the
-document (an older daemon) are skipped, never an error.
+Owns: metric names and which record field each shows (`samples`). The
+exposition format is prometheus_client's: `StatusCollector` is a custom
+collector (register it with any prometheus_client registry to serve live
+values), `render_prometheus` the text of one record. Must not: do I/O or
+compute anything the record does not hold; a value that is unknown (None)
+gives no sample rather than a wrong one.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
-HEALTH_STATES = ("healthy", "degraded", "at-risk", "data-loss")
-STORE_STATES = ("ok", "slow", "failed", "missing")
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric as Family
+from prometheus_client.registry import Collector
+
+from .status import HEALTH_STATES, STORE_STATES, VolumeStatus
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,17 @@ METRICS: tuple[Metric, ...] = (
         "Folds a writer waited for because the log was over its limit.",
     ),
     _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
+    _m(
+        "ecfs_garbage_pending_chunks",
+        "gauge",
+        "Dropped chunk versions waiting until their dereference is durable.",
+    ),
+    _m("ecfs_garbage_deleted_chunks_total", "counter", "Dropped chunk versions deleted."),
+    _m(
+        "ecfs_garbage_leftover_fragments",
+        "gauge",
+        "Fragment deletions that failed and are retried later.",
+    ),
 )
 
 BY_NAME = {metric.name: metric for metric in METRICS}
@@ -220,6 +234,11 @@ _SCRUB = {
     "bytes_verified": "ecfs_scrub_bytes_verified",
     "finding_count": "ecfs_scrub_findings",
 }
+_GARBAGE = {
+    "pending": "ecfs_garbage_pending_chunks",
+    "deleted_chunks": "ecfs_garbage_deleted_chunks_total",
+    "leftovers": "ecfs_garbage_leftover_fragments",
+}
 _STORE = {
     "in_flight": "ecfs_store_in_flight",
     "errors": "ecfs_store_errors_total",
@@ -236,117 +255,76 @@ _STORE = {
 Sample = tuple[str, dict[str, str], float]
 
 
-def render_prometheus(status: dict[str, Any]) -> str:
-    """The status document as Prometheus text (ends with a newline). Every
-    family in `METRICS` with at least one sample gets # HELP and # TYPE."""
-    samples: dict[str, list[Sample]] = {}
-    for name, labels, value in _samples(status):
-        samples.setdefault(name, []).append((name, labels, value))
-    lines = []
-    for metric in METRICS:
-        if metric.name not in samples:
-            continue
-        lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-        lines.append(f"# TYPE {metric.name} {metric.type}")
-        for name, labels, value in samples[metric.name]:
-            lines.append(f"{name}{_labels(labels)} {_number(value)}")
-    return "".join(line + "\n" for line in lines)
+class StatusCollector(Collector):
+    """A prometheus_client collector of the record `status()` returns,
+    one family per `METRICS` entry that has samples, in table order."""
+
+    def __init__(self, status: Callable[[], VolumeStatus]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Family]:
+        found: dict[str, list[Sample]] = {}
+        for sample in samples(self.status()):
+            found.setdefault(sample[0], []).append(sample)
+        for metric in METRICS:
+            if metric.name not in found:
+                continue
+            # prometheus_client names a counter family without "_total".
+            name = metric.name.removesuffix("_total") if metric.type == "counter" else metric.name
+            family = Family(name, metric.help, metric.type)
+            for sample_name, labels, value in found[metric.name]:
+                family.add_sample(sample_name, labels, float(value))
+            yield family
 
 
-def _samples(status: dict[str, Any]) -> Iterator[tuple[str, dict[str, str], float]]:
-    if "volume" in status:
-        yield (
-            "ecfs_volume_info",
-            {
-                "volume": str(status["volume"]),
-                "k": str(status.get("k", "")),
-                "m": str(status.get("m", "")),
-            },
-            1,
-        )
-    if "health" in status:
-        for state in (*HEALTH_STATES, *({status["health"]} - set(HEALTH_STATES))):
-            yield "ecfs_volume_health", {"state": state}, status["health"] == state
-    yield from _value("ecfs_volume_tolerance", {}, status.get("tolerance"))
-    if isinstance(status.get("unrecoverable"), list):
-        yield "ecfs_unrecoverable_chunks", {}, len(status["unrecoverable"])
-    for store in status.get("stores", []):
-        label = {"store": str(store.get("index"))}
-        if "path" in store:
-            yield "ecfs_store_info", {**label, "path": str(store["path"])}, 1
-        if "state" in store:
-            for state in (*STORE_STATES, *({store["state"]} - set(STORE_STATES))):
-                yield "ecfs_store_state", {**label, "state": state}, store["state"] == state
-        for key, name in _STORE.items():
-            yield from _value(name, label, store.get(key))
-        for key, quantile in (("latency_p50_ms", "0.5"), ("latency_p95_ms", "0.95")):
-            if isinstance(store.get(key), int | float):
-                yield (
-                    "ecfs_store_latency_seconds",
-                    {**label, "quantile": quantile},
-                    store[key] / 1000,
-                )
-    for section, names in (
-        ("reads", _READS),
-        ("writes", _WRITES),
-        ("write_log", _WRITE_LOG),
-        ("scrub", _SCRUB),
-    ):
-        values = status.get(section) or {}
-        for key, name in names.items():
-            yield from _value(name, {}, values.get(key))
-    scrub = status.get("scrub") or {}
-    for key, name in (
-        ("started_ns", "ecfs_scrub_last_start_timestamp_seconds"),
-        ("finished_ns", "ecfs_scrub_last_finish_timestamp_seconds"),
-    ):
-        if isinstance(scrub.get(key), int):
-            yield name, {}, scrub[key] / 1e9
-    repair = status.get("repair") or {}
-    for reason, entry in sorted((repair.get("queue") or {}).items()):
-        yield from _value("ecfs_repair_queue_chunks", {"reason": reason}, entry.get("chunks"))
-        yield from _value("ecfs_repair_queue_bytes", {"reason": reason}, entry.get("bytes"))
-    for key, name in _REPAIR.items():
-        yield from _value(name, {}, repair.get(key))
-    metadata = status.get("metadata") or {}
-    yield from _value("ecfs_metadata_generation", {}, metadata.get("generation"))
-    yield from _value("ecfs_metadata_durable_generation", {}, metadata.get("durable_generation"))
-    for key, name in (
-        ("live_replicas", "ecfs_metadata_live_replicas"),
-        ("stale_replicas", "ecfs_metadata_stale_replicas"),
-    ):
-        if isinstance(metadata.get(key), list | dict):
-            yield name, {}, len(metadata[key])
+def render_prometheus(status: VolumeStatus) -> str:
+    """The record in the Prometheus text format (ends with a newline)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(lambda: status))
+    return generate_latest(registry).decode()
 
 
-def _value(name: str, labels: dict[str, str], value: object) -> Iterator[Sample]:
-    """One sample if `value` is a number or a bool; nothing for None/absent."""
-    if isinstance(value, bool | int | float):
-        yield name, labels, value
+def samples(status: VolumeStatus) -> Iterator[Sample]:
+    """(metric name, labels, value) of every sample of the record."""
+    yield "ecfs_volume_info", {"volume": status.volume, "k": str(status.k), "m": str(status.m)}, 1
+    yield from _states("ecfs_volume_health", {}, HEALTH_STATES, status.health)
+    yield "ecfs_volume_tolerance", {}, status.tolerance
+    yield "ecfs_unrecoverable_chunks", {}, len(status.unrecoverable)
+    for store in status.stores:
+        label = {"store": str(store.index)}
+        yield "ecfs_store_info", {**label, "path": store.path}, 1
+        yield from _states("ecfs_store_state", label, STORE_STATES, store.state)
+        yield from _fields(store, _STORE, label)
+        for quantile, ms in (("0.5", store.latency_p50_ms), ("0.95", store.latency_p95_ms)):
+            yield "ecfs_store_latency_seconds", {**label, "quantile": quantile}, ms / 1000
+    yield from _fields(status.reads, _READS)
+    yield from _fields(status.writes, _WRITES)
+    yield from _fields(status.write_log, _WRITE_LOG)
+    yield from _fields(status.garbage, _GARBAGE)
+    yield from _fields(status.scrub, _SCRUB)
+    yield "ecfs_scrub_last_start_timestamp_seconds", {}, status.scrub.started_ns / 1e9
+    yield "ecfs_scrub_last_finish_timestamp_seconds", {}, status.scrub.finished_ns / 1e9
+    for reason, entry in sorted(status.repair.queue.items()):
+        yield "ecfs_repair_queue_chunks", {"reason": reason}, entry.chunks
+        yield "ecfs_repair_queue_bytes", {"reason": reason}, entry.bytes
+    yield from _fields(status.repair, _REPAIR)
+    metadata = status.metadata
+    yield "ecfs_metadata_generation", {}, metadata.generation
+    if metadata.durable_generation is not None:
+        yield "ecfs_metadata_durable_generation", {}, metadata.durable_generation
+    yield "ecfs_metadata_live_replicas", {}, len(metadata.live_replicas)
+    yield "ecfs_metadata_stale_replicas", {}, len(metadata.stale_replicas)
 
 
-def _number(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def _states(name: str, labels: dict[str, str], states: tuple[str, ...], current: str) -> Iterator[Sample]:
+    """1 for the current state, 0 for the others (an unknown one is added)."""
+    for state in (*states, *({current} - set(states))):
+        yield name, {**labels, "state": state}, state == current
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels.items())
-    return "{" + inner + "}"
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def _fields(record: object, names: dict[str, str], labels: dict[str, str] | None = None) -> Iterator[Sample]:
+    """A sample per record field in `names` (field -> metric), None skipped."""
+    for field, name in names.items():
+        value = getattr(record, field)
+        if value is not None:
+            yield name, labels or {}, value

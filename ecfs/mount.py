@@ -23,7 +23,6 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import trio
 
 from .errors import EcfsError, VolumeError
 from .fs import EcfsOperations
+from .host import mount_at
 from .lock import VolumeLock
 from .offload import run_in_thread
 from .store import MARKER_NAME
@@ -194,26 +194,13 @@ def set_read_ahead(mountpoint: Path, kib: int = 1024) -> None:
         log.debug("cannot set read-ahead of %s: %s", mountpoint, exc)
 
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mounted_fstype(path: Path) -> str | None:
     """The filesystem type mounted exactly at `path` ("fuse.ecfs", "ext4"...),
-    or None. Read from /proc/self/mountinfo, never by stat(), which hangs on
-    a hung FUSE daemon and fails on the dead mount a killed daemon leaves."""
-    target = os.path.realpath(path)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-", 6)
-                if _unescape_mountinfo(fields[4]) == target:
-                    found = fields[sep + 1]  # the last mount on a path is the visible one
-    except (OSError, ValueError, IndexError):
-        return None
-    return found
+    or None. Read from the mount table (`host.mount_at`), never by stat(),
+    which hangs on a hung FUSE daemon and fails on the dead mount a killed
+    daemon leaves."""
+    mount = mount_at(path)
+    return None if mount is None else mount.fstype
 
 
 def check_mountpoint(mountpoint: Path, stores: Sequence[Path]) -> None:

@@ -83,8 +83,22 @@ class ReadCounters:
     #: Degraded reads done in one worker-thread call (`_decode_in_one_call`).
     one_call_reads: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStatistics:
+    """A snapshot of the read counters (from `ChunkReader.statistics()`)."""
+
+    requested_bytes: int
+    store_bytes: int
+    degraded_reads: int
+    degraded_requested_bytes: int
+    degraded_store_bytes: int
+    unrecoverable_reads: int
+    hedged_reads: int
+    nowait_hits: int
+    thread_reads: int
+    one_call_reads: int
 
 
 def _pread_verified(fd: int, header: fragment.FragmentHeader, start: int, end: int) -> bytes:
@@ -177,6 +191,14 @@ class ChunkReader:
         self._outrun: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
+
+    def statistics(self) -> ReadStatistics:
+        c = self.counters
+        return ReadStatistics(
+            c.requested_bytes, c.store_bytes, c.degraded_reads, c.degraded_requested_bytes,
+            c.degraded_store_bytes, c.unrecoverable_reads, c.hedged_reads, c.nowait_hits,
+            c.thread_reads, c.one_call_reads,
+        )  # fmt: skip
 
     def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want

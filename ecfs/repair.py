@@ -87,8 +87,40 @@ class RepairCounters:
     unrecoverable: int = 0
     deferred: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class RepairQueueEntry:
+    """Queued chunks for one reason, and their file bytes."""
+
+    chunks: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepairStatistics:
+    """A snapshot of the repairer and its queue (from `Repairer.statistics()`).
+
+    The counters count since mount; `deferred` is how many queued chunks
+    wait for a store to rebuild onto; `bytes_left` is what rebuilding the
+    queue writes (file bytes scaled by n/k), `eta_seconds` that at the
+    current rate (None while the rate is 0)."""
+
+    chunks_repaired: int
+    chunks_checked_fine: int
+    fragments_rebuilt: int
+    bytes_read: int
+    bytes_written: int
+    unrecoverable: int
+    deferred: int
+    urgent: bool
+    rate_bytes_per_s: int
+    rate_limit: float
+    busy: bool
+    queue: dict[str, RepairQueueEntry]
+    chunks: int
+    bytes_left: int
+    eta_seconds: int | None
 
 
 class Repairer:
@@ -178,15 +210,35 @@ class Repairer:
         """Return once the queue holds nothing repairable right now."""
         await self._idle.wait()
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            **self.counters.as_dict(),
-            "urgent": self.urgent,
-            "rate_bytes_per_s": round(self._rate_ewma),
-            "rate_limit": self.rate,
-            "busy": self.busy,
-            "deferred": len(self._deferred),
+    def statistics(self) -> RepairStatistics:
+        """Counters and the queue (one SQL query: call it for a status, not per chunk)."""
+        queue = {
+            reason: RepairQueueEntry(chunks, size) for reason, chunks, size in self.queue.summary()
         }
+        bytes_left = sum(e.bytes for e in queue.values()) * self.layout.n // self.layout.k
+        rate = round(self._rate_ewma)
+        counters = self.counters
+        return RepairStatistics(
+            chunks_repaired=counters.chunks_repaired,
+            chunks_checked_fine=counters.chunks_checked_fine,
+            fragments_rebuilt=counters.fragments_rebuilt,
+            bytes_read=counters.bytes_read,
+            bytes_written=counters.bytes_written,
+            unrecoverable=counters.unrecoverable,
+            deferred=len(self._deferred),
+            urgent=self.urgent,
+            rate_bytes_per_s=rate,
+            rate_limit=float(self.rate),
+            busy=self.busy,
+            queue=queue,
+            chunks=sum(e.chunks for e in queue.values()),
+            bytes_left=bytes_left,
+            eta_seconds=round(bytes_left / rate) if rate else None,
+        )
+
+    def unrecoverable_chunks(self) -> tuple[str, ...]:
+        """Why each chunk found unrecoverable is (one message per chunk)."""
+        return tuple(self.unrecoverable.values())
 
     def note_store_states(self) -> None:
         """Queue the bulk rebuild of stores failed for `rebuild_after` s

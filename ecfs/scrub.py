@@ -11,7 +11,7 @@ online (`verify_metadata`, see `ecfs.replicas.Replicator.verify_replicas`:
 schema, and the rows against the content digest the replica records); a
 bad replica is replaced from the working copy by the volume, which also
 checks the working copy itself. The findings are in
-`ScrubProgress.metadata_findings` (store None: the working copy).
+`ScrubStatistics.metadata_findings` (store None: the working copy).
 
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
@@ -45,6 +45,48 @@ IDLE_GAP = 0.05
 MAX_STARVATION = 2.0
 
 
+#: Findings a status snapshot lists (the count is always complete).
+FINDINGS_SHOWN = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubFinding:
+    """A chunk with missing or corrupt fragments (queued for repair)."""
+
+    chunk_id: int
+    inode: int
+    chunk_index: int
+    fragments: tuple[int, ...]  # fragment indices found bad
+    reasons: tuple[str, ...]  # "INDEX: why", one per bad fragment
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataFinding:
+    """A metadata copy that failed verification (store None: the working copy)."""
+
+    store: int | None
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubStatistics:
+    """A snapshot of the current or last pass (from `Scrubber.statistics()`);
+    `findings` holds the first FINDINGS_SHOWN of `finding_count`."""
+
+    running: bool
+    started_ns: int
+    finished_ns: int
+    chunks_total: int
+    chunks_done: int
+    fragments_verified: int
+    bytes_verified: int
+    findings: tuple[ScrubFinding, ...]
+    finding_count: int
+    stopped_early: bool
+    metadata_replicas_verified: int
+    metadata_findings: tuple[MetadataFinding, ...]
+
+
 @dataclass(slots=True)
 class ScrubProgress:
     running: bool = False
@@ -54,26 +96,10 @@ class ScrubProgress:
     chunks_done: int = 0
     fragments_verified: int = 0
     bytes_verified: int = 0
-    findings: list[dict[str, object]] = field(default_factory=list)
+    findings: list[ScrubFinding] = field(default_factory=list)
     stopped_early: bool = False
     metadata_replicas_verified: int = 0
-    metadata_findings: list[dict[str, object]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "running": self.running,
-            "started_ns": self.started_ns,
-            "finished_ns": self.finished_ns,
-            "chunks_total": self.chunks_total,
-            "chunks_done": self.chunks_done,
-            "fragments_verified": self.fragments_verified,
-            "bytes_verified": self.bytes_verified,
-            "findings": self.findings[:1000],
-            "finding_count": len(self.findings),
-            "stopped_early": self.stopped_early,
-            "metadata_replicas_verified": self.metadata_replicas_verified,
-            "metadata_findings": list(self.metadata_findings),
-        }
+    metadata_findings: list[MetadataFinding] = field(default_factory=list)
 
 
 class Scrubber:
@@ -106,6 +132,23 @@ class Scrubber:
         self.on_queued = on_queued
         self.progress = ScrubProgress()
         self._cancel: trio.CancelScope | None = None
+
+    def statistics(self) -> ScrubStatistics:
+        progress = self.progress
+        return ScrubStatistics(
+            running=progress.running,
+            started_ns=progress.started_ns,
+            finished_ns=progress.finished_ns,
+            chunks_total=progress.chunks_total,
+            chunks_done=progress.chunks_done,
+            fragments_verified=progress.fragments_verified,
+            bytes_verified=progress.bytes_verified,
+            findings=tuple(progress.findings[:FINDINGS_SHOWN]),
+            finding_count=len(progress.findings),
+            stopped_early=progress.stopped_early,
+            metadata_replicas_verified=progress.metadata_replicas_verified,
+            metadata_findings=tuple(progress.metadata_findings),
+        )
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -169,7 +212,7 @@ class Scrubber:
         bad_replicas = [index for index in problems if index is not None]
         self.progress.metadata_replicas_verified = count - len(bad_replicas)
         for index in sorted(problems, key=lambda i: -1 if i is None else i):
-            self.progress.metadata_findings.append({"store": index, "problem": problems[index]})
+            self.progress.metadata_findings.append(MetadataFinding(index, problems[index]))
 
     def _commit(self, done: list[int]) -> None:
         if done:
@@ -204,8 +247,7 @@ class Scrubber:
         if not bad:
             return
         self.progress.findings.append(
-            {"chunk_id": chunk_id, "inode": inode, "chunk_index": idx, "fragments": bad,
-             "reasons": reasons}
+            ScrubFinding(chunk_id, inode, idx, tuple(bad), tuple(reasons))
         )
         spare = self.layout.n - len(bad) - self.layout.k
         with self.db.transaction():

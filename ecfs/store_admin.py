@@ -28,19 +28,22 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import trio
 
 from .errors import StoreError, VolumeError
+from .geometry import Layout
+from .handles import HandleCache
+from .metadb.database import Database
+from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
 from .offload import StoreRunner, run_in_thread
+from .placement import Placement
+from .repair import Repairer
 from .store import STORE_FORMAT, DirectoryStore, StoreMarker
-
-if TYPE_CHECKING:
-    from .volume import Volume
 
 #: Seconds between checks while a removed store drains.
 DRAIN_POLL = 1.0
@@ -105,37 +108,75 @@ def _device_and_id(store: DirectoryStore) -> tuple[int, str]:
 
 
 class StoreAdmin:
-    def __init__(self, volume: Volume) -> None:
-        self.volume = volume
+    """Runs store changes; every part of the volume it changes is given
+    explicitly (the mappings are the volume's own, changed in place)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        store_table: StoreTable,
+        layout: Layout,
+        volume_id: str,
+        inline_max: int,
+        runners: dict[int, StoreRunner],
+        store_ids: dict[int, str],
+        handles: HandleCache,
+        device_of: dict[int, int],
+        placement: Placement,
+        repairer: Repairer,
+        missing_stores: Callable[[], dict[int, str]],
+        mountpoint: Callable[[], Path | None],
+        refresh_usage: Callable[[], Awaitable[None]],
+        ensure_replicas: Callable[[], Awaitable[None]],
+        report: Callable[[str], None],
+    ) -> None:
+        """`missing_stores()`: index -> last path of the stores not open;
+        `mountpoint()`: where the volume is mounted; `report(message)`:
+        progress of a running change (shown by status)."""
+        self.db = db
+        self.store_table = store_table
+        self.layout = layout
+        self.volume_id = volume_id
+        self.inline_max = inline_max
+        self.runners = runners
+        self.store_ids = store_ids
+        self.handles = handles
+        self.device_of = device_of
+        self.placement = placement
+        self.repairer = repairer
+        self.missing_stores = missing_stores
+        self.mountpoint = mountpoint
+        self.refresh_usage = refresh_usage
+        self.ensure_replicas = ensure_replicas
+        self.report = report
 
     async def _index_of(self, given: str) -> int:
         """A store by index number, store id or absolute path."""
-        volume = self.volume
-        if given.isdigit() and int(given) in volume.store_ids:
+        if given.isdigit() and int(given) in self.store_ids:
             return int(given)
-        for index, store_id in volume.store_ids.items():
+        for index, store_id in self.store_ids.items():
             if store_id == given:
                 return index
-        paths = {index: str(runner.store.path) for index, runner in volume.runners.items()}
-        paths.update({i: p for i, p in volume.missing_stores().items() if i not in paths})
+        paths = {index: str(runner.store.path) for index, runner in self.runners.items()}
+        paths.update({i: p for i, p in self.missing_stores().items() if i not in paths})
         found = await _off_loop(_resolve_index, given, paths)
         if found is None:
             raise VolumeError(f"{given} is not a store of this volume")
         return found
 
     async def _initialise(self, path: str) -> DirectoryStore:
-        volume = self.volume
-        known = [runner.store.path for runner in volume.runners.values()]
-        await _off_loop(_check_new_store, known, path, volume.mountpoint)
+        known = [runner.store.path for runner in self.runners.values()]
+        await _off_loop(_check_new_store, known, path, self.mountpoint())
         marker = StoreMarker(
-            volume_id=volume.volume_id,
+            volume_id=self.volume_id,
             store_id=uuid.uuid4().hex,
             format=STORE_FORMAT,
-            k=volume.layout.k,
-            m=volume.layout.m,
-            fragment_size=volume.layout.fragment_size,
-            cell_size=volume.layout.cell_size,
-            inline_max=volume.inline_max,
+            k=self.layout.k,
+            m=self.layout.m,
+            fragment_size=self.layout.fragment_size,
+            cell_size=self.layout.cell_size,
+            inline_max=self.inline_max,
         )
         try:
             return await run_in_thread(DirectoryStore.initialise, path, marker)
@@ -143,66 +184,62 @@ class StoreAdmin:
             raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
 
     async def _install(self, index: int, store: DirectoryStore) -> None:
-        volume = self.volume
         device, store_id = await _off_loop(_device_and_id, store)
-        volume.runners[index] = StoreRunner(index, store)  # shared by every service
-        volume.handles.discard_store(index)
-        volume.writer.device_of[index] = device
-        volume.store_ids[index] = store_id
+        self.runners[index] = StoreRunner(index, store)  # shared by every service
+        self.handles.discard_store(index)
+        self.device_of[index] = device
+        self.store_ids[index] = store_id
 
     async def replace(self, old: str, new: str) -> str:
-        volume = self.volume
         index = await self._index_of(old)
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
-        with volume.db.transaction():
-            volume.store_table.replace(index, marker.store_id)
-            volume.store_table.set_path(index, str(store.path))
-        if index in volume.runners:
-            await _retire(volume.runners[index])
+        with self.db.transaction():
+            self.store_table.replace(index, marker.store_id)
+            self.store_table.set_path(index, str(store.path))
+        if index in self.runners:
+            await _retire(self.runners[index])
         await self._install(index, store)
-        await volume.refresh_usage()
-        count = volume.repairer.queue_store_rebuild(index, "store-replaced")
-        await volume.ensure_replicas()
+        await self.refresh_usage()
+        count = self.repairer.queue_store_rebuild(index, "store-replaced")
+        await self.ensure_replicas()
         return f"store {index} is now {new}; {count} chunks queued for rebuild onto it"
 
     async def add(self, new: str) -> str:
-        volume = self.volume
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
-        with volume.db.transaction():
-            index = volume.store_table.add(marker.store_id)
-            volume.store_table.set_path(index, str(store.path))
+        with self.db.transaction():
+            index = self.store_table.add(marker.store_id)
+            self.store_table.set_path(index, str(store.path))
         await self._install(index, store)
-        await volume.refresh_usage()
+        await self.refresh_usage()
         return f"store {index} added: {new}"
 
     async def remove(self, old: str) -> str:
-        volume = self.volume
         index = await self._index_of(old)
-        others = [i for i in volume.runners if i != index and i not in volume.placement.draining]
-        if len(others) < volume.layout.n:
+        others = [i for i in self.runners if i != index and i not in self.placement.draining]
+        if len(others) < self.layout.n:
             raise VolumeError(
                 f"removing store {index} would leave {len(others)} stores;"
-                f" k+m={volume.layout.n} are needed"
+                f" k+m={self.layout.n} are needed"
             )
-        with volume.db.transaction():
-            volume.store_table.set_state(index, "draining")
-        volume.placement.draining.add(index)
-        volume.repairer.draining.add(index)
-        volume.repairer.queue_store_rebuild(index, "store-failed")
+        with self.db.transaction():
+            self.store_table.set_state(index, "draining")
+        self.placement.draining.add(index)
+        self.repairer.draining.add(index)
+        self.repairer.queue_store_rebuild(index, "store-failed")
         while True:
-            left = volume.store_table.chunks_on(index)
-            volume.store_change["message"] = f"{left} chunks left to move"
+            left = self.store_table.chunks_on(index)
+            self.report(f"{left} chunks left to move")
             if not left:
                 break
             await trio.sleep(DRAIN_POLL)
-        with volume.db.transaction():
-            volume.store_table.remove(index)
-        volume.placement.draining.discard(index)
-        volume.repairer.draining.discard(index)
-        runner = volume.runners.pop(index)
-        volume.store_ids.pop(index, None)
-        volume.handles.discard_store(index)
+        with self.db.transaction():
+            self.store_table.remove(index)
+        self.placement.draining.discard(index)
+        self.repairer.draining.discard(index)
+        runner = self.runners.pop(index)
+        self.store_ids.pop(index, None)
+        self.handles.discard_store(index)
         await _retire(runner)
         return f"store {index} ({old}) drained and removed from the volume"

@@ -40,6 +40,7 @@ replica, and is marked ok again once a probe finds the same marker there
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import logging
@@ -54,14 +55,15 @@ from pathlib import Path
 
 import trio
 
-from . import control
 from .codec import Codec
+from .control import Command
 from .damage import DamageRecorder
 from .errors import EcfsError, FsError, StoreError, VolumeError
 from .filedata import FileData
 from .garbage import ChunkPins, Garbage
 from .geometry import Layout
 from .handles import Expected, HandleCache
+from .metadb.chunks import ChunkTable, RepairQueue
 from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_arg, check_store_paths
@@ -84,6 +86,7 @@ from .replicas import (
 )
 from .scrub import Scrubber
 from .smallwrites import WriteLog
+from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of
 from .store import DirectoryStore, Store, StoreMarker
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
@@ -384,10 +387,14 @@ class Volume:
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
         )
-        self.store_change: dict[str, str | None] = {}
-        self.stores_admin = StoreAdmin(self)
+        #: The last store change of this mount (see `start_store_change`).
+        self.store_change: StoreChange | None = None
         self._devices = self.writer.device_of
         self.store_ids = dict(self.store_table.all())
+        #: Where the volume is mounted (set by `mount`; None offline): new
+        #: stores must not lie on it.
+        self.mountpoint: Path | None = None
+        self.stores_admin = self._new_store_admin()
         draining = {i for i, state in self.store_table.states().items() if state == "draining"}
         self.placement.draining |= draining
         self.repairer.draining |= draining
@@ -404,14 +411,32 @@ class Volume:
         #: Set when unmount could not make the metadata durable anywhere: the
         #: working copy is then kept (its path is logged) instead of deleted.
         self.metadata_at_risk = False
-        #: Where the volume is mounted (set by `mount`; None offline): new
-        #: stores must not lie on it.
-        self.mountpoint: Path | None = None
         #: What failed at unmount (see `shutdown`); empty after a clean one.
         self.shutdown_errors: list[str] = []
         #: Stale metadata replicas to delete once the replicas are closed.
         self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
+
+    def _new_store_admin(self) -> StoreAdmin:
+        """The store changes' runner, given the parts of the volume it changes."""
+        return StoreAdmin(
+            db=self.db,
+            store_table=self.store_table,
+            layout=self.layout,
+            volume_id=self.volume_id,
+            inline_max=self.inline_max,
+            runners=self.runners,
+            store_ids=self.store_ids,
+            handles=self.handles,
+            device_of=self.writer.device_of,
+            placement=self.placement,
+            repairer=self.repairer,
+            missing_stores=self.missing_stores,
+            mountpoint=lambda: self.mountpoint,
+            refresh_usage=self.refresh_usage,
+            ensure_replicas=self.ensure_replicas,
+            report=self._report_store_change,
+        )
 
     def _remember_store_paths(self) -> None:
         """Record where each present store is, so a store that dies later
@@ -809,11 +834,83 @@ class Volume:
             snapshot.unlink(missing_ok=True)
         return not await replicator.add_replica(index, target, generation)
 
-    def status(self) -> dict[str, object]:
-        """A JSON-able snapshot (see control.status for the keys)."""
-        status = control.status(self)
-        status["store_change"] = dict(self.store_change)
-        return status
+    def status(self) -> VolumeStatus:
+        """A snapshot of the volume built from its services' statistics
+        (the record and its JSON form: see `ecfs.status`)."""
+        layout = self.layout
+        available = {i for i, r in self.runners.items() if r.available}
+        found = assess(
+            layout.k,
+            layout.n,
+            self.store_ids,
+            available,
+            ChunkTable(self.db).redundancy_classes(),
+            RepairQueue(self.db).known_damage(),
+        )
+        stores = [self._store_status(i, r, found.fragments, found.fragment_bytes)
+                  for i, r in sorted(self.runners.items())]  # fmt: skip
+        for index, path in sorted(self.missing_stores().items()):
+            reason = self.left_out.get(self.store_ids.get(index, ""), "not given or unusable")
+            stores.append(
+                StoreStatus(
+                    index, path, "missing", reason, 0, 0, 0, 0.0, 0.0, 0, 0, None, None,
+                    found.fragments.get(index, 0), found.fragment_bytes.get(index, 0), False,
+                )  # fmt: skip
+            )
+        repair = self.repairer.statistics()
+        unrecoverable = self.repairer.unrecoverable_chunks()
+        replication = self.replicator.statistics() if self.replicator else None
+        return VolumeStatus(
+            volume=self.volume_id,
+            k=layout.k,
+            m=layout.m,
+            health=health_of(
+                found.tolerance,
+                bool(unrecoverable),
+                len(available) < len(self.store_ids),
+                bool(repair.queue),
+            ),
+            tolerance=found.tolerance,
+            stores=tuple(stores),
+            repair=repair,
+            scrub=self.scrubber.statistics(),
+            reads=self.reader.statistics(),
+            writes=self.writer.statistics(),
+            write_log=self.writelog.statistics(),
+            garbage=self.garbage.statistics(),
+            metadata=MetadataStatus(
+                generation=self.db.generation,
+                durable_generation=replication.durable_generation if replication else None,
+                live_replicas=replication.live_replicas if replication else (),
+                stale_replicas=dict(replication.stale_replicas) if replication else {},
+            ),
+            unrecoverable=unrecoverable,
+            store_change=self.store_change,
+        )
+
+    def _store_status(
+        self, index: int, runner: StoreRunner, fragments: dict[int, int], sizes: dict[int, int]
+    ) -> StoreStatus:
+        stats = runner.statistics()
+        usage = self.placement.usage.get(index)
+        return StoreStatus(
+            index=index,
+            path=str(runner.store.path),
+            state=stats.state.value,
+            reason=runner.failure_reason,
+            in_flight=stats.in_flight,
+            errors=stats.errors,
+            timeouts=stats.timeouts,
+            latency_p50_ms=round(stats.latency_p50 * 1000, 3),
+            latency_p95_ms=round(stats.latency_p95 * 1000, 3),
+            bytes_read=stats.bytes_read,
+            bytes_written=stats.bytes_written,
+            free_bytes=usage.free_bytes if usage else None,
+            total_bytes=usage.total_bytes if usage else None,
+            fragments=fragments.get(index, 0),
+            fragment_bytes=sizes.get(index, 0),
+            draining=index in self.placement.draining,
+        )
 
     # -- operator commands -----------------------------------------------------------
 
@@ -854,6 +951,22 @@ class Volume:
         )
         return f"working copy {self.db.path}: {found.problem}"
 
+    def run_command(self, command: Command) -> None:
+        """Start a validated operator command (returns at once; progress
+        shows in `status`)."""
+        if command.verb == "scrub":
+            self.start_scrub(command.seconds)
+        elif command.verb == "scrub-stop":
+            self.scrubber.stop()
+        elif command.verb == "repair":
+            self.repairer.set_urgent(command.urgent)
+        elif command.verb == "store-replace":
+            self.start_store_change("replace", command.old, command.new)
+        elif command.verb == "store-add":
+            self.start_store_change("add", None, command.new)
+        else:
+            self.start_store_change("remove", command.old, None)
+
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:
             return
@@ -861,10 +974,10 @@ class Volume:
 
     def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
         """Begin replacing, adding or draining a store (progress in
-        status()["store_change"])."""
-        if self.store_change.get("state") == "running":
+        `status().store_change`)."""
+        if self.store_change is not None and self.store_change.state == "running":
             raise FsError("a store change is already running", errno=errno.EBUSY)
-        self.store_change = {"op": op, "old": old, "new": new, "state": "running", "message": ""}
+        self.store_change = StoreChange(op, old, new, "running", "")
         assert self._nursery is not None
         self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
 
@@ -877,11 +990,19 @@ class Volume:
             else:
                 message = await self.stores_admin.remove(old or "")
         except EcfsError as exc:
-            self.store_change.update(state="failed", message=str(exc))
+            self._end_store_change("failed", str(exc))
             log.error("store %s failed: %s", op, exc)
             return
-        self.store_change.update(state="done", message=message)
+        self._end_store_change("done", message)
         log.warning("store %s: %s", op, message)
+
+    def _report_store_change(self, message: str) -> None:
+        if self.store_change is not None:
+            self.store_change = dataclasses.replace(self.store_change, message=message)
+
+    def _end_store_change(self, state: str, message: str) -> None:
+        if self.store_change is not None:
+            self.store_change = dataclasses.replace(self.store_change, state=state, message=message)
 
     async def _new_chunk_id(self) -> int:
         """A chunk id that no later mount can hand out again: ids come in

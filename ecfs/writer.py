@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -53,6 +54,14 @@ WRITE_DEADLINE_FLOOR = 3.0
 POOLED_BUFFERS = 8
 
 FragmentParts = list[fragment.Buffer]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStatistics:
+    """Chunk bytes written since mount, and fragment bytes (with parity) they became."""
+
+    bytes_in: int
+    bytes_out: int
 
 
 class ChunkWriter:
@@ -91,6 +100,9 @@ class ChunkWriter:
         self.before_write: Callable[[int], Awaitable[bool]] | None = None
         self._cpu = trio.CapacityLimiter(2)
         self._buffers = BufferPool(POOLED_BUFFERS)
+
+    def statistics(self) -> WriteStatistics:
+        return WriteStatistics(self.bytes_in, self.bytes_out)
 
     async def write(self, data: bytes | bytearray | memoryview) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from ecfs import host
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_FRAGMENT_SIZE,
@@ -147,10 +148,7 @@ def check_all(hashes: dict[Path, str], caches: bool = True) -> None:
 
 def drop_caches_nosync() -> None:
     """drop_caches without sync(): sync() may wait on a hung store."""
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    except OSError:
-        pass
+    host.drop_caches(sync=False)
 
 
 def timed(fn: Callable[[], Any], limit: float) -> tuple[float | None, Any]:

@@ -1,15 +1,22 @@
-"""Import rules between ecfs's layers and its third-party dependencies.
+"""Import rules between ecfs's modules and its third-party dependencies.
 
-Each dependency that ties code to one concern is imported by one module only
-(see STYLE.md and ecfs/__init__.py), so that, e.g., nothing below the FUSE
-adapter knows pyfuse3 and all SQL lives in metadb. The rules are checked on
-the source with `ast` (no import is executed), TYPE_CHECKING blocks included.
-Modules that do not exist yet are simply not checked.
+* Each dependency that ties code to one concern is imported by one module
+  only (see STYLE.md and ecfs/__init__.py), so that, e.g., nothing below the
+  FUSE adapter knows pyfuse3 and all SQL lives in metadb.
+* No import cycle among ecfs modules: a module never needs, even for type
+  hints only, a module that needs it.
+* Only ecfs/offload.py, the one helper for blocking calls, uses
+  `trio.to_thread`.
+
+The rules are checked on the source with `ast` (no import is executed),
+TYPE_CHECKING blocks included; each checker is also run on a small
+synthetic violation, so that a checker that finds nothing cannot pass.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -23,7 +30,9 @@ ALLOWED_IMPORTERS: dict[str, tuple[str, ...]] = {
     "click": ("ecfs/cli.py",),
     "zfec": ("ecfs/codec.py",),
     "xxhash": ("ecfs/fragment.py",),
-    "sqlite3": ("ecfs/metadb.py", "ecfs/metadb/", "ecfs/replicas.py"),
+    "sqlite3": ("ecfs/metadb/", "ecfs/replicas.py"),
+    "prometheus_client": ("ecfs/metrics.py",),
+    "rich": ("ecfs/render.py",),
 }
 
 MODULE_FILES = sorted(PACKAGE_DIR.rglob("*.py"))
@@ -63,10 +72,6 @@ def may_import(path: str, module: str) -> bool:
     return any(path == a or (a.endswith("/") and path.startswith(a)) for a in allowed)
 
 
-def test_package_exists() -> None:
-    assert (PACKAGE_DIR / "__init__.py").is_file()
-
-
 @pytest.mark.parametrize("path", MODULE_FILES, ids=[rel(p) for p in MODULE_FILES])
 def test_restricted_imports(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -98,41 +103,165 @@ def test_rule_checker_sees_imports(source: str, module: str, allowed: bool) -> N
     assert may_import("ecfs/namespace.py", module) == allowed
 
 
-def thread_starters(tree: ast.AST) -> list[int]:
-    """Lines of `tree` that reach `trio.to_thread` (``trio.to_thread.run_sync``,
-    ``from trio import to_thread``, ``import trio.to_thread`` ...)."""
+# --- no import cycle among ecfs modules ---------------------------------------------
+
+
+def module_name(path: Path) -> str:
+    """ecfs/metadb/chunks.py -> ecfs.metadb.chunks; a package's __init__ -> the package."""
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def ecfs_imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The ecfs modules `module` imports (relative imports resolved; for
+    `from X import name`, X.name when that is a module, else X)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                found.add(submodule if submodule in known else source)
+    return {name for name in found if name in known and name != module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = {module_name(p) for p in MODULE_FILES}
+    return {
+        module_name(path): ecfs_imports(
+            ast.parse(path.read_text(encoding="utf-8"), filename=str(path)),
+            module_name(path),
+            path.name == "__init__.py",
+            known,
+        )
+        for path in MODULE_FILES
+    }
+
+
+def find_cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (or a
+    module importing itself), each as a sorted list (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_among_ecfs_modules() -> None:
+    graph = import_graph()
+    assert "ecfs.volume" in graph and "ecfs.status" in graph["ecfs.volume"]  # the graph is real
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_checker_finds_a_cycle() -> None:
+    """The checker itself, on a synthetic graph with the two cycles ecfs used
+    to have (volume -> control -> volume, volume -> store_admin -> volume),
+    one through TYPE_CHECKING and a relative `from . import` spelling."""
+    sources = {
+        "ecfs.volume": "from . import control\nfrom .store_admin import StoreAdmin\nimport ecfs.codec",
+        "ecfs.control": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .volume import Volume",
+        "ecfs.store_admin": "from ecfs.volume import Volume",
+        "ecfs.codec": "import zfec",
+        "ecfs.metadb": "from . import chunks",
+        "ecfs.metadb.chunks": "from ..codec import Codec",
+    }  # fmt: skip
+    known = set(sources)
+    graph = {
+        name: ecfs_imports(ast.parse(text), name, name == "ecfs.metadb", known)
+        for name, text in sources.items()
+    }
+    assert graph["ecfs.metadb"] == {"ecfs.metadb.chunks"}
+    assert graph["ecfs.metadb.chunks"] == {"ecfs.codec"}
+    assert find_cycles(graph) == [["ecfs.control", "ecfs.store_admin", "ecfs.volume"]]
+    del graph["ecfs.control"]
+    graph["ecfs.store_admin"] = set()
+    assert find_cycles(graph) == []
+    assert find_cycles({"a": {"a"}}) == [["a"]]
+
+
+# --- only offload runs code in threads --------------------------------------------
+
+THREAD_HELPER = "ecfs/offload.py"
+
+
+def to_thread_uses(tree: ast.AST) -> list[int]:
+    """Lines that use trio.to_thread (attribute, from-import or import)."""
     lines = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "to_thread":
             lines.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trio"):
-            if node.module.startswith("trio.to_thread") or any(
-                alias.name == "to_thread" for alias in node.names
-            ):
-                lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (
+            (node.module == "trio" and any(a.name == "to_thread" for a in node.names))
+            or (node.module or "").startswith("trio.to_thread")
+        ):
+            lines.append(node.lineno)
         elif isinstance(node, ast.Import) and any(
-            alias.name.startswith("trio.to_thread") for alias in node.names
+            a.name.startswith("trio.to_thread") for a in node.names
         ):
             lines.append(node.lineno)
     return sorted(lines)
 
 
-def test_only_offload_starts_threads() -> None:
-    """Work leaves the event loop through ecfs/offload.py only (StoreRunner
-    for store calls, run_in_thread and run_cpu for the rest): no other module
-    calls trio.to_thread. The checker itself is shown to see each spelling."""
-    for source in (
-        "import trio\nawait trio.to_thread.run_sync(f)",
-        "from trio import to_thread",
-        "from trio.to_thread import run_sync",
-        "import trio.to_thread",
-    ):
-        assert thread_starters(ast.parse(source)), source
-    assert not thread_starters(ast.parse("from .offload import run_in_thread\nrun_in_thread(f)"))
-    violations = [
-        f"{rel(path)}:{line}: calls trio.to_thread (use ecfs.offload's helpers)"
+def test_only_offload_uses_to_thread() -> None:
+    uses = [
+        f"{rel(path)}:{line}"
         for path in MODULE_FILES
-        if rel(path) != "ecfs/offload.py"
-        for line in thread_starters(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        if rel(path) != THREAD_HELPER
+        for line in to_thread_uses(ast.parse(path.read_text(encoding="utf-8")))
     ]
-    assert not violations, "\n".join(violations)
+    assert not uses, "trio.to_thread outside offload (use the offload helper): " + ", ".join(uses)
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ("import trio\nawait trio.to_thread.run_sync(f)", True),
+        ("from trio import to_thread", True),
+        ("from trio.to_thread import run_sync", True),
+        ("import trio.to_thread", True),
+        ("import trio\nawait trio.sleep(0)", False),
+        ("from .offload import run_blocking", False),
+    ],
+)
+def test_thread_checker_sees_to_thread(source: str, found: bool) -> None:
+    """The checker itself: it finds each spelling of trio.to_thread."""
+    tree = ast.parse(source.replace("await ", ""))
+    assert bool(to_thread_uses(tree)) == found

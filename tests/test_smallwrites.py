@@ -575,7 +575,6 @@ def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
 
 
 def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> None:
-    from ecfs.control import status
     from ecfs.metrics import render_prometheus
     from ecfs.render import render_status
 
@@ -585,15 +584,14 @@ def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> 
         await volume.filedata.fsync(ino)
         await volume.filedata.write(ino, 10, b"m" * 50)
         await volume.filedata.fsync(ino)
-        document = status(volume)
-        assert document["write_log"]["records"] == 1
-        assert document["write_log"]["bytes"] == 50
-        assert "small-write log: 1 records" in render_status(document)
-        text = render_prometheus(document)
-        assert "ecfs_write_log_records 1\n" in text
-        assert "ecfs_write_log_bytes 50\n" in text
+        record = volume.status()
+        assert (record.write_log.records, record.write_log.bytes) == (1, 50)
+        assert "small-write log: 1 records" in render_status(record)
+        text = render_prometheus(record)
+        assert "ecfs_write_log_records 1.0\n" in text
+        assert "ecfs_write_log_bytes 50.0\n" in text
         await volume.filedata.fold_chunk(ino, 0)
-        assert "ecfs_write_log_records 0\n" in render_prometheus(status(volume))
+        assert "ecfs_write_log_records 0.0\n" in render_prometheus(volume.status())
 
     run(tmp_path, stores, body)
 

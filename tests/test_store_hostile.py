@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from ecfs.host import mount_at
 from ecfs.store import MARKER_NAME
 from tests.mounting import MountedVolume, cli
 from tests.volume_files import (
@@ -57,9 +58,7 @@ def _store_row(vol: MountedVolume, index: int) -> dict:
 
 
 def _is_mount_point(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return any(line.split()[4] == target for line in f)
+    return mount_at(path) is not None
 
 
 @contextlib.contextmanager
