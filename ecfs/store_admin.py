@@ -37,7 +37,7 @@ import trio
 from .errors import StoreError, VolumeError
 from .mkfs import check_store_paths
 from .offload import StoreRunner
-from .store import STORE_FORMAT, DirectoryStore, StoreMarker
+from .store import STORE_FORMAT, Store, StoreMarker, initialise_store
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -100,8 +100,8 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
         raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
 
 
-def _device_and_id(store: DirectoryStore) -> tuple[int, str]:
-    return os.stat(store.path).st_dev, store.read_marker().store_id
+def _device_and_id(store: Store) -> tuple[int, str]:
+    return store.device(), store.read_marker().store_id
 
 
 class StoreAdmin:
@@ -123,7 +123,7 @@ class StoreAdmin:
             raise VolumeError(f"{given} is not a store of this volume")
         return found
 
-    async def _initialise(self, path: str) -> DirectoryStore:
+    async def _initialise(self, path: str) -> Store:
         volume = self.volume
         known = [runner.store.path for runner in volume.runners.values()]
         await _off_loop(_check_new_store, known, path, volume.mountpoint)
@@ -138,11 +138,11 @@ class StoreAdmin:
             inline_max=volume.inline_max,
         )
         try:
-            return await trio.to_thread.run_sync(DirectoryStore.initialise, path, marker)
+            return await trio.to_thread.run_sync(initialise_store, path, marker)
         except StoreError as exc:
             raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
 
-    async def _install(self, index: int, store: DirectoryStore) -> None:
+    async def _install(self, index: int, store: Store) -> None:
         volume = self.volume
         device, store_id = await _off_loop(_device_and_id, store)
         volume.runners[index] = StoreRunner(index, store)  # shared by every service
