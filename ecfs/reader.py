@@ -48,6 +48,9 @@ from .tasks import gather_in_order, open_fan_out
 
 log = logging.getLogger(__name__)
 
+#: Verified bytes as read (a bytearray when read into a buffer: never copied again).
+Bytes = bytes | bytearray
+
 #: Called with (chunk, fragment indices found bad, reason) after a degraded read.
 DamageCallback = Callable[[ChunkRef, list[int], str], None]
 
@@ -90,7 +93,9 @@ class ReadCounters:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def _read_verified(store: Store, header: fragment.FragmentHeader, start: int, end: int) -> bytes:
+def _read_verified(
+    store: Store, header: fragment.FragmentHeader, start: int, end: int
+) -> bytearray:
     """Blocking: read payload bytes [start, end) (cell-aligned) and verify."""
     data = bytearray(end - start)
     n = store.read_fragment(
@@ -102,7 +107,7 @@ def _read_verified(store: Store, header: fragment.FragmentHeader, start: int, en
 
 def _open_and_read(
     store: Store, chunk_id: int, index: int, expected: Expected, start: int, end: int
-) -> tuple[fragment.FragmentHeader, bytes]:
+) -> tuple[fragment.FragmentHeader, bytes | bytearray]:
     """Blocking: read and verify a fragment's header, then the range. A
     range near the start of the payload is read with the header in one
     request (one disk request for a cold fragment)."""
@@ -251,14 +256,14 @@ class ChunkReader:
             [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
 
-    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
+    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> Bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`
         itself; StoreError or FragmentCorrupt if it cannot be read."""
         return await self._read_fragment(ref, index, start, end)
 
     async def read_fragment_range(
         self, ref: ChunkRef, index: int, start: int, end: int
-    ) -> bytes:
+    ) -> Bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`,
         decoded from others if it cannot be read (used by repair)."""
         try:
@@ -309,7 +314,7 @@ class ChunkReader:
 
     async def _read_hedged(
         self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
-    ) -> bytes:
+    ) -> Bytes:
         """Read one fragment range; if it fails, decode it from others; if it
         is slow (past its store's hedge deadline), ALSO decode it from others
         and take whichever answers first. The slow read keeps running until
@@ -319,7 +324,7 @@ class ChunkReader:
         runner = self.runners.get(store) if store != NO_STORE else None
         if runner is None or not runner.available:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        winner: list[bytes] = []
+        winner: list[Bytes] = []
         errors: list[EcfsError] = []
         primary_done = trio.Event()
 
@@ -380,7 +385,9 @@ class ChunkReader:
         reads = self.counters.thread_reads + self.counters.nowait_hits
         return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
 
-    async def _read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
+    async def _read_fragment(
+        self, ref: ChunkRef, index: int, start: int, end: int
+    ) -> Bytes:
         """Verified bytes of one fragment; StoreError/FragmentCorrupt if not.
 
         An open fragment's page cache is tried (again) before a worker
@@ -395,8 +402,9 @@ class ChunkReader:
         key = (store, ref.chunk_id, index)
         header = self.handles.get(key)
         try:
+            data: bytes | bytearray
             if header is None:
-                header, data = await runner.call(
+                opened, data = await runner.call(
                     _open_and_read,
                     runner.store,
                     ref.chunk_id,
@@ -407,15 +415,13 @@ class ChunkReader:
                     timeout=self.read_timeout,
                     nbytes_read=end - start,
                 )
-                self.handles.insert(key, header)
-                self._check_payload(ref, header)
+                self.handles.insert(key, opened)
+                self._check_payload(ref, opened)
                 self.counters.thread_reads += 1
             else:
                 self._check_payload(ref, header)
-                cells = bytearray(end - start)
-                nowait = self._read_nowait(runner.store, header, start, memoryview(cells))
-                data = cells if nowait else None
-                if data is None:
+                data = bytearray(end - start)
+                if not self._read_nowait(runner.store, header, start, memoryview(data)):
                     data = await runner.call(
                         _read_verified,
                         runner.store,
@@ -529,7 +535,7 @@ class ChunkReader:
 
     async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int
-    ) -> tuple[dict[int, bytes], list[int], int]:
+    ) -> tuple[dict[int, Bytes], list[int], int]:
         """Read [start, end) of k fragments among `candidates` (best first).
 
         k reads start at once; a failed one is replaced by the next
@@ -537,7 +543,7 @@ class ChunkReader:
         deadline, every remaining candidate is read too and the first k
         answers win. Returns (pieces, indices found bad, bytes read)."""
         k = self.layout.k
-        pieces: dict[int, bytes] = {}
+        pieces: dict[int, Bytes] = {}
         bad: list[int] = []
         waiting = list(candidates)
         running = 0

@@ -56,7 +56,7 @@ from .metadb.database import Database
 from .model import NO_STORE, ChunkRef, repair_priority
 from .offload import StoreRunner
 from .placement import Placement
-from .reader import ChunkReader
+from .reader import Bytes, ChunkReader
 from .tasks import wait_until_idle
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class Repairer:
         self.counters.bytes_read += payload
         return True
 
-    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, bytes]:
+    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, Bytes]:
         """k whole, verified fragments (read in parallel, fastest stores and
         data fragments first); fragments found bad are added to `broken`."""
         candidates = [

@@ -617,12 +617,7 @@ class DirectoryStore:
         Raises ValueError (a caller bug) if chunk_id is not in [0, 2**64) or
         index not in [0, 256).
         """
-        if not 0 <= chunk_id < _CHUNK_ID_LIMIT:
-            raise ValueError(f"chunk id out of range: {chunk_id}")
-        if not 0 <= index < _MAX_FRAGMENTS:
-            raise ValueError(f"fragment index out of range: {index}")
-        fan = _fanout(chunk_id)
-        return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
+        return fragment_relpath(chunk_id, index)
 
     def _fragment_path(self, chunk_id: int, index: int) -> str:
         return os.path.join(self.path, self.fragment_relpath(chunk_id, index))
@@ -872,6 +867,18 @@ class DirectoryStore:
         return StoreUsage(
             total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize
         )
+
+
+def fragment_relpath(chunk_id: int, index: int) -> str:
+    """A fragment's name inside a store: its path relative to a directory
+    store (see the layout in the module docstring). ValueError (a caller
+    bug) if chunk_id is not in [0, 2**64) or index not in [0, 256)."""
+    if not 0 <= chunk_id < _CHUNK_ID_LIMIT:
+        raise ValueError(f"chunk id out of range: {chunk_id}")
+    if not 0 <= index < _MAX_FRAGMENTS:
+        raise ValueError(f"fragment index out of range: {index}")
+    fan = _fanout(chunk_id)
+    return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
 
 
 def open_store(location: str | os.PathLike[str]) -> Store:
