@@ -5,9 +5,13 @@ tests/test_layering.py):
 
 * pure: errors, model, geometry, codec (the only zfec user), fragment (the
   only xxhash user)
-* I/O boundary: offload (the one helper for blocking calls), store,
-  metadb (all SQL), replicas (metadata copies on stores)
-* services: placement, reader, writer, filedata, namespace
+* I/O boundary: offload (the one helper for blocking calls), store (the
+  Store interface: fragments by name, no file descriptor crosses it; the
+  directory store, with its open-file cache fdcache), fakestores (in-memory
+  and fault-injecting stores for tests), metadb (all SQL), replicas
+  (metadata copies on stores)
+* services: placement, handles (verified fragment headers), reader,
+  readahead, writer, filedata, namespace
 * assembly: volume, control
 * adapters: fs (pyfuse3 Operations, the errno boundary), mount, cli (click)
 """
