@@ -455,3 +455,19 @@ def test_sync_missing_store_is_store_error(tmp_path: Path) -> None:
         DirectoryStore(tmp_path / "gone").sync()
     with pytest.raises(StoreError):
         DirectoryStore(tmp_path / "gone").usage()
+
+
+def test_a_failed_probe_drops_the_open_files(store: DirectoryStore) -> None:
+    store.pin_identity()
+    store.write_fragment(6, 0, [b"abc"])
+    assert _read(store, 6, 0, 0, 3) == b"abc"
+    dest = memoryview(bytearray(3))
+    assert store.read_fragment_cached(6, 0, 0, dest) is True
+    marker = store.path / MARKER_NAME
+    marker.rename(marker.with_name("away"))
+    with pytest.raises(StoreError):
+        store.probe()
+    assert store.read_fragment_cached(6, 0, 0, dest) is False  # never through old files
+    marker.with_name("away").rename(marker)
+    assert store.probe().volume_id == VOLUME
+    assert _read(store, 6, 0, 0, 3) == b"abc"
