@@ -139,8 +139,6 @@ async def test_a_hung_store_times_out_and_is_routed_around(
         assert hung.calls["read"] == calls
     finally:
         hung.heal()
-    await trio.sleep(0.1)
-    assert runner.statistics().abandoned <= 1
 
 
 # ---- writer
