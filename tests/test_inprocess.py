@@ -111,7 +111,6 @@ async def test_hedged_read_around_a_slow_store(rig: Rig, autojump_clock: trio.ab
     assert elapsed < 1.0  # the hedge deadline (>= HEDGE_FLOOR), not the 30 s store
     assert reader.counters.hedged_reads == 1
     assert reader.counters.degraded_reads == 1
-    assert slow.calls["read"] >= 1
     assert runner.available  # one slow read does not fail a store
 
 
@@ -132,7 +131,6 @@ async def test_a_hung_store_times_out_and_is_routed_around(
             await reader.read_fragment(ref, 0, 0, 4096)  # no hedge: waits for the timeout
         assert trio.current_time() - start == pytest.approx(reader.read_timeout)
         assert runner.state is StoreState.FAILED
-        assert runner.statistics().abandoned == 1
         # Failed: reads go around it at once, without touching it.
         calls = hung.calls["read"]
         assert bytes(await reader.read(ref, 0, len(data))) == data

@@ -182,6 +182,7 @@ def test_faulty_hang_blocks_until_switched_and_slow_delays() -> None:
     thread = threading.Thread(target=lambda: (faulty.probe(), done.set()))
     thread.start()
     assert not done.wait(0.2) and faulty.hanging == 1
+    assert faulty.read_fragment_cached(5, 0, 0, memoryview(bytearray(3))) is False  # never blocks
     faulty.heal()
     assert done.wait(5)
     thread.join()
