@@ -259,3 +259,24 @@ async def test_garbage_deletes_unreferenced_fragments_but_not_pinned_ones(rig: R
     await volume.garbage.collect()
     assert held(old.chunk_id) == 0
     assert held(new.chunk_id) == K + M
+
+
+async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -> None:
+    data = _data(CHUNK, seed=29)
+    ref = await rig.store_file(data)
+    volume = rig.volume
+    volume.handles.close_all()
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # read ahead parity instead
+    volume.reader.prefetch(ref)
+    parity = volume.reader.sources(ref, exclude=set(range(K)))[0]  # the best one
+    wanted = {(ref.stores[i], ref.chunk_id, i) for i in (0, 2, parity)}
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if all(volume.handles.get(key) for key in wanted):
+            break
+        await trio.sleep(0.01)
+    prefetched = {i for i in range(K + M) if rig.stores[ref.stores[i]].calls["read"]}
+    assert prefetched == {0, 2, parity}
+    threads = volume.reader.counters.thread_reads
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
+    assert volume.reader.counters.thread_reads == threads
+    assert volume.reader.counters.degraded_reads == 1

@@ -49,6 +49,7 @@ KINDS: dict[str, Callable[[Path], Store]] = {
     "directory": _directory,
     "memory": _memory,
     "faulty": _faulty,
+    "faulty-directory": lambda tmp_path: FaultyStore(_directory(tmp_path)),
 }
 
 
