@@ -130,7 +130,7 @@ def test_memory_store_is_full_and_swapped_like_a_disk() -> None:
     with pytest.raises(NoSpace):
         store.write_fragment(1, 1, [b"123"])
     assert store.usage().free_bytes == 2
-    store._marker = _marker()  # another store in its place
+    store.pin_identity(_marker())  # as if another store had been pinned here
     with pytest.raises(StoreSwapped):
         store.probe()
 
