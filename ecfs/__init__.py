@@ -9,11 +9,14 @@ modules may import which third-party packages):
   host (the host's mount table and drop_caches, also used by tests and
   scripts)
 * I/O boundary: offload (the one helper for blocking calls, the only
-  trio.to_thread user), store, metadb (all SQL), replicas (metadata copies
-  on stores)
-* services: placement, reader, writer, filedata, namespace, repair, scrub,
-  garbage, smallwrites, rebuild (the one fragment rebuild of repair and
-  fsck --repair); each service has `statistics()` returning a frozen record
+  trio.to_thread user), store (the Store interface: fragments by name, no
+  file descriptor crosses it; the directory store, with its open-file
+  cache fdcache), fakestores (in-memory and fault-injecting stores for
+  tests), metadb (all SQL), replicas (metadata copies on stores)
+* services: placement, handles (verified fragment headers), reader,
+  readahead, writer, filedata, namespace, repair, scrub, garbage,
+  smallwrites, rebuild (the one fragment rebuild of repair and fsck
+  --repair); each service has `statistics()` returning a frozen record
 * assembly: volume, store_admin (given its dependencies explicitly), status
   (the volume's status record, built from the services' records, and its
   JSON form)

@@ -84,7 +84,7 @@ from .metadb.schema import SCHEMA_VERSION, upgrade_database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_paths
 from .replicas import CopyChoice, copy_database, replica_path, set_aside
-from .store import MARKER_NAME, DirectoryStore, StoreMarker
+from .store import MARKER_NAME, Store, StoreMarker, open_store
 from .volume import (
     _match_stores,
     expand_store_args,
@@ -158,7 +158,7 @@ def run_fsck(
     for path, why in select_volume(markers).items():
         unusable[path] = why
         report.add("chunk_fragments_present", f"store {path} is not used: {why}")
-    if not any(replica_path(DirectoryStore(p).meta_dir).exists() for p in markers):
+    if not any(replica_path(open_store(p).meta_dir).exists() for p in markers):
         raise VolumeError(no_metadata_copy_message(markers, unusable))
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
@@ -184,7 +184,7 @@ def _check_volume(
 ) -> None:
     """Steps 3 to 6 of the module docstring, with the lock held."""
     expect = expectation(markers, by_store_id)
-    replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
+    replicas = [replica_path(open_store(p).meta_dir) for p in markers]
     replica_findings_start = len(report.findings)
     choice = check_replicas_agree(report, replicas, expect.m + 1, progress, expect)
     replica_findings = report.findings[replica_findings_start:]
@@ -260,7 +260,7 @@ def _check_volume(
 
 def _why(path: Path) -> str:
     try:
-        DirectoryStore(path).read_marker()
+        open_store(path).read_marker()
     except StoreError as exc:
         return str(exc)
     return "unreadable"
@@ -280,7 +280,7 @@ def _copy_chosen(choice: CopyChoice, working: Path) -> None:
 def _write_back(
     report: FsckReport,
     working: Path,
-    stores: dict[int, DirectoryStore],
+    stores: dict[int, Store],
     wanted: int,
     progress: Callable[[str, int, int], None] | None,
     refused: set[Path],

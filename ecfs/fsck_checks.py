@@ -63,7 +63,7 @@ from . import fragment
 from .codec import Codec
 from .errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from .geometry import Layout
-from .handles import Expected, open_fragment
+from .handles import Expected, read_header
 from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
 from .metadb.inodes import InodeTable
@@ -74,7 +74,7 @@ from .placement import Placement
 from .rebuild import rebuild_fragments
 from .replicas import CopyChoice, CopyExpectation, choose_copy, inspect_copy
 from .smallwrites import record_checksum
-from .store import FRAGS_DIR, DirectoryStore
+from .store import FRAGS_DIR, Store
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class FsckContext:
     db: Database
     layout: Layout
     volume_id: bytes
-    stores: dict[int, DirectoryStore]
+    stores: dict[int, Store]
     store_ids: dict[int, str]
     report: FsckReport
     repair: bool
@@ -720,7 +720,7 @@ def _queued_for_repair(ctx: FsckContext, ref: ChunkRef, state: _ChunkState) -> b
 
 def _verify_fragment(
     ctx: FsckContext,
-    store: DirectoryStore,
+    store: Store,
     chunk_id: int,
     index: int,
     payload_length: int,
@@ -732,7 +732,8 @@ def _verify_fragment(
     """(problem or None, payload if `full` and good) of one fragment file;
     with `count`, counted in the report's fragments_checked and bytes_verified."""
     try:
-        handle = open_fragment(store, chunk_id, index, expected)
+        header, _ = read_header(store, chunk_id, index, expected)
+        size = store.fragment_size_on_disk(chunk_id, index)
     except FragmentMissing:
         return "missing", None
     except FragmentCorrupt as exc:
@@ -744,18 +745,18 @@ def _verify_fragment(
     if count:
         ctx.report.counts["fragments_checked"] += 1
     try:
-        header = handle.header
         if header.payload_length != payload_length:
             return (
                 f"header says payload length {header.payload_length},"
                 f" the chunk needs {payload_length}"
             ), None
-        size = os.fstat(handle.fd).st_size
         if size != header.file_size:
             return f"file is {size} bytes, its header says {header.file_size}", None
         if not full:
             return None, None
-        payload = store.read_at(handle.fd, payload_length, header.payload_offset)
+        buf = bytearray(payload_length)
+        got = store.read_fragment(chunk_id, index, header.payload_offset, memoryview(buf))
+        payload = bytes(buf) if got == payload_length else bytes(buf[:got])
         if len(payload) != payload_length:
             return f"short read ({len(payload)} of {payload_length} payload bytes)", None
         if count:
@@ -767,8 +768,6 @@ def _verify_fragment(
         return None, payload
     except (StoreError, FragmentCorrupt, OSError) as exc:
         return f"unreadable ({exc})", None
-    finally:
-        os.close(handle.fd)
 
 
 def _gather_payloads(
@@ -974,7 +973,7 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
                 severity="warning" if remembered else "error",
                 fixed=delete and not failures,
             )  # fmt: skip
-        stray = _stray_files(store, found)
+        stray = store.stray_entries(found)
         if stray:
             shown = ", ".join(stray[:EXAMPLES])
             ctx.report.add(
@@ -985,18 +984,3 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
                 severity="warning",
             )
     ctx.tick("orphans", total, total)
-
-
-def _stray_files(store: DirectoryStore, fragments: list[tuple[int, int]]) -> list[str]:
-    """Paths (relative to the store) of non-directory entries under frags/
-    that are not well-named fragment files in their fan-out directory."""
-    known = {store.fragment_relpath(c, i) for c, i in fragments}
-    stray = []
-    root = store.path / FRAGS_DIR
-    for directory, dirnames, filenames in os.walk(root):
-        relative = Path(directory).relative_to(store.path)
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(directory, d))]:
-            path = (relative / name).as_posix()
-            if path not in known:
-                stray.append(path)
-    return sorted(stray)

@@ -32,7 +32,7 @@ from .geometry import (
 )
 from .metadb.schema import create_database
 from .replicas import replica_path
-from .store import MARKER_NAME, STORE_FORMAT, DirectoryStore, StoreMarker
+from .store import MARKER_NAME, STORE_FORMAT, StoreMarker, initialise_store, open_store
 
 DEFAULT_DATA = 4
 DEFAULT_PARITY = 2
@@ -157,7 +157,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             )
             existed = path.exists()
             try:
-                stores.append(DirectoryStore.initialise(path, marker))
+                stores.append(initialise_store(path, marker))
             except StoreError as exc:
                 raise VolumeError(f"cannot create store {path}: {_reason(exc)}") from None
             finally:
@@ -205,7 +205,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _remove_created(path: Path, existed: bool) -> None:
-    """Undo `DirectoryStore.initialise` of `path` (which was absent or empty)."""
+    """Undo `initialise_store` of `path` (which was absent or empty)."""
     if existed:
         for entry in os.listdir(path):
             target = path / entry
@@ -240,7 +240,7 @@ def _check_empty(given: Path, path: Path) -> None:
         raise VolumeError(f"cannot read {given}: {exc.strerror}") from None
     if MARKER_NAME in entries:
         try:
-            marker = DirectoryStore(path).read_marker()
+            marker = open_store(path).read_marker()
         except StoreError:
             raise VolumeError(
                 f"{given} holds an ecfs store marker (refusing to overwrite it)"

@@ -1,13 +1,15 @@
 """Read-ahead of fragments for sequential readers, off the event loop.
 
-Owns: a few worker threads per store that opens the fragment files a
-sequential reader will want next, verifies their headers, and asks the
-kernel to read their payload into the page cache (POSIX_FADV_WILLNEED).
-The opened handles are handed back to the loop's HandleCache, so that the
-read itself is one page-cached pread on the loop (RWF_NOWAIT), with no
-thread round trip. Must not: return payload bytes, decide what is
-degraded, or change a store's health (a failed read-ahead is simply
-forgotten; the real read meets the same problem and reports it).
+Owns: a few worker threads per store that read and verify the headers of
+the fragments a sequential reader will want next and ask the store to
+fetch their payload (`Store.prefetch`: a directory store opens the file,
+keeps it open, and has the kernel read the payload into the page cache
+with POSIX_FADV_WILLNEED). The headers are handed back to the loop's
+HandleCache, so that the read itself is one `Store.read_fragment_cached`
+on the loop (a page-cached preadv2 with RWF_NOWAIT), with no thread round
+trip. Must not: return payload bytes, decide what is degraded, or change
+a store's health (a failed read-ahead is simply forgotten; the real read
+meets the same problem and reports it).
 
 Why not `StoreRunner.call`: a runner call costs the event loop a trio
 thread round trip (limiter, cancel scope, outcome, wakeup: tens of
@@ -16,18 +18,18 @@ filesystem), and nobody waits for read-ahead. Here a request costs the
 loop a `queue.put`, and one `run_sync_soon` callback brings the handle
 back.
 
-Hung stores: a worker stuck in open() or fadvise() on a hung store blocks
+Hung stores: a worker stuck in a store call on a hung store blocks
 only its own queue; once MAX_QUEUED requests wait for it, further requests
 for that store are dropped, so nothing grows or stalls elsewhere.
 
 Concurrency contract: `request` and the delivery callbacks run on the trio
-loop thread; workers touch only their queue and the fragment files.
+loop thread; workers touch only their queue and the store (whose methods
+are thread-safe).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -35,8 +37,9 @@ from collections.abc import Callable
 import trio
 
 from .errors import EcfsError
-from .handles import Expected, FragmentHandle, HandleCache, HandleKey, close_later, open_fragment
-from .store import DirectoryStore
+from .fragment import FragmentHeader
+from .handles import Expected, HandleCache, HandleKey, read_header
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,8 @@ MAX_QUEUED = 64
 #: sequential reader at a few hundred MiB/s.
 WORKERS_PER_STORE = 4
 
-#: (handle key, store object, expected header, already open handle or None)
-_Job = tuple[HandleKey, DirectoryStore, Expected, FragmentHandle | None]
+#: (handle key, store object, expected header, header already known or None)
+_Job = tuple[HandleKey, Store, Expected, FragmentHeader | None]
 
 
 class ReadAhead:
@@ -65,10 +68,10 @@ class ReadAhead:
         self._pending: set[HandleKey] = set()
         self._token: trio.lowlevel.TrioToken | None = None
 
-    def request(self, key: HandleKey, store: DirectoryStore) -> None:
-        """Open fragment `key` = (store index, chunk id, index) and start
-        reading its payload into the page cache, in the background. Called
-        on the loop; returns at once."""
+    def request(self, key: HandleKey, store: Store) -> None:
+        """Verify the header of fragment `key` = (store index, chunk id,
+        index) and have the store fetch its payload, in the background.
+        Called on the loop; returns at once."""
         if key in self._pending:
             return
         index = key[0]
@@ -77,11 +80,11 @@ class ReadAhead:
             return
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
-        handle = self.handles.acquire(key)  # released by _deliver
+        known = self.handles.get(key)
         self._pending.add(key)
         self._queued[index] = self._queued.get(index, 0) + 1
         self.requested += 1
-        self._queue(index).put((key, store, self.expected, handle))
+        self._queue(index).put((key, store, self.expected, known))
 
     def close(self) -> None:
         """Stop the workers (a worker stuck on a hung store exits when its
@@ -105,55 +108,45 @@ class ReadAhead:
                 ).start()
         return q
 
-    def _deliver(self, key: HandleKey, handle: FragmentHandle | None, opened: bool) -> None:
-        """Loop side of a finished job: cache a newly opened handle, or
-        release the one that was lent to the worker."""
+    def _deliver(self, key: HandleKey, header: FragmentHeader | None) -> None:
+        """Loop side of a finished job: cache a newly verified header."""
         self._pending.discard(key)
         self._queued[key[0]] -= 1
-        if handle is None:
-            return
-        if opened:
-            handle = self.handles.insert(key, handle)
-        self.handles.release(handle)
+        if header is not None:
+            self.handles.insert(key, header)
 
 
 def _work(
     jobs: queue.SimpleQueue[_Job | None],
     token: trio.lowlevel.TrioToken,
-    deliver: Callable[[HandleKey, FragmentHandle | None, bool], None],
+    deliver: Callable[[HandleKey, FragmentHeader | None], None],
 ) -> None:
-    """A store's worker: open (if needed) and advise, one job at a time."""
+    """A store's worker: verify the header (if needed) and prefetch, one
+    job at a time."""
     while (job := jobs.get()) is not None:
-        key, store, expected, lent = job
+        key, store, expected, known = job
         try:
-            handle = _open_and_advise(key, store, expected, lent)
+            header = _verify_and_prefetch(key, store, expected, known)
         except Exception:  # a bug: never leave the request pending
             log.exception("bug in read-ahead of %s", key)
-            handle = lent
+            header = None
         try:
-            token.run_sync_soon(deliver, key, handle, lent is None)
+            token.run_sync_soon(deliver, key, header if known is None else None)
         except trio.RunFinishedError:
-            if lent is None and handle is not None:
-                close_later(handle.fd)
             return
 
 
-def _open_and_advise(
-    key: HandleKey, store: DirectoryStore, expected: Expected, lent: FragmentHandle | None
-) -> FragmentHandle | None:
-    """Blocking: the handle (`lent`, or newly opened) after asking for its
-    payload to be read in; None if a new one could not be opened."""
-    handle = lent
+def _verify_and_prefetch(
+    key: HandleKey, store: Store, expected: Expected, known: FragmentHeader | None
+) -> FragmentHeader | None:
+    """Blocking: the fragment's verified header (`known`, or read now)
+    after asking the store to fetch its payload; None if it could not be
+    read."""
+    header = known
     try:
-        if handle is None:
-            handle = open_fragment(store, key[1], key[2], expected)
-            handle.prefix = None
-        os.posix_fadvise(
-            handle.fd, handle.payload_offset, handle.header.payload_length, os.POSIX_FADV_WILLNEED
-        )
-    except (OSError, EcfsError) as exc:
+        if header is None:
+            header, _ = read_header(store, key[1], key[2], expected)
+        store.prefetch(key[1], key[2], header.payload_offset, header.payload_length)
+    except EcfsError as exc:
         log.debug("read-ahead of %s failed: %s", key, exc)
-        if lent is None and handle is not None:
-            close_later(handle.fd)
-            return None
-    return handle
+    return header

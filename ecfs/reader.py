@@ -6,16 +6,19 @@ metadata database (damage goes to the `on_damage` callback), write anything
 to stores, or know about files.
 
 Healthy read: the data fragments holding the range are read, cell-aligned,
-one pread each (on the event loop with RWF_NOWAIT when the bytes are in the
-page cache, otherwise one thread call per fragment), and every touched cell
-is verified against its checksum.
+one store read each (on the event loop through `Store.read_fragment_cached`
+when the store has the bytes at hand, e.g. in the page cache, otherwise one
+thread call per fragment), and every touched cell is verified against its
+checksum. Fragments are named to stores by (chunk, index, byte range); the
+reader never sees how a store keeps them (no file descriptors here).
 
 Degraded read: when a data fragment is missing, its store unavailable, its
 cells fail their checksums, or the read errors or times out, the SAME
 cell-aligned byte range [a, b) is read from k surviving fragments (fastest
 stores first, data fragments before parity on ties) and only that range is
-decoded. When k of those fragments are open on healthy stores (sequential
-readers have them read ahead, parity included), the k reads, their checks
+decoded. When the headers of k of those fragments on healthy stores are
+known (sequential readers have them read ahead, parity included), the k
+reads, their checks
 and the decode are one worker-thread call; otherwise, or if that call
 fails or is slow, each source is read and hedged on its own. zfec is
 systematic and works byte position by byte position, so bytes [a, b) of
@@ -26,10 +29,8 @@ guessed or zeroed bytes.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,14 +40,17 @@ from . import fragment
 from .codec import Codec
 from .errors import EcfsError, FragmentCorrupt, FragmentMissing, StoreError, Unrecoverable
 from .geometry import FragmentPiece, Layout
-from .handles import Expected, FragmentHandle, HandleCache, open_fragment
+from .handles import Expected, HandleCache, read_header
 from .model import ChunkRef
 from .offload import StoreRunner, StoreState, available_runner, run_cpu, run_in_thread
 from .readahead import ReadAhead
-from .store import DirectoryStore
+from .store import Store
 from .tasks import gather_in_order, open_fan_out
 
 log = logging.getLogger(__name__)
+
+#: Verified bytes as read (a bytearray when read into a buffer: never copied again).
+Bytes = bytes | bytearray
 
 #: Called with (chunk, fragment indices found bad, reason) after a degraded read.
 DamageCallback = Callable[[ChunkRef, list[int], str], None]
@@ -101,51 +105,54 @@ class ReadStatistics:
     one_call_reads: int
 
 
-def _pread_verified(fd: int, header: fragment.FragmentHeader, start: int, end: int) -> bytes:
+def _read_verified(
+    store: Store, header: fragment.FragmentHeader, start: int, end: int
+) -> bytearray:
     """Blocking: read payload bytes [start, end) (cell-aligned) and verify."""
-    data = DirectoryStore.read_at(fd, end - start, header.payload_offset + start)
-    _verify(header, start, end, data)
+    data = bytearray(end - start)
+    n = store.read_fragment(
+        header.chunk_id, header.index, header.payload_offset + start, memoryview(data)
+    )
+    _verify(header, start, end, memoryview(data)[:n])
     return data
 
 
 def _open_and_read(
-    store: DirectoryStore, chunk_id: int, index: int, expected: Expected, start: int, end: int
-) -> tuple[FragmentHandle, bytes]:
-    """Blocking: open a fragment (one thread hop on a cache miss) and read.
-    A range near the start of the payload is read with the header in one
-    pread (one disk request for a cold fragment)."""
+    store: Store, chunk_id: int, index: int, expected: Expected, start: int, end: int
+) -> tuple[fragment.FragmentHeader, bytes | bytearray]:
+    """Blocking: read and verify a fragment's header, then the range. A
+    range near the start of the payload is read with the header in one
+    request (one disk request for a cold fragment)."""
     together = fragment.HEADER_PROBE_SIZE + end if start < ONE_READ_GAP else 0
-    handle = open_fragment(store, chunk_id, index, expected, probe=together)
-    try:
-        offset = handle.payload_offset
-        if handle.prefix is not None and len(handle.prefix) >= offset + end:
-            data = bytes(handle.prefix[offset + start : offset + end])
-            handle.prefix = None
-            _verify(handle.header, start, end, data)
-            return handle, data
-        handle.prefix = None
-        return handle, _pread_verified(handle.fd, handle.header, start, end)
-    except BaseException:
-        os.close(handle.fd)
-        raise
+    header, prefix = read_header(store, chunk_id, index, expected, probe=together)
+    offset = header.payload_offset
+    if len(prefix) >= offset + end:
+        data = bytes(prefix[offset + start : offset + end])
+        _verify(header, start, end, data)
+        return header, data
+    return header, _read_verified(store, header, start, end)
 
 
 def _decode_range(
-    codec: Codec, sources: list[tuple[int, FragmentHandle]], lost: int, start: int, end: int
+    codec: Codec,
+    sources: list[tuple[Store, fragment.FragmentHeader]],
+    lost: int,
+    start: int,
+    end: int,
 ) -> bytes | None:
     """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
-    decoded from the same range of k open `sources` (index, handle). Their
-    reads are started together (POSIX_FADV_WILLNEED), then read and
+    decoded from the same range of k `sources` (store, verified header).
+    Their reads are started together (`Store.prefetch`), then read and
     verified in turn, so the wait is about one disk read, not k. None if a
     source cannot be read or fails its checksums (the caller then takes the
     general path, which finds out which one and reads another)."""
     try:
-        for _, handle in sources:
-            os.posix_fadvise(
-                handle.fd, handle.payload_offset + start, end - start, os.POSIX_FADV_WILLNEED
+        for store, header in sources:
+            store.prefetch(
+                header.chunk_id, header.index, header.payload_offset + start, end - start
             )
-        pieces = {i: _pread_verified(h.fd, h.header, start, end) for i, h in sources}
-    except (OSError, StoreError, FragmentCorrupt):
+        pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
+    except (StoreError, FragmentCorrupt):
         return None
     return codec.decode(pieces, [lost])[lost]
 
@@ -186,7 +193,6 @@ class ChunkReader:
         self.on_missing = on_missing
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
-        self._nowait = hasattr(os, "RWF_NOWAIT")
         self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
@@ -270,14 +276,14 @@ class ChunkReader:
             [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
 
-    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
+    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> Bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`
         itself; StoreError or FragmentCorrupt if it cannot be read."""
         return await self._read_fragment(ref, index, start, end)
 
     async def read_fragment_range(
         self, ref: ChunkRef, index: int, start: int, end: int
-    ) -> bytes:
+    ) -> Bytes:
         """Verified bytes [start, end) (cell-aligned) of fragment `index`,
         decoded from others if it cannot be read (used by repair)."""
         try:
@@ -298,38 +304,37 @@ class ChunkReader:
     def _read_cached_nowait(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, dest: memoryview
     ) -> bool:
-        """Fill `dest` with `piece` from an open handle and page-cached
-        bytes, on the loop; False if it cannot be done without blocking."""
+        """Fill `dest` with `piece` from a known header and the store's
+        cached bytes, on the loop; False if it cannot be done without
+        blocking."""
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
-        if runner is None or not self._nowait:
+        if runner is None:
             return False
         key = (store, ref.chunk_id, piece.index)
-        handle = self.handles.acquire(key)
-        if handle is None:
+        header = self.handles.get(key)
+        if header is None:
             return False
         a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
         try:
-            self._check_payload(ref, handle)
+            self._check_payload(ref, header)
             if a == piece.frag_start and b == piece.frag_end:
-                done = self._read_nowait(handle, a, dest)  # straight into the caller's buffer
+                done = self._read_nowait(runner.store, header, a, dest)  # into the caller's buffer
             else:
                 cells = bytearray(b - a)
-                done = self._read_nowait(handle, a, memoryview(cells))
+                done = self._read_nowait(runner.store, header, a, memoryview(cells))
                 if done:
                     dest[:] = memoryview(cells)[piece.frag_start - a : piece.frag_end - a]
         except FragmentCorrupt:
             self.handles.discard(key)
             return False  # the slow path reads it again and reports the damage
-        finally:
-            self.handles.release(handle)
         if done:
             self.counters.store_bytes += b - a
         return done
 
     async def _read_hedged(
         self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
-    ) -> bytes:
+    ) -> Bytes:
         """Read one fragment range; if it fails, decode it from others; if it
         is slow (past its store's hedge deadline), ALSO decode it from others
         and take whichever answers first. The slow read keeps running until
@@ -339,7 +344,7 @@ class ChunkReader:
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        winner: list[bytes] = []
+        winner: list[Bytes] = []
         errors: list[EcfsError] = []
         primary_done = trio.Event()
 
@@ -400,22 +405,26 @@ class ChunkReader:
         reads = self.counters.thread_reads + self.counters.nowait_hits
         return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
 
-    async def _read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> bytes:
+    async def _read_fragment(
+        self, ref: ChunkRef, index: int, start: int, end: int
+    ) -> Bytes:
         """Verified bytes of one fragment; StoreError/FragmentCorrupt if not.
 
-        An open fragment's page cache is tried (again) before a worker
-        thread: a RWF_NOWAIT read that misses (in `read_cached`) makes the
-        kernel start reading those pages, and the disk often answers before
-        a thread would even be woken (measured: p50 of a random 4 KiB read
+        A known fragment's cached read (`Store.read_fragment_cached`) is
+        tried (again) before a worker thread: on a directory store a
+        RWF_NOWAIT read that misses (in `read_cached`) makes the kernel
+        start reading those pages, and the disk often answers before a
+        thread would even be woken (measured: p50 of a random 4 KiB read
         ~290 us with this second try, ~500 us without)."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             raise StoreError(f"fragment {index} of chunk {ref.chunk_id:016x}: store unavailable")
         key = (store, ref.chunk_id, index)
-        handle = self.handles.acquire(key)
+        header = self.handles.get(key)
         try:
-            if handle is None:
+            data: bytes | bytearray
+            if header is None:
                 opened, data = await runner.call(
                     _open_and_read,
                     runner.store,
@@ -427,18 +436,17 @@ class ChunkReader:
                     timeout=self.read_timeout,
                     nbytes_read=end - start,
                 )
-                handle = self.handles.insert(key, opened)
-                self._check_payload(ref, handle)
+                self.handles.insert(key, opened)
+                self._check_payload(ref, opened)
                 self.counters.thread_reads += 1
             else:
-                self._check_payload(ref, handle)
-                cells = bytearray(end - start)
-                data = cells if self._read_nowait(handle, start, memoryview(cells)) else None
-                if data is None:
+                self._check_payload(ref, header)
+                data = bytearray(end - start)
+                if not self._read_nowait(runner.store, header, start, memoryview(data)):
                     data = await runner.call(
-                        _pread_verified,
-                        handle.fd,
-                        handle.header,
+                        _read_verified,
+                        runner.store,
+                        header,
                         start,
                         end,
                         timeout=self.read_timeout,
@@ -448,34 +456,25 @@ class ChunkReader:
         except FragmentCorrupt:
             self.handles.discard(key)
             raise
-        finally:
-            if handle is not None:
-                self.handles.release(handle)
         self.counters.store_bytes += end - start
         return data
 
-    def _check_payload(self, ref: ChunkRef, handle: FragmentHandle) -> None:
-        if handle.header.payload_length != self.layout.payload_length(ref.length):
+    def _check_payload(self, ref: ChunkRef, header: fragment.FragmentHeader) -> None:
+        if header.payload_length != self.layout.payload_length(ref.length):
             raise FragmentCorrupt(f"chunk {ref.chunk_id:016x}: fragment payload length mismatch")
 
-    def _read_nowait(self, handle: FragmentHandle, start: int, dest: memoryview) -> bool:
+    def _read_nowait(
+        self, store: Store, header: fragment.FragmentHeader, start: int, dest: memoryview
+    ) -> bool:
         """Read payload bytes [start, start + len(dest)) (cell-aligned) into
-        `dest` and verify them, if they are in the page cache (on the loop,
-        never blocking); False if they are not. FragmentCorrupt if they fail
-        their checksums."""
-        if not self._nowait:
+        `dest` and verify them, if the store has them at hand
+        (`Store.read_fragment_cached`: on the loop, never blocking); False
+        if it has not. FragmentCorrupt if they fail their checksums."""
+        if not store.read_fragment_cached(
+            header.chunk_id, header.index, header.payload_offset + start, dest
+        ):
             return False
-        try:
-            n = os.preadv(handle.fd, [dest], handle.payload_offset + start, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._nowait = False
-            return False
-        if n != len(dest):
-            return False
-        _verify(handle.header, start, start + n, dest)
+        _verify(header, start, start + len(dest), dest)
         self.counters.nowait_hits += 1
         return True
 
@@ -518,53 +517,43 @@ class ChunkReader:
     ) -> bytes | None:
         """The common degraded read in ONE worker-thread call (k reads, their
         checks and the decode: `_decode_range`) instead of k thread round
-        trips and a task each, then a decode: possible when k of the
-        `candidates` (best first) are open fragments on healthy stores (read
+        trips and a task each, then a decode: possible when the headers of k
+        of the `candidates` (best first) on healthy stores are known (read
         ahead, or read before). None when it is not, or when the call fails
         or takes longer than twice the slowest source's hedge deadline (it
         is then abandoned and `gather_fragments`, which hedges and widens
-        per source, takes over).
-
-        Handles stay in use until the thread is done with them; an
-        abandoned call (a store that hung meanwhile) keeps its k handles
-        open for good, which is bounded by how often a store hangs."""
+        per source, takes over). An abandoned call's thread ends when its
+        store answers (a store keeps what the thread uses open until then)."""
         k = self.layout.k
-        acquired: list[tuple[int, FragmentHandle]] = []
-        abandoned = False
-        try:
-            deadline = 0.0
-            for index in candidates:
-                if len(acquired) == k:
-                    break
-                runner = self.runners.get(ref.stores[index])
-                if runner is None or runner.state is not StoreState.OK:
-                    continue
-                handle = self.handles.acquire((ref.stores[index], ref.chunk_id, index))
-                if handle is None:
-                    continue
-                acquired.append((index, handle))
-                try:
-                    self._check_payload(ref, handle)
-                except FragmentCorrupt:
-                    return None  # the general path reads it and reports it
-                deadline = max(deadline, 2 * runner.hedge_deadline())
-            if len(acquired) < k:
-                return None
-            with trio.move_on_after(deadline) as scope:
-                decoded = await run_in_thread(
-                    _decode_range, self.codec, acquired, lost, start, end,
-                    abandon_on_cancel=True, limiter=self._one_call_limiter,
-                )  # fmt: skip
-            abandoned = scope.cancelled_caught
-            return None if abandoned else decoded
-        finally:
-            if not abandoned:
-                for _, handle in acquired:
-                    self.handles.release(handle)
+        sources: list[tuple[Store, fragment.FragmentHeader]] = []
+        deadline = 0.0
+        for index in candidates:
+            if len(sources) == k:
+                break
+            runner = self.runners.get(ref.stores[index])
+            if runner is None or runner.state is not StoreState.OK:
+                continue
+            header = self.handles.get((ref.stores[index], ref.chunk_id, index))
+            if header is None:
+                continue
+            try:
+                self._check_payload(ref, header)
+            except FragmentCorrupt:
+                return None  # the general path reads it and reports it
+            sources.append((runner.store, header))
+            deadline = max(deadline, 2 * runner.hedge_deadline())
+        if len(sources) < k:
+            return None
+        with trio.move_on_after(deadline) as scope:
+            decoded = await run_in_thread(
+                _decode_range, self.codec, sources, lost, start, end,
+                abandon_on_cancel=True, limiter=self._one_call_limiter,
+            )  # fmt: skip
+        return None if scope.cancelled_caught else decoded
 
     async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int
-    ) -> tuple[dict[int, bytes], list[int], int]:
+    ) -> tuple[dict[int, Bytes], list[int], int]:
         """Read [start, end) of k fragments among `candidates` (best first).
 
         k reads start at once; a failed one is replaced by the next
@@ -572,7 +561,7 @@ class ChunkReader:
         deadline, every remaining candidate is read too and the first k
         answers win. Returns (pieces, indices found bad, bytes read)."""
         k = self.layout.k
-        pieces: dict[int, bytes] = {}
+        pieces: dict[int, Bytes] = {}
         bad: list[int] = []
         waiting = list(candidates)
         running = 0

@@ -58,7 +58,7 @@ from .metadb.database import Database
 from .model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
 from .offload import StoreRunner, available_runner
 from .placement import Placement
-from .reader import ChunkReader
+from .reader import Bytes, ChunkReader
 from .rebuild import rebuild_fragments
 from .tasks import wait_until_idle
 
@@ -393,7 +393,7 @@ class Repairer:
         self.counters.bytes_read += payload
         return True
 
-    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, bytes]:
+    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, Bytes]:
         """k whole, verified fragments (read in parallel, fastest stores and
         data fragments first); fragments found bad are added to `broken`."""
         candidates = [

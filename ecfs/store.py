@@ -1,14 +1,22 @@
-"""One store = one directory: its on-disk layout and every blocking call on it.
+"""The store interface, and one store = one directory: its on-disk layout
+and every blocking call on it.
 
-Owns: the layout of a store directory, the store marker format, and the raw
-file operations on fragment files (create, open, pread, delete, list,
-durability via syncfs, free space).
+Owns: the `Store` interface (fragments by name: chunk id, fragment index,
+byte range into a caller's buffer; no file descriptor ever crosses it), the
+factory that opens a store by location (`open_store`, `initialise_store`),
+the layout of a store directory, the store marker format, and the file
+operations on fragment files (create, read, page-cache reads, read-ahead
+hints, delete, list, durability via syncfs, free space), with the cache of
+open fragment files (`ecfs.fdcache`, used only from here).
 
-Must not: run on the event loop (every method here may block on a disk, so
-callers go through `ecfs.offload.StoreRunner.call`), interpret fragment
+Must not: run on the event loop, except `Store.read_fragment_cached` and
+`Store.close`, which never block (every other method may block on a disk,
+so callers go through `ecfs.offload.StoreRunner.call`), interpret fragment
 contents (`ecfs.fragment` builds and parses them; here they are opaque
 bytes), touch the metadata replica database (`ecfs.replicas` owns `meta/`),
-or decide placement or health (services above do that).
+or decide placement or health (services above do that). Other kinds of
+store (the in-memory and fault-injecting fakes of `ecfs.fakestores`, later
+object stores) implement the same `Store` interface.
 
 On-disk layout of a store directory (created 0700, subdirectories 0700,
 files 0600)::
@@ -79,6 +87,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import re
@@ -99,6 +108,7 @@ from ecfs.errors import (
     StoreSwapped,
     VolumeError,
 )
+from ecfs.fdcache import OPEN_FILES, OpenFile
 
 MARKER_NAME = "ecfs-store.json"
 STORE_FORMAT = 1
@@ -124,6 +134,9 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: open() errors that concern one directory entry, not the store: a
 #: symlink (O_NOFOLLOW), a directory, a socket or a device without driver.
 _BAD_ENTRY_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV})
+_HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT")
+#: Numbers that tell DirectoryStore objects apart in the open-file cache.
+_OWNERS = itertools.count()
 
 
 # --------------------------------------------------------------------------
@@ -227,32 +240,160 @@ class StoreUsage:
     free_bytes: int
 
 
-class Store(Protocol):
-    """What services need from a store; DirectoryStore is the real one.
+#: What a writer hands over: the parts of one fragment, concatenated.
+FragmentParts = Sequence[bytes | bytearray | memoryview]
 
-    Every method may block. Fakes for tests (e.g. fault injection) honour
-    the same contracts, including the exception types.
+
+class Store(Protocol):
+    """What services need from a store: fragments by name, never by fd.
+
+    A fragment is named by (chunk id, fragment index), 0 <= chunk id <
+    2**64, 0 <= index < 256; its contents are opaque bytes here (built and
+    checked by `ecfs.fragment`), written once and never modified. The
+    implementations are `DirectoryStore` (one directory, the real one;
+    `open_store` opens one by location) and the fakes in
+    `ecfs.fakestores`; they all honour this contract, exception types
+    included, so services and their tests cannot tell them apart.
+
+    Errors (all `ecfs.errors.StoreError` or subclasses; a method raises no
+    other exception type except ValueError for an out-of-range name, a
+    caller bug):
+
+    - FragmentMissing: no fragment by that name (a fast, healthy answer:
+      not a store failure);
+    - BadFragmentEntry: something that is not a fragment took its name (a
+      damaged fragment, not a sick store; `delete_fragment` removes it);
+    - NoSpace: the store is full (ENOSPC/EDQUOT);
+    - StoreSwapped: the store is not the one pinned by `pin_identity`;
+    - StoreError: anything else; the store may be sick (`offload` counts it
+      against the store's health).
+
+    Concurrency: thread-safe; methods may run concurrently in several
+    worker threads. Every method may block on a disk or network (and may
+    hang until the device answers), so callers run them through
+    `ecfs.offload.StoreRunner.call` (a limiter, a timeout and abandonment
+    of a hung call), never on the event loop, with two exceptions that
+    never block and are meant for the loop: `read_fragment_cached` and
+    `close`.
     """
 
+    #: Where the store is, for messages and status (a directory today).
     path: Path
 
-    def read_marker(self) -> StoreMarker: ...
-    def fragment_relpath(self, chunk_id: int, index: int) -> str: ...
-    def write_fragment(
-        self, chunk_id: int, index: int, parts: Sequence[bytes | bytearray | memoryview]
-    ) -> int: ...
-    def open_fragment(self, chunk_id: int, index: int) -> int: ...
-    def read_at(self, fd: int, length: int, offset: int) -> bytes: ...
-    def delete_fragment(self, chunk_id: int, index: int) -> None: ...
-    def sync(self) -> None: ...
-    def usage(self) -> StoreUsage: ...
-    def iter_fragments(self) -> Iterator[tuple[int, int]]: ...
-    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int: ...
-    def retire(self) -> None: ...
-    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker: ...
-    def probe(self, *, accept_moved: bool = False) -> StoreMarker: ...
     @property
-    def meta_dir(self) -> Path: ...
+    def meta_dir(self) -> Path:
+        """Directory of the metadata replica database (owned by `ecfs.replicas`)."""
+        ...
+
+    # ---- identity and health
+
+    def read_marker(self) -> StoreMarker:
+        """The store's marker; StoreError if missing, unreadable or garbled."""
+        ...
+
+    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
+        """Remember this store as it is now (its marker, read unless given,
+        and what tells its medium apart); `probe` and fragment writes then
+        check it. StoreError if it cannot be read."""
+        ...
+
+    def probe(self, *, accept_moved: bool = False) -> StoreMarker:
+        """Cheap health check: the marker after checking the pinned identity
+        (StoreSwapped if another store is here; `accept_moved` re-pins a
+        store that came back on another mount). StoreError if the store is
+        gone or unreadable; cached resources are then dropped."""
+        ...
+
+    def device(self) -> int:
+        """A number equal for stores that share one filesystem (one
+        `sync` makes all of them durable); StoreError if unreachable."""
+        ...
+
+    def usage(self) -> StoreUsage:
+        """Total and free bytes of the medium; StoreError if unreachable."""
+        ...
+
+    def sync(self) -> None:
+        """Make every fragment written (and deleted) so far durable."""
+        ...
+
+    def retire(self) -> None:
+        """This store leaves its volume: its marker is retired, so it no
+        longer opens as a store of the volume."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open (cached file descriptors,
+        connections). Never blocks (may be called on the event loop); the
+        store stays usable and reopens what it needs on demand."""
+        ...
+
+    # ---- fragments
+
+    def fragment_relpath(self, chunk_id: int, index: int) -> str:
+        """The fragment's name inside the store (for messages and fsck);
+        does no I/O. ValueError for an out-of-range name."""
+        ...
+
+    def write_fragment(self, chunk_id: int, index: int, parts: FragmentParts) -> int:
+        """Create the fragment with the concatenation of `parts`; returns
+        the bytes written. It must not exist (StoreError otherwise: never
+        overwritten; delete first). Not durable until `sync`. On failure
+        nothing (or nothing readable as complete) is left under its name."""
+        ...
+
+    def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
+        """Read the fragment's bytes [offset, offset + len(dest)) into
+        `dest`; returns how many were read: len(dest), fewer only at the end
+        of the fragment (0 past it). FragmentMissing, BadFragmentEntry or
+        StoreError."""
+        ...
+
+    def read_fragment_cached(
+        self, chunk_id: int, index: int, offset: int, dest: memoryview
+    ) -> bool:
+        """The fast path: fill all of `dest` with the fragment's bytes at
+        `offset` only if that needs no waiting for a device (a directory
+        store: the file is open and the bytes are in the page cache), on
+        the calling thread (the event loop). False on any miss (not open,
+        not cached, not supported, short, or an error: the slow path
+        `read_fragment` then meets it and reports it); `dest` is then
+        unspecified. Never raises for a miss, never blocks."""
+        ...
+
+    def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
+        """Hint: bytes [offset, offset + length) of the fragment will be read
+        soon; start fetching them (a directory store: opens the file and
+        asks the kernel to read them into the page cache). Blocking; errors
+        as `read_fragment`; callers treat them as best effort."""
+        ...
+
+    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
+        """Size in bytes of the stored fragment; FragmentMissing or
+        BadFragmentEntry."""
+        ...
+
+    def delete_fragment(self, chunk_id: int, index: int) -> None:
+        """Remove the fragment (or whatever entry took its name). Missing is
+        fine, unless the whole store is gone (StoreError: the fragment may
+        still be there when it comes back)."""
+        ...
+
+    def iter_fragments(self) -> Iterator[tuple[int, int]]:
+        """(chunk id, index) of every fragment held, in no order. A
+        generator: run the whole iteration in the worker thread (or use
+        `list_fragments`)."""
+        ...
+
+    def list_fragments(self) -> list[tuple[int, int]]:
+        """`iter_fragments` as a list (convenient to offload)."""
+        ...
+
+    def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
+        """Names (relative, sorted) of entries where fragments are kept that
+        are not the fragments listed (`list_fragments`): what fsck reports
+        and leaves alone."""
+        ...
 
 
 # --------------------------------------------------------------------------
@@ -262,18 +403,34 @@ class Store(Protocol):
 class DirectoryStore:
     """A store kept in one local (or network-mounted) directory.
 
-    Stateless apart from its path, whether its filesystem takes direct
-    I/O and its pinned identity, and thread-safe: methods may run
-    concurrently in several worker threads.
+    Implements `Store`. Its state: its path, whether its filesystem takes
+    direct I/O and RWF_NOWAIT reads, its pinned identity, and the fragment
+    files it keeps open (in `ecfs.fdcache.OPEN_FILES`, under a number of
+    its own). Thread-safe: methods may run concurrently in several worker
+    threads, and `read_fragment_cached` on the event loop meanwhile.
+
+    The measured optimisations of the read and write paths live here:
+
+    - open files are cached (`ecfs.fdcache`), so a healthy read is one
+      pread, and open() (which may block) is rare;
+    - `read_fragment_cached` is one preadv2(RWF_NOWAIT) on the caller's
+      thread: page-cached bytes are served on the event loop without a
+      thread round trip;
+    - `prefetch` is posix_fadvise(WILLNEED) on the cached file;
+    - `write_fragment` writes block-aligned parts with O_DIRECT.
     """
 
-    __slots__ = ("path", "_direct_io", "_pinned")
+    __slots__ = ("path", "_direct_io", "_nowait", "_owner", "_pinned")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
         self.path = Path(path)
         #: Cleared (for good) the first time the filesystem refuses O_DIRECT.
         self._direct_io = True
+        #: Cleared (for good) the first time the filesystem refuses RWF_NOWAIT.
+        self._nowait = _HAVE_NOWAIT
+        #: This store's part of the open-file cache.
+        self._owner = next(_OWNERS)
         #: (marker, st_dev, st_ino of the root) once `pin_identity` ran.
         self._pinned: tuple[StoreMarker, int, int] | None = None
 
@@ -366,11 +523,24 @@ class DirectoryStore:
         """Rename the marker to MARKER_NAME + '.retired': this directory is
         no longer a store of its volume (after `ecfs store remove/replace`)."""
         marker = self.path / MARKER_NAME
+        self.close()
         try:
             os.rename(marker, marker.with_name(MARKER_NAME + ".retired"))
             _fsync_directory(self.path)
         except OSError as exc:
             raise _store_error(exc, f"cannot retire {self.path}") from exc
+
+    def close(self) -> None:
+        """Close the fragment files kept open (in the background: a close
+        on a hung store may block). Never blocks; reads reopen them."""
+        OPEN_FILES.discard_owner(self._owner)
+
+    def device(self) -> int:
+        """st_dev of the store root (stores on one filesystem share it)."""
+        try:
+            return os.stat(self.path).st_dev
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat store {self.path}") from exc
 
     def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
         """Remember this store as it is now: its marker (read unless given)
@@ -398,14 +568,19 @@ class DirectoryStore:
         """
         try:
             root = os.stat(self.path)
+            marker = self.read_marker()
         except OSError as exc:
+            self.close()  # a store gone: never read through its old files
             raise _store_error(exc, f"cannot stat store {self.path}") from exc
-        marker = self.read_marker()
+        except StoreError:
+            self.close()
+            raise
         pinned = self._pinned
         if pinned is None:
             return marker
         was = pinned[0]
         if marker != was:
+            self.close()
             if _same_ids(marker, was):
                 raise StoreSwapped(f"{self.path}: the store marker changed (its geometry)")
             raise StoreSwapped(
@@ -413,6 +588,7 @@ class DirectoryStore:
                 f" {marker.store_id}; it was volume {was.volume_id}, store {was.store_id})"
             )
         if (root.st_dev, root.st_ino) != pinned[1:]:
+            self.close()  # files of the old mount
             if not accept_moved:
                 raise StoreSwapped(
                     f"{self.path}: the store directory was replaced (device {root.st_dev},"
@@ -441,12 +617,7 @@ class DirectoryStore:
         Raises ValueError (a caller bug) if chunk_id is not in [0, 2**64) or
         index not in [0, 256).
         """
-        if not 0 <= chunk_id < _CHUNK_ID_LIMIT:
-            raise ValueError(f"chunk id out of range: {chunk_id}")
-        if not 0 <= index < _MAX_FRAGMENTS:
-            raise ValueError(f"fragment index out of range: {index}")
-        fan = _fanout(chunk_id)
-        return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
+        return fragment_relpath(chunk_id, index)
 
     def _fragment_path(self, chunk_id: int, index: int) -> str:
         return os.path.join(self.path, self.fragment_relpath(chunk_id, index))
@@ -521,7 +692,7 @@ class DirectoryStore:
                 os.mkdir(directory, _DIR_MODE)
         return os.open(path, flags, _FILE_MODE)
 
-    def open_fragment(self, chunk_id: int, index: int) -> int:
+    def _open_fragment(self, chunk_id: int, index: int) -> int:
         """Open a fragment read-only and return the fd (the caller closes it).
 
         Missing file -> FragmentMissing; an entry that is not a regular file
@@ -537,27 +708,65 @@ class DirectoryStore:
                 raise BadFragmentEntry(f"fragment {path}: {_entry_problem(exc)}") from None
             raise _store_error(exc, f"cannot open fragment {path}") from exc
 
-    @staticmethod
-    def read_at(fd: int, length: int, offset: int) -> bytes:
-        """Read `length` bytes at `offset`; fewer only at end of file.
+    def _acquire_file(self, chunk_id: int, index: int) -> OpenFile:
+        """The fragment's cached open file (opened and cached if needed),
+        in use until `OPEN_FILES.release`."""
+        key = (self._owner, chunk_id, index)
+        entry = OPEN_FILES.acquire(key)
+        if entry is None:
+            entry = OPEN_FILES.insert(key, self._open_fragment(chunk_id, index))
+        return entry
 
-        Loops on short reads. OSError -> StoreError.
-        """
+    def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
+        """Read bytes [offset, offset + len(dest)) of the fragment into
+        `dest` (preadv through the cached open file, looping on short
+        reads); the count, fewer than len(dest) only at end of file.
+        FragmentMissing, BadFragmentEntry; another OSError -> StoreError
+        (and the cached file is dropped: the next read opens it anew)."""
+        entry = self._acquire_file(chunk_id, index)
         try:
-            data = os.pread(fd, length, offset)
-            if len(data) == length or not data:
-                return data
-            pieces = [data]
-            got = len(data)
-            while got < length:
-                more = os.pread(fd, length - got, offset + got)
-                if not more:
-                    break
-                pieces.append(more)
-                got += len(more)
-            return b"".join(pieces)
+            return _preadv_all(entry.fd, dest, offset)
         except OSError as exc:
-            raise _store_error(exc, f"cannot read fragment (fd {fd})") from exc
+            OPEN_FILES.discard((self._owner, chunk_id, index))
+            path = self._fragment_path(chunk_id, index)
+            raise _store_error(exc, f"cannot read fragment {path}") from exc
+        finally:
+            OPEN_FILES.release(entry)
+
+    def read_fragment_cached(
+        self, chunk_id: int, index: int, offset: int, dest: memoryview
+    ) -> bool:
+        """One preadv2(RWF_NOWAIT) into `dest` if the fragment file is open
+        (never opens: open() may block); True if all of `dest` came from
+        the page cache. See `Store.read_fragment_cached`."""
+        if not self._nowait:
+            return False
+        entry = OPEN_FILES.acquire((self._owner, chunk_id, index))
+        if entry is None:
+            return False
+        try:
+            n = os.preadv(entry.fd, [dest], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+            return False
+        finally:
+            OPEN_FILES.release(entry)
+        return n == len(dest)
+
+    def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
+        """Open (and cache) the fragment file and posix_fadvise(WILLNEED)
+        its bytes [offset, offset + length): the kernel starts reading them
+        into the page cache and this returns without waiting for them."""
+        entry = self._acquire_file(chunk_id, index)
+        try:
+            os.posix_fadvise(entry.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot prefetch fragment {chunk_id:016x}.{index}") from exc
+        finally:
+            OPEN_FILES.release(entry)
 
     def delete_fragment(self, chunk_id: int, index: int) -> None:
         """Remove a fragment file, or whatever entry took its name (a
@@ -568,6 +777,7 @@ class DirectoryStore:
         other OSError: the fragment may still be there when the store comes
         back. A directory that cannot be removed -> BadFragmentEntry."""
         path = self._fragment_path(chunk_id, index)
+        OPEN_FILES.discard((self._owner, chunk_id, index))
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -618,6 +828,21 @@ class DirectoryStore:
         """`iter_fragments` collected into a list (convenient to offload)."""
         return list(self.iter_fragments())
 
+    def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
+        """Paths (relative to the store) of non-directory entries under
+        frags/ that are not among `fragments` (well-named fragment files in
+        their fan-out directory): symlinks to directories included."""
+        known = {self.fragment_relpath(c, i) for c, i in fragments}
+        stray = []
+        for directory, dirnames, filenames in os.walk(self.path / FRAGS_DIR):
+            relative = Path(directory).relative_to(self.path)
+            links = [d for d in dirnames if os.path.islink(os.path.join(directory, d))]
+            for name in filenames + links:
+                path = (relative / name).as_posix()
+                if path not in known:
+                    stray.append(path)
+        return sorted(stray)
+
     # ---- whole store
 
     def sync(self) -> None:
@@ -642,6 +867,30 @@ class DirectoryStore:
         return StoreUsage(
             total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize
         )
+
+
+def fragment_relpath(chunk_id: int, index: int) -> str:
+    """A fragment's name inside a store: its path relative to a directory
+    store (see the layout in the module docstring). ValueError (a caller
+    bug) if chunk_id is not in [0, 2**64) or index not in [0, 256)."""
+    if not 0 <= chunk_id < _CHUNK_ID_LIMIT:
+        raise ValueError(f"chunk id out of range: {chunk_id}")
+    if not 0 <= index < _MAX_FRAGMENTS:
+        raise ValueError(f"fragment index out of range: {index}")
+    fan = _fanout(chunk_id)
+    return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
+
+
+def open_store(location: str | os.PathLike[str]) -> Store:
+    """The store at `location` (a directory path today), without I/O. The
+    one place that turns a location given by a user into a store."""
+    return DirectoryStore(location)
+
+
+def initialise_store(location: str | os.PathLike[str], marker: StoreMarker) -> Store:
+    """Create a new, empty store at `location` for `marker` (mkfs, store
+    add/replace). Blocking; see `DirectoryStore.initialise` for the errors."""
+    return DirectoryStore.initialise(location, marker)
 
 
 # --------------------------------------------------------------------------
@@ -740,6 +989,19 @@ def _store_error(exc: OSError, what: str) -> StoreError:
     if exc.errno in _NO_SPACE_ERRNOS:
         return NoSpace(f"{what}: {reason}")
     return StoreError(f"{what}: {reason}")
+
+
+def _preadv_all(fd: int, dest: memoryview, offset: int) -> int:
+    """preadv into all of `dest`, looping on short reads; the count (less
+    only at end of file)."""
+    got = os.preadv(fd, [dest], offset)
+    total = len(dest)
+    while 0 < got < total:
+        more = os.preadv(fd, [dest[got:]], offset + got)
+        if not more:
+            break
+        got += more
+    return got
 
 
 def _writev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> int:

@@ -43,7 +43,7 @@ from .mkfs import check_store_paths
 from .offload import StoreRunner, run_in_thread
 from .placement import Placement
 from .repair import Repairer
-from .store import STORE_FORMAT, DirectoryStore, StoreMarker
+from .store import STORE_FORMAT, Store, StoreMarker, initialise_store
 
 #: Seconds between checks while a removed store drains.
 DRAIN_POLL = 1.0
@@ -103,8 +103,8 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
         raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
 
 
-def _device_and_id(store: DirectoryStore) -> tuple[int, str]:
-    return os.stat(store.path).st_dev, store.read_marker().store_id
+def _device_and_id(store: Store) -> tuple[int, str]:
+    return store.device(), store.read_marker().store_id
 
 
 class StoreAdmin:
@@ -165,7 +165,7 @@ class StoreAdmin:
             raise VolumeError(f"{given} is not a store of this volume")
         return found
 
-    async def _initialise(self, path: str) -> DirectoryStore:
+    async def _initialise(self, path: str) -> Store:
         known = [runner.store.path for runner in self.runners.values()]
         await _off_loop(_check_new_store, known, path, self.mountpoint())
         marker = StoreMarker(
@@ -179,11 +179,11 @@ class StoreAdmin:
             inline_max=self.inline_max,
         )
         try:
-            return await run_in_thread(DirectoryStore.initialise, path, marker)
+            return await run_in_thread(initialise_store, path, marker)
         except StoreError as exc:
             raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
 
-    async def _install(self, index: int, store: DirectoryStore) -> None:
+    async def _install(self, index: int, store: Store) -> None:
         device, store_id = await _off_loop(_device_and_id, store)
         self.runners[index] = StoreRunner(index, store)  # shared by every service
         self.handles.discard_store(index)

@@ -27,7 +27,7 @@ volume's metadata. Only when more than m stores are missing that way is
 the mount refused; fsck reports every such store.
 
 Store identity while mounted: each present store's marker and the device
-and inode of its root are pinned at open (`DirectoryStore.pin_identity`)
+and inode of its root are pinned at open (`Store.pin_identity`)
 and checked by every probe: periodically (HEALTH_INTERVAL), on a missing
 fragment (`store_may_be_gone`), and before a store not verified for
 IDENTITY_MAX_AGE seconds gets new fragments (`verify_before_write`); a
@@ -87,7 +87,7 @@ from .replicas import (
 from .scrub import Scrubber
 from .smallwrites import WriteLog
 from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of
-from .store import DirectoryStore, Store, StoreMarker
+from .store import Store, StoreMarker, open_store
 from .store_admin import StoreAdmin
 from .tasks import guarded, supervised
 from .writer import ChunkWriter
@@ -160,7 +160,7 @@ def read_markers(
     markers: dict[Path, StoreMarker] = {}
     for path in paths:
         try:
-            markers[path] = DirectoryStore(path).read_marker()
+            markers[path] = open_store(path).read_marker()
         except StoreError as exc:
             log.warning("store %s is unavailable: %s", path, exc)
             if problems is not None:
@@ -302,7 +302,7 @@ def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
 class Volume:
     """An open volume: its parameters, stores and services."""
 
-    def __init__(self, db: Database, stores: dict[int, DirectoryStore], workdir: Path) -> None:
+    def __init__(self, db: Database, stores: Mapping[int, Store], workdir: Path) -> None:
         self.db = db
         self.workdir = workdir
         params = StoreTable(db).params()
@@ -325,7 +325,7 @@ class Volume:
             self.placement,
             uuid.UUID(self.volume_id).bytes,
             self._new_chunk_id,
-            device_of={i: os.stat(s.path).st_dev for i, s in stores.items()},
+            device_of={i: s.device() for i, s in stores.items()},
         )
         self.damage = DamageRecorder(db, k)
         self.reader = ChunkReader(
@@ -475,7 +475,7 @@ class Volume:
             raise VolumeError("none of the given stores is readable")
         unusable.update(select_volume(markers))
         by_store_id = identify_stores(markers)
-        replicas = [replica_path(DirectoryStore(p).meta_dir) for p in markers]
+        replicas = [replica_path(open_store(p).meta_dir) for p in markers]
         if not any(r.exists() for r in replicas):
             raise VolumeError(no_metadata_copy_message(markers, unusable))
         remove_dead_working_copies(runtime_dir)
@@ -674,6 +674,8 @@ class Volume:
         """Release files (after shutdown and after the task nursery ended)."""
         self.reader.readahead.close()
         self.handles.close_all()
+        for runner in self.runners.values():
+            runner.store.close()
         self.db.close()
         if self.metadata_at_risk:
             (self.workdir / KEEP_MARKER).touch()
@@ -737,6 +739,7 @@ class Volume:
         except StoreError as exc:
             runner.mark_failed(str(exc))  # the reason status shows: the latest
             self.handles.discard_store(index)
+            runner.store.close()
             if was_available:
                 log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
             if self.replicator is not None:
@@ -1055,24 +1058,20 @@ class Volume:
 
 def _probe_store(store: Store, accept_moved: bool) -> tuple[StoreMarker, int]:
     """Blocking: `store.probe` and the device of the store root."""
-    marker = store.probe(accept_moved=accept_moved)
-    try:
-        return marker, os.stat(store.path).st_dev
-    except OSError as exc:
-        raise StoreError(f"cannot stat store {store.path}: {exc.strerror}") from exc
+    return store.probe(accept_moved=accept_moved), store.device()
 
 
 def _match_stores(
     table: list[tuple[int, str]], by_store_id: dict[str, Path], db: Database
-) -> dict[int, DirectoryStore]:
-    """Store index -> DirectoryStore for the stores present; VolumeError if
+) -> dict[int, Store]:
+    """Store index -> store for the stores present; VolumeError if
     a given store is not in the volume or too many are missing."""
     known = {store_id: index for index, store_id in table}
-    stores: dict[int, DirectoryStore] = {}
+    stores: dict[int, Store] = {}
     for store_id, path in by_store_id.items():
         if store_id not in known:
             raise VolumeError(f"store {path} is not (or no longer) part of this volume")
-        stores[known[store_id]] = DirectoryStore(path)
+        stores[known[store_id]] = open_store(path)
     m = int(StoreTable(db).params()["m"])
     missing = [index for index, _ in table if index not in stores]
     if len(missing) > m:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,25 +278,29 @@ def test_fragment_round_trip(store: DirectoryStore) -> None:
     expected = b"".join(bytes(p) for p in parts)
     assert n == len(expected)
     assert store.fragment_size_on_disk(42, 1) == len(expected)
-    fd = store.open_fragment(42, 1)
-    try:
-        assert store.read_at(fd, 10, 7) == b"0123456789"
-        assert store.read_at(fd, 100, len(expected) - 4) == b"tail"
-        assert store.read_at(fd, 10, len(expected) + 10) == b""
-        assert store.read_at(fd, len(expected), 0) == expected
-    finally:
-        os.close(fd)
+    assert _read(store, 42, 1, 7, 10) == b"0123456789"
+    assert _read(store, 42, 1, len(expected) - 4, 100) == b"tail"
+    assert _read(store, 42, 1, len(expected) + 10, 10) == b""
+    assert _read(store, 42, 1, 0, len(expected)) == expected
     store.delete_fragment(42, 1)
     with pytest.raises(FragmentMissing):
-        store.open_fragment(42, 1)
+        _read(store, 42, 1, 0, 1)
     store.delete_fragment(42, 1)  # missing is fine
 
 
-def _page_cached(fd: int, length: int) -> bool:
+def _read(store: DirectoryStore, chunk_id: int, index: int, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    return bytes(buf[: store.read_fragment(chunk_id, index, offset, memoryview(buf))])
+
+
+def _page_cached(store: DirectoryStore, chunk_id: int, index: int, length: int) -> bool:
+    fd = os.open(store.path / store.fragment_relpath(chunk_id, index), os.O_RDONLY)
     try:
         return os.preadv(fd, [bytearray(length)], 0, os.RWF_NOWAIT) == length
     except BlockingIOError:
         return False
+    finally:
+        os.close(fd)
 
 
 def test_aligned_parts_are_written_around_the_page_cache(store: DirectoryStore) -> None:
@@ -305,12 +310,8 @@ def test_aligned_parts_are_written_around_the_page_cache(store: DirectoryStore) 
     unaligned = [bytes(header), bytes(payload)]
     store.write_fragment(7, 3, unaligned)
     for index, cached in ((2, False), (3, True)):
-        fd = store.open_fragment(7, index)
-        try:
-            assert _page_cached(fd, 17 * BLOCK) is cached, index
-            assert store.read_at(fd, 17 * BLOCK, 0) == b"".join(unaligned)
-        finally:
-            os.close(fd)
+        assert _page_cached(store, 7, index, 17 * BLOCK) is cached, index
+        assert _read(store, 7, index, 0, 17 * BLOCK) == b"".join(unaligned)
 
 
 def test_a_filesystem_without_direct_io_gets_ordinary_writes(
@@ -334,22 +335,14 @@ def test_a_filesystem_without_direct_io_gets_ordinary_writes(
     monkeypatch.undo()
     assert len(refused) == 1  # tried once, then never again
     for chunk_id in (1, 2):
-        fd = store.open_fragment(chunk_id, 0)
-        try:
-            assert store.read_at(fd, 3 * BLOCK, 0) == b"h" * BLOCK + b"p" * BLOCK
-        finally:
-            os.close(fd)
+        assert _read(store, chunk_id, 0, 0, 3 * BLOCK) == b"h" * BLOCK + b"p" * BLOCK
 
 
 def test_write_empty_and_many_parts(store: DirectoryStore) -> None:
     assert store.write_fragment(1, 0, []) == 0
     parts = [bytes([i % 256]) for i in range(3000)]  # more than IOV_MAX
     assert store.write_fragment(1, 1, parts) == 3000
-    fd = store.open_fragment(1, 1)
-    try:
-        assert store.read_at(fd, 5000, 0) == b"".join(parts)
-    finally:
-        os.close(fd)
+    assert _read(store, 1, 1, 0, 5000) == b"".join(parts)
 
 
 def test_write_same_fragment_twice_fails_and_keeps_first(store: DirectoryStore) -> None:
@@ -385,18 +378,37 @@ def test_enospc_is_no_space() -> None:
 
 def test_missing_fragment(store: DirectoryStore) -> None:
     with pytest.raises(FragmentMissing):
-        store.open_fragment(99, 0)
+        _read(store, 99, 0, 0, 1)
     with pytest.raises(FragmentMissing):
         store.fragment_size_on_disk(99, 0)
+    assert store.read_fragment_cached(99, 0, 0, memoryview(bytearray(1))) is False
     assert issubclass(FragmentMissing, StoreError)
 
 
-def test_read_at_bad_fd_is_store_error() -> None:
-    r, w = os.pipe()
-    os.close(r)
-    os.close(w)
+def test_read_error_is_store_error_and_drops_the_open_file(store: DirectoryStore) -> None:
+    store.write_fragment(3, 0, [b"abc"])
+    assert _read(store, 3, 0, 0, 3) == b"abc"  # now open (cached)
     with pytest.raises(StoreError):
-        DirectoryStore.read_at(r, 10, 0)
+        store.read_fragment(3, 0, -5, memoryview(bytearray(3)))  # EINVAL
+    assert store.read_fragment_cached(3, 0, 0, memoryview(bytearray(3))) is False  # dropped
+    assert _read(store, 3, 0, 0, 3) == b"abc"  # reopened
+
+
+def test_cached_read_serves_open_page_cached_files_only(store: DirectoryStore) -> None:
+    store.write_fragment(4, 1, [b"0123456789"])
+    dest = memoryview(bytearray(4))
+    assert store.read_fragment_cached(4, 1, 2, dest) is False  # not open: never opens
+    assert _read(store, 4, 1, 0, 1) == b"0"
+    assert store.read_fragment_cached(4, 1, 2, dest) is True
+    assert bytes(dest) == b"2345"
+    assert store.read_fragment_cached(4, 1, 8, dest) is False  # short: past the end
+    store.prefetch(4, 1, 0, 10)
+    store.delete_fragment(4, 1)  # closes the cached file
+    assert store.read_fragment_cached(4, 1, 2, dest) is False
+    store.write_fragment(4, 1, [b"abcdefghij"])
+    assert _read(store, 4, 1, 2, 4) == b"cdef"  # the new file, not the deleted one
+    store.close()
+    assert store.read_fragment_cached(4, 1, 2, dest) is False
 
 
 def test_iter_fragments_finds_exactly_what_was_written(store: DirectoryStore) -> None:
@@ -444,3 +456,46 @@ def test_sync_missing_store_is_store_error(tmp_path: Path) -> None:
         DirectoryStore(tmp_path / "gone").sync()
     with pytest.raises(StoreError):
         DirectoryStore(tmp_path / "gone").usage()
+
+
+def test_a_failed_probe_drops_the_open_files(store: DirectoryStore) -> None:
+    store.pin_identity()
+    store.write_fragment(6, 0, [b"abc"])
+    assert _read(store, 6, 0, 0, 3) == b"abc"
+    dest = memoryview(bytearray(3))
+    assert store.read_fragment_cached(6, 0, 0, dest) is True
+    marker = store.path / MARKER_NAME
+    marker.rename(marker.with_name("away"))
+    with pytest.raises(StoreError):
+        store.probe()
+    assert store.read_fragment_cached(6, 0, 0, dest) is False  # never through old files
+    marker.with_name("away").rename(marker)
+    assert store.probe().volume_id == VOLUME
+    assert _read(store, 6, 0, 0, 3) == b"abc"
+
+
+def test_open_files_never_close_a_file_in_use(tmp_path: Path) -> None:
+    from ecfs.fdcache import OpenFiles
+
+    files = OpenFiles(capacity=1)
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    first = files.insert((0, 1, 0), os.open(path, os.O_RDONLY))  # in use
+    files.insert((0, 2, 0), os.open(path, os.O_RDONLY))  # evicts the first: retired only
+    assert len(files) == 1 and first.retired
+    assert os.pread(first.fd, 1, 0) == b"x"  # still open under its user
+    files.release(first)  # now it is closed (in a closer thread)
+    for _ in range(100):
+        try:
+            os.fstat(first.fd)
+        except OSError:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the retired file was never closed")
+    assert files.acquire((0, 1, 0)) is None
+    second = files.acquire((0, 2, 0))
+    assert second is not None
+    files.discard_owner(0)
+    assert len(files) == 0 and os.pread(second.fd, 1, 0) == b"x"
+    files.release(second)

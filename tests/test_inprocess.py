@@ -1,0 +1,282 @@
+"""Reader, writer, filedata, repair, scrub and garbage in-process, on fake
+stores (tests/inprocess.py): no FUSE mount, no disk; seconds for all.
+
+Timeouts and hedging run on trio's MockClock(autojump_threshold=0)
+(pytest-trio's `autojump_clock`): virtual time jumps as soon as every task
+waits, so a read that waits for a deadline costs no real time. Worker
+threads do not count as activity for the mock clock, so those tests keep
+the healthy stores' reads on the loop (`Rig.learn_headers`: the reader
+then serves them with `read_fragment_cached`) and only the faulty store's
+calls go to threads. The faultfs mount tests stay the end-to-end layer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from ecfs.errors import StoreTimeout
+from ecfs.metadb.chunks import RepairEntry, RepairQueue
+from ecfs.model import NO_STORE
+from ecfs.offload import StoreState
+
+from .inprocess import CHUNK, K, M, Rig, make_rig
+
+pytestmark = pytest.mark.trio
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return make_rig(tmp_path)
+
+
+def _data(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def _queued(rig: Rig) -> dict[int, int]:
+    """chunk id -> bad mask of the repair queue."""
+    queue = RepairQueue(rig.volume.db)
+    return {c: queue.bad_mask(c) or 0 for c, *_ in queue.entries()}
+
+
+# ---- reader
+
+
+async def test_reader_plain_read_is_verified_and_served_from_data_fragments(rig: Rig) -> None:
+    data = _data(CHUNK - 1000)
+    ref = await rig.store_file(data)
+    reader = rig.volume.reader
+    assert bytes(await reader.read(ref, 0, len(data))) == data
+    assert bytes(await reader.read(ref, 5000, 20000)) == data[5000:20000]
+    assert reader.counters.degraded_reads == 0
+    parity_reads = sum(rig.stores[ref.stores[i]].calls["read"] for i in range(K, K + M))
+    assert parity_reads == 0
+    # Headers known now: the next read is served on the loop, no thread.
+    threads = reader.counters.thread_reads
+    assert bytes(await reader.read(ref, 0, 4096)) == data[:4096]
+    assert reader.counters.thread_reads == threads
+    assert reader.counters.nowait_hits > 0
+
+
+@pytest.mark.parametrize("mode", ["eio", "gone"])
+async def test_reader_degraded_with_m_stores_failing(rig: Rig, mode: str) -> None:
+    data = _data(CHUNK)
+    ref = await rig.store_file(data)
+    for index in range(M):  # two data fragments' stores
+        rig.store_of(ref, index).set(mode)
+    assert bytes(await rig.volume.reader.read(ref, 0, len(data))) == data
+    assert rig.volume.reader.counters.degraded_reads >= M
+    assert set(range(M)) <= {i for i in range(K + M) if _queued(rig)[ref.chunk_id] >> i & 1}
+    rig.store_of(ref, M).set(mode)  # one more: fewer than k left
+    rig.volume.handles.close_all()
+    with pytest.raises(Exception) as info:
+        await rig.volume.reader.read(ref, 0, len(data))
+    assert getattr(info.value, "errno", None) == 5  # EIO, never guessed bytes
+
+
+@pytest.mark.parametrize("lasting", [False, True])
+async def test_reader_detects_a_corrupt_fragment_and_serves_from_others(
+    rig: Rig, lasting: bool
+) -> None:
+    data = _data(CHUNK, seed=3)
+    ref = await rig.store_file(data)
+    if lasting:
+        rig.memory[ref.stores[1]].damage(ref.chunk_id, 1, 4096 + 4096 + 17)  # in payload cell 1
+    else:
+        rig.store_of(ref, 1).set("corrupt")
+    assert bytes(await rig.volume.reader.read(ref, 0, len(data))) == data
+    assert rig.volume.reader.counters.degraded_reads >= 1
+    assert _queued(rig)[ref.chunk_id] & (1 << 1)  # reported for repair
+
+
+async def test_hedged_read_around_a_slow_store(rig: Rig, autojump_clock: trio.abc.Clock) -> None:
+    data = _data(CHUNK, seed=5)
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    slow = rig.store_of(ref, 0)
+    slow.set("slow", delay=30.0)
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))  # its read goes to a thread
+    start = trio.current_time()
+    try:
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+    finally:
+        slow.heal()
+    elapsed = trio.current_time() - start
+    runner = rig.volume.runners[ref.stores[0]]
+    assert elapsed < 1.0  # the hedge deadline (>= HEDGE_FLOOR), not the 30 s store
+    assert reader.counters.hedged_reads == 1
+    assert reader.counters.degraded_reads == 1
+    assert runner.available  # one slow read does not fail a store
+
+
+async def test_a_hung_store_times_out_and_is_routed_around(
+    rig: Rig, autojump_clock: trio.abc.Clock
+) -> None:
+    data = _data(CHUNK, seed=7)
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    hung = rig.store_of(ref, 0)
+    hung.set("hang")
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    runner = rig.volume.runners[ref.stores[0]]
+    try:
+        start = trio.current_time()
+        with pytest.raises(StoreTimeout):
+            await reader.read_fragment(ref, 0, 0, 4096)  # no hedge: waits for the timeout
+        assert trio.current_time() - start == pytest.approx(reader.read_timeout)
+        assert runner.state is StoreState.FAILED
+        # Failed: reads go around it at once, without touching it.
+        calls = hung.calls["read"]
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+        assert hung.calls["read"] == calls
+    finally:
+        hung.heal()
+
+
+# ---- writer
+
+
+@pytest.mark.parametrize("mode", ["enospc", "gone", "eio"])
+async def test_writer_places_a_fragment_elsewhere_when_a_store_fails(
+    rig: Rig, mode: str
+) -> None:
+    volume = rig.volume
+    await volume.refresh_usage()
+    bad = 2
+    rig.stores[bad].set(mode, ops={"write", "probe", "usage", "marker"})
+    data = _data(CHUNK, seed=11)
+    ref = await volume.writer.write(data)
+    assert bad not in ref.stores and NO_STORE not in ref.stores
+    assert len(set(ref.stores)) == K + M
+    assert (bad in volume.placement.full) == (mode == "enospc")
+    assert volume.runners[bad].available == (mode == "enospc")  # full is not sick
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data
+
+
+async def test_writer_fails_cleanly_with_too_few_stores(rig: Rig) -> None:
+    for store in rig.stores[:3]:
+        store.set("eio", ops={"write"})
+    with pytest.raises(Exception) as info:
+        await rig.volume.writer.write(_data(CHUNK))
+    assert getattr(info.value, "errno", None) == 5
+    assert all(not store.list_fragments() for store in rig.memory[:3])
+
+
+# ---- filedata
+
+
+async def test_filedata_write_flush_read_round_trip(rig: Rig) -> None:
+    volume = rig.volume
+    ino = rig.new_file()
+    data = os.urandom(2 * CHUNK + 5000)
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.filedata.opened(ino)
+        for offset in range(0, len(data), 7000):
+            await volume.filedata.write(ino, offset, data[offset : offset + 7000])
+        await volume.filedata.flush(ino)
+        volume.handles.close_all()
+        assert bytes(await volume.filedata.read(ino, 0, len(data) + 10)) == data
+        assert bytes(await volume.filedata.read(ino, CHUNK - 10, 20)) == data[CHUNK - 10 : CHUNK + 10]
+        # A small overwrite of a stored chunk: kept as a patch / log record,
+        # laid over the stored bytes on read, before and after flush.
+        await volume.filedata.write(ino, CHUNK + 100, b"patched!")
+        expected = data[: CHUNK + 100] + b"patched!" + data[CHUNK + 108 :]
+        assert bytes(await volume.filedata.read(ino, 0, len(data))) == expected
+        await volume.filedata.flush(ino)
+        assert bytes(await volume.filedata.read(ino, 0, len(data))) == expected
+        await volume.filedata.released(ino)
+    stored = sum(len(m.list_fragments()) for m in rig.memory)
+    assert stored >= 3 * (K + M)
+
+
+# ---- repair, scrub, garbage
+
+
+async def test_repair_rebuilds_a_lost_fragment(rig: Rig) -> None:
+    volume = rig.volume
+    await volume.refresh_usage()
+    ino = rig.new_file()
+    data = _data(CHUNK, seed=13)
+    await volume.filedata.write(ino, 0, data)
+    await volume.filedata.flush(ino)
+    ref = volume.filedata.chunks.get(ino, 0)
+    assert ref is not None
+    lost = ref.stores[3]
+    rig.memory[lost].delete_fragment(ref.chunk_id, 3)
+    await volume.repairer.repair_chunk(RepairEntry(ref.chunk_id, "scrub", 0, 0, 1 << 3))
+    assert volume.repairer.counters.fragments_rebuilt == 1
+    assert rig.memory[lost].fragment(ref.chunk_id, 3) is not None
+    now = volume.filedata.chunks.get(ino, 0)
+    assert now == ref
+    for index in range(M):  # data fragments gone: the read needs the rebuilt fragment 3
+        rig.store_of(ref, index).set("gone")
+    volume.handles.close_all()
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data
+
+
+async def test_scrub_finds_a_corrupt_fragment(rig: Rig) -> None:
+    volume = rig.volume
+    ino = rig.new_file()
+    await volume.filedata.write(ino, 0, _data(2 * CHUNK, seed=17))
+    await volume.filedata.flush(ino)
+    ref = volume.filedata.chunks.get(ino, 1)
+    assert ref is not None
+    rig.memory[ref.stores[4]].damage(ref.chunk_id, 4, 4096 * 2 + 5)  # a parity fragment
+    progress = await volume.scrubber.run()
+    assert progress.chunks_done == progress.chunks_total == 2
+    assert progress.fragments_verified == 2 * (K + M) - 1
+    [finding] = progress.findings
+    assert (finding["chunk_id"], finding["fragments"]) == (ref.chunk_id, [4])
+    assert _queued(rig)[ref.chunk_id] == 1 << 4
+
+
+async def test_garbage_deletes_unreferenced_fragments_but_not_pinned_ones(rig: Rig) -> None:
+    volume = rig.volume
+    ino = rig.new_file()
+    await volume.filedata.write(ino, 0, _data(CHUNK, seed=19))
+    await volume.filedata.flush(ino)
+    old = volume.filedata.chunks.get(ino, 0)
+    await volume.filedata.write(ino, 0, _data(CHUNK, seed=23))  # a new version
+    await volume.filedata.flush(ino)
+    new = volume.filedata.chunks.get(ino, 0)
+    assert old is not None and new is not None and new.chunk_id != old.chunk_id
+
+    def held(chunk_id: int) -> int:
+        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
+
+    assert held(old.chunk_id) == K + M
+    volume.pins.pin(old.chunk_id)  # a reader still uses it
+    await volume.garbage.collect()
+    assert held(old.chunk_id) == K + M
+    volume.pins.unpin(old.chunk_id)
+    await volume.garbage.collect()
+    assert held(old.chunk_id) == 0
+    assert held(new.chunk_id) == K + M
+
+
+async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -> None:
+    data = _data(CHUNK, seed=29)
+    ref = await rig.store_file(data)
+    volume = rig.volume
+    volume.handles.close_all()
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # read ahead parity instead
+    volume.reader.prefetch(ref)
+    parity = volume.reader.sources(ref, exclude=set(range(K)))[0]  # the best one
+    wanted = {(ref.stores[i], ref.chunk_id, i) for i in (0, 2, parity)}
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if all(volume.handles.get(key) for key in wanted):
+            break
+        await trio.sleep(0.01)
+    prefetched = {i for i in range(K + M) if rig.stores[ref.stores[i]].calls["read"]}
+    assert prefetched == {0, 2, parity}
+    threads = volume.reader.counters.thread_reads
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
+    assert volume.reader.counters.thread_reads == threads
+    assert volume.reader.counters.degraded_reads == 1

@@ -1,0 +1,240 @@
+"""The `ecfs.store.Store` contract, run against every implementation
+(DirectoryStore, MemoryStore, a FaultyStore passing through), the fault
+modes of FaultyStore, and the storage boundary: no file descriptor, preadv
+or fadvise outside the store modules."""
+
+from __future__ import annotations
+
+import ast
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from ecfs.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped, StoreTimeout
+from ecfs.fakestores import FaultyStore, MemoryStore
+from ecfs.offload import StoreRunner, StoreState
+from ecfs.store import (
+    STORE_FORMAT,
+    DirectoryStore,
+    Store,
+    StoreMarker,
+    initialise_store,
+    open_store,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ecfs"
+
+
+def _marker() -> StoreMarker:
+    return StoreMarker(uuid.uuid4().hex, uuid.uuid4().hex, STORE_FORMAT, 2, 1, 8192, 4096, 0)
+
+
+def _directory(tmp_path: Path) -> Store:
+    return initialise_store(tmp_path / "store", _marker())
+
+
+def _memory(tmp_path: Path) -> Store:
+    return MemoryStore(_marker())
+
+
+def _faulty(tmp_path: Path) -> Store:
+    return FaultyStore(MemoryStore(_marker()))
+
+
+KINDS: dict[str, Callable[[Path], Store]] = {
+    "directory": _directory,
+    "memory": _memory,
+    "faulty": _faulty,
+    "faulty-directory": lambda tmp_path: FaultyStore(_directory(tmp_path)),
+}
+
+
+@pytest.fixture(params=sorted(KINDS))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    made = KINDS[request.param](tmp_path)
+    made.pin_identity()
+    return made
+
+
+def _read(store: Store, chunk_id: int, index: int, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    return bytes(buf[: store.read_fragment(chunk_id, index, offset, memoryview(buf))])
+
+
+def test_fragments_by_name(store: Store) -> None:
+    data = bytes(range(256)) * 40
+    assert store.write_fragment(7, 2, [data[:100], memoryview(data[100:])]) == len(data)
+    assert store.fragment_size_on_disk(7, 2) == len(data)
+    assert _read(store, 7, 2, 0, len(data)) == data
+    assert _read(store, 7, 2, 1000, 10) == data[1000:1010]
+    assert _read(store, 7, 2, len(data) - 3, 10) == data[-3:]  # short only at the end
+    assert _read(store, 7, 2, len(data) + 5, 10) == b""
+    dest = memoryview(bytearray(10))
+    assert store.read_fragment_cached(7, 2, 1000, dest) is True  # open and at hand now
+    assert bytes(dest) == data[1000:1010]
+    assert store.read_fragment_cached(7, 2, len(data) - 3, dest) is False  # short: a miss
+    store.prefetch(7, 2, 0, len(data))
+    with pytest.raises(StoreError):
+        store.write_fragment(7, 2, [b"again"])  # never overwritten
+    assert _read(store, 7, 2, 0, 4) == data[:4]
+    store.write_fragment(7, 3, [b"x"])
+    assert sorted(store.list_fragments()) == [(7, 2), (7, 3)]
+    assert sorted(store.iter_fragments()) == [(7, 2), (7, 3)]
+    assert store.stray_entries(store.list_fragments()) == []
+    assert store.fragment_relpath(7, 2).endswith("0000000000000007.2")
+    store.delete_fragment(7, 2)
+    store.delete_fragment(7, 2)  # missing is fine
+    with pytest.raises(FragmentMissing):
+        _read(store, 7, 2, 0, 1)
+    with pytest.raises(FragmentMissing):
+        store.fragment_size_on_disk(7, 2)
+    with pytest.raises(FragmentMissing):
+        store.prefetch(7, 2, 0, 1)
+    assert store.read_fragment_cached(7, 2, 0, memoryview(bytearray(1))) is False
+    assert issubclass(FragmentMissing, StoreError)
+    with pytest.raises(ValueError):
+        store.fragment_relpath(-1, 0)
+
+
+def test_health_identity_space(store: Store) -> None:
+    marker = store.read_marker()
+    assert store.probe() == marker
+    usage = store.usage()
+    assert 0 <= usage.free_bytes <= usage.total_bytes
+    assert isinstance(store.device(), int)
+    store.sync()
+    store.close()  # never blocks; the store stays usable
+    store.write_fragment(1, 0, [b"abc"])
+    assert _read(store, 1, 0, 0, 3) == b"abc"
+    store.retire()
+    with pytest.raises(StoreError):
+        store.read_marker()
+    with pytest.raises(StoreError):
+        store.probe()
+
+
+def test_open_store_opens_a_directory_store(tmp_path: Path) -> None:
+    made = initialise_store(tmp_path / "s", _marker())
+    again = open_store(tmp_path / "s")
+    assert isinstance(again, DirectoryStore) and again.read_marker() == made.read_marker()
+
+
+def test_memory_store_is_full_and_swapped_like_a_disk() -> None:
+    store = MemoryStore(_marker(), capacity=10)
+    store.pin_identity()
+    store.write_fragment(1, 0, [b"12345678"])
+    with pytest.raises(NoSpace):
+        store.write_fragment(1, 1, [b"123"])
+    assert store.usage().free_bytes == 2
+    store.pin_identity(_marker())  # as if another store had been pinned here
+    with pytest.raises(StoreSwapped):
+        store.probe()
+
+
+# ---- FaultyStore modes
+
+
+def test_faulty_modes_switch_at_run_time() -> None:
+    faulty = FaultyStore(MemoryStore(_marker()))
+    faulty.write_fragment(5, 0, [b"0123456789"])
+    dest = memoryview(bytearray(10))
+    faulty.set("eio")
+    with pytest.raises(StoreError, match="Input/output"):
+        faulty.read_fragment(5, 0, 0, dest)
+    with pytest.raises(StoreError):
+        faulty.write_fragment(5, 1, [b"x"])
+    assert faulty.read_fragment_cached(5, 0, 0, dest) is False
+    faulty.set("corrupt")
+    assert faulty.read_fragment(5, 0, 0, dest) == 10 and bytes(dest) != b"0123456789"
+    assert faulty.read_fragment_cached(5, 0, 0, dest) and bytes(dest) != b"0123456789"
+    faulty.set("enospc")
+    with pytest.raises(NoSpace):
+        faulty.write_fragment(5, 1, [b"x"])
+    assert faulty.usage().free_bytes == 0
+    assert faulty.read_fragment(5, 0, 0, dest) == 10 and bytes(dest) == b"0123456789"
+    faulty.set("gone")
+    with pytest.raises(FragmentMissing):
+        faulty.read_fragment(5, 0, 0, dest)
+    for call in (faulty.probe, faulty.usage, faulty.sync, faulty.list_fragments):
+        with pytest.raises(StoreError):
+            call()
+    with pytest.raises(StoreError):
+        faulty.delete_fragment(5, 0)
+    faulty.set("eio", ops={"write"})  # limited to some operations
+    assert faulty.read_fragment(5, 0, 0, dest) == 10
+    with pytest.raises(StoreError):
+        faulty.write_fragment(5, 1, [b"x"])
+    faulty.heal()
+    faulty.write_fragment(5, 1, [b"x"])
+    assert faulty.calls["write"] == 5
+    with pytest.raises(ValueError):
+        faulty.set("melting")
+
+
+def test_faulty_hang_blocks_until_switched_and_slow_delays() -> None:
+    faulty = FaultyStore(MemoryStore(_marker()))
+    faulty.write_fragment(5, 0, [b"abc"])
+    faulty.set("hang")
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (faulty.probe(), done.set()))
+    thread.start()
+    assert not done.wait(0.2) and faulty.hanging == 1
+    assert faulty.read_fragment_cached(5, 0, 0, memoryview(bytearray(3))) is False  # never blocks
+    faulty.heal()
+    assert done.wait(5)
+    thread.join()
+    faulty.set("slow", delay=0.05)
+    assert _read(faulty, 5, 0, 0, 3) == b"abc"  # late, but right
+
+
+@pytest.mark.trio
+async def test_a_hung_store_times_out_through_its_runner(autojump_clock: trio.abc.Clock) -> None:
+    faulty = FaultyStore(MemoryStore(_marker()))
+    runner = StoreRunner(0, faulty, timeout=30.0)
+    faulty.set("hang")
+    try:
+        with pytest.raises(StoreTimeout):
+            await runner.call(faulty.list_fragments)
+        assert runner.state is StoreState.FAILED
+        assert await runner.probe() is False
+    finally:
+        faulty.heal()
+
+
+# ---- the boundary
+
+
+def _names_used(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(f"{node.module}:{alias.name}" for alias in node.names)
+            names.add(f"module:{node.module}")
+    return names
+
+
+STORAGE_MODULES = {"store.py", "fdcache.py", "fakestores.py"}
+#: Modules that open stores by path (mkfs, mount, fsck, store admin) may
+#: name DirectoryStore; today they all go through open_store/initialise_store.
+CONSTRUCTION_SITES: set[str] = set()
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
+def test_no_file_descriptor_crosses_the_store_boundary(path: Path) -> None:
+    if path.name in STORAGE_MODULES:
+        return
+    names = _names_used(path)
+    leaks = {"preadv", "pread", "posix_fadvise", "RWF_NOWAIT", "OPEN_FILES", "close_later"} & names
+    assert not leaks, f"{path.name} uses {sorted(leaks)}: store I/O belongs behind ecfs.store"
+    assert "module:fdcache" not in names and "module:ecfs.fdcache" not in names
+    if path.name not in CONSTRUCTION_SITES:
+        assert "DirectoryStore" not in names, f"{path.name} names DirectoryStore"
