@@ -1,0 +1,342 @@
+"""fallocate(2) on a real mount (FileData.fallocate; needs the patched
+pyfuse3 of scripts/pyfuse3): preallocation (mode 0, KEEP_SIZE, ENOSPC),
+PUNCH_HOLE and ZERO_RANGE (whole chunks become holes whose fragments are
+deleted, partial ranges go through the small-write log), degraded reads
+of punched files, and a model-based test that mixes writes, fsync,
+truncate, punch, zero range and reads with kill -9 of the daemon at random
+points: every fsync'd state survives.
+
+Test volumes: k=4, m=2, 128 KiB fragments, so a chunk is 512 KiB and a
+patch of at most 64 KiB is logged (smallwrites.LOG_FRACTION)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import MountedVolume, mounted_volume
+from tests.test_crash import ALLOWED_AFTER_KILL, fsck
+
+KiB = 1024
+MiB = 1024 * KiB
+CHUNK = 512 * KiB
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def status(volume: MountedVolume) -> dict:
+    return json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))
+
+
+def fallocate_cmd(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """util-linux fallocate(1) (it never falls back to writing zeros)."""
+    return subprocess.run(
+        ["fallocate", *[os.fspath(a) for a in args]], capture_output=True, text=True, timeout=60
+    )
+
+
+def fallocate(path: Path, *args: str) -> None:
+    done = fallocate_cmd(*args, path)
+    assert done.returncode == 0, done.stderr
+
+
+def fragment_files(volume: MountedVolume) -> int:
+    return sum(1 for s in volume.stores for p in (s / "frags").rglob("*") if p.is_file())
+
+
+def settled(volume: MountedVolume) -> bool:
+    """Whether the stores hold exactly the fragments the metadata refers to
+    (replaced and punched versions are deleted)."""
+    expected = sum(store["fragments"] for store in status(volume)["stores"])
+    return fragment_files(volume) == expected
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def vol(shared_volume: MountedVolume) -> MountedVolume:
+    return shared_volume
+
+
+def test_preallocate_extends_or_keeps_the_size(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "prealloc"
+    fallocate(path, "-l", "3M")
+    assert path.stat().st_size == 3 * MiB
+    assert path.read_bytes() == bytes(3 * MiB)
+    fallocate(path, "-n", "-o", "2M", "-l", "4M")  # KEEP_SIZE: only a reservation
+    assert path.stat().st_size == 3 * MiB
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"abc", 100)
+        os.posix_fallocate(fd, 1 * MiB, 4 * MiB)  # mode 0: extends to 5 MiB
+        assert os.fstat(fd).st_size == 5 * MiB
+        os.posix_fallocate(fd, 0, 1 * MiB)  # inside the file: no change
+        assert os.fstat(fd).st_size == 5 * MiB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    vol.remount()
+    data = path.read_bytes()
+    assert len(data) == 5 * MiB and data[100:103] == b"abc"
+    assert data.count(0) == 5 * MiB - 3
+
+
+def test_preallocating_more_than_the_stores_hold_is_enospc(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "too-big"
+    path.write_bytes(b"x")
+    done = fallocate_cmd("-l", "1P", path)
+    assert done.returncode != 0 and "No space left on device" in done.stderr, done.stderr
+    done = fallocate_cmd("-n", "-l", "1P", path)
+    assert done.returncode != 0 and "No space left on device" in done.stderr, done.stderr
+    assert path.stat().st_size == 1
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.posix_fallocate(fd, 0, 1 << 50)
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x"
+
+
+def test_unsupported_modes_are_eopnotsupp(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "modes"
+    write_file(path, os.urandom(2 * CHUNK))
+    for flag in ("--collapse-range", "--insert-range"):
+        done = fallocate_cmd(flag, "-o", "0", "-l", str(CHUNK), path)
+        assert done.returncode != 0 and "Operation not supported" in done.stderr, done.stderr
+    # PUNCH_HOLE without KEEP_SIZE (Linux refuses it before the filesystem).
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as caught:
+            os_fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, CHUNK)
+        assert caught.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    assert path.stat().st_size == 2 * CHUNK
+
+
+def test_punching_whole_chunks_frees_their_fragments(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "punch-whole"
+    content = bytearray(os.urandom(5 * CHUNK))
+    write_file(path, bytes(content))
+    wait_for(lambda: settled(vol), "garbage to settle")
+    before = fragment_files(vol)
+    blocks_before = path.stat().st_blocks
+    # Chunks 1 and 2 whole, 100 bytes of chunk 0 and 1000 of chunk 3.
+    start, end = CHUNK - 100, 3 * CHUNK + 1000
+    fallocate(path, "-p", "-o", str(start), "-l", str(end - start))
+    content[start:end] = bytes(end - start)
+    assert path.stat().st_size == 5 * CHUNK
+    assert path.read_bytes() == content
+    fsync_path(path)
+    wait_for(lambda: settled(vol), "the punched fragments to go")
+    assert fragment_files(vol) <= before - 2 * 6
+    assert path.stat().st_blocks <= blocks_before - 2 * CHUNK // 512
+    vol.remount()
+    assert path.read_bytes() == content
+    assert fragment_files(vol) <= before - 2 * 6
+
+
+def test_a_partial_punch_is_logged_not_reencoded(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "punch-partial"
+    content = bytearray(os.urandom(3 * CHUNK))
+    write_file(path, bytes(content))
+    before = status(vol)
+    fallocate(path, "-p", "-o", str(CHUNK + 4096), "-l", "8192")
+    content[CHUNK + 4096 : CHUNK + 12288] = bytes(8192)
+    fsync_path(path)
+    after = status(vol)
+    assert after["write_log"]["records_written"] > before["write_log"]["records_written"]
+    # No chunk re-encoded: a rewrite of the 512 KiB chunk writes ~768 KiB.
+    assert after["writes"]["bytes_out"] - before["writes"]["bytes_out"] < CHUNK
+    assert path.read_bytes() == content
+    vol.remount()
+    assert path.read_bytes() == content
+
+
+def test_zero_range_with_and_without_keep_size(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "zero-range"
+    content = bytearray(os.urandom(2 * CHUNK + 5000))
+    write_file(path, bytes(content))
+    fallocate(path, "-z", "-o", "1000", "-l", str(CHUNK))
+    content[1000 : 1000 + CHUNK] = bytes(CHUNK)
+    assert path.read_bytes() == content
+    # Past the end with KEEP_SIZE: the size stays.
+    fallocate(path, "-z", "-n", "-o", str(2 * CHUNK), "-l", str(CHUNK))
+    content[2 * CHUNK :] = bytes(len(content) - 2 * CHUNK)
+    assert path.read_bytes() == content
+    # Past the end without it: the file grows, the new bytes read zero.
+    fallocate(path, "-z", "-o", str(2 * CHUNK + 10), "-l", str(2 * CHUNK))
+    content.extend(bytes(4 * CHUNK + 10 - len(content)))
+    assert path.read_bytes() == content
+    fsync_path(path)
+    vol.remount()
+    assert path.read_bytes() == content
+
+
+def test_punching_an_inline_file(vol: MountedVolume) -> None:
+    path = vol.mountpoint / "inline"
+    content = bytearray(os.urandom(10_000))
+    write_file(path, bytes(content))
+    fallocate(path, "-p", "-o", "100", "-l", "200")
+    content[100:300] = bytes(200)
+    assert path.read_bytes() == content
+    fallocate(path, "-p", "-o", "0", "-l", "20000")  # all of it
+    assert path.stat().st_size == 10_000
+    assert path.read_bytes() == bytes(10_000)
+    with path.open("r+b") as f:
+        f.seek(5000)
+        f.write(b"back")
+    fsync_path(path)
+    vol.remount()
+    assert path.read_bytes() == bytes(5000) + b"back" + bytes(4996)
+
+
+def test_punched_file_reads_degraded(volume: MountedVolume) -> None:
+    path = volume.mountpoint / "degraded"
+    content = bytearray(os.urandom(4 * CHUNK + 777))
+    write_file(path, bytes(content))
+    for start, end in ((CHUNK, 2 * CHUNK), (2 * CHUNK + 10, 2 * CHUNK + 5000), (3 * CHUNK - 1, 3 * CHUNK + 3)):
+        fallocate(path, "-p", "-o", str(start), "-l", str(end - start))
+        content[start:end] = bytes(end - start)
+    fsync_path(path)
+    volume.unmount()
+    volume.mount(stores=volume.stores[2:])  # two of six stores gone
+    assert path.read_bytes() == content
+
+
+# -- model with kill -9 ---------------------------------------------------------
+
+
+def _op(rng: random.Random, size: int) -> tuple[str, int, int]:
+    kind = rng.choice(["write", "write", "small", "punch", "punch", "zero", "zero+", "truncate"])
+    limit = max(size, CHUNK) + CHUNK
+    offset = rng.randrange(limit)
+    if kind == "small":
+        return "write", offset, rng.randrange(1, 8 * KiB)
+    if kind == "truncate":
+        return kind, rng.randrange(3 * CHUNK), 0
+    length = rng.choice([rng.randrange(1, 16 * KiB), rng.randrange(1, 3 * CHUNK)])
+    return kind, offset, length
+
+
+def _apply(model: bytearray, kind: str, offset: int, length: int, data: bytes) -> None:
+    if kind == "write":
+        if len(model) < offset:
+            model.extend(bytes(offset - len(model)))
+        model[offset : offset + length] = data
+    elif kind == "truncate":
+        del model[offset:]
+        model.extend(bytes(offset - len(model)))
+    else:
+        stop = min(offset + length, len(model))
+        if offset < stop:
+            model[offset:stop] = bytes(stop - offset)
+        if kind == "zero+" and offset + length > len(model):
+            model.extend(bytes(offset + length - len(model)))
+
+
+def _run(fd: int, kind: str, offset: int, length: int, data: bytes) -> None:
+    if kind == "write":
+        os.pwrite(fd, data, offset)
+    elif kind == "truncate":
+        os.ftruncate(fd, offset)
+    else:
+        mode = {
+            "punch": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            "zero": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            "zero+": FALLOC_FL_ZERO_RANGE,
+        }[kind]
+        os_fallocate(fd, mode, offset, length)
+
+
+def os_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_model_with_kill_9(tmp_path: Path, seed: int) -> None:
+    """Random writes, small writes, truncates, punches and zero ranges on
+    two files, each op checked by reading it back against a bytearray
+    model; after every few ops an fsync makes the state the one a crash
+    must keep, and at random points the daemon is killed with -9 and the
+    volume remounted: each file then holds its last fsync'd state. The
+    volume ends with a clean fsck."""
+    rng = random.Random(seed)
+    with mounted_volume(tmp_path) as volume:
+        names = ["a", "b"]
+        models = {name: bytearray() for name in names}
+        synced = {name: b"" for name in names}
+        for name in names:
+            write_file(volume.mountpoint / name, b"")
+        for round_ in range(4):
+            fds = {n: os.open(volume.mountpoint / n, os.O_RDWR) for n in names}
+            try:
+                for step in range(rng.randrange(15, 40)):
+                    name = rng.choice(names)
+                    kind, offset, length = _op(rng, len(models[name]))
+                    data = rng.randbytes(length) if kind == "write" else b""
+                    _run(fds[name], kind, offset, length, data)
+                    _apply(models[name], kind, offset, length, data)
+                    if rng.random() < 0.3:
+                        got = os.pread(fds[name], len(models[name]) + 10, 0)
+                        assert got == models[name], f"round {round_} step {step}: {kind}"
+                    if rng.random() < 0.25:
+                        os.fsync(fds[name])
+                        synced[name] = bytes(models[name])
+                for name in names:
+                    size = os.fstat(fds[name]).st_size
+                    assert size == len(models[name])
+                    assert os.pread(fds[name], size + 10, 0) == models[name]
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            time.sleep(rng.uniform(0, 0.5))
+            volume.kill()
+            volume.mount()
+            for name in names:
+                got = (volume.mountpoint / name).read_bytes()
+                assert got == synced[name], f"round {round_}: {name} lost its fsync'd state"
+                models[name] = bytearray(got)
+        volume.unmount()
+        report = fsck(volume.stores)
+        bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
+        assert not bad and not report.unrecoverable, bad
+        volume.mount()
