@@ -830,7 +830,10 @@ class FileData:
         first, last = offset // chunk_size, (end - 1) // chunk_size
         # Only chunks with content: a huge sparse range costs no loop.
         present = {idx for idx, _ in self.chunks.lengths_in(ino, first, last)}
-        present.update(i for i in (*state.dirty, *state.patches) if first <= i <= last)
+        # A buffer being written back (`flushing`) is committed by the time
+        # its lock is ours.
+        buffered = (*state.dirty, *state.flushing, *state.patches)
+        present.update(i for i in buffered if first <= i <= last)
         if first == 0 and self.namespace.inline_data(ino) is not None:
             present.add(0)
         whole: list[int] = []
