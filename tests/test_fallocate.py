@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from ecfs.errors import FsError
+from ecfs.metadb.schema import ROOT_INODE
+from ecfs.namespace import FILE_SIZE_MAX
+from ecfs.volume import Volume
+from tests import test_smallwrites as sw
 from tests.mounting import MountedVolume, mounted_volume
 from tests.test_crash import ALLOWED_AFTER_KILL, fsck
 
@@ -52,6 +60,10 @@ def fallocate(path: Path, *args: str) -> None:
 
 def fragment_files(volume: MountedVolume) -> int:
     return sum(1 for s in volume.stores for p in (s / "frags").rglob("*") if p.is_file())
+
+
+def frag_dirs(stores: list[Path]) -> list[Path]:
+    return [s / "frags" for s in stores]
 
 
 def settled(volume: MountedVolume) -> bool:
@@ -229,7 +241,11 @@ def test_punched_file_reads_degraded(volume: MountedVolume) -> None:
     path = volume.mountpoint / "degraded"
     content = bytearray(os.urandom(4 * CHUNK + 777))
     write_file(path, bytes(content))
-    for start, end in ((CHUNK, 2 * CHUNK), (2 * CHUNK + 10, 2 * CHUNK + 5000), (3 * CHUNK - 1, 3 * CHUNK + 3)):
+    for start, end in (
+        (CHUNK, 2 * CHUNK),
+        (2 * CHUNK + 10, 2 * CHUNK + 5000),
+        (3 * CHUNK - 1, 3 * CHUNK + 3),
+    ):
         fallocate(path, "-p", "-o", str(start), "-l", str(end - start))
         content[start:end] = bytes(end - start)
     fsync_path(path)
@@ -388,3 +404,188 @@ def test_model_with_kill_9(tmp_path: Path, seed: int) -> None:
         bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
         assert not bad and not report.unrecoverable, bad
         volume.mount()
+
+
+# -- in-process: FileData.fallocate without FUSE -----------------------------------
+# (tests/test_smallwrites.py's volume: k=2, m=1, 128 KiB chunks, log_max 8 KiB)
+
+SMALL_CHUNK = sw.CHUNK
+
+
+def test_bad_arguments_and_modes(tmp_path: Path) -> None:
+    stores = sw.make_volume(tmp_path)
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = sw.new_file(volume, b"f")
+        await data.write(ino, 0, b"x" * 100)
+        cases = [
+            (errno.EINVAL, 0, -1, 10),
+            (errno.EINVAL, 0, 0, 0),
+            (errno.EOPNOTSUPP, 0x08, 0, SMALL_CHUNK),  # COLLAPSE_RANGE
+            (errno.EOPNOTSUPP, 0x20, 0, SMALL_CHUNK),  # INSERT_RANGE
+            (errno.EOPNOTSUPP, 0x40, 0, SMALL_CHUNK),  # UNSHARE_RANGE
+            (errno.EOPNOTSUPP, FALLOC_FL_PUNCH_HOLE, 0, 10),  # without KEEP_SIZE
+            (errno.EOPNOTSUPP, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | 1, 0, 10),
+            (errno.EFBIG, 0, FILE_SIZE_MAX, 10),
+            (errno.ENOSPC, 0, 0, 1 << 60),
+            (errno.ENOSPC, FALLOC_FL_KEEP_SIZE, 1 << 40, 1 << 60),
+        ]
+        for expected, mode, offset, length in cases:
+            with pytest.raises(FsError) as caught:
+                await data.fallocate(ino, mode, offset, length)
+            assert caught.value.errno == expected, (mode, offset, length)
+        with pytest.raises(FsError) as caught:
+            await data.fallocate(ROOT_INODE, 0, 0, 10)
+        assert caught.value.errno == errno.EISDIR
+        assert volume.namespace.get(ino).size == 100
+        assert await data.read(ino, 0, 200) == b"x" * 100
+
+    sw.run(tmp_path, stores, body)
+
+
+def test_punch_drops_or_hides_logged_records_also_after_a_crash(tmp_path: Path) -> None:
+    stores = sw.make_volume(tmp_path)
+    base = bytearray(sw.pattern(3, 3 * SMALL_CHUNK))
+    expected = bytearray(base)
+
+    async def before_crash(volume: Volume) -> None:
+        data = volume.filedata
+        ino = sw.new_file(volume, b"f")
+        await data.write(ino, 0, bytes(base))
+        await data.fsync(ino)
+        for offset in (100, SMALL_CHUNK + 500, 2 * SMALL_CHUNK + 9000):
+            await data.write(ino, offset, b"L" * 3000)
+            expected[offset : offset + 3000] = b"L" * 3000
+        await data.fsync(ino)
+        assert sw.table_rows(volume) == 3
+        old = data.chunks.get(ino, 1)
+        # Chunk 1 whole: a hole, its record dropped with it.
+        await data.fallocate(
+            ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, SMALL_CHUNK, SMALL_CHUNK
+        )
+        expected[SMALL_CHUNK : 2 * SMALL_CHUNK] = bytes(SMALL_CHUNK)
+        assert data.chunks.get(ino, 1) is None and not data.log.has(ino, 1)
+        assert old is not None
+        await data.fsync(ino)  # durable: the old fragments may go now
+        for _ in range(600):  # garbage deletes them in the background
+            if not any(next(s.rglob(f"{old.chunk_id:016x}.*"), None) for s in frag_dirs(stores)):
+                break
+            await trio.sleep(0.05)
+        else:
+            raise AssertionError("the punched chunk's fragments are still there")
+        # Partial ranges over records: newer zero records, no re-encode.
+        refs = (data.chunks.get(ino, 0), data.chunks.get(ino, 2))
+        await data.fallocate(ino, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 50, 2000)
+        await data.fallocate(
+            ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * SMALL_CHUNK + 8000, 3000
+        )
+        expected[50:2050] = bytes(2000)
+        expected[2 * SMALL_CHUNK + 8000 : 2 * SMALL_CHUNK + 11000] = bytes(3000)
+        await data.fsync(ino)
+        assert (data.chunks.get(ino, 0), data.chunks.get(ino, 2)) == refs
+        assert await data.read(ino, 0, 4 * SMALL_CHUNK) == expected
+        raise sw.Crash
+
+    async def after_crash(volume: Volume) -> None:
+        data = volume.filedata
+        ino = sw.lookup(volume, b"f")
+        data.opened(ino)
+        assert await data.read(ino, 0, 4 * SMALL_CHUNK) == expected
+        await data.fold_all()
+        assert sw.table_rows(volume) == 0
+        assert await data.read(ino, 0, 4 * SMALL_CHUNK) == expected
+
+    sw.run(tmp_path, stores, before_crash)
+    sw.run(tmp_path, stores, after_crash)
+
+
+FALLOC_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("write"),
+            st.integers(0, 3 * SMALL_CHUNK),
+            st.sampled_from([1, 100, 4096, 9000, SMALL_CHUNK + 7]),
+            st.integers(0, 255),
+        ),
+        st.tuples(
+            st.sampled_from(["punch", "zero", "zero+", "alloc", "alloc-keep"]),
+            st.integers(0, 3 * SMALL_CHUNK),
+            st.sampled_from([1, 3000, SMALL_CHUNK - 1, SMALL_CHUNK, 2 * SMALL_CHUNK + 5]),
+        ),
+        st.tuples(st.just("fsync")),
+        st.tuples(st.just("truncate"), st.integers(0, 3 * SMALL_CHUNK)),
+        st.tuples(st.just("fold")),
+        st.tuples(st.just("crash")),
+        st.tuples(st.just("read"), st.integers(0, 3 * SMALL_CHUNK), st.integers(1, SMALL_CHUNK)),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("ECFS_MODEL_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=FALLOC_OPS)
+def test_model_in_process(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple]) -> None:
+    """Like test_smallwrites::test_model, with punch, zero range and
+    preallocation among the ops: reads agree with a bytearray model, and
+    a crash (no write-back, no fold) keeps exactly the last fsync'd state."""
+    root = tmp_path_factory.mktemp("falloc-model")
+    stores = sw.make_volume(root)
+    model = bytearray()
+    durable = bytearray()
+
+    async def main() -> None:
+        nonlocal model, durable
+        ino = None
+        pending = list(ops) + [("read", 0, 5 * SMALL_CHUNK)]
+        while True:
+            try:
+                async with sw.mounted(root, stores) as volume:
+                    data = volume.filedata
+                    if ino is None:
+                        ino = sw.new_file(volume, b"f")
+                        await data.fsync(ino)
+                    else:
+                        data.opened(ino)
+                        assert await data.read(ino, 0, 5 * SMALL_CHUNK) == durable
+                        model = bytearray(durable)
+                    while pending:
+                        op = pending.pop(0)
+                        kind = op[0]
+                        if kind == "write":
+                            _, offset, length, value = op
+                            piece = bytes([value]) * length
+                            await data.write(ino, offset, piece)
+                            apply_op(model, "write", offset, length, piece)
+                        elif kind in MODES:
+                            _, offset, length = op
+                            await data.fallocate(ino, MODES[kind], offset, length)
+                            apply_op(model, kind, offset, length, b"")
+                        elif kind == "fsync":
+                            await data.fsync(ino)
+                            durable = bytearray(model)
+                        elif kind == "truncate":
+                            await data.truncate(ino, op[1])
+                            apply_op(model, "truncate", op[1], 0, b"")
+                        elif kind == "fold":
+                            await data.fold_all()
+                        elif kind == "read":
+                            _, offset, length = op
+                            got = await data.read(ino, offset, length)
+                            assert got == model[offset : offset + length]
+                        elif kind == "crash":
+                            await data.fsync(ino)
+                            durable = bytearray(model)
+                            raise sw.Crash
+                    else:
+                        await data.fsync(ino)
+                        durable = bytearray(model)
+                        return
+            except sw.Crash:
+                pass
+
+    trio.run(main)
