@@ -288,6 +288,18 @@ setfacl(1) and `cp -a` fall back to the mode. A name may have 255 bytes, a
 value 64 KiB (E2BIG beyond), and all attributes of one file together
 128 KiB (ENOSPC beyond).
 
+fallocate(2): mode 0 and `FALLOC_FL_KEEP_SIZE` write nothing (chunks are
+copy-on-write, so space cannot be set aside for later writes) but fail
+with ENOSPC when the free space of the stores cannot hold the range's
+holes, so posix_fallocate(3) and `fallocate -l` report a file that cannot
+fit; mode 0 extends the size. `FALLOC_FL_PUNCH_HOLE` (with
+`FALLOC_FL_KEEP_SIZE`, as Linux requires) and `FALLOC_FL_ZERO_RANGE` make
+the range read zeros: every chunk it covers whole becomes a hole whose
+fragments are deleted, and the partial chunks at its ends are written as
+small writes (logged, not re-encoded). Collapse, insert and unshare range
+answer EOPNOTSUPP. st_blocks of a regular file counts its stored bytes
+(parity not included), so holes do not count in du(1).
+
 File handles (name_to_handle_at(2), open_by_handle_at(2)) stay valid while
 the file exists, also after the kernel dropped it from its caches, and
 become stale (ESTALE) once it is removed. The largest file size is
