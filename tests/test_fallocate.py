@@ -182,6 +182,28 @@ def test_punching_whole_chunks_frees_their_fragments(vol: MountedVolume) -> None
     assert fragment_files(vol) <= before - 2 * 6
 
 
+def test_punching_frees_space_in_statfs(vol: MountedVolume) -> None:
+    """statfs counts the stores' free space (refreshed every few seconds):
+    it grows by about the punched bytes. Tolerant of other writers on the
+    same disk: half of them is enough."""
+    path = vol.mountpoint / "punch-statfs"
+    size = 48 * CHUNK  # 24 MiB, 36 MiB on the stores
+    write_file(path, os.urandom(size))
+    wait_for(lambda: settled(vol), "garbage to settle")
+
+    def free() -> int:
+        st = os.statvfs(vol.mountpoint)
+        return st.f_bfree * st.f_frsize
+
+    before = free()
+    fallocate(path, "-p", "-o", "0", "-l", str(size))
+    fsync_path(path)
+    assert path.read_bytes() == bytes(size)
+    assert path.stat().st_blocks == 0
+    wait_for(lambda: free() - before >= size // 2, "statfs to show the punched space")
+    path.unlink()
+
+
 def test_a_partial_punch_is_logged_not_reencoded(vol: MountedVolume) -> None:
     path = vol.mountpoint / "punch-partial"
     content = bytearray(os.urandom(3 * CHUNK))
