@@ -40,6 +40,17 @@ a buffer back drops them in the transaction that switches versions;
 Reads lay records and patches over the stored bytes, captured with the
 chunk ref before any await. Truncate drops the records of removed chunks
 and clips those of the kept one; free drops them all.
+
+Holes and fallocate (`FileData.fallocate`): preallocation writes nothing
+(there is nothing to reserve in a copy-on-write store) but checks the free
+space. Punching or zeroing a range removes every chunk it covers whole
+(buffer, patch, records, inline data and chunk row in one transaction,
+under the chunks' locks in ascending order as truncate; the fragments go
+through garbage) and writes zeros over the partial ends through `write`,
+so they become patches and then log records newer than the ones they hide:
+no record of a punched range can reappear, also after a crash. st_blocks
+(`allocated_blocks`) counts the stored bytes, from a per-inode cache that
+every change of an inode's chunks drops.
 """
 
 from __future__ import annotations
