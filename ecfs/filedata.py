@@ -692,8 +692,11 @@ class FileData:
             except EcfsError as exc:
                 log.error("inode %d chunk %d: fold at unmount failed: %s", ino, idx, exc)
 
-    async def _write_back_locked(self, state: FileState, idx: int) -> None:
-        """Write back chunk idx's buffer (caller holds the lock)."""
+    async def _write_back_locked(
+        self, state: FileState, idx: int, also: Callable[[], list[ChunkRef]] | None = None
+    ) -> None:
+        """Write back chunk idx's buffer (caller holds the lock); `also`:
+        see `_store_chunk`."""
         buf = state.dirty.pop(idx, None)
         if buf is None:
             return
@@ -701,7 +704,7 @@ class FileData:
         state.flushing[idx] = buf
         try:
             # No copy: nothing modifies `buf` while its chunk lock is held.
-            await self._store_chunk(state.ino, idx, buf)
+            await self._store_chunk(state.ino, idx, buf, also)
             state.gaps.pop(idx, None)  # committed: the zeros are content now
         except EcfsError as exc:
             log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
@@ -716,9 +719,19 @@ class FileData:
         finally:
             state.flushing.pop(idx, None)
 
-    async def _store_chunk(self, ino: int, idx: int, buf: bytearray) -> None:
+    async def _store_chunk(
+        self,
+        ino: int,
+        idx: int,
+        buf: bytearray,
+        also: Callable[[], list[ChunkRef]] | None = None,
+    ) -> None:
         """Commit the bytes of `buf` as the content of chunk idx (caller
-        holds its lock, so `buf` does not change meanwhile)."""
+        holds its lock, so `buf` does not change meanwhile). `also`, if
+        given, runs first in the transaction that commits it and returns
+        more versions to discard (truncate); it does not run when nothing
+        is committed (the chunk was truncated away meanwhile)."""
+        extra: list[ChunkRef] = []
         valid = self._valid_length(ino, idx)
         data = memoryview(buf)[:valid]
         if not data:
@@ -727,7 +740,8 @@ class FileData:
         self._allocated.pop(ino, None)
         if idx == 0 and size <= self.inline_max:
             with self.db.transaction():
-                removed = self.chunks.remove_from(ino, 0)
+                extra = also() if also is not None else []
+                removed = extra + self.chunks.remove_from(ino, 0)
                 self.log.drop_from(ino, 0)
                 self.namespace.set_inline_data(ino, bytes(data))
                 self.namespace.persist(ino)
@@ -735,12 +749,12 @@ class FileData:
             return
         if _all_zero(data):
             with self.db.transaction():
+                extra = also() if also is not None else []
                 old = self.chunks.remove(ino, idx)
                 self.log.drop(ino, idx)
                 self._drop_inline(ino, idx)
                 self.namespace.persist(ino)
-            if old is not None:
-                self.garbage.discard([old], self.db.generation)
+            self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
             return
         ref = await self.writer.write(data)
         if self._valid_length(ino, idx) == 0:
@@ -748,6 +762,7 @@ class FileData:
             return
         self._allocated.pop(ino, None)
         with self.db.transaction():
+            extra = also() if also is not None else []
             old = self.chunks.put(ino, idx, ref)
             self.log.drop(ino, idx)  # `buf` holds them (see _load)
             self._drop_inline(ino, idx)
@@ -763,8 +778,7 @@ class FileData:
                     demand=0,
                 )
             self.namespace.persist(ino)
-        if old is not None:
-            self.garbage.discard([old], self.db.generation)
+        self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
 
     def _drop_inline(self, ino: int, idx: int) -> None:
         if idx == 0 and self.namespace.inline_data(ino) is not None:
@@ -902,30 +916,50 @@ class FileData:
                 state.gaps.pop(idx, None)
             for idx in [i for i in state.patches if i >= first_dropped]:
                 self._drop_patch(state, idx)
-            if new_size % chunk_size:
+            cut = new_size - keep * chunk_size
+            if cut:
                 buf = state.dirty.get(keep)
                 if buf is None:
                     buf = await self._load(ino, keep)
                     state.dirty[keep] = buf
                     self.dirty_bytes += len(buf)
-                cut = new_size - keep * chunk_size
                 self.dirty_bytes -= max(0, len(buf) - cut)
                 del buf[cut:]
                 state.note_written(keep, cut, chunk_size)
             self._allocated.pop(ino, None)
-            with self.db.transaction():
+            mtime_ns = self.clock_ns()
+            committed = False
+
+            def drop_past_cut() -> list[ChunkRef]:
+                nonlocal committed
+                committed = True
                 removed = self.chunks.remove_from(ino, first_dropped)
                 self.log.drop_from(ino, first_dropped)
-                if new_size % chunk_size:
+                if cut:
                     # The kept chunk's buffer holds its records; a crash
                     # before its write-back must not bring back logged bytes
                     # past the new size when the file grows again.
-                    self.log.clip(ino, keep, new_size - keep * chunk_size)
+                    self.log.clip(ino, keep, cut)
                 inline = self.namespace.inline_data(ino)
                 if inline is not None and len(inline) > new_size:
                     self.namespace.set_inline_data(ino, inline[:new_size] or None)
-                self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
-            self.garbage.discard(removed, self.db.generation)
+                self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=True)
+                return removed
+
+            stored = self.chunks.get(ino, keep) if cut else None
+            if stored is not None and stored.length > cut:
+                # Neither may the stored version's own bytes past the cut:
+                # the cut version is committed with the size (the cache
+                # has the new size meanwhile, the database the old one).
+                self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=False)
+                try:
+                    await self._write_back_locked(state, keep, also=drop_past_cut)
+                except EcfsError:
+                    pass  # logged, and reported by the next flush (state.error)
+            if not committed:
+                with self.db.transaction():
+                    removed = drop_past_cut()
+                self.garbage.discard(removed, self.db.generation)
         self._forget_state_if_idle(ino)
 
     async def free(self, ino: int) -> None:

@@ -185,7 +185,7 @@ def test_punching_whole_chunks_frees_their_fragments(vol: MountedVolume) -> None
 def test_punching_frees_space_in_statfs(vol: MountedVolume) -> None:
     """statfs counts the stores' free space (refreshed every few seconds):
     it grows by about the punched bytes. Tolerant of other writers on the
-    same disk: half of them is enough."""
+    same disk: a quarter of them is enough."""
     path = vol.mountpoint / "punch-statfs"
     size = 48 * CHUNK  # 24 MiB, 36 MiB on the stores
     write_file(path, os.urandom(size))
@@ -200,7 +200,7 @@ def test_punching_frees_space_in_statfs(vol: MountedVolume) -> None:
     fsync_path(path)
     assert path.read_bytes() == bytes(size)
     assert path.stat().st_blocks == 0
-    wait_for(lambda: free() - before >= size // 2, "statfs to show the punched space")
+    wait_for(lambda: free() - before >= size // 4, "statfs to show the punched space")
     path.unlink()
 
 
@@ -341,10 +341,13 @@ def work(
     rng: random.Random,
     states: dict[str, list[bytes]],
     errors: list[str],
+    killed: threading.Event,
 ) -> None:
     """Random ops until the daemon is gone (an OSError). `states[name]`:
     the file's last fsync'd content, then its content after each later op
-    (the op in flight included: it may have been applied)."""
+    (the op in flight included: it may have been applied). Errors and
+    wrong reads count only before `killed` is set (just before the kill:
+    then anything may fail, or be cut short)."""
     fds: dict[str, int] = {}
     try:
         for name in states:
@@ -359,16 +362,24 @@ def work(
             run_op(fds[name], kind, offset, length, data)
             if rng.random() < 0.3:
                 got = os.pread(fds[name], len(model) + 10, 0)
-                if len(got) < len(model) and model.startswith(got):
+                if got != model and killed.is_set():
                     return  # a read cut short by the kill
                 if got != model:
-                    errors.append(f"{name}: {kind} {offset} {length}: read back wrong")
+                    first = next(
+                        (i for i, (x, y) in enumerate(zip(got, model, strict=False)) if x != y),
+                        min(len(got), len(model)),
+                    )
+                    errors.append(
+                        f"{name}: {kind} {offset} {length}: read back {len(got)} bytes, not"
+                        f" {len(model)}, first difference at {first}"
+                    )
                     return
             if rng.random() < 0.25:
                 os.fsync(fds[name])
                 states[name][:] = [bytes(model)]
-    except OSError:
-        pass  # the daemon is gone
+    except OSError as exc:
+        if not killed.is_set():
+            errors.append(f"{exc!r} before the kill")
     finally:
         for fd in fds.values():
             try:
@@ -407,11 +418,13 @@ def test_model_with_kill_9(tmp_path: Path, seed: int) -> None:
             states[name] = [(volume.mountpoint / name).read_bytes()]
         for round_ in range(4):
             errors: list[str] = []
+            killed = threading.Event()
             thread = threading.Thread(
-                target=work, args=(volume, random.Random(rng.random()), states, errors)
+                target=work, args=(volume, random.Random(rng.random()), states, errors, killed)
             )
             thread.start()
             time.sleep(rng.uniform(0.2, 2.5))
+            killed.set()
             volume.kill()
             thread.join(60)
             assert not thread.is_alive()
@@ -611,3 +624,37 @@ def test_model_in_process(tmp_path_factory: pytest.TempPathFactory, ops: list[tu
                 pass
 
     trio.run(main)
+
+
+def test_truncate_then_crash_never_brings_back_bytes_past_the_cut(tmp_path: Path) -> None:
+    """Found by the kill -9 model: truncate into a stored chunk committed the
+    new size but left the cut chunk in a buffer; a crash before its
+    write-back kept the old version, whose bytes past the cut came back
+    when the file grew again. The cut version now commits with the size."""
+    stores = sw.make_volume(tmp_path)
+    base = sw.pattern(5, 2 * SMALL_CHUNK)
+    cut = SMALL_CHUNK // 3
+
+    async def before_crash(volume: Volume) -> None:
+        data = volume.filedata
+        ino = sw.new_file(volume, b"f")
+        other = sw.new_file(volume, b"other")
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        await data.truncate(ino, cut)
+        await data.fsync(other)  # every commit so far is durable, the truncate's too
+        raise sw.Crash
+
+    async def after_crash(volume: Volume) -> None:
+        data = volume.filedata
+        ino = sw.lookup(volume, b"f")
+        data.opened(ino)
+        assert volume.namespace.get(ino).size == cut
+        await data.write(ino, SMALL_CHUNK - 10, b"end")  # grows the file again
+        expected = base[:cut] + bytes(SMALL_CHUNK - 10 - cut) + b"end"
+        assert await data.read(ino, 0, 2 * SMALL_CHUNK) == expected
+        await data.fsync(ino)
+        assert await data.read(ino, 0, 2 * SMALL_CHUNK) == expected
+
+    sw.run(tmp_path, stores, before_crash)
+    sw.run(tmp_path, stores, after_crash)
