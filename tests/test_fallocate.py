@@ -4,10 +4,13 @@ PUNCH_HOLE and ZERO_RANGE (whole chunks become holes whose fragments are
 deleted, partial ranges go through the small-write log), degraded reads
 of punched files, and a model-based test that mixes writes, fsync,
 truncate, punch, zero range and reads with kill -9 of the daemon at random
-points: every fsync'd state survives.
+points: every fsync'd state survives. In-process (FileData without FUSE,
+on tests/test_smallwrites.py's volume): the errnos, punched records across
+a crash, a hypothesis model with crashes, and the truncate crash bug the
+kill -9 model found.
 
-Test volumes: k=4, m=2, 128 KiB fragments, so a chunk is 512 KiB and a
-patch of at most 64 KiB is logged (smallwrites.LOG_FRACTION)."""
+Mount test volumes: k=4, m=2, 128 KiB fragments, so a chunk is 512 KiB and
+a patch of at most 64 KiB is logged (smallwrites.LOG_FRACTION)."""
 
 from __future__ import annotations
 
