@@ -298,7 +298,8 @@ the range read zeros: every chunk it covers whole becomes a hole whose
 fragments are deleted, and the partial chunks at its ends are written as
 small writes (logged, not re-encoded). Collapse, insert and unshare range
 answer EOPNOTSUPP. st_blocks of a regular file counts its stored bytes
-(parity not included), so holes do not count in du(1).
+(parity not included), so holes do not count in du(1); a file no larger
+than the inline limit (`ecfs mkfs --inline-max`) counts its size.
 
 File handles (name_to_handle_at(2), open_by_handle_at(2)) stay valid while
 the file exists, also after the kernel dropped it from its caches, and
