@@ -262,6 +262,36 @@ def test_punching_an_inline_file(vol: MountedVolume) -> None:
     assert path.read_bytes() == bytes(5000) + b"back" + bytes(4996)
 
 
+def test_punch_through_a_hard_link_then_rename_over_and_unlink(vol: MountedVolume) -> None:
+    """Both names see the punch; a file renamed over the punched one and
+    the unlinked last name leave no fragments of it behind."""
+    wait_for(lambda: settled(vol), "garbage to settle")
+    before = fragment_files(vol)
+    first, second = vol.mountpoint / "linked", vol.mountpoint / "linked2"
+    content = bytearray(os.urandom(3 * CHUNK))
+    write_file(first, bytes(content))
+    os.link(first, second)
+    fd = os.open(second, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"logged", CHUNK + 10)  # a small write: a log record at fsync
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    content[CHUNK + 10 : CHUNK + 16] = b"logged"
+    fallocate(second, "-p", "-o", str(CHUNK - 5), "-l", str(CHUNK + 10))
+    content[CHUNK - 5 : 2 * CHUNK + 5] = bytes(CHUNK + 10)
+    assert first.read_bytes() == content == second.read_bytes()
+    replacement = vol.mountpoint / "replacement"
+    write_file(replacement, b"new")
+    os.rename(replacement, first)
+    assert second.read_bytes() == content
+    second.unlink()
+    assert first.read_bytes() == b"new"
+    fsync_path(first)
+    wait_for(lambda: settled(vol), "garbage to settle")
+    assert fragment_files(vol) == before
+
+
 def test_punched_file_reads_degraded(volume: MountedVolume) -> None:
     path = volume.mountpoint / "degraded"
     content = bytearray(os.urandom(4 * CHUNK + 777))
