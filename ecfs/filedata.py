@@ -40,10 +40,22 @@ a buffer back drops them in the transaction that switches versions;
 Reads lay records and patches over the stored bytes, captured with the
 chunk ref before any await. Truncate drops the records of removed chunks
 and clips those of the kept one; free drops them all.
+
+Holes and fallocate (`FileData.fallocate`): preallocation writes nothing
+(there is nothing to reserve in a copy-on-write store) but checks the free
+space. Punching or zeroing a range removes every chunk it covers whole
+(buffer, patch, records, inline data and chunk row in one transaction,
+under the chunks' locks in ascending order as truncate; the fragments go
+through garbage) and writes zeros over the partial ends through `write`,
+so they become patches and then log records newer than the ones they hide:
+no record of a punched range can reappear, also after a crash. st_blocks
+(`allocated_blocks`) counts the stored bytes, from a per-inode cache that
+every change of an inode's chunks drops.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -53,7 +65,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import EcfsError, Unrecoverable
+from .errors import EcfsError, FsError, Unrecoverable
 from .garbage import ChunkPins, Garbage
 from .geometry import ChunkSpan, FragmentPiece, Layout
 from .metadb.chunks import ChunkTable, RepairQueue
@@ -61,7 +73,7 @@ from .metadb.database import Database
 from .metadb.inodes import InodeTable
 from .metadb.schema import ROOT_INODE
 from .model import NO_STORE, ChunkRef, repair_priority
-from .namespace import Namespace
+from .namespace import Inode, Namespace, check_file_size
 from .reader import ChunkReader
 from .smallwrites import Extents, WriteLog, lay_over
 from .tasks import gather_in_order, open_fan_out
@@ -81,6 +93,18 @@ PREFETCH_CHUNKS = 16
 #: A write of at least chunk_size / this many bytes into a chunk with no
 #: buffer yet gets a whole-chunk buffer at once (see `FileData.write`).
 PREALLOCATE_FRACTION = 8
+
+#: fallocate(2) mode flags (linux/falloc.h; Python's os module has none).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: The modes `FileData.fallocate` implements; any other flag (COLLAPSE_RANGE,
+#: INSERT_RANGE, UNSHARE_RANGE, ...) is EOPNOTSUPP.
+FALLOC_SUPPORTED = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+
+#: Inodes whose stored bytes `FileData.allocated_blocks` remembers before
+#: it starts over (one SQL sum per large file and change, then none).
+ALLOCATION_CACHE_MAX = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +212,7 @@ class FileData:
         dirty_limit: int = 256 << 20,
         background_flushes: int = 8,
         clock_ns: Callable[[], int] = time.time_ns,
+        free_space: Callable[[], int] | None = None,
     ) -> None:
         self.layout = layout
         self.db = db
@@ -202,10 +227,15 @@ class FileData:
         self.inline_max = min(inline_max, layout.chunk_size)
         self.dirty_limit = dirty_limit
         self.clock_ns = clock_ns
+        #: Usable free bytes of the volume (fallocate's ENOSPC), if known.
+        self.free_space = free_space
         self.dirty_bytes = 0
         self.inodes = InodeTable(db)
         self.log = writelog if writelog is not None else WriteLog(db, layout.chunk_size)
         self._reported_lost: set[tuple[int, int]] = set()
+        #: Stored bytes (chunks + inline) by inode, see `allocated_blocks`.
+        self._allocated: dict[int, int] = {}
+        db.on_rollback.append(self._allocated.clear)
         #: time.monotonic() of the last read or write (foreground activity,
         #: which background repair yields to).
         self.last_activity = 0.0
@@ -238,6 +268,24 @@ class FileData:
             except EcfsError as exc:
                 log.error("inode %d: write-back at close failed: %s", ino, exc)
             self._forget_state_if_idle(ino)
+
+    def allocated_blocks(self, node: Inode) -> int:
+        """st_blocks of a regular file: its stored data bytes (chunk
+        lengths + inline data; parity not counted) in 512-byte units, so
+        holes (sparse files, punched chunks) are not counted. A file of at
+        most `inline_max` bytes or with buffered data counts its size (no
+        SQL for small files; never 0 for data not written back yet)."""
+        by_size = -(-node.size // 512)
+        if node.size <= self.inline_max or self._has_buffers(node.id):
+            return by_size
+        stored = self._allocated.get(node.id)
+        if stored is None:
+            if len(self._allocated) >= ALLOCATION_CACHE_MAX:
+                self._allocated.clear()
+            inline = self.namespace.inline_data(node.id)
+            stored = self.chunks.stored_bytes_of(node.id) + len(inline or b"")
+            self._allocated[node.id] = stored
+        return min(by_size, -(-stored // 512))
 
     # -- read ----------------------------------------------------------------
 
@@ -644,8 +692,11 @@ class FileData:
             except EcfsError as exc:
                 log.error("inode %d chunk %d: fold at unmount failed: %s", ino, idx, exc)
 
-    async def _write_back_locked(self, state: FileState, idx: int) -> None:
-        """Write back chunk idx's buffer (caller holds the lock)."""
+    async def _write_back_locked(
+        self, state: FileState, idx: int, also: Callable[[], list[ChunkRef]] | None = None
+    ) -> None:
+        """Write back chunk idx's buffer (caller holds the lock); `also`:
+        see `_store_chunk`."""
         buf = state.dirty.pop(idx, None)
         if buf is None:
             return
@@ -653,7 +704,7 @@ class FileData:
         state.flushing[idx] = buf
         try:
             # No copy: nothing modifies `buf` while its chunk lock is held.
-            await self._store_chunk(state.ino, idx, buf)
+            await self._store_chunk(state.ino, idx, buf, also)
             state.gaps.pop(idx, None)  # committed: the zeros are content now
         except EcfsError as exc:
             log.warning("inode %d chunk %d: write-back failed: %s", state.ino, idx, exc)
@@ -668,17 +719,29 @@ class FileData:
         finally:
             state.flushing.pop(idx, None)
 
-    async def _store_chunk(self, ino: int, idx: int, buf: bytearray) -> None:
+    async def _store_chunk(
+        self,
+        ino: int,
+        idx: int,
+        buf: bytearray,
+        also: Callable[[], list[ChunkRef]] | None = None,
+    ) -> None:
         """Commit the bytes of `buf` as the content of chunk idx (caller
-        holds its lock, so `buf` does not change meanwhile)."""
+        holds its lock, so `buf` does not change meanwhile). `also`, if
+        given, runs first in the transaction that commits it and returns
+        more versions to discard (truncate); it does not run when nothing
+        is committed (the chunk was truncated away meanwhile)."""
+        extra: list[ChunkRef] = []
         valid = self._valid_length(ino, idx)
         data = memoryview(buf)[:valid]
         if not data:
             return  # truncated away meanwhile; truncate removed the chunk
         size = self.namespace.get(ino).size
+        self._allocated.pop(ino, None)
         if idx == 0 and size <= self.inline_max:
             with self.db.transaction():
-                removed = self.chunks.remove_from(ino, 0)
+                extra = also() if also is not None else []
+                removed = extra + self.chunks.remove_from(ino, 0)
                 self.log.drop_from(ino, 0)
                 self.namespace.set_inline_data(ino, bytes(data))
                 self.namespace.persist(ino)
@@ -686,18 +749,20 @@ class FileData:
             return
         if _all_zero(data):
             with self.db.transaction():
+                extra = also() if also is not None else []
                 old = self.chunks.remove(ino, idx)
                 self.log.drop(ino, idx)
                 self._drop_inline(ino, idx)
                 self.namespace.persist(ino)
-            if old is not None:
-                self.garbage.discard([old], self.db.generation)
+            self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
             return
         ref = await self.writer.write(data)
         if self._valid_length(ino, idx) == 0:
             self.garbage.discard([ref], self.db.generation)
             return
+        self._allocated.pop(ino, None)
         with self.db.transaction():
+            extra = also() if also is not None else []
             old = self.chunks.put(ino, idx, ref)
             self.log.drop(ino, idx)  # `buf` holds them (see _load)
             self._drop_inline(ino, idx)
@@ -713,12 +778,121 @@ class FileData:
                     demand=0,
                 )
             self.namespace.persist(ino)
-        if old is not None:
-            self.garbage.discard([old], self.db.generation)
+        self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
 
     def _drop_inline(self, ino: int, idx: int) -> None:
         if idx == 0 and self.namespace.inline_data(ino) is not None:
             self.namespace.set_inline_data(ino, None)
+
+    # -- fallocate -------------------------------------------------------------
+
+    async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on bytes [offset, offset + length) of a regular file.
+
+        * mode 0 and KEEP_SIZE: nothing is written (chunks are copy-on-write,
+          so no space can be reserved for later writes); ENOSPC if the
+          stores' free space cannot hold the range's holes, as a caller of
+          posix_fallocate expects; mode 0 extends the size.
+        * PUNCH_HOLE (with KEEP_SIZE, as Linux requires) and ZERO_RANGE:
+          the range reads zeros; ZERO_RANGE without KEEP_SIZE extends the
+          size. Every chunk the range covers whole becomes a hole in one
+          transaction (its buffer, patch, log records and inline data are
+          dropped; its fragments are deleted once that is durable, see
+          garbage, which keeps them for readers that pinned them). A partial
+          chunk at either end gets zeros written over the range through
+          `write`: a small range becomes a patch, logged at flush like any
+          small write (see smallwrites), newer than every record it hides.
+        """
+        node = self.namespace.get(ino)
+        if node.is_dir:
+            raise FsError("fallocate on a directory", errno=errno.EISDIR)
+        if not node.is_reg:
+            raise FsError("fallocate on a non-regular file", errno=errno.ENODEV)
+        if offset < 0 or length <= 0:
+            raise FsError("fallocate: negative offset or non-positive length", errno=errno.EINVAL)
+        if mode & ~FALLOC_SUPPORTED:
+            raise FsError(f"fallocate mode {mode:#x} is not supported", errno=errno.EOPNOTSUPP)
+        punch = bool(mode & FALLOC_FL_PUNCH_HOLE)
+        if punch and mode & FALLOC_FL_ZERO_RANGE or punch and not mode & FALLOC_FL_KEEP_SIZE:
+            raise FsError(f"fallocate mode {mode:#x} is invalid", errno=errno.EOPNOTSUPP)
+        end = offset + length
+        check_file_size(end)
+        self.last_activity = time.monotonic()
+        grow = not mode & FALLOC_FL_KEEP_SIZE and end > node.size
+        try:
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                await self._zero_range(ino, offset, min(end, node.size))
+            else:
+                self._check_room(ino, offset, end)
+            if grow and end > self.namespace.get(ino).size:
+                self.namespace.set_size(ino, end, mtime_ns=self.clock_ns(), persist=True)
+        finally:
+            self._forget_state_if_idle(ino)
+
+    def _check_room(self, ino: int, offset: int, end: int) -> None:
+        """ENOSPC if the free space cannot hold bytes [offset, end) of ino
+        where it has no stored chunk (a preallocation's promise)."""
+        if self.free_space is None:
+            return
+        chunk_size = self.layout.chunk_size
+        needed = end - offset
+        first, last = offset // chunk_size, (end - 1) // chunk_size
+        for idx, stored in self.chunks.lengths_in(ino, first, last):
+            base = idx * chunk_size
+            needed -= max(0, min(end, base + stored) - max(offset, base))
+        free = self.free_space()
+        if needed > free:
+            raise FsError(
+                f"fallocate of {needed} bytes: only {free} bytes are free", errno=errno.ENOSPC
+            )
+
+    async def _zero_range(self, ino: int, offset: int, end: int) -> None:
+        """Make bytes [offset, end) (within the size) read zeros."""
+        if offset >= end:
+            return
+        state = self._state(ino)
+        chunk_size = self.layout.chunk_size
+        first, last = offset // chunk_size, (end - 1) // chunk_size
+        # Only chunks with content: a huge sparse range costs no loop.
+        present = {idx for idx, _ in self.chunks.lengths_in(ino, first, last)}
+        # A buffer being written back (`flushing`) is committed by the time
+        # its lock is ours.
+        buffered = (*state.dirty, *state.flushing, *state.patches)
+        present.update(i for i in buffered if first <= i <= last)
+        if first == 0 and self.namespace.inline_data(ino) is not None:
+            present.add(0)
+        whole: list[int] = []
+        for span in self.layout.chunk_spans(offset, end - offset):
+            idx = span.chunk_index
+            if idx not in present:
+                continue
+            if span.start == 0 and span.end >= self._valid_length(ino, idx):
+                whole.append(idx)
+            else:  # the small-write path (patch, log) or the chunk's buffer
+                await self.write(ino, idx * chunk_size + span.start, bytes(span.end - span.start))
+        if not whole:
+            return
+        async with AsyncExitStack() as stack:
+            for idx in whole:  # ascending, as truncate
+                await stack.enter_async_context(state.lock(idx))
+            for idx in whole:
+                buf = state.dirty.pop(idx, None)
+                if buf is not None:
+                    self.dirty_bytes -= len(buf)
+                state.gaps.pop(idx, None)
+                self._drop_patch(state, idx)
+            removed: list[ChunkRef] = []
+            self._allocated.pop(ino, None)
+            with self.db.transaction():
+                for idx in whole:
+                    old = self.chunks.remove(ino, idx)
+                    if old is not None:
+                        removed.append(old)
+                    self.log.drop(ino, idx)
+                    self._drop_inline(ino, idx)
+                size = self.namespace.get(ino).size
+                self.namespace.set_size(ino, size, mtime_ns=self.clock_ns(), persist=True)
+            self.garbage.discard(removed, self.db.generation)
 
     # -- truncate / free -------------------------------------------------------
 
@@ -742,29 +916,50 @@ class FileData:
                 state.gaps.pop(idx, None)
             for idx in [i for i in state.patches if i >= first_dropped]:
                 self._drop_patch(state, idx)
-            if new_size % chunk_size:
+            cut = new_size - keep * chunk_size
+            if cut:
                 buf = state.dirty.get(keep)
                 if buf is None:
                     buf = await self._load(ino, keep)
                     state.dirty[keep] = buf
                     self.dirty_bytes += len(buf)
-                cut = new_size - keep * chunk_size
                 self.dirty_bytes -= max(0, len(buf) - cut)
                 del buf[cut:]
                 state.note_written(keep, cut, chunk_size)
-            with self.db.transaction():
+            self._allocated.pop(ino, None)
+            mtime_ns = self.clock_ns()
+            committed = False
+
+            def drop_past_cut() -> list[ChunkRef]:
+                nonlocal committed
+                committed = True
                 removed = self.chunks.remove_from(ino, first_dropped)
                 self.log.drop_from(ino, first_dropped)
-                if new_size % chunk_size:
+                if cut:
                     # The kept chunk's buffer holds its records; a crash
                     # before its write-back must not bring back logged bytes
                     # past the new size when the file grows again.
-                    self.log.clip(ino, keep, new_size - keep * chunk_size)
+                    self.log.clip(ino, keep, cut)
                 inline = self.namespace.inline_data(ino)
                 if inline is not None and len(inline) > new_size:
                     self.namespace.set_inline_data(ino, inline[:new_size] or None)
-                self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
-            self.garbage.discard(removed, self.db.generation)
+                self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=True)
+                return removed
+
+            stored = self.chunks.get(ino, keep) if cut else None
+            if stored is not None and stored.length > cut:
+                # Neither may the stored version's own bytes past the cut:
+                # the cut version is committed with the size (the cache
+                # has the new size meanwhile, the database the old one).
+                self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=False)
+                try:
+                    await self._write_back_locked(state, keep, also=drop_past_cut)
+                except EcfsError:
+                    pass  # logged, and reported by the next flush (state.error)
+            if not committed:
+                with self.db.transaction():
+                    removed = drop_past_cut()
+                self.garbage.discard(removed, self.db.generation)
         self._forget_state_if_idle(ino)
 
     async def free(self, ino: int) -> None:
@@ -781,6 +976,7 @@ class FileData:
                 state.patches.clear()
                 state.gaps.clear()
             self._states.pop(ino, None)
+        self._allocated.pop(ino, None)
         with self.db.transaction():
             removed = self.chunks.remove_from(ino, 0)
             self.log.drop_from(ino, 0)

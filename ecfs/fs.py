@@ -118,7 +118,8 @@ class EcfsOperations(pyfuse3.Operations):
         entry.st_rdev = node.rdev
         entry.st_size = node.size
         entry.st_blksize = self.volume.layout.fragment_size  # the preferred I/O size
-        entry.st_blocks = -(-node.size // 512)
+        # Regular files: stored bytes, holes left out (see FileData.allocated_blocks).
+        entry.st_blocks = self.data.allocated_blocks(node) if node.is_reg else -(-node.size // 512)
         entry.st_atime_ns = node.atime_ns
         entry.st_mtime_ns = node.mtime_ns
         entry.st_ctime_ns = node.ctime_ns
@@ -342,6 +343,11 @@ class EcfsOperations(pyfuse3.Operations):
     @errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.data.fsync(fh)
+
+    @errno_boundary
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # Needs pyfuse3 with the handler (scripts/pyfuse3/README.md).
+        await self.data.fallocate(fh, mode, offset, length)
 
     # -- extended attributes -----------------------------------------------------------
 

@@ -360,6 +360,7 @@ class Volume:
             inline_max=self.inline_max,
             clock_ns=self.namespace.now_ns,  # one clock for every inode time
             writelog=self.writelog,
+            free_space=lambda: self.capacity()[1],
         )
         self.repairer = Repairer(
             db,

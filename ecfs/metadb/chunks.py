@@ -184,6 +184,18 @@ class ChunkTable:
             )
         return [_ref(*row) for row in rows]
 
+    def lengths_in(self, inode: int, first: int, last: int) -> list[tuple[int, int]]:
+        """(idx, length) of the stored chunks first..last (inclusive) of
+        inode, by index (uncached: for a range of any size, e.g. fallocate)."""
+        return [
+            (int(idx), int(length))
+            for idx, length in self.db.query(
+                "SELECT idx, length FROM chunks WHERE inode = ? AND idx BETWEEN ? AND ?"
+                " ORDER BY idx",
+                (inode, first, last),
+            )
+        ]
+
     def set_stores(self, chunk_id: int, stores: tuple[int, ...]) -> bool:
         """Record new fragment locations of a chunk (repair); False if gone."""
         self._cache.forget_chunk(chunk_id)
@@ -238,6 +250,14 @@ class ChunkTable:
 
     def stored_bytes(self) -> int:
         return int(self.db.query_value("SELECT COALESCE(SUM(length), 0) FROM chunks", default=0))
+
+    def stored_bytes_of(self, inode: int) -> int:
+        """The summed lengths of one inode's chunks."""
+        return int(
+            self.db.query_value(
+                "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE inode = ?", (inode,), 0
+            )
+        )
 
     def count(self) -> int:
         """Number of chunk rows."""
