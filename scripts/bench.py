@@ -62,14 +62,14 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_workloads as wl  # noqa: E402  (a sibling module, not a package)
 
-from ecfs.host import fuse_mounts  # noqa: E402  (bench_workloads put the repository on the path)
+from ecfs.core.host import fuse_mounts  # noqa: E402  (bench_workloads put the repository on the path)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 K, M, N_STORES = 4, 2, 6
 FRAGMENT_SIZE = 1024 * 1024  # mkfs's default
-FRAGMENT_HEADER = 4096  # header + cell checksums, padded to 4 KiB (ecfs/fragment.py)
+FRAGMENT_HEADER = 4096  # header + cell checksums, padded to 4 KiB (ecfs/core/fragment.py)
 #: (k+m)/k, plus each fragment's header.
 EXPECTED_WRITE_AMP = (K + M) / K * (FRAGMENT_SIZE + FRAGMENT_HEADER) / FRAGMENT_SIZE
 #: The whole run must fit in 10 minutes; what remains is for cleanup and slack.

@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ecfs import host  # noqa: E402
-from ecfs.client import MountClient  # noqa: E402
+from ecfs.core import host  # noqa: E402
+from ecfs.frontend.client import MountClient  # noqa: E402
 
 MiB = 1 << 20
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: ecfs
-from ecfs import host  # noqa: E402
+from ecfs.core import host  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

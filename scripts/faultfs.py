@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
-from ecfs.host import mount_at  # noqa: E402  (the mount-table helper; no ecfs code runs)
+from ecfs.core.host import mount_at  # noqa: E402  (the mount-table helper; no ecfs code runs)
 
 CONTROL_POLL = 0.05  # seconds between checks of the control file
 INVALIDATE_TIMEOUT = 2.0  # seconds to wait for the page-cache invalidation

@@ -9,13 +9,13 @@ Sources: man/src/PAGE.txt is the page PAGE.8. It starts with two lines,
 shows; the first names it) and `summary: ...` (the NAME line), then
 sections, each starting with a line `== TITLE`, placed after OPTIONS in
 their order (`== DESCRIPTION` goes under the --help text instead; a section
-whose text is `@METRICS@` lists ecfs.metrics.METRICS). `{{name}}` stands
+whose text is `@METRICS@` lists ecfs.frontend.metrics.METRICS). `{{name}}` stands
 for the text of man/src/_name.txt, shared by several pages.
 
 Owns: reading the sources and rendering them to roff
 (man(7) macros only: .TH .SH .SS .PP .TP .IP .RS/.RE .nf/.fi, so that
 groff, mandoc and man-db all render it). Must not: import click. What the
-commands' --help says comes in as plain data from `ecfs.cli.help_texts()`
+commands' --help says comes in as plain data from `ecfs.frontend.cli.help_texts()`
 (see there for its shape); `render_pages` is pure, only `main` writes files.
 A development tool: the runtime package never imports it.
 
@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from ecfs import __version__  # noqa: E402
-from ecfs.metrics import METRICS  # noqa: E402
+from ecfs.frontend.metrics import METRICS  # noqa: E402
 
 MAN_DIR = REPO_ROOT / "man"
 SOURCE_DIR = MAN_DIR / "src"
@@ -323,7 +323,7 @@ def stale_pages(directory: Path, pages: dict[str, str]) -> list[str]:
 
 def main(argv: Sequence[str] = ()) -> int:
     """Write the pages into man/ (or with --check, report stale ones)."""
-    from ecfs.cli import help_texts  # cli owns click; the rendering never imports it
+    from ecfs.frontend.cli import help_texts  # cli owns click; the rendering never imports it
 
     pages = render_pages(help_texts())
     if "--check" in argv:

@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ecfs.host import mount_at  # noqa: E402  (the repository's helper; no ecfs code runs)
+from ecfs.core.host import mount_at  # noqa: E402  (the repository's helper; no ecfs code runs)
 
 TIMEOUT = 60.0  # seconds the kernel may cache entries and attributes
 STAT_FIELDS = (

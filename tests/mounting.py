@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.host import fuse_mounts
+from ecfs.core.host import fuse_mounts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ecfs.host import mount_at
-from ecfs.metrics import METRICS
+from ecfs.core.host import mount_at
+from ecfs.frontend.metrics import METRICS
 from tests.mounting import (
     FUSE_MISSING_REASON,
     REPO_ROOT,
@@ -644,7 +644,7 @@ def _unprivileged_python() -> list[str] | None:
     for python in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
             probe = subprocess.run(
-                [python, "-c", "import ecfs.cli, pyfuse3"],
+                [python, "-c", "import ecfs.frontend.cli, pyfuse3"],
                 user=65534, group=65534, extra_groups=[], capture_output=True, timeout=60,
                 env={"PYTHONPATH": f"{REPO_ROOT}:{site}", "HOME": "/tmp"},
             )  # fmt: skip

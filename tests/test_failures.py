@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from ecfs import host
+from ecfs.core import host
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_FRAGMENT_SIZE,
@@ -312,7 +312,7 @@ def test_two_stores_renamed_away_reads_go_on(tmp_path: Path) -> None:
 def test_two_stores_renamed_away_writes_fail_rather_than_lose_protection(
     tmp_path: Path,
 ) -> None:
-    """The documented write policy (ecfs.writer): a chunk needs at least k+1
+    """The documented write policy (ecfs.data.writer): a chunk needs at least k+1
     stores. With 2 of 6 stores gone only k=4 remain, so new data is refused
     with EIO at close/fsync instead of being stored with no redundancy; the
     data already stored stays readable."""

@@ -31,10 +31,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs.errors import FsError
-from ecfs.metadb.schema import ROOT_INODE
-from ecfs.namespace import FILE_SIZE_MAX
-from ecfs.volume import Volume
+from ecfs.core.errors import FsError
+from ecfs.data.namespace import FILE_SIZE_MAX
+from ecfs.storage.metadb.schema import ROOT_INODE
+from ecfs.volume.assembly import Volume
 from tests import test_smallwrites as sw
 from tests.mounting import MountedVolume, mounted_volume
 from tests.test_crash import ALLOWED_AFTER_KILL, fsck

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.errors import VolumeError
-from ecfs.fsck import COUNT_KEYS, FsckReport, run_fsck
-from ecfs.lock import LOCK_NAME, VolumeLock
-from ecfs.metadb.digest import content_digest
-from ecfs.model import REPAIR_REASONS, repair_priority
-from ecfs.replicas import replica_path
-from ecfs.store import DirectoryStore
+from ecfs.core.errors import VolumeError
+from ecfs.core.model import REPAIR_REASONS, repair_priority
+from ecfs.storage.lock import LOCK_NAME, VolumeLock
+from ecfs.storage.metadb.digest import content_digest
+from ecfs.storage.replicas import replica_path
+from ecfs.storage.store import DirectoryStore
+from ecfs.volume.fsck import COUNT_KEYS, FsckReport, run_fsck
 from tests.mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from tests.test_metadata_copies import KINDS, damage, forge
 from tests.test_repair import wait_repaired

@@ -1,11 +1,11 @@
-"""ecfs.host: the one mount-table reader and drop_caches, shared by ecfs,
+"""ecfs.core.host: the one mount-table reader and drop_caches, shared by ecfs,
 the tests and the scripts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ecfs import host
+from ecfs.core import host
 
 TABLE = (
     "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n"

@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs import fragment
-from ecfs.errors import FragmentCorrupt, StoreError
-from ecfs.metadb.schema import create_database, record_digest
-from ecfs.replicas import choose_copy, inspect_copy, read_generation
-from ecfs.store import MARKER_NAME, StoreMarker
+from ecfs.core import fragment
+from ecfs.core.errors import FragmentCorrupt, StoreError
+from ecfs.storage.metadb.schema import create_database, record_digest
+from ecfs.storage.replicas import choose_copy, inspect_copy, read_generation
+from ecfs.storage.store import MARKER_NAME, StoreMarker
 from tests.mounting import MountedVolume, cli, mounted_volume
 from tests.volume_files import (
     MiB,
@@ -390,7 +390,7 @@ def test_a_garbage_replica_is_skipped_and_resynced(volume: MountedVolume) -> Non
         volume.stores[1] / "meta" / "ecfs-meta.sqlite"
     )
     assert len(generations) == 1
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     assert run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True).clean
     volume.mount()
@@ -495,7 +495,7 @@ def test_a_300_level_tree_deeper_than_path_max(volume: MountedVolume) -> None:
     shutil.rmtree(volume.mountpoint / name)
     assert os.listdir(volume.mountpoint) == []
     volume.unmount()
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     assert run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True).clean
     volume.mount()

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import StoreTimeout
-from ecfs.metadb.chunks import RepairEntry, RepairQueue
-from ecfs.model import NO_STORE
-from ecfs.offload import StoreState
+from ecfs.core.errors import StoreTimeout
+from ecfs.core.model import NO_STORE
+from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
+from ecfs.storage.offload import StoreState
 
 from .inprocess import CHUNK, K, M, Rig, make_rig
 

@@ -3,9 +3,13 @@
 * Each dependency that ties code to one concern is imported by one module
   only (see STYLE.md and ecfs/__init__.py), so that, e.g., nothing below the
   FUSE adapter knows pyfuse3 and all SQL lives in metadb.
+* The packages are layers, bottom to top: core, storage, data, volume,
+  frontend. A module imports only modules of its own package and of the
+  packages below it, and every module lives in one of them (only the
+  top-level `ecfs` with the version and `ecfs.__main__` do not).
 * No import cycle among ecfs modules: a module never needs, even for type
   hints only, a module that needs it.
-* Only ecfs/offload.py, the one helper for blocking calls, uses
+* Only ecfs/storage/offload.py, the one helper for blocking calls, uses
   `trio.to_thread`.
 
 The rules are checked on the source with `ast` (no import is executed),
@@ -26,13 +30,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ecfs"
 # third-party module -> the ecfs files (or directories, ending in "/") that may
 # import it, relative to the repository root.
 ALLOWED_IMPORTERS: dict[str, tuple[str, ...]] = {
-    "pyfuse3": ("ecfs/fs.py", "ecfs/mount.py"),
-    "click": ("ecfs/cli.py",),
-    "zfec": ("ecfs/codec.py",),
-    "xxhash": ("ecfs/fragment.py",),
-    "sqlite3": ("ecfs/metadb/", "ecfs/replicas.py"),
-    "prometheus_client": ("ecfs/metrics.py",),
-    "rich": ("ecfs/render.py",),
+    "pyfuse3": ("ecfs/frontend/fs.py", "ecfs/frontend/mount.py"),
+    "click": ("ecfs/frontend/cli.py",),
+    "zfec": ("ecfs/core/codec.py",),
+    "xxhash": ("ecfs/core/fragment.py",),
+    "sqlite3": ("ecfs/storage/metadb/", "ecfs/storage/replicas.py"),
+    "prometheus_client": ("ecfs/frontend/metrics.py",),
+    "rich": ("ecfs/frontend/render.py",),
 }
 
 MODULE_FILES = sorted(PACKAGE_DIR.rglob("*.py"))
@@ -100,14 +104,14 @@ def test_rule_checker_sees_imports(source: str, module: str, allowed: bool) -> N
     modules = {name for name, _ in imported_modules(ast.parse(source))}
     found = module in modules
     assert found != (module == "codec")  # relative imports are ours, not third-party
-    assert may_import("ecfs/namespace.py", module) == allowed
+    assert may_import("ecfs/data/namespace.py", module) == allowed
 
 
 # --- no import cycle among ecfs modules ---------------------------------------------
 
 
 def module_name(path: Path) -> str:
-    """ecfs/metadb/chunks.py -> ecfs.metadb.chunks; a package's __init__ -> the package."""
+    """ecfs/storage/metadb/chunks.py -> ecfs.storage.metadb.chunks; a package's __init__ -> the package."""
     parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -186,7 +190,8 @@ def find_cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_among_ecfs_modules() -> None:
     graph = import_graph()
-    assert "ecfs.volume" in graph and "ecfs.status" in graph["ecfs.volume"]  # the graph is real
+    # the graph is real
+    assert "ecfs.volume.status" in graph["ecfs.volume.assembly"]
     cycles = find_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
@@ -196,30 +201,87 @@ def test_cycle_checker_finds_a_cycle() -> None:
     to have (volume -> control -> volume, volume -> store_admin -> volume),
     one through TYPE_CHECKING and a relative `from . import` spelling."""
     sources = {
-        "ecfs.volume": "from . import control\nfrom .store_admin import StoreAdmin\nimport ecfs.codec",
-        "ecfs.control": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .volume import Volume",
-        "ecfs.store_admin": "from ecfs.volume import Volume",
-        "ecfs.codec": "import zfec",
-        "ecfs.metadb": "from . import chunks",
-        "ecfs.metadb.chunks": "from ..codec import Codec",
+        "ecfs.volume.assembly": "from . import control\nfrom .store_admin import StoreAdmin\nimport ecfs.core.codec",
+        "ecfs.volume.control": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .assembly import Volume",
+        "ecfs.volume.store_admin": "from ecfs.volume.assembly import Volume",
+        "ecfs.core.codec": "import zfec",
+        "ecfs.storage.metadb": "from . import chunks",
+        "ecfs.storage.metadb.chunks": "from ...core.codec import Codec",
     }  # fmt: skip
     known = set(sources)
     graph = {
-        name: ecfs_imports(ast.parse(text), name, name == "ecfs.metadb", known)
+        name: ecfs_imports(ast.parse(text), name, name == "ecfs.storage.metadb", known)
         for name, text in sources.items()
     }
-    assert graph["ecfs.metadb"] == {"ecfs.metadb.chunks"}
-    assert graph["ecfs.metadb.chunks"] == {"ecfs.codec"}
-    assert find_cycles(graph) == [["ecfs.control", "ecfs.store_admin", "ecfs.volume"]]
-    del graph["ecfs.control"]
-    graph["ecfs.store_admin"] = set()
+    assert graph["ecfs.storage.metadb"] == {"ecfs.storage.metadb.chunks"}
+    assert graph["ecfs.storage.metadb.chunks"] == {"ecfs.core.codec"}
+    assert find_cycles(graph) == [
+        ["ecfs.volume.assembly", "ecfs.volume.control", "ecfs.volume.store_admin"]
+    ]
+    del graph["ecfs.volume.control"]
+    graph["ecfs.volume.store_admin"] = set()
     assert find_cycles(graph) == []
     assert find_cycles({"a": {"a"}}) == [["a"]]
 
 
+# --- packages are layers -------------------------------------------------------------
+
+#: The layer packages, bottom first.
+LAYERS = ("core", "storage", "data", "volume", "frontend")
+#: Modules outside the layers: the version (anyone may import it) and `python -m ecfs`.
+OUTSIDE_LAYERS = {"ecfs", "ecfs.__main__"}
+
+
+def layer_of(module: str) -> int | None:
+    """The position of `module`'s layer package in LAYERS; None outside them."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def layer_violations(graph: Mapping[str, set[str]]) -> list[str]:
+    """Imports that go up (or out of) the layers, and modules in no layer."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        if module in OUTSIDE_LAYERS:
+            continue
+        mine = layer_of(module)
+        if mine is None:
+            found.append(f"{module} is in no layer package")
+            continue
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if target != "ecfs" and (theirs is None or theirs > mine):
+                found.append(f"{module} imports {target}")
+    return found
+
+
+def test_packages_are_layers() -> None:
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} - {None} == set(range(len(LAYERS)))  # every layer is real
+    violations = layer_violations(graph)
+    assert not violations, "imports against the layers: " + "; ".join(violations)
+
+
+def test_layer_checker_finds_violations() -> None:
+    graph = {
+        "ecfs.storage.store": {"ecfs.core.errors", "ecfs.data.reader", "ecfs"},
+        "ecfs.data.reader": {"ecfs.storage.store", "ecfs.data.writer"},
+        "ecfs.data.writer": set(),
+        "ecfs.frontend.cli": {"ecfs.volume.assembly", "ecfs.__main__"},
+        "ecfs.core.errors": set(),
+        "ecfs.stray": set(),
+        "ecfs.__main__": {"ecfs.frontend.cli"},
+    }
+    assert layer_violations(graph) == [
+        "ecfs.frontend.cli imports ecfs.__main__",
+        "ecfs.storage.store imports ecfs.data.reader",
+        "ecfs.stray is in no layer package",
+    ]
+
+
 # --- only offload runs code in threads --------------------------------------------
 
-THREAD_HELPER = "ecfs/offload.py"
+THREAD_HELPER = "ecfs/storage/offload.py"
 
 
 def to_thread_uses(tree: ast.AST) -> list[int]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.cli import help_texts
-from ecfs.metrics import METRICS
+from ecfs.frontend.cli import help_texts
+from ecfs.frontend.metrics import METRICS
 from tests.mounting import REPO_ROOT, cli
 
 

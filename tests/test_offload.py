@@ -1,4 +1,4 @@
-"""Tests for ecfs.offload: timeouts, abandonment, health states, statistics.
+"""Tests for ecfs.storage.offload: timeouts, abandonment, health states, statistics.
 
 Real worker threads run fake blocking functions; a "hung store" is a
 function waiting on a threading.Event, and every test releases its Events in
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
-from ecfs.model import NO_STORE
-from ecfs.offload import (
+from ecfs.core.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
+from ecfs.core.model import NO_STORE
+from ecfs.storage.offload import (
     HEDGE_FLOOR,
     LOOP_CPU_LIMIT,
     PROBE_TIMEOUT,
@@ -28,7 +28,7 @@ from ecfs.offload import (
     available_runner,
     run_cpu,
 )
-from ecfs.store import DirectoryStore, StoreMarker
+from ecfs.storage.store import DirectoryStore, StoreMarker
 
 pytestmark = pytest.mark.trio
 

@@ -1,4 +1,4 @@
-"""ecfs.rebuild: the one fragment rebuild of background repair and
+"""ecfs.data.rebuild: the one fragment rebuild of background repair and
 `fsck --repair`, in process (a real metadata database, the stores faked
 behind `FragmentIO`), and the rule that nothing else rebuilds fragments or
 chooses their stores."""
@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs import fragment
-from ecfs.codec import Codec
-from ecfs.errors import FragmentCorrupt, StoreError
-from ecfs.geometry import Layout
-from ecfs.metadb.chunks import ChunkTable, RepairQueue
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import create_database
-from ecfs.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
-from ecfs.placement import Placement
-from ecfs.rebuild import rebuild_fragments
+from ecfs.core import fragment
+from ecfs.core.codec import Codec
+from ecfs.core.errors import FragmentCorrupt, StoreError
+from ecfs.core.geometry import Layout
+from ecfs.core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
+from ecfs.data.placement import Placement
+from ecfs.data.rebuild import rebuild_fragments
+from ecfs.storage.metadb.chunks import ChunkTable, RepairQueue
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import create_database
 
 K, M = 2, 2
 LAYOUT = Layout(K, M, 4 * 4096, 4096)

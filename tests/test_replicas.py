@@ -1,4 +1,4 @@
-"""Tests of ecfs.replicas: replay, group commit, durability order, stale
+"""Tests of ecfs.storage.replicas: replay, group commit, durability order, stale
 replicas, freshest-replica choice and resync at mount.
 
 Real SQLite files in tmp_path; a fake runner (runs the function in a trio
@@ -19,10 +19,10 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from ecfs import replicas
-from ecfs.errors import StoreError, StoreTimeout
-from ecfs.model import Statement, Transaction
-from ecfs.replicas import (
+from ecfs.core.errors import StoreError, StoreTimeout
+from ecfs.core.model import Statement, Transaction
+from ecfs.storage import replicas
+from ecfs.storage.replicas import (
     Replicator,
     _generation_of,
     copy_database,
@@ -312,7 +312,7 @@ async def test_failing_replica_goes_stale_and_others_continue(
         await replicator.drain()
         runners[1].fail_on.add("apply_blocking")
         runners[2].hang_on.add("apply_blocking")
-        with caplog.at_level(logging.WARNING, logger="ecfs.replicas"):
+        with caplog.at_level(logging.WARNING, logger="ecfs.storage.replicas"):
             for txn in transactions[5:]:
                 replicator.submit(txn)
                 await trio.lowlevel.checkpoint()
@@ -364,7 +364,7 @@ async def test_a_replica_call_outliving_its_timeout_is_fenced(
         assert replicator.live_replicas() == [0, 2]
         assert "timed out" in replicator.stale_replicas()[1]
         nursery.cancel_scope.cancel()
-    with caplog.at_level(logging.WARNING, logger="ecfs.replicas"):
+    with caplog.at_level(logging.WARNING, logger="ecfs.storage.replicas"):
         await replicator.aclose()  # replica 1's connection is still in use
     assert any("abandoned call" in r.getMessage() for r in caplog.records)
     gate.set()

@@ -11,16 +11,18 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ecfs.garbage import GarbageStatistics
-from ecfs.metadb.chunks import ChunkTable, RepairQueue
-from ecfs.metrics import METRICS, StatusCollector, render_prometheus
-from ecfs.model import ChunkRef
-from ecfs.reader import ReadStatistics
-from ecfs.render import render_scrub, render_status
-from ecfs.repair import RepairQueueEntry, RepairStatistics
-from ecfs.scrub import MetadataFinding, ScrubFinding, ScrubStatistics
-from ecfs.smallwrites import WriteLogStatistics
-from ecfs.status import (
+from ecfs.core.model import ChunkRef
+from ecfs.data.garbage import GarbageStatistics
+from ecfs.data.reader import ReadStatistics
+from ecfs.data.repair import RepairQueueEntry, RepairStatistics
+from ecfs.data.scrub import MetadataFinding, ScrubFinding, ScrubStatistics
+from ecfs.data.smallwrites import WriteLogStatistics
+from ecfs.data.writer import WriteStatistics
+from ecfs.frontend.metrics import METRICS, StatusCollector, render_prometheus
+from ecfs.frontend.render import render_scrub, render_status
+from ecfs.storage.metadb.chunks import ChunkTable, RepairQueue
+from ecfs.volume.assembly import Volume
+from ecfs.volume.status import (
     MetadataStatus,
     StatusFormatError,
     StoreChange,
@@ -29,8 +31,6 @@ from ecfs.status import (
     from_json,
     to_json,
 )
-from ecfs.volume import Volume
-from ecfs.writer import WriteStatistics
 from tests.test_garbage import PAYLOAD, K, M, N, volume  # noqa: F401 (the fixture)
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.host import mount_at
-from ecfs.store import MARKER_NAME
+from ecfs.core.host import mount_at
+from ecfs.storage.store import MARKER_NAME
 from tests.mounting import MountedVolume, cli
 from tests.volume_files import (
     MiB,
@@ -235,7 +235,7 @@ def test_fsck_never_blocks_nor_echoes_and_replaces_bad_entries(
 
 
 def _others_unlocked(stores: list[Path]) -> bool:
-    from ecfs.lock import VolumeLock
+    from ecfs.storage.lock import VolumeLock
 
     VolumeLock.acquire(stores).release()  # raises if one is still locked
     return True
@@ -298,7 +298,7 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging_or_holding_locks(
 
 
 def test_the_log_file_is_created_private(tmp_path: Path) -> None:
-    from ecfs.cli import open_log_file
+    from ecfs.frontend.cli import open_log_file
 
     new = tmp_path / "new.log"
     open_log_file(new, private=False).close()
@@ -418,7 +418,7 @@ def test_a_store_is_verified_before_it_gets_fragments_after_idle_time(tmp_path: 
     before a write after IDENTITY_MAX_AGE does."""
     import trio
 
-    from ecfs.volume import IDENTITY_MAX_AGE, Volume
+    from ecfs.volume.assembly import IDENTITY_MAX_AGE, Volume
 
     stores = [tmp_path / f"s{i}" for i in range(6)]
     cli("mkfs", "--data", 4, "--parity", 2, *stores)

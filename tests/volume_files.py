@@ -10,7 +10,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ecfs import host
+from ecfs.core import host
 from tests.mounting import MountedVolume
 
 MiB = 1 << 20
