@@ -115,6 +115,9 @@ class FileState:
     #: write re-read and re-encode the whole chunk.
     gaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     error: EcfsError | None = None
+    #: The mtime (= ctime) that the newest log record of this inode carries
+    #: (see `FileData._covered_by_log`).
+    logged_mtime: int | None = None
     #: Where the last read ended (sequential detection) and the highest
     #: chunk index already prefetched.
     next_read: int = -1
@@ -509,12 +512,15 @@ class FileData:
     # -- write-back ----------------------------------------------------------
 
     async def flush(self, ino: int) -> None:
-        """Write back all buffered data of ino and persist its attributes.
-        Raises the first write-back error since the last flush."""
+        """Write back all buffered data of ino and persist its attributes
+        (unless the log records just written carry all that changed, see
+        `_covered_by_log`). Raises the first write-back error since the
+        last flush."""
         state = self._states.get(ino)
         if state is not None:
             await self._flush_state(state)
-        self.namespace.persist_dirty([ino])
+        if not self._covered_by_log(ino):
+            self.namespace.persist_dirty([ino])
         if state is not None and state.error is not None:
             error, state.error = state.error, None
             raise error
@@ -552,8 +558,28 @@ class FileData:
         together with the data it covers."""
         while True:
             await trio.sleep(ATTRIBUTE_WRITEBACK_INTERVAL)
-            idle = [ino for ino in self.namespace.dirty_inodes() if not self._has_buffers(ino)]
+            idle = [
+                ino
+                for ino in self.namespace.dirty_inodes()
+                if not self._has_buffers(ino) and not self._covered_by_log(ino)
+            ]
             self.namespace.persist_dirty(idle)
+
+    def _covered_by_log(self, ino: int) -> bool:
+        """Whether all that is unpersisted of ino's attributes is its mtime
+        (= ctime) as carried by its newest log record: then a flush need not
+        commit the inode (the record brings the time back after a crash, see
+        `ecfs.smallwrites`); a fold or a later change persists it. Anything
+        else (a size change, a deferred chmod...) is committed as usual."""
+        state = self._states.get(ino)
+        if state is None or state.logged_mtime is None or not self.namespace.is_dirty(ino):
+            return False
+        node = self.namespace.get(ino)
+        if node.mtime_ns != state.logged_mtime or node.ctime_ns != node.mtime_ns:
+            return False
+        row = self.inodes.get(ino)
+        new = node.row()
+        return row is not None and row[:7] == new[:7] and row[9:] == new[9:]
 
     def _has_buffers(self, ino: int) -> bool:
         state = self._states.get(ino)
@@ -585,7 +611,7 @@ class FileData:
 
     async def _flush_chunk(self, state: FileState, idx: int) -> None:
         async with state.lock(idx):
-            logged = idx not in state.dirty and self._log_patch(state, idx)
+            logged = idx not in state.dirty and await self._log_patch(state, idx)
             if not logged:
                 if idx not in state.dirty and idx in state.patches:  # too big to log
                     state.dirty[idx] = buf = await self._load(state.ino, idx)
@@ -594,19 +620,23 @@ class FileData:
         if logged and self.log.over_limit:
             await self.log.make_room(self.fold_chunk)
 
-    def _log_patch(self, state: FileState, idx: int) -> bool:
-        """Make chunk idx's patch durable as log records, with the inode's
-        attributes, in one transaction; False if there is none to log
-        (caller holds the lock)."""
+    async def _log_patch(self, state: FileState, idx: int) -> bool:
+        """Make chunk idx's patch durable as log records carrying the
+        inode's size and mtime; False if there is none to log (caller holds
+        the lock). The inode itself is left to `flush`."""
         patch = state.patches.get(idx)
         ref = self.chunks.get(state.ino, idx)
         if patch is None or ref is None or patch.total > self.log.log_max:
             return False
         valid = self._valid_length(state.ino, idx)
         pieces = [(o, d[: valid - o]) for o, d in patch.items() if o < valid]
-        with self.db.transaction():
-            self.namespace.persist(state.ino)
-            self.log.append(state.ino, idx, ref.chunk_id, pieces)
+        if pieces:
+            node = self.namespace.get(state.ino)
+            mtime = node.mtime_ns
+            await self.log.append(
+                state.ino, idx, ref.chunk_id, pieces, size=node.size, mtime_ns=mtime
+            )
+            state.logged_mtime = mtime
         self._drop_patch(state, idx)
         return True
 
@@ -622,7 +652,7 @@ class FileData:
         try:
             async with state.lock(idx):
                 ordinary = idx in state.dirty or (
-                    idx in state.patches and not self._log_patch(state, idx)
+                    idx in state.patches and not await self._log_patch(state, idx)
                 )
                 if not ordinary and self.log.has(ino, idx):
                     buf = await self._load(ino, idx)
@@ -698,23 +728,30 @@ class FileData:
             self.garbage.discard([ref], self.db.generation)
             return
         with self.db.transaction():
-            old = self.chunks.put(ino, idx, ref)
-            self.log.drop(ino, idx)  # `buf` holds them (see _load)
-            self._drop_inline(ino, idx)
-            missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
-            if missing:
-                spare = self.layout.m - len(missing)
-                self.repairs.add(
-                    ref.chunk_id,
-                    "write",
-                    repair_priority(spare, "write"),
-                    self.clock_ns(),
-                    bad=sum(1 << i for i in missing),
-                    demand=0,
-                )
+            old = self._switch_version(ino, idx, ref)
             self.namespace.persist(ino)
         if old is not None:
             self.garbage.discard([old], self.db.generation)
+
+    def _switch_version(self, ino: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
+        """In the caller's transaction: make `ref` chunk idx's version (its
+        records die with the old one: the new one holds them, see _load);
+        queue a repair if fragments are missing. Returns the old version."""
+        old = self.chunks.put(ino, idx, ref)
+        self.log.drop(ino, idx)
+        self._drop_inline(ino, idx)
+        missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
+        if missing:
+            spare = self.layout.m - len(missing)
+            self.repairs.add(
+                ref.chunk_id,
+                "write",
+                repair_priority(spare, "write"),
+                self.clock_ns(),
+                bad=sum(1 << i for i in missing),
+                demand=0,
+            )
+        return old
 
     def _drop_inline(self, ino: int, idx: int) -> None:
         if idx == 0 and self.namespace.inline_data(ino) is not None:
@@ -752,18 +789,32 @@ class FileData:
                 self.dirty_bytes -= max(0, len(buf) - cut)
                 del buf[cut:]
                 state.note_written(keep, cut, chunk_size)
+            folded: ChunkRef | None = None
+            fold = bool(new_size % chunk_size) and self.log.has(ino, keep)
+            if fold and not _all_zero(memoryview(state.dirty[keep])):
+                # The kept chunk's records die with its version: written
+                # back now (its buffer holds them), so that no record of
+                # bytes past the new size outlives the truncate (a crash
+                # before a later write-back would bring them back).
+                folded = await self.writer.write(memoryview(state.dirty[keep]))
             with self.db.transaction():
                 removed = self.chunks.remove_from(ino, first_dropped)
                 self.log.drop_from(ino, first_dropped)
-                if new_size % chunk_size:
-                    # The kept chunk's buffer holds its records; a crash
-                    # before its write-back must not bring back logged bytes
-                    # past the new size when the file grows again.
-                    self.log.clip(ino, keep, new_size - keep * chunk_size)
+                if fold:
+                    if folded is not None:
+                        old = self._switch_version(ino, keep, folded)
+                    else:
+                        old = self.chunks.remove(ino, keep)
+                        self.log.drop(ino, keep)
+                    if old is not None:
+                        removed.append(old)
                 inline = self.namespace.inline_data(ino)
                 if inline is not None and len(inline) > new_size:
                     self.namespace.set_inline_data(ino, inline[:new_size] or None)
                 self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
+            if fold:
+                self.dirty_bytes -= len(state.dirty.pop(keep))
+                state.gaps.pop(keep, None)
             self.garbage.discard(removed, self.db.generation)
         self._forget_state_if_idle(ino)
 

@@ -62,6 +62,7 @@ from .filedata import FileData
 from .garbage import ChunkPins, Garbage
 from .geometry import Layout
 from .handles import Expected, HandleCache
+from .logfiles import LogFiles
 from .metadb.database import Database
 from .metadb.stores import StoreTable
 from .mkfs import check_store_arg, check_store_paths
@@ -344,7 +345,17 @@ class Volume:
             db,
         )
         self.writer.on_abandoned = self.garbage.remember
-        self.writelog = WriteLog(db, self.layout.chunk_size)
+        self.writelog = WriteLog(
+            db,
+            self.layout.chunk_size,
+            files=LogFiles(
+                self.runners,
+                m + 1,
+                uuid.UUID(self.volume_id).bytes,
+                self._durable_generation,
+            ),
+            wait_durable=self._wait_durable,
+        )
         self.filedata = FileData(
             self.layout,
             db,
@@ -424,15 +435,26 @@ class Volume:
                     self.store_table.set_path(index, path)
 
     def _open_write_log(self) -> None:
-        """Load the small-write log's index."""
+        """Load the small-write log (every store's segments) and give each
+        inode with live records the mtime its newest record carries, when
+        that is newer than the inode's last committed change."""
         chunks = self.filedata.chunks
 
         def current(inode: int, idx: int) -> int:
             ref = chunks.get(inode, idx)
             return 0 if ref is None else ref.chunk_id
 
-        for problem in self.writelog.load(current):
-            log.warning("%s (ecfs fsck --repair deletes it)", problem)
+        for problem in self.writelog.load(current, self.stores):
+            log.warning("%s", problem)
+        later = []
+        for ino, record in self.writelog.recovered.items():
+            node = self.namespace.get(ino)
+            if record.mtime_ns > node.ctime_ns:
+                later.append((ino, node.size, record.mtime_ns))
+        if later:
+            with self.db.transaction():
+                for ino, size, mtime in later:
+                    self.namespace.set_size(ino, size, mtime_ns=mtime, persist=True)
 
     def missing_stores(self) -> dict[int, str]:
         """Stores of the volume that are not open in this mount: index -> last path."""
@@ -582,6 +604,10 @@ class Volume:
             self._shutdown_failed("deleting garbage", exc)
         if not await self._drain_at_shutdown():
             return
+        try:
+            await self.writelog.upkeep(keep=0)  # folded: the segments can go
+        except Exception as exc:
+            self._shutdown_failed("deleting small-write log segments", exc)
         replicator = self.replicator
         if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
             self._stale_replicas_to_remove = sorted(
