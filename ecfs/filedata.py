@@ -20,8 +20,9 @@ Concurrency contract (trio; awaits are the only switch points):
 Crash contract: written fragments are committed by one transaction per
 chunk (old or new version, never a mix); the replaced version is deleted
 only after the commit is durable (see garbage). Log records are durable
-with the transaction that wrote them; a fold commits the new version and
-drops the records in one transaction. Unflushed buffers and patches are
+when `WriteLog.append` returns (written after everything committed before
+them is durable); a fold commits the new version, which is what makes the
+records dead, in one transaction. Unflushed buffers and patches are
 lost on a crash, as in any filesystem: fsync() is the promise.
 
 Small files: a file whose size is at most `inline_max` is stored as one
@@ -31,7 +32,8 @@ A chunk whose bytes are all zero is not stored (a hole).
 Small writes (see `ecfs.smallwrites`): a write of a few KiB into a stored
 chunk that has no buffer is kept as a patch (`FileState.patches`) without
 reading the chunk; flush/fsync logs the patch as records over the chunk's
-version, in one transaction with the inode's attributes, unless it grew
+version (carrying the inode's size and mtime: an fsync that changed
+nothing else commits no metadata, see `_covered_by_log`), unless it grew
 past `WriteLog.log_max` (then it becomes a whole-chunk buffer, built by
 `_load`). Invariants: a chunk has a patch or a buffer, never both; a
 buffer holds the chunk's records (`_load` lays them over it), so writing
@@ -39,7 +41,8 @@ a buffer back drops them in the transaction that switches versions;
 `fold_chunk` is that write-back for a chunk with records and no buffer.
 Reads lay records and patches over the stored bytes, captured with the
 chunk ref before any await. Truncate drops the records of removed chunks
-and clips those of the kept one; free drops them all.
+and writes back the kept one with the truncate when it has records (so
+none of bytes past the new size outlives it); free drops them all.
 """
 
 from __future__ import annotations

@@ -10,43 +10,63 @@ stored chunk; a background fold re-encodes the chunk once with all of its
 records, as a new copy-on-write version, and drops the records in the same
 transaction that switches to that version.
 
-Where the log lives, and why: records are rows of the replicated metadata
-database (table `write_log`, see `ecfs.metadb.writelog`), like inline
-files, not log files on the stores:
-* the metadata is already on m+1 stores, so any m lost stores lose no
-  record (the fault tolerance of the chunk, as asked);
-* fsync already waits for the replicas (`Replicator.wait_durable`), and
-  one replicated transaction per fsync carries the records together with
-  the inode's size and mtime: no second durability protocol, no ordering
-  between a log file and the metadata to get right after a crash;
-* "drop the records in the transaction that switches to the folded
-  version" is one SQLite transaction; a fold interrupted by a crash leaves
-  the old version and its records, or the new version without them;
-* scrub and repair need nothing new: a lost or corrupt replica is
-  re-created from the working copy like the rest of the metadata, and the
-  metadata-copy checks (`ecfs fsck`) cover the records.
-The price, counted per fsync'd 4 KiB write (4 KiB SQLite pages, WAL,
-synchronous=FULL on each of the m+1 replicas): the record's leaf page (its
-first ~490 bytes, shared by ~8 records) and one overflow page, the
-`replica_state` page and the inode's page (mtime) go to each replica's WAL:
-4 frames, which with their 24-byte headers dirty 5 pages of the WAL file
-(20 KiB), and the record's page is written once more at the next
-checkpoint: ~25 KiB per replica measured, ~75 KiB for 3 replicas plus the
-working copy (scripts/BENCHMARKS.md: 93-181 KiB per write on a busy
-machine), against ~6,400 KiB for a re-encoded chunk. That misses issue
-14's 48 KiB: it needs fewer or smaller pages per commit (smaller replica
-pages, or append-only log files on m+1 stores, which would need their own
-durability and repair). Splitting records into pieces that fit a leaf
-page was considered: it writes the same two pages per commit.
-Records are kept out of memory (only an index of their ranges is held), so
-the log may be large without costing RAM.
+Where the log lives, and why: in segment files on the stores, m+1 copies
+of each record on distinct stores, like ZFS's intent log (the format, the
+segments and the copies are `ecfs.logfiles`). A record carries its place
+(inode, chunk, the chunk version it applies over, offset), its bytes, the
+file's size and mtime after the write, and an xxh3 checksum (with the
+volume id) over all of it; it is padded to 4 KiB pages. An append writes
+the records of one flush to m+1 stores in parallel, one pwrite and one
+fdatasync each, into segments created at their full size by fallocate, so
+a 4 KiB write costs 2 pages per copy, 24 KiB for m = 2, and no ext4
+metadata once a segment has been used (its first use converts unwritten
+extents: ~4 KiB of journal per fdatasync, measured; zero-filling the
+segment instead would cost 8 KiB per page once).
+The records lived in the replicated metadata before (a `write_log` table,
+see `ecfs.metadb.writelog`, still read at mount to move what an older
+ecfs left there): simpler, but each fsync committed ~4-5 SQLite pages to
+each of the m+1 replicas' WALs plus checkpoints: 83-92 KiB per fsync'd
+4 KiB write, and one replica commit per fsync (MEASURED_OLD). The price
+here: records need their own liveness rule, copies and recovery, which
+is what follows. MEASURED_NEW
 
-Integrity: each record carries an xxh3 checksum of its place (inode,
-chunk, version, seq, offset) and its bytes, verified whenever its bytes
-are read; a mismatch means this copy of the metadata is bad, and the read
-fails with EIO (never wrong bytes); `ecfs fsck` reports it. A record whose
-chunk version is not the chunk's current one (which the transactions
-never leave behind) is ignored at mount with a warning, never applied.
+A record is live when the chunk version it was logged over is the
+chunk's current version in the metadata; nothing else is consulted. That
+holds because chunk ids are never reused, records are only logged over a
+stored version (never a hole) after that version, and everything
+committed before, is durable (`append` waits for it), and every
+operation that takes bytes away from a chunk with records gives it a new
+version or removes it in its transaction: a fold or write-back, a
+truncate (the kept chunk is re-encoded with the truncate, see
+`FileData.truncate`), an unlink, an inline conversion. So "the records
+are dropped in the transaction that switches to the new version" is true
+of the durable state by construction, and no per-record floor is needed.
+A segment is reused (or deleted) only once none of its copies is live and
+the transaction that killed the last one is durable: the old records left
+in it are dead for good.
+
+Attributes: a flush whose only attribute change is the mtime (= ctime)
+that its newest record carries commits no metadata
+(`FileData._covered_by_log`); the record brings the time back at mount
+when it is newer than the inode's committed ctime. A size change, or any
+other attribute, is committed as before (so sizes never come from
+records).
+
+Recovery at mount (`load`): every store's segments are read, each block
+that starts with the magic and verifies is a record copy (a torn or
+damaged copy does not verify and is never applied), copies are
+deduplicated by seq, and the live records are indexed with their data.
+Copies lost with a store (or damaged) are written anew on other stores
+by `upkeep` (the fold task, every FOLD_POLL seconds, and right after an
+append that could not place m+1 copies): any m lost stores lose no
+record. `ecfs fsck` reads every copy and `--repair` writes missing ones.
+Segments whose records are all dead are reused; beyond KEEP_FREE per
+store they are deleted, and all of them at unmount (the log is folded
+then), so a mount after a clean unmount reads no segment.
+
+Memory: the data of live records is kept in memory (the log is bounded
+by `limit`, 256 MiB by default), so overlays never read the stores and
+reads of logged chunks cost no I/O beyond the chunk's.
 
 Bounds and folding (`WriteLog.run`): a chunk is folded when its logged
 bytes pass `fold_budget` (amortised: 1,000 fsync'd 4 KiB writes to one
@@ -58,21 +78,24 @@ writer that logs folds the largest chunks itself before its flush returns
 (writers are slowed down; nothing fails).
 
 Owns: the in-memory index of logged ranges (`LoggedChunk` per chunk,
-loaded at mount), record checksums, the fold policy and its statistics.
-Must not: speak SQL (see metadb.writelog), read or write fragments, or
-decide file contents (the fold itself is `FileData.fold_chunk`).
+loaded at mount) and the live records' data, which records are live, the
+fold policy and its statistics. Must not: speak SQL (see metadb.writelog),
+read or write fragments or log files (see `ecfs.logfiles`), or decide file
+contents (the fold itself is `FileData.fold_chunk`).
 
-Concurrency contract: everything runs on the trio thread. `append`,
-`drop*` and `clip` run inside the caller's `db.transaction()` (no await);
-the index changes with the SQL, and a rollback reloads the index from the
-database. `overlay` reads the records' bytes synchronously, so a reader
-captures the chunk version and its records at one instant: a fold that
-commits while the reader waits for fragments cannot mix versions (the old
-version is pinned, see garbage).
+Concurrency contract: everything runs on the trio thread. `append` runs
+outside any transaction under the chunk's lock (the caller's) and adds
+the records to the index once their copies are written; `drop*` run
+inside the caller's `db.transaction()` (no await): the index forgets the
+records at once and a rollback puts them back. `overlay` is synchronous
+(memory), so a reader captures the chunk version and its records at one
+instant: a fold that commits while the reader waits for fragments cannot
+mix versions (the old version is pinned, see garbage).
 
-Crash contract: a record is durable when the transaction that wrote it is
-(fsync waits for that); the fold's new version is durable before the
-transaction that switches to it and drops the records (see replicas).
+Crash contract: a record is durable when `append` returned (its copies
+were fdatasync'd after everything committed before it was durable); the
+fold's new version is durable before the transaction that switches to it,
+and that transaction is what kills the records.
 """
 
 from __future__ import annotations
