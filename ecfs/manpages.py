@@ -117,8 +117,8 @@ database kept on m+1 stores.
 
 A small overwrite (a database page, say) that is flushed or fsync'd is not
 worth re-encoding a whole chunk: its bytes are kept as a checksummed record
-in the replicated metadata (the *small-write log*), which costs kilobytes,
-and reads lay the records over the chunk. A background task later folds a
+written to m+1 stores (the *small-write log*, in `wlog/` segment files),
+which costs kilobytes, and reads lay the records over the chunk. A background task later folds a
 chunk's records into one new chunk version: when they reach a quarter of
 the chunk, when the chunk was not written for a few seconds, and at
 unmount.""",
@@ -467,7 +467,11 @@ Counters: `requested_bytes`, `store_bytes`, `degraded_reads`,
 The small-write log: `records` and `bytes` waiting to be folded, `chunks`
 holding them, `limit` (log bytes past which writers fold first), and the
 counters `records_written`, `bytes_written`, `folds` (chunks re-encoded
-with their records) and `forced_folds` (of them, folds a writer waited for).
+with their records) and `forced_folds` (of them, folds a writer waited for);
+`segments` and `space_bytes` (log segment files on the stores),
+`disk_bytes_written` (record copies written, with headers and padding),
+`copies_missing` (records with fewer than m+1 copies on usable stores) and
+`copies_made` (copies re-created since the mount).
 
 `metadata`::
 `generation`, `durable_generation`, `live_replicas` (store indexes),
@@ -594,10 +598,11 @@ Some data cannot be recovered: fewer than k good fragments are left.
         description="""\
 fsck checks, one check per invariant: `replicas_agree` (the metadata
 copies), `namespace_consistent` (directories, link counts, reachable
-inodes), `repair_queue_valid`, `write_log_valid` (each small-write log
-record matches its checksum and applies over its chunk's current version;
-the records are rows of the metadata, so `replicas_agree` also compares
-them between the copies), `chunk_fragments_present` (each fragment
+inodes), `repair_queue_valid`, `write_log_valid` (every copy of every
+small-write log record on the stores is read; a torn or damaged copy is a
+warning, since it is never applied; each live record, one over its
+chunk's current version, must have m+1 copies on distinct stores, which
+`--repair` writes), `chunk_fragments_present` (each fragment
 exists and its header matches; with `--verify-data`, every cell checksum
 too) and `no_orphan_fragments`. With `--repair` it fixes what it finds:
 rebuilds fragments, deletes orphans, resyncs replicas, fixes link counts.
