@@ -55,6 +55,7 @@ from .errors import StoreError
 from .fragment import checksum64
 from .offload import StoreRunner
 from .store import DirectoryStore
+from .writer import WRITE_DEADLINE_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ MAGIC = b"ECFSWLG1"
 BLOCK = 4096
 #: Bytes of one segment file.
 SEGMENT_SIZE = 8 << 20
+#: Longest wait for one copy's write (the chunk writer's default).
+WRITE_TIMEOUT = 30.0
 #: Free segments a store keeps for reuse (more are deleted).
 KEEP_FREE = 2
 
@@ -288,10 +291,15 @@ class LogFiles:
         segment, offset, fresh = self._allocate(store, len(data))
         entry = self._stores[store]
         try:
+            # A hung store costs seconds, not the runner's whole timeout: the
+            # copy then goes to another store (as fragments do, see writer).
+            deadline = min(WRITE_TIMEOUT, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
             if fresh:
                 entry.creating[segment] = created = trio.Event()
                 try:
-                    await runner.call(runner.store.create_log_segment, segment, SEGMENT_SIZE)
+                    await runner.call(
+                        runner.store.create_log_segment, segment, SEGMENT_SIZE, timeout=deadline
+                    )
                 finally:
                     del entry.creating[segment]
                     created.set()
@@ -300,7 +308,12 @@ class LogFiles:
                 if creating is not None:
                     await creating.wait()
             await runner.call(
-                runner.store.write_log_segment, segment, offset, data, nbytes_written=len(data)
+                runner.store.write_log_segment,
+                segment,
+                offset,
+                data,
+                timeout=deadline,
+                nbytes_written=len(data),
             )
         except StoreError as exc:
             log.warning("store %d: small-write log write failed: %s", store, exc)
