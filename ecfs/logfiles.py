@@ -361,6 +361,23 @@ class LogFiles:
         if entry.current == segment:
             entry.current = None
 
+    async def verify(self, place: Place, record: Record) -> bool | None:
+        """Whether the copy at `place` still holds `record` (None: its
+        store could not be read, which is not damage)."""
+        store, segment, offset = place
+        runner = self.runners.get(store)
+        if runner is None or not runner.available:
+            return None
+        length = _padded_length(HEADER_SIZE + len(record.data))
+        try:
+            blob = await runner.call(
+                runner.store.read_log_range, segment, offset, length, nbytes_read=length
+            )
+        except StoreError:
+            return None
+        found, _ = scan(blob, self.key)
+        return bool(found) and found[0] == (0, record)
+
     # -- releasing -----------------------------------------------------------------
 
     def release(self, places: Sequence[Place], generation: int) -> None:

@@ -59,7 +59,9 @@ deduplicated by seq, and the live records are indexed with their data.
 Copies lost with a store (or damaged) are written anew on other stores
 by `upkeep` (the fold task, every FOLD_POLL seconds, and right after an
 append that could not place m+1 copies): any m lost stores lose no
-record. `ecfs fsck` reads every copy and `--repair` writes missing ones.
+record. Scrub reads every live copy back (`verify_copies`) and replaces
+damaged ones the same way. `ecfs fsck` reads every copy and `--repair`
+writes missing ones.
 Segments whose records are all dead are reused; beyond KEEP_FREE per
 store they are deleted, and all of them at unmount (the log is folded
 then), so a mount after a clean unmount reads no segment.
@@ -589,6 +591,31 @@ class WriteLog:
         self._copies_made += made
         await self._finish_legacy()
         return made
+
+    async def verify_copies(self) -> int:
+        """Scrub: read every copy of every live record back; a copy that no
+        longer verifies is forgotten and a new one written elsewhere.
+        Returns the damaged copies found."""
+        if self.files is None:
+            return 0
+        damaged = 0
+        for live in list(self._live.values()):
+            for place in list(live.places):
+                if not self._is_live(live.record):
+                    break
+                if await self.files.verify(place, live.record) is False:
+                    log.warning(
+                        "store %d: small-write log record %d: damaged copy (re-created)",
+                        place[0],
+                        live.record.seq,
+                    )
+                    damaged += 1
+                    if place in live.places:
+                        live.places.remove(place)
+                        self.files.release([place], self.db.generation)
+        if damaged:
+            await self.repair_copies()
+        return damaged
 
     def _is_live(self, record: Record) -> bool:
         return record.seq in self._live and (record.inode, record.idx) in self._chunks

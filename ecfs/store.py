@@ -693,6 +693,19 @@ class DirectoryStore:
         except OSError as exc:
             raise _store_error(exc, f"cannot read log segment {path}") from exc
 
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of segment `number` (fewer at its
+        end). OSError -> StoreError."""
+        path = self._segment_path(number)
+        try:
+            fd = open_regular(path)
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read log segment {path}") from exc
+
     def delete_log_segment(self, number: int) -> None:
         """Remove segment `number` (gone already is fine). OSError -> StoreError."""
         path = self._segment_path(number)

@@ -847,8 +847,10 @@ class Volume:
         """Scrub: verify every live metadata replica online; a bad one is
         dropped and replaced by a fresh copy of the working copy (on its own
         store if it is healthy). Then verify the working copy itself (a
-        snapshot of it, like a new replica's). Store index (None: the
-        working copy) -> problem found."""
+        snapshot of it, like a new replica's), and the copies of the
+        small-write log's records (a damaged one is written anew, see
+        `WriteLog.verify_copies`). Store index (None: the working copy) ->
+        problem found."""
         problems: dict[int | None, str] = {}
         if self.replicator is not None:
             found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
@@ -858,6 +860,7 @@ class Volume:
         working = await self._verify_working_copy()
         if working is not None:
             problems[None] = working
+        await self.writelog.verify_copies()  # log copies are on the stores, not replicas
         return problems
 
     async def _verify_working_copy(self) -> str | None:

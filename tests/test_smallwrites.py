@@ -334,6 +334,30 @@ def test_corrupt_record_is_never_applied(tmp_path: Path, stores: list[Path]) -> 
     assert len({c[2] for c in good if c[3].data == b"w" * 100}) == M + 1
 
 
+def test_scrub_replaces_a_damaged_copy(tmp_path: Path, stores: list[Path]) -> None:
+    """A copy damaged under the mount is found when scrub reads the copies
+    back, and written anew on another store."""
+    base = pattern(21, CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, base)
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 300, b"d" * 700)
+        await volume.filedata.fsync(ino)
+        assert await volume.writelog.verify_copies() == 0
+        path, pos, _, _ = log_copies(stores)[0]
+        damage(path, pos + HEADER_SIZE + 5)
+        assert await volume.writelog.verify_copies() == 1
+        stats = volume.writelog.statistics()
+        assert stats.copies_missing == 0 and stats.copies_made == 1
+        good = [c for c in log_copies(stores) if c[3].data == b"d" * 700]
+        assert len({c[2] for c in good}) == M + 1
+        raise Crash
+
+    run(tmp_path, stores, body)
+
+
 def test_torn_record_at_the_end_of_a_segment_is_never_applied(
     tmp_path: Path, stores: list[Path]
 ) -> None:
