@@ -775,6 +775,55 @@ def _corrupt_replicas(stores: list[Path], sql: str) -> None:
             conn.close()
 
 
+def test_records_left_in_the_metadata_by_an_older_ecfs_move_to_the_stores(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    """A volume last mounted by an ecfs that kept the log in the metadata
+    (table write_log): its records are applied, written to m+1 stores, and
+    their rows deleted."""
+    from ecfs.smallwrites import legacy_checksum
+
+    base = pattern(22, CHUNK)
+    chunk_ids: list[int] = []
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, base)
+        await volume.filedata.fsync(ino)
+        ref = volume.filedata.chunks.get(ino, 0)
+        assert ref is not None
+        chunk_ids.extend([ino, ref.chunk_id])
+
+    run(tmp_path, stores, write)
+    ino, chunk_id = chunk_ids
+    data = b"L" * 300
+    checksum = legacy_checksum(ino, 0, chunk_id, 7, 1000, data)
+    _corrupt_replicas(
+        stores,
+        "INSERT INTO write_log (seq, inode, idx, chunk_id, offset, checksum, data) VALUES"
+        f" (7, {ino}, 0, {chunk_id}, 1000, {checksum}, x'{data.hex()}')",
+    )
+    expected = bytearray(base)
+    expected[1000:1300] = data
+
+    async def check(volume: Volume) -> None:
+        assert volume.writelog.records == 1
+        assert await volume.filedata.read(ino, 0, CHUNK) == expected
+        await volume.writelog.upkeep()
+        assert not WriteLogTable(volume.db).heads()
+        assert volume.writelog.statistics().copies_missing == 0
+        raise Crash
+
+    run(tmp_path, stores, check)
+    assert len({c[2] for c in log_copies(stores) if c[3].seq == 7}) == M + 1
+
+    async def again(volume: Volume) -> None:
+        assert await volume.filedata.read(lookup(volume, b"f"), 0, CHUNK) == expected
+        raise Crash
+
+    run(tmp_path, stores, again)
+
+
 def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
     """A clean log passes; a record with a damaged copy (so fewer than m+1
     good ones) and a torn block are found; --repair writes the missing
