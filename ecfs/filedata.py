@@ -794,7 +794,8 @@ class FileData:
                 state.note_written(keep, cut, chunk_size)
             folded: ChunkRef | None = None
             fold = bool(new_size % chunk_size) and self.log.has(ino, keep)
-            if fold and not _all_zero(memoryview(state.dirty[keep])):
+            inline = fold and keep == 0 and new_size <= self.inline_max
+            if fold and not inline and not _all_zero(memoryview(state.dirty[keep])):
                 # The kept chunk's records die with its version: written
                 # back now (its buffer holds them), so that no record of
                 # bytes past the new size outlives the truncate (a crash
@@ -809,11 +810,13 @@ class FileData:
                     else:
                         old = self.chunks.remove(ino, keep)
                         self.log.drop(ino, keep)
+                        if inline:  # small enough now: kept in the inode
+                            self.namespace.set_inline_data(ino, bytes(state.dirty[keep]))
                     if old is not None:
                         removed.append(old)
-                inline = self.namespace.inline_data(ino)
-                if inline is not None and len(inline) > new_size:
-                    self.namespace.set_inline_data(ino, inline[:new_size] or None)
+                inline_data = self.namespace.inline_data(ino)
+                if inline_data is not None and len(inline_data) > new_size:
+                    self.namespace.set_inline_data(ino, inline_data[:new_size] or None)
                 self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
             if fold:
                 self.dirty_bytes -= len(state.dirty.pop(keep))

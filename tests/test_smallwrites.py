@@ -520,6 +520,14 @@ def test_truncate_then_extend_after_a_crash_never_brings_back_records(
         await data.truncate(ino, 4000)
         await data.truncate(ino, 2 * CHUNK)
         await data.fsync(ino)
+        small = new_file(volume, b"g")  # truncated below inline_max: inline again
+        await data.write(small, 0, base[:CHUNK])
+        await data.fsync(small)
+        await data.write(small, 100, b"T" * 50)
+        await data.fsync(small)
+        await data.truncate(small, 1000)
+        await data.fsync(small)
+        assert volume.namespace.inline_data(small) == base[:100] + b"T" * 50 + base[150:1000]
         raise Crash
 
     run(tmp_path, stores, write)
@@ -529,6 +537,10 @@ def test_truncate_then_extend_after_a_crash_never_brings_back_records(
         ino = lookup(volume, b"f")
         assert volume.writelog.records == 0
         assert await volume.filedata.read(ino, 0, 2 * CHUNK) == expected
+        small = lookup(volume, b"g")
+        want = base[:100] + b"T" * 50 + base[150:1000]
+        assert await volume.filedata.read(small, 0, CHUNK) == want
+        assert volume.filedata.chunks.get(small, 0) is None
         raise Crash
 
     run(tmp_path, stores, check)
