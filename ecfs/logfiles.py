@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import StoreError
+from .errors import NoSpace, StoreError
 from .fragment import checksum64
 from .offload import StoreRunner
 from .store import DirectoryStore
@@ -317,7 +317,8 @@ class LogFiles:
             )
         except StoreError as exc:
             log.warning("store %d: small-write log write failed: %s", store, exc)
-            runner.mark_failed(f"small-write log write failed: {exc}")
+            if not isinstance(exc, NoSpace):  # a full store is still healthy
+                runner.mark_failed(f"small-write log write failed: {exc}")
             self._forget_segment(store, segment)
             return
         self.bytes_written += len(data)
