@@ -11,9 +11,13 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 * `check_namespace_consistent`: directory entries, link counts,
   reachability, symlink/xattr/chunk/inline rows of the namespace.
 * `check_repair_queue_valid`: the repair queue names only existing chunks.
-* `check_write_log_valid`: every small-write log record matches its
-  checksum and applies over its chunk's current version (so no record is
-  older than its chunk, or of a chunk that is gone); repair deletes the others.
+* `check_write_log_valid`: every copy of every small-write log record on
+  the stores is read and checked against its checksum (a torn or damaged
+  copy is a warning: it is never applied); a record is live when it
+  applies over its chunk's current version (older ones are dead, never
+  applied) and each live record has m+1 copies, which repair writes.
+  Rows an older ecfs left in the metadata table must match their checksum
+  and apply over the current version; repair deletes the others.
 * `check_chunk_fragments_present`: every fragment of every chunk exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
