@@ -83,7 +83,10 @@ for `fold_idle` seconds, and at unmount (`FileData.fold_all`). Folds yield
 to foreground I/O like garbage collection (a gap of IDLE_GAP seconds, at
 most PATIENCE of waiting). When the whole log passes `limit` bytes, a
 writer that logs folds the largest chunks itself before its flush returns
-(writers are slowed down; nothing fails).
+(writers are slowed down; nothing fails). The segments' space is bounded
+too: a segment is reused only once all of its records are dead, so a few
+old records could hold many; past SPACE_FACTOR x `limit` of segments, the
+fold task folds the chunks with the oldest records first.
 
 Owns: the in-memory index of logged ranges (`LoggedChunk` per chunk,
 loaded at mount) and the live records' data, which records are live, the
@@ -145,6 +148,12 @@ FOLD_IDLE = 5.0
 #: Bytes of records the whole volume may hold before writers fold (they
 #: are held in memory too, see the module docstring).
 LOG_LIMIT = 256 << 20
+#: Log segments may take this many times `limit` on the stores before the
+#: chunks holding the oldest ones are folded (records are padded to 4 KiB
+#: and have m+1 copies: 4 KiB writes with m = 2 take ~6x their bytes).
+SPACE_FACTOR = 8
+#: Chunks folded per look when the segments take too much space.
+PINNING_FOLDS = 4
 #: Seconds between looks at what to fold when nothing wakes the task.
 FOLD_POLL = 1.0
 #: Folds yield to foreground requests like garbage (see ecfs.garbage).
@@ -680,7 +689,16 @@ class WriteLog:
             for k, e in self._chunks.items()
             if e.logged < self.fold_budget and now - e.last >= self.fold_idle
         ]
-        return over + idle
+        return over + idle + self._pinning()
+
+    def _pinning(self) -> list[tuple[int, int]]:
+        """When the segments take more than SPACE_FACTOR x limit on the
+        stores (a few records can keep whole segments from being reused):
+        the chunks with the oldest records, which hold the oldest segments."""
+        if self.files is None or self.files.space()[1] <= SPACE_FACTOR * self.limit:
+            return []
+        oldest = sorted(self._chunks, key=lambda k: self._chunks[k].records[0][0])
+        return oldest[:PINNING_FOLDS]
 
     async def make_room(self, fold: Callable[[int, int], Awaitable[None]]) -> None:
         """While the log is over its limit, fold its largest chunks (a writer

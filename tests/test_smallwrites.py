@@ -661,6 +661,29 @@ def test_log_over_its_limit_makes_writers_fold(tmp_path: Path, stores: list[Path
     run(tmp_path, stores, body)
 
 
+def test_segment_space_is_bounded(tmp_path: Path, stores: list[Path]) -> None:
+    """A record that is neither over budget nor idle still gets folded when
+    the segments (which it keeps from being reused) take too much space."""
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(23, CHUNK))
+        await volume.filedata.fsync(ino)
+        log = volume.writelog
+        log.fold_idle, log.fold_budget = 3600.0, 1 << 40
+        log.limit = 1 << 20  # segments of 8 MiB on 2 stores: over 8 x limit
+        await volume.filedata.write(ino, 10, b"k" * 10)
+        await volume.filedata.fsync(ino)
+        assert not log.over_limit
+        with trio.fail_after(30):
+            while log.has(ino, 0):
+                await trio.sleep(0.1)
+        assert log.statistics().folds == 1
+        assert await volume.filedata.read(ino, 10, 10) == b"k" * 10
+
+    run(tmp_path, stores, body)
+
+
 def test_extents_newest_wins() -> None:
     ext = Extents()
     model = bytearray(100)
