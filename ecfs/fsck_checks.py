@@ -60,7 +60,7 @@ from .codec import Codec
 from .errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from .geometry import Layout
 from .handles import Expected, open_fragment
-from .logfiles import SEGMENT_SIZE, LogFiles, Record
+from .logfiles import SEGMENT_SIZE, LogFiles, Record, padded
 from .logfiles import encode as encode_record
 from .metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from .metadb.database import Database
@@ -630,7 +630,7 @@ def check_write_log_valid(ctx: FsckContext) -> None:
 def _copy_records(ctx: FsckContext, records: list[Record], holders: set[int], want: int) -> bool:
     """Write copies of `records` to present stores that lack one, in a new
     segment each, until `want` stores hold them; whether that succeeded."""
-    blob = b"".join(encode_record(r, ctx.volume_id) for r in records)
+    blob = padded(b"".join(encode_record(r, ctx.volume_id) for r in records))
     have = set(holders)
     for index, store in sorted(ctx.stores.items()):
         if len(have) >= want:

@@ -6,8 +6,9 @@ into preallocated segment files (``<store>/wlog/<n>``, see
 `ecfs.store.DirectoryStore.create_log_segment`), with one pwrite and one
 fdatasync per store per append, the stores in parallel.
 
-Record format (little-endian, `_HEAD`, then the data, then zeros up to a
-multiple of BLOCK; a record starts on a BLOCK boundary of its segment)::
+Record format (little-endian, `_HEAD`, then the data; the records of one
+append follow each other and the append is padded with zeros to a
+multiple of BLOCK, so an append starts on a BLOCK boundary)::
 
     magic     8 bytes  b"ECFSWLG1"
     seq       u64      the record's number (newer wins; never reused: the
@@ -23,9 +24,12 @@ multiple of BLOCK; a record starts on a BLOCK boundary of its segment)::
                        the data: a torn or damaged copy, or bytes of another
                        volume, never verify
 
-A segment is scanned BLOCK by BLOCK: a block that starts with the magic and
-whose record verifies is a record (the scan goes on after it), any other
-block is skipped. Segments are reused once none of their records is live
+A segment is scanned from its start: where the magic is and the record
+verifies, that is a record and the scan goes on right after it (the next
+record of the append, or its padding); where there is no magic, the scan
+goes on at the next BLOCK boundary (the next append); a record that does
+not verify is skipped (to the end it claims when a record starts there,
+else to the next BLOCK boundary). Segments are reused once none of their records is live
 any more (see `LogFiles.release`); the old records left in them verify but
 are dead for good, since liveness is decided by the metadata (see
 `ecfs.smallwrites`), which never makes a dead record live again.
@@ -95,7 +99,8 @@ def _padded_length(n: int) -> int:
 
 
 def encode(record: Record, key: bytes) -> bytes:
-    """The record as written: header, data, zero padding to BLOCK."""
+    """The record as written: header and data (`padded` rounds an append
+    up to BLOCK)."""
     head = _HEAD.pack(
         MAGIC,
         record.seq,
@@ -109,8 +114,12 @@ def encode(record: Record, key: bytes) -> bytes:
         0,
     )[:_CHECKED]
     checksum = checksum64(key + head + record.data)
-    body = head + struct.pack("<Q", checksum) + record.data
-    return body + bytes(_padded_length(len(body)) - len(body))
+    return head + struct.pack("<Q", checksum) + record.data
+
+
+def padded(blob: bytes) -> bytes:
+    """`blob` with zeros up to a multiple of BLOCK."""
+    return blob + bytes(_padded_length(len(blob)) - len(blob))
 
 
 def scan(blob: bytes, key: bytes) -> tuple[list[tuple[int, Record]], int]:
@@ -122,7 +131,7 @@ def scan(blob: bytes, key: bytes) -> tuple[list[tuple[int, Record]], int]:
     view = memoryview(blob)
     while pos + HEADER_SIZE <= len(blob):
         if blob[pos : pos + 8] != MAGIC:
-            pos += BLOCK
+            pos = (pos // BLOCK + 1) * BLOCK  # padding: the next append
             continue
         (_, seq, inode, idx, chunk_id, offset, length, size, mtime, checksum) = _HEAD.unpack_from(
             blob, pos
@@ -130,15 +139,16 @@ def scan(blob: bytes, key: bytes) -> tuple[list[tuple[int, Record]], int]:
         end = pos + HEADER_SIZE + length
         if length == 0 or end > len(blob):
             bad += 1
-            pos += BLOCK
+            pos = (pos // BLOCK + 1) * BLOCK
             continue
         data = bytes(view[pos + HEADER_SIZE : end])
         if checksum64(key + bytes(view[pos : pos + _CHECKED]) + data) != checksum:
             bad += 1
-            pos += BLOCK
+            # The rest of its append follows if only the data is damaged.
+            pos = end if blob[end : end + 8] == MAGIC else (pos // BLOCK + 1) * BLOCK
             continue
         found.append((pos, Record(seq, inode, idx, chunk_id, offset, data, size, mtime)))
-        pos += _padded_length(end - pos)
+        pos = end  # the next record of the same append, or padding
     return found, bad
 
 
@@ -286,7 +296,7 @@ class LogFiles:
         blobs: list[bytes],
         placed: dict[int, list[Place]],
     ) -> None:
-        data = b"".join(blobs[n] for n in indices)
+        data = padded(b"".join(blobs[n] for n in indices))
         runner = self.runners[store]
         segment, offset, fresh = self._allocate(store, len(data))
         entry = self._stores[store]

@@ -684,6 +684,29 @@ def test_segment_space_is_bounded(tmp_path: Path, stores: list[Path]) -> None:
     run(tmp_path, stores, body)
 
 
+def test_scan_skips_a_damaged_record_inside_an_append() -> None:
+    """Records of one append are packed: one whose data is damaged is
+    skipped by the length it claims and the next one still found; a torn
+    tail is skipped to the next append; another volume's key finds nothing."""
+    from ecfs.logfiles import BLOCK, encode, padded, scan
+
+    key = b"k" * 16
+    records = [Record(i, 2, 0, 9, 100 * i, bytes([i]) * (1000 + i), 5, 6) for i in (1, 2, 3)]
+    first = padded(b"".join(encode(r, key) for r in records))
+    last = Record(4, 2, 0, 9, 0, b"z" * 5000, 5, 6)
+    blob = bytearray(first + padded(encode(last, key)))
+    assert [r.seq for _, r in scan(bytes(blob), key)[0]] == [1, 2, 3, 4]
+    second = HEADER_SIZE + 1001
+    blob[second + HEADER_SIZE + 7] ^= 0xFF  # record 2's data
+    found, bad = scan(bytes(blob), key)
+    assert [r.seq for _, r in found] == [1, 3, 4] and bad == 1
+    blob[len(first) + 4096 :] = bytes(len(blob) - len(first) - 4096)  # record 4 torn
+    found, bad = scan(bytes(blob), key)
+    assert [r.seq for _, r in found] == [1, 3] and bad == 2
+    assert len(first) % BLOCK == 0
+    assert scan(bytes(blob), b"x" * 16)[0] == []
+
+
 def test_extents_newest_wins() -> None:
     ext = Extents()
     model = bytearray(100)
