@@ -591,8 +591,9 @@ class WriteLog:
         by_need: dict[int, list[_Live]] = {}
         for live in short:
             have = [p for p in live.places if p[0] in usable]
-            need = self.files.copies - len(have)
-            by_need.setdefault(need, []).append(live)
+            need = min(self.files.copies, len(usable)) - len(have)
+            if need > 0:
+                by_need.setdefault(need, []).append(live)
         for need, group in by_need.items():
             exclude = {live.record.seq: {p[0] for p in live.places} for live in group}
             placed = await self.files.write([live.record for live in group], exclude, want=need)
