@@ -614,7 +614,12 @@ class FileData:
 
     async def _flush_chunk(self, state: FileState, idx: int) -> None:
         async with state.lock(idx):
-            logged = idx not in state.dirty and await self._log_patch(state, idx)
+            try:
+                logged = idx not in state.dirty and await self._log_patch(state, idx)
+            except EcfsError as exc:  # the patch stays, for the next flush
+                log.warning("inode %d chunk %d: logging failed: %s", state.ino, idx, exc)
+                state.error = state.error or exc
+                raise
             if not logged:
                 if idx not in state.dirty and idx in state.patches:  # too big to log
                     state.dirty[idx] = buf = await self._load(state.ino, idx)

@@ -446,6 +446,39 @@ def test_a_lost_log_store_s_records_survive_and_get_a_new_copy(
     run(tmp_path, remaining, check)
 
 
+def test_fsync_fails_when_no_store_takes_the_records(tmp_path: Path, stores: list[Path]) -> None:
+    """Every log write failing: fsync reports EIO (never success without
+    the records on a store), and the write is still there to retry."""
+    base = pattern(24, CHUNK)
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        await data.write(ino, 64, b"e" * 64)
+        real = DirectoryStore.write_log_segment
+
+        def failing(self: DirectoryStore, number: int, offset: int, blob: bytes) -> None:
+            raise OSError(5, "injected")
+
+        DirectoryStore.write_log_segment = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(EcfsError) as caught:
+                await data.fsync(ino)
+            assert caught.value.errno == 5
+        finally:
+            DirectoryStore.write_log_segment = real  # type: ignore[method-assign]
+        for runner in volume.runners.values():
+            runner.mark_ok()
+        await data.fsync(ino)
+        assert volume.writelog.records == 1
+        assert await data.read(ino, 64, 64) == b"e" * 64
+        raise Crash
+
+    run(tmp_path, stores, body)
+
+
 def test_a_crash_in_the_middle_of_an_fsync(tmp_path: Path, stores: list[Path]) -> None:
     """kill -9 while an fsync writes its record (one copy written, the next
     store's write hung): every byte fsync'd before is there after the
