@@ -29,12 +29,14 @@ each of the m+1 replicas' WALs plus checkpoints: 83-92 KiB per fsync'd
 4 KiB write, and one replica commit per fsync (scripts/bench.py
 --small-writes on a shared 2-CPU VM: 875 IOPS, 0.48x the passthrough;
 SQLite WAL mode 2.8x, delete mode 2.0x). Measured the same way with the
-log on the stores: 24.7 KiB written by the daemon per fsync'd 4 KiB write
-(46-48 KiB on /proc/diskstats, where the other users of the shared disk
-add ~10-15 KiB: the raw disk showed 7-16 KiB per write in the same runs),
-0.64-1.7x the passthrough's IOPS, SQLite WAL mode 1.6-2.1x and delete
-mode 1.2-1.8x (the machine's load varied). The price here: records need
-their own liveness rule, copies and recovery, which is what follows.
+log on the stores (4 runs, the machine's load varied): 24-25 KiB written
+by the daemon per fsync'd 4 KiB write (36-50 KiB on /proc/diskstats,
+which counts the ext4 journal and the other users of the shared disk),
+0.64-0.71x the passthrough's IOPS (one outlier run 1.7x), SQLite WAL mode
+1.25-2.1x and delete mode 0.96-2.0x (the last numbers after packing the
+records of one append: SQLite's scattered 4 KiB pages had cost 8 KiB
+each). The price here: records need their own liveness rule, copies and
+recovery, which is what follows.
 
 A record is live when the chunk version it was logged over is the
 chunk's current version in the metadata; nothing else is consulted. That
