@@ -193,8 +193,12 @@ class LogFiles:
         copies: int,
         key: bytes,
         durable_generation: Callable[[], int],
+        draining: set[int] | None = None,
     ) -> None:
         self.runners = runners
+        #: Stores being emptied for removal (the volume's set, shared): no
+        #: new copies go there, and copies there count as missing.
+        self.draining = draining if draining is not None else set()
         self.copies = copies
         self.key = key
         self.durable_generation = durable_generation
@@ -244,7 +248,10 @@ class LogFiles:
     # -- writing ---------------------------------------------------------------
 
     def usable(self) -> list[int]:
-        return sorted(i for i, r in self.runners.items() if r.available)
+        """Stores that take copies and whose copies count."""
+        return sorted(
+            i for i, r in self.runners.items() if r.available and i not in self.draining
+        )
 
     async def write(
         self, records: Sequence[Record], exclude: dict[int, set[int]] | None = None, *, want: int = 0

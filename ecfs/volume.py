@@ -353,6 +353,7 @@ class Volume:
                 m + 1,
                 uuid.UUID(self.volume_id).bytes,
                 self._durable_generation,
+                self.placement.draining,
             ),
             wait_durable=self._wait_durable,
         )

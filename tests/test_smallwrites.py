@@ -479,6 +479,27 @@ def test_fsync_fails_when_no_store_takes_the_records(tmp_path: Path, stores: lis
     run(tmp_path, stores, body)
 
 
+def test_records_move_off_a_draining_store(tmp_path: Path, stores: list[Path]) -> None:
+    """A store being removed (draining) gets no new copies, and the copies
+    it holds are made again elsewhere before it goes."""
+
+    async def body(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        await volume.filedata.write(ino, 0, pattern(25, CHUNK))
+        await volume.filedata.fsync(ino)
+        await volume.filedata.write(ino, 4000, b"m" * 400)
+        await volume.filedata.fsync(ino)
+        (live,) = volume.writelog._live.values()
+        leaving = live.places[0][0]
+        volume.placement.draining.add(leaving)
+        await volume.writelog.upkeep()
+        assert volume.writelog.statistics().copies_missing == 0
+        assert len({p[0] for p in live.places if p[0] != leaving}) == M + 1
+        raise Crash
+
+    run(tmp_path, stores, body)
+
+
 def test_a_crash_in_the_middle_of_an_fsync(tmp_path: Path, stores: list[Path]) -> None:
     """kill -9 while an fsync writes its record (one copy written, the next
     store's write hung): every byte fsync'd before is there after the
