@@ -438,12 +438,14 @@ class LogFiles:
                 entry.current = None
             ready = sorted(n for n, g in entry.freed.items() if g <= durable)
             for number in ready[keep:] if keep else ready:
+                generation = entry.freed.pop(number, None)  # no append takes it now
+                if generation is None:
+                    continue  # taken by an append meanwhile
                 try:
                     await runner.call(runner.store.delete_log_segment, number)
                 except StoreError as exc:
                     log.info("store %d: cannot delete log segment %d: %s", store, number, exc)
-                    continue
-                entry.freed.pop(number, None)
+                    entry.freed[number] = generation
 
     def space(self) -> tuple[int, int]:
         """(segments, bytes) on the stores, in use or free."""
