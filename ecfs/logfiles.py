@@ -165,6 +165,9 @@ class _StoreLog:
     released: dict[int, int] = field(default_factory=dict)
     #: segments being created: appends into them wait for this
     creating: dict[int, trio.Event] = field(default_factory=dict)
+    #: segment -> its size, where it is not SEGMENT_SIZE (an append larger
+    #: than a segment gets a segment of its own size)
+    sizes: dict[int, int] = field(default_factory=dict)
     current: int | None = None
     position: int = 0
     next_number: int = 1
@@ -182,6 +185,8 @@ class ScanResult:
     bad_blocks: int
     #: stores whose log could not be read: store -> why
     unreadable: dict[int, str]
+    #: (store, segment) -> size in bytes
+    sizes: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class LogFiles:
@@ -214,20 +219,28 @@ class LogFiles:
         copies: list[tuple[int, int, int, Record]] = []
         segments: dict[int, list[int]] = {}
         unreadable: dict[int, str] = {}
+        sizes: dict[tuple[int, int], int] = {}
         bad = 0
         for index, store in sorted(stores.items()):
             try:
                 numbers = store.log_segments()
                 segments[index] = numbers
                 for number in numbers:
-                    found, torn = scan(store.read_log_segment(number), key)
+                    blob = store.read_log_segment(number)
+                    sizes[index, number] = len(blob)
+                    found, torn = scan(blob, key)
                     bad += torn
                     copies.extend((index, number, pos, rec) for pos, rec in found)
             except StoreError as exc:
                 unreadable[index] = str(exc)
-        return ScanResult(copies, segments, bad, unreadable)
+        return ScanResult(copies, segments, bad, unreadable, sizes)
 
-    def adopt(self, segments: Mapping[int, Sequence[int]], live: Sequence[Place]) -> None:
+    def adopt(
+        self,
+        segments: Mapping[int, Sequence[int]],
+        live: Sequence[Place],
+        sizes: Mapping[tuple[int, int], int] | None = None,
+    ) -> None:
         """After `scan`: the segments found, and where the live copies are
         (all other segments are free: their records are dead in the durable
         metadata the mount started from)."""
@@ -237,6 +250,9 @@ class LogFiles:
                 continue
             for number in numbers:
                 entry.freed[number] = 0
+                size = (sizes or {}).get((store, number), SEGMENT_SIZE)
+                if size != SEGMENT_SIZE:
+                    entry.sizes[number] = size
             entry.next_number = max(numbers, default=0) + 1
         for store, segment, _ in live:
             entry = self._stores.get(store)
@@ -306,7 +322,11 @@ class LogFiles:
         data = padded(b"".join(blobs[n] for n in indices))
         runner = self.runners[store]
         segment, offset, fresh = self._allocate(store, len(data))
+        size = self._stores[store].sizes.get(segment, SEGMENT_SIZE)
         entry = self._stores[store]
+        # Counted live from now: the segment is never freed under the write.
+        entry.live[segment] = entry.live.get(segment, 0) + len(indices)
+        exists = not fresh
         try:
             # A hung store costs seconds, not the runner's whole timeout: the
             # copy then goes to another store (as fragments do, see writer).
@@ -315,8 +335,9 @@ class LogFiles:
                 entry.creating[segment] = created = trio.Event()
                 try:
                     await runner.call(
-                        runner.store.create_log_segment, segment, SEGMENT_SIZE, timeout=deadline
+                        runner.store.create_log_segment, segment, size, timeout=deadline
                     )
+                    exists = True
                 finally:
                     del entry.creating[segment]
                     created.set()
@@ -337,40 +358,45 @@ class LogFiles:
             if not isinstance(exc, NoSpace):  # a full store is still healthy
                 runner.mark_failed(f"small-write log write failed: {exc}")
             self._forget_segment(store, segment)
+            if exists:
+                self.release([(store, segment, offset)] * len(indices), 0)
+            else:  # never created: not a segment to reuse
+                entry.live.pop(segment, None)
             return
         self.bytes_written += len(data)
         pos = offset
         for n in indices:
             placed[records[n].seq].append((store, segment, pos))
-            entry.live[segment] = entry.live.get(segment, 0) + 1
             pos += len(blobs[n])
 
     def _allocate(self, store: int, length: int) -> tuple[int, int, bool]:
         """(segment, offset, whether the segment must be created first) for
         `length` bytes on `store` (taken now: no other append gets them)."""
         entry = self._stores.setdefault(store, _StoreLog())
-        if entry.current is None or entry.position + length > SEGMENT_SIZE:
-            if entry.current is not None and not entry.live.get(entry.current):
-                self._free(store, entry.current)
-            entry.current, fresh = self._take_segment(entry)
+        current = entry.current
+        if current is None or entry.position + length > entry.sizes.get(current, SEGMENT_SIZE):
+            if current is not None and not entry.live.get(current):
+                self._free(store, current)
+            entry.current, fresh = self._take_segment(entry, length)
             entry.position = 0
             entry.live.setdefault(entry.current, 0)
         else:
             fresh = False
-        if length > SEGMENT_SIZE:
-            raise StoreError(f"a log append of {length} bytes does not fit a segment")
         offset = entry.position
         entry.position += length
         return entry.current, offset, fresh
 
-    def _take_segment(self, entry: _StoreLog) -> tuple[int, bool]:
+    def _take_segment(self, entry: _StoreLog, length: int) -> tuple[int, bool]:
+        """A free segment with room for `length` bytes, or a new one."""
         durable = self.durable_generation()
         for number, generation in sorted(entry.freed.items()):
-            if generation <= durable:
+            if generation <= durable and entry.sizes.get(number, SEGMENT_SIZE) >= length:
                 del entry.freed[number]
                 return number, False
         number = entry.next_number
         entry.next_number += 1
+        if length > SEGMENT_SIZE:
+            entry.sizes[number] = length
         return number, True
 
     def _forget_segment(self, store: int, segment: int) -> None:
@@ -446,11 +472,17 @@ class LogFiles:
                 except StoreError as exc:
                     log.info("store %d: cannot delete log segment %d: %s", store, number, exc)
                     entry.freed[number] = generation
+                    continue
+                entry.sizes.pop(number, None)
 
     def space(self) -> tuple[int, int]:
         """(segments, bytes) on the stores, in use or free."""
-        count = sum(len(e.live) + len(e.freed) for e in self._stores.values())
-        return count, count * SEGMENT_SIZE
+        count = space = 0
+        for entry in self._stores.values():
+            for number in (*entry.live, *entry.freed):
+                count += 1
+                space += entry.sizes.get(number, SEGMENT_SIZE)
+        return count, space
 
     def live_segments(self) -> Iterator[tuple[int, int]]:
         for store, entry in self._stores.items():

@@ -355,9 +355,10 @@ class WriteLog:
         largest = 0
         found: dict[int, _Live] = {}
         segments: dict[int, list[int]] = {}
+        sizes: dict[tuple[int, int], int] = {}
         if self.files is not None:
             result = LogFiles.scan(stores, self.files.key)
-            segments = result.segments
+            segments, sizes = result.segments, result.sizes
             if result.bad_blocks:
                 problems.append(
                     f"{result.bad_blocks} small-write log blocks are torn or damaged copies:"
@@ -397,7 +398,7 @@ class WriteLog:
             if r.size >= 0 and (newest is None or newest.seq < seq):
                 self.recovered[r.inode] = r
         if self.files is not None:
-            self.files.adopt(segments, live_places)
+            self.files.adopt(segments, live_places, sizes)
         self._ensure_counter(largest)
         return problems
 

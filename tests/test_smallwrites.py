@@ -500,6 +500,58 @@ def test_records_move_off_a_draining_store(tmp_path: Path, stores: list[Path]) -
     run(tmp_path, stores, body)
 
 
+def test_small_segments_fill_switch_get_reused_and_recover(
+    tmp_path: Path, stores: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 8 KiB segments: appends that do not fit start a new segment,
+    one larger than a segment gets a segment of its size, folded segments
+    are reused or deleted, and after a crash every fsync'd byte is back."""
+    import ecfs.logfiles
+
+    monkeypatch.setattr(ecfs.logfiles, "SEGMENT_SIZE", 8192)
+    base = pattern(26, 2 * CHUNK)
+    expected = bytearray(base)
+
+    async def write(volume: Volume) -> None:
+        ino = new_file(volume, b"f")
+        data = volume.filedata
+        await data.write(ino, 0, base)
+        await data.fsync(ino)
+        for i in range(40):
+            idx = i % 2
+            size = 12000 if i % 7 == 0 else 1000 + i
+            offset = idx * CHUNK + (i * 3001) % (CHUNK - size)
+            piece = pattern(200 + i, size)
+            await data.write(ino, offset, piece)
+            expected[offset : offset + size] = piece
+            await data.fsync(ino)
+            if i % 10 == 9:
+                await data.fold_chunk(ino, 0)
+                await data.fsync(ino)
+                await volume.writelog.upkeep()
+        assert await data.read(ino, 0, 2 * CHUNK) == expected
+        assert volume.writelog.records > 0
+        raise Crash
+
+    run(tmp_path, stores, write)
+
+    async def check(volume: Volume) -> None:
+        ino = lookup(volume, b"f")
+        assert await volume.filedata.read(ino, 0, 2 * CHUNK) == expected
+        await volume.filedata.write(ino, 5, b"after")
+        expected[5:10] = b"after"
+        await volume.filedata.fsync(ino)
+        raise Crash
+
+    run(tmp_path, stores, check)
+
+    async def again(volume: Volume) -> None:
+        assert await volume.filedata.read(lookup(volume, b"f"), 0, 2 * CHUNK) == expected
+
+    run(tmp_path, stores, again)
+    assert not any((s / "wlog").exists() and any((s / "wlog").iterdir()) for s in stores)
+
+
 def test_a_crash_in_the_middle_of_an_fsync(tmp_path: Path, stores: list[Path]) -> None:
     """kill -9 while an fsync writes its record (one copy written, the next
     store's write hung): every byte fsync'd before is there after the
