@@ -34,6 +34,11 @@ any more (see `LogFiles.release`); the old records left in them verify but
 are dead for good, since liveness is decided by the metadata (see
 `ecfs.smallwrites`), which never makes a dead record live again.
 
+Segments are SEGMENT_SIZE bytes (8 MiB); an append larger than that gets
+a segment of its own size. An append takes its bytes of the store's
+current segment before its first await and counts as live there until it
+failed, so a segment is never reused or deleted under a write.
+
 Owns: the record format, which stores hold copies of which record, the
 segments in use and free on each store. Must not: decide liveness (the
 caller says which records are live), speak SQL, or touch a store file
