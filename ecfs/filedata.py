@@ -787,6 +787,9 @@ class FileData:
                 state.gaps.pop(idx, None)
             for idx in [i for i in state.patches if i >= first_dropped]:
                 self._drop_patch(state, idx)
+            folded: ChunkRef | None = None
+            fold = bool(new_size % chunk_size) and self.log.has(ino, keep)
+            inline = fold and keep == 0 and new_size <= self.inline_max
             if new_size % chunk_size:
                 buf = state.dirty.get(keep)
                 if buf is None:
@@ -794,18 +797,17 @@ class FileData:
                     state.dirty[keep] = buf
                     self.dirty_bytes += len(buf)
                 cut = new_size - keep * chunk_size
+                kept = bytes(buf[:cut]) if fold and not inline else b""
+                if kept and not _all_zero(memoryview(kept)):
+                    # The kept chunk's records die with its version: written
+                    # back now (its buffer holds them), so that no record of
+                    # bytes past the new size outlives the truncate (a crash
+                    # before a later write-back would bring them back).
+                    # Before the buffer is cut: a failure leaves it whole.
+                    folded = await self.writer.write(memoryview(kept))
                 self.dirty_bytes -= max(0, len(buf) - cut)
                 del buf[cut:]
                 state.note_written(keep, cut, chunk_size)
-            folded: ChunkRef | None = None
-            fold = bool(new_size % chunk_size) and self.log.has(ino, keep)
-            inline = fold and keep == 0 and new_size <= self.inline_max
-            if fold and not inline and not _all_zero(memoryview(state.dirty[keep])):
-                # The kept chunk's records die with its version: written
-                # back now (its buffer holds them), so that no record of
-                # bytes past the new size outlives the truncate (a crash
-                # before a later write-back would bring them back).
-                folded = await self.writer.write(memoryview(state.dirty[keep]))
             with self.db.transaction():
                 removed = self.chunks.remove_from(ino, first_dropped)
                 self.log.drop_from(ino, first_dropped)

@@ -1190,6 +1190,30 @@ def test_a_failed_fold_keeps_the_records_and_is_not_the_files_error(
     run(tmp_path, stores, body)
 
 
+def test_a_truncate_whose_fold_fails_changes_nothing(tmp_path: Path, stores: list[Path]) -> None:
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = bytearray(pattern(27, CHUNK))
+        await data.write(ino, 0, bytes(expected))
+        await data.fsync(ino)
+        await data.write(ino, 3000, b"t" * 3000)
+        expected[3000:6000] = b"t" * 3000
+        await data.fsync(ino)
+        real = data.writer
+        data.writer = FailingWriter(real, 1)  # type: ignore[assignment]
+        with pytest.raises(EcfsError):
+            await data.truncate(ino, 5000)  # above inline_max: a chunk write
+        data.writer = real
+        assert volume.namespace.get(ino).size == CHUNK
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fsync(ino)
+        await data.truncate(ino, 5000)
+        assert await data.read(ino, 0, CHUNK) == expected[:5000]
+
+    run(tmp_path, stores, body)
+
+
 def test_concurrent_writers_readers_and_folds(tmp_path: Path, stores: list[Path]) -> None:
     """Writers (each owning its own 4 KiB blocks, so the expected content is
     known), readers checking blocks only their owner changes between
