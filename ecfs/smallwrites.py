@@ -20,7 +20,7 @@ the records of one flush to m+1 stores in parallel, one pwrite and one
 fdatasync each, into segments created at their full size by fallocate, so
 a 4 KiB write costs 2 pages per copy, 24 KiB for m = 2, and no ext4
 metadata once a segment has been used (its first use converts unwritten
-extents: ~4 KiB of journal per fdatasync, measured; zero-filling the
+extents: ~4-6 KiB of journal per fdatasync, measured; zero-filling the
 segment instead would cost 8 KiB per page once).
 The records lived in the replicated metadata before (a `write_log` table,
 see `ecfs.metadb.writelog`, still read at mount to move what an older
@@ -30,9 +30,10 @@ each of the m+1 replicas' WALs plus checkpoints: 83-92 KiB per fsync'd
 --small-writes on a shared 2-CPU VM: 875 IOPS, 0.48x the passthrough;
 SQLite WAL mode 2.8x, delete mode 2.0x). Measured the same way with the
 log on the stores (4 runs, the machine's load varied): 24-25 KiB written
-by the daemon per fsync'd 4 KiB write (36-50 KiB on /proc/diskstats,
-which counts the ext4 journal and the other users of the shared disk),
-0.64-0.71x the passthrough's IOPS (one outlier run 1.7x), SQLite WAL mode
+by the daemon per fsync'd 4 KiB write (43 KiB on /proc/diskstats in a
+run alone, which counts the ext4 journal of the segments' first use; 36-88
+KiB during the benchmarks, with the other users of the shared disk),
+0.59-0.71x the passthrough's IOPS (one outlier run 1.7x), SQLite WAL mode
 1.25-2.1x and delete mode 0.96-2.0x (the last numbers after packing the
 records of one append: SQLite's scattered 4 KiB pages had cost 8 KiB
 each). The price here: records need their own liveness rule, copies and
