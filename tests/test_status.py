@@ -212,7 +212,7 @@ def example_status(**changes: object) -> VolumeStatus:
         ),
         reads=ReadStatistics(100, 150, 5, 40, 60, 0, 1, 2, 3, 0),
         writes=WriteStatistics(10, 15),
-        write_log=WriteLogStatistics(1, 50, 1, 4, 200, 3, 0, 1 << 20),
+        write_log=WriteLogStatistics(1, 50, 1, 4, 200, 3, 0, 1 << 20, 2, 16 << 20, 8192, 0, 1),
         garbage=GarbageStatistics(pending=3, deleted_chunks=9, leftovers=0),
         metadata=MetadataStatus(
             generation=12, durable_generation=None, live_replicas=(1, 2),
