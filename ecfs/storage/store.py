@@ -412,9 +412,10 @@ class Store(Protocol):
         ...
 
     def create_log_segment(self, number: int, size: int) -> None:
-        """Create segment `number` (must not exist) with `size` bytes that
-        read as zeros, durable (with its name) when this returns. NoSpace or
-        StoreError; on failure no segment of that number is left."""
+        """Create segment `number` with `size` bytes that read as zeros,
+        durable (with its name) when this returns. NoSpace, or StoreError
+        (also if it exists: it is then left as it was); a failed creation
+        leaves no segment of that number."""
         ...
 
     def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
@@ -904,12 +905,14 @@ class DirectoryStore:
         allocated (fallocate: reads as zeros), durable with its directory
         entry when this returns. ENOSPC -> NoSpace, OSError -> StoreError."""
         path = self._segment_path(number)
+        created = False  # a segment that existed already is left alone
         try:
             with contextlib.suppress(FileExistsError):
                 self.check_identity()  # never create wlog/ where the store was
                 os.mkdir(os.path.dirname(path), _DIR_MODE)
             flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
             fd = os.open(path, flags, _FILE_MODE)
+            created = True
             try:
                 os.posix_fallocate(fd, 0, size)
                 os.fsync(fd)
@@ -917,7 +920,8 @@ class DirectoryStore:
                 os.close(fd)
             _fsync_directory(os.path.dirname(path))
         except OSError as exc:
-            _unlink_quietly(path)
+            if created:
+                _unlink_quietly(path)
             raise _store_error(exc, f"cannot create log segment {path}") from exc
 
     def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
