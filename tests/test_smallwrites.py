@@ -1212,6 +1212,36 @@ def test_a_truncate_whose_fold_fails_changes_nothing(tmp_path: Path, stores: lis
     run(tmp_path, stores, body)
 
 
+def test_a_truncate_into_a_stored_chunk_whose_write_fails_changes_nothing(
+    tmp_path: Path, stores: list[Path]
+) -> None:
+    """No records, but the stored version holds bytes past the cut: the cut
+    version is committed with the size (see test_fallocate's crash test);
+    when its write fails, the truncate fails and the file is as it was."""
+
+    async def body(volume: Volume) -> None:
+        data = volume.filedata
+        ino = new_file(volume, b"f")
+        expected = pattern(28, CHUNK)
+        await data.write(ino, 0, expected)
+        await data.fsync(ino)
+        assert not volume.writelog.has(ino, 0)
+        real = data.writer
+        data.writer = FailingWriter(real, 1)  # type: ignore[assignment]
+        with pytest.raises(EcfsError):
+            await data.truncate(ino, 5000)
+        data.writer = real
+        assert volume.namespace.get(ino).size == CHUNK
+        assert await data.read(ino, 0, CHUNK) == expected
+        await data.fsync(ino)
+        await data.truncate(ino, 5000)
+        ref = volume.filedata.chunks.get(ino, 0)
+        assert ref is not None and ref.length == 5000  # committed with the size
+        assert await data.read(ino, 0, CHUNK) == expected[:5000]
+
+    run(tmp_path, stores, body)
+
+
 def test_concurrent_writers_readers_and_folds(tmp_path: Path, stores: list[Path]) -> None:
     """Writers (each owning its own 4 KiB blocks, so the expected content is
     known), readers checking blocks only their owner changes between
