@@ -949,7 +949,19 @@ class FileData:
 
     async def truncate(self, ino: int, new_size: int) -> None:
         """Set the file size; bytes past it are gone, a later extension
-        reads zeros."""
+        reads zeros, also after a crash.
+
+        One transaction commits the size and removes the chunks past it
+        (their log records die with them). The chunk the new size cuts is
+        loaded into its buffer (records and patch laid over); when it has
+        log records or its stored version holds bytes past the cut, its cut
+        version is written (or made inline, or a hole) and committed in that
+        same transaction, so that neither old records (live while their
+        chunk version is current, see `ecfs.data.smallwrites`) nor stored
+        bytes past the cut survive the truncate. That write is made from a
+        copy before anything changes: if it fails, the truncate fails and
+        the file is as it was. Otherwise the buffer is just cut and written
+        back later (the committed version holds nothing past the cut)."""
         inode = self.namespace.get(ino)
         if new_size >= inode.size:
             self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
