@@ -404,20 +404,10 @@ class WriteLog:
         return problems
 
     def _ensure_counter(self, largest: int) -> None:
-        """The record-number counter (added to a volume's counters by the
-        first mount that logs to files): above every seq ever seen."""
-        value = self.db.query_value("SELECT value FROM counters WHERE name = ?", (SEQ_COUNTER,))
-        if value is None or int(value) <= largest:
-            with self.db.transaction():
-                if value is None:
-                    self.db.write(
-                        "INSERT INTO counters (name, value) VALUES (?, ?)",
-                        (SEQ_COUNTER, largest + 1),
-                    )
-                else:
-                    self.db.write(
-                        "UPDATE counters SET value = ? WHERE name = ?", (largest + 1, SEQ_COUNTER)
-                    )
+        """The record-number counter (made by mkfs; added to an older
+        volume's counters by its first mount that logs to files): above
+        every seq ever seen."""
+        self.db.ensure_counter(SEQ_COUNTER, largest + 1)
 
     def _rolled_back(self) -> None:
         """Put back what the rolled-back transaction dropped."""
