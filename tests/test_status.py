@@ -157,7 +157,8 @@ def test_terminal_text_of_a_degraded_record() -> None:
     assert row.endswith('/srv/a "quoted"\\dir')
     assert any(line.strip() == "failed: disk gone" for line in lines)
     assert "repair: 3 chunks queued" in text and "(urgent)" in text
-    assert "small-write log: 1 records" in text
+    assert "small-write log: 1 records" in text and "; 2 segments, " in text
+    assert "short of m+1 copies" not in text
     assert "UNRECOVERABLE: chunk 00ff: only 3 fragments" in text
     assert all(line == line.rstrip() for line in lines)
     scrub = render_scrub(example_status().scrub)
