@@ -882,14 +882,26 @@ def fragment_relpath(chunk_id: int, index: int) -> str:
 
 
 def open_store(location: str | os.PathLike[str]) -> Store:
-    """The store at `location` (a directory path today), without I/O. The
-    one place that turns a location given by a user into a store."""
+    """The store at `location`, without I/O: an object store for an
+    ``s3://`` location (`ecfs.s3store`), else a directory. The one place
+    that turns a location given by a user into a store."""
+    if os.fspath(location).startswith("s3:/"):
+        # Imported here: ecfs.s3store builds on this module (a factory
+        # module of its own can take both when the packages are laid out).
+        from .s3store import S3Store
+
+        return S3Store(location)
     return DirectoryStore(location)
 
 
 def initialise_store(location: str | os.PathLike[str], marker: StoreMarker) -> Store:
     """Create a new, empty store at `location` for `marker` (mkfs, store
-    add/replace). Blocking; see `DirectoryStore.initialise` for the errors."""
+    add/replace). Blocking; see `DirectoryStore.initialise` and
+    `S3Store.initialise` for the errors."""
+    if os.fspath(location).startswith("s3:/"):
+        from .s3store import S3Store
+
+        return S3Store.initialise(location, marker)
     return DirectoryStore.initialise(location, marker)
 
 

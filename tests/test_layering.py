@@ -24,6 +24,7 @@ ALLOWED_IMPORTERS: dict[str, tuple[str, ...]] = {
     "zfec": ("ecfs/codec.py",),
     "xxhash": ("ecfs/fragment.py",),
     "sqlite3": ("ecfs/metadb.py", "ecfs/metadb/", "ecfs/replicas.py"),
+    "obstore": ("ecfs/s3store.py",),
 }
 
 MODULE_FILES = sorted(PACKAGE_DIR.rglob("*.py"))
