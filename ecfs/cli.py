@@ -24,6 +24,7 @@ import click
 from . import __version__, units
 from .errors import EcfsError, VolumeError
 from .mkfs import VolumeSpec, check_store_arg, create_volume
+from .s3store import is_s3_location
 
 
 def parse_size(value: str) -> int:
@@ -298,7 +299,7 @@ def _fuse_conf_allows_other() -> bool:
 def _absolute_store_arg(arg: str) -> str:
     """A store path or glob pattern, made absolute (glob characters in the
     current directory's name are escaped, those in `arg` kept)."""
-    if os.path.isabs(arg):
+    if os.path.isabs(arg) or is_s3_location(arg):
         return arg
     cwd = os.getcwd()
     return os.path.join(glob.escape(cwd) if glob.has_magic(arg) else cwd, arg)
@@ -607,7 +608,7 @@ def _new_store_path(path: str) -> str:
     paths: its working directory is /), quoted for the control command."""
     if not path:
         _fail("the new store's path is empty: give a directory", 2)
-    return _quote(os.path.abspath(path))
+    return _quote(path if is_s3_location(path) else os.path.abspath(path))
 
 
 def _store_ref(old: str) -> str:
@@ -618,7 +619,7 @@ def _store_ref(old: str) -> str:
         _fail("the store is empty: give its path, index or id", 2)
     if re.fullmatch(r"[0-9]{1,9}|[0-9a-f]{32}", old):
         return old
-    return _quote(os.path.abspath(old))
+    return _quote(old if is_s3_location(old) else os.path.abspath(old))
 
 
 @main.command()

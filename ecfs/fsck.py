@@ -80,7 +80,7 @@ from .lock import VolumeLock
 from .metadb.database import Database
 from .metadb.schema import SCHEMA_VERSION, upgrade_database
 from .metadb.stores import StoreTable
-from .mkfs import check_store_paths
+from .mkfs import check_store_paths, local_stores
 from .replicas import CopyChoice, copy_database, replica_path, set_aside
 from .store import MARKER_NAME, Store, StoreMarker, open_store
 from .volume import (
@@ -161,7 +161,7 @@ def run_fsck(
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
-    with VolumeLock.acquire(list(markers)):
+    with VolumeLock.acquire(local_stores(list(markers))):
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:

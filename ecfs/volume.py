@@ -82,6 +82,7 @@ from .replicas import (
     replica_path,
     resync_replicas,
 )
+from .s3store import is_s3_location
 from .scrub import Scrubber
 from .smallwrites import WriteLog
 from .store import Store, StoreMarker, open_store
@@ -139,7 +140,9 @@ def expand_store_args(args: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for arg in args:
         check_store_arg(arg)
-        if glob.has_magic(arg):
+        if is_s3_location(arg):  # a location, never a pattern ("?" starts its query)
+            paths.append(Path(arg))
+        elif glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
                 raise VolumeError(f"no store matches {arg!r}")
@@ -506,6 +509,8 @@ class Volume:
                     break
                 if index in targets:
                     continue
+                if is_s3_location(store.path):
+                    continue  # replicas are kept on local stores only (see ecfs.mkfs)
                 if not snapshot.exists():
                     self.db.snapshot(snapshot)
                 path = replica_path(store.meta_dir)
@@ -783,7 +788,11 @@ class Volume:
             return
         stale = set(replicator.stale_replicas())
         candidates = sorted(
-            (i for i, r in self.runners.items() if r.available and i not in live),
+            (
+                i
+                for i, r in self.runners.items()
+                if r.available and i not in live and not is_s3_location(r.store.path)
+            ),  # replicas are kept on local stores only (see ecfs.mkfs)
             key=lambda i: (i in self.placement.full, i not in stale, i),
         )
         for index in candidates[: wanted - len(live)]:

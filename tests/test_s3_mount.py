@@ -1,0 +1,100 @@
+"""A volume mixing local directories and S3 stores, through the real CLI
+and a real FUSE mount: mkfs, mount, write, read; one S3 server killed and
+the volume read degraded; status, scrub, fsck; the secret never in the
+daemon's log, the status JSON or an error message. The S3 stores are
+moto_server processes on 127.0.0.1 (tests/s3servers.py), one per store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
+from .s3servers import ACCESS_KEY, SECRET_KEY, moto_servers, s3_environment
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon and the CLI find the test credentials in the environment."""
+    for name, value in s3_environment({}).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET_KEY not in text
+        assert ACCESS_KEY not in text
+
+
+def test_mkfs_refuses_metadata_on_object_stores_for_now(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(1) as [server]:
+        stores = [str(tmp_path / f"d{i}") for i in range(2)]
+        stores += [server.location(prefix=f"p{i}") for i in range(3)]
+        result = cli("mkfs", "--data", 3, "--parity", 2, *stores, check=False)
+        assert result.returncode != 0
+        assert "metadata on object stores: not yet" in result.stderr
+        _no_secret(result.stdout, result.stderr)
+        assert not any(Path(s).exists() for s in stores[:2])  # nothing written
+        bad = cli("mkfs", "--data", 1, "--parity", 1, stores[0], "s3://xyz?secret=1", check=False)
+        assert bad.returncode == 2 and "credentials never go in a location" in bad.stderr
+
+
+def test_a_mixed_volume_mounts_reads_degraded_and_checks(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(3) as servers:
+        local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
+        remote = [Path(s.location(bucket=f"ecfs-{i}", prefix="vol")) for i, s in enumerate(servers)]
+        stores = [*local, *remote]
+        made = cli("mkfs", "--data", 4, "--parity", 2, *TEST_MKFS_ARGS, *stores)
+        _no_secret(made.stdout, made.stderr)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        files = {f"f{i}": os.urandom(n) for i, n in enumerate((5, 100_000, 3 << 20))}
+        volume.mount()
+        try:
+            for name, data in files.items():
+                (volume.mountpoint / name).write_bytes(data)
+            os.sync()
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            status = cli("status", "--json", volume.mountpoint).stdout
+            document = json.loads(status)
+            assert document["health"] == "healthy"
+            paths = [s["path"] for s in document["stores"]]
+            assert sum(p.startswith("s3:") for p in paths) == 3
+            scrub = cli("scrub", "--json", volume.mountpoint)
+            assert json.loads(scrub.stdout)["findings"] == []
+        finally:
+            volume.unmount()
+
+        # One server gone: the volume mounts without it and reads degraded.
+        servers[0].kill()
+        volume.mount()
+        try:
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            status = cli("status", "--json", volume.mountpoint, check=False).stdout
+            document = json.loads(status)
+            assert document["health"] != "healthy"
+            gone = [s for s in document["stores"] if s["state"] != "ok"]
+            assert [s["path"] for s in gone] == [str(remote[0])] or len(gone) == 1
+            (volume.mountpoint / "after").write_bytes(b"written while one store is gone")
+            assert (volume.mountpoint / "after").read_bytes().startswith(b"written")
+        finally:
+            volume.unmount()
+        log = volume.log_text()
+        _no_secret(log, status)
+
+        fsck = cli("fsck", "--json", *stores, check=False)
+        report = json.loads(fsck.stdout)
+        assert fsck.returncode == 1  # the dead store is a finding
+        assert any("s3:" in f["message"] for f in report["findings"])
+        _no_secret(fsck.stdout, fsck.stderr)
+        healthy = cli("fsck", "--json", *stores[:5], check=False)  # without the dead one
+        _no_secret(healthy.stdout, healthy.stderr)
