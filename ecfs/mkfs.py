@@ -37,7 +37,7 @@ from .geometry import (
 )
 from .metadb.schema import create_database
 from .replicas import replica_path
-from .s3store import S3Location, is_s3_location
+from .s3store import S3Location, is_s3_location, location_path
 from .store import MARKER_NAME, STORE_FORMAT, StoreMarker, initialise_store, open_store
 
 DEFAULT_DATA = 4
@@ -91,7 +91,7 @@ def check_store_paths(paths: Sequence[Path]) -> list[Path]:
     """Resolved paths (an s3:// location in its canonical form);
     VolumeError for duplicates or nesting."""
     resolved = [
-        Path(str(S3Location.parse(p))) if is_s3_location(p) else Path(os.path.realpath(p))
+        location_path(p) if is_s3_location(p) else Path(os.path.realpath(p))
         for p in paths
     ]
     seen: dict[str, Path] = {}

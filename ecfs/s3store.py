@@ -84,7 +84,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, TypeVar
 
 import obstore
@@ -218,6 +218,33 @@ class S3Location:
         return cls(bucket, prefix, endpoint, profile, region)
 
 
+class LocationPath(PosixPath):
+    """An s3:// location where ecfs keeps store locations: a `Path`, since
+    they travel as paths (equal to, and hashed like, the path its text
+    makes), whose str() and os.fspath() are the location itself and not
+    what a Path makes of it (``s3:/bucket``, repeated slashes collapsed)."""
+
+    _text: str
+
+    def __new__(cls, location: S3Location) -> LocationPath:
+        self = super().__new__(cls, str(location))
+        self._text = str(location)
+        return self
+
+    def __str__(self) -> str:
+        # Paths derived from this one (parent, joinpath) are plain paths.
+        return getattr(self, "_text", None) or super().__str__()
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+
+def location_path(text: str | os.PathLike[str]) -> Path:
+    """The canonical `LocationPath` of an s3:// location (VolumeError if
+    malformed)."""
+    return LocationPath(S3Location.parse(text))
+
+
 def is_s3_location(text: str | os.PathLike[str]) -> bool:
     """Whether a store location names an S3 store (``s3://...``, or what a
     Path leaves of it, ``s3:/...``)."""
@@ -328,7 +355,7 @@ class S3Store:
         self.location = location if isinstance(location, S3Location) else S3Location.parse(location)
         #: The location as a path (how store locations travel in ecfs);
         #: `S3Location.parse` reads it back.
-        self.path = Path(str(self.location))
+        self.path: Path = LocationPath(self.location)
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
         self._max_retries = max_retries

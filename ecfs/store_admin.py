@@ -37,6 +37,7 @@ import trio
 from .errors import StoreError, VolumeError
 from .mkfs import check_store_paths
 from .offload import StoreRunner
+from .s3store import is_s3_location
 from .store import STORE_FORMAT, Store, StoreMarker, initialise_store
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
     already, not nested with one, and not on this mount (a store inside the
     volume it serves would hang or lose everything). Blocking."""
     check_store_paths([*known, Path(path)])
-    if mountpoint is None:
+    if mountpoint is None or is_s3_location(path):
         return
     real = Path(os.path.realpath(path))
     if real.is_relative_to(Path(os.path.realpath(mountpoint))):

@@ -82,7 +82,7 @@ from .replicas import (
     replica_path,
     resync_replicas,
 )
-from .s3store import is_s3_location
+from .s3store import is_s3_location, location_path
 from .scrub import Scrubber
 from .smallwrites import WriteLog
 from .store import Store, StoreMarker, open_store
@@ -141,7 +141,7 @@ def expand_store_args(args: Sequence[str]) -> list[Path]:
     for arg in args:
         check_store_arg(arg)
         if is_s3_location(arg):  # a location, never a pattern ("?" starts its query)
-            paths.append(Path(arg))
+            paths.append(location_path(arg))
         elif glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
