@@ -91,7 +91,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PosixPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import obstore
 from obstore.exceptions import (
@@ -118,6 +118,9 @@ from .store import (
     StoreUsage,
     fragment_relpath,
 )
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, S3Config, S3Credential
 
 T = TypeVar("T")
 
@@ -405,7 +408,7 @@ class S3Store:
         region = self.region()
         with self._lock:
             if self._client is None:
-                options: dict[str, Any] = {
+                options: ClientConfig = {
                     "timeout": datetime.timedelta(seconds=self._request_timeout),
                     "connect_timeout": datetime.timedelta(seconds=self._connect_timeout),
                     "allow_http": bool(
@@ -414,12 +417,12 @@ class S3Store:
                     # Explicit, so that no environment variable turns it on.
                     "allow_invalid_certificates": False,
                 }
-                config: dict[str, Any] = {"region": region}
+                config: S3Config = {"region": region}
                 if self.location.endpoint is not None:
                     config["endpoint"] = self.location.endpoint
                     config["virtual_hosted_style_request"] = False
 
-                def provide() -> dict[str, Any]:
+                def provide() -> S3Credential:
                     return {
                         "access_key_id": credentials.access_key_id,
                         "secret_access_key": credentials.secret_access_key,
