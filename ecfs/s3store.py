@@ -37,20 +37,29 @@ Identity: `pin_identity` remembers the marker object (and its ETag);
 
 Client library: obstore (the Rust object_store crate), its sync API run
 in the store's worker threads like every store call. Chosen by
-measurement (scripts/bench_s3_clients.py, 8 concurrent requests against a
-local moto server on a 2-core machine; client CPU per MiB moved, the
-number that tells clients apart when the server is the bottleneck):
+measurement (scripts/bench_s3_clients.py: 200 requests per operation, 8
+at once, against a local moto server on a shared 2-core machine). Client
+CPU per MiB moved, the number that tells clients apart when the server
+is the bottleneck, then p50 latency and MiB/s:
 
-    client                      64 KiB GET      1 MiB GET      1.5 MiB PUT
-    obstore, threads            11.7 ms/MiB     1.6 ms/MiB     1.1 ms/MiB
-    boto3, threads              40.6 ms/MiB     2.7 ms/MiB     2.8 ms/MiB
-    aiobotocore+httpx, trio     59.2 ms/MiB     5.0 ms/MiB     139 ms/MiB
+    client                   64 KiB GET          1 MiB GET           1.5 MiB PUT
+                             CPU    p50  MiB/s   CPU    p50  MiB/s   CPU      p50  MiB/s
+    obstore, threads          8.4 ms 25 ms  19    1.2 ms 30 ms 226    1.0 ms   60 ms 191
+    boto3, threads           23.2 ms 33 ms  14    2.4 ms 67 ms 113    2.2 ms   83 ms 138
+    aiobotocore+httpx, trio  37.4 ms 42 ms   9    3.6 ms 65 ms  96    129 ms 2360 ms   5
 
-and lower latency (p50 64 KiB GET 43 ms against 62 and 85; MiB/s 1.5-2x
-boto3's). aiobotocore runs on trio through anyio, but it would be the one
-async store in an interface whose calls run in worker threads, and its PUT
-through httpx was 20x slower. A hedged or timed-out read is abandoned the
-way every store call is (`StoreRunner`: the caller goes on at once; the
+(a first run of 120 requests ranked them the same way: obstore 11.7 /
+1.6 / 1.1 ms of CPU per MiB, boto3 40.6 / 2.7 / 2.8, aiobotocore 59.2 /
+5.0 / 139). aiobotocore 3.10 does run on trio through anyio with its
+httpx session, but it would be the one async store in an interface
+whose calls run in worker threads, and its PUT through httpx was 40x
+slower. boto3 fits the worker threads as well as obstore, at 2-3x the
+CPU and higher latency. What obstore lacks is small and done here:
+bucket creation (one request signed with SigV4, `_signed_request`) and
+the AWS profile files (`find_credentials`; they are handed to obstore
+through a credential provider, never put in its configuration).
+
+A hedged or timed-out read is abandoned the way every store call is (`StoreRunner`: the caller goes on at once; the
 worker thread ends when the request does, each attempt within the
 client's `request_timeout`, no retry later than RETRY_TIMEOUT, and is
 counted as abandoned until then). The Rust client cannot be interrupted
