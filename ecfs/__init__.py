@@ -7,7 +7,8 @@ tests/test_layering.py):
   only xxhash user)
 * I/O boundary: offload (the one helper for blocking calls), store (the
   Store interface: fragments by name, no file descriptor crosses it; the
-  directory store, with its open-file cache fdcache), fakestores (in-memory
+  directory store, with its open-file cache fdcache), s3store (S3-compatible
+  object stores, the only obstore user), fakestores (in-memory
   and fault-injecting stores for tests), metadb (all SQL), replicas
   (metadata copies on stores)
 * services: placement, handles (verified fragment headers), reader,

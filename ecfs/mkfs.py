@@ -37,8 +37,8 @@ from .geometry import (
 )
 from .metadb.schema import create_database
 from .replicas import replica_path
-from .s3store import S3Location, is_s3_location, location_path
-from .store import MARKER_NAME, STORE_FORMAT, StoreMarker, initialise_store, open_store
+from .s3store import S3Location, forget_new_store, is_s3_location, location_path
+from .store import MARKER_NAME, STORE_FORMAT, Store, StoreMarker, initialise_store, open_store
 
 DEFAULT_DATA = 4
 DEFAULT_PARITY = 2
@@ -155,7 +155,8 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
 
     All checks run first. If creating a store or a metadata replica fails
     half-way, what was created is removed again (the directories were
-    checked to be absent or empty), so a failed mkfs can simply be rerun.
+    checked to be absent or empty; an object store's marker is deleted, as
+    far as its server answers), so a failed mkfs can simply be rerun.
     """
     check_spec(spec)
     if len(paths) < spec.k + spec.m:
@@ -178,6 +179,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in resolved]
     created: list[tuple[Path, bool]] = []  # (path, existed before)
+    created_remote: list[Store] = []  # object stores: their marker is removed again
     try:
         stores = []
         for path, store_id in zip(resolved, store_ids, strict=True):
@@ -200,6 +202,8 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             finally:
                 if not remote and path.exists():
                     created.append((path, existed))
+            if remote:
+                created_remote.append(stores[-1])
         params: dict[str, str | int] = {
             "uuid": volume_id,
             "k": spec.k,
@@ -227,6 +231,9 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
     except BaseException:
         for path, existed in reversed(created):
             _remove_created(path, existed)
+        for store in created_remote:
+            with contextlib.suppress(EcfsError):
+                forget_new_store(store)
         raise
     return volume_id
 

@@ -688,6 +688,14 @@ class S3Store:
         return sorted(k for k in self._list_keys(FRAGS_DIR + "/") if k not in known)
 
 
+def forget_new_store(store: object) -> None:
+    """Undo `S3Store.initialise` of `store` (a failed mkfs): delete its
+    marker, so that the prefix is unused again. Best effort: StoreError if
+    the server does not answer; a store of another kind is left alone."""
+    if isinstance(store, S3Store):
+        store._request(MARKER_NAME, lambda c: obstore.delete(c, MARKER_NAME))
+
+
 def _fragment_name(key: str) -> tuple[int, int] | None:
     """(chunk id, index) of a well-named fragment key in its fan-out place."""
     match = _FRAGMENT_KEY.fullmatch(key)

@@ -15,8 +15,8 @@ so callers go through `ecfs.offload.StoreRunner.call`), interpret fragment
 contents (`ecfs.fragment` builds and parses them; here they are opaque
 bytes), touch the metadata replica database (`ecfs.replicas` owns `meta/`),
 or decide placement or health (services above do that). Other kinds of
-store (the in-memory and fault-injecting fakes of `ecfs.fakestores`, later
-object stores) implement the same `Store` interface.
+store (the in-memory and fault-injecting fakes of `ecfs.fakestores`, the
+S3 object stores of `ecfs.s3store`) implement the same `Store` interface.
 
 On-disk layout of a store directory (created 0700, subdirectories 0700,
 files 0600)::
@@ -277,12 +277,16 @@ class Store(Protocol):
     `close`.
     """
 
-    #: Where the store is, for messages and status (a directory today).
+    #: Where the store is, for messages and status: a directory, or an
+    #: s3:// location (`ecfs.s3store.LocationPath`, whose str() is the
+    #: location as given); `open_store(path)` opens the same store.
     path: Path
 
     @property
     def meta_dir(self) -> Path:
-        """Directory of the metadata replica database (owned by `ecfs.replicas`)."""
+        """Directory of the metadata replica database (owned by
+        `ecfs.replicas`). An object store has none yet: its meta_dir never
+        exists, and mkfs and the volume place replicas on local stores."""
         ...
 
     # ---- identity and health

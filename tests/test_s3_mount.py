@@ -46,6 +46,19 @@ def test_mkfs_refuses_metadata_on_object_stores_for_now(tmp_path: Path, aws_env:
         assert bad.returncode == 2 and "credentials never go in a location" in bad.stderr
 
 
+def test_a_failed_mkfs_with_object_stores_can_be_rerun(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(2) as servers:
+        local = [str(tmp_path / f"d{i}") for i in range(2)]
+        remote = [s.location(prefix="vol") for s in servers]
+        servers[1].kill()  # the second object store cannot be created
+        failed = cli("mkfs", "--data", 3, "--parity", 1, *local, *remote, check=False)
+        assert failed.returncode != 0 and remote[1].split("?")[0] in failed.stderr
+        _no_secret(failed.stdout, failed.stderr)
+        assert not any(Path(s).exists() for s in local)
+        servers[1].start()
+        cli("mkfs", "--data", 3, "--parity", 1, *local, *remote)  # the first prefix is unused again
+
+
 def test_a_mixed_volume_mounts_reads_degraded_and_checks(tmp_path: Path, aws_env: None) -> None:
     with moto_servers(4) as servers:
         local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
