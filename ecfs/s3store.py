@@ -5,8 +5,8 @@ Owns: the location form ``s3://BUCKET[/PREFIX]?endpoint=URL[&profile=NAME]
 [&region=NAME]`` (`S3Location`), the credentials (`find_credentials`), the
 object layout under the prefix, and every request to the server
 (`S3Store`, which implements `ecfs.store.Store`).
-Must not: run on the event loop (every method but `read_fragment_cached`
-and `close` makes requests; callers go through
+Must not: run on the event loop (every method but `read_fragment_cached`,
+`prefetch` and `close` makes requests; callers go through
 `ecfs.offload.StoreRunner.call`), interpret fragment contents (the same
 fragment format as a directory store: `ecfs.fragment` builds it and
 checks its header and per-cell checksums on every read), or let a secret
@@ -20,9 +20,14 @@ Layout (keys under ``PREFIX/``, the same names as in a directory store)::
 
 Fragments are immutable objects: written once with a conditional PUT
 (``If-None-Match: *``: never overwritten), read by cell-aligned ranged GETs
-straight into the caller's buffer (the reader asks for whole cells),
+copied into the caller's buffer (the reader asks for whole cells),
 deleted by garbage collection with DELETE, listed with ListObjectsV2
-pages, sized with HEAD. A PUT is durable when it is acknowledged, so
+pages, sized with HEAD. `prefetch` starts ranged GETs in the background
+(PREFETCH_THREADS per store, at most PREFETCH_BYTES kept, oldest dropped
+first): read-ahead and the k reads of a degraded decode then overlap, and
+`read_fragment_cached` serves what has arrived on the event loop, as the
+page cache does for a directory store. Objects never change, so a
+prefetched range is never stale; deleting a fragment drops it. A PUT is durable when it is acknowledged, so
 `sync` has nothing to do. The metadata replicas are not kept here yet:
 `meta_dir` names no usable directory, and mkfs keeps the replicas on local
 stores (see `ecfs.mkfs`).
@@ -80,11 +85,14 @@ adapts to the store's measured latency is above, in `StoreRunner`
 Credentials: see `find_credentials` (the standard AWS places only).
 
 Concurrency: thread-safe; the client is made once under a lock and then
-shared by the worker threads (obstore clients are thread-safe).
+shared by the worker threads (obstore clients are thread-safe); the
+prefetch table is guarded by the same lock, held only for dict updates
+(`read_fragment_cached` and `close` take it on the event loop).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import configparser
 import datetime
 import hashlib
@@ -97,6 +105,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PosixPath
@@ -150,6 +159,9 @@ CONNECT_TIMEOUT = 5.0
 #: No retry starts later than this after the first attempt (seconds).
 RETRY_TIMEOUT = 60.0
 RETIRED_NAME = MARKER_NAME + ".retired"
+#: Prefetched bytes kept per store at most, and requests for them at once.
+PREFETCH_BYTES = 64 << 20
+PREFETCH_THREADS = 8
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PROFILE = re.compile(r"[A-Za-z0-9_.+=,@-]{1,64}")
@@ -359,6 +371,15 @@ def find_credentials(
 # The store
 
 
+@dataclass(frozen=True, slots=True)
+class _Prefetch:
+    """A background ranged GET of bytes [offset, end) of one fragment."""
+
+    offset: int
+    end: int
+    future: concurrent.futures.Future[memoryview]
+
+
 class S3Store:
     """A store kept as objects under one bucket and prefix. Implements
     `ecfs.store.Store` (see the module docstring)."""
@@ -386,6 +407,10 @@ class S3Store:
         self._client: Any = None
         self._credentials: Credentials | None = None
         self._pinned: StoreMarker | None = None
+        #: Prefetched ranges by (chunk id, index), oldest first.
+        self._prefetches: OrderedDict[tuple[int, int], _Prefetch] = OrderedDict()
+        self._prefetch_bytes = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"S3Store({str(self.location)!r})"
@@ -542,9 +567,16 @@ class S3Store:
         self._request("retire", retire)
 
     def close(self) -> None:
-        """Drop the client and its connections (calls in flight keep theirs);
-        the next request makes a new one. Never blocks."""
-        self._client = None
+        """Drop the client and its connections (calls in flight keep theirs)
+        and what was prefetched; the next request makes a new client. Never
+        blocks (prefetches under way end on their own)."""
+        with self._lock:
+            self._client = None
+            self._prefetches.clear()
+            self._prefetch_bytes = 0
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- creation
 
@@ -608,25 +640,33 @@ class S3Store:
         return len(data)
 
     def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
-        """One ranged GET of [offset, offset + len(dest)) into `dest`; the
-        count (fewer only at the end of the object; 0 past it)."""
-        name = fragment_relpath(chunk_id, index)
-        if not len(dest):
-            self.fragment_size_on_disk(chunk_id, index)
-            return 0
+        """Bytes [offset, offset + len(dest)) into `dest`: from a prefetch
+        that holds them (waiting for it if it is under way), else one
+        ranged GET; the count (fewer only at the end of the object; 0
+        past it)."""
+        fetched = self._prefetched_range(chunk_id, index, offset, len(dest), wait=True)
+        if fetched is not None:
+            dest[: len(fetched)] = fetched
+            return len(fetched)
+        got = self._get_range(chunk_id, index, offset, len(dest))
+        dest[: len(got)] = got
+        return len(got)
 
-        def get(client: Any) -> int:
+    def _get_range(self, chunk_id: int, index: int, offset: int, length: int) -> memoryview:
+        """One ranged GET: the bytes (fewer at the end of the object)."""
+        name = fragment_relpath(chunk_id, index)
+        if not length:
+            self.fragment_size_on_disk(chunk_id, index)
+            return memoryview(b"")
+
+        def get(client: Any) -> memoryview:
             try:
-                got = memoryview(
-                    obstore.get_range(client, name, start=offset, length=len(dest))
-                ).cast("B")
+                got = obstore.get_range(client, name, start=offset, length=length)
             except BaseError as exc:
                 if "416" in str(exc):  # the range starts at or past the end
-                    return 0
+                    return memoryview(b"")
                 raise
-            n = min(len(got), len(dest))
-            dest[:n] = got[:n]
-            return n
+            return memoryview(got).cast("B")[:length]
 
         try:
             return self._request(name, get)
@@ -636,13 +676,77 @@ class S3Store:
     def read_fragment_cached(
         self, chunk_id: int, index: int, offset: int, dest: memoryview
     ) -> bool:
-        """Never at hand: every read is a request."""
-        return False
+        """Served only from a finished prefetch holding all of the range
+        (read-ahead fetched it); never waits, never makes a request."""
+        fetched = self._prefetched_range(chunk_id, index, offset, len(dest), wait=False)
+        if fetched is None or len(fetched) != len(dest):
+            return False
+        dest[:] = fetched
+        return True
 
     def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
-        """A HEAD: tells a missing fragment early and warms a connection
-        (an object store has no page cache to fill)."""
-        self.fragment_size_on_disk(chunk_id, index)
+        """Start a ranged GET of the bytes in the background (PREFETCH_THREADS
+        per store) and return at once: `read_fragment` then takes them
+        (waiting if needed), `read_fragment_cached` once they are here. At
+        most PREFETCH_BYTES per store are kept, oldest dropped first;
+        errors are left for the real read to meet and report."""
+        fragment_relpath(chunk_id, index)
+        if length <= 0 or length > PREFETCH_BYTES:
+            return
+        key = (chunk_id, index)
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    PREFETCH_THREADS, thread_name_prefix="ecfs s3 prefetch"
+                )
+            pool = self._pool
+            held = self._prefetches.get(key)
+            if held is not None and held.offset <= offset and offset + length <= held.end:
+                self._prefetches.move_to_end(key)
+                return
+            future = pool.submit(self._get_range, chunk_id, index, offset, length)
+            self._prefetch_put(key, _Prefetch(offset, offset + length, future))
+
+    def _prefetch_put(self, key: tuple[int, int], entry: _Prefetch) -> None:
+        """Keep `entry` (under the lock), dropping the oldest over the budget."""
+        old = self._prefetches.pop(key, None)
+        if old is not None:
+            self._prefetch_bytes -= old.end - old.offset
+        self._prefetches[key] = entry
+        self._prefetch_bytes += entry.end - entry.offset
+        while self._prefetch_bytes > PREFETCH_BYTES and len(self._prefetches) > 1:
+            _, dropped = self._prefetches.popitem(last=False)
+            self._prefetch_bytes -= dropped.end - dropped.offset
+
+    def _prefetched_range(
+        self, chunk_id: int, index: int, offset: int, length: int, *, wait: bool
+    ) -> memoryview | None:
+        """The bytes [offset, offset + length) from a prefetch holding the
+        range (fewer at the end of the object), or None: none does, it is
+        not finished and not `wait`, or it failed (then it is dropped)."""
+        key = (chunk_id, index)
+        with self._lock:
+            entry = self._prefetches.get(key)
+        if entry is None or not (entry.offset <= offset and offset + length <= entry.end):
+            return None
+        if not wait and not entry.future.done():
+            return None
+        try:
+            got = entry.future.result()
+        except (StoreError, concurrent.futures.CancelledError):
+            with self._lock:
+                if self._prefetches.get(key) is entry:
+                    del self._prefetches[key]
+                    self._prefetch_bytes -= entry.end - entry.offset
+            return None
+        start = offset - entry.offset
+        return got[start : start + length]
+
+    def _forget_prefetched(self, chunk_id: int, index: int) -> None:
+        with self._lock:
+            entry = self._prefetches.pop((chunk_id, index), None)
+            if entry is not None:
+                self._prefetch_bytes -= entry.end - entry.offset
 
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
         name = fragment_relpath(chunk_id, index)
@@ -655,6 +759,7 @@ class S3Store:
     def delete_fragment(self, chunk_id: int, index: int) -> None:
         """DELETE (a missing object is fine; a missing bucket is not)."""
         name = fragment_relpath(chunk_id, index)
+        self._forget_prefetched(chunk_id, index)
         try:
             self._request(name, lambda c: obstore.delete(c, name))
         except FragmentMissing:

@@ -368,8 +368,10 @@ class Store(Protocol):
     def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
         """Hint: bytes [offset, offset + length) of the fragment will be read
         soon; start fetching them (a directory store: opens the file and
-        asks the kernel to read them into the page cache). Blocking; errors
-        as `read_fragment`; callers treat them as best effort."""
+        asks the kernel to read them into the page cache; an object store
+        starts a GET in the background). May block; errors as
+        `read_fragment`, or none (a background fetch leaves them for the
+        read to meet); callers treat them as best effort."""
         ...
 
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:

@@ -258,6 +258,33 @@ def test_a_killed_server_is_a_store_error_not_a_missing_fragment() -> None:
             assert not isinstance(info.value, FragmentMissing)
 
 
+def test_prefetched_bytes_are_read_without_a_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    with MotoServer() as server:
+        store = _new_store(server, request_timeout=2.0, max_retries=0)
+        data = _data(3 * CELL)
+        store.write_fragment(5, 0, [data])
+        store.write_fragment(5, 1, [data])
+        store.prefetch(5, 0, 0, len(data))
+        dest = memoryview(bytearray(CELL))
+        for _ in range(400):  # the background GET lands
+            if store.read_fragment_cached(5, 0, CELL, dest):
+                break
+            time.sleep(0.01)
+        assert bytes(dest) == data[CELL : 2 * CELL]
+        server.kill()
+        assert store.read_fragment(5, 0, 2 * CELL, dest) == CELL  # no server needed
+        assert bytes(dest) == data[2 * CELL :]
+        with pytest.raises(StoreError):
+            store.read_fragment(5, 1, 0, dest)  # not prefetched: a request, which fails
+        # At most PREFETCH_BYTES are kept: the oldest prefetch goes first.
+        monkeypatch.setattr("ecfs.s3store.PREFETCH_BYTES", 2 * len(data))
+        store.prefetch(5, 1, 0, len(data))
+        store.prefetch(5, 2, 0, len(data))
+        assert set(store._prefetches) == {(5, 1), (5, 2)}
+        store.close()  # drops them, never blocks
+        assert not store._prefetches
+
+
 def test_a_corrupted_object_is_caught_by_the_fragment_checksums(moto: MotoServer) -> None:
     store = _new_store(moto)
     volume_id = uuid.UUID(store.read_marker().volume_id).bytes
