@@ -377,8 +377,12 @@ async def test_volume_over_s3_stores_reads_degraded_and_scrubs(tmp_path: Path) -
         hung.pause()
         try:
             volume.handles.close_all()
+            hedged = volume.reader.counters.hedged_reads
             with trio.fail_after(30):
                 assert bytes(await volume.reader.read(ref, 0, CHUNK)) == data[:CHUNK]
+            # Read around it (hedged) and the request to it abandoned.
+            assert volume.reader.counters.hedged_reads > hedged
+            assert volume.runners[ref.stores[0]].statistics().abandoned >= 1
         finally:
             hung.resume()
 
