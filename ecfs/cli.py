@@ -183,7 +183,10 @@ def mkfs(
     k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]
 ) -> None:
     """Create a new volume over STORES (empty or new directories, ideally
-    one per disk; at least k+m of them)."""
+    one per disk; at least k+m of them). A store may also be an unused
+    's3://BUCKET/PREFIX?endpoint=URL[&profile=NAME]' location (the bucket
+    is created if missing; credentials from the AWS environment variables
+    or ~/.aws files only); the metadata then needs at least m+1 directories."""
     spec = VolumeSpec(
         k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max
     )
