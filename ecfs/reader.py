@@ -16,8 +16,9 @@ Degraded read: when a data fragment is missing, its store unavailable, its
 cells fail their checksums, or the read errors or times out, the SAME
 cell-aligned byte range [a, b) is read from k surviving fragments (fastest
 stores first, data fragments before parity on ties) and only that range is
-decoded. When k of those fragments are open on healthy stores (sequential
-readers have them read ahead, parity included), the k reads, their checks
+decoded. When the headers of k of those fragments on healthy stores are
+known (sequential readers have them read ahead, parity included), the k
+reads, their checks
 and the decode are one worker-thread call; otherwise, or if that call
 fails or is slow, each source is read and hedged on its own. zfec is
 systematic and works byte position by byte position, so bytes [a, b) of
@@ -390,10 +391,11 @@ class ChunkReader:
     ) -> Bytes:
         """Verified bytes of one fragment; StoreError/FragmentCorrupt if not.
 
-        An open fragment's page cache is tried (again) before a worker
-        thread: a RWF_NOWAIT read that misses (in `read_cached`) makes the
-        kernel start reading those pages, and the disk often answers before
-        a thread would even be woken (measured: p50 of a random 4 KiB read
+        A known fragment's cached read (`Store.read_fragment_cached`) is
+        tried (again) before a worker thread: on a directory store a
+        RWF_NOWAIT read that misses (in `read_cached`) makes the kernel
+        start reading those pages, and the disk often answers before a
+        thread would even be woken (measured: p50 of a random 4 KiB read
         ~290 us with this second try, ~500 us without)."""
         store = ref.stores[index]
         runner = self.runners.get(store) if store != NO_STORE else None

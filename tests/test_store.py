@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,3 +472,30 @@ def test_a_failed_probe_drops_the_open_files(store: DirectoryStore) -> None:
     marker.with_name("away").rename(marker)
     assert store.probe().volume_id == VOLUME
     assert _read(store, 6, 0, 0, 3) == b"abc"
+
+
+def test_open_files_never_close_a_file_in_use(tmp_path: Path) -> None:
+    from ecfs.fdcache import OpenFiles
+
+    files = OpenFiles(capacity=1)
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    first = files.insert((0, 1, 0), os.open(path, os.O_RDONLY))  # in use
+    files.insert((0, 2, 0), os.open(path, os.O_RDONLY))  # evicts the first: retired only
+    assert len(files) == 1 and first.retired
+    assert os.pread(first.fd, 1, 0) == b"x"  # still open under its user
+    files.release(first)  # now it is closed (in a closer thread)
+    for _ in range(100):
+        try:
+            os.fstat(first.fd)
+        except OSError:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the retired file was never closed")
+    assert files.acquire((0, 1, 0)) is None
+    second = files.acquire((0, 2, 0))
+    assert second is not None
+    files.discard_owner(0)
+    assert len(files) == 0 and os.pread(second.fd, 1, 0) == b"x"
+    files.release(second)

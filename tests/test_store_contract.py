@@ -53,6 +53,7 @@ KINDS: dict[str, Callable[[Path], Store]] = {
     "directory": _directory,
     "memory": _memory,
     "faulty": _faulty,
+    "faulty-directory": lambda tmp_path: FaultyStore(_directory(tmp_path)),
 }
 
 
@@ -153,7 +154,7 @@ def test_memory_store_is_full_and_swapped_like_a_disk() -> None:
     with pytest.raises(NoSpace):
         store.write_fragment(1, 1, [b"123"])
     assert store.usage().free_bytes == 2
-    store._marker = _marker()  # another store in its place
+    store.pin_identity(_marker())  # as if another store had been pinned here
     with pytest.raises(StoreSwapped):
         store.probe()
 
@@ -206,6 +207,7 @@ def test_faulty_hang_blocks_until_switched_and_slow_delays() -> None:
     thread = threading.Thread(target=lambda: (faulty.probe(), done.set()))
     thread.start()
     assert not done.wait(0.2) and faulty.hanging == 1
+    assert faulty.read_fragment_cached(5, 0, 0, memoryview(bytearray(3))) is False  # never blocks
     faulty.heal()
     assert done.wait(5)
     thread.join()
