@@ -170,6 +170,8 @@ _FRAGMENT_KEY = re.compile(
     rf"{FRAGS_DIR}/([0-9a-f]{{2}})/([0-9a-f]{{2}})/([0-9a-f]{{16}})\.(0|[1-9][0-9]{{0,2}})"
 )
 _QUERY_KEYS = ("endpoint", "profile", "region")
+#: S3 error codes that mean "no room for this".
+_NO_SPACE_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "EntityTooLarge"})
 
 
 # --------------------------------------------------------------------------
@@ -497,12 +499,12 @@ class S3Store:
             raise FragmentMissing(f"{what} missing: {self.location}") from None
         except (AlreadyExistsError, PreconditionError):
             raise StoreError(f"{self.location}: {what}: already exists") from None
-        except (PermissionDeniedError, UnauthenticatedError) as exc:
-            raise StoreError(f"{self.location}: {what}: access denied ({_reason(exc)})") from None
         except (BaseError, OSError) as exc:
             reason = _reason(exc)
-            if "507" in reason or "QuotaExceeded" in reason or "EntityTooLarge" in reason:
+            if _status(exc) == 507 or _code(exc) in _NO_SPACE_CODES:
                 raise NoSpace(f"{self.location}: {what}: {reason}") from None
+            if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)):
+                raise StoreError(f"{self.location}: {what}: access denied ({reason})") from None
             raise StoreError(f"{self.location}: {what}: {reason}") from None
 
     # ---- identity and health
@@ -663,7 +665,7 @@ class S3Store:
             try:
                 got = obstore.get_range(client, name, start=offset, length=length)
             except BaseError as exc:
-                if "416" in str(exc):  # the range starts at or past the end
+                if _status(exc) == 416:  # the range starts at or past the end
                     return memoryview(b"")
                 raise
             return memoryview(got).cast("B")[:length]
@@ -812,12 +814,27 @@ def _fragment_name(key: str) -> tuple[int, int] | None:
     return chunk_id, index
 
 
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status an obstore error reports, if any."""
+    match = re.search(r"status code: (\d{3})\b", str(exc))
+    return int(match[1]) if match else None
+
+
+def _code(exc: BaseException) -> str | None:
+    """The S3 error code (``<Code>`` of the answer) in an obstore error."""
+    match = re.search(r"<Code>([^<]{1,64})</Code>", str(exc))
+    return match[1] if match else None
+
+
 def _reason(exc: BaseException) -> str:
-    """The first line of an obstore error, without the XML body."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    code = re.search(r"<Code>([^<]{1,64})</Code>", str(exc))
-    if code and code[1] not in text:
-        text += f" ({code[1]})"
+    """An obstore error in one line: its first line up to the XML body,
+    with the S3 error code."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    text = text.split("<?xml", 1)[0].split("<Error>", 1)[0].rstrip(" :")
+    code = _code(exc)
+    if code and code not in text:
+        text += f" ({code})"
     return text[:300]
 
 

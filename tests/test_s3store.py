@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from ecfs import fragment
-from ecfs.errors import FragmentMissing, StoreError, StoreTimeout, VolumeError
+from ecfs.errors import FragmentMissing, NoSpace, StoreError, StoreTimeout, VolumeError
 from ecfs.handles import Expected, read_header
 from ecfs.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.metadb.database import Database
@@ -188,6 +188,17 @@ class _Throttling(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, code = self.put_answers.pop(0)
+        payload = f"<Error><Code>{code}</Code></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    put_answers: list[tuple[int, str]] = []
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -209,6 +220,26 @@ def test_throttling_and_5xx_are_retried_with_backoff() -> None:
         fails = S3Store(f"s3://bkt/p?endpoint={endpoint}", environ=ENV, max_retries=2)
         with pytest.raises(StoreError, match="503"):
             fails.read_fragment(1, 0, 2, dest)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_full_server_is_no_space_not_a_sick_store() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Throttling)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        store = S3Store(f"s3://bkt/p?endpoint={endpoint}", environ=ENV, max_retries=0)
+        _Throttling.put_answers = [(403, "QuotaExceeded"), (507, "InsufficientStorage")]
+        for _ in range(2):
+            with pytest.raises(NoSpace):
+                store.write_fragment(1, 0, [b"x"])
+        _Throttling.put_answers = [(403, "AccessDenied")]
+        with pytest.raises(StoreError, match="AccessDenied") as info:
+            store.write_fragment(1, 0, [b"x"])
+        assert not isinstance(info.value, NoSpace)
     finally:
         server.shutdown()
         server.server_close()
