@@ -134,3 +134,25 @@ def test_a_mixed_volume_mounts_reads_degraded_and_checks(tmp_path: Path, aws_env
         _no_secret(fsck.stdout, fsck.stderr)
         healthy = cli("fsck", "--json", *stores[:5], check=False)  # without the dead one
         _no_secret(healthy.stdout, healthy.stderr)
+
+        # The dead endpoint is replaced by a new one; repair rebuilds onto it.
+        new = servers[3].location(bucket="ecfs-new", prefix="vol")
+        volume.mount()
+        try:
+            replaced = cli("store", "replace", volume.mountpoint, str(remote[0]), new)
+            _no_secret(replaced.stdout, replaced.stderr)
+            cli("repair", "--wait", volume.mountpoint, timeout=300)
+            document = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+            assert document["health"] == "healthy"
+            assert new in [s["path"] for s in document["stores"]]
+        finally:
+            volume.unmount()
+        volume.stores = [*stores[:3], Path(new), *stores[4:]]
+        clean = cli("fsck", "--json", "--verify-data", *volume.stores, check=False)
+        assert clean.returncode == 0, clean.stdout
+        volume.mount()
+        try:
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+        finally:
+            volume.unmount()
