@@ -1,5 +1,5 @@
 """`python -m ecfs` runs the command line."""
 
-from .cli import main
+from .frontend.cli import main
 
 main()

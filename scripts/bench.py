@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -54,15 +55,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_workloads as wl  # noqa: E402  (a sibling module, not a package)
+
+from ecfs.core.host import fuse_mounts  # noqa: E402  (bench_workloads put the repository on the path)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 K, M, N_STORES = 4, 2, 6
 FRAGMENT_SIZE = 1024 * 1024  # mkfs's default
-FRAGMENT_HEADER = 4096  # header + cell checksums, padded to 4 KiB (ecfs/fragment.py)
+FRAGMENT_HEADER = 4096  # header + cell checksums, padded to 4 KiB (ecfs/core/fragment.py)
 #: (k+m)/k, plus each fragment's header.
 EXPECTED_WRITE_AMP = (K + M) / K * (FRAGMENT_SIZE + FRAGMENT_HEADER) / FRAGMENT_SIZE
 #: The whole run must fit in 10 minutes; what remains is for cleanup and slack.
@@ -123,15 +130,7 @@ def subprocess_env() -> dict[str, str]:
 def fuse_mountpoints() -> list[Path]:
     """Mountpoints of every FUSE mount in this namespace (from the mount table:
     a stat would block on a hung daemon)."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-", 6) + 1]
-            if fstype.startswith("fuse"):
-                mountpoint = fields[4].replace("\\040", " ").replace("\\134", "\\")
-                found.append(Path(mountpoint))
-    return found
+    return [mount.mountpoint for mount in fuse_mounts()]
 
 
 def is_mounted(path: Path) -> bool:
@@ -676,19 +675,25 @@ COLUMNS = ["workload", "unit", "raw", "passthrough", "ecfs", "ratio", "target", 
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS}
+    """The rows as a Markdown table (drawn by rich; numbers right-aligned)."""
     right = {"raw", "passthrough", "ecfs", "ratio"}
-
-    def line(cells: dict[str, str]) -> str:
-        parts = [
-            cells[c].rjust(widths[c]) if c in right else cells[c].ljust(widths[c]) for c in COLUMNS
-        ]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = "|" + "|".join(
-        "-" * (widths[c] + 1) + ":" if c in right else "-" * (widths[c] + 2) for c in COLUMNS
+    table = Table(box=box.MARKDOWN)
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*(row[c] for c in COLUMNS))
+    out = io.StringIO()
+    Console(
+        file=out, width=1000, color_system=None, force_terminal=False, markup=False, emoji=False,
+        highlight=False,
+    ).print(table)
+    lines = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
+    # Markdown's alignment row: a right-aligned column's dashes end with ':'.
+    cells = lines[1].split("|")[1:-1]
+    lines[1] = "|" + "|".join(
+        cell[:-1] + ":" if column in right else cell for cell, column in zip(cells, COLUMNS, strict=True)
     ) + "|"  # fmt: skip
-    return "\n".join([line({c: c for c in COLUMNS}), sep, *(line(r) for r in rows)])
+    return "\n".join(lines)
 
 
 def repetitions(res: Results) -> dict[str, int]:

@@ -33,7 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ecfs.client import MountClient  # noqa: E402
+from ecfs.core import host  # noqa: E402
+from ecfs.frontend.client import MountClient  # noqa: E402
 
 MiB = 1 << 20
 
@@ -43,8 +44,8 @@ def ecfs(*args: str) -> None:
 
 
 def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+    if not host.drop_caches():
+        raise SystemExit("bench_repair: cannot drop caches (run as root)")
 
 
 def random_reads(files: list[Path], count: int, seed: int) -> list[float]:
@@ -113,20 +114,20 @@ def main() -> int:
         client = MountClient(str(mnt))
         drop_caches()
         result["during_repair"] = summary(random_reads(files, args.reads, 2))
-        before = client.status()["repair"]
-        result["repaired_during_reads_bytes"] = before["bytes_written"]
+        before = client.status().repair
+        result["repaired_during_reads_bytes"] = before.bytes_written
         start = time.monotonic()
         ecfs("repair", "--wait", str(mnt))
         elapsed = time.monotonic() - start
-        after = client.status()["repair"]
-        rebuilt = after["bytes_written"] - before["bytes_written"]
-        read = after["bytes_read"] - before["bytes_read"]
+        after = client.status().repair
+        rebuilt = after.bytes_written - before.bytes_written
+        read = after.bytes_read - before.bytes_read
         result["rebuild"] = {
             "seconds": round(elapsed, 2),
             "bytes_rebuilt": rebuilt,
             "rate_mb_s": round(rebuilt / elapsed / 1e6, 1) if elapsed else None,
             "bytes_read_per_byte_rebuilt": round(read / rebuilt, 2) if rebuilt else None,
-            "fragments_rebuilt": after["fragments_rebuilt"],
+            "fragments_rebuilt": after.fragments_rebuilt,
         }
         drop_caches()
         result["after_repair"] = summary(random_reads(files, args.reads, 3))

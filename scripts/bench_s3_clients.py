@@ -1,11 +1,11 @@
 """Measure S3 client libraries against a local moto server, the way
-ecfs.s3store would use them: ranged GETs of 64 KiB and 1 MiB, PUTs of
+ecfs.storage.s3store would use them: ranged GETs of 64 KiB and 1 MiB, PUTs of
 1.5 MiB, 8 requests at once.
 
 Candidates:
 
 - ``boto3``/botocore, sync, each call in a worker thread (as
-  `ecfs.offload.StoreRunner` runs every store call);
+  `ecfs.storage.offload.StoreRunner` runs every store call);
 - ``obstore`` (Rust object_store), its sync API in worker threads, the same;
 - ``aiobotocore`` with its httpx session, on trio (anyio backend), 8 tasks.
 

@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: ecfs
+from ecfs.core import host  # noqa: E402
+
 MiB = 1 << 20
 GiB = 1 << 30
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -122,12 +125,7 @@ def drop_caches(sync: bool = True) -> bool:
     Returns False (cold-cache numbers are then warm) when not allowed."""
     if sync:
         sync_all()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    return True
+    return host.drop_caches(sync=False)
 
 
 def cpu_seconds(pid: int | None) -> float:

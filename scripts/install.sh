@@ -59,6 +59,8 @@ fi
 if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
+# scripts/pyfuse3/install.sh patches pyfuse3's source (fallocate.patch).
+command -v patch >/dev/null 2>&1 || command -v git >/dev/null 2>&1 || missing+=(patch)
 
 if [[ ${#missing[@]} -gt 0 ]]; then
     apt_install "${missing[@]}"
@@ -96,6 +98,11 @@ if [[ ! -x $venv/bin/python ]]; then
 else
     say "virtual environment $venv exists"
 fi
+
+# pyfuse3 3.5.0 has no fallocate handler: build it with ours (see
+# scripts/pyfuse3/README.md). First, so that the install of ecfs below finds
+# pyfuse3==3.5.0 present and keeps it; quick when it is installed already.
+bash "$repo/scripts/pyfuse3/install.sh" "$venv/bin/python"
 
 stamp=$venv/.ecfs-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

@@ -39,6 +39,9 @@ from collections import defaultdict
 import pyfuse3
 import trio
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ecfs.core.host import mount_at  # noqa: E402  (the repository's helper; no ecfs code runs)
+
 TIMEOUT = 60.0  # seconds the kernel may cache entries and attributes
 STAT_FIELDS = (
     "st_mode st_nlink st_uid st_gid st_rdev st_size st_blksize st_blocks"
@@ -333,14 +336,8 @@ class Passthrough(pyfuse3.Operations):
 def mount_device(mountpoint: str) -> str | None:
     """The "major:minor" of the mount at `mountpoint`, from the mount table
     (no stat: that would wait for the filesystem to answer)."""
-    target = os.path.realpath(mountpoint).replace(" ", "\\040")
-    device = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                device = fields[2]  # the last one is the top of the stack
-    return device
+    mount = mount_at(mountpoint)  # the last one on a path is the top of the stack
+    return None if mount is None else mount.device
 
 
 def raise_read_ahead(mountpoint: str, kib: int = 1024) -> None:

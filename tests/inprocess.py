@@ -1,6 +1,6 @@
 """An ecfs volume assembled in-process on fake stores (no FUSE, no disks).
 
-`make_rig` builds a real `ecfs.volume.Volume` (reader, writer, filedata,
+`make_rig` builds a real `ecfs.volume.assembly.Volume` (reader, writer, filedata,
 repair, scrub, garbage: the services the mount uses) over
 `FaultyStore(MemoryStore)` stores, with its metadata database in a temp
 directory and no metadata replicas (the volume then counts every
@@ -17,13 +17,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ecfs import fragment
-from ecfs.fakestores import FaultyStore, MemoryStore
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import ROOT_INODE, create_database
-from ecfs.model import ChunkRef
-from ecfs.store import STORE_FORMAT, StoreMarker
-from ecfs.volume import Volume
+from ecfs.core import fragment
+from ecfs.core.model import ChunkRef
+from ecfs.storage.fakestores import FaultyStore, MemoryStore
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import ROOT_INODE, create_database
+from ecfs.storage.store import STORE_FORMAT, StoreMarker
+from ecfs.volume.assembly import Volume
 
 K, M = 3, 2
 CELL = 4096

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from ecfs.core.host import fuse_mounts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MOUNT_TIMEOUT = 30.0  # seconds for a mount to appear
@@ -114,27 +116,10 @@ def cli(
 # --- the kernel's mount table -----------------------------------------------
 
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def fuse_mounts() -> list[tuple[Path, str, str]]:
-    """(mountpoint, fstype, source) of every FUSE mount in this namespace."""
-    mounts = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-", 6)
-            fstype, source = fields[sep + 1], fields[sep + 2]
-            if fstype == "fuse" or fstype.startswith(("fuse.", "fuseblk")):
-                mounts.append((Path(_unescape_mountinfo(fields[4])), fstype, source))
-    return mounts
-
-
 def is_mounted(path: os.PathLike[str] | str) -> bool:
     """Whether a FUSE filesystem is mounted at `path` (dead mounts included)."""
     target = Path(os.path.realpath(path))
-    return any(mp == target for mp, _, _ in fuse_mounts())
+    return any(m.mountpoint == target for m in fuse_mounts())
 
 
 def lazy_unmount(path: os.PathLike[str] | str) -> None:
@@ -180,7 +165,9 @@ def cleanup_leftovers(root: Path) -> list[Path]:
                 pass
         _live_daemons.discard(proc)
     root = Path(os.path.realpath(root))
-    leftovers = [mp for mp, _, _ in fuse_mounts() if mp == root or root in mp.parents]
+    leftovers = [
+        m.mountpoint for m in fuse_mounts() if m.mountpoint == root or root in m.mountpoint.parents
+    ]
     for mp in sorted(leftovers, key=lambda p: len(p.parts), reverse=True):
         lazy_unmount(mp)
     return leftovers

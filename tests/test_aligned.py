@@ -1,10 +1,17 @@
-"""ecfs.aligned: buffers for direct I/O are aligned, and nothing else passes for one."""
+"""ecfs.core.aligned: buffers for direct I/O are aligned, and nothing else passes for one."""
 
 from __future__ import annotations
 
 import pytest
 
-from ecfs.aligned import BLOCK, BufferPool, address_of, aligned_buffer, aligned_copy, is_aligned
+from ecfs.core.aligned import (
+    BLOCK,
+    BufferPool,
+    address_of,
+    aligned_buffer,
+    aligned_copy,
+    is_aligned,
+)
 
 
 @pytest.mark.parametrize("size", [BLOCK, 3 * BLOCK, 1 << 20])

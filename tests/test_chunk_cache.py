@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecfs.metadb.chunks import ChunkTable
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import create_database
-from ecfs.model import ChunkRef
+from ecfs.core.model import ChunkRef
+from ecfs.storage.metadb.chunks import ChunkTable
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import create_database
 
 
 def open_db(path: Path) -> Database:

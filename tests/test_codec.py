@@ -1,4 +1,4 @@
-"""Properties of ecfs.codec: any k of n fragments rebuild any range, and guards."""
+"""Properties of ecfs.core.codec: any k of n fragments rebuild any range, and guards."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecfs.codec import Codec
-from ecfs.errors import CodecError
+from ecfs.core.codec import Codec
+from ecfs.core.errors import CodecError
 
 
 @st.composite

@@ -290,7 +290,7 @@ class Workload:
 
     def step_overwrite(self) -> None:
         """Small fsync'd overwrites of existing chunks (the small-write log,
-        ecfs.smallwrites): records, folds of them, and now and then a
+        ecfs.data.smallwrites): records, folds of them, and now and then a
         truncate into a logged chunk."""
         rng = self.rng
         if not self.names:
@@ -574,7 +574,7 @@ def remove_reusable_orphans(stores: list[Path]) -> int:
 
 
 def fsck(stores: list[Path], repair: bool = False, verify_data: bool = True):  # type: ignore[no-untyped-def]
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     return run_fsck([str(s) for s in stores], repair=repair, verify_data=verify_data)
 

@@ -1,15 +1,15 @@
-"""ecfs.damage: degraded reads queue their chunk for repair, and repeated
+"""ecfs.data.damage: degraded reads queue their chunk for repair, and repeated
 damage of a queued chunk does not cost a replicated transaction per read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ecfs.damage import DEMAND_BATCH, DamageRecorder
-from ecfs.metadb.chunks import ChunkTable, RepairQueue
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import create_database
-from ecfs.model import ChunkRef
+from ecfs.core.model import ChunkRef
+from ecfs.data.damage import DEMAND_BATCH, DamageRecorder
+from ecfs.storage.metadb.chunks import ChunkTable, RepairQueue
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import create_database
 
 REF = ChunkRef(77, 4096, (0, 1, 2, 3, 4, 5))
 

@@ -6,7 +6,7 @@ keep reading it; after each write a fresh buffered open must read the new
 bytes. The kernel's FUSE module does not drop the pages that a concurrent
 reader cached while an asynchronous direct write was in flight (a plain
 pyfuse3 passthrough shows the same), so ecfs drops them at the next open
-(see ecfs.fs).
+(see ecfs.frontend.fs).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from ecfs.metrics import METRICS, render_prometheus
+from ecfs.core.host import mount_at
+from ecfs.frontend.metrics import METRICS
 from tests.mounting import (
     FUSE_MISSING_REASON,
     REPO_ROOT,
@@ -53,14 +55,9 @@ SCRIPTS = REPO_ROOT / "scripts"
 
 def fuse_mount_options(mountpoint: Path) -> tuple[str, str, str]:
     """(fstype, mount options, super options) of the mount at `mountpoint`."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                sep = fields.index("-", 6)
-                return fields[sep + 1], fields[5], fields[sep + 3]
-    raise AssertionError(f"{mountpoint} is not mounted")
+    mount = mount_at(mountpoint)
+    assert mount is not None, f"{mountpoint} is not mounted"
+    return mount.fstype, mount.options, mount.super_options
 
 
 # --- mount(8), umount(8) and fstab -------------------------------------------------
@@ -350,7 +347,7 @@ def assert_documented(keys: set[str], page: str) -> None:
     missing = sorted(k for k in keys if f"\\fB{k}\\fR" not in doc)
     assert not missing, (
         f"keys not documented in JSON OUTPUT of man/{page} "
-        f"(edit ecfs/manpages.py, run python -m ecfs.manpages): {missing}"
+        f"(edit man/src/, run python scripts/manpages.py): {missing}"
     )
 
 
@@ -425,6 +422,11 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]
     for name, kind in typed.items():
         if kind == "counter":
             assert name.endswith("_total"), name
+    # And what Prometheus's own client library reads from it.
+    parsed = {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    assert parsed == set(samples)
     return samples
 
 
@@ -454,36 +456,6 @@ def test_prometheus_output_of_a_live_mount(busy_volume: MountedVolume) -> None:
 def test_prometheus_and_json_exclude_each_other(busy_volume: MountedVolume) -> None:
     result = cli("status", "--json", "--prometheus", busy_volume.mountpoint, check=False)
     assert_refused(result, "--json", "--prometheus")
-
-
-def test_render_prometheus_of_a_degraded_document() -> None:
-    document = {
-        "volume": "ab" * 16, "k": 4, "m": 2, "health": "degraded", "tolerance": 1,
-        "stores": [
-            {"index": 0, "path": '/srv/a "quoted"\\dir', "state": "failed",
-             "latency_p50_ms": 1.5, "latency_p95_ms": 20.0, "errors": 3,
-             "free_bytes": None, "bytes_read": 10},
-        ],
-        "repair": {"queue": {"degraded-read": {"chunks": 2, "bytes": 1000},
-                             "scrub": {"chunks": 1, "bytes": 10}},
-                   "eta_seconds": None, "urgent": True, "fragments_rebuilt": 7},
-        "reads": {"degraded_reads": 5, "hedged_reads": 1, "some_new_counter": 4},
-        "unrecoverable": [],
-    }  # fmt: skip
-    samples = parse_prometheus(render_prometheus(document))
-    assert ({"state": "degraded"}, 1.0) in samples["ecfs_volume_health"]
-    assert ({"store": "0", "state": "failed"}, 1.0) in samples["ecfs_store_state"]
-    assert samples["ecfs_store_info"] == [({"store": "0", "path": '/srv/a \\"quoted\\"\\\\dir'}, 1)]
-    assert ({"store": "0", "quantile": "0.95"}, 0.02) in samples["ecfs_store_latency_seconds"]
-    assert "ecfs_store_free_bytes" not in samples  # unknown: no sample rather than a wrong one
-    assert "ecfs_repair_eta_seconds" not in samples
-    assert samples["ecfs_repair_queue_chunks"] == [
-        ({"reason": "degraded-read"}, 2.0), ({"reason": "scrub"}, 1.0),
-    ]  # fmt: skip
-    assert samples["ecfs_repair_urgent"] == [({}, 1.0)]
-    assert samples["ecfs_degraded_reads_total"] == [({}, 5.0)]
-    assert samples["ecfs_repair_fragments_rebuilt_total"] == [({}, 7.0)]
-    assert parse_prometheus(render_prometheus({})) == {}
 
 
 # --- progress bars: on a terminal only ---------------------------------------------
@@ -672,7 +644,7 @@ def _unprivileged_python() -> list[str] | None:
     for python in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
             probe = subprocess.run(
-                [python, "-c", "import ecfs.cli, pyfuse3"],
+                [python, "-c", "import ecfs.frontend.cli, pyfuse3"],
                 user=65534, group=65534, extra_groups=[], capture_output=True, timeout=60,
                 env={"PYTHONPATH": f"{REPO_ROOT}:{site}", "HOME": "/tmp"},
             )  # fmt: skip

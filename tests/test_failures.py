@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from ecfs.core import host
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_FRAGMENT_SIZE,
@@ -147,10 +148,7 @@ def check_all(hashes: dict[Path, str], caches: bool = True) -> None:
 
 def drop_caches_nosync() -> None:
     """drop_caches without sync(): sync() may wait on a hung store."""
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    except OSError:
-        pass
+    host.drop_caches(sync=False)
 
 
 def timed(fn: Callable[[], Any], limit: float) -> tuple[float | None, Any]:
@@ -314,7 +312,7 @@ def test_two_stores_renamed_away_reads_go_on(tmp_path: Path) -> None:
 def test_two_stores_renamed_away_writes_fail_rather_than_lose_protection(
     tmp_path: Path,
 ) -> None:
-    """The documented write policy (ecfs.writer): a chunk needs at least k+1
+    """The documented write policy (ecfs.data.writer): a chunk needs at least k+1
     stores. With 2 of 6 stores gone only k=4 remain, so new data is refused
     with EIO at close/fsync instead of being stored with no redundancy; the
     data already stored stays readable."""

@@ -11,9 +11,9 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecfs import fragment as fr
-from ecfs.errors import FragmentCorrupt
-from ecfs.geometry import MAX_FRAGMENT_SIZE
+from ecfs.core import fragment as fr
+from ecfs.core.errors import FragmentCorrupt
+from ecfs.core.geometry import MAX_FRAGMENT_SIZE
 
 VOLUME = uuid.UUID("12345678-1234-5678-1234-567812345678").bytes
 

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.errors import VolumeError
-from ecfs.fsck import COUNT_KEYS, FsckReport, run_fsck
-from ecfs.lock import LOCK_NAME, VolumeLock
-from ecfs.metadb.digest import content_digest
-from ecfs.replicas import replica_path
-from ecfs.store import DirectoryStore
+from ecfs.core.errors import VolumeError
+from ecfs.core.model import REPAIR_REASONS, repair_priority
+from ecfs.storage.lock import LOCK_NAME, VolumeLock
+from ecfs.storage.metadb.digest import content_digest
+from ecfs.storage.replicas import replica_path
+from ecfs.storage.store import DirectoryStore
+from ecfs.volume.fsck import COUNT_KEYS, FsckReport, run_fsck
 from tests.mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from tests.test_metadata_copies import KINDS, damage, forge
+from tests.test_repair import wait_repaired
 from tests.volume_files import (
     PAYLOAD_OFFSET,
     drop_caches,
@@ -598,6 +600,45 @@ def test_a_missing_store_is_reported_not_rebuilt_around(volume: MountedVolume) -
     after = snapshot(volume)
     assert {p for p in after if "/frags/" in p} == {p for p in before if "/frags/" in p}
     assert_clean(volume)
+    check_contents(volume, hashes)
+
+
+def test_what_fsck_cannot_rebuild_is_queued_for_the_mount(volume: MountedVolume) -> None:
+    """A fragment fsck --repair has nowhere to rebuild (the store it was on
+    is not given, every given one holds another fragment of the chunk) is
+    queued for the mount's repair as the mount queues damage: a reason of
+    model.REPAIR_REASONS, model.repair_priority of the fragments the chunk
+    can still lose, the bad fragment's mask. The mount, given every store,
+    rebuilds it through the same rebuild."""
+    hashes = populate(volume)
+    volume.unmount()
+    chunk_id, stores = chunk_of(volume, b"big", 2)
+    away = stores[1]
+    fragment_path(volume, chunk_id, 1, away).unlink()
+    stores[1] = 0xFF
+    edit_replicas(
+        volume, ("UPDATE chunks SET stores = ? WHERE chunk_id = ?", (bytes(stores), chunk_id))
+    )
+    given = [s for i, s in enumerate(volume.stores) if i != away]
+    report = run_fsck([str(s) for s in given], repair=True, verify_data=True)
+    [finding] = [f for f in report.findings if f"{chunk_id:016x}" in f.message]
+    assert "NOT rebuilt" in finding.message and not finding.fixed
+    copies = [p for s in given if (p := replica_path(DirectoryStore(s).meta_dir)).exists()]
+    conn = sqlite3.connect(copies[0])
+    try:
+        rows = conn.execute(
+            "SELECT reason, priority, bad FROM repair_queue WHERE chunk_id = ?", (chunk_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    spare = K + M - 1 - K
+    assert rows == [("fsck", repair_priority(spare, "fsck"), 1 << 1)]
+    assert "fsck" in REPAIR_REASONS
+    volume.mount()
+    wait_repaired(volume)
+    volume.unmount()
+    assert_clean(volume)
+    assert chunk_of(volume, b"big", 2)[1][1] == away
     check_contents(volume, hashes)
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs import fragment
-from ecfs.errors import StoreError
-from ecfs.metadb.chunks import ChunkTable, PendingDeletions
-from ecfs.mkfs import VolumeSpec, create_volume
-from ecfs.model import ChunkRef
-from ecfs.volume import Volume
+from ecfs.core import fragment
+from ecfs.core.errors import StoreError
+from ecfs.core.model import ChunkRef
+from ecfs.storage.metadb.chunks import ChunkTable, PendingDeletions
+from ecfs.volume.assembly import Volume
+from ecfs.volume.mkfs import VolumeSpec, create_volume
 
 K, M = 2, 1
 N = K + M

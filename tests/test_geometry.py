@@ -1,4 +1,4 @@
-"""Properties of ecfs.geometry: every mapping covers its range exactly."""
+"""Properties of ecfs.core.geometry: every mapping covers its range exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ecfs.geometry import ChunkSpan, FragmentPiece, Layout
+from ecfs.core.geometry import ChunkSpan, FragmentPiece, Layout
 
 
 @st.composite

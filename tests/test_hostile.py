@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs import fragment
-from ecfs.errors import FragmentCorrupt, StoreError, VolumeError
-from ecfs.metadb.schema import create_database
-from ecfs.replicas import choose_freshest, read_generation
-from ecfs.store import MARKER_NAME, StoreMarker
+from ecfs.core import fragment
+from ecfs.core.errors import FragmentCorrupt, StoreError
+from ecfs.storage.metadb.schema import create_database, record_digest
+from ecfs.storage.replicas import choose_copy, inspect_copy, read_generation
+from ecfs.storage.store import MARKER_NAME, StoreMarker
 from tests.mounting import MountedVolume, cli, mounted_volume
 from tests.volume_files import (
     MiB,
@@ -251,6 +251,8 @@ def replica_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         conn.execute("INSERT INTO xattrs VALUES (1, ?, ?)", (f"user.{i}".encode(), bytes(200)))
     conn.commit()
     conn.close()
+    record_digest(path)
+    assert inspect_copy(path).verified
     return path.read_bytes()
 
 
@@ -288,15 +290,15 @@ def test_damaged_replica_files_give_none_or_a_generation(
         bad.write_bytes(damaged)
         generation = read_generation(bad)
         assert generation is None or isinstance(generation, int)
-        path, best = choose_freshest([bad, good])
-        if generation is None:
-            assert (path, best) == (good, 0)
-        else:
-            assert best == max(0, generation)
-        try:
-            choose_freshest([bad])
-        except VolumeError:
-            assert read_generation(bad) is None
+        # Inspecting never raises, and a damaged copy is never chosen with
+        # content other than the good copy's (the damage may miss every
+        # row: free space, say).
+        wanted = inspect_copy(good).digest
+        inspected = inspect_copy(bad)
+        both = choose_copy([inspected, inspect_copy(good)])
+        assert both.winner is not None and both.winner.digest == wanted
+        alone = choose_copy([inspected]).winner
+        assert alone is None or alone.digest == wanted
 
 
 # --------------------------------------------------------------------------
@@ -388,7 +390,7 @@ def test_a_garbage_replica_is_skipped_and_resynced(volume: MountedVolume) -> Non
         volume.stores[1] / "meta" / "ecfs-meta.sqlite"
     )
     assert len(generations) == 1
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     assert run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True).clean
     volume.mount()
@@ -493,7 +495,7 @@ def test_a_300_level_tree_deeper_than_path_max(volume: MountedVolume) -> None:
     shutil.rmtree(volume.mountpoint / name)
     assert os.listdir(volume.mountpoint) == []
     volume.unmount()
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     assert run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True).clean
     volume.mount()

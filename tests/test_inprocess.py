@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import StoreTimeout
-from ecfs.metadb.chunks import RepairEntry, RepairQueue
-from ecfs.model import NO_STORE
-from ecfs.offload import StoreState
+from ecfs.core.errors import StoreTimeout
+from ecfs.core.model import NO_STORE
+from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
+from ecfs.storage.offload import StoreState
 
 from .inprocess import CHUNK, K, M, Rig, make_rig
 
@@ -233,7 +233,7 @@ async def test_scrub_finds_a_corrupt_fragment(rig: Rig) -> None:
     assert progress.chunks_done == progress.chunks_total == 2
     assert progress.fragments_verified == 2 * (K + M) - 1
     [finding] = progress.findings
-    assert (finding["chunk_id"], finding["fragments"]) == (ref.chunk_id, [4])
+    assert (finding.chunk_id, finding.fragments) == (ref.chunk_id, (4,))
     assert _queued(rig)[ref.chunk_id] == 1 << 4
 
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import Unrecoverable, VolumeError
-from ecfs.metadb.chunks import ChunkTable
-from ecfs.metadb.database import Database
-from ecfs.metadb.digest import content_digest
-from ecfs.metadb.schema import SCHEMA, create_database, inline_checksum
-from ecfs.model import ChunkRef, Transaction
-from ecfs.namespace import Namespace
-from ecfs.replicas import (
+from ecfs.core.errors import Unrecoverable, VolumeError
+from ecfs.core.model import ChunkRef, Transaction
+from ecfs.data.namespace import Namespace
+from ecfs.storage.metadb.chunks import ChunkTable
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.digest import content_digest
+from ecfs.storage.metadb.schema import SCHEMA, create_database, inline_checksum
+from ecfs.storage.replicas import (
     CopyExpectation,
     CopyInspection,
     Replicator,
@@ -768,7 +768,7 @@ def test_a_volume_of_the_previous_version_is_upgraded_at_mount(volume: MountedVo
                 assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
         finally:
             conn.close()
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     report = run_fsck([str(s) for s in volume.stores], repair=False, verify_data=True)
     assert report.clean, [f.message for f in report.findings]

@@ -1,4 +1,4 @@
-"""Tests for ecfs.namespace (and the SQL of ecfs.metadb.inodes beneath it).
+"""Tests for ecfs.data.namespace (and the SQL of ecfs.storage.metadb.inodes beneath it).
 
 Every test that uses the `env` fixture is checked at teardown by two oracles:
 * `check_invariants`: nlink equals what the directory entries imply, every
@@ -25,11 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs.errors import FsError
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import ROOT_INODE, create_database
-from ecfs.model import Transaction
-from ecfs.namespace import (
+from ecfs.core.errors import FsError
+from ecfs.core.model import Transaction
+from ecfs.data.namespace import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_CREATE,
@@ -37,6 +35,8 @@ from ecfs.namespace import (
     Inode,
     Namespace,
 )
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import ROOT_INODE, create_database
 
 ROOT = ROOT_INODE
 REG = stat.S_IFREG

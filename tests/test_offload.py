@@ -1,4 +1,4 @@
-"""Tests for ecfs.offload: timeouts, abandonment, health states, statistics.
+"""Tests for ecfs.storage.offload: timeouts, abandonment, health states, statistics.
 
 Real worker threads run fake blocking functions; a "hung store" is a
 function waiting on a threading.Event, and every test releases its Events in
@@ -17,9 +17,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
-from ecfs.offload import HEDGE_FLOOR, PROBE_TIMEOUT, StoreRunner, StoreState
-from ecfs.store import DirectoryStore, StoreMarker
+from ecfs.core.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
+from ecfs.core.model import NO_STORE
+from ecfs.storage.offload import (
+    HEDGE_FLOOR,
+    LOOP_CPU_LIMIT,
+    PROBE_TIMEOUT,
+    StoreRunner,
+    StoreState,
+    available_runner,
+    run_cpu,
+)
+from ecfs.storage.store import DirectoryStore, StoreMarker
 
 pytestmark = pytest.mark.trio
 
@@ -380,3 +389,20 @@ async def test_slow_state_relative_to_own_baseline(store: DirectoryStore) -> Non
     assert runner.state is StoreState.FAILED
     runner.mark_ok()
     assert runner.state is StoreState.OK and runner.failure_reason is None
+
+
+async def test_run_cpu_keeps_small_work_on_the_loop(store: DirectoryStore) -> None:
+    """One cutoff for every encode and decode: up to LOOP_CPU_LIMIT bytes on
+    the loop's thread, above it in a worker thread."""
+    loop = threading.get_ident()
+    assert await run_cpu(threading.get_ident, size=LOOP_CPU_LIMIT) == loop
+    assert await run_cpu(threading.get_ident, size=LOOP_CPU_LIMIT + 1) != loop
+
+
+async def test_available_runner_is_the_one_slot_lookup(store: DirectoryStore) -> None:
+    runners = {0: StoreRunner(0, store), 1: StoreRunner(1, store)}
+    runners[1].mark_failed("gone")
+    assert available_runner(runners, 0) is runners[0]
+    assert available_runner(runners, 1) is None  # failed
+    assert available_runner(runners, 2) is None  # not open
+    assert available_runner(runners, NO_STORE) is None

@@ -197,7 +197,7 @@ def test_replace_a_dead_store(volume: MountedVolume, tmp_path: Path) -> None:
 
 def _fsck(volume: MountedVolume, repair: bool = False):
     try:
-        from ecfs.fsck import run_fsck
+        from ecfs.volume.fsck import run_fsck
     except ImportError:
         return None
     return run_fsck([str(s) for s in volume.stores], repair=repair, verify_data=True)

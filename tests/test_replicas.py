@@ -1,4 +1,4 @@
-"""Tests of ecfs.replicas: replay, group commit, durability order, stale
+"""Tests of ecfs.storage.replicas: replay, group commit, durability order, stale
 replicas, freshest-replica choice and resync at mount.
 
 Real SQLite files in tmp_path; a fake runner (runs the function in a trio
@@ -19,13 +19,12 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from ecfs import replicas
-from ecfs.errors import StoreError, StoreTimeout, VolumeError
-from ecfs.model import Statement, Transaction
-from ecfs.replicas import (
+from ecfs.core.errors import StoreError, StoreTimeout
+from ecfs.core.model import Statement, Transaction
+from ecfs.storage import replicas
+from ecfs.storage.replicas import (
     Replicator,
     _generation_of,
-    choose_freshest,
     copy_database,
     read_generation,
     replica_path,
@@ -313,7 +312,7 @@ async def test_failing_replica_goes_stale_and_others_continue(
         await replicator.drain()
         runners[1].fail_on.add("apply_blocking")
         runners[2].hang_on.add("apply_blocking")
-        with caplog.at_level(logging.WARNING, logger="ecfs.replicas"):
+        with caplog.at_level(logging.WARNING, logger="ecfs.storage.replicas"):
             for txn in transactions[5:]:
                 replicator.submit(txn)
                 await trio.lowlevel.checkpoint()
@@ -365,7 +364,7 @@ async def test_a_replica_call_outliving_its_timeout_is_fenced(
         assert replicator.live_replicas() == [0, 2]
         assert "timed out" in replicator.stale_replicas()[1]
         nursery.cancel_scope.cancel()
-    with caplog.at_level(logging.WARNING, logger="ecfs.replicas"):
+    with caplog.at_level(logging.WARNING, logger="ecfs.storage.replicas"):
         await replicator.aclose()  # replica 1's connection is still in use
     assert any("abandoned call" in r.getMessage() for r in caplog.records)
     gate.set()
@@ -487,21 +486,6 @@ def test_read_generation_sees_a_crashed_wal(tmp_path: Path) -> None:
     copy = tmp_path / "copy.sqlite"
     copy_database(crashed, copy)
     assert read_generation(copy) == 9
-
-
-def test_choose_freshest(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.sqlite"
-    garbage.write_bytes(b"\x00\xff" * 4096)
-    old = make_database(tmp_path / "old.sqlite", make_transactions(3))
-    fresh_a = make_database(tmp_path / "a.sqlite", make_transactions(5))
-    fresh_b = make_database(tmp_path / "b.sqlite", make_transactions(5))
-    missing = tmp_path / "missing.sqlite"
-
-    assert choose_freshest([garbage, old, missing, fresh_a, fresh_b]) == (fresh_a, 5)
-    assert choose_freshest([fresh_b, fresh_a]) == (fresh_b, 5)
-    assert choose_freshest([old, garbage]) == (old, 3)
-    with pytest.raises(VolumeError):
-        choose_freshest([garbage, missing])
 
 
 def test_copy_database_replaces_stale_side_files(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The S3 store (ecfs.s3store) against real local S3 endpoints: one
+"""The S3 store (ecfs.storage.s3store) against real local S3 endpoints: one
 moto_server process per store (tests/s3servers.py), stopped by PID.
 
 Covers the location form, credentials from the standard AWS places (and
@@ -26,16 +26,16 @@ import obstore
 import pytest
 import trio
 
-from ecfs import fragment
-from ecfs.errors import FragmentMissing, NoSpace, StoreError, StoreTimeout, VolumeError
-from ecfs.handles import Expected, read_header
-from ecfs.metadb.chunks import RepairEntry, RepairQueue
-from ecfs.metadb.database import Database
-from ecfs.metadb.schema import create_database
-from ecfs.offload import StoreRunner, StoreState
-from ecfs.s3store import S3Location, S3Store, find_credentials, is_s3_location
-from ecfs.store import STORE_FORMAT, StoreMarker, open_store
-from ecfs.volume import Volume
+from ecfs.core import fragment
+from ecfs.core.errors import FragmentMissing, NoSpace, StoreError, StoreTimeout, VolumeError
+from ecfs.storage.handles import Expected, read_header
+from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.metadb.schema import create_database
+from ecfs.storage.offload import StoreRunner, StoreState
+from ecfs.storage.s3store import S3Location, S3Store, find_credentials, is_s3_location
+from ecfs.storage.store import STORE_FORMAT, StoreMarker, open_store
+from ecfs.volume.assembly import Volume
 
 from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment
 
@@ -308,7 +308,7 @@ def test_prefetched_bytes_are_read_without_a_request(monkeypatch: pytest.MonkeyP
         with pytest.raises(StoreError):
             store.read_fragment(5, 1, 0, dest)  # not prefetched: a request, which fails
         # At most PREFETCH_BYTES are kept: the oldest prefetch goes first.
-        monkeypatch.setattr("ecfs.s3store.PREFETCH_BYTES", 2 * len(data))
+        monkeypatch.setattr("ecfs.storage.s3store.PREFETCH_BYTES", 2 * len(data))
         store.prefetch(5, 1, 0, len(data))
         store.prefetch(5, 2, 0, len(data))
         assert set(store._prefetches) == {(5, 1), (5, 2)}

@@ -1,4 +1,4 @@
-"""The small-write log (ecfs.smallwrites) in-process: a real volume on
+"""The small-write log (ecfs.data.smallwrites) in-process: a real volume on
 temp-dir stores, driven through FileData and Namespace without FUSE.
 
 Checked: small fsync'd overwrites become log records instead of new chunk
@@ -25,12 +25,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs.errors import EcfsError
-from ecfs.metadb.schema import ROOT_INODE
-from ecfs.metadb.writelog import WriteLogTable
-from ecfs.mkfs import VolumeSpec, create_volume
-from ecfs.smallwrites import Extents
-from ecfs.volume import Volume
+from ecfs.core.errors import EcfsError
+from ecfs.data.smallwrites import Extents
+from ecfs.storage.metadb.schema import ROOT_INODE
+from ecfs.storage.metadb.writelog import WriteLogTable
+from ecfs.volume.assembly import Volume
+from ecfs.volume.mkfs import VolumeSpec, create_volume
 
 K, M, F = 2, 1, 64 * 1024
 CHUNK = K * F  # 128 KiB: log_max 8 KiB, fold budget 32 KiB
@@ -526,7 +526,7 @@ def _corrupt_replicas(stores: list[Path], sql: str) -> None:
     refused before the write log is looked at)."""
     import sqlite3
 
-    from ecfs.metadb.digest import content_digest
+    from ecfs.storage.metadb.digest import content_digest
 
     for store in stores:
         path = store / "meta" / "ecfs-meta.sqlite"
@@ -543,7 +543,7 @@ def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
     """A clean log passes; a record failing its checksum and one over a
     chunk version that is not current are found, --repair deletes them,
     and fsck is clean again."""
-    from ecfs.fsck import run_fsck
+    from ecfs.volume.fsck import run_fsck
 
     base = pattern(10, 2 * CHUNK)
 
@@ -575,9 +575,8 @@ def test_fsck_checks_the_write_log(tmp_path: Path, stores: list[Path]) -> None:
 
 
 def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> None:
-    from ecfs.control import status
-    from ecfs.metrics import render_prometheus
-    from ecfs.render import render_status
+    from ecfs.frontend.metrics import render_prometheus
+    from ecfs.frontend.render import render_status
 
     async def body(volume: Volume) -> None:
         ino = new_file(volume, b"f")
@@ -585,15 +584,14 @@ def test_status_and_metrics_show_the_log(tmp_path: Path, stores: list[Path]) -> 
         await volume.filedata.fsync(ino)
         await volume.filedata.write(ino, 10, b"m" * 50)
         await volume.filedata.fsync(ino)
-        document = status(volume)
-        assert document["write_log"]["records"] == 1
-        assert document["write_log"]["bytes"] == 50
-        assert "small-write log: 1 records" in render_status(document)
-        text = render_prometheus(document)
-        assert "ecfs_write_log_records 1\n" in text
-        assert "ecfs_write_log_bytes 50\n" in text
+        record = volume.status()
+        assert (record.write_log.records, record.write_log.bytes) == (1, 50)
+        assert "small-write log: 1 records" in render_status(record)
+        text = render_prometheus(record)
+        assert "ecfs_write_log_records 1.0\n" in text
+        assert "ecfs_write_log_bytes 50.0\n" in text
         await volume.filedata.fold_chunk(ino, 0)
-        assert "ecfs_write_log_records 0\n" in render_prometheus(status(volume))
+        assert "ecfs_write_log_records 0.0\n" in render_prometheus(volume.status())
 
     run(tmp_path, stores, body)
 
@@ -696,7 +694,7 @@ class FailingWriter:
         self.failures = failures
 
     async def write(self, data: memoryview) -> object:
-        from ecfs.errors import StoreError
+        from ecfs.core.errors import StoreError
 
         if self.failures:
             self.failures -= 1

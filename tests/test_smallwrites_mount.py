@@ -1,4 +1,4 @@
-"""The small-write log on a real mount (ecfs.smallwrites): fsync'd 4 KiB
+"""The small-write log on a real mount (ecfs.data.smallwrites): fsync'd 4 KiB
 overwrites are logged (the status shows records, then folds), survive
 kill -9 of the daemon at random points, read back right after a remount
 and after the folds, and leave a clean fsck; SQLite on the mount passes

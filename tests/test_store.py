@@ -1,4 +1,4 @@
-"""Tests for ecfs.store: layout, marker format, fragment file operations."""
+"""Tests for ecfs.storage.store: layout, marker format, fragment file operations."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecfs.aligned import BLOCK, aligned_copy
-from ecfs.errors import FragmentMissing, NoSpace, StoreError, VolumeError
-from ecfs.store import (
+from ecfs.core.aligned import BLOCK, aligned_copy
+from ecfs.core.errors import FragmentMissing, NoSpace, StoreError, VolumeError
+from ecfs.storage.store import (
     MARKER_MAX_BYTES,
     MARKER_NAME,
     STORE_FORMAT,
@@ -364,7 +364,7 @@ def test_write_failure_removes_partial_file(store: DirectoryStore) -> None:
 def test_enospc_is_no_space() -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full to produce ENOSPC")
-    from ecfs.store import _store_error, _writev_all
+    from ecfs.storage.store import _store_error, _writev_all
 
     fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -475,7 +475,7 @@ def test_a_failed_probe_drops_the_open_files(store: DirectoryStore) -> None:
 
 
 def test_open_files_never_close_a_file_in_use(tmp_path: Path) -> None:
-    from ecfs.fdcache import OpenFiles
+    from ecfs.storage.fdcache import OpenFiles
 
     files = OpenFiles(capacity=1)
     path = tmp_path / "f"

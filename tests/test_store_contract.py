@@ -1,4 +1,4 @@
-"""The `ecfs.store.Store` contract, run against every implementation
+"""The `ecfs.storage.store.Store` contract, run against every implementation
 (DirectoryStore, MemoryStore, a FaultyStore passing through, an S3Store on
 a real local moto server), the fault
 modes of FaultyStore, and the storage boundary: no file descriptor, preadv
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped, StoreTimeout
-from ecfs.fakestores import FaultyStore, MemoryStore
-from ecfs.offload import StoreRunner, StoreState
-from ecfs.s3store import S3Store
-from ecfs.store import (
+from ecfs.core.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped, StoreTimeout
+from ecfs.storage.fakestores import FaultyStore, MemoryStore
+from ecfs.storage.offload import StoreRunner, StoreState
+from ecfs.storage.s3store import S3Store
+from ecfs.storage.store import (
     STORE_FORMAT,
     DirectoryStore,
     Store,
@@ -258,7 +258,7 @@ def test_no_file_descriptor_crosses_the_store_boundary(path: Path) -> None:
         return
     names = _names_used(path)
     leaks = {"preadv", "pread", "posix_fadvise", "RWF_NOWAIT", "OPEN_FILES", "close_later"} & names
-    assert not leaks, f"{path.name} uses {sorted(leaks)}: store I/O belongs behind ecfs.store"
-    assert "module:fdcache" not in names and "module:ecfs.fdcache" not in names
+    assert not leaks, f"{path.name} uses {sorted(leaks)}: store I/O belongs behind ecfs.storage.store"
+    assert "module:fdcache" not in names and "module:ecfs.storage.fdcache" not in names
     if path.name not in CONSTRUCTION_SITES:
         assert "DirectoryStore" not in names, f"{path.name} names DirectoryStore"

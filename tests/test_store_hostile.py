@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from ecfs.store import MARKER_NAME
+from ecfs.core.host import mount_at
+from ecfs.storage.store import MARKER_NAME
 from tests.mounting import MountedVolume, cli
 from tests.volume_files import (
     MiB,
@@ -58,9 +59,7 @@ def _store_row(vol: MountedVolume, index: int) -> dict:
 
 
 def _is_mount_point(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return any(line.split()[4] == target for line in f)
+    return mount_at(path) is not None
 
 
 @contextlib.contextmanager
@@ -237,7 +236,7 @@ def test_fsck_never_blocks_nor_echoes_and_replaces_bad_entries(
 
 
 def _others_unlocked(stores: list[Path]) -> bool:
-    from ecfs.lock import VolumeLock
+    from ecfs.storage.lock import VolumeLock
 
     VolumeLock.acquire(stores).release()  # raises if one is still locked
     return True
@@ -300,7 +299,7 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging_or_holding_locks(
 
 
 def test_the_log_file_is_created_private(tmp_path: Path) -> None:
-    from ecfs.cli import open_log_file
+    from ecfs.frontend.cli import open_log_file
 
     new = tmp_path / "new.log"
     open_log_file(new, private=False).close()
@@ -430,7 +429,7 @@ def test_a_store_is_verified_before_it_gets_fragments_after_idle_time(tmp_path: 
     before a write after IDENTITY_MAX_AGE does."""
     import trio
 
-    from ecfs.volume import IDENTITY_MAX_AGE, Volume
+    from ecfs.volume.assembly import IDENTITY_MAX_AGE, Volume
 
     stores = [tmp_path / f"s{i}" for i in range(6)]
     cli("mkfs", "--data", 4, "--parity", 2, *stores)

@@ -10,6 +10,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from ecfs.core import host
 from tests.mounting import MountedVolume
 
 MiB = 1 << 20
@@ -44,11 +45,7 @@ def write_pattern_file(path: Path, seed: int, size: int, block: int = 3 * MiB + 
 
 def drop_caches() -> None:
     """Make the next reads go to the daemon (best effort; needs root)."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    except OSError:
-        pass
+    host.drop_caches()
 
 
 def fragment_files(store: Path) -> dict[tuple[int, int], Path]:

@@ -1,0 +1,93 @@
+"""Recording damage found by reads: the repair queue, and one log line.
+
+Owns: turning "these fragments of this chunk could not be read" into a
+repair-queue entry (demand raises its priority) and a single log line per
+chunk. Must not: repair anything (see the repair task).
+
+Cost: with a store gone, every read of one of its fragments is degraded,
+so recording must not cost a replicated transaction each time. Damage
+already queued (same chunk, no new bad fragment, entry still in the queue)
+only adds to an in-memory demand count, written every DEMAND_BATCH reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..core.model import ChunkRef, repair_priority
+from ..storage.metadb.chunks import ChunkTable, RepairQueue
+from ..storage.metadb.database import Database
+
+log = logging.getLogger(__name__)
+
+#: Repeated degraded reads of a queued chunk counted before its demand is written.
+DEMAND_BATCH = 32
+#: Chunks remembered as queued before that memory starts over.
+QUEUED_MASKS_MAX = 100_000
+
+
+class DamageRecorder:
+    """The reader's `on_damage` callback."""
+
+    def __init__(
+        self, db: Database, k: int, clock_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        self.db = db
+        self.queue = RepairQueue(db)
+        self.chunks = ChunkTable(db)
+        self.k = k
+        self.clock_ns = clock_ns
+        self._logged: set[int] = set()
+        #: chunk id -> bad-fragment mask written to the queue, and the
+        #: degraded reads of it not yet added to its demand.
+        self._queued_mask: dict[int, int] = {}
+        self._unwritten_demand: dict[int, int] = {}
+        #: Called after a chunk was queued (wakes the repairer).
+        self.on_queued: Callable[[], None] = lambda: None
+
+    def record(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
+        """Queue `ref` for repair, with the bad fragments and a priority
+        from the spare fragments left (see model.repair_priority)."""
+        mask = 0
+        for index in bad:
+            mask |= 1 << index
+        chunk_id = ref.chunk_id
+        queued = self._queued_mask.get(chunk_id)
+        if queued is not None and not self.queue.contains(chunk_id):
+            queued = None  # repaired (or dropped) since it was queued: start over
+            self._unwritten_demand.pop(chunk_id, None)
+        if queued is not None and mask & ~queued == 0:
+            demand = self._unwritten_demand.get(chunk_id, 0) + 1
+            if demand < DEMAND_BATCH:
+                self._unwritten_demand[chunk_id] = demand
+                return
+        else:
+            if self.chunks.by_id(chunk_id) is None:
+                return  # replaced meanwhile: nothing to repair
+            demand = 1 + self._unwritten_demand.get(chunk_id, 0)
+        good = len(set(ref.present()) - set(bad))
+        with self.db.transaction():
+            self.queue.add(
+                chunk_id,
+                "degraded-read",
+                repair_priority(good - self.k, "degraded-read"),
+                self.clock_ns(),
+                bad=mask,
+                demand=demand,
+            )
+        if len(self._queued_mask) >= QUEUED_MASKS_MAX:
+            self._queued_mask.clear()
+            self._unwritten_demand.clear()
+        self._queued_mask[chunk_id] = mask | (queued or 0)
+        self._unwritten_demand.pop(chunk_id, None)
+        self.on_queued()
+        if ref.chunk_id not in self._logged:
+            self._logged.add(ref.chunk_id)
+            log.warning(
+                "chunk %016x: fragments %s unreadable (%s); queued for repair",
+                ref.chunk_id,
+                sorted(set(bad)),
+                reason,
+            )

@@ -1,0 +1,152 @@
+"""Read-ahead of fragments for sequential readers, off the event loop.
+
+Owns: a few worker threads per store that read and verify the headers of
+the fragments a sequential reader will want next and ask the store to
+fetch their payload (`Store.prefetch`: a directory store opens the file,
+keeps it open, and has the kernel read the payload into the page cache
+with POSIX_FADV_WILLNEED). The headers are handed back to the loop's
+HandleCache, so that the read itself is one `Store.read_fragment_cached`
+on the loop (a page-cached preadv2 with RWF_NOWAIT), with no thread round
+trip. Must not: return payload bytes, decide what is degraded, or change
+a store's health (a failed read-ahead is simply forgotten; the real read
+meets the same problem and reports it).
+
+Why not `StoreRunner.call`: a runner call costs the event loop a trio
+thread round trip (limiter, cancel scope, outcome, wakeup: tens of
+microseconds of loop CPU each, the loop being the bottleneck of a Python
+filesystem), and nobody waits for read-ahead. Here a request costs the
+loop a `queue.put`, and one `run_sync_soon` callback brings the handle
+back.
+
+Hung stores: a worker stuck in a store call on a hung store blocks
+only its own queue; once MAX_QUEUED requests wait for it, further requests
+for that store are dropped, so nothing grows or stalls elsewhere.
+
+Concurrency contract: `request` and the delivery callbacks run on the trio
+loop thread; workers touch only their queue and the store (whose methods
+are thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import trio
+
+from ..core.errors import EcfsError
+from ..core.fragment import FragmentHeader
+from ..storage.handles import Expected, HandleCache, HandleKey, read_header
+from ..storage.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Requests waiting per store before new ones are dropped.
+MAX_QUEUED = 64
+
+#: Worker threads per store: opening a fragment waits for its header to be
+#: read from disk, so one thread per store could not keep ahead of a
+#: sequential reader at a few hundred MiB/s.
+WORKERS_PER_STORE = 4
+
+#: (handle key, store object, expected header, header already known or None)
+_Job = tuple[HandleKey, Store, Expected, FragmentHeader | None]
+
+
+class ReadAhead:
+    """Best-effort background open + WILLNEED of fragments, per store."""
+
+    def __init__(self, handles: HandleCache, expected: Expected) -> None:
+        self.handles = handles
+        self.expected = expected
+        self.requested = 0
+        self.dropped = 0
+        self._queues: dict[int, queue.SimpleQueue[_Job | None]] = {}
+        self._queued: dict[int, int] = {}
+        self._pending: set[HandleKey] = set()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def request(self, key: HandleKey, store: Store) -> None:
+        """Verify the header of fragment `key` = (store index, chunk id,
+        index) and have the store fetch its payload, in the background.
+        Called on the loop; returns at once."""
+        if key in self._pending:
+            return
+        index = key[0]
+        if self._queued.get(index, 0) >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        known = self.handles.get(key)
+        self._pending.add(key)
+        self._queued[index] = self._queued.get(index, 0) + 1
+        self.requested += 1
+        self._queue(index).put((key, store, self.expected, known))
+
+    def close(self) -> None:
+        """Stop the workers (a worker stuck on a hung store exits when its
+        call returns, or with the process: they are daemon threads)."""
+        for q in self._queues.values():
+            for _ in range(WORKERS_PER_STORE):
+                q.put(None)
+        self._queues.clear()
+
+    def _queue(self, index: int) -> queue.SimpleQueue[_Job | None]:
+        q = self._queues.get(index)
+        if q is None:
+            q = self._queues[index] = queue.SimpleQueue()
+            assert self._token is not None
+            for _ in range(WORKERS_PER_STORE):
+                threading.Thread(
+                    target=_work,
+                    args=(q, self._token, self._deliver),
+                    name=f"ecfs readahead {index}",
+                    daemon=True,
+                ).start()
+        return q
+
+    def _deliver(self, key: HandleKey, header: FragmentHeader | None) -> None:
+        """Loop side of a finished job: cache a newly verified header."""
+        self._pending.discard(key)
+        self._queued[key[0]] -= 1
+        if header is not None:
+            self.handles.insert(key, header)
+
+
+def _work(
+    jobs: queue.SimpleQueue[_Job | None],
+    token: trio.lowlevel.TrioToken,
+    deliver: Callable[[HandleKey, FragmentHeader | None], None],
+) -> None:
+    """A store's worker: verify the header (if needed) and prefetch, one
+    job at a time."""
+    while (job := jobs.get()) is not None:
+        key, store, expected, known = job
+        try:
+            header = _verify_and_prefetch(key, store, expected, known)
+        except Exception:  # a bug: never leave the request pending
+            log.exception("bug in read-ahead of %s", key)
+            header = None
+        try:
+            token.run_sync_soon(deliver, key, header if known is None else None)
+        except trio.RunFinishedError:
+            return
+
+
+def _verify_and_prefetch(
+    key: HandleKey, store: Store, expected: Expected, known: FragmentHeader | None
+) -> FragmentHeader | None:
+    """Blocking: the fragment's verified header (`known`, or read now)
+    after asking the store to fetch its payload; None if it could not be
+    read."""
+    header = known
+    try:
+        if header is None:
+            header, _ = read_header(store, key[1], key[2], expected)
+        store.prefetch(key[1], key[2], header.payload_offset, header.payload_length)
+    except EcfsError as exc:
+        log.debug("read-ahead of %s failed: %s", key, exc)
+    return header

@@ -1,0 +1,620 @@
+"""Reading byte ranges of chunks: healthy, and degraded by range decode.
+
+Owns: turning "bytes [start, end) of chunk version X" into verified bytes,
+choosing which fragments to read, and reporting damage. Must not: touch the
+metadata database (damage goes to the `on_damage` callback), write anything
+to stores, or know about files.
+
+Healthy read: the data fragments holding the range are read, cell-aligned,
+one store read each (on the event loop through `Store.read_fragment_cached`
+when the store has the bytes at hand, e.g. in the page cache, otherwise one
+thread call per fragment), and every touched cell is verified against its
+checksum. Fragments are named to stores by (chunk, index, byte range); the
+reader never sees how a store keeps them (no file descriptors here).
+
+Degraded read: when a data fragment is missing, its store unavailable, its
+cells fail their checksums, or the read errors or times out, the SAME
+cell-aligned byte range [a, b) is read from k surviving fragments (fastest
+stores first, data fragments before parity on ties) and only that range is
+decoded. When the headers of k of those fragments on healthy stores are
+known (sequential readers have them read ahead, parity included), the k
+reads, their checks
+and the decode are one worker-thread call; otherwise, or if that call
+fails or is slow, each source is read and hedged on its own. zfec is
+systematic and works byte position by byte position, so bytes [a, b) of
+any k fragments determine bytes [a, b) of every other one.
+Fewer than k good fragments for the range: Unrecoverable (EIO), never
+guessed or zeroed bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ..core import fragment
+from ..core.codec import Codec
+from ..core.errors import EcfsError, FragmentCorrupt, FragmentMissing, StoreError, Unrecoverable
+from ..core.geometry import FragmentPiece, Layout
+from ..core.model import ChunkRef
+from ..core.tasks import gather_in_order, open_fan_out
+from ..storage.handles import Expected, HandleCache, read_header
+from ..storage.offload import StoreRunner, StoreState, available_runner, run_cpu, run_in_thread
+from ..storage.store import Store
+from .readahead import ReadAhead
+
+log = logging.getLogger(__name__)
+
+#: Verified bytes as read (a bytearray when read into a buffer: never copied again).
+Bytes = bytes | bytearray
+
+#: Called with (chunk, fragment indices found bad, reason) after a degraded read.
+DamageCallback = Callable[[ChunkRef, list[int], str], None]
+
+#: A cold read starting this close to the payload start is read together
+#: with the header in one pread.
+ONE_READ_GAP = 64 * 1024
+
+#: Consecutive reads of one store beaten by their hedge before the store
+#: is marked failed (hung).
+OUTRUN_LIMIT = 4
+
+#: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
+HEDGE_FRACTION = 0.05
+HEDGE_BURST = 16
+
+#: Degraded reads done at once in one worker-thread call each.
+ONE_CALL_THREADS = 8
+
+
+@dataclass(slots=True)
+class ReadCounters:
+    """Bytes asked for versus bytes read from stores, healthy and degraded."""
+
+    requested_bytes: int = 0
+    store_bytes: int = 0
+    degraded_reads: int = 0
+    degraded_requested_bytes: int = 0
+    degraded_store_bytes: int = 0
+    unrecoverable_reads: int = 0
+    hedged_reads: int = 0
+    nowait_hits: int = 0
+    thread_reads: int = 0
+    #: Degraded reads done in one worker-thread call (`_decode_in_one_call`).
+    one_call_reads: int = 0
+
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStatistics:
+    """A snapshot of the read counters (from `ChunkReader.statistics()`)."""
+
+    requested_bytes: int
+    store_bytes: int
+    degraded_reads: int
+    degraded_requested_bytes: int
+    degraded_store_bytes: int
+    unrecoverable_reads: int
+    hedged_reads: int
+    nowait_hits: int
+    thread_reads: int
+    one_call_reads: int
+
+
+def _read_verified(
+    store: Store, header: fragment.FragmentHeader, start: int, end: int
+) -> bytearray:
+    """Blocking: read payload bytes [start, end) (cell-aligned) and verify."""
+    data = bytearray(end - start)
+    n = store.read_fragment(
+        header.chunk_id, header.index, header.payload_offset + start, memoryview(data)
+    )
+    _verify(header, start, end, memoryview(data)[:n])
+    return data
+
+
+def _open_and_read(
+    store: Store, chunk_id: int, index: int, expected: Expected, start: int, end: int
+) -> tuple[fragment.FragmentHeader, bytes | bytearray]:
+    """Blocking: read and verify a fragment's header, then the range. A
+    range near the start of the payload is read with the header in one
+    request (one disk request for a cold fragment)."""
+    together = fragment.HEADER_PROBE_SIZE + end if start < ONE_READ_GAP else 0
+    header, prefix = read_header(store, chunk_id, index, expected, probe=together)
+    offset = header.payload_offset
+    if len(prefix) >= offset + end:
+        data = bytes(prefix[offset + start : offset + end])
+        _verify(header, start, end, data)
+        return header, data
+    return header, _read_verified(store, header, start, end)
+
+
+def _decode_range(
+    codec: Codec,
+    sources: list[tuple[Store, fragment.FragmentHeader]],
+    lost: int,
+    start: int,
+    end: int,
+) -> bytes | None:
+    """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
+    decoded from the same range of k `sources` (store, verified header).
+    Their reads are started together (`Store.prefetch`), then read and
+    verified in turn, so the wait is about one disk read, not k. None if a
+    source cannot be read or fails its checksums (the caller then takes the
+    general path, which finds out which one and reads another)."""
+    try:
+        for store, header in sources:
+            store.prefetch(
+                header.chunk_id, header.index, header.payload_offset + start, end - start
+            )
+        pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
+    except (StoreError, FragmentCorrupt):
+        return None
+    return codec.decode(pieces, [lost])[lost]
+
+
+def _verify(
+    header: fragment.FragmentHeader, start: int, end: int, data: fragment.Buffer
+) -> None:
+    if len(data) != end - start:
+        raise FragmentCorrupt(f"fragment {header.chunk_id:016x}.{header.index} is truncated")
+    bad = fragment.bad_cells(header, start, data)
+    if bad:
+        raise FragmentCorrupt(
+            f"fragment {header.chunk_id:016x}.{header.index}: bad cells {bad[:8]}"
+        )
+
+
+class ChunkReader:
+    """Reads verified byte ranges of chunk versions."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        codec: Codec,
+        runners: Mapping[int, StoreRunner],
+        handles: HandleCache,
+        expected: Expected,
+        on_damage: DamageCallback,
+        *,
+        read_timeout: float = 10.0,
+        on_missing: Callable[[int], None] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.codec = codec
+        self.runners = runners
+        self.handles = handles
+        self.expected = expected
+        self.on_damage = on_damage
+        self.on_missing = on_missing
+        self.read_timeout = read_timeout
+        self.counters = ReadCounters()
+        self.readahead = ReadAhead(handles, expected)
+        self._outrun: dict[int, int] = {}
+        #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
+        self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
+
+    def statistics(self) -> ReadStatistics:
+        c = self.counters
+        return ReadStatistics(
+            c.requested_bytes, c.store_bytes, c.degraded_reads, c.degraded_requested_bytes,
+            c.degraded_store_bytes, c.unrecoverable_reads, c.hedged_reads, c.nowait_hits,
+            c.thread_reads, c.one_call_reads,
+        )  # fmt: skip
+
+    def prefetch(self, ref: ChunkRef) -> None:
+        """Open the data fragments of a chunk a sequential reader will want
+        next and have their payload read into the page cache in the
+        background (see readahead), so that the reads themselves are served
+        on the loop. A data fragment whose store is unavailable will be
+        decoded: one more fragment (the best available parity) is read
+        ahead in its place, so that the degraded read finds all k sources
+        in the page cache too. Best effort; returns at once."""
+        k = self.layout.k
+        replacements = 0
+        for index in range(k):
+            if not self._read_ahead(ref, index):
+                replacements += 1
+        if replacements:
+            for index in self.sources(ref, exclude=set(range(k))):
+                if replacements == 0:
+                    break
+                if self._read_ahead(ref, index):
+                    replacements -= 1
+
+    def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
+        """Ask for fragment `index` of `ref` to be read ahead; False if its
+        store is unavailable."""
+        store = ref.stores[index]
+        runner = available_runner(self.runners, store)
+        if runner is None:
+            return False
+        self.readahead.request((store, ref.chunk_id, index), runner.store)
+        return True
+
+    async def read(self, ref: ChunkRef, start: int, end: int) -> bytearray:
+        """Verified chunk bytes [start, end), 0 <= start < end <= ref.length."""
+        out = bytearray(end - start)
+        await self.read_into(ref, start, end, memoryview(out))
+        return out
+
+    async def read_into(self, ref: ChunkRef, start: int, end: int, dest: memoryview) -> None:
+        """Fill `dest` (end - start bytes) with verified chunk bytes [start, end)."""
+        missing = self.read_cached(ref, start, end, dest)
+        if missing:
+            await self.read_missing(ref, start, missing, dest)
+
+    def read_cached(
+        self, ref: ChunkRef, start: int, end: int, dest: memoryview
+    ) -> list[FragmentPiece]:
+        """The fast path, on the loop without awaiting: fill the parts of
+        `dest` (chunk bytes [start, end)) whose fragments are open and whose
+        bytes are in the page cache. Returns the pieces not served (to be
+        passed to `read_missing`); an empty list means `dest` is complete."""
+        if not 0 <= start < end <= ref.length:
+            raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
+        self.counters.requested_bytes += end - start
+        payload = self.layout.payload_length(ref.length)
+        missing = []
+        for piece in self.layout.data_pieces(ref.length, start, end):
+            at = piece.chunk_start - start
+            if not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
+                missing.append(piece)
+        return missing
+
+    async def read_missing(
+        self, ref: ChunkRef, start: int, pieces: list[FragmentPiece], dest: memoryview
+    ) -> None:
+        """Fill the parts of `dest` (chunk bytes from `start`) that
+        `read_cached` left: read in worker threads, hedged, or decoded."""
+        payload = self.layout.payload_length(ref.length)
+        await gather_in_order(
+            [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
+        )
+
+    async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> Bytes:
+        """Verified bytes [start, end) (cell-aligned) of fragment `index`
+        itself; StoreError or FragmentCorrupt if it cannot be read."""
+        return await self._read_fragment(ref, index, start, end)
+
+    async def read_fragment_range(
+        self, ref: ChunkRef, index: int, start: int, end: int
+    ) -> Bytes:
+        """Verified bytes [start, end) (cell-aligned) of fragment `index`,
+        decoded from others if it cannot be read (used by repair)."""
+        try:
+            return await self._read_fragment(ref, index, start, end)
+        except (StoreError, FragmentCorrupt) as exc:
+            return await self._read_degraded(ref, index, start, end, str(exc))
+
+    # -- one data piece ---------------------------------------------------------
+
+    async def _read_piece(
+        self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
+    ) -> None:
+        a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
+        data = await self._read_hedged(ref, piece.index, a, b, piece.length)
+        at = piece.chunk_start - start
+        dest[at : at + piece.length] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
+
+    def _read_cached_nowait(
+        self, ref: ChunkRef, payload: int, piece: FragmentPiece, dest: memoryview
+    ) -> bool:
+        """Fill `dest` with `piece` from a known header and the store's
+        cached bytes, on the loop; False if it cannot be done without
+        blocking."""
+        store = ref.stores[piece.index]
+        runner = available_runner(self.runners, store)
+        if runner is None:
+            return False
+        key = (store, ref.chunk_id, piece.index)
+        header = self.handles.get(key)
+        if header is None:
+            return False
+        a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
+        try:
+            self._check_payload(ref, header)
+            if a == piece.frag_start and b == piece.frag_end:
+                done = self._read_nowait(runner.store, header, a, dest)  # into the caller's buffer
+            else:
+                cells = bytearray(b - a)
+                done = self._read_nowait(runner.store, header, a, memoryview(cells))
+                if done:
+                    dest[:] = memoryview(cells)[piece.frag_start - a : piece.frag_end - a]
+        except FragmentCorrupt:
+            self.handles.discard(key)
+            return False  # the slow path reads it again and reports the damage
+        if done:
+            self.counters.store_bytes += b - a
+        return done
+
+    async def _read_hedged(
+        self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
+    ) -> Bytes:
+        """Read one fragment range; if it fails, decode it from others; if it
+        is slow (past its store's hedge deadline), ALSO decode it from others
+        and take whichever answers first. The slow read keeps running until
+        then (cancelling it abandons its thread, which the store's health
+        counts)."""
+        store = ref.stores[index]
+        runner = available_runner(self.runners, store)
+        if runner is None:
+            return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        winner: list[Bytes] = []
+        errors: list[EcfsError] = []
+        primary_done = trio.Event()
+
+        async with open_fan_out() as nursery:
+
+            async def primary() -> None:
+                try:
+                    winner.append(await self._read_fragment(ref, index, start, end))
+                    self._outrun.pop(store, None)
+                    nursery.cancel_scope.cancel()
+                except (StoreError, FragmentCorrupt) as exc:
+                    errors.append(exc)
+                    if isinstance(exc, FragmentMissing) and self.on_missing is not None:
+                        self.on_missing(store)  # a vanished store looks like this
+                finally:
+                    primary_done.set()
+
+            async def hedge() -> None:
+                with trio.move_on_after(runner.hedge_deadline()):
+                    await primary_done.wait()
+                if winner or (not errors and not self._may_hedge()):
+                    return
+                reason = str(errors[0]) if errors else f"store {store} slow: hedged"
+                if not errors:
+                    self.counters.hedged_reads += 1
+                try:
+                    winner.append(await self._degraded(ref, index, start, end, wanted, reason))
+                except Unrecoverable:
+                    if errors:
+                        raise
+                    return  # the slow primary is the only hope: wait for it
+                if not primary_done.is_set():
+                    self._note_outrun(runner)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(primary)
+            nursery.start_soon(hedge)
+        if winner:
+            return winner[0]
+        raise errors[0]
+
+    def _note_outrun(self, runner: StoreRunner) -> None:
+        """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
+        store is treated as hung and routed around (its health probe brings
+        it back once it answers again), instead of every read waiting for
+        the hedge deadline first."""
+        count = self._outrun.get(runner.index, 0) + 1
+        self._outrun[runner.index] = count
+        if count >= OUTRUN_LIMIT and runner.available:
+            runner.mark_failed(f"{count} reads in a row outrun by hedged reads: store hung?")
+            log.warning("store %d: %d reads in a row did not answer in time; routing around it",
+                        runner.index, count)
+            self._outrun.pop(runner.index, None)
+
+    def _may_hedge(self) -> bool:
+        """Hedging a slow read costs k extra reads: allow it for at most
+        HEDGE_FRACTION of fragment reads (plus a small burst allowance)."""
+        reads = self.counters.thread_reads + self.counters.nowait_hits
+        return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
+
+    async def _read_fragment(
+        self, ref: ChunkRef, index: int, start: int, end: int
+    ) -> Bytes:
+        """Verified bytes of one fragment; StoreError/FragmentCorrupt if not.
+
+        A known fragment's cached read (`Store.read_fragment_cached`) is
+        tried (again) before a worker thread: on a directory store a
+        RWF_NOWAIT read that misses (in `read_cached`) makes the kernel
+        start reading those pages, and the disk often answers before a
+        thread would even be woken (measured: p50 of a random 4 KiB read
+        ~290 us with this second try, ~500 us without)."""
+        store = ref.stores[index]
+        runner = available_runner(self.runners, store)
+        if runner is None:
+            raise StoreError(f"fragment {index} of chunk {ref.chunk_id:016x}: store unavailable")
+        key = (store, ref.chunk_id, index)
+        header = self.handles.get(key)
+        try:
+            data: bytes | bytearray
+            if header is None:
+                opened, data = await runner.call(
+                    _open_and_read,
+                    runner.store,
+                    ref.chunk_id,
+                    index,
+                    self.expected,
+                    start,
+                    end,
+                    timeout=self.read_timeout,
+                    nbytes_read=end - start,
+                )
+                self.handles.insert(key, opened)
+                self._check_payload(ref, opened)
+                self.counters.thread_reads += 1
+            else:
+                self._check_payload(ref, header)
+                data = bytearray(end - start)
+                if not self._read_nowait(runner.store, header, start, memoryview(data)):
+                    data = await runner.call(
+                        _read_verified,
+                        runner.store,
+                        header,
+                        start,
+                        end,
+                        timeout=self.read_timeout,
+                        nbytes_read=end - start,
+                    )
+                    self.counters.thread_reads += 1
+        except FragmentCorrupt:
+            self.handles.discard(key)
+            raise
+        self.counters.store_bytes += end - start
+        return data
+
+    def _check_payload(self, ref: ChunkRef, header: fragment.FragmentHeader) -> None:
+        if header.payload_length != self.layout.payload_length(ref.length):
+            raise FragmentCorrupt(f"chunk {ref.chunk_id:016x}: fragment payload length mismatch")
+
+    def _read_nowait(
+        self, store: Store, header: fragment.FragmentHeader, start: int, dest: memoryview
+    ) -> bool:
+        """Read payload bytes [start, start + len(dest)) (cell-aligned) into
+        `dest` and verify them, if the store has them at hand
+        (`Store.read_fragment_cached`: on the loop, never blocking); False
+        if it has not. FragmentCorrupt if they fail their checksums."""
+        if not store.read_fragment_cached(
+            header.chunk_id, header.index, header.payload_offset + start, dest
+        ):
+            return False
+        _verify(header, start, start + len(dest), dest)
+        self.counters.nowait_hits += 1
+        return True
+
+    # -- degraded ---------------------------------------------------------------
+
+    async def _degraded(
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str
+    ) -> bytes:
+        self.counters.degraded_reads += 1
+        self.counters.degraded_requested_bytes += wanted
+        return await self._read_degraded(ref, lost, start, end, reason)
+
+    async def _read_degraded(
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str
+    ) -> bytes:
+        """Bytes [start, end) of fragment `lost`, decoded from k others."""
+        k = self.layout.k
+        candidates = self.sources(ref, exclude={lost})
+        decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
+        if decoded_fast is not None:
+            self.counters.one_call_reads += 1
+            self.counters.degraded_store_bytes += k * (end - start)
+            self.on_damage(ref, [lost], reason)
+            return decoded_fast
+        pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
+        self.counters.degraded_store_bytes += bytes_read
+        bad = [lost, *bad]
+        self.on_damage(ref, bad, reason)
+        if len(pieces) < k:
+            self.counters.unrecoverable_reads += 1
+            raise Unrecoverable(
+                f"chunk {ref.chunk_id:016x}: fewer than {k} good fragments for"
+                f" bytes [{start}, {end}) of fragment {lost}"
+            )
+        decoded = await run_cpu(self.codec.decode, pieces, [lost], size=end - start)
+        return decoded[lost]
+
+    async def _decode_in_one_call(
+        self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
+    ) -> bytes | None:
+        """The common degraded read in ONE worker-thread call (k reads, their
+        checks and the decode: `_decode_range`) instead of k thread round
+        trips and a task each, then a decode: possible when the headers of k
+        of the `candidates` (best first) on healthy stores are known (read
+        ahead, or read before). None when it is not, or when the call fails
+        or takes longer than twice the slowest source's hedge deadline (it
+        is then abandoned and `gather_fragments`, which hedges and widens
+        per source, takes over). An abandoned call's thread ends when its
+        store answers (a store keeps what the thread uses open until then)."""
+        k = self.layout.k
+        sources: list[tuple[Store, fragment.FragmentHeader]] = []
+        deadline = 0.0
+        for index in candidates:
+            if len(sources) == k:
+                break
+            runner = self.runners.get(ref.stores[index])
+            if runner is None or runner.state is not StoreState.OK:
+                continue
+            header = self.handles.get((ref.stores[index], ref.chunk_id, index))
+            if header is None:
+                continue
+            try:
+                self._check_payload(ref, header)
+            except FragmentCorrupt:
+                return None  # the general path reads it and reports it
+            sources.append((runner.store, header))
+            deadline = max(deadline, 2 * runner.hedge_deadline())
+        if len(sources) < k:
+            return None
+        with trio.move_on_after(deadline) as scope:
+            decoded = await run_in_thread(
+                _decode_range, self.codec, sources, lost, start, end,
+                abandon_on_cancel=True, limiter=self._one_call_limiter,
+            )  # fmt: skip
+        return None if scope.cancelled_caught else decoded
+
+    async def gather_fragments(
+        self, ref: ChunkRef, candidates: list[int], start: int, end: int
+    ) -> tuple[dict[int, Bytes], list[int], int]:
+        """Read [start, end) of k fragments among `candidates` (best first).
+
+        k reads start at once; a failed one is replaced by the next
+        candidate; if they are not all in after the slowest store's hedge
+        deadline, every remaining candidate is read too and the first k
+        answers win. Returns (pieces, indices found bad, bytes read)."""
+        k = self.layout.k
+        pieces: dict[int, Bytes] = {}
+        bad: list[int] = []
+        waiting = list(candidates)
+        running = 0
+        bytes_read = 0
+        if len(candidates) < k:
+            return pieces, bad, bytes_read
+
+        async with open_fan_out() as nursery:
+
+            def finish_if_done() -> None:
+                if len(pieces) >= k or (running == 0 and not waiting):
+                    nursery.cancel_scope.cancel()
+
+            def launch(count: int) -> None:
+                nonlocal running
+                for _ in range(min(count, len(waiting))):
+                    running += 1
+                    nursery.start_soon(read_one, waiting.pop(0))
+
+            async def read_one(index: int) -> None:
+                nonlocal running, bytes_read
+                try:
+                    data = await self._read_fragment(ref, index, start, end)
+                    bytes_read += end - start
+                    if len(pieces) < k:
+                        pieces[index] = data
+                except (StoreError, FragmentCorrupt):
+                    bad.append(index)
+                    launch(1)
+                finally:
+                    running -= 1
+                    finish_if_done()
+
+            async def widen() -> None:
+                deadline = max(
+                    self.runners[ref.stores[i]].hedge_deadline() for i in candidates[:k]
+                )
+                await trio.sleep(deadline)
+                launch(len(waiting))
+                finish_if_done()
+
+            launch(k)
+            nursery.start_soon(widen)
+        return pieces, bad, bytes_read
+
+    def sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
+        """Fragment indices worth reading, best first: available stores,
+        lowest expected latency, data before parity on ties."""
+        usable = []
+        for index in ref.present():
+            runner = available_runner(self.runners, ref.stores[index])
+            if index in exclude or runner is None:
+                continue
+            usable.append((runner.expected_latency(), index >= self.layout.k, index))
+        usable.sort()
+        return [index for _, _, index in usable]

@@ -1,0 +1,198 @@
+"""Rebuilding the bad fragments of one chunk: the one path used by the
+mount's background repair (`ecfs.data.repair`) and by `ecfs fsck --repair`
+(`ecfs.volume.fsck_checks`).
+
+Owns: `rebuild_fragments`: from k verified payloads of a chunk, decode the
+broken fragments, choose where each goes (`ecfs.data.placement.Placement.
+rebuild_target`: its own store when usable, else a store holding no other
+fragment of the chunk), write each one (any file by its name on the target
+is removed first: fragment files are never overwritten), note the store
+as needing a sync, read it back and verify it, then switch the metadata in
+one transaction: the new locations, and the repair-queue entry removed
+(everything rebuilt) or added/merged with reason, `model.repair_priority`
+and the bad mask of what is still broken. Fragments that moved off a store
+are handed to `FragmentIO.discard` only after that switch.
+
+Must not: find out what is broken or read the sources (the callers do,
+each its own way: repair re-checks suspects and reads through the hedging
+reader, fsck checks every fragment file; both hand over payloads whose
+cells they verified), or reach the stores other than through `FragmentIO`.
+
+Concurrency: the caller keeps the garbage collector off the chunk for the
+whole rebuild (repair pins it, see `ecfs.data.garbage.ChunkPins`; fsck runs
+alone under the volume lock). The chunk may be rewritten or deleted while
+its fragments are written (a mount): the metadata switch then changes
+nothing and what was written is discarded as orphans.
+
+Crash contract: nothing refers to a rebuilt fragment before the metadata
+switch, and the caller makes the written stores durable before that
+switch reaches durable metadata (`FragmentIO.note_unsynced`: the mount's
+replicator syncs them before shipping the batch, fsck syncs before its
+write-back). A crash before the switch leaves at most orphans (fsck deletes
+them) and the chunk still queued or still found bad. A write that fails is
+handed to `FragmentIO.remember` (whatever landed is deleted later, unless
+the chunk refers to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..core import fragment
+from ..core.codec import Codec
+from ..core.errors import FragmentCorrupt, NoSpace, StoreError
+from ..core.geometry import Layout
+from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
+from ..storage.metadb.chunks import ChunkTable, RepairQueue
+from ..storage.metadb.database import Database
+from ..storage.offload import run_cpu
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+class FragmentIO(Protocol):
+    """How `rebuild_fragments` reaches the stores."""
+
+    async def replace_fragment(
+        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    ) -> int:
+        """Write fragment file (chunk_id, index) on `store` after removing
+        any entry by that name; the bytes written. StoreError if not."""
+        ...
+
+    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
+        """Read fragment `index` of `ref` back whole and check its header and
+        every cell; FragmentCorrupt or StoreError if it is not good."""
+        ...
+
+    def note_unsynced(self, store: int) -> None:
+        """`store` was written: sync it before metadata naming it is durable."""
+        ...
+
+    def remember(self, fragments: list[tuple[int, int, int]]) -> None:
+        """(store, chunk, index) a failed write may have left behind."""
+        ...
+
+    def discard(self, refs: list[ChunkRef]) -> None:
+        """Fragments no metadata refers to after the switch (NO_STORE slots
+        are not fragments): delete them once that is safe."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """What `rebuild_fragments` did.
+
+    `stores`: the chunk's fragment slots after the rebuild; `rebuilt`:
+    fragment indices written, verified and recorded; `failed`: index ->
+    why it was not rebuilt (left queued); `bytes_written`; `committed`:
+    False if the chunk was rewritten or deleted meanwhile (nothing was
+    recorded; what was written was discarded).
+    """
+
+    stores: tuple[int, ...]
+    rebuilt: tuple[int, ...] = ()
+    failed: Mapping[int, str] = field(default_factory=dict)
+    bytes_written: int = 0
+    committed: bool = True
+
+
+async def rebuild_fragments(
+    db: Database,
+    layout: Layout,
+    codec: Codec,
+    volume_id: bytes,
+    placement: Placement,
+    io: FragmentIO,
+    ref: ChunkRef,
+    sources: Mapping[int, bytes],
+    broken: Sequence[int],
+    *,
+    reason: str,
+    unchecked: int = 0,
+) -> Rebuilt:
+    """Rebuild fragments `broken` of `ref` from `sources` (at least k whole,
+    verified payloads of other fragments) and record them (see the module
+    docstring). `reason` (one of model.REPAIR_REASONS) and the chunk's
+    spare fragments afterwards (n - what is still broken - `unchecked`
+    fragments nobody could look at - k) queue what could not be rebuilt."""
+    if reason not in REPAIR_REASONS:
+        raise ValueError(f"unknown repair reason {reason!r}")
+    if len(sources) < layout.k:
+        raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
+    payload_length = layout.payload_length(ref.length)
+    wanted = sorted(broken)
+    chosen = dict(sorted(sources.items())[: layout.k])
+    decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
+    stores = list(ref.stores)
+    failed: dict[int, str] = {}
+    rebuilt: list[int] = []
+    moved: list[int] = []
+    written = 0
+    for index in wanted:
+        target = placement.rebuild_target(stores, index)
+        if target is None:
+            failed[index] = "no usable store holds no other fragment of the chunk"
+            continue
+        parts = fragment.build_fragment(
+            volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size, decoded[index]
+        )
+        try:
+            size = await io.replace_fragment(target, ref.chunk_id, index, parts)
+            io.note_unsynced(target)
+            landed = ChunkRef(ref.chunk_id, ref.length, _with(stores, index, target))
+            await io.verify_fragment(landed, index, payload_length)
+        except (StoreError, FragmentCorrupt) as exc:
+            if isinstance(exc, NoSpace):
+                placement.mark_full(target)
+            io.remember([(target, ref.chunk_id, index)])
+            failed[index] = f"on store {target}: {exc}"
+            continue
+        placement.note_written(target, size)
+        written += size
+        if stores[index] not in (NO_STORE, target):
+            moved.append(index)
+        stores[index] = target
+        rebuilt.append(index)
+    chunks = ChunkTable(db)
+    queue = RepairQueue(db)
+    with db.transaction():
+        if rebuilt:
+            committed = chunks.set_stores(ref.chunk_id, tuple(stores))
+        else:
+            committed = chunks.by_id(ref.chunk_id) is not None
+        if committed and failed:
+            spare = layout.n - len(failed) - unchecked - layout.k
+            queue.add(
+                ref.chunk_id, reason, repair_priority(spare, reason), time.time_ns(),
+                bad=sum(1 << i for i in failed), demand=0,
+            )  # fmt: skip
+        elif committed:
+            queue.remove(ref.chunk_id)
+    if not committed:
+        # Rewritten or deleted meanwhile: what we wrote is an orphan.
+        new = _only(ref, {i: stores[i] for i in rebuilt})
+        if rebuilt:
+            io.discard([new])
+        return Rebuilt(tuple(ref.stores), (), failed, written, committed=False)
+    if moved:
+        io.discard([_only(ref, {i: ref.stores[i] for i in moved})])
+    for index, why in sorted(failed.items()):
+        log.info("chunk %016x: fragment %d not rebuilt: %s", ref.chunk_id, index, why)
+    return Rebuilt(tuple(stores), tuple(rebuilt), failed, written)
+
+
+def _with(stores: Sequence[int], index: int, store: int) -> tuple[int, ...]:
+    return tuple(store if i == index else s for i, s in enumerate(stores))
+
+
+def _only(ref: ChunkRef, slots: Mapping[int, int]) -> ChunkRef:
+    """`ref` with only the fragments `slots` (index -> store)."""
+    return ChunkRef(
+        ref.chunk_id, ref.length, tuple(slots.get(i, NO_STORE) for i in range(len(ref.stores)))
+    )

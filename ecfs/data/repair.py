@@ -1,0 +1,452 @@
+"""The background repair task: rebuild only what is broken, when nobody is
+waiting.
+
+Owns: draining the persistent repair queue (metadb.chunks.RepairQueue) in
+priority order (see model.repair_priority: risk, then read demand, then
+scrub findings, then bulk rebuilds), pacing against foreground I/O, and
+queueing the bulk rebuild of a store that stays failed. Must not: serve
+reads or writes of files.
+
+Repairing one chunk: the fragments known bad (the queue's bitmask, slots
+without a store, slots on failed stores) are re-checked first: a fragment
+on a store that came back and still verifies is kept (a store that was only
+away for a while costs nothing). k good fragments are read whole and
+verified; only the missing fragments are regenerated, placed, written,
+read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
+(the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
+store's runner, the volume's identity check before a write, the handle
+cache, the replicator's sync before the next metadata batch, the garbage
+collector. Nothing else of the chunk is rewritten. If the chunk was
+rewritten meanwhile, the new fragments are orphans and are deleted.
+
+A chunk that cannot be repaired now (no store can take a rebuilt
+fragment, or the stores holding the rest are away) is put off for
+RETRY_DELAY seconds, or until a store comes back or has room again
+(`retry_deferred`, called by the volume), or an operator makes repair
+urgent (`set_urgent`, which also refreshes the stores' free space first).
+
+Crash contract: the queue entry is removed in the same transaction that
+commits the new locations, so a crash at any point leaves the chunk queued
+(a fragment written but not committed is an orphan for fsck). A fragment
+write that fails is handed to the garbage collector's remembered
+deletions (see garbage); the fragments rebuilt meanwhile are recorded and
+the chunk stays queued for the others.
+
+Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
+has been seen for IDLE_GAP seconds (but at least one chunk every
+MAX_STARVATION seconds, so repair never starves); `rate` (bytes/s, 0 =
+unlimited) caps the rebuild bandwidth in any case.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ..core import fragment
+from ..core.codec import Codec
+from ..core.errors import EcfsError, FragmentCorrupt, StoreError
+from ..core.geometry import Layout
+from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
+from ..core.tasks import wait_until_idle
+from ..storage.handles import HandleCache
+from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
+from ..storage.metadb.database import Database
+from ..storage.offload import StoreRunner, available_runner
+from .garbage import ChunkPins, Garbage
+from .placement import Placement
+from .reader import Bytes, ChunkReader
+from .rebuild import rebuild_fragments
+
+log = logging.getLogger(__name__)
+
+#: Chunks repaired at once in urgent mode.
+URGENT_PARALLEL = 4
+
+#: Seconds without foreground requests before a non-urgent repair step.
+IDLE_GAP = 0.05
+#: A non-urgent repair waits at most this long for the foreground to pause.
+MAX_STARVATION = 2.0
+#: Seconds before an entry that could not be repaired is tried again.
+RETRY_DELAY = 30.0
+#: Seconds a store stays failed before all its chunks are queued for rebuild.
+DEFAULT_REBUILD_AFTER = 900.0
+
+
+@dataclass(slots=True)
+class RepairCounters:
+    chunks_repaired: int = 0
+    chunks_checked_fine: int = 0
+    fragments_rebuilt: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    unrecoverable: int = 0
+    deferred: int = 0
+
+
+
+@dataclass(frozen=True, slots=True)
+class RepairQueueEntry:
+    """Queued chunks for one reason, and their file bytes."""
+
+    chunks: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepairStatistics:
+    """A snapshot of the repairer and its queue (from `Repairer.statistics()`).
+
+    The counters count since mount; `deferred` is how many queued chunks
+    wait for a store to rebuild onto; `bytes_left` is what rebuilding the
+    queue writes (file bytes scaled by n/k), `eta_seconds` that at the
+    current rate (None while the rate is 0)."""
+
+    chunks_repaired: int
+    chunks_checked_fine: int
+    fragments_rebuilt: int
+    bytes_read: int
+    bytes_written: int
+    unrecoverable: int
+    deferred: int
+    urgent: bool
+    rate_bytes_per_s: int
+    rate_limit: float
+    busy: bool
+    queue: dict[str, RepairQueueEntry]
+    chunks: int
+    bytes_left: int
+    eta_seconds: int | None
+
+
+class Repairer:
+    """Drains the repair queue in the background."""
+
+    def __init__(
+        self,
+        db: Database,
+        layout: Layout,
+        codec: Codec,
+        reader: ChunkReader,
+        runners: Mapping[int, StoreRunner],
+        placement: Placement,
+        handles: HandleCache,
+        garbage: Garbage,
+        pins: ChunkPins,
+        volume_id: bytes,
+        last_foreground: Callable[[], float],
+        note_unsynced: Callable[[int], None],
+        *,
+        rate: float = 0.0,
+        rebuild_after: float = DEFAULT_REBUILD_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.chunks = ChunkTable(db)
+        self.queue = RepairQueue(db)
+        self.layout = layout
+        self.codec = codec
+        self.reader = reader
+        self.runners = runners
+        self.placement = placement
+        self.handles = handles
+        self.garbage = garbage
+        self.pins = pins
+        self.volume_id = volume_id
+        self.last_foreground = last_foreground
+        self.note_unsynced = note_unsynced
+        self.rate = rate
+        self.rebuild_after = rebuild_after
+        self.clock = clock
+        self.urgent = False
+        self.counters = RepairCounters()
+        self.unrecoverable: dict[int, str] = {}
+        #: Stores being drained: their fragments are moved, never kept (the
+        #: placement's set itself: one truth for both).
+        self.draining: set[int] = placement.draining
+        #: Asked before a rebuilt fragment goes to a store (the volume
+        #: re-checks its identity after idle time); False: retry later.
+        self.before_write: Callable[[int], Awaitable[bool]] | None = None
+        self._deferred: dict[int, float] = {}
+        self._failed_since: dict[int, float] = {}
+        self._bulk_queued: set[int] = set()
+        self._wakeup = trio.Event()
+        self._rate_ewma = 0.0
+        self._idle = trio.Event()
+        #: Refreshes the stores' free space (set by the volume); run before
+        #: the retry that `set_urgent` starts, so that a store that was full
+        #: and has room again takes the rebuilt fragments at once.
+        self.refresh_usage: Callable[[], Awaitable[None]] | None = None
+        self._refresh_first = False
+
+    # -- control -------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Something was queued: look at the queue now."""
+        self._wakeup.set()
+
+    def set_urgent(self, urgent: bool) -> None:
+        self.urgent = urgent
+        self._deferred.clear()
+        self._refresh_first = True
+        self.poke()
+
+    def retry_deferred(self) -> None:
+        """A store came back or has room again: retry the entries that were
+        put off (for RETRY_DELAY) because they had nowhere to go."""
+        if self._deferred:
+            self._deferred.clear()
+            self.poke()
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Return once the queue holds nothing repairable right now."""
+        await self._idle.wait()
+
+    def statistics(self) -> RepairStatistics:
+        """Counters and the queue (one SQL query: call it for a status, not per chunk)."""
+        queue = {
+            reason: RepairQueueEntry(chunks, size) for reason, chunks, size in self.queue.summary()
+        }
+        bytes_left = sum(e.bytes for e in queue.values()) * self.layout.n // self.layout.k
+        rate = round(self._rate_ewma)
+        counters = self.counters
+        return RepairStatistics(
+            chunks_repaired=counters.chunks_repaired,
+            chunks_checked_fine=counters.chunks_checked_fine,
+            fragments_rebuilt=counters.fragments_rebuilt,
+            bytes_read=counters.bytes_read,
+            bytes_written=counters.bytes_written,
+            unrecoverable=counters.unrecoverable,
+            deferred=len(self._deferred),
+            urgent=self.urgent,
+            rate_bytes_per_s=rate,
+            rate_limit=float(self.rate),
+            busy=self.busy,
+            queue=queue,
+            chunks=sum(e.chunks for e in queue.values()),
+            bytes_left=bytes_left,
+            eta_seconds=round(bytes_left / rate) if rate else None,
+        )
+
+    def unrecoverable_chunks(self) -> tuple[str, ...]:
+        """Why each chunk found unrecoverable is (one message per chunk)."""
+        return tuple(self.unrecoverable.values())
+
+    def note_store_states(self) -> None:
+        """Queue the bulk rebuild of stores failed for `rebuild_after` s
+        (called periodically by the volume's health loop)."""
+        now = self.clock()
+        for index, runner in self.runners.items():
+            if runner.available:
+                self._failed_since.pop(index, None)
+                self._bulk_queued.discard(index)
+                continue
+            since = self._failed_since.setdefault(index, now)
+            if now - since >= self.rebuild_after and index not in self._bulk_queued:
+                self.queue_store_rebuild(index, "store-failed")
+
+    def queue_store_rebuild(self, store: int, reason: str) -> int:
+        """Queue every chunk with a fragment on `store` (bulk rebuild)."""
+        self._bulk_queued.add(store)
+        with self.db.transaction():
+            count = self.queue.enqueue_store(
+                store, reason, repair_priority(self.layout.m - 1, reason), time.time_ns()
+            )
+        log.warning("store %d: %d chunks queued for rebuild (%s)", store, count, reason)
+        self.poke()
+        return count
+
+    # -- the task ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if self._refresh_first and self.refresh_usage is not None:
+                self._refresh_first = False
+                await self.refresh_usage()
+            entries = self._due_entries()
+            if not entries:
+                self._idle.set()
+                self._wakeup = trio.Event()
+                with trio.move_on_after(5.0):
+                    await self._wakeup.wait()
+                continue
+            self._idle = trio.Event()
+            # Urgent: several chunks at once (their fragments are on
+            # different stores' queues); otherwise one at a time, paced.
+            limit = trio.Semaphore(URGENT_PARALLEL if self.urgent else 1)
+            async with trio.open_nursery() as nursery:
+                for entry in entries:
+                    await self._pace()
+                    await limit.acquire()
+                    nursery.start_soon(self._repair_entry, entry, limit)
+
+    async def _repair_entry(self, entry: RepairEntry, limit: trio.Semaphore) -> None:
+        try:
+            await self.repair_chunk(entry)
+        except EcfsError as exc:
+            log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
+            self._defer(entry.chunk_id)
+        finally:
+            limit.release()
+
+    def _due_entries(self) -> list[RepairEntry]:
+        now = self.clock()
+        self._deferred = {c: t for c, t in self._deferred.items() if t > now}
+        return [e for e in self.queue.next_batch(256) if e.chunk_id not in self._deferred][:32]
+
+    def _defer(self, chunk_id: int) -> None:
+        self._deferred[chunk_id] = self.clock() + RETRY_DELAY
+        self.counters.deferred += 1
+
+    async def _pace(self) -> None:
+        if not self.urgent:
+            await wait_until_idle(self.last_foreground, IDLE_GAP, MAX_STARVATION)
+
+    async def _throttle(self, nbytes: int, elapsed: float) -> None:
+        if elapsed > 0:
+            self._rate_ewma = 0.8 * self._rate_ewma + 0.2 * (nbytes / elapsed)
+        if self.rate > 0:
+            await trio.sleep(max(0.0, nbytes / self.rate - elapsed))
+
+    # -- one chunk -----------------------------------------------------------------------
+
+    async def repair_chunk(self, entry: RepairEntry) -> None:
+        found = self.chunks.by_id(entry.chunk_id)
+        if found is None:
+            with self.db.transaction():
+                self.queue.remove(entry.chunk_id)
+            return
+        _, _, ref = found
+        started = self.clock()
+        self.pins.pin(ref.chunk_id)
+        try:
+            written = await self._repair(ref, entry.bad, entry.reason)
+        finally:
+            self.pins.unpin(ref.chunk_id)
+        await self._throttle(written, self.clock() - started)
+
+    async def _repair(self, ref: ChunkRef, bad_mask: int, reason: str) -> int:
+        layout = self.layout
+        payload = layout.payload_length(ref.length)
+        suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
+        suspects |= {i for i, s in enumerate(ref.stores) if not self._usable(s)}
+        broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
+        if not broken:
+            with self.db.transaction():
+                self.queue.remove(ref.chunk_id)
+            self.counters.chunks_checked_fine += 1
+            return 0
+        if all(self.placement.rebuild_target(ref.stores, i) is None for i in broken):
+            # Nowhere to put a rebuilt fragment (e.g. a store is gone and
+            # every other one already holds a fragment of this chunk): do not
+            # read k fragments and decode for nothing, while readers wait.
+            log.info("chunk %016x: no store can take fragments %s now", ref.chunk_id, broken)
+            self._defer(ref.chunk_id)
+            return 0
+        found_bad = set(broken)
+        good = await self._read_good(ref, found_bad, payload)
+        broken = sorted(found_bad)  # sources found bad are rebuilt too
+        if len(good) < layout.k:
+            away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
+            if len(good) + len(away) >= layout.k:
+                # Not lost: stores holding the rest are only unavailable now.
+                log.info("chunk %016x: waiting for stores %s to come back", ref.chunk_id,
+                         sorted({ref.stores[i] for i in away}))
+                self._defer(ref.chunk_id)
+            else:
+                self._give_up(ref, broken)
+            return 0
+        done = await rebuild_fragments(
+            self.db, layout, self.codec, self.volume_id, self.placement, _RepairStores(self),
+            ref, good, broken,
+            reason=reason if reason in REPAIR_REASONS else "store-failed",
+        )  # fmt: skip
+        self.counters.fragments_rebuilt += len(done.rebuilt)
+        self.counters.bytes_written += done.bytes_written
+        if done.committed and done.rebuilt:
+            self.counters.chunks_repaired += 1
+        if done.failed:
+            self._defer(ref.chunk_id)
+        return done.bytes_written
+
+    def _usable(self, store: int) -> bool:
+        return available_runner(self.runners, store) is not None
+
+    async def _still_good(self, ref: ChunkRef, index: int, payload: int) -> bool:
+        """A suspect fragment that is on an available store and verifies
+        completely is fine after all (e.g. its store was only away)."""
+        if not self._usable(ref.stores[index]) or ref.stores[index] in self.draining:
+            return False
+        try:
+            await self.reader.read_fragment(ref, index, 0, payload)
+        except (StoreError, FragmentCorrupt):
+            return False
+        self.counters.bytes_read += payload
+        return True
+
+    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, Bytes]:
+        """k whole, verified fragments (read in parallel, fastest stores and
+        data fragments first); fragments found bad are added to `broken`."""
+        candidates = [
+            i for i in self.reader.sources(ref, exclude=broken) if self._usable(ref.stores[i])
+        ]
+        good, bad, bytes_read = await self.reader.gather_fragments(ref, candidates, 0, payload)
+        broken.update(bad)
+        self.counters.bytes_read += bytes_read
+        return good
+
+    def _give_up(self, ref: ChunkRef, broken: list[int]) -> None:
+        message = (
+            f"chunk {ref.chunk_id:016x}: fewer than {self.layout.k} good fragments"
+            f" (bad: {broken}); its bytes cannot be recovered"
+        )
+        if ref.chunk_id not in self.unrecoverable:
+            log.error("%s", message)
+        self.unrecoverable[ref.chunk_id] = message
+        self.counters.unrecoverable += 1
+        self._defer(ref.chunk_id)
+
+
+class _RepairStores:
+    """The mount's way to the stores for `rebuild_fragments` (see
+    `ecfs.data.rebuild.FragmentIO`)."""
+
+    def __init__(self, repairer: Repairer) -> None:
+        self.repairer = repairer
+
+    async def replace_fragment(
+        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    ) -> int:
+        repairer = self.repairer
+        if repairer.before_write is not None and not await repairer.before_write(store):
+            raise StoreError(f"store {store} is unavailable")
+        runner = repairer.runners[store]
+        repairer.handles.discard((store, chunk_id, index))
+        size = sum(len(p) for p in parts)
+        await runner.call(runner.store.delete_fragment, chunk_id, index)
+        return await runner.call(
+            runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size
+        )
+
+    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
+        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+
+    def note_unsynced(self, store: int) -> None:
+        # Made durable before any metadata batch that refers to it (the
+        # replicator syncs every store written since its last batch).
+        self.repairer.note_unsynced(store)
+
+    def remember(self, fragments: list[tuple[int, int, int]]) -> None:
+        self.repairer.garbage.remember(fragments)
+
+    def discard(self, refs: list[ChunkRef]) -> None:
+        self.repairer.garbage.discard(refs, self.repairer.db.generation)

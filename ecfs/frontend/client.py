@@ -1,0 +1,81 @@
+"""The CLI's side of the control channel (see `control`): read a mount's
+status and send it commands through the root directory's xattrs.
+
+Owns: the attribute names, timeouts and error translation. Must not: know
+what the commands do.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..core.errors import EcfsError, VolumeError
+from ..volume.status import StatusFormatError, VolumeStatus, from_json
+
+STATUS = "user.ecfs.status"
+PID = "user.ecfs.pid"
+COMMAND = "user.ecfs.control"
+
+T = TypeVar("T")
+
+
+class MountClient:
+    """A running ecfs mount, reached through its mountpoint."""
+
+    def __init__(self, mountpoint: str, timeout: float = 30.0) -> None:
+        self.mountpoint = mountpoint
+        self.timeout = timeout
+
+    def status(self) -> VolumeStatus:
+        """The mount's status record (sent as JSON, see `ecfs.volume.status`)."""
+        raw = self._call(lambda: os.getxattr(self.mountpoint, STATUS))
+        try:
+            return from_json(json.loads(raw))
+        except (ValueError, StatusFormatError) as exc:
+            raise EcfsError(
+                f"{self.mountpoint}: the daemon's status is not understood ({exc}); was it"
+                " mounted by another version of ecfs?"
+            ) from None
+
+    def pid(self) -> int:
+        return int(self._call(lambda: os.getxattr(self.mountpoint, PID)))
+
+    def command(self, text: str) -> None:
+        self._call(lambda: os.setxattr(self.mountpoint, COMMAND, text.encode()))
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn in a thread so a hung mount cannot hang the CLI."""
+        result: list[T] = []
+        error: list[OSError] = []
+
+        def run() -> None:
+            try:
+                result.append(fn())
+            except OSError as exc:
+                error.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise EcfsError(f"{self.mountpoint}: the ecfs daemon does not answer")
+        if error:
+            raise _translate(self.mountpoint, error[0])
+        return result[0]
+
+
+def _translate(mountpoint: str, exc: OSError) -> EcfsError:
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR):
+        return VolumeError(f"{mountpoint} is not a mounted ecfs volume")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return VolumeError(f"{mountpoint}: only root and the user who mounted it may do this")
+    if exc.errno == errno.EBUSY:
+        return VolumeError(f"{mountpoint}: another operation of this kind is running")
+    if exc.errno == errno.EINVAL:
+        return VolumeError(f"{mountpoint}: the daemon refused the request (its log says why)")
+    return EcfsError(f"{mountpoint}: {exc.strerror}")

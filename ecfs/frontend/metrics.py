@@ -1,0 +1,330 @@
+"""Prometheus metrics of the status record (`ecfs.volume.status.VolumeStatus`).
+
+`ecfs status --prometheus MOUNTPOINT` prints them; a node_exporter textfile
+collector or a tiny HTTP wrapper can serve them. The metric names, types and
+help texts are the table `METRICS` below, which scripts/manpages.py also
+prints in ecfs-status(8): a name listed there keeps its meaning.
+
+Owns: metric names and which record field each shows (`samples`). The
+exposition format is prometheus_client's: `StatusCollector` is a custom
+collector (register it with any prometheus_client registry to serve live
+values), `render_prometheus` the text of one record. Must not: do I/O or
+compute anything the record does not hold; a value that is unknown (None)
+gives no sample rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric as Family
+from prometheus_client.registry import Collector
+
+from ..volume.status import HEALTH_STATES, STORE_STATES, VolumeStatus
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric family: its name, Prometheus type, labels and meaning."""
+
+    name: str
+    type: str  # "gauge" | "counter" | "summary"
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+def _m(name: str, type_: str, help_: str, *labels: str) -> Metric:
+    return Metric(name, type_, help_, labels)
+
+
+METRICS: tuple[Metric, ...] = (
+    _m(
+        "ecfs_volume_info", "gauge", "Always 1; the volume id and its code k+m.", "volume", "k", "m"
+    ),
+    _m("ecfs_volume_health", "gauge", "1 for the current health state, 0 for the others.", "state"),
+    _m(
+        "ecfs_volume_tolerance",
+        "gauge",
+        "How many more stores the worst chunk can lose (negative: data unreadable).",
+    ),
+    _m("ecfs_unrecoverable_chunks", "gauge", "Chunks that repair found unrecoverable."),
+    _m("ecfs_store_info", "gauge", "Always 1; the store's path.", "store", "path"),
+    _m(
+        "ecfs_store_state",
+        "gauge",
+        "1 for the store's current state (ok, slow, failed, missing), 0 for the others.",
+        "store",
+        "state",
+    ),
+    _m("ecfs_store_draining", "gauge", "1 while the store is being removed.", "store"),
+    _m("ecfs_store_in_flight", "gauge", "Operations running on the store now.", "store"),
+    _m("ecfs_store_errors_total", "counter", "Failed operations on the store.", "store"),
+    _m("ecfs_store_timeouts_total", "counter", "Timed-out operations on the store.", "store"),
+    _m(
+        "ecfs_store_latency_seconds",
+        "summary",
+        "Recent operation latency of the store (quantiles 0.5 and 0.95).",
+        "store",
+        "quantile",
+    ),
+    _m("ecfs_store_bytes_read_total", "counter", "Bytes read from the store.", "store"),
+    _m("ecfs_store_bytes_written_total", "counter", "Bytes written to the store.", "store"),
+    _m("ecfs_store_free_bytes", "gauge", "Free space of the store's filesystem.", "store"),
+    _m("ecfs_store_size_bytes", "gauge", "Size of the store's filesystem.", "store"),
+    _m("ecfs_store_fragments", "gauge", "Fragments held by the store.", "store"),
+    _m("ecfs_store_fragment_bytes", "gauge", "Bytes of fragments held by the store.", "store"),
+    _m("ecfs_read_requested_bytes_total", "counter", "Bytes programs read from the mount."),
+    _m("ecfs_read_store_bytes_total", "counter", "Bytes read from stores to serve them."),
+    _m(
+        "ecfs_degraded_reads_total",
+        "counter",
+        "Reads that had to decode from parity (a fragment was missing or bad).",
+    ),
+    _m("ecfs_degraded_read_requested_bytes_total", "counter", "Bytes served by degraded reads."),
+    _m(
+        "ecfs_degraded_read_store_bytes_total",
+        "counter",
+        "Bytes read from stores for degraded reads.",
+    ),
+    _m(
+        "ecfs_hedged_reads_total",
+        "counter",
+        "Extra fragment reads sent because a store was slow to answer.",
+    ),
+    _m(
+        "ecfs_unrecoverable_reads_total",
+        "counter",
+        "Reads that failed with EIO: fewer than k good fragments.",
+    ),
+    _m(
+        "ecfs_read_nowait_hits_total",
+        "counter",
+        "Fragment reads served without a worker thread (page cache hits).",
+    ),
+    _m("ecfs_read_thread_reads_total", "counter", "Fragment reads done in a worker thread."),
+    _m("ecfs_write_bytes_in_total", "counter", "Bytes programs wrote to the mount."),
+    _m("ecfs_write_bytes_out_total", "counter", "Bytes written to stores (data and parity)."),
+    _m("ecfs_repair_queue_chunks", "gauge", "Chunks queued for repair, by reason.", "reason"),
+    _m("ecfs_repair_queue_bytes", "gauge", "File bytes of the chunks queued, by reason.", "reason"),
+    _m("ecfs_repair_bytes_left", "gauge", "Fragment bytes still to rebuild."),
+    _m(
+        "ecfs_repair_deferred_chunks", "gauge", "Queued chunks waiting for a store to rebuild onto."
+    ),
+    _m("ecfs_repair_rate_bytes_per_second", "gauge", "Current repair speed."),
+    _m(
+        "ecfs_repair_rate_limit_bytes_per_second",
+        "gauge",
+        "Repair bandwidth cap (-o repair_rate; 0: none).",
+    ),
+    _m(
+        "ecfs_repair_eta_seconds",
+        "gauge",
+        "Estimated time until the repair queue is empty (absent when idle).",
+    ),
+    _m("ecfs_repair_urgent", "gauge", "1 after `ecfs repair` (full speed), else 0."),
+    _m("ecfs_repair_busy", "gauge", "1 while a repair is running."),
+    _m("ecfs_repair_fragments_rebuilt_total", "counter", "Fragments rebuilt by repair."),
+    _m("ecfs_repair_chunks_repaired_total", "counter", "Chunks repaired."),
+    _m(
+        "ecfs_repair_chunks_checked_fine_total",
+        "counter",
+        "Queued chunks that turned out to need nothing.",
+    ),
+    _m("ecfs_repair_bytes_read_total", "counter", "Bytes repair read from stores."),
+    _m("ecfs_repair_bytes_written_total", "counter", "Bytes repair wrote to stores."),
+    _m("ecfs_scrub_running", "gauge", "1 while a scrub runs."),
+    _m("ecfs_scrub_chunks", "gauge", "Chunks in the current or last scrub pass."),
+    _m("ecfs_scrub_chunks_done", "gauge", "Of them, chunks verified so far."),
+    _m("ecfs_scrub_fragments_verified", "gauge", "Fragments verified by the current or last pass."),
+    _m("ecfs_scrub_bytes_verified", "gauge", "Bytes verified by the current or last pass."),
+    _m(
+        "ecfs_scrub_findings",
+        "gauge",
+        "Chunks with missing or corrupt fragments found by the current or last pass.",
+    ),
+    _m(
+        "ecfs_scrub_last_start_timestamp_seconds",
+        "gauge",
+        "When the current or last scrub started (0: never).",
+    ),
+    _m(
+        "ecfs_scrub_last_finish_timestamp_seconds",
+        "gauge",
+        "When the last scrub finished (0: never).",
+    ),
+    _m("ecfs_metadata_generation", "gauge", "Metadata generation (commits so far)."),
+    _m(
+        "ecfs_metadata_durable_generation",
+        "gauge",
+        "Newest metadata generation on every live replica.",
+    ),
+    _m("ecfs_metadata_live_replicas", "gauge", "Metadata replicas being kept up to date."),
+    _m("ecfs_write_log_records", "gauge", "Small-write log records waiting to be folded."),
+    _m("ecfs_write_log_bytes", "gauge", "Bytes of small-write log records waiting to be folded."),
+    _m("ecfs_write_log_chunks", "gauge", "Chunks with small-write log records."),
+    _m("ecfs_write_log_limit_bytes", "gauge", "Log bytes past which writers fold first."),
+    _m("ecfs_write_log_records_total", "counter", "Small-write log records written."),
+    _m("ecfs_write_log_written_bytes_total", "counter", "Bytes written as log records."),
+    _m("ecfs_write_log_folds_total", "counter", "Chunks re-encoded with their log records."),
+    _m(
+        "ecfs_write_log_forced_folds_total",
+        "counter",
+        "Folds a writer waited for because the log was over its limit.",
+    ),
+    _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
+    _m(
+        "ecfs_garbage_pending_chunks",
+        "gauge",
+        "Dropped chunk versions waiting until their dereference is durable.",
+    ),
+    _m("ecfs_garbage_deleted_chunks_total", "counter", "Dropped chunk versions deleted."),
+    _m(
+        "ecfs_garbage_leftover_fragments",
+        "gauge",
+        "Fragment deletions that failed and are retried later.",
+    ),
+)
+
+BY_NAME = {metric.name: metric for metric in METRICS}
+
+#: Status document keys -> metric names, for the plain counters and gauges.
+_READS = {
+    "requested_bytes": "ecfs_read_requested_bytes_total",
+    "store_bytes": "ecfs_read_store_bytes_total",
+    "degraded_reads": "ecfs_degraded_reads_total",
+    "degraded_requested_bytes": "ecfs_degraded_read_requested_bytes_total",
+    "degraded_store_bytes": "ecfs_degraded_read_store_bytes_total",
+    "hedged_reads": "ecfs_hedged_reads_total",
+    "unrecoverable_reads": "ecfs_unrecoverable_reads_total",
+    "nowait_hits": "ecfs_read_nowait_hits_total",
+    "thread_reads": "ecfs_read_thread_reads_total",
+}
+_WRITES = {"bytes_in": "ecfs_write_bytes_in_total", "bytes_out": "ecfs_write_bytes_out_total"}
+_WRITE_LOG = {
+    "records": "ecfs_write_log_records",
+    "bytes": "ecfs_write_log_bytes",
+    "chunks": "ecfs_write_log_chunks",
+    "limit": "ecfs_write_log_limit_bytes",
+    "records_written": "ecfs_write_log_records_total",
+    "bytes_written": "ecfs_write_log_written_bytes_total",
+    "folds": "ecfs_write_log_folds_total",
+    "forced_folds": "ecfs_write_log_forced_folds_total",
+}
+_REPAIR = {
+    "bytes_left": "ecfs_repair_bytes_left",
+    "deferred": "ecfs_repair_deferred_chunks",
+    "rate_bytes_per_s": "ecfs_repair_rate_bytes_per_second",
+    "rate_limit": "ecfs_repair_rate_limit_bytes_per_second",
+    "eta_seconds": "ecfs_repair_eta_seconds",
+    "urgent": "ecfs_repair_urgent",
+    "busy": "ecfs_repair_busy",
+    "fragments_rebuilt": "ecfs_repair_fragments_rebuilt_total",
+    "chunks_repaired": "ecfs_repair_chunks_repaired_total",
+    "chunks_checked_fine": "ecfs_repair_chunks_checked_fine_total",
+    "bytes_read": "ecfs_repair_bytes_read_total",
+    "bytes_written": "ecfs_repair_bytes_written_total",
+}
+_SCRUB = {
+    "running": "ecfs_scrub_running",
+    "chunks_total": "ecfs_scrub_chunks",
+    "chunks_done": "ecfs_scrub_chunks_done",
+    "fragments_verified": "ecfs_scrub_fragments_verified",
+    "bytes_verified": "ecfs_scrub_bytes_verified",
+    "finding_count": "ecfs_scrub_findings",
+}
+_GARBAGE = {
+    "pending": "ecfs_garbage_pending_chunks",
+    "deleted_chunks": "ecfs_garbage_deleted_chunks_total",
+    "leftovers": "ecfs_garbage_leftover_fragments",
+}
+_STORE = {
+    "in_flight": "ecfs_store_in_flight",
+    "errors": "ecfs_store_errors_total",
+    "timeouts": "ecfs_store_timeouts_total",
+    "bytes_read": "ecfs_store_bytes_read_total",
+    "bytes_written": "ecfs_store_bytes_written_total",
+    "free_bytes": "ecfs_store_free_bytes",
+    "total_bytes": "ecfs_store_size_bytes",
+    "fragments": "ecfs_store_fragments",
+    "fragment_bytes": "ecfs_store_fragment_bytes",
+    "draining": "ecfs_store_draining",
+}
+
+Sample = tuple[str, dict[str, str], float]
+
+
+class StatusCollector(Collector):
+    """A prometheus_client collector of the record `status()` returns,
+    one family per `METRICS` entry that has samples, in table order."""
+
+    def __init__(self, status: Callable[[], VolumeStatus]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Family]:
+        found: dict[str, list[Sample]] = {}
+        for sample in samples(self.status()):
+            found.setdefault(sample[0], []).append(sample)
+        for metric in METRICS:
+            if metric.name not in found:
+                continue
+            # prometheus_client names a counter family without "_total".
+            name = metric.name.removesuffix("_total") if metric.type == "counter" else metric.name
+            family = Family(name, metric.help, metric.type)
+            for sample_name, labels, value in found[metric.name]:
+                family.add_sample(sample_name, labels, float(value))
+            yield family
+
+
+def render_prometheus(status: VolumeStatus) -> str:
+    """The record in the Prometheus text format (ends with a newline)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(lambda: status))
+    return generate_latest(registry).decode()
+
+
+def samples(status: VolumeStatus) -> Iterator[Sample]:
+    """(metric name, labels, value) of every sample of the record."""
+    yield "ecfs_volume_info", {"volume": status.volume, "k": str(status.k), "m": str(status.m)}, 1
+    yield from _states("ecfs_volume_health", {}, HEALTH_STATES, status.health)
+    yield "ecfs_volume_tolerance", {}, status.tolerance
+    yield "ecfs_unrecoverable_chunks", {}, len(status.unrecoverable)
+    for store in status.stores:
+        label = {"store": str(store.index)}
+        yield "ecfs_store_info", {**label, "path": store.path}, 1
+        yield from _states("ecfs_store_state", label, STORE_STATES, store.state)
+        yield from _fields(store, _STORE, label)
+        for quantile, ms in (("0.5", store.latency_p50_ms), ("0.95", store.latency_p95_ms)):
+            yield "ecfs_store_latency_seconds", {**label, "quantile": quantile}, ms / 1000
+    yield from _fields(status.reads, _READS)
+    yield from _fields(status.writes, _WRITES)
+    yield from _fields(status.write_log, _WRITE_LOG)
+    yield from _fields(status.garbage, _GARBAGE)
+    yield from _fields(status.scrub, _SCRUB)
+    yield "ecfs_scrub_last_start_timestamp_seconds", {}, status.scrub.started_ns / 1e9
+    yield "ecfs_scrub_last_finish_timestamp_seconds", {}, status.scrub.finished_ns / 1e9
+    for reason, entry in sorted(status.repair.queue.items()):
+        yield "ecfs_repair_queue_chunks", {"reason": reason}, entry.chunks
+        yield "ecfs_repair_queue_bytes", {"reason": reason}, entry.bytes
+    yield from _fields(status.repair, _REPAIR)
+    metadata = status.metadata
+    yield "ecfs_metadata_generation", {}, metadata.generation
+    if metadata.durable_generation is not None:
+        yield "ecfs_metadata_durable_generation", {}, metadata.durable_generation
+    yield "ecfs_metadata_live_replicas", {}, len(metadata.live_replicas)
+    yield "ecfs_metadata_stale_replicas", {}, len(metadata.stale_replicas)
+
+
+def _states(name: str, labels: dict[str, str], states: tuple[str, ...], current: str) -> Iterator[Sample]:
+    """1 for the current state, 0 for the others (an unknown one is added)."""
+    for state in (*states, *({current} - set(states))):
+        yield name, {**labels, "state": state}, state == current
+
+
+def _fields(record: object, names: dict[str, str], labels: dict[str, str] | None = None) -> Iterator[Sample]:
+    """A sample per record field in `names` (field -> metric), None skipped."""
+    for field, name in names.items():
+        value = getattr(record, field)
+        if value is not None:
+            yield name, labels or {}, value

@@ -1,0 +1,369 @@
+"""Running a mount: options, daemonising, the trio main loop, shutdown.
+
+Owns: FUSE mount options, the process life cycle of a mount (fork once the
+mount is ready, report failures to the waiting parent), signals, the
+orderly shutdown after unmount, and `-o remount` (the kernel's flags of a
+running mount, see `remount`). Must not: contain filesystem logic.
+
+Life cycle: open the volume (blocking: stores, freshest metadata replica)
+-> pyfuse3.init (the kernel mount exists) -> trio: start background tasks,
+tell the parent "ready", serve until unmounted -> write back everything,
+make metadata durable, delete garbage -> exit. SIGTERM/SIGINT end the loop
+the same way and unmount.
+
+The daemon holds the volume lock (see `lock`) on every store for its whole
+life (`lock_stores`), so a second mount of the same volume is refused
+instead of two daemons diverging on the same stores; a killed daemon's
+locks die with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ..core.errors import EcfsError, VolumeError
+from ..core.host import mount_at
+from ..core.units import parse_size
+from ..storage.lock import VolumeLock
+from ..storage.offload import run_in_thread
+from ..storage.store import MARKER_NAME
+from ..volume.assembly import Volume, expand_store_args
+from .fs import EcfsOperations
+
+log = logging.getLogger(__name__)
+
+#: FUSE options ecfs passes through when given with -o.
+PASSTHROUGH_OPTIONS = {
+    "allow_other",
+    "default_permissions",
+    "noatime",
+    "ro",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "suid",
+    "dev",
+    "exec",
+    "rw",
+    "relatime",
+    "atime",
+}
+#: Options for mount helpers and fstab that mean nothing to the daemon.
+IGNORED_OPTIONS = {"_netdev", "nofail", "auto", "noauto", "user", "users", "defaults"}
+#: What `-o remount,...` can change: the kernel's flags of the mount (FUSE
+#: accepts a remount that changes only those, and does not tell the
+#: daemon; read-only is then enforced by the kernel: EROFS). Every other
+#: option is fixed for the life of the daemon and is ignored on a remount
+#: (mount(8) repeats the fstab options).
+REMOUNT_FLAGS = {
+    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "nodiratime", "diratime",
+    "lazytime", "nolazytime", "sync", "async",
+}  # fmt: skip
+
+
+@dataclass
+class MountOptions:
+    """Parsed `-o` options."""
+
+    fuse: set[str] = field(default_factory=set)
+    allow_other: bool = os.geteuid() == 0
+    fsname: str = "ecfs"
+    #: Repair bandwidth cap in bytes/s (0: none; repair still yields to
+    #: foreground I/O).
+    repair_rate: int = 0
+    #: Seconds a store may stay failed before all its chunks are rebuilt
+    #: elsewhere (when there is a store to rebuild onto).
+    rebuild_after: float = 900.0
+    #: `-o remount,...`: change the flags of an existing mount (see `remount`).
+    remount: bool = False
+    #: The REMOUNT_FLAGS given, in order.
+    remount_flags: list[str] = field(default_factory=list)
+
+    def fuse_options(self) -> set[str]:
+        options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
+        if self.allow_other:
+            options.add("allow_other")
+        return options
+
+
+def parse_options(values: Sequence[str]) -> MountOptions:
+    """`-o a,b=c` values -> MountOptions; VolumeError for unknown options."""
+    options = MountOptions()
+    items = [item for value in values for item in value.split(",") if item]
+    if "remount" in items:
+        # mount(8) adds the options of the mount table (user_id=0, fsname=...)
+        # and of fstab: only the flags can change, the rest is ignored.
+        options.remount = True
+        options.remount_flags = [item for item in items if item in REMOUNT_FLAGS]
+        return options
+    for value in values:
+        for item in filter(None, value.split(",")):
+            name, _, arg = item.partition("=")
+            if name == "allow_other":
+                options.allow_other = True
+            elif name == "noallow_other":
+                options.allow_other = False
+            elif name == "fsname" and arg:
+                options.fsname = arg
+            elif name == "repair_rate" and arg:
+                options.repair_rate = _option_number(item, parse_size, arg)
+            elif name == "rebuild_after" and arg:
+                options.rebuild_after = _option_number(item, float, arg)
+            elif name in PASSTHROUGH_OPTIONS and not arg:
+                options.fuse.add(name)
+            elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
+                continue
+            else:
+                raise VolumeError(f"unknown mount option {item!r}")
+    return options
+
+
+def _option_number(item: str, parse: Callable[[str], float], arg: str) -> Any:
+    try:
+        value = parse(arg)
+    except ValueError:
+        raise VolumeError(f"bad value in mount option {item!r}") from None
+    if value < 0:
+        raise VolumeError(f"mount option {item!r} must not be negative")
+    return value
+
+
+def remount(mountpoint: Path, options: MountOptions) -> None:
+    """Change the kernel flags (ro/rw, nosuid...) of the ecfs mount at
+    `mountpoint`: what `mount -o remount,ro MNT` asks of mount.fuse.ecfs,
+    also at system shutdown. Runs `mount --internal-only` (mount(2) with
+    MS_REMOUNT and the mount's other flags kept, without calling this helper
+    again); only root may (fusermount3 cannot remount). VolumeError if it
+    is not an ecfs mount or the remount fails."""
+    fstype = mounted_fstype(mountpoint)
+    if fstype != "fuse.ecfs":
+        raise VolumeError(f"{mountpoint} is not an ecfs mount" + (f" ({fstype})" if fstype else ""))
+    if os.geteuid() != 0:
+        raise VolumeError("only root can remount (fusermount3 cannot): use sudo mount -o remount,...")
+    argv = ["mount", "--internal-only", "-o", ",".join(["remount", *options.remount_flags])]
+    try:
+        result = subprocess.run(
+            [*argv, str(mountpoint)], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise VolumeError("mount(8) not found: cannot remount") from None
+    if result.returncode != 0:
+        raise VolumeError(f"remount of {mountpoint} failed: {result.stderr.strip()}")
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes: every FUSE request allocates trio and
+    request objects, and the default thresholds ran a collection every few
+    requests. Objects alive at startup are frozen out of collections."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
+def tune_malloc() -> None:
+    """Keep large buffers on the heap instead of fresh mmaps (zfec and
+    fragment buffers page-faulted on every call without it: 20-40% faster)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def set_read_ahead(mountpoint: Path, kib: int = 1024) -> None:
+    """Ask for 1 MiB read-ahead on the mount (fewer, larger FUSE reads)."""
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(str(kib))
+    except OSError as exc:
+        log.debug("cannot set read-ahead of %s: %s", mountpoint, exc)
+
+
+def mounted_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path` ("fuse.ecfs", "ext4"...),
+    or None. Read from the mount table (`host.mount_at`), never by stat(),
+    which hangs on a hung FUSE daemon and fails on the dead mount a killed
+    daemon leaves."""
+    mount = mount_at(path)
+    return None if mount is None else mount.fstype
+
+
+def check_mountpoint(mountpoint: Path, stores: Sequence[Path]) -> None:
+    """VolumeError unless `mountpoint` is a directory, nothing is mounted
+    on it, and no store lies inside it."""
+    fstype = mounted_fstype(mountpoint)
+    if fstype is not None:
+        raise VolumeError(f"{mountpoint} is already a mount point ({fstype}); unmount it first")
+    if not mountpoint.is_dir():
+        if mountpoint.exists():
+            raise VolumeError(f"mountpoint {mountpoint} is not a directory")
+        raise VolumeError(f"mountpoint {mountpoint} does not exist")
+    real = Path(os.path.realpath(mountpoint))
+    for store in stores:
+        store_real = Path(os.path.realpath(store))
+        if store_real.is_relative_to(real):
+            raise VolumeError(f"store {store} is inside the mountpoint {mountpoint}")
+    if not os.path.exists("/dev/fuse"):
+        raise VolumeError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+
+def lock_stores(store_args: Sequence[str]) -> VolumeLock:
+    """Take the volume lock (see `lock`) on every given store that exists,
+    so that one volume is never served by two daemons at once, nor checked
+    by fsck while mounted. Missing stores are skipped (Volume.open says
+    whether that is within tolerance). VolumeError if one is in use."""
+    present = [p for p in expand_store_args(store_args) if (p / MARKER_NAME).is_file()]
+    return VolumeLock.acquire(present)
+
+
+def run_mount(
+    store_args: Sequence[str],
+    mountpoint: Path,
+    options: MountOptions,
+    *,
+    foreground: bool,
+    setup_logging: Callable[[bool], None],
+) -> int:
+    """Mount and serve until unmounted. Without `foreground`, the calling
+    process returns once the daemon child is ready (0) or has failed (2 for
+    a VolumeError, a usage problem; 1 otherwise), after printing the
+    child's one-line reason on stderr.
+
+    Parent and child talk through a pipe: the child writes "ok" once the
+    mount answers, or "<exit status>:<message>"; end-of-file without a
+    message means the child died."""
+    if foreground:
+        setup_logging(True)
+        return _serve_process(store_args, mountpoint, options, ready=lambda msg: None)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        status, _, text = message.partition(":")
+        if not status.isdigit():
+            status, text = "1", "the mount daemon died before mounting; see its log"
+        sys.stderr.write(f"ecfs: {text}\n")
+        return int(status)
+    os.close(read_end)
+    os.setsid()
+    reported = False
+
+    def ready(message: str) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            os.write(write_end, message.encode())
+            os.close(write_end)
+
+    code = 1
+    try:
+        setup_logging(False)
+        _detach_stdio()
+        os.chdir("/")  # never keep the caller's directory (and its filesystem) busy
+        code = _serve_process(store_args, mountpoint, options, ready=ready)
+    except VolumeError as exc:
+        log.error("mount failed: %s", exc)
+        ready(f"2:{exc}")
+    except EcfsError as exc:
+        log.error("mount failed: %s", exc)
+        ready(f"1:{exc}")
+    except BaseException as exc:  # report anything to the parent, then exit
+        log.exception("mount failed")
+        ready(f"1:mount failed: {type(exc).__name__}: {exc}")
+    finally:
+        ready("1:the mount daemon stopped before the mount was ready; see its log")
+        logging.shutdown()
+        os._exit(code)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _serve_process(
+    store_args: Sequence[str],
+    mountpoint: Path,
+    options: MountOptions,
+    *,
+    ready: Callable[[str], None],
+) -> int:
+    tune_malloc()
+    tune_gc()
+    lock = lock_stores(store_args)
+    try:
+        volume = Volume.open(store_args)
+        volume.repairer.rate = options.repair_rate
+        volume.repairer.rebuild_after = options.rebuild_after
+        volume.mountpoint = mountpoint
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        operations = EcfsOperations(volume, mount_uid=os.getuid())
+        try:
+            pyfuse3.init(operations, str(mountpoint), options.fuse_options())
+        except RuntimeError as exc:
+            raise VolumeError(f"cannot mount on {mountpoint}: {exc}") from None
+        log.info("mounted volume %s on %s", volume.volume_id, mountpoint)
+        try:
+            trio.run(_serve, volume, mountpoint, ready)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        volume.close()
+        lock.release()
+    if volume.shutdown_errors or volume.metadata_at_risk:
+        log.error("unmounted %s with errors: %s", mountpoint, "; ".join(volume.shutdown_errors))
+        return 1
+    log.info("unmounted %s cleanly", mountpoint)
+    return 0
+
+
+async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await volume.start(nursery)
+        nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_set_read_ahead_off_loop, mountpoint)
+        ready("ok")
+        try:
+            await pyfuse3.main()
+        finally:
+            with trio.CancelScope(shield=True):
+                await volume.shutdown()
+                nursery.cancel_scope.cancel()
+    await volume.aclose_replicas()
+
+
+async def _set_read_ahead_off_loop(mountpoint: Path) -> None:
+    await run_in_thread(set_read_ahead, mountpoint)
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

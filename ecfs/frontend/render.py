@@ -1,0 +1,136 @@
+"""Human-readable renderings of the status record (pure; no I/O).
+
+Owns: the text `ecfs status` and `ecfs scrub` print; tables are drawn by
+rich (plain text, no colour: the output is read by people and by grep).
+Must not: compute anything the record does not hold.
+"""
+
+from __future__ import annotations
+
+import io
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..core.units import format_size
+from ..data.scrub import ScrubStatistics
+from ..volume.status import VolumeStatus
+
+#: Columns rich may use: more than any table needs, so nothing is folded or
+#: cut (a long store path stays whole and greppable; tables are not expanded).
+WIDTH = 100_000
+
+
+def render_table(table: Table, width: int = WIDTH) -> str:
+    """A rich table as plain text lines (no colour, no trailing blanks)."""
+    out = io.StringIO()
+    # Cells are data (paths, reasons): no markup, emoji codes or highlighting.
+    console = Console(
+        file=out, width=width, color_system=None, force_terminal=False, markup=False,
+        emoji=False, highlight=False,
+    )  # fmt: skip
+    console.print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms"
+
+
+def render_status(status: VolumeStatus) -> str:
+    """The `ecfs status` text: volume health, stores, repair queue."""
+    lines = [f"volume {status.volume}  k={status.k} m={status.m}  health: {status.health}"]
+    tolerance = status.tolerance
+    if tolerance >= 0:
+        lines.append(f"can lose {tolerance} more store{'s' if tolerance != 1 else ''} without losing data")
+    else:
+        lines.append("SOME DATA IS UNREADABLE until missing stores come back")
+    lines.append("")
+    stores = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name in ("store", "state", "p50", "p95", "queue", "errors", "fragments", "used", "free"):
+        stores.add_column(name, justify="left" if name == "state" else "right")
+    stores.add_column("path", no_wrap=True)
+    for store in status.stores:
+        path = store.path
+        if store.reason and store.state == "failed":
+            path += f"\nfailed: {store.reason}"
+        stores.add_row(
+            str(store.index),
+            store.state + ("*" if store.draining else ""),
+            _ms(store.latency_p50_ms),
+            _ms(store.latency_p95_ms),
+            str(store.in_flight),
+            str(store.errors + store.timeouts),
+            str(store.fragments),
+            format_size(store.fragment_bytes),
+            format_size(store.free_bytes) if store.free_bytes is not None else "?",
+            path,
+        )
+    lines.append(render_table(stores))
+    repair = status.repair
+    lines.append("")
+    if repair.chunks:
+        eta = repair.eta_seconds
+        lines.append(
+            f"repair: {repair.chunks} chunks queued, {format_size(repair.bytes_left)} to"
+            f" rebuild, {format_size(repair.rate_bytes_per_s)}/s"
+            + (f", about {eta} s left" if eta is not None else "")
+            + (" (urgent)" if repair.urgent else "")
+        )
+        for reason, entry in sorted(repair.queue.items()):
+            lines.append(f"  {reason:15} {entry.chunks:>8} chunks {format_size(entry.bytes):>10}")
+    else:
+        lines.append("repair: nothing queued")
+    lines.append(
+        f"  rebuilt so far: {repair.fragments_rebuilt} fragments,"
+        f" {format_size(repair.bytes_written)}"
+    )
+    scrub = status.scrub
+    if scrub.running:
+        lines.append(f"scrub: running, {scrub.chunks_done}/{scrub.chunks_total} chunks")
+    elif scrub.finished_ns:
+        lines.append(
+            f"scrub: last pass verified {scrub.chunks_done}/{scrub.chunks_total} chunks,"
+            f" {scrub.finding_count} findings"
+        )
+    log = status.write_log
+    lines.append(
+        f"small-write log: {log.records} records, {format_size(log.bytes)} in {log.chunks}"
+        f" chunks waiting to be folded; {log.folds} chunks folded since mount"
+    )
+    for message in status.unrecoverable:
+        lines.append(f"UNRECOVERABLE: {message}")
+    return "\n".join(lines)
+
+
+def render_scrub(scrub: ScrubStatistics) -> str:
+    """The `ecfs scrub` text: what the pass verified and found."""
+    lines = [
+        f"scrub: verified {scrub.chunks_done} of {scrub.chunks_total} chunks"
+        f" ({scrub.fragments_verified} fragments, {format_size(scrub.bytes_verified)})"
+        + (", stopped early (run again to continue)" if scrub.stopped_early else ""),
+        f"findings: {scrub.finding_count} chunks with missing or corrupt fragments"
+        + (" (queued for repair)" if scrub.finding_count else ""),
+    ]
+    if scrub.findings:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        for name in ("chunk", "inode", "index", "fragments"):
+            table.add_column(name, justify="right" if name != "chunk" else "left")
+        for finding in scrub.findings[:50]:
+            table.add_row(
+                f"{finding.chunk_id:016x}",
+                str(finding.inode),
+                str(finding.chunk_index),
+                ", ".join(map(str, finding.fragments)),
+            )
+        lines.append(render_table(table))
+    metadata = scrub.metadata_findings
+    lines.append(
+        f"metadata replicas: {scrub.metadata_replicas_verified} verified"
+        + (f", {len(metadata)} problem(s) (bad replicas are replaced)" if metadata else "")
+    )
+    for problem in metadata:
+        where = "working copy" if problem.store is None else f"store {problem.store}"
+        lines.append(f"  {where}: {problem.problem}")
+    return "\n".join(lines)

@@ -1,0 +1,365 @@
+"""In-process stores for tests: a store in memory, and a fault-injecting
+wrapper around any store.
+
+Owns: `MemoryStore` (the whole `ecfs.storage.store.Store` contract, fragments kept
+in a dict) and `FaultyStore` (wraps a store and, switched at run time,
+hangs, fails with EIO, is slow, corrupts what is read, is full, or is gone).
+Must not: be used by the mount (nothing in ecfs constructs them; tests and
+tools do).
+
+Why here and not under tests/: they implement the store interface and must
+keep honouring it as it grows (the S3 store of the next issue is tested
+against the same contract tests, tests/test_store_contract.py); beside the
+interface they are linted and layered with it, and tools (benchmarks, a
+demo) may use them too.
+
+Concurrency: like every store, thread-safe; a lock guards each store's
+state. `FaultyStore` in "hang" blocks the calling worker thread until the
+mode is switched away from "hang" (or HANG_LIMIT seconds pass, so that a
+forgotten hang never keeps a test process alive): the caller's
+`StoreRunner` times out or is cancelled and abandons the thread, exactly as
+with a hung disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+from ..core.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped
+from .store import FragmentParts, Store, StoreMarker, StoreUsage, fragment_relpath
+
+#: Seconds a hung call waits at most (see the module docstring).
+HANG_LIMIT = 60.0
+
+#: What FaultyStore can be switched to (see FaultyStore).
+MODES = ("ok", "hang", "eio", "slow", "corrupt", "enospc", "gone")
+
+#: Operation names a fault can be limited to (FaultyStore.set(..., ops=...)).
+OPERATIONS = frozenset({"read", "write", "delete", "list", "sync", "probe", "usage", "marker"})
+
+_devices = itertools.count(1 << 40)
+
+
+class MemoryStore:
+    """A store whose fragments are bytes in a dict. Every fragment is "at
+    hand": `read_fragment_cached` serves it (unless `cached` is False)."""
+
+    def __init__(
+        self,
+        marker: StoreMarker | None = None,
+        *,
+        name: str = "memory",
+        capacity: int = 1 << 40,
+        device: int | None = None,
+        cached: bool = True,
+    ) -> None:
+        self.path = Path(f"/memory/{name}")
+        self.capacity = capacity
+        #: Whether `read_fragment_cached` serves reads (False: every read
+        #: takes the slow path, as from a cold disk).
+        self.cached = cached
+        self.syncs = 0
+        self._marker = marker
+        self._pinned: StoreMarker | None = None
+        self._device = next(_devices) if device is None else device
+        self._fragments: dict[tuple[int, int], bytes] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.path.name!r}, {len(self._fragments)} fragments)"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.path / "meta"
+
+    # ---- identity and health
+
+    def read_marker(self) -> StoreMarker:
+        marker = self._marker
+        if marker is None:
+            raise StoreError(f"{self.path}: no ecfs store marker (not a store?)")
+        return marker
+
+    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
+        self._pinned = marker if marker is not None else self.read_marker()
+        return self._pinned
+
+    def probe(self, *, accept_moved: bool = False) -> StoreMarker:
+        marker = self.read_marker()
+        if self._pinned is not None and marker != self._pinned:
+            raise StoreSwapped(f"{self.path}: another store is here now")
+        return marker
+
+    def device(self) -> int:
+        return self._device
+
+    def usage(self) -> StoreUsage:
+        with self._lock:
+            return StoreUsage(self.capacity, max(0, self.capacity - self._used))
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+    def retire(self) -> None:
+        self.read_marker()
+        self._marker = None
+
+    def close(self) -> None:
+        pass
+
+    # ---- fragments
+
+    def fragment_relpath(self, chunk_id: int, index: int) -> str:
+        return fragment_relpath(chunk_id, index)
+
+    def write_fragment(self, chunk_id: int, index: int, parts: FragmentParts) -> int:
+        name = fragment_relpath(chunk_id, index)
+        data = b"".join(bytes(p) for p in parts)
+        with self._lock:
+            if (chunk_id, index) in self._fragments:
+                raise StoreError(f"cannot create fragment {self.path}/{name}: File exists")
+            if self._used + len(data) > self.capacity:
+                raise NoSpace(f"cannot write fragment {self.path}/{name}: No space left on device")
+            self._fragments[chunk_id, index] = data
+            self._used += len(data)
+        return len(data)
+
+    def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
+        data = self._get(chunk_id, index)
+        piece = data[offset : offset + len(dest)]
+        dest[: len(piece)] = piece
+        return len(piece)
+
+    def read_fragment_cached(
+        self, chunk_id: int, index: int, offset: int, dest: memoryview
+    ) -> bool:
+        if not self.cached:
+            return False
+        data = self._fragments.get((chunk_id, index))
+        if data is None or offset + len(dest) > len(data):
+            return False
+        dest[:] = data[offset : offset + len(dest)]
+        return True
+
+    def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
+        self._get(chunk_id, index)
+
+    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
+        return len(self._get(chunk_id, index))
+
+    def delete_fragment(self, chunk_id: int, index: int) -> None:
+        fragment_relpath(chunk_id, index)
+        with self._lock:
+            data = self._fragments.pop((chunk_id, index), None)
+            if data is not None:
+                self._used -= len(data)
+
+    def iter_fragments(self) -> Iterator[tuple[int, int]]:
+        yield from self.list_fragments()
+
+    def list_fragments(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return list(self._fragments)
+
+    def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
+        return []
+
+    # ---- for tests
+
+    def fragment(self, chunk_id: int, index: int) -> bytes | None:
+        """The stored bytes of a fragment (None if absent)."""
+        return self._fragments.get((chunk_id, index))
+
+    def damage(self, chunk_id: int, index: int, offset: int) -> None:
+        """Flip the bits of one stored byte (lasting damage, for scrub)."""
+        with self._lock:
+            data = bytearray(self._get(chunk_id, index))
+            data[offset] ^= 0xFF
+            self._fragments[chunk_id, index] = bytes(data)
+
+    def _get(self, chunk_id: int, index: int) -> bytes:
+        data = self._fragments.get((chunk_id, index))
+        if data is None:
+            name = fragment_relpath(chunk_id, index)
+            raise FragmentMissing(f"fragment missing: {self.path}/{name}")
+        return data
+
+
+class FaultyStore:
+    """Wraps a store; `set(mode)` switches what its calls do, at run time:
+
+    - "ok": pass every call through;
+    - "hang": block until switched away (the caller times out);
+    - "eio": raise StoreError (Input/output error);
+    - "slow": wait `delay` seconds first (or until switched), then pass
+      through;
+    - "corrupt": flip one byte of every fragment read;
+    - "enospc": fragment writes raise NoSpace, usage shows no free space;
+    - "gone": the disk vanished: fragments are missing (FragmentMissing),
+      every other call raises StoreError.
+
+    `ops` limits a fault to some operations (see OPERATIONS); the others
+    pass through. While a fault affects reads, `read_fragment_cached`
+    misses (nothing of a sick store is at hand), except in "corrupt",
+    where it serves the corrupted bytes. `calls` counts calls per
+    operation, `hanging` the calls blocked now.
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.path: Path = inner.path
+        self.mode = "ok"
+        self.delay = 0.0
+        self.ops: frozenset[str] = OPERATIONS
+        self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
+        self.hanging = 0
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FaultyStore({self.inner!r}, mode={self.mode})"
+
+    def set(self, mode: str, *, delay: float = 0.0, ops: Collection[str] | None = None) -> None:
+        """Switch to `mode` (one of MODES), for operations `ops` (default all)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown fault mode {mode!r}")
+        unknown = set(ops or ()) - OPERATIONS
+        if unknown:
+            raise ValueError(f"unknown operations {sorted(unknown)}")
+        with self._lock:
+            self.mode = mode
+            self.delay = delay
+            self.ops = frozenset(ops) if ops else OPERATIONS
+            released, self._released = self._released, threading.Event()
+        released.set()  # calls hanging in the previous mode go on
+
+    def heal(self) -> None:
+        self.set("ok")
+
+    def _fault(self, op: str) -> str:
+        """Count the call, apply hang/slow, and return the mode in force."""
+        with self._lock:
+            self.calls[op] += 1
+            mode = self.mode if op in self.ops else "ok"
+            released = self._released
+            delay = self.delay
+        if mode == "hang":
+            with self._lock:
+                self.hanging += 1
+            try:
+                released.wait(HANG_LIMIT)
+            finally:
+                with self._lock:
+                    self.hanging -= 1
+            return "ok"
+        if mode == "slow":
+            released.wait(delay)  # switching the mode ends the delay early
+            return "ok"
+        if mode == "eio":
+            raise StoreError(f"{self.path}: {op}: Input/output error")
+        if mode == "gone" and op != "read":
+            raise StoreError(f"{self.path}: {op}: No such device")
+        return mode
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.inner.meta_dir
+
+    # ---- identity and health
+
+    def read_marker(self) -> StoreMarker:
+        self._fault("marker")
+        return self.inner.read_marker()
+
+    def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
+        self._fault("marker")
+        return self.inner.pin_identity(marker)
+
+    def probe(self, *, accept_moved: bool = False) -> StoreMarker:
+        self._fault("probe")
+        return self.inner.probe(accept_moved=accept_moved)
+
+    def device(self) -> int:
+        self._fault("probe")
+        return self.inner.device()
+
+    def usage(self) -> StoreUsage:
+        if self._fault("usage") == "enospc":
+            return StoreUsage(self.inner.usage().total_bytes, 0)
+        return self.inner.usage()
+
+    def sync(self) -> None:
+        self._fault("sync")
+        self.inner.sync()
+
+    def retire(self) -> None:
+        self._fault("marker")
+        self.inner.retire()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    # ---- fragments
+
+    def fragment_relpath(self, chunk_id: int, index: int) -> str:
+        return self.inner.fragment_relpath(chunk_id, index)
+
+    def write_fragment(self, chunk_id: int, index: int, parts: FragmentParts) -> int:
+        if self._fault("write") == "enospc":
+            name = fragment_relpath(chunk_id, index)
+            raise NoSpace(f"cannot write fragment {self.path}/{name}: No space left on device")
+        return self.inner.write_fragment(chunk_id, index, parts)
+
+    def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
+        mode = self._fault("read")
+        if mode == "gone":
+            name = fragment_relpath(chunk_id, index)
+            raise FragmentMissing(f"fragment missing: {self.path}/{name}")
+        n = self.inner.read_fragment(chunk_id, index, offset, dest)
+        if mode == "corrupt" and n:
+            dest[n // 2] ^= 0xFF
+        return n
+
+    def read_fragment_cached(
+        self, chunk_id: int, index: int, offset: int, dest: memoryview
+    ) -> bool:
+        with self._lock:
+            mode = self.mode if "read" in self.ops else "ok"
+        if mode not in ("ok", "corrupt", "enospc"):
+            return False
+        if not self.inner.read_fragment_cached(chunk_id, index, offset, dest):
+            return False
+        if mode == "corrupt" and len(dest):
+            dest[len(dest) // 2] ^= 0xFF
+        return True
+
+    def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
+        if self._fault("read") == "gone":
+            name = fragment_relpath(chunk_id, index)
+            raise FragmentMissing(f"fragment missing: {self.path}/{name}")
+        self.inner.prefetch(chunk_id, index, offset, length)
+
+    def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
+        if self._fault("read") == "gone":
+            name = fragment_relpath(chunk_id, index)
+            raise FragmentMissing(f"fragment missing: {self.path}/{name}")
+        return self.inner.fragment_size_on_disk(chunk_id, index)
+
+    def delete_fragment(self, chunk_id: int, index: int) -> None:
+        self._fault("delete")
+        self.inner.delete_fragment(chunk_id, index)
+
+    def iter_fragments(self) -> Iterator[tuple[int, int]]:
+        yield from self.list_fragments()
+
+    def list_fragments(self) -> list[tuple[int, int]]:
+        self._fault("list")
+        return self.inner.list_fragments()
+
+    def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
+        self._fault("list")
+        return self.inner.stray_entries(fragments)

@@ -1,0 +1,572 @@
+"""The one helper every blocking store call goes through, and store health.
+
+Owns: running blocking store functions in worker threads (one
+`trio.CapacityLimiter` per store, a timeout on every call, abandoning the
+thread of a call that times out or is cancelled), translating OSError into
+domain errors, and the per-store live signals that services use to choose
+and hedge sources: latency (EWMA, p50, p95), queue depth, and a health state.
+
+Also owns the two other ways work leaves the loop, so that nothing else
+calls `trio.to_thread` (tests/test_layering.py checks it): `run_in_thread`
+for a blocking call that is not a store call (a replica file being
+inspected, a sysfs knob, a store being created), and `run_cpu` for CPU work
+(encode, decode) that runs on the loop up to LOOP_CPU_LIMIT bytes and in a
+thread above; and `available_runner`, the one "which runner serves this
+fragment slot now" lookup.
+
+Must not: do any I/O itself (it only calls the functions it is given), know
+what the functions do, decide routing (services read `available`,
+`expected_latency()` and `hedge_deadline()` and decide), or probe stores on
+its own (a health task calls `probe()`; nothing here runs in the background).
+
+Concurrency contract: a StoreRunner belongs to one trio run and all of its
+methods are called from that run's thread, except the small wrapper around
+`fn` that runs in the worker thread and touches only `_abandon_lock`-guarded
+state. A call that times out (or is cancelled) returns at once; its thread
+keeps running until the disk answers and holds its limiter token until
+then, so hung threads shrink the store's concurrency and are counted in
+`abandoned` until they return.
+
+Health policy (kept deliberately simple):
+
+- OK -> FAILED on: a store error (an OSError escaping `fn`, or a StoreError
+  other than FragmentMissing, BadFragmentEntry and NoSpace: a missing or
+  bad fragment file is the fragment's problem and a full store still
+  serves reads), a timeout, or
+  `abandoned >= max_threads` (the store has no thread left to run on).
+  `mark_failed()` does the same.
+- FAILED is sticky: successful calls do not clear it; `mark_ok()` or a
+  successful `probe()` does. `call` still runs on a FAILED store (callers
+  route around it by checking `available`).
+- SLOW (only when not FAILED): after at least SLOW_MIN_SAMPLES measured
+  calls, the fast latency EWMA exceeds SLOW_FACTOR x the slow baseline EWMA
+  and SLOW_FLOOR seconds; it clears when the fast EWMA falls below half of
+  that bound. The baseline keeps adapting, so a store that stays slow
+  becomes its own new normal (expected_latency still reflects it).
+
+Latency measured for a call is the time `fn` ran in its thread (service
+time, without the limiter wait), only for calls that returned normally or
+raised FragmentMissing (a fast, healthy answer). The outcome of a call that
+its caller abandoned is dropped (neither a sample nor an error).
+
+Threads: calls run in trio's thread cache, started with
+`trio.lowlevel.start_thread_soon` and reported back with one
+`run_sync_soon`, not through `trio.to_thread.run_sync`: measured here, a
+round trip costs ~110 us this way against ~175 us through to_thread with a
+limiter and a timeout, and a random 4 KiB read is one round trip. A call
+can also outlive the task that started it (`start` / `PendingCall`), so a
+caller may wait for it, give up waiting and wait again; today only `call`
+uses that (the reader's hedged reads still race two tasks in a nursery).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar, TypeVarTuple, cast
+
+import outcome
+import trio
+
+from ..core.errors import (
+    BadFragmentEntry,
+    EcfsError,
+    FragmentMissing,
+    NoSpace,
+    StoreError,
+    StoreTimeout,
+)
+from ..core.model import NO_STORE
+from .store import Store
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+#: Timeout of `StoreRunner.probe` (seconds).
+PROBE_TIMEOUT = 2.0
+#: Latencies kept for p50/p95.
+LATENCY_WINDOW = 256
+#: Weight of a new sample in the fast EWMA (`latency_ewma`).
+EWMA_ALPHA = 0.2
+#: Weight of a new sample in the slow baseline EWMA used for SLOW.
+BASELINE_ALPHA = 0.02
+#: expected_latency of a store with no measured call yet (seconds).
+UNMEASURED_LATENCY = 0.01
+#: hedge_deadline never goes below this (seconds).
+HEDGE_FLOOR = 0.05
+SLOW_MIN_SAMPLES = 20
+#: Percentiles are exact for the first samples, then refreshed every
+#: PERCENTILE_REFRESH samples (sorting the window on every call cost ~5% of
+#: the write path's CPU).
+PERCENTILE_EXACT_SAMPLES = 64
+PERCENTILE_REFRESH = 16
+SLOW_FACTOR = 5.0
+SLOW_FLOOR = 0.02
+
+#: CPU work (encode, decode) on more bytes than this runs in a worker thread
+#: (`run_cpu`), smaller work on the loop: below it a thread round trip costs
+#: more than the work itself.
+LOOP_CPU_LIMIT = 64 * 1024
+
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PENDING, _RUNNING, _DONE, _GIVEN_UP, _ABANDONED = range(5)
+
+
+class StoreState(enum.Enum):
+    """Health of a store as seen by its runner."""
+
+    OK = "ok"
+    SLOW = "slow"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """A snapshot of a runner's counters (from `StoreRunner.statistics()`).
+
+    Latencies are in seconds and 0.0 before the first measured call.
+    `in_flight` counts calls running in threads (abandoned ones included);
+    `abandoned` those whose caller gave up but whose thread still runs.
+    """
+
+    index: int
+    state: StoreState
+    in_flight: int
+    calls: int
+    errors: int
+    timeouts: int
+    abandoned: int
+    latency_ewma: float
+    latency_p50: float
+    latency_p95: float
+    bytes_read: int
+    bytes_written: int
+
+
+class _ThreadJob(Generic[T]):
+    """Runs `fn` in the worker thread, timing it and noticing abandonment.
+
+    `stage` is guarded by the runner's abandon lock and moves
+    pending -> running -> done, or pending -> given_up (the caller gave up
+    before a thread picked the job: `fn` is then never called), or
+    running -> abandoned -> done (the caller gave up while `fn` ran: the
+    runner counts it as abandoned until `fn` returns).
+    """
+
+    __slots__ = ("abandoned", "elapsed", "fn", "runner", "stage")
+
+    def __init__(self, runner: StoreRunner, fn: Callable[..., T]) -> None:
+        self.runner = runner
+        self.fn = fn
+        self.stage = _PENDING
+        self.elapsed = 0.0
+        #: Set (for good) when the caller gave up while `fn` ran.
+        self.abandoned = False
+
+    def run(self, *args: object) -> T | None:
+        if not self.runner._thread_starting(self):
+            return None
+        clock = self.runner._clock
+        start = clock()
+        try:
+            return self.fn(*args)
+        finally:
+            self.elapsed = clock() - start
+            self.runner._thread_finished(self)
+
+
+class PendingCall(Generic[T]):
+    """A store call started by `StoreRunner.start`.
+
+    Its worker thread runs to the end whether or not anyone waits for it.
+    `result()` waits for the outcome and may be cancelled or timed out
+    without stopping the call; `abandon()` says nobody will wait any more
+    (the store then counts the call as abandoned until its thread returns,
+    which is how a hung store's stuck threads show). Health and latency are
+    accounted when the call ends, on the loop.
+    """
+
+    __slots__ = ("_done", "_job", "_outcome", "nbytes_read", "nbytes_written")
+
+    def __init__(self, job: _ThreadJob[T], nbytes_read: int, nbytes_written: int) -> None:
+        self._job = job
+        self._done = trio.Event()
+        self._outcome: outcome.Outcome[T] | None = None
+        self.nbytes_read = nbytes_read
+        self.nbytes_written = nbytes_written
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def result(self) -> T:
+        """The call's return value, or its (translated) exception."""
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome.unwrap()
+
+    def abandon(self) -> None:
+        """Nobody waits for this call any more (a no-op once it is done)."""
+        if not self.done:
+            self._job.runner._abandon_if_running(self._job)
+
+
+class StoreRunner:
+    """Runs blocking calls on one store and keeps its health and latency.
+
+    `index` is the store's index in the volume; `store` the store object
+    whose methods are passed to `call` (kept here so services find it).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        store: Store,
+        *,
+        max_threads: int = 8,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be >= 1")
+        self.index = index
+        self.store = store
+        self._max_threads = max_threads
+        self._timeout = timeout
+        self._clock = clock
+        self._limiter = trio.CapacityLimiter(max_threads)
+        self._thread_name = f"ecfs store {index}"
+        self._abandon_lock = threading.Lock()
+        self._abandoned = 0
+        self._calls = 0
+        self._errors = 0
+        self._timeouts = 0
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._failure: str | None = None
+        self._slow = False
+        self._samples = 0
+        self._ewma = 0.0
+        self._baseline = 0.0
+        self._window: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._sorted_window: list[float] | None = []
+
+    def __repr__(self) -> str:
+        return f"StoreRunner({self.index}, {self.store!r}, state={self.state.value})"
+
+    # ---- running calls
+
+    async def call(
+        self,
+        fn: Callable[[*Ts], T],
+        *args: *Ts,
+        timeout: float | None = None,  # noqa: ASYNC109 (per-call deadline is the API)
+        nbytes_read: int = 0,
+        nbytes_written: int = 0,
+    ) -> T:
+        """Run ``fn(*args)`` in a worker thread of this store and return its result.
+
+        At most `max_threads` calls of this store run at once; the others
+        wait (the wait counts against the timeout). If no result arrives
+        within `timeout` (default: the runner's), the thread is abandoned
+        and StoreTimeout is raised; on cancellation the thread is abandoned
+        too and Cancelled propagates. An OSError escaping `fn` becomes
+        StoreError (NoSpace for ENOSPC/EDQUOT); EcfsError subclasses and
+        any other exception pass through unchanged. `nbytes_read` and
+        `nbytes_written` are added to the statistics on success.
+        """
+        limit = self._timeout if timeout is None else timeout
+        pending: PendingCall[T] | None = None
+        try:
+            with trio.fail_after(limit):
+                pending = await self.start(
+                    fn, *args, nbytes_read=nbytes_read, nbytes_written=nbytes_written
+                )
+                return await pending.result()
+        except trio.TooSlowError:
+            if pending is not None:
+                pending.abandon()
+            raise self._timed_out(fn, limit) from None
+        except trio.Cancelled:
+            if pending is not None:
+                pending.abandon()
+            raise
+
+    async def start(
+        self,
+        fn: Callable[[*Ts], T],
+        *args: *Ts,
+        nbytes_read: int = 0,
+        nbytes_written: int = 0,
+    ) -> PendingCall[T]:
+        """Start ``fn(*args)`` in a worker thread of this store and return
+        at once (after waiting for a free thread of the store if all
+        `max_threads` are busy). See PendingCall; `call` is start + result
+        with a timeout. Errors are translated as `call` documents."""
+        job: _ThreadJob[T] = _ThreadJob(self, fn)
+        pending = PendingCall(job, nbytes_read, nbytes_written)
+        self._calls += 1
+        await self._limiter.acquire_on_behalf_of(pending)
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: outcome.Outcome[T | None]) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(self._finished, pending, result)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(
+            functools.partial(job.run, *args), deliver, name=self._thread_name
+        )
+        return pending
+
+    def _finished(self, pending: PendingCall[T], result: outcome.Outcome[T | None]) -> None:
+        """Loop side of a finished call: account it, hand over its outcome."""
+        self._limiter.release_on_behalf_of(pending)
+        job = pending._job
+        settled: outcome.Outcome[T] = cast("outcome.Outcome[T]", result)
+        if isinstance(result, outcome.Error):
+            exc = result.error
+            if isinstance(exc, OSError):
+                translated = _translate_os_error(exc, self.index, job.fn)
+                translated.__cause__ = exc
+                settled = outcome.Error(translated)
+                exc = translated
+            if not job.abandoned:
+                if isinstance(exc, FragmentMissing):
+                    self._record_sample(job.elapsed)
+                elif isinstance(exc, EcfsError):
+                    self._note_error(exc)
+        elif not job.abandoned:
+            self._record_sample(job.elapsed)
+            self._bytes_read += pending.nbytes_read
+            self._bytes_written += pending.nbytes_written
+        pending._outcome = settled
+        pending._done.set()
+
+    def _abandon_if_running(self, job: _ThreadJob[T]) -> None:
+        """Caller side: the caller gave up on `job`; count it if `fn` runs."""
+        with self._abandon_lock:
+            if job.stage == _PENDING:
+                job.stage = _GIVEN_UP
+                job.abandoned = True  # its (empty) outcome is dropped too
+                return
+            if job.stage != _RUNNING:
+                return
+            job.stage = _ABANDONED
+            job.abandoned = True
+            self._abandoned += 1
+            abandoned = self._abandoned
+        if abandoned >= self._max_threads:
+            self.mark_failed(f"{abandoned} threads stuck in store calls")
+
+    def _thread_starting(self, job: _ThreadJob[T]) -> bool:
+        """Worker side: whether to run `fn` (False if the caller gave up)."""
+        with self._abandon_lock:
+            if job.stage == _GIVEN_UP:
+                return False
+            job.stage = _RUNNING
+            return True
+
+    def _thread_finished(self, job: _ThreadJob[T]) -> None:
+        """Worker side: `fn` returned; settle the abandoned count."""
+        with self._abandon_lock:
+            if job.stage == _ABANDONED:
+                self._abandoned -= 1
+            job.stage = _DONE
+
+    def _timed_out(self, fn: Callable[..., object], limit: float) -> StoreTimeout:
+        self._timeouts += 1
+        exc = StoreTimeout(f"store {self.index}: {_name(fn)} did not answer within {limit:.3g} s")
+        self.mark_failed(str(exc))
+        return exc
+
+    def _note_error(self, exc: EcfsError) -> None:
+        """Count `exc` and fail the store if it says the store is unhealthy."""
+        if _is_health_error(exc):
+            self._errors += 1
+            self.mark_failed(str(exc))
+
+    # ---- signals for services
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running in worker threads now (abandoned ones included);
+        never more than max_threads."""
+        return int(self._limiter.borrowed_tokens)
+
+    @property
+    def waiting(self) -> int:
+        """Calls queued for a thread of this store."""
+        return self._limiter.statistics().tasks_waiting
+
+    @property
+    def available(self) -> bool:
+        """Whether services should use this store (state is not FAILED)."""
+        return self._failure is None
+
+    @property
+    def state(self) -> StoreState:
+        if self._failure is not None:
+            return StoreState.FAILED
+        return StoreState.SLOW if self._slow else StoreState.OK
+
+    @property
+    def failure_reason(self) -> str | None:
+        """Why the store is FAILED (None when it is not)."""
+        return self._failure
+
+    def expected_latency(self) -> float:
+        """Estimated seconds for a new call: EWMA x (1 + queue depth).
+
+        Queue depth = in_flight + waiting. A store never measured counts as
+        UNMEASURED_LATENCY per call.
+        """
+        per_call = self._ewma if self._samples else UNMEASURED_LATENCY
+        return per_call * (1 + self.in_flight + self.waiting)
+
+    def hedge_deadline(self) -> float:
+        """Seconds to wait for this store before asking another source too:
+        max(HEDGE_FLOOR, 3 x latency_p95)."""
+        return max(HEDGE_FLOOR, 3 * self._percentile(0.95))
+
+    def record_latency(self, seconds: float) -> None:
+        """Record a latency measured elsewhere (e.g. an on-loop cached read)."""
+        self._record_sample(seconds)
+
+    def mark_failed(self, reason: str) -> None:
+        """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
+        self._failure = reason
+
+    def mark_ok(self) -> None:
+        """Clear FAILED and SLOW (e.g. after a successful probe)."""
+        self._failure = None
+        self._slow = False
+
+    async def probe(self) -> bool:
+        """Run the store's cheap health check with a PROBE_TIMEOUT deadline.
+
+        Success -> mark_ok() and True; a StoreError (incl. timeout) ->
+        mark_failed() and False. Runs through the limiter, so a store whose
+        threads are all stuck fails its probe.
+        """
+        try:
+            await self.call(self.store.probe, timeout=PROBE_TIMEOUT)
+        except StoreError as exc:
+            self.mark_failed(f"probe failed: {exc}")
+            return False
+        self.mark_ok()
+        return True
+
+    def statistics(self) -> StoreStatistics:
+        """A snapshot of this runner's counters and latencies."""
+        return StoreStatistics(
+            index=self.index,
+            state=self.state,
+            in_flight=self.in_flight,
+            calls=self._calls,
+            errors=self._errors,
+            timeouts=self._timeouts,
+            abandoned=self._abandoned,
+            latency_ewma=self._ewma,
+            latency_p50=self._percentile(0.5),
+            latency_p95=self._percentile(0.95),
+            bytes_read=self._bytes_read,
+            bytes_written=self._bytes_written,
+        )
+
+    # ---- latency bookkeeping
+
+    def _record_sample(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        if self._samples == 0:
+            self._ewma = self._baseline = seconds
+        else:
+            self._ewma += EWMA_ALPHA * (seconds - self._ewma)
+            self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
+        self._samples += 1
+        self._window.append(seconds)
+        if self._samples < PERCENTILE_EXACT_SAMPLES or self._samples % PERCENTILE_REFRESH == 0:
+            self._sorted_window = None  # percentiles are re-sorted lazily, not per call
+        self._update_slow()
+
+    def _update_slow(self) -> None:
+        if self._samples < SLOW_MIN_SAMPLES:
+            return
+        bound = max(SLOW_FLOOR, SLOW_FACTOR * self._baseline)
+        if self._ewma > bound:
+            self._slow = True
+        elif self._ewma < bound / 2:
+            self._slow = False
+
+    def _percentile(self, q: float) -> float:
+        """Nearest-rank percentile of the latency window (0.0 when empty)."""
+        if self._sorted_window is None:
+            self._sorted_window = sorted(self._window)
+        ordered = self._sorted_window
+        if not ordered:
+            return 0.0
+        rank = math.ceil(q * len(ordered) - 1e-9)
+        return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+async def run_in_thread(
+    fn: Callable[[*Ts], T],
+    *args: *Ts,
+    limiter: trio.CapacityLimiter | None = None,
+    abandon_on_cancel: bool = False,
+) -> T:
+    """Run a blocking ``fn(*args)`` that is not a store call in a worker
+    thread (trio's `to_thread.run_sync`: `limiter` bounds how many run at
+    once; with `abandon_on_cancel` a cancelled caller returns at once and
+    the thread runs on). Store calls go through `StoreRunner.call`."""
+    return await trio.to_thread.run_sync(
+        fn, *args, limiter=limiter, abandon_on_cancel=abandon_on_cancel
+    )
+
+
+async def run_cpu(
+    fn: Callable[[*Ts], T],
+    *args: *Ts,
+    size: int,
+    limiter: trio.CapacityLimiter | None = None,
+) -> T:
+    """``fn(*args)``, CPU work on `size` bytes: on the loop up to
+    LOOP_CPU_LIMIT bytes, in a worker thread (bounded by `limiter`) above."""
+    if size > LOOP_CPU_LIMIT:
+        return await run_in_thread(fn, *args, limiter=limiter)
+    return fn(*args)
+
+
+def available_runner(runners: Mapping[int, StoreRunner], store: int) -> StoreRunner | None:
+    """The runner serving fragment slots recorded on `store` if services
+    should use it now; None for NO_STORE, a store the volume does not have
+    open, or a FAILED one."""
+    runner = runners.get(store) if store != NO_STORE else None
+    return runner if runner is not None and runner.available else None
+
+
+def _is_health_error(exc: EcfsError) -> bool:
+    """Whether an error from a store call says the store is unhealthy."""
+    return isinstance(exc, StoreError) and not isinstance(
+        exc, (FragmentMissing, NoSpace, BadFragmentEntry)
+    )
+
+
+def _translate_os_error(exc: OSError, index: int, fn: Callable[..., object]) -> StoreError:
+    reason = exc.strerror or str(exc)
+    message = f"store {index}: {_name(fn)}: {reason}"
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return NoSpace(message)
+    return StoreError(message, errno=errno.EIO)
+
+
+def _name(fn: Callable[..., object]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)

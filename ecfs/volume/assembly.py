@@ -1,0 +1,1095 @@
+"""Opening a volume and wiring its services together.
+
+Owns: finding and checking the stores given by the user, preparing the
+metadata working copy from the replica `ecfs.storage.replicas` chooses (every copy
+checked before any is written; the stale and refused ones are rewritten
+only once the volume opened), building every service,
+the mount's background tasks, and an orderly shutdown. Must not: contain
+filesystem logic (see filedata, namespace) or speak FUSE (see fs).
+
+Shutdown: every step (write back, make the metadata durable, delete
+garbage) runs even if an earlier one failed, and each failure is recorded
+in `shutdown_errors`: the daemon then exits 1 and leaves a report that
+`ecfs umount` prints (see SHUTDOWN_REPORT) instead of a clean unmount.
+
+Store tolerance at open: every store in the volume's store table is either
+present (its marker names this volume and that store) or missing; at most
+m may be missing, otherwise some data could be unreadable and the mount is
+refused with a clear message.
+
+Markers, one rule (`select_volume`, `marker_mismatch`): a store whose
+marker cannot be used is left out with a warning naming it and why, and
+counts as missing: an unreadable or garbled marker (or a symlink, FIFO or
+directory in its place), a marker of another volume (the volume is the one
+most given stores belong to; a tie is refused), and a marker whose geometry
+(k, m, fragment_size, cell_size, inline_max) differs from the
+volume's metadata. Only when more than m stores are missing that way is
+the mount refused; fsck reports every such store.
+
+Store identity while mounted: each present store's marker and the device
+and inode of its root are pinned at open (`Store.pin_identity`)
+and checked by every probe: periodically (HEALTH_INTERVAL), on a missing
+fragment (`store_may_be_gone`), and before a store not verified for
+IDENTITY_MAX_AGE seconds gets new fragments (`verify_before_write`); a
+write that finds a fan-out directory missing checks it too. A store that
+is no longer the same is marked failed with the reason (status shows it),
+gets no more writes, loses its cached file descriptors and its metadata
+replica, and is marked ok again once a probe finds the same marker there
+(a root that moved, e.g. a disk mounted anew, is then pinned again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import glob
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from ..core.codec import Codec
+from ..core.errors import EcfsError, FsError, StoreError, VolumeError
+from ..core.geometry import Layout
+from ..core.tasks import guarded, supervised
+from ..data.damage import DamageRecorder
+from ..data.filedata import FileData
+from ..data.garbage import ChunkPins, Garbage
+from ..data.namespace import Namespace
+from ..data.placement import Placement
+from ..data.reader import ChunkReader
+from ..data.repair import Repairer
+from ..data.scrub import Scrubber
+from ..data.smallwrites import WriteLog
+from ..data.writer import ChunkWriter
+from ..storage.handles import Expected, HandleCache
+from ..storage.metadb.chunks import ChunkTable, RepairQueue
+from ..storage.metadb.database import Database
+from ..storage.metadb.stores import StoreTable
+from ..storage.offload import StoreRunner, run_in_thread
+from ..storage.replicas import (
+    CopyExpectation,
+    PreparedMetadata,
+    Replicator,
+    copy_database,
+    inspect_copy,
+    place_replica,
+    prepare_working_copy,
+    remove_replica,
+    replica_path,
+    resync_replicas,
+)
+from ..storage.s3store import is_s3_location, location_path
+from ..storage.store import Store, StoreMarker, open_store
+from .control import Command
+from .mkfs import check_store_arg, check_store_paths
+from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of
+from .store_admin import StoreAdmin
+
+log = logging.getLogger(__name__)
+
+#: Seconds a metadata transaction may wait to be batched with others before
+#: it is made durable on the replicas when nobody calls fsync (fsync() and
+#: unmount never wait for it: they flush at once).
+COMMIT_INTERVAL = 1.0
+
+#: Seconds unmount waits for the metadata to become durable before giving
+#: up (and keeping the working copy, see KEEP_MARKER).
+SHUTDOWN_DRAIN_TIMEOUT = 300.0
+
+#: In a working-copy directory: keep it (it holds metadata not durable anywhere).
+KEEP_MARKER = "KEEP-not-durable-on-replicas"
+
+#: In a working-copy directory: what went wrong at unmount, one line per
+#: error. Written by a daemon whose shutdown failed; `ecfs umount` (which
+#: learns the directory from the user.ecfs.workdir attribute) reports it
+#: and exits 1. The next mount deletes the directory as usual.
+SHUTDOWN_REPORT = "shutdown-errors"
+
+#: Seconds a store probe may take before the store counts as failed.
+PROBE_TIMEOUT = 2.0
+
+#: An fsync waiting this long probes the stores of the replicas behind.
+LAGGING_REPLICA_PROBE = 1.0
+
+#: Minimum seconds between two on-demand probes of one store.
+PROBE_SPACING = 1.0
+
+#: Seconds between refreshes of store usage and probes of every store.
+HEALTH_INTERVAL = 5.0
+
+#: A store whose identity was last verified longer ago than this is probed
+#: before it gets new fragments (the write waits for that one probe).
+IDENTITY_MAX_AGE = 2.0
+
+#: Seconds the online verification of one metadata replica may take (it
+#: reads every row: about 1 s per million rows).
+VERIFY_REPLICA_TIMEOUT = 600.0
+#: Times a new metadata replica is copied when transactions were shipped
+#: (and forgotten) while it was copied (`Replicator.add_replica`).
+PLACE_REPLICA_ATTEMPTS = 3
+
+
+def expand_store_args(args: Sequence[str]) -> list[Path]:
+    """Store arguments as given, with glob patterns expanded (sorted);
+    VolumeError for an empty or URL-like argument (`check_store_arg`)."""
+    paths: list[Path] = []
+    for arg in args:
+        check_store_arg(arg)
+        if is_s3_location(arg):  # a location, never a pattern ("?" starts its query)
+            paths.append(location_path(arg))
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg))
+            if not matches:
+                raise VolumeError(f"no store matches {arg!r}")
+            paths.extend(Path(m) for m in matches)
+        else:
+            paths.append(Path(arg))
+    return paths
+
+
+def read_markers(
+    paths: Sequence[Path], problems: dict[Path, str] | None = None
+) -> dict[Path, StoreMarker]:
+    """Markers of the readable stores; unreadable ones are logged and left
+    out (and their reasons put in `problems` if given)."""
+    markers: dict[Path, StoreMarker] = {}
+    for path in paths:
+        try:
+            markers[path] = open_store(path).read_marker()
+        except StoreError as exc:
+            log.warning("store %s is unavailable: %s", path, exc)
+            if problems is not None:
+                problems[path] = str(exc)
+    return markers
+
+
+def remove_dead_working_copies(runtime_dir: Path | None) -> None:
+    """Delete the working-copy directories of mounts that died (their pid is
+    gone). Each is a full copy of some volume's metadata, made obsolete by
+    the replicas at the next mount; a crash would otherwise leave it behind.
+    One whose metadata could not be made durable at unmount is kept (the
+    daemon exited normally then, but logged its path: its name says so)."""
+    directory = Path(runtime_dir or tempfile.gettempdir())
+    for path in directory.glob("ecfs-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or (path / KEEP_MARKER).exists():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def select_volume(markers: dict[Path, StoreMarker]) -> dict[Path, str]:
+    """Leave out (remove from `markers`) the stores of other volumes than
+    the one most of them belong to; returns path -> reason for each left
+    out (logged at WARNING). VolumeError if two volumes tie for most."""
+    counts = Counter(marker.volume_id for marker in markers.values())
+    if len(counts) <= 1:
+        return {}
+    (volume, most), (_, second) = counts.most_common(2)
+    if most == second:
+        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+        raise VolumeError(f"the stores belong to different volumes: {listing}")
+    rejected: dict[Path, str] = {}
+    for path, marker in list(markers.items()):
+        if marker.volume_id != volume:
+            rejected[path] = (
+                f"its marker names volume {marker.volume_id}, the other stores volume {volume}"
+            )
+            del markers[path]
+            log.warning("store %s is left out: %s", path, rejected[path])
+    return rejected
+
+
+def marker_mismatch(marker: StoreMarker, params: Mapping[str, object]) -> str | None:
+    """Why a store's marker disagrees with the volume's metadata parameters
+    (its geometry), or None if it agrees."""
+    wrong = [
+        f"{name}={getattr(marker, name)} (the volume has {params.get(key)})"
+        for name, key in _GEOMETRY_KEYS
+        if key in params and str(getattr(marker, name)) != str(params[key])
+    ]
+    return f"its marker says {', '.join(wrong)}" if wrong else None
+
+
+def leave_out_mismatched(
+    markers: dict[Path, StoreMarker], by_store_id: dict[str, Path], params: Mapping[str, object]
+) -> dict[str, tuple[Path, str]]:
+    """Remove from `by_store_id` the stores whose marker disagrees with the
+    volume's metadata parameters (`marker_mismatch`), logged at WARNING;
+    returns store id -> (path, why) for each."""
+    left_out: dict[str, tuple[Path, str]] = {}
+    for store_id, path in list(by_store_id.items()):
+        mismatch = marker_mismatch(markers[path], params)
+        if mismatch is not None:
+            log.warning("store %s is left out: %s", path, mismatch)
+            left_out[store_id] = (path, mismatch)
+            del by_store_id[store_id]
+    return left_out
+
+
+#: Marker field -> metadata parameter that must agree.
+_GEOMETRY_KEYS = (
+    ("k", "k"),
+    ("m", "m"),
+    ("fragment_size", "fragment_size"),
+    ("cell_size", "cell_size"),
+    ("inline_max", "inline_max"),
+)
+
+
+def no_metadata_copy_message(
+    markers: dict[Path, StoreMarker], unusable: dict[Path, str]
+) -> str:
+    """The VolumeError text when no readable store holds a metadata copy:
+    which stores were given and why, and that more than m are missing when
+    that follows from the geometry (a volume has at least k + m stores)."""
+    some = next(iter(markers.values()))
+    k, m = some.k, some.m
+    readable = ", ".join(str(p) for p in markers)
+    text = (
+        f"no metadata copy: none of the {len(markers)} readable store(s) of volume"
+        f" {some.volume_id} ({readable}) holds one; the copies are kept on m + 1 ="
+        f" {m + 1} stores"
+    )
+    if unusable:
+        listing = "; ".join(f"{p}: {why}" for p, why in unusable.items())
+        text += f", which must be among the unusable stores given ({listing})"
+    else:
+        text += ", none of which was given"
+    if len(markers) < k:
+        text += (
+            f"; the volume has at least k + m = {k + m} stores and only {len(markers)} are"
+            f" usable: more than m = {m} stores are missing"
+        )
+    return text
+
+
+def expectation(markers: dict[Path, StoreMarker], by_store_id: dict[str, Path]) -> CopyExpectation:
+    """What a metadata copy must match for the stores given (their markers
+    agree on the volume, see `identify_stores`)."""
+    first = next(iter(markers.values()))
+    # The geometry most markers give: a store whose marker disagrees is left
+    # out later (`marker_mismatch`) and must not make every copy look wrong.
+    (k, m), _ = Counter((marker.k, marker.m) for marker in markers.values()).most_common(1)[0]
+    return CopyExpectation(first.volume_id, k, m, frozenset(by_store_id), dict(by_store_id))
+
+
+def identify_stores(markers: dict[Path, StoreMarker]) -> dict[str, Path]:
+    """Store UUID -> path; VolumeError if the stores belong to different
+    volumes (call `select_volume` first) or one store was given twice
+    (under two paths)."""
+    volumes = {marker.volume_id for marker in markers.values()}
+    if len(volumes) > 1:
+        listing = ", ".join(f"{p} -> {m.volume_id}" for p, m in markers.items())
+        raise VolumeError(f"the stores belong to different volumes: {listing}")
+    by_store_id: dict[str, Path] = {}
+    for path, marker in markers.items():
+        if marker.store_id in by_store_id:
+            raise VolumeError(f"{path} and {by_store_id[marker.store_id]} are the same store")
+        by_store_id[marker.store_id] = path
+    return by_store_id
+
+
+class Volume:
+    """An open volume: its parameters, stores and services."""
+
+    def __init__(self, db: Database, stores: Mapping[int, Store], workdir: Path) -> None:
+        self.db = db
+        self.workdir = workdir
+        params = StoreTable(db).params()
+        self.volume_id = str(params["uuid"])
+        k, m = int(params["k"]), int(params["m"])
+        self.layout = Layout(k, m, int(params["fragment_size"]), int(params["cell_size"]))
+        self.inline_max = int(params["inline_max"])
+        self.stores = stores
+        self.store_table = StoreTable(db)
+        self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
+        self.codec = Codec(k, m)
+        self.handles = HandleCache()
+        self.placement = Placement(self.runners)
+        self.pins = ChunkPins()
+        self.namespace = Namespace(db)
+        self.writer = ChunkWriter(
+            self.layout,
+            self.codec,
+            self.runners,
+            self.placement,
+            uuid.UUID(self.volume_id).bytes,
+            self._new_chunk_id,
+            device_of={i: s.device() for i, s in stores.items()},
+        )
+        self.damage = DamageRecorder(db, k)
+        self.reader = ChunkReader(
+            self.layout,
+            self.codec,
+            self.runners,
+            self.handles,
+            Expected(uuid.UUID(self.volume_id).bytes, k, m, self.layout.cell_size),
+            self.damage.record,
+            on_missing=self.store_may_be_gone,
+        )
+        self.replicator: Replicator | None = None
+        self.garbage = Garbage(
+            self.runners,
+            self.handles,
+            self.pins,
+            self._durable_generation,
+            lambda: self.filedata.last_activity,
+            db,
+        )
+        self.writer.on_abandoned = self.garbage.remember
+        self.writelog = WriteLog(db, self.layout.chunk_size)
+        self.filedata = FileData(
+            self.layout,
+            db,
+            self.namespace,
+            self.reader,
+            self.writer,
+            self.garbage,
+            self.pins,
+            self._wait_durable,
+            inline_max=self.inline_max,
+            clock_ns=self.namespace.now_ns,  # one clock for every inode time
+            writelog=self.writelog,
+            free_space=lambda: self.capacity()[1],
+        )
+        self.repairer = Repairer(
+            db,
+            self.layout,
+            self.codec,
+            self.reader,
+            self.runners,
+            self.placement,
+            self.handles,
+            self.garbage,
+            self.pins,
+            uuid.UUID(self.volume_id).bytes,
+            lambda: self.filedata.last_activity,
+            lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
+        )
+        self.damage.on_queued = self.repairer.poke
+        self.repairer.refresh_usage = self.refresh_usage
+        self.scrubber = Scrubber(
+            db,
+            self.layout,
+            self.reader,
+            self.runners,
+            lambda: self.filedata.last_activity,
+            self.repairer.poke,
+            self.verify_metadata_replicas,
+            lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
+        )
+        #: The last store change of this mount (see `start_store_change`).
+        self.store_change: StoreChange | None = None
+        self._devices = self.writer.device_of
+        self.store_ids = dict(self.store_table.all())
+        #: Where the volume is mounted (set by `mount`; None offline): new
+        #: stores must not lie on it.
+        self.mountpoint: Path | None = None
+        self.stores_admin = self._new_store_admin()
+        draining = {i for i, state in self.store_table.states().items() if state == "draining"}
+        self.placement.draining |= draining
+        self.repairer.draining |= draining
+        self._last_probe: dict[int, float] = {}
+        #: Store id -> why the store was given but left out (its marker).
+        self.left_out: dict[str, str] = {}
+        #: Store index -> trio time of its last successful probe.
+        self._verified: dict[int, float] = {}
+        self._probing: dict[int, trio.Event] = {}
+        self.writer.before_write = self.verify_before_write
+        self.repairer.before_write = self.verify_before_write
+        self._replacing_replicas = False
+        self._replica_lock = trio.Lock()
+        #: Set when unmount could not make the metadata durable anywhere: the
+        #: working copy is then kept (its path is logged) instead of deleted.
+        self.metadata_at_risk = False
+        #: What failed at unmount (see `shutdown`); empty after a clean one.
+        self.shutdown_errors: list[str] = []
+        #: Stale metadata replicas to delete once the replicas are closed.
+        self._stale_replicas_to_remove: list[int] = []
+        self._nursery: trio.Nursery | None = None
+
+    def _new_store_admin(self) -> StoreAdmin:
+        """The store changes' runner, given the parts of the volume it changes."""
+        return StoreAdmin(
+            db=self.db,
+            store_table=self.store_table,
+            layout=self.layout,
+            volume_id=self.volume_id,
+            inline_max=self.inline_max,
+            runners=self.runners,
+            store_ids=self.store_ids,
+            handles=self.handles,
+            device_of=self.writer.device_of,
+            placement=self.placement,
+            repairer=self.repairer,
+            missing_stores=self.missing_stores,
+            mountpoint=lambda: self.mountpoint,
+            refresh_usage=self.refresh_usage,
+            ensure_replicas=self.ensure_replicas,
+            report=self._report_store_change,
+        )
+
+    def _remember_store_paths(self) -> None:
+        """Record where each present store is, so a store that dies later
+        can still be named by its path."""
+        known = self.store_table.paths()
+        changed = {i: str(s.path) for i, s in self.stores.items() if known.get(i) != str(s.path)}
+        if changed:
+            with self.db.transaction():
+                for index, path in changed.items():
+                    self.store_table.set_path(index, path)
+
+    def _open_write_log(self) -> None:
+        """Load the small-write log's index."""
+        chunks = self.filedata.chunks
+
+        def current(inode: int, idx: int) -> int:
+            ref = chunks.get(inode, idx)
+            return 0 if ref is None else ref.chunk_id
+
+        for problem in self.writelog.load(current):
+            log.warning("%s (ecfs fsck --repair deletes it)", problem)
+
+    def missing_stores(self) -> dict[int, str]:
+        """Stores of the volume that are not open in this mount: index -> last path."""
+        return {i: p for i, p in self.store_table.paths().items() if i not in self.runners}
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store_args: Sequence[str], *, runtime_dir: Path | None = None) -> Volume:
+        """Blocking: check the stores, prepare the working copy, build."""
+        paths = check_store_paths(expand_store_args(store_args))
+        unusable: dict[Path, str] = {}
+        markers = read_markers(paths, unusable)
+        if not markers:
+            raise VolumeError("none of the given stores is readable")
+        unusable.update(select_volume(markers))
+        by_store_id = identify_stores(markers)
+        replicas = [replica_path(open_store(p).meta_dir) for p in markers]
+        if not any(r.exists() for r in replicas):
+            raise VolumeError(no_metadata_copy_message(markers, unusable))
+        remove_dead_working_copies(runtime_dir)
+        workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
+        try:
+            working = workdir / "metadata.sqlite"
+            # Every copy is checked (volume, stores, schema, content) and one
+            # chosen before any copy is written: a refused copy must never
+            # destroy the good ones (issue 13, A1).
+            prepared = prepare_working_copy(
+                [r for r in replicas if r.exists()] or replicas,
+                working,
+                expectation(markers, by_store_id),
+            )
+            db = Database(working)
+            left_out = {
+                store_id: f"{path}: {why}"
+                for store_id, (path, why) in leave_out_mismatched(
+                    markers, by_store_id, StoreTable(db).params()
+                ).items()
+            }
+            stores = _match_stores(StoreTable(db).all(), by_store_id, db)
+            for store in stores.values():
+                store.pin_identity(markers[store.path])
+            volume = cls(db, stores, workdir)
+            volume.left_out = left_out
+            volume._setup_replicas(prepared)
+            volume._remember_store_paths()  # after: so the change is replicated
+            volume._open_write_log()
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return volume
+
+    def _setup_replicas(self, prepared: PreparedMetadata) -> None:
+        """Rewrite the stale and refused replicas (the first writes to any
+        copy), replicate to the current ones, and add copies on other
+        stores until there are m+1 (a replica lost with its store is rebuilt)."""
+        snapshot = self.workdir / "replica-source.sqlite"
+        if prepared.to_resync:  # the working copy is locked: copy a snapshot
+            self.db.snapshot(snapshot)
+            resync_replicas(prepared, snapshot)
+        current = prepared.current
+        targets: dict[int, Path] = {}
+        for index, store in self.stores.items():
+            path = replica_path(store.meta_dir)
+            if path in current:
+                targets[index] = path
+        wanted = self.layout.m + 1
+        try:
+            for index, store in sorted(self.stores.items()):
+                if len(targets) >= wanted:
+                    break
+                if index in targets:
+                    continue
+                if is_s3_location(store.path):
+                    continue  # replicas are kept on local stores only (see ecfs.volume.mkfs)
+                if not snapshot.exists():
+                    self.db.snapshot(snapshot)
+                path = replica_path(store.meta_dir)
+                try:
+                    copy_database(snapshot, path)
+                except (StoreError, OSError) as exc:
+                    log.warning("cannot add a metadata replica on store %d: %s", index, exc)
+                    continue
+                log.info("added metadata replica on store %d (%s)", index, store.path)
+                targets[index] = path
+        finally:
+            snapshot.unlink(missing_ok=True)
+        if len(targets) < wanted:
+            log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
+        self.replicator = Replicator(
+            targets,
+            self.runners,
+            self.writer.sync_stores,
+            self.db.generation,
+            commit_interval=COMMIT_INTERVAL,
+        )
+        self.db.on_commit = self.replicator.submit
+        self.replicator.on_stale = lambda index: self._replace_replicas_soon()
+
+    # -- running -----------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the background tasks and finish crash recovery."""
+        assert self.replicator is not None
+        self._nursery = nursery
+        await nursery.start(supervised, "metadata replication", self.replicator.run)
+        self.garbage.load_leftovers()
+        await nursery.start(supervised, "garbage collector", self.garbage.run)
+        self.garbage.poke()  # fragments left on stores that were away last time
+        await nursery.start(supervised, "repair", self.repairer.run)
+        await self.refresh_usage()
+        nursery.start_soon(supervised, "store health", self._health_loop)
+        nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
+        nursery.start_soon(
+            supervised,
+            "small-write fold",
+            self.writelog.run,
+            self.filedata.fold_chunk,
+            lambda: self.filedata.last_activity,
+        )
+        self.filedata.attach(nursery)
+        for ino in self.namespace.orphans():
+            log.info("freeing inode %d (unlinked while open before a crash)", ino)
+            await self.filedata.free(ino)
+
+    async def shutdown(self) -> None:
+        """Write back everything, make it durable, delete garbage (and make
+        durable what that changed: remembered deletions done or added).
+
+        Each step runs even if an earlier one failed (a file whose data
+        cannot be written must not keep the metadata of every other change
+        from the replicas); every failure is logged and recorded in
+        `shutdown_errors`, so that the unmount is never reported clean."""
+        try:
+            # A store back, or with room again, since the last health check
+            # (up to HEALTH_INTERVAL ago) can still take the buffered data.
+            if not all(runner.available for runner in self.runners.values()):
+                await self.check_stores()
+            await self.refresh_usage()
+            await self.filedata.flush_all()
+            await self.filedata.fold_all()
+        except Exception as exc:
+            self._shutdown_failed("writing back data and attributes", exc)
+        if not await self._drain_at_shutdown():
+            return
+        try:
+            await self.garbage.collect()
+        except Exception as exc:
+            self._shutdown_failed("deleting garbage", exc)
+        if not await self._drain_at_shutdown():
+            return
+        replicator = self.replicator
+        if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
+            self._stale_replicas_to_remove = sorted(
+                set(replicator.stale_replicas()) - set(replicator.live_replicas())
+            )
+
+    def _shutdown_failed(self, step: str, exc: Exception) -> None:
+        if not isinstance(exc, EcfsError) or not exc.already_logged:
+            log.error("unmount: %s failed: %r", step, exc, exc_info=not isinstance(exc, EcfsError))
+        self.shutdown_errors.append(f"{step} failed: {exc}")
+
+    async def _drain_at_shutdown(self) -> bool:
+        """Make the metadata durable; False (the working copy kept and the
+        failure recorded) if that is impossible."""
+        try:
+            with trio.fail_after(SHUTDOWN_DRAIN_TIMEOUT):
+                await self._drain_metadata()
+        except (StoreError, trio.TooSlowError) as exc:
+            self.metadata_at_risk = True
+            log.critical(
+                "metadata not durable at unmount: %s; the working copy is kept at %s"
+                " (copy it over a replica to recover the latest changes)",
+                exc,
+                self.db.path,
+            )
+            self.shutdown_errors.append(f"metadata not durable on the replicas: {exc}")
+            return False
+        except Exception as exc:
+            self.metadata_at_risk = True
+            self._shutdown_failed("making the metadata durable", exc)
+            return False
+        return True
+
+    async def _remove_stale_replicas(self) -> None:
+        """After a clean shutdown with m+1 replicas live and up to date
+        (and their connections closed): delete the out-of-date copies on
+        stores that are available again (their store was away, and the copy
+        was replaced by one on another store), so that no stale copy is left
+        behind for fsck to report or a later mount to count."""
+        for index in self._stale_replicas_to_remove:
+            runner = self.runners.get(index)
+            if runner is None or not runner.available:
+                continue
+            try:
+                await runner.call(remove_replica, replica_path(runner.store.meta_dir), timeout=10.0)
+            except EcfsError as exc:
+                log.warning("cannot remove the stale metadata replica on store %d: %s", index, exc)
+                continue
+            log.info("removed the stale metadata replica on store %d", index)
+
+    async def _drain_metadata(self) -> None:
+        """Make everything durable; if every replica went stale, place new
+        ones on healthy stores first (a store that was full or away may be
+        usable again)."""
+        if self.replicator is None:
+            return
+        try:
+            await self.replicator.drain()
+        except StoreError:
+            await self.refresh_usage()  # a store that was full may have room now
+            await self.ensure_replicas()
+            await self.replicator.drain()
+
+    def close(self) -> None:
+        """Release files (after shutdown and after the task nursery ended)."""
+        self.reader.readahead.close()
+        self.handles.close_all()
+        for runner in self.runners.values():
+            runner.store.close()
+        self.db.close()
+        if self.metadata_at_risk:
+            (self.workdir / KEEP_MARKER).touch()
+        elif self.shutdown_errors:  # the metadata is durable: keep only the report
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir.mkdir(mode=0o700, exist_ok=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.shutdown_errors:
+            (self.workdir / SHUTDOWN_REPORT).write_text("\n".join(self.shutdown_errors) + "\n")
+
+    async def aclose_replicas(self) -> None:
+        if self.replicator is not None:
+            await self.replicator.aclose()
+            await self._remove_stale_replicas()
+
+    async def refresh_usage(self) -> None:
+        async def one(index: int, runner: StoreRunner) -> None:
+            try:
+                usage = await runner.call(runner.store.usage, timeout=5.0)
+            except StoreError as exc:
+                log.debug("store %d: usage unavailable: %s", index, exc)
+                return
+            self.placement.update_usage(index, usage)
+
+        full_before = set(self.placement.full)
+        async with trio.open_nursery() as nursery:
+            for index, runner in self.runners.items():
+                nursery.start_soon(one, index, runner)
+        if full_before - self.placement.full:
+            self.repairer.retry_deferred()  # room again for fragments that had none
+
+    async def _health_loop(self) -> None:
+        while True:
+            await trio.sleep(HEALTH_INTERVAL)
+            await self.check_stores()
+            await self.refresh_usage()
+            await self.ensure_replicas()
+            self.repairer.note_store_states()
+            self.garbage.poke()
+
+    async def check_stores(self) -> None:
+        """Probe every store: a store whose marker vanished (or changed) is
+        marked failed; a failed store whose marker is back is marked ok."""
+        async with trio.open_nursery() as nursery:
+            for index in self.runners:
+                nursery.start_soon(self.probe_store, index)
+
+    async def probe_store(self, index: int) -> None:
+        """Check that store `index` is reachable and still the store opened
+        (see the module docstring): mark it failed (with the reason, its
+        cached fds and replica dropped) or, if it was failed, ok again."""
+        runner = self.runners[index]
+        was_available = runner.available
+        try:
+            marker, device = await runner.call(
+                _probe_store, runner.store, not was_available, timeout=PROBE_TIMEOUT
+            )
+            if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
+                raise StoreError(f"{runner.store.path} now holds a different store")
+        except StoreError as exc:
+            runner.mark_failed(str(exc))  # the reason status shows: the latest
+            self.handles.discard_store(index)
+            runner.store.close()
+            if was_available:
+                log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
+            if self.replicator is not None:
+                self.replicator.drop_replica(index, f"store failed: {exc}")
+            return
+        self._verified[index] = trio.current_time()
+        if not was_available:
+            self.writer.device_of[index] = device  # a disk mounted anew: maybe another
+            runner.mark_ok()
+            log.warning("store %d (%s) is back", index, runner.store.path)
+            self.repairer.retry_deferred()  # chunks that waited for it
+
+    async def verify_before_write(self, index: int) -> bool:
+        """Writer hook: whether store `index` may get a new fragment. A
+        store not verified for IDENTITY_MAX_AGE seconds is probed first
+        (one probe per store at a time; concurrent writers wait for it)."""
+        if trio.current_time() - self._verified.get(index, -math.inf) > IDENTITY_MAX_AGE:
+            probing = self._probing.get(index)
+            if probing is not None:
+                await probing.wait()
+            else:
+                probing = self._probing[index] = trio.Event()
+                try:
+                    await self.probe_store(index)
+                finally:
+                    del self._probing[index]
+                    probing.set()
+        return self.runners[index].available
+
+    def store_may_be_gone(self, index: int) -> None:
+        """Reader callback on a missing fragment: probe that store soon
+        (at most once per PROBE_SPACING seconds), so a vanished store is
+        detected on first use and routed around."""
+        now = trio.current_time()
+        if now - self._last_probe.get(index, -PROBE_SPACING) < PROBE_SPACING:
+            return
+        self._last_probe[index] = now
+        if self._nursery is not None:
+            self._nursery.start_soon(guarded, "store probe", self.probe_store, index)
+
+    def _replace_replicas_soon(self) -> None:
+        if self._nursery is not None and not self._replacing_replicas:
+            self._replacing_replicas = True
+            self._nursery.start_soon(guarded, "replica replacement", self._replace_replicas)
+
+    async def _replace_replicas(self) -> None:
+        try:
+            await trio.lowlevel.checkpoint()  # let the stale-marking caller finish
+            await self.ensure_replicas()
+        finally:
+            self._replacing_replicas = False
+
+    async def ensure_replicas(self) -> None:
+        """Keep m+1 live metadata replicas: replace a stale one by a fresh
+        copy on its own store if it is back, else on another healthy store."""
+        async with self._replica_lock:
+            await self._ensure_replicas()
+
+    async def _ensure_replicas(self) -> None:
+        replicator = self.replicator
+        if replicator is None:
+            return
+        live = set(replicator.live_replicas())
+        wanted = self.layout.m + 1
+        if len(live) >= wanted:
+            return
+        stale = set(replicator.stale_replicas())
+        candidates = sorted(
+            (
+                i
+                for i, r in self.runners.items()
+                if r.available and i not in live and not is_s3_location(r.store.path)
+            ),  # replicas are kept on local stores only (see ecfs.volume.mkfs)
+            key=lambda i: (i in self.placement.full, i not in stale, i),
+        )
+        for index in candidates[: wanted - len(live)]:
+            if not await replicator.close_stale(index):
+                continue  # its old connection is still busy: never replace the file under it
+            # Again if transactions were shipped and forgotten while it was copied.
+            for _attempt in range(PLACE_REPLICA_ATTEMPTS):
+                if not await self._place_replica(replicator, index):
+                    break
+
+    async def _place_replica(self, replicator: Replicator, index: int) -> bool:
+        """Copy the working copy to store `index` and add it to the
+        replicator. True if it was copied but could not be added."""
+        await self.writer.sync_stores()  # what the copy refers to is durable
+        generation = self.db.generation
+        snapshot = self.workdir / f"replica-{index}.sqlite"
+        self.db.snapshot(snapshot)  # on the loop: consistent at `generation`
+        runner = self.runners[index]
+        target = replica_path(runner.store.meta_dir)
+        try:
+            await runner.call(place_replica, snapshot, target, timeout=60.0)
+        except EcfsError as exc:
+            log.warning("cannot place a metadata replica on store %d: %s", index, exc)
+            return False
+        finally:
+            snapshot.unlink(missing_ok=True)
+        return not await replicator.add_replica(index, target, generation)
+
+    def status(self) -> VolumeStatus:
+        """A snapshot of the volume built from its services' statistics
+        (the record and its JSON form: see `ecfs.volume.status`)."""
+        layout = self.layout
+        available = {i for i, r in self.runners.items() if r.available}
+        found = assess(
+            layout.k,
+            layout.n,
+            self.store_ids,
+            available,
+            ChunkTable(self.db).redundancy_classes(),
+            RepairQueue(self.db).known_damage(),
+        )
+        stores = [self._store_status(i, r, found.fragments, found.fragment_bytes)
+                  for i, r in sorted(self.runners.items())]  # fmt: skip
+        for index, path in sorted(self.missing_stores().items()):
+            reason = self.left_out.get(self.store_ids.get(index, ""), "not given or unusable")
+            stores.append(
+                StoreStatus(
+                    index, path, "missing", reason, 0, 0, 0, 0.0, 0.0, 0, 0, None, None,
+                    found.fragments.get(index, 0), found.fragment_bytes.get(index, 0), False,
+                )  # fmt: skip
+            )
+        repair = self.repairer.statistics()
+        unrecoverable = self.repairer.unrecoverable_chunks()
+        replication = self.replicator.statistics() if self.replicator else None
+        return VolumeStatus(
+            volume=self.volume_id,
+            k=layout.k,
+            m=layout.m,
+            health=health_of(
+                found.tolerance,
+                bool(unrecoverable),
+                len(available) < len(self.store_ids),
+                bool(repair.queue),
+            ),
+            tolerance=found.tolerance,
+            stores=tuple(stores),
+            repair=repair,
+            scrub=self.scrubber.statistics(),
+            reads=self.reader.statistics(),
+            writes=self.writer.statistics(),
+            write_log=self.writelog.statistics(),
+            garbage=self.garbage.statistics(),
+            metadata=MetadataStatus(
+                generation=self.db.generation,
+                durable_generation=replication.durable_generation if replication else None,
+                live_replicas=replication.live_replicas if replication else (),
+                stale_replicas=dict(replication.stale_replicas) if replication else {},
+            ),
+            unrecoverable=unrecoverable,
+            store_change=self.store_change,
+        )
+
+    def _store_status(
+        self, index: int, runner: StoreRunner, fragments: dict[int, int], sizes: dict[int, int]
+    ) -> StoreStatus:
+        stats = runner.statistics()
+        usage = self.placement.usage.get(index)
+        return StoreStatus(
+            index=index,
+            path=str(runner.store.path),
+            state=stats.state.value,
+            reason=runner.failure_reason,
+            in_flight=stats.in_flight,
+            errors=stats.errors,
+            timeouts=stats.timeouts,
+            latency_p50_ms=round(stats.latency_p50 * 1000, 3),
+            latency_p95_ms=round(stats.latency_p95 * 1000, 3),
+            bytes_read=stats.bytes_read,
+            bytes_written=stats.bytes_written,
+            free_bytes=usage.free_bytes if usage else None,
+            total_bytes=usage.total_bytes if usage else None,
+            fragments=fragments.get(index, 0),
+            fragment_bytes=sizes.get(index, 0),
+            draining=index in self.placement.draining,
+        )
+
+    # -- operator commands -----------------------------------------------------------
+
+    async def verify_metadata_replicas(self) -> dict[int | None, str]:
+        """Scrub: verify every live metadata replica online; a bad one is
+        dropped and replaced by a fresh copy of the working copy (on its own
+        store if it is healthy). Then verify the working copy itself (a
+        snapshot of it, like a new replica's). Store index (None: the
+        working copy) -> problem found."""
+        problems: dict[int | None, str] = {}
+        if self.replicator is not None:
+            found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
+            problems.update(found)
+            if found:
+                await self.ensure_replicas()
+        working = await self._verify_working_copy()
+        if working is not None:
+            problems[None] = working
+        return problems
+
+    async def _verify_working_copy(self) -> str | None:
+        """The working copy's rows against the digest it keeps: a mismatch
+        means it was damaged under the mount (memory, the temp directory)
+        or a bug; it cannot be fixed online, the replicas are still good."""
+        snapshot = self.workdir / "verify-working.sqlite"
+        try:
+            self.db.snapshot(snapshot)  # on the loop: consistent at one generation
+            found = await run_in_thread(inspect_copy, snapshot)
+        finally:
+            snapshot.unlink(missing_ok=True)
+        if found.problem is None:
+            return None
+        log.critical(
+            "the working copy of the metadata (%s) failed verification: %s; unmount and"
+            " mount again to start from the verified replicas",
+            self.db.path,
+            found.problem,
+        )
+        return f"working copy {self.db.path}: {found.problem}"
+
+    def run_command(self, command: Command) -> None:
+        """Start a validated operator command (returns at once; progress
+        shows in `status`)."""
+        if command.verb == "scrub":
+            self.start_scrub(command.seconds)
+        elif command.verb == "scrub-stop":
+            self.scrubber.stop()
+        elif command.verb == "repair":
+            self.repairer.set_urgent(command.urgent)
+        elif command.verb == "store-replace":
+            self.start_store_change("replace", command.old, command.new)
+        elif command.verb == "store-add":
+            self.start_store_change("add", None, command.new)
+        else:
+            self.start_store_change("remove", command.old, None)
+
+    def start_scrub(self, max_duration: float | None) -> None:
+        if self._nursery is None or self.scrubber.progress.running:
+            return
+        self._nursery.start_soon(guarded, "scrub", self.scrubber.run, max_duration)
+
+    def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
+        """Begin replacing, adding or draining a store (progress in
+        `status().store_change`)."""
+        if self.store_change is not None and self.store_change.state == "running":
+            raise FsError("a store change is already running", errno=errno.EBUSY)
+        self.store_change = StoreChange(op, old, new, "running", "")
+        assert self._nursery is not None
+        self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
+
+    async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
+        try:
+            if op == "replace":
+                message = await self.stores_admin.replace(old or "", new or "")
+            elif op == "add":
+                message = await self.stores_admin.add(new or "")
+            else:
+                message = await self.stores_admin.remove(old or "")
+        except EcfsError as exc:
+            self._end_store_change("failed", str(exc))
+            log.error("store %s failed: %s", op, exc)
+            return
+        self._end_store_change("done", message)
+        log.warning("store %s: %s", op, message)
+
+    def _report_store_change(self, message: str) -> None:
+        if self.store_change is not None:
+            self.store_change = dataclasses.replace(self.store_change, message=message)
+
+    def _end_store_change(self, state: str, message: str) -> None:
+        if self.store_change is not None:
+            self.store_change = dataclasses.replace(self.store_change, state=state, message=message)
+
+    async def _new_chunk_id(self) -> int:
+        """A chunk id that no later mount can hand out again: ids come in
+        blocks, and the first use of a block waits until the reservation is
+        durable (once per ID_BLOCK chunks)."""
+        chunk_id, reserved_at = self.db.next_id_reserved("chunk")
+        if self.replicator is not None and reserved_at > self.replicator.durable_generation:
+            await self._wait_durable(reserved_at)
+        return chunk_id
+
+    def _durable_generation(self) -> int:
+        return self.replicator.durable_generation if self.replicator else self.db.generation
+
+    async def _wait_durable(self, generation: int) -> None:
+        """fsync(): wait until `generation` is durable; if no replica is
+        live, try to place new ones before giving up (EIO)."""
+        replicator = self.replicator
+        if replicator is None:
+            return
+        try:
+            while True:
+                with trio.move_on_after(LAGGING_REPLICA_PROBE):
+                    await replicator.wait_durable(generation)
+                    return
+                # Slow: probe the stores of the replicas still behind; a
+                # hung one is dropped (see probe_store) instead of waited for.
+                async with trio.open_nursery() as nursery:
+                    for index in replicator.lagging(generation):
+                        nursery.start_soon(self.probe_store, index)
+        except StoreError:
+            await self.refresh_usage()
+            await self.ensure_replicas()
+            await replicator.wait_durable(generation)
+
+    def capacity(self) -> tuple[int, int]:
+        """(total, free) usable bytes: raw space of the stores' distinct
+        filesystems, scaled by k/(k+m)."""
+        total = free = 0
+        seen: set[int] = set()
+        for index, usage in self.placement.usage.items():
+            device = self._devices.get(index)
+            if device in seen or not self.runners[index].available:
+                continue
+            seen.add(device if device is not None else -index)
+            total += usage.total_bytes
+            free += usage.free_bytes
+        k, n = self.layout.k, self.layout.n
+        return total * k // n, free * k // n
+
+
+def _probe_store(store: Store, accept_moved: bool) -> tuple[StoreMarker, int]:
+    """Blocking: `store.probe` and the device of the store root."""
+    return store.probe(accept_moved=accept_moved), store.device()
+
+
+def _match_stores(
+    table: list[tuple[int, str]], by_store_id: dict[str, Path], db: Database
+) -> dict[int, Store]:
+    """Store index -> store for the stores present; VolumeError if
+    a given store is not in the volume or too many are missing."""
+    known = {store_id: index for index, store_id in table}
+    stores: dict[int, Store] = {}
+    for store_id, path in by_store_id.items():
+        if store_id not in known:
+            raise VolumeError(f"store {path} is not (or no longer) part of this volume")
+        stores[known[store_id]] = open_store(path)
+    m = int(StoreTable(db).params()["m"])
+    missing = [index for index, _ in table if index not in stores]
+    if len(missing) > m:
+        raise VolumeError(
+            f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
+            f" missing (missing store indices: {missing})"
+        )
+    if missing:
+        log.warning("mounting degraded: stores %s are missing", missing)
+    return stores
+

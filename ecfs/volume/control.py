@@ -1,0 +1,147 @@
+"""Talking to a running mount: status snapshots and operator commands.
+
+How the CLI reaches a mount: through virtual extended attributes of the
+mount's root directory, served by the daemon itself (no socket to secure
+or clean up, and the kernel tells the daemon who asks):
+
+* getxattr(MOUNTPOINT, "user.ecfs.status") -> the volume's status record
+  (`Volume.status()`) as JSON (`ecfs.volume.status.to_json`; the CLI parses it
+  back with `ecfs.volume.status.from_json`);
+* getxattr(MOUNTPOINT, "user.ecfs.pid") -> the daemon's pid;
+* getxattr(MOUNTPOINT, "user.ecfs.workdir") -> the daemon's working
+  directory, where it leaves a report if its shutdown fails (`ecfs umount`
+  reads it: see volume.SHUTDOWN_REPORT);
+* setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
+  "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
+  "store-replace OLD NEW", "store-add NEW", "store-remove OLD".
+
+Only root and the user who mounted may use them (checked in `fs`).
+Every argument is validated before anything starts (`parse_command`):
+scrub seconds finite and positive, store paths absolute and non-empty; a
+refused command answers EINVAL and is logged with the reason.
+Owns: the control channel's commands and their parsing. Must not: know
+the volume (the volume runs a parsed `Command`, `Volume.run_command`; the
+status is the volume's own record), or contain the logic of repair, scrub
+or store management.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass
+
+from ..core.errors import FsError, VolumeError
+from ..storage.s3store import S3Location, is_s3_location
+
+log = logging.getLogger(__name__)
+
+
+#: Longest scrub duration accepted (seconds; ~31 years: "no limit" is no argument).
+MAX_SCRUB_SECONDS = 1e9
+#: How a store is named in store-replace OLD / store-remove OLD besides a
+#: path: its index in the store table, or its store id (a UUID in hex).
+_STORE_INDEX = re.compile(r"[0-9]{1,9}")
+_STORE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One validated control command.
+
+    verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
+    (urgent), "store-replace" (old, new), "store-add" (new), "store-remove"
+    (old). `new` is always an absolute path; `old` an absolute path, a
+    store index or a store id."""
+
+    verb: str
+    seconds: float | None = None
+    urgent: bool = False
+    old: str | None = None
+    new: str | None = None
+
+
+def parse_command(text: str) -> Command:
+    """The command in `text`; FsError (EINVAL) naming what is wrong for
+    anything else. Pure: never touches the file system (a path may lie on
+    this very mount, whose requests wait for the event loop that parses)."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise _refused(text, f"cannot split it into words: {exc}") from None
+    if not words:
+        raise _refused(text, "it is empty")
+    verb, args = words[0], words[1:]
+    arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
+             "store-add": (1, 1), "store-remove": (1, 1)}  # fmt: skip
+    if verb not in arity:
+        raise _refused(text, f"unknown command {verb!r}")
+    low, high = arity[verb]
+    if not low <= len(args) <= high:
+        raise _refused(text, f"{verb} takes {low}..{high} arguments, not {len(args)}")
+    if verb == "scrub":
+        return Command(verb, seconds=_seconds(text, args[0]) if args else None)
+    if verb == "repair":
+        if args[0] not in ("urgent", "normal"):
+            raise _refused(text, "repair takes 'urgent' or 'normal'")
+        return Command(verb, urgent=args[0] == "urgent")
+    if verb == "store-replace":
+        return Command(verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]))
+    if verb == "store-add":
+        return Command(verb, new=_new_path(text, args[0]))
+    if verb == "store-remove":
+        return Command(verb, old=_old_store(text, args[0]))
+    return Command(verb)
+
+
+def read_command(text: str) -> Command:
+    """`parse_command`, logging a refused command (the control attribute
+    can only answer EINVAL; the log says why). The volume runs the command
+    (`Volume.run_command`)."""
+    try:
+        return parse_command(text)
+    except FsError as exc:
+        log.warning("%s", exc)
+        raise
+
+
+def _refused(text: str, reason: str) -> FsError:
+    return FsError(f"control command {text!r} refused: {reason}", errno=errno.EINVAL)
+
+
+def _seconds(text: str, word: str) -> float:
+    try:
+        seconds = float(word)
+    except ValueError:
+        raise _refused(text, f"{word!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SCRUB_SECONDS):
+        raise _refused(text, f"scrub seconds must be > 0 and <= {MAX_SCRUB_SECONDS:g}")
+    return seconds
+
+
+def _new_path(text: str, word: str) -> str:
+    """A new store's directory: an absolute path (the daemon's working
+    directory is /, so a relative one would name a directory the user never
+    meant; the CLI sends absolute ones), or an s3:// location."""
+    if not word:
+        raise _refused(text, "the store path is empty")
+    if "\0" in word:
+        raise _refused(text, "the store path contains a NUL byte")
+    if is_s3_location(word):  # an object store (ecfs.storage.s3store): no directory
+        try:
+            return str(S3Location.parse(word))
+        except VolumeError as exc:
+            raise _refused(text, str(exc)) from None
+    if not os.path.isabs(word):
+        raise _refused(text, f"the store path {word!r} is not absolute")
+    return os.path.normpath(word)
+
+
+def _old_store(text: str, word: str) -> str:
+    if _STORE_INDEX.fullmatch(word) or _STORE_ID.fullmatch(word):
+        return word
+    return _new_path(text, word)

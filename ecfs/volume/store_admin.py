@@ -1,0 +1,246 @@
+"""Changing the stores of a mounted volume: replace, add, remove (drain).
+
+Owns: initialising a new store directory for this volume, switching the
+store table, and queueing the rebuild or the moves. Must not: move data
+itself (the repairer does, in the background).
+
+* replace OLD NEW: NEW (an empty or new directory) becomes a store of this
+  volume under OLD's index, so chunk maps need no change; every chunk that
+  had a fragment on OLD is queued ('store-replaced') and rebuilt onto NEW.
+  OLD may be dead; if it still answers, it is simply no longer used.
+* add NEW: a new store index, used for new chunks at once (no rebalance).
+* remove OLD: OLD is marked draining (no new fragments), all its chunks are
+  queued and the repairer moves each fragment to a store holding none of
+  that chunk; once nothing refers to OLD, it leaves the store table. Needs
+  at least k+m other stores.
+
+After a change, give the new store list (or a glob that matches it) to the
+next `ecfs mount`.
+
+A new store must be an absolute path (`control` refuses others), must not
+be or nest with a store, and must not lie on the mount itself. Every path
+operation (realpath, stat, marker) runs in a thread (`_off_loop`): the
+event loop answers this mount's requests, so a path on the mount resolved
+on the loop would wait for the loop forever.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from ..core.errors import StoreError, VolumeError
+from ..core.geometry import Layout
+from ..data.placement import Placement
+from ..data.repair import Repairer
+from ..storage.handles import HandleCache
+from ..storage.metadb.database import Database
+from ..storage.metadb.stores import StoreTable
+from ..storage.offload import StoreRunner, run_in_thread
+from ..storage.s3store import is_s3_location
+from ..storage.store import STORE_FORMAT, Store, StoreMarker, initialise_store
+from .mkfs import check_store_paths
+
+#: Seconds between checks while a removed store drains.
+DRAIN_POLL = 1.0
+#: Seconds a path check (realpath, stat, marker) may take before the
+#: command fails (a hung disk).
+PATH_TIMEOUT = 30.0
+
+T = TypeVar("T")
+
+
+async def _retire(runner: StoreRunner) -> None:
+    """Rename a store's marker away (best effort: the old disk may be dead),
+    so that a glob still matching its directory no longer offers it to the
+    volume; its fragment files are left for the operator to delete."""
+    try:
+        await runner.call(runner.store.retire, timeout=5.0)
+    except StoreError:
+        pass
+
+
+async def _off_loop(fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking path function (realpath, stat, reading a marker) in
+    a thread, never on the event loop: a path may lie on this very mount,
+    whose requests the loop answers (realpath of MNT/inner on the loop was a
+    deadlock), or on a hung disk (the call is abandoned after a timeout)."""
+    try:
+        with trio.fail_after(PATH_TIMEOUT):
+            return await run_in_thread(fn, *args, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise VolumeError(f"a store path did not answer within {PATH_TIMEOUT:g} s") from None
+
+
+def _resolve_index(given: str, paths: dict[int, str]) -> int | None:
+    """The index whose path (from `paths`) is the same directory as `given`
+    (blocking: realpath)."""
+    real = Path(os.path.realpath(given))
+    for index, path in paths.items():
+        if path and Path(os.path.realpath(path)) == real:
+            return index
+    return None
+
+
+def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> None:
+    """VolumeError unless `path` can become a new store: not a store
+    already, not nested with one, and not on this mount (a store inside the
+    volume it serves would hang or lose everything). Blocking."""
+    check_store_paths([*known, Path(path)])
+    if mountpoint is None or is_s3_location(path):
+        return
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(Path(os.path.realpath(mountpoint))):
+        raise VolumeError(f"{path} is inside the mountpoint {mountpoint}: a store cannot be")
+    existing = real
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.stat(existing).st_dev == os.stat(mountpoint).st_dev:
+        raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
+
+
+def _device_and_id(store: Store) -> tuple[int, str]:
+    return store.device(), store.read_marker().store_id
+
+
+class StoreAdmin:
+    """Runs store changes; every part of the volume it changes is given
+    explicitly (the mappings are the volume's own, changed in place)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        store_table: StoreTable,
+        layout: Layout,
+        volume_id: str,
+        inline_max: int,
+        runners: dict[int, StoreRunner],
+        store_ids: dict[int, str],
+        handles: HandleCache,
+        device_of: dict[int, int],
+        placement: Placement,
+        repairer: Repairer,
+        missing_stores: Callable[[], dict[int, str]],
+        mountpoint: Callable[[], Path | None],
+        refresh_usage: Callable[[], Awaitable[None]],
+        ensure_replicas: Callable[[], Awaitable[None]],
+        report: Callable[[str], None],
+    ) -> None:
+        """`missing_stores()`: index -> last path of the stores not open;
+        `mountpoint()`: where the volume is mounted; `report(message)`:
+        progress of a running change (shown by status)."""
+        self.db = db
+        self.store_table = store_table
+        self.layout = layout
+        self.volume_id = volume_id
+        self.inline_max = inline_max
+        self.runners = runners
+        self.store_ids = store_ids
+        self.handles = handles
+        self.device_of = device_of
+        self.placement = placement
+        self.repairer = repairer
+        self.missing_stores = missing_stores
+        self.mountpoint = mountpoint
+        self.refresh_usage = refresh_usage
+        self.ensure_replicas = ensure_replicas
+        self.report = report
+
+    async def _index_of(self, given: str) -> int:
+        """A store by index number, store id or absolute path."""
+        if given.isdigit() and int(given) in self.store_ids:
+            return int(given)
+        for index, store_id in self.store_ids.items():
+            if store_id == given:
+                return index
+        paths = {index: str(runner.store.path) for index, runner in self.runners.items()}
+        paths.update({i: p for i, p in self.missing_stores().items() if i not in paths})
+        found = await _off_loop(_resolve_index, given, paths)
+        if found is None:
+            raise VolumeError(f"{given} is not a store of this volume")
+        return found
+
+    async def _initialise(self, path: str) -> Store:
+        known = [runner.store.path for runner in self.runners.values()]
+        await _off_loop(_check_new_store, known, path, self.mountpoint())
+        marker = StoreMarker(
+            volume_id=self.volume_id,
+            store_id=uuid.uuid4().hex,
+            format=STORE_FORMAT,
+            k=self.layout.k,
+            m=self.layout.m,
+            fragment_size=self.layout.fragment_size,
+            cell_size=self.layout.cell_size,
+            inline_max=self.inline_max,
+        )
+        try:
+            return await run_in_thread(initialise_store, path, marker)
+        except StoreError as exc:
+            raise VolumeError(f"cannot use {path} as a new store: {exc}") from None
+
+    async def _install(self, index: int, store: Store) -> None:
+        device, store_id = await _off_loop(_device_and_id, store)
+        self.runners[index] = StoreRunner(index, store)  # shared by every service
+        self.handles.discard_store(index)
+        self.device_of[index] = device
+        self.store_ids[index] = store_id
+
+    async def replace(self, old: str, new: str) -> str:
+        index = await self._index_of(old)
+        store = await self._initialise(new)
+        marker = await run_in_thread(store.read_marker)
+        with self.db.transaction():
+            self.store_table.replace(index, marker.store_id)
+            self.store_table.set_path(index, str(store.path))
+        if index in self.runners:
+            await _retire(self.runners[index])
+        await self._install(index, store)
+        await self.refresh_usage()
+        count = self.repairer.queue_store_rebuild(index, "store-replaced")
+        await self.ensure_replicas()
+        return f"store {index} is now {new}; {count} chunks queued for rebuild onto it"
+
+    async def add(self, new: str) -> str:
+        store = await self._initialise(new)
+        marker = await run_in_thread(store.read_marker)
+        with self.db.transaction():
+            index = self.store_table.add(marker.store_id)
+            self.store_table.set_path(index, str(store.path))
+        await self._install(index, store)
+        await self.refresh_usage()
+        return f"store {index} added: {new}"
+
+    async def remove(self, old: str) -> str:
+        index = await self._index_of(old)
+        others = [i for i in self.runners if i != index and i not in self.placement.draining]
+        if len(others) < self.layout.n:
+            raise VolumeError(
+                f"removing store {index} would leave {len(others)} stores;"
+                f" k+m={self.layout.n} are needed"
+            )
+        with self.db.transaction():
+            self.store_table.set_state(index, "draining")
+        self.placement.draining.add(index)
+        self.repairer.draining.add(index)
+        self.repairer.queue_store_rebuild(index, "store-failed")
+        while True:
+            left = self.store_table.chunks_on(index)
+            self.report(f"{left} chunks left to move")
+            if not left:
+                break
+            await trio.sleep(DRAIN_POLL)
+        with self.db.transaction():
+            self.store_table.remove(index)
+        self.placement.draining.discard(index)
+        self.repairer.draining.discard(index)
+        runner = self.runners.pop(index)
+        self.store_ids.pop(index, None)
+        self.handles.discard_store(index)
+        await _retire(runner)
+        return f"store {index} ({old}) drained and removed from the volume"
