@@ -13,6 +13,7 @@ third-party package):
    database: store (the Store interface: fragments by name, no file
    descriptor crosses it; the directory store and its open-file cache
    fdcache), s3store (S3-compatible object stores, the only obstore user),
+   storefactory (opens a store by its location: a directory or s3://),
    fakestores (in-memory and fault-injecting stores for tests), handles
    (verified fragment headers), offload (the one helper for blocking calls,
    the only trio.to_thread user), lock, metadb (all SQL), replicas

@@ -34,7 +34,8 @@ from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.schema import create_database
 from ecfs.storage.offload import StoreRunner, StoreState
 from ecfs.storage.s3store import S3Location, S3Store, find_credentials, is_s3_location
-from ecfs.storage.store import STORE_FORMAT, StoreMarker, open_store
+from ecfs.storage.store import STORE_FORMAT, StoreMarker
+from ecfs.storage.storefactory import open_store
 from ecfs.volume.assembly import Volume
 
 from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment

@@ -24,9 +24,8 @@ from ecfs.storage.store import (
     DirectoryStore,
     Store,
     StoreMarker,
-    initialise_store,
-    open_store,
 )
+from ecfs.storage.storefactory import initialise_store, open_store
 
 from .s3servers import MotoServer, s3_environment
 

@@ -24,8 +24,8 @@ import click
 from .. import __version__
 from ..core import units
 from ..core.errors import EcfsError, VolumeError
-from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
 from ..storage.s3store import is_s3_location
+from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
 
 
 def parse_size(value: str) -> int:

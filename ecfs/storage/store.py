@@ -3,8 +3,7 @@ and every blocking call on it.
 
 Owns: the `Store` interface (fragments by name: chunk id, fragment index,
 byte range into a caller's buffer; no file descriptor ever crosses it), the
-factory that opens a store by location (`open_store`, `initialise_store`),
-the layout of a store directory, the store marker format, and the file
+layout of a store directory, the store marker format, and the file
 operations on fragment files (create, read, page-cache reads, read-ahead
 hints, delete, list, durability via syncfs, free space), with the cache of
 open fragment files (`ecfs.storage.fdcache`, used only from here).
@@ -251,10 +250,11 @@ class Store(Protocol):
     A fragment is named by (chunk id, fragment index), 0 <= chunk id <
     2**64, 0 <= index < 256; its contents are opaque bytes here (built and
     checked by `ecfs.core.fragment`), written once and never modified. The
-    implementations are `DirectoryStore` (one directory, the real one;
-    `open_store` opens one by location) and the fakes in
-    `ecfs.storage.fakestores`; they all honour this contract, exception types
-    included, so services and their tests cannot tell them apart.
+    implementations are `DirectoryStore` (one directory, the real one),
+    `ecfs.storage.s3store.S3Store` (an object store; both opened by
+    location by `ecfs.storage.storefactory.open_store`) and the fakes in
+    `ecfs.storage.fakestores`; they all honour this contract, exception
+    types included, so services and their tests cannot tell them apart.
 
     Errors (all `ecfs.core.errors.StoreError` or subclasses; a method raises no
     other exception type except ValueError for an out-of-range name, a
@@ -280,7 +280,8 @@ class Store(Protocol):
 
     #: Where the store is, for messages and status: a directory, or an
     #: s3:// location (`ecfs.storage.s3store.LocationPath`, whose str() is the
-    #: location as given); `open_store(path)` opens the same store.
+    #: location as given); `ecfs.storage.storefactory.open_store(path)` opens
+    #: the same store.
     path: Path
 
     @property
@@ -886,30 +887,6 @@ def fragment_relpath(chunk_id: int, index: int) -> str:
         raise ValueError(f"fragment index out of range: {index}")
     fan = _fanout(chunk_id)
     return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
-
-
-def open_store(location: str | os.PathLike[str]) -> Store:
-    """The store at `location`, without I/O: an object store for an
-    ``s3://`` location (`ecfs.storage.s3store`), else a directory. The one place
-    that turns a location given by a user into a store."""
-    if os.fspath(location).startswith("s3:/"):
-        # Imported here: ecfs.storage.s3store builds on this module (a factory
-        # module of its own can take both when the packages are laid out).
-        from .s3store import S3Store
-
-        return S3Store(location)
-    return DirectoryStore(location)
-
-
-def initialise_store(location: str | os.PathLike[str], marker: StoreMarker) -> Store:
-    """Create a new, empty store at `location` for `marker` (mkfs, store
-    add/replace). Blocking; see `DirectoryStore.initialise` and
-    `S3Store.initialise` for the errors."""
-    if os.fspath(location).startswith("s3:/"):
-        from .s3store import S3Store
-
-        return S3Store.initialise(location, marker)
-    return DirectoryStore.initialise(location, marker)
 
 
 # --------------------------------------------------------------------------

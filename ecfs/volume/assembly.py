@@ -87,7 +87,8 @@ from ..storage.replicas import (
     resync_replicas,
 )
 from ..storage.s3store import is_s3_location, location_path
-from ..storage.store import Store, StoreMarker, open_store
+from ..storage.store import Store, StoreMarker
+from ..storage.storefactory import open_store
 from .control import Command
 from .mkfs import check_store_arg, check_store_paths
 from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of

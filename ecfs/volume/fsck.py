@@ -70,7 +70,8 @@ from ..storage.metadb.database import Database
 from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
 from ..storage.metadb.stores import StoreTable
 from ..storage.replicas import CopyChoice, copy_database, replica_path, set_aside
-from ..storage.store import MARKER_NAME, Store, StoreMarker, open_store
+from ..storage.store import MARKER_NAME, Store, StoreMarker
+from ..storage.storefactory import open_store
 from .assembly import (
     _match_stores,
     expand_store_args,

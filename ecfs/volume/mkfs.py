@@ -38,7 +38,8 @@ from ..core.geometry import (
 from ..storage.metadb.schema import create_database
 from ..storage.replicas import replica_path
 from ..storage.s3store import S3Location, forget_new_store, is_s3_location, location_path
-from ..storage.store import MARKER_NAME, STORE_FORMAT, Store, StoreMarker, initialise_store, open_store
+from ..storage.store import MARKER_NAME, STORE_FORMAT, Store, StoreMarker
+from ..storage.storefactory import initialise_store, open_store
 
 DEFAULT_DATA = 4
 DEFAULT_PARITY = 2

@@ -43,7 +43,8 @@ from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
 from ..storage.offload import StoreRunner, run_in_thread
 from ..storage.s3store import is_s3_location
-from ..storage.store import STORE_FORMAT, Store, StoreMarker, initialise_store
+from ..storage.store import STORE_FORMAT, Store, StoreMarker
+from ..storage.storefactory import initialise_store
 from .mkfs import check_store_paths
 
 #: Seconds between checks while a removed store drains.
