@@ -373,7 +373,7 @@ def _s3_volume(tmp_path: Path, servers: list[MotoServer]) -> tuple[Volume, list[
 async def test_volume_over_s3_stores_reads_degraded_and_scrubs(tmp_path: Path) -> None:
     import stat
 
-    from ecfs.metadb.schema import ROOT_INODE
+    from ecfs.storage.metadb.schema import ROOT_INODE
 
     with moto_servers(K + M + 1) as servers:
         volume, stores = _s3_volume(tmp_path, servers)
@@ -400,7 +400,7 @@ async def test_volume_over_s3_stores_reads_degraded_and_scrubs(tmp_path: Path) -
         assert bytes(await volume.reader.read(ref, 0, CHUNK)) == data[:CHUNK]
         assert RepairQueue(volume.db).bad_mask(ref.chunk_id) == 1 << 1
         progress = await volume.scrubber.run()
-        assert [f["chunk_id"] for f in progress.findings] == [ref.chunk_id]
+        assert [f.chunk_id for f in progress.findings] == [ref.chunk_id]
         await volume.repairer.repair_chunk(RepairEntry(ref.chunk_id, "scrub", 0, 0, 1 << 1))
         assert volume.repairer.counters.fragments_rebuilt == 1
 
