@@ -19,8 +19,9 @@ third-party package):
    the only trio.to_thread user), lock, metadb (all SQL), replicas
    (metadata copies on stores).
 3. `ecfs.data`: the services that turn files into fragments and back:
-   namespace, filedata, reader, readahead, writer, placement, smallwrites,
-   repair, rebuild (the one fragment rebuild of repair and fsck --repair),
+   namespace, filedata, reader, readahead, writer, placement, smallwrites
+   and logfiles (the small-write log and its record copies in segment
+   files on the stores), repair, rebuild (the one fragment rebuild of repair and fsck --repair),
    scrub, garbage, damage; each service has `statistics()` returning a
    frozen record.
 4. `ecfs.volume`: a volume as a whole: assembly (the `Volume` that opens

@@ -22,7 +22,7 @@ fi
 echo
 echo "=== pytest $* ==="
 status=0
-.venv/bin/python -m pytest -q "$@" || status=$?
+.venv/bin/python -m pytest -q --durations=15 "$@" || status=$?
 if [[ $status -ne 0 ]]; then
     echo "=== FAILED: pytest exited with $status ==="
     exit "$status"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,6 +79,15 @@ class MotoServer:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("moto_server did not start within 60 s")
+
+    def keys(self, bucket: str = "ecfs") -> list[str]:
+        """Every object key in `bucket` (one ListObjectsV2 page, unsigned:
+        moto takes it; enough for a test's few objects)."""
+        url = f"{self.endpoint}/{bucket}?list-type=2&max-keys=1000"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = answer.read().decode()
+        assert "<IsTruncated>false</IsTruncated>" in body, "more keys than one page"
+        return re.findall(r"<Key>([^<]*)</Key>", body)
 
     def pause(self) -> None:
         assert self.proc is not None

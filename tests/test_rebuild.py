@@ -239,7 +239,7 @@ def test_repair_and_fsck_rebuild_through_one_function() -> None:
     """Background repair and fsck --repair both call rebuild_fragments; no
     module but the rebuild and the writer builds fragment files or decodes
     to rebuild, and neither chooses stores itself (placement does)."""
-    for module in ("repair.py", "fsck_checks.py"):
+    for module in ("data/repair.py", "volume/fsck_checks.py"):
         assert "rebuild_fragments" in names_used(PACKAGE_DIR / module), module
         assert not {"build_fragment", "choose"} & calls(PACKAGE_DIR / module), module
         assert not codec_decodes(PACKAGE_DIR / module), module

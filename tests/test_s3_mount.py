@@ -1,19 +1,22 @@
 """A volume mixing local directories and S3 stores, through the real CLI
 and a real FUSE mount: mkfs, mount, write, read; one S3 server killed and
 the volume read degraded; status, scrub, fsck; the secret never in the
-daemon's log, the status JSON or an error message. The S3 stores are
+daemon's log, the status JSON or an error message; small fsync'd
+overwrites logged on the local stores only, surviving kill -9. The S3 stores are
 moto_server processes on 127.0.0.1 (tests/s3servers.py), one per store."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from .s3servers import ACCESS_KEY, SECRET_KEY, moto_servers, s3_environment
+from .test_crash import ALLOWED_AFTER_KILL, fsck
 
 pytestmark = pytest.mark.mount
 
@@ -156,3 +159,58 @@ def test_a_mixed_volume_mounts_reads_degraded_and_checks(tmp_path: Path, aws_env
                 assert (volume.mountpoint / name).read_bytes() == data
         finally:
             volume.unmount()
+
+
+def test_small_fsynced_overwrites_on_a_mixed_volume_survive_kill_9(
+    tmp_path: Path, aws_env: None
+) -> None:
+    """The small-write log keeps its copies on the local stores only (an
+    object store holds no log segments): small fsync'd overwrites are
+    logged there, none of the log reaches the S3 stores, and after kill -9
+    of the daemon and a remount the fsync'd bytes are there."""
+    block = 4096
+    with moto_servers(1) as [server]:
+        local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
+        remote = [Path(server.location(prefix=f"p{i}")) for i in range(3)]
+        stores = [*local, *remote]
+        cli("mkfs", "--data", 4, "--parity", 2, *TEST_MKFS_ARGS, *stores)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        volume.mount()
+        try:
+            path = volume.mountpoint / "f"
+            size = 2 << 20
+            expected = bytearray(os.urandom(size))
+            path.write_bytes(expected)
+            rng = random.Random(16)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.fsync(fd)
+                for _ in range(40):
+                    offset = rng.randrange(size // block) * block
+                    data = rng.randbytes(block)
+                    os.pwrite(fd, data, offset)
+                    os.fsync(fd)
+                    expected[offset : offset + block] = data
+            finally:
+                os.close(fd)
+            document = json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))
+            assert document["health"] == "healthy"  # no S3 store was tried and failed
+            log = document["write_log"]
+            assert log["records_written"] >= 40 and log["records"] > 0  # not folded yet
+            assert log["copies_missing"] == 0  # m+1 copies, all on local stores
+            volume.kill()
+        finally:
+            volume.unmount(check=False)
+        for store in local:
+            assert sorted((store / "wlog").iterdir()), f"no log segment on {store}"
+        keys = server.keys()
+        assert keys and not [k for k in keys if "wlog" in k]
+        volume.mount()
+        try:
+            assert path.read_bytes() == expected
+        finally:
+            volume.unmount()
+        report = fsck(stores)
+        bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
+        assert not bad and not report.unrecoverable, bad

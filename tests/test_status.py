@@ -157,7 +157,8 @@ def test_terminal_text_of_a_degraded_record() -> None:
     assert row.endswith('/srv/a "quoted"\\dir')
     assert any(line.strip() == "failed: disk gone" for line in lines)
     assert "repair: 3 chunks queued" in text and "(urgent)" in text
-    assert "small-write log: 1 records" in text
+    assert "small-write log: 1 records" in text and "; 2 segments, " in text
+    assert "short of m+1 copies" not in text
     assert "UNRECOVERABLE: chunk 00ff: only 3 fragments" in text
     assert all(line == line.rstrip() for line in lines)
     scrub = render_scrub(example_status().scrub)
@@ -212,7 +213,7 @@ def example_status(**changes: object) -> VolumeStatus:
         ),
         reads=ReadStatistics(100, 150, 5, 40, 60, 0, 1, 2, 3, 0),
         writes=WriteStatistics(10, 15),
-        write_log=WriteLogStatistics(1, 50, 1, 4, 200, 3, 0, 1 << 20),
+        write_log=WriteLogStatistics(1, 50, 1, 4, 200, 3, 0, 1 << 20, 2, 16 << 20, 8192, 0, 1),
         garbage=GarbageStatistics(pending=3, deleted_chunks=9, leftovers=0),
         metadata=MetadataStatus(
             generation=12, durable_generation=None, live_replicas=(1, 2),

@@ -1,7 +1,8 @@
 """The `ecfs.storage.store.Store` contract, run against every implementation
 (DirectoryStore, MemoryStore, a FaultyStore passing through, an S3Store on
-a real local moto server), the fault
-modes of FaultyStore, and the storage boundary: no file descriptor, preadv
+a real local moto server), fragments and small-write log segments (on the
+stores that hold them; an S3Store refuses them), the fault modes of
+FaultyStore, and the storage boundary: no file descriptor, preadv
 or fadvise outside the store modules."""
 
 from __future__ import annotations
@@ -138,6 +139,93 @@ def test_health_identity_space(store: Store) -> None:
         store.read_marker()
     with pytest.raises(StoreError):
         store.probe()
+
+
+def test_log_segments(store: Store) -> None:
+    """Small-write log segments, on the stores that hold them (directories
+    and the fakes): created at their size reading zeros, overwritten in
+    place, read whole or in part, listed, deleted. An object store holds
+    none: every log-segment method refuses with a StoreError saying so,
+    and its fragments are untouched."""
+    if not store.holds_log_segments:
+        assert isinstance(store, S3Store)
+        store.write_fragment(5, 0, [b"kept"])
+        refusals = [
+            store.log_segments,
+            lambda: store.create_log_segment(1, 4096),
+            lambda: store.write_log_segment(1, 0, b"x"),
+            lambda: store.read_log_segment(1),
+            lambda: store.read_log_range(1, 0, 4),
+            lambda: store.delete_log_segment(1),
+        ]
+        for refused in refusals:
+            with pytest.raises(StoreError, match="object stores hold no small-write log segments"):
+                refused()
+        assert store.list_fragments() == [(5, 0)] and store.stray_entries([(5, 0)]) == []
+        return
+    assert store.holds_log_segments is True
+    assert store.log_segments() == []
+    store.create_log_segment(3, 8192)
+    store.create_log_segment(1, 4096)
+    assert store.log_segments() == [1, 3]
+    with pytest.raises(StoreError):
+        store.create_log_segment(3, 8192)  # never created twice
+    assert store.read_log_segment(3) == bytes(8192)
+    store.write_log_segment(3, 4096, b"record")
+    store.write_log_segment(3, 4100, b"RD")  # in place
+    assert store.read_log_range(3, 4096, 6) == b"recoRD"
+    assert store.read_log_range(3, 8190, 10) == bytes(2)  # fewer at its end
+    whole = store.read_log_segment(3)
+    assert len(whole) == 8192 and whole[4096:4102] == b"recoRD"
+    with pytest.raises(StoreError):
+        store.write_log_segment(9, 0, b"x")  # no such segment
+    with pytest.raises(StoreError):
+        store.read_log_segment(9)
+    assert store.stray_entries([]) == []  # segments are not stray fragment entries
+    store.delete_log_segment(3)
+    store.delete_log_segment(3)  # gone already is fine
+    assert store.log_segments() == [1]
+    assert store.list_fragments() == []
+
+
+def test_faulty_log_segments() -> None:
+    faulty = FaultyStore(MemoryStore(_marker()))
+    faulty.create_log_segment(1, 4096)
+    faulty.write_log_segment(1, 0, b"abcd")
+    faulty.set("eio")
+    for call in (
+        faulty.log_segments,
+        lambda: faulty.create_log_segment(2, 4096),
+        lambda: faulty.write_log_segment(1, 0, b"x"),
+        lambda: faulty.read_log_segment(1),
+        lambda: faulty.read_log_range(1, 0, 4),
+        lambda: faulty.delete_log_segment(1),
+    ):
+        with pytest.raises(StoreError):
+            call()
+    faulty.set("corrupt")
+    assert faulty.read_log_range(1, 0, 4) != b"abcd"
+    faulty.set("enospc")
+    with pytest.raises(NoSpace):
+        faulty.create_log_segment(2, 4096)
+    with pytest.raises(NoSpace):
+        faulty.write_log_segment(1, 0, b"x")
+    assert faulty.read_log_range(1, 0, 4) == b"abcd"
+    faulty.set("gone")
+    with pytest.raises(StoreError):
+        faulty.read_log_segment(1)  # a segment is not a fragment: no FragmentMissing
+    faulty.heal()
+    assert faulty.read_log_segment(1)[:4] == b"abcd" and faulty.log_segments() == [1]
+
+
+def test_memory_store_log_segments_take_space() -> None:
+    store = MemoryStore(_marker(), capacity=10000)
+    store.create_log_segment(1, 8192)
+    assert store.usage().free_bytes == 10000 - 8192
+    with pytest.raises(NoSpace):
+        store.create_log_segment(2, 8192)
+    store.delete_log_segment(1)
+    assert store.usage().free_bytes == 10000
 
 
 def test_open_store_opens_a_directory_store(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ Concurrency contract (trio; awaits are the only switch points):
 Crash contract: written fragments are committed by one transaction per
 chunk (old or new version, never a mix); the replaced version is deleted
 only after the commit is durable (see garbage). Log records are durable
-with the transaction that wrote them; a fold commits the new version and
-drops the records in one transaction. Unflushed buffers and patches are
+when `WriteLog.append` returns (written after everything committed before
+them is durable); a fold commits the new version, which is what makes the
+records dead, in one transaction. Unflushed buffers and patches are
 lost on a crash, as in any filesystem: fsync() is the promise.
 
 Small files: a file whose size is at most `inline_max` is stored as one
@@ -31,7 +32,8 @@ A chunk whose bytes are all zero is not stored (a hole).
 Small writes (see `ecfs.data.smallwrites`): a write of a few KiB into a stored
 chunk that has no buffer is kept as a patch (`FileState.patches`) without
 reading the chunk; flush/fsync logs the patch as records over the chunk's
-version, in one transaction with the inode's attributes, unless it grew
+version (carrying the inode's size and mtime: an fsync that changed
+nothing else commits no metadata, see `_covered_by_log`), unless it grew
 past `WriteLog.log_max` (then it becomes a whole-chunk buffer, built by
 `_load`). Invariants: a chunk has a patch or a buffer, never both; a
 buffer holds the chunk's records (`_load` lays them over it), so writing
@@ -39,7 +41,9 @@ a buffer back drops them in the transaction that switches versions;
 `fold_chunk` is that write-back for a chunk with records and no buffer.
 Reads lay records and patches over the stored bytes, captured with the
 chunk ref before any await. Truncate drops the records of removed chunks
-and clips those of the kept one; free drops them all.
+and writes the kept one back with the truncate when it has records or
+its stored version holds bytes past the new size (see `truncate`); free
+drops them all.
 
 Holes and fallocate (`FileData.fallocate`): preallocation writes nothing
 (there is nothing to reserve in a copy-on-write store) but checks the free
@@ -139,6 +143,9 @@ class FileState:
     #: write re-read and re-encode the whole chunk.
     gaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     error: EcfsError | None = None
+    #: The mtime (= ctime) that the newest log record of this inode carries
+    #: (see `FileData._covered_by_log`).
+    logged_mtime: int | None = None
     #: Where the last read ended (sequential detection) and the highest
     #: chunk index already prefetched.
     next_read: int = -1
@@ -496,10 +503,11 @@ class FileData:
             self.dirty_bytes -= patch.total
         return patch
 
-    def _valid_length(self, ino: int, idx: int) -> int:
-        """Bytes of chunk idx that lie below the current file size."""
+    def _valid_length(self, ino: int, idx: int, size: int | None = None) -> int:
+        """Bytes of chunk idx that lie below the current file size (or `size`)."""
         base = idx * self.layout.chunk_size
-        size = self.namespace.get(ino).size
+        if size is None:
+            size = self.namespace.get(ino).size
         return max(0, min(self.layout.chunk_size, size - base))
 
     async def _load(self, ino: int, idx: int) -> bytearray:
@@ -557,12 +565,15 @@ class FileData:
     # -- write-back ----------------------------------------------------------
 
     async def flush(self, ino: int) -> None:
-        """Write back all buffered data of ino and persist its attributes.
-        Raises the first write-back error since the last flush."""
+        """Write back all buffered data of ino and persist its attributes
+        (unless the log records just written carry all that changed, see
+        `_covered_by_log`). Raises the first write-back error since the
+        last flush."""
         state = self._states.get(ino)
         if state is not None:
             await self._flush_state(state)
-        self.namespace.persist_dirty([ino])
+        if not self._covered_by_log(ino):
+            self.namespace.persist_dirty([ino])
         if state is not None and state.error is not None:
             error, state.error = state.error, None
             raise error
@@ -600,8 +611,28 @@ class FileData:
         together with the data it covers."""
         while True:
             await trio.sleep(ATTRIBUTE_WRITEBACK_INTERVAL)
-            idle = [ino for ino in self.namespace.dirty_inodes() if not self._has_buffers(ino)]
+            idle = [
+                ino
+                for ino in self.namespace.dirty_inodes()
+                if not self._has_buffers(ino) and not self._covered_by_log(ino)
+            ]
             self.namespace.persist_dirty(idle)
+
+    def _covered_by_log(self, ino: int) -> bool:
+        """Whether all that is unpersisted of ino's attributes is its mtime
+        (= ctime) as carried by its newest log record: then a flush need not
+        commit the inode (the record brings the time back after a crash, see
+        `ecfs.data.smallwrites`); a fold or a later change persists it. Anything
+        else (a size change, a deferred chmod...) is committed as usual."""
+        state = self._states.get(ino)
+        if state is None or state.logged_mtime is None or not self.namespace.is_dirty(ino):
+            return False
+        node = self.namespace.get(ino)
+        if node.mtime_ns != state.logged_mtime or node.ctime_ns != node.mtime_ns:
+            return False
+        row = self.inodes.get(ino)
+        new = node.row()
+        return row is not None and row[:7] == new[:7] and row[9:] == new[9:]
 
     def _has_buffers(self, ino: int) -> bool:
         state = self._states.get(ino)
@@ -633,7 +664,12 @@ class FileData:
 
     async def _flush_chunk(self, state: FileState, idx: int) -> None:
         async with state.lock(idx):
-            logged = idx not in state.dirty and self._log_patch(state, idx)
+            try:
+                logged = idx not in state.dirty and await self._log_patch(state, idx)
+            except EcfsError as exc:  # the patch stays, for the next flush
+                log.warning("inode %d chunk %d: logging failed: %s", state.ino, idx, exc)
+                state.error = state.error or exc
+                raise
             if not logged:
                 if idx not in state.dirty and idx in state.patches:  # too big to log
                     state.dirty[idx] = buf = await self._load(state.ino, idx)
@@ -642,19 +678,23 @@ class FileData:
         if logged and self.log.over_limit:
             await self.log.make_room(self.fold_chunk)
 
-    def _log_patch(self, state: FileState, idx: int) -> bool:
-        """Make chunk idx's patch durable as log records, with the inode's
-        attributes, in one transaction; False if there is none to log
-        (caller holds the lock)."""
+    async def _log_patch(self, state: FileState, idx: int) -> bool:
+        """Make chunk idx's patch durable as log records carrying the
+        inode's size and mtime; False if there is none to log (caller holds
+        the lock). The inode itself is left to `flush`."""
         patch = state.patches.get(idx)
         ref = self.chunks.get(state.ino, idx)
         if patch is None or ref is None or patch.total > self.log.log_max:
             return False
         valid = self._valid_length(state.ino, idx)
         pieces = [(o, d[: valid - o]) for o, d in patch.items() if o < valid]
-        with self.db.transaction():
-            self.namespace.persist(state.ino)
-            self.log.append(state.ino, idx, ref.chunk_id, pieces)
+        if pieces:
+            node = self.namespace.get(state.ino)
+            mtime = node.mtime_ns
+            await self.log.append(
+                state.ino, idx, ref.chunk_id, pieces, size=node.size, mtime_ns=mtime
+            )
+            state.logged_mtime = mtime
         self._drop_patch(state, idx)
         return True
 
@@ -670,7 +710,7 @@ class FileData:
         try:
             async with state.lock(idx):
                 ordinary = idx in state.dirty or (
-                    idx in state.patches and not self._log_patch(state, idx)
+                    idx in state.patches and not await self._log_patch(state, idx)
                 )
                 if not ordinary and self.log.has(ino, idx):
                     buf = await self._load(ino, idx)
@@ -725,18 +765,22 @@ class FileData:
         idx: int,
         buf: bytearray,
         also: Callable[[], list[ChunkRef]] | None = None,
+        size: int | None = None,
     ) -> None:
         """Commit the bytes of `buf` as the content of chunk idx (caller
         holds its lock, so `buf` does not change meanwhile). `also`, if
         given, runs first in the transaction that commits it and returns
         more versions to discard (truncate); it does not run when nothing
-        is committed (the chunk was truncated away meanwhile)."""
+        is committed (the chunk was truncated away meanwhile). `size`: the
+        file size to store the chunk for, when it is not the cached one
+        (truncate: the new size, which `also` commits)."""
         extra: list[ChunkRef] = []
-        valid = self._valid_length(ino, idx)
+        if size is None:
+            size = self.namespace.get(ino).size
+        valid = self._valid_length(ino, idx, size)
         data = memoryview(buf)[:valid]
         if not data:
             return  # truncated away meanwhile; truncate removed the chunk
-        size = self.namespace.get(ino).size
         self._allocated.pop(ino, None)
         if idx == 0 and size <= self.inline_max:
             with self.db.transaction():
@@ -763,22 +807,29 @@ class FileData:
         self._allocated.pop(ino, None)
         with self.db.transaction():
             extra = also() if also is not None else []
-            old = self.chunks.put(ino, idx, ref)
-            self.log.drop(ino, idx)  # `buf` holds them (see _load)
-            self._drop_inline(ino, idx)
-            missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
-            if missing:
-                spare = self.layout.m - len(missing)
-                self.repairs.add(
-                    ref.chunk_id,
-                    "write",
-                    repair_priority(spare, "write"),
-                    self.clock_ns(),
-                    bad=sum(1 << i for i in missing),
-                    demand=0,
-                )
+            old = self._switch_version(ino, idx, ref)
             self.namespace.persist(ino)
         self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
+
+    def _switch_version(self, ino: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
+        """In the caller's transaction: make `ref` chunk idx's version (its
+        records die with the old one: the new one holds them, see _load);
+        queue a repair if fragments are missing. Returns the old version."""
+        old = self.chunks.put(ino, idx, ref)
+        self.log.drop(ino, idx)
+        self._drop_inline(ino, idx)
+        missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
+        if missing:
+            spare = self.layout.m - len(missing)
+            self.repairs.add(
+                ref.chunk_id,
+                "write",
+                repair_priority(spare, "write"),
+                self.clock_ns(),
+                bad=sum(1 << i for i in missing),
+                demand=0,
+            )
+        return old
 
     def _drop_inline(self, ino: int, idx: int) -> None:
         if idx == 0 and self.namespace.inline_data(ino) is not None:
@@ -898,7 +949,19 @@ class FileData:
 
     async def truncate(self, ino: int, new_size: int) -> None:
         """Set the file size; bytes past it are gone, a later extension
-        reads zeros."""
+        reads zeros, also after a crash.
+
+        One transaction commits the size and removes the chunks past it
+        (their log records die with them). The chunk the new size cuts is
+        loaded into its buffer (records and patch laid over); when it has
+        log records or its stored version holds bytes past the cut, its cut
+        version is written (or made inline, or a hole) and committed in that
+        same transaction, so that neither old records (live while their
+        chunk version is current, see `ecfs.data.smallwrites`) nor stored
+        bytes past the cut survive the truncate. That write is made from a
+        copy before anything changes: if it fails, the truncate fails and
+        the file is as it was. Otherwise the buffer is just cut and written
+        back later (the committed version holds nothing past the cut)."""
         inode = self.namespace.get(ino)
         if new_size >= inode.size:
             self.namespace.set_size(ino, new_size, mtime_ns=self.clock_ns(), persist=True)
@@ -917,16 +980,6 @@ class FileData:
             for idx in [i for i in state.patches if i >= first_dropped]:
                 self._drop_patch(state, idx)
             cut = new_size - keep * chunk_size
-            if cut:
-                buf = state.dirty.get(keep)
-                if buf is None:
-                    buf = await self._load(ino, keep)
-                    state.dirty[keep] = buf
-                    self.dirty_bytes += len(buf)
-                self.dirty_bytes -= max(0, len(buf) - cut)
-                del buf[cut:]
-                state.note_written(keep, cut, chunk_size)
-            self._allocated.pop(ino, None)
             mtime_ns = self.clock_ns()
             committed = False
 
@@ -935,27 +988,38 @@ class FileData:
                 committed = True
                 removed = self.chunks.remove_from(ino, first_dropped)
                 self.log.drop_from(ino, first_dropped)
-                if cut:
-                    # The kept chunk's buffer holds its records; a crash
-                    # before its write-back must not bring back logged bytes
-                    # past the new size when the file grows again.
-                    self.log.clip(ino, keep, cut)
                 inline = self.namespace.inline_data(ino)
                 if inline is not None and len(inline) > new_size:
                     self.namespace.set_inline_data(ino, inline[:new_size] or None)
                 self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=True)
                 return removed
 
-            stored = self.chunks.get(ino, keep) if cut else None
-            if stored is not None and stored.length > cut:
-                # Neither may the stored version's own bytes past the cut:
-                # the cut version is committed with the size (the cache
-                # has the new size meanwhile, the database the old one).
-                self.namespace.set_size(ino, new_size, mtime_ns=mtime_ns, persist=False)
-                try:
-                    await self._write_back_locked(state, keep, also=drop_past_cut)
-                except EcfsError:
-                    pass  # logged, and reported by the next flush (state.error)
+            self._allocated.pop(ino, None)
+            if cut:
+                buf = state.dirty.get(keep)
+                if buf is None:
+                    buf = await self._load(ino, keep)
+                    state.dirty[keep] = buf
+                    self.dirty_bytes += len(buf)
+                stored = self.chunks.get(ino, keep)
+                if self.log.has(ino, keep) or (stored is not None and stored.length > cut):
+                    # The cut version is committed with the size, in one
+                    # transaction: its records die with the old version (the
+                    # buffer holds them, see _load) and the stored bytes past
+                    # the cut with it, so that none comes back when the file
+                    # grows again, also after a crash. Written from a copy
+                    # before the buffer is cut: a failure leaves the file as
+                    # it was (the size too: `_store_chunk` is told the new
+                    # one, the cache keeps the old one until the commit).
+                    await self._store_chunk(
+                        ino, keep, bytearray(buf[:cut]), also=drop_past_cut, size=new_size
+                    )
+                    self.dirty_bytes -= len(state.dirty.pop(keep))
+                    state.gaps.pop(keep, None)  # committed: the zeros are content now
+                else:
+                    self.dirty_bytes -= max(0, len(buf) - cut)
+                    del buf[cut:]
+                    state.note_written(keep, cut, chunk_size)
             if not committed:
                 with self.db.transaction():
                     removed = drop_past_cut()

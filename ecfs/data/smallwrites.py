@@ -10,43 +10,77 @@ stored chunk; a background fold re-encodes the chunk once with all of its
 records, as a new copy-on-write version, and drops the records in the same
 transaction that switches to that version.
 
-Where the log lives, and why: records are rows of the replicated metadata
-database (table `write_log`, see `ecfs.storage.metadb.writelog`), like inline
-files, not log files on the stores:
-* the metadata is already on m+1 stores, so any m lost stores lose no
-  record (the fault tolerance of the chunk, as asked);
-* fsync already waits for the replicas (`Replicator.wait_durable`), and
-  one replicated transaction per fsync carries the records together with
-  the inode's size and mtime: no second durability protocol, no ordering
-  between a log file and the metadata to get right after a crash;
-* "drop the records in the transaction that switches to the folded
-  version" is one SQLite transaction; a fold interrupted by a crash leaves
-  the old version and its records, or the new version without them;
-* scrub and repair need nothing new: a lost or corrupt replica is
-  re-created from the working copy like the rest of the metadata, and the
-  metadata-copy checks (`ecfs fsck`) cover the records.
-The price, counted per fsync'd 4 KiB write (4 KiB SQLite pages, WAL,
-synchronous=FULL on each of the m+1 replicas): the record's leaf page (its
-first ~490 bytes, shared by ~8 records) and one overflow page, the
-`replica_state` page and the inode's page (mtime) go to each replica's WAL:
-4 frames, which with their 24-byte headers dirty 5 pages of the WAL file
-(20 KiB), and the record's page is written once more at the next
-checkpoint: ~25 KiB per replica measured, ~75 KiB for 3 replicas plus the
-working copy (scripts/BENCHMARKS.md: 93-181 KiB per write on a busy
-machine), against ~6,400 KiB for a re-encoded chunk. That misses issue
-14's 48 KiB: it needs fewer or smaller pages per commit (smaller replica
-pages, or append-only log files on m+1 stores, which would need their own
-durability and repair). Splitting records into pieces that fit a leaf
-page was considered: it writes the same two pages per commit.
-Records are kept out of memory (only an index of their ranges is held), so
-the log may be large without costing RAM.
+Where the log lives, and why: in segment files on the stores, m+1 copies
+of each record on distinct stores, like ZFS's intent log (the format, the
+segments and the copies are `ecfs.data.logfiles`). For now, records live
+on local stores only (those that hold log segments, see
+`ecfs.storage.store.Store.holds_log_segments`; an S3 store holds none);
+objects for the log come with metadata on object stores. A record carries its place
+(inode, chunk, the chunk version it applies over, offset), its bytes, the
+file's size and mtime after the write, and an xxh3 checksum (with the
+volume id) over all of it; it is padded to 4 KiB pages. An append writes
+the records of one flush to m+1 stores in parallel, one pwrite and one
+fdatasync each, into segments created at their full size by fallocate, so
+a 4 KiB write costs 2 pages per copy, 24 KiB for m = 2, and no ext4
+metadata once a segment has been used (its first use converts unwritten
+extents: ~4-6 KiB of journal per fdatasync, measured; zero-filling the
+segment instead would cost 8 KiB per page once).
+The records lived in the replicated metadata before (a `write_log` table,
+see `ecfs.storage.metadb.writelog`, still read at mount to move what an older
+ecfs left there): simpler, but each fsync committed ~4-5 SQLite pages to
+each of the m+1 replicas' WALs plus checkpoints: 83-92 KiB per fsync'd
+4 KiB write, and one replica commit per fsync (scripts/bench.py
+--small-writes on a shared 2-CPU VM: 875 IOPS, 0.48x the passthrough;
+SQLite WAL mode 2.8x, delete mode 2.0x). Measured the same way with the
+log on the stores (4 runs, the machine's load varied): 24-25 KiB written
+by the daemon per fsync'd 4 KiB write (43 KiB on /proc/diskstats in a
+run alone, which counts the ext4 journal of the segments' first use; 36-88
+KiB during the benchmarks, with the other users of the shared disk),
+0.59-0.71x the passthrough's IOPS (one outlier run 1.7x), SQLite WAL mode
+1.25-2.1x and delete mode 0.96-2.0x (the last numbers after packing the
+records of one append: SQLite's scattered 4 KiB pages had cost 8 KiB
+each). The price here: records need their own liveness rule, copies and
+recovery, which is what follows.
 
-Integrity: each record carries an xxh3 checksum of its place (inode,
-chunk, version, seq, offset) and its bytes, verified whenever its bytes
-are read; a mismatch means this copy of the metadata is bad, and the read
-fails with EIO (never wrong bytes); `ecfs fsck` reports it. A record whose
-chunk version is not the chunk's current one (which the transactions
-never leave behind) is ignored at mount with a warning, never applied.
+A record is live when the chunk version it was logged over is the
+chunk's current version in the metadata; nothing else is consulted. That
+holds because chunk ids are never reused, records are only logged over a
+stored version (never a hole) after that version, and everything
+committed before, is durable (`append` waits for it), and every
+operation that takes bytes away from a chunk with records gives it a new
+version or removes it in its transaction: a fold or write-back, a
+truncate (the kept chunk is re-encoded with the truncate, see
+`FileData.truncate`), an unlink, an inline conversion. So "the records
+are dropped in the transaction that switches to the new version" is true
+of the durable state by construction, and no per-record floor is needed.
+A segment is reused (or deleted) only once none of its copies is live and
+the transaction that killed the last one is durable: the old records left
+in it are dead for good.
+
+Attributes: a flush whose only attribute change is the mtime (= ctime)
+that its newest record carries commits no metadata
+(`FileData._covered_by_log`); the record brings the time back at mount
+when it is newer than the inode's committed ctime. A size change, or any
+other attribute, is committed as before (so sizes never come from
+records).
+
+Recovery at mount (`load`): every store's segments are read, each block
+that starts with the magic and verifies is a record copy (a torn or
+damaged copy does not verify and is never applied), copies are
+deduplicated by seq, and the live records are indexed with their data.
+Copies lost with a store (or damaged) are written anew on other stores
+by `upkeep` (the fold task, every FOLD_POLL seconds, and right after an
+append that could not place m+1 copies): any m lost stores lose no
+record. Scrub reads every live copy back (`verify_copies`) and replaces
+damaged ones the same way. `ecfs fsck` reads every copy and `--repair`
+writes missing ones.
+Segments whose records are all dead are reused; beyond KEEP_FREE per
+store they are deleted, and all of them at unmount (the log is folded
+then), so a mount after a clean unmount reads no segment.
+
+Memory: the data of live records is kept in memory (the log is bounded
+by `limit`, 256 MiB by default), so overlays never read the stores and
+reads of logged chunks cost no I/O beyond the chunk's.
 
 Bounds and folding (`WriteLog.run`): a chunk is folded when its logged
 bytes pass `fold_budget` (amortised: 1,000 fsync'd 4 KiB writes to one
@@ -55,34 +89,39 @@ for `fold_idle` seconds, and at unmount (`FileData.fold_all`). Folds yield
 to foreground I/O like garbage collection (a gap of IDLE_GAP seconds, at
 most PATIENCE of waiting). When the whole log passes `limit` bytes, a
 writer that logs folds the largest chunks itself before its flush returns
-(writers are slowed down; nothing fails).
+(writers are slowed down; nothing fails). The segments' space is bounded
+too: a segment is reused only once all of its records are dead, so a few
+old records could hold many; past SPACE_FACTOR x `limit` of segments, the
+fold task folds the chunks with the oldest records first.
 
 Owns: the in-memory index of logged ranges (`LoggedChunk` per chunk,
-loaded at mount), record checksums, the fold policy and its statistics.
-Must not: speak SQL (see metadb.writelog), read or write fragments, or
-decide file contents (the fold itself is `FileData.fold_chunk`).
+loaded at mount) and the live records' data, which records are live, the
+fold policy and its statistics. Must not: speak SQL (see metadb.writelog),
+read or write fragments or log files (see `ecfs.data.logfiles`), or decide file
+contents (the fold itself is `FileData.fold_chunk`).
 
-Concurrency contract: everything runs on the trio thread. `append`,
-`drop*` and `clip` run inside the caller's `db.transaction()` (no await);
-the index changes with the SQL, and a rollback reloads the index from the
-database. `overlay` reads the records' bytes synchronously, so a reader
-captures the chunk version and its records at one instant: a fold that
-commits while the reader waits for fragments cannot mix versions (the old
-version is pinned, see garbage).
+Concurrency contract: everything runs on the trio thread. `append` runs
+outside any transaction under the chunk's lock (the caller's) and adds
+the records to the index once their copies are written; `drop*` run
+inside the caller's `db.transaction()` (no await): the index forgets the
+records at once and a rollback puts them back. `overlay` is synchronous
+(memory), so a reader captures the chunk version and its records at one
+instant: a fold that commits while the reader waits for fragments cannot
+mix versions (the old version is pinned, see garbage).
 
-Crash contract: a record is durable when the transaction that wrote it is
-(fsync waits for that); the fold's new version is durable before the
-transaction that switches to it and drops the records (see replicas).
+Crash contract: a record is durable when `append` returned (its copies
+were fdatasync'd after everything committed before it was durable); the
+fold's new version is durable before the transaction that switches to it,
+and that transaction is what kills the records.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -92,45 +131,54 @@ from ..core.fragment import checksum64
 from ..core.tasks import wait_until_idle
 from ..storage.metadb.database import Database
 from ..storage.metadb.writelog import WriteLogTable
+from ..storage.store import Store
+from .logfiles import LogFiles, Place, Record
 
 log = logging.getLogger(__name__)
 
 #: A flush logs a chunk's patch when it holds at most chunk_size / this many
 #: bytes, and otherwise re-encodes the chunk; a patch that grows past it is
-#: turned into a whole-chunk buffer at once. Logging L bytes costs ~6 L
-#: written (m+1 = 3 replicas, each WAL + checkpoint) plus its share of the
-#: fold (1.5 chunk_size per fold_budget logged), a re-encode 1.5 chunk_size:
-#: break-even near chunk_size / 8. Measured (scripts/bench.py --small-writes,
-#: SQLite WAL mode, 100-row updates spread over the table, ~410 KiB of WAL
-#: frames per commit): 1/16 re-encoded a 4 MiB chunk per commit (1,272 MiB
-#: written to the stores, 10.5 s); 1/8 logs them (106 MiB, 8.2 s).
+#: turned into a whole-chunk buffer at once. Logging L bytes costs ~3 L
+#: written (m+1 = 3 copies, padded to 4 KiB) plus its share of the fold
+#: (1.5 chunk_size per fold_budget logged), a re-encode 1.5 chunk_size:
+#: break-even well above chunk_size / 8. Measured with the log in the
+#: metadata (scripts/bench.py --small-writes, SQLite WAL mode, 100-row
+#: updates spread over the table, ~410 KiB of WAL frames per commit): 1/16
+#: re-encoded a 4 MiB chunk per commit (1,272 MiB written to the stores,
+#: 10.5 s); 1/8 logs them (106 MiB, 8.2 s).
 LOG_FRACTION = 8
 #: A chunk is folded once its logged bytes pass chunk_size / this many.
 FOLD_FRACTION = 4
 #: Seconds without a new record after which a chunk is folded.
 FOLD_IDLE = 5.0
-#: Bytes of records the whole volume may hold before writers fold.
+#: Bytes of records the whole volume may hold before writers fold (they
+#: are held in memory too, see the module docstring).
 LOG_LIMIT = 256 << 20
+#: Log segments may take this many times `limit` on the stores before the
+#: chunks holding the oldest ones are folded (records are padded to 4 KiB
+#: and have m+1 copies: 4 KiB writes with m = 2 take ~6x their bytes).
+SPACE_FACTOR = 8
+#: Chunks folded per look when the segments take too much space.
+PINNING_FOLDS = 4
 #: Seconds between looks at what to fold when nothing wakes the task.
 FOLD_POLL = 1.0
 #: Folds yield to foreground requests like garbage (see ecfs.data.garbage).
 IDLE_GAP = 0.05
 PATIENCE = 2.0
+#: The metadata counter that hands out record numbers.
+SEQ_COUNTER = "log"
+
 
 _PLACE = struct.Struct("<qqqqq")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 
 
-class LogRecordError(EcfsError):
-    """A log record's bytes do not match its checksum: this copy of the
-    metadata is damaged. Reads of the chunk fail with EIO."""
-
-    errno = errno.EIO
-
-
-def record_checksum(inode: int, idx: int, chunk_id: int, seq: int, offset: int, data: bytes) -> int:
-    """The `write_log.checksum` of a record: xxh3_64 of its place and bytes,
+def legacy_checksum(
+    inode: int, idx: int, chunk_id: int, seq: int, offset: int, data: bytes
+) -> int:
+    """The `write_log.checksum` of a record of the schema-2 table (records
+    logged before the log moved to files): xxh3_64 of its place and bytes,
     as a signed 64-bit integer (what SQLite stores)."""
     unsigned = checksum64(_PLACE.pack(inode, idx, chunk_id, seq, offset) + data)
     (signed,) = _I64.unpack(_U64.pack(unsigned))
@@ -219,6 +267,14 @@ class LoggedChunk:
     last: float = 0.0
 
 
+@dataclass(eq=False, slots=True)
+class _Live:
+    """A live record: its content and where its copies are."""
+
+    record: Record
+    places: list[Place]
+
+
 @dataclass(frozen=True, slots=True)
 class WriteLogStatistics:
     """A snapshot of the log (from `WriteLog.statistics()`)."""
@@ -231,6 +287,11 @@ class WriteLogStatistics:
     folds: int  # chunks folded since mount
     forced_folds: int  # of them, folds a writer waited for (log over its limit)
     limit: int
+    segments: int  # log segment files on the stores (in use or free)
+    space_bytes: int  # their size
+    disk_bytes_written: int  # record copies written, with headers and padding
+    copies_missing: int  # live records with fewer than m+1 copies on usable stores
+    copies_made: int  # copies re-created since mount (a log store lost)
 
 
 class WriteLog:
@@ -241,12 +302,16 @@ class WriteLog:
         db: Database,
         chunk_size: int,
         *,
+        files: LogFiles | None = None,
+        wait_durable: Callable[[int], Awaitable[None]] | None = None,
         limit: int = LOG_LIMIT,
         fold_idle: float = FOLD_IDLE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.table = WriteLogTable(db)
+        self.files = files
+        self.wait_durable = wait_durable
         self.chunk_size = chunk_size
         #: Largest patch a flush logs (bigger ones re-encode the chunk).
         self.log_max = chunk_size // LOG_FRACTION
@@ -256,48 +321,115 @@ class WriteLog:
         self.clock = clock
         self._chunks: dict[tuple[int, int], LoggedChunk] = {}
         self._by_inode: dict[int, set[int]] = {}
+        self._live: dict[int, _Live] = {}
+        #: Drops of the transaction in progress: (generation, key, entry),
+        #: put back if it rolls back.
+        self._undo: list[tuple[int, tuple[int, int], LoggedChunk]] = []
+        #: Records read from the schema-2 table at mount, to move to files.
+        self._legacy: list[int] = []
         self.total = 0
         self.records = 0
-        self._next_seq = 1
         self._records_written = 0
         self._bytes_written = 0
+        self._copies_made = 0
         self.folds = 0
         self.forced_folds = 0
         self._wakeup = trio.Event()
-        self._reported_bad: set[tuple[int, int]] = set()
-        self._loaded = False
-        db.on_rollback.append(self._reload)
+        #: Per inode, the newest live record found at mount (for its times).
+        self.recovered: dict[int, Record] = {}
+        db.on_rollback.append(self._rolled_back)
 
     # -- index -----------------------------------------------------------------
 
-    def load(self, current_chunk: Callable[[int, int], int] | None = None) -> list[str]:
-        """Build the index from the database (at mount; again after a
-        rollback). `current_chunk(inode, idx)` -> the chunk id of that chunk
-        now (0 for none): records over any other version are left out
-        (never applied) and described in the list returned."""
-        self._loaded = True
+    def load(
+        self,
+        current_chunk: Callable[[int, int], int],
+        stores: Mapping[int, Store],
+    ) -> list[str]:
+        """Build the index at mount: every record copy on `stores` that
+        verifies, and the rows of the schema-2 table, deduplicated by seq;
+        a record is live if `current_chunk(inode, idx)` (the chunk id of
+        that chunk now, 0 for none) is the version it was logged over.
+        Returns problems to report (records never applied)."""
+        problems: list[str] = []
         self._chunks.clear()
         self._by_inode.clear()
+        self._live.clear()
         self.total = self.records = 0
-        problems = []
         largest = 0
-        for seq, inode, idx, chunk_id, offset, length, _checksum in self.table.heads():
-            largest = max(largest, seq)
-            if current_chunk is not None and current_chunk(inode, idx) != chunk_id:
+        found: dict[int, _Live] = {}
+        segments: dict[int, list[int]] = {}
+        sizes: dict[tuple[int, int], int] = {}
+        if self.files is not None:
+            result = LogFiles.scan(stores, self.files.key)
+            segments, sizes = result.segments, result.sizes
+            if result.bad_blocks:
                 problems.append(
-                    f"log record {seq} of inode {inode} chunk {idx} applies over chunk"
-                    f" version {chunk_id}, which is not the current one: ignored"
+                    f"{result.bad_blocks} small-write log blocks are torn or damaged copies:"
+                    " never applied"
                 )
+            for index, why in result.unreadable.items():
+                problems.append(f"store {index}: small-write log unreadable: {why}")
+            for store, segment, pos, record in result.copies:
+                largest = max(largest, record.seq)
+                live = found.get(record.seq)
+                if live is None:
+                    found[record.seq] = _Live(record, [(store, segment, pos)])
+                elif store not in {p[0] for p in live.places}:
+                    live.places.append((store, segment, pos))
+        for seq, inode, idx, chunk_id, offset, _length, _checksum in self.table.heads():
+            largest = max(largest, seq)
+            if seq in found:
                 continue
-            self._add(inode, idx, chunk_id, seq, offset, length, self.clock())
-        self._next_seq = max(self._next_seq, largest + 1)
+            (checksum, data) = self.table.data([seq]).get(seq, (0, b""))
+            if not data or checksum != legacy_checksum(inode, idx, chunk_id, seq, offset, data):
+                problems.append(f"log record {seq} of inode {inode} fails its checksum: ignored")
+                continue
+            record = Record(seq, inode, idx, chunk_id, offset, data, -1, 0)
+            found[seq] = _Live(record, [])
+            self._legacy.append(seq)
+        now = self.clock()
+        live_places: list[Place] = []
+        for seq in sorted(found):
+            entry = found[seq]
+            r = entry.record
+            if current_chunk(r.inode, r.idx) != r.chunk_id:
+                continue  # folded, rewritten or removed since: dead
+            self._live[seq] = entry
+            live_places.extend(entry.places)
+            self._add(r.inode, r.idx, r.chunk_id, seq, r.offset, len(r.data), now)
+            newest = self.recovered.get(r.inode)
+            if r.size >= 0 and (newest is None or newest.seq < seq):
+                self.recovered[r.inode] = r
+        if self.files is not None:
+            self.files.adopt(segments, live_places, sizes)
+        self._ensure_counter(largest)
         return problems
 
-    def _reload(self) -> None:
-        """After a rollback: the index follows the database again (the
-        chunk-map cache may not be reset yet, so no version check)."""
-        if self._loaded:
-            self.load()
+    def _ensure_counter(self, largest: int) -> None:
+        """The record-number counter (made by mkfs; added to an older
+        volume's counters by its first mount that logs to files): above
+        every seq ever seen."""
+        self.db.ensure_counter(SEQ_COUNTER, largest + 1)
+
+    def _rolled_back(self) -> None:
+        """Put back what the rolled-back transaction dropped."""
+        generation = self.db.generation
+        self._settle()
+        for _, key, entry in self._undo:
+            if key in self._chunks:  # cannot happen: drops happen under the chunk lock
+                continue
+            self._chunks[key] = entry
+            self._by_inode.setdefault(key[0], set()).add(key[1])
+            self.total += entry.logged
+            self.records += len(entry.records)
+            if self.files is not None:
+                for seq, _, _ in entry.records:
+                    live = self._live.get(seq)
+                    if live is not None:
+                        self.files.retain(live.places)
+        assert all(u[0] == generation for u in self._undo)
+        self._undo = []
 
     def _add(
         self, inode: int, idx: int, chunk_id: int, seq: int, offset: int, length: int, now: float
@@ -326,70 +458,80 @@ class WriteLog:
 
     # -- records ---------------------------------------------------------------
 
-    def append(self, inode: int, idx: int, chunk_id: int, pieces: list[tuple[int, bytes]]) -> None:
-        """Log `pieces` ((offset, data) in chunk `idx` of `inode`, over
-        version `chunk_id`). Inside the caller's transaction."""
+    async def append(
+        self,
+        inode: int,
+        idx: int,
+        chunk_id: int,
+        pieces: list[tuple[int, bytes]],
+        *,
+        size: int,
+        mtime_ns: int,
+    ) -> None:
+        """Make `pieces` ((offset, data) in chunk `idx` of `inode`, over
+        version `chunk_id`) durable as records carrying the file's size and
+        mtime after them: first everything committed so far is made durable
+        (the version they apply over above all), then m+1 copies are written.
+        Outside any transaction; the caller holds the chunk's lock."""
         entry = self._chunks.get((inode, idx))
         if entry is not None and entry.chunk_id != chunk_id:
             raise AssertionError(f"log of inode {inode} chunk {idx} is over another version")
-        now = self.clock()
+        if self.files is None or self.wait_durable is None:
+            raise AssertionError("the write log has no files to write to")
+        records = []
         for offset, data in pieces:
-            seq = self._next_seq
-            self._next_seq += 1
-            checksum = record_checksum(inode, idx, chunk_id, seq, offset, data)
-            self.table.insert(seq, inode, idx, chunk_id, offset, checksum, data)
-            self._add(inode, idx, chunk_id, seq, offset, len(data), now)
+            seq, _ = self.db.next_id_reserved(SEQ_COUNTER)
+            records.append(Record(seq, inode, idx, chunk_id, offset, bytes(data), size, mtime_ns))
+        await self.wait_durable(self.db.generation)
+        placed = await self.files.write(records)
+        now = self.clock()
+        for record in records:
+            self._live[record.seq] = _Live(record, placed[record.seq])
+            self._add(inode, idx, chunk_id, record.seq, record.offset, len(record.data), now)
             self._records_written += 1
-            self._bytes_written += len(data)
+            self._bytes_written += len(record.data)
+        if any(len(p) < self.files.copies for p in placed.values()):
+            self._wakeup.set()  # the fold task re-creates the missing copies
         if self.logged(inode, idx) >= self.fold_budget or self.over_limit:
             self._wakeup.set()
 
     def overlay(self, inode: int, idx: int, start: int, stop: int) -> list[tuple[int, bytes]]:
-        """The logged pieces of chunk bytes [start, stop), oldest first,
-        their checksums verified (LogRecordError if one does not match)."""
+        """The logged pieces of chunk bytes [start, stop), oldest first
+        (from memory: their copies were verified when written or loaded)."""
         entry = self._chunks.get((inode, idx))
         if entry is None:
             return []
-        wanted = [r for r in entry.records if r[1] < stop and r[1] + r[2] > start]
-        if not wanted:
-            return []
-        datas = self._verified(inode, idx, entry.chunk_id, wanted)
-        return [(r[1], data) for r, data in zip(wanted, datas, strict=True)]
-
-    def _verified(
-        self, inode: int, idx: int, chunk_id: int, records: list[tuple[int, int, int]]
-    ) -> list[bytes]:
-        """The bytes of `records` of one chunk, each checked against its checksum."""
-        found = self.table.data([seq for seq, _, _ in records])
-        datas = []
-        for seq, offset, length in records:
-            checksum, data = found.get(seq, (None, b""))
-            if (
-                len(data) != length
-                or record_checksum(inode, idx, chunk_id, seq, offset, data) != checksum
-            ):
-                self._report_bad(inode, idx, seq)
-                raise LogRecordError(
-                    f"log record {seq} of inode {inode} chunk {idx} fails its checksum"
-                    " (this metadata copy is damaged)"
-                )
-            datas.append(data)
-        return datas
-
-    def _report_bad(self, inode: int, idx: int, seq: int) -> None:
-        if (inode, idx) not in self._reported_bad:
-            self._reported_bad.add((inode, idx))
-            log.error("inode %d chunk %d: log record %d fails its checksum", inode, idx, seq)
+        return [
+            (offset, self._live[seq].record.data)
+            for seq, offset, length in entry.records
+            if offset < stop and offset + length > start
+        ]
 
     def drop(self, inode: int, idx: int) -> None:
-        """Delete the records of one chunk (its version is being replaced
-        or removed). Inside the caller's transaction."""
+        """Forget the records of one chunk: its version is being replaced or
+        removed by the caller's transaction, which makes them dead (their
+        segments are reused once it is durable; put back if it rolls back)."""
         entry = self._forget(inode, idx)
-        if entry is not None:
-            self.table.delete(seq for seq, _, _ in entry.records)
+        if entry is None:
+            return
+        in_txn = self.db.in_transaction
+        generation = self.db.generation + (1 if in_txn else 0)
+        if in_txn:
+            self._settle()
+            self._undo.append((self.db.generation, (inode, idx), entry))
+        for seq, _, _ in entry.records:
+            live = self._live.get(seq)
+            if live is not None and self.files is not None:
+                self.files.release(live.places, generation)
+        if not in_txn:
+            self._purge(entry)
+
+    def _purge(self, entry: LoggedChunk) -> None:
+        for seq, _, _ in entry.records:
+            self._live.pop(seq, None)
 
     def _forget(self, inode: int, idx: int) -> LoggedChunk | None:
-        """Remove a chunk from the index (not from the table)."""
+        """Remove a chunk from the index."""
         entry = self._chunks.pop((inode, idx), None)
         if entry is None:
             return None
@@ -403,50 +545,118 @@ class WriteLog:
         return entry
 
     def drop_from(self, inode: int, first: int) -> None:
-        """Delete the records of chunks idx >= first of `inode`."""
+        """Forget the records of chunks idx >= first of `inode`."""
         for idx in sorted(i for i in self._by_inode.get(inode, ()) if i >= first):
             self.drop(inode, idx)
 
-    def clip(self, inode: int, idx: int, cut: int) -> None:
-        """Forget the logged bytes at or past chunk offset `cut` (truncate):
-        records starting there are deleted, a record across it is replaced
-        by its head (same seq). Inside the caller's transaction."""
-        entry = self._chunks.get((inode, idx))
-        if entry is None:
-            return
-        keep: list[tuple[int, int, int]] = []
-        across: list[tuple[int, int, int]] = []
-        gone: list[int] = []
-        for record in entry.records:
-            seq, offset, length = record
-            if offset >= cut:
-                gone.append(seq)
-            elif offset + length > cut:
-                across.append(record)
-            else:
-                keep.append(record)
-        if not gone and not across:
-            return
-        heads = self._verified(inode, idx, entry.chunk_id, across)
-        self.table.delete(gone + [seq for seq, _, _ in across])
-        for (seq, offset, _), data in zip(across, heads, strict=True):
-            head = data[: cut - offset]
-            checksum = record_checksum(inode, idx, entry.chunk_id, seq, offset, head)
-            self.table.insert(seq, inode, idx, entry.chunk_id, offset, checksum, head)
-            keep.append((seq, offset, len(head)))
-        if not keep:
-            self._forget(inode, idx)
-            return
-        keep.sort()
-        logged = sum(length for _, _, length in keep)
-        self.total += logged - entry.logged
-        self.records += len(keep) - len(entry.records)
-        entry.records = keep
-        entry.logged = logged
+    def _settle(self) -> None:
+        """Forget the data of records whose drop committed."""
+        generation = self.db.generation
+        for tagged, _, entry in self._undo:
+            if tagged < generation:
+                self._purge(entry)
+        self._undo = [u for u in self._undo if u[0] >= generation]
+
+    # -- copies ----------------------------------------------------------------
+
+    def copies_missing(self) -> list[_Live]:
+        """Live records with fewer than m+1 copies on usable stores."""
+        if self.files is None:
+            return []
+        usable = set(self.files.usable())
+        want = self.files.copies
+        return [
+            live
+            for live in self._live.values()
+            if sum(1 for p in live.places if p[0] in usable) < min(want, len(usable))
+        ]
+
+    async def repair_copies(self) -> int:
+        """Write new copies of live records that lost some (a log store
+        failed or left; records moved from the schema-2 table). Returns
+        the copies made."""
+        self._settle()
+        if self.files is None:
+            return 0
+        short = [
+            live for live in self.copies_missing() if self._is_live(live.record)
+        ]
+        if not short:
+            return await self._finish_legacy()
+        usable = set(self.files.usable())
+        made = 0
+        by_need: dict[int, list[_Live]] = {}
+        for live in short:
+            have = [p for p in live.places if p[0] in usable]
+            need = min(self.files.copies, len(usable)) - len(have)
+            if need > 0:
+                by_need.setdefault(need, []).append(live)
+        for need, group in by_need.items():
+            exclude = {live.record.seq: {p[0] for p in live.places} for live in group}
+            placed = await self.files.write([live.record for live in group], exclude, want=need)
+            for live in group:
+                new = placed.get(live.record.seq, [])
+                if self._is_live(live.record):
+                    live.places.extend(new)
+                elif self.files is not None:
+                    self.files.release(new, self.db.generation)
+                made += len(new)
+        self._copies_made += made
+        await self._finish_legacy()
+        return made
+
+    async def verify_copies(self) -> int:
+        """Scrub: read every copy of every live record back; a copy that no
+        longer verifies is forgotten and a new one written elsewhere.
+        Returns the damaged copies found."""
+        if self.files is None:
+            return 0
+        damaged = 0
+        for live in list(self._live.values()):
+            for place in list(live.places):
+                if not self._is_live(live.record):
+                    break
+                if await self.files.verify(place, live.record) is False:
+                    log.warning(
+                        "store %d: small-write log record %d: damaged copy (re-created)",
+                        place[0],
+                        live.record.seq,
+                    )
+                    damaged += 1
+                    if place in live.places:
+                        live.places.remove(place)
+                        self.files.release([place], self.db.generation)
+        if damaged:
+            await self.repair_copies()
+        return damaged
+
+    def _is_live(self, record: Record) -> bool:
+        return record.seq in self._live and (record.inode, record.idx) in self._chunks
+
+    async def _finish_legacy(self) -> int:
+        """Delete the schema-2 table's rows once their records have copies
+        on the stores (or are dead)."""
+        if not self._legacy or self.files is None:
+            return 0
+        enough = min(self.files.copies, len(self.files.usable()))
+        done = [
+            seq
+            for seq in self._legacy
+            if seq not in self._live or len(self._live[seq].places) >= max(1, enough)
+        ]
+        if not done:
+            return 0
+        if self.wait_durable is not None:
+            await self.wait_durable(self.db.generation)
+        with self.db.transaction():
+            self.table.delete(done)
+        self._legacy = [seq for seq in self._legacy if seq not in set(done)]
+        return 0
 
     # -- folding ---------------------------------------------------------------
 
     def statistics(self) -> WriteLogStatistics:
+        segments, space = self.files.space() if self.files is not None else (0, 0)
         return WriteLogStatistics(
             records=self.records,
             bytes=self.total,
@@ -456,6 +666,11 @@ class WriteLog:
             folds=self.folds,
             forced_folds=self.forced_folds,
             limit=self.limit,
+            segments=segments,
+            space_bytes=space,
+            disk_bytes_written=self.files.bytes_written if self.files is not None else 0,
+            copies_missing=len(self.copies_missing()),
+            copies_made=self._copies_made,
         )
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -472,7 +687,16 @@ class WriteLog:
             for k, e in self._chunks.items()
             if e.logged < self.fold_budget and now - e.last >= self.fold_idle
         ]
-        return over + idle
+        return over + idle + self._pinning()
+
+    def _pinning(self) -> list[tuple[int, int]]:
+        """When the segments take more than SPACE_FACTOR x limit on the
+        stores (a few records can keep whole segments from being reused):
+        the chunks with the oldest records, which hold the oldest segments."""
+        if self.files is None or self.files.space()[1] <= SPACE_FACTOR * self.limit:
+            return []
+        oldest = sorted(self._chunks, key=lambda k: self._chunks[k].records[0][0])
+        return oldest[:PINNING_FOLDS]
 
     async def make_room(self, fold: Callable[[int, int], Awaitable[None]]) -> None:
         """While the log is over its limit, fold its largest chunks (a writer
@@ -496,6 +720,19 @@ class WriteLog:
             self.folds += 1
             self.forced_folds += forced
 
+    async def upkeep(self, keep: int | None = None) -> None:
+        """Re-create lost copies, reuse or delete free segments (`keep`:
+        how many free ones a store keeps; 0 at unmount)."""
+        try:
+            await self.repair_copies()
+        except EcfsError as exc:
+            log.warning("small-write log: re-creating copies failed: %s", exc)
+        if self.files is not None:
+            if keep is None:
+                await self.files.trim()
+            else:
+                await self.files.trim(keep)
+
     async def run(
         self,
         fold: Callable[[int, int], Awaitable[None]],
@@ -509,6 +746,7 @@ class WriteLog:
             with trio.move_on_after(FOLD_POLL):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
+            await self.upkeep()
             for key in self._due():
                 if not self.has(*key):
                     continue

@@ -173,6 +173,13 @@ METRICS: tuple[Metric, ...] = (
         "counter",
         "Folds a writer waited for because the log was over its limit.",
     ),
+    _m("ecfs_write_log_space_bytes", "gauge", "Bytes of small-write log segments on the stores."),
+    _m(
+        "ecfs_write_log_copies_missing",
+        "gauge",
+        "Small-write log records with fewer than m+1 copies on usable stores.",
+    ),
+    _m("ecfs_write_log_copies_made_total", "counter", "Log record copies re-created."),
     _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
     _m(
         "ecfs_garbage_pending_chunks",
@@ -211,6 +218,9 @@ _WRITE_LOG = {
     "bytes_written": "ecfs_write_log_written_bytes_total",
     "folds": "ecfs_write_log_folds_total",
     "forced_folds": "ecfs_write_log_forced_folds_total",
+    "space_bytes": "ecfs_write_log_space_bytes",
+    "copies_missing": "ecfs_write_log_copies_missing",
+    "copies_made": "ecfs_write_log_copies_made_total",
 }
 _REPAIR = {
     "bytes_left": "ecfs_repair_bytes_left",

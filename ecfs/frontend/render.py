@@ -97,7 +97,9 @@ def render_status(status: VolumeStatus) -> str:
     log = status.write_log
     lines.append(
         f"small-write log: {log.records} records, {format_size(log.bytes)} in {log.chunks}"
-        f" chunks waiting to be folded; {log.folds} chunks folded since mount"
+        f" chunks waiting to be folded; {log.folds} chunks folded since mount;"
+        f" {log.segments} segments, {format_size(log.space_bytes)} on the stores"
+        + (f"; {log.copies_missing} records short of m+1 copies" if log.copies_missing else "")
     )
     for message in status.unrecoverable:
         lines.append(f"UNRECOVERABLE: {message}")

@@ -1,8 +1,8 @@
 """In-process stores for tests: a store in memory, and a fault-injecting
 wrapper around any store.
 
-Owns: `MemoryStore` (the whole `ecfs.storage.store.Store` contract, fragments kept
-in a dict) and `FaultyStore` (wraps a store and, switched at run time,
+Owns: `MemoryStore` (the whole `ecfs.storage.store.Store` contract, fragments and
+small-write log segments kept in dicts) and `FaultyStore` (wraps a store and, switched at run time,
 hangs, fails with EIO, is slow, corrupts what is read, is full, or is gone).
 Must not: be used by the mount (nothing in ecfs constructs them; tests and
 tools do).
@@ -47,6 +47,8 @@ class MemoryStore:
     """A store whose fragments are bytes in a dict. Every fragment is "at
     hand": `read_fragment_cached` serves it (unless `cached` is False)."""
 
+    holds_log_segments = True
+
     def __init__(
         self,
         marker: StoreMarker | None = None,
@@ -66,6 +68,7 @@ class MemoryStore:
         self._pinned: StoreMarker | None = None
         self._device = next(_devices) if device is None else device
         self._fragments: dict[tuple[int, int], bytes] = {}
+        self._segments: dict[int, bytearray] = {}
         self._used = 0
         self._lock = threading.Lock()
 
@@ -168,6 +171,54 @@ class MemoryStore:
     def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
         return []
 
+    # ---- small-write log segments
+
+    def log_segments(self) -> list[int]:
+        with self._lock:
+            return sorted(self._segments)
+
+    def create_log_segment(self, number: int, size: int) -> None:
+        with self._lock:
+            if number in self._segments:
+                raise StoreError(f"cannot create log segment {self.path}/wlog/{number}: File exists")
+            if self._used + size > self.capacity:
+                raise NoSpace(
+                    f"cannot create log segment {self.path}/wlog/{number}: No space left on device"
+                )
+            self._segments[number] = bytearray(size)
+            self._used += size
+
+    def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
+        with self._lock:
+            segment = self._log_segment(number)
+            grown = max(0, offset + len(data) - len(segment))
+            if self._used + grown > self.capacity:
+                raise NoSpace(
+                    f"cannot write log segment {self.path}/wlog/{number}: No space left on device"
+                )
+            segment[offset : offset + len(data)] = data
+            self._used += grown
+
+    def read_log_segment(self, number: int) -> bytes:
+        with self._lock:
+            return bytes(self._log_segment(number))
+
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        with self._lock:
+            return bytes(self._log_segment(number)[offset : offset + length])
+
+    def delete_log_segment(self, number: int) -> None:
+        with self._lock:
+            segment = self._segments.pop(number, None)
+            if segment is not None:
+                self._used -= len(segment)
+
+    def _log_segment(self, number: int) -> bytearray:
+        segment = self._segments.get(number)
+        if segment is None:
+            raise StoreError(f"log segment {self.path}/wlog/{number}: No such file or directory")
+        return segment
+
     # ---- for tests
 
     def fragment(self, chunk_id: int, index: int) -> bytes | None:
@@ -198,7 +249,8 @@ class FaultyStore:
     - "slow": wait `delay` seconds first (or until switched), then pass
       through;
     - "corrupt": flip one byte of every fragment read;
-    - "enospc": fragment writes raise NoSpace, usage shows no free space;
+    - "enospc": fragment and log segment writes raise NoSpace, usage shows
+      no free space;
     - "gone": the disk vanished: fragments are missing (FragmentMissing),
       every other call raises StoreError.
 
@@ -264,6 +316,10 @@ class FaultyStore:
         if mode == "gone" and op != "read":
             raise StoreError(f"{self.path}: {op}: No such device")
         return mode
+
+    @property
+    def holds_log_segments(self) -> bool:
+        return self.inner.holds_log_segments
 
     @property
     def meta_dir(self) -> Path:
@@ -363,3 +419,45 @@ class FaultyStore:
     def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
         self._fault("list")
         return self.inner.stray_entries(fragments)
+
+    # ---- small-write log segments (a segment is not a fragment: "gone"
+    # makes every call fail, reads included)
+
+    def log_segments(self) -> list[int]:
+        self._fault("list")
+        return self.inner.log_segments()
+
+    def create_log_segment(self, number: int, size: int) -> None:
+        self._log_fault("write", number)
+        self.inner.create_log_segment(number, size)
+
+    def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
+        self._log_fault("write", number)
+        self.inner.write_log_segment(number, offset, data)
+
+    def read_log_segment(self, number: int) -> bytes:
+        return self._corrupted(self._log_fault("read", number), self.inner.read_log_segment(number))
+
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        mode = self._log_fault("read", number)
+        return self._corrupted(mode, self.inner.read_log_range(number, offset, length))
+
+    def delete_log_segment(self, number: int) -> None:
+        self._fault("delete")
+        self.inner.delete_log_segment(number)
+
+    def _log_fault(self, op: str, number: int) -> str:
+        mode = self._fault(op)
+        if mode == "gone":
+            raise StoreError(f"{self.path}: log segment {number}: No such device")
+        if mode == "enospc" and op == "write":
+            raise NoSpace(f"cannot write log segment {self.path}/wlog/{number}: No space left on device")
+        return mode
+
+    @staticmethod
+    def _corrupted(mode: str, data: bytes) -> bytes:
+        if mode != "corrupt" or not data:
+            return data
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0xFF
+        return bytes(damaged)

@@ -32,6 +32,13 @@ prefetched range is never stale; deleting a fragment drops it. A PUT is durable 
 `meta_dir` names no usable directory, and mkfs keeps the replicas on local
 stores (see `ecfs.volume.mkfs`).
 
+The small-write log is not kept here either (`holds_log_segments` is
+False; the six log-segment methods raise StoreError): its segments are
+preallocated files overwritten in place, which immutable objects do not
+map onto. For now, records live on local stores (a mixed volume has at
+least m+1 of them, for the metadata replicas); objects for the log come
+with metadata on object stores.
+
 Space: object stores have no statvfs and rarely tell a quota. `usage`
 reports a nominal NOMINAL_CAPACITY, all of it free, so placement and
 health never take the store for full; a server that refuses a write for
@@ -384,7 +391,10 @@ class _Prefetch:
 
 class S3Store:
     """A store kept as objects under one bucket and prefix. Implements
-    `ecfs.storage.store.Store` (see the module docstring)."""
+    `ecfs.storage.store.Store` (see the module docstring); holds no
+    small-write log segments."""
+
+    holds_log_segments = False
 
     def __init__(
         self,
@@ -793,6 +803,29 @@ class S3Store:
     def stray_entries(self, fragments: list[tuple[int, int]]) -> list[str]:
         known = {fragment_relpath(c, i) for c, i in fragments}
         return sorted(k for k in self._list_keys(FRAGS_DIR + "/") if k not in known)
+
+    # -- small-write log segments: none here (see the module docstring)
+
+    def _no_log_segments(self) -> StoreError:
+        return StoreError(f"{self.location}: object stores hold no small-write log segments")
+
+    def log_segments(self) -> list[int]:
+        raise self._no_log_segments()
+
+    def create_log_segment(self, number: int, size: int) -> None:
+        raise self._no_log_segments()
+
+    def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
+        raise self._no_log_segments()
+
+    def read_log_segment(self, number: int) -> bytes:
+        raise self._no_log_segments()
+
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        raise self._no_log_segments()
+
+    def delete_log_segment(self, number: int) -> None:
+        raise self._no_log_segments()
 
 
 def forget_new_store(store: object) -> None:

@@ -6,7 +6,9 @@ byte range into a caller's buffer; no file descriptor ever crosses it), the
 layout of a store directory, the store marker format, and the file
 operations on fragment files (create, read, page-cache reads, read-ahead
 hints, delete, list, durability via syncfs, free space), with the cache of
-open fragment files (`ecfs.storage.fdcache`, used only from here).
+open fragment files (`ecfs.storage.fdcache`, used only from here), and the file operations on
+small-write log segments (create preallocated, overwrite in place +
+fdatasync, read, list, delete; their contents are `ecfs.data.logfiles`'s).
 
 Must not: run on the event loop, except `Store.read_fragment_cached` and
 `Store.close`, which never block (every other method may block on a disk,
@@ -25,6 +27,7 @@ files 0600)::
       ecfs-store.json           the marker (JSON object, see StoreMarker)
       frags/XX/YY/<chunk>.<i>   fragment i of chunk <chunk>
       meta/                     the metadata replica database (ecfs.storage.replicas)
+      wlog/<n>                  small-write log segment n (ecfs.data.logfiles)
 
 - ``<chunk>`` is the chunk id as exactly 16 lowercase hex digits, ``<i>`` the
   fragment index in decimal without leading zeros (0 <= i < 256).
@@ -38,6 +41,11 @@ files 0600)::
 - A fragment file is created once (O_EXCL) and never modified: chunks are
   copy-on-write, a rewrite makes a new chunk id.
 - Fan-out directories are created on demand and never removed.
+- ``<n>`` of a log segment is 16 lowercase hex digits. A segment is
+  created at its full size with fallocate (so that writing into it later
+  changes no block allocation) and then overwritten in place; its
+  contents are records that `ecfs.data.logfiles` formats and checks. ``wlog/``
+  is created with the first segment.
 
 Marker keys (``ecfs-store.json``, UTF-8 JSON object, at most 64 KiB; unknown
 keys are ignored so that a later format can add optional ones):
@@ -114,6 +122,7 @@ MARKER_NAME = "ecfs-store.json"
 STORE_FORMAT = 1
 FRAGS_DIR = "frags"
 META_DIR = "meta"
+LOG_DIR = "wlog"
 
 #: Largest marker file accepted (bytes); anything bigger is garbage.
 MARKER_MAX_BYTES = 64 * 1024
@@ -126,6 +135,7 @@ _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _HEX2 = re.compile(r"[0-9a-f]{2}")
+_SEGMENT_NAME = re.compile(r"[0-9a-f]{16}")
 _FRAGMENT_NAME = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,2})")
 _INT_FIELDS = ("format", "k", "m", "fragment_size", "cell_size", "inline_max")
 #: Flags of every open of an existing store file: never follow a symlink
@@ -284,6 +294,16 @@ class Store(Protocol):
     #: the same store.
     path: Path
 
+    #: Whether the store holds small-write log segments (the six
+    #: log-segment methods below). True for stores with files that can be
+    #: preallocated and overwritten in place (`DirectoryStore`, the fakes);
+    #: False for `ecfs.storage.s3store.S3Store`: objects are immutable,
+    #: and its log-segment methods raise StoreError. The log
+    #: (`ecfs.data.logfiles`) keeps its copies on the stores that hold
+    #: segments only; a volume has at least m+1 of them (mkfs keeps the
+    #: metadata replicas, and so the log, on local stores).
+    holds_log_segments: bool
+
     @property
     def meta_dir(self) -> Path:
         """Directory of the metadata replica database (owned by
@@ -403,6 +423,38 @@ class Store(Protocol):
         and leaves alone."""
         ...
 
+    # ---- small-write log segments (contents owned by `ecfs.data.logfiles`);
+    # only where `holds_log_segments`: elsewhere every one raises StoreError
+
+    def log_segments(self) -> list[int]:
+        """Numbers of the log segments held (none yet is fine). StoreError."""
+        ...
+
+    def create_log_segment(self, number: int, size: int) -> None:
+        """Create segment `number` with `size` bytes that read as zeros,
+        durable (with its name) when this returns. NoSpace, or StoreError
+        (also if it exists: it is then left as it was); a failed creation
+        leaves no segment of that number."""
+        ...
+
+    def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
+        """Overwrite bytes [offset, offset + len(data)) of segment `number`,
+        durable when this returns. StoreError (a missing segment too)."""
+        ...
+
+    def read_log_segment(self, number: int) -> bytes:
+        """The whole content of segment `number`. StoreError."""
+        ...
+
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of segment `number` (fewer at its
+        end). StoreError."""
+        ...
+
+    def delete_log_segment(self, number: int) -> None:
+        """Remove segment `number` (gone already is fine). StoreError."""
+        ...
+
 
 # --------------------------------------------------------------------------
 # Directory store
@@ -429,6 +481,8 @@ class DirectoryStore:
     """
 
     __slots__ = ("path", "_direct_io", "_nowait", "_owner", "_pinned")
+
+    holds_log_segments = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
@@ -850,6 +904,99 @@ class DirectoryStore:
                 if path not in known:
                     stray.append(path)
         return sorted(stray)
+
+    # ---- small-write log segments (see ecfs.data.logfiles)
+
+    def _segment_path(self, number: int) -> str:
+        return os.path.join(self.path, LOG_DIR, f"{number:016x}")
+
+    def log_segments(self) -> list[int]:
+        """Numbers of the log segments in ``wlog/`` (none if it is missing);
+        entries with other names are ignored. OSError -> StoreError."""
+        try:
+            names = os.listdir(os.path.join(self.path, LOG_DIR))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _store_error(exc, f"cannot list log segments of {self.path}") from exc
+        return sorted(int(n, 16) for n in names if _SEGMENT_NAME.fullmatch(n))
+
+    def create_log_segment(self, number: int, size: int) -> None:
+        """Create segment `number` (must not exist) with `size` bytes
+        allocated (fallocate: reads as zeros), durable with its directory
+        entry when this returns. ENOSPC -> NoSpace, OSError -> StoreError."""
+        path = self._segment_path(number)
+        created = False  # a segment that existed already is left alone
+        try:
+            with contextlib.suppress(FileExistsError):
+                self.check_identity()  # never create wlog/ where the store was
+                os.mkdir(os.path.dirname(path), _DIR_MODE)
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(path, flags, _FILE_MODE)
+            created = True
+            try:
+                os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_directory(os.path.dirname(path))
+        except OSError as exc:
+            if created:
+                _unlink_quietly(path)
+            raise _store_error(exc, f"cannot create log segment {path}") from exc
+
+    def write_log_segment(self, number: int, offset: int, data: bytes | bytearray) -> None:
+        """Overwrite bytes [offset, offset+len(data)) of segment `number`
+        and make them durable (fdatasync) before returning. OSError (a
+        missing segment too) -> StoreError."""
+        path = self._segment_path(number)
+        try:
+            fd = open_regular(path, os.O_WRONLY)
+            try:
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot write log segment {path}") from exc
+
+    def read_log_segment(self, number: int) -> bytes:
+        """The whole content of segment `number`. OSError -> StoreError."""
+        path = self._segment_path(number)
+        try:
+            fd = open_regular(path)
+            try:
+                return _read_up_to(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read log segment {path}") from exc
+
+    def read_log_range(self, number: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of segment `number` (fewer at its
+        end). OSError -> StoreError."""
+        path = self._segment_path(number)
+        try:
+            fd = open_regular(path)
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read log segment {path}") from exc
+
+    def delete_log_segment(self, number: int) -> None:
+        """Remove segment `number` (gone already is fine). OSError -> StoreError."""
+        path = self._segment_path(number)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _store_error(exc, f"cannot delete log segment {path}") from exc
 
     # ---- whole store
 

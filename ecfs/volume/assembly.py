@@ -62,6 +62,7 @@ from ..core.tasks import guarded, supervised
 from ..data.damage import DamageRecorder
 from ..data.filedata import FileData
 from ..data.garbage import ChunkPins, Garbage
+from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
 from ..data.placement import Placement
 from ..data.reader import ChunkReader
@@ -351,7 +352,18 @@ class Volume:
             db,
         )
         self.writer.on_abandoned = self.garbage.remember
-        self.writelog = WriteLog(db, self.layout.chunk_size)
+        self.writelog = WriteLog(
+            db,
+            self.layout.chunk_size,
+            files=LogFiles(
+                self.runners,
+                m + 1,
+                uuid.UUID(self.volume_id).bytes,
+                self._durable_generation,
+                self.placement.draining,
+            ),
+            wait_durable=self._wait_durable,
+        )
         self.filedata = FileData(
             self.layout,
             db,
@@ -454,15 +466,26 @@ class Volume:
                     self.store_table.set_path(index, path)
 
     def _open_write_log(self) -> None:
-        """Load the small-write log's index."""
+        """Load the small-write log (every store's segments) and give each
+        inode with live records the mtime its newest record carries, when
+        that is newer than the inode's last committed change."""
         chunks = self.filedata.chunks
 
         def current(inode: int, idx: int) -> int:
             ref = chunks.get(inode, idx)
             return 0 if ref is None else ref.chunk_id
 
-        for problem in self.writelog.load(current):
-            log.warning("%s (ecfs fsck --repair deletes it)", problem)
+        for problem in self.writelog.load(current, self.stores):
+            log.warning("%s", problem)
+        later = []
+        for ino, record in self.writelog.recovered.items():
+            node = self.namespace.get(ino)
+            if record.mtime_ns > node.ctime_ns:
+                later.append((ino, node.size, record.mtime_ns))
+        if later:
+            with self.db.transaction():
+                for ino, size, mtime in later:
+                    self.namespace.set_size(ino, size, mtime_ns=mtime, persist=True)
 
     def missing_stores(self) -> dict[int, str]:
         """Stores of the volume that are not open in this mount: index -> last path."""
@@ -614,6 +637,10 @@ class Volume:
             self._shutdown_failed("deleting garbage", exc)
         if not await self._drain_at_shutdown():
             return
+        try:
+            await self.writelog.upkeep(keep=0)  # folded: the segments can go
+        except Exception as exc:
+            self._shutdown_failed("deleting small-write log segments", exc)
         replicator = self.replicator
         if replicator is not None and len(replicator.live_replicas()) >= self.layout.m + 1:
             self._stale_replicas_to_remove = sorted(
@@ -932,8 +959,10 @@ class Volume:
         """Scrub: verify every live metadata replica online; a bad one is
         dropped and replaced by a fresh copy of the working copy (on its own
         store if it is healthy). Then verify the working copy itself (a
-        snapshot of it, like a new replica's). Store index (None: the
-        working copy) -> problem found."""
+        snapshot of it, like a new replica's), and the copies of the
+        small-write log's records (a damaged one is written anew, see
+        `WriteLog.verify_copies`). Store index (None: the working copy) ->
+        problem found."""
         problems: dict[int | None, str] = {}
         if self.replicator is not None:
             found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
@@ -943,6 +972,7 @@ class Volume:
         working = await self._verify_working_copy()
         if working is not None:
             problems[None] = working
+        await self.writelog.verify_copies()  # log copies are on the stores, not replicas
         return problems
 
     async def _verify_working_copy(self) -> str | None:

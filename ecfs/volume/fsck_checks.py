@@ -11,9 +11,13 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
 * `check_namespace_consistent`: directory entries, link counts,
   reachability, symlink/xattr/chunk/inline rows of the namespace.
 * `check_repair_queue_valid`: the repair queue names only existing chunks.
-* `check_write_log_valid`: every small-write log record matches its
-  checksum and applies over its chunk's current version (so no record is
-  older than its chunk, or of a chunk that is gone); repair deletes the others.
+* `check_write_log_valid`: every copy of every small-write log record on
+  the stores is read and checked against its checksum (a torn or damaged
+  copy is a warning: it is never applied); a record is live when it
+  applies over its chunk's current version (older ones are dead, never
+  applied) and each live record has m+1 copies, which repair writes.
+  Rows an older ecfs left in the metadata table must match their checksum
+  and apply over the current version; repair deletes the others.
 * `check_chunk_fragments_present`: every fragment of every chunk exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
@@ -64,9 +68,11 @@ from ..core.codec import Codec
 from ..core.errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, ChunkRef
+from ..data.logfiles import SEGMENT_SIZE, LogFiles, Record, log_stores, padded
+from ..data.logfiles import encode as encode_record
 from ..data.placement import Placement
 from ..data.rebuild import rebuild_fragments
-from ..data.smallwrites import record_checksum
+from ..data.smallwrites import legacy_checksum
 from ..storage.handles import Expected, read_header
 from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
@@ -568,14 +574,50 @@ def check_repair_queue_valid(ctx: FsckContext) -> None:
 
 
 def check_write_log_valid(ctx: FsckContext) -> None:
-    """Each small-write log record must match its checksum and apply over
-    the current version of its chunk; repair deletes the ones that do not
-    (a bad record is never applied: its bytes are lost either way)."""
-    table = WriteLogTable(ctx.db)
+    """The small-write log (`ecfs.data.logfiles`): every record copy on the
+    stores is read and its checksum verified (a torn or damaged copy is
+    never applied: a warning, since a crash leaves one behind); a record
+    is live when the chunk version it applies over is the current one, and
+    each live record must have m+1 copies on distinct present stores that
+    hold log segments (repair writes the missing copies; object stores
+    hold none). Rows left in the schema-2 table
+    must match their checksum and apply over the current version; repair
+    deletes the ones that do not (a bad record is never applied: its bytes
+    are lost either way)."""
     chunks = ChunkTable(ctx.db)
+    scan = LogFiles.scan(ctx.stores, ctx.volume_id)
+    for index, why in scan.unreadable.items():
+        ctx.report.add("write_log_valid", f"store {index}: small-write log unreadable: {why}")
+    if scan.bad_blocks:
+        ctx.report.add(
+            "write_log_valid",
+            f"{scan.bad_blocks} blocks of the small-write log hold torn or damaged record"
+            " copies (never applied)",
+            severity="warning",
+        )
+    live: dict[int, tuple[Record, set[int]]] = {}
+    current: dict[tuple[int, int], int] = {}
+    for store, _segment, _pos, record in scan.copies:
+        key = (record.inode, record.idx)
+        if key not in current:
+            ref = chunks.get(*key)
+            current[key] = 0 if ref is None else ref.chunk_id
+        if current[key] != record.chunk_id:
+            continue  # folded, rewritten or removed since: dead, never applied
+        live.setdefault(record.seq, (record, set()))[1].add(store)
+    want = min(ctx.layout.m + 1, len(log_stores(ctx.stores)))
+    short = {seq: rs for seq, rs in live.items() if len(rs[1]) < want}
+    for seq, (record, holders) in sorted(short.items()):
+        ctx.report.add(
+            "write_log_valid",
+            f"log record {seq} of {ctx.describe_inode(record.inode)} chunk {record.idx} has"
+            f" {len(holders)} of {want} copies",
+            fixed=ctx.repair and _copy_records(ctx, [record], holders, want),
+        )
+    table = WriteLogTable(ctx.db)
     bad: list[int] = []
     heads = table.heads()
-    ctx.report.counts["write_log_records"] = len(heads)
+    ctx.report.counts["write_log_records"] = len(heads) + len(live)
     for seq, inode, idx, chunk_id, offset, length, checksum in heads:
         ref = chunks.get(inode, idx)
         where = f"log record {seq} of {ctx.describe_inode(inode)} chunk {idx}"
@@ -586,7 +628,7 @@ def check_write_log_valid(ctx: FsckContext) -> None:
             problem = f"{where} is older than its chunk's version ({chunk_id:016x} is not the current {ref.chunk_id:016x})"
         else:
             _, data = table.data([seq])[seq]
-            if record_checksum(inode, idx, chunk_id, seq, offset, data) != checksum:
+            if legacy_checksum(inode, idx, chunk_id, seq, offset, data) != checksum:
                 problem = f"{where} (bytes [{offset}, {offset + length})) fails its checksum"
         if problem is not None:
             bad.append(seq)
@@ -594,6 +636,27 @@ def check_write_log_valid(ctx: FsckContext) -> None:
     if bad and ctx.repair:
         with ctx.db.transaction():
             table.delete(bad)
+
+
+def _copy_records(ctx: FsckContext, records: list[Record], holders: set[int], want: int) -> bool:
+    """Write copies of `records` to present stores that lack one, in a new
+    segment each, until `want` stores hold them; whether that succeeded."""
+    blob = padded(b"".join(encode_record(r, ctx.volume_id) for r in records))
+    have = set(holders)
+    for index, store in sorted(log_stores(ctx.stores).items()):
+        if len(have) >= want:
+            break
+        if index in have:
+            continue
+        try:
+            number = max(store.log_segments(), default=0) + 1
+            store.create_log_segment(number, max(SEGMENT_SIZE, len(blob)))
+            store.write_log_segment(number, 0, blob)
+        except StoreError as exc:
+            log.warning("store %d: cannot write a log record copy: %s", index, exc)
+            continue
+        have.add(index)
+    return len(have) >= want
 
 
 # --------------------------------------------------------------------------

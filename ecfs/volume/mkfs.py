@@ -10,7 +10,9 @@ directories as they were.
 Stores are local directories or ``s3://`` locations (`ecfs.storage.s3store`). The
 metadata replicas are kept on m+1 local directories only, for now: a
 volume with object stores needs at least m+1 local ones ("metadata on
-object stores: not yet"). A volume of directories only is unchanged.
+object stores: not yet"). The small-write log's copies live on those
+local stores too (`ecfs.data.logfiles`). A volume of directories only is
+unchanged.
 """
 
 from __future__ import annotations

@@ -169,6 +169,18 @@ class Database:
         value = self.next_id(counter)
         return value, self._reserved_at[counter]
 
+    def ensure_counter(self, counter: str, at_least: int) -> None:
+        """Create id counter `counter`, or raise it, so that its next value
+        is at least `at_least` (a counter added after mkfs: 'log')."""
+        value = self.query_value("SELECT value FROM counters WHERE name = ?", (counter,))
+        if value is not None and int(value) >= at_least:
+            return
+        with self.transaction():
+            if value is None:
+                self.write("INSERT INTO counters (name, value) VALUES (?, ?)", (counter, at_least))
+            else:
+                self.write("UPDATE counters SET value = ? WHERE name = ?", (at_least, counter))
+
     def next_id(self, counter: str) -> int:
         """Take a fresh value of an id counter ('inode' or 'chunk').
 

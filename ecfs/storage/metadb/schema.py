@@ -52,7 +52,8 @@ CREATE TABLE volume (
     value TEXT NOT NULL
 );
 
--- Monotonic id counters: 'inode' (next inode number), 'chunk' (next chunk id).
+-- Monotonic id counters: 'inode' (next inode number), 'chunk' (next chunk id),
+-- 'log' (next small-write log record number; added at mount to older volumes).
 CREATE TABLE counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -307,7 +308,7 @@ def create_database(
         )
         conn.executemany(
             "INSERT INTO counters (name, value) VALUES (?, ?)",
-            [("inode", ROOT_INODE + 1), ("chunk", 1)],
+            [("inode", ROOT_INODE + 1), ("chunk", 1), ("log", 1)],
         )
         conn.execute("INSERT INTO replica_state (id, generation) VALUES (0, 0)")
         conn.executemany(

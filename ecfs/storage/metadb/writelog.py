@@ -1,4 +1,10 @@
-"""SQL for the small-write log (see `ecfs.data.smallwrites` for what it is for).
+"""SQL for the small-write log's former home (see `ecfs.data.smallwrites`).
+
+The log's records now live in segment files on the stores
+(`ecfs.data.logfiles`); this table stays in the schema (empty) so that a
+volume last mounted by an ecfs that logged here keeps its records: the
+mount reads them, writes them to the stores and deletes the rows
+(`WriteLog.load`, `WriteLog.repair_copies`).
 
 Owns: the `write_log` table: its DDL (documented column by column below),
 and every statement on it. The table is part of schema 2: new volumes get it
