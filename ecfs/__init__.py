@@ -12,10 +12,12 @@ third-party package):
 2. `ecfs.storage`: everything that touches a store or the metadata
    database: store (the Store interface: fragments by name, no file
    descriptor crosses it; the directory store and its open-file cache
-   fdcache), fakestores (in-memory and fault-injecting stores for tests),
-   handles (verified fragment headers), offload (the one helper for
-   blocking calls, the only trio.to_thread user), lock, metadb (all SQL),
-   replicas (metadata copies on stores).
+   fdcache), s3store (S3-compatible object stores, the only obstore user),
+   storefactory (opens a store by its location: a directory or s3://),
+   fakestores (in-memory and fault-injecting stores for tests), handles
+   (verified fragment headers), offload (the one helper for blocking calls,
+   the only trio.to_thread user), lock, metadb (all SQL), replicas
+   (metadata copies on stores).
 3. `ecfs.data`: the services that turn files into fragments and back:
    namespace, filedata, reader, readahead, writer, placement, smallwrites
    and logfiles (the small-write log and its record copies in segment

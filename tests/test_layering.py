@@ -37,6 +37,7 @@ ALLOWED_IMPORTERS: dict[str, tuple[str, ...]] = {
     "sqlite3": ("ecfs/storage/metadb/", "ecfs/storage/replicas.py"),
     "prometheus_client": ("ecfs/frontend/metrics.py",),
     "rich": ("ecfs/frontend/render.py",),
+    "obstore": ("ecfs/storage/s3store.py",),
 }
 
 MODULE_FILES = sorted(PACKAGE_DIR.rglob("*.py"))

@@ -813,6 +813,44 @@ def test_scan_skips_a_damaged_record_inside_an_append() -> None:
     assert scan(bytes(blob), b"x" * 16)[0] == []
 
 
+def test_the_log_skips_stores_that_hold_no_log_segments() -> None:
+    """Copies go only to stores that hold log segments (an object store
+    holds none and refuses): never tried, never marked failed, never
+    scanned, and not counted as usable for copies."""
+    from ecfs.core.errors import StoreError
+    from ecfs.storage.fakestores import MemoryStore
+    from ecfs.storage.offload import StoreRunner
+
+    class ObjectLike(MemoryStore):
+        holds_log_segments = False
+
+        def log_segments(self) -> list[int]:
+            raise StoreError("object stores hold no small-write log segments")
+
+        def create_log_segment(self, number: int, size: int) -> None:
+            raise StoreError("object stores hold no small-write log segments")
+
+    stores = [MemoryStore(), ObjectLike(), MemoryStore(), ObjectLike()]
+    runners = {i: StoreRunner(i, s) for i, s in enumerate(stores)}
+    key = b"k" * 16
+    files = LogFiles(runners, 3, key, lambda: 0)
+    records = [Record(i, 2, 0, 9, 0, bytes([i]) * 100, 5, 6) for i in range(1, 6)]
+
+    async def main() -> dict[int, list[tuple[int, int, int]]]:
+        placed = {}
+        for record in records:  # one append each: the rotation moves on
+            placed.update(await files.write([record]))
+        return placed
+
+    placed = trio.run(main)
+    assert files.usable() == [0, 2]
+    assert all(sorted(p[0] for p in places) == [0, 2] for places in placed.values())
+    assert all(r.available for r in runners.values())
+    scanned = LogFiles.scan(dict(enumerate(stores)), key)
+    assert scanned.unreadable == {} and set(scanned.segments) == {0, 2}
+    assert sorted(r.seq for s, _, _, r in scanned.copies if s == 0) == [1, 2, 3, 4, 5]
+
+
 def test_extents_newest_wins() -> None:
     ext = Extents()
     model = bytearray(100)

@@ -1,6 +1,8 @@
 """The `ecfs.storage.store.Store` contract, run against every implementation
-(DirectoryStore, MemoryStore, a FaultyStore passing through), fragments
-and small-write log segments, the fault modes of FaultyStore, and the storage boundary: no file descriptor, preadv
+(DirectoryStore, MemoryStore, a FaultyStore passing through, an S3Store on
+a real local moto server), fragments and small-write log segments (on the
+stores that hold them; an S3Store refuses them), the fault modes of
+FaultyStore, and the storage boundary: no file descriptor, preadv
 or fadvise outside the store modules."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import ast
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +19,16 @@ import trio
 from ecfs.core.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped, StoreTimeout
 from ecfs.storage.fakestores import FaultyStore, MemoryStore
 from ecfs.storage.offload import StoreRunner, StoreState
+from ecfs.storage.s3store import S3Store
 from ecfs.storage.store import (
     STORE_FORMAT,
     DirectoryStore,
     Store,
     StoreMarker,
-    initialise_store,
-    open_store,
 )
+from ecfs.storage.storefactory import initialise_store, open_store
+
+from .s3servers import MotoServer, s3_environment
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ecfs"
 
@@ -53,9 +57,20 @@ KINDS: dict[str, Callable[[Path], Store]] = {
 }
 
 
-@pytest.fixture(params=sorted(KINDS))
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture(params=[*sorted(KINDS), "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    made = KINDS[request.param](tmp_path)
+    if request.param == "s3":
+        server: MotoServer = request.getfixturevalue("moto")
+        location = server.location(prefix=f"t/{uuid.uuid4().hex}")
+        made: Store = S3Store.initialise(location, _marker(), environ=s3_environment())
+    else:
+        made = KINDS[request.param](tmp_path)
     made.pin_identity()
     return made
 
@@ -74,6 +89,10 @@ def test_fragments_by_name(store: Store) -> None:
     assert _read(store, 7, 2, len(data) - 3, 10) == data[-3:]  # short only at the end
     assert _read(store, 7, 2, len(data) + 5, 10) == b""
     dest = memoryview(bytearray(10))
+    if isinstance(store, S3Store):  # at hand only once prefetched (read-ahead)
+        assert store.read_fragment_cached(7, 2, 1000, dest) is False
+        store.prefetch(7, 2, 512, 4096)
+        assert _read(store, 7, 2, 1000, 10) == data[1000:1010]  # waits for the prefetch
     assert store.read_fragment_cached(7, 2, 1000, dest) is True  # open and at hand now
     assert bytes(dest) == data[1000:1010]
     assert store.read_fragment_cached(7, 2, len(data) - 3, dest) is False  # short: a miss
@@ -92,8 +111,13 @@ def test_fragments_by_name(store: Store) -> None:
         _read(store, 7, 2, 0, 1)
     with pytest.raises(FragmentMissing):
         store.fragment_size_on_disk(7, 2)
-    with pytest.raises(FragmentMissing):
+    if isinstance(store, S3Store):  # prefetch starts a GET; the read meets the error
         store.prefetch(7, 2, 0, 1)
+        with pytest.raises(FragmentMissing):
+            _read(store, 7, 2, 0, 1)
+    else:
+        with pytest.raises(FragmentMissing):
+            store.prefetch(7, 2, 0, 1)
     assert store.read_fragment_cached(7, 2, 0, memoryview(bytearray(1))) is False
     assert issubclass(FragmentMissing, StoreError)
     with pytest.raises(ValueError):
@@ -118,8 +142,28 @@ def test_health_identity_space(store: Store) -> None:
 
 
 def test_log_segments(store: Store) -> None:
-    """Small-write log segments: created at their size reading zeros,
-    overwritten in place, read whole or in part, listed, deleted."""
+    """Small-write log segments, on the stores that hold them (directories
+    and the fakes): created at their size reading zeros, overwritten in
+    place, read whole or in part, listed, deleted. An object store holds
+    none: every log-segment method refuses with a StoreError saying so,
+    and its fragments are untouched."""
+    if not store.holds_log_segments:
+        assert isinstance(store, S3Store)
+        store.write_fragment(5, 0, [b"kept"])
+        refusals = [
+            store.log_segments,
+            lambda: store.create_log_segment(1, 4096),
+            lambda: store.write_log_segment(1, 0, b"x"),
+            lambda: store.read_log_segment(1),
+            lambda: store.read_log_range(1, 0, 4),
+            lambda: store.delete_log_segment(1),
+        ]
+        for refused in refusals:
+            with pytest.raises(StoreError, match="object stores hold no small-write log segments"):
+                refused()
+        assert store.list_fragments() == [(5, 0)] and store.stray_entries([(5, 0)]) == []
+        return
+    assert store.holds_log_segments is True
     assert store.log_segments() == []
     store.create_log_segment(3, 8192)
     store.create_log_segment(1, 4096)
@@ -290,9 +334,10 @@ def _names_used(path: Path) -> set[str]:
 
 
 STORAGE_MODULES = {"store.py", "fdcache.py", "fakestores.py"}
-#: Modules that open stores by path (mkfs, mount, fsck, store admin) may
-#: name DirectoryStore; today they all go through open_store/initialise_store.
-CONSTRUCTION_SITES: set[str] = set()
+#: Modules that may name DirectoryStore: only the factory that opens a store
+#: by location (mkfs, mount, fsck and store admin all go through its
+#: open_store/initialise_store).
+CONSTRUCTION_SITES = {"storefactory.py"}
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)

@@ -11,7 +11,8 @@
 * Store files are opened without following symlinks and without blocking
   on FIFOs; a bad header's bytes are never printed; the log file is 0600.
 * Markers that disagree with the volume (geometry, volume id) degrade only
-  their store; URL-like store arguments are refused.
+  their store; URL-like store arguments (but well-formed s3:// locations)
+  are refused.
 """
 
 from __future__ import annotations
@@ -381,15 +382,25 @@ def test_a_marker_that_disagrees_degrades_only_its_store(
 
 
 @pytest.mark.parametrize("command", ["mount", "fsck", "mkfs"])
-def test_url_like_store_arguments_are_usage_errors(command: str, tmp_path: Path) -> None:
-    args = [tmp_path / "a", "s3://bucket/store", tmp_path / "b"]
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://host/store", "looks like a URL"),
+        ("s3://Bad_Bucket/store", "bad bucket name"),  # s3:// is a store, if well-formed
+    ],
+)
+def test_url_like_store_arguments_are_usage_errors(
+    command: str, url: str, why: str, tmp_path: Path
+) -> None:
+    args = [tmp_path / "a", url, tmp_path / "b"]
     if command == "mount":
         (tmp_path / "mnt").mkdir()
         args.append(tmp_path / "mnt")
     refused = cli(command, *args, check=False, timeout=60)
     assert refused.returncode == 2, refused.stderr
-    assert "looks like a URL" in refused.stderr
-    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+    assert why in refused.stderr
+    for scheme in ("s3:", "http:"):
+        assert not (tmp_path / scheme).exists() and not Path(scheme).exists()
 
 
 def test_too_many_blank_stores_names_the_metadata_copies(tmp_path: Path) -> None:

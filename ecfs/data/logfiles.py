@@ -34,6 +34,14 @@ any more (see `LogFiles.release`); the old records left in them verify but
 are dead for good, since liveness is decided by the metadata (see
 `ecfs.data.smallwrites`), which never makes a dead record live again.
 
+Which stores: only those that hold log segments
+(`ecfs.storage.store.Store.holds_log_segments`; `log_stores`). An object
+store (`ecfs.storage.s3store.S3Store`) holds none: preallocated segments
+overwritten in place do not map onto immutable objects. For now, records
+live on local stores (a mixed volume has at least m+1 of them: mkfs keeps
+the metadata replicas there); objects for the log come with metadata on
+object stores.
+
 Segments are SEGMENT_SIZE bytes (8 MiB); an append larger than that gets
 a segment of its own size. An append takes its bytes of the store's
 current segment before its first await and counts as live there until it
@@ -157,6 +165,12 @@ def scan(blob: bytes, key: bytes) -> tuple[list[tuple[int, Record]], int]:
     return found, bad
 
 
+def log_stores(stores: Mapping[int, Store]) -> dict[int, Store]:
+    """The stores of `stores` that hold log segments (the others are
+    never written, scanned or counted for copies)."""
+    return {i: s for i, s in stores.items() if s.holds_log_segments}
+
+
 @dataclass(slots=True)
 class _StoreLog:
     """The segments of one store."""
@@ -220,13 +234,14 @@ class LogFiles:
 
     @staticmethod
     def scan(stores: Mapping[int, Store], key: bytes) -> ScanResult:
-        """Blocking (mount, fsck): every record copy that verifies on `stores`."""
+        """Blocking (mount, fsck): every record copy that verifies on
+        `stores` (those of them that hold log segments)."""
         copies: list[tuple[int, int, int, Record]] = []
         segments: dict[int, list[int]] = {}
         unreadable: dict[int, str] = {}
         sizes: dict[tuple[int, int], int] = {}
         bad = 0
-        for index, store in sorted(stores.items()):
+        for index, store in sorted(log_stores(stores).items()):
             try:
                 numbers = store.log_segments()
                 segments[index] = numbers
@@ -269,9 +284,12 @@ class LogFiles:
     # -- writing ---------------------------------------------------------------
 
     def usable(self) -> list[int]:
-        """Stores that take copies and whose copies count."""
+        """Stores that take copies and whose copies count: available, not
+        draining, and holding log segments."""
         return sorted(
-            i for i, r in self.runners.items() if r.available and i not in self.draining
+            i
+            for i, r in self.runners.items()
+            if r.available and i not in self.draining and r.store.holds_log_segments
         )
 
     async def write(

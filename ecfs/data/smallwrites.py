@@ -12,7 +12,10 @@ transaction that switches to that version.
 
 Where the log lives, and why: in segment files on the stores, m+1 copies
 of each record on distinct stores, like ZFS's intent log (the format, the
-segments and the copies are `ecfs.data.logfiles`). A record carries its place
+segments and the copies are `ecfs.data.logfiles`). For now, records live
+on local stores only (those that hold log segments, see
+`ecfs.storage.store.Store.holds_log_segments`; an S3 store holds none);
+objects for the log come with metadata on object stores. A record carries its place
 (inode, chunk, the chunk version it applies over, offset), its bytes, the
 file's size and mtime after the write, and an xxh3 checksum (with the
 volume id) over all of it; it is padded to 4 KiB pages. An append writes

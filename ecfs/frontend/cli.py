@@ -24,6 +24,7 @@ import click
 from .. import __version__
 from ..core import units
 from ..core.errors import EcfsError, VolumeError
+from ..storage.s3store import is_s3_location
 from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
 
 
@@ -183,7 +184,10 @@ def mkfs(
     k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]
 ) -> None:
     """Create a new volume over STORES (empty or new directories, ideally
-    one per disk; at least k+m of them)."""
+    one per disk; at least k+m of them). A store may also be an unused
+    's3://BUCKET/PREFIX?endpoint=URL[&profile=NAME]' location (the bucket
+    is created if missing; credentials from the AWS environment variables
+    or ~/.aws files only); the metadata then needs at least m+1 directories."""
     spec = VolumeSpec(
         k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max
     )
@@ -299,7 +303,7 @@ def _fuse_conf_allows_other() -> bool:
 def _absolute_store_arg(arg: str) -> str:
     """A store path or glob pattern, made absolute (glob characters in the
     current directory's name are escaped, those in `arg` kept)."""
-    if os.path.isabs(arg):
+    if os.path.isabs(arg) or is_s3_location(arg):
         return arg
     cwd = os.getcwd()
     return os.path.join(glob.escape(cwd) if glob.has_magic(arg) else cwd, arg)
@@ -618,7 +622,7 @@ def _new_store_path(path: str) -> str:
     paths: its working directory is /), quoted for the control command."""
     if not path:
         _fail("the new store's path is empty: give a directory", 2)
-    return _quote(os.path.abspath(path))
+    return _quote(path if is_s3_location(path) else os.path.abspath(path))
 
 
 def _store_ref(old: str) -> str:
@@ -629,7 +633,7 @@ def _store_ref(old: str) -> str:
         _fail("the store is empty: give its path, index or id", 2)
     if re.fullmatch(r"[0-9]{1,9}|[0-9a-f]{32}", old):
         return old
-    return _quote(os.path.abspath(old))
+    return _quote(old if is_s3_location(old) else os.path.abspath(old))
 
 
 @main.command()

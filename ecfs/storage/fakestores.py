@@ -47,6 +47,8 @@ class MemoryStore:
     """A store whose fragments are bytes in a dict. Every fragment is "at
     hand": `read_fragment_cached` serves it (unless `cached` is False)."""
 
+    holds_log_segments = True
+
     def __init__(
         self,
         marker: StoreMarker | None = None,
@@ -314,6 +316,10 @@ class FaultyStore:
         if mode == "gone" and op != "read":
             raise StoreError(f"{self.path}: {op}: No such device")
         return mode
+
+    @property
+    def holds_log_segments(self) -> bool:
+        return self.inner.holds_log_segments
 
     @property
     def meta_dir(self) -> Path:

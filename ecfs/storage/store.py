@@ -3,8 +3,7 @@ and every blocking call on it.
 
 Owns: the `Store` interface (fragments by name: chunk id, fragment index,
 byte range into a caller's buffer; no file descriptor ever crosses it), the
-factory that opens a store by location (`open_store`, `initialise_store`),
-the layout of a store directory, the store marker format, and the file
+layout of a store directory, the store marker format, and the file
 operations on fragment files (create, read, page-cache reads, read-ahead
 hints, delete, list, durability via syncfs, free space), with the cache of
 open fragment files (`ecfs.storage.fdcache`, used only from here), and the file operations on
@@ -17,8 +16,9 @@ so callers go through `ecfs.storage.offload.StoreRunner.call`), interpret fragme
 contents (`ecfs.core.fragment` builds and parses them; here they are opaque
 bytes), touch the metadata replica database (`ecfs.storage.replicas` owns `meta/`),
 or decide placement or health (services above do that). Other kinds of
-store (the in-memory and fault-injecting fakes of `ecfs.storage.fakestores`, later
-object stores) implement the same `Store` interface.
+store (the in-memory and fault-injecting fakes of `ecfs.storage.fakestores`,
+the S3 object stores of `ecfs.storage.s3store`) implement the same `Store`
+interface.
 
 On-disk layout of a store directory (created 0700, subdirectories 0700,
 files 0600)::
@@ -260,10 +260,11 @@ class Store(Protocol):
     A fragment is named by (chunk id, fragment index), 0 <= chunk id <
     2**64, 0 <= index < 256; its contents are opaque bytes here (built and
     checked by `ecfs.core.fragment`), written once and never modified. The
-    implementations are `DirectoryStore` (one directory, the real one;
-    `open_store` opens one by location) and the fakes in
-    `ecfs.storage.fakestores`; they all honour this contract, exception types
-    included, so services and their tests cannot tell them apart.
+    implementations are `DirectoryStore` (one directory, the real one),
+    `ecfs.storage.s3store.S3Store` (an object store; both opened by
+    location by `ecfs.storage.storefactory.open_store`) and the fakes in
+    `ecfs.storage.fakestores`; they all honour this contract, exception
+    types included, so services and their tests cannot tell them apart.
 
     Errors (all `ecfs.core.errors.StoreError` or subclasses; a method raises no
     other exception type except ValueError for an out-of-range name, a
@@ -287,12 +288,27 @@ class Store(Protocol):
     `close`.
     """
 
-    #: Where the store is, for messages and status (a directory today).
+    #: Where the store is, for messages and status: a directory, or an
+    #: s3:// location (`ecfs.storage.s3store.LocationPath`, whose str() is the
+    #: location as given); `ecfs.storage.storefactory.open_store(path)` opens
+    #: the same store.
     path: Path
+
+    #: Whether the store holds small-write log segments (the six
+    #: log-segment methods below). True for stores with files that can be
+    #: preallocated and overwritten in place (`DirectoryStore`, the fakes);
+    #: False for `ecfs.storage.s3store.S3Store`: objects are immutable,
+    #: and its log-segment methods raise StoreError. The log
+    #: (`ecfs.data.logfiles`) keeps its copies on the stores that hold
+    #: segments only; a volume has at least m+1 of them (mkfs keeps the
+    #: metadata replicas, and so the log, on local stores).
+    holds_log_segments: bool
 
     @property
     def meta_dir(self) -> Path:
-        """Directory of the metadata replica database (owned by `ecfs.storage.replicas`)."""
+        """Directory of the metadata replica database (owned by
+        `ecfs.storage.replicas`). An object store has none yet: its meta_dir
+        never exists, and mkfs and the volume place replicas on local stores."""
         ...
 
     # ---- identity and health
@@ -374,8 +390,10 @@ class Store(Protocol):
     def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
         """Hint: bytes [offset, offset + length) of the fragment will be read
         soon; start fetching them (a directory store: opens the file and
-        asks the kernel to read them into the page cache). Blocking; errors
-        as `read_fragment`; callers treat them as best effort."""
+        asks the kernel to read them into the page cache; an object store
+        starts a GET in the background). May block; errors as
+        `read_fragment`, or none (a background fetch leaves them for the
+        read to meet); callers treat them as best effort."""
         ...
 
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
@@ -405,7 +423,8 @@ class Store(Protocol):
         and leaves alone."""
         ...
 
-    # ---- small-write log segments (contents owned by `ecfs.data.logfiles`)
+    # ---- small-write log segments (contents owned by `ecfs.data.logfiles`);
+    # only where `holds_log_segments`: elsewhere every one raises StoreError
 
     def log_segments(self) -> list[int]:
         """Numbers of the log segments held (none yet is fine). StoreError."""
@@ -462,6 +481,8 @@ class DirectoryStore:
     """
 
     __slots__ = ("path", "_direct_io", "_nowait", "_owner", "_pinned")
+
+    holds_log_segments = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
@@ -1013,18 +1034,6 @@ def fragment_relpath(chunk_id: int, index: int) -> str:
         raise ValueError(f"fragment index out of range: {index}")
     fan = _fanout(chunk_id)
     return f"{FRAGS_DIR}/{fan[:2]}/{fan[2:]}/{chunk_id:016x}.{index}"
-
-
-def open_store(location: str | os.PathLike[str]) -> Store:
-    """The store at `location` (a directory path today), without I/O. The
-    one place that turns a location given by a user into a store."""
-    return DirectoryStore(location)
-
-
-def initialise_store(location: str | os.PathLike[str], marker: StoreMarker) -> Store:
-    """Create a new, empty store at `location` for `marker` (mkfs, store
-    add/replace). Blocking; see `DirectoryStore.initialise` for the errors."""
-    return DirectoryStore.initialise(location, marker)
 
 
 # --------------------------------------------------------------------------

@@ -87,7 +87,9 @@ from ..storage.replicas import (
     replica_path,
     resync_replicas,
 )
-from ..storage.store import Store, StoreMarker, open_store
+from ..storage.s3store import is_s3_location, location_path
+from ..storage.store import Store, StoreMarker
+from ..storage.storefactory import open_store
 from .control import Command
 from .mkfs import check_store_arg, check_store_paths
 from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of
@@ -143,7 +145,9 @@ def expand_store_args(args: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for arg in args:
         check_store_arg(arg)
-        if glob.has_magic(arg):
+        if is_s3_location(arg):  # a location, never a pattern ("?" starts its query)
+            paths.append(location_path(arg))
+        elif glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
                 raise VolumeError(f"no store matches {arg!r}")
@@ -555,6 +559,8 @@ class Volume:
                     break
                 if index in targets:
                     continue
+                if is_s3_location(store.path):
+                    continue  # replicas are kept on local stores only (see ecfs.volume.mkfs)
                 if not snapshot.exists():
                     self.db.snapshot(snapshot)
                 path = replica_path(store.meta_dir)
@@ -836,7 +842,11 @@ class Volume:
             return
         stale = set(replicator.stale_replicas())
         candidates = sorted(
-            (i for i, r in self.runners.items() if r.available and i not in live),
+            (
+                i
+                for i, r in self.runners.items()
+                if r.available and i not in live and not is_s3_location(r.store.path)
+            ),  # replicas are kept on local stores only (see ecfs.volume.mkfs)
             key=lambda i: (i in self.placement.full, i not in stale, i),
         )
         for index in candidates[: wanted - len(live)]:

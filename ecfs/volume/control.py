@@ -35,7 +35,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from ..core.errors import FsError
+from ..core.errors import FsError, VolumeError
+from ..storage.s3store import S3Location, is_s3_location
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,16 @@ def _seconds(text: str, word: str) -> float:
 def _new_path(text: str, word: str) -> str:
     """A new store's directory: an absolute path (the daemon's working
     directory is /, so a relative one would name a directory the user never
-    meant; the CLI sends absolute ones)."""
+    meant; the CLI sends absolute ones), or an s3:// location."""
     if not word:
         raise _refused(text, "the store path is empty")
     if "\0" in word:
         raise _refused(text, "the store path contains a NUL byte")
+    if is_s3_location(word):  # an object store (ecfs.storage.s3store): no directory
+        try:
+            return str(S3Location.parse(word))
+        except VolumeError as exc:
+            raise _refused(text, str(exc)) from None
     if not os.path.isabs(word):
         raise _refused(text, f"the store path {word!r} is not absolute")
     return os.path.normpath(word)

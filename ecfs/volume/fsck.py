@@ -70,7 +70,8 @@ from ..storage.metadb.database import Database
 from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
 from ..storage.metadb.stores import StoreTable
 from ..storage.replicas import CopyChoice, copy_database, replica_path, set_aside
-from ..storage.store import MARKER_NAME, Store, StoreMarker, open_store
+from ..storage.store import MARKER_NAME, Store, StoreMarker
+from ..storage.storefactory import open_store
 from .assembly import (
     _match_stores,
     expand_store_args,
@@ -95,7 +96,7 @@ from .fsck_checks import (
     check_replicas_agree,
     check_write_log_valid,
 )
-from .mkfs import check_store_paths
+from .mkfs import check_store_paths, local_stores
 
 __all__ = [
     "COUNT_KEYS",
@@ -163,7 +164,7 @@ def run_fsck(
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
-    with VolumeLock.acquire(list(markers)):
+    with VolumeLock.acquire(local_stores(list(markers))):
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:

@@ -68,7 +68,7 @@ from ..core.codec import Codec
 from ..core.errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, ChunkRef
-from ..data.logfiles import SEGMENT_SIZE, LogFiles, Record, padded
+from ..data.logfiles import SEGMENT_SIZE, LogFiles, Record, log_stores, padded
 from ..data.logfiles import encode as encode_record
 from ..data.placement import Placement
 from ..data.rebuild import rebuild_fragments
@@ -578,8 +578,9 @@ def check_write_log_valid(ctx: FsckContext) -> None:
     stores is read and its checksum verified (a torn or damaged copy is
     never applied: a warning, since a crash leaves one behind); a record
     is live when the chunk version it applies over is the current one, and
-    each live record must have m+1 copies on distinct present stores
-    (repair writes the missing copies). Rows left in the schema-2 table
+    each live record must have m+1 copies on distinct present stores that
+    hold log segments (repair writes the missing copies; object stores
+    hold none). Rows left in the schema-2 table
     must match their checksum and apply over the current version; repair
     deletes the ones that do not (a bad record is never applied: its bytes
     are lost either way)."""
@@ -604,7 +605,7 @@ def check_write_log_valid(ctx: FsckContext) -> None:
         if current[key] != record.chunk_id:
             continue  # folded, rewritten or removed since: dead, never applied
         live.setdefault(record.seq, (record, set()))[1].add(store)
-    want = min(ctx.layout.m + 1, len(ctx.stores))
+    want = min(ctx.layout.m + 1, len(log_stores(ctx.stores)))
     short = {seq: rs for seq, rs in live.items() if len(rs[1]) < want}
     for seq, (record, holders) in sorted(short.items()):
         ctx.report.add(
@@ -642,7 +643,7 @@ def _copy_records(ctx: FsckContext, records: list[Record], holders: set[int], wa
     segment each, until `want` stores hold them; whether that succeeded."""
     blob = padded(b"".join(encode_record(r, ctx.volume_id) for r in records))
     have = set(holders)
-    for index, store in sorted(ctx.stores.items()):
+    for index, store in sorted(log_stores(ctx.stores).items()):
         if len(have) >= want:
             break
         if index in have:

@@ -1,11 +1,18 @@
-"""Creating a new volume on a set of empty directories.
+"""Creating a new volume on a set of empty directories and object stores.
 
 Owns: validating the store list and the geometry, writing each store's
 marker and the initial metadata replicas. Must not: mount or open the
-volume (see `volume`).
+volume (see `ecfs.volume.assembly`).
 
 Every check runs before anything is written, so a refused mkfs leaves the
 directories as they were.
+
+Stores are local directories or ``s3://`` locations (`ecfs.storage.s3store`). The
+metadata replicas are kept on m+1 local directories only, for now: a
+volume with object stores needs at least m+1 local ones ("metadata on
+object stores: not yet"). The small-write log's copies live on those
+local stores too (`ecfs.data.logfiles`). A volume of directories only is
+unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from ..core.geometry import (
 )
 from ..storage.metadb.schema import create_database
 from ..storage.replicas import replica_path
-from ..storage.store import MARKER_NAME, STORE_FORMAT, StoreMarker, initialise_store, open_store
+from ..storage.s3store import S3Location, forget_new_store, is_s3_location, location_path
+from ..storage.store import MARKER_NAME, STORE_FORMAT, Store, StoreMarker
+from ..storage.storefactory import initialise_store, open_store
 
 DEFAULT_DATA = 4
 DEFAULT_PARITY = 2
@@ -64,33 +73,55 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_store_arg(arg: str) -> str:
-    """`arg` if it can name a store directory; VolumeError (a usage error)
-    for an empty one and for one that looks like a URL (``s3://bucket``):
-    stores are local directories, and ``Path("s3://b")`` would silently be
-    the relative directory ``s3:/b``."""
+    """`arg` if it can name a store: a directory or a well-formed ``s3://``
+    location (`ecfs.storage.s3store.S3Location`); VolumeError (a usage error) for
+    an empty one, a malformed s3:// one, and any other URL (``Path("http://h")``
+    would silently be the relative directory ``http:/h``)."""
     if not arg:
         raise VolumeError("a store argument is empty")
+    if is_s3_location(arg):
+        S3Location.parse(arg)
+        return arg
     if _URL.match(arg):
         raise VolumeError(
-            f"store {arg!r} looks like a URL; stores are local directories (mount a remote"
-            " filesystem and give its directory instead)"
+            f"store {arg!r} looks like a URL; stores are local directories or s3:// locations"
+            " (mount a remote filesystem and give its directory instead)"
         )
     return arg
 
 
 def check_store_paths(paths: Sequence[Path]) -> list[Path]:
-    """Resolved paths; VolumeError for duplicates or nesting."""
-    resolved = [Path(os.path.realpath(p)) for p in paths]
-    seen: dict[Path, Path] = {}
+    """Resolved paths (an s3:// location in its canonical form);
+    VolumeError for duplicates or nesting."""
+    resolved = [
+        location_path(p) if is_s3_location(p) else Path(os.path.realpath(p))
+        for p in paths
+    ]
+    seen: dict[str, Path] = {}
     for given, real in zip(paths, resolved, strict=True):
-        if real in seen:
-            raise VolumeError(f"store {given} is given twice (same directory as {seen[real]})")
-        seen[real] = given
+        key = _nesting_key(real)
+        if key in seen:
+            raise VolumeError(f"store {given} is given twice (same store as {seen[key]})")
+        seen[key] = given
     for a in resolved:
         for b in resolved:
-            if a != b and b.is_relative_to(a):
+            if a != b and (_nesting_key(b) + "/").startswith(_nesting_key(a) + "/"):
                 raise VolumeError(f"store {b} is inside store {a}")
     return resolved
+
+
+def _nesting_key(path: Path) -> str:
+    """What tells stores apart and nested: the real directory, or the
+    endpoint, bucket and prefix of an s3:// location."""
+    if not is_s3_location(path):
+        return str(path)
+    loc = S3Location.parse(path)
+    return f"s3 {loc.endpoint or 'aws'} {loc.bucket}/{loc.prefix}".rstrip("/")
+
+
+def local_stores(paths: Sequence[Path]) -> list[Path]:
+    """The local directories among store locations (not s3://)."""
+    return [p for p in paths if not is_s3_location(p)]
 
 
 def check_spec(spec: VolumeSpec) -> Layout:
@@ -127,7 +158,8 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
 
     All checks run first. If creating a store or a metadata replica fails
     half-way, what was created is removed again (the directories were
-    checked to be absent or empty), so a failed mkfs can simply be rerun.
+    checked to be absent or empty; an object store's marker is deleted, as
+    far as its server answers), so a failed mkfs can simply be rerun.
     """
     check_spec(spec)
     if len(paths) < spec.k + spec.m:
@@ -136,12 +168,21 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             f" at least {spec.k + spec.m}"
         )
     resolved = check_store_paths(paths)
+    local = local_stores(resolved)
+    if len(local) < spec.m + 1:
+        raise VolumeError(
+            f"metadata on object stores: not yet. The metadata replicas need --parity + 1 ="
+            f" {spec.m + 1} local store directories; {len(local)} given"
+        )
     for given, path in zip(paths, resolved, strict=True):
+        if is_s3_location(path):
+            continue  # S3Store.initialise checks that its prefix is unused
         _check_not_inside_a_store(given, path)
         _check_empty(given, path)
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in resolved]
     created: list[tuple[Path, bool]] = []  # (path, existed before)
+    created_remote: list[Store] = []  # object stores: their marker is removed again
     try:
         stores = []
         for path, store_id in zip(resolved, store_ids, strict=True):
@@ -155,14 +196,17 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
                 cell_size=spec.cell_size,
                 inline_max=spec.inline_max,
             )
-            existed = path.exists()
+            remote = is_s3_location(path)
+            existed = not remote and path.exists()
             try:
                 stores.append(initialise_store(path, marker))
             except StoreError as exc:
                 raise VolumeError(f"cannot create store {path}: {_reason(exc)}") from None
             finally:
-                if path.exists():
+                if not remote and path.exists():
                     created.append((path, existed))
+            if remote:
+                created_remote.append(stores[-1])
         params: dict[str, str | int] = {
             "uuid": volume_id,
             "k": spec.k,
@@ -173,7 +217,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
         }
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()
-        for store in stores[: spec.m + 1]:
+        for store in [s for s in stores if not is_s3_location(s.path)][: spec.m + 1]:
             try:
                 create_database(
                     replica_path(store.meta_dir),
@@ -190,6 +234,9 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
     except BaseException:
         for path, existed in reversed(created):
             _remove_created(path, existed)
+        for store in created_remote:
+            with contextlib.suppress(EcfsError):
+                forget_new_store(store)
         raise
     return volume_id
 

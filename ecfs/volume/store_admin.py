@@ -42,7 +42,9 @@ from ..storage.handles import HandleCache
 from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
 from ..storage.offload import StoreRunner, run_in_thread
-from ..storage.store import STORE_FORMAT, Store, StoreMarker, initialise_store
+from ..storage.s3store import is_s3_location
+from ..storage.store import STORE_FORMAT, Store, StoreMarker
+from ..storage.storefactory import initialise_store
 from .mkfs import check_store_paths
 
 #: Seconds between checks while a removed store drains.
@@ -91,7 +93,7 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
     already, not nested with one, and not on this mount (a store inside the
     volume it serves would hang or lose everything). Blocking."""
     check_store_paths([*known, Path(path)])
-    if mountpoint is None:
+    if mountpoint is None or is_s3_location(path):
         return
     real = Path(os.path.realpath(path))
     if real.is_relative_to(Path(os.path.realpath(mountpoint))):

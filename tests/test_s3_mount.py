@@ -1,0 +1,216 @@
+"""A volume mixing local directories and S3 stores, through the real CLI
+and a real FUSE mount: mkfs, mount, write, read; one S3 server killed and
+the volume read degraded; status, scrub, fsck; the secret never in the
+daemon's log, the status JSON or an error message; small fsync'd
+overwrites logged on the local stores only, surviving kill -9. The S3 stores are
+moto_server processes on 127.0.0.1 (tests/s3servers.py), one per store."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
+from .s3servers import ACCESS_KEY, SECRET_KEY, moto_servers, s3_environment
+from .test_crash import ALLOWED_AFTER_KILL, fsck
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon and the CLI find the test credentials in the environment."""
+    for name, value in s3_environment({}).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET_KEY not in text
+        assert ACCESS_KEY not in text
+
+
+def test_mkfs_refuses_metadata_on_object_stores_for_now(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(1) as [server]:
+        stores = [str(tmp_path / f"d{i}") for i in range(2)]
+        stores += [server.location(prefix=f"p{i}") for i in range(3)]
+        result = cli("mkfs", "--data", 3, "--parity", 2, *stores, check=False)
+        assert result.returncode != 0
+        assert "metadata on object stores: not yet" in result.stderr
+        _no_secret(result.stdout, result.stderr)
+        assert not any(Path(s).exists() for s in stores[:2])  # nothing written
+        bad = cli("mkfs", "--data", 1, "--parity", 1, stores[0], "s3://xyz?secret=1", check=False)
+        assert bad.returncode == 2 and "credentials never go in a location" in bad.stderr
+
+
+def test_a_failed_mkfs_with_object_stores_can_be_rerun(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(2) as servers:
+        local = [str(tmp_path / f"d{i}") for i in range(2)]
+        remote = [s.location(prefix="vol") for s in servers]
+        servers[1].kill()  # the second object store cannot be created
+        failed = cli("mkfs", "--data", 3, "--parity", 1, *local, *remote, check=False)
+        assert failed.returncode != 0 and remote[1].split("?")[0] in failed.stderr
+        _no_secret(failed.stdout, failed.stderr)
+        assert not any(Path(s).exists() for s in local)
+        servers[1].start()
+        cli("mkfs", "--data", 3, "--parity", 1, *local, *remote)  # the first prefix is unused again
+
+
+def test_a_mixed_volume_mounts_reads_degraded_and_checks(tmp_path: Path, aws_env: None) -> None:
+    with moto_servers(4) as servers:
+        local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
+        remote = [Path(s.location(bucket=f"ecfs-{i}", prefix="vol")) for i, s in enumerate(servers[:3])]
+        stores = [*local, *remote]
+        made = cli("mkfs", "--data", 4, "--parity", 2, *TEST_MKFS_ARGS, *stores)
+        _no_secret(made.stdout, made.stderr)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        files = {f"f{i}": os.urandom(n) for i, n in enumerate((5, 100_000, 3 << 20))}
+        volume.mount()
+        try:
+            for name, data in files.items():
+                (volume.mountpoint / name).write_bytes(data)
+            os.sync()
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            status = cli("status", "--json", volume.mountpoint).stdout
+            document = json.loads(status)
+            assert document["health"] == "healthy"
+            paths = [s["path"] for s in document["stores"]]
+            # Shown as given (a Path would make "s3:/ecfs-0/...http:/127...").
+            assert [servers[i].location(bucket=f"ecfs-{i}", prefix="vol") for i in range(3)] == [
+                p for p in paths if p.startswith("s3:")
+            ]
+            scrub = cli("scrub", "--json", volume.mountpoint)
+            assert json.loads(scrub.stdout)["findings"] == []
+            # A fourth S3 store comes and goes while mounted.
+            extra = servers[3].location(bucket="ecfs-extra", prefix="vol")
+            _no_secret(cli("store", "add", volume.mountpoint, extra).stdout)
+            (volume.mountpoint / "g").write_bytes(files["f2"])
+            os.sync()
+            removed = cli("store", "remove", volume.mountpoint, extra)
+            _no_secret(removed.stdout, removed.stderr)
+            assert (volume.mountpoint / "g").read_bytes() == files["f2"]
+            document = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+            assert extra not in [s["path"] for s in document["stores"]]
+        finally:
+            volume.unmount()
+
+        # One server dies under a mount (nothing of the files is in the page
+        # cache of this new mount): reads go on, degraded.
+        volume.mount()
+        try:
+            servers[0].kill()
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            assert (volume.mountpoint / "g").read_bytes() == files["f2"]
+        finally:
+            volume.unmount()
+
+        # Still gone: the volume mounts without it and reads degraded.
+        volume.mount()
+        try:
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            status = cli("status", "--json", volume.mountpoint, check=False).stdout
+            document = json.loads(status)
+            assert document["health"] != "healthy"
+            gone = [s["path"] for s in document["stores"] if s["state"] != "ok"]
+            assert gone == [servers[0].location(bucket="ecfs-0", prefix="vol")]
+            (volume.mountpoint / "after").write_bytes(b"written while one store is gone")
+            assert (volume.mountpoint / "after").read_bytes().startswith(b"written")
+        finally:
+            volume.unmount()
+        log = volume.log_text()
+        _no_secret(log, status)
+
+        fsck = cli("fsck", "--json", *stores, check=False)
+        report = json.loads(fsck.stdout)
+        assert fsck.returncode == 1  # the dead store is a finding
+        assert any("s3:" in f["message"] for f in report["findings"])
+        _no_secret(fsck.stdout, fsck.stderr)
+        healthy = cli("fsck", "--json", *stores[:5], check=False)  # without the dead one
+        _no_secret(healthy.stdout, healthy.stderr)
+
+        # The dead endpoint is replaced by a new one; repair rebuilds onto it.
+        new = servers[3].location(bucket="ecfs-new", prefix="vol")
+        volume.mount()
+        try:
+            replaced = cli("store", "replace", volume.mountpoint, str(remote[0]), new)
+            _no_secret(replaced.stdout, replaced.stderr)
+            cli("repair", "--wait", volume.mountpoint, timeout=300)
+            document = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+            assert document["health"] == "healthy"
+            assert new in [s["path"] for s in document["stores"]]
+        finally:
+            volume.unmount()
+        volume.stores = [*stores[:3], Path(new), *stores[4:]]
+        clean = cli("fsck", "--json", "--verify-data", *volume.stores, check=False)
+        assert clean.returncode == 0, clean.stdout
+        volume.mount()
+        try:
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+        finally:
+            volume.unmount()
+
+
+def test_small_fsynced_overwrites_on_a_mixed_volume_survive_kill_9(
+    tmp_path: Path, aws_env: None
+) -> None:
+    """The small-write log keeps its copies on the local stores only (an
+    object store holds no log segments): small fsync'd overwrites are
+    logged there, none of the log reaches the S3 stores, and after kill -9
+    of the daemon and a remount the fsync'd bytes are there."""
+    block = 4096
+    with moto_servers(1) as [server]:
+        local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
+        remote = [Path(server.location(prefix=f"p{i}")) for i in range(3)]
+        stores = [*local, *remote]
+        cli("mkfs", "--data", 4, "--parity", 2, *TEST_MKFS_ARGS, *stores)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        volume.mount()
+        try:
+            path = volume.mountpoint / "f"
+            size = 2 << 20
+            expected = bytearray(os.urandom(size))
+            path.write_bytes(expected)
+            rng = random.Random(16)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.fsync(fd)
+                for _ in range(40):
+                    offset = rng.randrange(size // block) * block
+                    data = rng.randbytes(block)
+                    os.pwrite(fd, data, offset)
+                    os.fsync(fd)
+                    expected[offset : offset + block] = data
+            finally:
+                os.close(fd)
+            document = json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))
+            assert document["health"] == "healthy"  # no S3 store was tried and failed
+            log = document["write_log"]
+            assert log["records_written"] >= 40 and log["records"] > 0  # not folded yet
+            assert log["copies_missing"] == 0  # m+1 copies, all on local stores
+            volume.kill()
+        finally:
+            volume.unmount(check=False)
+        for store in local:
+            assert sorted((store / "wlog").iterdir()), f"no log segment on {store}"
+        keys = server.keys()
+        assert keys and not [k for k in keys if "wlog" in k]
+        volume.mount()
+        try:
+            assert path.read_bytes() == expected
+        finally:
+            volume.unmount()
+        report = fsck(stores)
+        bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
+        assert not bad and not report.unrecoverable, bad
