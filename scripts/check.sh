@@ -3,6 +3,7 @@
 #
 #   bash scripts/check.sh                 # everything
 #   bash scripts/check.sh -k layering -x  # extra arguments go to pytest
+#   bash scripts/check.sh -n 0            # one process (pytest-xdist: -n auto by default)
 #
 # Exits non-zero if the install, ruff or pytest fails.
 set -euo pipefail
@@ -22,7 +23,7 @@ fi
 echo
 echo "=== pytest $* ==="
 status=0
-.venv/bin/python -m pytest -q --durations=15 "$@" || status=$?
+.venv/bin/python -m pytest -q -n auto --maxprocesses 4 --durations=15 "$@" || status=$?
 if [[ $status -ne 0 ]]; then
     echo "=== FAILED: pytest exited with $status ==="
     exit "$status"
