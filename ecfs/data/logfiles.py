@@ -72,7 +72,7 @@ from ..core.errors import NoSpace, StoreError
 from ..core.fragment import checksum64
 from ..storage.offload import StoreRunner
 from ..storage.store import Store
-from .writer import WRITE_DEADLINE_FLOOR
+from .writer import write_deadline
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,6 @@ MAGIC = b"ECFSWLG1"
 BLOCK = 4096
 #: Bytes of one segment file.
 SEGMENT_SIZE = 8 << 20
-#: Longest wait for one copy's write (the chunk writer's default).
-WRITE_TIMEOUT = 30.0
 #: Free segments a store keeps for reuse (more are deleted).
 KEEP_FREE = 2
 
@@ -353,7 +351,7 @@ class LogFiles:
         try:
             # A hung store costs seconds, not the runner's whole timeout: the
             # copy then goes to another store (as fragments do, see writer).
-            deadline = min(WRITE_TIMEOUT, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
+            deadline = write_deadline(runner)
             if fresh:
                 entry.creating[segment] = created = trio.Event()
                 try:

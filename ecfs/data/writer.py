@@ -49,11 +49,21 @@ log = logging.getLogger(__name__)
 
 #: A fragment write is given up (and placed elsewhere) after at least this.
 WRITE_DEADLINE_FLOOR = 3.0
+#: Longest wait for one store write (ChunkWriter's default `write_timeout`).
+WRITE_TIMEOUT = 30.0
 
 #: Encode buffers of full chunks kept for reuse (each n x F bytes).
 POOLED_BUFFERS = 8
 
 FragmentParts = list[fragment.Buffer]
+
+
+def write_deadline(runner: StoreRunner, timeout: float = WRITE_TIMEOUT) -> float:
+    """How long one write to `runner`'s store may take before its bytes go
+    to another store instead: generous against the store's own latency,
+    but a hung store costs seconds, not the full `timeout`. Used by the
+    fragment writes and the small-write log's copies alike."""
+    return min(timeout, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +87,7 @@ class ChunkWriter:
         new_chunk_id: Callable[[], Awaitable[int]],
         *,
         min_fragments: int | None = None,
-        write_timeout: float = 30.0,
+        write_timeout: float = WRITE_TIMEOUT,
         device_of: Mapping[int, int] | None = None,
     ) -> None:
         self.layout = layout
@@ -229,10 +239,7 @@ class ChunkWriter:
         self.bytes_out += size
 
     def _deadline(self, runner: StoreRunner) -> float:
-        """How long one fragment write may take before the fragment goes
-        to another store instead: generous against the store's own
-        latency, but a hung store costs seconds, not the full timeout."""
-        return min(self.write_timeout, max(WRITE_DEADLINE_FLOOR, 20 * runner.hedge_deadline()))
+        return write_deadline(runner, self.write_timeout)
 
     async def _remove(self, chunk_id: int, stores: list[int]) -> list[tuple[int, int, int]]:
         """Delete the fragments of a failed write; those that could not be."""
