@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from .s3servers import ACCESS_KEY, SECRET_KEY, moto_servers, s3_environment
 from .test_crash import ALLOWED_AFTER_KILL, fsck
+from .volume_files import fsynced_overwrites
 
 pytestmark = pytest.mark.mount
 
@@ -182,18 +182,7 @@ def test_small_fsynced_overwrites_on_a_mixed_volume_survive_kill_9(
             size = 2 << 20
             expected = bytearray(os.urandom(size))
             path.write_bytes(expected)
-            rng = random.Random(16)
-            fd = os.open(path, os.O_RDWR)
-            try:
-                os.fsync(fd)
-                for _ in range(40):
-                    offset = rng.randrange(size // block) * block
-                    data = rng.randbytes(block)
-                    os.pwrite(fd, data, offset)
-                    os.fsync(fd)
-                    expected[offset : offset + block] = data
-            finally:
-                os.close(fd)
+            fsynced_overwrites(path, expected, count=40, block=block, seed=16)
             document = json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))
             assert document["health"] == "healthy"  # no S3 store was tried and failed
             log = document["write_log"]

@@ -19,6 +19,7 @@ import pytest
 
 from tests.mounting import MountedVolume, mounted_volume
 from tests.test_crash import ALLOWED_AFTER_KILL, fsck
+from tests.volume_files import fsynced_overwrites
 
 BLOCK = 4096
 
@@ -39,18 +40,7 @@ def test_fsynced_small_writes_are_logged_and_folded(vol: MountedVolume) -> None:
     expected = bytearray(os.urandom(size))
     path.write_bytes(expected)
     before = status(vol)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-        rng = random.Random(1)
-        for _ in range(200):
-            offset = rng.randrange(size // BLOCK) * BLOCK
-            data = rng.randbytes(BLOCK)
-            os.pwrite(fd, data, offset)
-            os.fsync(fd)
-            expected[offset : offset + BLOCK] = data
-    finally:
-        os.close(fd)
+    fsynced_overwrites(path, expected, count=200, block=BLOCK, seed=1)
     after = status(vol)
     log = after["write_log"]
     assert log["records_written"] >= 200

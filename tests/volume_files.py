@@ -43,6 +43,23 @@ def write_pattern_file(path: Path, seed: int, size: int, block: int = 3 * MiB + 
     return digest.hexdigest()
 
 
+def fsynced_overwrites(path: Path, expected: bytearray, count: int, block: int, seed: int) -> None:
+    """`count` overwrites of one random `block`-aligned block of `path`, each
+    fsync'd (after one fsync of what is there), applied to `expected` too."""
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        for _ in range(count):
+            offset = rng.randrange(len(expected) // block) * block
+            data = rng.randbytes(block)
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+            expected[offset : offset + block] = data
+    finally:
+        os.close(fd)
+
+
 def drop_caches() -> None:
     """Make the next reads go to the daemon (best effort; needs root)."""
     host.drop_caches()
