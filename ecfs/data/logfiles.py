@@ -37,10 +37,17 @@ are dead for good, since liveness is decided by the metadata (see
 Which stores: only those that hold log segments
 (`ecfs.storage.store.Store.holds_log_segments`; `log_stores`). An object
 store (`ecfs.storage.s3store.S3Store`) holds none: preallocated segments
-overwritten in place do not map onto immutable objects. For now, records
-live on local stores (a mixed volume has at least m+1 of them: mkfs keeps
-the metadata replicas there); objects for the log come with metadata on
-object stores.
+overwritten in place do not map onto immutable objects. A volume whose
+present stores include fewer than m+1 that hold segments (all-S3, or a
+mixed one with fewer than m+1 local stores, or with local stores missing)
+keeps no log at all (`LogFiles.enabled` is False): its small overwrites
+are whole-chunk writes (`ecfs.data.smallwrites.WriteLog.log_max` is 0).
+Design choice: that fallback rather than records as immutable objects (one
+PUT per record copy, a DELETE when it dies): on an object store a record
+would cost a PUT per copy and a listing at mount, to save a re-encode
+whose fragments are PUTs too, and it would need a second format and
+liveness bookkeeping for the same guarantee. A chunk write is already
+correct, crash-safe and repaired like any other.
 
 Segments are SEGMENT_SIZE bytes (8 MiB); an append larger than that gets
 a segment of its own size. An append takes its bytes of the store's
@@ -227,6 +234,12 @@ class LogFiles:
         self._stores: dict[int, _StoreLog] = {i: _StoreLog() for i in runners}
         self._turn = 0
         self.bytes_written = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether at least `copies` of the stores hold log segments (see the
+        module docstring: otherwise nothing is logged)."""
+        return len(log_stores({i: r.store for i, r in self.runners.items()})) >= self.copies
 
     # -- mount -----------------------------------------------------------------
 

@@ -12,10 +12,11 @@ transaction that switches to that version.
 
 Where the log lives, and why: in segment files on the stores, m+1 copies
 of each record on distinct stores, like ZFS's intent log (the format, the
-segments and the copies are `ecfs.data.logfiles`). For now, records live
-on local stores only (those that hold log segments, see
-`ecfs.storage.store.Store.holds_log_segments`; an S3 store holds none);
-objects for the log come with metadata on object stores. A record carries its place
+segments and the copies are `ecfs.data.logfiles`). Records live on the
+stores that hold log segments (see
+`ecfs.storage.store.Store.holds_log_segments`; an S3 store holds none); a
+volume with fewer than m+1 of them logs nothing (`log_max` is 0: every
+small overwrite becomes a whole-chunk write, see `ecfs.data.logfiles`). A record carries its place
 (inode, chunk, the chunk version it applies over, offset), its bytes, the
 file's size and mtime after the write, and an xxh3 checksum (with the
 volume id) over all of it; it is padded to 4 KiB pages. An append writes
@@ -313,8 +314,9 @@ class WriteLog:
         self.files = files
         self.wait_durable = wait_durable
         self.chunk_size = chunk_size
-        #: Largest patch a flush logs (bigger ones re-encode the chunk).
-        self.log_max = chunk_size // LOG_FRACTION
+        #: Largest patch a flush logs (bigger ones re-encode the chunk); 0
+        #: when the stores cannot hold m+1 copies (`LogFiles.enabled`).
+        self.log_max = chunk_size // LOG_FRACTION if files is None or files.enabled else 0
         self.fold_budget = chunk_size // FOLD_FRACTION
         self.limit = limit
         self.fold_idle = fold_idle

@@ -372,6 +372,15 @@ def inspect_copy(path: Path, expect: CopyExpectation | None = None) -> CopyInspe
         return CopyInspection(path, problem=f"it is unreadable: {exc}")
 
 
+def inspect_known(
+    path: Path, expect: CopyExpectation | None, known: Mapping[Path, str] | None
+) -> CopyInspection:
+    """`inspect_copy`, unless `known` already says why `path` is unusable."""
+    if known and path in known:
+        return CopyInspection(path, problem=known[path])
+    return inspect_copy(path, expect)
+
+
 def _inspect(
     conn: sqlite3.Connection, path: Path, expect: CopyExpectation | None
 ) -> CopyInspection:
@@ -565,7 +574,10 @@ class PreparedMetadata:
 
 
 def prepare_working_copy(
-    replica_paths: Sequence[Path], working_path: Path, expect: CopyExpectation | None = None
+    replica_paths: Sequence[Path],
+    working_path: Path,
+    expect: CopyExpectation | None = None,
+    known: Mapping[Path, str] | None = None,
 ) -> PreparedMetadata:
     """Blocking, at mount before serving. Inspect every copy (`inspect_copy`,
     read-only), choose one (`choose_copy`), copy it to `working_path` and
@@ -577,12 +589,16 @@ def prepare_working_copy(
     chosen copy cannot be copied, the choice is made again without it.
     VolumeError if no copy can be chosen. Reads every copy whole (about
     3 us per row, e.g. 0.6 s per copy for 100,000 files), the copies in
-    parallel.
+    parallel. `known`: copies already found unusable (path -> why, e.g. an
+    object copy whose snapshot failed its checksum, see
+    `ecfs.storage.metaobjects`): refused without being opened.
     """
     # One thread per copy: they are on different disks, and SQLite reads
     # and checks pages without holding the GIL (the row hashing does hold it).
     with ThreadPoolExecutor(max_workers=max(1, len(replica_paths))) as pool:
-        inspections = list(pool.map(lambda path: inspect_copy(path, expect), replica_paths))
+        inspections = list(
+            pool.map(lambda path: inspect_known(path, expect, known), replica_paths)
+        )
     first = choose_copy(inspections)
     for path, why in first.refused.items():
         log.warning("metadata replica %s refused: %s", path, why)
@@ -641,15 +657,26 @@ def prepare_working_copy(
     )
 
 
-def resync_replicas(prepared: PreparedMetadata, working_path: Path) -> None:
+def resync_replicas(
+    prepared: PreparedMetadata,
+    working_path: Path,
+    rewrite: Mapping[Path, Callable[[Path, bool], None]] | None = None,
+) -> None:
     """Blocking. Rewrite every copy in ``prepared.to_resync`` from the
     working copy (creating its parent directory if needed); a refused copy
     is first set aside as ``<name>.refused`` (replacing an older one), so
-    its contents can still be examined. Updates ``prepared.current``,
-    ``resynced`` and ``failed``; a copy that cannot be rewritten is logged
-    at WARNING and must not be used this mount."""
+    its contents can still be examined. A copy in `rewrite` is rewritten
+    by ``rewrite[path](working_path, refused)`` instead (an object copy:
+    `ecfs.storage.metaobjects.ObjectCopy.install`). Updates
+    ``prepared.current``, ``resynced`` and ``failed``; a copy that cannot
+    be rewritten is logged at WARNING and must not be used this mount."""
     for path in prepared.to_resync:
         try:
+            if rewrite is not None and path in rewrite:
+                rewrite[path](working_path, path in prepared.refused)
+                log.info("resynced metadata copy %s to generation %d", path, prepared.generation)
+                prepared.resynced.append(path)
+                continue
             path.parent.mkdir(exist_ok=True)
             if path in prepared.refused:
                 set_aside(path)
@@ -817,6 +844,11 @@ class _Replica:
     committed (trio thread only).
     """
 
+    #: ``PRAGMA synchronous`` of the connection: FULL, so that a COMMIT
+    #: that returned is on the disk (an object copy's local shadow, which
+    #: is only a cache, uses OFF: see `ecfs.storage.metaobjects`).
+    synchronous = "FULL"
+
     def __init__(self, index: int, path: Path, runner: Runner, generation: int) -> None:
         self.index = index
         self.path = path
@@ -885,7 +917,7 @@ class _Replica:
             (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if str(mode).lower() != "wal":
                 raise ReplicaError(f"cannot switch {self.path} to WAL (journal_mode={mode})")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             found = _generation_of(conn)
             if found != generation:
                 raise ReplicaError(f"{self.path} is at generation {found}, expected {generation}")
@@ -905,12 +937,41 @@ class _Replica:
             conn = self._connection()
             last = batch[-1].generation
             try:
-                _apply_in_transaction(conn, batch, previous, last)
+                _apply_in_transaction(
+                    conn, batch, previous, last, lambda: self.before_commit(batch, previous, last)
+                )
             except sqlite3.Error as exc:
                 raise _translate_sqlite_error(
                     exc, f"apply generations {previous + 1}..{last} to {self.path}"
                 ) from exc
+            self.after_commit(last)
             return last
+
+    def before_commit(self, batch: Sequence[Transaction], previous: int, last: int) -> None:
+        """Hook, in `apply_blocking`'s transaction just before its COMMIT
+        (an exception rolls the batch back). Nothing for a file replica; an
+        object copy PUTs the batch's log object here."""
+
+    def after_commit(self, last: int) -> None:
+        """Hook, after `apply_blocking` committed generation `last`
+        (compaction of an object copy)."""
+
+    def image_blocking(self, target: Path) -> None:
+        """A consistent copy of this replica's database (at its generation)
+        into the new file `target`, left in ``journal_mode=DELETE``; the
+        caller holds `_lock` (an object copy's snapshot of its shadow)."""
+        _remove_with_side_files(target)
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        try:
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                self._connection().backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            _remove_with_side_files(target)
+            raise _translate_sqlite_error(exc, f"copy {self.path}") from exc
 
     def close_blocking(self) -> None:
         """Close the connection (no-op if never opened)."""
@@ -947,10 +1008,15 @@ class _NonBlockingLock:
 
 
 def _apply_in_transaction(
-    conn: sqlite3.Connection, batch: Sequence[Transaction], previous: int, last: int
+    conn: sqlite3.Connection,
+    batch: Sequence[Transaction],
+    previous: int,
+    last: int,
+    before_commit: Callable[[], None] | None = None,
 ) -> None:
     """BEGIN IMMEDIATE; check generation == previous; run every statement;
-    set generation = last; COMMIT. Rolls back on any exception."""
+    set generation = last; `before_commit()`; COMMIT. Rolls back on any
+    exception."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = _generation_of(conn)
@@ -962,6 +1028,8 @@ def _apply_in_transaction(
         cursor = conn.execute("UPDATE replica_state SET generation = ? WHERE id = 0", (last,))
         if cursor.rowcount != 1:
             raise ReplicaError("replica_state row vanished during the batch")
+        if before_commit is not None:
+            before_commit()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -970,6 +1038,49 @@ def _apply_in_transaction(
             except sqlite3.Error as exc:
                 log.debug("rollback failed: %s", exc)
         raise
+
+
+def replay_batches(path: Path, batches: Sequence[Sequence[Transaction]]) -> tuple[int, str | None]:
+    """Blocking. Apply `batches` in order, each in one transaction, to the
+    private database file `path` (a copy being rebuilt from its objects,
+    see `ecfs.storage.metaobjects`); stop at the first that does not apply.
+    Returns the generation reached and why it stopped early (None: all
+    applied). The file is left in ``journal_mode=DELETE``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA synchronous=OFF")
+        generation = _generation_of(conn)
+        for batch in batches:
+            if not batch:
+                continue
+            try:
+                _apply_in_transaction(conn, batch, generation, batch[-1].generation)
+            except (sqlite3.Error, ReplicaError) as exc:
+                return generation, (
+                    f"generations {batch[0].generation}..{batch[-1].generation} do not apply: {exc}"
+                )
+            generation = batch[-1].generation
+        return generation, None
+    except sqlite3.Error as exc:
+        raise _translate_sqlite_error(exc, f"replay into {path}") from exc
+    finally:
+        conn.close()
+
+
+class ReplicaTarget(Protocol):
+    """A replica that is not a database file on its store (an object copy,
+    `ecfs.storage.metaobjects.ObjectTarget`): it makes its own `_Replica`."""
+
+    def make_replica(self, index: int, runner: Runner, generation: int) -> _Replica: ...
+
+
+def _new_replica(
+    index: int, target: Path | ReplicaTarget, runner: Runner, generation: int
+) -> _Replica:
+    if isinstance(target, Path):
+        return _Replica(index, target, runner, generation)
+    return target.make_replica(index, runner, generation)
 
 
 # ---------------------------------------------------------------- the replicator
@@ -1004,7 +1115,7 @@ class Replicator:
 
     def __init__(
         self,
-        targets: Mapping[int, Path],
+        targets: Mapping[int, Path | ReplicaTarget],
         runners: Mapping[int, Runner],
         sync_stores: Callable[[], Awaitable[None]],
         generation: int,
@@ -1021,8 +1132,8 @@ class Replicator:
             raise ValueError(f"no runner for replica store(s) {sorted(missing)}")
         self._runners = runners
         self._replicas = {
-            index: _Replica(index, path, runners[index], generation)
-            for index, path in sorted(targets.items())
+            index: _new_replica(index, target, runners[index], generation)
+            for index, target in sorted(targets.items())
         }
         self._live: set[int] = set(self._replicas)
         self._stale: dict[int, str] = {}
@@ -1115,7 +1226,7 @@ class Replicator:
         finally:
             self._waiters -= 1
 
-    async def add_replica(self, index: int, path: Path, generation: int) -> bool:
+    async def add_replica(self, index: int, path: Path | ReplicaTarget, generation: int) -> bool:
         """Start shipping to a new (or resynced) replica that already holds
         every transaction up to `generation` (a copy of the working copy
         taken at that generation, which must be >= durable_generation).
@@ -1124,7 +1235,7 @@ class Replicator:
         every live replica (and forgotten) while it was being copied: it
         could never catch up (it stays stale; place a newer copy)."""
         runner = self._runners[index]
-        replica = _Replica(index, path, runner, generation)
+        replica = _new_replica(index, path, runner, generation)
         try:
             await runner.call(replica.open_blocking, timeout=self._timeout)
         except EcfsError as exc:

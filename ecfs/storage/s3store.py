@@ -28,16 +28,21 @@ first): read-ahead and the k reads of a degraded decode then overlap, and
 `read_fragment_cached` serves what has arrived on the event loop, as the
 page cache does for a directory store. Objects never change, so a
 prefetched range is never stale; deleting a fragment drops it. A PUT is durable when it is acknowledged, so
-`sync` has nothing to do. The metadata replicas are not kept here yet:
-`meta_dir` names no usable directory, and mkfs keeps the replicas on local
-stores (see `ecfs.volume.mkfs`).
+`sync` has nothing to do.
 
-The small-write log is not kept here either (`holds_log_segments` is
-False; the six log-segment methods raise StoreError): its segments are
-preallocated files overwritten in place, which immutable objects do not
-map onto. For now, records live on local stores (a mixed volume has at
-least m+1 of them, for the metadata replicas); objects for the log come
-with metadata on object stores.
+A metadata copy is kept here as objects when the volume has fewer than
+m+1 local stores (``meta/snap-*`` and ``meta/log-*``, conditional PUTs
+only; the format, rebuilding and compaction are
+`ecfs.storage.metaobjects`'s; `holds_meta_objects`, and `list_meta`,
+`put_meta`, `get_meta`, `delete_meta`, `set_aside_meta` which keeps a
+refused copy's snapshot as ``meta-refused/<name>``). `meta_dir` names no
+usable directory.
+
+The small-write log is not kept here (`holds_log_segments` is False; the
+six log-segment methods raise StoreError): its segments are preallocated
+files overwritten in place, which immutable objects do not map onto. A
+volume with fewer than m+1 stores that hold segments logs nothing: its
+small overwrites are whole-chunk writes (why: see `ecfs.data.logfiles`).
 
 Space: object stores have no statvfs and rarely tell a quota. `usage`
 reports a nominal NOMINAL_CAPACITY, all of it free, so placement and
@@ -177,6 +182,10 @@ _FRAGMENT_KEY = re.compile(
     rf"{FRAGS_DIR}/([0-9a-f]{{2}})/([0-9a-f]{{2}})/([0-9a-f]{{16}})\.(0|[1-9][0-9]{{0,2}})"
 )
 _QUERY_KEYS = ("endpoint", "profile", "region")
+#: Where the metadata copy's objects are (`ecfs.storage.metaobjects`), and
+#: what their names may be.
+META_OBJECTS = "meta"
+_META_NAME = re.compile(r"[a-z]{1,8}(-[0-9]{1,20}){1,3}")
 #: S3 error codes that mean "no room for this".
 _NO_SPACE_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "EntityTooLarge"})
 
@@ -392,9 +401,11 @@ class _Prefetch:
 class S3Store:
     """A store kept as objects under one bucket and prefix. Implements
     `ecfs.storage.store.Store` (see the module docstring); holds no
-    small-write log segments."""
+    small-write log segments, and may hold a metadata copy as objects."""
 
     holds_log_segments = False
+    #: Keeps a metadata copy as objects under ``meta/``.
+    holds_meta_objects = True
 
     def __init__(
         self,
@@ -429,8 +440,8 @@ class S3Store:
 
     @property
     def meta_dir(self) -> Path:
-        """No directory: the metadata replicas are not kept on object
-        stores yet (a path that never exists, so no replica is found here)."""
+        """No directory: a metadata copy is kept here as objects (see
+        `list_meta`); a path that never exists, so no file replica is found here."""
         return Path("/nonexistent/ecfs-s3-store-has-no-meta-dir") / self.location.bucket
 
     # ---- the client
@@ -804,6 +815,47 @@ class S3Store:
         known = {fragment_relpath(c, i) for c, i in fragments}
         return sorted(k for k in self._list_keys(FRAGS_DIR + "/") if k not in known)
 
+    # -- the metadata copy's objects (see ecfs.storage.metaobjects)
+
+    def list_meta(self) -> list[str]:
+        """Names of the objects under ``meta/`` (ListObjectsV2 pages)."""
+        start = META_OBJECTS + "/"
+        return [k[len(start) :] for k in self._list_keys(start) if "/" not in k[len(start) :]]
+
+    def put_meta(self, name: str, data: bytes) -> bool:
+        """One conditional PUT of ``meta/<name>`` (If-None-Match: *): False,
+        and nothing written, if the object exists already."""
+        key = _meta_key(name)
+        try:
+            self._request(
+                key, lambda c: obstore.put(c, key, data, mode="create", use_multipart=False)
+            )
+        except StoreError as exc:
+            if str(exc).endswith("already exists"):
+                return False
+            raise
+        return True
+
+    def get_meta(self, name: str) -> bytes:
+        """The object ``meta/<name>`` (FragmentMissing if there is none)."""
+        key = _meta_key(name)
+        return self._request(key, lambda c: bytes(obstore.get(c, key).bytes()))
+
+    def delete_meta(self, name: str) -> None:
+        """DELETE ``meta/<name>`` (a missing object is fine)."""
+        key = _meta_key(name)
+        try:
+            self._request(key, lambda c: obstore.delete(c, key))
+        except FragmentMissing:
+            pass
+
+    def set_aside_meta(self, name: str) -> None:
+        """Copy ``meta/<name>`` to ``meta-refused/<name>`` (replacing an
+        older one): a refused copy kept for a look, never read by ecfs."""
+        key = _meta_key(name)
+        aside = f"{META_OBJECTS}-refused/{name}"
+        self._request(key, lambda c: obstore.copy(c, key, aside, overwrite=True))
+
     # -- small-write log segments: none here (see the module docstring)
 
     def _no_log_segments(self) -> StoreError:
@@ -826,6 +878,12 @@ class S3Store:
 
     def delete_log_segment(self, number: int) -> None:
         raise self._no_log_segments()
+
+
+def _meta_key(name: str) -> str:
+    if not _META_NAME.fullmatch(name):
+        raise ValueError(f"not a metadata object name: {name!r}")
+    return f"{META_OBJECTS}/{name}"
 
 
 def forget_new_store(store: object) -> None:

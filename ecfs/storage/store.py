@@ -300,15 +300,15 @@ class Store(Protocol):
     #: False for `ecfs.storage.s3store.S3Store`: objects are immutable,
     #: and its log-segment methods raise StoreError. The log
     #: (`ecfs.data.logfiles`) keeps its copies on the stores that hold
-    #: segments only; a volume has at least m+1 of them (mkfs keeps the
-    #: metadata replicas, and so the log, on local stores).
+    #: segments only, and is off when fewer than m+1 do.
     holds_log_segments: bool
 
     @property
     def meta_dir(self) -> Path:
         """Directory of the metadata replica database (owned by
-        `ecfs.storage.replicas`). An object store has none yet: its meta_dir
-        never exists, and mkfs and the volume place replicas on local stores."""
+        `ecfs.storage.replicas`). An object store has none: its meta_dir
+        never exists, and it keeps a metadata copy as objects instead
+        (`ecfs.storage.metaobjects`; where the copies go: `copy_stores`)."""
         ...
 
     # ---- identity and health

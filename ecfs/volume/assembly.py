@@ -50,7 +50,7 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -74,10 +74,20 @@ from ..storage.handles import Expected, HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
+from ..storage.metaobjects import (
+    GatheredCopies,
+    ObjectCopy,
+    ObjectTarget,
+    copy_stores,
+    gather_copies,
+    keeps_meta_objects,
+    snapshot_name,
+)
 from ..storage.offload import StoreRunner, run_in_thread
 from ..storage.replicas import (
     CopyExpectation,
     PreparedMetadata,
+    ReplicaError,
     Replicator,
     copy_database,
     inspect_copy,
@@ -433,6 +443,8 @@ class Volume:
         #: Stale metadata replicas to delete once the replicas are closed.
         self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
+        #: The fencing epoch of this mount's metadata objects (see `open`).
+        self.epoch = 0
 
     def _new_store_admin(self) -> StoreAdmin:
         """The store changes' runner, given the parts of the volume it changes."""
@@ -494,8 +506,14 @@ class Volume:
     # -- opening -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, store_args: Sequence[str], *, runtime_dir: Path | None = None) -> Volume:
-        """Blocking: check the stores, prepare the working copy, build."""
+    def open(
+        cls, store_args: Sequence[str], *, runtime_dir: Path | None = None, epoch: int = 0
+    ) -> Volume:
+        """Blocking: check the stores, prepare the working copy, build.
+
+        `epoch`: the fencing epoch the metadata copies kept as objects are
+        written with (`ecfs.storage.metaobjects`); the caller passes the
+        lease epoch (ecfs.storage.lease) or 0."""
         paths = check_store_paths(expand_store_args(store_args))
         unusable: dict[Path, str] = {}
         markers = read_markers(paths, unusable)
@@ -503,21 +521,21 @@ class Volume:
             raise VolumeError("none of the given stores is readable")
         unusable.update(select_volume(markers))
         by_store_id = identify_stores(markers)
-        replicas = [replica_path(open_store(p).meta_dir) for p in markers]
-        if not any(r.exists() for r in replicas):
-            raise VolumeError(no_metadata_copy_message(markers, unusable))
+        expect = expectation(markers, by_store_id)
         remove_dead_working_copies(runtime_dir)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-", dir=runtime_dir))
         try:
             working = workdir / "metadata.sqlite"
+            # Object copies are rebuilt into local files first (reading only).
+            gathered = gather_copies(
+                {p: open_store(p) for p in markers}, workdir, uuid.UUID(expect.volume_id).bytes
+            )
+            if not gathered.paths:
+                raise VolumeError(no_metadata_copy_message(markers, unusable))
             # Every copy is checked (volume, stores, schema, content) and one
             # chosen before any copy is written: a refused copy must never
             # destroy the good ones (issue 13, A1).
-            prepared = prepare_working_copy(
-                [r for r in replicas if r.exists()] or replicas,
-                working,
-                expectation(markers, by_store_id),
-            )
+            prepared = prepare_working_copy(gathered.paths, working, expect, gathered.known)
             db = Database(working)
             left_out = {
                 store_id: f"{path}: {why}"
@@ -530,7 +548,8 @@ class Volume:
                 store.pin_identity(markers[store.path])
             volume = cls(db, stores, workdir)
             volume.left_out = left_out
-            volume._setup_replicas(prepared)
+            volume.epoch = epoch
+            volume._setup_replicas(prepared, gathered)
             volume._remember_store_paths()  # after: so the change is replicated
             volume._open_write_log()
         except BaseException:
@@ -538,39 +557,67 @@ class Volume:
             raise
         return volume
 
-    def _setup_replicas(self, prepared: PreparedMetadata) -> None:
+    def _setup_replicas(self, prepared: PreparedMetadata, gathered: GatheredCopies) -> None:
         """Rewrite the stale and refused replicas (the first writes to any
         copy), replicate to the current ones, and add copies on other
-        stores until there are m+1 (a replica lost with its store is rebuilt)."""
+        stores until there are m+1 (a replica lost with its store is
+        rebuilt), on the stores `copy_stores` allows. Every object copy
+        gets a snapshot at this mount's epoch first (fencing, and its logs
+        compacted), unless it is exactly that snapshot already."""
         snapshot = self.workdir / "replica-source.sqlite"
-        if prepared.to_resync:  # the working copy is locked: copy a snapshot
+        index_of = {str(store.path): i for i, store in self.stores.items()}
+        copy_of = {
+            index_of[str(store)]: copy
+            for copy, store in gathered.store_of.items()
+            if str(store) in index_of
+        }
+        objects: dict[int, ObjectTarget | Path] = {}
+
+        def rewrite_object(index: int) -> Callable[[Path, bool], None]:
+            def rewrite(source: Path, refused: bool) -> None:
+                objects[index] = self._install_copy(index, source, prepared.generation, refused)
+
+            return rewrite
+
+        if prepared.to_resync or gathered.objects:  # the working copy is locked: copy a snapshot
             self.db.snapshot(snapshot)
-            resync_replicas(prepared, snapshot)
+        rewrite = {copy_of[i]: rewrite_object(i) for i in copy_of if copy_of[i] in gathered.objects}
+        resync_replicas(prepared, snapshot, rewrite)
         current = prepared.current
-        targets: dict[int, Path] = {}
-        for index, store in self.stores.items():
-            path = replica_path(store.meta_dir)
-            if path in current:
-                targets[index] = path
+        targets: dict[int, Path | ObjectTarget] = {}
+        for index in sorted(self.stores):
+            copy = copy_of.get(index)
+            if copy is None or copy not in current:
+                continue
+            if copy not in gathered.objects:
+                targets[index] = copy
+                continue
+            if index not in objects:  # current: a snapshot at this epoch unless it is one
+                found = gathered.objects[copy]
+                exact = found.base == snapshot_name(self.epoch, self.db.generation)
+                try:
+                    objects[index] = self._install_copy(
+                        index, snapshot, self.db.generation, False, keep=exact and not found.logs
+                    )
+                except (EcfsError, OSError) as exc:
+                    log.warning("cannot write the metadata copy on store %d: %s", index, exc)
+                    continue
+            targets[index] = objects[index]
         wanted = self.layout.m + 1
         try:
-            for index, store in sorted(self.stores.items()):
+            for index in copy_stores(self._store_kinds(), self.layout.m):
                 if len(targets) >= wanted:
                     break
-                if index in targets:
+                if index in targets or index not in self.stores:
                     continue
-                if is_s3_location(store.path):
-                    continue  # replicas are kept on local stores only (see ecfs.volume.mkfs)
                 if not snapshot.exists():
                     self.db.snapshot(snapshot)
-                path = replica_path(store.meta_dir)
                 try:
-                    copy_database(snapshot, path)
-                except (StoreError, OSError) as exc:
+                    targets[index] = self._install_copy(index, snapshot, self.db.generation)
+                except (EcfsError, OSError) as exc:
                     log.warning("cannot add a metadata replica on store %d: %s", index, exc)
                     continue
-                log.info("added metadata replica on store %d (%s)", index, store.path)
-                targets[index] = path
+                log.info("added metadata replica on store %d (%s)", index, self.stores[index].path)
         finally:
             snapshot.unlink(missing_ok=True)
         if len(targets) < wanted:
@@ -584,6 +631,65 @@ class Volume:
         )
         self.db.on_commit = self.replicator.submit
         self.replicator.on_stale = lambda index: self._replace_replicas_soon()
+
+    def _store_kinds(self) -> dict[int, bool]:
+        """Every store of the volume -> whether it keeps its metadata copy
+        as objects (see `copy_stores`)."""
+        kinds = {i: is_s3_location(p) for i, p in self.store_table.paths().items() if p}
+        kinds.update({i: keeps_meta_objects(s) for i, s in self.stores.items()})
+        return kinds
+
+    def _install_copy(
+        self, index: int, snapshot: Path, generation: int, refused: bool = False, *, keep: bool = False
+    ) -> Path | ObjectTarget:
+        """Blocking: make `snapshot` (the working copy at `generation`) the
+        metadata copy on store `index`; what the replicator ships to. A file
+        replica is placed (`place_replica`); an object copy is PUT as a
+        snapshot at this mount's epoch (`ObjectCopy.install`; `keep`: the
+        copy is that snapshot already) and gets a local shadow. ReplicaError
+        if it cannot be written (the store's health does not suffer)."""
+        store = self.stores[index]
+        if not keeps_meta_objects(store):
+            target = replica_path(store.meta_dir)
+            place_replica(snapshot, target)
+            return target
+        copy = ObjectCopy(store, uuid.UUID(self.volume_id).bytes)  # type: ignore[arg-type]
+        name = snapshot_name(self.epoch, generation)
+        try:
+            if keep:
+                copy.prune(self.epoch, keep=name)
+            else:
+                name = copy.install(snapshot, generation, self.epoch, set_aside=refused)
+        except StoreError as exc:
+            raise ReplicaError(f"cannot write the metadata copy on {store.path}: {exc}") from exc
+        shadow = self.workdir / f"shadow-{index}.sqlite"
+        copy_database(snapshot, shadow)
+        return ObjectTarget(
+            store,  # type: ignore[arg-type]
+            copy.volume,
+            shadow,
+            self.epoch,
+            name,
+            snapshot.stat().st_size,
+        )
+
+    def _remove_copy(self, index: int) -> None:
+        """Blocking: delete the (stale) metadata copy on store `index`."""
+        store = self.stores[index]
+        if keeps_meta_objects(store):
+            ObjectCopy(store, uuid.UUID(self.volume_id).bytes).remove()  # type: ignore[arg-type]
+        else:
+            remove_replica(replica_path(store.meta_dir))
+
+    def metadata_copies(self) -> dict[int, str]:
+        """Where the metadata copies are: store index -> "file" or "objects"
+        (the live replicas)."""
+        if self.replicator is None:
+            return {}
+        return {
+            i: "objects" if keeps_meta_objects(self.stores[i]) else "file"
+            for i in self.replicator.live_replicas()
+        }
 
     # -- running -----------------------------------------------------------------
 
@@ -685,7 +791,7 @@ class Volume:
             if runner is None or not runner.available:
                 continue
             try:
-                await runner.call(remove_replica, replica_path(runner.store.meta_dir), timeout=10.0)
+                await runner.call(self._remove_copy, index, timeout=10.0)
             except EcfsError as exc:
                 log.warning("cannot remove the stale metadata replica on store %d: %s", index, exc)
                 continue
@@ -841,13 +947,10 @@ class Volume:
         if len(live) >= wanted:
             return
         stale = set(replicator.stale_replicas())
+        allowed = copy_stores(self._store_kinds(), self.layout.m)  # local ones first
         candidates = sorted(
-            (
-                i
-                for i, r in self.runners.items()
-                if r.available and i not in live and not is_s3_location(r.store.path)
-            ),  # replicas are kept on local stores only (see ecfs.volume.mkfs)
-            key=lambda i: (i in self.placement.full, i not in stale, i),
+            (i for i in allowed if i in self.runners and self.runners[i].available and i not in live),
+            key=lambda i: (i in self.placement.full, i not in stale, allowed.index(i)),
         )
         for index in candidates[: wanted - len(live)]:
             if not await replicator.close_stale(index):
@@ -865,9 +968,10 @@ class Volume:
         snapshot = self.workdir / f"replica-{index}.sqlite"
         self.db.snapshot(snapshot)  # on the loop: consistent at `generation`
         runner = self.runners[index]
-        target = replica_path(runner.store.meta_dir)
         try:
-            await runner.call(place_replica, snapshot, target, timeout=60.0)
+            target = await runner.call(
+                self._install_copy, index, snapshot, generation, timeout=60.0
+            )
         except EcfsError as exc:
             log.warning("cannot place a metadata replica on store %d: %s", index, exc)
             return False
@@ -924,6 +1028,7 @@ class Volume:
                 durable_generation=replication.durable_generation if replication else None,
                 live_replicas=replication.live_replicas if replication else (),
                 stale_replicas=dict(replication.stale_replicas) if replication else {},
+                copies=self.metadata_copies(),
             ),
             unrecoverable=unrecoverable,
             store_change=self.store_change,

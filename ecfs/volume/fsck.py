@@ -42,6 +42,14 @@ How a run goes:
    stores (a refused one is first set aside as ``<name>.refused``),
    creating replicas on more stores until there are m+1.
 
+Copies kept as objects (a volume with fewer than m+1 local stores, see
+`ecfs.storage.metaobjects`) are rebuilt into the private temp directory
+first (read only) and then inspected and chosen like the files; an object
+whose checksum fails is a finding (its copy refused, or stale when the log
+stops there). The write-back PUTs a snapshot at `epoch` and deletes the
+copy's older objects (the caller passes the lease epoch
+(ecfs.storage.lease) or 0).
+
 Without --repair nothing on the stores is changed, except that SQLite may
 create the ``-shm`` side file it needs to read a replica whose WAL still
 holds frames (left by a crash); other copies are read ``immutable=1``
@@ -61,6 +69,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import StoreError, VolumeError
@@ -69,7 +78,21 @@ from ..storage.lock import VolumeLock
 from ..storage.metadb.database import Database
 from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
 from ..storage.metadb.stores import StoreTable
-from ..storage.replicas import CopyChoice, copy_database, replica_path, set_aside
+from ..storage.metaobjects import (
+    GatheredCopies,
+    ObjectCopy,
+    copy_stores,
+    gather_copies,
+    keeps_meta_objects,
+)
+from ..storage.replicas import (
+    CopyChoice,
+    copy_database,
+    read_generation,
+    replica_path,
+    set_aside,
+)
+from ..storage.s3store import is_s3_location
 from ..storage.store import MARKER_NAME, Store, StoreMarker
 from ..storage.storefactory import open_store
 from .assembly import (
@@ -128,6 +151,7 @@ def run_fsck(
     repair: bool,
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None = None,
+    epoch: int = 0,
 ) -> FsckReport:
     """Blocking: check (and with `repair`, fix) the volume made of the
     stores in `store_args` (paths or glob patterns, as for mount).
@@ -159,8 +183,6 @@ def run_fsck(
     for path, why in select_volume(markers).items():
         unusable[path] = why
         report.add("chunk_fragments_present", f"store {path} is not used: {why}")
-    if not any(replica_path(open_store(p).meta_dir).exists() for p in markers):
-        raise VolumeError(no_metadata_copy_message(markers, unusable))
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
@@ -168,7 +190,14 @@ def run_fsck(
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:
-            _check_volume(report, markers, by_store_id, workdir, repair, verify_data, progress)
+            gathered = gather_copies(
+                {p: open_store(p) for p in markers}, workdir, uuid.UUID(first.volume_id).bytes
+            )
+            if not gathered.paths:
+                raise VolumeError(no_metadata_copy_message(markers, unusable))
+            _check_volume(
+                report, markers, by_store_id, workdir, repair, verify_data, progress, gathered, epoch
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return report
@@ -182,12 +211,19 @@ def _check_volume(
     repair: bool,
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None,
+    gathered: GatheredCopies,
+    epoch: int,
 ) -> None:
     """Steps 3 to 6 of the module docstring, with the lock held."""
     expect = expectation(markers, by_store_id)
-    replicas = [replica_path(open_store(p).meta_dir) for p in markers]
+    replicas = gathered.paths
     replica_findings_start = len(report.findings)
-    choice = check_replicas_agree(report, replicas, expect.m + 1, progress, expect)
+    for found in gathered.objects.values():
+        for name, why in found.damaged.items():
+            report.add("replicas_agree", f"metadata object {name} on {found.store}: {why}")
+    choice = check_replicas_agree(
+        report, replicas, expect.m + 1, progress, expect, gathered.known
+    )
     replica_findings = report.findings[replica_findings_start:]
     if choice.winner is None:
         if not [p for p in replicas if p.exists()]:
@@ -217,6 +253,7 @@ def _check_volume(
         for path, why in leave_out_mismatched(markers, by_store_id, params).values():
             report.add("chunk_fragments_present", f"store {path} is not used: {why}")
         table = StoreTable(db).all()
+        table_paths = StoreTable(db).paths()
         stores = _match_stores(table, by_store_id, db)
         layout = Layout(
             int(params["k"]), int(params["m"]), int(params["fragment_size"]),
@@ -254,7 +291,11 @@ def _check_volume(
             pass  # bump the generation above every replica's
     finally:
         db.close()
-    if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused)):
+    kinds = {i: is_s3_location(p) for i, p in table_paths.items() if p}
+    kinds.update({i: keeps_meta_objects(s) for i, s in stores.items()})
+    holders = copy_stores(kinds, layout.m)
+    copies = WriteBack(gathered, uuid.UUID(report.volume_id).bytes, epoch, holders)
+    if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused), copies):
         for finding in replica_findings:
             finding.fixed = True
 
@@ -278,6 +319,18 @@ def _copy_chosen(choice: CopyChoice, working: Path) -> None:
         upgrade_database(working)
 
 
+@dataclass(frozen=True)
+class WriteBack:
+    """Where fsck's write-back puts the metadata copies: the copies found
+    (`gather_copies`), the volume id and epoch of object copies, and the
+    stores allowed to hold one in order of preference (`copy_stores`)."""
+
+    gathered: GatheredCopies
+    volume: bytes
+    epoch: int
+    holders: list[int]
+
+
 def _write_back(
     report: FsckReport,
     working: Path,
@@ -285,29 +338,44 @@ def _write_back(
     wanted: int,
     progress: Callable[[str, int, int], None] | None,
     refused: set[Path],
+    copies: WriteBack,
 ) -> bool:
-    """Copy the working copy over every replica file on the present stores
-    (setting the `refused` ones aside first), then onto more stores until
+    """Copy the working copy over every metadata copy on the present stores
+    (setting the `refused` ones aside first; an object copy gets a new
+    snapshot), then onto more stores (in `copies.holders` order) until
     `wanted` exist. True if every copy was written and there are `wanted`
     of them."""
-    present = [replica_path(store.meta_dir) for _, store in sorted(stores.items())]
-    targets = [p for p in present if p.exists()]
-    for path in present:
+    copy_of = {str(store): copy for copy, store in copies.gathered.store_of.items()}
+    has_copy = [i for i, s in sorted(stores.items()) if str(s.path) in copy_of]
+    targets = list(has_copy)
+    for index in copies.holders:
         if len(targets) >= wanted:
             break
-        if path not in targets:
-            targets.append(path)
+        if index in stores and index not in targets:
+            targets.append(index)
+    image = working.with_name("write-back.sqlite")
+    copy_database(working, image)  # one file at one generation, no side files
+    generation = read_generation(image)
     written = failed = 0
-    for n, path in enumerate(targets):
+    for n, index in enumerate(targets):
+        store = stores[index]
         if progress is not None:
             progress("write-back", n, len(targets))
+        copy = copy_of.get(str(store.path))
         try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            if path in refused:
-                set_aside(path)
-            copy_database(working, path)
+            if keeps_meta_objects(store):
+                assert generation is not None
+                ObjectCopy(store, copies.volume).install(  # type: ignore[arg-type]
+                    image, generation, copies.epoch, set_aside=copy in refused
+                )
+            else:
+                path = replica_path(store.meta_dir)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                if path in refused:
+                    set_aside(path)
+                copy_database(working, path)
         except (StoreError, OSError) as exc:
-            report.add("replicas_agree", f"cannot write metadata replica {path}: {exc}")
+            report.add("replicas_agree", f"cannot write metadata copy on {store.path}: {exc}")
             failed += 1
             continue
         written += 1

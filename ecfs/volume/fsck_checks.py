@@ -56,7 +56,7 @@ import os
 import stat
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,7 +79,7 @@ from ..storage.metadb.database import Database
 from ..storage.metadb.inodes import InodeTable
 from ..storage.metadb.schema import ROOT_INODE
 from ..storage.metadb.writelog import WriteLogTable
-from ..storage.replicas import CopyChoice, CopyExpectation, choose_copy, inspect_copy
+from ..storage.replicas import CopyChoice, CopyExpectation, choose_copy, inspect_known
 from ..storage.store import FRAGS_DIR, Store
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,7 @@ def check_replicas_agree(
     wanted: int,
     progress: ProgressFn | None = None,
     expect: CopyExpectation | None = None,
+    known: Mapping[Path, str] | None = None,
 ) -> CopyChoice:
     """Blocking, before the working copy exists: inspect every replica file
     in `replicas` (paths that do not exist are skipped) as a mount does
@@ -314,15 +315,16 @@ def check_replicas_agree(
     Every refused copy is an error naming why; so is a stale copy, and no
     choice at all (copies disagree with no majority). The findings it adds
     are fixed by the write-back of `ecfs.volume.fsck` with --repair (which marks
-    them fixed).
+    them fixed). `known`: copies already found unusable -> why (an object
+    copy that could not be rebuilt, see `ecfs.storage.metaobjects`).
     """
     check = "replicas_agree"
-    existing = [p for p in replicas if p.exists()]
+    existing = [p for p in replicas if p.exists() or (known and p in known)]
     inspections = []
     for n, path in enumerate(existing):
         if progress is not None:
             progress("replicas", n, len(existing))
-        inspections.append(inspect_copy(path, expect))
+        inspections.append(inspect_known(path, expect, known))
     if progress is not None:
         progress("replicas", len(existing), len(existing))
     report.counts["replicas"] = len(existing)

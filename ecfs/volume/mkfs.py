@@ -8,11 +8,11 @@ Every check runs before anything is written, so a refused mkfs leaves the
 directories as they were.
 
 Stores are local directories or ``s3://`` locations (`ecfs.storage.s3store`). The
-metadata replicas are kept on m+1 local directories only, for now: a
-volume with object stores needs at least m+1 local ones ("metadata on
-object stores: not yet"). The small-write log's copies live on those
-local stores too (`ecfs.data.logfiles`). A volume of directories only is
-unchanged.
+m+1 metadata copies go where `ecfs.storage.metaobjects.copy_stores` says: on
+local directories (as files) when there are at least m+1 of them,
+otherwise on local ones first and then object stores (as objects: a
+snapshot at epoch 0, see `ecfs.storage.metaobjects`). A volume of directories
+only is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,7 +39,8 @@ from ..core.geometry import (
     Layout,
 )
 from ..storage.metadb.schema import create_database
-from ..storage.replicas import replica_path
+from ..storage.metaobjects import ObjectCopy, copy_stores, keeps_meta_objects
+from ..storage.replicas import copy_database, read_generation, replica_path
 from ..storage.s3store import S3Location, forget_new_store, is_s3_location, location_path
 from ..storage.store import MARKER_NAME, STORE_FORMAT, Store, StoreMarker
 from ..storage.storefactory import initialise_store, open_store
@@ -168,12 +170,6 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             f" at least {spec.k + spec.m}"
         )
     resolved = check_store_paths(paths)
-    local = local_stores(resolved)
-    if len(local) < spec.m + 1:
-        raise VolumeError(
-            f"metadata on object stores: not yet. The metadata replicas need --parity + 1 ="
-            f" {spec.m + 1} local store directories; {len(local)} given"
-        )
     for given, path in zip(paths, resolved, strict=True):
         if is_s3_location(path):
             continue  # S3Store.initialise checks that its prefix is unused
@@ -217,28 +213,58 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
         }
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()
-        for store in [s for s in stores if not is_s3_location(s.path)][: spec.m + 1]:
-            try:
-                create_database(
-                    replica_path(store.meta_dir),
-                    params,
-                    store_ids,
-                    root_uid=os.getuid(),
-                    root_gid=os.getgid(),
-                    now_ns=now_ns,
-                )
-            except (OSError, EcfsError) as exc:
-                raise VolumeError(
-                    f"cannot create the metadata on store {store.path}: {_reason(exc)}"
-                ) from None
+        holders = copy_stores(
+            {i: keeps_meta_objects(s) for i, s in enumerate(stores)}, spec.m
+        )[: spec.m + 1]
+        with tempfile.TemporaryDirectory(prefix="ecfs-mkfs-") as scratch:
+            for store in [stores[i] for i in holders]:
+                try:
+                    if keeps_meta_objects(store):
+                        _create_object_copy(store, Path(scratch), params, store_ids, now_ns)
+                        continue
+                    create_database(
+                        replica_path(store.meta_dir),
+                        params,
+                        store_ids,
+                        root_uid=os.getuid(),
+                        root_gid=os.getgid(),
+                        now_ns=now_ns,
+                    )
+                except (OSError, EcfsError) as exc:
+                    raise VolumeError(
+                        f"cannot create the metadata on store {store.path}: {_reason(exc)}"
+                    ) from None
     except BaseException:
         for path, existed in reversed(created):
             _remove_created(path, existed)
         for store in created_remote:
             with contextlib.suppress(EcfsError):
+                if keeps_meta_objects(store):
+                    ObjectCopy(store, uuid.UUID(volume_id).bytes).remove()  # type: ignore[arg-type]
                 forget_new_store(store)
         raise
     return volume_id
+
+
+def _create_object_copy(
+    store: Store,
+    scratch: Path,
+    params: dict[str, str | int],
+    store_ids: list[str],
+    now_ns: int,
+) -> None:
+    """The initial metadata as objects on `store` (a snapshot at epoch 0)."""
+    made = scratch / f"new-{uuid.uuid4().hex}.sqlite"
+    create_database(
+        made, params, store_ids, root_uid=os.getuid(), root_gid=os.getgid(), now_ns=now_ns
+    )
+    image = scratch / f"image-{uuid.uuid4().hex}.sqlite"
+    copy_database(made, image)  # one file, journal_mode=DELETE
+    generation = read_generation(image)
+    if generation is None:
+        raise VolumeError(f"the new metadata for {store.path} cannot be read back")
+    volume = uuid.UUID(str(params["uuid"])).bytes
+    ObjectCopy(store, volume).install(image, generation, 0)  # type: ignore[arg-type]
 
 
 def _reason(exc: BaseException) -> str:

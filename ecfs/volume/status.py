@@ -70,6 +70,10 @@ class MetadataStatus:
     durable_generation: int | None
     live_replicas: tuple[int, ...]
     stale_replicas: dict[int, str]  # store index -> why it is out of date
+    #: Where the live copies are: store index -> "file" (a database file
+    #: in the store's meta/) or "objects" (snapshots and logs, see
+    #: ecfs.storage.metaobjects).
+    copies: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
