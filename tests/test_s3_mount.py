@@ -36,15 +36,19 @@ def _no_secret(*texts: str) -> None:
         assert ACCESS_KEY not in text
 
 
-def test_mkfs_refuses_metadata_on_object_stores_for_now(tmp_path: Path, aws_env: None) -> None:
+def test_mkfs_puts_metadata_copies_on_object_stores_when_few_are_local(
+    tmp_path: Path, aws_env: None
+) -> None:
+    """2 local stores for m = 2: the third metadata copy is objects on an
+    S3 store (see tests/test_s3_meta.py for what they go through)."""
     with moto_servers(1) as [server]:
         stores = [str(tmp_path / f"d{i}") for i in range(2)]
         stores += [server.location(prefix=f"p{i}") for i in range(3)]
-        result = cli("mkfs", "--data", 3, "--parity", 2, *stores, check=False)
-        assert result.returncode != 0
-        assert "metadata on object stores: not yet" in result.stderr
+        result = cli("mkfs", "--data", 3, "--parity", 2, *stores)
         _no_secret(result.stdout, result.stderr)
-        assert not any(Path(s).exists() for s in stores[:2])  # nothing written
+        assert all((Path(s) / "meta" / "ecfs-meta.sqlite").exists() for s in stores[:2])
+        meta = [k for k in server.keys() if "/meta/" in k]
+        assert len(meta) == 1 and meta[0].startswith("p0/meta/snap-")
         bad = cli("mkfs", "--data", 1, "--parity", 1, stores[0], "s3://xyz?secret=1", check=False)
         assert bad.returncode == 2 and "credentials never go in a location" in bad.stderr
 

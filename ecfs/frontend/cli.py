@@ -187,7 +187,8 @@ def mkfs(
     one per disk; at least k+m of them). A store may also be an unused
     's3://BUCKET/PREFIX?endpoint=URL[&profile=NAME]' location (the bucket
     is created if missing; credentials from the AWS environment variables
-    or ~/.aws files only); the metadata then needs at least m+1 directories."""
+    or ~/.aws files only). The m+1 metadata copies go on local directories
+    when there are m+1 of them, else also on S3 stores, as objects."""
     spec = VolumeSpec(
         k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max
     )

@@ -68,6 +68,12 @@ def render_status(status: VolumeStatus) -> str:
             path,
         )
     lines.append(render_table(stores))
+    copies = status.metadata.copies
+    if copies:
+        lines.append(
+            "metadata copies: "
+            + ", ".join(f"store {i} ({kind})" for i, kind in sorted(copies.items()))
+        )
     repair = status.repair
     lines.append("")
     if repair.chunks:

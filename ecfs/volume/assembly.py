@@ -636,7 +636,7 @@ class Volume:
         """Every store of the volume -> whether it keeps its metadata copy
         as objects (see `copy_stores`)."""
         kinds = {i: is_s3_location(p) for i, p in self.store_table.paths().items() if p}
-        kinds.update({i: keeps_meta_objects(s) for i, s in self.stores.items()})
+        kinds.update({i: keeps_meta_objects(r.store) for i, r in self.runners.items()})
         return kinds
 
     def _install_copy(
@@ -648,7 +648,7 @@ class Volume:
         snapshot at this mount's epoch (`ObjectCopy.install`; `keep`: the
         copy is that snapshot already) and gets a local shadow. ReplicaError
         if it cannot be written (the store's health does not suffer)."""
-        store = self.stores[index]
+        store = self.runners[index].store
         if not keeps_meta_objects(store):
             target = replica_path(store.meta_dir)
             place_replica(snapshot, target)
@@ -675,7 +675,7 @@ class Volume:
 
     def _remove_copy(self, index: int) -> None:
         """Blocking: delete the (stale) metadata copy on store `index`."""
-        store = self.stores[index]
+        store = self.runners[index].store
         if keeps_meta_objects(store):
             ObjectCopy(store, uuid.UUID(self.volume_id).bytes).remove()  # type: ignore[arg-type]
         else:
@@ -687,8 +687,9 @@ class Volume:
         if self.replicator is None:
             return {}
         return {
-            i: "objects" if keeps_meta_objects(self.stores[i]) else "file"
+            i: "objects" if keeps_meta_objects(self.runners[i].store) else "file"
             for i in self.replicator.live_replicas()
+            if i in self.runners
         }
 
     # -- running -----------------------------------------------------------------
@@ -1131,6 +1132,7 @@ class Volume:
         self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
 
     async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
+        before = set(self.runners)
         try:
             if op == "replace":
                 message = await self.stores_admin.replace(old or "", new or "")
@@ -1142,6 +1144,11 @@ class Volume:
             self._end_store_change("failed", str(exc))
             log.error("store %s failed: %s", op, exc)
             return
+        if self.replicator is not None:
+            # A removed store's metadata copy leaves with it: another store
+            # gets one (the copy on the retired store is never read again).
+            for index in before - set(self.runners):
+                self.replicator.drop_replica(index, "store removed from the volume")
         self._end_store_change("done", message)
         log.warning("store %s: %s", op, message)
 

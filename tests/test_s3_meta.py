@@ -1,0 +1,220 @@
+"""Volumes whose metadata copies are objects (fewer than m+1 local stores),
+through the real CLI and a real FUSE mount on moto servers (one per store,
+tests/s3servers.py): mkfs, mount, fsync, unmount, kill -9 and a remount by
+a fresh process with nothing local left over ("any host"); small fsync'd
+overwrites without a small-write log; a damaged snapshot or log object
+detected, never served, rewritten, reported by fsck; a dead server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import obstore
+import pytest
+
+from ecfs.storage.metaobjects import DamagedObject, unpack
+from ecfs.storage.s3store import S3Store
+
+from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
+from .s3servers import MotoServer, moto_servers, s3_environment
+from .test_crash import ALLOWED_AFTER_KILL, fsck
+from .volume_files import fsynced_overwrites
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in s3_environment({}).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _store(server: MotoServer) -> S3Store:
+    return S3Store(server.location(prefix="vol"))
+
+
+def _get(server: MotoServer, name: str) -> bytes:
+    return _store(server).get_meta(name)
+
+
+def _meta_names(server: MotoServer) -> list[str]:
+    return _store(server).list_meta()
+
+
+def _flip(server: MotoServer, name: str) -> None:
+    """Damage an object behind ecfs's back: one bit, overwritten in place."""
+    data = bytearray(_get(server, name))
+    data[len(data) // 2] ^= 0x04
+    obstore.put(_store(server)._store(), f"meta/{name}", bytes(data))
+
+
+def _volume_id(server: MotoServer) -> bytes:
+    return uuid.UUID(_store(server).read_marker().volume_id).bytes
+
+
+def _status(volume: MountedVolume) -> dict:
+    return json.loads(cli("status", "--json", volume.mountpoint, check=False).stdout)
+
+
+def _host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """Run the next daemons as on host `name`: their own temp directory."""
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(directory))
+    return directory
+
+
+def test_an_all_s3_volume_survives_kill_9_and_mounts_from_another_host(
+    tmp_path: Path, aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with moto_servers(3) as servers:
+        stores = [Path(s.location(prefix="vol")) for s in servers]
+        cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
+        holding = [s for s in servers if _meta_names(s)]
+        assert len(holding) == 2  # m+1 copies as objects, none locally
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        files = {f"f{i}": os.urandom(n) for i, n in enumerate((10, 70_000, 600_000))}
+        first_host = _host(monkeypatch, tmp_path, "host1")
+        volume.mount()
+        try:
+            for name, data in files.items():
+                (volume.mountpoint / name).write_bytes(data)
+            os.sync()
+            document = _status(volume)
+            assert sorted(document["metadata"]["copies"].values()) == ["objects", "objects"]
+            assert document["health"] == "healthy"
+        finally:
+            volume.unmount()
+        volume.mount()
+        try:
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            # Small fsync'd overwrites: no log stores, whole-chunk writes.
+            path = volume.mountpoint / "f2"
+            expected = bytearray(files["f2"])
+            fsynced_overwrites(path, expected, count=8, block=4096, seed=3)
+            document = json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))
+            assert document["write_log"]["records_written"] == 0
+            fd = os.open(volume.mountpoint / "late", os.O_CREAT | os.O_WRONLY)
+            os.write(fd, b"fsynced before the crash")
+            os.fsync(fd)
+            os.close(fd)
+            volume.kill()  # kill -9: nothing unmounted cleanly
+        finally:
+            volume.unmount(check=False)
+        shutil.rmtree(first_host)  # the first host is gone with whatever it kept
+        _host(monkeypatch, tmp_path, "host2")
+        volume.mount()
+        try:
+            assert (volume.mountpoint / "f2").read_bytes() == expected
+            assert (volume.mountpoint / "late").read_bytes() == b"fsynced before the crash"
+            for name in ("f0", "f1"):
+                assert (volume.mountpoint / name).read_bytes() == files[name]
+            scrub = cli("scrub", "--json", volume.mountpoint)
+            assert json.loads(scrub.stdout)["findings"] == []
+            assert json.loads(scrub.stdout)["metadata_findings"] == []
+        finally:
+            volume.unmount()
+        report = fsck(stores)
+        bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
+        assert not bad and not report.unrecoverable, bad
+        for server in servers:  # compacted at mount: a snapshot and few logs
+            assert len(_meta_names(server)) <= 3
+
+
+def test_a_damaged_metadata_object_is_never_served_and_is_rewritten(
+    tmp_path: Path, aws_env: None
+) -> None:
+    with moto_servers(3) as servers:
+        stores = [Path(s.location(prefix="vol")) for s in servers]
+        cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
+        volume_id = _volume_id(servers[0])
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        data = os.urandom(300_000)
+        volume.mount()
+        try:
+            (volume.mountpoint / "a").write_bytes(data)
+            os.sync()
+        finally:
+            volume.unmount()
+        victim = next(s for s in servers if _meta_names(s))
+        (snapshot,) = [k for k in _meta_names(victim) if k.startswith("snap-")]
+        _flip(victim, snapshot)
+
+        report = json.loads(cli("fsck", "--json", *stores, check=False).stdout)
+        messages = [f["message"] for f in report["findings"]]
+        assert any(snapshot in m and "checksum" in m for m in messages), messages
+
+        volume.mount()
+        try:
+            assert (volume.mountpoint / "a").read_bytes() == data
+            # The bad copy was rewritten at mount: its snapshot verifies again.
+            (fresh,) = [k for k in _meta_names(victim) if k.startswith("snap-")]
+            unpack(fresh, _get(victim, fresh), volume_id)
+            # Now damage a log object of the running mount, then crash.
+            fd = os.open(volume.mountpoint / "b", os.O_CREAT | os.O_WRONLY)
+            os.write(fd, b"after the repair")
+            os.fsync(fd)
+            os.close(fd)
+            logs = [k for k in _meta_names(victim) if k.startswith("log-")]
+            assert logs
+            _flip(victim, logs[-1])
+            with pytest.raises(DamagedObject):
+                unpack(logs[-1], _get(victim, logs[-1]), volume_id)
+            volume.kill()
+        finally:
+            volume.unmount(check=False)
+        report = json.loads(cli("fsck", "--json", *stores, check=False).stdout)
+        assert any("checksum" in f["message"] for f in report["findings"])
+        volume.mount()
+        try:
+            assert (volume.mountpoint / "a").read_bytes() == data
+            assert (volume.mountpoint / "b").read_bytes() == b"after the repair"
+        finally:
+            volume.unmount()
+        clean = cli("fsck", "--json", *stores, check=False)
+        assert clean.returncode == 0, clean.stdout
+
+
+def test_a_dead_server_costs_one_copy_and_the_volume_goes_on(
+    tmp_path: Path, aws_env: None
+) -> None:
+    with moto_servers(3) as servers:
+        stores = [Path(s.location(prefix="vol")) for s in servers]
+        cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        data = os.urandom(500_000)
+        volume.mount()
+        try:
+            (volume.mountpoint / "a").write_bytes(data)
+            os.sync()
+        finally:
+            volume.unmount()
+        victim = next(s for s in servers if _meta_names(s))
+        victim.kill()
+        volume.mount()
+        try:
+            assert (volume.mountpoint / "a").read_bytes() == data
+            (volume.mountpoint / "b").write_bytes(b"written with a server gone")
+            os.sync()
+            copies = _status(volume)["metadata"]["copies"]
+            assert len(copies) == 2  # placed on the third store
+        finally:
+            volume.unmount()
+        alive = [s for s in servers if s is not victim]
+        assert all(_meta_names(s) for s in alive)
+        volume.mount(stores=[str(p) for p, s in zip(stores, servers, strict=True) if s is not victim])
+        try:
+            assert (volume.mountpoint / "a").read_bytes() == data
+            assert (volume.mountpoint / "b").read_bytes() == b"written with a server gone"
+        finally:
+            volume.unmount()
