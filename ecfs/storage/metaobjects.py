@@ -49,8 +49,9 @@ Fencing epoch: every name carries the epoch of the mount that wrote it;
 recovery reads only the newest epoch that has a snapshot, and a mount at
 epoch E first writes a snapshot at epoch E (`ObjectCopy.install`, from
 `ecfs.volume.assembly.Volume._setup_replicas`), so logs that a stale holder
-of an older epoch still writes are ignored. The caller passes the lease
-epoch (ecfs.storage.lease) or 0: `Volume.open(..., epoch=)` and
+of an older epoch still writes are ignored; a mount whose epoch is older
+than the copies' newest is refused (another host holds the volume). The
+caller passes the lease epoch (ecfs.storage.lease) or 0: `Volume.open(..., epoch=)` and
 `ecfs.volume.fsck.run_fsck(..., epoch=)` are the places.
 
 Shipping (`_ObjectReplica`): a batch is applied to a local shadow database

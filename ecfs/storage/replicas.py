@@ -7,6 +7,14 @@ and choosing the one the mount starts from (`inspect_copy`, `choose_copy`,
 `prepare_working_copy`), rewriting the others (`resync_replicas`), and
 verifying the live replicas online (`Replicator.verify_replicas`, for scrub).
 
+Copies kept as objects on an object store (`ecfs.storage.metaobjects`)
+use the same machinery: they are rebuilt into local files that are
+inspected and chosen like the others (`prepare_working_copy`'s `known`
+names those that could not be rebuilt), rewritten through
+`resync_replicas`'s `rewrite`, and shipped to by a `_Replica` subclass
+whose `before_commit` PUTs each batch (`ReplicaTarget`); the SQL they need
+(`replay_batches`, `_Replica.image_blocking`) stays here.
+
 Must not: build SQL of its own beyond ``replica_state`` (statements come
 ready-made, deterministic, from the metadata layer, see
 `ecfs.core.model.Transaction`), touch fragment files (it only awaits the caller's
@@ -681,7 +689,7 @@ def resync_replicas(
             if path in prepared.refused:
                 set_aside(path)
             copy_database(working_path, path)
-        except (StoreError, OSError) as exc:
+        except (EcfsError, OSError) as exc:
             log.warning("cannot resync metadata replica %s: %s", path, exc)
             prepared.failed[path] = str(exc)
             continue
@@ -1101,7 +1109,9 @@ class ReplicatorStatistics:
 class Replicator:
     """Ships committed transactions of the working copy to replica databases.
 
-    `targets`: store index -> replica path, each already at `generation`.
+    `targets`: store index -> replica path, each already at `generation`,
+    or a `ReplicaTarget` (a copy kept as objects, whose replica ships each
+    batch as a log object: `ecfs.storage.metaobjects`).
     `runners[i].call` runs blocking functions for store i (limiter, timeout,
     abandon on cancel); all replica I/O goes through it. `sync_stores()`
     makes every fragment write so far durable; it is awaited once per batch

@@ -3,7 +3,9 @@
 Owns: finding and checking the stores given by the user, preparing the
 metadata working copy from the replica `ecfs.storage.replicas` chooses (every copy
 checked before any is written; the stale and refused ones are rewritten
-only once the volume opened), building every service,
+only once the volume opened; copies kept as objects on S3 stores are
+rebuilt into the working directory first and written at the mount's
+fencing epoch, see `ecfs.storage.metaobjects`), building every service,
 the mount's background tasks, and an orderly shutdown. Must not: contain
 filesystem logic (see filedata, namespace) or speak FUSE (see fs).
 
@@ -532,6 +534,12 @@ class Volume:
             )
             if not gathered.paths:
                 raise VolumeError(no_metadata_copy_message(markers, unusable))
+            newer = max((f.epoch for f in gathered.objects.values()), default=0)
+            if newer > epoch:  # fencing: a newer holder wrote the copies
+                raise VolumeError(
+                    f"the metadata copies were written at epoch {newer}, after this mount's"
+                    f" epoch {epoch}: another host holds the volume"
+                )
             # Every copy is checked (volume, stores, schema, content) and one
             # chosen before any copy is written: a refused copy must never
             # destroy the good ones (issue 13, A1).

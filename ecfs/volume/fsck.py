@@ -46,9 +46,10 @@ Copies kept as objects (a volume with fewer than m+1 local stores, see
 `ecfs.storage.metaobjects`) are rebuilt into the private temp directory
 first (read only) and then inspected and chosen like the files; an object
 whose checksum fails is a finding (its copy refused, or stale when the log
-stops there). The write-back PUTs a snapshot at `epoch` and deletes the
-copy's older objects (the caller passes the lease epoch
-(ecfs.storage.lease) or 0).
+stops there). The write-back PUTs a snapshot at `epoch`, or at the
+copies' newest epoch if that is newer (a snapshot below it would be
+ignored), and deletes the copy's older objects (the caller passes the
+lease epoch (ecfs.storage.lease) or 0).
 
 Without --repair nothing on the stores is changed, except that SQLite may
 create the ``-shm`` side file it needs to read a replica whose WAL still
@@ -195,6 +196,8 @@ def run_fsck(
             )
             if not gathered.paths:
                 raise VolumeError(no_metadata_copy_message(markers, unusable))
+            # Never write below the copies' newest epoch: it would be ignored.
+            epoch = max([epoch, *(f.epoch for f in gathered.objects.values())])
             _check_volume(
                 report, markers, by_store_id, workdir, repair, verify_data, progress, gathered, epoch
             )
