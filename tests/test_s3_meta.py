@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import obstore
 import pytest
 
-from ecfs.storage.metaobjects import DamagedObject, unpack
+from ecfs.storage.metaobjects import COMPACT_LOG_COUNT, DamagedObject, unpack
 from ecfs.storage.s3store import S3Store
 
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
@@ -56,6 +57,23 @@ def _flip(server: MotoServer, name: str) -> None:
 
 def _volume_id(server: MotoServer) -> bytes:
     return uuid.UUID(_store(server).read_marker().volume_id).bytes
+
+
+def _wait_until_verified(server: MotoServer, volume_id: bytes, timeout: float = 30) -> None:
+    """Wait until every metadata object on `server` verifies (a copy
+    replaced in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            names = _meta_names(server)
+            for name in names:
+                unpack(name, _get(server, name), volume_id)
+            if any(n.startswith("snap-") for n in names):
+                return
+        except DamagedObject:
+            pass
+        assert time.monotonic() < deadline, "the damaged copy was not rewritten"
+        time.sleep(0.2)
 
 
 def _status(volume: MountedVolume) -> dict:
@@ -167,6 +185,18 @@ def test_a_damaged_metadata_object_is_never_served_and_is_rewritten(
             logs = [k for k in _meta_names(victim) if k.startswith("log-")]
             assert logs
             _flip(victim, logs[-1])
+            # Scrub rebuilds each copy from its objects: the damage is found
+            # and the copy written anew.
+            scrub = json.loads(cli("scrub", "--json", volume.mountpoint, check=False).stdout)
+            assert any("checksum" in f["problem"] for f in scrub["metadata_findings"]), scrub
+            _wait_until_verified(victim, volume_id)
+            # Once more, then a crash: the next fsck and mount meet it.
+            fd = os.open(volume.mountpoint / "b", os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b"!")
+            os.fsync(fd)
+            os.close(fd)
+            logs = [k for k in _meta_names(victim) if k.startswith("log-")]
+            _flip(victim, logs[-1])
             with pytest.raises(DamagedObject):
                 unpack(logs[-1], _get(victim, logs[-1]), volume_id)
             volume.kill()
@@ -181,7 +211,7 @@ def test_a_damaged_metadata_object_is_never_served_and_is_rewritten(
         volume.mount()
         try:
             assert (volume.mountpoint / "a").read_bytes() == data
-            assert (volume.mountpoint / "b").read_bytes() == b"after the repair"
+            assert (volume.mountpoint / "b").read_bytes() == b"after the repair!"
         finally:
             volume.unmount()
         clean = cli("fsck", "--json", *stores, check=False)
@@ -191,7 +221,8 @@ def test_a_damaged_metadata_object_is_never_served_and_is_rewritten(
 def test_a_dead_server_costs_one_copy_and_the_volume_goes_on(
     tmp_path: Path, aws_env: None
 ) -> None:
-    with moto_servers(3) as servers:
+    with moto_servers(4) as every:
+        servers, spare = every[:3], every[3]
         stores = [Path(s.location(prefix="vol")) for s in servers]
         cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
         (tmp_path / "mnt").mkdir()
@@ -216,9 +247,96 @@ def test_a_dead_server_costs_one_copy_and_the_volume_goes_on(
             volume.unmount()
         alive = [s for s in servers if s is not victim]
         assert all(_meta_names(s) for s in alive)
-        volume.mount(stores=[str(p) for p, s in zip(stores, servers, strict=True) if s is not victim])
+        given = [str(p) for p, s in zip(stores, servers, strict=True) if s is not victim]
+        volume.mount(stores=given)
+        try:
+            assert (volume.mountpoint / "a").read_bytes() == data
+            assert (volume.mountpoint / "b").read_bytes() == b"written with a server gone"
+            # The dead endpoint is replaced; then a store holding a copy is
+            # removed: the copy moves, there are always m+1.
+            dead = stores[servers.index(victim)]
+            new = spare.location(prefix="vol")
+            cli("store", "replace", volume.mountpoint, servers[servers.index(victim)].location(prefix="vol"), new)
+            cli("repair", "--wait", volume.mountpoint, timeout=300)
+            added = spare.location(prefix="more")
+            cli("store", "add", volume.mountpoint, added)
+            document = _status(volume)
+            holder = min(int(i) for i in document["metadata"]["copies"])
+            removed = next(s["path"] for s in document["stores"] if s["index"] == holder)
+            cli("store", "remove", volume.mountpoint, removed)
+            _wait_store_change(volume)
+            document = _status(volume)
+            assert document["health"] == "healthy", document
+            copies = document["metadata"]["copies"]
+            assert len(copies) == 2 and str(holder) not in copies, copies
+            kept = [s["path"] for s in document["stores"]]
+        finally:
+            volume.unmount()
+        assert str(dead) not in kept
+        volume.mount(stores=kept)  # a fresh mount from the new set of stores
         try:
             assert (volume.mountpoint / "a").read_bytes() == data
             assert (volume.mountpoint / "b").read_bytes() == b"written with a server gone"
         finally:
             volume.unmount()
+        clean = cli("fsck", "--json", *kept, check=False)
+        assert clean.returncode == 0, clean.stdout
+
+
+def _wait_store_change(volume: MountedVolume, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        change = _status(volume)["store_change"]
+        if change is None or change["state"] != "running":
+            assert change is None or change["state"] == "done", change
+            return
+        assert time.monotonic() < deadline, change
+        time.sleep(0.2)
+
+
+def test_compaction_bounds_the_metadata_objects(tmp_path: Path, aws_env: None) -> None:
+    """Hundreds of fsync'd transactions: each a log object per copy, until
+    the logs are compacted into a new snapshot and deleted."""
+    with moto_servers(2) as servers:
+        stores = [Path(servers[0].location(prefix=f"p{i}")) for i in range(2)]
+        stores.append(Path(servers[1].location(prefix="vol")))
+        cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        volume.mount()
+        most = 0
+        try:
+            first = {n for n in _store_names(servers[0]) if n.startswith(("p0/meta/snap-", "p1/meta/snap-"))}
+            for i in range(COMPACT_LOG_COUNT + 40):
+                fd = os.open(volume.mountpoint / f"f{i}", os.O_CREAT | os.O_WRONLY)
+                os.write(fd, b"x")
+                os.fsync(fd)
+                os.close(fd)
+                if i % 20 == 0:
+                    most = max(most, *_meta_counts(servers).values())
+            most = max(most, *_meta_counts(servers).values())
+            now = {n for n in _store_names(servers[0]) if "/meta/snap-" in n}
+            assert now - first, "no copy was compacted"
+        finally:
+            volume.unmount()
+        assert most <= COMPACT_LOG_COUNT + 3
+        volume.mount()
+        try:
+            assert len(list(volume.mountpoint.iterdir())) == COMPACT_LOG_COUNT + 40
+        finally:
+            volume.unmount()
+
+
+def _store_names(server: MotoServer) -> list[str]:
+    return server.keys()
+
+
+def _meta_counts(servers: list[MotoServer]) -> dict[str, int]:
+    """Metadata objects per store prefix."""
+    counts: dict[str, int] = {}
+    for server in servers:
+        for key in server.keys():
+            prefix, _, rest = key.partition("/")
+            if rest.startswith("meta/"):
+                counts[f"{server.port}/{prefix}"] = counts.get(f"{server.port}/{prefix}", 0) + 1
+    return counts
