@@ -17,10 +17,10 @@ from pathlib import Path
 import obstore
 import pytest
 
-from ecfs.storage.metaobjects import COMPACT_LOG_COUNT, DamagedObject, unpack
+from ecfs.storage.metaobjects import COMPACT_LOG_COUNT, DamagedObject, ObjectCopy, unpack
 from ecfs.storage.s3store import S3Store
 
-from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
+from .mounting import TEST_MKFS_ARGS, MountedVolume, MountError, cli
 from .s3servers import MotoServer, moto_servers, s3_environment
 from .test_crash import ALLOWED_AFTER_KILL, fsck
 from .volume_files import fsynced_overwrites
@@ -325,6 +325,24 @@ def test_compaction_bounds_the_metadata_objects(tmp_path: Path, aws_env: None) -
             assert len(list(volume.mountpoint.iterdir())) == COMPACT_LOG_COUNT + 40
         finally:
             volume.unmount()
+
+        # Fencing: another host took the volume at epoch 1 and wrote its
+        # snapshot; a mount at epoch 0 (an older lease) is refused.
+        store = S3Store(servers[0].location(prefix="p0"))
+        copy = ObjectCopy(store, _volume_id_of(store))
+        found = copy.rebuild(tmp_path / "copy.sqlite")
+        assert not found.missing and found.problem is None and found.epoch == 0
+        copy.install(found.path, found.generation, 1)
+        try:
+            with pytest.raises(MountError) as refused:
+                volume.mount()
+        finally:
+            volume.unmount(check=False)
+        assert "epoch 1" in str(refused.value) and "another host" in str(refused.value)
+
+
+def _volume_id_of(store: S3Store) -> bytes:
+    return uuid.UUID(store.read_marker().volume_id).bytes
 
 
 def _store_names(server: MotoServer) -> list[str]:
