@@ -166,6 +166,10 @@ def test_a_damaged_log_ends_the_replay_and_a_damaged_snapshot_refuses_the_copy(
     assert found.generation == 9 and found.logs == [log_name(0, 5, 6), log_name(0, 7, 9)]
     assert dump(found.path) == dump(_put_reference(tmp_path, 9))
 
+    # A late log overlapping the snapshot (an abandoned call) is skipped.
+    store.put_meta(log_name(0, 3, 5), pack(2, VOLUME, 0, 3, 5, encode_batch(history[2:5])))
+    assert copy.rebuild(tmp_path / "late.sqlite").generation == 9
+
     store.flip(log_name(0, 7, 9))
     found = copy.rebuild(tmp_path / "stale.sqlite")
     assert found.problem is None and found.generation == 6  # stale, not wrong

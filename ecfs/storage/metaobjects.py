@@ -387,8 +387,11 @@ class ObjectCopy:
         expected = found.generation + 1
         later = [n for n in names if n.kind == KIND_LOG and n.epoch == epoch]
         for entry in later:
-            if entry.last < expected:
-                continue  # before the snapshot: left by an interrupted compaction
+            if entry.first < expected:
+                # Starts inside the snapshot: left by an interrupted
+                # compaction, or PUT late by a call abandoned before the
+                # copy was rewritten. Never a continuation of it.
+                continue
             if entry.first != expected:
                 found.stopped = f"gap: {entry.name} follows generation {expected - 1}"
                 break
@@ -494,7 +497,9 @@ def rebuild_copies(
         return {}
 
     def one(n: int, path: Path, store: Store) -> Rebuilt:
-        dest = workdir / f"object-copy-{n}.sqlite"
+        # Named after the store, for the messages that name the copy.
+        where = re.sub(r"[^A-Za-z0-9._-]+", "_", str(path).split("?")[0].removeprefix("s3://"))
+        dest = workdir / f"objects-{n}-{where[:80]}.sqlite"
         found = ObjectCopy(store, volume).rebuild(dest)  # type: ignore[arg-type]
         for name, why in found.damaged.items():
             log.warning("metadata object %s on %s is damaged: %s", name, path, why)
