@@ -71,6 +71,17 @@ logs are DELETEd. So a copy has a bounded number of objects and a mount
 replays a bounded log. A compaction that fails is retried after the next
 batch (the logs are still there and still good).
 
+Cost: one PUT per copy per batch (group commit makes a batch of every
+fsync's worth of transactions), and at every mount one snapshot PUT per
+object copy. Compaction runs inside the batch's call, so the fsync that
+triggers it waits for one snapshot upload (about once per
+COMPACT_LOG_COUNT batches; its size is the database's).
+
+Concurrency: `ObjectCopy` methods are blocking and run in the store's
+worker threads; an `_ObjectReplica` is used by the replicator exactly like
+a file replica (one call at a time, under the connection's lock), its
+compaction included. Nothing here touches the event loop.
+
 Crash contract: a PUT is whole or absent; a snapshot is PUT before the
 objects it replaces are deleted, so at every moment a copy rebuilds to a
 state at least as new as its last acknowledged log (a crash between the
