@@ -583,7 +583,7 @@ class Volume:
 
         def rewrite_object(index: int) -> Callable[[Path, bool], None]:
             def rewrite(source: Path, refused: bool) -> None:
-                objects[index] = self._install_copy(index, source, prepared.generation, refused)
+                objects[index] = self._install_copy(index, source, self.db.generation, refused)
 
             return rewrite
 
