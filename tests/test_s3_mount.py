@@ -49,6 +49,25 @@ def test_mkfs_puts_metadata_copies_on_object_stores_when_few_are_local(
         assert all((Path(s) / "meta" / "ecfs-meta.sqlite").exists() for s in stores[:2])
         meta = [k for k in server.keys() if "/meta/" in k]
         assert len(meta) == 1 and meta[0].startswith("p0/meta/snap-")
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume([Path(p) for p in stores], tmp_path / "mnt", tmp_path / "ecfs.log")
+        data = os.urandom(200_000)
+        volume.mount()
+        try:
+            (volume.mountpoint / "f").write_bytes(data)
+            os.sync()
+            document = json.loads(cli("status", "--json", volume.mountpoint).stdout)
+            assert document["metadata"]["copies"] == {"0": "file", "1": "file", "2": "objects"}
+            assert "store 2 (objects)" in cli("status", volume.mountpoint).stdout
+        finally:
+            volume.unmount()
+        # One file copy lost with its disk: the others (one of them objects) serve.
+        (Path(stores[0]) / "meta" / "ecfs-meta.sqlite").unlink()
+        volume.mount()
+        try:
+            assert (volume.mountpoint / "f").read_bytes() == data
+        finally:
+            volume.unmount()
         bad = cli("mkfs", "--data", 1, "--parity", 1, stores[0], "s3://xyz?secret=1", check=False)
         assert bad.returncode == 2 and "credentials never go in a location" in bad.stderr
 
