@@ -1,0 +1,791 @@
+"""The volume lease: one writing mount at a time, across hosts.
+
+Owns: the lease object on each S3 store of a volume, taking it (`Lease.take`),
+renewing it (`Lease.renew`, `Lease.keep_renewed` in a trio task,
+`held_lease` in a thread for blocking users such as fsck), releasing it,
+and the answer to "may this process still write?" (`Lease.holds`). Must
+not: decide what a write is, or touch anything else in a store (the mount
+asks `holds` before it acknowledges a write, see `ecfs.volume.assembly`).
+
+Why: a local store is locked with flock (`ecfs.storage.lock`), which only
+keeps out processes of the same host. An S3 store can be reached by any
+host with the credentials, so a volume with S3 stores also takes this
+lease, on its S3 stores; a volume without any takes none.
+
+On each S3 store, the object ``PREFIX/lease`` (UTF-8 JSON, at most
+LEASE_MAX_BYTES)::
+
+    {"format": 1,                      LEASE_FORMAT
+     "volume": "<uuid>",               the volume's id
+     "host": "nas1",                   the holder: host name (or $ECFS_HOST_ID),
+     "pid": 1234,                        process id,
+     "space": "<boot id>:<pid ns>",      the boot and pid namespace the pid is of,
+     "mount": "<32 hex digits>",         a random id of this mount (or fsck run)
+     "epoch": 7,                       fencing epoch: 1 + the largest seen
+     "taken_at": "2026-12-03T21:00:00.000Z",    UTC, when this epoch was taken
+     "expires_at": "2026-12-03T21:00:30.000Z",  UTC, taken_at or last renewal + ttl
+     "ttl": 30.0,                      seconds
+     "released": false}                true after a clean unmount
+
+Majority: the lease is held when a majority (floor(s/2) + 1) of the
+volume's s S3 stores hold the holder's record: losing a minority of the
+servers blocks nobody, and two holders can never both have a majority.
+`epoch` is 1 + the largest epoch on any store read (a majority is read, so
+it is above every epoch ever held); it only grows. Other code that writes
+to shared stores may tag what it writes with `Lease.epoch` (a plain
+attribute, fixed once taken) and refuse what carries a lower one.
+
+Taking (`take`): read every store's lease (a majority must answer);
+refuse (VolumeError) if any record of another holder is live (not
+released, expires_at in the future): the message names its host, pid and
+expiry. A record of another holder that expired without release (a mount
+that died or lost the servers) is taken over only when asked
+(`takeover`, `ecfs mount --takeover`, `ecfs fsck --takeover`); the refusal
+says so. Without being asked, a record whose holder is a process of this
+host (same host name, boot and pid namespace) that no longer exists is
+taken at once, live or not: a dead process writes nothing (a mount killed
+with kill -9 can be mounted again on its host at once). Then write our
+record on every store that answered, with If-Match on the ETag read (or
+If-None-Match: * where there was none), and VERIFY: some servers have
+ignored conditional writes, so after a settle time every lease is read
+again and a majority must hold exactly our record (mount id and epoch);
+otherwise what we wrote is released and the take refused ("another host
+took it at the same time"). The settle time is the take window: a take
+gives up unless its reads and its majority of writes finished within
+TAKE_WINDOW, and reads back TAKE_WINDOW after its writes, so two racing
+takers read back after both wrote and see the same records: at most one
+finds a majority (a write that was not acknowledged in time and lands
+later is the one case this does not cover).
+
+Renewing (`renew`, every ttl/3; every ttl/6 after a failure): read every
+lease, write our record with a new expires_at (If-Match on the ETag read)
+where the store holds ours, or holds nothing, a released record or one of
+a lower epoch (a store that was away or replaced joins again). Renewed
+when a majority acknowledged. A majority of records of another holder
+with a higher epoch means the lease was taken over: lost for good (logged
+as an error).
+
+Fencing on our side (`holds`): the holder may write only until
+FENCE_MARGIN x ttl before the expiry it last wrote, measured on its
+monotonic clock from before the write was sent. A mount that cannot
+renew on a majority therefore stops acknowledging writes (see
+`ecfs.volume.assembly`: fragment writes, fsync and write(2) fail with EIO)
+before another host may take over, and resumes if a renewal succeeds
+again in time. Expiry is compared between hosts on their UTC clocks: they
+must agree within FENCE_MARGIN x ttl (6 s with the default ttl; NTP does
+much better).
+
+Releasing (`release`, at a clean unmount): our record is replaced
+(If-Match) by the same record marked released and expired now, so that the
+next mount, from any host, needs no takeover. A mount that could not make
+its metadata durable keeps its lease until it expires (then a takeover is
+explicit).
+
+Concurrency: every request runs in a daemon thread of its own, one per
+store, and each phase waits at most a deadline for them (a hung server
+costs a thread, never the caller: a late answer is ignored). `take`,
+`renew` and `release` are blocking and are called one at a time (the mount
+calls `renew` through `ecfs.storage.offload.run_in_thread`); `holds` and
+`statistics` are cheap and may be called from anywhere.
+
+Credentials never appear in a message: stores are named by their location
+(which holds none) and errors by the store's one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import trio
+
+from ..core.errors import EcfsError, FsError, StoreError, VolumeError
+from .offload import run_in_thread
+from .s3store import ConditionFailed, S3Store, is_s3_location
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Name of the lease object under a store's prefix.
+LEASE_NAME = "lease"
+LEASE_FORMAT = 1
+LEASE_MAX_BYTES = 4096
+#: Environment variable naming this host for the lease instead of its host
+#: name: for containers that share a host name, and for tests that play
+#: two hosts on one machine.
+HOST_ID_ENV = "ECFS_HOST_ID"
+#: Default lifetime of the lease (seconds; renewed every third of it).
+DEFAULT_TTL = 30.0
+#: Shortest lifetime allowed (`-o lease_seconds=`).
+MIN_TTL = 2.0
+#: Part of the ttl before expiry at which the holder stops writing (the
+#: clock difference between hosts it tolerates).
+FENCE_MARGIN = 0.2
+#: Seconds within which a take must read and write a majority, and the
+#: settle time before reading back (see the module docstring).
+TAKE_WINDOW = 2.0
+
+_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class LeaseStore(Protocol):
+    """What the lease needs of a store (`ecfs.storage.s3store.S3Store` has it)."""
+
+    path: Path
+
+    def get_small_object(self, name: str) -> tuple[bytes, str] | None: ...
+
+    def put_small_object(
+        self, name: str, data: bytes, *, if_match: str | None = None, create: bool = False
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds (or held) a lease."""
+
+    host: str
+    pid: int
+    space: str  # "<boot id>:<pid namespace>": where `pid` means something
+    mount: str  # random id of one mount or fsck run
+
+    def __str__(self) -> str:
+        return f"host {self.host} (pid {self.pid})"
+
+
+def this_holder() -> Holder:
+    """A new holder identity for this process (a fresh mount id)."""
+    return Holder(
+        os.environ.get(HOST_ID_ENV) or socket.gethostname(),
+        os.getpid(),
+        _process_space(),
+        secrets.token_hex(16),
+    )
+
+
+def _process_space() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = "?"
+    return f"{boot}:{ns}"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """The content of one lease object (see the module docstring)."""
+
+    volume: str
+    holder: Holder
+    epoch: int
+    taken_at: float  # seconds since the epoch, UTC
+    expires_at: float
+    ttl: float
+    released: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": LEASE_FORMAT,
+                "volume": self.volume,
+                "host": self.holder.host,
+                "pid": self.holder.pid,
+                "space": self.holder.space,
+                "mount": self.holder.mount,
+                "epoch": self.epoch,
+                "taken_at": utc_text(self.taken_at),
+                "expires_at": utc_text(self.expires_at),
+                "ttl": self.ttl,
+                "released": self.released,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LeaseRecord:
+        """Parse a lease object; ValueError (one line) if it is not one."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+            if doc["format"] != LEASE_FORMAT:
+                raise ValueError(f"unknown lease format {doc['format']!r:.20}")
+            holder = Holder(str(doc["host"]), int(doc["pid"]), str(doc["space"]), str(doc["mount"]))
+            record = cls(
+                str(doc["volume"]),
+                holder,
+                int(doc["epoch"]),
+                _parse_utc(doc["taken_at"]),
+                _parse_utc(doc["expires_at"]),
+                float(doc["ttl"]),
+                bool(doc["released"]),
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a lease object ({type(exc).__name__})") from None
+        if record.epoch < 0:
+            raise ValueError("negative epoch")
+        return record
+
+    def is_live(self, now: float) -> bool:
+        return not self.released and self.expires_at > now
+
+
+def utc_text(seconds: float) -> str:
+    """``2026-12-03T21:00:30.000Z`` (milliseconds)."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime(_ISO)[:-4] + "Z"
+
+
+def _parse_utc(text: object) -> float:
+    if not isinstance(text, str):
+        raise TypeError("time is not a string")
+    try:
+        moment = datetime.datetime.strptime(text, _ISO).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise TypeError("bad time") from None
+    return moment.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseStatistics:
+    """The lease of a mount, for `ecfs status` (times in UTC text)."""
+
+    state: str  # "held", "fenced" (not renewed in time), "lost", "released"
+    host: str
+    pid: int
+    epoch: int
+    taken_at: str
+    expires_at: str  # of the last record written
+    ttl: float
+    stores_held: int  # S3 stores that acknowledged the last renewal
+    stores: int  # S3 stores of the volume
+    last_error: str | None
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What one store's lease object was on a read."""
+
+    record: LeaseRecord | None = None  # None: no object (or unreadable: see problem)
+    etag: str | None = None  # None: no object
+    error: str | None = None  # the store did not answer
+    problem: str | None = None  # an object that is not a lease
+
+
+class Lease:
+    """The lease of one volume over its S3 stores (see the module docstring)."""
+
+    def __init__(
+        self,
+        stores: Sequence[LeaseStore],
+        volume_id: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        take_window: float = TAKE_WINDOW,
+        holder: Holder | None = None,
+        volume_stores: int | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`stores`: the S3 stores given; `volume_stores`: how many S3 stores
+        the volume has (default: as many as given; see `set_volume_stores`)."""
+        if ttl < MIN_TTL:
+            raise VolumeError(f"the lease must last at least {MIN_TTL:g} s")
+        self.stores = list(stores)
+        self.volume_id = volume_id
+        self.ttl = float(ttl)
+        self.take_window = take_window
+        self.holder = holder or this_holder()
+        self.volume_stores = max(volume_stores or 0, len(self.stores))
+        #: The fencing epoch of this holder (0 until taken; then fixed).
+        self.epoch = 0
+        self._clock = clock
+        self._monotonic = monotonic
+        self._taken_at = 0.0
+        self._expires_at = 0.0
+        self._valid_until = -1.0  # monotonic
+        self._held: dict[int, str] = {}  # store -> ETag of our record on it
+        self._state = "released"
+        self._lost = False
+        self._last_error: str | None = None
+        self._errors: list[str] = []  # of the last phase, for messages
+        self._fenced_logged = False
+
+    @classmethod
+    def for_locations(
+        cls,
+        paths: Sequence[Path],
+        volume_id: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        take_window: float = TAKE_WINDOW,
+        holder: Holder | None = None,
+    ) -> Lease | None:
+        """The lease over the S3 stores among `paths` (own clients with
+        short timeouts, separate from the volume's), or None if there is none."""
+        locations = [p for p in paths if is_s3_location(p)]
+        if not locations:
+            return None
+        timeout = max(1.0, ttl / 6)
+        stores = [S3Store(p, request_timeout=timeout, max_retries=1) for p in locations]
+        return cls(stores, volume_id, ttl=ttl, take_window=take_window, holder=holder)
+
+    @property
+    def quorum(self) -> int:
+        return self.volume_stores // 2 + 1
+
+    def set_volume_stores(self, count: int) -> None:
+        """The volume has `count` S3 stores (learnt from its metadata once
+        opened): the majority is of those. VolumeError if the stores we hold
+        are too few (fewer were given than a majority of them)."""
+        self.volume_stores = max(count, len(self.stores))
+        if len(self._held) < self.quorum:
+            raise VolumeError(
+                f"the volume has {self.volume_stores} S3 stores and its lease needs a majority"
+                f" ({self.quorum}); only {len(self._held)} of those given hold it: give more"
+                " of its S3 stores"
+            )
+
+    # -- asking ----------------------------------------------------------------------
+
+    def holds(self) -> bool:
+        """Whether this holder may still write (cheap: a clock read)."""
+        return self._monotonic() < self._valid_until
+
+    def check(self) -> None:
+        """FsError (EIO) unless `holds`: the reason, for a refused write."""
+        if not self.holds():
+            raise FsError(self.why_not())
+
+    def why_not(self) -> str:
+        if self._lost:
+            return "the volume's lease was taken over by another host: unmount and mount again"
+        return (
+            "the volume's lease could not be renewed on a majority of its S3 stores in time:"
+            f" writes are refused until it is ({self._last_error or 'no answer'})"
+        )
+
+    def statistics(self) -> LeaseStatistics:
+        state = self._state
+        if state == "held" and not self.holds():
+            state = "fenced"
+        return LeaseStatistics(
+            state=state,
+            host=self.holder.host,
+            pid=self.holder.pid,
+            epoch=self.epoch,
+            taken_at=utc_text(self._taken_at),
+            expires_at=utc_text(self._expires_at),
+            ttl=self.ttl,
+            stores_held=len(self._held),
+            stores=self.volume_stores,
+            last_error=self._last_error,
+        )
+
+    # -- taking ----------------------------------------------------------------------
+
+    def take(self, *, takeover: bool = False) -> None:
+        """Take the lease (see the module docstring) or raise VolumeError
+        saying who holds it and until when."""
+        start = self._monotonic()
+        seen = self._read_all(self.take_window)
+        self._require_majority(seen, "read the volume's lease")
+        now = self._clock()
+        for index, found in seen.items():
+            self._may_take(index, found, now, takeover)
+        epoch = 1 + max((s.record.epoch for s in seen.values() if s.record), default=0)
+        sent = self._monotonic()
+        now = self._clock()
+        record = LeaseRecord(self.volume_id, self.holder, epoch, now, now + self.ttl, self.ttl)
+        written = self._write_all(record, seen, self.take_window)
+        if self._monotonic() - start > self.take_window or len(written) < self.quorum:
+            self._undo(record, written)
+            if len(written) < self.quorum:
+                raise VolumeError(
+                    f"cannot take the volume's lease: only {len(written)} of"
+                    f" {self.volume_stores} S3 stores took it (a majority, {self.quorum}, is"
+                    f" needed){self._errors_text()}"
+                )
+            raise VolumeError(
+                f"cannot take the volume's lease: the S3 stores took more than"
+                f" {self.take_window:g} s to answer; try again"
+            )
+        time.sleep(self.take_window)  # settle: a rival's writes have landed
+        check = self._read_all(self.take_window)
+        ours = {
+            i: s.etag
+            for i, s in check.items()
+            if s.etag is not None and s.record is not None and self._is_ours(s.record, epoch)
+        }
+        if len(ours) < self.quorum:
+            self._undo(record, ours)
+            holders = {
+                str(s.record.holder)
+                for s in check.values()
+                if s.record is not None
+                and not self._is_ours(s.record, epoch)
+                and not s.record.released
+            }
+            raise VolumeError(
+                "cannot take the volume's lease: another mount took it at the same time"
+                + (f" ({', '.join(sorted(holders))})" if holders else "")
+                + f"; only {len(ours)} of {self.volume_stores} S3 stores hold ours after"
+                " writing (or a server ignored a conditional write); try again"
+            )
+        self.epoch = epoch
+        self._taken_at = record.taken_at
+        self._expires_at = record.expires_at
+        self._valid_until = sent + self.ttl * (1 - FENCE_MARGIN)
+        self._held = ours
+        self._state = "held"
+        self._last_error = None
+        log.info(
+            "took the volume's lease (epoch %d) on %d of %d S3 stores, until %s UTC",
+            epoch,
+            len(self._held),
+            self.volume_stores,
+            utc_text(record.expires_at),
+        )
+
+    def _is_ours(self, record: LeaseRecord, epoch: int) -> bool:
+        return (
+            record.holder.mount == self.holder.mount
+            and record.epoch == epoch
+            and not record.released
+        )
+
+    def _may_take(self, index: int, found: _Seen, now: float, takeover: bool) -> None:
+        """VolumeError if the lease on store `index` keeps us from taking."""
+        where = self.stores[index].path
+        if found.problem is not None:
+            if not takeover:
+                raise VolumeError(
+                    f"the lease object on {where} cannot be read ({found.problem}); if no other"
+                    " host uses the volume, mount with --takeover to replace it"
+                )
+            log.warning("replacing the unreadable lease object on %s", where)
+            return
+        record = found.record
+        if record is None or record.released:
+            return
+        holder = record.holder
+        if record.volume != self.volume_id:
+            if not takeover:
+                raise VolumeError(
+                    f"the lease object on {where} is of volume {record.volume}, not this one;"
+                    " if no other host uses the volume, mount with --takeover to replace it"
+                )
+            return
+        if self._is_dead_process_here(holder):
+            log.warning(
+                "taking the volume's lease from %s: that process of this host no longer exists",
+                holder,
+            )
+            return
+        until = utc_text(record.expires_at)
+        if record.is_live(now):
+            raise VolumeError(
+                f"volume {self.volume_id} is in use: its lease is held by {holder} until"
+                f" {until} UTC ({record.expires_at - now:.0f} s from now, renewed while it"
+                " runs); unmount it there first (if that host died, the lease expires then,"
+                " and mounting with --takeover takes it over)"
+            )
+        if not takeover:
+            raise VolumeError(
+                f"volume {self.volume_id} was not unmounted cleanly: its lease, held by"
+                f" {holder}, expired at {until} UTC ({now - record.expires_at:.0f} s ago);"
+                " that mount died or lost its S3 stores. If it is no longer running, mount"
+                " with --takeover"
+            )
+        log.warning("taking over the volume's lease from %s (expired at %s UTC)", holder, until)
+
+    def _is_dead_process_here(self, holder: Holder) -> bool:
+        """Whether `holder` is a process of this host (same name, boot and
+        pid namespace) that no longer exists (a reused pid counts as alive)."""
+        if holder.host != self.holder.host or holder.space != self.holder.space:
+            return False
+        if holder.pid == os.getpid():
+            return holder.mount != self.holder.mount  # an earlier run of this process
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _undo(self, record: LeaseRecord, written: dict[int, str]) -> None:
+        """Mark released what we wrote of `record` (a failed take)."""
+        self._replace_all(_released(record, self._clock()), written, self.take_window)
+
+    # -- renewing ------------------------------------------------------------------
+
+    def renew(self) -> bool:
+        """One renewal (see the module docstring); whether a majority has
+        our record with the new expiry. Logs what changed."""
+        if self._lost or self._state != "held":
+            return False
+        phase = max(1.0, self.ttl / 6)
+        sent = self._monotonic()
+        seen = self._read_all(phase)
+        rivals = [
+            s.record for s in seen.values()
+            if s.record is not None and s.record.holder.mount != self.holder.mount
+            and not s.record.released and s.record.epoch > self.epoch
+        ]  # fmt: skip
+        if len(rivals) >= self.quorum:
+            self._lose(rivals[0])
+            return False
+        now = self._clock()
+        record = LeaseRecord(
+            self.volume_id, self.holder, self.epoch, self._taken_at, now + self.ttl, self.ttl
+        )
+        targets = {i: s for i, s in seen.items() if s.error is None and self._may_renew_on(s)}
+        written = self._write_all(record, targets, phase)
+        if len(written) >= self.quorum:
+            was_valid = self.holds()
+            self._held = written
+            self._expires_at = record.expires_at
+            self._valid_until = sent + self.ttl * (1 - FENCE_MARGIN)
+            self._last_error = None
+            if not was_valid or self._fenced_logged:
+                log.warning("the volume's lease is renewed again: writes resume")
+            self._fenced_logged = False
+            return True
+        self._last_error = (
+            f"only {len(written)} of {self.volume_stores} S3 stores renewed it"
+            f" (a majority, {self.quorum}, is needed){self._errors_text()}"
+        )
+        self._held = written
+        if self.holds():
+            log.warning(
+                "cannot renew the volume's lease: %s; writes stop in %.0f s unless renewed",
+                self._last_error,
+                self._valid_until - self._monotonic(),
+            )
+        elif not self._fenced_logged:
+            self._fenced_logged = True
+            log.error(
+                "the volume's lease was not renewed in time (%s): writes fail with EIO until it is",
+                self._last_error,
+            )
+        return False
+
+    def _may_renew_on(self, found: _Seen) -> bool:
+        record = found.record
+        if found.problem is not None:
+            return False
+        if record is None:
+            return True
+        if record.holder.mount == self.holder.mount:
+            return record.epoch == self.epoch
+        return record.released or record.epoch < self.epoch
+
+    def _lose(self, rival: LeaseRecord) -> None:
+        self._lost = True
+        self._state = "lost"
+        self._valid_until = -1.0
+        self._held = {}
+        self._last_error = f"taken over by {rival.holder} (epoch {rival.epoch})"
+        log.error(
+            "the volume's lease was taken over by %s (epoch %d, ours %d): writes fail with"
+            " EIO; unmount",
+            rival.holder,
+            rival.epoch,
+            self.epoch,
+        )
+
+    def renew_interval(self) -> float:
+        """Seconds until the next renewal: a third of the ttl, a sixth
+        after a failed one."""
+        return self.ttl / 3 if self._last_error is None else self.ttl / 6
+
+    async def keep_renewed(self) -> None:
+        """Renew until cancelled (or lost): the mount's background task."""
+        while not self._lost and self._state == "held":
+            await trio.sleep(self.renew_interval())
+            await run_in_thread(self.renew, abandon_on_cancel=True)
+
+    # -- releasing -----------------------------------------------------------------
+
+    def release(self) -> None:
+        """Mark our record released on every store that holds it (best
+        effort: a store that does not answer keeps it until it expires)."""
+        if self._state != "held":
+            return
+        self._state = "released"
+        self._valid_until = -1.0
+        seen = self._read_all(max(1.0, self.ttl / 6))
+        now = self._clock()
+        mine = {
+            i: s.etag
+            for i, s in seen.items()
+            if s.record is not None and s.etag is not None and self._is_ours(s.record, self.epoch)
+        }
+        if not mine:
+            return
+        released = _released(
+            LeaseRecord(self.volume_id, self.holder, self.epoch, self._taken_at, now, self.ttl), now
+        )
+        done = self._replace_all(released, mine, max(1.0, self.ttl / 6))
+        failed = [str(self.stores[i].path) for i, r in done.items() if isinstance(r, Exception)]
+        failed += [str(self.stores[i].path) for i in mine if i not in done]
+        if failed:
+            log.warning("the lease stays on %s until it expires", ", ".join(failed))
+        else:
+            log.info("released the volume's lease (epoch %d)", self.epoch)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _read_all(self, timeout: float) -> dict[int, _Seen]:
+        """Every store's lease (a store that did not answer in time: error)."""
+        results = self._call_all(
+            {
+                i: functools.partial(s.get_small_object, LEASE_NAME)
+                for i, s in enumerate(self.stores)
+            },
+            timeout,
+        )
+        seen: dict[int, _Seen] = {}
+        for index in range(len(self.stores)):
+            result = results.get(index)
+            if index not in results:
+                seen[index] = _Seen(error=f"{self.stores[index].path}: no answer in {timeout:g} s")
+            elif isinstance(result, Exception):
+                seen[index] = _Seen(error=str(result))
+            elif result is None:
+                seen[index] = _Seen()
+            else:
+                data, etag = result
+                try:
+                    seen[index] = _Seen(LeaseRecord.from_json(data), etag)
+                except ValueError as exc:
+                    seen[index] = _Seen(etag=etag, problem=str(exc))
+        self._errors = [s.error for s in seen.values() if s.error]
+        return seen
+
+    def _write_all(
+        self, record: LeaseRecord, seen: dict[int, _Seen], timeout: float
+    ) -> dict[int, str]:
+        """Write `record` where the stores answered the read, conditionally
+        on what was read; store -> new ETag of those that took it."""
+        data = record.to_json()
+        calls: dict[int, Callable[[], str]] = {}
+        for index, found in seen.items():
+            if found.error is not None:
+                continue
+            put = self.stores[index].put_small_object
+            if found.etag is None:
+                calls[index] = functools.partial(put, LEASE_NAME, data, create=True)
+            else:
+                calls[index] = functools.partial(put, LEASE_NAME, data, if_match=found.etag)
+        results = self._call_all(calls, timeout)
+        written = {i: r for i, r in results.items() if isinstance(r, str)}
+        self._errors = [str(r) for r in results.values() if isinstance(r, Exception)]
+        self._errors += [
+            f"{self.stores[i].path}: no answer in {timeout:g} s" for i in calls if i not in results
+        ]
+        return written
+
+    def _replace_all(
+        self, record: LeaseRecord, etags: dict[int, str], timeout: float
+    ) -> dict[int, str | Exception]:
+        """Write `record` over the version `etags` names on each store."""
+        data = record.to_json()
+        return self._call_all(
+            {
+                i: functools.partial(
+                    self.stores[i].put_small_object, LEASE_NAME, data, if_match=etag
+                )
+                for i, etag in etags.items()
+            },
+            timeout,
+        )
+
+    def _require_majority(self, seen: dict[int, _Seen], what: str) -> None:
+        answered = sum(1 for s in seen.values() if s.error is None)
+        if answered < self.quorum:
+            raise VolumeError(
+                f"cannot {what}: only {answered} of {self.volume_stores} S3 stores answered"
+                f" (a majority, {self.quorum}, is needed){self._errors_text()}"
+            )
+
+    def _errors_text(self) -> str:
+        return f": {'; '.join(self._errors[:3])}" if self._errors else ""
+
+    @staticmethod
+    def _call_all(calls: dict[int, Callable[[], T]], timeout: float) -> dict[int, T | Exception]:
+        """Run each call in a daemon thread of its own; the results (or
+        EcfsErrors) of those done within `timeout` seconds."""
+        results: dict[int, T | Exception] = {}
+        done = threading.Condition()
+
+        def run(index: int, call: Callable[[], T]) -> None:
+            try:
+                result: T | Exception = call()
+            except ConditionFailed as exc:
+                result = exc
+            except EcfsError as exc:
+                result = exc
+            except Exception as exc:  # a bug: reported as this store's failure
+                log.exception("lease request failed")
+                result = StoreError(f"{type(exc).__name__}: {exc}")
+            with done:
+                results[index] = result
+                done.notify_all()
+
+        for index, call in calls.items():
+            threading.Thread(target=run, args=(index, call), name="ecfs lease", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        with done:
+            while len(results) < len(calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                done.wait(left)
+            return dict(results)
+
+
+def _released(record: LeaseRecord, now: float) -> LeaseRecord:
+    return LeaseRecord(
+        record.volume, record.holder, record.epoch, record.taken_at, now, record.ttl, True
+    )
+
+
+@contextlib.contextmanager
+def held_lease(lease: Lease | None, *, takeover: bool = False) -> Iterator[Lease | None]:
+    """For blocking users (fsck): take `lease` (if any), renew it from a
+    thread while inside, release it on the way out."""
+    if lease is None:
+        yield None
+        return
+    lease.take(takeover=takeover)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease.renew_interval()):
+            lease.renew()
+
+    thread = threading.Thread(target=renew, name="ecfs lease renewal", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join(lease.ttl)
+        lease.release()
