@@ -52,7 +52,8 @@ again and a majority must hold exactly our record (mount id and epoch);
 otherwise what we wrote is released and the take refused ("another host
 took it at the same time"). The settle time is the take window: a take
 gives up unless its reads and its majority of writes finished within
-TAKE_WINDOW, and reads back TAKE_WINDOW after its writes, so two racing
+TAKE_WINDOW (half of it for the reads: a hung server is not waited for
+longer), and reads back TAKE_WINDOW after its writes, so two racing
 takers read back after both wrote and see the same records: at most one
 finds a majority (a write that was not acknowledged in time and lands
 later is the one case this does not cover).
@@ -403,7 +404,7 @@ class Lease:
         """Take the lease (see the module docstring) or raise VolumeError
         saying who holds it and until when."""
         start = self._monotonic()
-        seen = self._read_all(self.take_window)
+        seen = self._read_all(self.take_window / 2)  # the writes get the rest
         self._require_majority(seen, "read the volume's lease")
         now = self._clock()
         for index, found in seen.items():
@@ -412,7 +413,7 @@ class Lease:
         sent = self._monotonic()
         now = self._clock()
         record = LeaseRecord(self.volume_id, self.holder, epoch, now, now + self.ttl, self.ttl)
-        written = self._write_all(record, seen, self.take_window)
+        written = self._write_all(record, seen, max(0.0, start + self.take_window - sent))
         if self._monotonic() - start > self.take_window or len(written) < self.quorum:
             self._undo(record, written)
             if len(written) < self.quorum:
@@ -519,8 +520,6 @@ class Lease:
         pid namespace) that no longer exists (a reused pid counts as alive)."""
         if holder.host != self.holder.host or holder.space != self.holder.space:
             return False
-        if holder.pid == os.getpid():
-            return holder.mount != self.holder.mount  # an earlier run of this process
         try:
             os.kill(holder.pid, 0)
         except ProcessLookupError:
