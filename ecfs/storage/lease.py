@@ -105,6 +105,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ import trio
 from ..core.errors import EcfsError, FsError, StoreError, VolumeError
 from .offload import run_in_thread
 from .s3store import ConditionFailed, S3Store, is_s3_location
+from .storefactory import open_store
 
 log = logging.getLogger(__name__)
 
@@ -764,6 +766,25 @@ def _released(record: LeaseRecord, now: float) -> LeaseRecord:
     return LeaseRecord(
         record.volume, record.holder, record.epoch, record.taken_at, now, record.ttl, True
     )
+
+
+def lease_for_stores(
+    paths: Sequence[Path], *, ttl: float = DEFAULT_TTL, holder: Holder | None = None
+) -> Lease | None:
+    """The lease of the volume whose stores are `paths` (its id from the
+    markers most of them carry), over the S3 stores among them; None if
+    there is no S3 store. Unreadable markers are skipped quietly (opening
+    the volume reports them)."""
+    if not any(is_s3_location(p) for p in paths):
+        return None
+    volumes: Counter[str] = Counter()
+    for path in paths:
+        try:
+            volumes[open_store(path).read_marker().volume_id] += 1
+        except StoreError:
+            continue
+    volume_id = volumes.most_common(1)[0][0] if volumes else "unknown"
+    return Lease.for_locations(paths, volume_id, ttl=ttl, holder=holder)
 
 
 @contextlib.contextmanager

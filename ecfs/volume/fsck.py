@@ -18,7 +18,11 @@ How a run goes:
    raise VolumeError (exit 2). A store whose marker names another volume
    than most, or disagrees with the volume's geometry, is reported and not
    used (`ecfs.volume.assembly.select_volume`, `marker_mismatch`).
-2. The volume lock is taken on every readable store.
+2. The volume lock is taken on every readable store, and the volume's
+   lease on its S3 stores if it has any (`ecfs.storage.lease`; with
+   `takeover`, a lease that expired without release is taken over); the
+   lease is renewed while fsck runs and released at the end. A repair is
+   not written back if the lease was lost meanwhile.
 3. replicas_agree: every replica file is inspected, read-only, as a mount
    does it (schema, volume, stores, rows against the content digest it
    records) and one is chosen by the mount's rule (`ecfs.storage.replicas.choose_copy`),
@@ -65,11 +69,13 @@ from pathlib import Path
 
 from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
+from ..storage.lease import Lease, held_lease
 from ..storage.lock import VolumeLock
 from ..storage.metadb.database import Database
 from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
 from ..storage.metadb.stores import StoreTable
 from ..storage.replicas import CopyChoice, copy_database, replica_path, set_aside
+from ..storage.s3store import is_s3_location
 from ..storage.store import MARKER_NAME, Store, StoreMarker
 from ..storage.storefactory import open_store
 from .assembly import (
@@ -128,6 +134,7 @@ def run_fsck(
     repair: bool,
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None = None,
+    takeover: bool = False,
 ) -> FsckReport:
     """Blocking: check (and with `repair`, fix) the volume made of the
     stores in `store_args` (paths or glob patterns, as for mount).
@@ -135,7 +142,8 @@ def run_fsck(
     `verify_data` reads every fragment payload and verifies every cell
     checksum (otherwise only headers and file sizes are checked).
     `progress(stage, done, total)` is called as work advances; stages are
-    `STAGES`. Raises VolumeError for usage problems (see the module
+    `STAGES`. `takeover`: take over a lease that expired without release.
+    Raises VolumeError for usage problems (see the module
     docstring) and when the volume is in use; every problem found in the
     volume itself is a Finding in the returned report instead.
     """
@@ -164,11 +172,17 @@ def run_fsck(
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
-    with VolumeLock.acquire(local_stores(list(markers))):
+    lease = Lease.for_locations(paths, report.volume_id)
+    with (
+        VolumeLock.acquire(local_stores(list(markers))),
+        held_lease(lease, takeover=takeover),
+    ):
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:
-            _check_volume(report, markers, by_store_id, workdir, repair, verify_data, progress)
+            _check_volume(
+                report, markers, by_store_id, workdir, repair, verify_data, progress, lease
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return report
@@ -182,8 +196,9 @@ def _check_volume(
     repair: bool,
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None,
+    lease: Lease | None = None,
 ) -> None:
-    """Steps 3 to 6 of the module docstring, with the lock held."""
+    """Steps 3 to 6 of the module docstring, with the lock (and lease) held."""
     expect = expectation(markers, by_store_id)
     replicas = [replica_path(open_store(p).meta_dir) for p in markers]
     replica_findings_start = len(report.findings)
@@ -217,6 +232,9 @@ def _check_volume(
         for path, why in leave_out_mismatched(markers, by_store_id, params).values():
             report.add("chunk_fragments_present", f"store {path} is not used: {why}")
         table = StoreTable(db).all()
+        if lease is not None:
+            s3 = [p for p in StoreTable(db).paths().values() if is_s3_location(p)]
+            lease.set_volume_stores(len(s3))
         stores = _match_stores(table, by_store_id, db)
         layout = Layout(
             int(params["k"]), int(params["m"]), int(params["fragment_size"]),
@@ -252,6 +270,9 @@ def _check_volume(
             return  # never write metadata that refers to fragments not durable
         with db.transaction():
             pass  # bump the generation above every replica's
+        if lease is not None and not lease.holds():
+            report.add("replicas_agree", f"repairs not written back: {lease.why_not()}")
+            return
     finally:
         db.close()
     if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused)):
