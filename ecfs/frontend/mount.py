@@ -343,6 +343,8 @@ def _serve_process(
             try:
                 paths = volume.store_table.paths().values()
                 lease.set_volume_stores(sum(1 for p in paths if is_s3_location(p)))
+                if not lease.renew() and not lease.holds():  # opening may have taken long
+                    raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")
             except BaseException:
                 volume.close()
                 raise

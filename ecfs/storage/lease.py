@@ -371,9 +371,12 @@ class Lease:
         return self._monotonic() < self._valid_until
 
     def check(self) -> None:
-        """FsError (EIO) unless `holds`: the reason, for a refused write."""
+        """FsError (EIO) unless `holds`: the reason, for a refused write
+        (not logged again for each write: `renew` logged the change)."""
         if not self.holds():
-            raise FsError(self.why_not())
+            error = FsError(self.why_not())
+            error.already_logged = True
+            raise error
 
     def why_not(self) -> str:
         if self._lost:
