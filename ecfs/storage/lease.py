@@ -328,6 +328,9 @@ class Lease:
         self._last_error: str | None = None
         self._errors: list[str] = []  # of the last phase, for messages
         self._fenced_logged = False
+        #: Held by take, renew and release: one at a time (a renewal
+        #: abandoned at unmount must not overwrite the release).
+        self._busy = threading.Lock()
 
     @classmethod
     def for_locations(
@@ -408,6 +411,10 @@ class Lease:
     def take(self, *, takeover: bool = False) -> None:
         """Take the lease (see the module docstring) or raise VolumeError
         saying who holds it and until when."""
+        with self._busy:
+            self._take(takeover)
+
+    def _take(self, takeover: bool) -> None:
         start = self._monotonic()
         seen = self._read_all(self.take_window / 2)  # the writes get the rest
         self._require_majority(seen, "read the volume's lease")
@@ -542,6 +549,10 @@ class Lease:
     def renew(self) -> bool:
         """One renewal (see the module docstring); whether a majority has
         our record with the new expiry. Logs what changed."""
+        with self._busy:
+            return self._renew()
+
+    def _renew(self) -> bool:
         if self._lost or self._state != "held":
             return False
         phase = max(1.0, self.ttl / 6)
@@ -630,6 +641,10 @@ class Lease:
     def release(self) -> None:
         """Mark our record released on every store that holds it (best
         effort: a store that does not answer keeps it until it expires)."""
+        with self._busy:
+            self._release()
+
+    def _release(self) -> None:
         if self._state != "held":
             return
         self._state = "released"
