@@ -22,7 +22,7 @@ from ecfs.storage.s3store import S3Store
 from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment
 
 TTL = 3.0
-WINDOW = 0.3
+WINDOW = 0.5
 VOLUME = "0b7e5c8e-4a43-4b5e-9d55-3c2a1f0e9a01"
 
 
@@ -149,14 +149,17 @@ def test_a_majority_suffices_and_a_minority_refuses() -> None:
         assert first.renew()
         servers[1].kill()
         second = _lease(stores, "host-b")
-        with pytest.raises(VolumeError) as refused:
-            second.take()
-        message = str(refused.value)
-        assert "only 1 of 3 S3 stores answered (a majority, 2, is needed)" in message
-        _no_secret(message)
+        with pytest.raises(VolumeError, match="held by host host-a"):
+            second.take()  # the one store that answers names the holder
         assert not first.renew()  # 1 of 3: not renewed ...
         assert first.holds()  # ... but still valid until its fence time
         assert "only 1 of 3" in (first.statistics().last_error or "")
+        first.release()
+        with pytest.raises(VolumeError) as refused:
+            second.take()
+        message = str(refused.value)
+        assert "only 1 of 3 S3 stores answered (2 needed: the lease needs a majority" in message
+        _no_secret(message)
 
 
 def test_a_store_that_comes_back_gets_the_lease_at_the_next_renewal() -> None:
@@ -271,7 +274,30 @@ def test_for_locations_takes_only_s3_stores(servers: list[MotoServer], tmp_path:
     assert lease is not None and len(lease.stores) == 3
     lease.take()
     with pytest.raises(VolumeError, match="needs a majority"):
-        lease.set_volume_stores(7)  # 3 given of 7: not a majority
-    lease.set_volume_stores(5)
-    assert lease.quorum == 3
+        lease.set_volume_stores(7, 0)  # 3 given of 7: not a majority
+    lease.set_volume_stores(7, 1)  # 3 and a local store locked here: 4 of 7
+    assert lease.quorum == 4 and lease.s3_needed == 3
     lease.release()
+
+
+def test_local_stores_locked_here_count_in_the_majority() -> None:
+    """A hybrid volume (4 local stores, 2 S3 parity stores): the local
+    stores are a majority, so the mount holds the lease with both servers
+    gone, and a host without the local stores can never take it."""
+    with moto_servers(2) as servers:
+        stores = _stores(servers)
+        first = _lease(stores, "host-a", local_votes=4)
+        first.take()
+        assert first.statistics().stores_held == 2
+        other = _lease(stores, "host-b", volume_stores=6)
+        with pytest.raises(VolumeError, match="held by host host-a"):
+            other.take(takeover=True)
+        first.release()
+        with pytest.raises(VolumeError, match=r"only 2 of 2 S3 stores answered \(4 needed"):
+            other.take()  # 2 of 6 stores: never a majority
+        assert all(r is not None and r.released for r in _records(stores))  # untouched
+        for server in servers:
+            server.kill()
+        alone = _lease(stores, "host-a", local_votes=4)
+        alone.take()  # no server answers: the 4 local stores are a majority of 6
+        assert alone.holds() and alone.renew()

@@ -4,7 +4,8 @@ second host is refused while the volume is mounted, with the holder named;
 after kill -9 the same host mounts again at once, another host only after
 the lease expired and with --takeover (the epoch grows); after a clean
 unmount any host mounts without takeover; a mount that cannot renew its
-lease stops acknowledging writes and resumes once it can.
+lease stops acknowledging writes and resumes once it can. The local
+stores count in the lease's majority (2 of the 5 votes here).
 
 Two hosts are played on one machine with $ECFS_HOST_ID (the documented
 seam, `ecfs.storage.lease.HOST_ID_ENV`). While the first "host" is
@@ -106,7 +107,7 @@ def test_a_second_host_is_refused_while_mounted_and_mounts_after_a_clean_unmount
         (volume.mountpoint / "f").write_bytes(b"x" * 300_000)
         lease = _lease_status(volume)
         assert lease["state"] == "held" and lease["host"] == "host-a" and lease["epoch"] == 1
-        assert lease["stores_held"] == 3 and lease["stores"] == 3
+        assert lease["stores_held"] == 3 and lease["stores"] == 3 and lease["local_stores"] == 2
         assert volume.proc is not None
         _as_host(monkeypatch, "host-b")
         message = _mount_refused(other, tmp_path / "mnt-b")
@@ -189,7 +190,8 @@ def test_a_mount_that_cannot_renew_its_lease_refuses_writes_until_it_can(
     volume.mount()
     try:
         (volume.mountpoint / "before").write_bytes(b"before")
-        for server in servers[:2]:  # a majority of the S3 stores hangs
+        # Every S3 store hangs: the 2 local stores are no majority of 5.
+        for server in servers:
             server.pause()
         try:
             deadline = time.monotonic() + 4 * TTL
@@ -201,7 +203,7 @@ def test_a_mount_that_cannot_renew_its_lease_refuses_writes_until_it_can(
                     f.write(b"refused")
             assert refused.value.errno == errno.EIO
         finally:
-            for server in servers[:2]:
+            for server in servers:
                 server.resume()
         deadline = time.monotonic() + 4 * TTL
         while _lease_status(volume)["state"] != "held":

@@ -244,10 +244,12 @@ def lock_stores(store_args: Sequence[str]) -> VolumeLock:
     return VolumeLock.acquire(present)
 
 
-def take_lease(store_args: Sequence[str], options: MountOptions) -> Lease | None:
-    """Take the lease of a volume with S3 stores (None without any);
-    VolumeError naming the holder if another host holds it."""
-    lease = lease_for_stores(expand_store_args(store_args), ttl=options.lease_seconds)
+def take_lease(store_args: Sequence[str], lock: VolumeLock, options: MountOptions) -> Lease | None:
+    """Take the lease of a volume with S3 stores (None without any; the
+    local stores under `lock` count in its majority); VolumeError naming
+    the holder if another host holds it."""
+    paths = expand_store_args(store_args)
+    lease = lease_for_stores(paths, lock.stores, ttl=options.lease_seconds)
     if lease is not None:
         lease.take(takeover=options.takeover)
     return lease
@@ -337,12 +339,12 @@ def _serve_process(
     lock = lock_stores(store_args)
     lease = None
     try:
-        lease = take_lease(store_args, options)
+        lease = take_lease(store_args, lock, options)
         volume = Volume.open(store_args)
         if lease is not None:
             try:
-                paths = volume.store_table.paths().values()
-                lease.set_volume_stores(sum(1 for p in paths if is_s3_location(p)))
+                local = [s for s in volume.stores.values() if not is_s3_location(s.path)]
+                lease.set_volume_stores(len(volume.store_table.paths()), len(local))
                 if not lease.renew() and not lease.holds():  # opening may have taken long
                     raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")
             except BaseException:

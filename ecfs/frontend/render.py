@@ -106,6 +106,7 @@ def render_status(status: VolumeStatus) -> str:
         lines.append(
             f"lease: {lease.state}, host {lease.host} (pid {lease.pid}), epoch {lease.epoch},"
             f" until {lease.expires_at} UTC, on {lease.stores_held} of {lease.stores} S3 stores"
+            + (f" and {lease.local_stores} local ones" if lease.local_stores else "")
             + (f" ({lease.last_error})" if lease.last_error else "")
         )
     for message in status.unrecoverable:

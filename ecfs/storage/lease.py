@@ -27,9 +27,15 @@ LEASE_MAX_BYTES)::
      "ttl": 30.0,                      seconds
      "released": false}                true after a clean unmount
 
-Majority: the lease is held when a majority (floor(s/2) + 1) of the
-volume's s S3 stores hold the holder's record: losing a minority of the
-servers blocks nobody, and two holders can never both have a majority.
+Majority: every store of the volume is one vote, and the lease is held
+with a majority of them (floor(n/2) + 1 of its n stores): an S3 store
+votes for the holder whose record it keeps, a local store for the process
+that holds its flock (`ecfs.storage.lock`: the mount locks every local
+store it opens, before taking the lease). Two holders can never both have
+a majority, and losing a minority of the servers blocks nobody. On an
+all-S3 volume that is a majority of its S3 stores; a hybrid volume whose
+local stores are a majority (4 local disks, 2 S3 parity stores) mounts
+whatever its servers do, since no other host can have its local stores.
 `epoch` is 1 + the largest epoch on any store read (a majority is read, so
 it is above every epoch ever held); it only grows. Other code that writes
 to shared stores may tag what it writes with `Lease.epoch` (a plain
@@ -53,7 +59,7 @@ otherwise what we wrote is released and the take refused ("another host
 took it at the same time"). The settle time is the take window: a take
 gives up unless its reads and its majority of writes finished within
 TAKE_WINDOW (half of it for the reads: a hung server is not waited for
-longer), and reads back TAKE_WINDOW after its writes, so two racing
+longer; tried again up to TAKE_ATTEMPTS times), and reads back TAKE_WINDOW after its writes, so two racing
 takers read back after both wrote and see the same records: at most one
 finds a majority (a write that was not acknowledged in time and lands
 later is the one case this does not cover).
@@ -106,7 +112,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -141,7 +147,14 @@ FENCE_MARGIN = 0.2
 #: settle time before reading back (see the module docstring).
 TAKE_WINDOW = 2.0
 
+#: Takes tried when one is too slow (the first opens the connections).
+TAKE_ATTEMPTS = 3
+
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class _TooSlow(Exception):
+    """A take did not read and write a majority within its window."""
 
 
 class LeaseStore(Protocol):
@@ -276,7 +289,8 @@ class LeaseStatistics:
     expires_at: str  # of the last record written
     ttl: float
     stores_held: int  # S3 stores that acknowledged the last renewal
-    stores: int  # S3 stores of the volume
+    stores: int  # S3 stores it is kept on
+    local_stores: int  # local stores locked by this mount, counted in the majority
     last_error: str | None
 
 
@@ -302,11 +316,14 @@ class Lease:
         take_window: float = TAKE_WINDOW,
         holder: Holder | None = None,
         volume_stores: int | None = None,
+        local_votes: int = 0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`stores`: the S3 stores given; `volume_stores`: how many S3 stores
-        the volume has (default: as many as given; see `set_volume_stores`)."""
+        """`stores`: the S3 stores given; `local_votes`: the volume's local
+        stores this process holds locked (`ecfs.storage.lock`); `volume_stores`:
+        how many stores the volume has in all (default: those two; see
+        `set_volume_stores`)."""
         if ttl < MIN_TTL:
             raise VolumeError(f"the lease must last at least {MIN_TTL:g} s")
         self.stores = list(stores)
@@ -314,7 +331,8 @@ class Lease:
         self.ttl = float(ttl)
         self.take_window = take_window
         self.holder = holder or this_holder()
-        self.volume_stores = max(volume_stores or 0, len(self.stores))
+        self.local_votes = local_votes
+        self.volume_stores = max(volume_stores or 0, len(self.stores) + local_votes)
         #: The fencing epoch of this holder (0 until taken; then fixed).
         self.epoch = 0
         self._clock = clock
@@ -341,6 +359,7 @@ class Lease:
         ttl: float = DEFAULT_TTL,
         take_window: float = TAKE_WINDOW,
         holder: Holder | None = None,
+        local_votes: int = 0,
     ) -> Lease | None:
         """The lease over the S3 stores among `paths` (own clients with
         short timeouts, separate from the volume's), or None if there is none."""
@@ -349,23 +368,47 @@ class Lease:
             return None
         timeout = max(1.0, ttl / 6)
         stores = [S3Store(p, request_timeout=timeout, max_retries=1) for p in locations]
-        return cls(stores, volume_id, ttl=ttl, take_window=take_window, holder=holder)
+        return cls(
+            stores,
+            volume_id,
+            ttl=ttl,
+            take_window=take_window,
+            holder=holder,
+            local_votes=local_votes,
+        )
 
     @property
     def quorum(self) -> int:
+        """Stores (votes) that make a majority of the volume's."""
         return self.volume_stores // 2 + 1
 
-    def set_volume_stores(self, count: int) -> None:
-        """The volume has `count` S3 stores (learnt from its metadata once
-        opened): the majority is of those. VolumeError if the stores we hold
-        are too few (fewer were given than a majority of them)."""
-        self.volume_stores = max(count, len(self.stores))
-        if len(self._held) < self.quorum:
+    @property
+    def s3_needed(self) -> int:
+        """S3 stores that must hold our record, besides the local votes."""
+        return max(0, self.quorum - self.local_votes)
+
+    def set_volume_stores(self, count: int, local_votes: int) -> None:
+        """The volume has `count` stores, `local_votes` of them local and
+        locked here (learnt once the volume is opened): the majority is of
+        those. VolumeError if we hold too few (too few stores were given)."""
+        self.local_votes = local_votes
+        self.volume_stores = max(count, len(self.stores) + local_votes)
+        if len(self._held) < self.s3_needed:
             raise VolumeError(
-                f"the volume has {self.volume_stores} S3 stores and its lease needs a majority"
-                f" ({self.quorum}); only {len(self._held)} of those given hold it: give more"
-                " of its S3 stores"
+                "cannot take the volume's lease: "
+                + self._short(len(self._held), "given hold it")
+                + "; give more of its stores"
             )
+
+    def _short(self, count: int, what: str) -> str:
+        # "only 1 of 3 S3 stores answered (2 needed: ...)"
+        text = (
+            f"only {count} of {len(self.stores)} S3 stores {what} ({self.s3_needed} needed:"
+            f" the lease needs a majority of the volume's {self.volume_stores} stores"
+        )
+        if self.local_votes:
+            text += f", {self.local_votes} of them local stores locked here"
+        return text + ")"
 
     # -- asking ----------------------------------------------------------------------
 
@@ -402,7 +445,8 @@ class Lease:
             expires_at=utc_text(self._expires_at),
             ttl=self.ttl,
             stores_held=len(self._held),
-            stores=self.volume_stores,
+            stores=len(self.stores),
+            local_stores=self.local_votes,
             last_error=self._last_error,
         )
 
@@ -412,32 +456,39 @@ class Lease:
         """Take the lease (see the module docstring) or raise VolumeError
         saying who holds it and until when."""
         with self._busy:
-            self._take(takeover)
+            for attempt in range(TAKE_ATTEMPTS):
+                try:
+                    return self._take(takeover)
+                except _TooSlow:
+                    if attempt + 1 == TAKE_ATTEMPTS:
+                        raise VolumeError(
+                            "cannot take the volume's lease: the S3 stores took more than"
+                            f" {self.take_window:g} s to answer, {TAKE_ATTEMPTS} times; try"
+                            " again"
+                        ) from None
+                    log.info("taking the volume's lease took too long; again")
 
     def _take(self, takeover: bool) -> None:
         start = self._monotonic()
         seen = self._read_all(self.take_window / 2)  # the writes get the rest
-        self._require_majority(seen, "read the volume's lease")
         now = self._clock()
         for index, found in seen.items():
             self._may_take(index, found, now, takeover)
+        self._require_majority(seen, "read the volume's lease")
         epoch = 1 + max((s.record.epoch for s in seen.values() if s.record), default=0)
         sent = self._monotonic()
         now = self._clock()
         record = LeaseRecord(self.volume_id, self.holder, epoch, now, now + self.ttl, self.ttl)
         written = self._write_all(record, seen, max(0.0, start + self.take_window - sent))
-        if self._monotonic() - start > self.take_window or len(written) < self.quorum:
+        if self._monotonic() - start > self.take_window or len(written) < self.s3_needed:
             self._undo(record, written)
-            if len(written) < self.quorum:
+            if len(written) < self.s3_needed:
                 raise VolumeError(
-                    f"cannot take the volume's lease: only {len(written)} of"
-                    f" {self.volume_stores} S3 stores took it (a majority, {self.quorum}, is"
-                    f" needed){self._errors_text()}"
+                    "cannot take the volume's lease: "
+                    + self._short(len(written), "took it")
+                    + self._errors_text()
                 )
-            raise VolumeError(
-                f"cannot take the volume's lease: the S3 stores took more than"
-                f" {self.take_window:g} s to answer; try again"
-            )
+            raise _TooSlow
         time.sleep(self.take_window)  # settle: a rival's writes have landed
         check = self._read_all(self.take_window)
         ours = {
@@ -445,7 +496,7 @@ class Lease:
             for i, s in check.items()
             if s.etag is not None and s.record is not None and self._is_ours(s.record, epoch)
         }
-        if len(ours) < self.quorum:
+        if len(ours) < self.s3_needed:
             self._undo(record, ours)
             holders = {
                 str(s.record.holder)
@@ -457,8 +508,8 @@ class Lease:
             raise VolumeError(
                 "cannot take the volume's lease: another mount took it at the same time"
                 + (f" ({', '.join(sorted(holders))})" if holders else "")
-                + f"; only {len(ours)} of {self.volume_stores} S3 stores hold ours after"
-                " writing (or a server ignored a conditional write); try again"
+                + f"; {self._short(len(ours), 'hold ours after writing')} (or a server"
+                " ignored a conditional write); try again"
             )
         self.epoch = epoch
         self._taken_at = record.taken_at
@@ -563,7 +614,9 @@ class Lease:
             if s.record is not None and s.record.holder.mount != self.holder.mount
             and not s.record.released and s.record.epoch > self.epoch
         ]  # fmt: skip
-        if len(rivals) >= self.quorum:
+        # A rival has none of our local votes: it needs a majority elsewhere.
+        free_votes = self.volume_stores - len(self.stores) - self.local_votes
+        if rivals and len(rivals) + free_votes >= self.quorum:
             self._lose(rivals[0])
             return False
         now = self._clock()
@@ -572,7 +625,7 @@ class Lease:
         )
         targets = {i: s for i, s in seen.items() if s.error is None and self._may_renew_on(s)}
         written = self._write_all(record, targets, phase)
-        if len(written) >= self.quorum:
+        if len(written) >= self.s3_needed:
             was_valid = self.holds()
             self._held = written
             self._expires_at = record.expires_at
@@ -582,10 +635,7 @@ class Lease:
                 log.warning("the volume's lease is renewed again: writes resume")
             self._fenced_logged = False
             return True
-        self._last_error = (
-            f"only {len(written)} of {self.volume_stores} S3 stores renewed it"
-            f" (a majority, {self.quorum}, is needed){self._errors_text()}"
-        )
+        self._last_error = self._short(len(written), "renewed it") + self._errors_text()
         self._held = written
         if self.holds():
             log.warning(
@@ -738,10 +788,9 @@ class Lease:
 
     def _require_majority(self, seen: dict[int, _Seen], what: str) -> None:
         answered = sum(1 for s in seen.values() if s.error is None)
-        if answered < self.quorum:
+        if answered < self.s3_needed:
             raise VolumeError(
-                f"cannot {what}: only {answered} of {self.volume_stores} S3 stores answered"
-                f" (a majority, {self.quorum}, is needed){self._errors_text()}"
+                f"cannot {what}: {self._short(answered, 'answered')}{self._errors_text()}"
             )
 
     def _errors_text(self) -> str:
@@ -787,22 +836,30 @@ def _released(record: LeaseRecord, now: float) -> LeaseRecord:
 
 
 def lease_for_stores(
-    paths: Sequence[Path], *, ttl: float = DEFAULT_TTL, holder: Holder | None = None
+    paths: Sequence[Path],
+    locked: Collection[Path],
+    *,
+    ttl: float = DEFAULT_TTL,
+    holder: Holder | None = None,
 ) -> Lease | None:
     """The lease of the volume whose stores are `paths` (its id from the
-    markers most of them carry), over the S3 stores among them; None if
-    there is no S3 store. Unreadable markers are skipped quietly (opening
-    the volume reports them)."""
+    markers most of them carry), over the S3 stores among them, counting
+    the local stores of the volume in `locked` (held locked by the caller)
+    as votes; None if there is no S3 store. Unreadable markers are skipped
+    quietly (opening the volume reports them)."""
     if not any(is_s3_location(p) for p in paths):
         return None
     volumes: Counter[str] = Counter()
+    found: dict[Path, str] = {}
     for path in paths:
         try:
-            volumes[open_store(path).read_marker().volume_id] += 1
+            found[path] = open_store(path).read_marker().volume_id
         except StoreError:
             continue
+        volumes[found[path]] += 1
     volume_id = volumes.most_common(1)[0][0] if volumes else "unknown"
-    return Lease.for_locations(paths, volume_id, ttl=ttl, holder=holder)
+    local = sum(1 for p in locked if found.get(p) == volume_id and not is_s3_location(p))
+    return Lease.for_locations(paths, volume_id, ttl=ttl, holder=holder, local_votes=local)
 
 
 @contextlib.contextmanager

@@ -172,11 +172,9 @@ def run_fsck(
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
-    lease = Lease.for_locations(paths, report.volume_id)
-    with (
-        VolumeLock.acquire(local_stores(list(markers))),
-        held_lease(lease, takeover=takeover),
-    ):
+    local = local_stores(list(markers))
+    lease = Lease.for_locations(paths, report.volume_id, local_votes=len(local))
+    with VolumeLock.acquire(local), held_lease(lease, takeover=takeover):
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:
@@ -232,10 +230,10 @@ def _check_volume(
         for path, why in leave_out_mismatched(markers, by_store_id, params).values():
             report.add("chunk_fragments_present", f"store {path} is not used: {why}")
         table = StoreTable(db).all()
-        if lease is not None:
-            s3 = [p for p in StoreTable(db).paths().values() if is_s3_location(p)]
-            lease.set_volume_stores(len(s3))
         stores = _match_stores(table, by_store_id, db)
+        if lease is not None:
+            local = [s for s in stores.values() if not is_s3_location(s.path)]
+            lease.set_volume_stores(len(table), len(local))
         layout = Layout(
             int(params["k"]), int(params["m"]), int(params["fragment_size"]),
             int(params["cell_size"]),
