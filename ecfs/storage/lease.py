@@ -36,12 +36,17 @@ a majority, and losing a minority of the servers blocks nobody. On an
 all-S3 volume that is a majority of its S3 stores; a hybrid volume whose
 local stores are a majority (4 local disks, 2 S3 parity stores) mounts
 whatever its servers do, since no other host can have its local stores.
-`epoch` is 1 + the largest epoch on any store read (a majority is read, so
-it is above every epoch ever held); it only grows. Other code that writes
+`epoch` is 1 + the largest epoch on any S3 store read. On a volume of S3
+stores only, a majority of them is read, which includes one of the stores
+of every earlier holder: the epoch is above every epoch ever held, and
+only grows. (A hybrid volume that takes the lease with its local votes
+while servers are away may reuse a lower epoch; no other host can mount
+it anyway.) Other code that writes
 to shared stores may tag what it writes with `Lease.epoch` (a plain
 attribute, fixed once taken) and refuse what carries a lower one.
 
-Taking (`take`): read every store's lease (a majority must answer);
+Taking (`take`): read every store's lease (enough must answer to make a
+majority with the local votes: `s3_needed`);
 refuse (VolumeError) if any record of another holder is live (not
 released, expires_at in the future): the message names its host, pid and
 expiry. A record of another holder that expired without release (a mount
@@ -54,28 +59,31 @@ with kill -9 can be mounted again on its host at once). Then write our
 record on every store that answered, with If-Match on the ETag read (or
 If-None-Match: * where there was none), and VERIFY: some servers have
 ignored conditional writes, so after a settle time every lease is read
-again and a majority must hold exactly our record (mount id and epoch);
+again and `s3_needed` of them must hold exactly our record (mount id and
+epoch);
 otherwise what we wrote is released and the take refused ("another host
 took it at the same time"). The settle time is the take window: a take
-gives up unless its reads and its majority of writes finished within
-TAKE_WINDOW (half of it for the reads: a hung server is not waited for
-longer; tried again up to TAKE_ATTEMPTS times), and reads back TAKE_WINDOW after its writes, so two racing
-takers read back after both wrote and see the same records: at most one
-finds a majority (a write that was not acknowledged in time and lands
-later is the one case this does not cover).
+gives up unless its reads and enough writes finished within TAKE_WINDOW
+(half of it for the reads: a hung server is not waited for longer; tried
+again up to TAKE_ATTEMPTS times), and reads back TAKE_WINDOW after its
+writes, so two racing takers read back after both wrote and see the same
+records: at most one finds a majority. Not covered, with servers that
+ignore conditions: a write that was not acknowledged in time and lands
+later, and the release of a failed take landing over the winner's record.
 
 Renewing (`renew`, every ttl/3; every ttl/6 after a failure): read every
 lease, write our record with a new expires_at (If-Match on the ETag read)
 where the store holds ours, or holds nothing, a released record or one of
 a lower epoch (a store that was away or replaced joins again). Renewed
-when a majority acknowledged. A majority of records of another holder
-with a higher epoch means the lease was taken over: lost for good (logged
-as an error).
+when `s3_needed` acknowledged. Records of another holder with a higher
+epoch on enough S3 stores for a majority (with the votes of the stores
+this mount does not have) mean the lease was taken over: lost for good
+(logged as an error).
 
 Fencing on our side (`holds`): the holder may write only until
 FENCE_MARGIN x ttl before the expiry it last wrote, measured on its
 monotonic clock from before the write was sent. A mount that cannot
-renew on a majority therefore stops acknowledging writes (see
+renew on enough S3 stores therefore stops acknowledging writes (see
 `ecfs.volume.assembly`: fragment writes, fsync and write(2) fail with EIO)
 before another host may take over, and resumes if a renewal succeeds
 again in time. Expiry is compared between hosts on their UTC clocks: they
@@ -489,13 +497,16 @@ class Lease:
                     + self._errors_text()
                 )
             raise _TooSlow
-        time.sleep(self.take_window)  # settle: a rival's writes have landed
-        check = self._read_all(self.take_window)
-        ours = {
-            i: s.etag
-            for i, s in check.items()
-            if s.etag is not None and s.record is not None and self._is_ours(s.record, epoch)
-        }
+        if self.s3_needed:  # else the local votes alone are a majority: no rival can win
+            time.sleep(self.take_window)  # settle: a rival's writes have landed
+            check = self._read_all(self.take_window)
+            ours = {
+                i: s.etag
+                for i, s in check.items()
+                if s.etag is not None and s.record is not None and self._is_ours(s.record, epoch)
+            }
+        else:
+            check, ours = seen, written
         if len(ours) < self.s3_needed:
             self._undo(record, ours)
             holders = {
@@ -522,7 +533,7 @@ class Lease:
             "took the volume's lease (epoch %d) on %d of %d S3 stores, until %s UTC",
             epoch,
             len(self._held),
-            self.volume_stores,
+            len(self.stores),
             utc_text(record.expires_at),
         )
 
