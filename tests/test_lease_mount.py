@@ -118,6 +118,9 @@ def test_a_second_host_is_refused_while_mounted_and_mounts_after_a_clean_unmount
         fsck = cli("fsck", "--takeover", *other, check=False)
         assert fsck.returncode == 2 and "held by host host-a" in fsck.stderr
         assert "lease: held, host host-a" in cli("status", volume.mountpoint).stdout
+        prometheus = cli("status", "--prometheus", volume.mountpoint).stdout
+        assert re.search(r'^ecfs_lease_state\{state="held"\} 1(\.0)?$', prometheus, re.M)
+        assert re.search(r"^ecfs_lease_epoch 1(\.0)?$", prometheus, re.M)
         _as_host(monkeypatch, "host-a")
     finally:
         volume.unmount()

@@ -155,6 +155,8 @@ FENCE_MARGIN = 0.2
 #: settle time before reading back (see the module docstring).
 TAKE_WINDOW = 2.0
 
+#: What `LeaseStatistics.state` may be.
+LEASE_STATES = ("held", "fenced", "lost", "released")
 #: Takes tried when one is too slow (the first opens the connections).
 TAKE_ATTEMPTS = 3
 
