@@ -12,18 +12,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ecfs.core.errors import FsError, VolumeError
 from ecfs.storage.lease import LEASE_NAME, Holder, Lease, LeaseRecord, this_holder
 from ecfs.storage.s3store import S3Store
+from ecfs.storage.store import StoreMarker
 
 from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment
 
 TTL = 3.0
 WINDOW = 0.5
-VOLUME = "0b7e5c8e-4a43-4b5e-9d55-3c2a1f0e9a01"
+VOLUME = "0b7e5c8e4a434b5e9d553c2a1f0e9a01"
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +208,9 @@ class IgnoresConditions:
         self.barrier = barrier
         self.reads = 0
 
+    def read_marker(self) -> StoreMarker:
+        return self.store.read_marker()
+
     def get_small_object(self, name: str) -> tuple[bytes, str] | None:
         got = self.store.get_small_object(name)
         self.reads += 1
@@ -301,3 +306,29 @@ def test_local_stores_locked_here_count_in_the_majority() -> None:
         alone = _lease(stores, "host-a", local_votes=4)
         alone.take()  # no server answers: the 4 local stores are a majority of 6
         assert alone.holds() and alone.renew()
+
+
+def test_the_lease_of_an_s3_only_volume_finds_its_id_on_the_servers(
+    servers: list[MotoServer],
+) -> None:
+    """Without a local store, the volume id comes from the S3 stores'
+    markers, read with the lease's short timeouts (a hung server is not
+    waited for)."""
+    import uuid
+
+    from ecfs.storage.lease import lease_for_stores
+    from ecfs.storage.store import STORE_FORMAT
+
+    prefix = f"t{next(_prefixes)}"
+    paths = []
+    for server in servers:
+        marker = StoreMarker(VOLUME, uuid.uuid4().hex, STORE_FORMAT, 2, 1, 1 << 20, 4096, 65536)
+        paths.append(S3Store.initialise(server.location(prefix=prefix), marker).path)
+    servers[2].pause()
+    try:
+        lease = lease_for_stores(paths, [], ttl=TTL)
+        assert lease is not None
+        assert lease.volume_id == VOLUME and lease.local_votes == 0 and lease.quorum == 2
+    finally:
+        servers[2].resume()
+    assert lease_for_stores([Path("/srv/d1")], [Path("/srv/d1")]) is None

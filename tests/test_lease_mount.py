@@ -172,6 +172,8 @@ def test_after_kill_9_the_same_host_remounts_and_another_needs_expiry_and_takeov
         message = _mount_refused(volume.stores, volume.mountpoint)
     assert f"held by host host-a (pid {pid}), expired at" in message
     assert "--takeover" in message
+    fsck = cli("fsck", *volume.stores, check=False)  # fsck takes the lease too
+    assert fsck.returncode == 2 and "not unmounted cleanly" in fsck.stderr
     volume.mount("--takeover")
     try:
         lease = _lease_status(volume)

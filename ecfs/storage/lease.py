@@ -130,6 +130,7 @@ import trio
 from ..core.errors import EcfsError, FsError, StoreError, VolumeError
 from .offload import run_in_thread
 from .s3store import ConditionFailed, S3Store, is_s3_location
+from .store import StoreMarker
 from .storefactory import open_store
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ class LeaseStore(Protocol):
     """What the lease needs of a store (`ecfs.storage.s3store.S3Store` has it)."""
 
     path: Path
+
+    def read_marker(self) -> StoreMarker: ...
 
     def get_small_object(self, name: str) -> tuple[bytes, str] | None: ...
 
@@ -860,19 +863,30 @@ def lease_for_stores(
     the local stores of the volume in `locked` (held locked by the caller)
     as votes; None if there is no S3 store. Unreadable markers are skipped
     quietly (opening the volume reports them)."""
-    if not any(is_s3_location(p) for p in paths):
+    lease = Lease.for_locations(paths, "unknown", ttl=ttl, holder=holder)
+    if lease is None:
         return None
-    volumes: Counter[str] = Counter()
     found: dict[Path, str] = {}
     for path in paths:
-        try:
-            found[path] = open_store(path).read_marker().volume_id
-        except StoreError:
-            continue
-        volumes[found[path]] += 1
-    volume_id = volumes.most_common(1)[0][0] if volumes else "unknown"
-    local = sum(1 for p in locked if found.get(p) == volume_id and not is_s3_location(p))
-    return Lease.for_locations(paths, volume_id, ttl=ttl, holder=holder, local_votes=local)
+        if not is_s3_location(path):
+            try:
+                found[path] = open_store(path).read_marker().volume_id
+            except StoreError:
+                continue
+    if not found:  # S3 stores only: their markers, with the lease's short timeouts
+        markers = lease._call_all(
+            {i: store.read_marker for i, store in enumerate(lease.stores)},
+            max(1.0, ttl / 6),
+        )
+        for index, marker in markers.items():
+            if not isinstance(marker, Exception):
+                found[lease.stores[index].path] = marker.volume_id
+    volumes = Counter(found.values())
+    if volumes:
+        lease.volume_id = volumes.most_common(1)[0][0]
+    lease.local_votes = sum(1 for p in locked if found.get(p) == lease.volume_id)
+    lease.volume_stores = len(lease.stores) + lease.local_votes
+    return lease
 
 
 @contextlib.contextmanager
