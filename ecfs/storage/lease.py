@@ -431,9 +431,12 @@ class Lease:
 
     def check(self) -> None:
         """FsError (EIO) unless `holds`: the reason, for a refused write
-        (not logged again for each write: `renew` logged the change)."""
+        (logged once, by the first refused write or `renew`)."""
         if not self.holds():
             error = FsError(self.why_not())
+            if not self._fenced_logged:  # the first refused write, if before `renew` logged it
+                self._fenced_logged = True
+                log.error("%s", error)
             error.already_logged = True
             raise error
 
