@@ -250,6 +250,8 @@ class LeaseRecord:
     @classmethod
     def from_json(cls, data: bytes) -> LeaseRecord:
         """Parse a lease object; ValueError (one line) if it is not one."""
+        if len(data) > LEASE_MAX_BYTES:
+            raise ValueError(f"larger than {LEASE_MAX_BYTES} bytes")
         try:
             doc = json.loads(data.decode("utf-8"))
             if doc["format"] != LEASE_FORMAT:
