@@ -324,11 +324,15 @@ def test_the_lease_of_an_s3_only_volume_finds_its_id_on_the_servers(
     for server in servers:
         marker = StoreMarker(VOLUME, uuid.uuid4().hex, STORE_FORMAT, 2, 1, 1 << 20, 4096, 65536)
         paths.append(S3Store.initialise(server.location(prefix=prefix), marker).path)
+    other = "f" * 32  # a store of another volume, given by mistake
+    marker = StoreMarker(other, uuid.uuid4().hex, STORE_FORMAT, 2, 1, 1 << 20, 4096, 65536)
+    stray = S3Store.initialise(servers[0].location(prefix=prefix + "x"), marker)
     servers[2].pause()
     try:
-        lease = lease_for_stores(paths, [], ttl=TTL)
+        lease = lease_for_stores([*paths, stray.path], [], ttl=TTL)
         assert lease is not None
         assert lease.volume_id == VOLUME and lease.local_votes == 0 and lease.quorum == 2
+        assert [s.path for s in lease.stores] == paths  # the paused one kept, the stray not
     finally:
         servers[2].resume()
     assert lease_for_stores([Path("/srv/d1")], [Path("/srv/d1")]) is None

@@ -878,17 +878,23 @@ def lease_for_stores(
                 found[path] = open_store(path).read_marker().volume_id
             except StoreError:
                 continue
-    if not found:  # S3 stores only: their markers, with the lease's short timeouts
-        markers = lease._call_all(
-            {i: store.read_marker for i, store in enumerate(lease.stores)},
-            max(1.0, ttl / 6),
-        )
-        for index, marker in markers.items():
-            if not isinstance(marker, Exception):
-                found[lease.stores[index].path] = marker.volume_id
+    # The S3 stores' markers, with the lease's short timeouts (in parallel).
+    markers = lease._call_all(
+        {i: store.read_marker for i, store in enumerate(lease.stores)}, max(1.0, ttl / 6)
+    )
+    for index, marker in markers.items():
+        if not isinstance(marker, Exception):
+            found[lease.stores[index].path] = marker.volume_id
     volumes = Counter(found.values())
     if volumes:
         lease.volume_id = volumes.most_common(1)[0][0]
+    # Never a lease object in another volume's store given by mistake (one
+    # whose marker cannot be read is kept: it may be ours, and away).
+    lease.stores = [
+        s for s in lease.stores if found.get(s.path, lease.volume_id) == lease.volume_id
+    ]
+    if not lease.stores:
+        return None
     lease.local_votes = sum(1 for p in locked if found.get(p) == lease.volume_id)
     lease.volume_stores = len(lease.stores) + lease.local_votes
     return lease
