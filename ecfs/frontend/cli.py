@@ -208,7 +208,7 @@ def mkfs(
     "options",
     multiple=True,
     metavar="OPT[,OPT...]",
-    help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME...",
+    help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME, lease_seconds=N...",
 )
 @click.option(
     "--log-level",
@@ -222,6 +222,12 @@ def mkfs(
     help="Log to this file (default: stderr with --foreground, else"
     " ~/.local/state/ecfs/mount.log, /var/log/ecfs/mount.log for root).",
 )
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Take over the lease of a volume with S3 stores that another host held"
+    " and did not release (it died or lost its stores); only once it expired.",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
 @click.argument("mountpoint")
 def mount(
@@ -229,6 +235,7 @@ def mount(
     options: tuple[str, ...],
     log_level: str,
     log_file: str | None,
+    takeover: bool,
     stores: tuple[str, ...],
     mountpoint: str,
 ) -> None:
@@ -245,6 +252,7 @@ def mount(
     mountpoint_path = Path(os.path.abspath(mountpoint))
     try:
         parsed = parse_options(options)
+        parsed.takeover = takeover
         if parsed.remount:
             remount(mountpoint_path, parsed)
             return
@@ -642,8 +650,16 @@ def _store_ref(old: str) -> str:
               help="Fix what can be fixed: rebuild fragments, delete orphans, resync replicas.")
 @click.option("--verify-data", is_flag=True, help="Read every fragment and verify every cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Take over the lease of a volume with S3 stores that another host held"
+    " and did not release; only once it expired (see ecfs mount --takeover).",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
-def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, ...]) -> None:
+def fsck(
+    do_repair: bool, verify_data: bool, as_json: bool, takeover: bool, stores: tuple[str, ...]
+) -> None:
     """Check an unmounted volume made of STORES (paths or quoted globs).
     Exit status 0 clean, 1 problems found (fixed or not), 2 usage."""
     import json
@@ -671,6 +687,7 @@ def fsck(do_repair: bool, verify_data: bool, as_json: bool, stores: tuple[str, .
             repair=do_repair,
             verify_data=verify_data,
             progress=progress,
+            takeover=takeover,
         )
     except VolumeError as exc:
         _fail(str(exc), 2)

@@ -329,6 +329,7 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.volume.check_lease()  # EIO while the lease is not held (volume docstring)
         return await self.data.write(fh, off, buf)
 
     @errno_boundary

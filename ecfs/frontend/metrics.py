@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 
+from ..storage.lease import LEASE_STATES
 from ..volume.status import HEALTH_STATES, STORE_STATES, VolumeStatus
 
 
@@ -182,6 +183,14 @@ METRICS: tuple[Metric, ...] = (
     _m("ecfs_write_log_copies_made_total", "counter", "Log record copies re-created."),
     _m("ecfs_metadata_stale_replicas", "gauge", "Metadata replicas known to be out of date."),
     _m(
+        "ecfs_lease_state",
+        "gauge",
+        "1 for the state of the volume's lease (held, fenced, lost, released), 0 for the"
+        " others; absent for a volume without S3 stores.",
+        "state",
+    ),
+    _m("ecfs_lease_epoch", "gauge", "The fencing epoch of the volume's lease."),
+    _m(
         "ecfs_garbage_pending_chunks",
         "gauge",
         "Dropped chunk versions waiting until their dereference is durable.",
@@ -324,6 +333,9 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
         yield "ecfs_metadata_durable_generation", {}, metadata.durable_generation
     yield "ecfs_metadata_live_replicas", {}, len(metadata.live_replicas)
     yield "ecfs_metadata_stale_replicas", {}, len(metadata.stale_replicas)
+    if status.lease is not None:
+        yield from _states("ecfs_lease_state", {}, LEASE_STATES, status.lease.state)
+        yield "ecfs_lease_epoch", {}, status.lease.epoch
 
 
 def _states(name: str, labels: dict[str, str], states: tuple[str, ...], current: str) -> Iterator[Sample]:

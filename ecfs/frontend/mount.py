@@ -14,7 +14,10 @@ the same way and unmount.
 The daemon holds the volume lock (see `lock`) on every store for its whole
 life (`lock_stores`), so a second mount of the same volume is refused
 instead of two daemons diverging on the same stores; a killed daemon's
-locks die with it.
+locks die with it. A volume with S3 stores is also leased (see
+`ecfs.storage.lease`): taken before the volume is opened (`take_lease`),
+renewed while mounted, released after a clean unmount (kept until it
+expires when the metadata could not be made durable).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import trio
 from ..core.errors import EcfsError, VolumeError
 from ..core.host import mount_at
 from ..core.units import parse_size
+from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
+from ..storage.s3store import is_s3_location
 from ..storage.store import MARKER_NAME
 from ..volume.assembly import Volume, expand_store_args
 from .fs import EcfsOperations
@@ -92,6 +97,10 @@ class MountOptions:
     remount: bool = False
     #: The REMOUNT_FLAGS given, in order.
     remount_flags: list[str] = field(default_factory=list)
+    #: Lifetime of the volume's lease in seconds (`-o lease_seconds=`).
+    lease_seconds: float = DEFAULT_TTL
+    #: Take over a lease that expired without release (`ecfs mount --takeover`).
+    takeover: bool = False
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -123,6 +132,10 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.repair_rate = _option_number(item, parse_size, arg)
             elif name == "rebuild_after" and arg:
                 options.rebuild_after = _option_number(item, float, arg)
+            elif name == "lease_seconds" and arg:
+                options.lease_seconds = _option_number(item, float, arg)
+                if options.lease_seconds < MIN_TTL:
+                    raise VolumeError(f"mount option {item!r}: at least {MIN_TTL:g} seconds")
             elif name in PASSTHROUGH_OPTIONS and not arg:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
@@ -231,6 +244,17 @@ def lock_stores(store_args: Sequence[str]) -> VolumeLock:
     return VolumeLock.acquire(present)
 
 
+def take_lease(store_args: Sequence[str], lock: VolumeLock, options: MountOptions) -> Lease | None:
+    """Take the lease of a volume with S3 stores (None without any; the
+    local stores under `lock` count in its majority); VolumeError naming
+    the holder if another host holds it."""
+    paths = expand_store_args(store_args)
+    lease = lease_for_stores(paths, lock.stores, ttl=options.lease_seconds)
+    if lease is not None:
+        lease.take(takeover=options.takeover)
+    return lease
+
+
 def run_mount(
     store_args: Sequence[str],
     mountpoint: Path,
@@ -313,12 +337,26 @@ def _serve_process(
     tune_malloc()
     tune_gc()
     lock = lock_stores(store_args)
+    lease = None
     try:
-        volume = Volume.open(store_args)
+        lease = take_lease(store_args, lock, options)
+        volume = Volume.open(store_args, epoch=lease.epoch if lease is not None else 0)
+        if lease is not None:
+            try:
+                local = [s for s in volume.stores.values() if not is_s3_location(s.path)]
+                lease.set_volume_stores(len(volume.store_table.paths()), len(local))
+                if not lease.renew() and not lease.holds():  # opening may have taken long
+                    raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")
+            except BaseException:
+                volume.close()
+                raise
+            volume.lease = lease
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
         volume.mountpoint = mountpoint
     except BaseException:
+        if lease is not None:
+            lease.release()
         lock.release()
         raise
     try:
@@ -334,6 +372,8 @@ def _serve_process(
             pyfuse3.close(unmount=True)
     finally:
         volume.close()
+        if lease is not None and not volume.metadata_at_risk:
+            lease.release()
         lock.release()
     if volume.shutdown_errors or volume.metadata_at_risk:
         log.error("unmounted %s with errors: %s", mountpoint, "; ".join(volume.shutdown_errors))

@@ -107,6 +107,14 @@ def render_status(status: VolumeStatus) -> str:
         f" {log.segments} segments, {format_size(log.space_bytes)} on the stores"
         + (f"; {log.copies_missing} records short of m+1 copies" if log.copies_missing else "")
     )
+    lease = status.lease
+    if lease is not None:
+        lines.append(
+            f"lease: {lease.state}, host {lease.host} (pid {lease.pid}), epoch {lease.epoch},"
+            f" until {lease.expires_at} UTC, on {lease.stores_held} of {lease.stores} S3 stores"
+            + (f" and {lease.local_stores} local ones" if lease.local_stores else "")
+            + (f" ({lease.last_error})" if lease.last_error else "")
+        )
     for message in status.unrecoverable:
         lines.append(f"UNRECOVERABLE: {message}")
     return "\n".join(lines)

@@ -52,6 +52,13 @@ lack of room (HTTP 507, QuotaExceeded) raises NoSpace.
 Identity: `pin_identity` remembers the marker object (and its ETag);
 `probe` GETs the marker and fails (StoreSwapped) if it is another store's.
 
+Small mutable objects (the volume's lease, `ecfs.storage.lease`):
+`get_small_object` returns an object's bytes and ETag, `put_small_object`
+writes one conditionally (``If-None-Match: *`` to create, ``If-Match:
+ETAG`` to replace exactly the version read); a condition that fails raises
+ConditionFailed. Some servers have ignored these conditions: callers that
+rely on them read back what they wrote (see `ecfs.storage.lease`).
+
 Client library: obstore (the Rust object_store crate), its sync API run
 in the store's worker threads like every store call. Chosen by
 measurement (scripts/bench_s3_clients.py: 200 requests per operation, 8
@@ -188,6 +195,11 @@ META_OBJECTS = "meta"
 _META_NAME = re.compile(r"[a-z]{1,8}(-[0-9]{1,20}){1,3}")
 #: S3 error codes that mean "no room for this".
 _NO_SPACE_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "EntityTooLarge"})
+
+
+class ConditionFailed(StoreError):
+    """A conditional PUT found the object changed (or present, or gone):
+    HTTP 412 or 409, or 404 for an If-Match on a missing object."""
 
 
 # --------------------------------------------------------------------------
@@ -518,8 +530,10 @@ class S3Store:
             if "NoSuchBucket" in str(exc):
                 raise StoreError(f"{self.location}: {what}: the bucket does not exist") from None
             raise FragmentMissing(f"{what} missing: {self.location}") from None
-        except (AlreadyExistsError, PreconditionError):
-            raise StoreError(f"{self.location}: {what}: already exists") from None
+        except AlreadyExistsError:
+            raise ConditionFailed(f"{self.location}: {what}: already exists") from None
+        except PreconditionError:
+            raise ConditionFailed(f"{self.location}: {what}: changed meanwhile") from None
         except (BaseError, OSError) as exc:
             reason = _reason(exc)
             if _status(exc) == 507 or _code(exc) in _NO_SPACE_CODES:
@@ -548,6 +562,34 @@ class S3Store:
             return self._request(name, get)
         except FragmentMissing:
             raise StoreError(f"{self.location}: no ecfs store marker (not a store?)") from None
+
+    def get_small_object(self, name: str) -> tuple[bytes, str] | None:
+        """The bytes and ETag of the object `name` (at most MARKER_MAX_BYTES),
+        None if there is none."""
+
+        def get(client: Any) -> tuple[bytes, str]:
+            result = obstore.get(client, name)
+            if result.meta["size"] > MARKER_MAX_BYTES:
+                raise StoreError(f"{self.location}: {name}: larger than {MARKER_MAX_BYTES} bytes")
+            return bytes(result.bytes()), str(result.meta["e_tag"] or "")
+
+        try:
+            return self._request(name, get)
+        except FragmentMissing:
+            return None
+
+    def put_small_object(
+        self, name: str, data: bytes, *, if_match: str | None = None, create: bool = False
+    ) -> str:
+        """PUT the object `name`: only if it does not exist (`create`,
+        If-None-Match: *), only if its ETag is still `if_match` (If-Match),
+        or unconditionally (neither). The new ETag; ConditionFailed if the
+        condition did not hold."""
+        mode: Any = "create" if create else {"e_tag": if_match} if if_match else "overwrite"
+        result = self._request(
+            name, lambda c: obstore.put(c, name, data, mode=mode, use_multipart=False)
+        )
+        return str(result["e_tag"] or "")
 
     def pin_identity(self, marker: StoreMarker | None = None) -> StoreMarker:
         if marker is None:

@@ -38,6 +38,13 @@ is no longer the same is marked failed with the reason (status shows it),
 gets no more writes, loses its cached file descriptors and its metadata
 replica, and is marked ok again once a probe finds the same marker there
 (a root that moved, e.g. a disk mounted anew, is then pinned again).
+
+The lease (volumes with S3 stores, see `ecfs.storage.lease`): the mount
+takes it before opening the volume and sets `lease`; `start` renews it in
+a background task. While it is not held (not renewed in time, or taken
+over), this mount acknowledges no write: new fragments are refused
+(`verify_before_write`), and fsync, write(2) and every wait for durability
+fail with EIO (`check_lease`, `_wait_durable`).
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
 from ..storage.handles import Expected, HandleCache
+from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
@@ -442,6 +450,9 @@ class Volume:
         self.metadata_at_risk = False
         #: What failed at unmount (see `shutdown`); empty after a clean one.
         self.shutdown_errors: list[str] = []
+        #: The volume's lease (volumes with S3 stores; set by the mount, None
+        #: offline and without S3 stores); its `epoch` fences what it writes.
+        self.lease: Lease | None = None
         #: Stale metadata replicas to delete once the replicas are closed.
         self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
@@ -722,6 +733,8 @@ class Volume:
             lambda: self.filedata.last_activity,
         )
         self.filedata.attach(nursery)
+        if self.lease is not None:
+            nursery.start_soon(supervised, "lease renewal", self.lease.keep_renewed)
         for ino in self.namespace.orphans():
             log.info("freeing inode %d (unlinked while open before a crash)", ino)
             await self.filedata.free(ino)
@@ -905,6 +918,8 @@ class Volume:
         """Writer hook: whether store `index` may get a new fragment. A
         store not verified for IDENTITY_MAX_AGE seconds is probed first
         (one probe per store at a time; concurrent writers wait for it)."""
+        if self.lease is not None and not self.lease.holds():
+            raise StoreError(self.lease.why_not())
         if trio.current_time() - self._verified.get(index, -math.inf) > IDENTITY_MAX_AGE:
             probing = self._probing.get(index)
             if probing is not None:
@@ -1041,6 +1056,7 @@ class Volume:
             ),
             unrecoverable=unrecoverable,
             store_change=self.store_change,
+            lease=self.lease.statistics() if self.lease is not None else None,
         )
 
     def _store_status(
@@ -1181,7 +1197,14 @@ class Volume:
         return self.replicator.durable_generation if self.replicator else self.db.generation
 
     async def _wait_durable(self, generation: int) -> None:
-        """fsync(): wait until `generation` is durable; if no replica is
+        """fsync(): wait until `generation` is durable (`_wait_replicated`);
+        EIO if the lease is not held before or after (see `check_lease`)."""
+        self.check_lease()
+        await self._wait_replicated(generation)
+        self.check_lease()
+
+    async def _wait_replicated(self, generation: int) -> None:
+        """Wait until `generation` is durable; if no replica is
         live, try to place new ones before giving up (EIO)."""
         replicator = self.replicator
         if replicator is None:
@@ -1200,6 +1223,13 @@ class Volume:
             await self.refresh_usage()
             await self.ensure_replicas()
             await replicator.wait_durable(generation)
+
+    def check_lease(self) -> None:
+        """FsError (EIO, the reason logged once by the lease) if this mount
+        holds a lease that it may not write under now (see the module
+        docstring); nothing without a lease. Cheap: a clock read."""
+        if self.lease is not None:
+            self.lease.check()
 
     def capacity(self) -> tuple[int, int]:
         """(total, free) usable bytes: raw space of the stores' distinct

@@ -18,7 +18,11 @@ How a run goes:
    raise VolumeError (exit 2). A store whose marker names another volume
    than most, or disagrees with the volume's geometry, is reported and not
    used (`ecfs.volume.assembly.select_volume`, `marker_mismatch`).
-2. The volume lock is taken on every readable store.
+2. The volume lock is taken on every readable store, and the volume's
+   lease on its S3 stores if it has any (`ecfs.storage.lease`; with
+   `takeover`, a lease that expired without release is taken over); the
+   lease is renewed while fsck runs and released at the end. A repair is
+   not written back if the lease was lost meanwhile.
 3. replicas_agree: every replica file is inspected, read-only, as a mount
    does it (schema, volume, stores, rows against the content digest it
    records) and one is chosen by the mount's rule (`ecfs.storage.replicas.choose_copy`),
@@ -75,6 +79,7 @@ from pathlib import Path
 
 from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
+from ..storage.lease import Lease, held_lease
 from ..storage.lock import VolumeLock
 from ..storage.metadb.database import Database
 from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
@@ -152,7 +157,7 @@ def run_fsck(
     repair: bool,
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None = None,
-    epoch: int = 0,
+    takeover: bool = False,
 ) -> FsckReport:
     """Blocking: check (and with `repair`, fix) the volume made of the
     stores in `store_args` (paths or glob patterns, as for mount).
@@ -160,7 +165,8 @@ def run_fsck(
     `verify_data` reads every fragment payload and verifies every cell
     checksum (otherwise only headers and file sizes are checked).
     `progress(stage, done, total)` is called as work advances; stages are
-    `STAGES`. Raises VolumeError for usage problems (see the module
+    `STAGES`. `takeover`: take over a lease that expired without release.
+    Raises VolumeError for usage problems (see the module
     docstring) and when the volume is in use; every problem found in the
     volume itself is a Finding in the returned report instead.
     """
@@ -187,7 +193,9 @@ def run_fsck(
     by_store_id = identify_stores(markers)
     first = next(iter(markers.values()))
     report.volume_id = first.volume_id
-    with VolumeLock.acquire(local_stores(list(markers))):
+    local = local_stores(list(markers))
+    lease = Lease.for_locations(paths, report.volume_id, local_votes=len(local))
+    with VolumeLock.acquire(local), held_lease(lease, takeover=takeover):
         remove_dead_working_copies(None)  # e.g. of a killed fsck (full metadata copies)
         workdir = Path(tempfile.mkdtemp(prefix=f"ecfs-{os.getpid()}-fsck-"))
         try:
@@ -197,9 +205,10 @@ def run_fsck(
             if not gathered.paths:
                 raise VolumeError(no_metadata_copy_message(markers, unusable))
             # Never write below the copies' newest epoch: it would be ignored.
-            epoch = max([epoch, *(f.epoch for f in gathered.objects.values())])
+            epoch = max([lease.epoch if lease else 0, *(f.epoch for f in gathered.objects.values())])
             _check_volume(
-                report, markers, by_store_id, workdir, repair, verify_data, progress, gathered, epoch
+                report, markers, by_store_id, workdir, repair, verify_data, progress, gathered, epoch,
+                lease,
             )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -216,8 +225,9 @@ def _check_volume(
     progress: Callable[[str, int, int], None] | None,
     gathered: GatheredCopies,
     epoch: int,
+    lease: Lease | None = None,
 ) -> None:
-    """Steps 3 to 6 of the module docstring, with the lock held."""
+    """Steps 3 to 6 of the module docstring, with the lock (and lease) held."""
     expect = expectation(markers, by_store_id)
     replicas = gathered.paths
     replica_findings_start = len(report.findings)
@@ -258,6 +268,9 @@ def _check_volume(
         table = StoreTable(db).all()
         table_paths = StoreTable(db).paths()
         stores = _match_stores(table, by_store_id, db)
+        if lease is not None:
+            local = [s for s in stores.values() if not is_s3_location(s.path)]
+            lease.set_volume_stores(len(table), len(local))
         layout = Layout(
             int(params["k"]), int(params["m"]), int(params["fragment_size"]),
             int(params["cell_size"]),
@@ -292,6 +305,9 @@ def _check_volume(
             return  # never write metadata that refers to fragments not durable
         with db.transaction():
             pass  # bump the generation above every replica's
+        if lease is not None and not lease.holds():
+            report.add("replicas_agree", f"repairs not written back: {lease.why_not()}")
+            return
     finally:
         db.close()
     kinds = {i: is_s3_location(p) for i, p in table_paths.items() if p}

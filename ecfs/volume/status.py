@@ -33,6 +33,7 @@ from ..data.repair import RepairStatistics
 from ..data.scrub import ScrubStatistics
 from ..data.smallwrites import WriteLogStatistics
 from ..data.writer import WriteStatistics
+from ..storage.lease import LeaseStatistics
 
 HEALTH_STATES = ("healthy", "degraded", "at-risk", "data-loss")
 STORE_STATES = ("ok", "slow", "failed", "missing")
@@ -101,7 +102,7 @@ class VolumeStatus:
     """A snapshot of a mounted (or opened) volume. `tolerance`: how many
     more stores the worst chunk can lose (may be negative); `health` one of
     HEALTH_STATES (see `health_of`); `store_change` None until a store
-    change ran in this mount."""
+    change ran in this mount; `lease` None without S3 stores (no lease)."""
 
     volume: str
     k: int
@@ -118,6 +119,7 @@ class VolumeStatus:
     metadata: MetadataStatus
     unrecoverable: tuple[str, ...]
     store_change: StoreChange | None
+    lease: LeaseStatistics | None = None
 
 
 def assess(
