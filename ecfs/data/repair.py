@@ -10,7 +10,10 @@ reads or writes of files.
 Repairing one chunk: the fragments known bad (the queue's bitmask, slots
 without a store, slots on failed stores) are re-checked first: a fragment
 on a store that came back and still verifies is kept (a store that was only
-away for a while costs nothing). k good fragments are read whole and
+away for a while costs nothing). Under hybrid placement, good fragments on
+a store of the wrong class (`Placement.movable`) are rebuilt onto a store
+of their class with them; a chunk whose misplaced fragments have nowhere
+to go yet stays queued (deferred) until a store of their class is back. k good fragments are read whole and
 verified; only the missing fragments are regenerated, placed, written,
 read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
 (the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
@@ -340,11 +343,18 @@ class Repairer:
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
         suspects |= {i for i, s in enumerate(ref.stores) if not self._usable(s)}
         broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
-        if not broken:
+        moves = self._moves(ref, broken)
+        if not broken and not moves:
+            if self.placement.wrong_class(ref.stores):
+                # Misplaced, and no store of its class can take it now: wait
+                # for one (a store coming back retries deferred chunks).
+                self._defer(ref.chunk_id)
+                return 0
             with self.db.transaction():
                 self.queue.remove(ref.chunk_id)
             self.counters.chunks_checked_fine += 1
             return 0
+        broken = sorted({*broken, *moves})
         if all(self.placement.rebuild_target(ref.stores, i) is None for i in broken):
             # Nowhere to put a rebuilt fragment (e.g. a store is gone and
             # every other one already holds a fragment of this chunk): do not
@@ -357,7 +367,7 @@ class Repairer:
         broken = sorted(found_bad)  # sources found bad are rebuilt too
         if len(good) < layout.k:
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
-            if len(good) + len(away) >= layout.k:
+            if len(good) + len(away) + len(moves) >= layout.k:
                 # Not lost: stores holding the rest are only unavailable now.
                 log.info("chunk %016x: waiting for stores %s to come back", ref.chunk_id,
                          sorted({ref.stores[i] for i in away}))
@@ -377,6 +387,17 @@ class Repairer:
         if done.failed:
             self._defer(ref.chunk_id)
         return done.bytes_written
+
+    def _moves(self, ref: ChunkRef, broken: list[int]) -> list[int]:
+        """Good fragments on a store of the wrong class (hybrid placement)
+        that a store of their class can take now: rebuilt there (decoded
+        from others, like a broken one) when k other fragments are at hand."""
+        moves = [i for i in self.placement.movable(ref.stores) if i not in broken]
+        others = [
+            i for i, s in enumerate(ref.stores)
+            if i not in broken and i not in moves and self._usable(s)
+        ]  # fmt: skip
+        return moves if moves and len(others) >= self.layout.k else []
 
     def _usable(self, store: int) -> bool:
         return available_runner(self.runners, store) is not None

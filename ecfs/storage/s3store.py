@@ -40,8 +40,11 @@ least m+1 of them, for the metadata replicas); objects for the log come
 with metadata on object stores.
 
 Space: object stores have no statvfs and rarely tell a quota. `usage`
-reports a nominal NOMINAL_CAPACITY, all of it free, so placement and
-health never take the store for full; a server that refuses a write for
+reports a nominal NOMINAL_CAPACITY, all of it free, marked unknown
+(`StoreUsage.known` False): placement and health never take the store for
+full, yet neither prefer it for that size nor count it as real space (`df`
+counts the stores whose space is known, see
+`ecfs.volume.assembly.Volume.capacity`); a server that refuses a write for
 lack of room (HTTP 507, QuotaExceeded) raises NoSpace.
 
 Identity: `pin_identity` remembers the marker object (and its ETag);
@@ -395,6 +398,8 @@ class S3Store:
     small-write log segments."""
 
     holds_log_segments = False
+    #: On another machine (`ecfs.storage.store.Store.remote`).
+    remote = True
 
     def __init__(
         self,
@@ -562,8 +567,8 @@ class S3Store:
         return (1 << 48) + zlib.crc32(str(self.location).encode())
 
     def usage(self) -> StoreUsage:
-        """Nominal: see "Space" in the module docstring."""
-        return StoreUsage(NOMINAL_CAPACITY, NOMINAL_CAPACITY)
+        """Nominal and marked unknown: see "Space" in the module docstring."""
+        return StoreUsage(NOMINAL_CAPACITY, NOMINAL_CAPACITY, known=False)
 
     def sync(self) -> None:
         """Nothing to do: an acknowledged PUT or DELETE is durable."""

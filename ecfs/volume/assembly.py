@@ -64,7 +64,7 @@ from ..data.filedata import FileData
 from ..data.garbage import ChunkPins, Garbage
 from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
-from ..data.placement import Placement
+from ..data.placement import HYBRID, POLICY_KEY, SPREAD, Placement
 from ..data.reader import ChunkReader
 from ..data.repair import Repairer
 from ..data.scrub import Scrubber
@@ -320,7 +320,9 @@ class Volume:
         self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
         self.codec = Codec(k, m)
         self.handles = HandleCache()
-        self.placement = Placement(self.runners)
+        self.placement = Placement(
+            self.runners, remote=self.is_remote, policy=params.get(POLICY_KEY, SPREAD), k=k
+        )
         self.pins = ChunkPins()
         self.namespace = Namespace(db)
         self.writer = ChunkWriter(
@@ -433,6 +435,12 @@ class Volume:
         #: Stale metadata replicas to delete once the replicas are closed.
         self._stale_replicas_to_remove: list[int] = []
         self._nursery: trio.Nursery | None = None
+
+    def is_remote(self, index: int) -> bool:
+        """Whether store `index` is remote (`Store.remote`; a store not
+        open counts as local: its fragments are rebuilt anyway)."""
+        runner = self.runners.get(index)
+        return runner is not None and runner.store.remote
 
     def _new_store_admin(self) -> StoreAdmin:
         """The store changes' runner, given the parts of the volume it changes."""
@@ -927,6 +935,7 @@ class Volume:
             ),
             unrecoverable=unrecoverable,
             store_change=self.store_change,
+            placement=self.placement.policy,
         )
 
     def _store_status(
@@ -946,11 +955,12 @@ class Volume:
             latency_p95_ms=round(stats.latency_p95 * 1000, 3),
             bytes_read=stats.bytes_read,
             bytes_written=stats.bytes_written,
-            free_bytes=usage.free_bytes if usage else None,
-            total_bytes=usage.total_bytes if usage else None,
+            free_bytes=usage.free_bytes if usage and usage.known else None,
+            total_bytes=usage.total_bytes if usage and usage.known else None,
             fragments=fragments.get(index, 0),
             fragment_bytes=sizes.get(index, 0),
             draining=index in self.placement.draining,
+            remote=runner.store.remote,
         )
 
     # -- operator commands -----------------------------------------------------------
@@ -1082,17 +1092,37 @@ class Volume:
             await replicator.wait_durable(generation)
 
     def capacity(self) -> tuple[int, int]:
-        """(total, free) usable bytes: raw space of the stores' distinct
-        filesystems, scaled by k/(k+m)."""
+        """(total, free) usable bytes (`df` on the mount, fallocate's check).
+
+        Only real space counts: the raw space of the distinct filesystems
+        of the available stores whose space is known (local stores); an
+        object store without a known size (`StoreUsage.known` False)
+        contributes nothing, unless no store's space is known at all (a
+        volume of object stores only: its nominal space, so it never looks
+        full). Scaled by k/(k+m) under spread placement; under hybrid
+        placement only the local stores count, and whole: they hold the
+        data fragments only (parity is remote)."""
+        usages = {
+            index: usage
+            for index, usage in self.placement.usage.items()
+            if self.runners.get(index) is not None and self.runners[index].available
+        }
+        hybrid = self.placement.policy == HYBRID
+        if hybrid:  # the data fragments' stores
+            usages = {index: usage for index, usage in usages.items() if not self.is_remote(index)}
+        if any(usage.known for usage in usages.values()):
+            usages = {index: usage for index, usage in usages.items() if usage.known}
         total = free = 0
         seen: set[int] = set()
-        for index, usage in self.placement.usage.items():
+        for index, usage in usages.items():
             device = self._devices.get(index)
-            if device in seen or not self.runners[index].available:
+            if device in seen:
                 continue
             seen.add(device if device is not None else -index)
             total += usage.total_bytes
             free += usage.free_bytes
+        if hybrid:
+            return total, free
         k, n = self.layout.k, self.layout.n
         return total * k // n, free * k // n
 

@@ -37,6 +37,7 @@ from ..core.geometry import (
     MIN_CELL_SIZE,
     Layout,
 )
+from ..data.placement import POLICY_KEY, SPREAD, policy_problem
 from ..storage.metadb.schema import create_database
 from ..storage.replicas import replica_path
 from ..storage.s3store import S3Location, forget_new_store, is_s3_location, location_path
@@ -66,6 +67,8 @@ class VolumeSpec:
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
     cell_size: int = DEFAULT_CELL_SIZE
     inline_max: int = DEFAULT_INLINE_MAX
+    #: The placement policy (`ecfs.data.placement.POLICIES`).
+    placement: str = SPREAD
 
 
 #: "scheme://...": a URL (s3://bucket, http://host/...), not a directory.
@@ -168,6 +171,10 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             f" at least {spec.k + spec.m}"
         )
     resolved = check_store_paths(paths)
+    remote = sum(1 for p in resolved if open_store(p).remote)
+    problem = policy_problem(spec.placement, spec.k, spec.m, len(resolved) - remote, remote)
+    if problem is not None:
+        raise VolumeError(problem)
     local = local_stores(resolved)
     if len(local) < spec.m + 1:
         raise VolumeError(
@@ -214,6 +221,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             "fragment_size": spec.fragment_size,
             "cell_size": spec.cell_size,
             "inline_max": spec.inline_max,
+            POLICY_KEY: spec.placement,
         }
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()

@@ -59,6 +59,8 @@ class StoreStatus:
     fragments: int  # fragments the chunk table places on it
     fragment_bytes: int
     draining: bool
+    #: On another machine (`ecfs.storage.store.Store.remote`; False if missing).
+    remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,8 @@ class VolumeStatus:
     metadata: MetadataStatus
     unrecoverable: tuple[str, ...]
     store_change: StoreChange | None
+    #: The placement policy (`ecfs.data.placement`: "spread" or "hybrid").
+    placement: str = "spread"
 
 
 def assess(
