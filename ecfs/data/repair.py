@@ -267,6 +267,25 @@ class Repairer:
         self.poke()
         return count
 
+    def queue_wrong_class(self) -> int:
+        """Queue every chunk with a fragment on a store of the wrong class
+        for the placement policy (e.g. after a switch to hybrid placement:
+        the parity written before moves to the remote stores)."""
+        now = time.time_ns()
+        priority = repair_priority(self.layout.m, "wrong-class")
+        wrong = [
+            ref.chunk_id
+            for _, _, ref in self.chunks.iter_all()
+            if self.placement.wrong_class(ref.stores)
+        ]
+        with self.db.transaction():
+            for chunk_id in wrong:
+                self.queue.add(chunk_id, "wrong-class", priority, now, bad=0, demand=0)
+        if wrong:
+            log.warning("%d chunks queued to move fragments to a store of their class", len(wrong))
+            self.poke()
+        return len(wrong)
+
     # -- the task ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -64,7 +64,7 @@ from ..data.filedata import FileData
 from ..data.garbage import ChunkPins, Garbage
 from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
-from ..data.placement import HYBRID, POLICY_KEY, SPREAD, Placement
+from ..data.placement import HYBRID, POLICIES, POLICY_KEY, SPREAD, Placement
 from ..data.reader import ChunkReader
 from ..data.repair import Repairer
 from ..data.scrub import Scrubber
@@ -320,9 +320,10 @@ class Volume:
         self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
         self.codec = Codec(k, m)
         self.handles = HandleCache()
-        self.placement = Placement(
-            self.runners, remote=self.is_remote, policy=params.get(POLICY_KEY, SPREAD), k=k
-        )
+        policy = params.get(POLICY_KEY, SPREAD)
+        if policy not in POLICIES:
+            raise VolumeError(f"the metadata names an unknown placement policy {policy!r}")
+        self.placement = Placement(self.runners, remote=self.is_remote, policy=policy, k=k)
         self.pins = ChunkPins()
         self.namespace = Namespace(db)
         self.writer = ChunkWriter(
@@ -405,6 +406,7 @@ class Volume:
             self.repairer.poke,
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
+            wrong_class=self.placement.wrong_class,
         )
         #: The last store change of this mount (see `start_store_change`).
         self.store_change: StoreChange | None = None
@@ -1017,7 +1019,7 @@ class Volume:
         elif command.verb == "store-replace":
             self.start_store_change("replace", command.old, command.new)
         elif command.verb == "store-add":
-            self.start_store_change("add", None, command.new)
+            self.start_store_change("add", None, command.new, command.placement)
         else:
             self.start_store_change("remove", command.old, None)
 
@@ -1026,21 +1028,28 @@ class Volume:
             return
         self._nursery.start_soon(guarded, "scrub", self.scrubber.run, max_duration)
 
-    def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
-        """Begin replacing, adding or draining a store (progress in
+    def start_store_change(
+        self, op: str, old: str | None, new: str | None, placement: str | None = None
+    ) -> None:
+        """Begin replacing, adding (switching to placement policy
+        `placement` if given) or draining a store (progress in
         `status().store_change`)."""
         if self.store_change is not None and self.store_change.state == "running":
             raise FsError("a store change is already running", errno=errno.EBUSY)
         self.store_change = StoreChange(op, old, new, "running", "")
         assert self._nursery is not None
-        self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
+        self._nursery.start_soon(
+            guarded, "store change", self._store_change, op, old, new, placement
+        )
 
-    async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
+    async def _store_change(
+        self, op: str, old: str | None, new: str | None, placement: str | None = None
+    ) -> None:
         try:
             if op == "replace":
                 message = await self.stores_admin.replace(old or "", new or "")
             elif op == "add":
-                message = await self.stores_admin.add(new or "")
+                message = await self.stores_admin.add(new or "", placement)
             else:
                 message = await self.stores_admin.remove(old or "")
         except EcfsError as exc:
