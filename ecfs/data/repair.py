@@ -405,18 +405,27 @@ class Repairer:
             self.counters.chunks_repaired += 1
         if done.failed:
             self._defer(ref.chunk_id)
+        elif done.committed and self.placement.wrong_class(done.stores):
+            # A fragment that could move only once others had moved (its
+            # class's stores held them): again, next.
+            with self.db.transaction():
+                self.queue.add(
+                    ref.chunk_id, "wrong-class", repair_priority(layout.m, "wrong-class"),
+                    time.time_ns(), bad=0, demand=0,
+                )  # fmt: skip
         return done.bytes_written
 
     def _moves(self, ref: ChunkRef, broken: list[int]) -> list[int]:
         """Good fragments on a store of the wrong class (hybrid placement)
         that a store of their class can take now: rebuilt there (decoded
-        from others, like a broken one) when k other fragments are at hand."""
+        from others, like a broken one), as many at once as leave k other
+        fragments to decode from (data fragments first; the chunk is queued
+        again for the rest)."""
         moves = [i for i in self.placement.movable(ref.stores) if i not in broken]
-        others = [
-            i for i, s in enumerate(ref.stores)
-            if i not in broken and i not in moves and self._usable(s)
-        ]  # fmt: skip
-        return moves if moves and len(others) >= self.layout.k else []
+        sources = [
+            i for i, s in enumerate(ref.stores) if i not in broken and self._usable(s)
+        ]
+        return moves[: max(0, len(sources) - self.layout.k)]
 
     def _usable(self, store: int) -> bool:
         return available_runner(self.runners, store) is not None
