@@ -197,6 +197,9 @@ async def test_switching_to_hybrid_queues_the_parity_to_move_and_scrub_finds_the
     assert StoreTable(volume.db).params()[POLICY_KEY] == HYBRID
     assert volume.placement.policy == HYBRID
     assert set(_reasons(rig)) == {r.chunk_id for r in wrong_before}
+    status = volume.status()
+    assert status.placement == HYBRID and status.repair.queue["wrong-class"].chunks
+    assert status.health == "healthy"  # only to be moved: no redundancy is missing
     # Scrub finds them too (e.g. after an offline fsck cleared the queue).
     with volume.db.transaction():
         for ref in wrong_before:

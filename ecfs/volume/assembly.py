@@ -919,7 +919,8 @@ class Volume:
                 found.tolerance,
                 bool(unrecoverable),
                 len(available) < len(self.store_ids),
-                bool(repair.queue),
+                # Fragments only to be moved (hybrid placement) lack no redundancy.
+                any(reason != "wrong-class" for reason in repair.queue),
             ),
             tolerance=found.tolerance,
             stores=tuple(stores),
