@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from ecfs.storage.store import fragment_relpath
+from ecfs.storage.storefactory import open_store
+
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
-from .s3servers import moto_servers
+from .s3servers import MotoServer, moto_servers
+from .test_fsck import edit_replicas, query_replica
 from .test_s3_mount import aws_env  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mount
@@ -33,6 +37,35 @@ def _status(volume: MountedVolume) -> dict:
 def _fragment_indices(local: list[Path]) -> set[int]:
     """Fragment indices of the fragment files on the local stores."""
     return {int(p.name.rsplit(".", 1)[1]) for d in local for p in (d / "frags").glob("*/*/*")}
+
+
+def _forge_parity_on_a_local_store(
+    volume: MountedVolume, server: MotoServer, local: list[Path]
+) -> None:
+    """Put one parity fragment of a chunk on the local store holding no
+    fragment of it, as if written while the remote stores were short: the
+    object's bytes copied to the directory store, the metadata (every
+    replica) pointing there."""
+    [(chunk_id, stores)] = query_replica(
+        volume, "SELECT chunk_id, stores FROM chunks WHERE length > 65536 LIMIT 1"
+    )
+    stores = list(stores)
+    remote_index = stores[2]
+    assert remote_index == 3  # store 3: servers[0]'s bucket ecfs-0
+    free = ({0, 1, 2} - set(stores[:2])).pop()
+    relpath = fragment_relpath(chunk_id, 2)
+    buffer = bytearray(4 << 20)
+    size = open_store(server.location(bucket="ecfs-0", prefix="vol")).read_fragment(
+        chunk_id, 2, 0, memoryview(buffer)
+    )
+    data = bytes(buffer[:size])
+    target = local[free] / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    stores[2] = free
+    edit_replicas(
+        volume, ("UPDATE chunks SET stores = ? WHERE chunk_id = ?", (bytes(stores), chunk_id))
+    )
 
 
 def test_healthy_reads_of_a_hybrid_volume_never_touch_the_remote_stores(
@@ -65,6 +98,20 @@ def test_healthy_reads_of_a_hybrid_volume_never_touch_the_remote_stores(
         clean = cli("fsck", "--json", *stores, check=False)
         assert clean.returncode == 0, clean.stdout
         assert "wrong class" not in clean.stdout
+        _forge_parity_on_a_local_store(volume, servers[0], local)
+        found = json.loads(cli("fsck", "--json", *stores, check=False).stdout)
+        assert found["counts"]["fragments_wrong_class"] == 1
+        [warning] = [f for f in found["findings"] if "wrong class" in f["message"]]
+        assert warning["severity"] == "warning"
+        cli("fsck", "--repair", *stores, check=False)  # queues it for the mount's repair
+        volume.mount()
+        try:
+            cli("repair", "--wait", volume.mountpoint, timeout=300)
+        finally:
+            volume.unmount()
+        assert _fragment_indices(local) == {0, 1}  # the parity is back on S3
+        moved = json.loads(cli("fsck", "--json", "--verify-data", *stores, check=False).stdout)
+        assert moved["clean"] and "fragments_wrong_class" not in moved["counts"], moved
 
         # A new mount (nothing of the files in its caches); both S3 servers
         # stopped: a read that needed one would wait for its timeout and be
