@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.core.errors import VolumeError
+from ecfs.core.errors import FsError, VolumeError
 from ecfs.core.model import NO_STORE
 from ecfs.data.placement import HYBRID, POLICY_KEY, SPREAD, Placement, policy_problem
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.storage.metadb.stores import StoreTable
 from ecfs.storage.store import StoreUsage
+from ecfs.volume.control import parse_command
 
 from .inprocess import CHUNK, K, M, Rig, make_rig
 
@@ -111,6 +112,13 @@ def test_policy_problem_names_what_is_missing() -> None:
     assert "2 local and 3 remote" in short
     unknown = policy_problem("mirror", 3, 2, 3, 2)
     assert unknown is not None and "unknown placement policy" in unknown
+
+
+def test_the_control_command_carries_a_placement_policy() -> None:
+    assert parse_command("store-add /srv/new hybrid").placement == HYBRID
+    assert parse_command("store-add /srv/new").placement is None
+    with pytest.raises(FsError, match="unknown placement policy"):
+        parse_command("store-add /srv/new mirror")
 
 
 # ---- the volume's services, in-process

@@ -13,6 +13,11 @@ volume with object stores needs at least m+1 local ones ("metadata on
 object stores: not yet"). The small-write log's copies live on those
 local stores too (`ecfs.data.logfiles`). A volume of directories only is
 unchanged.
+
+The placement policy (`VolumeSpec.placement`, ``--placement``) is checked
+against the stores given (`ecfs.data.placement.policy_problem`: hybrid
+needs k local and m remote ones, by `Store.remote`) and kept in the
+volume parameters (`ecfs.data.placement.POLICY_KEY`).
 """
 
 from __future__ import annotations
