@@ -117,12 +117,18 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
         raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
 
 
-def metadata_needs_local() -> bool:
-    """Whether the metadata replicas (and with them the small-write log's
-    copies) must be kept on local stores, so that a volume needs m+1 of
-    them: True for now (see `ecfs.volume.mkfs`). The one place to relax
-    once the replicas can be kept as objects."""
-    return True
+def metadata_needs_local(m: int, local: int, remote: int) -> str | None:
+    """Why a volume left with `local` local and `remote` remote stores could
+    not keep its metadata replicas, or None if it can. The replicas (and
+    with them the small-write log's copies) are kept on m+1 local stores
+    for now (see `ecfs.volume.mkfs`); this is the one rule a store change
+    checks, to relax once the replicas can be kept as objects."""
+    if local < m + 1:
+        return (
+            f"this would leave {local} local stores: the metadata replicas are kept on"
+            f" m+1 = {m + 1} local stores, so at least {m + 1} must stay"
+        )
+    return None
 
 
 def _device_and_id(store: Store) -> tuple[int, str]:
@@ -275,12 +281,10 @@ class StoreAdmin:
         problem = policy_problem(policy, self.layout.k, self.layout.m, local_count, remote_count)
         if problem is not None:
             raise VolumeError(problem)
-        needed = self.layout.m + 1
-        if drop is not None and metadata_needs_local() and local_count < needed:
-            raise VolumeError(
-                f"this would leave {local_count} local stores: the metadata replicas are kept on"
-                f" m+1 = {needed} local stores, so at least {needed} must stay"
-            )
+        if drop is not None:
+            problem = metadata_needs_local(self.layout.m, local_count, remote_count)
+            if problem is not None:
+                raise VolumeError(problem)
 
     async def remove(self, old: str) -> str:
         index = await self._index_of(old)
