@@ -89,6 +89,10 @@ def test_healthy_reads_of_a_hybrid_volume_never_touch_the_remote_stores(
             assert document["placement"] == "hybrid"
             assert [s["remote"] for s in document["stores"]] == [False] * 3 + [True] * 2
             assert "placement: hybrid" in cli("status", volume.mountpoint).stdout
+            # df: the local stores' filesystem (one here), whole; nothing
+            # for the S3 stores, whose size is unknown.
+            mounted, disk = os.statvfs(volume.mountpoint), os.statvfs(local[0])
+            assert mounted.f_blocks * mounted.f_frsize // 4096 == disk.f_blocks * disk.f_frsize // 4096
         finally:
             volume.unmount()
         assert _fragment_indices(local) == {0, 1}  # no parity on a local store
