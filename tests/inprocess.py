@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ecfs.core import fragment
 from ecfs.core.model import ChunkRef
+from ecfs.data.placement import POLICY_KEY
 from ecfs.storage.fakestores import FaultyStore, MemoryStore
 from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.schema import ROOT_INODE, create_database
@@ -83,9 +84,17 @@ class Rig:
 
 
 def make_rig(
-    tmp_path: Path, *, spare: int = 1, cached: bool = True, inline_max: int = 0
+    tmp_path: Path,
+    *,
+    spare: int = 1,
+    cached: bool = True,
+    inline_max: int = 0,
+    remote: int = 0,
+    placement: str | None = None,
 ) -> Rig:
-    """A volume of K+M+`spare` in-memory stores (fragments of FRAGMENT bytes)."""
+    """A volume of K+M+`spare` in-memory stores (fragments of FRAGMENT bytes),
+    the last `remote` of them remote (`Store.remote`, space unknown), with
+    placement policy `placement` (None: the default, as an older volume)."""
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in range(K + M + spare)]
     memory = [
@@ -93,6 +102,7 @@ def make_rig(
             StoreMarker(volume_id, store_id, STORE_FORMAT, K, M, FRAGMENT, CELL, inline_max),
             name=f"s{i}",
             cached=cached,
+            remote=i >= K + M + spare - remote,
         )
         for i, store_id in enumerate(store_ids)
     ]
@@ -107,6 +117,8 @@ def make_rig(
         "cell_size": CELL,
         "inline_max": inline_max,
     }
+    if placement is not None:
+        params[POLICY_KEY] = placement
     path = tmp_path / "metadata.sqlite"
     create_database(
         path, params, store_ids, root_uid=os.getuid(), root_gid=os.getgid(), now_ns=time.time_ns()

@@ -1196,6 +1196,9 @@ class FailingWriter:
             raise StoreError("injected write failure")
         return await self.inner.write(data)  # type: ignore[attr-defined]
 
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)  # the rest of a ChunkWriter
+
 
 def test_a_failed_fold_keeps_the_records_and_is_not_the_files_error(
     tmp_path: Path, stores: list[Path]

@@ -49,8 +49,11 @@ class Transaction:
 #: Repair reasons in the order the repairer serves them at equal risk:
 #: a degraded read, a write with reduced redundancy, a scrub finding, a
 #: fragment `ecfs fsck --repair` found bad and could not rebuild (left to
-#: the mount), the bulk rebuild of a failed or of a replaced store.
-REPAIR_REASONS = ("degraded-read", "write", "scrub", "fsck", "store-failed", "store-replaced")
+#: the mount), the bulk rebuild of a failed or of a replaced store, a
+#: fragment on a store of the wrong class (hybrid placement, moved back).
+REPAIR_REASONS = (
+    "degraded-read", "write", "scrub", "fsck", "store-failed", "store-replaced", "wrong-class",
+)
 
 
 def repair_priority(spare: int, reason: str) -> int:
@@ -59,7 +62,8 @@ def repair_priority(spare: int, reason: str) -> int:
     Risk first: `spare` is how many more fragments the chunk can lose
     (good fragments - k; negative means part of it is unreadable now).
     At equal risk: chunks readers hit, then short writes, then scrub
-    findings, then what fsck left, then bulk rebuilds of a failed or replaced store. Within a
+    findings, then what fsck left, then bulk rebuilds of a failed or replaced store,
+    then fragments to move to a store of their class (hybrid placement). Within a
     priority, more read demand comes first (see RepairQueue.next_batch).
     """
     return max(spare, -1) * len(REPAIR_REASONS) + REPAIR_REASONS.index(reason)

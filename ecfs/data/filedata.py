@@ -814,11 +814,18 @@ class FileData:
     def _switch_version(self, ino: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
         """In the caller's transaction: make `ref` chunk idx's version (its
         records die with the old one: the new one holds them, see _load);
-        queue a repair if fragments are missing. Returns the old version."""
+        queue a repair if fragments are missing or misplaced. Returns the old version."""
         old = self.chunks.put(ino, idx, ref)
         self.log.drop(ino, idx)
         self._drop_inline(ino, idx)
         missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
+        if not missing and self.writer.wrong_class(ref):
+            # A fragment on a store of the wrong class (hybrid placement with
+            # a class short): repair moves it back when it can.
+            self.repairs.add(
+                ref.chunk_id, "wrong-class", repair_priority(self.layout.m, "wrong-class"),
+                self.clock_ns(), bad=0, demand=0,
+            )  # fmt: skip
         if missing:
             spare = self.layout.m - len(missing)
             self.repairs.add(

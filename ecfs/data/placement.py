@@ -1,23 +1,45 @@
 """Where new fragments go.
 
-Owns: the choice of stores for the fragments of a new chunk, and each
-store's free-space estimate. Must not: do I/O (free space is refreshed by
+Owns: the choice of stores for the fragments of a new chunk, each store's
+free-space estimate, and the volume's placement policy (`SPREAD` or
+`HYBRID`, kept in the metadata's volume parameters under POLICY_KEY and
+checked by `policy_problem`). Must not: do I/O (free space is refreshed by
 the caller through `update_usage`), or know about files.
 
-Policy: only available (not failed) active stores are candidates; stores
-known to be full are skipped until their usage is refreshed. Candidates are
-ordered by free space in whole GiB (most first), then round-robin, so
-stores of different sizes fill evenly and equal stores share the load.
+Candidates: only available (not failed) active stores; stores known to be
+full are skipped until their usage is refreshed. Candidates are ordered by
+free space in whole GiB (most first), then round-robin, so stores of
+different sizes fill evenly and equal stores share the load. A store whose
+space is unknown (`StoreUsage.known` False: an object store) ranks with the
+roomiest known store, never ahead of it for a nominal size.
+
+Policies:
+
+* `SPREAD` (the default): any fragment on any candidate.
+* `HYBRID`: data fragments (indices 0..k-1) on local stores, parity
+  (k..n-1) on remote ones (`ecfs.storage.store.Store.remote`). The code is
+  systematic, so a healthy read touches only the local stores, and the
+  loss of m local stores is survived from the remote parity. It needs at
+  least k local and m remote active stores (`policy_problem`: mkfs,
+  `store add/remove` refuse otherwise). When a class is short at write time
+  (a local store failed, or is full), the slot takes a store of the other
+  class rather than failing a write spread placement could serve: a data
+  fragment then goes to a remote store (healthy reads of that chunk touch
+  the network). Such a fragment is on the wrong class (`wrong_class`); the
+  caller queues the chunk ('wrong-class'), and repair moves the fragment to
+  a store of its class once one is a candidate (`movable`).
 
 A rebuilt fragment (`rebuild_target`, used by `ecfs.data.rebuild` for both the
 mount's repair and `ecfs fsck --repair`) stays on its own store when that
-store is a candidate holding no other fragment of the chunk, and otherwise goes where `choose` says among the
-stores holding no other fragment of the chunk (not even a bad one).
+store is a candidate of its class holding no other fragment of the chunk,
+and otherwise goes where `choose` says among the stores of its class
+holding no other fragment of the chunk (not even a bad one); failing that,
+its own store if usable, else any such candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from ..core.model import NO_STORE
@@ -28,6 +50,28 @@ FULL_MARGIN = 64 << 20
 
 #: Stores whose free space differs by less than this are treated as equal.
 FREE_SPACE_GRAIN = 1 << 30
+
+#: The placement policies (see the module docstring).
+SPREAD = "spread"
+HYBRID = "hybrid"
+POLICIES = (SPREAD, HYBRID)
+#: Volume parameter (metadata `volume` table) holding the policy; a volume
+#: without it (made before policies existed) is SPREAD.
+POLICY_KEY = "placement"
+
+
+def policy_problem(policy: str, k: int, m: int, local: int, remote: int) -> str | None:
+    """Why a volume with `local` local and `remote` remote active stores
+    cannot have `policy`, or None if it can."""
+    if policy not in POLICIES:
+        return f"unknown placement policy {policy!r} (known: {', '.join(POLICIES)})"
+    if policy == HYBRID and (local < k or remote < m):
+        return (
+            f"hybrid placement keeps the k={k} data fragments of a chunk on local stores and"
+            f" the m={m} parity fragments on remote ones: it needs at least {k} local and"
+            f" {m} remote stores; there would be {local} local and {remote} remote"
+        )
+    return None
 
 
 class Candidate(Protocol):
@@ -41,8 +85,24 @@ class Candidate(Protocol):
 class Placement:
     """Chooses distinct stores for new fragments."""
 
-    def __init__(self, runners: Mapping[int, Candidate]) -> None:
+    def __init__(
+        self,
+        runners: Mapping[int, Candidate],
+        *,
+        remote: Callable[[int], bool] = lambda store: False,
+        policy: str = SPREAD,
+        k: int = 0,
+    ) -> None:
+        """`remote(store)`: whether store index `store` is remote (read at
+        each choice: stores come and go); `k`: data fragments per chunk
+        (needed by HYBRID)."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}")
         self.runners = runners
+        self.remote = remote
+        #: SPREAD or HYBRID; may change while mounted (`ecfs store add --placement`).
+        self.policy = policy
+        self.k = k
         self.usage: dict[int, StoreUsage] = {}
         self.full: set[int] = set()
         #: Stores being removed: never chosen for new fragments.
@@ -59,43 +119,97 @@ class Placement:
     def note_written(self, store: int, nbytes: int) -> None:
         usage = self.usage.get(store)
         if usage is not None:
-            self.usage[store] = StoreUsage(usage.total_bytes, max(0, usage.free_bytes - nbytes))
+            self.usage[store] = StoreUsage(
+                usage.total_bytes, max(0, usage.free_bytes - nbytes), usage.known
+            )
 
     def mark_full(self, store: int) -> None:
         self.full.add(store)
 
-    def choose(self, count: int, exclude: Iterable[int] = ()) -> list[int]:
-        """Up to `count` distinct usable stores, best first."""
-        excluded = set(exclude)
+    def choose(
+        self, count: int, exclude: Iterable[int] = (), *, remote: bool | None = None
+    ) -> list[int]:
+        """Up to `count` distinct usable stores, best first; only remote
+        (True) or only local (False) ones if `remote` is given."""
         n = max(len(self.runners), 1)
         self._turn = (self._turn + 1) % n
-        candidates = [
-            index
-            for index, runner in self.runners.items()
-            if runner.available
-            and index not in excluded
-            and index not in self.full
-            and index not in self.draining
-        ]
-        candidates.sort(key=lambda index: (-self._free_grains(index), (index - self._turn) % n))
+        candidates = self._candidates(set(exclude), remote)
+        known = [self._free_grains(i) for i in candidates if self._space_known(i)]
+        roomiest = max(known, default=0)
+
+        def grains(index: int) -> int:
+            return self._free_grains(index) if self._space_known(index) else roomiest
+
+        candidates.sort(key=lambda index: (-grains(index), (index - self._turn) % n))
         return candidates[:count]
+
+    def targets(self, n: int) -> list[int | None]:
+        """A store for each fragment index 0..n-1 of a new chunk (distinct;
+        None where no store is left), by the policy (module docstring)."""
+        if self.policy != HYBRID:
+            chosen: list[int | None] = list(self.choose(n))
+            return chosen + [None] * (n - len(chosen))
+        k = min(self.k, n)
+        local = self.choose(n, remote=False)
+        remote = self.choose(n, remote=True)
+        data, parity = local[:k], remote[: n - k]
+        data += remote[n - k :][: k - len(data)]  # the other class, when one is short
+        parity += local[k:][: n - k - len(parity)]
+        return [*data, *([None] * (k - len(data))), *parity, *([None] * (n - k - len(parity)))]
+
+    def replacement(self, index: int, exclude: Iterable[int]) -> int | None:
+        """Another store for fragment `index` whose store failed: one of its
+        class if any, else any candidate; None if there is none."""
+        excluded = set(exclude)
+        if self.policy == HYBRID:
+            choice = self.choose(1, excluded, remote=index >= self.k)
+            if choice:
+                return choice[0]
+        choice = self.choose(1, excluded)
+        return choice[0] if choice else None
+
+    def wrong_class(self, stores: Sequence[int]) -> list[int]:
+        """Fragment indices of a chunk (slots `stores`) on a store of the
+        wrong class for the policy (HYBRID only; NO_STORE slots are not)."""
+        if self.policy != HYBRID:
+            return []
+        return [
+            i for i, s in enumerate(stores) if s != NO_STORE and self.remote(s) != (i >= self.k)
+        ]
+
+    def movable(self, stores: Sequence[int]) -> list[int]:
+        """The `wrong_class` fragments that a candidate of their class
+        holding no other fragment of the chunk could take now."""
+        moves = []
+        for index in self.wrong_class(stores):
+            others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
+            if self._candidates(others, index >= self.k):
+                moves.append(index)
+        return moves
 
     def rebuild_target(self, stores: Sequence[int], index: int) -> int | None:
         """Where rebuilt fragment `index` of a chunk whose fragment slots are
-        on `stores` goes: its own store if that is a candidate (available,
-        not full, not draining) holding no other fragment of the chunk, else
-        the best candidate holding no other fragment of the chunk; None if
+        on `stores` goes (see the module docstring): its own store if that
+        is a candidate (available, not full, not draining) of its class
+        holding no other fragment of the chunk, else the best such
+        candidate of its class; failing that its own store if usable, else
+        any candidate holding no other fragment of the chunk; None if
         there is none."""
         own = stores[index]
         others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
-        runner = self.runners.get(own) if own != NO_STORE else None
-        if (
-            runner is not None
-            and runner.available
-            and own not in self.full
-            and own not in self.draining
-            and own not in others
-        ):
+        own_usable = own != NO_STORE and bool(self._candidates(others, None, only=own))
+        if self.policy != HYBRID:
+            if own_usable:
+                return own
+            choice = self.choose(1, exclude=others)
+            return choice[0] if choice else None
+        wants_remote = index >= self.k
+        if own_usable and self.remote(own) == wants_remote:
+            return own
+        choice = self.choose(1, exclude=others, remote=wants_remote)
+        if choice:
+            return choice[0]
+        if own_usable:
             return own
         choice = self.choose(1, exclude=others)
         return choice[0] if choice else None
@@ -103,16 +217,26 @@ class Placement:
     def usable_stores(self) -> int:
         return sum(1 for i, r in self.runners.items() if r.available and i not in self.full)
 
+    def _candidates(
+        self, excluded: set[int], remote: bool | None, only: int | None = None
+    ) -> list[int]:
+        """Usable stores (available, not full, not draining) not in
+        `excluded`, of class `remote` if given (just `only` if given)."""
+        indices = self.runners if only is None else ([only] if only in self.runners else [])
+        return [
+            index
+            for index in indices
+            if self.runners[index].available
+            and index not in excluded
+            and index not in self.full
+            and index not in self.draining
+            and (remote is None or self.remote(index) == remote)
+        ]
+
+    def _space_known(self, store: int) -> bool:
+        usage = self.usage.get(store)
+        return usage is None or usage.known
+
     def _free_grains(self, store: int) -> int:
         usage = self.usage.get(store)
         return 0 if usage is None else usage.free_bytes // FREE_SPACE_GRAIN
-
-    def capacity(self) -> tuple[int, int]:
-        """(total, free) raw bytes over available stores."""
-        total = free = 0
-        for index, runner in self.runners.items():
-            usage = self.usage.get(index)
-            if usage is not None and runner.available:
-                total += usage.total_bytes
-                free += usage.free_bytes
-        return total, free

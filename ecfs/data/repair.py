@@ -10,7 +10,10 @@ reads or writes of files.
 Repairing one chunk: the fragments known bad (the queue's bitmask, slots
 without a store, slots on failed stores) are re-checked first: a fragment
 on a store that came back and still verifies is kept (a store that was only
-away for a while costs nothing). k good fragments are read whole and
+away for a while costs nothing). Under hybrid placement, good fragments on
+a store of the wrong class (`Placement.movable`) are rebuilt onto a store
+of their class with them; a chunk whose misplaced fragments have nowhere
+to go yet stays queued (deferred) until a store of their class is back. k good fragments are read whole and
 verified; only the missing fragments are regenerated, placed, written,
 read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
 (the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
@@ -264,6 +267,25 @@ class Repairer:
         self.poke()
         return count
 
+    def queue_wrong_class(self) -> int:
+        """Queue every chunk with a fragment on a store of the wrong class
+        for the placement policy (e.g. after a switch to hybrid placement:
+        the parity written before moves to the remote stores)."""
+        now = time.time_ns()
+        priority = repair_priority(self.layout.m, "wrong-class")
+        wrong = [
+            ref.chunk_id
+            for _, _, ref in self.chunks.iter_all()
+            if self.placement.wrong_class(ref.stores)
+        ]
+        with self.db.transaction():
+            for chunk_id in wrong:
+                self.queue.add(chunk_id, "wrong-class", priority, now, bad=0, demand=0)
+        if wrong:
+            log.warning("%d chunks queued to move fragments to a store of their class", len(wrong))
+            self.poke()
+        return len(wrong)
+
     # -- the task ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -340,11 +362,18 @@ class Repairer:
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
         suspects |= {i for i, s in enumerate(ref.stores) if not self._usable(s)}
         broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
-        if not broken:
+        moves = self._moves(ref, broken)
+        if not broken and not moves:
+            if self.placement.wrong_class(ref.stores):
+                # Misplaced, and no store of its class can take it now: wait
+                # for one (a store coming back retries deferred chunks).
+                self._defer(ref.chunk_id)
+                return 0
             with self.db.transaction():
                 self.queue.remove(ref.chunk_id)
             self.counters.chunks_checked_fine += 1
             return 0
+        broken = sorted({*broken, *moves})
         if all(self.placement.rebuild_target(ref.stores, i) is None for i in broken):
             # Nowhere to put a rebuilt fragment (e.g. a store is gone and
             # every other one already holds a fragment of this chunk): do not
@@ -357,7 +386,7 @@ class Repairer:
         broken = sorted(found_bad)  # sources found bad are rebuilt too
         if len(good) < layout.k:
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
-            if len(good) + len(away) >= layout.k:
+            if len(good) + len(away) + len(moves) >= layout.k:
                 # Not lost: stores holding the rest are only unavailable now.
                 log.info("chunk %016x: waiting for stores %s to come back", ref.chunk_id,
                          sorted({ref.stores[i] for i in away}))
@@ -376,7 +405,27 @@ class Repairer:
             self.counters.chunks_repaired += 1
         if done.failed:
             self._defer(ref.chunk_id)
+        elif done.committed and self.placement.wrong_class(done.stores):
+            # A fragment that could move only once others had moved (its
+            # class's stores held them): again, next.
+            with self.db.transaction():
+                self.queue.add(
+                    ref.chunk_id, "wrong-class", repair_priority(layout.m, "wrong-class"),
+                    time.time_ns(), bad=0, demand=0,
+                )  # fmt: skip
         return done.bytes_written
+
+    def _moves(self, ref: ChunkRef, broken: list[int]) -> list[int]:
+        """Good fragments on a store of the wrong class (hybrid placement)
+        that a store of their class can take now: rebuilt there (decoded
+        from others, like a broken one), as many at once as leave k other
+        fragments to decode from (data fragments first; the chunk is queued
+        again for the rest)."""
+        moves = [i for i in self.placement.movable(ref.stores) if i not in broken]
+        sources = [
+            i for i, s in enumerate(ref.stores) if i not in broken and self._usable(s)
+        ]
+        return moves[: max(0, len(sources) - self.layout.k)]
 
     def _usable(self, store: int) -> bool:
         return available_runner(self.runners, store) is not None

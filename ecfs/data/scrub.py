@@ -2,7 +2,9 @@
 
 Owns: walking the chunks in order of `chunks.verified_ns`, reading each
 present fragment whole (every cell checked against its checksum), queueing
-what is missing or corrupt for repair, and recording progress. Must not:
+what is missing or corrupt for repair (and, under hybrid placement, chunks
+with a fragment on a store of the wrong class: 'wrong-class', moved by the
+repairer), and recording progress. Must not:
 repair anything itself (the repairer does), or hurt foreground I/O: like
 repair, it yields to FUSE requests.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -115,12 +117,15 @@ class Scrubber:
         on_queued: Callable[[], None],
         verify_metadata: Callable[[], Awaitable[dict[int | None, str]]] | None = None,
         replica_count: Callable[[], int] = lambda: 0,
+        wrong_class: Callable[[Sequence[int]], list[int]] = lambda stores: [],
     ) -> None:
         """`verify_metadata()` verifies the live metadata replicas (and
         replaces bad ones) and the working copy (store index, None for the
         working copy -> problem); `replica_count()` is how many replicas it
-        looks at."""
+        looks at; `wrong_class(stores)`: the fragments of a chunk on a store
+        of the wrong class (`ecfs.data.placement.Placement.wrong_class`)."""
         self.db = db
+        self.wrong_class = wrong_class
         self.verify_metadata = verify_metadata
         self.replica_count = replica_count
         self.chunks = ChunkTable(db)
@@ -245,6 +250,13 @@ class Scrubber:
             self.progress.fragments_verified += 1
             self.progress.bytes_verified += payload
         if not bad:
+            if self.wrong_class(ref.stores) and not self.queue.contains(chunk_id):
+                with self.db.transaction():
+                    self.queue.add(
+                        chunk_id, "wrong-class", repair_priority(self.layout.m, "wrong-class"),
+                        time.time_ns(), bad=0, demand=0,
+                    )  # fmt: skip
+                self.on_queued()
             return
         self.progress.findings.append(
             ScrubFinding(chunk_id, inode, idx, tuple(bad), tuple(reasons))

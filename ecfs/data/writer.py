@@ -5,11 +5,17 @@ reduced-redundancy policy, and the set of stores with writes not yet made
 durable (`sync_stores`). Must not: touch the metadata database (the caller
 commits the returned ChunkRef) or know about files.
 
-Write policy: every fragment goes to a distinct store. A store that fails
-during the write, or that `before_write` refuses, is replaced by another
-healthy store that holds no fragment of the chunk. If fewer than k+m fragments could be stored but at
-least `min_fragments` (k+1 by default: the chunk still survives the loss
-of one store), the chunk is accepted with reduced redundancy, the missing
+Write policy: every fragment goes to a distinct store, fragment index i to
+the store `Placement.targets` gives slot i (the volume's placement policy:
+under hybrid placement, data fragments on local stores, parity on remote
+ones). A store that fails during the write, or that `before_write`
+refuses, is replaced by another healthy store that holds no fragment of
+the chunk (`Placement.replacement`: one of the fragment's class if any).
+A fragment that had to go to a store of the other class is reported by
+`wrong_class` (the caller queues the chunk for repair to move it).
+
+If fewer than k+m fragments could be stored but at least `min_fragments`
+(k+1 by default: the chunk still survives the loss of one store), the chunk is accepted with reduced redundancy, the missing
 slots are NO_STORE, and the caller queues it for repair. Below that, the
 fragments already written are deleted and the write fails: NoSpace
 (ENOSPC) when stores were full, StoreError (EIO) otherwise. Data already
@@ -114,6 +120,11 @@ class ChunkWriter:
     def statistics(self) -> WriteStatistics:
         return WriteStatistics(self.bytes_in, self.bytes_out)
 
+    def wrong_class(self, ref: ChunkRef) -> int:
+        """Bitmask of the fragments of `ref` (just written) on a store of
+        the wrong class for the placement policy (`Placement.wrong_class`)."""
+        return sum(1 << i for i in self.placement.wrong_class(ref.stores))
+
     async def write(self, data: bytes | bytearray | memoryview) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version."""
         chunk_id = await self.new_chunk_id()
@@ -171,8 +182,8 @@ class ChunkWriter:
         n = self.layout.n
         stores = [NO_STORE] * n
         errors: list[EcfsError] = []
-        targets = self.placement.choose(n)
-        used = set(targets)
+        targets = self.placement.targets(n)
+        used = {t for t in targets if t is not None}
         abandoned: list[tuple[int, int, int]] = []
 
         async def place(index: int, store: int | None) -> None:
@@ -191,14 +202,13 @@ class ChunkWriter:
                         self.placement.mark_full(store)
                     else:
                         abandoned.append((store, chunk_id, index))
-                    replacement = self.placement.choose(1, exclude=used)
-                    store = replacement[0] if replacement else None
+                    store = self.placement.replacement(index, used)
                     if store is not None:
                         used.add(store)
 
         async with open_fan_out() as nursery:
             for index in range(n):
-                nursery.start_soon(place, index, targets[index] if index < len(targets) else None)
+                nursery.start_soon(place, index, targets[index])
         stored = sum(1 for s in stores if s != NO_STORE)
         if stored < self.min_fragments:
             abandoned += await self._remove(chunk_id, stores)

@@ -24,6 +24,7 @@ import click
 from .. import __version__
 from ..core import units
 from ..core.errors import EcfsError, VolumeError
+from ..data.placement import POLICIES, SPREAD
 from ..storage.s3store import is_s3_location
 from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
 
@@ -179,9 +180,24 @@ def main() -> None:
     show_default=True,
     help="Files up to this size are kept inline in the metadata.",
 )
+@click.option(
+    "--placement",
+    type=click.Choice(POLICIES),
+    default=SPREAD,
+    show_default=True,
+    help="Where fragments go: 'spread' over all stores, or 'hybrid': data fragments on"
+    " local stores and parity on remote (s3://) ones, so healthy reads never touch the"
+    " network (needs at least k local and m remote stores).",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def mkfs(
-    k: int, m: int, fragment_size: int, cell_size: int, inline_max: int, stores: tuple[str, ...]
+    k: int,
+    m: int,
+    fragment_size: int,
+    cell_size: int,
+    inline_max: int,
+    placement: str,
+    stores: tuple[str, ...],
 ) -> None:
     """Create a new volume over STORES (empty or new directories, ideally
     one per disk; at least k+m of them). A store may also be an unused
@@ -190,15 +206,19 @@ def mkfs(
     or ~/.aws files only). The m+1 metadata copies go on local directories
     when there are m+1 of them, else also on S3 stores, as objects."""
     spec = VolumeSpec(
-        k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max
-    )
+        k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max,
+        placement=placement,
+    )  # fmt: skip
     try:
         volume_id = create_volume([Path(s) for s in stores], spec)
     except VolumeError as exc:
         _fail(str(exc), 2)
     except EcfsError as exc:
         _fail(str(exc), 1)
-    click.echo(f"created volume {volume_id}: k={k} m={m} over {len(stores)} stores")
+    click.echo(
+        f"created volume {volume_id}: k={k} m={m} over {len(stores)} stores"
+        + (f", {placement} placement" if placement != SPREAD else "")
+    )
 
 
 @main.command()
@@ -604,11 +624,20 @@ def store_replace(mountpoint: str, old: str, new: str) -> None:
 
 
 @store.command("add")
+@click.option(
+    "--placement",
+    type=click.Choice(POLICIES),
+    help="Switch the volume to this placement policy with the new store (see ecfs mkfs);"
+    " switching to hybrid moves the fragments written before to a store of their class"
+    " in the background.",
+)
 @click.argument("mountpoint")
 @click.argument("new", callback=_store_args)
-def store_add(mountpoint: str, new: str) -> None:
-    """Add NEW (an empty directory) as a store; new chunks use it at once."""
-    _store_change(mountpoint, f"store-add {_new_store_path(new)}")
+def store_add(mountpoint: str, new: str, placement: str | None) -> None:
+    """Add NEW (an empty directory or an s3:// location) as a store; new
+    chunks use it at once."""
+    policy = f" {placement}" if placement else ""
+    _store_change(mountpoint, f"store-add {_new_store_path(new)}{policy}")
 
 
 @store.command("remove")

@@ -40,7 +40,8 @@ def _ms(value: float) -> str:
 
 def render_status(status: VolumeStatus) -> str:
     """The `ecfs status` text: volume health, stores, repair queue."""
-    lines = [f"volume {status.volume}  k={status.k} m={status.m}  health: {status.health}"]
+    policy = f"  placement: {status.placement}" if status.placement != "spread" else ""
+    lines = [f"volume {status.volume}  k={status.k} m={status.m}{policy}  health: {status.health}"]
     tolerance = status.tolerance
     if tolerance >= 0:
         lines.append(f"can lose {tolerance} more store{'s' if tolerance != 1 else ''} without losing data")

@@ -57,8 +57,15 @@ class MemoryStore:
         capacity: int = 1 << 40,
         device: int | None = None,
         cached: bool = True,
+        remote: bool = False,
+        known_space: bool | None = None,
     ) -> None:
         self.path = Path(f"/memory/{name}")
+        #: `Store.remote`: as the test configures it.
+        self.remote = remote
+        #: Whether `usage` reports real space (`StoreUsage.known`); by
+        #: default a remote one does not, like an object store.
+        self.known_space = not remote if known_space is None else known_space
         self.capacity = capacity
         #: Whether `read_fragment_cached` serves reads (False: every read
         #: takes the slow path, as from a cold disk).
@@ -102,7 +109,7 @@ class MemoryStore:
 
     def usage(self) -> StoreUsage:
         with self._lock:
-            return StoreUsage(self.capacity, max(0, self.capacity - self._used))
+            return StoreUsage(self.capacity, max(0, self.capacity - self._used), self.known_space)
 
     def sync(self) -> None:
         self.syncs += 1
@@ -322,6 +329,10 @@ class FaultyStore:
         return self.inner.holds_log_segments
 
     @property
+    def remote(self) -> bool:
+        return self.inner.remote
+
+    @property
     def meta_dir(self) -> Path:
         return self.inner.meta_dir
 
@@ -345,7 +356,7 @@ class FaultyStore:
 
     def usage(self) -> StoreUsage:
         if self._fault("usage") == "enospc":
-            return StoreUsage(self.inner.usage().total_bytes, 0)
+            return StoreUsage(self.inner.usage().total_bytes, 0, self.inner.usage().known)
         return self.inner.usage()
 
     def sync(self) -> None:

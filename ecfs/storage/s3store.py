@@ -45,8 +45,11 @@ volume with fewer than m+1 stores that hold segments logs nothing: its
 small overwrites are whole-chunk writes (why: see `ecfs.data.logfiles`).
 
 Space: object stores have no statvfs and rarely tell a quota. `usage`
-reports a nominal NOMINAL_CAPACITY, all of it free, so placement and
-health never take the store for full; a server that refuses a write for
+reports a nominal NOMINAL_CAPACITY, all of it free, marked unknown
+(`StoreUsage.known` False): placement and health never take the store for
+full, yet neither prefer it for that size nor count it as real space (`df`
+counts the stores whose space is known, see
+`ecfs.volume.assembly.Volume.capacity`); a server that refuses a write for
 lack of room (HTTP 507, QuotaExceeded) raises NoSpace.
 
 Identity: `pin_identity` remembers the marker object (and its ETag);
@@ -418,6 +421,8 @@ class S3Store:
     holds_log_segments = False
     #: Keeps a metadata copy as objects under ``meta/``.
     holds_meta_objects = True
+    #: On another machine (`ecfs.storage.store.Store.remote`).
+    remote = True
 
     def __init__(
         self,
@@ -615,8 +620,8 @@ class S3Store:
         return (1 << 48) + zlib.crc32(str(self.location).encode())
 
     def usage(self) -> StoreUsage:
-        """Nominal: see "Space" in the module docstring."""
-        return StoreUsage(NOMINAL_CAPACITY, NOMINAL_CAPACITY)
+        """Nominal and marked unknown: see "Space" in the module docstring."""
+        return StoreUsage(NOMINAL_CAPACITY, NOMINAL_CAPACITY, known=False)
 
     def sync(self) -> None:
         """Nothing to do: an acknowledged PUT or DELETE is durable."""

@@ -244,10 +244,17 @@ def _check_geometry(marker: StoreMarker) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StoreUsage:
-    """Space on the filesystem holding a store (bytes; free = usable by us)."""
+    """Space on the filesystem holding a store (bytes; free = usable by us).
+
+    `known` is False where the medium tells no size (an object store
+    without a quota, `ecfs.storage.s3store`): the two numbers are then
+    nominal, never counted as real space (`df` on the mount, see
+    `ecfs.volume.assembly.Volume.capacity`) nor preferred by placement for
+    their size (`ecfs.data.placement`)."""
 
     total_bytes: int
     free_bytes: int
+    known: bool = True
 
 
 #: What a writer hands over: the parts of one fragment, concatenated.
@@ -302,6 +309,14 @@ class Store(Protocol):
     #: (`ecfs.data.logfiles`) keeps its copies on the stores that hold
     #: segments only, and is off when fewer than m+1 do.
     holds_log_segments: bool
+
+    #: Whether the store is on another machine, reached over the network
+    #: (an object store): False for `DirectoryStore` (even on a network
+    #: mount: it is a directory to us), True for
+    #: `ecfs.storage.s3store.S3Store`, as configured for the fakes. Hybrid
+    #: placement (`ecfs.data.placement`) keeps data fragments on the stores
+    #: that are not remote and parity on those that are.
+    remote: bool
 
     @property
     def meta_dir(self) -> Path:
@@ -483,6 +498,7 @@ class DirectoryStore:
     __slots__ = ("path", "_direct_io", "_nowait", "_owner", "_pinned")
 
     holds_log_segments = True
+    remote = False
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""

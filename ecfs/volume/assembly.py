@@ -73,7 +73,7 @@ from ..data.filedata import FileData
 from ..data.garbage import ChunkPins, Garbage
 from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
-from ..data.placement import Placement
+from ..data.placement import HYBRID, POLICIES, POLICY_KEY, SPREAD, Placement
 from ..data.reader import ChunkReader
 from ..data.repair import Repairer
 from ..data.scrub import Scrubber
@@ -340,7 +340,10 @@ class Volume:
         self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
         self.codec = Codec(k, m)
         self.handles = HandleCache()
-        self.placement = Placement(self.runners)
+        policy = params.get(POLICY_KEY, SPREAD)
+        if policy not in POLICIES:
+            raise VolumeError(f"the metadata names an unknown placement policy {policy!r}")
+        self.placement = Placement(self.runners, remote=self.is_remote, policy=policy, k=k)
         self.pins = ChunkPins()
         self.namespace = Namespace(db)
         self.writer = ChunkWriter(
@@ -423,6 +426,7 @@ class Volume:
             self.repairer.poke,
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
+            wrong_class=self.placement.wrong_class,
         )
         #: The last store change of this mount (see `start_store_change`).
         self.store_change: StoreChange | None = None
@@ -458,6 +462,12 @@ class Volume:
         self._nursery: trio.Nursery | None = None
         #: The fencing epoch of this mount's metadata objects (see `open`).
         self.epoch = 0
+
+    def is_remote(self, index: int) -> bool:
+        """Whether store `index` is remote (`Store.remote`; a store not
+        open counts as local: its fragments are rebuilt anyway)."""
+        runner = self.runners.get(index)
+        return runner is not None and runner.store.remote
 
     def _new_store_admin(self) -> StoreAdmin:
         """The store changes' runner, given the parts of the volume it changes."""
@@ -1037,7 +1047,8 @@ class Volume:
                 found.tolerance,
                 bool(unrecoverable),
                 len(available) < len(self.store_ids),
-                bool(repair.queue),
+                # Fragments only to be moved (hybrid placement) lack no redundancy.
+                any(reason != "wrong-class" for reason in repair.queue),
             ),
             tolerance=found.tolerance,
             stores=tuple(stores),
@@ -1057,6 +1068,7 @@ class Volume:
             unrecoverable=unrecoverable,
             store_change=self.store_change,
             lease=self.lease.statistics() if self.lease is not None else None,
+            placement=self.placement.policy,
         )
 
     def _store_status(
@@ -1076,11 +1088,12 @@ class Volume:
             latency_p95_ms=round(stats.latency_p95 * 1000, 3),
             bytes_read=stats.bytes_read,
             bytes_written=stats.bytes_written,
-            free_bytes=usage.free_bytes if usage else None,
-            total_bytes=usage.total_bytes if usage else None,
+            free_bytes=usage.free_bytes if usage and usage.known else None,
+            total_bytes=usage.total_bytes if usage and usage.known else None,
             fragments=fragments.get(index, 0),
             fragment_bytes=sizes.get(index, 0),
             draining=index in self.placement.draining,
+            remote=runner.store.remote,
         )
 
     # -- operator commands -----------------------------------------------------------
@@ -1137,7 +1150,7 @@ class Volume:
         elif command.verb == "store-replace":
             self.start_store_change("replace", command.old, command.new)
         elif command.verb == "store-add":
-            self.start_store_change("add", None, command.new)
+            self.start_store_change("add", None, command.new, command.placement)
         else:
             self.start_store_change("remove", command.old, None)
 
@@ -1146,22 +1159,29 @@ class Volume:
             return
         self._nursery.start_soon(guarded, "scrub", self.scrubber.run, max_duration)
 
-    def start_store_change(self, op: str, old: str | None, new: str | None) -> None:
-        """Begin replacing, adding or draining a store (progress in
+    def start_store_change(
+        self, op: str, old: str | None, new: str | None, placement: str | None = None
+    ) -> None:
+        """Begin replacing, adding (switching to placement policy
+        `placement` if given) or draining a store (progress in
         `status().store_change`)."""
         if self.store_change is not None and self.store_change.state == "running":
             raise FsError("a store change is already running", errno=errno.EBUSY)
         self.store_change = StoreChange(op, old, new, "running", "")
         assert self._nursery is not None
-        self._nursery.start_soon(guarded, "store change", self._store_change, op, old, new)
+        self._nursery.start_soon(
+            guarded, "store change", self._store_change, op, old, new, placement
+        )
 
-    async def _store_change(self, op: str, old: str | None, new: str | None) -> None:
+    async def _store_change(
+        self, op: str, old: str | None, new: str | None, placement: str | None = None
+    ) -> None:
         before = set(self.runners)
         try:
             if op == "replace":
                 message = await self.stores_admin.replace(old or "", new or "")
             elif op == "add":
-                message = await self.stores_admin.add(new or "")
+                message = await self.stores_admin.add(new or "", placement)
             else:
                 message = await self.stores_admin.remove(old or "")
         except EcfsError as exc:
@@ -1232,17 +1252,37 @@ class Volume:
             self.lease.check()
 
     def capacity(self) -> tuple[int, int]:
-        """(total, free) usable bytes: raw space of the stores' distinct
-        filesystems, scaled by k/(k+m)."""
+        """(total, free) usable bytes (`df` on the mount, fallocate's check).
+
+        Only real space counts: the raw space of the distinct filesystems
+        of the available stores whose space is known (local stores); an
+        object store without a known size (`StoreUsage.known` False)
+        contributes nothing, unless no store's space is known at all (a
+        volume of object stores only: its nominal space, so it never looks
+        full). Scaled by k/(k+m) under spread placement; under hybrid
+        placement only the local stores count, and whole: they hold the
+        data fragments only (parity is remote)."""
+        usages = {
+            index: usage
+            for index, usage in self.placement.usage.items()
+            if self.runners.get(index) is not None and self.runners[index].available
+        }
+        hybrid = self.placement.policy == HYBRID
+        if hybrid:  # the data fragments' stores
+            usages = {index: usage for index, usage in usages.items() if not self.is_remote(index)}
+        if any(usage.known for usage in usages.values()):
+            usages = {index: usage for index, usage in usages.items() if usage.known}
         total = free = 0
         seen: set[int] = set()
-        for index, usage in self.placement.usage.items():
+        for index, usage in usages.items():
             device = self._devices.get(index)
-            if device in seen or not self.runners[index].available:
+            if device in seen:
                 continue
             seen.add(device if device is not None else -index)
             total += usage.total_bytes
             free += usage.free_bytes
+        if hybrid:
+            return total, free
         k, n = self.layout.k, self.layout.n
         return total * k // n, free * k // n
 

@@ -13,7 +13,8 @@ or clean up, and the kernel tells the daemon who asks):
   reads it: see volume.SHUTDOWN_REPORT);
 * setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
   "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
-  "store-replace OLD NEW", "store-add NEW", "store-remove OLD".
+  "store-replace OLD NEW", "store-add NEW [spread|hybrid]" (with a placement
+  policy to switch to), "store-remove OLD".
 
 Only root and the user who mounted may use them (checked in `fs`).
 Every argument is validated before anything starts (`parse_command`):
@@ -36,6 +37,7 @@ import shlex
 from dataclasses import dataclass
 
 from ..core.errors import FsError, VolumeError
+from ..data.placement import POLICIES
 from ..storage.s3store import S3Location, is_s3_location
 
 log = logging.getLogger(__name__)
@@ -54,15 +56,17 @@ class Command:
     """One validated control command.
 
     verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
-    (urgent), "store-replace" (old, new), "store-add" (new), "store-remove"
-    (old). `new` is always an absolute path; `old` an absolute path, a
-    store index or a store id."""
+    (urgent), "store-replace" (old, new), "store-add" (new, placement: a
+    policy to switch to, or None), "store-remove" (old). `new` is always an
+    absolute path or an s3:// location; `old` that, a store index or a
+    store id."""
 
     verb: str
     seconds: float | None = None
     urgent: bool = False
     old: str | None = None
     new: str | None = None
+    placement: str | None = None
 
 
 def parse_command(text: str) -> Command:
@@ -77,7 +81,7 @@ def parse_command(text: str) -> Command:
         raise _refused(text, "it is empty")
     verb, args = words[0], words[1:]
     arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
-             "store-add": (1, 1), "store-remove": (1, 1)}  # fmt: skip
+             "store-add": (1, 2), "store-remove": (1, 1)}  # fmt: skip
     if verb not in arity:
         raise _refused(text, f"unknown command {verb!r}")
     low, high = arity[verb]
@@ -92,7 +96,9 @@ def parse_command(text: str) -> Command:
     if verb == "store-replace":
         return Command(verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]))
     if verb == "store-add":
-        return Command(verb, new=_new_path(text, args[0]))
+        if len(args) > 1 and args[1] not in POLICIES:
+            raise _refused(text, f"unknown placement policy {args[1]!r} (known: {', '.join(POLICIES)})")
+        return Command(verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None)
     if verb == "store-remove":
         return Command(verb, old=_old_store(text, args[0]))
     return Command(verb)

@@ -27,6 +27,10 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   back and verified, the old one deleted only once the metadata names the
   new one) and queues what it cannot rebuild for the mount's repair
   (reason "fsck", `ecfs.core.model.repair_priority`, the bad fragments' mask).
+  Under hybrid placement (`ecfs.data.placement`), fragments on a store of
+  the wrong class (a data fragment on a remote store, parity on a local
+  one) are reported as a warning; repair queues their chunks
+  ('wrong-class') for the mount's repairer, which moves them.
   A bad header is described, its bytes never printed.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others,
@@ -67,10 +71,10 @@ from ..core import fragment
 from ..core.codec import Codec
 from ..core.errors import BadFragmentEntry, FragmentCorrupt, FragmentMissing, StoreError
 from ..core.geometry import Layout
-from ..core.model import NO_STORE, ChunkRef
+from ..core.model import NO_STORE, ChunkRef, repair_priority
 from ..data.logfiles import SEGMENT_SIZE, LogFiles, Record, log_stores, padded
 from ..data.logfiles import encode as encode_record
-from ..data.placement import Placement
+from ..data.placement import POLICY_KEY, SPREAD, Placement
 from ..data.rebuild import rebuild_fragments
 from ..data.smallwrites import legacy_checksum
 from ..storage.handles import Expected, read_header
@@ -78,6 +82,7 @@ from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.inodes import InodeTable
 from ..storage.metadb.schema import ROOT_INODE
+from ..storage.metadb.stores import StoreTable
 from ..storage.metadb.writelog import WriteLogTable
 from ..storage.replicas import CopyChoice, CopyExpectation, choose_copy, inspect_known
 from ..storage.store import FRAGS_DIR, Store
@@ -689,11 +694,18 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
     on_missing_store: Counter[int] = Counter()
     total = len(all_chunks)
     placement = _placement(ctx) if ctx.repair else None
+    classes = _policy_placement(ctx, {})
+    wrong_class: dict[int, int] = {}  # chunk id -> fragments on the wrong class
     for n, (ino, idx, ref) in enumerate(all_chunks):
         ctx.tick("chunks", n, total)
         _check_chunk(ctx, codec, expected, placement, ino, idx, ref, on_missing_store)
+        wrong = classes.wrong_class(ref.stores)
+        if wrong:
+            wrong_class[ref.chunk_id] = len(wrong)
     ctx.tick("chunks", total, total)
     ctx.report.counts["chunks"] = total
+    if wrong_class:
+        _report_wrong_class(ctx, wrong_class)
     for index in sorted(set(ctx.store_ids) - set(ctx.stores)):
         ctx.report.add(
             "chunk_fragments_present",
@@ -771,6 +783,31 @@ def _check_chunk(
         notes += "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
     details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
     ctx.report.add(check, f"{where()}: {details}{notes}", severity=severity, fixed=fixed)
+
+
+def _report_wrong_class(ctx: FsckContext, wrong_class: dict[int, int]) -> None:
+    """A warning for the fragments on a store of the wrong class (hybrid
+    placement); with repair, their chunks are queued ('wrong-class') for
+    the mount's repairer, which moves them to a store of their class."""
+    fragments = sum(wrong_class.values())
+    ctx.report.counts["fragments_wrong_class"] = fragments
+    note = "the mount's repair moves them when a store of their class can take them"
+    if ctx.repair:
+        queue = RepairQueue(ctx.db)
+        priority = repair_priority(ctx.layout.m, "wrong-class")
+        now = time.time_ns()
+        with ctx.db.transaction():
+            for chunk_id in wrong_class:
+                queue.add(chunk_id, "wrong-class", priority, now, bad=0, demand=0)
+        note = "queued for the mount's repair, which moves them"
+    ctx.report.add(
+        "chunk_fragments_present",
+        f"{fragments} fragment(s) of {len(wrong_class)} chunk(s) are on a store of the wrong"
+        " class for hybrid placement (a data fragment on a remote store or parity on a local"
+        f" one); {note}",
+        severity="warning",
+        fixed=ctx.repair,
+    )
 
 
 def _queued_for_repair(ctx: FsckContext, ref: ChunkRef, state: _ChunkState) -> bool:
@@ -907,10 +944,23 @@ def _placement(ctx: FsckContext) -> Placement:
             candidates[index] = _Present(False)
             continue
         candidates[index] = _Present(True)
-    placement = Placement(candidates)
+    placement = _policy_placement(ctx, candidates)
     for index, found in usage.items():
         placement.update_usage(index, found)
     return placement
+
+
+def _policy_placement(ctx: FsckContext, candidates: dict[int, _Present]) -> Placement:
+    """Placement over `candidates` with the volume's policy; a store not
+    present counts as local (see `ecfs.volume.assembly.Volume.is_remote`)."""
+    policy = StoreTable(ctx.db).params().get(POLICY_KEY, SPREAD)
+    stores = ctx.stores
+    return Placement(
+        candidates,
+        remote=lambda i: i in stores and stores[i].remote,
+        policy=policy,
+        k=ctx.layout.k,
+    )
 
 
 class _FsckStores:

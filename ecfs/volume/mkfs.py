@@ -13,6 +13,11 @@ local directories (as files) when there are at least m+1 of them,
 otherwise on local ones first and then object stores (as objects: a
 snapshot at epoch 0, see `ecfs.storage.metaobjects`). A volume of directories
 only is unchanged.
+
+The placement policy (`VolumeSpec.placement`, ``--placement``) is checked
+against the stores given (`ecfs.data.placement.policy_problem`: hybrid
+needs k local and m remote ones, by `Store.remote`) and kept in the
+volume parameters (`ecfs.data.placement.POLICY_KEY`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..core.geometry import (
     MIN_CELL_SIZE,
     Layout,
 )
+from ..data.placement import POLICY_KEY, SPREAD, policy_problem
 from ..storage.metadb.schema import create_database
 from ..storage.metaobjects import ObjectCopy, copy_stores, keeps_meta_objects
 from ..storage.replicas import copy_database, read_generation, replica_path
@@ -68,6 +74,8 @@ class VolumeSpec:
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
     cell_size: int = DEFAULT_CELL_SIZE
     inline_max: int = DEFAULT_INLINE_MAX
+    #: The placement policy (`ecfs.data.placement.POLICIES`).
+    placement: str = SPREAD
 
 
 #: "scheme://...": a URL (s3://bucket, http://host/...), not a directory.
@@ -170,6 +178,10 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             f" at least {spec.k + spec.m}"
         )
     resolved = check_store_paths(paths)
+    remote = sum(1 for p in resolved if open_store(p).remote)
+    problem = policy_problem(spec.placement, spec.k, spec.m, len(resolved) - remote, remote)
+    if problem is not None:
+        raise VolumeError(problem)
     for given, path in zip(paths, resolved, strict=True):
         if is_s3_location(path):
             continue  # S3Store.initialise checks that its prefix is unused
@@ -210,6 +222,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             "fragment_size": spec.fragment_size,
             "cell_size": spec.cell_size,
             "inline_max": spec.inline_max,
+            POLICY_KEY: spec.placement,
         }
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()

@@ -60,6 +60,8 @@ class StoreStatus:
     fragments: int  # fragments the chunk table places on it
     fragment_bytes: int
     draining: bool
+    #: On another machine (`ecfs.storage.store.Store.remote`; False if missing).
+    remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,8 @@ class VolumeStatus:
     unrecoverable: tuple[str, ...]
     store_change: StoreChange | None
     lease: LeaseStatistics | None = None
+    #: The placement policy (`ecfs.data.placement`: "spread" or "hybrid").
+    placement: str = "spread"
 
 
 def assess(

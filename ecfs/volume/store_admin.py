@@ -8,11 +8,23 @@ itself (the repairer does, in the background).
   volume under OLD's index, so chunk maps need no change; every chunk that
   had a fragment on OLD is queued ('store-replaced') and rebuilt onto NEW.
   OLD may be dead; if it still answers, it is simply no longer used.
-* add NEW: a new store index, used for new chunks at once (no rebalance).
+* add NEW [POLICY]: a new store index, used for new chunks at once (no
+  rebalance). With a placement POLICY (`ecfs.data.placement`), the volume
+  switches to it in the same transaction; a switch to hybrid queues every
+  chunk with a fragment on a store of the wrong class ('wrong-class'), and
+  the repairer moves those fragments (parity written before onto the
+  remote stores).
 * remove OLD: OLD is marked draining (no new fragments), all its chunks are
   queued and the repairer moves each fragment to a store holding none of
   that chunk; once nothing refers to OLD, it leaves the store table. Needs
   at least k+m other stores.
+
+Refused before anything changes (`_check_classes`): a change that leaves
+the stores unfit for the placement policy (hybrid: fewer than k local or m
+remote active stores, `ecfs.data.placement.policy_problem`). Nothing is
+refused for the metadata's sake: after a change the copies go where
+`ecfs.storage.metaobjects.copy_stores` says (files on m+1 local stores, or
+objects on object stores when fewer are local).
 
 After a change, give the new store list (or a glob that matches it) to the
 next `ecfs mount`.
@@ -36,7 +48,7 @@ import trio
 
 from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
-from ..data.placement import Placement
+from ..data.placement import HYBRID, POLICY_KEY, Placement, policy_problem
 from ..data.repair import Repairer
 from ..storage.handles import HandleCache
 from ..storage.metadb.database import Database
@@ -44,7 +56,7 @@ from ..storage.metadb.stores import StoreTable
 from ..storage.offload import StoreRunner, run_in_thread
 from ..storage.s3store import is_s3_location
 from ..storage.store import STORE_FORMAT, Store, StoreMarker
-from ..storage.storefactory import initialise_store
+from ..storage.storefactory import initialise_store, open_store
 from .mkfs import check_store_paths
 
 #: Seconds between checks while a removed store drains.
@@ -194,6 +206,11 @@ class StoreAdmin:
 
     async def replace(self, old: str, new: str) -> str:
         index = await self._index_of(old)
+        if index in self.runners:  # a missing store's class is unknown: not counted
+            try:
+                self._check_classes(self.placement.policy, add=new, drop=index)
+            except VolumeError as exc:
+                raise VolumeError(f"replacing store {index} by {new} is refused: {exc}") from None
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
         with self.db.transaction():
@@ -207,15 +224,49 @@ class StoreAdmin:
         await self.ensure_replicas()
         return f"store {index} is now {new}; {count} chunks queued for rebuild onto it"
 
-    async def add(self, new: str) -> str:
+    async def add(self, new: str, policy: str | None = None) -> str:
+        if policy is not None:
+            self._check_classes(policy, add=new)
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
+        switched = policy is not None and policy != self.placement.policy
         with self.db.transaction():
             index = self.store_table.add(marker.store_id)
             self.store_table.set_path(index, str(store.path))
+            if switched:
+                self.store_table.set_param(POLICY_KEY, policy or "")
         await self._install(index, store)
         await self.refresh_usage()
-        return f"store {index} added: {new}"
+        message = f"store {index} added: {new}"
+        if switched:
+            self.placement.policy = policy or ""
+            message += f"; placement is now {policy}"
+            if policy == HYBRID:
+                moving = self.repairer.queue_wrong_class()
+                message += f" ({moving} chunks queued to move fragments to a store of their class)"
+        return message
+
+    def _check_classes(
+        self, policy: str, *, add: str | None = None, drop: int | None = None
+    ) -> None:
+        """VolumeError if the active stores, with `add` (a location) and
+        without store `drop`, would not suit `policy` or the metadata
+        replicas (see the module docstring)."""
+        remote = {
+            i: runner.store.remote
+            for i, runner in self.runners.items()
+            if i != drop and i not in self.placement.draining
+        }
+        local_count = sum(1 for r in remote.values() if not r)
+        remote_count = len(remote) - local_count
+        if add is not None:
+            if open_store(add).remote:
+                remote_count += 1
+            else:
+                local_count += 1
+        problem = policy_problem(policy, self.layout.k, self.layout.m, local_count, remote_count)
+        if problem is not None:
+            raise VolumeError(problem)
 
     async def remove(self, old: str) -> str:
         index = await self._index_of(old)
@@ -225,6 +276,10 @@ class StoreAdmin:
                 f"removing store {index} would leave {len(others)} stores;"
                 f" k+m={self.layout.n} are needed"
             )
+        try:
+            self._check_classes(self.placement.policy, drop=index)
+        except VolumeError as exc:
+            raise VolumeError(f"removing store {index} is refused: {exc}") from None
         with self.db.transaction():
             self.store_table.set_state(index, "draining")
         self.placement.draining.add(index)

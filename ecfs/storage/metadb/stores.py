@@ -19,6 +19,14 @@ class StoreTable:
         """The volume parameters (key -> text value)."""
         return {str(k): str(v) for k, v in self.db.query("SELECT key, value FROM volume")}
 
+    def set_param(self, key: str, value: str) -> None:
+        """Set volume parameter `key` (a new key is added)."""
+        self.db.write(
+            "INSERT INTO volume (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
     def paths(self) -> dict[int, str]:
         """index -> the path the store was last seen at ('' if never)."""
         return {int(i): str(p) for i, p in self.db.query("SELECT idx, path FROM stores")}
