@@ -326,19 +326,22 @@ def test_compaction_bounds_the_metadata_objects(tmp_path: Path, aws_env: None) -
         finally:
             volume.unmount()
 
-        # Fencing: another host took the volume at epoch 1 and wrote its
-        # snapshot; a mount at epoch 0 (an older lease) is refused.
+        # Fencing: each mount took the lease (ecfs.storage.lease) at a new
+        # epoch and wrote its copies at it. Another host that took the
+        # volume at a far later epoch wrote its snapshot; a mount at a
+        # lower epoch is refused.
         store = S3Store(servers[0].location(prefix="p0"))
         copy = ObjectCopy(store, _volume_id_of(store))
         found = copy.rebuild(tmp_path / "copy.sqlite")
-        assert not found.missing and found.problem is None and found.epoch == 0
-        copy.install(found.path, found.generation, 1)
+        assert not found.missing and found.problem is None and found.epoch == 2
+        later = found.epoch + 5
+        copy.install(found.path, found.generation, later)
         try:
             with pytest.raises(MountError) as refused:
                 volume.mount()
         finally:
             volume.unmount(check=False)
-        assert "epoch 1" in str(refused.value) and "another host" in str(refused.value)
+        assert f"epoch {later}" in str(refused.value) and "another host" in str(refused.value)
 
 
 def _volume_id_of(store: S3Store) -> bytes:
