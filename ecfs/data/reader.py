@@ -339,11 +339,15 @@ class ChunkReader:
         is slow (past its store's hedge deadline), ALSO decode it from others
         and take whichever answers first. The slow read keeps running until
         then (cancelling it abandons its thread, which the store's health
-        counts)."""
+        counts; if it answers later, its time marks the store SLOW). A
+        store already SLOW is not asked: the range is decoded from others
+        while k fragments are on stores that are OK."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        if runner.state is StoreState.SLOW and self._ok_sources(ref, index) >= self.layout.k:
+            return await self._degraded(ref, index, start, end, wanted, f"store {store} slow")
         winner: list[Bytes] = []
         errors: list[EcfsError] = []
         primary_done = trio.Event()
@@ -385,6 +389,17 @@ class ChunkReader:
         if winner:
             return winner[0]
         raise errors[0]
+
+    def _ok_sources(self, ref: ChunkRef, index: int) -> int:
+        """Fragments of `ref` other than `index` on stores neither failed
+        nor slow: a SLOW store is read around only while k of them are
+        (when every store is slow, e.g. all under load, it is read)."""
+        ok = 0
+        for i in ref.present():
+            runner = self.runners.get(ref.stores[i])
+            if i != index and runner is not None and runner.state is StoreState.OK:
+                ok += 1
+        return ok
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
@@ -433,7 +448,7 @@ class ChunkReader:
                     self.expected,
                     start,
                     end,
-                    timeout=self.read_timeout,
+                    timeout=runner.call_timeout(self.read_timeout),
                     nbytes_read=end - start,
                 )
                 self.handles.insert(key, opened)
@@ -449,7 +464,7 @@ class ChunkReader:
                         header,
                         start,
                         end,
-                        timeout=self.read_timeout,
+                        timeout=runner.call_timeout(self.read_timeout),
                         nbytes_read=end - start,
                     )
                     self.counters.thread_reads += 1

@@ -29,7 +29,14 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from ..core.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped
-from .store import FragmentParts, Store, StoreMarker, StoreUsage, fragment_relpath
+from .store import (
+    DIRECTORY_CONCURRENCY,
+    FragmentParts,
+    Store,
+    StoreMarker,
+    StoreUsage,
+    fragment_relpath,
+)
 
 #: Seconds a hung call waits at most (see the module docstring).
 HANG_LIMIT = 60.0
@@ -48,6 +55,7 @@ class MemoryStore:
     hand": `read_fragment_cached` serves it (unless `cached` is False)."""
 
     holds_log_segments = True
+    concurrency = DIRECTORY_CONCURRENCY
 
     def __init__(
         self,
@@ -320,6 +328,10 @@ class FaultyStore:
     @property
     def holds_log_segments(self) -> bool:
         return self.inner.holds_log_segments
+
+    @property
+    def concurrency(self) -> int:
+        return self.inner.concurrency
 
     @property
     def meta_dir(self) -> Path:

@@ -126,6 +126,10 @@ LOG_DIR = "wlog"
 
 #: Largest marker file accepted (bytes); anything bigger is garbage.
 MARKER_MAX_BYTES = 64 * 1024
+#: Store.concurrency of a local disk and of an object store (the rule is in
+#: ecfs.storage.offload's docstring).
+DIRECTORY_CONCURRENCY = 8
+REMOTE_CONCURRENCY = 32
 
 #: Largest accepted fragment_size / inline_max: far above any sane volume.
 _MAX_SIZE = 1 << 30
@@ -303,6 +307,12 @@ class Store(Protocol):
     #: segments only; a volume has at least m+1 of them (mkfs keeps the
     #: metadata replicas, and so the log, on local stores).
     holds_log_segments: bool
+
+    #: How many calls the store serves well at once: the default size of
+    #: its runner's limiter (`ecfs.storage.offload.StoreRunner`, whose
+    #: docstring gives the rule): DIRECTORY_CONCURRENCY for a local disk,
+    #: REMOTE_CONCURRENCY for an object store.
+    concurrency: int
 
     @property
     def meta_dir(self) -> Path:
@@ -483,6 +493,7 @@ class DirectoryStore:
     __slots__ = ("path", "_direct_io", "_nowait", "_owner", "_pinned")
 
     holds_log_segments = True
+    concurrency = DIRECTORY_CONCURRENCY
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
