@@ -15,7 +15,8 @@ landed where). Then, on the mounted volume, with fio (1 MiB requests):
   with a final fsync, then a sequential read of it after dropping the
   caches;
 - one server stopped (SIGSTOP) under a new mount: a new file written,
-  the healthy file read (degraded);
+  the healthy file read (degraded); the server is the one the healthy
+  read asked most (one holding data fragments of the file);
 - one server slowed down: a new mount with that store's endpoint behind
   a TCP proxy that delays every answer by --delay seconds (default 0.5;
   tests/s3servers.py's DelayProxy): a new file written, the healthy file
@@ -67,12 +68,7 @@ N_SERVERS = 6
 K, M = 4, 2
 CEILING_PART = 8 * wl.MiB
 CEILING_CONCURRENCY = 8
-SLOW_SERVER = N_SERVERS - 1
 BUCKET = "ecfs-bench"
-
-
-def _requests(servers: list[MotoServer]) -> int:
-    return sum(s.requests() for s in servers)
 
 
 class S3Bench:
@@ -83,6 +79,10 @@ class S3Bench:
         self.work = work
         self.servers = [MotoServer(log=work / f"moto-{i}.log") for i in range(N_SERVERS)]
         self.proxy: DelayProxy | None = None
+        #: The server stopped, then slowed: the one the healthy read asked most
+        #: (placement may leave a server only parity of a file, which a
+        #: healthy read never asks for).
+        self.victim = N_SERVERS - 1
         self.daemons: list[b.Daemon] = []
         self.mnt = work / "mnt"
         self.log = work / "ecfs.log"
@@ -113,7 +113,7 @@ class S3Bench:
         remote = []
         for i, server in enumerate(self.servers):
             endpoint = server.endpoint
-            if proxied and i == SLOW_SERVER:
+            if proxied and i == self.victim:
                 assert self.proxy is not None
                 endpoint = self.proxy.endpoint
             remote.append(f"s3://{BUCKET}-{i}/{self.prefix}?endpoint={endpoint}")
@@ -141,12 +141,14 @@ class S3Bench:
 
     # -- measuring
     def counted(self, fn: Callable[[], dict[str, float]]) -> tuple[float, float]:
-        """(MiB/s, requests per MiB) of one workload moving self.size bytes."""
-        before = _requests(self.servers)
+        """(MiB/s, requests per MiB) of one workload moving self.size bytes;
+        the requests each server saw go to the notes."""
+        before = [s.requests() for s in self.servers]
         result = fn()
         time.sleep(0.5)  # the servers' last log lines
-        requests = _requests(self.servers) - before
-        return result["mib_s"], requests / (self.size / wl.MiB)
+        per_server = [s.requests() - n for s, n in zip(self.servers, before, strict=True)]
+        self.notes.setdefault("requests_per_server", []).append(per_server)
+        return result["mib_s"], sum(per_server) / (self.size / wl.MiB)
 
     def write(self, name: str) -> tuple[float, float]:
         directory = self.mnt / name
@@ -205,27 +207,31 @@ class S3Bench:
         daemon = self.mount()
         write = self.write("healthy")
         self.add_row("ecfs healthy", write, self.read())
+        asked = self.notes["requests_per_server"][-1]
+        self.victim = asked.index(max(asked))
+        self.notes["victim"] = f"server {self.victim} (asked most by the healthy read)"
         status = self.status()
         self.notes["fragments_per_store"] = {s["path"]: s["fragments"] for s in status["stores"]}
         self.unmount(daemon)
 
         daemon = self.mount()
-        self.servers[SLOW_SERVER].pause()
+        self.servers[self.victim].pause()
         try:
             write = self.write("stopped")
             self.add_row("ecfs, 1 server stopped (SIGSTOP)", write, self.read())
-            self.notes["stopped_state"] = self.state_of(SLOW_SERVER)
+            self.notes["stopped_state"] = self.state_of(self.victim)
         finally:
-            self.servers[SLOW_SERVER].resume()
+            self.servers[self.victim].resume()
         self.unmount(daemon)
 
-        self.proxy = DelayProxy(self.servers[SLOW_SERVER].endpoint)
+        self.proxy = DelayProxy(self.servers[self.victim].endpoint)
         daemon = self.mount(proxied=True)
         self.proxy.delay = self.delay
         write = self.write("slowed")
         case = f"ecfs, 1 server slowed ({self.delay * 1000:.0f} ms/answer)"
         self.add_row(case, write, self.read())
-        self.notes["slowed_state"] = self.state_of(SLOW_SERVER)
+        self.notes["slowed_state"] = self.state_of(self.victim)
+        self.notes["slowed_reads"] = self.status()["reads"]
         self.notes["slowed_proxy_requests"] = self.proxy.requests
         self.unmount(daemon)
 
@@ -251,7 +257,7 @@ def table(rows: list[dict[str, Any]], size_mib: int) -> Table:
         title=f"ecfs over {N_SERVERS} S3 servers (k={K}, m={M}) vs obstore to one, {size_mib} MiB",
         box=box.SIMPLE_HEAVY,
     )
-    for name in ("case", "write MiB/s", "read MiB/s", "requests/MiB write", "requests/MiB read"):
+    for name in ("case", "write MiB/s", "read MiB/s", "req/MiB write", "req/MiB read"):
         if name == "case":
             out.add_column(name, no_wrap=True)
         else:
@@ -317,7 +323,7 @@ def main(argv: list[str]) -> int:
             bench.cleanup()
             for daemon in bench.daemons:
                 print(daemon.log_tail())
-    Console().print(table(bench.rows, args.size))
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table(bench.rows, args.size))
     for key, value in bench.notes.items():
         print(f"  {key}: {value}")
     seconds = time.monotonic() - t0
