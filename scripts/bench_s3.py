@@ -17,7 +17,8 @@ landed where). Then, on the mounted volume, with fio (1 MiB requests):
 - one server stopped (SIGSTOP) under a new mount: a new file written,
   the healthy file read (degraded); the server is the one the healthy
   read asked most (one holding data fragments of the file);
-- one server slowed down: a new mount with that store's endpoint behind
+- another server slowed down (the stopped one's fragments read in the
+  meantime were rebuilt elsewhere): a new mount with its endpoint behind
   a TCP proxy that delays every answer by --delay seconds (default 0.5;
   tests/s3servers.py's DelayProxy): a new file written, the healthy file
   read.
@@ -208,10 +209,10 @@ class S3Bench:
         write = self.write("healthy")
         self.add_row("ecfs healthy", write, self.read())
         asked = self.notes["requests_per_server"][-1]
-        self.victim = asked.index(max(asked))
-        self.notes["victim"] = f"server {self.victim} (asked most by the healthy read)"
-        status = self.status()
-        self.notes["fragments_per_store"] = {s["path"]: s["fragments"] for s in status["stores"]}
+        by_requests = sorted(range(N_SERVERS), key=lambda i: -asked[i])
+        self.victim = by_requests[0]
+        self.notes["stopped_server"] = f"{self.victim} (asked most by the healthy read)"
+        self.note_fragments("healthy")
         self.unmount(daemon)
 
         daemon = self.mount()
@@ -220,10 +221,15 @@ class S3Bench:
             write = self.write("stopped")
             self.add_row("ecfs, 1 server stopped (SIGSTOP)", write, self.read())
             self.notes["stopped_state"] = self.state_of(self.victim)
+            self.note_fragments("stopped")
         finally:
             self.servers[self.victim].resume()
         self.unmount(daemon)
 
+        # Reads while a server is stopped queue its fragments for repair
+        # (rebuilt elsewhere): slow another one that holds data fragments.
+        self.victim = by_requests[1]
+        self.notes["slowed_server"] = f"{self.victim} (asked second most by the healthy read)"
         self.proxy = DelayProxy(self.servers[self.victim].endpoint)
         daemon = self.mount(proxied=True)
         self.proxy.delay = self.delay
@@ -232,8 +238,14 @@ class S3Bench:
         self.add_row(case, write, self.read())
         self.notes["slowed_state"] = self.state_of(self.victim)
         self.notes["slowed_reads"] = self.status()["reads"]
+        self.note_fragments("slowed")
         self.notes["slowed_proxy_requests"] = self.proxy.requests
         self.unmount(daemon)
+
+    def note_fragments(self, case: str) -> None:
+        """Fragments per store (local ones first) after `case`."""
+        stores = self.status()["stores"]
+        self.notes[f"fragments_after_{case}"] = [s["fragments"] for s in stores]
 
     def state_of(self, server: int) -> str:
         wanted = f"{BUCKET}-{server}/"

@@ -19,6 +19,7 @@ import trio
 
 from ecfs.core.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
 from ecfs.core.model import NO_STORE
+from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.storage.offload import (
     CALL_TIMEOUT_FACTOR,
     CALL_TIMEOUT_FLOOR,
@@ -506,10 +507,18 @@ async def test_a_hedged_read_abandons_the_slow_request_and_returns(tmp_path: Pat
     await wait_until(lambda: runner.statistics().late_answers == 1)
     assert runner.statistics().abandoned == 0 and runner.in_flight == 0
     assert runner.state is StoreState.SLOW and runner.available
+    # Another chunk with a fragment there: decoded from the others at once,
+    # the slow store not asked, and no repair queued (slow is not damage).
+    other = rig.put_chunk(data, chunk_id=ref.chunk_id + 1)
+    rig.learn_headers(other)
+    rig.volume.handles.discard((other.stores[0], other.chunk_id, 0))
+    degraded = reader.counters.degraded_reads
     with trio.fail_after(30):
-        assert bytes(await reader.read(ref, 0, len(data))) == data
+        assert bytes(await reader.read(other, 0, len(data))) == data
     assert slow.calls["read"] == 1  # read around, not asked again
     assert reader.counters.hedged_reads == 1
+    assert reader.counters.degraded_reads == degraded + 1
+    assert not RepairQueue(rig.volume.db).contains(other.chunk_id)
 
 
 async def test_a_read_of_a_hung_fast_store_times_out_at_the_derived_timeout(

@@ -347,7 +347,10 @@ class ChunkReader:
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
         if runner.state is StoreState.SLOW and self._ok_sources(ref, index) >= self.layout.k:
-            return await self._degraded(ref, index, start, end, wanted, f"store {store} slow")
+            # Not damage: the fragment is fine, its store slow (no repair queued).
+            return await self._degraded(
+                ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
+            )
         winner: list[Bytes] = []
         errors: list[EcfsError] = []
         primary_done = trio.Event()
@@ -496,28 +499,35 @@ class ChunkReader:
     # -- degraded ---------------------------------------------------------------
 
     async def _degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str
-    ) -> bytes:
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str,
+        *, lost_is_bad: bool = True,
+    ) -> bytes:  # fmt: skip
         self.counters.degraded_reads += 1
         self.counters.degraded_requested_bytes += wanted
-        return await self._read_degraded(ref, lost, start, end, reason)
+        return await self._read_degraded(ref, lost, start, end, reason, lost_is_bad=lost_is_bad)
 
     async def _read_degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str
-    ) -> bytes:
-        """Bytes [start, end) of fragment `lost`, decoded from k others."""
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
+        *, lost_is_bad: bool = True,
+    ) -> bytes:  # fmt: skip
+        """Bytes [start, end) of fragment `lost`, decoded from k others;
+        `lost` is reported as damage unless not `lost_is_bad` (read around
+        a slow store), the sources found bad always are."""
         k = self.layout.k
         candidates = self.sources(ref, exclude={lost})
         decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
         if decoded_fast is not None:
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
-            self.on_damage(ref, [lost], reason)
+            if lost_is_bad:
+                self.on_damage(ref, [lost], reason)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
-        bad = [lost, *bad]
-        self.on_damage(ref, bad, reason)
+        if lost_is_bad:
+            bad = [lost, *bad]
+        if bad:
+            self.on_damage(ref, bad, reason)
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(
