@@ -17,11 +17,14 @@ landed where). Then, on the mounted volume, with fio (1 MiB requests):
 - one server stopped (SIGSTOP) under a new mount: a new file written,
   the healthy file read (degraded); the server is the one the healthy
   read asked most (one holding data fragments of the file);
-- another server slowed down (the stopped one's fragments read in the
-  meantime were rebuilt elsewhere): a new mount with its endpoint behind
-  a TCP proxy that delays every answer by --delay seconds (default 0.5;
-  tests/s3servers.py's DelayProxy): a new file written, the healthy file
-  read.
+- one server slowed down: a new mount with its endpoint behind a TCP
+  proxy that delays every answer by --delay seconds (default 0.5;
+  tests/s3servers.py's DelayProxy); a new file written, the healthy
+  file read. Twice: slowed "under" a running mount that has measured
+  the server fast first (WARM_FILES small files read), and slow "from
+  mount" on (its slowness is all the mount has seen of it). Each case
+  uses another server holding data fragments of the file (reads while a
+  server is failed queue its fragments for repair, rebuilt elsewhere).
 
 Every read is cold: caches dropped, and a new mount for each case (an S3
 store keeps the ranges it prefetched, so a second read of a file in the
@@ -70,6 +73,10 @@ K, M = 4, 2
 CEILING_PART = 8 * wl.MiB
 CEILING_CONCURRENCY = 8
 BUCKET = "ecfs-bench"
+#: Small files read before a server is slowed under a running mount: each
+#: is one chunk, so each store gets a measured call per file.
+WARM_FILES = 48
+WARM_FILE_SIZE = 256 * 1024
 
 
 class S3Bench:
@@ -209,6 +216,9 @@ class S3Bench:
         write = self.write("healthy")
         self.add_row("ecfs healthy", write, self.read())
         asked = self.notes["requests_per_server"][-1]
+        (self.mnt / "warm").mkdir()
+        for i in range(WARM_FILES):  # for a latency baseline in a later mount
+            (self.mnt / "warm" / f"w{i:03}").write_bytes(os.urandom(WARM_FILE_SIZE))
         by_requests = sorted(range(N_SERVERS), key=lambda i: -asked[i])
         self.victim = by_requests[0]
         self.notes["stopped_server"] = f"{self.victim} (asked most by the healthy read)"
@@ -226,20 +236,37 @@ class S3Bench:
             self.servers[self.victim].resume()
         self.unmount(daemon)
 
-        # Reads while a server is stopped queue its fragments for repair
-        # (rebuilt elsewhere): slow another one that holds data fragments.
-        self.victim = by_requests[1]
-        self.notes["slowed_server"] = f"{self.victim} (asked second most by the healthy read)"
-        self.proxy = DelayProxy(self.servers[self.victim].endpoint)
+        # Reads while a server is failed queue its fragments for repair
+        # (rebuilt elsewhere at once): each case slows another server that
+        # holds data fragments of the healthy file.
+        self.slowed_case("under", by_requests[1])
+        self.slowed_case("from mount", by_requests[2])
+
+    def slowed_case(self, when: str, victim: int) -> None:
+        """One server slowed: "under" a running mount that has measured it
+        fast first (warm-up reads), or slow "from mount" on."""
+        self.victim = victim
+        self.notes[f"slowed_{when}_server"] = victim
+        if self.proxy is not None:
+            self.proxy.close()
+        self.proxy = DelayProxy(self.servers[victim].endpoint)
+        if when != "under":
+            self.proxy.delay = self.delay
         daemon = self.mount(proxied=True)
-        self.proxy.delay = self.delay
-        write = self.write("slowed")
-        case = f"ecfs, 1 server slowed ({self.delay * 1000:.0f} ms/answer)"
+        if when == "under":
+            wl.drop_caches()
+            for path in sorted((self.mnt / "warm").iterdir()):
+                path.read_bytes()
+            self.proxy.delay = self.delay
+        write = self.write(f"slowed-{when.replace(' ', '-')}")
+        case = f"ecfs, 1 server slowed {when} ({self.delay * 1000:.0f} ms/answer)"
         self.add_row(case, write, self.read())
-        self.notes["slowed_state"] = self.state_of(self.victim)
-        self.notes["slowed_reads"] = self.status()["reads"]
-        self.note_fragments("slowed")
-        self.notes["slowed_proxy_requests"] = self.proxy.requests
+        self.notes[f"slowed_{when}_state"] = self.state_of(victim)
+        reads = self.status()["reads"]
+        self.notes[f"slowed_{when}_reads"] = {
+            k: reads[k] for k in ("hedged_reads", "degraded_reads", "thread_reads", "nowait_hits")
+        }
+        self.note_fragments(f"slowed_{when}")
         self.unmount(daemon)
 
     def note_fragments(self, case: str) -> None:

@@ -402,6 +402,24 @@ async def test_slow_state_relative_to_own_baseline(store: DirectoryStore) -> Non
     assert runner.state is StoreState.OK and runner.failure_reason is None
 
 
+async def test_a_store_that_became_slow_stays_slow_until_it_is_quick_again(
+    store: DirectoryStore,
+) -> None:
+    runner = StoreRunner(0, store)
+    for _ in range(50):
+        runner.record_latency(0.002)
+    for _ in range(500):  # slow for long: not its new normal
+        runner.record_latency(0.2)
+    assert runner.state is StoreState.SLOW
+    for _ in range(40):
+        runner.record_latency(0.002)
+    assert runner.state is StoreState.OK
+    slow_from_start = StoreRunner(1, store)
+    for _ in range(100):
+        slow_from_start.record_latency(0.2)
+    assert slow_from_start.state is StoreState.OK  # its normal
+
+
 async def test_run_cpu_keeps_small_work_on_the_loop(store: DirectoryStore) -> None:
     """One cutoff for every encode and decode: up to LOOP_CPU_LIMIT bytes on
     the loop's thread, above it in a worker thread."""

@@ -41,8 +41,12 @@ Health policy (kept deliberately simple):
 - SLOW (only when not FAILED): after at least SLOW_MIN_SAMPLES measured
   calls, the fast latency EWMA exceeds SLOW_FACTOR x the slow baseline EWMA
   and SLOW_FLOOR seconds; it clears when the fast EWMA falls below half of
-  that bound. The baseline keeps adapting, so a store that stays slow
-  becomes its own new normal (expected_latency still reflects it).
+  that bound. The baseline learns only while the store is not SLOW: a
+  store that became slow stays SLOW until its answers are quick again
+  (the reader reads around a SLOW store while k fragments are on OK
+  ones), instead of becoming its own new normal after some fifty slow
+  calls. A store slow from its first call on has a slow baseline and is
+  never SLOW (expected_latency and the hedge deadline still reflect it).
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
@@ -557,7 +561,8 @@ class StoreRunner:
             self._ewma = self._baseline = seconds
         else:
             self._ewma += EWMA_ALPHA * (seconds - self._ewma)
-            self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
+            if not self._slow:  # see "SLOW" in the module docstring
+                self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
         self._samples += 1
         self._window.append(seconds)
         if self._samples < PERCENTILE_EXACT_SAMPLES or self._samples % PERCENTILE_REFRESH == 0:
