@@ -11,7 +11,7 @@ S3 stores (placement puts every fragment on the S3 stores then: they
 report the most free space; the table says which, and how many fragments
 landed where). Then, on the mounted volume, with fio (1 MiB requests):
 
-- healthy: a sequential write of --size MiB (default 128, --quick 32)
+- healthy: a sequential write of --size MiB (default 256, --quick 64)
   with a final fsync, then a sequential read of it after dropping the
   caches;
 - one server stopped (SIGSTOP) under a new mount: a new file written,
@@ -324,7 +324,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py --s3", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32 MiB instead of 128")
+    parser.add_argument("--quick", action="store_true", help="64 MiB instead of 256")
     parser.add_argument("--size", type=int, help="MiB written and read per case")
     parser.add_argument("--delay", type=float, default=0.5, help="seconds per answer, slowed")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per workload")
@@ -332,7 +332,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="make the temp dir here")
     args = parser.parse_args(argv)
     if args.size is None:
-        args.size = 32 if args.quick else 128
+        args.size = 64 if args.quick else 256
     return args
 
 
