@@ -564,3 +564,31 @@ async def test_a_read_of_a_hung_fast_store_times_out_at_the_derived_timeout(
         assert runner.state is StoreState.FAILED
     finally:
         hung.heal()
+
+
+async def test_stores_slow_together_are_read_as_usual(tmp_path: Path) -> None:
+    """A SLOW store is read around only while k others are much quicker:
+    when the others are about as slow (all under load), it is read."""
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.001)
+    for _ in range(5):
+        runners[0].record_latency(0.1)
+    assert runners[0].state is StoreState.SLOW  # slower than it was
+    for runner in runners[1:]:
+        for _ in range(SLOW_MIN_SAMPLES):
+            runner.record_latency(0.08)  # as slow, and always were: not SLOW
+        assert runner.state is StoreState.OK
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    asked = rig.store_of(ref, 0).calls["read"]
+    with trio.fail_after(30):
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+    assert rig.store_of(ref, 0).calls["read"] == asked + 1  # read, not decoded around
+    assert reader.counters.degraded_reads == 0

@@ -63,6 +63,10 @@ ONE_READ_GAP = 64 * 1024
 #: is marked failed (hung).
 OUTRUN_LIMIT = 4
 
+#: A SLOW store is read around while k other fragments are on stores this
+#: many times quicker (expected latency).
+READ_AROUND_RATIO = 4.0
+
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
 HEDGE_BURST = 16
@@ -341,12 +345,13 @@ class ChunkReader:
         then (cancelling it abandons its thread, which the store's health
         counts; if it answers later, its time marks the store SLOW). A
         store already SLOW is not asked: the range is decoded from others
-        while k fragments are on stores that are OK."""
+        while k fragments are on stores READ_AROUND_RATIO times quicker."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        if runner.state is StoreState.SLOW and self._ok_sources(ref, index) >= self.layout.k:
+        k = self.layout.k
+        if runner.state is StoreState.SLOW and self._faster_sources(ref, index, runner) >= k:
             # Not damage: the fragment is fine, its store slow (no repair queued).
             return await self._degraded(
                 ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
@@ -393,16 +398,18 @@ class ChunkReader:
             return winner[0]
         raise errors[0]
 
-    def _ok_sources(self, ref: ChunkRef, index: int) -> int:
-        """Fragments of `ref` other than `index` on stores neither failed
-        nor slow: a SLOW store is read around only while k of them are
-        (when every store is slow, e.g. all under load, it is read)."""
-        ok = 0
+    def _faster_sources(self, ref: ChunkRef, index: int, slow: StoreRunner) -> int:
+        """Fragments of `ref` other than `index` on available stores whose
+        expected latency is under 1/READ_AROUND_RATIO of the `slow` store's:
+        a SLOW store is read around only while k of them are (stores slow
+        together, e.g. all under load, are read as usual)."""
+        bound = slow.expected_latency() / READ_AROUND_RATIO
+        faster = 0
         for i in ref.present():
-            runner = self.runners.get(ref.stores[i])
-            if i != index and runner is not None and runner.state is StoreState.OK:
-                ok += 1
-        return ok
+            runner = available_runner(self.runners, ref.stores[i])
+            if i != index and runner is not None and runner.expected_latency() < bound:
+                faster += 1
+        return faster
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
