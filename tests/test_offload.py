@@ -592,3 +592,28 @@ async def test_stores_slow_together_are_read_as_usual(tmp_path: Path) -> None:
         assert bytes(await reader.read(ref, 0, len(data))) == data
     assert rig.store_of(ref, 0).calls["read"] == asked + 1  # read, not decoded around
     assert reader.counters.degraded_reads == 0
+
+
+async def test_a_store_slow_from_the_start_is_read_around_too(tmp_path: Path) -> None:
+    """Never SLOW (its baseline is slow), but far slower than its peers:
+    its fragments are decoded from quicker stores instead."""
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.4)
+        for runner in runners[1:]:
+            runner.record_latency(0.005)
+    assert runners[0].state is StoreState.OK
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    asked = rig.store_of(ref, 0).calls["read"]
+    with trio.fail_after(30):
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+    assert rig.store_of(ref, 0).calls["read"] == asked  # decoded around it
+    assert reader.counters.degraded_reads == 1
+    assert not RepairQueue(rig.volume.db).contains(ref.chunk_id)

@@ -63,9 +63,11 @@ ONE_READ_GAP = 64 * 1024
 #: is marked failed (hung).
 OUTRUN_LIMIT = 4
 
-#: A SLOW store is read around while k other fragments are on stores this
-#: many times quicker (expected latency).
+#: A store that is SLOW, or expected to take longer than READ_AROUND_FLOOR
+#: seconds, is read around while k other fragments are on stores this many
+#: times quicker (expected latency; see ChunkReader._read_around).
 READ_AROUND_RATIO = 4.0
+READ_AROUND_FLOOR = 0.05
 
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
@@ -344,14 +346,12 @@ class ChunkReader:
         and take whichever answers first. The slow read keeps running until
         then (cancelling it abandons its thread, which the store's health
         counts; if it answers later, its time marks the store SLOW). A
-        store already SLOW is not asked: the range is decoded from others
-        while k fragments are on stores READ_AROUND_RATIO times quicker."""
+        store much slower than k others is not asked (`_read_around`)."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        k = self.layout.k
-        if runner.state is StoreState.SLOW and self._faster_sources(ref, index, runner) >= k:
+        if self._read_around(ref, index, runner):
             # Not damage: the fragment is fine, its store slow (no repair queued).
             return await self._degraded(
                 ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
@@ -398,18 +398,24 @@ class ChunkReader:
             return winner[0]
         raise errors[0]
 
-    def _faster_sources(self, ref: ChunkRef, index: int, slow: StoreRunner) -> int:
-        """Fragments of `ref` other than `index` on available stores whose
-        expected latency is under 1/READ_AROUND_RATIO of the `slow` store's:
-        a SLOW store is read around only while k of them are (stores slow
-        together, e.g. all under load, are read as usual)."""
-        bound = slow.expected_latency() / READ_AROUND_RATIO
+    def _read_around(self, ref: ChunkRef, index: int, runner: StoreRunner) -> bool:
+        """Whether to decode fragment `index` from others instead of asking
+        its store (`runner`): when the store is SLOW, or its expected
+        latency is above READ_AROUND_FLOOR (a store slow from the mount on
+        is never SLOW: its baseline is slow), and k other fragments are on
+        available stores READ_AROUND_RATIO times quicker. Stores slow
+        together (all under load) are read as usual. A quick store costs
+        one comparison."""
+        latency = runner.expected_latency()
+        if runner.state is not StoreState.SLOW and latency <= READ_AROUND_FLOOR:
+            return False
+        bound = latency / READ_AROUND_RATIO
         faster = 0
         for i in ref.present():
-            runner = available_runner(self.runners, ref.stores[i])
-            if i != index and runner is not None and runner.expected_latency() < bound:
+            other = available_runner(self.runners, ref.stores[i])
+            if i != index and other is not None and other.expected_latency() < bound:
                 faster += 1
-        return faster
+        return faster >= self.layout.k
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
