@@ -489,8 +489,18 @@ async def test_a_late_answer_marks_a_slowed_store_slow_but_not_its_hedge_deadlin
         assert runner.available
         assert runner.hedge_deadline() == deadline  # hedging stays as quick
         assert runner.expected_latency() > 0.05  # sources elsewhere come first
-        runner.mark_ok()  # a probe: not failed, still slow by its latencies
-        assert runner.state is StoreState.SLOW
+        runner.mark_ok()  # e.g. a probe after a failure: judged afresh
+        assert runner.state is StoreState.OK
+        runner.mark_failed("hung")
+        again = Hang()
+        try:
+            with trio.move_on_after(0.05):
+                await runner.call(again)  # abandoned while the store is failed
+        finally:
+            again.release.set()
+        await wait_until(lambda: runner.statistics().late_answers == 2)
+        runner.mark_ok()
+        assert runner.state is StoreState.OK  # what it hung on does not count
     finally:
         await drain(runner, hang)
 
@@ -617,3 +627,34 @@ async def test_a_store_slow_from_the_start_is_read_around_too(tmp_path: Path) ->
     assert rig.store_of(ref, 0).calls["read"] == asked  # decoded around it
     assert reader.counters.degraded_reads == 1
     assert not RepairQueue(rig.volume.db).contains(ref.chunk_id)
+
+
+async def test_a_store_read_around_is_still_asked_now_and_then(tmp_path: Path) -> None:
+    """One read in CANARY_EVERY of a store read around asks it too (hedged
+    at once: nobody waits for it): once it answers quickly again, it is
+    no longer read around."""
+    from ecfs.data.reader import CANARY_EVERY
+
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.4)  # slow, as far as the runner knows
+        for runner in runners[1:]:
+            runner.record_latency(0.005)
+    store = rig.store_of(ref, 0)  # in fact quick again
+    asked = store.calls["read"]
+    for _ in range(20 * CANARY_EVERY):
+        rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+        with trio.fail_after(30):
+            assert bytes(await reader.read(ref, 0, 4096)) == data[:4096]
+        if runners[0].expected_latency() < 0.05:
+            break
+    assert store.calls["read"] > asked  # asked now and then
+    assert runners[0].expected_latency() < 0.05  # and seen quick again
+    assert reader.counters.hedged_reads == 0  # canaries are not hedges

@@ -68,6 +68,9 @@ OUTRUN_LIMIT = 4
 #: times quicker (expected latency; see ChunkReader._read_around).
 READ_AROUND_RATIO = 4.0
 READ_AROUND_FLOOR = 0.05
+#: One read in this many of a store read around asks it as well (see
+#: ChunkReader._read_hedged).
+CANARY_EVERY = 8
 
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
@@ -201,6 +204,8 @@ class ChunkReader:
         self.counters = ReadCounters()
         self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
+        #: Reads around each store (`_read_around`), for its canaries.
+        self._around: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
@@ -346,12 +351,17 @@ class ChunkReader:
         and take whichever answers first. The slow read keeps running until
         then (cancelling it abandons its thread, which the store's health
         counts; if it answers later, its time marks the store SLOW). A
-        store much slower than k others is not asked (`_read_around`)."""
+        store much slower than k others is not asked (`_read_around`), but
+        for one read in CANARY_EVERY, hedged at once."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        if self._read_around(ref, index, runner):
+        # A store read around is still asked every CANARY_EVERY-th time, with
+        # the hedge at once: the read never waits for it, and its (late)
+        # answer tells when it is quick again (else nothing would).
+        around = self._read_around(ref, index, runner)
+        if around and not self._canary_due(store):
             # Not damage: the fragment is fine, its store slow (no repair queued).
             return await self._degraded(
                 ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
@@ -375,20 +385,25 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(runner.hedge_deadline()):
+                with trio.move_on_after(0.0 if around else runner.hedge_deadline()):
                     await primary_done.wait()
-                if winner or (not errors and not self._may_hedge()):
+                if winner or (not errors and not around and not self._may_hedge()):
                     return
                 reason = str(errors[0]) if errors else f"store {store} slow: hedged"
-                if not errors:
+                if not errors and not around:
                     self.counters.hedged_reads += 1
                 try:
-                    winner.append(await self._degraded(ref, index, start, end, wanted, reason))
+                    winner.append(
+                        await self._degraded(
+                            ref, index, start, end, wanted, reason,
+                            lost_is_bad=bool(errors) or not around,
+                        )  # fmt: skip
+                    )
                 except Unrecoverable:
                     if errors:
                         raise
                     return  # the slow primary is the only hope: wait for it
-                if not primary_done.is_set():
+                if not primary_done.is_set() and not around:
                     self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
@@ -397,6 +412,12 @@ class ChunkReader:
         if winner:
             return winner[0]
         raise errors[0]
+
+    def _canary_due(self, store: int) -> bool:
+        """Whether this read around `store` should ask it too (1 in CANARY_EVERY)."""
+        count = self._around.get(store, 0)
+        self._around[store] = count + 1
+        return count % CANARY_EVERY == CANARY_EVERY - 1
 
     def _read_around(self, ref: ChunkRef, index: int, runner: StoreRunner) -> bool:
         """Whether to decode fragment `index` from others instead of asking

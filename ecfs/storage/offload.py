@@ -511,12 +511,13 @@ class StoreRunner:
         self._failure = reason
 
     def mark_ok(self) -> None:
-        """Clear FAILED (e.g. after a successful probe). SLOW is cleared
-        too and set again only if the latencies still say so (a store
-        back from a hang whose late answers took long stays SLOW)."""
+        """Clear FAILED and SLOW (e.g. after a successful probe); the fast
+        EWMA starts again from the baseline: a store back from a hang is
+        judged by its answers from now on, not by the late answers of the
+        calls it hung on."""
         self._failure = None
         self._slow = False
-        self._update_slow()
+        self._ewma = self._baseline
 
     async def probe(self) -> bool:
         """Run the store's cheap health check with a PROBE_TIMEOUT deadline.
@@ -573,9 +574,11 @@ class StoreRunner:
     def _record_late_answer(self, seconds: float) -> None:
         """An abandoned call returned after `seconds`: the fast EWMA only
         (see the module docstring); nothing before a first measured call,
-        which gives the baseline to compare with."""
+        which gives the baseline to compare with, nor while FAILED (the
+        calls a hung store releases say how long it hung, not how fast it
+        is; `mark_ok` starts afresh)."""
         self._late_answers += 1
-        if self._samples:
+        if self._samples and self._failure is None:
             self._ewma += EWMA_ALPHA * (max(0.0, seconds) - self._ewma)
             self._update_slow()
 
