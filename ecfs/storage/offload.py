@@ -44,16 +44,20 @@ Health policy (kept deliberately simple):
   that bound. The baseline learns only while the store is not SLOW: a
   store that became slow stays SLOW until its answers are quick again
   (the reader reads around a SLOW store while k fragments are on much
-  quicker ones, `ecfs.data.reader`), instead of becoming its own new normal after some fifty slow
-  calls. A store slow from its first call on has a slow baseline and is
-  never SLOW (expected_latency and the hedge deadline still reflect it).
+  quicker ones, and still asks it now and then: `ecfs.data.reader`),
+  instead of becoming its own new normal after some fifty slow calls. A
+  store slow from its first call on has a slow baseline and is never
+  SLOW (expected_latency and the hedge deadline still reflect it).
+  `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
 raised FragmentMissing (a fast, healthy answer). A call that its caller
 abandoned (a hedge won, a timeout) is no error, whatever it raises; if it
 returns after all, its time is a "late answer": it moves the fast EWMA
-(expected_latency, SLOW) but not the baseline or the percentile window.
+(expected_latency, SLOW) but not the baseline or the percentile window
+(nor anything while the store is FAILED: what a hung store releases says
+how long it hung).
 A store slowed down is then seen as SLOW by the very reads that hedged
 around it, while its hedge deadline and timeouts stay those of the calls
 that were waited for (were late answers samples, a slowed store would
