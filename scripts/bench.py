@@ -2,6 +2,10 @@
 """Benchmark ecfs against the raw disk and a pyfuse3 passthrough (issue 5).
 
     python scripts/bench.py [--quick] [--reps N] [--out DIR] [--budget S] [--keep]
+    python scripts/bench.py --s3 [--quick] [--size MIB] [--delay S] [--out DIR]
+
+(--s3: the object-store mode, ecfs over 6 local S3 servers against the
+client library to one server: see scripts/bench_s3.py.)
 
 Sets up, under one temp dir on one disk: a plain directory ("raw"), the
 passthrough mount of scripts/passthrough.py (the ceiling of a Python FUSE
@@ -1063,6 +1067,11 @@ def reexec_in_venv() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         reexec_in_venv()
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--s3" in given:
+        import bench_s3  # noqa: PLC0415 (only this mode needs the S3 servers)
+
+        return bench_s3.main([a for a in given if a != "--s3"])
     args = parse_args(argv)
     if args.reps is not None and args.reps < 1:
         print("bench: --reps must be at least 1", file=sys.stderr)

@@ -19,16 +19,27 @@ import trio
 
 from ecfs.core.errors import FragmentCorrupt, FragmentMissing, NoSpace, StoreError, StoreTimeout
 from ecfs.core.model import NO_STORE
+from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.storage.offload import (
+    CALL_TIMEOUT_FACTOR,
+    CALL_TIMEOUT_FLOOR,
     HEDGE_FLOOR,
+    LATENCY_WINDOW,
     LOOP_CPU_LIMIT,
     PROBE_TIMEOUT,
+    SLOW_MIN_SAMPLES,
+    TIMEOUT_MIN_SAMPLES,
     StoreRunner,
     StoreState,
     available_runner,
     run_cpu,
 )
-from ecfs.storage.store import DirectoryStore, StoreMarker
+from ecfs.storage.store import (
+    DIRECTORY_CONCURRENCY,
+    REMOTE_CONCURRENCY,
+    DirectoryStore,
+    StoreMarker,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -391,6 +402,24 @@ async def test_slow_state_relative_to_own_baseline(store: DirectoryStore) -> Non
     assert runner.state is StoreState.OK and runner.failure_reason is None
 
 
+async def test_a_store_that_became_slow_stays_slow_until_it_is_quick_again(
+    store: DirectoryStore,
+) -> None:
+    runner = StoreRunner(0, store)
+    for _ in range(50):
+        runner.record_latency(0.002)
+    for _ in range(500):  # slow for long: not its new normal
+        runner.record_latency(0.2)
+    assert runner.state is StoreState.SLOW
+    for _ in range(40):
+        runner.record_latency(0.002)
+    assert runner.state is StoreState.OK
+    slow_from_start = StoreRunner(1, store)
+    for _ in range(100):
+        slow_from_start.record_latency(0.2)
+    assert slow_from_start.state is StoreState.OK  # its normal
+
+
 async def test_run_cpu_keeps_small_work_on_the_loop(store: DirectoryStore) -> None:
     """One cutoff for every encode and decode: up to LOOP_CPU_LIMIT bytes on
     the loop's thread, above it in a worker thread."""
@@ -406,3 +435,226 @@ async def test_available_runner_is_the_one_slot_lookup(store: DirectoryStore) ->
     assert available_runner(runners, 1) is None  # failed
     assert available_runner(runners, 2) is None  # not open
     assert available_runner(runners, NO_STORE) is None
+
+
+# ---- timeouts and concurrency derived from the store, late answers
+
+
+async def test_call_timeout_follows_the_measured_p99_between_floor_and_bound(
+    store: DirectoryStore,
+) -> None:
+    runner = StoreRunner(0, store)
+    assert runner.call_timeout(10.0) == 10.0  # nothing measured: the caller's bound
+    for _ in range(TIMEOUT_MIN_SAMPLES):
+        runner.record_latency(0.001)
+    assert runner.call_timeout(10.0) == CALL_TIMEOUT_FLOOR  # a fast disk: failed sooner
+    assert runner.call_timeout(1.0) == 1.0  # never above the bound
+    for _ in range(LATENCY_WINDOW):
+        runner.record_latency(0.8)  # a far-away store
+    assert runner.call_timeout(30.0) == pytest.approx(CALL_TIMEOUT_FACTOR * 0.8)
+    assert runner.call_timeout(5.0) == 5.0
+
+
+async def test_concurrency_is_what_the_store_serves_well_unless_set(
+    store: DirectoryStore,
+) -> None:
+    from ecfs.storage.s3store import S3Store
+
+    from .s3servers import s3_environment
+
+    remote = S3Store("s3://bkt/p?endpoint=http://127.0.0.1:9", environ=s3_environment())
+    assert StoreRunner(0, store).statistics().max_threads == DIRECTORY_CONCURRENCY
+    assert StoreRunner(1, remote).statistics().max_threads == REMOTE_CONCURRENCY
+    assert StoreRunner(2, remote, max_threads=3).statistics().max_threads == 3
+    assert REMOTE_CONCURRENCY > DIRECTORY_CONCURRENCY
+
+
+async def test_a_late_answer_marks_a_slowed_store_slow_but_not_its_hedge_deadline(
+    store: DirectoryStore, hang: Hang
+) -> None:
+    runner = StoreRunner(0, store, clock=fake_clock(0.5))  # every call "takes" 0.5 s
+    for _ in range(SLOW_MIN_SAMPLES):
+        runner.record_latency(0.001)
+    deadline = runner.hedge_deadline()
+    try:
+        with trio.move_on_after(0.05):
+            await runner.call(hang)  # a hedge won: the call is abandoned
+        assert runner.statistics().abandoned == 1
+        assert runner.state is StoreState.OK
+        hang.release.set()
+        await wait_until(lambda: runner.statistics().late_answers == 1)
+        stats = runner.statistics()
+        assert (stats.abandoned, stats.abandoned_total, stats.errors) == (0, 1, 0)
+        assert runner.state is StoreState.SLOW  # it answered, slowly
+        assert runner.available
+        assert runner.hedge_deadline() == deadline  # hedging stays as quick
+        assert runner.expected_latency() > 0.05  # sources elsewhere come first
+        runner.mark_ok()  # e.g. a probe after a failure: judged afresh
+        assert runner.state is StoreState.OK
+        runner.mark_failed("hung")
+        again = Hang()
+        try:
+            with trio.move_on_after(0.05):
+                await runner.call(again)  # abandoned while the store is failed
+        finally:
+            again.release.set()
+        await wait_until(lambda: runner.statistics().late_answers == 2)
+        runner.mark_ok()
+        assert runner.state is StoreState.OK  # what it hung on does not count
+    finally:
+        await drain(runner, hang)
+
+
+async def test_a_hedged_read_abandons_the_slow_request_and_returns(tmp_path: Path) -> None:
+    """Through the reader, real threads: the slow store's request is still
+    in flight (counted as abandoned) when the read has returned; when it
+    answers, the store is SLOW and the next read does not ask it at all."""
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runner = rig.volume.runners[ref.stores[0]]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runner.record_latency(0.001)
+    slow = rig.store_of(ref, 0)
+    slow.set("slow", delay=60.0, ops={"read"})
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))  # its read goes to a thread
+    try:
+        with trio.fail_after(30):
+            assert bytes(await reader.read(ref, 0, len(data))) == data
+        assert reader.counters.hedged_reads == 1
+        stats = runner.statistics()
+        assert stats.abandoned == 1 and stats.in_flight == 1  # still running, given up
+        assert slow.calls["read"] == 1
+        await trio.sleep(0.3)
+    finally:
+        slow.heal()  # the slow request answers now
+    await wait_until(lambda: runner.statistics().late_answers == 1)
+    assert runner.statistics().abandoned == 0 and runner.in_flight == 0
+    assert runner.state is StoreState.SLOW and runner.available
+    # Another chunk with a fragment there: decoded from the others at once,
+    # the slow store not asked, and no repair queued (slow is not damage).
+    other = rig.put_chunk(data, chunk_id=ref.chunk_id + 1)
+    rig.learn_headers(other)
+    rig.volume.handles.discard((other.stores[0], other.chunk_id, 0))
+    degraded = reader.counters.degraded_reads
+    with trio.fail_after(30):
+        assert bytes(await reader.read(other, 0, len(data))) == data
+    assert slow.calls["read"] == 1  # read around, not asked again
+    assert reader.counters.hedged_reads == 1
+    assert reader.counters.degraded_reads == degraded + 1
+    assert not RepairQueue(rig.volume.db).contains(other.chunk_id)
+
+
+async def test_a_read_of_a_hung_fast_store_times_out_at_the_derived_timeout(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runner = rig.volume.runners[ref.stores[0]]
+    for _ in range(TIMEOUT_MIN_SAMPLES):
+        runner.record_latency(0.002)
+    hung = rig.store_of(ref, 0)
+    hung.set("hang")
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    try:
+        start = trio.current_time()
+        with pytest.raises(StoreTimeout):
+            await reader.read_fragment(ref, 0, 0, 4096)
+        assert trio.current_time() - start == pytest.approx(CALL_TIMEOUT_FLOOR)
+        assert CALL_TIMEOUT_FLOOR < reader.read_timeout
+        assert runner.state is StoreState.FAILED
+    finally:
+        hung.heal()
+
+
+async def test_stores_slow_together_are_read_as_usual(tmp_path: Path) -> None:
+    """A SLOW store is read around only while k others are much quicker:
+    when the others are about as slow (all under load), it is read."""
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.001)
+    for _ in range(5):
+        runners[0].record_latency(0.1)
+    assert runners[0].state is StoreState.SLOW  # slower than it was
+    for runner in runners[1:]:
+        for _ in range(SLOW_MIN_SAMPLES):
+            runner.record_latency(0.08)  # as slow, and always were: not SLOW
+        assert runner.state is StoreState.OK
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    asked = rig.store_of(ref, 0).calls["read"]
+    with trio.fail_after(30):
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+    assert rig.store_of(ref, 0).calls["read"] == asked + 1  # read, not decoded around
+    assert reader.counters.degraded_reads == 0
+
+
+async def test_a_store_slow_from_the_start_is_read_around_too(tmp_path: Path) -> None:
+    """Never SLOW (its baseline is slow), but far slower than its peers:
+    its fragments are decoded from quicker stores instead."""
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.4)
+        for runner in runners[1:]:
+            runner.record_latency(0.005)
+    assert runners[0].state is StoreState.OK
+    rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+    asked = rig.store_of(ref, 0).calls["read"]
+    with trio.fail_after(30):
+        assert bytes(await reader.read(ref, 0, len(data))) == data
+    assert rig.store_of(ref, 0).calls["read"] == asked  # decoded around it
+    assert reader.counters.degraded_reads == 1
+    assert not RepairQueue(rig.volume.db).contains(ref.chunk_id)
+
+
+async def test_a_store_read_around_is_still_asked_now_and_then(tmp_path: Path) -> None:
+    """One read in CANARY_EVERY of a store read around asks it too (hedged
+    at once: nobody waits for it): once it answers quickly again, it is
+    no longer read around."""
+    from ecfs.data.reader import CANARY_EVERY
+
+    from .inprocess import CHUNK, make_rig
+
+    rig = make_rig(tmp_path)
+    data = bytes(i % 251 for i in range(CHUNK))
+    ref = rig.put_chunk(data)
+    rig.learn_headers(ref)
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for _ in range(SLOW_MIN_SAMPLES):
+        runners[0].record_latency(0.4)  # slow, as far as the runner knows
+        for runner in runners[1:]:
+            runner.record_latency(0.005)
+    store = rig.store_of(ref, 0)  # in fact quick again
+    asked = store.calls["read"]
+    for _ in range(20 * CANARY_EVERY):
+        rig.volume.handles.discard((ref.stores[0], ref.chunk_id, 0))
+        with trio.fail_after(30):
+            assert bytes(await reader.read(ref, 0, 4096)) == data[:4096]
+        if runners[0].expected_latency() < 0.05:
+            break
+    assert store.calls["read"] > asked  # asked now and then
+    assert runners[0].expected_latency() < 0.05  # and seen quick again
+    assert reader.counters.hedged_reads == 0  # canaries are not hedges

@@ -1,6 +1,9 @@
 """A volume mixing local directories and S3 stores, through the real CLI
 and a real FUSE mount: mkfs, mount, write, read; one S3 server killed and
-the volume read degraded; status, scrub, fsck; the secret never in the
+the volume read degraded; status, scrub, fsck; repair onto a replacement
+endpoint; one server slowed down (a delaying proxy: reads go around it,
+status shows it slow), one hung (SIGSTOP), bit rot in an object (found by
+fsck and scrub, repaired); the secret never in the
 daemon's log, the status JSON or an error message; small fsync'd
 overwrites logged on the local stores only, surviving kill -9. The S3 stores are
 moto_server processes on 127.0.0.1 (tests/s3servers.py), one per store."""
@@ -9,14 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
-from .s3servers import ACCESS_KEY, SECRET_KEY, moto_servers, s3_environment
+from .s3servers import ACCESS_KEY, SECRET_KEY, DelayProxy, moto_servers, s3_environment
 from .test_crash import ALLOWED_AFTER_KILL, fsck
-from .volume_files import fsynced_overwrites
+from .volume_files import drop_caches, fsynced_overwrites
 
 pytestmark = pytest.mark.mount
 
@@ -226,3 +230,88 @@ def test_small_fsynced_overwrites_on_a_mixed_volume_survive_kill_9(
         report = fsck(stores)
         bad = [f.message for f in report.errors if f.check not in ALLOWED_AFTER_KILL]
         assert not bad and not report.unrecoverable, bad
+
+
+def _store_state(volume: MountedVolume, path: str) -> str:
+    document = json.loads(cli("status", "--json", volume.mountpoint, check=False).stdout)
+    return next(s["state"] for s in document["stores"] if s["path"] == path)
+
+
+def test_slow_hung_and_rotten_object_stores(tmp_path: Path, aws_env: None) -> None:
+    """One S3 server behind a proxy that delays every answer by 1 s (below
+    the 2 s health probe timeout: it answers, slowly): reads stay correct
+    and go around it (hedged, then decoded from the others once the late
+    answers have marked it slow), and status shows it "slow". Another one
+    hung (SIGSTOP): reads go around it too. Then bit rot in one fragment
+    object, written behind ecfs's back: fsck --verify-data and scrub find
+    it, repair rebuilds it, fsck is clean."""
+    with moto_servers(3) as servers, DelayProxy(servers[1].endpoint) as proxy:
+        local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
+        remote = [
+            servers[0].location(bucket="ecfs-0", prefix="vol"),
+            proxy.location(bucket="ecfs-1", prefix="vol"),
+            servers[2].location(bucket="ecfs-2", prefix="vol"),
+        ]
+        stores = [*local, *map(Path, remote)]
+        cli("mkfs", "--data", 4, "--parity", 2, *TEST_MKFS_ARGS, *stores)
+        (tmp_path / "mnt").mkdir()
+        volume = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+        files = {f"f{i}": os.urandom(1 << 20) for i in range(16)}
+        volume.mount()
+        try:
+            for name, data in files.items():  # 32 chunks: a latency baseline per store
+                (volume.mountpoint / name).write_bytes(data)
+            os.sync()
+            drop_caches()
+            proxy.delay = 1.0
+            names = iter(files)
+            deadline = time.monotonic() + 120
+            while _store_state(volume, remote[1]) != "slow":
+                assert time.monotonic() < deadline, "the slowed store never showed as slow"
+                name = next(names, None)
+                if name is None:
+                    drop_caches()
+                    names = iter(files)
+                    continue
+                assert (volume.mountpoint / name).read_bytes() == files[name]
+            status = cli("status", "--json", volume.mountpoint, check=False).stdout
+            reads = json.loads(status)["reads"]
+            assert reads["hedged_reads"] + reads["degraded_reads"] >= 1
+            # Slow, it is read around: no reads wait on it, nothing is lost.
+            asked = proxy.requests
+            drop_caches()
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+            assert _store_state(volume, remote[1]) == "slow"
+            assert proxy.requests - asked < len(files)  # a few prefetches and probes at most
+            proxy.delay = 0.0
+
+            servers[2].pause()  # hung
+            try:
+                drop_caches()
+                for name, data in files.items():
+                    assert (volume.mountpoint / name).read_bytes() == data
+            finally:
+                servers[2].resume()
+        finally:
+            volume.unmount()
+
+        # Bit rot: one byte of one fragment object's payload changes on the server.
+        key = next(k for k in servers[0].keys("ecfs-0") if "/frags/" in k)
+        servers[0].rot("ecfs-0", key)
+        found = cli("fsck", "--json", "--verify-data", *stores, check=False)
+        assert found.returncode == 1, found.stdout
+        assert any("checksum" in f["message"] for f in json.loads(found.stdout)["findings"])
+        volume.mount()
+        try:
+            scrub = cli("scrub", "--json", volume.mountpoint, check=False)
+            assert scrub.returncode == 1  # findings
+            assert len(json.loads(scrub.stdout)["findings"]) == 1
+            cli("repair", "--wait", volume.mountpoint, timeout=300)
+            for name, data in files.items():
+                assert (volume.mountpoint / name).read_bytes() == data
+        finally:
+            volume.unmount()
+        clean = cli("fsck", "--json", "--verify-data", *stores, check=False)
+        assert clean.returncode == 0, clean.stdout
+        _no_secret(volume.log_text())

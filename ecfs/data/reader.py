@@ -63,6 +63,15 @@ ONE_READ_GAP = 64 * 1024
 #: is marked failed (hung).
 OUTRUN_LIMIT = 4
 
+#: A store that is SLOW, or expected to take longer than READ_AROUND_FLOOR
+#: seconds, is read around while k other fragments are on stores this many
+#: times quicker (expected latency; see ChunkReader._read_around).
+READ_AROUND_RATIO = 4.0
+READ_AROUND_FLOOR = 0.05
+#: One read in this many of a store read around asks it as well (see
+#: ChunkReader._read_hedged).
+CANARY_EVERY = 8
+
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
 HEDGE_BURST = 16
@@ -195,6 +204,8 @@ class ChunkReader:
         self.counters = ReadCounters()
         self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
+        #: Reads around each store (`_read_around`), for its canaries.
+        self._around: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
@@ -339,11 +350,22 @@ class ChunkReader:
         is slow (past its store's hedge deadline), ALSO decode it from others
         and take whichever answers first. The slow read keeps running until
         then (cancelling it abandons its thread, which the store's health
-        counts)."""
+        counts; if it answers later, its time marks the store SLOW). A
+        store much slower than k others is not asked (`_read_around`), but
+        for one read in CANARY_EVERY, hedged at once."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        # A store read around is still asked every CANARY_EVERY-th time, with
+        # the hedge at once: the read never waits for it, and its (late)
+        # answer tells when it is quick again (else nothing would).
+        around = self._read_around(ref, index, runner)
+        if around and not self._canary_due(store):
+            # Not damage: the fragment is fine, its store slow (no repair queued).
+            return await self._degraded(
+                ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
+            )
         winner: list[Bytes] = []
         errors: list[EcfsError] = []
         primary_done = trio.Event()
@@ -363,20 +385,25 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(runner.hedge_deadline()):
+                with trio.move_on_after(0.0 if around else runner.hedge_deadline()):
                     await primary_done.wait()
-                if winner or (not errors and not self._may_hedge()):
+                if winner or (not errors and not around and not self._may_hedge()):
                     return
                 reason = str(errors[0]) if errors else f"store {store} slow: hedged"
-                if not errors:
+                if not errors and not around:
                     self.counters.hedged_reads += 1
                 try:
-                    winner.append(await self._degraded(ref, index, start, end, wanted, reason))
+                    winner.append(
+                        await self._degraded(
+                            ref, index, start, end, wanted, reason,
+                            lost_is_bad=bool(errors) or not around,
+                        )  # fmt: skip
+                    )
                 except Unrecoverable:
                     if errors:
                         raise
                     return  # the slow primary is the only hope: wait for it
-                if not primary_done.is_set():
+                if not primary_done.is_set() and not around:
                     self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
@@ -385,6 +412,31 @@ class ChunkReader:
         if winner:
             return winner[0]
         raise errors[0]
+
+    def _canary_due(self, store: int) -> bool:
+        """Whether this read around `store` should ask it too (1 in CANARY_EVERY)."""
+        count = self._around.get(store, 0)
+        self._around[store] = count + 1
+        return count % CANARY_EVERY == CANARY_EVERY - 1
+
+    def _read_around(self, ref: ChunkRef, index: int, runner: StoreRunner) -> bool:
+        """Whether to decode fragment `index` from others instead of asking
+        its store (`runner`): when the store is SLOW, or its expected
+        latency is above READ_AROUND_FLOOR (a store slow from the mount on
+        is never SLOW: its baseline is slow), and k other fragments are on
+        available stores READ_AROUND_RATIO times quicker. Stores slow
+        together (all under load) are read as usual. A quick store costs
+        one comparison."""
+        latency = runner.expected_latency()
+        if runner.state is not StoreState.SLOW and latency <= READ_AROUND_FLOOR:
+            return False
+        bound = latency / READ_AROUND_RATIO
+        faster = 0
+        for i in ref.present():
+            other = available_runner(self.runners, ref.stores[i])
+            if i != index and other is not None and other.expected_latency() < bound:
+                faster += 1
+        return faster >= self.layout.k
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
@@ -433,7 +485,7 @@ class ChunkReader:
                     self.expected,
                     start,
                     end,
-                    timeout=self.read_timeout,
+                    timeout=runner.call_timeout(self.read_timeout),
                     nbytes_read=end - start,
                 )
                 self.handles.insert(key, opened)
@@ -449,7 +501,7 @@ class ChunkReader:
                         header,
                         start,
                         end,
-                        timeout=self.read_timeout,
+                        timeout=runner.call_timeout(self.read_timeout),
                         nbytes_read=end - start,
                     )
                     self.counters.thread_reads += 1
@@ -481,28 +533,35 @@ class ChunkReader:
     # -- degraded ---------------------------------------------------------------
 
     async def _degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str
-    ) -> bytes:
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str,
+        *, lost_is_bad: bool = True,
+    ) -> bytes:  # fmt: skip
         self.counters.degraded_reads += 1
         self.counters.degraded_requested_bytes += wanted
-        return await self._read_degraded(ref, lost, start, end, reason)
+        return await self._read_degraded(ref, lost, start, end, reason, lost_is_bad=lost_is_bad)
 
     async def _read_degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str
-    ) -> bytes:
-        """Bytes [start, end) of fragment `lost`, decoded from k others."""
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
+        *, lost_is_bad: bool = True,
+    ) -> bytes:  # fmt: skip
+        """Bytes [start, end) of fragment `lost`, decoded from k others;
+        `lost` is reported as damage unless not `lost_is_bad` (read around
+        a slow store), the sources found bad always are."""
         k = self.layout.k
         candidates = self.sources(ref, exclude={lost})
         decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
         if decoded_fast is not None:
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
-            self.on_damage(ref, [lost], reason)
+            if lost_is_bad:
+                self.on_damage(ref, [lost], reason)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
-        bad = [lost, *bad]
-        self.on_damage(ref, bad, reason)
+        if lost_is_bad:
+            bad = [lost, *bad]
+        if bad:
+            self.on_damage(ref, bad, reason)
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(

@@ -29,7 +29,14 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from ..core.errors import FragmentMissing, NoSpace, StoreError, StoreSwapped
-from .store import FragmentParts, Store, StoreMarker, StoreUsage, fragment_relpath
+from .store import (
+    DIRECTORY_CONCURRENCY,
+    FragmentParts,
+    Store,
+    StoreMarker,
+    StoreUsage,
+    fragment_relpath,
+)
 
 #: Seconds a hung call waits at most (see the module docstring).
 HANG_LIMIT = 60.0
@@ -48,6 +55,7 @@ class MemoryStore:
     hand": `read_fragment_cached` serves it (unless `cached` is False)."""
 
     holds_log_segments = True
+    concurrency = DIRECTORY_CONCURRENCY
 
     def __init__(
         self,
@@ -331,6 +339,10 @@ class FaultyStore:
     @property
     def remote(self) -> bool:
         return self.inner.remote
+
+    @property
+    def concurrency(self) -> int:
+        return self.inner.concurrency
 
     @property
     def meta_dir(self) -> Path:

@@ -41,13 +41,46 @@ Health policy (kept deliberately simple):
 - SLOW (only when not FAILED): after at least SLOW_MIN_SAMPLES measured
   calls, the fast latency EWMA exceeds SLOW_FACTOR x the slow baseline EWMA
   and SLOW_FLOOR seconds; it clears when the fast EWMA falls below half of
-  that bound. The baseline keeps adapting, so a store that stays slow
-  becomes its own new normal (expected_latency still reflects it).
+  that bound. The baseline learns only while the store is not SLOW: a
+  store that became slow stays SLOW until its answers are quick again
+  (the reader reads around a SLOW store while k fragments are on much
+  quicker ones, and still asks it now and then: `ecfs.data.reader`),
+  instead of becoming its own new normal after some fifty slow calls. A
+  store slow from its first call on has a slow baseline and is never
+  SLOW (expected_latency and the hedge deadline still reflect it).
+  `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
-raised FragmentMissing (a fast, healthy answer). The outcome of a call that
-its caller abandoned is dropped (neither a sample nor an error).
+raised FragmentMissing (a fast, healthy answer). A call that its caller
+abandoned (a hedge won, a timeout) is no error, whatever it raises; if it
+returns after all, its time is a "late answer": it moves the fast EWMA
+(expected_latency, SLOW) but not the baseline or the percentile window
+(nor anything while the store is FAILED: what a hung store releases says
+how long it hung).
+A store slowed down is then seen as SLOW by the very reads that hedged
+around it, while its hedge deadline and timeouts stay those of the calls
+that were waited for (were late answers samples, a slowed store would
+raise its own hedge deadline and become its own normal at once).
+
+Timeouts (`call_timeout`): a caller passes the longest wait it accepts;
+reads (`ecfs.data.reader`) ask the runner for one derived from the
+store's measured latency: CALL_TIMEOUT_FACTOR x the p99 of answered
+calls, at least CALL_TIMEOUT_FLOOR, at most the caller's bound (which
+is also used until TIMEOUT_MIN_SAMPLES calls were measured). A fast
+local disk that stops answering is failed after CALL_TIMEOUT_FLOOR
+seconds; a remote store whose normal p99 is high gets up to the bound
+before it is called failed. Writes keep the writer's deadline
+(`ecfs.data.writer.write_deadline`); other calls the runner's `timeout`.
+The derived timeout is recomputed only when the percentiles are.
+
+Concurrency (`max_threads`, the per-store limiter): what the store says
+it serves well at once (`Store.concurrency`) unless the caller sets it.
+The rule: a local disk, DIRECTORY_CONCURRENCY calls (its queue is kept
+full by a few; more only queue in the kernel and delay reads behind
+writes); an object store, REMOTE_CONCURRENCY (each request waits mostly
+on the network and the server parallelises: by Little's law, at 30 ms a
+request 32 in flight carry ~1000 requests/s).
 
 Threads: calls run in trio's thread cache, started with
 `trio.lowlevel.start_thread_soon` and reported back with one
@@ -109,6 +142,13 @@ PERCENTILE_EXACT_SAMPLES = 64
 PERCENTILE_REFRESH = 16
 SLOW_FACTOR = 5.0
 SLOW_FLOOR = 0.02
+#: `call_timeout`: this many times the p99 of answered calls, at least
+#: CALL_TIMEOUT_FLOOR seconds (twice the health probe's PROBE_TIMEOUT: a
+#: store that answers its probes is not failed by a read quicker than
+#: that), once TIMEOUT_MIN_SAMPLES calls were measured.
+CALL_TIMEOUT_FACTOR = 10.0
+CALL_TIMEOUT_FLOOR = 4.0
+TIMEOUT_MIN_SAMPLES = 20
 
 #: CPU work (encode, decode) on more bytes than this runs in a worker thread
 #: (`run_cpu`), smaller work on the loop: below it a thread round trip costs
@@ -133,7 +173,10 @@ class StoreStatistics:
 
     Latencies are in seconds and 0.0 before the first measured call.
     `in_flight` counts calls running in threads (abandoned ones included);
-    `abandoned` those whose caller gave up but whose thread still runs.
+    `abandoned` those whose caller gave up but whose thread still runs;
+    `abandoned_total` every call given up while it ran (a hedge won, a
+    timeout), `late_answers` those of them that returned after all.
+    `max_threads` is the store's concurrency limit.
     """
 
     index: int
@@ -143,6 +186,9 @@ class StoreStatistics:
     errors: int
     timeouts: int
     abandoned: int
+    abandoned_total: int
+    late_answers: int
+    max_threads: int
     latency_ewma: float
     latency_p50: float
     latency_p95: float
@@ -230,10 +276,12 @@ class StoreRunner:
         index: int,
         store: Store,
         *,
-        max_threads: int = 8,
+        max_threads: int | None = None,
         timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_threads is None:
+            max_threads = store.concurrency
         if max_threads < 1:
             raise ValueError("max_threads must be >= 1")
         self.index = index
@@ -245,6 +293,8 @@ class StoreRunner:
         self._thread_name = f"ecfs store {index}"
         self._abandon_lock = threading.Lock()
         self._abandoned = 0
+        self._abandoned_total = 0
+        self._late_answers = 0
         self._calls = 0
         self._errors = 0
         self._timeouts = 0
@@ -257,6 +307,9 @@ class StoreRunner:
         self._baseline = 0.0
         self._window: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._sorted_window: list[float] | None = []
+        #: (bound, timeout) of the last `call_timeout`; None once the
+        #: percentiles may have changed.
+        self._timeout_memo: tuple[float, float] | None = None
 
     def __repr__(self) -> str:
         return f"StoreRunner({self.index}, {self.store!r}, state={self.state.value})"
@@ -348,6 +401,8 @@ class StoreRunner:
             self._record_sample(job.elapsed)
             self._bytes_read += pending.nbytes_read
             self._bytes_written += pending.nbytes_written
+        elif job.stage == _DONE:  # abandoned while it ran, and it answered after all
+            self._record_late_answer(job.elapsed)
         pending._outcome = settled
         pending._done.set()
 
@@ -363,6 +418,7 @@ class StoreRunner:
             job.stage = _ABANDONED
             job.abandoned = True
             self._abandoned += 1
+            self._abandoned_total += 1
             abandoned = self._abandoned
         if abandoned >= self._max_threads:
             self.mark_failed(f"{abandoned} threads stuck in store calls")
@@ -437,6 +493,19 @@ class StoreRunner:
         max(HEDGE_FLOOR, 3 x latency_p95)."""
         return max(HEDGE_FLOOR, 3 * self._percentile(0.95))
 
+    def call_timeout(self, bound: float) -> float:
+        """A timeout for one call derived from this store's measured
+        latency: CALL_TIMEOUT_FACTOR x p99 of its answered calls, at least
+        CALL_TIMEOUT_FLOOR, at most `bound` (also the answer until
+        TIMEOUT_MIN_SAMPLES calls were measured). See the module docstring."""
+        if self._samples < TIMEOUT_MIN_SAMPLES:
+            return bound
+        memo = self._timeout_memo
+        if memo is None or memo[0] != bound:
+            derived = max(CALL_TIMEOUT_FLOOR, CALL_TIMEOUT_FACTOR * self._percentile(0.99))
+            memo = self._timeout_memo = (bound, min(bound, derived))
+        return memo[1]
+
     def record_latency(self, seconds: float) -> None:
         """Record a latency measured elsewhere (e.g. an on-loop cached read)."""
         self._record_sample(seconds)
@@ -446,9 +515,13 @@ class StoreRunner:
         self._failure = reason
 
     def mark_ok(self) -> None:
-        """Clear FAILED and SLOW (e.g. after a successful probe)."""
+        """Clear FAILED and SLOW (e.g. after a successful probe); the fast
+        EWMA starts again from the baseline: a store back from a hang is
+        judged by its answers from now on, not by the late answers of the
+        calls it hung on."""
         self._failure = None
         self._slow = False
+        self._ewma = self._baseline
 
     async def probe(self) -> bool:
         """Run the store's cheap health check with a PROBE_TIMEOUT deadline.
@@ -475,6 +548,9 @@ class StoreRunner:
             errors=self._errors,
             timeouts=self._timeouts,
             abandoned=self._abandoned,
+            abandoned_total=self._abandoned_total,
+            late_answers=self._late_answers,
+            max_threads=self._max_threads,
             latency_ewma=self._ewma,
             latency_p50=self._percentile(0.5),
             latency_p95=self._percentile(0.95),
@@ -490,12 +566,25 @@ class StoreRunner:
             self._ewma = self._baseline = seconds
         else:
             self._ewma += EWMA_ALPHA * (seconds - self._ewma)
-            self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
+            if not self._slow:  # see "SLOW" in the module docstring
+                self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
         self._samples += 1
         self._window.append(seconds)
         if self._samples < PERCENTILE_EXACT_SAMPLES or self._samples % PERCENTILE_REFRESH == 0:
             self._sorted_window = None  # percentiles are re-sorted lazily, not per call
+            self._timeout_memo = None
         self._update_slow()
+
+    def _record_late_answer(self, seconds: float) -> None:
+        """An abandoned call returned after `seconds`: the fast EWMA only
+        (see the module docstring); nothing before a first measured call,
+        which gives the baseline to compare with, nor while FAILED (the
+        calls a hung store releases say how long it hung, not how fast it
+        is; `mark_ok` starts afresh)."""
+        self._late_answers += 1
+        if self._samples and self._failure is None:
+            self._ewma += EWMA_ALPHA * (max(0.0, seconds) - self._ewma)
+            self._update_slow()
 
     def _update_slow(self) -> None:
         if self._samples < SLOW_MIN_SAMPLES:

@@ -100,9 +100,10 @@ retries 5xx answers (503 SlowDown included), 429, dropped connections and
 timeouts of safe requests, up to MAX_RETRIES times with exponential
 backoff and full jitter (object_store's retry policy, BACKOFF_FIRST up
 to BACKOFF_MAX), each attempt within `request_timeout`; TLS
-certificates are always verified. The timeouts are fixed bounds; what
-adapts to the store's measured latency is above, in `StoreRunner`
-(hedge deadlines, the slow state).
+certificates are always verified. The timeouts here are fixed bounds;
+what adapts to the store's measured latency is above, in `StoreRunner`
+(read timeouts, hedge deadlines, the slow state; REMOTE_CONCURRENCY
+calls in flight, see `ecfs.storage.offload`).
 
 Credentials: see `find_credentials` (the standard AWS places only).
 
@@ -153,6 +154,7 @@ from .store import (
     FRAGS_DIR,
     MARKER_MAX_BYTES,
     MARKER_NAME,
+    REMOTE_CONCURRENCY,
     FragmentParts,
     StoreMarker,
     StoreUsage,
@@ -423,6 +425,7 @@ class S3Store:
     holds_meta_objects = True
     #: On another machine (`ecfs.storage.store.Store.remote`).
     remote = True
+    concurrency = REMOTE_CONCURRENCY
 
     def __init__(
         self,

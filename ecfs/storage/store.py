@@ -126,6 +126,10 @@ LOG_DIR = "wlog"
 
 #: Largest marker file accepted (bytes); anything bigger is garbage.
 MARKER_MAX_BYTES = 64 * 1024
+#: Store.concurrency of a local disk and of an object store (the rule is in
+#: ecfs.storage.offload's docstring).
+DIRECTORY_CONCURRENCY = 8
+REMOTE_CONCURRENCY = 32
 
 #: Largest accepted fragment_size / inline_max: far above any sane volume.
 _MAX_SIZE = 1 << 30
@@ -317,6 +321,11 @@ class Store(Protocol):
     #: placement (`ecfs.data.placement`) keeps data fragments on the stores
     #: that are not remote and parity on those that are.
     remote: bool
+    #: How many calls the store serves well at once: the default size of
+    #: its runner's limiter (`ecfs.storage.offload.StoreRunner`, whose
+    #: docstring gives the rule): DIRECTORY_CONCURRENCY for a local disk,
+    #: REMOTE_CONCURRENCY for an object store.
+    concurrency: int
 
     @property
     def meta_dir(self) -> Path:
@@ -499,6 +508,7 @@ class DirectoryStore:
 
     holds_log_segments = True
     remote = False
+    concurrency = DIRECTORY_CONCURRENCY
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Refer to the store at `path`; does no I/O."""
