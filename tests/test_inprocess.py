@@ -280,3 +280,87 @@ async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -
     assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
     assert volume.reader.counters.thread_reads == threads
     assert volume.reader.counters.degraded_reads == 1
+
+
+# ---- scheduling around a slow store (issue 17)
+
+
+async def _read_sequentially(rig: Rig, ino: int, size: int) -> bytes:
+    out = bytearray()
+    for offset in range(0, size, CHUNK):
+        out += await rig.volume.filedata.read(ino, offset, CHUNK)
+    return bytes(out)
+
+
+async def test_a_slow_store_is_routed_around_not_waited_for(rig: Rig) -> None:
+    """One store answers every read 100 ms late (real time: its reads run
+    in worker threads), the others from their cache. A sequential read of
+    a file of many chunks asks the slow store for (almost) nothing after
+    the first few chunks: its data ranges are decoded from the other
+    fragments (read ahead in its place), not waited for; it gets a probe
+    read now and then, not waited for either. Counted, not timed."""
+    volume = rig.volume
+    chunks = 48
+    data = os.urandom(chunks * CHUNK)
+    ino = rig.new_file()
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.filedata.opened(ino)
+        await volume.filedata.write(ino, 0, data)
+        await volume.filedata.flush(ino)
+        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        slow_index = 0
+        on_slow = sum(1 for ref in refs.values() if slow_index in ref.stores[:K])
+        assert on_slow >= chunks // 3  # stores take turns holding data
+        volume.handles.close_all()
+        slow = rig.stores[slow_index]
+        slow.set("slow", delay=0.1)
+        before = dict(slow.calls)
+        try:
+            assert await _read_sequentially(rig, ino, len(data)) == data
+        finally:
+            slow.heal()
+        counters = volume.reader.counters
+        asked = slow.calls["read"] - before["read"]
+        # Slow is not failed, and not damage: nothing is queued for repair.
+        assert volume.runners[slow_index].available
+        assert _queued(rig) == {}
+        # Waited for (until a hedge) once or twice while it was not yet measured.
+        assert counters.hedged_reads <= 2, counters
+        # Before it is measured, the slow store gets its share of the first
+        # chunks' read-ahead (PREFETCH_CHUNKS = 16 chunks ahead: a header
+        # read and a prefetch each) and a read or two; then probes only.
+        assert asked <= 2 * 16 + 8, (asked, on_slow, counters)
+        assert counters.routed_reads >= on_slow - 8, (counters, on_slow)
+        await volume.filedata.released(ino)
+
+
+async def test_healthy_reads_keep_to_the_data_fragments(rig: Rig) -> None:
+    """All stores equally fast: a sequential read reads the data fragments
+    only (hybrid volumes rely on it: their parity stores are remote), and
+    nothing is routed around."""
+    volume = rig.volume
+    chunks = 24
+    data = os.urandom(chunks * CHUNK)
+    ino = rig.new_file()
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.filedata.opened(ino)
+        await volume.filedata.write(ino, 0, data)
+        await volume.filedata.flush(ino)
+        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        volume.handles.close_all()
+        for store in rig.stores:
+            store.calls["read"] = 0
+        assert await _read_sequentially(rig, ino, len(data)) == data
+        counters = volume.reader.counters
+        assert counters.routed_reads == 0 and counters.degraded_reads == 0, counters
+        parity_reads = {
+            store: sum(1 for ref in refs.values() if store in ref.stores[K:])
+            for store in range(len(rig.stores))
+        }
+        for store, faulty in enumerate(rig.stores):
+            data_reads = sum(1 for ref in refs.values() if store in ref.stores[:K])
+            # header read + prefetch per data fragment; no parity read at all
+            assert faulty.calls["read"] <= 2 * data_reads, (store, faulty.calls, parity_reads)
+        await volume.filedata.released(ino)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -70,6 +72,22 @@ HEDGE_BURST = 16
 #: Degraded reads done at once in one worker-thread call each.
 ONE_CALL_THREADS = 8
 
+#: A data fragment's store is routed around (the range decoded from k other
+#: fragments instead) when its expected latency exceeds AVOID_FACTOR times
+#: that of the k-th fastest other measured source plus AVOID_MARGIN seconds;
+#: it is used again once it falls below RESUME_FACTOR times (hysteresis).
+AVOID_FACTOR = 3.0
+AVOID_MARGIN = 0.002
+RESUME_FACTOR = 1.5
+
+#: While a store is routed around, one real read (not waited for) goes to
+#: it at most this often (seconds), so that its latency stays measured and
+#: it is used again once it is fast.
+PROBE_INTERVAL = 0.25
+
+#: Chunks read ahead that are planned again when a store starts lagging.
+PLANNED_CHUNKS = 64
+
 
 @dataclass(slots=True)
 class ReadCounters:
@@ -86,7 +104,10 @@ class ReadCounters:
     thread_reads: int = 0
     #: Degraded reads done in one worker-thread call (`_decode_in_one_call`).
     one_call_reads: int = 0
-
+    #: Data ranges decoded from k others because their store lagged (not damage).
+    routed_reads: int = 0
+    #: Reads sent to a routed-around store to keep its latency measured.
+    probe_reads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +124,8 @@ class ReadStatistics:
     nowait_hits: int
     thread_reads: int
     one_call_reads: int
+    routed_reads: int = 0
+    probe_reads: int = 0
 
 
 def _read_verified(
@@ -195,6 +218,10 @@ class ChunkReader:
         self.counters = ReadCounters()
         self.readahead = ReadAhead(handles, expected)
         self._outrun: dict[int, int] = {}
+        #: Stores routed around now -> when the last probe read was sent.
+        self._avoided: dict[int, float] = {}
+        #: The chunks read ahead last (planned again when a store lags).
+        self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
@@ -203,21 +230,23 @@ class ChunkReader:
         return ReadStatistics(
             c.requested_bytes, c.store_bytes, c.degraded_reads, c.degraded_requested_bytes,
             c.degraded_store_bytes, c.unrecoverable_reads, c.hedged_reads, c.nowait_hits,
-            c.thread_reads, c.one_call_reads,
+            c.thread_reads, c.one_call_reads, c.routed_reads, c.probe_reads,
         )  # fmt: skip
 
     def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want
         next and have their payload read into the page cache in the
         background (see readahead), so that the reads themselves are served
-        on the loop. A data fragment whose store is unavailable will be
-        decoded: one more fragment (the best available parity) is read
-        ahead in its place, so that the degraded read finds all k sources
-        in the page cache too. Best effort; returns at once."""
+        on the loop. A data fragment whose store is unavailable, or lags
+        (`_route_around`), will be decoded: one more fragment (the best
+        available parity) is read ahead in its place, so that the degraded
+        read finds all k sources in the page cache too. Best effort;
+        returns at once."""
+        self._planned.append(ref)
         k = self.layout.k
         replacements = 0
         for index in range(k):
-            if not self._read_ahead(ref, index):
+            if self._route_around(ref, index) or not self._read_ahead(ref, index):
                 replacements += 1
         if replacements:
             for index in self.sources(ref, exclude=set(range(k))):
@@ -330,6 +359,10 @@ class ChunkReader:
             return False  # the slow path reads it again and reports the damage
         if done:
             self.counters.store_bytes += b - a
+            if not runner.measured:
+                # A store that serves from its cache: at hand, i.e. fast
+                # (the one sample `_route_around` needs to compare with it).
+                runner.record_latency(0.0)
         return done
 
     async def _read_hedged(
@@ -344,7 +377,19 @@ class ChunkReader:
         runner = available_runner(self.runners, store)
         if runner is None:
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        if self._route_around(ref, index):
+            await self._probe(runner, ref, index, start, end)
+            try:
+                data = await self._read_degraded(
+                    ref, index, start, end, f"store {store} lags", damaged=False
+                )
+            except Unrecoverable:
+                pass  # the lagging store is the only hope: read it below
+            else:
+                self.counters.routed_reads += 1
+                return data
         winner: list[Bytes] = []
+        started = time.monotonic()
         errors: list[EcfsError] = []
         primary_done = trio.Event()
 
@@ -371,12 +416,19 @@ class ChunkReader:
                 if not errors:
                     self.counters.hedged_reads += 1
                 try:
-                    winner.append(await self._degraded(ref, index, start, end, wanted, reason))
+                    winner.append(
+                        await self._degraded(
+                            ref, index, start, end, wanted, reason, damaged=bool(errors)
+                        )
+                    )
                 except Unrecoverable:
                     if errors:
                         raise
                     return  # the slow primary is the only hope: wait for it
                 if not primary_done.is_set():
+                    # The read it outran is abandoned (its latency is never
+                    # sampled): what it took so far is a lower bound.
+                    runner.record_latency(time.monotonic() - started)
                     self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
@@ -398,6 +450,73 @@ class ChunkReader:
             log.warning("store %d: %d reads in a row did not answer in time; routing around it",
                         runner.index, count)
             self._outrun.pop(runner.index, None)
+
+    def _route_around(self, ref: ChunkRef, index: int) -> bool:
+        """Whether data fragment `index` of `ref` should be decoded from k
+        other fragments instead of read, because its store is measurably
+        slower than the alternative: its expected latency (latency EWMA x
+        queue depth, `StoreRunner.expected_latency`) exceeds AVOID_FACTOR x
+        that of the k-th fastest other source plus AVOID_MARGIN (and, once
+        routed around, until it falls below RESUME_FACTOR x). Only measured
+        stores count on either side: a store never read (a remote parity
+        store of a hybrid volume, say) is never switched to on a guess, so
+        healthy reads keep to the data fragments. When a store starts
+        lagging, the chunks read ahead lately are planned again."""
+        store = ref.stores[index]
+        runner = available_runner(self.runners, store)
+        if runner is None or not runner.measured:
+            return False
+        mine = runner.expected_latency()
+        avoided = store in self._avoided
+        if not avoided and mine <= AVOID_MARGIN:
+            return False
+        k = self.layout.k
+        others = sorted(
+            r.expected_latency()
+            for j in ref.present()
+            if j != index
+            and (r := available_runner(self.runners, ref.stores[j])) is not None
+            and r.measured
+        )
+        if len(others) < k:
+            verdict = False
+        elif avoided:
+            verdict = mine > RESUME_FACTOR * others[k - 1]
+        else:
+            verdict = mine > AVOID_FACTOR * others[k - 1] + AVOID_MARGIN
+        if verdict and not avoided:
+            log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
+                     store, mine, others[k - 1])  # fmt: skip
+            self._avoided[store] = time.monotonic()
+            for planned in list(self._planned):
+                if store in planned.stores[:k]:
+                    self.prefetch(planned)
+        elif avoided and not verdict:
+            log.info("store %d keeps up again: reading from it", store)
+            del self._avoided[store]
+        return verdict
+
+    async def _probe(
+        self, runner: StoreRunner, ref: ChunkRef, index: int, start: int, end: int
+    ) -> None:
+        """Send the read of a routed-around store anyway, at most every
+        PROBE_INTERVAL and only when nothing else of its runs, without
+        waiting for it: its latency is sampled when it ends."""
+        now = time.monotonic()
+        if runner.in_flight or now - self._avoided.get(runner.index, now) < PROBE_INTERVAL:
+            return
+        self._avoided[runner.index] = now
+        self.counters.probe_reads += 1
+        header = self.handles.get((runner.index, ref.chunk_id, index))
+        if header is None:
+            await runner.start(
+                _open_and_read, runner.store, ref.chunk_id, index, self.expected, start, end,
+                nbytes_read=end - start,
+            )  # fmt: skip
+        else:
+            await runner.start(
+                _read_verified, runner.store, header, start, end, nbytes_read=end - start
+            )
 
     def _may_hedge(self) -> bool:
         """Hedging a slow read costs k extra reads: allow it for at most
@@ -481,28 +600,35 @@ class ChunkReader:
     # -- degraded ---------------------------------------------------------------
 
     async def _degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str
-    ) -> bytes:
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str,
+        damaged: bool = True,
+    ) -> bytes:  # fmt: skip
         self.counters.degraded_reads += 1
         self.counters.degraded_requested_bytes += wanted
-        return await self._read_degraded(ref, lost, start, end, reason)
+        return await self._read_degraded(ref, lost, start, end, reason, damaged)
 
     async def _read_degraded(
-        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str
-    ) -> bytes:
-        """Bytes [start, end) of fragment `lost`, decoded from k others."""
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
+        damaged: bool = True,
+    ) -> bytes:  # fmt: skip
+        """Bytes [start, end) of fragment `lost`, decoded from k others.
+        `lost` is reported as damaged (with any source found bad) unless
+        `damaged` is False (it is only slow)."""
         k = self.layout.k
         candidates = self.sources(ref, exclude={lost})
         decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
         if decoded_fast is not None:
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
-            self.on_damage(ref, [lost], reason)
+            if damaged:
+                self.on_damage(ref, [lost], reason)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
-        bad = [lost, *bad]
-        self.on_damage(ref, bad, reason)
+        if damaged:
+            bad = [lost, *bad]
+        if bad:
+            self.on_damage(ref, bad, reason)
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(
