@@ -66,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,18 @@ def requested_bytes(mnt: Path) -> int:
     """Bytes the ecfs daemon was asked to read since it mounted."""
     status = json.loads(os.getxattr(mnt, "user.ecfs.status"))
     return int(status["reads"]["requested_bytes"])
+
+
+def parallel(fn: Callable[[Path], float], paths: list[Path]) -> float:
+    """`fn` (returning MiB/s over the whole file) on every path at once, in
+    threads; the sum of their rates."""
+    rates: list[float] = []
+    threads = [threading.Thread(target=lambda p=p: rates.append(fn(p))) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates)
 
 
 def drop_fuse_cache(path: Path) -> None:
@@ -534,6 +547,16 @@ class DiskBench:
             raw_rand[depth] = rand_read(raw_file, depth, cfg.rand_s, direct=True)
             res.add(Row(cap, f"4K rand read QD{depth}", "raw", raw_rand[depth]["iops"], "IOPS"))
         raw_file.unlink()
+        # what the machine gives all devices at once (the host's disk is shared)
+        files = [x / "raw.dat" for x in d]
+        w = parallel(lambda f: seq_write(f, cfg.base_size, direct=True), files)
+        res.add(Row(cap, "seq write (O_DIRECT), all devices", "raw x6", w, "MiB/s",
+                    N * cap, "n x cap"))  # fmt: skip
+        self.cold(list(range(N)))
+        r = parallel(seq_read, files)
+        res.add(Row(cap, "seq read, cold, all devices", "raw x6", r, "MiB/s", N * cap, "n x cap"))
+        for f in files:
+            f.unlink()
 
         pt_src, pt_mnt = d[0] / "pt-src", self.work / f"pt-mnt-{cap}"
         pt_src.mkdir()
