@@ -280,10 +280,14 @@ def seq_read(path: Path, limit_s: float = READ_LIMIT_S) -> float:
     return done / MiB / (time.perf_counter() - start)
 
 
+def read_counters(mnt: Path) -> dict[str, int]:
+    """The ecfs daemon's read counters (since it mounted)."""
+    return dict(json.loads(os.getxattr(mnt, "user.ecfs.status"))["reads"])
+
+
 def requested_bytes(mnt: Path) -> int:
     """Bytes the ecfs daemon was asked to read since it mounted."""
-    status = json.loads(os.getxattr(mnt, "user.ecfs.status"))
-    return int(status["reads"]["requested_bytes"])
+    return read_counters(mnt)["requested_bytes"]
 
 
 def parallel(fn: Callable[[Path], float], paths: list[Path]) -> float:
@@ -455,7 +459,7 @@ class Config:
     tar_files: int
     tar_bytes: int
     out: Path
-    keep: bool
+    reads_only: bool = False
 
 
 class DiskBench:
@@ -534,6 +538,11 @@ class DiskBench:
         d = [dev.mountpoint / f"c{cap}" for dev in m.devices]
         for x in d:
             x.mkdir()
+        if cfg.reads_only:
+            self.ecfs_level(cap, d, {})
+            for x in d:
+                shutil.rmtree(x, ignore_errors=True)
+            return
         # -- baselines on device 0
         raw_file = d[0] / "raw.dat"
         w = seq_write(raw_file, cfg.base_size, direct=True)
@@ -622,8 +631,8 @@ class DiskBench:
             note = "n x cap" if N * cap <= ceiling else "ceiling"
             res.add(Row(cap, "seq read, cold", "ecfs", healthy, "MiB/s", limit, note,
                         ">= 0.9 x limit", healthy >= 0.9 * limit))  # fmt: skip
-            rand = {}
-            for depth in (1, 16):
+            rand: dict[int, dict[str, float]] = {}
+            for depth in () if cfg.reads_only else (1, 16):
                 self.cold(all_devices)
                 rand[depth] = rand_read(big, depth, cfg.rand_s)
                 row = Row(cap, f"4K rand read QD{depth}", "ecfs", rand[depth]["iops"], "IOPS")
@@ -631,32 +640,41 @@ class DiskBench:
                     row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
                     row.passed = rand[16]["iops"] >= 4 * pt_rand[16]["iops"]
                 res.add(row)
-            res.add(Row(cap, "4K rand read QD1 p99", "ecfs", rand[1]["p99_ms"], "ms"))
+            if rand:
+                res.add(Row(cap, "4K rand read QD1 p99", "ecfs", rand[1]["p99_ms"], "ms"))
             # small files
-            assert self.tarball is not None
-            wl.warm(self.tarball)
-            t = wl.extract(self.tarball, mnt / "tree", TIMEOUT)["seconds"]
-            wl.sync_all()
-            res.add(Row(cap, f"extract {cfg.tar_files:,} files", "ecfs", t, "s"))
+            if not cfg.reads_only:
+                assert self.tarball is not None
+                wl.warm(self.tarball)
+                t = wl.extract(self.tarball, mnt / "tree", TIMEOUT)["seconds"]
+                wl.sync_all()
+                res.add(Row(cap, f"extract {cfg.tar_files:,} files", "ecfs", t, "s"))
+                # Removed again: the rebuild below then measures bandwidth,
+                # not the per-chunk cost of 10,000 small chunks.
+                wl.remove_tree(mnt / "tree", TIMEOUT)
+                wl.sync_all()
             # one device slow
             m.cap(N - 1, SLOW_BPS)
             try:
                 self.cold(all_devices)
+                before_counters = read_counters(mnt)
                 slow = seq_read(big)
+                self.note_counters(cap, "slow", before_counters, read_counters(mnt))
                 limit = min((N - 1) * cap + SLOW_BPS / MiB, ceiling)
                 res.add(Row(cap, "seq read, 1 dev at 2 MiB/s", "ecfs", slow, "MiB/s", limit,
                             "5 x cap + 2", f">= 0.75 x healthy ({0.75 * healthy:,.0f})",
                             slow >= 0.75 * healthy))  # fmt: skip
-                slow_rand = {}
-                for depth in (1, 16):
+                slow_rand: dict[int, dict[str, float]] = {}
+                for depth in () if cfg.reads_only else (1, 16):
                     self.cold(all_devices)
                     slow_rand[depth] = rand_read(big, depth, cfg.rand_s)
                     res.add(Row(cap, f"4K rand read QD{depth}, 1 dev slow", "ecfs",
                                 slow_rand[depth]["iops"], "IOPS"))  # fmt: skip
-                p99 = slow_rand[1]["p99_ms"]
-                res.add(Row(cap, "4K rand read QD1 p99, 1 dev slow", "ecfs", p99, "ms",
-                            None, "", f"<= 2 x healthy ({2 * rand[1]['p99_ms']:.2f})",
-                            p99 <= 2 * rand[1]["p99_ms"]))  # fmt: skip
+                if slow_rand:
+                    p99 = slow_rand[1]["p99_ms"]
+                    res.add(Row(cap, "4K rand read QD1 p99, 1 dev slow", "ecfs", p99, "ms",
+                                None, "", f"<= 2 x healthy ({2 * rand[1]['p99_ms']:.2f})",
+                                p99 <= 2 * rand[1]["p99_ms"]))  # fmt: skip
             finally:
                 m.cap(N - 1, bps)
             # one device missing: its store deleted, ecfs mounted on the others
@@ -664,18 +682,33 @@ class DiskBench:
             shutil.rmtree(stores[-1])
             daemon = self.mount_ecfs(stores[:-1], mnt, log)
             self.cold(all_devices)
+            before_counters = read_counters(mnt)
             missing = seq_read(big)
+            self.note_counters(cap, "missing", before_counters, read_counters(mnt))
             limit = min((N - 1) * cap, ceiling)
             res.add(Row(cap, "seq read, 1 dev missing", "ecfs", missing, "MiB/s", limit,
                         "5 x cap", f">= 0.7 x healthy ({0.7 * healthy:,.0f})",
                         missing >= 0.7 * healthy))  # fmt: skip
-            self.cold(all_devices)
-            miss16 = rand_read(big, 16, cfg.rand_s)
-            res.add(Row(cap, "4K rand read QD16, 1 dev missing", "ecfs", miss16["iops"], "IOPS"))
-            # rebuild onto a new store on device 5 with a foreground reader
-            self.rebuild(cap, mnt, stores[-1], d[-1] / "store-new", healthy)
+            if not cfg.reads_only:
+                self.cold(all_devices)
+                miss16 = rand_read(big, 16, cfg.rand_s)
+                res.add(Row(cap, "4K rand read QD16, 1 dev missing", "ecfs",
+                            miss16["iops"], "IOPS"))  # fmt: skip
+                # rebuild onto a new store on device 5 with a foreground reader
+                self.rebuild(cap, mnt, stores[-1], d[-1] / "store-new", healthy)
         finally:
             self.stop(daemon)
+
+    def note_counters(
+        self, cap: int, case: str, before: dict[str, int], after: dict[str, int]
+    ) -> None:
+        """ecfs's read counters over one read, in the results (raw) and a note."""
+        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        self.res.raw.setdefault("read_counters", {})[f"{cap} {case}"] = delta
+        shown = ("nowait_hits", "thread_reads", "degraded_reads", "hedged_reads",
+                 "one_call_reads", "routed_reads", "probe_reads")  # fmt: skip
+        text = ", ".join(f"{k} {delta[k]}" for k in shown if k in delta)
+        self.res.notes.append(f"ecfs read counters, {cap} MiB/s, {case}: {text}")
 
     def rebuild(self, cap: int, mnt: Path, old: Path, new: Path, healthy: float) -> None:
         res = self.res
@@ -687,7 +720,14 @@ class DiskBench:
         time.sleep(1.0)  # the reader at speed before the rebuild starts
         read0, start = reader.done, time.monotonic()
         try:
-            self.ecfs_cmd("repair", "--wait", str(mnt), timeout=600)
+            self.ecfs_cmd("repair", str(mnt))  # urgent: full speed while files are in use
+            while True:
+                status = client.status().repair
+                if status.chunks == 0 and not status.busy:
+                    break
+                if time.monotonic() - start > 600:
+                    raise wl.WorkloadTimeout("the rebuild took more than 600 s")
+                time.sleep(0.1)
         finally:
             seconds = time.monotonic() - start
             read = reader.done - read0
@@ -725,7 +765,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where the images go (on the root filesystem; default /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the results' work dir")
+    parser.add_argument("--reads-only", action="store_true",
+                        help="only ecfs's sequential write and reads (healthy, slow, missing)")
     return parser.parse_args(argv)
 
 
@@ -750,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         tar_files=2_000 if quick else 10_000,
         tar_bytes=(48 if quick else 256) * MiB,
         out=args.out,
-        keep=args.keep,
+        reads_only=args.reads_only,
     )
 
     def terminate(signum: int, frame: object) -> None:
