@@ -485,7 +485,8 @@ class DiskBench:
 
     def mount_ecfs(self, stores: list[Path], mnt: Path, log: Path) -> bench.Daemon:
         argv = [
-            bench.PYTHON, "-m", "ecfs", "mount", "--foreground", "--log-level", "warning",
+            bench.PYTHON, "-m", "ecfs", "mount", "--foreground", "--log-level",
+            os.environ.get("ECFS_BENCH_LOG_LEVEL", "warning"),
             *map(str, stores), str(mnt),
         ]  # fmt: skip
         umount = [bench.PYTHON, "-m", "ecfs", "umount", str(mnt)]
