@@ -62,11 +62,12 @@ import platform
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -621,7 +622,8 @@ class DiskBench:
                         ">= 0.8 x limit", w >= 0.8 * limit))  # fmt: skip
             # healthy reads
             self.cold(all_devices)
-            healthy = seq_read(big)
+            with self.profiled(mnt, f"{cap}-healthy"):
+                healthy = seq_read(big)
             drop_fuse_cache(big)
             before = requested_bytes(mnt)
             ceiling = seq_read(big)  # fragments in the stores' page cache
@@ -659,7 +661,8 @@ class DiskBench:
             try:
                 self.cold(all_devices)
                 before_counters = read_counters(mnt)
-                slow = seq_read(big)
+                with self.profiled(mnt, f"{cap}-slow"):
+                    slow = seq_read(big)
                 self.note_counters(cap, "slow", before_counters, read_counters(mnt))
                 limit = min((N - 1) * cap + SLOW_BPS / MiB, ceiling)
                 res.add(Row(cap, "seq read, 1 dev at 2 MiB/s", "ecfs", slow, "MiB/s", limit,
@@ -684,7 +687,8 @@ class DiskBench:
             daemon = self.mount_ecfs(stores[:-1], mnt, log)
             self.cold(all_devices)
             before_counters = read_counters(mnt)
-            missing = seq_read(big)
+            with self.profiled(mnt, f"{cap}-missing"):
+                missing = seq_read(big)
             self.note_counters(cap, "missing", before_counters, read_counters(mnt))
             limit = min((N - 1) * cap, ceiling)
             res.add(Row(cap, "seq read, 1 dev missing", "ecfs", missing, "MiB/s", limit,
@@ -699,6 +703,34 @@ class DiskBench:
                 self.rebuild(cap, mnt, stores[-1], d[-1] / "store-new", healthy)
         finally:
             self.stop(daemon)
+
+    @contextlib.contextmanager
+    def profiled(self, mnt: Path, name: str) -> Iterator[None]:
+        """With ECFS_BENCH_PROFILE=DIR and py-spy on PATH (or
+        ECFS_BENCH_PYSPY): the daemon's stacks (py-spy record, raw
+        collapsed format, --nonblocking) while the block runs, in DIR/name.txt."""
+        out_dir = os.environ.get("ECFS_BENCH_PROFILE")
+        py_spy = os.environ.get("ECFS_BENCH_PYSPY") or shutil.which("py-spy")
+        if not out_dir or not py_spy:
+            yield
+            return
+        pid = int(os.getxattr(mnt, "user.ecfs.pid"))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [py_spy, "record", "--nonblocking", "--threads", "--format", "raw", "--rate", "200",
+             "--pid", str(pid), "-o", str(Path(out_dir) / f"{name}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def note_counters(
         self, cap: int, case: str, before: dict[str, int], after: dict[str, int]

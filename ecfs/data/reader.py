@@ -45,7 +45,14 @@ from ..core.geometry import FragmentPiece, Layout
 from ..core.model import ChunkRef
 from ..core.tasks import gather_in_order, open_fan_out
 from ..storage.handles import Expected, HandleCache, read_header
-from ..storage.offload import StoreRunner, StoreState, available_runner, run_cpu, run_in_thread
+from ..storage.offload import (
+    HEDGE_FLOOR,
+    StoreRunner,
+    StoreState,
+    available_runner,
+    run_cpu,
+    run_in_thread,
+)
 from ..storage.store import Store
 from .readahead import ReadAhead
 
@@ -76,14 +83,21 @@ ONE_CALL_THREADS = 8
 #: fragments instead) when its expected latency exceeds AVOID_FACTOR times
 #: that of the k-th fastest other measured source plus AVOID_MARGIN seconds;
 #: it is used again once it falls below RESUME_FACTOR times (hysteresis).
-AVOID_FACTOR = 3.0
-AVOID_MARGIN = 0.002
-RESUME_FACTOR = 1.5
+#: Measured on 6 capped loop devices (scripts/bench_disks.py): a busy
+#: healthy store reaches 4-5x the others now and then (queueing), a device
+#: at 2 MiB/s among 40 MiB/s ones 10-20x.
+AVOID_FACTOR = 8.0
+AVOID_MARGIN = 0.005
+RESUME_FACTOR = 3.0
+
+#: A read is hedged after at most this many times the expected latency of
+#: doing without it (see `_hedge_deadline`).
+HEDGE_ALTERNATIVE_FACTOR = 3.0
 
 #: While a store is routed around, one real read (not waited for) goes to
 #: it at most this often (seconds), so that its latency stays measured and
 #: it is used again once it is fast.
-PROBE_INTERVAL = 0.25
+PROBE_INTERVAL = 0.5
 
 #: Chunks read ahead that are planned again when a store starts lagging.
 PLANNED_CHUNKS = 64
@@ -338,7 +352,9 @@ class ChunkReader:
         blocking."""
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
-        if runner is None:
+        if runner is None or store in self._avoided:
+            # (a cached read that misses makes the kernel read ahead: not
+            # on a store that already lags)
             return False
         key = (store, ref.chunk_id, piece.index)
         header = self.handles.get(key)
@@ -408,7 +424,7 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(runner.hedge_deadline()):
+                with trio.move_on_after(self._hedge_deadline(runner, ref, index)):
                     await primary_done.wait()
                 if winner or (not errors and not self._may_hedge()):
                     return
@@ -470,23 +486,17 @@ class ChunkReader:
         avoided = store in self._avoided
         if not avoided and mine <= AVOID_MARGIN:
             return False
-        k = self.layout.k
-        others = sorted(
-            r.expected_latency()
-            for j in ref.present()
-            if j != index
-            and (r := available_runner(self.runners, ref.stores[j])) is not None
-            and r.measured
-        )
-        if len(others) < k:
+        other = self._alternative_latency(ref, index)
+        if other is None:
             verdict = False
         elif avoided:
-            verdict = mine > RESUME_FACTOR * others[k - 1]
+            verdict = mine > RESUME_FACTOR * other
         else:
-            verdict = mine > AVOID_FACTOR * others[k - 1] + AVOID_MARGIN
+            verdict = mine > AVOID_FACTOR * other + AVOID_MARGIN
+        k = self.layout.k
         if verdict and not avoided:
             log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
-                     store, mine, others[k - 1])  # fmt: skip
+                     store, mine, other)  # fmt: skip
             self._avoided[store] = time.monotonic()
             for planned in list(self._planned):
                 if store in planned.stores[:k]:
@@ -495,6 +505,32 @@ class ChunkReader:
             log.info("store %d keeps up again: reading from it", store)
             del self._avoided[store]
         return verdict
+
+    def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
+        """Expected latency of a read of `ref` that does without fragment
+        `index`: that of the k-th fastest other measured source (None with
+        fewer than k measured)."""
+        others = sorted(
+            r.expected_latency()
+            for j in ref.present()
+            if j != index
+            and (r := available_runner(self.runners, ref.stores[j])) is not None
+            and r.measured
+        )
+        k = self.layout.k
+        return others[k - 1] if len(others) >= k else None
+
+    def _hedge_deadline(self, runner: StoreRunner, ref: ChunkRef, index: int) -> float:
+        """How long to wait for fragment `index` before decoding it from
+        others as well: the store's own hedge deadline, but never more than
+        HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
+        (a store that turns slow must not stretch its own deadline: each
+        hedged read samples what it waited, which raises its p95)."""
+        deadline = runner.hedge_deadline()
+        other = self._alternative_latency(ref, index)
+        if other is not None:
+            deadline = min(deadline, max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * other))
+        return deadline
 
     async def _probe(
         self, runner: StoreRunner, ref: ChunkRef, index: int, start: int, end: int
