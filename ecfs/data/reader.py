@@ -25,6 +25,24 @@ systematic and works byte position by byte position, so bytes [a, b) of
 any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes.
+
+Scheduling around a lagging store (issue 17): a data fragment whose
+store is measurably slower than the alternative (`_route_around`: its
+expected latency, EWMA x queue depth from its StoreRunner, above
+AVOID_FACTOR x that of the k-th fastest other measured source) is not
+waited for: its range is decoded from k others at once (a "routed" read:
+not damage, nothing is queued for repair), read-ahead plans a parity
+fragment in its place (and plans the chunks read ahead lately again when
+the store starts lagging), and cached reads are not tried on it. A probe
+read, not waited for, goes to it every PROBE_INTERVAL so that its latency
+stays measured; below RESUME_FACTOR x it is read again. Only measured
+stores count on either side, so a store never read (the remote parity
+stores of a hybrid volume) never attracts reads on a guess: healthy reads
+of a healthy volume read the data fragments only. A read that is waited
+for is hedged after its store's hedge deadline, capped at
+HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency; a hedge
+that wins records what the abandoned read had waited so far (a lower
+bound of its latency), so a store turning slow is measured as such.
 """
 
 from __future__ import annotations
