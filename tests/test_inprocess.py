@@ -23,7 +23,7 @@ from ecfs.core.model import NO_STORE
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.storage.offload import StoreState
 
-from .inprocess import CHUNK, K, M, Rig, make_rig
+from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig
 
 pytestmark = pytest.mark.trio
 
@@ -364,3 +364,39 @@ async def test_healthy_reads_keep_to_the_data_fragments(rig: Rig) -> None:
             # header read + prefetch per data fragment; no parity read at all
             assert faulty.calls["read"] <= 2 * data_reads, (store, faulty.calls, parity_reads)
         await volume.filedata.released(ino)
+
+
+async def test_random_reads_route_around_a_slow_store(rig: Rig) -> None:
+    """Small random reads (no read-ahead) with one store slow: once it is
+    measured (a hedge or two), its ranges are decoded from the others
+    without waiting for it; it gets only probe reads. The other stores
+    serve from their cache. (Placement rotates the stores, so every store
+    holds data fragments of some chunks and is measured by reading them;
+    a store that only ever holds parity, as the remote stores of a hybrid
+    volume, is never switched to: see _route_around.)"""
+    volume = rig.volume
+    datas = [_data(CHUNK, seed=s) for s in range(12)]
+    refs = [await rig.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
+    for ref in refs:
+        rig.learn_headers(ref)
+    slow_store = 0
+    slow = rig.stores[slow_store]
+    slow.set("slow", delay=0.1)
+    reader = volume.reader
+    calls = slow.calls["read"]
+    on_slow = 0
+    try:
+        for n in range(96):
+            ref, data = refs[n % len(refs)], datas[n % len(refs)]
+            start = (n * 7 * 4096) % CHUNK
+            on_slow += ref.stores[start // FRAGMENT] == slow_store
+            assert bytes(await reader.read(ref, start, start + 4096)) == data[start : start + 4096]
+    finally:
+        slow.heal()
+    counters = reader.counters
+    assert on_slow >= 12
+    assert volume.runners[slow_store].available
+    assert counters.hedged_reads <= 2, counters
+    assert counters.routed_reads >= on_slow - 4, (on_slow, counters)
+    # the hedged reads, and a probe every PROBE_INTERVAL at most
+    assert slow.calls["read"] - calls <= 8, (slow.calls, counters)
