@@ -400,3 +400,27 @@ async def test_random_reads_route_around_a_slow_store(rig: Rig) -> None:
     assert counters.routed_reads >= on_slow - 4, (on_slow, counters)
     # the hedged reads, and a probe every PROBE_INTERVAL at most
     assert slow.calls["read"] - calls <= 8, (slow.calls, counters)
+
+
+async def test_read_ahead_plans_parity_for_a_fragment_it_cannot_open(rig: Rig) -> None:
+    """A data fragment missing on a healthy store (a replaced store not yet
+    rebuilt, say): read-ahead fails to open it and plans the best parity
+    fragment in its place, so the degraded read finds k sources cached and
+    needs no worker thread."""
+    data = _data(CHUNK, seed=31)
+    ref = await rig.store_file(data)
+    volume = rig.volume
+    volume.handles.close_all()
+    rig.memory[ref.stores[1]].delete_fragment(ref.chunk_id, 1)
+    volume.reader.prefetch(ref)
+    parity = volume.reader.sources(ref, exclude=set(range(K)))[0]
+    wanted = {(ref.stores[i], ref.chunk_id, i) for i in (0, 2, parity)}
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if all(volume.handles.get(key) for key in wanted):
+            break
+        await trio.sleep(0.01)
+    assert all(volume.handles.get(key) for key in wanted)
+    threads = volume.reader.counters.thread_reads
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
+    assert volume.reader.counters.one_call_reads == 1
+    assert volume.reader.counters.thread_reads == threads

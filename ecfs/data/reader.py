@@ -248,7 +248,7 @@ class ChunkReader:
         self.on_missing = on_missing
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
-        self.readahead = ReadAhead(handles, expected)
+        self.readahead = ReadAhead(handles, expected, on_failed=self._read_ahead_failed)
         self._outrun: dict[int, int] = {}
         #: Stores routed around now -> when the last probe read was sent.
         self._avoided: dict[int, float] = {}
@@ -286,6 +286,24 @@ class ChunkReader:
                     break
                 if self._read_ahead(ref, index):
                     replacements -= 1
+
+    def _read_ahead_failed(self, key: tuple[int, int, int]) -> None:
+        """Read-ahead could not open fragment `key` (missing: its store is
+        being rebuilt, say): if it is a data fragment of a chunk planned
+        lately, read the best parity fragment not yet asked for ahead in
+        its place, so that the degraded read finds k sources cached."""
+        _, chunk_id, index = key
+        k = self.layout.k
+        if index >= k:
+            return
+        for ref in reversed(self._planned):
+            if ref.chunk_id == chunk_id:
+                for parity in self.sources(ref, exclude=set(range(k))):
+                    other = (ref.stores[parity], chunk_id, parity)
+                    if self.handles.get(other) is None and not self.readahead.pending(other):
+                        self._read_ahead(ref, parity)
+                        return
+                return
 
     def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
         """Ask for fragment `index` of `ref` to be read ahead; False if its
