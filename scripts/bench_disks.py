@@ -414,7 +414,8 @@ class Results:
     def add(self, row: Row) -> Row:
         self.rows.append(row)
         value = "-" if row.value is None else f"{row.value:.1f} {row.unit}"
-        print(f"    {row.cap:>4} MiB/s  {row.what:<34} {row.who:<12} {value}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {row.cap:>4} MiB/s  {row.what:<34} {row.who:<12} {value}",
+              flush=True)
         return row
 
 
