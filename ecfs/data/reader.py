@@ -35,7 +35,9 @@ not damage, nothing is queued for repair), read-ahead plans a parity
 fragment in its place (and plans the chunks read ahead lately again when
 the store starts lagging), and cached reads are not tried on it. A probe
 read, not waited for, goes to it every PROBE_INTERVAL so that its latency
-stays measured; below RESUME_FACTOR x it is read again. Only measured
+stays measured; below RESUME_FACTOR x (after RESUME_AFTER seconds at
+least, with none of its calls in flight) it is read again. A store found
+unavailable has the chunks read ahead lately planned again too. Only measured
 stores count on either side, so a store never read (the remote parity
 stores of a hybrid volume) never attracts reads on a guess: healthy reads
 of a healthy volume read the data fragments only. A read that is waited
@@ -116,6 +118,11 @@ HEDGE_ALTERNATIVE_FACTOR = 3.0
 #: it at most this often (seconds), so that its latency stays measured and
 #: it is used again once it is fast.
 PROBE_INTERVAL = 0.5
+
+#: A store routed around is read again only after this many seconds, and
+#: only with no call of it in flight (its probe reads then measured it:
+#: the reads that were outrun and abandoned never are).
+RESUME_AFTER = 2.0
 
 #: Chunks read ahead that are planned again when a store starts lagging.
 PLANNED_CHUNKS = 64
@@ -252,6 +259,9 @@ class ChunkReader:
         self._outrun: dict[int, int] = {}
         #: Stores routed around now -> when the last probe read was sent.
         self._avoided: dict[int, float] = {}
+        self._avoided_since: dict[int, float] = {}
+        #: Stores found unavailable by the last read of one of their fragments.
+        self._unavailable: set[int] = set()
         #: The chunks read ahead last (planned again when a store lags).
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
@@ -428,7 +438,11 @@ class ChunkReader:
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
+            if store not in self._unavailable:
+                self._unavailable.add(store)
+                self._replan(store)
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+        self._unavailable.discard(store)
         if self._route_around(ref, index):
             await self._probe(runner, ref, index, start, end)
             try:
@@ -526,21 +540,30 @@ class ChunkReader:
         if other is None:
             verdict = False
         elif avoided:
-            verdict = mine > RESUME_FACTOR * other
+            verdict = (
+                mine > RESUME_FACTOR * other
+                or runner.in_flight > 0
+                or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
+            )
         else:
             verdict = mine > AVOID_FACTOR * other + AVOID_MARGIN
-        k = self.layout.k
         if verdict and not avoided:
             log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
                      store, mine, other)  # fmt: skip
-            self._avoided[store] = time.monotonic()
-            for planned in list(self._planned):
-                if store in planned.stores[:k]:
-                    self.prefetch(planned)
+            self._avoided[store] = self._avoided_since[store] = time.monotonic()
+            self._replan(store)
         elif avoided and not verdict:
             log.info("store %d keeps up again: reading from it", store)
-            del self._avoided[store]
+            del self._avoided[store], self._avoided_since[store]
         return verdict
+
+    def _replan(self, store: int) -> None:
+        """`store` lags or is unavailable now: plan the chunks read ahead
+        lately that have a data fragment on it again (parity in its place)."""
+        k = self.layout.k
+        for planned in list(self._planned):
+            if store in planned.stores[:k]:
+                self.prefetch(planned)
 
     def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
         """Expected latency of a read of `ref` that does without fragment
