@@ -24,7 +24,8 @@ and 40 MiB/s, where the disks bind):
     raw baseline writes with O_DIRECT, the passthrough writes buffered and
     its fsync (in the capped daemon) writes the bytes back;
   - a second cold read (healthy = the faster of the two: the targets with
-    one device slow or missing are ratios to it);
+    one device slow or missing are ratios to it; those are the better of
+    two cold reads too);
   - the page-cache ceiling of ecfs: the same read with the fragments in
     the stores' page cache (only the mount's own cache dropped; the better
     of two);
@@ -682,8 +683,11 @@ class DiskBench:
                 with self.profiled(mnt, f"{cap}-slow"):
                     slow = seq_read(big)
                 self.note_counters(cap, "slow", before_counters, read_counters(mnt))
+                res.add(Row(cap, "seq read, 1 dev slow (1st)", "ecfs", slow, "MiB/s"))
+                self.cold(all_devices)
+                slow = max(slow, seq_read(big))  # the better of two, as healthy
                 limit = min((N - 1) * cap + SLOW_BPS / MiB, ceiling)
-                res.add(Row(cap, "seq read, 1 dev at 2 MiB/s", "ecfs", slow, "MiB/s", limit,
+                res.add(Row(cap, "seq read, 1 dev at 2 MiB/s (best of 2)", "ecfs", slow, "MiB/s", limit,
                             "5 x cap + 2", f">= 0.75 x healthy ({0.75 * healthy:,.0f})",
                             slow >= 0.75 * healthy))  # fmt: skip
                 slow_rand: dict[int, dict[str, float]] = {}
@@ -708,8 +712,11 @@ class DiskBench:
             with self.profiled(mnt, f"{cap}-missing"):
                 missing = seq_read(big)
             self.note_counters(cap, "missing", before_counters, read_counters(mnt))
+            res.add(Row(cap, "seq read, 1 dev missing (1st)", "ecfs", missing, "MiB/s"))
+            self.cold(all_devices)
+            missing = max(missing, seq_read(big))
             limit = min((N - 1) * cap, ceiling)
-            res.add(Row(cap, "seq read, 1 dev missing", "ecfs", missing, "MiB/s", limit,
+            res.add(Row(cap, "seq read, 1 dev missing (best of 2)", "ecfs", missing, "MiB/s", limit,
                         "5 x cap", f">= 0.7 x healthy ({0.7 * healthy:,.0f})",
                         missing >= 0.7 * healthy))  # fmt: skip
             if not cfg.reads_only:
