@@ -290,14 +290,16 @@ def seq_read(path: Path, limit_s: float = READ_LIMIT_S) -> float:
     return done / MiB / (time.perf_counter() - start)
 
 
-def read_counters(mnt: Path) -> dict[str, int]:
-    """The ecfs daemon's read counters (since it mounted)."""
-    return dict(json.loads(os.getxattr(mnt, "user.ecfs.status"))["reads"])
+def read_counters(mnt: Path) -> dict[str, float]:
+    """The ecfs daemon's read counters (since it mounted), and its CPU seconds."""
+    counters: dict[str, float] = dict(json.loads(os.getxattr(mnt, "user.ecfs.status"))["reads"])
+    counters["cpu_s"] = wl.cpu_seconds(int(os.getxattr(mnt, "user.ecfs.pid")))
+    return counters
 
 
 def requested_bytes(mnt: Path) -> int:
     """Bytes the ecfs daemon was asked to read since it mounted."""
-    return read_counters(mnt)["requested_bytes"]
+    return int(read_counters(mnt)["requested_bytes"])
 
 
 def parallel(fn: Callable[[Path], float], paths: list[Path]) -> float:
@@ -632,8 +634,10 @@ class DiskBench:
                         ">= 0.8 x limit", w >= 0.8 * limit))  # fmt: skip
             # healthy reads
             self.cold(all_devices)
+            before_counters = read_counters(mnt)
             with self.profiled(mnt, f"{cap}-healthy"):
                 healthy = seq_read(big)
+            self.note_counters(cap, "healthy", before_counters, read_counters(mnt))
             drop_fuse_cache(big)
             before = requested_bytes(mnt)
             ceiling = seq_read(big)  # fragments in the stores' page cache
@@ -764,14 +768,17 @@ class DiskBench:
                 proc.wait()
 
     def note_counters(
-        self, cap: int, case: str, before: dict[str, int], after: dict[str, int]
+        self, cap: int, case: str, before: dict[str, float], after: dict[str, float]
     ) -> None:
         """ecfs's read counters over one read, in the results (raw) and a note."""
         delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         self.res.raw.setdefault("read_counters", {})[f"{cap} {case}"] = delta
         shown = ("nowait_hits", "thread_reads", "degraded_reads", "hedged_reads",
                  "one_call_reads", "routed_reads", "probe_reads")  # fmt: skip
-        text = ", ".join(f"{k} {delta[k]}" for k in shown if k in delta)
+        text = ", ".join(f"{k} {delta[k]:.0f}" for k in shown if k in delta)
+        if delta.get("requested_bytes"):
+            gib = delta["requested_bytes"] / (1 << 30)
+            text += f"; daemon CPU {delta.get('cpu_s', 0.0) / gib:.2f} s per GiB read"
         self.res.notes.append(f"ecfs read counters, {cap} MiB/s, {case}: {text}")
 
     def rebuild(self, cap: int, mnt: Path, old: Path, new: Path, healthy: float) -> None:
