@@ -124,8 +124,10 @@ PROBE_INTERVAL = 0.5
 #: the reads that were outrun and abandoned never are).
 RESUME_AFTER = 2.0
 
-#: Chunks read ahead that are planned again when a store starts lagging.
-PLANNED_CHUNKS = 64
+#: Chunks read ahead that are planned again when a store starts lagging:
+#: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
+#: and a few behind it (those, already read, cost a parity read each).
+PLANNED_CHUNKS = 24
 
 
 @dataclass(slots=True)
@@ -285,6 +287,10 @@ class ChunkReader:
         read finds all k sources in the page cache too. Best effort;
         returns at once."""
         self._planned.append(ref)
+        self._plan(ref)
+
+    def _plan(self, ref: ChunkRef) -> None:
+        """Ask read-ahead for the fragments a read of `ref` will use."""
         k = self.layout.k
         replacements = 0
         for index in range(k):
@@ -563,7 +569,7 @@ class ChunkReader:
         k = self.layout.k
         for planned in list(self._planned):
             if store in planned.stores[:k]:
-                self.prefetch(planned)
+                self._plan(planned)
 
     def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
         """Expected latency of a read of `ref` that does without fragment
