@@ -23,7 +23,7 @@ from ecfs.core.model import NO_STORE
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.storage.offload import StoreState
 
-from .inprocess import CHUNK, K, M, Rig, make_rig
+from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig
 
 pytestmark = pytest.mark.trio
 
@@ -280,3 +280,148 @@ async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -
     assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
     assert volume.reader.counters.thread_reads == threads
     assert volume.reader.counters.degraded_reads == 1
+
+
+# ---- scheduling around a slow store (issue 17)
+
+
+async def _read_sequentially(rig: Rig, ino: int, size: int) -> bytes:
+    out = bytearray()
+    for offset in range(0, size, CHUNK):
+        out += await rig.volume.filedata.read(ino, offset, CHUNK)
+    return bytes(out)
+
+
+async def test_a_slow_store_is_routed_around_not_waited_for(rig: Rig) -> None:
+    """One store answers every read 100 ms late (real time: its reads run
+    in worker threads), the others from their cache. A sequential read of
+    a file of many chunks asks the slow store for (almost) nothing after
+    the first few chunks: its data ranges are decoded from the other
+    fragments (read ahead in its place), not waited for; it gets a probe
+    read now and then, not waited for either. Counted, not timed."""
+    volume = rig.volume
+    chunks = 48
+    data = os.urandom(chunks * CHUNK)
+    ino = rig.new_file()
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.filedata.opened(ino)
+        await volume.filedata.write(ino, 0, data)
+        await volume.filedata.flush(ino)
+        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        slow_index = 0
+        on_slow = sum(1 for ref in refs.values() if slow_index in ref.stores[:K])
+        assert on_slow >= chunks // 3  # stores take turns holding data
+        volume.handles.close_all()
+        slow = rig.stores[slow_index]
+        slow.set("slow", delay=0.1)
+        before = dict(slow.calls)
+        try:
+            assert await _read_sequentially(rig, ino, len(data)) == data
+        finally:
+            slow.heal()
+        counters = volume.reader.counters
+        asked = slow.calls["read"] - before["read"]
+        # Slow is not failed, and not damage: nothing is queued for repair.
+        assert volume.runners[slow_index].available
+        assert _queued(rig) == {}
+        # Waited for (until a hedge) once or twice while it was not yet measured.
+        assert counters.hedged_reads <= 2, counters
+        # Before it is measured, the slow store gets its share of the first
+        # chunks' read-ahead (PREFETCH_CHUNKS = 16 chunks ahead: a header
+        # read and a prefetch each) and a read or two; then probes only.
+        assert asked <= 2 * 16 + 8, (asked, on_slow, counters)
+        assert counters.routed_reads >= on_slow - 8, (counters, on_slow)
+        await volume.filedata.released(ino)
+
+
+async def test_healthy_reads_keep_to_the_data_fragments(rig: Rig) -> None:
+    """All stores equally fast: a sequential read reads the data fragments
+    only (hybrid volumes rely on it: their parity stores are remote), and
+    nothing is routed around."""
+    volume = rig.volume
+    chunks = 24
+    data = os.urandom(chunks * CHUNK)
+    ino = rig.new_file()
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.filedata.opened(ino)
+        await volume.filedata.write(ino, 0, data)
+        await volume.filedata.flush(ino)
+        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        volume.handles.close_all()
+        for store in rig.stores:
+            store.calls["read"] = 0
+        assert await _read_sequentially(rig, ino, len(data)) == data
+        counters = volume.reader.counters
+        assert counters.routed_reads == 0 and counters.degraded_reads == 0, counters
+        # no parity fragment was opened (read ahead or read)
+        opened_parity = [
+            (ref.chunk_id, i)
+            for ref in refs.values()
+            for i in range(K, K + M)
+            if volume.handles.get((ref.stores[i], ref.chunk_id, i)) is not None
+        ]
+        assert opened_parity == []
+        assert sum(store.calls["read"] for store in rig.stores) <= 3 * chunks * K
+        await volume.filedata.released(ino)
+
+
+async def test_random_reads_route_around_a_slow_store(rig: Rig) -> None:
+    """Small random reads (no read-ahead) with one store slow: once it is
+    measured (a hedge or two), its ranges are decoded from the others
+    without waiting for it; it gets only probe reads. The other stores
+    serve from their cache. (Placement rotates the stores, so every store
+    holds data fragments of some chunks and is measured by reading them;
+    a store that only ever holds parity, as the remote stores of a hybrid
+    volume, is never switched to: see _route_around.)"""
+    volume = rig.volume
+    datas = [_data(CHUNK, seed=s) for s in range(12)]
+    refs = [await rig.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
+    for ref in refs:
+        rig.learn_headers(ref)
+    slow_store = 0
+    slow = rig.stores[slow_store]
+    slow.set("slow", delay=0.1)
+    reader = volume.reader
+    calls = slow.calls["read"]
+    on_slow = 0
+    try:
+        for n in range(96):
+            ref, data = refs[n % len(refs)], datas[n % len(refs)]
+            start = (n * 7 * 4096) % CHUNK
+            on_slow += ref.stores[start // FRAGMENT] == slow_store
+            assert bytes(await reader.read(ref, start, start + 4096)) == data[start : start + 4096]
+    finally:
+        slow.heal()
+    counters = reader.counters
+    assert on_slow >= 12
+    assert volume.runners[slow_store].available
+    assert counters.hedged_reads <= 2, counters
+    assert counters.routed_reads >= on_slow - 4, (on_slow, counters)
+    # the hedged reads, and a probe every PROBE_INTERVAL at most
+    assert slow.calls["read"] - calls <= 8, (slow.calls, counters)
+
+
+async def test_read_ahead_plans_parity_for_a_fragment_it_cannot_open(rig: Rig) -> None:
+    """A data fragment missing on a healthy store (a replaced store not yet
+    rebuilt, say): read-ahead fails to open it and plans the best parity
+    fragment in its place, so the degraded read finds k sources cached and
+    needs no worker thread."""
+    data = _data(CHUNK, seed=31)
+    ref = await rig.store_file(data)
+    volume = rig.volume
+    volume.handles.close_all()
+    rig.memory[ref.stores[1]].delete_fragment(ref.chunk_id, 1)
+    volume.reader.prefetch(ref)
+    parity = volume.reader.sources(ref, exclude=set(range(K)))[0]
+    wanted = {(ref.stores[i], ref.chunk_id, i) for i in (0, 2, parity)}
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if all(volume.handles.get(key) for key in wanted):
+            break
+        await trio.sleep(0.01)
+    assert all(volume.handles.get(key) for key in wanted)
+    threads = volume.reader.counters.thread_reads
+    assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
+    assert volume.reader.counters.one_call_reads == 1
+    assert volume.reader.counters.thread_reads == threads

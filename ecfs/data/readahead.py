@@ -8,8 +8,9 @@ with POSIX_FADV_WILLNEED). The headers are handed back to the loop's
 HandleCache, so that the read itself is one `Store.read_fragment_cached`
 on the loop (a page-cached preadv2 with RWF_NOWAIT), with no thread round
 trip. Must not: return payload bytes, decide what is degraded, or change
-a store's health (a failed read-ahead is simply forgotten; the real read
-meets the same problem and reports it).
+a store's health (a failed read-ahead is reported to `on_failed`, which
+may plan another fragment in its place; the real read meets the same
+problem and reports it).
 
 Why not `StoreRunner.call`: a runner call costs the event loop a trio
 thread round trip (limiter, cancel scope, outcome, wakeup: tens of
@@ -58,9 +59,17 @@ _Job = tuple[HandleKey, Store, Expected, FragmentHeader | None]
 class ReadAhead:
     """Best-effort background open + WILLNEED of fragments, per store."""
 
-    def __init__(self, handles: HandleCache, expected: Expected) -> None:
+    def __init__(
+        self,
+        handles: HandleCache,
+        expected: Expected,
+        on_failed: Callable[[HandleKey], None] | None = None,
+    ) -> None:
         self.handles = handles
         self.expected = expected
+        #: Called on the loop with the key of a fragment whose header could
+        #: not be read (missing, say: a store being rebuilt).
+        self.on_failed = on_failed
         self.requested = 0
         self.dropped = 0
         self._queues: dict[int, queue.SimpleQueue[_Job | None]] = {}
@@ -86,6 +95,10 @@ class ReadAhead:
         self.requested += 1
         self._queue(index).put((key, store, self.expected, known))
 
+    def pending(self, key: HandleKey) -> bool:
+        """Whether fragment `key` was asked for and is not delivered yet."""
+        return key in self._pending
+
     def close(self) -> None:
         """Stop the workers (a worker stuck on a hung store exits when its
         call returns, or with the process: they are daemon threads)."""
@@ -108,18 +121,20 @@ class ReadAhead:
                 ).start()
         return q
 
-    def _deliver(self, key: HandleKey, header: FragmentHeader | None) -> None:
+    def _deliver(self, key: HandleKey, header: FragmentHeader | None, failed: bool) -> None:
         """Loop side of a finished job: cache a newly verified header."""
         self._pending.discard(key)
         self._queued[key[0]] -= 1
         if header is not None:
             self.handles.insert(key, header)
+        elif failed and self.on_failed is not None:
+            self.on_failed(key)
 
 
 def _work(
     jobs: queue.SimpleQueue[_Job | None],
     token: trio.lowlevel.TrioToken,
-    deliver: Callable[[HandleKey, FragmentHeader | None], None],
+    deliver: Callable[[HandleKey, FragmentHeader | None, bool], None],
 ) -> None:
     """A store's worker: verify the header (if needed) and prefetch, one
     job at a time."""
@@ -131,7 +146,7 @@ def _work(
             log.exception("bug in read-ahead of %s", key)
             header = None
         try:
-            token.run_sync_soon(deliver, key, header if known is None else None)
+            token.run_sync_soon(deliver, key, header if known is None else None, header is None)
         except trio.RunFinishedError:
             return
 

@@ -25,12 +25,34 @@ systematic and works byte position by byte position, so bytes [a, b) of
 any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes.
+
+Scheduling around a lagging store (issue 17): a data fragment whose
+store is measurably slower than the alternative (`_route_around`: its
+expected latency, EWMA x queue depth from its StoreRunner, above
+AVOID_FACTOR x that of the k-th fastest other measured source) is not
+waited for: its range is decoded from k others at once (a "routed" read:
+not damage, nothing is queued for repair), read-ahead plans a parity
+fragment in its place (and plans the chunks read ahead lately again when
+the store starts lagging), and cached reads are not tried on it. A probe
+read, not waited for, goes to it every PROBE_INTERVAL so that its latency
+stays measured; below RESUME_FACTOR x (after RESUME_AFTER seconds at
+least, with none of its calls in flight) it is read again. A store found
+unavailable has the chunks read ahead lately planned again too. Only measured
+stores count on either side, so a store never read (the remote parity
+stores of a hybrid volume) never attracts reads on a guess: healthy reads
+of a healthy volume read the data fragments only. A read that is waited
+for is hedged after its store's hedge deadline, capped at
+HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency; a hedge
+that wins records what the abandoned read had waited so far (a lower
+bound of its latency), so a store turning slow is measured as such.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -43,7 +65,14 @@ from ..core.geometry import FragmentPiece, Layout
 from ..core.model import ChunkRef
 from ..core.tasks import gather_in_order, open_fan_out
 from ..storage.handles import Expected, HandleCache, read_header
-from ..storage.offload import StoreRunner, StoreState, available_runner, run_cpu, run_in_thread
+from ..storage.offload import (
+    HEDGE_FLOOR,
+    StoreRunner,
+    StoreState,
+    available_runner,
+    run_cpu,
+    run_in_thread,
+)
 from ..storage.store import Store
 from .readahead import ReadAhead
 
@@ -63,21 +92,42 @@ ONE_READ_GAP = 64 * 1024
 #: is marked failed (hung).
 OUTRUN_LIMIT = 4
 
-#: A store that is SLOW, or expected to take longer than READ_AROUND_FLOOR
-#: seconds, is read around while k other fragments are on stores this many
-#: times quicker (expected latency; see ChunkReader._read_around).
-READ_AROUND_RATIO = 4.0
-READ_AROUND_FLOOR = 0.05
-#: One read in this many of a store read around asks it as well (see
-#: ChunkReader._read_hedged).
-CANARY_EVERY = 8
-
 #: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
 HEDGE_FRACTION = 0.05
 HEDGE_BURST = 16
 
 #: Degraded reads done at once in one worker-thread call each.
 ONE_CALL_THREADS = 8
+
+#: A data fragment's store is routed around (the range decoded from k other
+#: fragments instead) when its expected latency exceeds AVOID_FACTOR times
+#: that of the k-th fastest other measured source plus AVOID_MARGIN seconds;
+#: it is used again once it falls below RESUME_FACTOR times (hysteresis).
+#: Measured on 6 capped loop devices (scripts/bench_disks.py): a busy
+#: healthy store reaches 4-5x the others now and then (queueing), a device
+#: at 2 MiB/s among 40 MiB/s ones 10-20x.
+AVOID_FACTOR = 8.0
+AVOID_MARGIN = 0.005
+RESUME_FACTOR = 3.0
+
+#: A read is hedged after at most this many times the expected latency of
+#: doing without it (see `_hedge_deadline`).
+HEDGE_ALTERNATIVE_FACTOR = 3.0
+
+#: While a store is routed around, one real read (not waited for) goes to
+#: it at most this often (seconds), so that its latency stays measured and
+#: it is used again once it is fast.
+PROBE_INTERVAL = 0.5
+
+#: A store routed around is read again only after this many seconds, and
+#: only with no call of it in flight (its probe reads then measured it:
+#: the reads that were outrun and abandoned never are).
+RESUME_AFTER = 2.0
+
+#: Chunks read ahead that are planned again when a store starts lagging:
+#: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
+#: and a few behind it (those, already read, cost a parity read each).
+PLANNED_CHUNKS = 24
 
 
 @dataclass(slots=True)
@@ -95,7 +145,10 @@ class ReadCounters:
     thread_reads: int = 0
     #: Degraded reads done in one worker-thread call (`_decode_in_one_call`).
     one_call_reads: int = 0
-
+    #: Data ranges decoded from k others because their store lagged (not damage).
+    routed_reads: int = 0
+    #: Reads sent to a routed-around store to keep its latency measured.
+    probe_reads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +165,8 @@ class ReadStatistics:
     nowait_hits: int
     thread_reads: int
     one_call_reads: int
+    routed_reads: int = 0
+    probe_reads: int = 0
 
 
 def _read_verified(
@@ -202,10 +257,15 @@ class ChunkReader:
         self.on_missing = on_missing
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
-        self.readahead = ReadAhead(handles, expected)
+        self.readahead = ReadAhead(handles, expected, on_failed=self._read_ahead_failed)
         self._outrun: dict[int, int] = {}
-        #: Reads around each store (`_read_around`), for its canaries.
-        self._around: dict[int, int] = {}
+        #: Stores routed around now -> when the last probe read was sent.
+        self._avoided: dict[int, float] = {}
+        self._avoided_since: dict[int, float] = {}
+        #: Stores found unavailable by the last read of one of their fragments.
+        self._unavailable: set[int] = set()
+        #: The chunks read ahead last (planned again when a store lags).
+        self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
@@ -214,21 +274,27 @@ class ChunkReader:
         return ReadStatistics(
             c.requested_bytes, c.store_bytes, c.degraded_reads, c.degraded_requested_bytes,
             c.degraded_store_bytes, c.unrecoverable_reads, c.hedged_reads, c.nowait_hits,
-            c.thread_reads, c.one_call_reads,
+            c.thread_reads, c.one_call_reads, c.routed_reads, c.probe_reads,
         )  # fmt: skip
 
     def prefetch(self, ref: ChunkRef) -> None:
         """Open the data fragments of a chunk a sequential reader will want
         next and have their payload read into the page cache in the
         background (see readahead), so that the reads themselves are served
-        on the loop. A data fragment whose store is unavailable will be
-        decoded: one more fragment (the best available parity) is read
-        ahead in its place, so that the degraded read finds all k sources
-        in the page cache too. Best effort; returns at once."""
+        on the loop. A data fragment whose store is unavailable, or lags
+        (`_route_around`), will be decoded: one more fragment (the best
+        available parity) is read ahead in its place, so that the degraded
+        read finds all k sources in the page cache too. Best effort;
+        returns at once."""
+        self._planned.append(ref)
+        self._plan(ref)
+
+    def _plan(self, ref: ChunkRef) -> None:
+        """Ask read-ahead for the fragments a read of `ref` will use."""
         k = self.layout.k
         replacements = 0
         for index in range(k):
-            if not self._read_ahead(ref, index):
+            if self._route_around(ref, index) or not self._read_ahead(ref, index):
                 replacements += 1
         if replacements:
             for index in self.sources(ref, exclude=set(range(k))):
@@ -236,6 +302,24 @@ class ChunkReader:
                     break
                 if self._read_ahead(ref, index):
                     replacements -= 1
+
+    def _read_ahead_failed(self, key: tuple[int, int, int]) -> None:
+        """Read-ahead could not open fragment `key` (missing: its store is
+        being rebuilt, say): if it is a data fragment of a chunk planned
+        lately, read the best parity fragment not yet asked for ahead in
+        its place, so that the degraded read finds k sources cached."""
+        _, chunk_id, index = key
+        k = self.layout.k
+        if index >= k:
+            return
+        for ref in reversed(self._planned):
+            if ref.chunk_id == chunk_id:
+                for parity in self.sources(ref, exclude=set(range(k))):
+                    other = (ref.stores[parity], chunk_id, parity)
+                    if self.handles.get(other) is None and not self.readahead.pending(other):
+                        self._read_ahead(ref, parity)
+                        return
+                return
 
     def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
         """Ask for fragment `index` of `ref` to be read ahead; False if its
@@ -320,7 +404,9 @@ class ChunkReader:
         blocking."""
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
-        if runner is None:
+        if runner is None or store in self._avoided:
+            # (a cached read that misses makes the kernel read ahead: not
+            # on a store that already lags)
             return False
         key = (store, ref.chunk_id, piece.index)
         header = self.handles.get(key)
@@ -341,6 +427,10 @@ class ChunkReader:
             return False  # the slow path reads it again and reports the damage
         if done:
             self.counters.store_bytes += b - a
+            if not runner.measured:
+                # A store that serves from its cache: at hand, i.e. fast
+                # (the one sample `_route_around` needs to compare with it).
+                runner.record_latency(0.0)
         return done
 
     async def _read_hedged(
@@ -351,22 +441,30 @@ class ChunkReader:
         and take whichever answers first. The slow read keeps running until
         then (cancelling it abandons its thread, which the store's health
         counts; if it answers later, its time marks the store SLOW). A
-        store much slower than k others is not asked (`_read_around`), but
-        for one read in CANARY_EVERY, hedged at once."""
+        store measurably slower than the alternative is not waited for
+        (`_route_around`): the range is decoded from k others at once and
+        the store gets only a probe read."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
+            if store not in self._unavailable:
+                self._unavailable.add(store)
+                self._replan(store)
             return await self._degraded(ref, index, start, end, wanted, "store unavailable")
-        # A store read around is still asked every CANARY_EVERY-th time, with
-        # the hedge at once: the read never waits for it, and its (late)
-        # answer tells when it is quick again (else nothing would).
-        around = self._read_around(ref, index, runner)
-        if around and not self._canary_due(store):
-            # Not damage: the fragment is fine, its store slow (no repair queued).
-            return await self._degraded(
-                ref, index, start, end, wanted, f"store {store} slow", lost_is_bad=False
-            )
+        self._unavailable.discard(store)
+        if self._route_around(ref, index):
+            await self._probe(runner, ref, index, start, end)
+            try:
+                data = await self._read_degraded(
+                    ref, index, start, end, f"store {store} lags", damaged=False
+                )
+            except Unrecoverable:
+                pass  # the lagging store is the only hope: read it below
+            else:
+                self.counters.routed_reads += 1
+                return data
         winner: list[Bytes] = []
+        started = time.monotonic()
         errors: list[EcfsError] = []
         primary_done = trio.Event()
 
@@ -385,25 +483,27 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(0.0 if around else runner.hedge_deadline()):
+                with trio.move_on_after(self._hedge_deadline(runner, ref, index)):
                     await primary_done.wait()
-                if winner or (not errors and not around and not self._may_hedge()):
+                if winner or (not errors and not self._may_hedge()):
                     return
                 reason = str(errors[0]) if errors else f"store {store} slow: hedged"
-                if not errors and not around:
+                if not errors:
                     self.counters.hedged_reads += 1
                 try:
                     winner.append(
                         await self._degraded(
-                            ref, index, start, end, wanted, reason,
-                            lost_is_bad=bool(errors) or not around,
-                        )  # fmt: skip
+                            ref, index, start, end, wanted, reason, damaged=bool(errors)
+                        )
                     )
                 except Unrecoverable:
                     if errors:
                         raise
                     return  # the slow primary is the only hope: wait for it
-                if not primary_done.is_set() and not around:
+                if not primary_done.is_set():
+                    # The read it outran is abandoned (its latency is never
+                    # sampled): what it took so far is a lower bound.
+                    runner.record_latency(time.monotonic() - started)
                     self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
@@ -412,31 +512,6 @@ class ChunkReader:
         if winner:
             return winner[0]
         raise errors[0]
-
-    def _canary_due(self, store: int) -> bool:
-        """Whether this read around `store` should ask it too (1 in CANARY_EVERY)."""
-        count = self._around.get(store, 0)
-        self._around[store] = count + 1
-        return count % CANARY_EVERY == CANARY_EVERY - 1
-
-    def _read_around(self, ref: ChunkRef, index: int, runner: StoreRunner) -> bool:
-        """Whether to decode fragment `index` from others instead of asking
-        its store (`runner`): when the store is SLOW, or its expected
-        latency is above READ_AROUND_FLOOR (a store slow from the mount on
-        is never SLOW: its baseline is slow), and k other fragments are on
-        available stores READ_AROUND_RATIO times quicker. Stores slow
-        together (all under load) are read as usual. A quick store costs
-        one comparison."""
-        latency = runner.expected_latency()
-        if runner.state is not StoreState.SLOW and latency <= READ_AROUND_FLOOR:
-            return False
-        bound = latency / READ_AROUND_RATIO
-        faster = 0
-        for i in ref.present():
-            other = available_runner(self.runners, ref.stores[i])
-            if i != index and other is not None and other.expected_latency() < bound:
-                faster += 1
-        return faster >= self.layout.k
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
@@ -450,6 +525,102 @@ class ChunkReader:
             log.warning("store %d: %d reads in a row did not answer in time; routing around it",
                         runner.index, count)
             self._outrun.pop(runner.index, None)
+
+    def _route_around(self, ref: ChunkRef, index: int) -> bool:
+        """Whether data fragment `index` of `ref` should be decoded from k
+        other fragments instead of read, because its store is measurably
+        slower than the alternative: its expected latency (latency EWMA x
+        queue depth, `StoreRunner.expected_latency`) exceeds AVOID_FACTOR x
+        that of the k-th fastest other source plus AVOID_MARGIN (and, once
+        routed around, until it falls below RESUME_FACTOR x). Only measured
+        stores count on either side: a store never read (a remote parity
+        store of a hybrid volume, say) is never switched to on a guess, so
+        healthy reads keep to the data fragments. When a store starts
+        lagging, the chunks read ahead lately are planned again."""
+        store = ref.stores[index]
+        runner = available_runner(self.runners, store)
+        if runner is None or not runner.measured:
+            return False
+        mine = runner.expected_latency()
+        avoided = store in self._avoided
+        if not avoided and mine <= AVOID_MARGIN:
+            return False
+        other = self._alternative_latency(ref, index)
+        if other is None:
+            verdict = False
+        elif avoided:
+            verdict = (
+                mine > RESUME_FACTOR * other
+                or runner.in_flight > 0
+                or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
+            )
+        else:
+            verdict = mine > AVOID_FACTOR * other + AVOID_MARGIN
+        if verdict and not avoided:
+            log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
+                     store, mine, other)  # fmt: skip
+            self._avoided[store] = self._avoided_since[store] = time.monotonic()
+            self._replan(store)
+        elif avoided and not verdict:
+            log.info("store %d keeps up again: reading from it", store)
+            del self._avoided[store], self._avoided_since[store]
+        return verdict
+
+    def _replan(self, store: int) -> None:
+        """`store` lags or is unavailable now: plan the chunks read ahead
+        lately that have a data fragment on it again (parity in its place)."""
+        k = self.layout.k
+        for planned in list(self._planned):
+            if store in planned.stores[:k]:
+                self._plan(planned)
+
+    def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
+        """Expected latency of a read of `ref` that does without fragment
+        `index`: that of the k-th fastest other measured source (None with
+        fewer than k measured)."""
+        others = sorted(
+            r.expected_latency()
+            for j in ref.present()
+            if j != index
+            and (r := available_runner(self.runners, ref.stores[j])) is not None
+            and r.measured
+        )
+        k = self.layout.k
+        return others[k - 1] if len(others) >= k else None
+
+    def _hedge_deadline(self, runner: StoreRunner, ref: ChunkRef, index: int) -> float:
+        """How long to wait for fragment `index` before decoding it from
+        others as well: the store's own hedge deadline, but never more than
+        HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
+        (a store that turns slow must not stretch its own deadline: each
+        hedged read samples what it waited, which raises its p95)."""
+        deadline = runner.hedge_deadline()
+        other = self._alternative_latency(ref, index)
+        if other is not None:
+            deadline = min(deadline, max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * other))
+        return deadline
+
+    async def _probe(
+        self, runner: StoreRunner, ref: ChunkRef, index: int, start: int, end: int
+    ) -> None:
+        """Send the read of a routed-around store anyway, at most every
+        PROBE_INTERVAL and only when nothing else of its runs, without
+        waiting for it: its latency is sampled when it ends."""
+        now = time.monotonic()
+        if runner.in_flight or now - self._avoided.get(runner.index, now) < PROBE_INTERVAL:
+            return
+        self._avoided[runner.index] = now
+        self.counters.probe_reads += 1
+        header = self.handles.get((runner.index, ref.chunk_id, index))
+        if header is None:
+            await runner.start(
+                _open_and_read, runner.store, ref.chunk_id, index, self.expected, start, end,
+                nbytes_read=end - start,
+            )  # fmt: skip
+        else:
+            await runner.start(
+                _read_verified, runner.store, header, start, end, nbytes_read=end - start
+            )
 
     def _may_hedge(self) -> bool:
         """Hedging a slow read costs k extra reads: allow it for at most
@@ -534,31 +705,31 @@ class ChunkReader:
 
     async def _degraded(
         self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int, reason: str,
-        *, lost_is_bad: bool = True,
+        damaged: bool = True,
     ) -> bytes:  # fmt: skip
         self.counters.degraded_reads += 1
         self.counters.degraded_requested_bytes += wanted
-        return await self._read_degraded(ref, lost, start, end, reason, lost_is_bad=lost_is_bad)
+        return await self._read_degraded(ref, lost, start, end, reason, damaged)
 
     async def _read_degraded(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
-        *, lost_is_bad: bool = True,
+        damaged: bool = True,
     ) -> bytes:  # fmt: skip
-        """Bytes [start, end) of fragment `lost`, decoded from k others;
-        `lost` is reported as damage unless not `lost_is_bad` (read around
-        a slow store), the sources found bad always are."""
+        """Bytes [start, end) of fragment `lost`, decoded from k others.
+        `lost` is reported as damaged (with any source found bad) unless
+        `damaged` is False (it is only slow)."""
         k = self.layout.k
         candidates = self.sources(ref, exclude={lost})
         decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
         if decoded_fast is not None:
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
-            if lost_is_bad:
+            if damaged:
                 self.on_damage(ref, [lost], reason)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
-        if lost_is_bad:
+        if damaged:
             bad = [lost, *bad]
         if bad:
             self.on_damage(ref, bad, reason)

@@ -37,8 +37,11 @@ the chunk stays queued for the others.
 
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
-MAX_STARVATION seconds, so repair never starves); `rate` (bytes/s, 0 =
-unlimited) caps the rebuild bandwidth in any case.
+MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
+URGENT_PARALLEL chunks at once, from the moment it is set (a batch under
+way follows). `rate` (bytes/s, 0 = unlimited) caps the rebuild bandwidth
+in any case. Sources are read fastest first (`ChunkReader.sources`:
+expected latency, i.e. latency x queue depth: the least busy survivors).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from .rebuild import rebuild_fragments
 log = logging.getLogger(__name__)
 
 #: Chunks repaired at once in urgent mode.
-URGENT_PARALLEL = 4
+URGENT_PARALLEL = 8
 
 #: Seconds without foreground requests before a non-urgent repair step.
 IDLE_GAP = 0.05
@@ -185,6 +188,9 @@ class Repairer:
         #: and has room again takes the rebuilt fragments at once.
         self.refresh_usage: Callable[[], Awaitable[None]] | None = None
         self._refresh_first = False
+        #: Chunks repaired at once: URGENT_PARALLEL when urgent, else 1
+        #: (changed in place by set_urgent, so a batch under way follows).
+        self._parallel = trio.CapacityLimiter(1)
 
     # -- control -------------------------------------------------------------------
 
@@ -194,6 +200,7 @@ class Repairer:
 
     def set_urgent(self, urgent: bool) -> None:
         self.urgent = urgent
+        self._parallel.total_tokens = URGENT_PARALLEL if urgent else 1
         self._deferred.clear()
         self._refresh_first = True
         self.poke()
@@ -304,21 +311,24 @@ class Repairer:
             self._idle = trio.Event()
             # Urgent: several chunks at once (their fragments are on
             # different stores' queues); otherwise one at a time, paced.
-            limit = trio.Semaphore(URGENT_PARALLEL if self.urgent else 1)
+            limit = self._parallel
             async with trio.open_nursery() as nursery:
                 for entry in entries:
                     await self._pace()
-                    await limit.acquire()
-                    nursery.start_soon(self._repair_entry, entry, limit)
+                    borrower = object()
+                    await limit.acquire_on_behalf_of(borrower)
+                    nursery.start_soon(self._repair_entry, entry, limit, borrower)
 
-    async def _repair_entry(self, entry: RepairEntry, limit: trio.Semaphore) -> None:
+    async def _repair_entry(
+        self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object
+    ) -> None:
         try:
             await self.repair_chunk(entry)
         except EcfsError as exc:
             log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
             self._defer(entry.chunk_id)
         finally:
-            limit.release()
+            limit.release_on_behalf_of(borrower)
 
     def _due_entries(self) -> list[RepairEntry]:
         now = self.clock()

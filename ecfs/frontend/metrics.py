@@ -105,6 +105,11 @@ METRICS: tuple[Metric, ...] = (
         "Fragment reads served without a worker thread (page cache hits).",
     ),
     _m("ecfs_read_thread_reads_total", "counter", "Fragment reads done in a worker thread."),
+    _m(
+        "ecfs_routed_reads_total",
+        "counter",
+        "Reads decoded from other fragments because a data fragment's store lagged.",
+    ),
     _m("ecfs_write_bytes_in_total", "counter", "Bytes programs wrote to the mount."),
     _m("ecfs_write_bytes_out_total", "counter", "Bytes written to stores (data and parity)."),
     _m("ecfs_repair_queue_chunks", "gauge", "Chunks queued for repair, by reason.", "reason"),
@@ -216,6 +221,7 @@ _READS = {
     "unrecoverable_reads": "ecfs_unrecoverable_reads_total",
     "nowait_hits": "ecfs_read_nowait_hits_total",
     "thread_reads": "ecfs_read_thread_reads_total",
+    "routed_reads": "ecfs_routed_reads_total",
 }
 _WRITES = {"bytes_in": "ecfs_write_bytes_in_total", "bytes_out": "ecfs_write_bytes_out_total"}
 _WRITE_LOG = {

@@ -479,6 +479,12 @@ class StoreRunner:
         """Why the store is FAILED (None when it is not)."""
         return self._failure
 
+    @property
+    def measured(self) -> bool:
+        """Whether a call of this store has been timed yet (before that,
+        `expected_latency` is a guess)."""
+        return self._samples > 0
+
     def expected_latency(self) -> float:
         """Estimated seconds for a new call: EWMA x (1 + queue depth).
 
