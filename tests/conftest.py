@@ -73,3 +73,16 @@ def shared_volume(
     with mounted_volume(tmp_path_factory.mktemp("shared")) as vol:
         yield vol
     vol.check_log_clean(_allowed_log_patterns(request.node))
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test S3 credentials (tests/s3servers.py) in this process's
+    environment, which the daemon and the CLI inherit; the user's own AWS
+    profile settings out of the way."""
+    from tests.s3servers import s3_environment
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_environment({}).items():
+        monkeypatch.setenv(name, value)

@@ -21,7 +21,6 @@ from ecfs.storage.storefactory import open_store
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
 from .s3servers import MotoServer, moto_servers
 from .test_fsck import edit_replicas, query_replica
-from .test_s3_mount import aws_env  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mount
 
@@ -69,7 +68,7 @@ def _forge_parity_on_a_local_store(
 
 
 def test_healthy_reads_of_a_hybrid_volume_never_touch_the_remote_stores(
-    tmp_path: Path, aws_env: None  # noqa: F811
+    tmp_path: Path, aws_env: None
 ) -> None:
     with moto_servers(2) as servers:
         local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
@@ -152,7 +151,7 @@ def test_healthy_reads_of_a_hybrid_volume_never_touch_the_remote_stores(
 
 
 def test_a_local_volume_switches_to_hybrid_and_its_parity_moves_to_s3(
-    tmp_path: Path, aws_env: None  # noqa: F811
+    tmp_path: Path, aws_env: None
 ) -> None:
     local = [tmp_path / "stores" / f"d{i}" for i in range(3)]
     refused = cli("mkfs", "--data", 2, "--parity", 1, "--placement", "hybrid", *local, check=False)

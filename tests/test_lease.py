@@ -21,23 +21,19 @@ from ecfs.storage.lease import LEASE_NAME, Holder, Lease, LeaseRecord, this_hold
 from ecfs.storage.s3store import S3Store
 from ecfs.storage.store import StoreMarker
 
-from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment
+from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers
 
 TTL = 3.0
 WINDOW = 0.5
 VOLUME = "0b7e5c8e4a434b5e9d553c2a1f0e9a01"
+
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[list[MotoServer]]:
     with moto_servers(3) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in s3_environment({}).items():
-        monkeypatch.setenv(name, value)
 
 
 _prefixes = iter(range(10**6))

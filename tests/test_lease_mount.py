@@ -29,7 +29,7 @@ import pytest
 from ecfs.storage.lease import HOST_ID_ENV
 
 from .mounting import FUSE_MISSING_REASON, TEST_MKFS_ARGS, MountedVolume, cli, is_mounted
-from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers, s3_environment
+from .s3servers import ACCESS_KEY, SECRET_KEY, MotoServer, moto_servers
 
 pytestmark = [
     pytest.mark.mount,
@@ -40,12 +40,6 @@ TTL = 6  # -o lease_seconds: short, so that expiry comes within a test
 LEASE_ARGS = ("-o", f"lease_seconds={TTL}")
 #: What these tests make the daemon log on purpose.
 EXPECTED_LOG = (r"ERROR ecfs.storage.lease: the volume's lease (was not|could not be) renewed",)
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in s3_environment({}).items():
-        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

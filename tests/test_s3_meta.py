@@ -21,19 +21,11 @@ from ecfs.storage.metaobjects import COMPACT_LOG_COUNT, DamagedObject, ObjectCop
 from ecfs.storage.s3store import S3Store
 
 from .mounting import TEST_MKFS_ARGS, MountedVolume, MountError, cli
-from .s3servers import MotoServer, moto_servers, s3_environment
+from .s3servers import MotoServer, moto_servers
 from .test_crash import ALLOWED_AFTER_KILL, fsck
 from .volume_files import fsynced_overwrites
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in s3_environment({}).items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def _store(server: MotoServer) -> S3Store:

@@ -18,20 +18,11 @@ from pathlib import Path
 import pytest
 
 from .mounting import TEST_MKFS_ARGS, MountedVolume, cli
-from .s3servers import ACCESS_KEY, SECRET_KEY, DelayProxy, moto_servers, s3_environment
+from .s3servers import ACCESS_KEY, SECRET_KEY, DelayProxy, moto_servers
 from .test_crash import ALLOWED_AFTER_KILL, fsck
 from .volume_files import drop_caches, fsynced_overwrites
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon and the CLI find the test credentials in the environment."""
-    for name, value in s3_environment({}).items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def _no_secret(*texts: str) -> None:
