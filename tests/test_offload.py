@@ -579,8 +579,9 @@ async def test_a_read_of_a_hung_fast_store_times_out_at_the_derived_timeout(
 
 
 async def test_stores_slow_together_are_read_as_usual(tmp_path: Path) -> None:
-    """A SLOW store is read around only while k others are much quicker:
-    when the others are about as slow (all under load), it is read."""
+    """A SLOW store is read around only while k others are much quicker
+    (ChunkReader._route_around): when the others are about as slow (all
+    under load), it is read."""
     from .inprocess import CHUNK, make_rig
 
     rig = make_rig(tmp_path)

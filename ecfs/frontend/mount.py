@@ -43,7 +43,6 @@ from ..core.units import parse_size
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
-from ..storage.s3store import is_s3_location
 from ..storage.store import MARKER_NAME
 from ..volume.assembly import Volume, expand_store_args
 from .fs import EcfsOperations
@@ -343,7 +342,7 @@ def _serve_process(
         volume = Volume.open(store_args, epoch=lease.epoch if lease is not None else 0)
         if lease is not None:
             try:
-                local = [s for s in volume.stores.values() if not is_s3_location(s.path)]
+                local = [s for s in volume.stores.values() if not s.remote]
                 lease.set_volume_stores(len(volume.store_table.paths()), len(local))
                 if not lease.renew() and not lease.holds():  # opening may have taken long
                     raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")

@@ -43,8 +43,8 @@ Health policy (kept deliberately simple):
   and SLOW_FLOOR seconds; it clears when the fast EWMA falls below half of
   that bound. The baseline learns only while the store is not SLOW: a
   store that became slow stays SLOW until its answers are quick again
-  (the reader reads around a SLOW store while k fragments are on much
-  quicker ones, and still asks it now and then: `ecfs.data.reader`),
+  (the reader routes around a store by its expected latency, which
+  the late answers raise, and probes it now and then: `ecfs.data.reader`),
   instead of becoming its own new normal after some fifty slow calls. A
   store slow from its first call on has a slow baseline and is never
   SLOW (expected_latency and the hedge deadline still reflect it).

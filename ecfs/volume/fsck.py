@@ -269,7 +269,7 @@ def _check_volume(
         table_paths = StoreTable(db).paths()
         stores = _match_stores(table, by_store_id, db)
         if lease is not None:
-            local = [s for s in stores.values() if not is_s3_location(s.path)]
+            local = [s for s in stores.values() if not s.remote]
             lease.set_volume_stores(len(table), len(local))
         layout = Layout(
             int(params["k"]), int(params["m"]), int(params["fragment_size"]),
