@@ -78,6 +78,11 @@ if ! command -v rsync >/dev/null 2>&1; then
     apt_install rsync || say "could not install rsync; its test will be skipped"
 fi
 
+# tmux runs `ecfs iostat` in a real terminal in its test (tests/test_iostat.py).
+if ! command -v tmux >/dev/null 2>&1; then
+    apt_install tmux || say "could not install tmux; the iostat terminal test will be skipped"
+fi
+
 # groff and man render the man pages (tests/test_manpages.py checks them).
 if ! command -v groff >/dev/null 2>&1 || ! command -v man >/dev/null 2>&1; then
     apt_install man-db groff-base || say "could not install man-db/groff-base; man page rendering tests will be skipped"

@@ -427,6 +427,7 @@ class ChunkReader:
             return False  # the slow path reads it again and reports the damage
         if done:
             self.counters.store_bytes += b - a
+            runner.record_loop_read(b - a)
             if not runner.measured:
                 # A store that serves from its cache: at hand, i.e. fast
                 # (the one sample `_route_around` needs to compare with it).

@@ -535,6 +535,31 @@ def status(as_json: bool, prometheus: bool, mountpoint: str) -> None:
 
 
 @main.command()
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print one JSON object per interval, one per line (rates in bytes/s and operations/s).",
+)  # fmt: skip
+@click.option("--count", "-c", type=click.IntRange(min=1), metavar="N", help="Stop after N intervals.")
+@click.argument("mountpoint")
+@click.argument("interval", type=click.FloatRange(min=0.1), default=1.0, required=False)
+def iostat(as_json: bool, count: int | None, mountpoint: str, interval: float) -> None:
+    """Show each store's read and write MiB/s and IOPS, latency (p50,
+    p99), queue and errors, and the volume's degraded, hedged and routed
+    reads, repair and small-write log activity, every INTERVAL seconds
+    (default 1) until Ctrl-C. A slow or failed store stands out in colour."""
+    from .iostat import watch
+
+    client = _client(mountpoint)
+    try:
+        watch(lambda: _run_client(client.iostat), interval, count, as_json=as_json, out=sys.stdout)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except BrokenPipeError:  # `ecfs iostat --json MNT | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush at exit
+        sys.exit(0)
+
+
+@main.command()
 @click.option("--max-duration", metavar="D", help="Stop after D (e.g. 30m, 2h); the next scrub resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.argument("mountpoint")

@@ -15,9 +15,16 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..core.errors import EcfsError, VolumeError
-from ..volume.status import StatusFormatError, VolumeStatus, from_json
+from ..volume.status import (
+    IoStatus,
+    StatusFormatError,
+    VolumeStatus,
+    from_json,
+    iostat_from_json,
+)
 
 STATUS = "user.ecfs.status"
+IOSTAT = "user.ecfs.iostat"
 PID = "user.ecfs.pid"
 COMMAND = "user.ecfs.control"
 
@@ -33,9 +40,16 @@ class MountClient:
 
     def status(self) -> VolumeStatus:
         """The mount's status record (sent as JSON, see `ecfs.volume.status`)."""
-        raw = self._call(lambda: os.getxattr(self.mountpoint, STATUS))
+        return self._decoded(STATUS, from_json)
+
+    def iostat(self) -> IoStatus:
+        """The mount's cheap counters-only snapshot (`ecfs iostat`)."""
+        return self._decoded(IOSTAT, iostat_from_json)
+
+    def _decoded(self, name: str, decode: Callable[[object], T]) -> T:
+        raw = self._call(lambda: os.getxattr(self.mountpoint, name))
         try:
-            return from_json(json.loads(raw))
+            return decode(json.loads(raw))
         except (ValueError, StatusFormatError) as exc:
             raise EcfsError(
                 f"{self.mountpoint}: the daemon's status is not understood ({exc}); was it"

@@ -61,9 +61,13 @@ READDIR_BATCH = 64
 #: Virtual attributes of the root directory, used by the CLI (not listed).
 CONTROL_PID = b"user.ecfs.pid"
 CONTROL_STATUS = b"user.ecfs.status"
+#: The cheap counters-only snapshot (`Volume.iostat`), for `ecfs iostat`.
+CONTROL_IOSTAT = b"user.ecfs.iostat"
 CONTROL_COMMAND = b"user.ecfs.control"
 #: The daemon's working directory (see volume.SHUTDOWN_REPORT), for umount.
 CONTROL_WORKDIR = b"user.ecfs.workdir"
+
+CONTROL_READS = (CONTROL_PID, CONTROL_STATUS, CONTROL_IOSTAT, CONTROL_WORKDIR)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -354,7 +358,7 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name in (CONTROL_PID, CONTROL_STATUS, CONTROL_WORKDIR):
+        if inode == pyfuse3.ROOT_INODE and name in CONTROL_READS:
             return self._control(name, ctx)
         return self.ns.getxattr(inode, name)
 
@@ -391,6 +395,8 @@ class EcfsOperations(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if name == CONTROL_WORKDIR:
             return os.fsencode(self.volume.workdir)
+        if name == CONTROL_IOSTAT:
+            return json.dumps(status.iostat_to_json(self.volume.iostat())).encode()
         return json.dumps(status.to_json(self.volume.status()), sort_keys=True).encode()
 
     # -- whole filesystem ----------------------------------------------------------------

@@ -1,29 +1,41 @@
 """Prometheus metrics of the status record (`ecfs.volume.status.VolumeStatus`).
 
-`ecfs status --prometheus MOUNTPOINT` prints them; a node_exporter textfile
-collector or a tiny HTTP wrapper can serve them. The metric names, types and
-help texts are the table `METRICS` below, which scripts/manpages.py also
-prints in ecfs-status(8): a name listed there keeps its meaning.
+`ecfs status --prometheus MOUNTPOINT` prints them (for a node_exporter
+textfile collector); a mount with `-o metrics=[ADDR:]PORT` serves them at
+http://ADDR:PORT/metrics itself (`MetricsEndpoint`). The metric names, types
+and help texts are the table `METRICS` below, which scripts/manpages.py also
+prints in ecfs-status(8): a name listed there keeps its meaning. The Grafana
+dashboard ecfs/share/grafana/ecfs-dashboard.json queries these names
+(tests/test_metrics_endpoint.py checks that it asks for nothing else).
 
 Owns: metric names and which record field each shows (`samples`). The
 exposition format is prometheus_client's: `StatusCollector` is a custom
 collector (register it with any prometheus_client registry to serve live
-values), `render_prometheus` the text of one record. Must not: do I/O or
-compute anything the record does not hold; a value that is unknown (None)
-gives no sample rather than a wrong one.
+values), `render_prometheus` the text of one record. Must not: compute
+anything the record does not hold; a value that is unknown (None) gives no
+sample rather than a wrong one. Only `MetricsEndpoint` does I/O (see there
+for how its threads get records from the mount's trio loop).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
+import outcome
+import trio
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..storage.lease import LEASE_STATES
-from ..volume.status import HEALTH_STATES, STORE_STATES, VolumeStatus
+from ..storage.offload import LATENCY_BUCKETS
+from ..volume.status import HEALTH_STATES, STORE_STATES, StoreStatus, VolumeStatus
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class Metric:
     """One metric family: its name, Prometheus type, labels and meaning."""
 
     name: str
-    type: str  # "gauge" | "counter" | "summary"
+    type: str  # "gauge" | "counter" | "summary" | "histogram"
     help: str
     labels: tuple[str, ...] = ()
 
@@ -66,10 +78,21 @@ METRICS: tuple[Metric, ...] = (
     _m(
         "ecfs_store_latency_seconds",
         "summary",
-        "Recent operation latency of the store (quantiles 0.5 and 0.95).",
+        "Recent operation latency of the store (quantiles 0.5, 0.95 and 0.99 of the last"
+        " 256 answered calls).",
         "store",
         "quantile",
     ),
+    _m(
+        "ecfs_store_op_latency_seconds",
+        "histogram",
+        "Latency of every answered operation on the store since mount, in buckets"
+        " (use histogram_quantile over rate(..._bucket)).",
+        "store",
+        "le",
+    ),
+    _m("ecfs_store_read_ops_total", "counter", "Successful reads from the store.", "store"),
+    _m("ecfs_store_write_ops_total", "counter", "Successful writes to the store.", "store"),
     _m("ecfs_store_bytes_read_total", "counter", "Bytes read from the store.", "store"),
     _m("ecfs_store_bytes_written_total", "counter", "Bytes written to the store.", "store"),
     _m("ecfs_store_free_bytes", "gauge", "Free space of the store's filesystem.", "store"),
@@ -270,6 +293,8 @@ _STORE = {
     "timeouts": "ecfs_store_timeouts_total",
     "bytes_read": "ecfs_store_bytes_read_total",
     "bytes_written": "ecfs_store_bytes_written_total",
+    "read_ops": "ecfs_store_read_ops_total",
+    "write_ops": "ecfs_store_write_ops_total",
     "free_bytes": "ecfs_store_free_bytes",
     "total_bytes": "ecfs_store_size_bytes",
     "fragments": "ecfs_store_fragments",
@@ -290,7 +315,7 @@ class StatusCollector(Collector):
     def collect(self) -> Iterator[Family]:
         found: dict[str, list[Sample]] = {}
         for sample in samples(self.status()):
-            found.setdefault(sample[0], []).append(sample)
+            found.setdefault(_family_of(sample[0]), []).append(sample)
         for metric in METRICS:
             if metric.name not in found:
                 continue
@@ -320,8 +345,11 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
         yield "ecfs_store_info", {**label, "path": store.path}, 1
         yield from _states("ecfs_store_state", label, STORE_STATES, store.state)
         yield from _fields(store, _STORE, label)
-        for quantile, ms in (("0.5", store.latency_p50_ms), ("0.95", store.latency_p95_ms)):
+        quantiles = (("0.5", store.latency_p50_ms), ("0.95", store.latency_p95_ms),
+                     ("0.99", store.latency_p99_ms))  # fmt: skip
+        for quantile, ms in quantiles:
             yield "ecfs_store_latency_seconds", {**label, "quantile": quantile}, ms / 1000
+        yield from _histogram("ecfs_store_op_latency_seconds", label, store)
     yield from _fields(status.reads, _READS)
     yield from _fields(status.writes, _WRITES)
     yield from _fields(status.write_log, _WRITE_LOG)
@@ -344,6 +372,31 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
         yield "ecfs_lease_epoch", {}, status.lease.epoch
 
 
+def _family_of(sample_name: str) -> str:
+    """The METRICS name a sample belongs to (a histogram's samples are
+    NAME_bucket, NAME_sum and NAME_count)."""
+    if sample_name not in BY_NAME:
+        for suffix in ("_bucket", "_sum", "_count"):
+            if sample_name.endswith(suffix):
+                return sample_name.removesuffix(suffix)
+    return sample_name
+
+
+def _histogram(name: str, labels: dict[str, str], store: StoreStatus) -> Iterator[Sample]:
+    """The store's latency histogram: cumulative buckets (le = each bound of
+    LATENCY_BUCKETS, then +Inf), the sum and the count; nothing for a
+    store without one (missing)."""
+    counts = store.latency_histogram
+    if len(counts) != len(LATENCY_BUCKETS) + 1:
+        return
+    total = 0
+    for bound, count in zip((*LATENCY_BUCKETS, math.inf), counts, strict=True):
+        total += count
+        yield f"{name}_bucket", {**labels, "le": floatToGoString(bound)}, total
+    yield f"{name}_sum", labels, store.latency_sum_s
+    yield f"{name}_count", labels, total
+
+
 def _states(name: str, labels: dict[str, str], states: tuple[str, ...], current: str) -> Iterator[Sample]:
     """1 for the current state, 0 for the others (an unknown one is added)."""
     for state in (*states, *({current} - set(states))):
@@ -356,3 +409,123 @@ def _fields(record: object, names: dict[str, str], labels: dict[str, str] | None
         value = getattr(record, field)
         if value is not None:
             yield name, labels or {}, value
+
+
+# -- the HTTP endpoint of a mount (-o metrics=) --------------------------------------
+
+log = logging.getLogger(__name__)
+
+#: The address `-o metrics=PORT` listens on: loopback only.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+#: A scrape serves the record of an earlier scrape up to this many seconds
+#: old: many scrapers cost the loop at most one record a second.
+SNAPSHOT_MAX_AGE = 1.0
+#: How long a scrape waits for the loop to build a record; a loop that does
+#: not answer in time gives the scraper an error (its target is down), not
+#: old numbers.
+SNAPSHOT_TIMEOUT = 10.0
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """`PORT` (on DEFAULT_METRICS_ADDRESS), `ADDR:PORT` or `[IPV6]:PORT` ->
+    (address, port); ValueError naming what is wrong."""
+    usage = f"{text!r}: give PORT, ADDR:PORT or [IPV6]:PORT"
+    if text.isdigit():
+        host, port_text = DEFAULT_METRICS_ADDRESS, text
+    elif text.startswith("["):
+        host, separator, port_text = text[1:].partition("]:")
+        if not separator or not host:
+            raise ValueError(usage)
+    else:
+        host, separator, port_text = text.rpartition(":")
+        if not separator or not host or ":" in host:
+            raise ValueError(usage)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+class MetricsEndpoint:
+    """`/metrics` of a mounted volume over HTTP: prometheus_client's WSGI
+    server, in its own threads, with a registry holding one StatusCollector.
+
+    Concurrency: the server threads never touch the volume. A scrape hands
+    `status` to the trio loop (`attach` gives its token; `run_sync_soon`),
+    which builds the record between two steps of its tasks, as it does for
+    `ecfs status`, and waits for it (SNAPSHOT_TIMEOUT); a record younger
+    than SNAPSHOT_MAX_AGE is served again. Before `attach` and once the
+    loop has ended a scrape serves no ecfs samples. `start` binds the port
+    (OSError if it cannot); `close` stops serving and closes the port
+    (idempotent; it waits up to half a second for the server thread, so
+    call it off the loop).
+    """
+
+    def __init__(self, address: str, port: int, status: Callable[[], VolumeStatus]) -> None:
+        self.address = address
+        self.port = port
+        self._status = status
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._lock = threading.Lock()  # one snapshot at a time; guards _last
+        self._last: tuple[float, VolumeStatus] | None = None
+        self._server: object | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StatusCollector(self._snapshot))
+        self._server, self._thread = start_http_server(self.port, self.address, registry)
+        self.port = self._server.server_port  # type: ignore[attr-defined]  (port 0: the one chosen)
+        log.info("serving metrics on http://%s/metrics", self.url_host())
+
+    def url_host(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    def attach(self, token: trio.lowlevel.TrioToken) -> None:
+        """Scrapes may ask the loop of `token` for records from now on."""
+        self._token = token
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        self._token = None
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+            log.info("stopped serving metrics")
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _snapshot(self) -> VolumeStatus:
+        """In a server thread: a recent record built on the loop."""
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last[0] < SNAPSHOT_MAX_AGE:
+                return self._last[1]
+            record = self._from_loop()
+            self._last = (time.monotonic(), record)
+            return record
+
+    def _from_loop(self) -> VolumeStatus:
+        token = self._token
+        if token is None:
+            raise MetricsUnavailable("the mount is not serving (starting or stopping)")
+        built: list[outcome.Outcome[VolumeStatus]] = []
+        done = threading.Event()
+
+        def build() -> None:  # on the loop
+            built.append(outcome.capture(self._status))
+            done.set()
+
+        try:
+            token.run_sync_soon(build)
+        except trio.RunFinishedError:
+            raise MetricsUnavailable("the mount has stopped") from None
+        if not done.wait(SNAPSHOT_TIMEOUT):
+            raise MetricsUnavailable(f"the mount did not answer within {SNAPSHOT_TIMEOUT:g} s")
+        return built[0].unwrap()
+
+
+class MetricsUnavailable(Exception):
+    """A scrape found no record to serve (the server answers 500, and
+    Prometheus marks the target down)."""

@@ -18,6 +18,12 @@ locks die with it. A volume with S3 stores is also leased (see
 `ecfs.storage.lease`): taken before the volume is opened (`take_lease`),
 renewed while mounted, released after a clean unmount (kept until it
 expires when the metadata could not be made durable).
+
+With `-o metrics=[ADDR:]PORT` the daemon serves Prometheus metrics
+(`ecfs.frontend.metrics.MetricsEndpoint`): the port is bound before the
+kernel mount exists (a port in use fails the mount), scrapes are answered
+from the moment the loop runs, and the port is closed as soon as the
+volume is unmounted, before the shutdown writes back.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ..storage.offload import run_in_thread
 from ..storage.store import MARKER_NAME
 from ..volume.assembly import Volume, expand_store_args
 from .fs import EcfsOperations
+from .metrics import MetricsEndpoint, parse_metrics_address
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,8 @@ class MountOptions:
     lease_seconds: float = DEFAULT_TTL
     #: Take over a lease that expired without release (`ecfs mount --takeover`).
     takeover: bool = False
+    #: (address, port) to serve Prometheus metrics on (`-o metrics=`); None: off.
+    metrics: tuple[str, int] | None = None
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -135,6 +144,11 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.lease_seconds = _option_number(item, float, arg)
                 if options.lease_seconds < MIN_TTL:
                     raise VolumeError(f"mount option {item!r}: at least {MIN_TTL:g} seconds")
+            elif name == "metrics" and arg:
+                try:
+                    options.metrics = parse_metrics_address(arg)
+                except ValueError as exc:
+                    raise VolumeError(f"mount option {item!r}: {exc}") from None
             elif name in PASSTHROUGH_OPTIONS and not arg:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
@@ -358,7 +372,10 @@ def _serve_process(
             lease.release()
         lock.release()
         raise
+    endpoint = None
     try:
+        if options.metrics is not None:
+            endpoint = _serve_metrics(volume, *options.metrics)
         operations = EcfsOperations(volume, mount_uid=os.getuid())
         try:
             pyfuse3.init(operations, str(mountpoint), options.fuse_options())
@@ -366,10 +383,12 @@ def _serve_process(
             raise VolumeError(f"cannot mount on {mountpoint}: {exc}") from None
         log.info("mounted volume %s on %s", volume.volume_id, mountpoint)
         try:
-            trio.run(_serve, volume, mountpoint, ready)
+            trio.run(_serve, volume, mountpoint, ready, endpoint)
         finally:
             pyfuse3.close(unmount=True)
     finally:
+        if endpoint is not None:
+            endpoint.close()
         volume.close()
         if lease is not None and not volume.metadata_at_risk:
             lease.release()
@@ -381,7 +400,23 @@ def _serve_process(
     return 0
 
 
-async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None]) -> None:
+def _serve_metrics(volume: Volume, address: str, port: int) -> MetricsEndpoint:
+    endpoint = MetricsEndpoint(address, port, volume.status)
+    try:
+        endpoint.start()
+    except OSError as exc:
+        raise VolumeError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
+    return endpoint
+
+
+async def _serve(
+    volume: Volume,
+    mountpoint: Path,
+    ready: Callable[[str], None],
+    endpoint: MetricsEndpoint | None = None,
+) -> None:
+    if endpoint is not None:
+        endpoint.attach(trio.lowlevel.current_trio_token())
     async with trio.open_nursery() as nursery:
         await volume.start(nursery)
         nursery.start_soon(_terminate_on_signals)
@@ -391,6 +426,8 @@ async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None])
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
+                if endpoint is not None:
+                    await run_in_thread(endpoint.close)
                 await volume.shutdown()
                 nursery.cancel_scope.cancel()
     await volume.aclose_replicas()

@@ -4,7 +4,8 @@ Owns: running blocking store functions in worker threads (one
 `trio.CapacityLimiter` per store, a timeout on every call, abandoning the
 thread of a call that times out or is cancelled), translating OSError into
 domain errors, and the per-store live signals that services use to choose
-and hedge sources: latency (EWMA, p50, p95), queue depth, and a health state.
+and hedge sources: latency (EWMA, p50, p95), queue depth, and a health state; and the counters a live view of the stores reads
+(`statistics()`: bytes and operations, errors, a latency histogram).
 
 Also owns the two other ways work leaves the loop, so that nothing else
 calls `trio.to_thread` (tests/test_layering.py checks it): `run_in_thread`
@@ -50,6 +51,13 @@ Health policy (kept deliberately simple):
   SLOW (expected_latency and the hedge deadline still reflect it).
   `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
 
+Counters (`StoreStatistics`, for `ecfs iostat` and the Prometheus
+endpoint): monotonic counts of read and write operations and their bytes
+(a successful call that read or wrote bytes; a read served on the loop from
+the page cache counts too, `record_loop_read`), and every measured latency
+sample in the fixed buckets LATENCY_BUCKETS (one list increment per
+sample: a Prometheus histogram without a lock, read on the loop).
+
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
 raised FragmentMissing (a fast, healthy answer). A call that its caller
@@ -94,6 +102,7 @@ uses that (the reader's hedged reads still race two tasks in a nursery).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
 import functools
@@ -126,6 +135,13 @@ Ts = TypeVarTuple("Ts")
 PROBE_TIMEOUT = 2.0
 #: Latencies kept for p50/p95.
 LATENCY_WINDOW = 256
+#: Upper bounds (seconds, inclusive) of the latency histogram's buckets;
+#: one more bucket counts the samples above the last bound (Prometheus'
+#: le="+Inf"). From a page cache hit to a remote store timing out.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 #: Weight of a new sample in the fast EWMA (`latency_ewma`).
 EWMA_ALPHA = 0.2
 #: Weight of a new sample in the slow baseline EWMA used for SLOW.
@@ -176,7 +192,12 @@ class StoreStatistics:
     `abandoned` those whose caller gave up but whose thread still runs;
     `abandoned_total` every call given up while it ran (a hedge won, a
     timeout), `late_answers` those of them that returned after all.
-    `max_threads` is the store's concurrency limit.
+    `max_threads` is the store's concurrency limit. `read_ops` and
+    `write_ops` count successful calls that read or wrote bytes (and reads
+    served on the loop); `latency_p99` is of the same window as p50/p95;
+    `latency_histogram` counts every latency sample per bucket of
+    LATENCY_BUCKETS (not cumulative; the last entry: above the last bound),
+    `latency_sum` is their total in seconds.
     """
 
     index: int
@@ -194,6 +215,11 @@ class StoreStatistics:
     latency_p95: float
     bytes_read: int
     bytes_written: int
+    read_ops: int = 0
+    write_ops: int = 0
+    latency_p99: float = 0.0
+    latency_histogram: tuple[int, ...] = ()
+    latency_sum: float = 0.0
 
 
 class _ThreadJob(Generic[T]):
@@ -300,6 +326,10 @@ class StoreRunner:
         self._timeouts = 0
         self._bytes_read = 0
         self._bytes_written = 0
+        self._read_ops = 0
+        self._write_ops = 0
+        self._histogram = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
         self._failure: str | None = None
         self._slow = False
         self._samples = 0
@@ -399,8 +429,12 @@ class StoreRunner:
                     self._note_error(exc)
         elif not job.abandoned:
             self._record_sample(job.elapsed)
-            self._bytes_read += pending.nbytes_read
-            self._bytes_written += pending.nbytes_written
+            if pending.nbytes_read:
+                self._bytes_read += pending.nbytes_read
+                self._read_ops += 1
+            if pending.nbytes_written:
+                self._bytes_written += pending.nbytes_written
+                self._write_ops += 1
         elif job.stage == _DONE:  # abandoned while it ran, and it answered after all
             self._record_late_answer(job.elapsed)
         pending._outcome = settled
@@ -516,6 +550,12 @@ class StoreRunner:
         """Record a latency measured elsewhere (e.g. an on-loop cached read)."""
         self._record_sample(seconds)
 
+    def record_loop_read(self, nbytes: int) -> None:
+        """Count a read of `nbytes` served on the loop without a thread
+        (a page cache hit) in the read counters."""
+        self._read_ops += 1
+        self._bytes_read += nbytes
+
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
         self._failure = reason
@@ -562,6 +602,11 @@ class StoreRunner:
             latency_p95=self._percentile(0.95),
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
+            read_ops=self._read_ops,
+            write_ops=self._write_ops,
+            latency_p99=self._percentile(0.99),
+            latency_histogram=tuple(self._histogram),
+            latency_sum=self._latency_sum,
         )
 
     # ---- latency bookkeeping
@@ -575,6 +620,8 @@ class StoreRunner:
             if not self._slow:  # see "SLOW" in the module docstring
                 self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
         self._samples += 1
+        self._histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
         self._window.append(seconds)
         if self._samples < PERCENTILE_EXACT_SAMPLES or self._samples % PERCENTILE_REFRESH == 0:
             self._sorted_window = None  # percentiles are re-sorted lazily, not per call

@@ -57,6 +57,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -112,7 +113,17 @@ from ..storage.store import Store, StoreMarker
 from ..storage.storefactory import open_store
 from .control import Command
 from .mkfs import check_store_arg, check_store_paths
-from .status import MetadataStatus, StoreChange, StoreStatus, VolumeStatus, assess, health_of
+from .status import (
+    IoStatus,
+    MetadataStatus,
+    RepairActivity,
+    StoreChange,
+    StoreIo,
+    StoreStatus,
+    VolumeStatus,
+    assess,
+    health_of,
+)
 from .store_admin import StoreAdmin
 
 log = logging.getLogger(__name__)
@@ -1094,6 +1105,48 @@ class Volume:
             fragment_bytes=sizes.get(index, 0),
             draining=index in self.placement.draining,
             remote=runner.store.remote,
+            read_ops=stats.read_ops,
+            write_ops=stats.write_ops,
+            latency_p99_ms=round(stats.latency_p99 * 1000, 3),
+            latency_histogram=stats.latency_histogram,
+            latency_sum_s=stats.latency_sum,
+        )
+
+    def iostat(self) -> IoStatus:
+        """The cheap counters-only snapshot for a live view (`ecfs iostat`):
+        no query over the chunk table or the repair queue (see
+        `ecfs.volume.status.IoStatus`)."""
+        stores = []
+        for index, runner in sorted(self.runners.items()):
+            stats = runner.statistics()
+            stores.append(
+                StoreIo(
+                    index, str(runner.store.path), stats.state.value, runner.failure_reason,
+                    stats.in_flight, runner.waiting, stats.read_ops, stats.write_ops,
+                    stats.bytes_read, stats.bytes_written, stats.errors, stats.timeouts,
+                    round(stats.latency_p50 * 1000, 3), round(stats.latency_p99 * 1000, 3),
+                )  # fmt: skip
+            )
+        for index, path in sorted(self.missing_stores().items()):
+            reason = self.left_out.get(self.store_ids.get(index, ""), "not given or unusable")
+            stores.append(StoreIo(index, path, "missing", reason, *[0] * 8, 0.0, 0.0))
+        counters = self.repairer.counters
+        return IoStatus(
+            volume=self.volume_id,
+            time_ns=time.time_ns(),
+            monotonic_ns=time.monotonic_ns(),
+            stores=tuple(stores),
+            reads=self.reader.statistics(),
+            writes=self.writer.statistics(),
+            write_log=self.writelog.statistics(),
+            repair=RepairActivity(
+                busy=self.repairer.busy,
+                urgent=self.repairer.urgent,
+                chunks_repaired=counters.chunks_repaired,
+                fragments_rebuilt=counters.fragments_rebuilt,
+                bytes_read=counters.bytes_read,
+                bytes_written=counters.bytes_written,
+            ),
         )
 
     # -- operator commands -----------------------------------------------------------

@@ -7,6 +7,10 @@ or clean up, and the kernel tells the daemon who asks):
 * getxattr(MOUNTPOINT, "user.ecfs.status") -> the volume's status record
   (`Volume.status()`) as JSON (`ecfs.volume.status.to_json`; the CLI parses it
   back with `ecfs.volume.status.from_json`);
+* getxattr(MOUNTPOINT, "user.ecfs.iostat") -> the cheap counters-only
+  snapshot (`Volume.iostat()`, no query over the chunk table) as JSON
+  (`ecfs.volume.status.iostat_to_json` / `iostat_from_json`), what
+  `ecfs iostat` polls every interval;
 * getxattr(MOUNTPOINT, "user.ecfs.pid") -> the daemon's pid;
 * getxattr(MOUNTPOINT, "user.ecfs.workdir") -> the daemon's working
   directory, where it leaves a report if its shutdown fails (`ecfs umount`

@@ -12,8 +12,16 @@ The JSON document is the record with every field under its own name
 (`dataclasses.asdict`), nested records as objects, tuples as lists, None
 as null; its keys are documented in ecfs-status(8) and stable.
 
+`IoStatus` is the cheap snapshot of the same counters for a live view
+(`Volume.iostat()`, `ecfs iostat`, the virtual attribute user.ecfs.iostat):
+counters and in-memory state only, no query over the chunk table, so it can
+be asked for every second on a big volume. Its counters are monotonic for
+the life of a mount (rates are deltas between two snapshots over
+`monotonic_ns`); `iostat_to_json`/`iostat_from_json` convert it the same way.
+
 Owns: the status record types of the volume level (stores, metadata, store
-changes), the health rule (`assess`), and the JSON conversion. Must not:
+changes, the iostat snapshot), the health rule (`assess`), and the JSON
+conversion. Must not:
 do I/O or reach into services (it is given their records).
 """
 
@@ -62,6 +70,15 @@ class StoreStatus:
     draining: bool
     #: On another machine (`ecfs.storage.store.Store.remote`; False if missing).
     remote: bool = False
+    #: Successful operations that read / wrote bytes (monotonic).
+    read_ops: int = 0
+    write_ops: int = 0
+    latency_p99_ms: float = 0.0
+    #: Latency samples per bucket of `ecfs.storage.offload.LATENCY_BUCKETS`
+    #: (not cumulative; the last entry counts those above the last bound;
+    #: empty for a missing store) and their sum in seconds.
+    latency_histogram: tuple[int, ...] = ()
+    latency_sum_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +143,55 @@ class VolumeStatus:
     placement: str = "spread"
 
 
+@dataclass(frozen=True, slots=True)
+class StoreIo:
+    """One store in the iostat snapshot: monotonic counters (operations,
+    bytes, errors, timeouts) and current values (state, calls in threads
+    and queued for one, latency percentiles of the recent window)."""
+
+    index: int
+    path: str
+    state: str  # one of STORE_STATES
+    reason: str | None
+    in_flight: int
+    waiting: int
+    read_ops: int
+    write_ops: int
+    bytes_read: int
+    bytes_written: int
+    errors: int
+    timeouts: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class RepairActivity:
+    """The repairer's counters (no queue: that is a query)."""
+
+    busy: bool
+    urgent: bool
+    chunks_repaired: int
+    fragments_rebuilt: int
+    bytes_read: int
+    bytes_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class IoStatus:
+    """The cheap snapshot `ecfs iostat` polls. `time_ns`: the daemon's
+    wall clock; `monotonic_ns`: its monotonic clock, what rates divide by."""
+
+    volume: str
+    time_ns: int
+    monotonic_ns: int
+    stores: tuple[StoreIo, ...]
+    reads: ReadStatistics
+    writes: WriteStatistics
+    write_log: WriteLogStatistics
+    repair: RepairActivity
+
+
 def assess(
     k: int,
     n: int,
@@ -182,6 +248,17 @@ def from_json(document: object) -> VolumeStatus:
     """The record a JSON document (parsed) holds; StatusFormatError naming
     the first key that is missing or of the wrong type."""
     return typing.cast(VolumeStatus, _decode(VolumeStatus, document, "status"))
+
+
+def iostat_to_json(snapshot: IoStatus) -> dict[str, Any]:
+    """The iostat snapshot's JSON document (every field under its name)."""
+    return dataclasses.asdict(snapshot)
+
+
+def iostat_from_json(document: object) -> IoStatus:
+    """The iostat snapshot a parsed JSON document holds (StatusFormatError
+    as `from_json`)."""
+    return typing.cast(IoStatus, _decode(IoStatus, document, "iostat"))
 
 
 def _decode(kind: Any, value: object, where: str) -> object:
