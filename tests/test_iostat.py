@@ -194,7 +194,7 @@ def test_iostat_json_on_a_busy_mount(volume: MountedVolume) -> None:
     for document in documents:
         assert 0.3 < document["interval_s"] < 5
         assert [s["index"] for s in document["stores"]] == list(range(6))
-        assert all(s["state"] == "ok" for s in document["stores"])
+        assert all(s["state"] in ("ok", "slow") for s in document["stores"])  # slow: a busy CPU
     stores = [s for d in documents for s in d["stores"]]
     read = {s["index"] for s in stores if s["read_bytes_per_s"] > 0 and s["read_iops"] > 0}
     written = {s["index"] for s in stores if s["write_bytes_per_s"] > 0 and s["write_iops"] > 0}
