@@ -61,7 +61,7 @@ class Page:
 
 
 _SEE_ALSO_ALL = (
-    "ecfs", "ecfs-mkfs", "ecfs-mount", "ecfs-umount", "ecfs-status",
+    "ecfs", "ecfs-mkfs", "ecfs-mount", "ecfs-umount", "ecfs-status", "ecfs-iostat",
     "ecfs-scrub", "ecfs-repair", "ecfs-fsck", "ecfs-store",
 )  # fmt: skip
 

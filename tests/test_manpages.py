@@ -35,7 +35,7 @@ def _load_generator():  # type: ignore[no-untyped-def]
 manpages = _load_generator()
 MAN_DIR = REPO_ROOT / "man"
 PAGES = sorted(page.name for page in manpages.PAGES)
-COMMANDS = ["mkfs", "mount", "umount", "status", "scrub", "repair", "fsck", "store"]
+COMMANDS = ["mkfs", "mount", "umount", "status", "iostat", "scrub", "repair", "fsck", "store"]
 REQUIRED_SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "SEE ALSO"]
 
 
