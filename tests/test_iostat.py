@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -203,6 +204,13 @@ def test_iostat_json_on_a_busy_mount(volume: MountedVolume) -> None:
     assert any(s["latency_p99_ms"] > 0 for s in stores)
     assert any(d["totals"]["read_bytes_per_s"] > 0 for d in documents)
     assert any(d["totals"]["write_bytes_per_s"] > 0 for d in documents)
+    # Ctrl-C (SIGINT) ends it quietly with exit status 0, whatever it was doing.
+    proc = start_iostat(volume.mountpoint, "--json", interval="0.2")
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
 
 
 def test_iostat_refuses_a_plain_directory(tmp_path: Path) -> None:

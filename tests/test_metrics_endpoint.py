@@ -95,7 +95,7 @@ def test_the_endpoint_asks_the_loop_for_records() -> None:
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
             scrape(url)  # no loop attached yet: an error, not stale or empty numbers
-        assert refused.value.code == 500
+        assert refused.value.code == 503
         refused.value.close()
 
         async def main() -> str:

@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import outcome
 import trio
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import Metric as Family
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -467,14 +471,32 @@ class MetricsEndpoint:
         self._token: trio.lowlevel.TrioToken | None = None
         self._lock = threading.Lock()  # one snapshot at a time; guards _last
         self._last: tuple[float, VolumeStatus] | None = None
-        self._server: object | None = None
+        self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StatusCollector(self._snapshot))
-        self._server, self._thread = start_http_server(self.port, self.address, registry)
-        self.port = self._server.server_port  # type: ignore[attr-defined]  (port 0: the one chosen)
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            # (prometheus_client builds the text before it starts the response)
+            try:
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            except MetricsUnavailable as exc:
+                return _plain(start_response, "503 Service Unavailable", str(exc))
+            except Exception:
+                log.exception("metrics: a scrape failed")
+                return _plain(start_response, "500 Internal Server Error", "see the mount's log")
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+        server = make_server(self.address, self.port, app, Server, handler_class=_QuietHandler)
+        self._server = server
+        self.port = server.server_port  # (port 0: the one the kernel chose)
+        self._thread = threading.Thread(target=server.serve_forever, name="ecfs metrics", daemon=True)
+        self._thread.start()
         log.info("serving metrics on http://%s/metrics", self.url_host())
 
     def url_host(self) -> str:
@@ -489,8 +511,8 @@ class MetricsEndpoint:
         server, self._server = self._server, None
         self._token = None
         if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-            server.server_close()  # type: ignore[attr-defined]
+            server.shutdown()
+            server.server_close()
             log.info("stopped serving metrics")
         if self._thread is not None:
             self._thread.join()
@@ -527,5 +549,17 @@ class MetricsEndpoint:
 
 
 class MetricsUnavailable(Exception):
-    """A scrape found no record to serve (the server answers 500, and
+    """A scrape found no record to serve (the server answers 503, and
     Prometheus marks the target down)."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per request (the daemon's log is for events)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass
+
+
+def _plain(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [f"{text}\n".encode()]
