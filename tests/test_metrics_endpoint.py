@@ -40,7 +40,14 @@ from ecfs.frontend.metrics import (
 )
 from ecfs.frontend.mount import parse_options
 from ecfs.storage.offload import LATENCY_BUCKETS, run_in_thread
-from tests.mounting import mounted_volume
+from tests.mounting import (
+    FUSE_MISSING_REASON,
+    TEST_MKFS_ARGS,
+    MountedVolume,
+    MountError,
+    cli,
+    mounted_volume,
+)
 from tests.test_iostat import busy
 from tests.test_status import example_status
 from tests.volume_files import MiB
@@ -168,6 +175,26 @@ def test_the_latency_histograms(scraped: str) -> None:
         (count,) = [v for n, labels, v in samples if n.endswith("_count") and labels["store"] == store]
         (total,) = [v for n, labels, v in samples if n.endswith("_sum") and labels["store"] == store]
         assert count == counts[-1] > 0 and total > 0
+
+
+@pytest.mark.mount
+def test_a_port_in_use_fails_the_mount(tmp_path: Path) -> None:
+    if FUSE_MISSING_REASON is not None:
+        pytest.skip(FUSE_MISSING_REASON)
+    stores = [tmp_path / f"s{i}" for i in range(3)]
+    cli("mkfs", "--data", 2, "--parity", 1, *TEST_MKFS_ARGS, *stores)
+    (tmp_path / "mnt").mkdir()
+    vol = MountedVolume(stores, tmp_path / "mnt", tmp_path / "ecfs.log")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            with pytest.raises(MountError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                vol.mount("-o", f"metrics={port}")
+        finally:
+            vol.unmount(check=False)
+    assert not vol.is_mounted
 
 
 # -- the Grafana dashboard ----------------------------------------------------------
