@@ -21,11 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from ecfs.data.reader import ReadStatistics
 from ecfs.data.smallwrites import WriteLogStatistics
 from ecfs.data.writer import WriteStatistics
 from ecfs.frontend.iostat import rates, rates_to_json, render_rates, watch
+from ecfs.storage.fakestores import MemoryStore
+from ecfs.storage.offload import LATENCY_BUCKETS, StoreRunner, StoreStatistics
 from ecfs.volume.status import (
     IoStatus,
     RepairActivity,
@@ -145,6 +148,34 @@ def test_watch_prints_one_json_object_per_interval() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     assert [json.loads(line)["stores"][0]["read_bytes_per_s"] for line in lines] == [MiB] * 3
+
+
+# -- the counters behind it ------------------------------------------------------------
+
+
+def test_a_runner_counts_operations_and_buckets_latencies(tmp_path: Path) -> None:
+    store = MemoryStore()
+
+    async def main() -> StoreStatistics:
+        runner = StoreRunner(0, store, clock=lambda: 0.0)  # every call takes 0 s
+        await runner.call(lambda: b"x", nbytes_read=4096)
+        await runner.call(lambda: None, nbytes_written=8192)
+        await runner.call(lambda: None)  # moved no bytes (a probe): no I/O operation
+        runner.record_loop_read(100)  # a page cache hit served on the loop
+        for seconds in (0.0001, 0.003, 0.003, 60.0):
+            runner.record_latency(seconds)
+        return runner.statistics()
+
+    stats = trio.run(main)
+    assert (stats.read_ops, stats.write_ops) == (2, 1)
+    assert (stats.bytes_read, stats.bytes_written) == (4196, 8192)
+    histogram = stats.latency_histogram
+    assert len(histogram) == len(LATENCY_BUCKETS) + 1
+    assert histogram[0] == 3 + 1  # the calls, and 0.1 ms (a bound is inclusive)
+    assert histogram[LATENCY_BUCKETS.index(0.005)] == 2
+    assert histogram[-1] == 1  # above the last bound
+    assert sum(histogram) == 7
+    assert stats.latency_sum == pytest.approx(60.0061)
 
 
 # -- a real mount ------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ecfs.data.writer import WriteStatistics
 from ecfs.frontend.metrics import METRICS, StatusCollector, render_prometheus
 from ecfs.frontend.render import render_scrub, render_status
 from ecfs.storage.metadb.chunks import ChunkTable, RepairQueue
+from ecfs.storage.offload import LATENCY_BUCKETS
 from ecfs.volume.assembly import Volume
 from ecfs.volume.status import (
     MetadataStatus,
@@ -29,6 +30,8 @@ from ecfs.volume.status import (
     StoreStatus,
     VolumeStatus,
     from_json,
+    iostat_from_json,
+    iostat_to_json,
     to_json,
 )
 from tests.test_garbage import PAYLOAD, K, M, N, volume  # noqa: F401 (the fixture)
@@ -54,6 +57,27 @@ def test_tolerance_counts_known_bad_fragments_and_failed_stores(volume: Volume) 
         RepairQueue(volume.db).remove(2000)
     s = volume.status()
     assert (s.tolerance, s.health) == (M, "healthy")
+
+
+def test_the_iostat_snapshot_needs_no_query_over_the_chunks(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """`Volume.iostat()` is counters and in-memory state only: it works with
+    the chunk table and repair queue queries broken (`status()` does not)."""
+
+    def no_query(*args: object) -> None:
+        raise AssertionError("iostat ran a query over the chunk table")
+
+    for cls, name in ((ChunkTable, "redundancy_classes"), (RepairQueue, "known_damage"),
+                      (RepairQueue, "summary")):  # fmt: skip
+        monkeypatch.setattr(cls, name, no_query)
+    volume.runners[1].mark_failed("test: away")
+    record = volume.iostat()
+    assert [s.index for s in record.stores] == list(range(N))
+    assert (record.stores[1].state, record.stores[1].reason) == ("failed", "test: away")
+    assert iostat_from_json(json.loads(json.dumps(iostat_to_json(record)))) == record
+    with pytest.raises(AssertionError, match="chunk table"):
+        volume.status()
 
 
 def test_a_live_record_survives_the_json_round_trip(volume: Volume) -> None:  # noqa: F811
@@ -130,6 +154,26 @@ def test_prometheus_text_of_a_degraded_record() -> None:
     assert "# TYPE ecfs_store_errors_total counter\n" in text
     assert "# TYPE ecfs_store_latency_seconds summary\n" in text
     assert text.endswith("\n")
+
+
+def test_prometheus_latency_histogram_of_a_store() -> None:
+    """The store's bucket counts become a cumulative Prometheus histogram
+    (le = each bound, then +Inf) with its sum and count; p99 joins the
+    summary's quantiles; a store without a histogram has no samples."""
+    record = example_status()
+    counts = (2, 1, *[0] * (len(LATENCY_BUCKETS) - 2), 3)
+    store = dataclasses.replace(record.stores[1], latency_histogram=counts, latency_sum_s=91.5,
+                                latency_p99_ms=40.0)  # fmt: skip
+    found = families(render_prometheus(dataclasses.replace(record, stores=(record.stores[0], store))))
+    samples = found["ecfs_store_op_latency_seconds"]
+    assert {labels["store"] for _, labels, _ in samples} == {"1"}
+    buckets = [(labels["le"], value) for name, labels, value in samples if name.endswith("_bucket")]
+    assert buckets[:3] == [("0.0001", 2.0), ("0.00025", 3.0), ("0.0005", 3.0)]
+    assert buckets[-1] == ("+Inf", 6.0)
+    assert ("ecfs_store_op_latency_seconds_count", {"store": "1"}, 6.0) in samples
+    assert ("ecfs_store_op_latency_seconds_sum", {"store": "1"}, 91.5) in samples
+    quantiles = found["ecfs_store_latency_seconds"]
+    assert ("ecfs_store_latency_seconds", {"store": "1", "quantile": "0.99"}, 0.04) in quantiles
 
 
 def test_the_collector_serves_the_current_record() -> None:
