@@ -21,7 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 from rich import box
@@ -153,7 +153,10 @@ def _delta(new: int, old: int) -> int:
 
 def _idle(store: StoreIo) -> StoreIo:
     """A store's counters before it was there: all zero."""
-    return StoreIo(store.index, store.path, store.state, None, 0, 0, *[0] * 6, 0.0, 0.0)
+    return replace(
+        store, in_flight=0, waiting=0, read_ops=0, write_ops=0, bytes_read=0, bytes_written=0,
+        errors=0, timeouts=0,
+    )  # fmt: skip
 
 
 def _mark_outliers(stores: list[StoreRates]) -> list[StoreRates]:

@@ -482,7 +482,7 @@ class MetricsEndpoint:
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
             # (prometheus_client builds the text before it starts the response)
             try:
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+                return metrics_app(environ, start_response)
             except MetricsUnavailable as exc:
                 return _plain(start_response, "503 Service Unavailable", str(exc))
             except Exception:

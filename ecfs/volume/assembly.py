@@ -1129,7 +1129,7 @@ class Volume:
             )
         for index, path in sorted(self.missing_stores().items()):
             reason = self.left_out.get(self.store_ids.get(index, ""), "not given or unusable")
-            stores.append(StoreIo(index, path, "missing", reason, *[0] * 8, 0.0, 0.0))
+            stores.append(StoreIo(index, path, "missing", reason, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
         counters = self.repairer.counters
         return IoStatus(
             volume=self.volume_id,
