@@ -296,6 +296,7 @@ def test_control_channel_is_for_root_and_the_mounting_user_only(perm_volume: Mou
             """
             print(attempt(os.getxattr, ".", "user.ecfs.status"))
             print(attempt(os.getxattr, ".", "user.ecfs.pid"))
+            print(attempt(os.getxattr, ".", "user.ecfs.iostat"))
             print(attempt(os.setxattr, ".", "user.ecfs.control", b"scrub"))
             print(attempt(os.setxattr, ".", "user.ecfs.control", b"repair urgent"))
             print(attempt(os.setxattr, ".", "user.ecfs.status", b"x"))
@@ -303,8 +304,8 @@ def test_control_channel_is_for_root_and_the_mounting_user_only(perm_volume: Mou
         )
     finally:
         os.chmod(mnt, 0o755)
-    assert out[:4] == ["EACCES"] * 4
-    assert out[4] in ("EACCES", "EPERM")
+    assert out[:5] == ["EACCES"] * 5
+    assert out[5] in ("EACCES", "EPERM")
     assert not json.loads(os.getxattr(mnt, "user.ecfs.status"))["scrub"]["running"]
 
 
