@@ -451,17 +451,20 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
 
 class MetricsEndpoint:
     """`/metrics` of a mounted volume over HTTP: prometheus_client's WSGI
-    server, in its own threads, with a registry holding one StatusCollector.
+    app and threading server (wsgiref), in their own threads, with a
+    registry holding one StatusCollector.
 
     Concurrency: the server threads never touch the volume. A scrape hands
     `status` to the trio loop (`attach` gives its token; `run_sync_soon`),
     which builds the record between two steps of its tasks, as it does for
     `ecfs status`, and waits for it (SNAPSHOT_TIMEOUT); a record younger
-    than SNAPSHOT_MAX_AGE is served again. Before `attach` and once the
-    loop has ended a scrape serves no ecfs samples. `start` binds the port
-    (OSError if it cannot); `close` stops serving and closes the port
-    (idempotent; it waits up to half a second for the server thread, so
-    call it off the loop).
+    than SNAPSHOT_MAX_AGE is served again. Before `attach`, once the loop
+    has ended or when it does not answer in time, a scrape gets 503 with
+    the reason (Prometheus marks the target down); a failure building the
+    record is logged and answered 500. Requests are not logged. `start`
+    binds the port (OSError if it cannot); `close` stops serving and closes
+    the port (idempotent; it waits up to half a second for the server
+    thread, so call it off the loop).
     """
 
     def __init__(self, address: str, port: int, status: Callable[[], VolumeStatus]) -> None:
