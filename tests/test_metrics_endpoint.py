@@ -139,6 +139,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(1.0)
             text = scrape(f"http://127.0.0.1:{port}/metrics")
         log = vol.log_path.read_text()
+    vol.check_log_clean()  # no warning, error or traceback from the server threads
     assert f"serving metrics on http://127.0.0.1:{port}/metrics" in log
     assert port_closed(port)  # the daemon has exited: nothing listens any more
     yield text
