@@ -256,19 +256,18 @@ def test_iostat_refuses_a_plain_directory(tmp_path: Path) -> None:
 requires_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="no tmux (scripts/install.sh)")
 
 
-#: The tests' own tmux server (never the user's: its clients' size would win).
-TMUX_SOCKET = f"ecfs-test-{os.getpid()}"
+def tmux(socket: Path, *args: str, check: bool = True) -> str:
+    """Run a tmux command on the test's own server (its socket under the
+    test's directory: never the user's server, whose clients' size would
+    win, and nothing left in /tmp)."""
+    argv = ["tmux", "-S", os.fspath(socket), *args]
+    return subprocess.run(argv, check=check, capture_output=True, text=True).stdout
 
 
-def tmux(*args: str) -> str:
-    argv = ["tmux", "-L", TMUX_SOCKET, *args]
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def wait_for_pane(session: str, predicate, timeout: float = 30.0, escapes: bool = False) -> str:
+def wait_for_pane(socket: Path, session: str, predicate, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        screen = tmux("capture-pane", "-p", *(["-e"] if escapes else []), "-t", session)
+        screen = tmux(socket, "capture-pane", "-p", "-t", session)
         if predicate(screen) or time.monotonic() > deadline:
             return screen
         time.sleep(0.1)
@@ -280,7 +279,8 @@ def test_iostat_in_a_terminal(tmp_path: Path) -> None:
     """The live table under tmux: it shows the stores, a store renamed away
     turns red once the mount finds it failed, and Ctrl-C exits with status 0
     and no traceback."""
-    session = f"ecfs-iostat-{os.getpid()}"
+    session = "iostat"
+    socket = tmp_path / "tmux.sock"
     env = " ".join(f"{k}={v}" for k, v in _cli_env().items() if k in ("PYTHONPATH", "PATH"))
     with mounted_volume(tmp_path) as vol:
         command = (
@@ -289,26 +289,26 @@ def test_iostat_in_a_terminal(tmp_path: Path) -> None:
         )
         away = vol.stores[5].with_name("s5-away")
         try:
-            tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50", command)
+            tmux(socket, "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command)
             with busy(vol.mountpoint, size=2 * MiB):
-                screen = wait_for_pane(session, lambda s: "read MiB/s" in s and "reads/s:" in s)
+                screen = wait_for_pane(socket, session, lambda s: "read MiB/s" in s and "reads/s:" in s)
                 assert "read MiB/s" in screen, screen
                 rows = [line.split() for line in screen.splitlines()]
                 assert [r[0] for r in rows if r and r[0].isdigit()][:6] == [str(i) for i in range(6)]
                 os.rename(vol.stores[5], away)
-                screen = wait_for_pane(session, lambda s: _row(s, 5)[:2] == ["5", "failed"], 60)
+                screen = wait_for_pane(socket, session, lambda s: _row(s, 5)[:2] == ["5", "failed"], 60)
                 assert _row(screen, 5)[:2] == ["5", "failed"], screen
-            coloured = tmux("capture-pane", "-p", "-e", "-t", session)
+            coloured = tmux(socket, "capture-pane", "-p", "-e", "-t", session)
             lines = {_plain(line).split()[0]: line for line in coloured.splitlines() if _plain(line).split()[:1]}
             assert re.search(r"\x1b\[[0-9;]*31[;m][^\x1b]*failed", lines["5"]), repr(lines["5"])
             assert "failed" not in _plain(lines["0"]) and not re.search(r"\x1b\[[0-9;]*31[;m]", lines["0"])
-            tmux("send-keys", "-t", session, "C-c")
-            screen = wait_for_pane(session, lambda s: "iostat-exit=" in s)
+            tmux(socket, "send-keys", "-t", session, "C-c")
+            screen = wait_for_pane(socket, session, lambda s: "iostat-exit=" in s)
             assert "iostat-exit=0" in screen, screen
             assert "Traceback" not in screen and "Aborted" not in screen
         finally:
-            subprocess.run(["tmux", "-L", TMUX_SOCKET, "kill-session", "-t", session], capture_output=True)
-            subprocess.run(["tmux", "-L", TMUX_SOCKET, "kill-server"], capture_output=True)
+            tmux(socket, "kill-session", "-t", session, check=False)
+            tmux(socket, "kill-server", check=False)
             if away.exists():
                 os.rename(away, vol.stores[5])
 
