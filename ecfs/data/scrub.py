@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..core.errors import FragmentCorrupt, StoreError
+from ..core.events import SCRUB_FINDING, SCRUB_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import repair_priority
 from ..core.tasks import wait_until_idle
@@ -137,6 +138,10 @@ class Scrubber:
         self.on_queued = on_queued
         self.progress = ScrubProgress()
         self._cancel: trio.CancelScope | None = None
+        #: Where findings and the end of a pass are reported (events).
+        self.events = EventSink()
+        #: Inode -> its paths for a message (set by the volume).
+        self.paths_of: Callable[[int], str] = lambda ino: ""
 
     def statistics(self) -> ScrubStatistics:
         progress = self.progress
@@ -181,12 +186,15 @@ class Scrubber:
             progress.stopped_early = progress.chunks_done < progress.chunks_total
             progress.running = False
             progress.finished_ns = time.time_ns()
-        log.info(
-            "scrub: %d of %d chunks verified, %d findings",
-            progress.chunks_done,
-            progress.chunks_total,
-            len(progress.findings),
-        )
+        self.events.emit(
+            SCRUB_FINISHED,
+            f"{progress.chunks_done} of {progress.chunks_total} chunks verified,"
+            f" {len(progress.findings)} findings, {len(progress.metadata_findings)} in metadata"
+            + (" (stopped early)" if progress.stopped_early else ""),
+            chunks_verified=progress.chunks_done, chunks_total=progress.chunks_total,
+            findings=len(progress.findings), metadata_findings=len(progress.metadata_findings),
+            stopped_early=progress.stopped_early,
+        )  # fmt: skip
         return progress
 
     async def _pass(self, start_ns: int) -> None:
@@ -218,6 +226,11 @@ class Scrubber:
         self.progress.metadata_replicas_verified = count - len(bad_replicas)
         for index in sorted(problems, key=lambda i: -1 if i is None else i):
             self.progress.metadata_findings.append(MetadataFinding(index, problems[index]))
+            where = "the working copy" if index is None else f"the copy on store {index}"
+            self.events.emit(
+                SCRUB_FINDING, f"metadata: {where}: {problems[index]}",
+                reason=problems[index], store="" if index is None else index,
+            )  # fmt: skip
 
     def _commit(self, done: list[int]) -> None:
         if done:
@@ -261,6 +274,15 @@ class Scrubber:
         self.progress.findings.append(
             ScrubFinding(chunk_id, inode, idx, tuple(bad), tuple(reasons))
         )
+        path = self.paths_of(inode)
+        offset = idx * self.layout.chunk_size
+        self.events.emit(
+            SCRUB_FINDING,
+            f"chunk {chunk_id:016x} of {path or 'an unlinked file'} (inode {inode}, offset"
+            f" {offset}): fragments {bad} bad, queued for repair ({'; '.join(reasons)})",
+            chunk=f"{chunk_id:016x}", inode=inode, path=path, offset=offset,
+            fragments=",".join(map(str, bad)), reason="; ".join(reasons),
+        )  # fmt: skip
         spare = self.layout.n - len(bad) - self.layout.k
         with self.db.transaction():
             self.queue.add(

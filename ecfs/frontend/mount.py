@@ -38,6 +38,7 @@ import pyfuse3
 import trio
 
 from ..core.errors import EcfsError, VolumeError
+from ..core.events import DEFAULT_HOOK_TIMEOUT, check_hook
 from ..core.host import mount_at
 from ..core.units import parse_size
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
@@ -100,6 +101,10 @@ class MountOptions:
     lease_seconds: float = DEFAULT_TTL
     #: Take over a lease that expired without release (`ecfs mount --takeover`).
     takeover: bool = False
+    #: The program run for each event (`-o event_hook=PATH`, see ecfs.core.events).
+    event_hook: Path | None = None
+    #: Seconds an event hook may run before it is killed (`-o event_hook_timeout=`).
+    event_hook_timeout: float = DEFAULT_HOOK_TIMEOUT
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -135,6 +140,15 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.lease_seconds = _option_number(item, float, arg)
                 if options.lease_seconds < MIN_TTL:
                     raise VolumeError(f"mount option {item!r}: at least {MIN_TTL:g} seconds")
+            elif name == "event_hook" and arg:
+                try:
+                    options.event_hook = check_hook(arg)
+                except ValueError as exc:
+                    raise VolumeError(f"mount option {item!r}: {exc}") from None
+            elif name == "event_hook_timeout" and arg:
+                options.event_hook_timeout = _option_number(item, float, arg)
+                if options.event_hook_timeout <= 0:
+                    raise VolumeError(f"mount option {item!r} must be positive")
             elif name in PASSTHROUGH_OPTIONS and not arg:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
@@ -319,6 +333,19 @@ def run_mount(
         os._exit(code)
 
 
+def check_pyfuse3() -> None:
+    """Warn when the installed pyfuse3 lacks the fallocate handler ecfs
+    patches in (a plain `pip install` of ecfs gets PyPI's pyfuse3): the
+    mount works, but fallocate(2) on it fails with EOPNOTSUPP."""
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        log.warning(
+            "pyfuse3 %s has no fallocate handler: fallocate(2) on this mount fails with"
+            " EOPNOTSUPP (posix_fallocate falls back to writing zeros); to fix, run"
+            " scripts/pyfuse3/install.sh %s from the ecfs source (see its README)",
+            getattr(pyfuse3, "__version__", "?"), sys.executable,
+        )  # fmt: skip
+
+
 def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -353,6 +380,9 @@ def _serve_process(
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
         volume.mountpoint = mountpoint
+        volume.events.mountpoint = str(mountpoint)
+        volume.events.hook = options.event_hook
+        volume.events.hook_timeout = options.event_hook_timeout
     except BaseException:
         if lease is not None:
             lease.release()
@@ -365,6 +395,7 @@ def _serve_process(
         except RuntimeError as exc:
             raise VolumeError(f"cannot mount on {mountpoint}: {exc}") from None
         log.info("mounted volume %s on %s", volume.volume_id, mountpoint)
+        check_pyfuse3()
         try:
             trio.run(_serve, volume, mountpoint, ready)
         finally:
@@ -383,6 +414,8 @@ def _serve_process(
 
 async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None]) -> None:
     async with trio.open_nursery() as nursery:
+        if volume.events.hook is not None:
+            await nursery.start(volume.events.run_hooks)
         await volume.start(nursery)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_set_read_ahead_off_loop, mountpoint)

@@ -271,6 +271,10 @@ class StoreRunner:
     whose methods are passed to `call` (kept here so services find it).
     """
 
+    #: Called with the runner on each change between available and FAILED
+    #: (after the change; the volume turns it into an event, `ecfs.core.events`).
+    on_health_change: Callable[[StoreRunner], None] | None = None
+
     def __init__(
         self,
         index: int,
@@ -518,16 +522,22 @@ class StoreRunner:
 
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
+        was_available = self._failure is None
         self._failure = reason
+        if was_available and self.on_health_change is not None:
+            self.on_health_change(self)
 
     def mark_ok(self) -> None:
         """Clear FAILED and SLOW (e.g. after a successful probe); the fast
         EWMA starts again from the baseline: a store back from a hang is
         judged by its answers from now on, not by the late answers of the
         calls it hung on."""
+        was_failed = self._failure is not None
         self._failure = None
         self._slow = False
         self._ewma = self._baseline
+        if was_failed and self.on_health_change is not None:
+            self.on_health_change(self)
 
     async def probe(self) -> bool:
         """Run the store's cheap health check with a PROBE_TIMEOUT deadline.
