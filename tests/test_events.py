@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -369,3 +370,54 @@ def test_a_hung_hook_never_stalls_the_mount(tmp_path: Path) -> None:
         while [p for p in started[:2] if _alive(p)] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in started[:2] if _alive(p)]
+
+
+# --- the example hook ---------------------------------------------------------------
+
+EXAMPLE_HOOK = Path(__file__).resolve().parent.parent / "ecfs/share/hooks/mail-on-event"
+
+
+def run_example_hook(tmp_path: Path, sendmail: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {
+        "PATH": os.environ["PATH"],
+        "EVENT_SENDMAIL": sendmail,
+        "EVENT_MAILTO": "ops@example.org",
+    }
+    return subprocess.run(
+        [str(EXAMPLE_HOOK)], env={**base, **env}, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_the_example_hook_mails_alarms_with_sendmail(tmp_path: Path) -> None:
+    mail = tmp_path / "mail"
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f'#!/bin/sh\necho "ARGS: $*" > {mail}\ncat >> {mail}\n')
+    sendmail.chmod(0o755)
+    assert os.access(EXAMPLE_HOOK, os.X_OK)
+    event = {"ECFS_EVENT": "store-failed", "ECFS_MESSAGE": "store 3 (/srv/d4) failed: gone",
+             "ECFS_STORE": "3", "ECFS_MOUNTPOINT": "/mnt/data"}  # fmt: skip
+    result = run_example_hook(tmp_path, str(sendmail), **event)
+    assert result.returncode == 0, result.stderr
+    text = mail.read_text()
+    assert "ARGS: -oi -- ops@example.org" in text
+    assert "Subject: ecfs on " in text and "store-failed /mnt/data" in text
+    assert "store 3 (/srv/d4) failed: gone" in text and "ECFS_STORE=3" in text
+    mail.unlink()
+    quiet = {"ECFS_EVENT": "scrub-finished", "ECFS_FINDINGS": "0", "ECFS_METADATA_FINDINGS": "0"}
+    assert run_example_hook(tmp_path, str(sendmail), **quiet).returncode == 0
+    assert not mail.exists()  # a clean scrub is no news
+    found = {**quiet, "ECFS_FINDINGS": "2"}
+    assert run_example_hook(tmp_path, str(sendmail), **found).returncode == 0
+    assert mail.exists()
+
+
+def test_the_example_hook_without_sendmail_logs_and_succeeds(tmp_path: Path) -> None:
+    result = run_example_hook(
+        tmp_path, str(tmp_path / "no-sendmail"), ECFS_EVENT="chunk-unrecoverable",
+        ECFS_MESSAGE="/f: bytes [0, 10) cannot be recovered",
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "no sendmail" in result.stdout + result.stderr
+    assert "cannot be recovered" in result.stdout + result.stderr
+    assert run_example_hook(tmp_path, "").returncode == 2  # not run by ecfs: no ECFS_EVENT

@@ -215,6 +215,7 @@ class EventSink:
                     capture_stdout=True,
                     stderr=subprocess.STDOUT,
                     check=False,
+                    cwd="/",
                     start_new_session=True,  # its own process group: killed as one
                     deliver_cancel=_kill_process_group,
                 )
