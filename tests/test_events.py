@@ -26,7 +26,9 @@ import pytest
 import trio
 
 from ecfs.core import events as ev
-from ecfs.core.events import EventSink, JsonFormatter, check_hook
+from ecfs.core.events import EventSink, JsonFormatter
+from ecfs.volume import hooks as hk
+from ecfs.volume.hooks import HookRunner, check_hook
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_FRAGMENT_SIZE,
@@ -102,11 +104,11 @@ async def wait_until(condition: Callable[[], bool], limit: float) -> None:
 def test_a_hook_gets_the_event_in_its_environment(tmp_path: Path) -> None:
     hook, record = recording_hook(tmp_path)
     sink = EventSink("vol-1", "/mnt/x")
-    sink.hook = check_hook(str(hook))
+    runner = HookRunner(sink, check_hook(str(hook)))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run_hooks)
+            await nursery.start(runner.run)
             sink.emit(ev.STORE_FAILED, "store 3 failed", store=3, store_path="/d/s3", reason="gone")
             sink.emit(ev.SCRUB_FINISHED, "done", chunks_verified=5, chunks_total=5, findings=0,
                       metadata_findings=0, stopped_early=False)  # fmt: skip
@@ -124,7 +126,7 @@ def test_a_hook_gets_the_event_in_its_environment(tmp_path: Path) -> None:
     assert failed["ECFS_MESSAGE"] == "store 3 failed"
     assert failed["ECFS_TIME"].endswith("Z")
     assert by_name["scrub-finished"]["ECFS_STOPPED_EARLY"] == "0"
-    assert sink.statistics().hooks_run == 2
+    assert runner.statistics().run == 2
 
 
 def test_a_hung_hook_is_killed_with_its_children_and_a_full_queue_drops(
@@ -138,30 +140,29 @@ def test_a_hung_hook_is_killed_with_its_children_and_a_full_queue_drops(
     hook.write_text(f"#!/bin/sh\nsleep 1000 &\necho $$ $! >> {pids}\nwait\n")
     hook.chmod(0o755)
     sink = EventSink("vol", "/mnt")
-    sink.hook = hook
-    sink.hook_timeout = 1.0
+    runner = HookRunner(sink, hook, timeout=1.0)
     extra = 5
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(sink.run_hooks)
+            await nursery.start(runner.run)
             with trio.fail_after(1):  # emit is synchronous: never waits for a hook
-                for i in range(ev.QUEUE_LENGTH + ev.HOOK_PARALLEL + extra):
+                for i in range(ev.QUEUE_LENGTH + hk.HOOK_PARALLEL + extra):
                     sink.emit(ev.STORE_BACK, f"back {i}", store=i, store_path="p")
                     if i == 0:
                         await trio.sleep(0.2)  # the workers take the first ones
-            await wait_until(lambda: sink.statistics().hooks_killed >= ev.HOOK_PARALLEL, 10)
+            await wait_until(lambda: runner.statistics().killed >= hk.HOOK_PARALLEL, 10)
             nursery.cancel_scope.cancel()
 
     with caplog.at_level(logging.INFO, logger="ecfs.events"):
         trio.run(main)
     stats = sink.statistics()
     assert stats.dropped >= extra - 1
-    assert stats.emitted == ev.QUEUE_LENGTH + ev.HOOK_PARALLEL + extra
+    assert stats.emitted == ev.QUEUE_LENGTH + hk.HOOK_PARALLEL + extra
     assert any("queue full" in r.getMessage() for r in caplog.records)
     assert any("killed it and its process group" in r.getMessage() for r in caplog.records)
     started = [int(p) for line in pids.read_text().split("\n") if line for p in line.split()]
-    assert len(started) >= 2 * ev.HOOK_PARALLEL
+    assert len(started) >= 2 * hk.HOOK_PARALLEL
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in started) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -35,6 +35,11 @@ write that fails is handed to the garbage collector's remembered
 deletions (see garbage); the fragments rebuilt meanwhile are recorded and
 the chunk stays queued for the others.
 
+Events (`ecfs.core.events`): when the queue has nothing due any more
+after a busy period that repaired or checked chunks, REPAIR_FINISHED
+with that period's counts; a chunk found lost goes to `on_unrecoverable`
+(the volume's chunk-unrecoverable event), once per chunk.
+
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
 MAX_STARVATION seconds, so repair never starves), one at a time; urgent,

@@ -15,6 +15,11 @@ bad replica is replaced from the working copy by the volume, which also
 checks the working copy itself. The findings are in
 `ScrubStatistics.metadata_findings` (store None: the working copy).
 
+Events (`ecfs.core.events`): SCRUB_FINDING for each chunk with bad
+fragments and each bad metadata copy, and SCRUB_FINISHED with the
+counts at the end of every pass (stopped early or not), so that a hook
+can report once per scrub.
+
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
 unmount, crash) continues next time with the chunks verified longest ago.

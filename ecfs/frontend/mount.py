@@ -2,8 +2,10 @@
 
 Owns: FUSE mount options, the process life cycle of a mount (fork once the
 mount is ready, report failures to the waiting parent), signals, the
-orderly shutdown after unmount, and `-o remount` (the kernel's flags of a
-running mount, see `remount`). Must not: contain filesystem logic.
+orderly shutdown after unmount, `-o remount` (the kernel's flags of a
+running mount, see `remount`), and starting the event hook runner
+(`-o event_hook=`, `ecfs.volume.hooks`) before the volume's tasks. Must
+not: contain filesystem logic.
 
 Life cycle: open the volume (blocking: stores, freshest metadata replica)
 -> pyfuse3.init (the kernel mount exists) -> trio: start background tasks,
@@ -38,14 +40,15 @@ import pyfuse3
 import trio
 
 from ..core.errors import EcfsError, VolumeError
-from ..core.events import DEFAULT_HOOK_TIMEOUT, check_hook
 from ..core.host import mount_at
+from ..core.tasks import supervised
 from ..core.units import parse_size
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
 from ..storage.store import MARKER_NAME
 from ..volume.assembly import Volume, expand_store_args
+from ..volume.hooks import DEFAULT_HOOK_TIMEOUT, HookRunner, check_hook
 from .fs import EcfsOperations
 
 log = logging.getLogger(__name__)
@@ -381,8 +384,9 @@ def _serve_process(
         volume.repairer.rebuild_after = options.rebuild_after
         volume.mountpoint = mountpoint
         volume.events.mountpoint = str(mountpoint)
-        volume.events.hook = options.event_hook
-        volume.events.hook_timeout = options.event_hook_timeout
+        hooks = None
+        if options.event_hook is not None:
+            hooks = HookRunner(volume.events, options.event_hook, options.event_hook_timeout)
     except BaseException:
         if lease is not None:
             lease.release()
@@ -397,7 +401,7 @@ def _serve_process(
         log.info("mounted volume %s on %s", volume.volume_id, mountpoint)
         check_pyfuse3()
         try:
-            trio.run(_serve, volume, mountpoint, ready)
+            trio.run(_serve, volume, mountpoint, ready, hooks)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -412,10 +416,12 @@ def _serve_process(
     return 0
 
 
-async def _serve(volume: Volume, mountpoint: Path, ready: Callable[[str], None]) -> None:
+async def _serve(
+    volume: Volume, mountpoint: Path, ready: Callable[[str], None], hooks: HookRunner | None
+) -> None:
     async with trio.open_nursery() as nursery:
-        if volume.events.hook is not None:
-            await nursery.start(volume.events.run_hooks)
+        if hooks is not None:  # first: events of the start (stores missing) are queued for it
+            await nursery.start(supervised, "event hooks", hooks.run)
         await volume.start(nursery)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_set_read_ahead_off_loop, mountpoint)

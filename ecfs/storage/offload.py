@@ -49,6 +49,9 @@ Health policy (kept deliberately simple):
   store slow from its first call on has a slow baseline and is never
   SLOW (expected_latency and the hedge deadline still reflect it).
   `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
+- Every change between available and FAILED (either way) calls
+  `on_health_change` (the volume's: it reports a store-failed or
+  store-back event, `ecfs.core.events`); a new reason while FAILED does not.
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or

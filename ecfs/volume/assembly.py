@@ -39,6 +39,13 @@ gets no more writes, loses its cached file descriptors and its metadata
 replica, and is marked ok again once a probe finds the same marker there
 (a root that moved, e.g. a disk mounted anew, is then pinned again).
 
+Events (`ecfs.core.events`): `events` is the volume's sink. The volume
+reports store-failed and store-back from every store's health changes
+(`StoreRunner.on_health_change`; also store-failed at `start` for each
+store missing at open) and chunk-unrecoverable once per chunk for file
+reads and the repairer (`chunk_unrecoverable`); the scrubber and the
+repairer emit their own. The mount runs the hook (`ecfs.volume.hooks`).
+
 The lease (volumes with S3 stores, see `ecfs.storage.lease`): the mount
 takes it before opening the volume and sets `lease`; `start` renews it in
 a background task. While it is not held (not renewed in time, or taken
@@ -436,7 +443,7 @@ class Volume:
             wrong_class=self.placement.wrong_class,
         )
         self.scrubber.events = self.repairer.events = self.events
-        self.scrubber.paths_of = self.repairer.paths_of = self.paths_of
+        self.scrubber.paths_of = self.paths_of
         self.repairer.on_unrecoverable = self.filedata.on_unrecoverable = self.chunk_unrecoverable
         #: The last store change of this mount (see `start_store_change`).
         self.store_change: StoreChange | None = None
