@@ -273,6 +273,18 @@ def _store_failed_and_back(vol: MountedVolume, record: Path, tmp_path: Path) -> 
 
 @requires_fuse
 @pytest.mark.mount
+def test_a_store_missing_at_mount_is_an_event(tmp_path: Path) -> None:
+    with hooked_volume(tmp_path) as (vol, record):
+        vol.unmount()
+        vol.mount(stores=vol.stores[:5])
+        missing = wait_for_event(record, "store-failed")
+        assert missing["ECFS_REASON"] == "missing at mount"
+        assert missing["ECFS_STORE_PATH"] == str(vol.stores[5])
+        assert missing["ECFS_MESSAGE"].endswith("is missing at mount")
+
+
+@requires_fuse
+@pytest.mark.mount
 def test_scrub_finding_then_repair_finished(tmp_path: Path) -> None:
     with hooked_volume(tmp_path) as (vol, record):
         _scrub_finding_then_repair_finished(vol, record)

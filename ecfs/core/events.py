@@ -31,7 +31,8 @@ Concurrency contract: `emit` is synchronous, runs on the caller's thread
 (the trio thread while mounted) and never blocks: once a hook runner
 listens (`open_queue`), the event goes into a bounded queue
 (QUEUE_LENGTH); when it is full, the event's hook run is dropped, counted
-in `dropped` and logged (its log line is written all the same).
+in `dropped` and logged (the 1st, 10th, 100th... drop: a flood of events
+is not logged twice; each event's own log line is written all the same).
 """
 
 from __future__ import annotations
@@ -137,10 +138,17 @@ class EventSink:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self._dropped += 1
-            log.warning(
-                "event hook queue full (%d events): hook not run for %s (%d dropped so far)",
-                QUEUE_LENGTH, name, self._dropped,
-            )  # fmt: skip
+            if _is_power_of_ten(self._dropped):  # a flood is not logged twice per event
+                log.warning(
+                    "event hook queue full (%d events): hook not run for %s (%d dropped so far)",
+                    QUEUE_LENGTH, name, self._dropped,
+                )  # fmt: skip
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per log record: time (ISO 8601, UTC), level, logger,

@@ -15,10 +15,12 @@ bad replica is replaced from the working copy by the volume, which also
 checks the working copy itself. The findings are in
 `ScrubStatistics.metadata_findings` (store None: the working copy).
 
-Events (`ecfs.core.events`): SCRUB_FINDING for each chunk with bad
-fragments and each bad metadata copy, and SCRUB_FINISHED with the
-counts at the end of every pass (stopped early or not), so that a hook
-can report once per scrub.
+Events (`ecfs.core.events`): SCRUB_FINDING for each chunk with a
+missing or corrupt fragment on an available store (a chunk whose only
+bad fragments are on failed stores is a finding, but no event: the store
+had its store-failed event, and a scrub must not send one per chunk), and
+each bad metadata copy; SCRUB_FINISHED with the counts at the end of every
+pass (stopped early or not), so that a hook can report once per scrub.
 
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
@@ -253,10 +255,12 @@ class Scrubber:
         inode, idx, ref = found
         payload = self.layout.payload_length(ref.length)
         bad: list[int] = []
+        unavailable: list[int] = []
         reasons: list[str] = []
         for index, store in enumerate(ref.stores):
             if available_runner(self.runners, store) is None:
                 bad.append(index)
+                unavailable.append(index)
                 reasons.append(f"{index}: store unavailable")
                 continue
             try:
@@ -279,15 +283,16 @@ class Scrubber:
         self.progress.findings.append(
             ScrubFinding(chunk_id, inode, idx, tuple(bad), tuple(reasons))
         )
-        path = self.paths_of(inode)
-        offset = idx * self.layout.chunk_size
-        self.events.emit(
-            SCRUB_FINDING,
-            f"chunk {chunk_id:016x} of {path or 'an unlinked file'} (inode {inode}, offset"
-            f" {offset}): fragments {bad} bad, queued for repair ({'; '.join(reasons)})",
-            chunk=f"{chunk_id:016x}", inode=inode, path=path, offset=offset,
-            fragments=",".join(map(str, bad)), reason="; ".join(reasons),
-        )  # fmt: skip
+        if len(unavailable) < len(bad):  # a failed store had its own event, not one per chunk
+            path = self.paths_of(inode)
+            offset = idx * self.layout.chunk_size
+            self.events.emit(
+                SCRUB_FINDING,
+                f"chunk {chunk_id:016x} of {path or 'an unlinked file'} (inode {inode}, offset"
+                f" {offset}): fragments {bad} bad, queued for repair ({'; '.join(reasons)})",
+                chunk=f"{chunk_id:016x}", inode=inode, path=path, offset=offset,
+                fragments=",".join(map(str, bad)), reason="; ".join(reasons),
+            )  # fmt: skip
         spare = self.layout.n - len(bad) - self.layout.k
         with self.db.transaction():
             self.queue.add(
