@@ -150,6 +150,7 @@ def _is_power_of_ten(n: int) -> bool:
         n //= 10
     return n == 1
 
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per log record: time (ISO 8601, UTC), level, logger,
     message, and for an event `event` and its fields; `exception` holds a
