@@ -138,12 +138,19 @@ pipx=$(dirname "$build_python")/pipx
 [[ -x $pipx ]] || pipx=$(command -v pipx || true)
 if [[ -n $pipx ]]; then
     say "pipx install of the source tree"
-    export PIPX_HOME=$work/pipx PIPX_BIN_DIR=$work/pipx-bin PIPX_MAN_DIR=$work/pipx-man
+    # The layout of pipx's defaults (~/.local/bin, ~/.local/share/man) under $work.
+    export PIPX_HOME=$work/pipx PIPX_BIN_DIR=$work/local/bin PIPX_MAN_DIR=$work/local/share/man
     "$pipx" install --quiet "$src" >/dev/null 2>&1 || "$pipx" install "$src"
     [[ $("$PIPX_BIN_DIR/ecfs" --version) == "$version" ]] || fail "pipx's ecfs --version differs"
     if [[ -d $PIPX_MAN_DIR/man8 ]]; then
         [[ -e $PIPX_MAN_DIR/man8/ecfs-mount.8 ]] || fail "pipx exposed no ecfs-mount.8"
-        say "pipx: ecfs and its man pages ($PIPX_MAN_DIR) installed"
+        if command -v man >/dev/null 2>&1; then
+            # man finds them through PATH alone (BIN/../share/man), as after `pipx ensurepath`.
+            found=$(env -u MANPATH PATH="$PIPX_BIN_DIR:/usr/bin:/bin" man -w ecfs-mount) \
+                || fail "man -w ecfs-mount found nothing with pipx's bin directory in PATH"
+            [[ $found == "$work/"* ]] || fail "man -w ecfs-mount found $found, not pipx's"
+        fi
+        say "pipx: ecfs and its man pages ($PIPX_MAN_DIR, found by man through PATH) installed"
     else
         say "pipx: ecfs installed (this pipx exposes no man pages: use MANPATH=\$(pipx environment --value PIPX_LOCAL_VENVS)/ecfs/share/man)"
     fi
