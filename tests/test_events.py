@@ -218,6 +218,19 @@ def test_a_bad_hook_is_refused_at_mount(tmp_path: Path) -> None:
         assert why in result.stderr and "event_hook" in result.stderr
 
 
+def test_event_hook_options(tmp_path: Path) -> None:
+    from ecfs.core.errors import VolumeError
+    from ecfs.frontend.mount import parse_options
+
+    hook, _ = recording_hook(tmp_path)
+    options = parse_options([f"noatime,event_hook={hook},event_hook_timeout=2.5"])
+    assert options.event_hook == hook and options.event_hook_timeout == 2.5
+    assert parse_options([]).event_hook is None
+    for bad in ("event_hook_timeout=0", "event_hook_timeout=soon", "event_hook=/no/such/hook"):
+        with pytest.raises(VolumeError, match="event_hook"):
+            parse_options([bad])
+
+
 # --- real mounts --------------------------------------------------------------------
 
 requires_fuse = pytest.mark.skipif(

@@ -104,7 +104,7 @@ class MountOptions:
     lease_seconds: float = DEFAULT_TTL
     #: Take over a lease that expired without release (`ecfs mount --takeover`).
     takeover: bool = False
-    #: The program run for each event (`-o event_hook=PATH`, see ecfs.core.events).
+    #: The program run for each event (`-o event_hook=PATH`, see ecfs.volume.hooks).
     event_hook: Path | None = None
     #: Seconds an event hook may run before it is killed (`-o event_hook_timeout=`).
     event_hook_timeout: float = DEFAULT_HOOK_TIMEOUT
