@@ -218,6 +218,32 @@ def test_a_bad_hook_is_refused_at_mount(tmp_path: Path) -> None:
         assert why in result.stderr and "event_hook" in result.stderr
 
 
+def test_store_health_changes_are_reported_once_each_way() -> None:
+    """StoreRunner.on_health_change: once when a store fails (not again for
+    a new reason while failed), once when it is back."""
+    from ecfs.core.errors import StoreError
+    from ecfs.storage.fakestores import MemoryStore
+    from ecfs.storage.offload import StoreRunner
+
+    runner = StoreRunner(0, MemoryStore())
+    seen: list[bool] = []
+    runner.on_health_change = lambda r: seen.append(r.available)
+
+    def broken() -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    async def main() -> None:
+        with pytest.raises(StoreError):
+            await runner.call(broken)  # an I/O error fails the store
+        runner.mark_failed("again")
+        assert runner.failure_reason == "again"
+        runner.mark_ok()
+        runner.mark_ok()
+
+    trio.run(main)
+    assert seen == [False, True]
+
+
 def test_event_hook_options(tmp_path: Path) -> None:
     from ecfs.core.errors import VolumeError
     from ecfs.frontend.mount import parse_options
