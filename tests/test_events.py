@@ -281,6 +281,7 @@ def test_store_failed_and_back(tmp_path: Path) -> None:
     path); renamed back: store-back. The daemon's log is JSON, line by line."""
     with hooked_volume(tmp_path, "--log-format", "json") as (vol, record):
         _store_failed_and_back(vol, record, tmp_path)
+    vol.check_log_clean()  # JSON lines are checked for errors too
 
 
 def _store_failed_and_back(vol: MountedVolume, record: Path, tmp_path: Path) -> None:
