@@ -7,8 +7,10 @@ third-party package):
 
 1. `ecfs.core`: no I/O of its own and no ecfs imports from above: errors,
    model, geometry, codec (the only zfec user), fragment (the only xxhash
-   user), units, aligned buffers, tasks (trio helpers); host (the host's
-   mount table and drop_caches, also used by tests and scripts).
+   user), units, aligned buffers, tasks (trio helpers), events (the event
+   vocabulary, the sink services report events to, the JSON log format);
+   host (the host's mount table and drop_caches, also used by tests and
+   scripts).
 2. `ecfs.storage`: everything that touches a store or the metadata
    database: store (the Store interface: fragments by name, no file
    descriptor crosses it; the directory store and its open-file cache
@@ -27,7 +29,8 @@ third-party package):
 4. `ecfs.volume`: a volume as a whole: assembly (the `Volume` that opens
    and runs everything), status (its status record, built from the
    services' records, and its JSON form), control (the control channel's
-   commands), store_admin (given its dependencies explicitly), mkfs, fsck.
+   commands), store_admin (given its dependencies explicitly), mkfs, fsck,
+   hooks (runs the user's event hook for each event).
 5. `ecfs.frontend`: what users touch: fs (pyfuse3 Operations, the errno
    boundary), mount, cli (click), client (the CLI's side of the control
    channel), render (rich tables) and metrics (a prometheus_client

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one check that CI and people both run: install, lint, test.
+# The one check that CI and people both run: install, lint, the package
+# (built, installed and used: scripts/check_package.sh), test.
 #
 #   bash scripts/check.sh                 # everything
 #   bash scripts/check.sh -k layering -x  # extra arguments go to pytest
@@ -17,6 +18,13 @@ echo
 echo "=== ruff check ecfs tests scripts ==="
 if ! .venv/bin/ruff check ecfs tests scripts; then
     echo "=== FAILED: ruff found problems (run: .venv/bin/ruff check --fix ecfs tests scripts) ==="
+    exit 1
+fi
+
+echo
+echo "=== the package: wheel, fresh venv, pipx, a demo mount (scripts/check_package.sh) ==="
+if ! bash scripts/check_package.sh; then
+    echo "=== FAILED: ecfs does not work as an installed package ==="
     exit 1
 fi
 

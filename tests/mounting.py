@@ -177,6 +177,7 @@ def cleanup_leftovers(root: Path) -> list[Path]:
 
 _BAD_LOG_LINE = re.compile(
     r"Traceback|\sERROR\s|CRITICAL"
+    r'|"level": "ERROR"'  # a log line of `ecfs mount --log-format json`
     # Python warnings printed by the warnings module: "file.py:12: FooWarning: text"
     r"|^\S+:\d+: \w*Warning: "
 )

@@ -203,6 +203,10 @@ class FileState:
 class FileData:
     """Reads and writes file contents by inode number."""
 
+    #: Called once per lost chunk a read found: (chunk id, inode, chunk
+    #: index, length, "read", why); the volume turns it into an event.
+    on_unrecoverable: Callable[[int, int, int, int, str, str], None] | None = None
+
     def __init__(
         self,
         layout: Layout,
@@ -399,16 +403,23 @@ class FileData:
         try:
             await self.reader.read_missing(job.ref, job.span.start, job.missing, job.dest)
         except Unrecoverable as exc:
-            self._report_unrecoverable(job.ino, job.span.chunk_index, job.ref.length, exc)
+            self._report_unrecoverable(
+                job.ino, job.span.chunk_index, job.ref.length, exc, job.ref.chunk_id
+            )
             raise
 
-    def _report_unrecoverable(self, ino: int, idx: int, length: int, exc: Unrecoverable) -> None:
-        """Log lost data once per chunk, with the file's path and range."""
+    def _report_unrecoverable(
+        self, ino: int, idx: int, length: int, exc: Unrecoverable, chunk_id: int
+    ) -> None:
+        """Log lost data once per chunk, with the file's path and range
+        (and report it: `on_unrecoverable`, the volume's event)."""
         exc.already_logged = True
         key = (ino, idx)
         if key in self._reported_lost:
             return
         self._reported_lost.add(key)
+        if self.on_unrecoverable is not None:
+            self.on_unrecoverable(chunk_id, ino, idx, length, "read", str(exc))
         paths = [p.decode(errors="replace") for p in self.inodes.paths_of(ino, ROOT_INODE)]
         start = idx * self.layout.chunk_size
         log.error(

@@ -35,6 +35,11 @@ write that fails is handed to the garbage collector's remembered
 deletions (see garbage); the fragments rebuilt meanwhile are recorded and
 the chunk stays queued for the others.
 
+Events (`ecfs.core.events`): when the queue has nothing due any more
+after a busy period that repaired or checked chunks, REPAIR_FINISHED
+with that period's counts; a chunk found lost goes to `on_unrecoverable`
+(the volume's chunk-unrecoverable event), once per chunk.
+
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
 MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
@@ -46,6 +51,7 @@ expected latency, i.e. latency x queue depth: the least busy survivors).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -56,6 +62,7 @@ import trio
 from ..core import fragment
 from ..core.codec import Codec
 from ..core.errors import EcfsError, FragmentCorrupt, StoreError
+from ..core.events import REPAIR_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
 from ..core.tasks import wait_until_idle
@@ -170,6 +177,13 @@ class Repairer:
         self.clock = clock
         self.urgent = False
         self.counters = RepairCounters()
+        #: Where the end of a busy period is reported (REPAIR_FINISHED).
+        self.events = EventSink()
+        #: Called once per chunk found lost: (chunk id, inode, chunk index,
+        #: length, "repair", why); the volume turns it into an event.
+        self.on_unrecoverable: Callable[[int, int, int, int, str, str], None] | None = None
+        #: (clock, counters) when the queue last became busy (None: idle).
+        self._busy_since: tuple[float, RepairCounters] | None = None
         self.unrecoverable: dict[int, str] = {}
         #: Stores being drained: their fragments are moved, never kept (the
         #: placement's set itself: one truth for both).
@@ -303,11 +317,14 @@ class Repairer:
                 await self.refresh_usage()
             entries = self._due_entries()
             if not entries:
+                self._report_drained()
                 self._idle.set()
                 self._wakeup = trio.Event()
                 with trio.move_on_after(5.0):
                     await self._wakeup.wait()
                 continue
+            if self._busy_since is None:
+                self._busy_since = (self.clock(), dataclasses.replace(self.counters))
             self._idle = trio.Event()
             # Urgent: several chunks at once (their fragments are on
             # different stores' queues); otherwise one at a time, paced.
@@ -329,6 +346,30 @@ class Repairer:
             self._defer(entry.chunk_id)
         finally:
             limit.release_on_behalf_of(borrower)
+
+    def _report_drained(self) -> None:
+        """The queue has nothing due: a REPAIR_FINISHED event if the busy
+        period that ends repaired or checked anything (a chunk only put
+        off again, e.g. a lost one, is not news: it had its own event)."""
+        if self._busy_since is None:
+            return
+        started, before = self._busy_since
+        self._busy_since = None
+        now = self.counters
+        repaired = now.chunks_repaired - before.chunks_repaired
+        rebuilt = now.fragments_rebuilt - before.fragments_rebuilt
+        fine = now.chunks_checked_fine - before.chunks_checked_fine
+        if not (repaired or rebuilt or fine):
+            return
+        self.events.emit(
+            REPAIR_FINISHED,
+            f"repair queue drained: {repaired} chunks repaired ({rebuilt} fragments rebuilt),"
+            f" {fine} found fine, {len(self._deferred)} put off",
+            chunks_repaired=repaired, fragments_rebuilt=rebuilt, chunks_checked_fine=fine,
+            unrecoverable=now.unrecoverable - before.unrecoverable,
+            bytes_written=now.bytes_written - before.bytes_written,
+            deferred=len(self._deferred), seconds=round(self.clock() - started, 3),
+        )  # fmt: skip
 
     def _due_entries(self) -> list[RepairEntry]:
         now = self.clock()
@@ -470,6 +511,9 @@ class Repairer:
         )
         if ref.chunk_id not in self.unrecoverable:
             log.error("%s", message)
+            found = self.chunks.by_id(ref.chunk_id)
+            if found is not None and self.on_unrecoverable is not None:
+                self.on_unrecoverable(ref.chunk_id, found[0], found[1], ref.length, "repair", message)
         self.unrecoverable[ref.chunk_id] = message
         self.counters.unrecoverable += 1
         self._defer(ref.chunk_id)

@@ -15,6 +15,13 @@ bad replica is replaced from the working copy by the volume, which also
 checks the working copy itself. The findings are in
 `ScrubStatistics.metadata_findings` (store None: the working copy).
 
+Events (`ecfs.core.events`): SCRUB_FINDING for each chunk with a
+missing or corrupt fragment on an available store (a chunk whose only
+bad fragments are on failed stores is a finding, but no event: the store
+had its store-failed event, and a scrub must not send one per chunk), and
+each bad metadata copy; SCRUB_FINISHED with the counts at the end of every
+pass (stopped early or not), so that a hook can report once per scrub.
+
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
 unmount, crash) continues next time with the chunks verified longest ago.
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..core.errors import FragmentCorrupt, StoreError
+from ..core.events import SCRUB_FINDING, SCRUB_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import repair_priority
 from ..core.tasks import wait_until_idle
@@ -137,6 +145,10 @@ class Scrubber:
         self.on_queued = on_queued
         self.progress = ScrubProgress()
         self._cancel: trio.CancelScope | None = None
+        #: Where findings and the end of a pass are reported (events).
+        self.events = EventSink()
+        #: Inode -> its paths for a message (set by the volume).
+        self.paths_of: Callable[[int], str] = lambda ino: ""
 
     def statistics(self) -> ScrubStatistics:
         progress = self.progress
@@ -181,12 +193,15 @@ class Scrubber:
             progress.stopped_early = progress.chunks_done < progress.chunks_total
             progress.running = False
             progress.finished_ns = time.time_ns()
-        log.info(
-            "scrub: %d of %d chunks verified, %d findings",
-            progress.chunks_done,
-            progress.chunks_total,
-            len(progress.findings),
-        )
+        self.events.emit(
+            SCRUB_FINISHED,
+            f"{progress.chunks_done} of {progress.chunks_total} chunks verified,"
+            f" {len(progress.findings)} findings, {len(progress.metadata_findings)} in metadata"
+            + (" (stopped early)" if progress.stopped_early else ""),
+            chunks_verified=progress.chunks_done, chunks_total=progress.chunks_total,
+            findings=len(progress.findings), metadata_findings=len(progress.metadata_findings),
+            stopped_early=progress.stopped_early,
+        )  # fmt: skip
         return progress
 
     async def _pass(self, start_ns: int) -> None:
@@ -218,6 +233,11 @@ class Scrubber:
         self.progress.metadata_replicas_verified = count - len(bad_replicas)
         for index in sorted(problems, key=lambda i: -1 if i is None else i):
             self.progress.metadata_findings.append(MetadataFinding(index, problems[index]))
+            where = "the working copy" if index is None else f"the copy on store {index}"
+            self.events.emit(
+                SCRUB_FINDING, f"metadata: {where}: {problems[index]}",
+                reason=problems[index], store="" if index is None else index,
+            )  # fmt: skip
 
     def _commit(self, done: list[int]) -> None:
         if done:
@@ -235,10 +255,12 @@ class Scrubber:
         inode, idx, ref = found
         payload = self.layout.payload_length(ref.length)
         bad: list[int] = []
+        unavailable: list[int] = []
         reasons: list[str] = []
         for index, store in enumerate(ref.stores):
             if available_runner(self.runners, store) is None:
                 bad.append(index)
+                unavailable.append(index)
                 reasons.append(f"{index}: store unavailable")
                 continue
             try:
@@ -261,6 +283,16 @@ class Scrubber:
         self.progress.findings.append(
             ScrubFinding(chunk_id, inode, idx, tuple(bad), tuple(reasons))
         )
+        if len(unavailable) < len(bad):  # a failed store had its own event, not one per chunk
+            path = self.paths_of(inode)
+            offset = idx * self.layout.chunk_size
+            self.events.emit(
+                SCRUB_FINDING,
+                f"chunk {chunk_id:016x} of {path or 'an unlinked file'} (inode {inode}, offset"
+                f" {offset}): fragments {bad} bad, queued for repair ({'; '.join(reasons)})",
+                chunk=f"{chunk_id:016x}", inode=inode, path=path, offset=offset,
+                fragments=",".join(map(str, bad)), reason="; ".join(reasons),
+            )  # fmt: skip
         spare = self.layout.n - len(bad) - self.layout.k
         with self.db.transaction():
             self.queue.add(

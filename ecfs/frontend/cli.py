@@ -24,6 +24,7 @@ import click
 from .. import __version__
 from ..core import units
 from ..core.errors import EcfsError, VolumeError
+from ..core.events import JsonFormatter
 from ..data.placement import POLICIES, SPREAD
 from ..storage.s3store import is_s3_location
 from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
@@ -81,8 +82,12 @@ def open_log_file(path: str | os.PathLike[str], *, private: bool) -> Any:
         raise
 
 
+#: The text log format (`--log-format text`).
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _setup_logging(
-    level: str, log_file: str | None, volume_hint: str = ""
+    level: str, log_file: str | None, volume_hint: str = "", log_format: str = "text"
 ) -> Callable[[bool], None]:
     def setup(foreground: bool) -> None:
         handlers: list[logging.Handler] = []
@@ -99,12 +104,10 @@ def _setup_logging(
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = directory / f"mount{volume_hint}.log"
             handlers.append(logging.StreamHandler(open_log_file(path, private=True)))
-        logging.basicConfig(
-            level=getattr(logging, level.upper()),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            handlers=handlers,
-            force=True,
-        )
+        formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+        for handler in handlers:
+            handler.setFormatter(formatter)
+        logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True)
 
     return setup
 
@@ -228,7 +231,8 @@ def mkfs(
     "options",
     multiple=True,
     metavar="OPT[,OPT...]",
-    help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME, lease_seconds=N...",
+    help="Mount options: allow_other, noallow_other, ro, noatime, fsname=NAME, lease_seconds=N,"
+    " event_hook=PATH...",
 )
 @click.option(
     "--log-level",
@@ -243,6 +247,14 @@ def mkfs(
     " ~/.local/state/ecfs/mount.log, /var/log/ecfs/mount.log for root).",
 )
 @click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="'json': every log line is one JSON object (time, level, logger, message;"
+    " events add 'event' and their fields), for log shippers.",
+)
+@click.option(
     "--takeover",
     is_flag=True,
     help="Take over the lease of a volume with S3 stores that another host held"
@@ -255,6 +267,7 @@ def mount(
     options: tuple[str, ...],
     log_level: str,
     log_file: str | None,
+    log_format: str,
     takeover: bool,
     stores: tuple[str, ...],
     mountpoint: str,
@@ -292,7 +305,7 @@ def mount(
             mountpoint_path,
             parsed,
             foreground=foreground,
-            setup_logging=_setup_logging(log_level, log_file),
+            setup_logging=_setup_logging(log_level, log_file, log_format=log_format.lower()),
         )
     except VolumeError as exc:
         _fail(str(exc), 2)

@@ -2,8 +2,10 @@
 
 Owns: FUSE mount options, the process life cycle of a mount (fork once the
 mount is ready, report failures to the waiting parent), signals, the
-orderly shutdown after unmount, and `-o remount` (the kernel's flags of a
-running mount, see `remount`). Must not: contain filesystem logic.
+orderly shutdown after unmount, `-o remount` (the kernel's flags of a
+running mount, see `remount`), and starting the event hook runner
+(`-o event_hook=`, `ecfs.volume.hooks`) before the volume's tasks. Must
+not: contain filesystem logic.
 
 Life cycle: open the volume (blocking: stores, freshest metadata replica)
 -> pyfuse3.init (the kernel mount exists) -> trio: start background tasks,
@@ -45,12 +47,14 @@ import trio
 
 from ..core.errors import EcfsError, VolumeError
 from ..core.host import mount_at
+from ..core.tasks import supervised
 from ..core.units import parse_size
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
 from ..storage.store import MARKER_NAME
 from ..volume.assembly import Volume, expand_store_args
+from ..volume.hooks import DEFAULT_HOOK_TIMEOUT, HookRunner, check_hook
 from .fs import EcfsOperations
 from .metrics import MetricsEndpoint, parse_metrics_address
 
@@ -109,6 +113,10 @@ class MountOptions:
     takeover: bool = False
     #: (address, port) to serve Prometheus metrics on (`-o metrics=`); None: off.
     metrics: tuple[str, int] | None = None
+    #: The program run for each event (`-o event_hook=PATH`, see ecfs.volume.hooks).
+    event_hook: Path | None = None
+    #: Seconds an event hook may run before it is killed (`-o event_hook_timeout=`).
+    event_hook_timeout: float = DEFAULT_HOOK_TIMEOUT
 
     def fuse_options(self) -> set[str]:
         options = {f"fsname={self.fsname}", "subtype=ecfs", "default_permissions"} | self.fuse
@@ -149,6 +157,15 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                     options.metrics = parse_metrics_address(arg)
                 except ValueError as exc:
                     raise VolumeError(f"mount option {item!r}: {exc}") from None
+            elif name == "event_hook" and arg:
+                try:
+                    options.event_hook = check_hook(arg)
+                except ValueError as exc:
+                    raise VolumeError(f"mount option {item!r}: {exc}") from None
+            elif name == "event_hook_timeout" and arg:
+                options.event_hook_timeout = _option_number(item, float, arg)
+                if options.event_hook_timeout <= 0:
+                    raise VolumeError(f"mount option {item!r} must be positive")
             elif name in PASSTHROUGH_OPTIONS and not arg:
                 options.fuse.add(name)
             elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment=")):
@@ -333,6 +350,19 @@ def run_mount(
         os._exit(code)
 
 
+def check_pyfuse3() -> None:
+    """Warn when the installed pyfuse3 lacks the fallocate handler ecfs
+    patches in (a plain `pip install` of ecfs gets PyPI's pyfuse3): the
+    mount works, but fallocate(2) on it fails with EOPNOTSUPP."""
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        log.warning(
+            "pyfuse3 %s has no fallocate handler: fallocate(2) on this mount fails with"
+            " EOPNOTSUPP (posix_fallocate falls back to writing zeros); to fix, run"
+            " scripts/pyfuse3/install.sh %s from the ecfs source (see its README)",
+            getattr(pyfuse3, "__version__", "?"), sys.executable,
+        )  # fmt: skip
+
+
 def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -367,6 +397,10 @@ def _serve_process(
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
         volume.mountpoint = mountpoint
+        volume.events.mountpoint = str(mountpoint)
+        hooks = None
+        if options.event_hook is not None:
+            hooks = HookRunner(volume.events, options.event_hook, options.event_hook_timeout)
     except BaseException:
         if lease is not None:
             lease.release()
@@ -382,8 +416,9 @@ def _serve_process(
         except RuntimeError as exc:
             raise VolumeError(f"cannot mount on {mountpoint}: {exc}") from None
         log.info("mounted volume %s on %s", volume.volume_id, mountpoint)
+        check_pyfuse3()
         try:
-            trio.run(_serve, volume, mountpoint, ready, endpoint)
+            trio.run(_serve, volume, mountpoint, ready, endpoint, hooks)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -414,10 +449,13 @@ async def _serve(
     mountpoint: Path,
     ready: Callable[[str], None],
     endpoint: MetricsEndpoint | None = None,
+    hooks: HookRunner | None = None,
 ) -> None:
     if endpoint is not None:
         endpoint.attach(trio.lowlevel.current_trio_token())
     async with trio.open_nursery() as nursery:
+        if hooks is not None:  # first: events of the start (stores missing) are queued for it
+            await nursery.start(supervised, "event hooks", hooks.run)
         await volume.start(nursery)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_set_read_ahead_off_loop, mountpoint)

@@ -50,6 +50,9 @@ Health policy (kept deliberately simple):
   store slow from its first call on has a slow baseline and is never
   SLOW (expected_latency and the hedge deadline still reflect it).
   `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
+- Every change between available and FAILED (either way) calls
+  `on_health_change` (the volume's: it reports a store-failed or
+  store-back event, `ecfs.core.events`); a new reason while FAILED does not.
 
 Counters (`StoreStatistics`, for `ecfs iostat` and the Prometheus
 endpoint): monotonic counts of read and write operations and their bytes
@@ -296,6 +299,10 @@ class StoreRunner:
     `index` is the store's index in the volume; `store` the store object
     whose methods are passed to `call` (kept here so services find it).
     """
+
+    #: Called with the runner on each change between available and FAILED
+    #: (after the change; the volume turns it into an event, `ecfs.core.events`).
+    on_health_change: Callable[[StoreRunner], None] | None = None
 
     def __init__(
         self,
@@ -558,16 +565,22 @@ class StoreRunner:
 
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
+        was_available = self._failure is None
         self._failure = reason
+        if was_available and self.on_health_change is not None:
+            self.on_health_change(self)
 
     def mark_ok(self) -> None:
         """Clear FAILED and SLOW (e.g. after a successful probe); the fast
         EWMA starts again from the baseline: a store back from a hang is
         judged by its answers from now on, not by the late answers of the
         calls it hung on."""
+        was_failed = self._failure is not None
         self._failure = None
         self._slow = False
         self._ewma = self._baseline
+        if was_failed and self.on_health_change is not None:
+            self.on_health_change(self)
 
     async def probe(self) -> bool:
         """Run the store's cheap health check with a PROBE_TIMEOUT deadline.

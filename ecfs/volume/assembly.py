@@ -39,6 +39,13 @@ gets no more writes, loses its cached file descriptors and its metadata
 replica, and is marked ok again once a probe finds the same marker there
 (a root that moved, e.g. a disk mounted anew, is then pinned again).
 
+Events (`ecfs.core.events`): `events` is the volume's sink. The volume
+reports store-failed and store-back from every store's health changes
+(`StoreRunner.on_health_change`; also store-failed at `start` for each
+store missing at open) and chunk-unrecoverable once per chunk for file
+reads and the repairer (`chunk_unrecoverable`); the scrubber and the
+repairer emit their own. The mount runs the hook (`ecfs.volume.hooks`).
+
 The lease (volumes with S3 stores, see `ecfs.storage.lease`): the mount
 takes it before opening the volume and sets `lease`; `start` renews it in
 a background task. While it is not held (not renewed in time, or taken
@@ -67,6 +74,7 @@ import trio
 
 from ..core.codec import Codec
 from ..core.errors import EcfsError, FsError, StoreError, VolumeError
+from ..core.events import CHUNK_UNRECOVERABLE, STORE_BACK, STORE_FAILED, EventSink
 from ..core.geometry import Layout
 from ..core.tasks import guarded, supervised
 from ..data.damage import DamageRecorder
@@ -84,6 +92,7 @@ from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
+from ..storage.metadb.schema import ROOT_INODE
 from ..storage.metadb.stores import StoreTable
 from ..storage.metaobjects import (
     GatheredCopies,
@@ -349,6 +358,11 @@ class Volume:
         self.stores = stores
         self.store_table = StoreTable(db)
         self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
+        #: Events for alerting (`ecfs.core.events`); the mount sets its hook.
+        self.events = EventSink(self.volume_id)
+        #: Chunks reported unrecoverable by an event (once per chunk per mount).
+        self._reported_unrecoverable: set[int] = set()
+        self._watch_stores()
         self.codec = Codec(k, m)
         self.handles = HandleCache()
         policy = params.get(POLICY_KEY, SPREAD)
@@ -439,6 +453,9 @@ class Volume:
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
             wrong_class=self.placement.wrong_class,
         )
+        self.scrubber.events = self.repairer.events = self.events
+        self.scrubber.paths_of = self.paths_of
+        self.repairer.on_unrecoverable = self.filedata.on_unrecoverable = self.chunk_unrecoverable
         #: The last store change of this mount (see `start_store_change`).
         self.store_change: StoreChange | None = None
         self._devices = self.writer.device_of
@@ -738,6 +755,12 @@ class Volume:
         """Start the background tasks and finish crash recovery."""
         assert self.replicator is not None
         self._nursery = nursery
+        for index, path in sorted(self.store_table.paths().items()):
+            if index not in self.runners:  # missing at open: failed while unmounted
+                self.events.emit(
+                    STORE_FAILED, f"store {index} ({path}) is missing at mount",
+                    store=index, store_path=path, reason="missing at mount",
+                )  # fmt: skip
         await nursery.start(supervised, "metadata replication", self.replicator.run)
         self.garbage.load_leftovers()
         await nursery.start(supervised, "garbage collector", self.garbage.run)
@@ -1253,7 +1276,51 @@ class Volume:
         if self.store_change is not None:
             self.store_change = dataclasses.replace(self.store_change, message=message)
 
+    def _watch_stores(self) -> None:
+        """Turn every store's health changes into events (also the runners
+        a store change installed)."""
+        for runner in self.runners.values():
+            runner.on_health_change = self._store_health_changed
+
+    def _store_health_changed(self, runner: StoreRunner) -> None:
+        path = str(runner.store.path)
+        if runner.available:
+            self.events.emit(
+                STORE_BACK, f"store {runner.index} ({path}) is back",
+                store=runner.index, store_path=path,
+            )  # fmt: skip
+        else:
+            reason = runner.failure_reason or "unknown"
+            self.events.emit(
+                STORE_FAILED, f"store {runner.index} ({path}) failed: {reason}",
+                store=runner.index, store_path=path, reason=reason,
+            )  # fmt: skip
+
+    def paths_of(self, ino: int) -> str:
+        """The paths of inode `ino` for a message ("a or b"; "" if unlinked)."""
+        paths = self.filedata.inodes.paths_of(ino, ROOT_INODE)
+        return " or ".join(p.decode(errors="replace") for p in paths)
+
+    def chunk_unrecoverable(
+        self, chunk_id: int, ino: int, chunk_index: int, length: int, detected_by: str, reason: str
+    ) -> None:
+        """A reader or the repairer found fewer than k good fragments of
+        chunk `chunk_id`: the chunk-unrecoverable event, once per chunk."""
+        if chunk_id in self._reported_unrecoverable:
+            return
+        self._reported_unrecoverable.add(chunk_id)
+        path = self.paths_of(ino)
+        offset = chunk_index * self.layout.chunk_size
+        self.events.emit(
+            CHUNK_UNRECOVERABLE,
+            f"{path or 'an unlinked file'} (inode {ino}): bytes [{offset}, {offset + length})"
+            f" cannot be recovered: {reason}",
+            chunk=f"{chunk_id:016x}", inode=ino, path=path, offset=offset, length=length,
+            detected_by=detected_by, reason=reason,
+        )  # fmt: skip
+
     def _end_store_change(self, state: str, message: str) -> None:
+        self._watch_stores()
         if self.store_change is not None:
             self.store_change = dataclasses.replace(self.store_change, state=state, message=message)
 
