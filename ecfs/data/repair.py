@@ -35,6 +35,23 @@ write that fails is handed to the garbage collector's remembered
 deletions (see garbage); the fragments rebuilt meanwhile are recorded and
 the chunk stays queued for the others.
 
+Deadlines and skips (see `ecfs.data.background`): each chunk's repair
+runs under a deadline (`chunk_deadline`: the bytes it reads and writes at
+the measured repair rate, plus the stores' p95 latency per round trip,
+between `deadline_floor` and `deadline_ceiling`). A chunk that misses it,
+or whose repair fails (an EcfsError), is skipped: it stays queued, is
+logged and listed in the statistics (`skipped_chunks`: file and byte
+range) and is tried again after a backoff that doubles per failure
+(`skipped`, a `RetryBook`); the chunks behind it go on. What a chunk cut
+off by its deadline had written is handed to the garbage collector's
+remembered deletions (kept if a later repair refers to it). The queue is
+read page by page past deferred and skipped entries, so no number of them
+at its head can keep the rest waiting. `set_urgent` makes skipped chunks
+due again at once.
+
+Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
+gate before each chunk; a chunk under way is finished.
+
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
 MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
@@ -63,6 +80,16 @@ from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
+from .background import (
+    DEADLINE_CEILING,
+    DEADLINE_FLOOR,
+    SKIPPED_SHOWN,
+    BackgroundGate,
+    RetryBook,
+    SkippedChunk,
+    chunk_deadline,
+    locate_chunk,
+)
 from .garbage import ChunkPins, Garbage
 from .placement import Placement
 from .reader import Bytes, ChunkReader
@@ -81,6 +108,12 @@ MAX_STARVATION = 2.0
 RETRY_DELAY = 30.0
 #: Seconds a store stays failed before all its chunks are queued for rebuild.
 DEFAULT_REBUILD_AFTER = 900.0
+#: Queue entries read per page when looking for due ones, and taken per batch.
+PAGE = 256
+BATCH = 32
+#: Store round trips one chunk's repair makes one after another (suspect
+#: check, source reads, write, read back), for its deadline.
+ROUND_TRIPS = 4
 
 
 @dataclass(slots=True)
@@ -92,7 +125,7 @@ class RepairCounters:
     bytes_written: int = 0
     unrecoverable: int = 0
     deferred: int = 0
-
+    deadline_misses: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +143,10 @@ class RepairStatistics:
     The counters count since mount; `deferred` is how many queued chunks
     wait for a store to rebuild onto; `bytes_left` is what rebuilding the
     queue writes (file bytes scaled by n/k), `eta_seconds` that at the
-    current rate (None while the rate is 0)."""
+    current rate (None while the rate is 0). `skipped`: chunks given up for
+    now (missed their deadline or failed; retried with backoff), the first
+    SKIPPED_SHOWN of them in `skipped_chunks` with file and byte range;
+    `deadline_misses` counts deadlines missed since mount."""
 
     chunks_repaired: int
     chunks_checked_fine: int
@@ -127,6 +163,9 @@ class RepairStatistics:
     chunks: int
     bytes_left: int
     eta_seconds: int | None
+    skipped: int = 0
+    skipped_chunks: tuple[SkippedChunk, ...] = ()
+    deadline_misses: int = 0
 
 
 class Repairer:
@@ -150,8 +189,15 @@ class Repairer:
         rate: float = 0.0,
         rebuild_after: float = DEFAULT_REBUILD_AFTER,
         clock: Callable[[], float] = time.monotonic,
+        gate: BackgroundGate | None = None,
     ) -> None:
         self.db = db
+        #: Paused: the task waits before each chunk (see `ecfs.data.background`).
+        self.gate = gate if gate is not None else BackgroundGate()
+        #: Chunks skipped (deadline missed, or failed) and their backoff.
+        self.skipped = RetryBook(clock, what="repair")
+        self.deadline_floor = DEADLINE_FLOOR
+        self.deadline_ceiling = DEADLINE_CEILING
         self.chunks = ChunkTable(db)
         self.queue = RepairQueue(db)
         self.layout = layout
@@ -202,6 +248,7 @@ class Repairer:
         self.urgent = urgent
         self._parallel.total_tokens = URGENT_PARALLEL if urgent else 1
         self._deferred.clear()
+        self.skipped.retry_now()
         self._refresh_first = True
         self.poke()
 
@@ -244,6 +291,9 @@ class Repairer:
             chunks=sum(e.chunks for e in queue.values()),
             bytes_left=bytes_left,
             eta_seconds=round(bytes_left / rate) if rate else None,
+            skipped=len(self.skipped),
+            skipped_chunks=self.skipped.entries(SKIPPED_SHOWN),
+            deadline_misses=counters.deadline_misses,
         )
 
     def unrecoverable_chunks(self) -> tuple[str, ...]:
@@ -305,7 +355,8 @@ class Repairer:
             if not entries:
                 self._idle.set()
                 self._wakeup = trio.Event()
-                with trio.move_on_after(5.0):
+                retry = self.skipped.next_due_in()
+                with trio.move_on_after(5.0 if retry is None else min(5.0, retry + 0.01)):
                     await self._wakeup.wait()
                 continue
             self._idle = trio.Event()
@@ -314,6 +365,7 @@ class Repairer:
             limit = self._parallel
             async with trio.open_nursery() as nursery:
                 for entry in entries:
+                    await self.gate.wait_running()
                     await self._pace()
                     borrower = object()
                     await limit.acquire_on_behalf_of(borrower)
@@ -325,15 +377,43 @@ class Repairer:
         try:
             await self.repair_chunk(entry)
         except EcfsError as exc:
-            log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
-            self._defer(entry.chunk_id)
+            self._skip(entry.chunk_id, f"failed: {exc}")
         finally:
             limit.release_on_behalf_of(borrower)
 
     def _due_entries(self) -> list[RepairEntry]:
+        """Up to BATCH entries to repair now, most urgent first, read page
+        by page past the deferred and skipped ones (never stuck behind them)."""
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
-        return [e for e in self.queue.next_batch(256) if e.chunk_id not in self._deferred][:32]
+        due: list[RepairEntry] = []
+        offset = 0
+        while len(due) < BATCH:
+            page = self.queue.next_batch(PAGE, offset)
+            due += [
+                e for e in page if e.chunk_id not in self._deferred and self.skipped.due(e.chunk_id)
+            ]
+            if len(page) < PAGE:
+                break
+            offset += PAGE
+        return due[:BATCH]
+
+    def _skip(self, chunk_id: int, reason: str) -> None:
+        """Give the chunk up for now (see the module docstring)."""
+        place = locate_chunk(self.db, self.layout.chunk_size, chunk_id)
+        self.skipped.skip(chunk_id, place, reason)
+
+    def chunk_deadline(self, ref: ChunkRef) -> float:
+        """Seconds the repair of `ref` may take (see the module docstring)."""
+        payload = self.layout.payload_length(ref.length)
+        latency = max(
+            (r.statistics().latency_p95 for r in self.runners.values() if r.available),
+            default=0.0,
+        )
+        return chunk_deadline(
+            payload * (self.layout.n + self.layout.m), self._rate_ewma, ROUND_TRIPS * latency,
+            floor=self.deadline_floor, ceiling=self.deadline_ceiling,
+        )  # fmt: skip
 
     def _defer(self, chunk_id: int) -> None:
         self._deferred[chunk_id] = self.clock() + RETRY_DELAY
@@ -356,17 +436,31 @@ class Repairer:
         if found is None:
             with self.db.transaction():
                 self.queue.remove(entry.chunk_id)
+            self.skipped.done(entry.chunk_id)
             return
         _, _, ref = found
         started = self.clock()
+        deadline = self.chunk_deadline(ref)
+        stores = _RepairStores(self)
         self.pins.pin(ref.chunk_id)
         try:
-            written = await self._repair(ref, entry.bad, entry.reason)
+            # Nothing awaits between the metadata switch and the end of
+            # `_repair`: a cut-off repair never committed.
+            with trio.move_on_after(deadline) as scope:
+                written = await self._repair(ref, entry.bad, entry.reason, stores)
         finally:
             self.pins.unpin(ref.chunk_id)
+        if scope.cancelled_caught:
+            self.counters.deadline_misses += 1
+            stores.remember(stores.touched)  # whatever landed: deleted unless referred to
+            self._skip(ref.chunk_id, f"not repaired within its deadline of {deadline:.1f} s")
+            return
+        self.skipped.done(ref.chunk_id)
         await self._throttle(written, self.clock() - started)
 
-    async def _repair(self, ref: ChunkRef, bad_mask: int, reason: str) -> int:
+    async def _repair(
+        self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
+    ) -> int:
         layout = self.layout
         payload = layout.payload_length(ref.length)
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
@@ -405,7 +499,8 @@ class Repairer:
                 self._give_up(ref, broken)
             return 0
         done = await rebuild_fragments(
-            self.db, layout, self.codec, self.volume_id, self.placement, _RepairStores(self),
+            self.db, layout, self.codec, self.volume_id, self.placement,
+            stores if stores is not None else _RepairStores(self),
             ref, good, broken,
             reason=reason if reason in REPAIR_REASONS else "store-failed",
         )  # fmt: skip
@@ -481,6 +576,8 @@ class _RepairStores:
 
     def __init__(self, repairer: Repairer) -> None:
         self.repairer = repairer
+        #: Fragment files written (or being written) for this chunk.
+        self.touched: list[tuple[int, int, int]] = []
 
     async def replace_fragment(
         self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
@@ -491,6 +588,7 @@ class _RepairStores:
         runner = repairer.runners[store]
         repairer.handles.discard((store, chunk_id, index))
         size = sum(len(p) for p in parts)
+        self.touched.append((store, chunk_id, index))
         await runner.call(runner.store.delete_fragment, chunk_id, index)
         return await runner.call(
             runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size
