@@ -320,3 +320,45 @@ def test_pause_and_resume_are_refused_together(volume: MountedVolume) -> None:
     assert json.loads(os.getxattr(volume.mountpoint, "user.ecfs.status"))["background"]["paused"]
     os.setxattr(volume.mountpoint, "user.ecfs.control", b"resume")
     assert not status(volume)["background"]["paused"]
+
+
+def test_status_json_text_and_metrics_show_the_pause_and_skipped_chunks() -> None:
+    import dataclasses
+
+    from ecfs.data.background import BackgroundStatistics, SkippedChunk
+    from ecfs.frontend.metrics import render_prometheus
+    from ecfs.frontend.render import render_status
+    from ecfs.volume.status import from_json, to_json
+    from tests.test_status import example_status
+
+    base = example_status()
+    skipped = tuple(
+        SkippedChunk(100 + i, 7, i, "/photos/a.jpg" if i else "", i * 4096, (i + 1) * 4096, 1 + i,
+                     "not repaired within its deadline of 10.0 s", 1_800_000_000 * 10**9)
+        for i in range(7)
+    )  # fmt: skip
+    record = dataclasses.replace(
+        base,
+        repair=dataclasses.replace(
+            base.repair, skipped=7, skipped_chunks=skipped, deadline_misses=9
+        ),
+        background=BackgroundStatistics(True, 1_800_000_000 * 10**9, "alice@host"),
+    )
+    assert from_json(json.loads(json.dumps(to_json(record)))) == record
+    text = render_status(record)
+    assert (
+        "background work: paused on purpose since 2027-01-15 08:00:00 UTC by alice@host" in text
+    )
+    assert "repair: 3 chunks queued" in text and "(paused)" in text
+    assert "skipped: 7 chunks (failed or missed their deadline; retried with backoff)" in text
+    assert "inode 7 (unlinked) bytes [0, 4096): not repaired within its deadline" in text
+    assert "/photos/a.jpg bytes [4096, 8192)" in text and "2 failures" in text
+    assert "[20480, 24576)" not in text  # the first five only
+    metrics = render_prometheus(record)
+    assert "ecfs_background_paused 1.0" in metrics
+    assert "ecfs_background_paused_since_timestamp_seconds 1.8e+09" in metrics
+    assert "ecfs_repair_skipped_chunks 7.0" in metrics
+    assert "ecfs_repair_deadline_misses_total 9.0" in metrics
+    running = render_status(base)
+    assert "background work: running" in running and "(paused)" not in running
+    assert "ecfs_background_paused_since" not in render_prometheus(base)
