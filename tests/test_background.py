@@ -57,6 +57,7 @@ def test_the_retry_book_backs_off_exponentially_up_to_its_cap() -> None:
     assert book.due(1)
     assert book.skip(1, None, "slower") == 20.0  # the place is kept
     assert book.skip(1, None, "slower") == 35.0  # capped
+    assert book.failures(1) == 3 and book.failures(2) == 0
     [entry] = book.entries()
     assert (entry.path, entry.start, entry.stop, entry.failures) == ("/a/b", 2048, 3072, 3)
     assert entry.reason == "slower" and len(book) == 1 and book.skips == 3
@@ -125,6 +126,12 @@ async def test_a_poisoned_chunk_is_skipped_while_the_1000_behind_it_are_repaired
         with trio.fail_after(60):
             while repairer.statistics().skipped_chunks[0].failures < 2:  # noqa: ASYNC110
                 await trio.sleep(0.1)
+        # Its next deadline is longer too (slow is not stuck).
+        repairer.deadline_floor, repairer.deadline_ceiling = 5.0, 100.0
+        failures = repairer.skipped.failures(poisoned.chunk_id)
+        assert repairer.chunk_deadline(poisoned) == min(100.0, 5.0 * 2**failures)
+        assert repairer.chunk_deadline(refs[0]) == 5.0  # type: ignore[arg-type]
+        repairer.deadline_floor = repairer.deadline_ceiling = 1.0
         for store in rig.stores:
             store.heal()
         with trio.fail_after(60):

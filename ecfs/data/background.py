@@ -29,7 +29,8 @@ between a floor and a ceiling) or fails is skipped: the task goes on with
 the chunks behind it, and the chunk is logged and listed in `ecfs status`
 with its file (the path resolved from the inode) and byte range, and tried
 again after a backoff that doubles with each failure (RETRY_BASE up to
-RETRY_CAP). The book lives in memory: after a remount every chunk still in
+RETRY_CAP), with a deadline that doubles too (up to the ceiling): a volume
+that is merely slower than the floor assumes still gets each chunk done. The book lives in memory: after a remount every chunk still in
 the queue is tried again at once.
 
 Concurrency: everything runs on the trio thread; `pause`/`resume` commit a
@@ -263,6 +264,11 @@ class RetryBook:
         """Whether the chunk may be worked on now (never skipped, or its backoff is over)."""
         entry = self._entries.get(chunk_id)
         return entry is None or entry.retry_at <= self.clock()
+
+    def failures(self, chunk_id: int) -> int:
+        """How often the chunk was skipped in a row (0: never, or done since)."""
+        entry = self._entries.get(chunk_id)
+        return 0 if entry is None else entry.failures
 
     def next_due_in(self) -> float | None:
         """Seconds until the next skipped chunk is due (None: none waits)."""

@@ -38,7 +38,8 @@ the chunk stays queued for the others.
 Deadlines and skips (see `ecfs.data.background`): each chunk's repair
 runs under a deadline (`chunk_deadline`: the bytes it reads and writes at
 the measured repair rate, plus the stores' p95 latency per round trip,
-between `deadline_floor` and `deadline_ceiling`). A chunk that misses it,
+between `deadline_floor`, doubled for each time the chunk was skipped in a
+row, and `deadline_ceiling`). A chunk that misses it,
 or whose repair fails (an EcfsError), is skipped: it stays queued, is
 logged and listed in the statistics (`skipped_chunks`: file and byte
 range) and is tried again after a backoff that doubles per failure
@@ -410,9 +411,12 @@ class Repairer:
             (r.statistics().latency_p95 for r in self.runners.values() if r.available),
             default=0.0,
         )
+        # Doubled per skip in a row: slow is not stuck (the rate is only
+        # measured by repairs that finish).
+        floor = self.deadline_floor * 2 ** self.skipped.failures(ref.chunk_id)
         return chunk_deadline(
             payload * (self.layout.n + self.layout.m), self._rate_ewma, ROUND_TRIPS * latency,
-            floor=self.deadline_floor, ceiling=self.deadline_ceiling,
+            floor=min(floor, self.deadline_ceiling), ceiling=self.deadline_ceiling,
         )  # fmt: skip
 
     def _defer(self, chunk_id: int) -> None:
