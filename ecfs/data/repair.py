@@ -47,8 +47,8 @@ range) and is tried again after a backoff that doubles per failure
 off by its deadline had written is handed to the garbage collector's
 remembered deletions (kept if a later repair refers to it). The queue is
 read page by page past deferred and skipped entries, so no number of them
-at its head can keep the rest waiting. `set_urgent` makes skipped chunks
-due again at once.
+at its head can keep the rest waiting. `set_urgent` and `retry_deferred`
+(a store back) make skipped chunks due again at once.
 
 Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
 gate before each chunk; a chunk under way is finished.
@@ -255,9 +255,11 @@ class Repairer:
 
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
-        put off (for RETRY_DELAY) because they had nowhere to go."""
-        if self._deferred:
+        put off (for RETRY_DELAY) because they had nowhere to go, and the
+        skipped ones (their failure may have been that store's)."""
+        if self._deferred or self.skipped:
             self._deferred.clear()
+            self.skipped.retry_now()
             self.poke()
 
     @property
