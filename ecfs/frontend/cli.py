@@ -627,14 +627,20 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, mountpoint: str)
         client,
         "repairing",
         lambda s: (max(0, start - s.repair.chunks), max(start, 1)),
-        lambda s: (s.repair.chunks == 0 or s.repair.deferred >= s.repair.chunks)
+        lambda s: (s.repair.chunks == 0 or s.repair.deferred + s.repair.skipped >= s.repair.chunks)
         and not s.repair.busy,
     )
-    left = final.repair.chunks
+    left, skipped = final.repair.chunks, final.repair.skipped
     click.echo(
         f"repair: {final.repair.fragments_rebuilt} fragments rebuilt;"
-        f" {left} chunks still queued" + (" (waiting for a store to rebuild onto)" if left else "")
+        f" {left} chunks still queued"
+        + (" (waiting for a store to rebuild onto" if left else "")
+        + (f", or skipped: {skipped} failed or missed their deadline" if left and skipped else "")
+        + (")" if left else "")
     )
+    for chunk in final.repair.skipped_chunks:
+        name = chunk.path or f"inode {chunk.inode} (unlinked)"
+        click.echo(f"SKIPPED: {name} bytes [{chunk.start}, {chunk.stop}): {chunk.reason}")
     for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
     sys.exit(1 if final.unrecoverable else 0)
