@@ -369,3 +369,31 @@ def test_status_json_text_and_metrics_show_the_pause_and_skipped_chunks() -> Non
     running = render_status(base)
     assert "background work: running" in running and "(paused)" not in running
     assert "ecfs_background_paused_since" not in render_prometheus(base)
+
+
+@pytest.mark.trio
+async def test_paused_garbage_still_deletes_past_its_backlog(tmp_path: Path) -> None:
+    """Paused, replaced versions wait, but never more than BACKLOG of them:
+    the space they hold must not pile up while paused."""
+    from ecfs.data.garbage import BACKLOG
+
+    rig = make_rig(tmp_path)
+    volume = rig.volume
+    refs = [rig.put_chunk(bytes(pattern(i, 1000)), chunk_id=(1 << 20) + i) for i in range(BACKLOG + 40)]
+    volume.background_gate.pause("test")
+    volume.garbage.discard(refs, 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(volume.garbage.run)
+        with trio.fail_after(60):
+            while volume.garbage.pending > BACKLOG:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        assert volume.garbage.pending == BACKLOG  # the rest waits for the resume
+        assert rig.memory[0].fragment(refs[-1].chunk_id, 0) is not None
+        volume.background_gate.resume()
+        with trio.fail_after(60):
+            while volume.garbage.pending:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert not any(m.list_fragments() for m in rig.memory)
+    volume.close()
