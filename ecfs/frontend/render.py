@@ -51,6 +51,7 @@ def render_status(status: VolumeStatus) -> str:
         lines.append(f"can lose {tolerance} more store{'s' if tolerance != 1 else ''} without losing data")
     else:
         lines.append("SOME DATA IS UNREADABLE until missing stores come back")
+    lines.append(render_background(status.background))
     lines.append("")
     stores = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name in ("store", "state", "p50", "p95", "queue", "errors", "fragments", "used", "free"):
@@ -118,7 +119,6 @@ def render_status(status: VolumeStatus) -> str:
             f"scrub: last pass verified {scrub.chunks_done}/{scrub.chunks_total} chunks,"
             f" {scrub.finding_count} findings"
         )
-    lines.append(render_background(status.background))
     log = status.write_log
     lines.append(
         f"small-write log: {log.records} records, {format_size(log.bytes)} in {log.chunks}"
