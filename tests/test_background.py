@@ -397,3 +397,31 @@ async def test_paused_garbage_still_deletes_past_its_backlog(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
     assert not any(m.list_fragments() for m in rig.memory)
     volume.close()
+
+
+@pytest.mark.trio
+async def test_the_queue_is_read_past_many_skipped_chunks(tmp_path: Path) -> None:
+    """300 skipped entries at the head of the queue (more than one look
+    used to read) do not keep the chunk behind them waiting."""
+    rig = make_rig(tmp_path)
+    volume = rig.volume
+    await volume.refresh_usage()
+    ref = await rig.store_file(bytes(pattern(3, CHUNK)))
+    rig.memory[ref.stores[2]].delete_fragment(ref.chunk_id, 2)
+    queue = RepairQueue(volume.db)
+    ahead = range(1 << 40, (1 << 40) + 300)
+    with volume.db.transaction():
+        for chunk_id in ahead:
+            queue.add(chunk_id, "scrub", 0, time.time_ns(), bad=1, demand=0)
+        queue.add(ref.chunk_id, "scrub", 1, time.time_ns(), bad=1 << 2, demand=0)
+    for chunk_id in ahead:
+        volume.repairer.skipped.skip(chunk_id, None, "test")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(volume.repairer.run)
+        with trio.fail_after(30):
+            while queue.contains(ref.chunk_id):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert volume.repairer.counters.fragments_rebuilt == 1
+    assert all(queue.contains(chunk_id) for chunk_id in ahead)  # still waiting their turn
+    volume.close()

@@ -46,8 +46,8 @@ range) and is tried again after a backoff that doubles per failure
 (`skipped`, a `RetryBook`); the chunks behind it go on. What a chunk cut
 off by its deadline had written is handed to the garbage collector's
 remembered deletions (kept if a later repair refers to it). The queue is
-read page by page past deferred and skipped entries, so no number of them
-at its head can keep the rest waiting. `set_urgent` and `retry_deferred`
+read past the deferred and skipped entries (up to LOOKAHEAD of them), so
+they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
 (a store back) make skipped chunks due again at once.
 
 Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
@@ -64,6 +64,7 @@ expected latency, i.e. latency x queue depth: the least busy survivors).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -109,9 +110,10 @@ MAX_STARVATION = 2.0
 RETRY_DELAY = 30.0
 #: Seconds a store stays failed before all its chunks are queued for rebuild.
 DEFAULT_REBUILD_AFTER = 900.0
-#: Queue entries read per page when looking for due ones, and taken per batch.
-PAGE = 256
+#: Queue entries taken per batch, and at most how many deferred or skipped
+#: entries a look at the queue reads past (one query, one sort).
 BATCH = 32
+LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
@@ -385,21 +387,18 @@ class Repairer:
             limit.release_on_behalf_of(borrower)
 
     def _due_entries(self) -> list[RepairEntry]:
-        """Up to BATCH entries to repair now, most urgent first, read page
-        by page past the deferred and skipped ones (never stuck behind them)."""
+        """Up to BATCH entries to repair now, most urgent first, read past
+        the deferred and skipped ones (never stuck behind them: as many
+        entries are read as can be left out, up to LOOKAHEAD)."""
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
-        due: list[RepairEntry] = []
-        offset = 0
-        while len(due) < BATCH:
-            page = self.queue.next_batch(PAGE, offset)
-            due += [
-                e for e in page if e.chunk_id not in self._deferred and self.skipped.due(e.chunk_id)
-            ]
-            if len(page) < PAGE:
-                break
-            offset += PAGE
-        return due[:BATCH]
+        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped))
+        due = (
+            e
+            for e in self.queue.next_batch(BATCH + excluded)
+            if e.chunk_id not in self._deferred and self.skipped.due(e.chunk_id)
+        )
+        return list(itertools.islice(due, BATCH))
 
     def _skip(self, chunk_id: int, reason: str) -> None:
         """Give the chunk up for now (see the module docstring)."""

@@ -342,15 +342,14 @@ class RepairQueue:
             )
         ]
 
-    def next_batch(self, limit: int = 64, offset: int = 0) -> list[RepairEntry]:
-        """The most urgent entries: priority, then demand, then age (after
-        skipping the first `offset`)."""
+    def next_batch(self, limit: int = 64) -> list[RepairEntry]:
+        """The most urgent entries: priority, then demand, then age."""
         return [
             RepairEntry(int(a), str(b), int(c), int(d), int(e))
             for a, b, c, d, e in self.db.query(
                 "SELECT chunk_id, reason, priority, demand, bad FROM repair_queue"
-                " ORDER BY priority, demand DESC, enqueued_ns, chunk_id LIMIT ? OFFSET ?",
-                (limit, offset),
+                " ORDER BY priority, demand DESC, enqueued_ns LIMIT ?",
+                (limit,),
             )
         ]
 
