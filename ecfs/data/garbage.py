@@ -28,6 +28,12 @@ a gap in foreground activity, at most PATIENCE seconds per chunk), as
 deleting a replaced 1 GiB file's fragments competed with the writes that
 replaced it; past BACKLOG chunks waiting it deletes at full speed, so that
 space held by garbage cannot pile up under a steady load.
+
+Pause (`ecfs repair --pause`, see `ecfs.data.background.BackgroundGate`):
+the background collector waits at the gate before each chunk version and
+before retrying remembered deletions, except past BACKLOG chunks waiting
+(space must not pile up while paused either). `collect()` without `paced`
+(unmount, tests) ignores the gate.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
 from ..storage.offload import StoreRunner, available_runner
+from .background import BackgroundGate
 from .writer import delete_fragment
 
 log = logging.getLogger(__name__)
@@ -101,9 +108,11 @@ class Garbage:
         durable_generation: Callable[[], int],
         last_foreground: Callable[[], float] = lambda: 0.0,
         db: Database | None = None,
+        gate: BackgroundGate | None = None,
     ) -> None:
         """`db`: where deletions that must wait are remembered (None: they
-        are only logged, and left for fsck)."""
+        are only logged, and left for fsck); `gate`: the volume's pause switch."""
+        self.gate = gate if gate is not None else BackgroundGate()
         self.runners = runners
         self.handles = handles
         self.pins = pins
@@ -214,6 +223,8 @@ class Garbage:
         to foreground requests, see the module docstring), and retry the
         remembered deletions."""
         await self._collect_versions(paced)
+        if paced:
+            await self.gate.wait_running()
         await self.retry_leftovers()
 
     async def _collect_versions(self, paced: bool) -> None:
@@ -228,6 +239,7 @@ class Garbage:
                 self._pending.rotate(-1)  # not yet: keep it for a later pass
                 continue
             if paced and len(self._pending) <= BACKLOG:
+                await self.gate.wait_running()
                 await wait_until_idle(self.last_foreground, IDLE_GAP, PATIENCE)
                 if not self._pending or self._pending[0][1] is not ref:
                     continue  # taken meanwhile

@@ -40,6 +40,24 @@ after a busy period that repaired or checked chunks, REPAIR_FINISHED
 with that period's counts; a chunk found lost goes to `on_unrecoverable`
 (the volume's chunk-unrecoverable event), once per chunk.
 
+Deadlines and skips (see `ecfs.data.background`): each chunk's repair
+runs under a deadline (`chunk_deadline`: the bytes it reads and writes at
+the measured repair rate, plus the stores' p95 latency per round trip,
+between `deadline_floor`, doubled for each time the chunk was skipped in a
+row, and `deadline_ceiling`). A chunk that misses it,
+or whose repair fails (an EcfsError), is skipped: it stays queued, is
+logged and listed in the statistics (`skipped_chunks`: file and byte
+range) and is tried again after a backoff that doubles per failure
+(`skipped`, a `RetryBook`); the chunks behind it go on. What a chunk cut
+off by its deadline had written is handed to the garbage collector's
+remembered deletions (kept if a later repair refers to it). The queue is
+read past the deferred and skipped entries (up to LOOKAHEAD of them), so
+they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
+(a store back) make skipped chunks due again at once.
+
+Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
+gate before each chunk; a chunk under way is finished.
+
 Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
 has been seen for IDLE_GAP seconds (but at least one chunk every
 MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
@@ -52,6 +70,7 @@ expected latency, i.e. latency x queue depth: the least busy survivors).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -70,6 +89,16 @@ from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
+from .background import (
+    DEADLINE_CEILING,
+    DEADLINE_FLOOR,
+    SKIPPED_SHOWN,
+    BackgroundGate,
+    RetryBook,
+    SkippedChunk,
+    chunk_deadline,
+    locate_chunk,
+)
 from .garbage import ChunkPins, Garbage
 from .placement import Placement
 from .reader import Bytes, ChunkReader
@@ -88,6 +117,13 @@ MAX_STARVATION = 2.0
 RETRY_DELAY = 30.0
 #: Seconds a store stays failed before all its chunks are queued for rebuild.
 DEFAULT_REBUILD_AFTER = 900.0
+#: Queue entries taken per batch, and at most how many deferred or skipped
+#: entries a look at the queue reads past (one query, one sort).
+BATCH = 32
+LOOKAHEAD = 100_000
+#: Store round trips one chunk's repair makes one after another (suspect
+#: check, source reads, write, read back), for its deadline.
+ROUND_TRIPS = 4
 
 
 @dataclass(slots=True)
@@ -99,7 +135,7 @@ class RepairCounters:
     bytes_written: int = 0
     unrecoverable: int = 0
     deferred: int = 0
-
+    deadline_misses: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +153,10 @@ class RepairStatistics:
     The counters count since mount; `deferred` is how many queued chunks
     wait for a store to rebuild onto; `bytes_left` is what rebuilding the
     queue writes (file bytes scaled by n/k), `eta_seconds` that at the
-    current rate (None while the rate is 0)."""
+    current rate (None while the rate is 0). `skipped`: chunks given up for
+    now (missed their deadline or failed; retried with backoff), the first
+    SKIPPED_SHOWN of them in `skipped_chunks` with file and byte range;
+    `deadline_misses` counts deadlines missed since mount."""
 
     chunks_repaired: int
     chunks_checked_fine: int
@@ -134,6 +173,9 @@ class RepairStatistics:
     chunks: int
     bytes_left: int
     eta_seconds: int | None
+    skipped: int = 0
+    skipped_chunks: tuple[SkippedChunk, ...] = ()
+    deadline_misses: int = 0
 
 
 class Repairer:
@@ -157,8 +199,15 @@ class Repairer:
         rate: float = 0.0,
         rebuild_after: float = DEFAULT_REBUILD_AFTER,
         clock: Callable[[], float] = time.monotonic,
+        gate: BackgroundGate | None = None,
     ) -> None:
         self.db = db
+        #: Paused: the task waits before each chunk (see `ecfs.data.background`).
+        self.gate = gate if gate is not None else BackgroundGate()
+        #: Chunks skipped (deadline missed, or failed) and their backoff.
+        self.skipped = RetryBook(clock, what="repair")
+        self.deadline_floor = DEADLINE_FLOOR
+        self.deadline_ceiling = DEADLINE_CEILING
         self.chunks = ChunkTable(db)
         self.queue = RepairQueue(db)
         self.layout = layout
@@ -216,14 +265,17 @@ class Repairer:
         self.urgent = urgent
         self._parallel.total_tokens = URGENT_PARALLEL if urgent else 1
         self._deferred.clear()
+        self.skipped.retry_now()
         self._refresh_first = True
         self.poke()
 
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
-        put off (for RETRY_DELAY) because they had nowhere to go."""
-        if self._deferred:
+        put off (for RETRY_DELAY) because they had nowhere to go, and the
+        skipped ones (their failure may have been that store's)."""
+        if self._deferred or self.skipped:
             self._deferred.clear()
+            self.skipped.retry_now()
             self.poke()
 
     @property
@@ -258,6 +310,9 @@ class Repairer:
             chunks=sum(e.chunks for e in queue.values()),
             bytes_left=bytes_left,
             eta_seconds=round(bytes_left / rate) if rate else None,
+            skipped=len(self.skipped),
+            skipped_chunks=self.skipped.entries(SKIPPED_SHOWN),
+            deadline_misses=counters.deadline_misses,
         )
 
     def unrecoverable_chunks(self) -> tuple[str, ...]:
@@ -320,7 +375,8 @@ class Repairer:
                 self._report_drained()
                 self._idle.set()
                 self._wakeup = trio.Event()
-                with trio.move_on_after(5.0):
+                retry = self.skipped.next_due_in()
+                with trio.move_on_after(5.0 if retry is None else min(5.0, retry + 0.01)):
                     await self._wakeup.wait()
                 continue
             if self._busy_since is None:
@@ -331,6 +387,7 @@ class Repairer:
             limit = self._parallel
             async with trio.open_nursery() as nursery:
                 for entry in entries:
+                    await self.gate.wait_running()
                     await self._pace()
                     borrower = object()
                     await limit.acquire_on_behalf_of(borrower)
@@ -342,8 +399,7 @@ class Repairer:
         try:
             await self.repair_chunk(entry)
         except EcfsError as exc:
-            log.warning("repair of chunk %016x failed: %s", entry.chunk_id, exc)
-            self._defer(entry.chunk_id)
+            self._skip(entry.chunk_id, f"failed: {exc}")
         finally:
             limit.release_on_behalf_of(borrower)
 
@@ -372,9 +428,38 @@ class Repairer:
         )  # fmt: skip
 
     def _due_entries(self) -> list[RepairEntry]:
+        """Up to BATCH entries to repair now, most urgent first, read past
+        the deferred and skipped ones (never stuck behind them: as many
+        entries are read as can be left out, up to LOOKAHEAD)."""
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
-        return [e for e in self.queue.next_batch(256) if e.chunk_id not in self._deferred][:32]
+        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped))
+        due = (
+            e
+            for e in self.queue.next_batch(BATCH + excluded)
+            if e.chunk_id not in self._deferred and self.skipped.due(e.chunk_id)
+        )
+        return list(itertools.islice(due, BATCH))
+
+    def _skip(self, chunk_id: int, reason: str) -> None:
+        """Give the chunk up for now (see the module docstring)."""
+        place = locate_chunk(self.db, self.layout.chunk_size, chunk_id)
+        self.skipped.skip(chunk_id, place, reason)
+
+    def chunk_deadline(self, ref: ChunkRef) -> float:
+        """Seconds the repair of `ref` may take (see the module docstring)."""
+        payload = self.layout.payload_length(ref.length)
+        latency = max(
+            (r.statistics().latency_p95 for r in self.runners.values() if r.available),
+            default=0.0,
+        )
+        # Doubled per skip in a row: slow is not stuck (the rate is only
+        # measured by repairs that finish).
+        floor = self.deadline_floor * 2 ** self.skipped.failures(ref.chunk_id)
+        return chunk_deadline(
+            payload * (self.layout.n + self.layout.m), self._rate_ewma, ROUND_TRIPS * latency,
+            floor=min(floor, self.deadline_ceiling), ceiling=self.deadline_ceiling,
+        )  # fmt: skip
 
     def _defer(self, chunk_id: int) -> None:
         self._deferred[chunk_id] = self.clock() + RETRY_DELAY
@@ -397,17 +482,31 @@ class Repairer:
         if found is None:
             with self.db.transaction():
                 self.queue.remove(entry.chunk_id)
+            self.skipped.done(entry.chunk_id)
             return
         _, _, ref = found
         started = self.clock()
+        deadline = self.chunk_deadline(ref)
+        stores = _RepairStores(self)
         self.pins.pin(ref.chunk_id)
         try:
-            written = await self._repair(ref, entry.bad, entry.reason)
+            # Nothing awaits between the metadata switch and the end of
+            # `_repair`: a cut-off repair never committed.
+            with trio.move_on_after(deadline) as scope:
+                written = await self._repair(ref, entry.bad, entry.reason, stores)
         finally:
             self.pins.unpin(ref.chunk_id)
+        if scope.cancelled_caught:
+            self.counters.deadline_misses += 1
+            stores.remember(stores.touched)  # whatever landed: deleted unless referred to
+            self._skip(ref.chunk_id, f"not repaired within its deadline of {deadline:.1f} s")
+            return
+        self.skipped.done(ref.chunk_id)
         await self._throttle(written, self.clock() - started)
 
-    async def _repair(self, ref: ChunkRef, bad_mask: int, reason: str) -> int:
+    async def _repair(
+        self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
+    ) -> int:
         layout = self.layout
         payload = layout.payload_length(ref.length)
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
@@ -446,7 +545,8 @@ class Repairer:
                 self._give_up(ref, broken)
             return 0
         done = await rebuild_fragments(
-            self.db, layout, self.codec, self.volume_id, self.placement, _RepairStores(self),
+            self.db, layout, self.codec, self.volume_id, self.placement,
+            stores if stores is not None else _RepairStores(self),
             ref, good, broken,
             reason=reason if reason in REPAIR_REASONS else "store-failed",
         )  # fmt: skip
@@ -525,6 +625,8 @@ class _RepairStores:
 
     def __init__(self, repairer: Repairer) -> None:
         self.repairer = repairer
+        #: Fragment files written (or being written) for this chunk.
+        self.touched: list[tuple[int, int, int]] = []
 
     async def replace_fragment(
         self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
@@ -535,6 +637,7 @@ class _RepairStores:
         runner = repairer.runners[store]
         repairer.handles.discard((store, chunk_id, index))
         size = sum(len(p) for p in parts)
+        self.touched.append((store, chunk_id, index))
         await runner.call(runner.store.delete_fragment, chunk_id, index)
         return await runner.call(
             runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size

@@ -22,6 +22,11 @@ had its store-failed event, and a scrub must not send one per chunk), and
 each bad metadata copy; SCRUB_FINISHED with the counts at the end of every
 pass (stopped early or not), so that a hook can report once per scrub.
 
+Pause (`ecfs repair --pause`, see `ecfs.data.background.BackgroundGate`):
+the pass waits at the gate before each chunk (the chunk being verified is
+finished); a scrub started while paused waits there too (the CLI says so
+instead of waiting, see `ecfs scrub`).
+
 Resumable and incremental: each verified chunk gets `verified_ns = now`
 (committed every BATCH chunks), so a scrub that is stopped (max duration,
 unmount, crash) continues next time with the chunks verified longest ago.
@@ -44,6 +49,7 @@ from ..core.tasks import wait_until_idle
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
+from .background import BackgroundGate
 from .reader import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -126,13 +132,16 @@ class Scrubber:
         verify_metadata: Callable[[], Awaitable[dict[int | None, str]]] | None = None,
         replica_count: Callable[[], int] = lambda: 0,
         wrong_class: Callable[[Sequence[int]], list[int]] = lambda stores: [],
+        gate: BackgroundGate | None = None,
     ) -> None:
         """`verify_metadata()` verifies the live metadata replicas (and
         replaces bad ones) and the working copy (store index, None for the
         working copy -> problem); `replica_count()` is how many replicas it
         looks at; `wrong_class(stores)`: the fragments of a chunk on a store
-        of the wrong class (`ecfs.data.placement.Placement.wrong_class`)."""
+        of the wrong class (`ecfs.data.placement.Placement.wrong_class`);
+        `gate`: the volume's pause switch."""
         self.db = db
+        self.gate = gate if gate is not None else BackgroundGate()
         self.wrong_class = wrong_class
         self.verify_metadata = verify_metadata
         self.replica_count = replica_count
@@ -186,6 +195,7 @@ class Scrubber:
             with trio.CancelScope() as self._cancel:
                 if max_duration is not None:
                     self._cancel.deadline = trio.current_time() + max_duration
+                await self.gate.wait_running()
                 await self._verify_metadata()
                 await self._pass(start_ns)
         finally:  # also after a bug: a scrub that ended never shows "running"
@@ -215,6 +225,7 @@ class Scrubber:
                     break
                 for verified_ns, chunk_id in rows:
                     cursor = (verified_ns, chunk_id)
+                    await self.gate.wait_running()
                     await self._pace()
                     await self._verify_chunk(chunk_id)
                     done.append(chunk_id)

@@ -95,6 +95,14 @@ too: a segment is reused only once all of its records are dead, so a few
 old records could hold many; past SPACE_FACTOR x `limit` of segments, the
 fold task folds the chunks with the oldest records first.
 
+Pause (`ecfs repair --pause`, see `ecfs.data.background.BackgroundGate`):
+the fold task stops folding and re-creating copies (a fold under way is
+finished), except the folds that keep the segments' space bounded (past
+SPACE_FACTOR x `limit`). Writers never wait for the gate: a writer whose
+append takes the log over its limit folds what it needs itself
+(`make_room`), paused or not, and a patch too big to log is written as a
+whole chunk as always; unmount folds everything as always.
+
 Owns: the in-memory index of logged ranges (`LoggedChunk` per chunk,
 loaded at mount) and the live records' data, which records are live, the
 fold policy and its statistics. Must not: speak SQL (see metadb.writelog),
@@ -133,6 +141,7 @@ from ..core.tasks import wait_until_idle
 from ..storage.metadb.database import Database
 from ..storage.metadb.writelog import WriteLogTable
 from ..storage.store import Store
+from .background import BackgroundGate
 from .logfiles import LogFiles, Place, Record
 
 log = logging.getLogger(__name__)
@@ -308,8 +317,11 @@ class WriteLog:
         limit: int = LOG_LIMIT,
         fold_idle: float = FOLD_IDLE,
         clock: Callable[[], float] = time.monotonic,
+        gate: BackgroundGate | None = None,
     ) -> None:
         self.db = db
+        #: The volume's pause switch (the fold task only; see the module docstring).
+        self.gate = gate if gate is not None else BackgroundGate()
         self.table = WriteLogTable(db)
         self.files = files
         self.wait_durable = wait_durable
@@ -675,6 +687,10 @@ class WriteLog:
             copies_made=self._copies_made,
         )
 
+    def poke(self) -> None:
+        """Wake the fold task (e.g. after background work was resumed)."""
+        self._wakeup.set()
+
     def chunks(self) -> list[tuple[int, int]]:
         """Every (inode, idx) with records."""
         return list(self._chunks)
@@ -691,11 +707,15 @@ class WriteLog:
         ]
         return over + idle + self._pinning()
 
+    def _space_over(self) -> bool:
+        """Whether the segments take more than SPACE_FACTOR x limit on the stores."""
+        return self.files is not None and self.files.space()[1] > SPACE_FACTOR * self.limit
+
     def _pinning(self) -> list[tuple[int, int]]:
         """When the segments take more than SPACE_FACTOR x limit on the
         stores (a few records can keep whole segments from being reused):
         the chunks with the oldest records, which hold the oldest segments."""
-        if self.files is None or self.files.space()[1] <= SPACE_FACTOR * self.limit:
+        if not self._space_over():
             return []
         oldest = sorted(self._chunks, key=lambda k: self._chunks[k].records[0][0])
         return oldest[:PINNING_FOLDS]
@@ -748,8 +768,16 @@ class WriteLog:
             with trio.move_on_after(FOLD_POLL):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self.upkeep()
-            for key in self._due():
+            if self.gate.paused:
+                if self.files is not None and self._space_over():
+                    await self.files.trim()  # free segments count too
+                due = self._pinning()  # only what bounds the segments' space
+            else:
+                await self.upkeep()
+                due = self._due()
+            for key in due:
+                if self.gate.paused and not self._space_over():
+                    break  # paused meanwhile: the rest waits for the resume
                 if not self.has(*key):
                     continue
                 if not self.over_limit:

@@ -496,6 +496,7 @@ def _watch(
     status = _run_client(client.status)
     if not sys.stderr.isatty():
         while not done(status):
+            _fail_if_paused(status)
             time.sleep(poll)
             status = _run_client(client.status)
         return status
@@ -503,6 +504,7 @@ def _watch(
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
         shown = 0
         while not done(status):
+            _fail_if_paused(status)
             current, total = progress(status)
             bar.length = max(total, 1)
             bar.update(max(0, current - shown))
@@ -511,6 +513,19 @@ def _watch(
             status = _run_client(client.status)
         bar.update(max(0, bar.length - shown))
     return status
+
+
+def _fail_if_paused(status: Any) -> None:
+    """Exit 1 saying so when background work is paused on purpose (a
+    scrub or repair would wait until `ecfs repair --resume`)."""
+    if status.background.paused:
+        from .render import render_background
+
+        _fail(
+            render_background(status.background).replace("background work: ", "background work is ")
+            + "; nothing is scrubbed or repaired until then",
+            1,
+        )
 
 
 @main.command()
@@ -587,7 +602,9 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
 
     seconds = _duration(max_duration)
     client = _client(mountpoint)
-    before = _run_client(client.status).scrub.started_ns
+    first = _run_client(client.status)
+    _fail_if_paused(first)
+    before = first.scrub.started_ns
     _run_client(lambda: client.command("scrub" + (f" {seconds}" if seconds else "")))
     final = _watch(
         client,
@@ -605,12 +622,41 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
 @main.command()
 @click.option("--wait", is_flag=True, help="Show progress until the repair queue is empty.")
 @click.option("--normal", is_flag=True, help="Go back to repairing only when the volume is idle.")
+@click.option(
+    "--pause",
+    is_flag=True,
+    help="Pause all background work (repair, scrub, restripe, small-write log folds, garbage"
+    " deletion) until --resume, across unmount and mount.",
+)
+@click.option("--resume", is_flag=True, help="Resume background work paused with --pause.")
 @click.argument("mountpoint")
-def repair(wait: bool, normal: bool, mountpoint: str) -> None:
+def repair(wait: bool, normal: bool, pause: bool, resume: bool, mountpoint: str) -> None:
     """Make background repair urgent (full speed, even while files are
     being used); with --wait, follow it until nothing is left to repair.
-    Exit status 1 if some data cannot be recovered."""
+    Exit status 1 if some data cannot be recovered, or if background work
+    is paused (see --pause)."""
+    if pause + resume + wait + normal > 1 and (pause or resume):
+        raise click.UsageError("--pause and --resume go alone")
     client = _client(mountpoint)
+    if pause or resume:
+        import getpass
+        import shlex
+        import socket
+
+        if pause:
+            try:
+                user = getpass.getuser()
+            except (OSError, KeyError):
+                user = f"uid {os.getuid()}"
+            who = f"{user}@{socket.gethostname()}"
+            _run_client(lambda: client.command(f"pause {shlex.quote(who)}"))
+            click.echo("background work paused (until `ecfs repair --resume`)")
+        else:
+            _run_client(lambda: client.command("resume"))
+            click.echo("background work resumed")
+        return
+    if not normal:
+        _fail_if_paused(_run_client(client.status))
     _run_client(lambda: client.command("repair normal" if normal else "repair urgent"))
     if not wait:
         return
@@ -619,14 +665,20 @@ def repair(wait: bool, normal: bool, mountpoint: str) -> None:
         client,
         "repairing",
         lambda s: (max(0, start - s.repair.chunks), max(start, 1)),
-        lambda s: (s.repair.chunks == 0 or s.repair.deferred >= s.repair.chunks)
+        lambda s: (s.repair.chunks == 0 or s.repair.deferred + s.repair.skipped >= s.repair.chunks)
         and not s.repair.busy,
     )
-    left = final.repair.chunks
+    left, skipped = final.repair.chunks, final.repair.skipped
     click.echo(
         f"repair: {final.repair.fragments_rebuilt} fragments rebuilt;"
-        f" {left} chunks still queued" + (" (waiting for a store to rebuild onto)" if left else "")
+        f" {left} chunks still queued"
+        + (" (waiting for a store to rebuild onto" if left else "")
+        + (f", or skipped: {skipped} failed or missed their deadline" if left and skipped else "")
+        + (")" if left else "")
     )
+    for chunk in final.repair.skipped_chunks:
+        name = chunk.path or f"inode {chunk.inode} (unlinked)"
+        click.echo(f"SKIPPED: {name} bytes [{chunk.start}, {chunk.stop}): {chunk.reason}")
     for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
     sys.exit(1 if final.unrecoverable else 0)

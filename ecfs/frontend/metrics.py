@@ -167,6 +167,22 @@ METRICS: tuple[Metric, ...] = (
     ),
     _m("ecfs_repair_bytes_read_total", "counter", "Bytes repair read from stores."),
     _m("ecfs_repair_bytes_written_total", "counter", "Bytes repair wrote to stores."),
+    _m(
+        "ecfs_repair_skipped_chunks",
+        "gauge",
+        "Chunks whose repair failed or missed its deadline, waiting to be retried.",
+    ),
+    _m("ecfs_repair_deadline_misses_total", "counter", "Chunk repairs cut off by their deadline."),
+    _m(
+        "ecfs_background_paused",
+        "gauge",
+        "1 while background work is paused on purpose (`ecfs repair --pause`), else 0.",
+    ),
+    _m(
+        "ecfs_background_paused_since_timestamp_seconds",
+        "gauge",
+        "When background work was paused (absent while running).",
+    ),
     _m("ecfs_scrub_running", "gauge", "1 while a scrub runs."),
     _m("ecfs_scrub_chunks", "gauge", "Chunks in the current or last scrub pass."),
     _m("ecfs_scrub_chunks_done", "gauge", "Of them, chunks verified so far."),
@@ -277,6 +293,8 @@ _REPAIR = {
     "chunks_checked_fine": "ecfs_repair_chunks_checked_fine_total",
     "bytes_read": "ecfs_repair_bytes_read_total",
     "bytes_written": "ecfs_repair_bytes_written_total",
+    "skipped": "ecfs_repair_skipped_chunks",
+    "deadline_misses": "ecfs_repair_deadline_misses_total",
 }
 _SCRUB = {
     "running": "ecfs_scrub_running",
@@ -365,6 +383,9 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
         yield "ecfs_repair_queue_chunks", {"reason": reason}, entry.chunks
         yield "ecfs_repair_queue_bytes", {"reason": reason}, entry.bytes
     yield from _fields(status.repair, _REPAIR)
+    yield "ecfs_background_paused", {}, status.background.paused
+    if status.background.paused:
+        yield "ecfs_background_paused_since_timestamp_seconds", {}, status.background.since_ns / 1e9
     metadata = status.metadata
     yield "ecfs_metadata_generation", {}, metadata.generation
     if metadata.durable_generation is not None:

@@ -14,8 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.units import format_size
+from ..data.background import BackgroundStatistics, format_time
 from ..data.scrub import ScrubStatistics
 from ..volume.status import VolumeStatus
+
+#: Skipped chunks `ecfs status` lists (the JSON record holds more).
+SKIPPED_LISTED = 5
 
 #: Columns rich may use: more than any table needs, so nothing is folded or
 #: cut (a long store path stays whole and greppable; tables are not expanded).
@@ -47,6 +51,7 @@ def render_status(status: VolumeStatus) -> str:
         lines.append(f"can lose {tolerance} more store{'s' if tolerance != 1 else ''} without losing data")
     else:
         lines.append("SOME DATA IS UNREADABLE until missing stores come back")
+    lines.append(render_background(status.background))
     lines.append("")
     stores = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name in ("store", "state", "p50", "p95", "queue", "errors", "fragments", "used", "free"):
@@ -84,6 +89,7 @@ def render_status(status: VolumeStatus) -> str:
             f" rebuild, {format_size(repair.rate_bytes_per_s)}/s"
             + (f", about {eta} s left" if eta is not None else "")
             + (" (urgent)" if repair.urgent else "")
+            + (" (paused)" if status.background.paused else "")
         )
         for reason, entry in sorted(repair.queue.items()):
             lines.append(f"  {reason:15} {entry.chunks:>8} chunks {format_size(entry.bytes):>10}")
@@ -93,6 +99,18 @@ def render_status(status: VolumeStatus) -> str:
         f"  rebuilt so far: {repair.fragments_rebuilt} fragments,"
         f" {format_size(repair.bytes_written)}"
     )
+    if repair.skipped:
+        lines.append(
+            f"  skipped: {repair.skipped} chunks (failed or missed their deadline;"
+            " retried with backoff)"
+        )
+        for chunk in repair.skipped_chunks[:SKIPPED_LISTED]:
+            name = chunk.path or f"inode {chunk.inode} (unlinked)"
+            lines.append(
+                f"    {name} bytes [{chunk.start}, {chunk.stop}): {chunk.reason};"
+                f" {chunk.failures} failure{'s' if chunk.failures != 1 else ''},"
+                f" next try {format_time(chunk.retry_ns)}"
+            )
     scrub = status.scrub
     if scrub.running:
         lines.append(f"scrub: running, {scrub.chunks_done}/{scrub.chunks_total} chunks")
@@ -119,6 +137,17 @@ def render_status(status: VolumeStatus) -> str:
     for message in status.unrecoverable:
         lines.append(f"UNRECOVERABLE: {message}")
     return "\n".join(lines)
+
+
+def render_background(background: BackgroundStatistics) -> str:
+    """One line: paused on purpose (since when, by whom), or running."""
+    if not background.paused:
+        return "background work: running"
+    by = f" by {background.by}" if background.by else ""
+    return (
+        f"background work: paused on purpose since {format_time(background.since_ns)}{by}"
+        " (repair, scrub, restripe, folds and garbage deletion wait; `ecfs repair --resume`)"
+    )
 
 
 def render_scrub(scrub: ScrubStatistics) -> str:

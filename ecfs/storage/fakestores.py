@@ -270,7 +270,8 @@ class FaultyStore:
       every other call raises StoreError.
 
     `ops` limits a fault to some operations (see OPERATIONS); the others
-    pass through. While a fault affects reads, `read_fragment_cached`
+    pass through. `chunks` limits it to the fragment calls of those chunk
+    ids (a "poisoned" chunk); every other call passes through. While a fault affects reads, `read_fragment_cached`
     misses (nothing of a sick store is at hand), except in "corrupt",
     where it serves the corrupted bytes. `calls` counts calls per
     operation, `hanging` the calls blocked now.
@@ -282,6 +283,7 @@ class FaultyStore:
         self.mode = "ok"
         self.delay = 0.0
         self.ops: frozenset[str] = OPERATIONS
+        self.chunks: frozenset[int] | None = None
         self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         self.hanging = 0
         self._released = threading.Event()
@@ -290,8 +292,16 @@ class FaultyStore:
     def __repr__(self) -> str:
         return f"FaultyStore({self.inner!r}, mode={self.mode})"
 
-    def set(self, mode: str, *, delay: float = 0.0, ops: Collection[str] | None = None) -> None:
-        """Switch to `mode` (one of MODES), for operations `ops` (default all)."""
+    def set(
+        self,
+        mode: str,
+        *,
+        delay: float = 0.0,
+        ops: Collection[str] | None = None,
+        chunks: Collection[int] | None = None,
+    ) -> None:
+        """Switch to `mode` (one of MODES), for operations `ops` (default
+        all) on chunks `chunks` (default all)."""
         if mode not in MODES:
             raise ValueError(f"unknown fault mode {mode!r}")
         unknown = set(ops or ()) - OPERATIONS
@@ -301,17 +311,18 @@ class FaultyStore:
             self.mode = mode
             self.delay = delay
             self.ops = frozenset(ops) if ops else OPERATIONS
+            self.chunks = frozenset(chunks) if chunks is not None else None
             released, self._released = self._released, threading.Event()
         released.set()  # calls hanging in the previous mode go on
 
     def heal(self) -> None:
         self.set("ok")
 
-    def _fault(self, op: str) -> str:
+    def _fault(self, op: str, chunk_id: int | None = None) -> str:
         """Count the call, apply hang/slow, and return the mode in force."""
         with self._lock:
             self.calls[op] += 1
-            mode = self.mode if op in self.ops else "ok"
+            mode = self.mode if op in self.ops and self._affects(chunk_id) else "ok"
             released = self._released
             delay = self.delay
         if mode == "hang":
@@ -331,6 +342,9 @@ class FaultyStore:
         if mode == "gone" and op != "read":
             raise StoreError(f"{self.path}: {op}: No such device")
         return mode
+
+    def _affects(self, chunk_id: int | None) -> bool:
+        return self.chunks is None or chunk_id in self.chunks
 
     @property
     def holds_log_segments(self) -> bool:
@@ -388,13 +402,13 @@ class FaultyStore:
         return self.inner.fragment_relpath(chunk_id, index)
 
     def write_fragment(self, chunk_id: int, index: int, parts: FragmentParts) -> int:
-        if self._fault("write") == "enospc":
+        if self._fault("write", chunk_id) == "enospc":
             name = fragment_relpath(chunk_id, index)
             raise NoSpace(f"cannot write fragment {self.path}/{name}: No space left on device")
         return self.inner.write_fragment(chunk_id, index, parts)
 
     def read_fragment(self, chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
-        mode = self._fault("read")
+        mode = self._fault("read", chunk_id)
         if mode == "gone":
             name = fragment_relpath(chunk_id, index)
             raise FragmentMissing(f"fragment missing: {self.path}/{name}")
@@ -407,7 +421,7 @@ class FaultyStore:
         self, chunk_id: int, index: int, offset: int, dest: memoryview
     ) -> bool:
         with self._lock:
-            mode = self.mode if "read" in self.ops else "ok"
+            mode = self.mode if "read" in self.ops and self._affects(chunk_id) else "ok"
         if mode not in ("ok", "corrupt", "enospc"):
             return False
         if not self.inner.read_fragment_cached(chunk_id, index, offset, dest):
@@ -417,19 +431,19 @@ class FaultyStore:
         return True
 
     def prefetch(self, chunk_id: int, index: int, offset: int, length: int) -> None:
-        if self._fault("read") == "gone":
+        if self._fault("read", chunk_id) == "gone":
             name = fragment_relpath(chunk_id, index)
             raise FragmentMissing(f"fragment missing: {self.path}/{name}")
         self.inner.prefetch(chunk_id, index, offset, length)
 
     def fragment_size_on_disk(self, chunk_id: int, index: int) -> int:
-        if self._fault("read") == "gone":
+        if self._fault("read", chunk_id) == "gone":
             name = fragment_relpath(chunk_id, index)
             raise FragmentMissing(f"fragment missing: {self.path}/{name}")
         return self.inner.fragment_size_on_disk(chunk_id, index)
 
     def delete_fragment(self, chunk_id: int, index: int) -> None:
-        self._fault("delete")
+        self._fault("delete", chunk_id)
         self.inner.delete_fragment(chunk_id, index)
 
     def iter_fragments(self) -> Iterator[tuple[int, int]]:

@@ -77,6 +77,7 @@ from ..core.errors import EcfsError, FsError, StoreError, VolumeError
 from ..core.events import CHUNK_UNRECOVERABLE, STORE_BACK, STORE_FAILED, EventSink
 from ..core.geometry import Layout
 from ..core.tasks import guarded, supervised
+from ..data.background import BackgroundGate
 from ..data.damage import DamageRecorder
 from ..data.filedata import FileData
 from ..data.garbage import ChunkPins, Garbage
@@ -370,6 +371,10 @@ class Volume:
             raise VolumeError(f"the metadata names an unknown placement policy {policy!r}")
         self.placement = Placement(self.runners, remote=self.is_remote, policy=policy, k=k)
         self.pins = ChunkPins()
+        #: Pauses all background work (persisted; see `ecfs.data.background`):
+        #: repair, scrub, folds, garbage, and restripe wait at it per chunk.
+        self.background_gate = BackgroundGate(db)
+        self.background_gate.on_resume = self._background_resumed
         self.namespace = Namespace(db)
         self.writer = ChunkWriter(
             self.layout,
@@ -398,6 +403,7 @@ class Volume:
             self._durable_generation,
             lambda: self.filedata.last_activity,
             db,
+            gate=self.background_gate,
         )
         self.writer.on_abandoned = self.garbage.remember
         self.writelog = WriteLog(
@@ -411,6 +417,7 @@ class Volume:
                 self.placement.draining,
             ),
             wait_durable=self._wait_durable,
+            gate=self.background_gate,
         )
         self.filedata = FileData(
             self.layout,
@@ -439,6 +446,7 @@ class Volume:
             uuid.UUID(self.volume_id).bytes,
             lambda: self.filedata.last_activity,
             lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
+            gate=self.background_gate,
         )
         self.damage.on_queued = self.repairer.poke
         self.repairer.refresh_usage = self.refresh_usage
@@ -452,6 +460,7 @@ class Volume:
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
             wrong_class=self.placement.wrong_class,
+            gate=self.background_gate,
         )
         self.scrubber.events = self.repairer.events = self.events
         self.scrubber.paths_of = self.paths_of
@@ -1103,6 +1112,7 @@ class Volume:
             store_change=self.store_change,
             lease=self.lease.statistics() if self.lease is not None else None,
             placement=self.placement.policy,
+            background=self.background_gate.statistics(),
         )
 
     def _store_status(
@@ -1223,12 +1233,22 @@ class Volume:
             self.scrubber.stop()
         elif command.verb == "repair":
             self.repairer.set_urgent(command.urgent)
+        elif command.verb == "pause":
+            self.background_gate.pause(command.by)
+        elif command.verb == "resume":
+            self.background_gate.resume()
         elif command.verb == "store-replace":
             self.start_store_change("replace", command.old, command.new)
         elif command.verb == "store-add":
             self.start_store_change("add", None, command.new, command.placement)
         else:
             self.start_store_change("remove", command.old, None)
+
+    def _background_resumed(self) -> None:
+        """Background work was resumed: wake the tasks that sleep."""
+        self.repairer.poke()
+        self.garbage.poke()
+        self.writelog.poke()
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:

@@ -18,7 +18,9 @@ or clean up, and the kernel tells the daemon who asks):
 * setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
   "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
   "store-replace OLD NEW", "store-add NEW [spread|hybrid]" (with a placement
-  policy to switch to), "store-remove OLD".
+  policy to switch to), "store-remove OLD", "pause [WHO]" (pause all
+  background work, persisted until "resume"; WHO: who asked, e.g.
+  user@host, shown in the status), "resume".
 
 Only root and the user who mounted may use them (checked in `fs`).
 Every argument is validated before anything starts (`parse_command`):
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Longest scrub duration accepted (seconds; ~31 years: "no limit" is no argument).
 MAX_SCRUB_SECONDS = 1e9
+#: Longest WHO of "pause WHO" (printable text, shown in the status).
+MAX_WHO = 200
 #: How a store is named in store-replace OLD / store-remove OLD besides a
 #: path: its index in the store table, or its store id (a UUID in hex).
 _STORE_INDEX = re.compile(r"[0-9]{1,9}")
@@ -61,9 +65,9 @@ class Command:
 
     verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
     (urgent), "store-replace" (old, new), "store-add" (new, placement: a
-    policy to switch to, or None), "store-remove" (old). `new` is always an
-    absolute path or an s3:// location; `old` that, a store index or a
-    store id."""
+    policy to switch to, or None), "store-remove" (old), "pause" (by: who
+    asked, or ""), "resume". `new` is always an absolute path or an s3://
+    location; `old` that, a store index or a store id."""
 
     verb: str
     seconds: float | None = None
@@ -71,6 +75,7 @@ class Command:
     old: str | None = None
     new: str | None = None
     placement: str | None = None
+    by: str = ""
 
 
 def parse_command(text: str) -> Command:
@@ -85,7 +90,8 @@ def parse_command(text: str) -> Command:
         raise _refused(text, "it is empty")
     verb, args = words[0], words[1:]
     arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
-             "store-add": (1, 2), "store-remove": (1, 1)}  # fmt: skip
+             "store-add": (1, 2), "store-remove": (1, 1), "pause": (0, 1),
+             "resume": (0, 0)}  # fmt: skip
     if verb not in arity:
         raise _refused(text, f"unknown command {verb!r}")
     low, high = arity[verb]
@@ -105,6 +111,11 @@ def parse_command(text: str) -> Command:
         return Command(verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None)
     if verb == "store-remove":
         return Command(verb, old=_old_store(text, args[0]))
+    if verb == "pause":
+        by = args[0] if args else ""
+        if len(by) > MAX_WHO or not by.isprintable():
+            raise _refused(text, f"who paused must be printable text of at most {MAX_WHO} characters")
+        return Command(verb, by=by)
     return Command(verb)
 
 

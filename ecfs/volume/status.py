@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.model import NO_STORE
+from ..data.background import BackgroundStatistics
 from ..data.garbage import GarbageStatistics
 from ..data.reader import ReadStatistics
 from ..data.repair import RepairStatistics
@@ -141,6 +142,8 @@ class VolumeStatus:
     lease: LeaseStatistics | None = None
     #: The placement policy (`ecfs.data.placement`: "spread" or "hybrid").
     placement: str = "spread"
+    #: Background work paused on purpose (`ecfs repair --pause`), since when, by whom.
+    background: BackgroundStatistics = dataclasses.field(default_factory=BackgroundStatistics)
 
 
 @dataclass(frozen=True, slots=True)

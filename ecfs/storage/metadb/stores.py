@@ -27,6 +27,10 @@ class StoreTable:
             (key, value),
         )
 
+    def delete_param(self, key: str) -> None:
+        """Remove volume parameter `key` (nothing if absent)."""
+        self.db.write("DELETE FROM volume WHERE key = ?", (key,))
+
     def paths(self) -> dict[int, str]:
         """index -> the path the store was last seen at ('' if never)."""
         return {int(i): str(p) for i, p in self.db.query("SELECT idx, path FROM stores")}
