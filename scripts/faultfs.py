@@ -16,6 +16,20 @@ missing or empty file means ``ok``):
     slow:MS   every operation is delayed by MS milliseconds
     gone      every operation fails with ENOENT (a vanished directory)
 
+Any mode but ``ok`` may be limited to some paths: ``MODE@GLOB`` (e.g.
+``hang@frags/*/00ab*.1``, ``eio@*.2``) applies MODE only to operations on
+a path that matches GLOB, every other operation passes through. GLOB is
+matched (`fnmatch.fnmatchcase`: ``*`` also matches ``/``) against the
+path relative to SOURCE, without a leading slash; the root is ``.``. An
+operation's path is its target's: the new entry of lookup, create, mknod,
+mkdir, symlink and link; the entry removed or renamed (either name) by
+unlink, rmdir and rename; the file or directory of the others, for those
+on an open file (read, write, fsync...) the file's name(s) when it was
+opened (a file with several names matches if one does; an open file
+unlinked since matches nothing); statfs is on the root. So a test can
+make one chunk's fragment files hang while the rest of the store, its
+marker, probes and metadata, answers.
+
 The control file is checked every CONTROL_POLL seconds (mtime, size and
 inode) and re-read when it changed. Before a mode other than ``ok`` takes
 effect, the kernel's page cache of every file faultfs has seen is
@@ -46,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import functools
 import os
 import signal
@@ -55,7 +70,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +80,7 @@ from ecfs.core.host import mount_at  # noqa: E402  (the mount-table helper; no e
 
 CONTROL_POLL = 0.05  # seconds between checks of the control file
 INVALIDATE_TIMEOUT = 2.0  # seconds to wait for the page-cache invalidation
-MODES = ("ok", "hang", "eio", "enospc", "slow:MS", "gone")
+MODES = ("ok", "hang", "eio", "enospc", "slow:MS", "gone", "MODE@GLOB")
 
 STAT_FIELDS = (
     "st_mode st_nlink st_uid st_gid st_rdev st_size st_blksize st_blocks"
@@ -84,25 +99,37 @@ class Mode:
 
     name: str  # ok, hang, eio, enospc, slow, gone
     delay: float = 0.0  # seconds, for slow
+    glob: str | None = None  # MODE@GLOB: only paths matching it (None: all)
 
     @classmethod
     def parse(cls, text: str) -> Mode:
-        word = text.strip().lower()
+        spec, at, glob = text.strip().partition("@")
+        word = spec.lower()
+        if at and (not glob or word in ("", "ok")):
+            raise ValueError(f"bad mode {text.strip()!r} (MODE@GLOB: a mode but ok, and a glob)")
         if word in ("", "ok"):
             return cls("ok")
         if word in ("hang", "eio", "enospc", "gone"):
-            return cls(word)
+            return cls(word, glob=glob or None)
         if word.startswith("slow:"):
             try:
                 ms = float(word[5:])
             except ValueError:
                 ms = -1.0
             if ms >= 0:
-                return cls("slow", ms / 1000)
+                return cls("slow", ms / 1000, glob or None)
         raise ValueError(f"unknown mode {text.strip()!r} (expected one of {', '.join(MODES)})")
 
+    def applies_to(self, paths: Iterable[str]) -> bool:
+        """Whether the mode affects an operation on `paths` (relative to
+        the source; see the module docstring)."""
+        if self.glob is None:
+            return True
+        return any(fnmatch.fnmatchcase(path, self.glob) for path in paths)
+
     def __str__(self) -> str:
-        return f"slow:{self.delay * 1000:g}" if self.name == "slow" else self.name
+        word = f"slow:{self.delay * 1000:g}" if self.name == "slow" else self.name
+        return word if self.glob is None else f"{word}@{self.glob}"
 
 
 # --- the filesystem (imports pyfuse3 and trio only when it runs) -------------
@@ -138,11 +165,13 @@ def make_operations(source: str, control: str) -> Any:
             self.mode_changed = trio.Event()
 
         # --- faults ---------------------------------------------------------
-        async def gate(self, op: str) -> None:
-            """Apply the current mode to operation `op` before it runs."""
+        async def gate(self, op: str, paths: Iterable[bytes] = ()) -> None:
+            """Apply the current mode to operation `op` on `paths` (see
+            `known`) before it runs."""
+            paths = tuple(paths)
             while True:
                 mode = self.mode
-                if mode.name == "ok":
+                if mode.name == "ok" or not mode.applies_to(self.relative(p) for p in paths):
                     return
                 if mode.name == "hang":
                     await self.mode_changed.wait()
@@ -158,12 +187,35 @@ def make_operations(source: str, control: str) -> Any:
                     raise pyfuse3.FUSEError(errno.ENOSPC)
                 return
 
-        async def gate_release(self) -> None:
+        async def gate_release(self, paths: Iterable[bytes] = ()) -> None:
             """release/releasedir: wait in hang, sleep in slow, never fail."""
-            while self.mode.name == "hang":
+            paths = tuple(paths)
+
+            def applies() -> bool:
+                return self.mode.applies_to(self.relative(p) for p in paths)
+
+            while self.mode.name == "hang" and applies():
                 await self.mode_changed.wait()
-            if self.mode.name == "slow":
+            if self.mode.name == "slow" and applies():
                 await trio.sleep(self.mode.delay)
+
+        def relative(self, path: bytes) -> str:
+            """`path` relative to the source, as MODE@GLOB matches it."""
+            rel = os.path.relpath(path, self.source)
+            return os.fsdecode(rel)
+
+        def known(self, inode: int, name: bytes | None = None) -> tuple[bytes, ...]:
+            """The paths of `inode` (or of its entry `name`) for `gate`;
+            () when unknown (the handler then fails as it would)."""
+            paths = self.paths.get(inode, ())
+            if name is None:
+                return tuple(paths)
+            return tuple(os.path.join(p, name) for p in paths)
+
+        def known_fh(self, fh: int) -> tuple[bytes, ...]:
+            """The paths of the file open as `fh`."""
+            inode = self.fd_inodes.get(fh)
+            return () if inode is None else self.known(inode)
 
         def set_mode(self, mode: Mode) -> None:
             self.mode = mode
@@ -262,7 +314,7 @@ def make_operations(source: str, control: str) -> Any:
 
         # --- names ----------------------------------------------------------
         async def lookup(self, parent_inode, name, ctx):
-            await self.gate("lookup")
+            await self.gate("lookup", self.known(parent_inode, name))
             return await self.remember(self.path(parent_inode, name))
 
         async def forget(self, inode_list):
@@ -274,7 +326,7 @@ def make_operations(source: str, control: str) -> Any:
                         self.paths.pop(inode, None)
 
         async def getattr(self, inode, ctx):
-            await self.gate("getattr")
+            await self.gate("getattr", self.known(inode))
             if not self.paths.get(inode):  # unlinked but still open: use an fd
                 fd = next((fd for fd, ino in self.fd_inodes.items() if ino == inode), None)
                 if fd is not None:
@@ -282,7 +334,7 @@ def make_operations(source: str, control: str) -> Any:
             return self.attr(await self.run(os.lstat, self.path(inode)))
 
         async def setattr(self, inode, attr, fields, fh, ctx):
-            await self.gate("setattr")
+            await self.gate("setattr", self.known(inode))
             target = fh if fh is not None else self.path(inode)
 
             def apply() -> os.stat_result:
@@ -304,50 +356,53 @@ def make_operations(source: str, control: str) -> Any:
             return self.attr(await self.run(apply))
 
         async def readlink(self, inode, ctx):
-            await self.gate("readlink")
+            await self.gate("readlink", self.known(inode))
             return await self.run(os.readlink, self.path(inode))
 
         async def mknod(self, parent_inode, name, mode, rdev, ctx):
-            await self.gate("mknod")
+            await self.gate("mknod", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             await self.run(os.mknod, path, mode & ~ctx.umask, rdev)
             await self.run(self.give_to_caller, path, ctx)
             return await self.remember(path)
 
         async def mkdir(self, parent_inode, name, mode, ctx):
-            await self.gate("mkdir")
+            await self.gate("mkdir", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             await self.run(os.mkdir, path, mode & ~ctx.umask)
             await self.run(self.give_to_caller, path, ctx)
             return await self.remember(path)
 
         async def symlink(self, parent_inode, name, target, ctx):
-            await self.gate("symlink")
+            await self.gate("symlink", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             await self.run(os.symlink, target, path)
             await self.run(self.give_to_caller, path, ctx)
             return await self.remember(path)
 
         async def link(self, inode, new_parent_inode, new_name, ctx):
-            await self.gate("link")
+            await self.gate("link", self.known(inode) + self.known(new_parent_inode, new_name))
             path = self.path(new_parent_inode, new_name)
             await self.run(os.link, self.path(inode), path, follow_symlinks=False)
             return await self.remember(path)
 
         async def unlink(self, parent_inode, name, ctx):
-            await self.gate("unlink")
+            await self.gate("unlink", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             await self.run(os.unlink, path)
             self.forget_path(path)
 
         async def rmdir(self, parent_inode, name, ctx):
-            await self.gate("rmdir")
+            await self.gate("rmdir", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             await self.run(os.rmdir, path)
             self.forget_path(path)
 
         async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-            await self.gate("rename")
+            await self.gate(
+                "rename",
+                self.known(parent_inode_old, name_old) + self.known(parent_inode_new, name_new),
+            )
             if flags:
                 raise pyfuse3.FUSEError(errno.EINVAL)  # callers fall back to plain rename
             old = self.path(parent_inode_old, name_old)
@@ -361,12 +416,12 @@ def make_operations(source: str, control: str) -> Any:
                     paths.add(new + p[len(old) :])
 
         async def access(self, inode, mode, ctx):
-            await self.gate("access")
+            await self.gate("access", self.known(inode))
             return await self.run(os.access, self.path(inode), mode)
 
         # --- directories ----------------------------------------------------
         async def opendir(self, inode, ctx):
-            await self.gate("opendir")
+            await self.gate("opendir", self.known(inode))
             path = self.path(inode)
 
             def list_dir() -> tuple[int, list[tuple[bytes, os.stat_result]]]:
@@ -381,7 +436,7 @@ def make_operations(source: str, control: str) -> Any:
             return fh
 
         async def readdir(self, fh, start_id, token):
-            await self.gate("readdir")
+            await self.gate("readdir", self.dir_listings[fh][0:1])
             path, listing = self.dir_listings[fh]
             for i in range(start_id, len(listing)):
                 name, entry = listing[i]
@@ -391,11 +446,11 @@ def make_operations(source: str, control: str) -> Any:
                 self.lookups[entry.st_ino] += 1
 
         async def fsyncdir(self, fh, datasync):
-            await self.gate("fsyncdir")
+            await self.gate("fsyncdir", self.dir_listings[fh][0:1])
             await self.run(os.fdatasync if datasync else os.fsync, self.dir_fds[fh])
 
         async def releasedir(self, fh):
-            await self.gate_release()
+            await self.gate_release(self.dir_listings[fh][0:1] if fh in self.dir_listings else ())
             self.dir_listings.pop(fh, None)
             fd = self.dir_fds.pop(fh, None)
             if fd is not None:
@@ -408,13 +463,13 @@ def make_operations(source: str, control: str) -> Any:
             return flags & ~os.O_APPEND
 
         async def open(self, inode, flags, ctx):
-            await self.gate("open")
+            await self.gate("open", self.known(inode))
             fd = await self.run(os.open, self.path(inode), self.open_flags(flags))
             self.fd_inodes[fd] = inode
             return pyfuse3.FileInfo(fh=fd)
 
         async def create(self, parent_inode, name, mode, flags, ctx):
-            await self.gate("create")
+            await self.gate("create", self.known(parent_inode, name))
             path = self.path(parent_inode, name)
             fd = await self.run(
                 os.open, path, self.open_flags(flags) | os.O_CREAT, mode & ~ctx.umask
@@ -425,11 +480,11 @@ def make_operations(source: str, control: str) -> Any:
             return pyfuse3.FileInfo(fh=fd), entry
 
         async def read(self, fh, off, size):
-            await self.gate("read")
+            await self.gate("read", self.known_fh(fh))
             return await self.run(os.pread, fh, size, off)
 
         async def write(self, fh, off, buf):
-            await self.gate("write")
+            await self.gate("write", self.known_fh(fh))
 
             def write_all() -> int:
                 view, done = memoryview(buf), 0
@@ -440,24 +495,24 @@ def make_operations(source: str, control: str) -> Any:
             return await self.run(write_all)
 
         async def flush(self, fh):
-            await self.gate("flush")  # writes are synchronous: nothing to do
+            await self.gate("flush", self.known_fh(fh))  # writes are synchronous: nothing to do
 
         async def fsync(self, fh, datasync):
-            await self.gate("fsync")
+            await self.gate("fsync", self.known_fh(fh))
             await self.run(os.fdatasync if datasync else os.fsync, fh)
 
         async def release(self, fh):
-            await self.gate_release()
+            await self.gate_release(self.known_fh(fh))
             self.fd_inodes.pop(fh, None)
             await self.run(os.close, fh)
 
         async def statfs(self, ctx):
-            await self.gate("statfs")
+            await self.gate("statfs", (self.source,))
             sv = await self.run(os.statvfs, self.source)
             data = pyfuse3.StatvfsData()
             for key in STATVFS_FIELDS:
                 setattr(data, key, getattr(sv, key))
-            if self.mode.name == "enospc":
+            if self.mode.name == "enospc" and self.mode.applies_to(["."]):
                 data.f_bfree = data.f_bavail = 0
             return data
 

@@ -72,6 +72,14 @@ def test_mode_parsing() -> None:
         faultfs.Mode.parse("slow:x")
     with pytest.raises(ValueError):
         faultfs.Mode.parse("explode")
+    glob = faultfs.Mode.parse("HANG@frags/*/AB*.1\n")
+    assert (glob.name, glob.glob, str(glob)) == ("hang", "frags/*/AB*.1", "hang@frags/*/AB*.1")
+    assert str(faultfs.Mode.parse("slow:5@*.2")) == "slow:5@*.2"
+    assert glob.applies_to(["frags/x/y/AB12.1"]) and not glob.applies_to(["frags/x/y/ab12.1"])
+    assert not glob.applies_to([]) and faultfs.Mode.parse("hang").applies_to([])
+    for bad in ("ok@x", "hang@", "@x"):
+        with pytest.raises(ValueError):
+            faultfs.Mode.parse(bad)
 
 
 def test_ok_is_a_passthrough_good_enough_for_a_store_and_sqlite(fd) -> None:
@@ -211,6 +219,35 @@ def test_hang_blocks_until_the_mode_changes(fd) -> None:
     finally:
         fd.set("ok")
         os.close(f)
+
+
+def test_a_mode_at_a_glob_affects_only_the_paths_it_matches(fd) -> None:
+    (fd.path / "sub" / "deep").mkdir(parents=True, exist_ok=True)
+    for name in ("sub/deep/c1.1", "sub/deep/c1.2", "sub/c2.1"):
+        (fd.path / name).write_bytes(b"y" * 100)
+    open_file = os.open(fd.path / "sub" / "deep" / "c1.1", os.O_RDONLY)
+    try:
+        assert os.pread(open_file, 10, 0) == b"y" * 10  # in the page cache
+        fd.set("eio@sub/*/c1.*")
+        assert _errno_of(os.pread, open_file, 10, 0) == errno.EIO  # an open file too
+        assert _errno_of(os.stat, fd.path / "sub" / "deep" / "c1.2") == errno.EIO
+        assert _errno_of((fd.path / "sub" / "deep" / "c1.9").write_bytes, b"z") == errno.EIO
+        assert (fd.path / "sub" / "c2.1").read_bytes() == b"y" * 100  # not matched
+        assert (fd.path / "data").stat().st_size == 65536
+        assert sorted(os.listdir(fd.path / "sub" / "deep")) == ["c1.1", "c1.2"]
+        assert os.statvfs(fd.path).f_blocks > 0
+        fd.set("hang@*.2")
+        reader, read = _in_thread(Path.read_bytes, fd.path / "sub" / "deep" / "c1.2")
+        time.sleep(0.3)
+        assert reader.is_alive()  # hangs...
+        assert os.pread(open_file, 10, 0) == b"y" * 10  # ...while the rest answers
+        assert (fd.path / "sub" / "c2.1").read_bytes() == b"y" * 100
+        fd.set("ok")
+        reader.join(5)
+        assert read == [b"y" * 100]
+    finally:
+        os.close(open_file)
+        fd.set("ok")
 
 
 def test_close_releases_a_hang_and_leaves_nothing_behind(tmp_path: Path) -> None:
