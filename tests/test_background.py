@@ -425,3 +425,120 @@ async def test_the_queue_is_read_past_many_skipped_chunks(tmp_path: Path) -> Non
     assert volume.repairer.counters.fragments_rebuilt == 1
     assert all(queue.contains(chunk_id) for chunk_id in ahead)  # still waiting their turn
     volume.close()
+
+
+# ---- a poisoned chunk through a real mount (faultfs stores)
+
+
+def test_a_poisoned_chunk_on_hanging_stores_is_skipped_while_1000_others_are_repaired(
+    tmp_path: Path,
+) -> None:
+    """A 2+1 volume on a plain store and two faultfs stores; 1,001 files of
+    one chunk each lose their fragment 0 and are read while repair is
+    paused (each read queues its chunk). Then the fragment files of one
+    chunk (the first queued, its fragment 0 on the plain store) hang on
+    both faultfs stores (`hang@GLOB`), so its repair can never finish:
+    it misses its deadline (`-o repair_deadline=2`), is skipped and
+    reported with its file and byte range, and the 1,000 others are
+    repaired meanwhile. Once the stores answer, `ecfs repair` repairs it
+    too, and fsck is clean."""
+    from tests.mounting import FUSE_MISSING_REASON
+    from tests.test_faultfs import faultfs
+
+    if FUSE_MISSING_REASON is not None:
+        pytest.skip(FUSE_MISSING_REASON)
+    count, size = 1001, 8192
+    dirs = [faultfs.FaultyDir(tmp_path / f"faulty{i}") for i in (1, 2)]
+    for d in dirs:
+        d.launch()
+    try:
+        for d in dirs:
+            d.wait_ready()
+        stores = [tmp_path / "s0", dirs[0].path / "s1", dirs[1].path / "s2"]
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        cli("mkfs", "--data", 2, "--parity", 1, "--fragment-size", "16K", "--inline-max", "0",
+            *stores)  # fmt: skip
+        volume = MountedVolume(
+            stores, mountpoint, tmp_path / "ecfs.log", mount_args=["-o", "repair_deadline=2"]
+        )
+        _poisoned_chunk_scenario(volume, dirs, count, size)
+    finally:
+        for d in dirs:
+            d.close()
+
+
+def _poisoned_chunk_scenario(volume: MountedVolume, dirs: list, count: int, size: int) -> None:
+    import sqlite3
+
+    from ecfs.storage.store import fragment_relpath
+
+    root = volume.mountpoint
+    contents = {f"f{i:04d}": bytes(pattern(i, size)) for i in range(count)}
+    ok = False
+    volume.mount()
+    try:
+        for name, data in contents.items():
+            (root / name).write_bytes(data)
+        volume.unmount()
+        db = sqlite3.connect(f"file:{volume.stores[0] / 'meta' / 'ecfs-meta.sqlite'}?mode=ro",
+                             uri=True)  # fmt: skip
+        try:
+            rows = db.execute(
+                "SELECT d.name, c.chunk_id, c.stores FROM chunks AS c"
+                " JOIN dentries AS d ON d.inode = c.inode WHERE d.parent = 1"
+            ).fetchall()
+        finally:
+            db.close()
+        chunks = {bytes(n).decode(): (cid & (2**64 - 1), list(s)) for n, cid, s in rows}
+        assert set(chunks) == set(contents)
+        for chunk_id, where in chunks.values():  # every chunk loses fragment 0
+            (volume.stores[where[0]] / fragment_relpath(chunk_id, 0)).unlink()
+        # The poisoned chunk: its fragment 0 was on the plain store, so both
+        # fragments that repair must read are on faultfs stores.
+        poisoned = next(name for name, (_, where) in sorted(chunks.items()) if where[0] == 0)
+        poisoned_id = chunks[poisoned][0]
+        volume.mount()
+        cli("repair", "--pause", root)
+        # Degraded reads work and queue the chunks; the poisoned one first.
+        for name in [poisoned, *(n for n in contents if n != poisoned)]:
+            assert (root / name).read_bytes() == contents[name], name
+        assert status(volume)["repair"]["chunks"] == count
+        for d in dirs:
+            d.set(f"hang@*{poisoned_id:016x}.*")
+        cli("repair", "--resume", root)
+        waited = cli("repair", "--wait", root, timeout=300)
+        assert "1 chunks still queued" in waited.stdout, waited.stdout
+        assert (
+            f"SKIPPED: /{poisoned} bytes [0, {size}): not repaired within its deadline"
+            in waited.stdout
+        ), waited.stdout
+        record = status(volume)["repair"]
+        assert record["chunks"] == 1 and record["skipped"] == 1, record
+        assert record["chunks_repaired"] == count - 1 and record["deadline_misses"] >= 1
+        [skipped] = record["skipped_chunks"]
+        assert (skipped["path"], skipped["start"], skipped["stop"]) == (f"/{poisoned}", 0, size)
+        assert skipped["chunk_id"] == poisoned_id and "deadline" in skipped["reason"]
+        assert f"/{poisoned} bytes [0, {size})" in cli("status", root, check=False).stdout
+        for d in dirs:  # the stores answer again
+            d.set("ok")
+        done = cli("repair", "--wait", root, timeout=120)
+        assert "0 chunks still queued" in done.stdout and "SKIPPED" not in done.stdout, done
+        record = status(volume)["repair"]
+        assert record["chunks"] == 0 and record["skipped"] == 0
+        assert record["chunks_repaired"] == count
+        volume.unmount()
+        for chunk_id, _ in chunks.values():  # every fragment 0 is back
+            assert any(
+                (store / fragment_relpath(chunk_id, 0)).exists() for store in volume.stores
+            ), chunk_id
+        assert cli("fsck", "--verify-data", *volume.stores).returncode == 0
+        volume.mount()
+        for name in (poisoned, "f0000", f"f{count - 1:04d}"):
+            assert (root / name).read_bytes() == contents[name]
+        ok = True
+    finally:
+        for d in dirs:
+            d.set("ok")
+        volume.unmount(check=ok)
+    volume.check_log_clean([r"skipped|deadline|did not answer|abandon"])

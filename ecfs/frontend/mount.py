@@ -49,6 +49,7 @@ from ..core.errors import EcfsError, VolumeError
 from ..core.host import mount_at
 from ..core.tasks import supervised
 from ..core.units import parse_size
+from ..data.background import DEADLINE_FLOOR
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
@@ -103,6 +104,9 @@ class MountOptions:
     #: Seconds a store may stay failed before all its chunks are rebuilt
     #: elsewhere (when there is a store to rebuild onto).
     rebuild_after: float = 900.0
+    #: The least time one chunk's repair gets before it is skipped and
+    #: retried later (`-o repair_deadline=`; see ecfs.data.background).
+    repair_deadline: float = DEADLINE_FLOOR
     #: `-o remount,...`: change the flags of an existing mount (see `remount`).
     remount: bool = False
     #: The REMOUNT_FLAGS given, in order.
@@ -148,6 +152,10 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.repair_rate = _option_number(item, parse_size, arg)
             elif name == "rebuild_after" and arg:
                 options.rebuild_after = _option_number(item, float, arg)
+            elif name == "repair_deadline" and arg:
+                options.repair_deadline = _option_number(item, float, arg)
+                if options.repair_deadline <= 0:
+                    raise VolumeError(f"mount option {item!r} must be positive")
             elif name == "lease_seconds" and arg:
                 options.lease_seconds = _option_number(item, float, arg)
                 if options.lease_seconds < MIN_TTL:
@@ -396,6 +404,10 @@ def _serve_process(
             volume.lease = lease
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
+        volume.repairer.deadline_floor = options.repair_deadline
+        volume.repairer.deadline_ceiling = max(
+            volume.repairer.deadline_ceiling, options.repair_deadline
+        )
         volume.mountpoint = mountpoint
         volume.events.mountpoint = str(mountpoint)
         hooks = None
