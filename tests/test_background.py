@@ -320,6 +320,47 @@ def test_pause_survives_a_remount_and_nothing_is_repaired_until_resumed(
         assert sha256_file(path) == digest
 
 
+def test_pause_and_resume_work_on_an_unmounted_volume(volume: MountedVolume) -> None:
+    files = {
+        volume.mountpoint / f"f{i}": write_pattern_file(volume.mountpoint / f"f{i}", i, 3 * MiB + i)
+        for i in range(3)
+    }
+    # While mounted, the stores are the mount's: refused (use the mountpoint).
+    refused = cli("repair", "--pause", *volume.stores, check=False)
+    assert refused.returncode == 2 and "in use" in refused.stderr, refused
+    volume.unmount()
+    done = cli("repair", "--pause", *volume.stores)
+    assert "background work paused" in done.stdout, done
+    assert "already paused" in cli("repair", "--pause", *volume.stores).stdout
+    assert cli("fsck", *volume.stores).returncode == 0  # every metadata copy has it
+    lost = fragment_files(volume.stores[2])
+    for path in lost.values():
+        path.unlink()
+    volume.mount()
+    record = status(volume)["background"]
+    assert record["paused"] and "@" in record["by"], record
+    for path, digest in files.items():  # degraded reads queue repairs, which wait
+        assert sha256_file(path) == digest
+    time.sleep(2.0)
+    record = status(volume)
+    assert record["repair"]["chunks"] > 0 and record["repair"]["fragments_rebuilt"] == 0
+    assert not any(path.exists() for path in lost.values())
+    assert "resumed" in cli("repair", "--resume", volume.mountpoint).stdout
+    repaired = cli("repair", "--wait", volume.mountpoint, timeout=300)
+    assert "0 chunks still queued" in repaired.stdout
+    # And back: paused through the mount, resumed offline.
+    cli("repair", "--pause", volume.mountpoint)
+    volume.unmount()
+    assert "background work resumed" in cli("repair", "--resume", *volume.stores).stdout
+    assert "was not paused" in cli("repair", "--resume", *volume.stores).stdout
+    volume.mount()
+    assert not status(volume)["background"]["paused"]
+    for path, digest in files.items():
+        assert sha256_file(path) == digest
+    usage = cli("repair", "--wait", *volume.stores, check=False)
+    assert usage.returncode == 2 and "--pause or --resume" in usage.stderr, usage
+
+
 def test_pause_and_resume_are_refused_together(volume: MountedVolume) -> None:
     refused = cli("repair", "--pause", "--resume", volume.mountpoint, check=False)
     assert refused.returncode == 2 and "alone" in refused.stderr

@@ -14,7 +14,10 @@ each one finishes the chunk it is working on, then waits in
 metadata's key/value `volume` table (no schema change): key PAUSED_KEY
 holds the time it was paused (nanoseconds since the epoch, decimal) and
 PAUSED_BY_KEY who paused it (free text the CLI sends: user@host); no row
-means running. So a pause survives unmount and remount until resumed.
+means running (`persist_pause` writes them). So a pause survives unmount
+and remount until resumed, and an unmounted volume can be paused or
+resumed (`ecfs.frontend.mount.run_offline` opens it as a mount does,
+without FUSE, and closes it as an unmount does).
 What a pause never stops (foreground work must not wait for it): a write
 that finds the small-write log over its limit folds what it needs itself
 (`WriteLog.make_room`), and the work that keeps memory and space bounded
@@ -130,10 +133,7 @@ class BackgroundGate:
             return False
         since = self.clock_ns()
         if self.db is not None:
-            with self.db.transaction():
-                table = StoreTable(self.db)
-                table.set_param(PAUSED_KEY, str(since))
-                table.set_param(PAUSED_BY_KEY, by)
+            persist_pause(self.db, since, by)
         self._since_ns, self._by = since, by
         self._running = trio.Event()
         log.warning("background work paused on purpose by %s", by or "?")
@@ -144,10 +144,7 @@ class BackgroundGate:
         if not self.paused:
             return False
         if self.db is not None:
-            with self.db.transaction():
-                table = StoreTable(self.db)
-                table.delete_param(PAUSED_KEY)
-                table.delete_param(PAUSED_BY_KEY)
+            persist_pause(self.db, 0)
         self._since_ns, self._by = 0, ""
         self._running.set()
         log.warning("background work resumed")
@@ -160,6 +157,22 @@ class BackgroundGate:
         while self.paused:
             await self._running.wait()
         await trio.lowlevel.checkpoint()
+
+
+def persist_pause(db: Database, since_ns: int, by: str = "") -> None:
+    """Write the pause state into `db`'s `volume` table in one transaction:
+    paused since `since_ns` by `by`, or running (`since_ns` 0: the rows
+    are deleted). The gate calls it; so does `ecfs repair --pause/--resume`
+    on an unmounted volume, whose opened gate stays as it was loaded (its
+    tasks must not start for the moment the volume is open)."""
+    with db.transaction():
+        table = StoreTable(db)
+        if since_ns:
+            table.set_param(PAUSED_KEY, str(since_ns))
+            table.set_param(PAUSED_BY_KEY, by)
+        else:
+            table.delete_param(PAUSED_KEY)
+            table.delete_param(PAUSED_BY_KEY)
 
 
 def format_time(ns: int) -> str:

@@ -629,26 +629,31 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
     " deletion) until --resume, across unmount and mount.",
 )
 @click.option("--resume", is_flag=True, help="Resume background work paused with --pause.")
-@click.argument("mountpoint")
-def repair(wait: bool, normal: bool, pause: bool, resume: bool, mountpoint: str) -> None:
+@click.argument("target", nargs=-1, required=True, metavar="MOUNTPOINT|STORES...")
+def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[str, ...]) -> None:
     """Make background repair urgent (full speed, even while files are
     being used); with --wait, follow it until nothing is left to repair.
-    Exit status 1 if some data cannot be recovered, or if background work
-    is paused (see --pause)."""
+    --pause and --resume also work on an unmounted volume: give its STORES
+    (paths or quoted globs) instead of the MOUNTPOINT. Exit status 1 if some
+    data cannot be recovered, or if background work is paused (see --pause)."""
     if pause + resume + wait + normal > 1 and (pause or resume):
         raise click.UsageError("--pause and --resume go alone")
+    from .mount import mounted_fstype
+
+    mounted = len(target) == 1 and mounted_fstype(Path(os.path.abspath(target[0]))) is not None
+    if (pause or resume) and not mounted:
+        _store_args(click.get_current_context(), click.Argument(["stores"]), target)
+        _pause_offline(target, pause)
+        return
+    if len(target) > 1:
+        raise click.UsageError("give one MOUNTPOINT (STORES only with --pause or --resume)")
+    mountpoint = target[0]
     client = _client(mountpoint)
     if pause or resume:
-        import getpass
         import shlex
-        import socket
 
         if pause:
-            try:
-                user = getpass.getuser()
-            except (OSError, KeyError):
-                user = f"uid {os.getuid()}"
-            who = f"{user}@{socket.gethostname()}"
+            who = _who()
             _run_client(lambda: client.command(f"pause {shlex.quote(who)}"))
             click.echo("background work paused (until `ecfs repair --resume`)")
         else:
@@ -682,6 +687,48 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, mountpoint: str)
     for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
     sys.exit(1 if final.unrecoverable else 0)
+
+
+def _who() -> str:
+    """user@host, for the record of a pause."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _pause_offline(stores: tuple[str, ...], pause: bool) -> None:
+    """`ecfs repair --pause/--resume STORES...`: change the pause state of
+    an unmounted volume (see `ecfs.frontend.mount.run_offline`)."""
+    from ..data.background import persist_pause
+    from .mount import run_offline
+
+    # Opening and closing the volume logs what a mount would; only errors matter here.
+    logging.basicConfig(level=logging.ERROR, format="ecfs: %(message)s", force=True)
+    was_paused = False
+
+    def change(volume: Any) -> None:
+        nonlocal was_paused
+        was_paused = volume.background_gate.paused
+        if pause:
+            volume.background_gate.pause(_who())
+        elif was_paused:
+            # The rows only: the opened gate stays paused, so that no
+            # background task starts while the volume is open here.
+            persist_pause(volume.db, 0)
+
+    _run_client(lambda: run_offline(stores, change))
+    if pause:
+        click.echo(
+            "background work was already paused" if was_paused
+            else "background work paused (until `ecfs repair --resume`)"
+        )  # fmt: skip
+    else:
+        click.echo("background work resumed" if was_paused else "background work was not paused")
 
 
 @main.group()

@@ -21,6 +21,12 @@ locks die with it. A volume with S3 stores is also leased (see
 renewed while mounted, released after a clean unmount (kept until it
 expires when the metadata could not be made durable).
 
+Offline changes (`run_offline`, for `ecfs repair --pause/--resume STORES`):
+the same life cycle without FUSE: lock, lease and open as a mount
+(`open_volume`), apply the change before the background tasks start,
+then start them and shut down at once as an unmount does, so the change
+reaches every metadata copy by the mount's own path.
+
 With `-o metrics=[ADDR:]PORT` the daemon serves Prometheus metrics
 (`ecfs.frontend.metrics.MetricsEndpoint`): the port is bound before the
 kernel mount exists (a port in use fails the mount), scrapes are answered
@@ -293,6 +299,65 @@ def take_lease(store_args: Sequence[str], lock: VolumeLock, options: MountOption
     return lease
 
 
+def open_volume(
+    store_args: Sequence[str], options: MountOptions
+) -> tuple[VolumeLock, Lease | None, Volume]:
+    """Blocking: lock the stores, take the lease (S3 stores), open the
+    volume. The caller releases them (see `_serve_process`, `run_offline`)."""
+    lock = lock_stores(store_args)
+    lease = None
+    try:
+        lease = take_lease(store_args, lock, options)
+        volume = Volume.open(store_args, epoch=lease.epoch if lease is not None else 0)
+        if lease is not None:
+            try:
+                local = [s for s in volume.stores.values() if not s.remote]
+                lease.set_volume_stores(len(volume.store_table.paths()), len(local))
+                if not lease.renew() and not lease.holds():  # opening may have taken long
+                    raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")
+            except BaseException:
+                volume.close()
+                raise
+            volume.lease = lease
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        lock.release()
+        raise
+    return lock, lease, volume
+
+
+def run_offline(store_args: Sequence[str], change: Callable[[Volume], None]) -> None:
+    """Blocking: change the unmounted volume made of `store_args`. It is
+    opened as a mount opens it (lock, lease, metadata copies checked),
+    `change(volume)` runs before any background task starts (it commits
+    metadata transactions), and the volume is closed as an unmount closes
+    it, so the change is on every metadata copy. Used by `ecfs repair
+    --pause/--resume` on an unmounted volume. VolumeError if the volume is
+    mounted (its stores are locked) or cannot be opened; EcfsError if the
+    change could not be made durable (what `ecfs umount` would report)."""
+    lock, lease, volume = open_volume(store_args, MountOptions())
+    try:
+        trio.run(_run_offline, volume, change)
+    finally:
+        volume.close()
+        if lease is not None and not volume.metadata_at_risk:
+            lease.release()
+        lock.release()
+    if volume.shutdown_errors or volume.metadata_at_risk:
+        raise EcfsError("; ".join(volume.shutdown_errors) or "the metadata is not durable")
+
+
+async def _run_offline(volume: Volume, change: Callable[[Volume], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        change(volume)
+        await volume.start(nursery)
+        with trio.CancelScope(shield=True):
+            await volume.shutdown()
+            nursery.cancel_scope.cancel()
+    await volume.aclose_replicas()
+
+
 def run_mount(
     store_args: Sequence[str],
     mountpoint: Path,
@@ -387,21 +452,8 @@ def _serve_process(
 ) -> int:
     tune_malloc()
     tune_gc()
-    lock = lock_stores(store_args)
-    lease = None
+    lock, lease, volume = open_volume(store_args, options)
     try:
-        lease = take_lease(store_args, lock, options)
-        volume = Volume.open(store_args, epoch=lease.epoch if lease is not None else 0)
-        if lease is not None:
-            try:
-                local = [s for s in volume.stores.values() if not s.remote]
-                lease.set_volume_stores(len(volume.store_table.paths()), len(local))
-                if not lease.renew() and not lease.holds():  # opening may have taken long
-                    raise VolumeError(f"cannot keep the volume's lease: {lease.why_not()}")
-            except BaseException:
-                volume.close()
-                raise
-            volume.lease = lease
         volume.repairer.rate = options.repair_rate
         volume.repairer.rebuild_after = options.rebuild_after
         volume.repairer.deadline_floor = options.repair_deadline
