@@ -425,6 +425,70 @@ def test_a_hung_hook_never_stalls_the_mount(tmp_path: Path) -> None:
         assert not [p for p in started[:2] if _alive(p)]
 
 
+@requires_fuse
+@pytest.mark.mount
+def test_status_counts_events_and_hook_runs_failures_and_timeouts(tmp_path: Path) -> None:
+    """A hook that fails for scrub-finding and hangs for repair-finished:
+    `ecfs status` (JSON, text, Prometheus) counts the events, the runs, the
+    failure and the run killed after event_hook_timeout."""
+    ran = tmp_path / "ran"
+    hook = tmp_path / "picky"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f"echo \"$ECFS_EVENT\" >> {ran}\n"
+        'case "$ECFS_EVENT" in\n'
+        "  scrub-finding) exit 3 ;;\n"
+        "  repair-finished) exec sleep 1000 ;;\n"
+        "esac\n"
+    )
+    hook.chmod(0o755)
+    args = ["-o", f"event_hook={hook},event_hook_timeout=2"]
+    with mounted_volume(tmp_path / "v", mount_args=args) as vol:
+        record = json.loads(cli("status", "--json", vol.mountpoint).stdout)["events"]
+        assert record == {"emitted": 0, "hook": str(hook), "hook_runs": 0, "hook_failures": 0,
+                          "hook_timeouts": 0, "dropped": 0}  # fmt: skip
+        (vol.mountpoint / "a").write_bytes(pattern(7, 2 * CHUNK))
+        os.sync()
+        (_, _), path = sorted(fragment_files(vol.stores[2]).items())[0]
+        flip_payload_bytes(path, random.Random(8), 1)
+        drop_caches()
+        cli("scrub", vol.mountpoint, check=False)  # scrub-finding, scrub-finished, repair-finished
+        deadline = time.monotonic() + 30
+        while True:
+            record = json.loads(cli("status", "--json", vol.mountpoint).stdout)["events"]
+            if record["hook_timeouts"]:
+                break
+            assert time.monotonic() < deadline, (record, vol.log_tail())
+            time.sleep(0.2)
+        assert sorted(ran.read_text().split()) == [
+            "repair-finished", "scrub-finding", "scrub-finished"
+        ]  # fmt: skip
+        assert record == {"emitted": 3, "hook": str(hook), "hook_runs": 3, "hook_failures": 1,
+                          "hook_timeouts": 1, "dropped": 0}  # fmt: skip
+        text = cli("status", vol.mountpoint).stdout
+        assert (
+            f"events: 3 since mount; hook {hook}: 3 runs, 1 failed, 1 killed after the timeout,"
+            " 0 dropped (queue full)"
+        ) in text
+        metrics = cli("status", "--prometheus", vol.mountpoint).stdout
+        for line in ("ecfs_events_total 3.0", "ecfs_event_hook_runs_total 3.0",
+                     "ecfs_event_hook_failures_total 1.0", "ecfs_event_hook_timeouts_total 1.0",
+                     "ecfs_event_hook_dropped_total 0.0"):  # fmt: skip
+            assert line in metrics
+
+
+def test_status_without_a_hook_says_events_are_only_logged() -> None:
+    import dataclasses
+
+    from ecfs.frontend.render import render_status
+    from ecfs.volume.status import EventsStatus, from_json, to_json
+    from tests.test_status import example_status
+
+    record = dataclasses.replace(example_status(), events=EventsStatus(emitted=4, dropped=0))
+    assert "events: 4 since mount (logged only: no event hook)" in render_status(record)
+    assert from_json(json.loads(json.dumps(to_json(record)))) == record
+
+
 # --- the example hook ---------------------------------------------------------------
 
 EXAMPLE_HOOK = Path(__file__).resolve().parent.parent / "ecfs/share/hooks/mail-on-event"

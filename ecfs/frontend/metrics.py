@@ -238,6 +238,23 @@ METRICS: tuple[Metric, ...] = (
         "state",
     ),
     _m("ecfs_lease_epoch", "gauge", "The fencing epoch of the volume's lease."),
+    _m("ecfs_events_total", "counter", "Events reported since mount (each one log line)."),
+    _m("ecfs_event_hook_runs_total", "counter", "Runs of the event hook (-o event_hook) started."),
+    _m(
+        "ecfs_event_hook_failures_total",
+        "counter",
+        "Event hook runs that could not start or exited with a non-zero status.",
+    ),
+    _m(
+        "ecfs_event_hook_timeouts_total",
+        "counter",
+        "Event hook runs killed after -o event_hook_timeout.",
+    ),
+    _m(
+        "ecfs_event_hook_dropped_total",
+        "counter",
+        "Events whose hook run was dropped because the hook's queue was full.",
+    ),
     _m(
         "ecfs_garbage_pending_chunks",
         "gauge",
@@ -308,6 +325,13 @@ _GARBAGE = {
     "pending": "ecfs_garbage_pending_chunks",
     "deleted_chunks": "ecfs_garbage_deleted_chunks_total",
     "leftovers": "ecfs_garbage_leftover_fragments",
+}
+_EVENTS = {
+    "emitted": "ecfs_events_total",
+    "hook_runs": "ecfs_event_hook_runs_total",
+    "hook_failures": "ecfs_event_hook_failures_total",
+    "hook_timeouts": "ecfs_event_hook_timeouts_total",
+    "dropped": "ecfs_event_hook_dropped_total",
 }
 _STORE = {
     "in_flight": "ecfs_store_in_flight",
@@ -386,6 +410,7 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
     yield "ecfs_background_paused", {}, status.background.paused
     if status.background.paused:
         yield "ecfs_background_paused_since_timestamp_seconds", {}, status.background.since_ns / 1e9
+    yield from _fields(status.events, _EVENTS)
     metadata = status.metadata
     yield "ecfs_metadata_generation", {}, metadata.generation
     if metadata.durable_generation is not None:

@@ -465,6 +465,7 @@ def _serve_process(
         hooks = None
         if options.event_hook is not None:
             hooks = HookRunner(volume.events, options.event_hook, options.event_hook_timeout)
+            volume.hooks = hooks
     except BaseException:
         if lease is not None:
             lease.release()

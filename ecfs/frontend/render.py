@@ -16,7 +16,7 @@ from rich.table import Table
 from ..core.units import format_size
 from ..data.background import BackgroundStatistics, format_time
 from ..data.scrub import ScrubStatistics
-from ..volume.status import VolumeStatus
+from ..volume.status import EventsStatus, VolumeStatus
 
 #: Skipped chunks `ecfs status` lists (the JSON record holds more).
 SKIPPED_LISTED = 5
@@ -134,9 +134,21 @@ def render_status(status: VolumeStatus) -> str:
             + (f" and {lease.local_stores} local ones" if lease.local_stores else "")
             + (f" ({lease.last_error})" if lease.last_error else "")
         )
+    lines.append(render_events(status.events))
     for message in status.unrecoverable:
         lines.append(f"UNRECOVERABLE: {message}")
     return "\n".join(lines)
+
+
+def render_events(events: EventsStatus) -> str:
+    """One line: events since mount, and the event hook's runs."""
+    line = f"events: {events.emitted} since mount"
+    if not events.hook:
+        return line + " (logged only: no event hook)"
+    return (
+        f"{line}; hook {events.hook}: {events.hook_runs} runs, {events.hook_failures} failed,"
+        f" {events.hook_timeouts} killed after the timeout, {events.dropped} dropped (queue full)"
+    )
 
 
 def render_background(background: BackgroundStatistics) -> str:

@@ -122,6 +122,7 @@ from ..storage.s3store import is_s3_location, location_path
 from ..storage.store import Store, StoreMarker
 from ..storage.storefactory import open_store
 from .control import Command
+from .hooks import HookRunner
 from .mkfs import check_store_arg, check_store_paths
 from .status import (
     IoStatus,
@@ -132,6 +133,7 @@ from .status import (
     StoreStatus,
     VolumeStatus,
     assess,
+    events_status,
     health_of,
 )
 from .store_admin import StoreAdmin
@@ -361,6 +363,8 @@ class Volume:
         self.runners = {i: StoreRunner(i, store) for i, store in stores.items()}
         #: Events for alerting (`ecfs.core.events`); the mount sets its hook.
         self.events = EventSink(self.volume_id)
+        #: The mount's event hook runner (`-o event_hook=`; None: events are only logged).
+        self.hooks: HookRunner | None = None
         #: Chunks reported unrecoverable by an event (once per chunk per mount).
         self._reported_unrecoverable: set[int] = set()
         self._watch_stores()
@@ -1113,6 +1117,11 @@ class Volume:
             lease=self.lease.statistics() if self.lease is not None else None,
             placement=self.placement.policy,
             background=self.background_gate.statistics(),
+            events=events_status(
+                self.events.statistics(),
+                str(self.hooks.hook) if self.hooks is not None else "",
+                self.hooks.statistics() if self.hooks is not None else None,
+            ),
         )
 
     def _store_status(

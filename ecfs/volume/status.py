@@ -20,8 +20,8 @@ the life of a mount (rates are deltas between two snapshots over
 `monotonic_ns`); `iostat_to_json`/`iostat_from_json` convert it the same way.
 
 Owns: the status record types of the volume level (stores, metadata, store
-changes, the iostat snapshot), the health rule (`assess`), and the JSON
-conversion. Must not:
+changes, events and hook runs, the iostat snapshot), the health rule
+(`assess`), and the JSON conversion. Must not:
 do I/O or reach into services (it is given their records).
 """
 
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.events import EventStatistics
 from ..core.model import NO_STORE
 from ..data.background import BackgroundStatistics
 from ..data.garbage import GarbageStatistics
@@ -43,6 +44,7 @@ from ..data.scrub import ScrubStatistics
 from ..data.smallwrites import WriteLogStatistics
 from ..data.writer import WriteStatistics
 from ..storage.lease import LeaseStatistics
+from .hooks import HookStatistics
 
 HEALTH_STATES = ("healthy", "degraded", "at-risk", "data-loss")
 STORE_STATES = ("ok", "slow", "failed", "missing")
@@ -118,6 +120,34 @@ class Assessment:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsStatus:
+    """Events since mount (`ecfs.core.events`) and runs of the event hook
+    (`ecfs.volume.hooks`). `hook`: its path ("" without -o event_hook:
+    events are only logged). `emitted`: events reported; `hook_runs`:
+    hook runs started; `hook_failures`: runs that could not start or
+    exited non-zero; `hook_timeouts`: runs killed after the hook timeout;
+    `dropped`: events whose hook run was dropped (the queue was full)."""
+
+    emitted: int = 0
+    hook: str = ""
+    hook_runs: int = 0
+    hook_failures: int = 0
+    hook_timeouts: int = 0
+    dropped: int = 0
+
+
+def events_status(
+    events: EventStatistics, hook: str = "", hooks: HookStatistics | None = None
+) -> EventsStatus:
+    """The record of the sink's and the hook runner's statistics."""
+    if hooks is None:
+        return EventsStatus(events.emitted, dropped=events.dropped)
+    return EventsStatus(
+        events.emitted, hook, hooks.run, hooks.failed, hooks.killed, events.dropped
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeStatus:
     """A snapshot of a mounted (or opened) volume. `tolerance`: how many
     more stores the worst chunk can lose (may be negative); `health` one of
@@ -144,6 +174,8 @@ class VolumeStatus:
     placement: str = "spread"
     #: Background work paused on purpose (`ecfs repair --pause`), since when, by whom.
     background: BackgroundStatistics = dataclasses.field(default_factory=BackgroundStatistics)
+    #: Events and event hook runs since mount.
+    events: EventsStatus = dataclasses.field(default_factory=EventsStatus)
 
 
 @dataclass(frozen=True, slots=True)
