@@ -309,6 +309,13 @@ def _store_failed_and_back(vol: MountedVolume, record: Path, tmp_path: Path) -> 
     events = [e for e in entries if "event" in e]
     assert [e["event"] for e in events][:2] == ["store-failed", "store-back"]
     assert events[0]["store_path"] == str(lost)
+    # Each change is one log line, the event's (no plain line saying it again).
+    said = [
+        e for e in entries
+        if f"({lost})" in e["message"] and ("failed" in e["message"] or "is back" in e["message"])
+    ]  # fmt: skip
+    assert [e.get("event") for e in said] == ["store-failed", "store-back"], said
+    assert said[0]["level"] == "WARNING" and said[0]["reason"] in said[0]["message"]
 
 
 @requires_fuse

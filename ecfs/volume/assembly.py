@@ -45,6 +45,9 @@ reports store-failed and store-back from every store's health changes
 store missing at open) and chunk-unrecoverable once per chunk for file
 reads and the repairer (`chunk_unrecoverable`); the scrubber and the
 repairer emit their own. The mount runs the hook (`ecfs.volume.hooks`).
+A store failing or coming back is logged once, by its event's line (a
+WARNING for store-failed, with the reason; INFO for store-back), not
+again as a plain line.
 
 The lease (volumes with S3 stores, see `ecfs.storage.lease`): the mount
 takes it before opening the volume and sets `lease`; `start` renews it in
@@ -956,19 +959,18 @@ class Volume:
             if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
                 raise StoreError(f"{runner.store.path} now holds a different store")
         except StoreError as exc:
-            runner.mark_failed(str(exc))  # the reason status shows: the latest
+            # The reason status shows: the latest. The first failure is
+            # logged once, as the store-failed event (`_store_health_changed`).
+            runner.mark_failed(str(exc))
             self.handles.discard_store(index)
             runner.store.close()
-            if was_available:
-                log.warning("store %d (%s) failed: %s", index, runner.store.path, exc)
             if self.replicator is not None:
                 self.replicator.drop_replica(index, f"store failed: {exc}")
             return
         self._verified[index] = trio.current_time()
         if not was_available:
             self.writer.device_of[index] = device  # a disk mounted anew: maybe another
-            runner.mark_ok()
-            log.warning("store %d (%s) is back", index, runner.store.path)
+            runner.mark_ok()  # logged as the store-back event
             self.repairer.retry_deferred()  # chunks that waited for it
 
     async def verify_before_write(self, index: int) -> bool:
