@@ -638,9 +638,11 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[st
     data cannot be recovered, or if background work is paused (see --pause)."""
     if pause + resume + wait + normal > 1 and (pause or resume):
         raise click.UsageError("--pause and --resume go alone")
-    from .mount import mounted_fstype
+    from ..core.host import mount_at
 
-    mounted = len(target) == 1 and mounted_fstype(Path(os.path.abspath(target[0]))) is not None
+    # One ecfs mount: the running volume; otherwise (--pause/--resume) stores.
+    found = mount_at(os.path.abspath(target[0]), resolve=False) if len(target) == 1 else None
+    mounted = found is not None and found.fstype == "fuse.ecfs"
     if (pause or resume) and not mounted:
         _store_args(click.get_current_context(), click.Argument(["stores"]), target)
         _pause_offline(target, pause)
