@@ -14,7 +14,10 @@ or clean up, and the kernel tells the daemon who asks):
 * setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
   "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
   "store-replace OLD NEW", "store-add NEW [spread|hybrid]" (with a placement
-  policy to switch to), "store-remove OLD".
+  policy to switch to), "store-remove OLD", "store-domain OLD [LABEL]" (set
+  a store's failure domain label; without LABEL, back to its default).
+  store-replace and store-add also take "--domain=LABEL" (the new store's
+  label) and "--allow-shared-domains" (see `ecfs.volume.store_admin`).
 
 Only root and the user who mounted may use them (checked in `fs`).
 Every argument is validated before anything starts (`parse_command`):
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 from ..core.errors import FsError, VolumeError
 from ..data.placement import POLICIES
+from ..storage.domains import check_label
 from ..storage.s3store import S3Location, is_s3_location
 
 log = logging.getLogger(__name__)
@@ -57,9 +61,11 @@ class Command:
 
     verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
     (urgent), "store-replace" (old, new), "store-add" (new, placement: a
-    policy to switch to, or None), "store-remove" (old). `new` is always an
+    policy to switch to, or None), "store-remove" (old), "store-domain"
+    (old, domain: a label or None for the default). `new` is always an
     absolute path or an s3:// location; `old` that, a store index or a
-    store id."""
+    store id. `domain`: the new store's label (replace, add);
+    `allow_shared`: accept a new store sharing a failure domain."""
 
     verb: str
     seconds: float | None = None
@@ -67,6 +73,8 @@ class Command:
     old: str | None = None
     new: str | None = None
     placement: str | None = None
+    domain: str | None = None
+    allow_shared: bool = False
 
 
 def parse_command(text: str) -> Command:
@@ -80,8 +88,18 @@ def parse_command(text: str) -> Command:
     if not words:
         raise _refused(text, "it is empty")
     verb, args = words[0], words[1:]
+    domain, allow_shared = None, False
+    if verb in ("store-replace", "store-add"):
+        for word in [w for w in args if w.startswith("--")]:
+            args.remove(word)
+            if word == "--allow-shared-domains":
+                allow_shared = True
+            elif word.startswith("--domain="):
+                domain = _label(text, word.removeprefix("--domain="))
+            else:
+                raise _refused(text, f"unknown option {word!r}")
     arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
-             "store-add": (1, 2), "store-remove": (1, 1)}  # fmt: skip
+             "store-add": (1, 2), "store-remove": (1, 1), "store-domain": (1, 2)}  # fmt: skip
     if verb not in arity:
         raise _refused(text, f"unknown command {verb!r}")
     low, high = arity[verb]
@@ -94,11 +112,20 @@ def parse_command(text: str) -> Command:
             raise _refused(text, "repair takes 'urgent' or 'normal'")
         return Command(verb, urgent=args[0] == "urgent")
     if verb == "store-replace":
-        return Command(verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]))
+        return Command(
+            verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]), domain=domain,
+            allow_shared=allow_shared,
+        )  # fmt: skip
     if verb == "store-add":
         if len(args) > 1 and args[1] not in POLICIES:
             raise _refused(text, f"unknown placement policy {args[1]!r} (known: {', '.join(POLICIES)})")
-        return Command(verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None)
+        return Command(
+            verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None,
+            domain=domain, allow_shared=allow_shared,
+        )  # fmt: skip
+    if verb == "store-domain":
+        label = _label(text, args[1]) if len(args) > 1 else None
+        return Command(verb, old=_old_store(text, args[0]), domain=label)
     if verb == "store-remove":
         return Command(verb, old=_old_store(text, args[0]))
     return Command(verb)
@@ -145,6 +172,13 @@ def _new_path(text: str, word: str) -> str:
     if not os.path.isabs(word):
         raise _refused(text, f"the store path {word!r} is not absolute")
     return os.path.normpath(word)
+
+
+def _label(text: str, word: str) -> str:
+    try:
+        return check_label(word)
+    except VolumeError as exc:
+        raise _refused(text, str(exc)) from None
 
 
 def _old_store(text: str, word: str) -> str:
