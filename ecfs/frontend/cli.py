@@ -763,9 +763,22 @@ def _store_ref(old: str) -> str:
     help="Take over the lease of a volume with S3 stores that another host held"
     " and did not release; only once it expired (see ecfs mount --takeover).",
 )
+@click.option(
+    "--path",
+    "scope",
+    metavar="DIR",
+    help="Check only the files and directories below DIR, a directory of the volume given"
+    " from its root (e.g. photos/2024); volume-wide checks are skipped (the report"
+    " names them).",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def fsck(
-    do_repair: bool, verify_data: bool, as_json: bool, takeover: bool, stores: tuple[str, ...]
+    do_repair: bool,
+    verify_data: bool,
+    as_json: bool,
+    takeover: bool,
+    scope: str | None,
+    stores: tuple[str, ...],
 ) -> None:
     """Check an unmounted volume made of STORES (paths or quoted globs).
     Exit status 0 clean, 1 problems found (fixed or not), 2 usage."""
@@ -795,6 +808,7 @@ def fsck(
             verify_data=verify_data,
             progress=progress,
             takeover=takeover,
+            path=scope,
         )
     except VolumeError as exc:
         _fail(str(exc), 2)
