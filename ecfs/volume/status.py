@@ -188,16 +188,17 @@ def assess(
 def redundancy_warning(k: int, m: int, domains: Mapping[int, str]) -> str | None:
     """In words, why the active stores (`domains`: store -> failure domain)
     give less redundancy than m: the domains holding several stores, and
-    how many domains a chunk survives losing; None if each store is its
-    own domain."""
+    how many domains a chunk survives losing; None if a chunk spread over
+    them survives losing any m (each store its own domain, or enough
+    others)."""
     together = shared(domains)
-    if not together:
+    can_lose = layout_tolerance(domains, k, k + m)
+    if not together or can_lose >= m:
         return None
     groups = "; ".join(
         f"stores {', '.join(map(str, sorted(members)))} share {name}"
         for name, members in sorted(together.items())
     )
-    can_lose = layout_tolerance(domains, k, k + m)
     if can_lose <= 0:
         verdict = (
             f"the redundancy is illusory: k+{m} fragments but losing one failure domain"
