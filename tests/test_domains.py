@@ -23,6 +23,7 @@ from ecfs.storage.domains import (
     even_layout,
     label_key,
     layout_tolerance,
+    location_atoms,
     path_atoms,
     spread,
     tolerance,
@@ -332,3 +333,14 @@ def test_control_commands_carry_domain_labels() -> None:
     for bad in ("store-domain 2 'a b'", "store-add /srv/x --domain=a/b", "store-add /x --bogus"):
         with pytest.raises(FsError):
             parse_command(bad)
+
+
+def test_an_object_store_is_the_domain_of_its_endpoint() -> None:
+    """Two buckets of one server fail together; AWS without an endpoint is one domain."""
+    one = location_atoms("s3://bucket-a/x?endpoint=http://nas.example:9000")
+    assert one == location_atoms("s3://bucket-b/y?endpoint=http://nas.example:9000")
+    assert one == {"s3:nas.example:9000"}
+    assert location_atoms("s3://bucket-c?endpoint=https://other.example") == {
+        "s3:other.example:443"
+    }
+    assert location_atoms("s3://bucket-d") == {"s3:aws"}
