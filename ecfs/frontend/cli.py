@@ -808,7 +808,7 @@ def fsck(
             verify_data=verify_data,
             progress=progress,
             takeover=takeover,
-            path=scope,
+            under=scope,
         )
     except VolumeError as exc:
         _fail(str(exc), 2)

@@ -40,7 +40,7 @@ How a run goes:
    schema if it is older; every check reads and (with --repair) fixes it.
 5. namespace_consistent, repair_queue_valid, write_log_valid,
    chunk_fragments_present, no_orphan_fragments run in this order (see `ecfs.volume.fsck_checks`).
-   With `path` (``--path DIR``: a directory of the volume, relative to its
+   With `under` (``--path DIR``: a directory of the volume, relative to its
    root; a leading ``/`` is the volume root, never the host's), only the
    inodes below DIR are checked and the volume-wide checks are skipped and
    named in the report (`ecfs.volume.fsck_checks`, "Scoped runs"); a DIR
@@ -173,7 +173,7 @@ def run_fsck(
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None = None,
     takeover: bool = False,
-    path: str | None = None,
+    under: str | None = None,
 ) -> FsckReport:
     """Blocking: check (and with `repair`, fix) the volume made of the
     stores in `store_args` (paths or glob patterns, as for mount).
@@ -182,14 +182,15 @@ def run_fsck(
     checksum (otherwise only headers and file sizes are checked).
     `progress(stage, done, total)` is called as work advances; stages are
     `STAGES`. `takeover`: take over a lease that expired without release.
-    `path`: check only the inodes below this directory of the volume.
+    `under`: check only the inodes below this directory of the volume
+    (``--path``).
     Raises VolumeError for usage problems (see the module
     docstring) and when the volume is in use; every problem found in the
     volume itself is a Finding in the returned report instead.
     """
     report = FsckReport(repair=repair, verify_data=verify_data)
-    if path is not None:
-        report.scope = "/" + "/".join(_components(path))
+    if under is not None:
+        report.scope = "/" + "/".join(_components(under))
     paths = check_store_paths(expand_store_args(store_args))
     unusable: dict[Path, str] = {}
     markers = read_markers(paths, unusable)
