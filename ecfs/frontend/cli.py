@@ -624,7 +624,8 @@ def repair(wait: bool, normal: bool, mountpoint: str) -> None:
 
 @main.group()
 def store() -> None:
-    """Replace, add or remove a store of a mounted volume."""
+    """Replace, add or remove a store of a mounted volume, or label its
+    failure domain."""
 
 
 def _store_change(mountpoint: str, command: str) -> None:
