@@ -30,6 +30,8 @@ fragments in one domain), naming the stores that share it, unless the
 command says ``--allow-shared-domains`` (the new store's domain is its
 ``--domain LABEL`` if given, else resolved from its location). A new store that shares a
 domain while enough others remain is accepted, and the message says so.
+remove and set-domain are not refused; their message warns when fewer
+than k+m distinct domains remain (status says so too).
 
 Refused before anything changes (`_check_classes`): a change that leaves
 the stores unfit for the placement policy (hybrid: fewer than k local or m
@@ -287,13 +289,7 @@ class StoreAdmin:
             self.store_table.set_param(label_key(self.store_ids[index]), label or "")
         await self._refresh_domains()
         name = self.domains.get(index, label or "unknown")
-        message = f"store {index} is in failure domain {name}"
-        active = {self.domains.get(i) for i in self.store_ids if i not in self.placement.draining}
-        if len(active) < self.layout.n:
-            message += (
-                f"; the volume has {len(active)} distinct failure domains for the"
-                f" k+m={self.layout.n} fragments of a chunk: losing one can lose data"
-            )
+        message = f"store {index} is in failure domain {name}" + self._domain_note()
         return message + " (new chunks follow it; fragments written before stay where they are)"
 
     async def replace(
@@ -409,4 +405,20 @@ class StoreAdmin:
         self.store_ids.pop(index, None)
         self.handles.discard_store(index)
         await _retire(runner)
-        return f"store {index} ({old}) drained and removed from the volume"
+        self.domains.pop(index, None)
+        return f"store {index} ({old}) drained and removed from the volume" + self._domain_note()
+
+    def _domain_note(self) -> str:
+        """A warning when the active stores are in fewer distinct failure
+        domains than k+m ("" otherwise)."""
+        active = {
+            self.domains.get(i) or f"unknown:{i}"
+            for i in self.store_ids
+            if i not in self.placement.draining
+        }
+        if len(active) >= self.layout.n:
+            return ""
+        return (
+            f"; the volume has {len(active)} distinct failure domains for the"
+            f" k+m={self.layout.n} fragments of a chunk: losing one can lose data"
+        )
