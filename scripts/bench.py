@@ -849,7 +849,7 @@ class Bench:
         )  # fmt: skip
         passthrough = Target("passthrough", pt_mnt, pt_daemon)
         wl.run(
-            [PYTHON, "-m", "ecfs", "mkfs", "--data", str(K), "--parity", str(M),
+            [PYTHON, "-m", "ecfs", "mkfs", "--data", str(K), "--parity", str(M), "--allow-shared-domains",
              *map(str, self.stores)],
             60, env=subprocess_env(),
         )  # fmt: skip

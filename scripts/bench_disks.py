@@ -623,7 +623,7 @@ class DiskBench:
         mnt = self.work / f"ecfs-mnt-{cap}"
         mnt.mkdir()
         log = self.work / f"ecfs-{cap}.log"
-        self.ecfs_cmd("mkfs", "--data", str(K), "--parity", str(M), *map(str, stores))
+        self.ecfs_cmd("mkfs", "--data", str(K), "--parity", str(M), "--allow-shared-domains", *map(str, stores))
         daemon = self.mount_ecfs(stores, mnt, log)
         big = mnt / "seq.dat"
         all_devices = list(range(N))

@@ -88,7 +88,7 @@ def main() -> int:
     mnt.mkdir()
     result: dict[str, object] = {}
     try:
-        ecfs("mkfs", *map(str, stores))
+        ecfs("mkfs", "--allow-shared-domains", *map(str, stores))
         ecfs("mount", "--log-file", str(base / "ecfs.log"), *map(str, stores), str(mnt))
         file_bytes = int(args.store_gib * (1 << 30) * 4)  # a store holds 1/4 of file bytes
         files = []

@@ -101,7 +101,7 @@ class S3Bench:
     # -- the volume
     def make_volume(self) -> None:
         """All-S3 if mkfs takes it, else m+1 local directories + the S3 stores."""
-        cli = [b.PYTHON, "-m", "ecfs", "mkfs", "--data", str(K), "--parity", str(M)]
+        cli = [b.PYTHON, "-m", "ecfs", "mkfs", "--data", str(K), "--parity", str(M), "--allow-shared-domains"]
         env = b.subprocess_env()
         self.local: list[str] = []
         self.prefix = "vol"

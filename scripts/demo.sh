@@ -80,7 +80,7 @@ head -c $((64 << 20)) /dev/urandom >"$src/random-64MiB.bin"
 echo "    $(wc -l <"$state/SHA256SUMS") files, $(du -sh "$src" | cut -f1)"
 
 step "Create the volume: 4 data + 2 parity fragments per chunk, over 6 stores"
-run "$ecfs" mkfs --data 4 --parity 2 "${stores[@]}"
+run "$ecfs" mkfs --data 4 --parity 2 --allow-shared-domains "${stores[@]}"
 
 step "Mount it (the daemon detaches once the mount is ready; log in $log)"
 run "$ecfs" mount --log-file "$log" "${stores[@]}" "$mnt"

@@ -87,18 +87,51 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
+#: `ecfs mkfs` options that take a value (`labelled_mkfs_args` skips them).
+_MKFS_VALUE_OPTIONS = {
+    "--data", "-k", "--parity", "-m", "--fragment-size", "--cell-size", "--inline-max",
+    "--placement", "--domain",
+}  # fmt: skip
+
+
+def labelled_mkfs_args(args: Sequence[str]) -> list[str]:
+    """`ecfs mkfs` arguments `args` with ``--domain STORE=test-domain-I``
+    for each store, unless they name domains or allow shared ones already.
+    Test volumes keep all their stores on one disk but stand for volumes of
+    independent disks: labelling each store its own failure domain keeps
+    their status (tolerance m, healthy) what it would be on such disks."""
+    if any(a == "--allow-shared-domains" or a.startswith("--domain") for a in args):
+        return list(args)
+    stores, skip = [], False
+    for arg in args[1:]:
+        if skip:
+            skip = False
+        elif arg in _MKFS_VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            stores.append(arg)
+    labels = [f"--domain={store}=test-domain-{i}" for i, store in enumerate(stores)]
+    return [args[0], *labels, *args[1:]]
+
+
 def cli(
     *args: str | os.PathLike[str] | int,
     check: bool = True,
     timeout: float = 120,
     input: str | None = None,
+    test_domains: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m ecfs ARGS...` and return what it printed (as text).
 
     With `check`, a non-zero exit raises `CLIError` showing stdout and stderr.
+    `ecfs mkfs` gets a failure domain label per store (`labelled_mkfs_args`)
+    unless `test_domains` is False.
     """
     argv = [sys.executable, "-m", "ecfs"]
-    argv += [str(a) if isinstance(a, int) else os.fspath(a) for a in args]
+    words = [str(a) if isinstance(a, int) else os.fspath(a) for a in args]
+    if test_domains and words[:1] == ["mkfs"]:
+        words = labelled_mkfs_args(words)
+    argv += words
     result = subprocess.run(
         argv,
         input=input,

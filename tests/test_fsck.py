@@ -198,7 +198,7 @@ def test_a_fresh_volume_is_clean(volume: MountedVolume) -> None:
     doc = report.to_json()
     assert set(doc) == {
         "volume", "clean", "exit_status", "repair", "verify_data", "findings",
-        "unrecoverable", "counts",
+        "unrecoverable", "counts", "scope", "skipped",
     }  # fmt: skip
     assert doc["clean"] is True and doc["findings"] == [] and doc["unrecoverable"] == []
     assert set(COUNT_KEYS) <= set(doc["counts"])

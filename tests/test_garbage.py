@@ -18,6 +18,7 @@ from ecfs.core.model import ChunkRef
 from ecfs.storage.metadb.chunks import ChunkTable, PendingDeletions
 from ecfs.volume.assembly import Volume
 from ecfs.volume.mkfs import VolumeSpec, create_volume
+from tests.volume_files import own_domains
 
 K, M = 2, 1
 N = K + M
@@ -27,7 +28,11 @@ PAYLOAD = b"x" * 4096
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Volume]:
     stores = [tmp_path / f"s{i}" for i in range(N)]
-    create_volume(stores, VolumeSpec(k=K, m=M, fragment_size=4096, cell_size=4096, inline_max=1024))
+    create_volume(
+        stores,
+        VolumeSpec(k=K, m=M, fragment_size=4096, cell_size=4096, inline_max=1024),
+        domains=own_domains(stores),
+    )
     volume = Volume.open([str(s) for s in stores], runtime_dir=tmp_path)
     volume.garbage.load_leftovers()
     try:

@@ -251,7 +251,8 @@ def test_a_dead_server_costs_one_copy_and_the_volume_goes_on(
             cli("store", "replace", volume.mountpoint, servers[servers.index(victim)].location(prefix="vol"), new)
             cli("repair", "--wait", volume.mountpoint, timeout=300)
             added = spare.location(prefix="more")
-            cli("store", "add", volume.mountpoint, added)
+            # A second prefix of the spare server stands for another machine.
+            cli("store", "add", "--domain", "spare-more", volume.mountpoint, added)
             document = _status(volume)
             holder = min(int(i) for i in document["metadata"]["copies"])
             removed = next(s["path"] for s in document["stores"] if s["index"] == holder)

@@ -36,6 +36,7 @@ from ecfs.storage.metadb.writelog import WriteLogTable
 from ecfs.storage.store import DirectoryStore
 from ecfs.volume.assembly import Volume
 from ecfs.volume.mkfs import VolumeSpec, create_volume
+from tests.volume_files import own_domains
 
 K, M, F = 2, 1, 64 * 1024
 CHUNK = K * F  # 128 KiB: log_max 8 KiB, fold budget 32 KiB
@@ -44,7 +45,9 @@ INLINE = 4096
 
 def make_volume(root: Path) -> list[Path]:
     stores = [root / f"s{i}" for i in range(K + M + 1)]
-    create_volume(stores, VolumeSpec(k=K, m=M, fragment_size=F, inline_max=INLINE))
+    create_volume(
+        stores, VolumeSpec(k=K, m=M, fragment_size=F, inline_max=INLINE), domains=own_domains(stores)
+    )
     (root / "run").mkdir(exist_ok=True)
     return stores
 
@@ -1116,7 +1119,7 @@ def test_a_thousand_fsynced_4k_writes_to_one_default_chunk(tmp_path: Path) -> No
     4 MiB chunk, a 1 MiB fold budget): 1,000 fsync'd 4 KiB writes to one
     chunk are 1,000 records and only a handful of new chunk versions."""
     stores = [tmp_path / f"s{i}" for i in range(6)]
-    create_volume(stores, VolumeSpec())
+    create_volume(stores, VolumeSpec(), domains=own_domains(stores))
     (tmp_path / "run").mkdir()
     chunk = 4 << 20
 

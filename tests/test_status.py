@@ -195,7 +195,7 @@ def test_terminal_text_of_a_degraded_record() -> None:
     assert lines[1] == "can lose 1 more store without losing data"
     header = next(line for line in lines if line.split()[:2] == ["store", "state"])
     assert header.split() == ["store", "state", "p50", "p95", "queue", "errors", "fragments",
-                              "used", "free", "path"]  # fmt: skip
+                              "used", "free", "domain", "path"]  # fmt: skip
     row = next(line for line in lines if line.split()[:1] == ["0"])
     assert row.split()[:3] == ["0", "failed", "1.5"]
     assert row.endswith('/srv/a "quoted"\\dir')

@@ -105,3 +105,10 @@ def flip_payload_bytes(path: Path, rng: random.Random, count: int, mask: int = 0
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ mask]))
+
+
+def own_domains(stores: list[Path]) -> dict[str, str]:
+    """A failure domain label per store (for `create_volume`): test stores
+    share one disk but stand for independent ones (see
+    `tests.mounting.labelled_mkfs_args`)."""
+    return {str(store): f"test-domain-{i}" for i, store in enumerate(stores)}

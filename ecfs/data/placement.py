@@ -35,6 +35,18 @@ store is a candidate of its class holding no other fragment of the chunk,
 and otherwise goes where `choose` says among the stores of its class
 holding no other fragment of the chunk (not even a bad one); failing that,
 its own store if usable, else any such candidate.
+
+Failure domains (`ecfs.storage.domains`; `domain(store)` names a store's,
+read at each choice: a label may change while mounted): among the
+candidates ordered as above, `choose` takes each next store from a domain
+holding the fewest fragments of the chunk so far (`ecfs.storage.domains.spread`),
+so no two fragments of a chunk share a domain while enough domains have a
+candidate, and they are spread as evenly as possible when not (a volume
+made with ``--allow-shared-domains``, or with a domain's stores failed or
+full). This holds for any number of fragments, for `targets`,
+`replacement` (the stores already used count) and `rebuild_target`: a
+rebuilt fragment stays on its own store only if no candidate is in a
+domain holding fewer of the chunk's other fragments.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from ..core.model import NO_STORE
+from ..storage.domains import spread
 from ..storage.store import StoreUsage
 
 #: A full store is used again once it has this much free space.
@@ -92,14 +105,17 @@ class Placement:
         remote: Callable[[int], bool] = lambda store: False,
         policy: str = SPREAD,
         k: int = 0,
+        domain: Callable[[int], str] = str,
     ) -> None:
         """`remote(store)`: whether store index `store` is remote (read at
         each choice: stores come and go); `k`: data fragments per chunk
-        (needed by HYBRID)."""
+        (needed by HYBRID); `domain(store)`: its failure domain (default:
+        every store its own)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown placement policy {policy!r}")
         self.runners = runners
         self.remote = remote
+        self.domain = domain
         #: SPREAD or HYBRID; may change while mounted (`ecfs store add --placement`).
         self.policy = policy
         self.k = k
@@ -127,10 +143,17 @@ class Placement:
         self.full.add(store)
 
     def choose(
-        self, count: int, exclude: Iterable[int] = (), *, remote: bool | None = None
+        self,
+        count: int,
+        exclude: Iterable[int] = (),
+        *,
+        remote: bool | None = None,
+        taken: Iterable[int] = (),
     ) -> list[int]:
-        """Up to `count` distinct usable stores, best first; only remote
-        (True) or only local (False) ones if `remote` is given."""
+        """Up to `count` distinct usable stores, best first, spread over
+        failure domains (module docstring; `taken`: the stores holding the
+        chunk's other fragments); only remote (True) or only local (False)
+        ones if `remote` is given."""
         n = max(len(self.runners), 1)
         self._turn = (self._turn + 1) % n
         candidates = self._candidates(set(exclude), remote)
@@ -141,7 +164,7 @@ class Placement:
             return self._free_grains(index) if self._space_known(index) else roomiest
 
         candidates.sort(key=lambda index: (-grains(index), (index - self._turn) % n))
-        return candidates[:count]
+        return spread(candidates, count, self.domain, [self.domain(s) for s in taken])
 
     def targets(self, n: int) -> list[int | None]:
         """A store for each fragment index 0..n-1 of a new chunk (distinct;
@@ -151,7 +174,7 @@ class Placement:
             return chosen + [None] * (n - len(chosen))
         k = min(self.k, n)
         local = self.choose(n, remote=False)
-        remote = self.choose(n, remote=True)
+        remote = self.choose(n, remote=True, taken=local[:k])
         data, parity = local[:k], remote[: n - k]
         data += remote[n - k :][: k - len(data)]  # the other class, when one is short
         parity += local[k:][: n - k - len(parity)]
@@ -162,10 +185,10 @@ class Placement:
         class if any, else any candidate; None if there is none."""
         excluded = set(exclude)
         if self.policy == HYBRID:
-            choice = self.choose(1, excluded, remote=index >= self.k)
+            choice = self.choose(1, excluded, remote=index >= self.k, taken=excluded)
             if choice:
                 return choice[0]
-        choice = self.choose(1, excluded)
+        choice = self.choose(1, excluded, taken=excluded)
         return choice[0] if choice else None
 
     def wrong_class(self, stores: Sequence[int]) -> list[int]:
@@ -196,23 +219,36 @@ class Placement:
         any candidate holding no other fragment of the chunk; None if
         there is none."""
         own = stores[index]
-        others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
+        holders = [s for i, s in enumerate(stores) if i != index and s != NO_STORE]
+        others = set(holders)
         own_usable = own != NO_STORE and bool(self._candidates(others, None, only=own))
         if self.policy != HYBRID:
-            if own_usable:
+            choice = self.choose(1, exclude=others, taken=holders)
+            if own_usable and not self._better_domain(holders, own, choice):
                 return own
-            choice = self.choose(1, exclude=others)
             return choice[0] if choice else None
         wants_remote = index >= self.k
-        if own_usable and self.remote(own) == wants_remote:
+        choice = self.choose(1, exclude=others, remote=wants_remote, taken=holders)
+        if (
+            own_usable
+            and self.remote(own) == wants_remote
+            and not self._better_domain(holders, own, choice)
+        ):
             return own
-        choice = self.choose(1, exclude=others, remote=wants_remote)
         if choice:
             return choice[0]
         if own_usable:
             return own
-        choice = self.choose(1, exclude=others)
+        choice = self.choose(1, exclude=others, taken=holders)
         return choice[0] if choice else None
+
+    def _better_domain(self, holders: Sequence[int], own: int, choice: Sequence[int]) -> bool:
+        """Whether the store in `choice` is in a domain holding fewer of the
+        chunk's other fragments (on `holders`) than `own`'s domain."""
+        if not choice:
+            return False
+        held = [self.domain(s) for s in holders]
+        return held.count(self.domain(choice[0])) < held.count(self.domain(own))
 
     def usable_stores(self) -> int:
         return sum(1 for i, r in self.runners.items() if r.available and i not in self.full)

@@ -192,6 +192,21 @@ def main() -> None:
     " local stores and parity on remote (s3://) ones, so healthy reads never touch the"
     " network (needs at least k local and m remote stores).",
 )
+@click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="STORE=LABEL",
+    help="Name the failure domain of STORE (a host, an enclosure, a power circuit...);"
+    " stores with one label fail together. Default: the disk a store is on (an S3"
+    " store's endpoint). Repeatable.",
+)
+@click.option(
+    "--allow-shared-domains",
+    is_flag=True,
+    help="Accept fewer distinct failure domains than k+m (e.g. all stores on one disk,"
+    " for demos and tests): the volume then survives fewer failures than m.",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def mkfs(
     k: int,
@@ -200,6 +215,8 @@ def mkfs(
     cell_size: int,
     inline_max: int,
     placement: str,
+    domains: tuple[str, ...],
+    allow_shared_domains: bool,
     stores: tuple[str, ...],
 ) -> None:
     """Create a new volume over STORES (empty or new directories, ideally
@@ -207,13 +224,24 @@ def mkfs(
     's3://BUCKET/PREFIX?endpoint=URL[&profile=NAME]' location (the bucket
     is created if missing; credentials from the AWS environment variables
     or ~/.aws files only). The m+1 metadata copies go on local directories
-    when there are m+1 of them, else also on S3 stores, as objects."""
+    when there are m+1 of them, else also on S3 stores, as objects.
+    Refused when the stores are in fewer failure domains (disks) than k+m,
+    unless --allow-shared-domains."""
     spec = VolumeSpec(
         k=k, m=m, fragment_size=fragment_size, cell_size=cell_size, inline_max=inline_max,
         placement=placement,
     )  # fmt: skip
+    labels = {}
+    for item in domains:
+        store_arg, sep, label = item.rpartition("=")
+        if not sep or not store_arg:
+            raise click.BadParameter(f"{item!r} is not STORE=LABEL", param_hint="--domain")
+        labels[store_arg] = label
     try:
-        volume_id = create_volume([Path(s) for s in stores], spec)
+        volume_id = create_volume(
+            [Path(s) for s in stores], spec, domains=labels,
+            allow_shared_domains=allow_shared_domains,
+        )  # fmt: skip
     except VolumeError as exc:
         _fail(str(exc), 2)
     except EcfsError as exc:
@@ -735,7 +763,8 @@ def _pause_offline(stores: tuple[str, ...], pause: bool) -> None:
 
 @main.group()
 def store() -> None:
-    """Replace, add or remove a store of a mounted volume."""
+    """Replace, add or remove a store of a mounted volume, or label its
+    failure domain."""
 
 
 def _store_change(mountpoint: str, command: str) -> None:
@@ -750,16 +779,41 @@ def _store_change(mountpoint: str, command: str) -> None:
     click.echo(final.message)
 
 
+_DOMAIN_OPTION = click.option(
+    "--domain", metavar="LABEL", help="The new store's failure domain label (see ecfs mkfs)."
+)
+_ALLOW_SHARED_OPTION = click.option(
+    "--allow-shared-domains",
+    is_flag=True,
+    help="Accept a new store that shares a failure domain (disk) with another one"
+    " while fewer than k+m distinct domains remain.",
+)
+
+
+def _domain_words(domain: str | None, allow_shared: bool) -> str:
+    words = f" --domain={_quote(domain)}" if domain is not None else ""
+    return words + (" --allow-shared-domains" if allow_shared else "")
+
+
 @store.command("replace")
+@_DOMAIN_OPTION
+@_ALLOW_SHARED_OPTION
 @click.argument("mountpoint")
 @click.argument("old")
 @click.argument("new", callback=_store_args)
-def store_replace(mountpoint: str, old: str, new: str) -> None:
+def store_replace(
+    mountpoint: str, old: str, new: str, domain: str | None, allow_shared_domains: bool
+) -> None:
     """Replace store OLD (a path or store index; it may be dead) with NEW, an
     empty directory; its fragments are rebuilt onto NEW in the background
     (follow with `ecfs repair --wait`). Mount with NEW in the store list
-    afterwards."""
-    _store_change(mountpoint, f"store-replace {_store_ref(old)} {_new_store_path(new)}")
+    afterwards. Refused if NEW shares a failure domain with another store
+    while fewer than k+m distinct domains would remain."""
+    _store_change(
+        mountpoint,
+        f"store-replace {_store_ref(old)} {_new_store_path(new)}"
+        + _domain_words(domain, allow_shared_domains),
+    )
 
 
 @store.command("add")
@@ -770,13 +824,38 @@ def store_replace(mountpoint: str, old: str, new: str) -> None:
     " switching to hybrid moves the fragments written before to a store of their class"
     " in the background.",
 )
+@_DOMAIN_OPTION
+@_ALLOW_SHARED_OPTION
 @click.argument("mountpoint")
 @click.argument("new", callback=_store_args)
-def store_add(mountpoint: str, new: str, placement: str | None) -> None:
+def store_add(
+    mountpoint: str,
+    new: str,
+    placement: str | None,
+    domain: str | None,
+    allow_shared_domains: bool,
+) -> None:
     """Add NEW (an empty directory or an s3:// location) as a store; new
-    chunks use it at once."""
+    chunks use it at once. Refused if NEW shares a failure domain with
+    another store while fewer than k+m distinct domains remain."""
     policy = f" {placement}" if placement else ""
-    _store_change(mountpoint, f"store-add {_new_store_path(new)}{policy}")
+    _store_change(
+        mountpoint,
+        f"store-add {_new_store_path(new)}{policy}" + _domain_words(domain, allow_shared_domains),
+    )
+
+
+@store.command("set-domain")
+@click.argument("mountpoint")
+@click.argument("store_ref", metavar="STORE")
+@click.argument("label", required=False)
+def store_set_domain(mountpoint: str, store_ref: str, label: str | None) -> None:
+    """Set the failure domain label of STORE (a path, index or id): stores
+    with one label fail together (a host, an enclosure...). Without LABEL,
+    STORE goes back to its default domain (its disk). New chunks follow
+    at once; fragments written before stay where they are."""
+    words = f" {_quote(label)}" if label is not None else ""
+    _store_change(mountpoint, f"store-domain {_store_ref(store_ref)}{words}")
 
 
 @store.command("remove")
@@ -824,9 +903,22 @@ def _store_ref(old: str) -> str:
     help="Take over the lease of a volume with S3 stores that another host held"
     " and did not release; only once it expired (see ecfs mount --takeover).",
 )
+@click.option(
+    "--path",
+    "scope",
+    metavar="DIR",
+    help="Check only the files and directories below DIR, a directory of the volume given"
+    " from its root (e.g. photos/2024); volume-wide checks are skipped (the report"
+    " names them).",
+)
 @click.argument("stores", nargs=-1, required=True, callback=_store_args)
 def fsck(
-    do_repair: bool, verify_data: bool, as_json: bool, takeover: bool, stores: tuple[str, ...]
+    do_repair: bool,
+    verify_data: bool,
+    as_json: bool,
+    takeover: bool,
+    scope: str | None,
+    stores: tuple[str, ...],
 ) -> None:
     """Check an unmounted volume made of STORES (paths or quoted globs).
     Exit status 0 clean, 1 problems found (fixed or not), 2 usage."""
@@ -856,6 +948,7 @@ def fsck(
             verify_data=verify_data,
             progress=progress,
             takeover=takeover,
+            under=scope,
         )
     except VolumeError as exc:
         _fail(str(exc), 2)

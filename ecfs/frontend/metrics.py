@@ -64,7 +64,8 @@ METRICS: tuple[Metric, ...] = (
     _m(
         "ecfs_volume_tolerance",
         "gauge",
-        "How many more stores the worst chunk can lose (negative: data unreadable).",
+        "How many more failure domains (disks, or labelled groups of stores) the worst"
+        " chunk can lose (negative: data unreadable).",
     ),
     _m("ecfs_unrecoverable_chunks", "gauge", "Chunks that repair found unrecoverable."),
     _m("ecfs_store_info", "gauge", "Always 1; the store's path.", "store", "path"),

@@ -47,15 +47,24 @@ def render_status(status: VolumeStatus) -> str:
     policy = f"  placement: {status.placement}" if status.placement != "spread" else ""
     lines = [f"volume {status.volume}  k={status.k} m={status.m}{policy}  health: {status.health}"]
     tolerance = status.tolerance
-    if tolerance >= 0:
-        lines.append(f"can lose {tolerance} more store{'s' if tolerance != 1 else ''} without losing data")
+    plural = "s" if tolerance != 1 else ""
+    if tolerance >= 0 and status.redundancy_warning is None:
+        lines.append(f"can lose {tolerance} more store{plural} without losing data")
+    elif tolerance >= 0:
+        lines.append(
+            f"can lose {tolerance} more failure domain{plural} without losing data"
+            f" ({status.domains} domains over {len(status.stores)} stores)"
+        )
     else:
         lines.append("SOME DATA IS UNREADABLE until missing stores come back")
     lines.append(render_background(status.background))
+    if status.redundancy_warning is not None:
+        lines.append(f"WARNING: {status.redundancy_warning}")
     lines.append("")
     stores = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name in ("store", "state", "p50", "p95", "queue", "errors", "fragments", "used", "free"):
         stores.add_column(name, justify="left" if name == "state" else "right")
+    stores.add_column("domain", no_wrap=True)
     stores.add_column("path", no_wrap=True)
     for store in status.stores:
         path = store.path
@@ -71,6 +80,7 @@ def render_status(status: VolumeStatus) -> str:
             str(store.fragments),
             format_size(store.fragment_bytes),
             format_size(store.free_bytes) if store.free_bytes is not None else "?",
+            store.domain,
             path,
         )
     lines.append(render_table(stores))

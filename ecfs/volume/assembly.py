@@ -92,6 +92,7 @@ from ..data.repair import Repairer
 from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
+from ..storage.domains import labels_of, resolve_stores
 from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
@@ -138,6 +139,7 @@ from .status import (
     assess,
     events_status,
     health_of,
+    redundancy_warning,
 )
 from .store_admin import StoreAdmin
 
@@ -376,7 +378,15 @@ class Volume:
         policy = params.get(POLICY_KEY, SPREAD)
         if policy not in POLICIES:
             raise VolumeError(f"the metadata names an unknown placement policy {policy!r}")
-        self.placement = Placement(self.runners, remote=self.is_remote, policy=policy, k=k)
+        #: Store index -> failure domain (`ecfs.storage.domains`): labels from
+        #: the volume parameters, else resolved from the store (blocking, once
+        #: here; `StoreAdmin` updates it on store changes and labels).
+        self.domains: dict[int, str] = resolve_stores(
+            stores, labels_of(params, dict(StoreTable(db).all()))
+        )
+        self.placement = Placement(
+            self.runners, remote=self.is_remote, policy=policy, k=k, domain=self.domain_of
+        )
         self.pins = ChunkPins()
         #: Pauses all background work (persisted; see `ecfs.data.background`):
         #: repair, scrub, folds, garbage, and restripe wait at it per chunk.
@@ -507,6 +517,10 @@ class Volume:
         #: The fencing epoch of this mount's metadata objects (see `open`).
         self.epoch = 0
 
+    def domain_of(self, index: int) -> str:
+        """Store `index`'s failure domain (``unknown:INDEX``: missing, no label)."""
+        return self.domains.get(index) or f"unknown:{index}"
+
     def is_remote(self, index: int) -> bool:
         """Whether store `index` is remote (`Store.remote`; a store not
         open counts as local: its fragments are rebuilt anyway)."""
@@ -525,6 +539,7 @@ class Volume:
             store_ids=self.store_ids,
             handles=self.handles,
             device_of=self.writer.device_of,
+            domains=self.domains,
             placement=self.placement,
             repairer=self.repairer,
             missing_stores=self.missing_stores,
@@ -1074,6 +1089,7 @@ class Volume:
             available,
             ChunkTable(self.db).redundancy_classes(),
             RepairQueue(self.db).known_damage(),
+            self.domain_of,
         )
         stores = [self._store_status(i, r, found.fragments, found.fragment_bytes)
                   for i, r in sorted(self.runners.items())]  # fmt: skip
@@ -1083,10 +1099,13 @@ class Volume:
                 StoreStatus(
                     index, path, "missing", reason, 0, 0, 0, 0.0, 0.0, 0, 0, None, None,
                     found.fragments.get(index, 0), found.fragment_bytes.get(index, 0), False,
+                    domain=self.domain_of(index),
                 )  # fmt: skip
             )
         repair = self.repairer.statistics()
         unrecoverable = self.repairer.unrecoverable_chunks()
+        active = [i for i in self.store_ids if i not in self.placement.draining]
+        domains = {i: self.domain_of(i) for i in active}
         replication = self.replicator.statistics() if self.replicator else None
         return VolumeStatus(
             volume=self.volume_id,
@@ -1119,6 +1138,8 @@ class Volume:
             lease=self.lease.statistics() if self.lease is not None else None,
             placement=self.placement.policy,
             background=self.background_gate.statistics(),
+            domains=len(set(domains.values())),
+            redundancy_warning=redundancy_warning(layout.k, layout.m, domains),
             events=events_status(
                 self.events.statistics(),
                 str(self.hooks.hook) if self.hooks is not None else "",
@@ -1154,6 +1175,7 @@ class Volume:
             latency_p99_ms=round(stats.latency_p99 * 1000, 3),
             latency_histogram=stats.latency_histogram,
             latency_sum_s=stats.latency_sum,
+            domain=self.domain_of(index),
         )
 
     def iostat(self) -> IoStatus:
@@ -1249,9 +1271,11 @@ class Volume:
         elif command.verb == "resume":
             self.background_gate.resume()
         elif command.verb == "store-replace":
-            self.start_store_change("replace", command.old, command.new)
+            self.start_store_change("replace", command.old, command.new, command=command)
         elif command.verb == "store-add":
-            self.start_store_change("add", None, command.new, command.placement)
+            self.start_store_change("add", None, command.new, command.placement, command=command)
+        elif command.verb == "store-domain":
+            self.start_store_change("domain", command.old, None, command=command)
         else:
             self.start_store_change("remove", command.old, None)
 
@@ -1267,28 +1291,48 @@ class Volume:
         self._nursery.start_soon(guarded, "scrub", self.scrubber.run, max_duration)
 
     def start_store_change(
-        self, op: str, old: str | None, new: str | None, placement: str | None = None
+        self,
+        op: str,
+        old: str | None,
+        new: str | None,
+        placement: str | None = None,
+        *,
+        command: Command | None = None,
     ) -> None:
         """Begin replacing, adding (switching to placement policy
-        `placement` if given) or draining a store (progress in
+        `placement` if given) or draining a store, or setting its failure
+        domain label (`command`: its domain options; progress in
         `status().store_change`)."""
         if self.store_change is not None and self.store_change.state == "running":
             raise FsError("a store change is already running", errno=errno.EBUSY)
         self.store_change = StoreChange(op, old, new, "running", "")
         assert self._nursery is not None
         self._nursery.start_soon(
-            guarded, "store change", self._store_change, op, old, new, placement
+            guarded, "store change", self._store_change, op, old, new, placement, command
         )
 
     async def _store_change(
-        self, op: str, old: str | None, new: str | None, placement: str | None = None
+        self,
+        op: str,
+        old: str | None,
+        new: str | None,
+        placement: str | None = None,
+        command: Command | None = None,
     ) -> None:
         before = set(self.runners)
+        domain = command.domain if command is not None else None
+        shared = command is not None and command.allow_shared
         try:
             if op == "replace":
-                message = await self.stores_admin.replace(old or "", new or "")
+                message = await self.stores_admin.replace(
+                    old or "", new or "", domain=domain, allow_shared=shared
+                )
             elif op == "add":
-                message = await self.stores_admin.add(new or "", placement)
+                message = await self.stores_admin.add(
+                    new or "", placement, domain=domain, allow_shared=shared
+                )
+            elif op == "domain":
+                message = await self.stores_admin.set_domain(old or "", domain)
             else:
                 message = await self.stores_admin.remove(old or "")
         except EcfsError as exc:

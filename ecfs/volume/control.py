@@ -20,7 +20,11 @@ or clean up, and the kernel tells the daemon who asks):
   "store-replace OLD NEW", "store-add NEW [spread|hybrid]" (with a placement
   policy to switch to), "store-remove OLD", "pause [WHO]" (pause all
   background work, persisted until "resume"; WHO: who asked, e.g.
-  user@host, shown in the status), "resume".
+  user@host, shown in the status), "resume",
+  "store-domain OLD [LABEL]" (set
+  a store's failure domain label; without LABEL, back to its default).
+  store-replace and store-add also take "--domain=LABEL" (the new store's
+  label) and "--allow-shared-domains" (see `ecfs.volume.store_admin`).
 
 Only root and the user who mounted may use them (checked in `fs`).
 Every argument is validated before anything starts (`parse_command`):
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 
 from ..core.errors import FsError, VolumeError
 from ..data.placement import POLICIES
+from ..storage.domains import check_label
 from ..storage.s3store import S3Location, is_s3_location
 
 log = logging.getLogger(__name__)
@@ -66,8 +71,11 @@ class Command:
     verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
     (urgent), "store-replace" (old, new), "store-add" (new, placement: a
     policy to switch to, or None), "store-remove" (old), "pause" (by: who
-    asked, or ""), "resume". `new` is always an absolute path or an s3://
-    location; `old` that, a store index or a store id."""
+    asked, or ""), "resume", "store-domain"
+    (old, domain: a label or None for the default). `new` is always an
+    absolute path or an s3:// location; `old` that, a store index or a
+    store id. `domain`: the new store's label (replace, add);
+    `allow_shared`: accept a new store sharing a failure domain."""
 
     verb: str
     seconds: float | None = None
@@ -76,6 +84,8 @@ class Command:
     new: str | None = None
     placement: str | None = None
     by: str = ""
+    domain: str | None = None
+    allow_shared: bool = False
 
 
 def parse_command(text: str) -> Command:
@@ -89,9 +99,19 @@ def parse_command(text: str) -> Command:
     if not words:
         raise _refused(text, "it is empty")
     verb, args = words[0], words[1:]
+    domain, allow_shared = None, False
+    if verb in ("store-replace", "store-add"):
+        for word in [w for w in args if w.startswith("--")]:
+            args.remove(word)
+            if word == "--allow-shared-domains":
+                allow_shared = True
+            elif word.startswith("--domain="):
+                domain = _label(text, word.removeprefix("--domain="))
+            else:
+                raise _refused(text, f"unknown option {word!r}")
     arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
              "store-add": (1, 2), "store-remove": (1, 1), "pause": (0, 1),
-             "resume": (0, 0)}  # fmt: skip
+             "resume": (0, 0), "store-domain": (1, 2)}  # fmt: skip
     if verb not in arity:
         raise _refused(text, f"unknown command {verb!r}")
     low, high = arity[verb]
@@ -104,11 +124,20 @@ def parse_command(text: str) -> Command:
             raise _refused(text, "repair takes 'urgent' or 'normal'")
         return Command(verb, urgent=args[0] == "urgent")
     if verb == "store-replace":
-        return Command(verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]))
+        return Command(
+            verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]), domain=domain,
+            allow_shared=allow_shared,
+        )  # fmt: skip
     if verb == "store-add":
         if len(args) > 1 and args[1] not in POLICIES:
             raise _refused(text, f"unknown placement policy {args[1]!r} (known: {', '.join(POLICIES)})")
-        return Command(verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None)
+        return Command(
+            verb, new=_new_path(text, args[0]), placement=args[1] if len(args) > 1 else None,
+            domain=domain, allow_shared=allow_shared,
+        )  # fmt: skip
+    if verb == "store-domain":
+        label = _label(text, args[1]) if len(args) > 1 else None
+        return Command(verb, old=_old_store(text, args[0]), domain=label)
     if verb == "store-remove":
         return Command(verb, old=_old_store(text, args[0]))
     if verb == "pause":
@@ -160,6 +189,13 @@ def _new_path(text: str, word: str) -> str:
     if not os.path.isabs(word):
         raise _refused(text, f"the store path {word!r} is not absolute")
     return os.path.normpath(word)
+
+
+def _label(text: str, word: str) -> str:
+    try:
+        return check_label(word)
+    except VolumeError as exc:
+        raise _refused(text, str(exc)) from None
 
 
 def _old_store(text: str, word: str) -> str:

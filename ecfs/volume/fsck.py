@@ -40,6 +40,11 @@ How a run goes:
    schema if it is older; every check reads and (with --repair) fixes it.
 5. namespace_consistent, repair_queue_valid, write_log_valid,
    chunk_fragments_present, no_orphan_fragments run in this order (see `ecfs.volume.fsck_checks`).
+   With `under` (``--path DIR``: a directory of the volume, relative to its
+   root; a leading ``/`` is the volume root, never the host's), only the
+   inodes below DIR are checked and the volume-wide checks are skipped and
+   named in the report (`ecfs.volume.fsck_checks`, "Scoped runs"); a DIR
+   that does not exist in the metadata is a VolumeError.
 6. With --repair, if anything was found: the stores written to are synced,
    one more (empty) transaction bumps the generation above every replica's,
    and the working copy is copied over every replica file on the present
@@ -71,6 +76,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -82,7 +88,8 @@ from ..core.geometry import Layout
 from ..storage.lease import Lease, held_lease
 from ..storage.lock import VolumeLock
 from ..storage.metadb.database import Database
-from ..storage.metadb.schema import SCHEMA_VERSION, upgrade_database
+from ..storage.metadb.inodes import InodeTable
+from ..storage.metadb.schema import ROOT_INODE, SCHEMA_VERSION, upgrade_database
 from ..storage.metadb.stores import StoreTable
 from ..storage.metaobjects import (
     GatheredCopies,
@@ -147,6 +154,14 @@ CHECKS = (
     "no_orphan_fragments",
 )
 
+#: What a scoped run (``--path``) does not check (volume-wide).
+SKIPPED_WHEN_SCOPED = (
+    "namespace_consistent (reachability, unlinked inodes, rows of missing inodes)",
+    "repair_queue_valid",
+    "write_log_valid",
+    "no_orphan_fragments",
+)
+
 #: Progress stages passed to the `progress` callback, in order.
 STAGES = ("replicas", "namespace", "chunks", "orphans", "write-back")
 
@@ -158,6 +173,7 @@ def run_fsck(
     verify_data: bool,
     progress: Callable[[str, int, int], None] | None = None,
     takeover: bool = False,
+    under: str | None = None,
 ) -> FsckReport:
     """Blocking: check (and with `repair`, fix) the volume made of the
     stores in `store_args` (paths or glob patterns, as for mount).
@@ -166,11 +182,15 @@ def run_fsck(
     checksum (otherwise only headers and file sizes are checked).
     `progress(stage, done, total)` is called as work advances; stages are
     `STAGES`. `takeover`: take over a lease that expired without release.
+    `under`: check only the inodes below this directory of the volume
+    (``--path``).
     Raises VolumeError for usage problems (see the module
     docstring) and when the volume is in use; every problem found in the
     volume itself is a Finding in the returned report instead.
     """
     report = FsckReport(repair=repair, verify_data=verify_data)
+    if under is not None:
+        report.scope = "/" + "/".join(_components(under))
     paths = check_store_paths(expand_store_args(store_args))
     unusable: dict[Path, str] = {}
     markers = read_markers(paths, unusable)
@@ -277,6 +297,7 @@ def _check_volume(
         )  # fmt: skip
         report.counts["stores"] = len(table)
         report.counts["stores_missing"] = len(table) - len(stores)
+        scope = _scope(db, report.scope) if report.scope is not None else None
         ctx = FsckContext(
             db=db,
             layout=layout,
@@ -292,12 +313,17 @@ def _check_volume(
                 if choice.refused or choice.stale
                 else None
             ),
+            scope=scope,
         )
         check_namespace_consistent(ctx)
-        check_repair_queue_valid(ctx)
-        check_write_log_valid(ctx)
+        if scope is None:
+            check_repair_queue_valid(ctx)
+            check_write_log_valid(ctx)
         check_chunk_fragments_present(ctx)
-        check_no_orphan_fragments(ctx)
+        if scope is None:
+            check_no_orphan_fragments(ctx)
+        else:
+            report.skipped = list(SKIPPED_WHEN_SCOPED)
         if not repair or report.clean:
             return
         for failure in ctx.sync_touched():
@@ -317,6 +343,31 @@ def _check_volume(
     if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused), copies):
         for finding in replica_findings:
             finding.fixed = True
+
+
+def _components(path: str) -> list[str]:
+    """The names of `path` (relative to the volume root; "." and empty
+    parts dropped); VolumeError for "..", which could leave the volume."""
+    names = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in names:
+        raise VolumeError(f"--path {path}: '..' is not allowed (give a path from the volume root)")
+    return names
+
+
+def _scope(db: Database, path: str) -> frozenset[int]:
+    """The inodes below directory `path` of the volume (itself included);
+    VolumeError if it does not exist or is not a directory."""
+    inodes = InodeTable(db)
+    ino = ROOT_INODE
+    for name in _components(path):
+        found = inodes.find(ino, os.fsencode(name))
+        if found is None:
+            raise VolumeError(f"--path {path}: no such directory in the volume")
+        ino = found
+    row = inodes.get(ino)
+    if row is None or not stat.S_ISDIR(row[1]):
+        raise VolumeError(f"--path {path}: not a directory of the volume")
+    return frozenset(inodes.subtree(ino))
 
 
 def _why(path: Path) -> str:

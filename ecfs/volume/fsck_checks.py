@@ -38,6 +38,16 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   If the volume remembers every one of them as to be deleted (their store
   was away, see `ecfs.data.garbage`), that is a warning.
 
+Scoped runs (`FsckContext.scope`, ``ecfs fsck --path DIR``): only the
+inodes below DIR are checked: namespace_consistent looks at their entries,
+link counts, symlinks and inline data, chunk_fragments_present at their
+chunks (and with verify_data their cells). What only makes sense for the
+whole volume is skipped and named in `FsckReport.skipped`: reachability
+and inodes with no links (an inode outside every directory is in no
+subtree), rows of missing inodes, repair_queue_valid, write_log_valid and
+no_orphan_fragments (an orphan belongs to no file). replicas_agree always
+runs: it chooses the metadata to check.
+
 Must not: speak SQL (all queries are in `ecfs.storage.metadb`), open the volume
 (see `ecfs.volume.fsck`), or run while anything else uses the volume: the caller
 holds the `ecfs.storage.lock.VolumeLock`. Everything here is blocking; the shared
@@ -77,6 +87,7 @@ from ..data.logfiles import encode as encode_record
 from ..data.placement import POLICY_KEY, SPREAD, Placement
 from ..data.rebuild import rebuild_fragments
 from ..data.smallwrites import legacy_checksum
+from ..storage.domains import labels_of, resolve_stores
 from ..storage.handles import Expected, read_header
 from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
@@ -163,6 +174,10 @@ class FsckReport:
     findings: list[Finding] = field(default_factory=list)
     unrecoverable: list[UnrecoverableRange] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    #: The directory a scoped run checked (``--path``), None: the volume.
+    scope: str | None = None
+    #: The checks (or parts) a scoped run skipped as volume-wide.
+    skipped: list[str] = field(default_factory=list)
 
     def add(
         self, check: str, message: str, *, severity: Severity = "error", fixed: bool = False
@@ -195,6 +210,14 @@ class FsckReport:
 
     def summary(self) -> str:
         """One line for the end of the CLI's output."""
+        return self._verdict() + (
+            f"; only {self.scope} was checked ({self.counts['inodes']} inodes; skipped as"
+            f" volume-wide: {', '.join(self.skipped)})"
+            if self.scope is not None
+            else ""
+        )
+
+    def _verdict(self) -> str:
         if self.clean:
             extra = f" ({len(self.warnings)} warning(s))" if self.warnings else ""
             return f"volume {self.volume_id} is clean{extra}"
@@ -217,7 +240,9 @@ class FsckReport:
         {``check``, ``severity`` 'error'|'warning', ``message``, ``fixed``}),
         ``unrecoverable`` (list of {``inode``, ``paths`` (list of str),
         ``start``, ``end`` (file byte range), ``chunk_id`` (16 hex digits)}),
-        ``counts`` (name -> int, see `COUNT_KEYS`; all keys always present).
+        ``counts`` (name -> int, see `COUNT_KEYS`; all keys always present),
+        ``scope`` (the directory of ``--path``, or null: the whole volume)
+        and ``skipped`` (the volume-wide checks a scoped run skipped).
         """
         return {
             "volume": self.volume_id,
@@ -228,6 +253,8 @@ class FsckReport:
             "findings": [f.to_json() for f in self.findings],
             "unrecoverable": [u.to_json() for u in self.unrecoverable],
             "counts": {key: int(self.counts[key]) for key in sorted({*COUNT_KEYS, *self.counts})},
+            "scope": self.scope,
+            "skipped": list(self.skipped),
         }
 
 
@@ -237,7 +264,7 @@ COUNT_KEYS = (
     "stores_missing",  # of them, not given or unreadable
     "replicas",  # metadata replica files examined
     "replicas_written",  # replicas rewritten by --repair
-    "inodes",  # inodes in the metadata (after repairs)
+    "inodes",  # inodes in the metadata (after repairs; below DIR with --path)
     "chunks",  # chunk rows checked
     "fragments_checked",  # fragment files whose header was verified
     "bytes_verified",  # payload bytes whose cell checksums were verified
@@ -262,7 +289,8 @@ class FsckContext:
     synced before the metadata is written back. `keep_orphans`: why orphan
     fragments must not be deleted this run (the metadata copies disagree:
     a fragment no chunk of the chosen copy names may be named by another),
-    or None.
+    or None. `scope`: the inodes of a scoped run (``--path``; see the
+    module docstring), None for the whole volume.
     """
 
     db: Database
@@ -276,6 +304,10 @@ class FsckContext:
     progress: ProgressFn | None = None
     touched: set[int] = field(default_factory=set)
     keep_orphans: str | None = None
+    scope: frozenset[int] | None = None
+
+    def in_scope(self, ino: int) -> bool:
+        return self.scope is None or ino in self.scope
 
     def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -376,12 +408,16 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
     ctx.tick("namespace", 0, 6)
 
     for parent, name, ino in inodes.entries_to_missing_inodes():
+        if not ctx.in_scope(parent):
+            continue
         where = _entry_name(inodes, parent, name)
         if fix:
             with db.transaction():
                 inodes.remove_entry(parent, name)
         report.add(check, f"entry {where} refers to missing inode {ino}", fixed=fix)
     for parent, name, ino in inodes.entries_in_non_directories():
+        if not ctx.in_scope(parent):
+            continue
         if fix:
             with db.transaction():
                 inodes.remove_entry(parent, name)
@@ -396,6 +432,8 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
     # Inodes left with no link by a crash while they were open.
     reported: set[int] = set()
     for ino, _mode, nlink, entries, _subdirs in inodes.link_census():
+        if ctx.scope is not None:
+            break  # an inode with no entry is below no directory
         if nlink == 0 and entries == 0 and ino != ROOT_INODE:
             if fix:
                 with db.transaction():
@@ -411,11 +449,11 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
             )
     ctx.tick("namespace", 2, 6)
 
-    silent = _check_reachability(ctx, inodes, reported)
+    silent = _check_reachability(ctx, inodes, reported) if ctx.scope is None else set()
     ctx.tick("namespace", 3, 6)
 
     for ino, mode, nlink, entries, subdirs in inodes.link_census():
-        if ino in reported:
+        if ino in reported or not ctx.in_scope(ino):
             continue
         is_dir = stat.S_ISDIR(mode)
         expected = 2 + subdirs if is_dir else entries
@@ -437,7 +475,7 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
             )
     ctx.tick("namespace", 4, 6)
 
-    for ino in inodes.stray_symlinks():
+    for ino in inodes.stray_symlinks() if ctx.scope is None else ():
         if fix:
             with db.transaction():
                 inodes.delete_symlink(ino)
@@ -447,8 +485,10 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
             fixed=fix,
         )
     for ino in inodes.symlinks_without_target():
+        if not ctx.in_scope(ino):
+            continue
         report.add(check, f"symlink {ctx.describe_inode(ino)} has no target")
-    for ino in inodes.stray_xattr_owners():
+    for ino in inodes.stray_xattr_owners() if ctx.scope is None else ():
         if fix:
             with db.transaction():
                 inodes.delete_xattrs(ino)
@@ -461,6 +501,8 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
         "beyond-size": "it starts at or beyond the end of the file",
     }
     for ino, idx, ref, reason in chunks.misplaced(ctx.layout.chunk_size):
+        if not ctx.in_scope(ino):
+            continue
         if fix:
             with db.transaction():
                 chunks.remove(ino, idx)
@@ -471,6 +513,8 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
             fixed=fix,
         )
     for ino, mode, size, length in inodes.bad_inline_data():
+        if not ctx.in_scope(ino):
+            continue
         regular = stat.S_ISREG(mode)
         if fix:
             with db.transaction():
@@ -481,7 +525,7 @@ def check_namespace_consistent(ctx: FsckContext) -> None:
             else f"inline data ({length} bytes) but it is not a regular file"
         )
         report.add(check, f"{ctx.describe_inode(ino)} has {problem}", fixed=fix)
-    report.counts["inodes"] = inodes.count()
+    report.counts["inodes"] = inodes.count() if ctx.scope is None else len(ctx.scope)
     ctx.tick("namespace", 6, 6)
 
 
@@ -690,7 +734,13 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
     layout = ctx.layout
     codec = Codec(layout.k, layout.m)
     expected = Expected(ctx.volume_id, layout.k, layout.m, layout.cell_size)
-    all_chunks = list(ChunkTable(ctx.db).iter_all())
+    table = ChunkTable(ctx.db)
+    if ctx.scope is None:
+        all_chunks = list(table.iter_all())
+    else:
+        all_chunks = [
+            (ino, idx, ref) for ino in sorted(ctx.scope) for idx, ref in table.of_inode(ino)
+        ]
     on_missing_store: Counter[int] = Counter()
     total = len(all_chunks)
     placement = _placement(ctx) if ctx.repair else None
@@ -953,13 +1003,16 @@ def _placement(ctx: FsckContext) -> Placement:
 def _policy_placement(ctx: FsckContext, candidates: dict[int, _Present]) -> Placement:
     """Placement over `candidates` with the volume's policy; a store not
     present counts as local (see `ecfs.volume.assembly.Volume.is_remote`)."""
-    policy = StoreTable(ctx.db).params().get(POLICY_KEY, SPREAD)
+    params = StoreTable(ctx.db).params()
+    policy = params.get(POLICY_KEY, SPREAD)
     stores = ctx.stores
+    domains = resolve_stores(stores, labels_of(params, ctx.store_ids)) if candidates else {}
     return Placement(
         candidates,
         remote=lambda i: i in stores and stores[i].remote,
         policy=policy,
         k=ctx.layout.k,
+        domain=lambda i: domains.get(i) or f"unknown:{i}",
     )
 
 

@@ -18,6 +18,13 @@ The placement policy (`VolumeSpec.placement`, ``--placement``) is checked
 against the stores given (`ecfs.data.placement.policy_problem`: hybrid
 needs k local and m remote ones, by `Store.remote`) and kept in the
 volume parameters (`ecfs.data.placement.POLICY_KEY`).
+
+Failure domains (`ecfs.storage.domains`, `check_domains`): each store's is
+its label (``--domain PATH=LABEL``, kept as the volume parameter
+``domain.<store id>``) or resolved from where it is (its disk; an object
+store's endpoint). A layout with fewer distinct domains than k+m (some chunk
+would need two fragments in one domain) is refused, naming the stores that
+share one, unless ``allow_shared_domains`` (``--allow-shared-domains``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,7 @@ from ..core.geometry import (
     Layout,
 )
 from ..data.placement import POLICY_KEY, SPREAD, policy_problem
+from ..storage.domains import assign, check_label, label_key, location_atoms, shared
 from ..storage.metadb.schema import create_database
 from ..storage.metaobjects import ObjectCopy, copy_stores, keeps_meta_objects
 from ..storage.replicas import copy_database, read_generation, replica_path
@@ -163,8 +171,62 @@ def check_spec(spec: VolumeSpec) -> Layout:
         raise VolumeError(str(exc)) from None
 
 
-def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
-    """Create a volume over `paths`; returns its UUID (hex).
+def check_domains(
+    given: Sequence[Path],
+    resolved: Sequence[Path],
+    n: int,
+    labels: Mapping[str, str],
+    allow_shared: bool,
+) -> dict[int, str]:
+    """Store position -> failure domain label for the stores `resolved`
+    (as `given`) with `labels` (a store as given or resolved -> label);
+    VolumeError for a label naming no store, or for fewer distinct domains
+    than `n` unless `allow_shared` (see the module docstring)."""
+    by_name = {}
+    for i, (g, r) in enumerate(zip(given, resolved, strict=True)):
+        by_name[str(g)] = by_name[str(r)] = i
+    chosen: dict[int, str] = {}
+    for name, label in labels.items():
+        key = str(location_path(name)) if is_s3_location(name) else os.path.realpath(name)
+        index = by_name.get(name, by_name.get(key))
+        if index is None:
+            raise VolumeError(f"--domain {name}={label}: {name} is not one of the stores given")
+        chosen[index] = check_label(label)
+    atoms = {}
+    for i, path in enumerate(resolved):
+        if i in chosen:
+            continue
+        try:
+            atoms[i] = location_atoms(path)
+        except OSError as exc:
+            raise VolumeError(f"cannot find the disk of {given[i]}: {exc.strerror}") from None
+    domains = assign(atoms, chosen)
+    distinct = len(set(domains.values()))
+    if distinct < n and not allow_shared:
+        groups = "; ".join(
+            f"{', '.join(str(given[i]) for i in members)} share {name}"
+            for name, members in sorted(shared(domains).items())
+        )
+        raise VolumeError(
+            f"the stores are in {distinct} failure domain(s) but a chunk has k+m={n} fragments:"
+            f" some chunk would need two fragments in one domain, and losing it could lose"
+            f" data ({groups}). Put the stores on independent disks, name the domains of"
+            " stores that are in fact independent with --domain PATH=LABEL, or accept it"
+            " with --allow-shared-domains (demos and tests)"
+        )
+    return chosen
+
+
+def create_volume(
+    paths: Sequence[Path],
+    spec: VolumeSpec,
+    *,
+    domains: Mapping[str, str] | None = None,
+    allow_shared_domains: bool = False,
+) -> str:
+    """Create a volume over `paths`; returns its UUID (hex). `domains`: a
+    store (as given) -> its failure domain label; `allow_shared_domains`:
+    accept fewer distinct domains than k+m (`check_domains`).
 
     All checks run first. If creating a store or a metadata replica fails
     half-way, what was created is removed again (the directories were
@@ -187,6 +249,9 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             continue  # S3Store.initialise checks that its prefix is unused
         _check_not_inside_a_store(given, path)
         _check_empty(given, path)
+    labels = check_domains(
+        paths, resolved, spec.k + spec.m, domains or {}, allow_shared_domains
+    )
     volume_id = uuid.uuid4().hex
     store_ids = [uuid.uuid4().hex for _ in resolved]
     created: list[tuple[Path, bool]] = []  # (path, existed before)
@@ -224,6 +289,7 @@ def create_volume(paths: Sequence[Path], spec: VolumeSpec) -> str:
             "inline_max": spec.inline_max,
             POLICY_KEY: spec.placement,
         }
+        params.update({label_key(store_ids[i]): label for i, label in labels.items()})
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()
         holders = copy_stores(

@@ -19,6 +19,15 @@ be asked for every second on a big volume. Its counters are monotonic for
 the life of a mount (rates are deltas between two snapshots over
 `monotonic_ns`); `iostat_to_json`/`iostat_from_json` convert it the same way.
 
+Tolerance counts failure domains (`ecfs.storage.domains`), not stores: for
+a chunk, how many domains can fail while k of its good fragments remain
+(the domains holding most of its fragments go first); the volume's
+tolerance is the least over its chunks, and over a chunk the stores would
+get now (`layout_tolerance`: n fragments spread as evenly as the active
+stores' domains allow), so an empty volume on one disk says 0 too.
+`redundancy_warning` says in words when the redundancy is (partly)
+illusory: stores sharing a domain, and what losing it costs.
+
 Owns: the status record types of the volume level (stores, metadata, store
 changes, events and hook runs, the iostat snapshot), the health rule
 (`assess`), and the JSON conversion. Must not:
@@ -30,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +52,7 @@ from ..data.repair import RepairStatistics
 from ..data.scrub import ScrubStatistics
 from ..data.smallwrites import WriteLogStatistics
 from ..data.writer import WriteStatistics
+from ..storage.domains import layout_tolerance, shared, tolerance
 from ..storage.lease import LeaseStatistics
 from .hooks import HookStatistics
 
@@ -82,6 +92,10 @@ class StoreStatus:
     #: empty for a missing store) and their sum in seconds.
     latency_histogram: tuple[int, ...] = ()
     latency_sum_s: float = 0.0
+    #: Its failure domain (`ecfs.storage.domains`): a label, ``disk:NAME``,
+    #: ``dev:MAJ:MIN``, ``s3:HOST:PORT``; ``unknown:INDEX`` if missing and
+    #: not labelled.
+    domain: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +126,8 @@ class StoreChange:
 
 @dataclass(frozen=True, slots=True)
 class Assessment:
-    """What the chunk table and the repair queue say about redundancy."""
+    """What the chunk table and the repair queue say about redundancy
+    (`tolerance` in failure domains)."""
 
     tolerance: int
     fragments: dict[int, int]  # store index -> fragments on it
@@ -174,6 +189,11 @@ class VolumeStatus:
     placement: str = "spread"
     #: Background work paused on purpose (`ecfs repair --pause`), since when, by whom.
     background: BackgroundStatistics = dataclasses.field(default_factory=BackgroundStatistics)
+    #: Distinct failure domains among the active stores.
+    domains: int = 0
+    #: Why the redundancy is less than it looks (stores sharing a failure
+    #: domain), in words; None when every store is its own domain.
+    redundancy_warning: str | None = None
     #: Events and event hook runs since mount.
     events: EventsStatus = dataclasses.field(default_factory=EventsStatus)
 
@@ -234,28 +254,60 @@ def assess(
     available: set[int],
     classes: Iterable[tuple[tuple[int, ...], int, int]],
     known_damage: Iterable[tuple[tuple[int, ...], int, int]],
+    domain: Callable[[int], str] = str,
 ) -> Assessment:
-    """Tolerance and fragments per store. `classes`: (stores, chunks,
+    """Tolerance (in failure domains, `domain(store)`: each store its own
+    by default) and fragments per store. `classes`: (stores, chunks,
     bytes) per redundancy class of the chunk table; `known_damage`:
     (stores, bad fragment mask, chunks) of the queued repairs. A fragment
     counts as lost when it is known bad, has no store, or its store is not
-    available."""
+    available. The tolerance also holds for a chunk placed on `stores` as
+    evenly as their domains allow (`layout_tolerance`), failed or not: a
+    volume whose stores share domains says so before it holds data."""
     fragments = dict.fromkeys(stores, 0)
     fragment_bytes = dict(fragments)
-    tolerance = n - k
+    worst = n - k
+    if len(fragments) >= n:
+        worst = min(worst, layout_tolerance({s: domain(s) for s in fragments}, k, n))
     for slots, count, size in classes:
-        good = sum(1 for s in slots if s != NO_STORE and s in available)
-        tolerance = min(tolerance, good - k)
+        good = [domain(s) for s in slots if s != NO_STORE and s in available]
+        worst = min(worst, tolerance(good, k))
         for s in slots:
             if s in fragments:
                 fragments[s] += count
                 fragment_bytes[s] += size // k
     for slots, bad, _count in known_damage:
-        lost = sum(
-            1 for i, s in enumerate(slots) if bad >> i & 1 or s == NO_STORE or s not in available
+        good = [
+            domain(s)
+            for i, s in enumerate(slots)
+            if not bad >> i & 1 and s != NO_STORE and s in available
+        ]
+        worst = min(worst, tolerance(good, k))
+    return Assessment(worst, fragments, fragment_bytes)
+
+
+def redundancy_warning(k: int, m: int, domains: Mapping[int, str]) -> str | None:
+    """In words, why the active stores (`domains`: store -> failure domain)
+    give less redundancy than m: the domains holding several stores, and
+    how many domains a chunk survives losing; None if a chunk spread over
+    them survives losing any m (each store its own domain, or enough
+    others)."""
+    together = shared(domains)
+    can_lose = layout_tolerance(domains, k, k + m)
+    if not together or can_lose >= m:
+        return None
+    groups = "; ".join(
+        f"stores {', '.join(map(str, sorted(members)))} share {name}"
+        for name, members in sorted(together.items())
+    )
+    if can_lose <= 0:
+        verdict = (
+            f"the redundancy is illusory: k+{m} fragments but losing one failure domain"
+            " can lose data"
         )
-        tolerance = min(tolerance, n - lost - k)
-    return Assessment(tolerance, fragments, fragment_bytes)
+    else:
+        verdict = f"a chunk survives the loss of {can_lose} failure domain(s), not {m}"
+    return f"{verdict} ({groups})"
 
 
 def health_of(tolerance: int, unrecoverable: bool, stores_away: bool, repairs_queued: bool) -> str:

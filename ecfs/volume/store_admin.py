@@ -19,6 +19,20 @@ itself (the repairer does, in the background).
   that chunk; once nothing refers to OLD, it leaves the store table. Needs
   at least k+m other stores.
 
+* set-domain OLD [LABEL]: OLD's failure domain label (`ecfs.storage.domains`,
+  kept in the volume table) is set, or removed (back to its default).
+  Placement follows at once; fragments written before are not moved.
+
+Failure domains (`_check_domains`): replace and add refuse a new store that
+shares a failure domain with another active store when the volume would
+then have fewer distinct domains than k+m (some chunk would need two
+fragments in one domain), naming the stores that share it, unless the
+command says ``--allow-shared-domains`` (the new store's domain is its
+``--domain LABEL`` if given, else resolved from its location). A new store that shares a
+domain while enough others remain is accepted, and the message says so.
+remove and set-domain are not refused; their message warns when fewer
+than k+m distinct domains remain (status says so too).
+
 Refused before anything changes (`_check_classes`): a change that leaves
 the stores unfit for the placement policy (hybrid: fewer than k local or m
 remote active stores, `ecfs.data.placement.policy_problem`). Nothing is
@@ -50,6 +64,7 @@ from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
 from ..data.placement import HYBRID, POLICY_KEY, Placement, policy_problem
 from ..data.repair import Repairer
+from ..storage.domains import check_label, label_key, labels_of, location_atoms, resolve_stores
 from ..storage.handles import HandleCache
 from ..storage.metadb.database import Database
 from ..storage.metadb.stores import StoreTable
@@ -117,6 +132,15 @@ def _check_new_store(known: list[Path], path: str, mountpoint: Path | None) -> N
         raise VolumeError(f"{path} is on the ecfs volume mounted at {mountpoint} itself")
 
 
+def _location_atoms(location: str) -> frozenset[str]:
+    """The default failure domain atoms of a new store location (blocking);
+    an unreachable one is a domain of its own."""
+    try:
+        return location_atoms(location)
+    except OSError:
+        return frozenset([f"unknown:{location}"])
+
+
 def _device_and_id(store: Store) -> tuple[int, str]:
     return store.device(), store.read_marker().store_id
 
@@ -137,6 +161,7 @@ class StoreAdmin:
         store_ids: dict[int, str],
         handles: HandleCache,
         device_of: dict[int, int],
+        domains: dict[int, str],
         placement: Placement,
         repairer: Repairer,
         missing_stores: Callable[[], dict[int, str]],
@@ -147,7 +172,8 @@ class StoreAdmin:
     ) -> None:
         """`missing_stores()`: index -> last path of the stores not open;
         `mountpoint()`: where the volume is mounted; `report(message)`:
-        progress of a running change (shown by status)."""
+        progress of a running change (shown by status); `domains`: store
+        index -> failure domain, kept up to date here."""
         self.db = db
         self.store_table = store_table
         self.layout = layout
@@ -157,6 +183,7 @@ class StoreAdmin:
         self.store_ids = store_ids
         self.handles = handles
         self.device_of = device_of
+        self.domains = domains
         self.placement = placement
         self.repairer = repairer
         self.missing_stores = missing_stores
@@ -203,30 +230,107 @@ class StoreAdmin:
         self.handles.discard_store(index)
         self.device_of[index] = device
         self.store_ids[index] = store_id
+        await self._refresh_domains()
 
-    async def replace(self, old: str, new: str) -> str:
+    async def _refresh_domains(self) -> None:
+        """Resolve every present store's failure domain again (labels from
+        the volume parameters) into `domains`."""
+        labels = labels_of(self.store_table.params(), self.store_ids)
+        stores = {index: runner.store for index, runner in self.runners.items()}
+        found = await _off_loop(resolve_stores, stores, labels)
+        self.domains.clear()
+        self.domains.update(found)
+
+    async def _check_domains(
+        self, new: str, label: str | None, allow_shared: bool, drop: int | None = None
+    ) -> str:
+        """VolumeError if store `new` (labelled `label`, else resolved)
+        would share a failure domain with an active store while fewer
+        distinct domains than k+m would remain (module docstring); else a
+        note for the message ("" if it shares none)."""
+        atoms = (
+            frozenset([label])
+            if label is not None
+            else await _off_loop(_location_atoms, new)
+        )
+        active = {
+            i: self.domains.get(i) or f"unknown:{i}"
+            for i in self.store_ids
+            if i != drop and i not in self.placement.draining
+        }
+        sharing = sorted(i for i, name in active.items() if atoms & set(name.split("+")))
+        if not sharing:
+            return ""
+        name = active[sharing[0]]
+        distinct = len(set(active.values()))
+        listing = ", ".join(f"{i} ({self._path_of(i)})" for i in sharing)
+        if distinct < self.layout.n and not allow_shared:
+            hint = "" if label is not None else "--domain LABEL if it is in fact independent, or "
+            raise VolumeError(
+                f"{new} is in failure domain {name} with store(s) {listing}: the volume would"
+                f" have {distinct} distinct failure domains for the k+m={self.layout.n}"
+                f" fragments of a chunk, so losing that domain could lose data; give {hint}"
+                "--allow-shared-domains"
+            )
+        return f" (note: it shares failure domain {name} with store(s) {listing})"
+
+    def _path_of(self, index: int) -> str:
+        runner = self.runners.get(index)
+        if runner is not None:
+            return str(runner.store.path)
+        return self.missing_stores().get(index, "missing")
+
+    async def set_domain(self, old: str, label: str | None) -> str:
+        """Label store `old`'s failure domain (None: back to its default)."""
+        index = await self._index_of(old)
+        if label is not None:
+            check_label(label)
+        with self.db.transaction():
+            self.store_table.set_param(label_key(self.store_ids[index]), label or "")
+        await self._refresh_domains()
+        name = self.domains.get(index, label or "unknown")
+        message = f"store {index} is in failure domain {name}" + self._domain_note()
+        return message + " (new chunks follow it; fragments written before stay where they are)"
+
+    async def replace(
+        self, old: str, new: str, *, domain: str | None = None, allow_shared: bool = False
+    ) -> str:
         index = await self._index_of(old)
         if index in self.runners:  # a missing store's class is unknown: not counted
             try:
                 self._check_classes(self.placement.policy, add=new, drop=index)
             except VolumeError as exc:
                 raise VolumeError(f"replacing store {index} by {new} is refused: {exc}") from None
+        try:
+            note = await self._check_domains(new, domain, allow_shared, drop=index)
+        except VolumeError as exc:
+            raise VolumeError(f"replacing store {index} by {new} is refused: {exc}") from None
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
         with self.db.transaction():
             self.store_table.replace(index, marker.store_id)
             self.store_table.set_path(index, str(store.path))
+            if domain is not None:
+                self.store_table.set_param(label_key(marker.store_id), domain)
         if index in self.runners:
             await _retire(self.runners[index])
         await self._install(index, store)
         await self.refresh_usage()
         count = self.repairer.queue_store_rebuild(index, "store-replaced")
         await self.ensure_replicas()
-        return f"store {index} is now {new}; {count} chunks queued for rebuild onto it"
+        return f"store {index} is now {new}; {count} chunks queued for rebuild onto it{note}"
 
-    async def add(self, new: str, policy: str | None = None) -> str:
+    async def add(
+        self,
+        new: str,
+        policy: str | None = None,
+        *,
+        domain: str | None = None,
+        allow_shared: bool = False,
+    ) -> str:
         if policy is not None:
             self._check_classes(policy, add=new)
+        note = await self._check_domains(new, domain, allow_shared)
         store = await self._initialise(new)
         marker = await run_in_thread(store.read_marker)
         switched = policy is not None and policy != self.placement.policy
@@ -235,9 +339,11 @@ class StoreAdmin:
             self.store_table.set_path(index, str(store.path))
             if switched:
                 self.store_table.set_param(POLICY_KEY, policy or "")
+            if domain is not None:
+                self.store_table.set_param(label_key(marker.store_id), domain)
         await self._install(index, store)
         await self.refresh_usage()
-        message = f"store {index} added: {new}"
+        message = f"store {index} added: {new}{note}"
         if switched:
             self.placement.policy = policy or ""
             message += f"; placement is now {policy}"
@@ -299,4 +405,20 @@ class StoreAdmin:
         self.store_ids.pop(index, None)
         self.handles.discard_store(index)
         await _retire(runner)
-        return f"store {index} ({old}) drained and removed from the volume"
+        self.domains.pop(index, None)
+        return f"store {index} ({old}) drained and removed from the volume" + self._domain_note()
+
+    def _domain_note(self) -> str:
+        """A warning when the active stores are in fewer distinct failure
+        domains than k+m ("" otherwise)."""
+        active = {
+            self.domains.get(i) or f"unknown:{i}"
+            for i in self.store_ids
+            if i not in self.placement.draining
+        }
+        if len(active) >= self.layout.n:
+            return ""
+        return (
+            f"; the volume has {len(active)} distinct failure domains for the"
+            f" k+m={self.layout.n} fragments of a chunk: losing one can lose data"
+        )

@@ -224,6 +224,16 @@ class ChunkTable:
         ):
             yield inode, idx, _ref(cid, length, stores)
 
+    def of_inode(self, inode: int) -> list[tuple[int, ChunkRef]]:
+        """Every (idx, ref) of one file, by index (for `ecfs fsck --path`)."""
+        return [
+            (idx, _ref(cid, length, stores))
+            for idx, cid, length, stores in self.db.query(
+                "SELECT idx, chunk_id, length, stores FROM chunks WHERE inode = ? ORDER BY idx",
+                (inode,),
+            )
+        ]
+
     def mark_verified(self, chunk_ids: list[int], now_ns: int) -> None:
         for chunk_id in chunk_ids:
             self.db.write("UPDATE chunks SET verified_ns = ? WHERE chunk_id = ?", (now_ns, chunk_id))

@@ -302,6 +302,17 @@ class InodeTable:
         )
         return [int(r[0]) for r in rows]
 
+    def subtree(self, top: int) -> list[int]:
+        """Ids of `top` and of every inode a chain of directory entries from
+        `top` reaches, ascending (for `ecfs fsck --path`)."""
+        rows = self._db.query(
+            "WITH RECURSIVE reach(id) AS (SELECT ?"
+            " UNION SELECT d.inode FROM dentries AS d JOIN reach AS r ON d.parent = r.id)"
+            " SELECT id FROM reach ORDER BY id",
+            (top,),
+        )
+        return [int(r[0]) for r in rows]
+
     def stray_symlinks(self) -> list[int]:
         """Inodes with a symlink row that are missing or not symlinks."""
         rows = self._db.query(
