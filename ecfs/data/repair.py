@@ -268,6 +268,8 @@ class Repairer:
         self.skipped.retry_now()
         self._refresh_first = True
         self.poke()
+        if self._idle.is_set():  # busy until the task looked again (`ecfs repair --wait`)
+            self._idle = trio.Event()
 
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
