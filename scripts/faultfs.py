@@ -18,17 +18,17 @@ missing or empty file means ``ok``):
 
 Any mode but ``ok`` may be limited to some paths: ``MODE@GLOB`` (e.g.
 ``hang@frags/*/00ab*.1``, ``eio@*.2``) applies MODE only to operations on
-a path that matches GLOB, every other operation passes through. GLOB is
+a path that matches GLOB; every other operation passes through. GLOB is
 matched (`fnmatch.fnmatchcase`: ``*`` also matches ``/``) against the
 path relative to SOURCE, without a leading slash; the root is ``.``. An
-operation's path is its target's: the new entry of lookup, create, mknod,
-mkdir, symlink and link; the entry removed or renamed (either name) by
-unlink, rmdir and rename; the file or directory of the others, for those
-on an open file (read, write, fsync...) the file's name(s) when it was
-opened (a file with several names matches if one does; an open file
-unlinked since matches nothing); statfs is on the root. So a test can
-make one chunk's fragment files hang while the rest of the store, its
-marker, probes and metadata, answers.
+operation's paths are its target's: the new entry of lookup, create,
+mknod, mkdir and symlink; the new entry and the file's names for link;
+both names for rename; the entry removed by unlink and rmdir; the
+file's or directory's current names for the others, also those on an
+open file (read, write, fsync, release...; a file with several names
+matches if one does, an open file unlinked since matches nothing);
+statfs is on the root. So a test can make one chunk's fragment files
+hang while the rest of the store (its marker, probes, metadata) answers.
 
 The control file is checked every CONTROL_POLL seconds (mtime, size and
 inode) and re-read when it changed. Before a mode other than ``ok`` takes
