@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections import Counter
@@ -74,8 +75,10 @@ from ..data.garbage import ChunkPins, Garbage
 from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
 from ..data.placement import HYBRID, POLICIES, POLICY_KEY, SPREAD, Placement
+from ..data.policy import Policies
 from ..data.reader import ChunkReader
 from ..data.repair import Repairer
+from ..data.restripe import Restriper
 from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
@@ -83,6 +86,8 @@ from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
+from ..storage.metadb.inodes import InodeTable
+from ..storage.metadb.schema import ROOT_INODE
 from ..storage.metadb.stores import StoreTable
 from ..storage.metaobjects import (
     GatheredCopies,
@@ -346,6 +351,10 @@ class Volume:
         self.placement = Placement(self.runners, remote=self.is_remote, policy=policy, k=k)
         self.pins = ChunkPins()
         self.namespace = Namespace(db)
+        self.policies = Policies(
+            InodeTable(db), k, m, lambda: len(self.store_ids) - len(self.placement.draining)
+        )
+        self.namespace.policies = self.policies
         self.writer = ChunkWriter(
             self.layout,
             self.codec,
@@ -401,6 +410,7 @@ class Volume:
             writelog=self.writelog,
             free_space=lambda: self.capacity()[1],
         )
+        self.filedata.coding_of = self.policies.coding_of
         self.repairer = Repairer(
             db,
             self.layout,
@@ -416,6 +426,19 @@ class Volume:
             lambda store: self.writer.unsynced.add(store),  # the set is swapped per sync
         )
         self.damage.on_queued = self.repairer.poke
+        self.restriper = Restriper(
+            db,
+            self.layout,
+            self.reader,
+            self.writer,
+            self.garbage,
+            self.pins,
+            self.policies.coding_of,
+            self.writelog.has,
+            self._wait_durable,
+            lambda: self.filedata.last_activity,
+            self._describe_inode,
+        )
         self.repairer.refresh_usage = self.refresh_usage
         self.scrubber = Scrubber(
             db,
@@ -732,6 +755,7 @@ class Volume:
         await nursery.start(supervised, "garbage collector", self.garbage.run)
         self.garbage.poke()  # fragments left on stores that were away last time
         await nursery.start(supervised, "repair", self.repairer.run)
+        await nursery.start(supervised, "restripe", self.restriper.run)
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
         nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
@@ -1069,6 +1093,7 @@ class Volume:
             store_change=self.store_change,
             lease=self.lease.statistics() if self.lease is not None else None,
             placement=self.placement.policy,
+            restripe=self.restriper.statistics(),
         )
 
     def _store_status(
@@ -1153,6 +1178,19 @@ class Volume:
             self.start_store_change("add", None, command.new, command.placement)
         else:
             self.start_store_change("remove", command.old, None)
+
+    def _describe_inode(self, ino: int) -> str:
+        """A path of inode `ino` for messages (or "inode N")."""
+        paths = InodeTable(self.db).paths_of(ino, ROOT_INODE, limit=1)
+        return os.fsdecode(paths[0]) if paths else f"inode {ino}"
+
+    def start_restripe(self, ino: int) -> None:
+        """Queue `ecfs restripe` of inode `ino` (a directory or a file):
+        the files below it get their effective policy (`ecfs.data.restripe`)."""
+        node = self.namespace.get(ino)
+        if not (node.is_dir or stat.S_ISREG(node.mode)):
+            raise FsError("restripe takes a directory or a regular file", errno=errno.EINVAL)
+        self.restriper.start(ino)
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:

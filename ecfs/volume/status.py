@@ -30,6 +30,7 @@ from ..core.model import NO_STORE
 from ..data.garbage import GarbageStatistics
 from ..data.reader import ReadStatistics
 from ..data.repair import RepairStatistics
+from ..data.restripe import RestripeStatistics
 from ..data.scrub import ScrubStatistics
 from ..data.smallwrites import WriteLogStatistics
 from ..data.writer import WriteStatistics
@@ -124,6 +125,8 @@ class VolumeStatus:
     lease: LeaseStatistics | None = None
     #: The placement policy (`ecfs.data.placement`: "spread" or "hybrid").
     placement: str = "spread"
+    #: Pending `ecfs restripe` work and its progress (`ecfs.data.restripe`).
+    restripe: RestripeStatistics | None = None
 
 
 def assess(
@@ -131,29 +134,32 @@ def assess(
     n: int,
     stores: Iterable[int],
     available: set[int],
-    classes: Iterable[tuple[tuple[int, ...], int, int]],
-    known_damage: Iterable[tuple[tuple[int, ...], int, int]],
+    classes: Iterable[tuple[tuple[int, ...], int, int, int]],
+    known_damage: Iterable[tuple[tuple[int, ...], int, int, int]],
 ) -> Assessment:
-    """Tolerance and fragments per store. `classes`: (stores, chunks,
-    bytes) per redundancy class of the chunk table; `known_damage`:
-    (stores, bad fragment mask, chunks) of the queued repairs. A fragment
-    counts as lost when it is known bad, has no store, or its store is not
-    available."""
+    """Tolerance and fragments per store. `classes`: (stores, chunk k,
+    chunks, bytes) per redundancy class of the chunk table; `known_damage`:
+    (stores, chunk k, bad fragment mask, chunks) of the queued repairs. A
+    chunk k of 0 is the volume's `k`; a chunk of its own coding (a
+    redundancy policy) counts with its own k' and n' = len(stores). A
+    fragment counts as lost when it is known bad, has no store, or its
+    store is not available."""
     fragments = dict.fromkeys(stores, 0)
     fragment_bytes = dict(fragments)
     tolerance = n - k
-    for slots, count, size in classes:
+    for slots, chunk_k, count, size in classes:
+        ck = chunk_k or k
         good = sum(1 for s in slots if s != NO_STORE and s in available)
-        tolerance = min(tolerance, good - k)
+        tolerance = min(tolerance, good - ck)
         for s in slots:
             if s in fragments:
                 fragments[s] += count
-                fragment_bytes[s] += size // k
-    for slots, bad, _count in known_damage:
+                fragment_bytes[s] += size // ck
+    for slots, chunk_k, bad, _count in known_damage:
         lost = sum(
             1 for i, s in enumerate(slots) if bad >> i & 1 or s == NO_STORE or s not in available
         )
-        tolerance = min(tolerance, n - lost - k)
+        tolerance = min(tolerance, len(slots) - lost - (chunk_k or k))
     return Assessment(tolerance, fragments, fragment_bytes)
 
 
