@@ -23,11 +23,13 @@ from the cursor; the chunks of a file already converted are found to
 match and skipped, so nothing is converted twice.
 
 Bounded space: one chunk is converted at a time, and before the next
-one starts the loop waits (up to GARBAGE_PATIENCE) until the swap is
-durable and the garbage collector holds at most MAX_GARBAGE replaced
-versions: the extra space is about one chunk's new fragments plus a few
-old ones, whatever the size of the tree (measured by
-scripts/bench_restripe.py).
+one starts the loop waits (up to GARBAGE_PATIENCE) until the garbage
+collector holds at most MAX_GARBAGE replaced versions (a replaced version
+is deleted once its swap is durable on the metadata replicas, which ship
+at least every second): the extra space is one chunk's new fragments
+plus at most MAX_GARBAGE old versions, whatever the size of the tree
+(measured by scripts/bench_restripe.py). Waiting for each swap to be
+durable instead would cap the rate at one chunk per commit interval.
 
 Yielding: before each chunk the loop waits for the background `gate`
 (pause/resume of all background work; by default always running) and
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,7 +75,7 @@ FILE_BATCH = 64
 IDLE_GAP = 0.05
 PATIENCE = 1.0
 #: Replaced versions the garbage collector may hold before the next chunk.
-MAX_GARBAGE = 2
+MAX_GARBAGE = 8
 GARBAGE_PATIENCE = 10.0
 #: Backoff (s) before skipped chunks are tried again: doubles, up to the max.
 RETRY_FIRST = 5.0
@@ -131,7 +133,6 @@ class Restriper:
         pins: ChunkPins,
         coding_of: Callable[[int], tuple[int, int] | None],
         logged: Callable[[int, int], bool],
-        wait_durable: Callable[[int], Awaitable[None]],
         last_activity: Callable[[], float],
         describe: Callable[[int], str] = str,
         *,
@@ -146,7 +147,6 @@ class Restriper:
         self.pins = pins
         self.coding_of = coding_of
         self.logged = logged
-        self.wait_durable = wait_durable
         self.last_activity = last_activity
         self.describe = describe
         self.gate: Gate = gate if gate is not None else _Open()
@@ -267,8 +267,10 @@ class Restriper:
         if coding is None:
             self.skipped.pop((ino, idx), None)
             return
+        t0 = time.monotonic()
         await self.gate.wait_running()
         await wait_until_idle(self.last_activity, IDLE_GAP, PATIENCE)
+        t1 = time.monotonic()
         current = self.chunks.get(ino, idx)
         if current is None or current.chunk_id != ref.chunk_id:
             return  # rewritten or gone meanwhile: the writer chose its coding
@@ -283,7 +285,9 @@ class Restriper:
             if scope.cancelled_caught:
                 self._skip(ino, idx, f"not read within {self.chunk_deadline:g} s")
                 return
+            t2 = time.monotonic()
             new = await self.writer.write(data, coding)
+            t3 = time.monotonic()
         except EcfsError as exc:
             self._skip(ino, idx, str(exc))
             return
@@ -301,7 +305,11 @@ class Restriper:
         if swapped:
             self._bytes_this_mount += ref.length
         self._busy_seconds += time.monotonic() - started
-        await self._bound_space(generation)
+        await self._bound_space()
+        log.debug(
+            "restripe chunk %016x: idle wait %.3f s, read %.3f s, write %.3f s, space wait %.3f s",
+            ref.chunk_id, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3,
+        )  # fmt: skip
 
     def _queue_if_short(self, ref: ChunkRef) -> None:
         """In the transaction: a chunk written with reduced redundancy is
@@ -314,15 +322,15 @@ class Restriper:
                 bad=sum(1 << i for i in missing), demand=0,
             )  # fmt: skip
 
-    async def _bound_space(self, generation: int) -> None:
-        """Wait until the swap is durable and the collector has deleted all
-        but MAX_GARBAGE replaced versions (at most GARBAGE_PATIENCE s)."""
-        self.peak_garbage = max(self.peak_garbage, self.garbage.pending())
+    async def _bound_space(self) -> None:
+        """Wait until the collector has deleted all but MAX_GARBAGE replaced
+        versions (at most GARBAGE_PATIENCE s: a collector held up by an
+        away store must not stop the restripe for good)."""
+        self.peak_garbage = max(self.peak_garbage, self.garbage.pending)
+        self.garbage.poke()
         with trio.move_on_after(GARBAGE_PATIENCE):
-            await self.wait_durable(generation)
-            self.garbage.poke()
-            while self.garbage.pending() > MAX_GARBAGE:
-                await trio.sleep(0.01)
+            while self.garbage.pending > MAX_GARBAGE:
+                await trio.sleep(0.02)
                 self.garbage.poke()
 
     def _skip(self, ino: int, idx: int, why: str) -> None:

@@ -435,7 +435,6 @@ class Volume:
             self.pins,
             self.policies.coding_of,
             self.writelog.has,
-            self._wait_durable,
             lambda: self.filedata.last_activity,
             self._describe_inode,
         )
