@@ -278,3 +278,54 @@ def test_restripe_killed_midway_resumes_after_remount(volume: MountedVolume) -> 
     old_version = 6 * (128 * 1024 + 4096)  # fragments with their headers
     assert extra <= 2 * ((MAX_GARBAGE + 1) * old_version + 2 * CHUNK), extra
     volume.mount()
+
+
+def test_a_chunk_layout_keeps_the_volume_chunk_size() -> None:
+    from ecfs.core.codec import Codec
+    from ecfs.core.geometry import Layout
+    from ecfs.core.model import ChunkRef
+
+    volume = Layout(4, 2, 128 * 1024, 4096)
+    assert volume.of(ChunkRef(1, 10, (0,) * 6)) is volume
+    for k, m in ((1, 2), (2, 2), (3, 3), (8, 3), (5, 1)):
+        layout = volume.of(ChunkRef(1, 10, (0,) * (k + m), k))
+        assert (layout.k, layout.m, layout.chunk_size) == (k, m, volume.chunk_size)
+        assert layout.fragment_size % 4096 == 0
+        assert layout.payload_length(volume.chunk_size) <= layout.fragment_size
+        data = os.urandom(volume.chunk_size - 7)
+        payloads = Codec.of(k, m).encode(data)
+        assert len(payloads) == k + m
+        assert len(payloads[0]) == layout.payload_length(len(data))
+        lost = {i: p for i, p in enumerate(payloads) if i >= m}  # any k survive
+        rebuilt = Codec.of(k, m).decode(lost, range(k))
+        assert b"".join(rebuilt[i] for i in range(k))[: len(data)] == data
+    with pytest.raises(ValueError):
+        volume.of(ChunkRef(1, 10, (0,) * 3, 3))  # no parity fragment: not a coding
+
+
+def test_a_schema_2_database_is_upgraded_to_3(tmp_path: Path) -> None:
+    from ecfs.storage.metadb import schema
+    from ecfs.storage.metadb.digest import content_digest
+
+    path = tmp_path / "meta.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(schema.SCHEMA)
+    schema._add_schema_2(conn)
+    conn.execute("INSERT INTO volume (key, value) VALUES ('schema', '2')")
+    conn.execute("INSERT INTO replica_state (id, generation) VALUES (0, 7)")
+    conn.execute(
+        "INSERT INTO chunks (inode, idx, chunk_id, length, stores) VALUES (2, 0, 5, 9, ?)",
+        (bytes(range(6)),),
+    )
+    assert schema.schema_version(conn) == 2
+    conn.close()
+    assert schema.upgrade_database(path) == 8
+    conn = sqlite3.connect(path)
+    try:
+        assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 3
+        assert conn.execute("SELECT k FROM chunks").fetchall() == [(None,)]
+        assert conn.execute("SELECT value FROM volume WHERE key = 'schema'").fetchone() == ("3",)
+        (digest,) = conn.execute("SELECT digest FROM replica_state").fetchone()
+        assert digest == content_digest(conn)
+    finally:
+        conn.close()

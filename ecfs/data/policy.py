@@ -123,6 +123,18 @@ class Policies:
             raise FsError(f"policy {k}+{m} refused: {problem}", errno=errno.EINVAL)
         return f"{k}+{m}".encode()
 
+    def widest(self) -> int:
+        """The largest K+M of any directory's policy (0 without one): a
+        store removal must leave at least that many stores."""
+        widest = 0
+        for value in self.table.xattr_values(POLICY_XATTR):
+            try:
+                k, m = parse_policy(value)
+            except ValueError:
+                continue
+            widest = max(widest, k + m)
+        return widest
+
     def effective(self, ino: int) -> tuple[int, int, int | None]:
         """(k, m, directory that set it, or None for the volume's default)."""
         node: int | None = ino

@@ -41,7 +41,9 @@ rest, with backoff (a skipped chunk never blocks the ones behind it). A
 chunk with small writes in the log is left for after their fold.
 
 Concurrency: one task (`run`) in the volume's nursery; `start` is
-called from the control channel on the loop.
+called from the FUSE adapter on the loop (the virtual xattr
+``user.ecfs.restripe``, see `ecfs.data.policy`). A chunk's write and
+swap are shielded from cancellation, so an unmount leaves no orphan.
 """
 
 from __future__ import annotations
@@ -286,7 +288,11 @@ class Restriper:
                 self._skip(ino, idx, f"not read within {self.chunk_deadline:g} s")
                 return
             t2 = time.monotonic()
-            new = await self.writer.write(data, coding)
+            # Shielded: an unmount waits for this write (bounded by the
+            # writer's own timeouts) and its swap, rather than leave its
+            # fragments behind as orphans.
+            with trio.CancelScope(shield=True):
+                new = await self.writer.write(data, coding)
             t3 = time.monotonic()
         except EcfsError as exc:
             self._skip(ino, idx, str(exc))

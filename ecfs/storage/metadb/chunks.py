@@ -249,6 +249,10 @@ class ChunkTable:
             )
         ]
 
+    def widest(self) -> int:
+        """The most fragment slots of any chunk (0 without chunks)."""
+        return int(self.db.query_value("SELECT COALESCE(MAX(length(stores)), 0) FROM chunks", default=0))
+
     def chunks_of(self, inode: int) -> list[tuple[int, ChunkRef]]:
         """(idx, ref) of every chunk of inode, by index (uncached)."""
         return [
