@@ -329,3 +329,46 @@ def test_a_schema_2_database_is_upgraded_to_3(tmp_path: Path) -> None:
         assert digest == content_digest(conn)
     finally:
         conn.close()
+
+
+@pytest.mark.allow_log(r"restripe: skipped", r"unreadable", r"UNRECOVERABLE", r"fewer than", r"queued")
+def test_restripe_skips_an_unreadable_chunk_and_converts_the_rest(volume: MountedVolume) -> None:
+    root = volume.mountpoint
+    (root / "t").mkdir()
+    hashes = {
+        root / "t" / f"f{i}": write_pattern_file(root / "t" / f"f{i}", 300 + i, 2 * CHUNK)
+        for i in range(4)
+    }
+    bad_ino = os.stat(root / "t" / "f1").st_ino
+    volume.unmount()
+    [(chunk_id,)] = query(
+        volume, "SELECT chunk_id FROM chunks WHERE inode = ? AND idx = 1", (bad_ino,)
+    )
+    lost = 0
+    for store in volume.stores:  # 3 of its 6 fragments: fewer than k=4 left
+        for (cid, _), path in fragment_files(store).items():
+            if cid == chunk_id and lost < 3:
+                path.unlink()
+                lost += 1
+    volume.mount()
+    cli("policy", "set", root / "t", "2+2")
+    cli("restripe", root / "t")
+
+    def done() -> dict | None:
+        s = _restripe_state(volume)
+        return s if s and not s["roots"] and s["skipped"] == 1 else None
+
+    found = wait_for(done, 120.0, "the restripe to finish around the bad chunk")
+    [where] = found["skipped_ranges"]
+    assert where.startswith(f"/t/f1 bytes [{CHUNK}, {2 * CHUNK})"), where
+    assert "skipped" in cli("status", root, check=False).stdout
+    drop_caches()
+    for path, digest in hashes.items():
+        if path.name != "f1":
+            assert sha256_file(path) == digest, path
+    inodes = {path.name: os.stat(path).st_ino for path in hashes}
+    volume.unmount()
+    for name, ino in inodes.items():
+        expected = {(2, 4), (4, 6)} if name == "f1" else {(2, 4)}
+        assert codings(volume, ino) == expected, name
+    volume.mount()

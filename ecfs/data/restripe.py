@@ -105,7 +105,7 @@ class RestripeStatistics:
     files_total: int
     files_done: int
     chunks_total: int
-    chunks_done: int  # chunks re-encoded (what needed no change is not counted)
+    chunks_done: int  # chunks re-encoded or found with the right coding already
     bytes_total: int
     bytes_done: int
     rate_bytes_per_s: int  # re-encoded file bytes per second (this mount)
@@ -188,9 +188,9 @@ class Restriper:
             files_total=sum(r.files_total for r in rows),
             files_done=sum(self._files_done(r) for r in rows),
             chunks_total=sum(r.chunks_total for r in rows),
-            chunks_done=sum(r.chunks_done for r in rows),
+            chunks_done=sum(min(r.chunks_done, r.chunks_total) for r in rows),
             bytes_total=sum(r.bytes_total for r in rows),
-            bytes_done=sum(r.bytes_done for r in rows),
+            bytes_done=sum(min(r.bytes_done, r.bytes_total) for r in rows),
             rate_bytes_per_s=rate,
             skipped=len(self.skipped),
             skipped_ranges=ranges,
@@ -234,18 +234,28 @@ class Restriper:
             if not files:
                 break
             for ino in files:
-                await self._convert_file(row.root, ino)
+                right, right_bytes = await self._convert_file(row.root, ino)
                 with self.db.transaction():
-                    self.table.advance(row.root, ino, 0, 0)
+                    # chunks that had the right coding already count as done
+                    self.table.advance(row.root, ino, right, right_bytes)
                 cursor = ino
         with self.db.transaction():
             self.table.finish(row.root)
         log.info("restripe of %s done (%d skipped chunks to retry)", self.describe(row.root),
                  len(self.skipped))  # fmt: skip
 
-    async def _convert_file(self, root: int | None, ino: int) -> None:
+    async def _convert_file(self, root: int | None, ino: int) -> tuple[int, int]:
+        """Convert the chunks of file `ino`; (chunks, bytes) of those that
+        had the right coding already."""
+        right = right_bytes = 0
         for idx, ref in self.chunks.chunks_of(ino):
+            if self.needs_work(ino, ref) is None:
+                self.skipped.pop((ino, idx), None)
+                right += 1
+                right_bytes += ref.length
+                continue
             await self._convert_chunk(root, ino, idx, ref)
+        return right, right_bytes
 
     async def _retry_skipped(self) -> None:
         now = time.monotonic()

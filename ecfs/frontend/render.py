@@ -105,7 +105,7 @@ def render_status(status: VolumeStatus) -> str:
     if restripe is not None and (restripe.roots or restripe.skipped):
         lines.append(
             f"restripe: {restripe.files_done}/{restripe.files_total} files,"
-            f" {restripe.chunks_done}/{restripe.chunks_total} chunks re-encoded,"
+            f" {restripe.chunks_done}/{restripe.chunks_total} chunks,"
             f" {format_size(restripe.bytes_done)} of {format_size(restripe.bytes_total)},"
             f" {format_size(restripe.rate_bytes_per_s)}/s"
             + (f"; {restripe.skipped} chunks skipped, to retry" if restripe.skipped else "")
