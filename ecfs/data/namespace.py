@@ -442,8 +442,6 @@ class Namespace:
         """
         if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
             raise FsError(f"unsupported rename flags {flags:#x}", errno=errno.EINVAL)
-        if self.policies is not None:
-            self.policies.changed()  # a moved inode may fall under another policy
         for name in (old_name, new_name):
             _check_name(name)
             if name in (b".", b".."):
@@ -460,6 +458,10 @@ class Namespace:
         if target_ino == source.id:
             return None
         target = None if target_ino is None else self.get(target_ino)
+        if self.policies is not None:  # a moved inode may fall under another policy
+            self.policies.moved(source.id, source.is_dir)
+            if target is not None:
+                self.policies.moved(target.id, target.is_dir)
         if source.is_dir:
             self._check_not_within(new_parent, source.id)
         if flags == RENAME_EXCHANGE:

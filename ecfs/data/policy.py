@@ -29,9 +29,11 @@ active stores (every fragment of a chunk goes to its own store), else
 EINVAL with the reason logged (and printed by `ecfs policy set`, which
 checks first with the same `policy_problem`).
 
-Concurrency: everything runs on the event loop. The resolution cache maps
-inode -> coding; any change that can alter an effective policy (a
-policy set or removed, a directory renamed) empties it (`changed`).
+Concurrency: everything runs on the event loop. Two caches: directory ->
+its effective policy (emptied by any change that can alter one: a policy
+set or removed, a directory moved: `changed`) and file -> the coding of
+its new chunks (an entry dropped when that file moves: `moved`), so a
+file's first chunk costs one parent lookup, not a walk to the root.
 """
 
 from __future__ import annotations
@@ -102,12 +104,20 @@ class Policies:
         self.k = k
         self.m = m
         self.active_stores = active_stores
-        self._cache: dict[int, tuple[int, int] | None] = {}
+        self._files: dict[int, tuple[int, int] | None] = {}
+        self._dirs: dict[int, tuple[int, int, int | None]] = {}
 
     def changed(self) -> None:
-        """A policy was set or removed, or a directory moved: forget what
-        was resolved."""
-        self._cache.clear()
+        """A policy was set or removed: forget what was resolved."""
+        self._files.clear()
+        self._dirs.clear()
+
+    def moved(self, ino: int, is_dir: bool) -> None:
+        """Inode `ino` was renamed (moved, replaced or exchanged)."""
+        if is_dir:
+            self.changed()
+        else:
+            self._files.pop(ino, None)
 
     def checked_value(self, is_dir: bool, value: bytes) -> bytes:
         """The value to store for a policy set to `value` (normalised
@@ -139,12 +149,19 @@ class Policies:
         """(k, m, directory that set it, or None for the volume's default)."""
         node: int | None = ino
         seen_root = False
+        walked: list[int] = []
+        found: tuple[int, int, int | None] = (self.k, self.m, None)
         for _ in range(MAX_DEPTH):
             if node is None:
                 if seen_root:
                     break
                 node = ROOT_INODE  # an unlinked inode: the root's policy
+            cached = self._dirs.get(node)
+            if cached is not None:
+                found = cached
+                break
             seen_root = seen_root or node == ROOT_INODE
+            walked.append(node)
             value = self.table.get_xattr(node, POLICY_XATTR)
             if value is not None:
                 try:
@@ -152,22 +169,27 @@ class Policies:
                 except ValueError:
                     pass  # not ours to judge here (fsck's xattrs are raw): ignored
                 else:
-                    return k, m, node
+                    found = (k, m, node)
+                    break
             node = None if node == ROOT_INODE else self.table.parent_of(node)
-        return self.k, self.m, None
+        if len(self._dirs) >= CACHE_MAX:
+            self._dirs.clear()
+        for directory in walked[1:]:  # every node above the first is a directory
+            self._dirs[directory] = found
+        return found
 
     def coding_of(self, ino: int) -> tuple[int, int] | None:
         """The coding new chunks of file `ino` get: (k', m'), or None for
         the volume's own. Cached (see `changed`)."""
         try:
-            return self._cache[ino]
+            return self._files[ino]
         except KeyError:
             pass
         k, m, _ = self.effective(ino)
         coding = None if (k, m) == (self.k, self.m) else (k, m)
-        if len(self._cache) >= CACHE_MAX:
-            self._cache.clear()
-        self._cache[ino] = coding
+        if len(self._files) >= CACHE_MAX:
+            self._files.clear()
+        self._files[ino] = coding
         return coding
 
     def describe(self, ino: int) -> bytes:

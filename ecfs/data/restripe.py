@@ -186,7 +186,7 @@ class Restriper:
         return RestripeStatistics(
             roots=len(rows),
             files_total=sum(r.files_total for r in rows),
-            files_done=sum(self._files_done(r) for r in rows),
+            files_done=sum(min(r.files_done, r.files_total) for r in rows),
             chunks_total=sum(r.chunks_total for r in rows),
             chunks_done=sum(min(r.chunks_done, r.chunks_total) for r in rows),
             bytes_total=sum(r.bytes_total for r in rows),
@@ -195,12 +195,6 @@ class Restriper:
             skipped=len(self.skipped),
             skipped_ranges=ranges,
         )
-
-    def _files_done(self, row: RestripeRow) -> int:
-        if not row.cursor:
-            return 0
-        done = row.files_total - len(self.table.files_below(row.root, row.cursor, row.files_total))
-        return max(0, done)
 
     # -- the loop ----------------------------------------------------------
 

@@ -28,6 +28,7 @@ class RestripeRow:
 
     root: int
     cursor: int
+    files_done: int
     files_total: int
     chunks_total: int
     bytes_total: int
@@ -47,7 +48,7 @@ class RestripeTable:
         return [
             RestripeRow(*(int(v) for v in row))
             for row in self.db.query(
-                "SELECT root, cursor, files_total, chunks_total, bytes_total, chunks_done,"
+                "SELECT root, cursor, files_done, files_total, chunks_total, bytes_total, chunks_done,"
                 " bytes_done, started_ns FROM restripe ORDER BY started_ns, root"
             )
         ]
@@ -62,7 +63,7 @@ class RestripeTable:
             " chunks_done, bytes_done, started_ns) VALUES (?, 0, ?, ?, ?, 0, 0, ?)",
             (root, files, chunks, size, now_ns),
         )
-        return RestripeRow(root, 0, files, chunks, size, 0, 0, now_ns)
+        return RestripeRow(root, 0, 0, files, chunks, size, 0, 0, now_ns)
 
     def totals(self, root: int) -> tuple[int, int, int]:
         """(regular files, chunks, chunk bytes) below `root` (itself included)."""
@@ -87,8 +88,8 @@ class RestripeTable:
         ]
 
     def advance(self, root: int, cursor: int | None, chunks: int, nbytes: int) -> None:
-        """Count `chunks` more chunks (`nbytes` bytes) done; files up to
-        `cursor` (if given) are done."""
+        """Count `chunks` more chunks (`nbytes` bytes) done; with a
+        `cursor`, one more file is done, and every file up to it."""
         if cursor is None:
             self.db.write(
                 "UPDATE restripe SET chunks_done = chunks_done + ?, bytes_done = bytes_done + ?"
@@ -97,7 +98,8 @@ class RestripeTable:
             )
         else:
             self.db.write(
-                "UPDATE restripe SET cursor = ?, chunks_done = chunks_done + ?,"
+                "UPDATE restripe SET cursor = ?, files_done = files_done + 1,"
+                " chunks_done = chunks_done + ?,"
                 " bytes_done = bytes_done + ? WHERE root = ?",
                 (cursor, chunks, nbytes, root),
             )

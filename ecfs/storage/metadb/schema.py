@@ -197,13 +197,15 @@ SCHEMA_3_DDL = """
 ALTER TABLE chunks ADD COLUMN k INTEGER;
 -- Restripe work (ecfs.data.restripe): converting the files below directory
 -- `root` to their effective policy. cursor: every file with an inode
--- number <= cursor is done; files_total / chunks_total / bytes_total: what
--- the work covered when it started; chunks_done / bytes_done: chunks
--- re-encoded so far; started_ns: when it was asked for. A row is deleted
--- when its work is finished.
+-- number <= cursor is done (files_done of them); files_total /
+-- chunks_total / bytes_total: what the work covered when it started;
+-- chunks_done / bytes_done: chunks re-encoded or found right so far;
+-- started_ns: when it was asked for. A row is deleted when its work is
+-- finished.
 CREATE TABLE restripe (
     root         INTEGER PRIMARY KEY,
     cursor       INTEGER NOT NULL DEFAULT 0,
+    files_done   INTEGER NOT NULL DEFAULT 0,
     files_total  INTEGER NOT NULL DEFAULT 0,
     chunks_total INTEGER NOT NULL DEFAULT 0,
     bytes_total  INTEGER NOT NULL DEFAULT 0,
