@@ -94,6 +94,11 @@ def test_a_policy_applies_to_files_created_below_and_get_names_its_source(
     assert "set on /photos" in cli("policy", "get", root / "photos/b").stdout
     cli("policy", "clear", root / "hot")
     assert effective(root / "hot")["source"] is None
+    # A moved directory follows its new place too (the policy of a tree is
+    # looked up when a chunk is written, see ecfs.data.policy).
+    assert effective(root / "plain")["source"] is None
+    os.rename(root / "plain", root / "photos" / "plain")
+    assert effective(root / "photos" / "plain")["source"] == "/photos"
     volume.unmount()
     assert codings(volume, inodes["photos/2024/a.raw"]) == {(2, 4)}
     assert codings(volume, inodes["hot/tiny"]) == {(1, 3)}
