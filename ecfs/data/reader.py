@@ -24,7 +24,10 @@ fails or is slow, each source is read and hedged on its own. zfec is
 systematic and works byte position by byte position, so bytes [a, b) of
 any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
-guessed or zeroed bytes.
+guessed or zeroed bytes. Every k, fragment length and header check above
+is the chunk's own (`Layout.of(ref)`, `Expected.of(ref)`: a chunk written
+under a redundancy policy has its own k' + m'; codecs are shared per
+coding, `Codec.of`).
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative (`_route_around`: its

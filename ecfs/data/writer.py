@@ -27,6 +27,11 @@ fragment of a failed write may not be deletable right away; both are
 handed to `on_abandoned` (the volume remembers them for the garbage
 collector, which deletes them once the store is back).
 
+Coding: a chunk is coded with the volume's k + m, or with the (k', m')
+of its file's redundancy policy (`write(data, coding)`; recorded in the
+returned ref's `k`, see `ecfs.core.geometry.Layout.of`). Aligned buffers
+for direct I/O are pooled for the volume's coding only.
+
 Durability: fragment files are written without fsync. `sync_stores()`
 makes every write so far durable (syncfs per store that was written to);
 the replicator calls it before each metadata batch it commits, so a

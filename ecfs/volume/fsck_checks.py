@@ -18,7 +18,9 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   applied) and each live record has m+1 copies, which repair writes.
   Rows an older ecfs left in the metadata table must match their checksum
   and apply over the current version; repair deletes the others.
-* `check_chunk_fragments_present`: every fragment of every chunk exists on
+* `check_chunk_fragments_present`: every fragment of every chunk (with the
+  chunk's own coding k' + m' when it has one: a row whose k makes no
+  coding, or whose slots do not match it, is malformed) exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
   verify_data, valid cells); repair rebuilds the fragment from k good
