@@ -139,6 +139,7 @@ def test_a_policy_the_stores_cannot_satisfy_is_refused(volume: MountedVolume) ->
     result = cli("policy", "set", root / "d", "0+1", check=False)
     assert result.returncode != 0 and "between 1 and" in result.stderr
     assert effective(root / "d")["source"] is None
+    assert "had no policy" in cli("policy", "clear", root / "d").stdout
     with pytest.raises(OSError):
         os.setxattr(root / "d", "user.ecfs.policy.effective", b"{}")
 
