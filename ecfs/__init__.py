@@ -24,8 +24,9 @@ third-party package):
    namespace, filedata, reader, readahead, writer, placement, smallwrites
    and logfiles (the small-write log and its record copies in segment
    files on the stores), repair, rebuild (the one fragment rebuild of repair and fsck --repair),
-   scrub, garbage, damage; each service has `statistics()` returning a
-   frozen record.
+   scrub, garbage, damage, policy (redundancy per directory) and restripe
+   (converting existing files to it); each service has `statistics()`
+   returning a frozen record.
 4. `ecfs.volume`: a volume as a whole: assembly (the `Volume` that opens
    and runs everything), status (its status record, built from the
    services' records, and its JSON form), control (the control channel's

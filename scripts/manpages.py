@@ -62,7 +62,7 @@ class Page:
 
 _SEE_ALSO_ALL = (
     "ecfs", "ecfs-mkfs", "ecfs-mount", "ecfs-umount", "ecfs-status", "ecfs-iostat",
-    "ecfs-scrub", "ecfs-repair", "ecfs-fsck", "ecfs-store",
+    "ecfs-scrub", "ecfs-repair", "ecfs-fsck", "ecfs-store", "ecfs-policy", "ecfs-restripe",
 )  # fmt: skip
 
 

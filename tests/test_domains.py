@@ -264,7 +264,7 @@ def test_hybrid_placement_spreads_domains_within_each_class() -> None:
 
 def test_assess_counts_domains_and_new_chunks() -> None:
     doms = {0: "a", 1: "a", 2: "b", 3: "c"}
-    classes = [((0, 2, 3), 5, 5 * 8192), ((0, 1, 2), 1, 8192)]
+    classes = [((0, 2, 3), 0, 5, 5 * 8192), ((0, 1, 2), 0, 1, 8192)]
     found = assess(2, 3, doms, set(doms), classes, [], doms.__getitem__)
     assert found.tolerance == 0  # the chunk on 0, 1, 2 loses two fragments with a
     found = assess(2, 3, doms, set(doms), classes[:1], [], doms.__getitem__)

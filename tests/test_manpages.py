@@ -35,7 +35,10 @@ def _load_generator():  # type: ignore[no-untyped-def]
 manpages = _load_generator()
 MAN_DIR = REPO_ROOT / "man"
 PAGES = sorted(page.name for page in manpages.PAGES)
-COMMANDS = ["mkfs", "mount", "umount", "status", "iostat", "scrub", "repair", "fsck", "store"]
+COMMANDS = [
+    "mkfs", "mount", "umount", "status", "iostat", "scrub", "repair", "fsck", "store", "policy",
+    "restripe",
+]  # fmt: skip
 REQUIRED_SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "SEE ALSO"]
 
 
@@ -71,7 +74,10 @@ def test_every_command_has_a_page() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [[], *([c] for c in COMMANDS), ["store", "replace"], ["store", "add"], ["store", "remove"]],
+    [
+        [], *([c] for c in COMMANDS), ["store", "replace"], ["store", "add"], ["store", "remove"],
+        ["policy", "set"], ["policy", "get"], ["policy", "clear"],
+    ],  # fmt: skip
     ids=lambda c: " ".join(c) or "ecfs",
 )
 def test_every_option_of_help_is_in_the_page(command: list[str]) -> None:

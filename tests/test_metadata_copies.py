@@ -32,7 +32,7 @@ from ecfs.data.namespace import Namespace
 from ecfs.storage.metadb.chunks import ChunkTable
 from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.digest import content_digest
-from ecfs.storage.metadb.schema import SCHEMA, create_database, inline_checksum
+from ecfs.storage.metadb.schema import SCHEMA, SCHEMA_VERSION, create_database, inline_checksum
 from ecfs.storage.replicas import (
     CopyExpectation,
     CopyInspection,
@@ -209,7 +209,7 @@ def test_the_digest_follows_replace_upsert_and_multi_row_writes(tmp_path: Path) 
         ns.setxattr(2, b"user.a", b"2", 0)  # ON CONFLICT DO UPDATE
         db.write("DELETE FROM chunks WHERE chunk_id BETWEEN ? AND ?", (1001, 1999))
     db.close()
-    assert rows(path, "chunks") == [(2, 1, 5000, 7, bytes([2, 1, 0]), 0)]
+    assert rows(path, "chunks") == [(2, 1, 5000, 7, bytes([2, 1, 0]), 0, None)]
     assert inspect_copy(path, EXPECT).verified
 
 
@@ -418,7 +418,7 @@ def test_a_schema_1_volume_is_upgraded_at_mount(tmp_path: Path) -> None:
     resync_replicas(prepared, working)
     for path in paths:
         found = inspect_copy(path, EXPECT)
-        assert found.verified and found.schema == 2 and found.generation == 42
+        assert found.verified and found.schema == SCHEMA_VERSION and found.generation == 42
 
 
 def test_prepare_reports_replicas_it_cannot_rewrite(tmp_path: Path) -> None:
@@ -755,16 +755,17 @@ def test_a_volume_of_the_previous_version_is_upgraded_at_mount(volume: MountedVo
         assert found.problem is None and found.schema == 1
         generations.add(found.generation)
     volume.mount()
-    assert "metadata upgraded from schema 1 to 2" in volume.log_text()
+    assert f"metadata upgraded from schema 1 to {SCHEMA_VERSION}" in volume.log_text()
     for name, data in files.items():
         assert (volume.mountpoint / name).read_bytes() == data
     volume.unmount()
     for path in copies:
         found = inspect_copy(path)
-        assert found.verified and found.schema == 2 and found.generation > max(generations)
-        conn = sqlite3.connect(path)  # the tables schema 2 adds are there
+        assert found.verified and found.schema == SCHEMA_VERSION
+        assert found.generation > max(generations)
+        conn = sqlite3.connect(path)  # the tables schemas 2 and 3 add are there
         try:
-            for table in ("pending_deletions", "write_log"):
+            for table in ("pending_deletions", "write_log", "restripe"):
                 assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
         finally:
             conn.close()

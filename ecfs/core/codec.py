@@ -17,6 +17,7 @@ place, so fresh lists are built for every call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import zfec
@@ -73,6 +74,12 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"Codec(k={self.k}, m={self.m})"
+
+    @staticmethod
+    def of(k: int, m: int) -> Codec:
+        """A shared Codec for k + m (one per coding, cached: chunks of
+        several codings are read and written at once)."""
+        return _shared_codec(k, m)
 
     def encode(self, chunk: Buffer) -> list[bytes]:
         """Encode a chunk into its n fragment payloads.
@@ -209,3 +216,8 @@ class Codec:
         # Fresh lists: zfec reorders them in place.
         blocks = [views[i] for i in chosen]
         return list(self._decoder.decode(blocks, list(chosen)))
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_codec(k: int, m: int) -> Codec:
+    return Codec(k, m)

@@ -19,11 +19,30 @@ Coordinates:
   zero padding. Parity fragments ``k..k+m-1`` are also P bytes long.
 * A fragment payload is checksummed in cells of ``cell_size`` bytes; the
   last cell of a payload may be short.
+
+Per-chunk coding (redundancy policies, issue 18). The volume's chunk size
+``k * F`` stays THE unit that maps file bytes to chunks, whatever the
+coding of a chunk, so the file -> chunk arithmetic (chunk maps, the
+small-write log, truncate, read-ahead windows) never depends on policy.
+A chunk may carry its own coding (k', m'): `Layout.coded` gives the
+layout of such a chunk, with the same ``chunk_size`` and cell size, k'
+and m', and a fragment size F' = ceil(chunk_size / k') rounded up to a
+whole cell (so P = ceil(L / k') <= F' for every chunk length L).
+`Layout.of(ref)` gives the layout of a stored chunk. Keeping the chunk
+size fixed (rather than k' * F) means a file's chunks can be re-encoded
+one by one (restripe) without moving bytes between chunks, and a file
+may mix codings; the price is that a 1+2 chunk has one fragment of a
+whole chunk size, which is what "three copies" means anyway.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import ChunkRef
 
 #: Bounds on k and m (zfec itself allows k + m <= 256).
 MAX_K = 128
@@ -81,9 +100,12 @@ class Layout:
     m: int
     fragment_size: int
     cell_size: int
+    #: File bytes per chunk when not k * fragment_size (a `coded` layout
+    #: keeps its volume's chunk size); 0: k * fragment_size.
+    span: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("k", "m", "fragment_size", "cell_size"):
+        for name in ("k", "m", "fragment_size", "cell_size", "span"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         if not 1 <= self.k <= MAX_K:
@@ -103,6 +125,23 @@ class Layout:
                 f"fragment_size must be a positive multiple of cell_size ({c}) "
                 f"and at most {MAX_FRAGMENT_SIZE}, got {f}"
             )
+        if self.span and not 0 < self.span <= self.k * f:
+            raise ValueError(f"span must be in 1..k * fragment_size, got {self.span}")
+
+    def coded(self, k: int, m: int) -> Layout:
+        """The layout of a chunk of this volume coded as k data + m parity
+        fragments: the same chunk size and cell size (see the module
+        docstring). Itself when (k, m) is its own coding. Cached."""
+        if k == self.k and m == self.m:
+            return self
+        return _coded(self, k, m)
+
+    def of(self, ref: ChunkRef) -> Layout:
+        """The layout of stored chunk `ref` (its own coding, or this one)."""
+        k = ref.k
+        if not k:
+            return self
+        return self.coded(k, len(ref.stores) - k)
 
     @property
     def n(self) -> int:
@@ -111,8 +150,8 @@ class Layout:
 
     @property
     def chunk_size(self) -> int:
-        """File bytes per (full) chunk, k * F."""
-        return self.k * self.fragment_size
+        """File bytes per (full) chunk, k * F (or `span`)."""
+        return self.span or self.k * self.fragment_size
 
     def chunk_spans(self, offset: int, length: int) -> list[ChunkSpan]:
         """Split file bytes ``[offset, offset + length)`` by chunk.
@@ -188,3 +227,13 @@ class Layout:
         if not (_is_int(file_size) and file_size >= 0):
             raise ValueError(f"file_size must be >= 0, got {file_size}")
         return -(-file_size // self.chunk_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _coded(base: Layout, k: int, m: int) -> Layout:
+    size = base.chunk_size
+    cell = base.cell_size
+    payload = -(-size // k)
+    fragment_size = -(-payload // cell) * cell
+    span = size if size != k * fragment_size else 0
+    return Layout(k, m, fragment_size, cell, span)

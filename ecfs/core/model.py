@@ -16,11 +16,15 @@ class ChunkRef:
     a rewrite creates a new id (copy-on-write). ``length`` is the number of
     file bytes the chunk holds. ``stores[i]`` is the store index holding
     fragment i (0 <= i < k+m), or NO_STORE when that fragment is missing.
+    ``k`` is the chunk's own number of data fragments k' (its parity count
+    is ``len(stores) - k``), or 0 for the volume's k and m (the common
+    case, stored as NULL; see `ecfs.core.geometry.Layout.of`).
     """
 
     chunk_id: int
     length: int
     stores: tuple[int, ...]
+    k: int = 0
 
     def present(self) -> list[int]:
         """Fragment indices that have a store."""

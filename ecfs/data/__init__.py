@@ -4,6 +4,7 @@ Imports only ecfs.core and ecfs.storage. The namespace (POSIX rules),
 file data (buffers, inline files, truncate, fsync, fallocate), the reader
 (healthy, hedged and degraded reads) and read-ahead, the writer and
 placement, the small-write log (its policy and its segment files), repair and the one fragment rebuild,
-scrub, garbage collection and damage bookkeeping. Each service has a
+scrub, garbage collection and damage bookkeeping, redundancy policies per
+directory (policy) and their restripe. Each service has a
 `statistics()` method returning a frozen record.
 """

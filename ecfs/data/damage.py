@@ -72,7 +72,7 @@ class DamageRecorder:
             self.queue.add(
                 chunk_id,
                 "degraded-read",
-                repair_priority(good - self.k, "degraded-read"),
+                repair_priority(good - (ref.k or self.k), "degraded-read"),
                 self.clock_ns(),
                 bad=mask,
                 demand=demand,

@@ -250,6 +250,9 @@ class FileData:
         #: time.monotonic() of the last read or write (foreground activity,
         #: which background repair yields to).
         self.last_activity = 0.0
+        #: The coding of new chunks of a file: (k', m') of its redundancy
+        #: policy, None for the volume's (`ecfs.data.policy.Policies.coding_of`).
+        self.coding_of: Callable[[int], tuple[int, int] | None] = lambda ino: None
         self._states: dict[int, FileState] = {}
         self._background = trio.Semaphore(background_flushes)
         self._nursery: trio.Nursery | None = None
@@ -811,7 +814,8 @@ class FileData:
                 self.namespace.persist(ino)
             self.garbage.discard(extra + ([] if old is None else [old]), self.db.generation)
             return
-        ref = await self.writer.write(data)
+        coding = self.coding_of(ino)
+        ref = await (self.writer.write(data) if coding is None else self.writer.write(data, coding))
         if self._valid_length(ino, idx) == 0:
             self.garbage.discard([ref], self.db.generation)
             return
@@ -834,11 +838,11 @@ class FileData:
             # A fragment on a store of the wrong class (hybrid placement with
             # a class short): repair moves it back when it can.
             self.repairs.add(
-                ref.chunk_id, "wrong-class", repair_priority(self.layout.m, "wrong-class"),
+                ref.chunk_id, "wrong-class", repair_priority(self.layout.of(ref).m, "wrong-class"),
                 self.clock_ns(), bad=0, demand=0,
             )  # fmt: skip
         if missing:
-            spare = self.layout.m - len(missing)
+            spare = self.layout.of(ref).m - len(missing)
             self.repairs.add(
                 ref.chunk_id,
                 "write",

@@ -55,6 +55,7 @@ from ..core.errors import EcfsError, FsError
 from ..storage.metadb.database import Database
 from ..storage.metadb.inodes import InodeRow, InodeTable
 from ..storage.metadb.schema import ROOT_INODE
+from .policy import EFFECTIVE_XATTR, POLICY_XATTR, Policies
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,10 @@ class Namespace:
         #: pair); inode ids are never reused, so no other change can make a
         #: remembered pair wrong.
         self._absent_xattrs: set[tuple[int, bytes]] = set()
+        #: Redundancy policies (`ecfs.data.policy`), set by the volume: the
+        #: policy xattr is checked when set, EFFECTIVE_XATTR is served, and
+        #: resolved policies are forgotten on a change or a rename.
+        self.policies: Policies | None = None
 
     # -- attributes and lookup ---------------------------------------------------
 
@@ -453,6 +458,10 @@ class Namespace:
         if target_ino == source.id:
             return None
         target = None if target_ino is None else self.get(target_ino)
+        if self.policies is not None:  # a moved inode may fall under another policy
+            self.policies.moved(source.id, source.is_dir)
+            if target is not None:
+                self.policies.moved(target.id, target.is_dir)
         if source.is_dir:
             self._check_not_within(new_parent, source.id)
         if flags == RENAME_EXCHANGE:
@@ -723,6 +732,8 @@ class Namespace:
         `system.*`), ENOENT, ERANGE (name)."""
         self.get(ino)
         _check_xattr_name(name)
+        if name == EFFECTIVE_XATTR and self.policies is not None:
+            return self.policies.describe(ino)
         key = (ino, name)
         if name.startswith(SYSTEM_XATTR_PREFIX):
             value = None
@@ -745,9 +756,13 @@ class Namespace:
         for the inode. EOPNOTSUPP for `system.*` names (see
         `SYSTEM_XATTR_PREFIX`).
         """
-        self.get(ino)
+        inode = self.get(ino)
         _check_xattr_name(name)
         _check_not_system(name)
+        if name == EFFECTIVE_XATTR:
+            raise FsError(f"{name!r} is read-only", errno=errno.EPERM)
+        if name == POLICY_XATTR and self.policies is not None:
+            value = self.policies.checked_value(inode.is_dir, bytes(value))
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too long", errno=errno.E2BIG)
         if flags & ~(XATTR_CREATE | XATTR_REPLACE):
@@ -773,6 +788,8 @@ class Namespace:
             self._table.set_xattr(ino, name, bytes(value))
             self._write(staged)
         self._install(staged.values())
+        if name == POLICY_XATTR and self.policies is not None:
+            self.policies.changed()
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of the xattrs of `ino`, in byte order (no `system.*`). ENOENT."""
@@ -792,6 +809,8 @@ class Namespace:
             self._table.remove_xattr(ino, name)
             self._write(staged)
         self._install(staged.values())
+        if name == POLICY_XATTR and self.policies is not None:
+            self.policies.changed()
 
     # -- statfs and inline data ---------------------------------------------------
 

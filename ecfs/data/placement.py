@@ -166,13 +166,16 @@ class Placement:
         candidates.sort(key=lambda index: (-grains(index), (index - self._turn) % n))
         return spread(candidates, count, self.domain, [self.domain(s) for s in taken])
 
-    def targets(self, n: int) -> list[int | None]:
+    def targets(self, n: int, k: int | None = None) -> list[int | None]:
         """A store for each fragment index 0..n-1 of a new chunk (distinct;
-        None where no store is left), by the policy (module docstring)."""
+        None where no store is left), by the policy (module docstring).
+        `k`: the chunk's data fragments when it has its own coding (a
+        redundancy policy; default: the volume's k); the same for every
+        `k` argument below."""
         if self.policy != HYBRID:
             chosen: list[int | None] = list(self.choose(n))
             return chosen + [None] * (n - len(chosen))
-        k = min(self.k, n)
+        k = min(self.k if k is None else k, n)
         local = self.choose(n, remote=False)
         remote = self.choose(n, remote=True, taken=local[:k])
         data, parity = local[:k], remote[: n - k]
@@ -180,37 +183,41 @@ class Placement:
         parity += local[k:][: n - k - len(parity)]
         return [*data, *([None] * (k - len(data))), *parity, *([None] * (n - k - len(parity)))]
 
-    def replacement(self, index: int, exclude: Iterable[int]) -> int | None:
+    def replacement(self, index: int, exclude: Iterable[int], k: int | None = None) -> int | None:
         """Another store for fragment `index` whose store failed: one of its
         class if any, else any candidate; None if there is none."""
         excluded = set(exclude)
         if self.policy == HYBRID:
-            choice = self.choose(1, excluded, remote=index >= self.k, taken=excluded)
+            choice = self.choose(
+                1, excluded, remote=index >= (self.k if k is None else k), taken=excluded
+            )
             if choice:
                 return choice[0]
         choice = self.choose(1, excluded, taken=excluded)
         return choice[0] if choice else None
 
-    def wrong_class(self, stores: Sequence[int]) -> list[int]:
+    def wrong_class(self, stores: Sequence[int], k: int | None = None) -> list[int]:
         """Fragment indices of a chunk (slots `stores`) on a store of the
         wrong class for the policy (HYBRID only; NO_STORE slots are not)."""
         if self.policy != HYBRID:
             return []
-        return [
-            i for i, s in enumerate(stores) if s != NO_STORE and self.remote(s) != (i >= self.k)
-        ]
+        dk = self.k if k is None else k
+        return [i for i, s in enumerate(stores) if s != NO_STORE and self.remote(s) != (i >= dk)]
 
-    def movable(self, stores: Sequence[int]) -> list[int]:
+    def movable(self, stores: Sequence[int], k: int | None = None) -> list[int]:
         """The `wrong_class` fragments that a candidate of their class
         holding no other fragment of the chunk could take now."""
         moves = []
-        for index in self.wrong_class(stores):
+        dk = self.k if k is None else k
+        for index in self.wrong_class(stores, dk):
             others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
-            if self._candidates(others, index >= self.k):
+            if self._candidates(others, index >= dk):
                 moves.append(index)
         return moves
 
-    def rebuild_target(self, stores: Sequence[int], index: int) -> int | None:
+    def rebuild_target(
+        self, stores: Sequence[int], index: int, k: int | None = None
+    ) -> int | None:
         """Where rebuilt fragment `index` of a chunk whose fragment slots are
         on `stores` goes (see the module docstring): its own store if that
         is a candidate (available, not full, not draining) of its class
@@ -227,7 +234,7 @@ class Placement:
             if own_usable and not self._better_domain(holders, own, choice):
                 return own
             return choice[0] if choice else None
-        wants_remote = index >= self.k
+        wants_remote = index >= (self.k if k is None else k)
         choice = self.choose(1, exclude=others, remote=wants_remote, taken=holders)
         if (
             own_usable

@@ -77,9 +77,10 @@ class ReadAhead:
         self._pending: set[HandleKey] = set()
         self._token: trio.lowlevel.TrioToken | None = None
 
-    def request(self, key: HandleKey, store: Store) -> None:
+    def request(self, key: HandleKey, store: Store, expected: Expected | None = None) -> None:
         """Verify the header of fragment `key` = (store index, chunk id,
-        index) and have the store fetch its payload, in the background.
+        index) against `expected` (the chunk's own coding; default: the
+        volume's) and have the store fetch its payload, in the background.
         Called on the loop; returns at once."""
         if key in self._pending:
             return
@@ -93,7 +94,7 @@ class ReadAhead:
         self._pending.add(key)
         self._queued[index] = self._queued.get(index, 0) + 1
         self.requested += 1
-        self._queue(index).put((key, store, self.expected, known))
+        self._queue(index).put((key, store, expected or self.expected, known))
 
     def pending(self, key: HandleKey) -> bool:
         """Whether fragment `key` was asked for and is not delivered yet."""

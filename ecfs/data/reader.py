@@ -24,7 +24,10 @@ fails or is slow, each source is read and hedged on its own. zfec is
 systematic and works byte position by byte position, so bytes [a, b) of
 any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
-guessed or zeroed bytes.
+guessed or zeroed bytes. Every k, fragment length and header check above
+is the chunk's own (`Layout.of(ref)`, `Expected.of(ref)`: a chunk written
+under a redundancy policy has its own k' + m'; codecs are shared per
+coding, `Codec.of`).
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative (`_route_around`: its
@@ -269,6 +272,13 @@ class ChunkReader:
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
 
+    def _codec(self, ref: ChunkRef) -> Codec:
+        """The codec of chunk `ref` (its own coding, or the volume's)."""
+        if not ref.k:
+            return self.codec
+        layout = self.layout.of(ref)
+        return Codec.of(layout.k, layout.m)
+
     def statistics(self) -> ReadStatistics:
         c = self.counters
         return ReadStatistics(
@@ -291,7 +301,7 @@ class ChunkReader:
 
     def _plan(self, ref: ChunkRef) -> None:
         """Ask read-ahead for the fragments a read of `ref` will use."""
-        k = self.layout.k
+        k = self.layout.of(ref).k
         replacements = 0
         for index in range(k):
             if self._route_around(ref, index) or not self._read_ahead(ref, index):
@@ -309,11 +319,11 @@ class ChunkReader:
         lately, read the best parity fragment not yet asked for ahead in
         its place, so that the degraded read finds k sources cached."""
         _, chunk_id, index = key
-        k = self.layout.k
-        if index >= k:
-            return
         for ref in reversed(self._planned):
             if ref.chunk_id == chunk_id:
+                k = self.layout.of(ref).k
+                if index >= k:
+                    return
                 for parity in self.sources(ref, exclude=set(range(k))):
                     other = (ref.stores[parity], chunk_id, parity)
                     if self.handles.get(other) is None and not self.readahead.pending(other):
@@ -328,7 +338,7 @@ class ChunkReader:
         runner = available_runner(self.runners, store)
         if runner is None:
             return False
-        self.readahead.request((store, ref.chunk_id, index), runner.store)
+        self.readahead.request((store, ref.chunk_id, index), runner.store, self.expected.of(ref))
         return True
 
     async def read(self, ref: ChunkRef, start: int, end: int) -> bytearray:
@@ -353,9 +363,10 @@ class ChunkReader:
         if not 0 <= start < end <= ref.length:
             raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
         self.counters.requested_bytes += end - start
-        payload = self.layout.payload_length(ref.length)
+        layout = self.layout.of(ref)
+        payload = layout.payload_length(ref.length)
         missing = []
-        for piece in self.layout.data_pieces(ref.length, start, end):
+        for piece in layout.data_pieces(ref.length, start, end):
             at = piece.chunk_start - start
             if not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
                 missing.append(piece)
@@ -366,7 +377,7 @@ class ChunkReader:
     ) -> None:
         """Fill the parts of `dest` (chunk bytes from `start`) that
         `read_cached` left: read in worker threads, hedged, or decoded."""
-        payload = self.layout.payload_length(ref.length)
+        payload = self.layout.of(ref).payload_length(ref.length)
         await gather_in_order(
             [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
@@ -391,7 +402,7 @@ class ChunkReader:
     async def _read_piece(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
     ) -> None:
-        a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         data = await self._read_hedged(ref, piece.index, a, b, piece.length)
         at = piece.chunk_start - start
         dest[at : at + piece.length] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
@@ -412,7 +423,7 @@ class ChunkReader:
         header = self.handles.get(key)
         if header is None:
             return False
-        a, b = self.layout.cell_range(piece.frag_start, piece.frag_end, payload)
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         try:
             self._check_payload(ref, header)
             if a == piece.frag_start and b == piece.frag_end:
@@ -570,9 +581,8 @@ class ChunkReader:
     def _replan(self, store: int) -> None:
         """`store` lags or is unavailable now: plan the chunks read ahead
         lately that have a data fragment on it again (parity in its place)."""
-        k = self.layout.k
         for planned in list(self._planned):
-            if store in planned.stores[:k]:
+            if store in planned.stores[: self.layout.of(planned).k]:
                 self._plan(planned)
 
     def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
@@ -586,7 +596,7 @@ class ChunkReader:
             and (r := available_runner(self.runners, ref.stores[j])) is not None
             and r.measured
         )
-        k = self.layout.k
+        k = self.layout.of(ref).k
         return others[k - 1] if len(others) >= k else None
 
     def _hedge_deadline(self, runner: StoreRunner, ref: ChunkRef, index: int) -> float:
@@ -615,7 +625,8 @@ class ChunkReader:
         header = self.handles.get((runner.index, ref.chunk_id, index))
         if header is None:
             await runner.start(
-                _open_and_read, runner.store, ref.chunk_id, index, self.expected, start, end,
+                _open_and_read, runner.store, ref.chunk_id, index, self.expected.of(ref),
+                start, end,
                 nbytes_read=end - start,
             )  # fmt: skip
         else:
@@ -654,7 +665,7 @@ class ChunkReader:
                     runner.store,
                     ref.chunk_id,
                     index,
-                    self.expected,
+                    self.expected.of(ref),
                     start,
                     end,
                     timeout=runner.call_timeout(self.read_timeout),
@@ -684,7 +695,7 @@ class ChunkReader:
         return data
 
     def _check_payload(self, ref: ChunkRef, header: fragment.FragmentHeader) -> None:
-        if header.payload_length != self.layout.payload_length(ref.length):
+        if header.payload_length != self.layout.of(ref).payload_length(ref.length):
             raise FragmentCorrupt(f"chunk {ref.chunk_id:016x}: fragment payload length mismatch")
 
     def _read_nowait(
@@ -719,7 +730,7 @@ class ChunkReader:
         """Bytes [start, end) of fragment `lost`, decoded from k others.
         `lost` is reported as damaged (with any source found bad) unless
         `damaged` is False (it is only slow)."""
-        k = self.layout.k
+        k = self.layout.of(ref).k
         candidates = self.sources(ref, exclude={lost})
         decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
         if decoded_fast is not None:
@@ -740,7 +751,7 @@ class ChunkReader:
                 f"chunk {ref.chunk_id:016x}: fewer than {k} good fragments for"
                 f" bytes [{start}, {end}) of fragment {lost}"
             )
-        decoded = await run_cpu(self.codec.decode, pieces, [lost], size=end - start)
+        decoded = await run_cpu(self._codec(ref).decode, pieces, [lost], size=end - start)
         return decoded[lost]
 
     async def _decode_in_one_call(
@@ -755,7 +766,7 @@ class ChunkReader:
         is then abandoned and `gather_fragments`, which hedges and widens
         per source, takes over). An abandoned call's thread ends when its
         store answers (a store keeps what the thread uses open until then)."""
-        k = self.layout.k
+        k = self.layout.of(ref).k
         sources: list[tuple[Store, fragment.FragmentHeader]] = []
         deadline = 0.0
         for index in candidates:
@@ -777,7 +788,7 @@ class ChunkReader:
             return None
         with trio.move_on_after(deadline) as scope:
             decoded = await run_in_thread(
-                _decode_range, self.codec, sources, lost, start, end,
+                _decode_range, self._codec(ref), sources, lost, start, end,
                 abandon_on_cancel=True, limiter=self._one_call_limiter,
             )  # fmt: skip
         return None if scope.cancelled_caught else decoded
@@ -791,7 +802,7 @@ class ChunkReader:
         candidate; if they are not all in after the slowest store's hedge
         deadline, every remaining candidate is read too and the first k
         answers win. Returns (pieces, indices found bad, bytes read)."""
-        k = self.layout.k
+        k = self.layout.of(ref).k
         pieces: dict[int, Bytes] = {}
         bad: list[int] = []
         waiting = list(candidates)
@@ -841,11 +852,12 @@ class ChunkReader:
     def sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
         """Fragment indices worth reading, best first: available stores,
         lowest expected latency, data before parity on ties."""
+        k = self.layout.of(ref).k
         usable = []
         for index in ref.present():
             runner = available_runner(self.runners, ref.stores[index])
             if index in exclude or runner is None:
                 continue
-            usable.append((runner.expected_latency(), index >= self.layout.k, index))
+            usable.append((runner.expected_latency(), index >= k, index))
         usable.sort()
         return [index for _, _, index in usable]

@@ -123,6 +123,9 @@ async def rebuild_fragments(
     fragments nobody could look at - k) queue what could not be rebuilt."""
     if reason not in REPAIR_REASONS:
         raise ValueError(f"unknown repair reason {reason!r}")
+    if ref.k:  # a chunk of its own coding (a redundancy policy)
+        layout = layout.of(ref)
+        codec = Codec.of(layout.k, layout.m)
     if len(sources) < layout.k:
         raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
     payload_length = layout.payload_length(ref.length)
@@ -135,7 +138,7 @@ async def rebuild_fragments(
     moved: list[int] = []
     written = 0
     for index in wanted:
-        target = placement.rebuild_target(stores, index)
+        target = placement.rebuild_target(stores, index, layout.k)
         if target is None:
             failed[index] = "no usable store holds no other fragment of the chunk"
             continue
@@ -145,7 +148,7 @@ async def rebuild_fragments(
         try:
             size = await io.replace_fragment(target, ref.chunk_id, index, parts)
             io.note_unsynced(target)
-            landed = ChunkRef(ref.chunk_id, ref.length, _with(stores, index, target))
+            landed = ChunkRef(ref.chunk_id, ref.length, _with(stores, index, target), ref.k)
             await io.verify_fragment(landed, index, payload_length)
         except (StoreError, FragmentCorrupt) as exc:
             if isinstance(exc, NoSpace):
@@ -194,5 +197,8 @@ def _with(stores: Sequence[int], index: int, store: int) -> tuple[int, ...]:
 def _only(ref: ChunkRef, slots: Mapping[int, int]) -> ChunkRef:
     """`ref` with only the fragments `slots` (index -> store)."""
     return ChunkRef(
-        ref.chunk_id, ref.length, tuple(slots.get(i, NO_STORE) for i in range(len(ref.stores)))
+        ref.chunk_id,
+        ref.length,
+        tuple(slots.get(i, NO_STORE) for i in range(len(ref.stores))),
+        ref.k,
     )

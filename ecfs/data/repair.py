@@ -293,6 +293,7 @@ class Repairer:
         queue = {
             reason: RepairQueueEntry(chunks, size) for reason, chunks, size in self.queue.summary()
         }
+        # (at the volume's coding: an estimate for chunks of their own)
         bytes_left = sum(e.bytes for e in queue.values()) * self.layout.n // self.layout.k
         rate = round(self._rate_ewma)
         counters = self.counters
@@ -354,7 +355,7 @@ class Repairer:
         wrong = [
             ref.chunk_id
             for _, _, ref in self.chunks.iter_all()
-            if self.placement.wrong_class(ref.stores)
+            if self.placement.wrong_class(ref.stores, self.layout.of(ref).k)
         ]
         with self.db.transaction():
             for chunk_id in wrong:
@@ -509,14 +510,14 @@ class Repairer:
     async def _repair(
         self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
     ) -> int:
-        layout = self.layout
+        layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
         suspects |= {i for i, s in enumerate(ref.stores) if not self._usable(s)}
         broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
         moves = self._moves(ref, broken)
         if not broken and not moves:
-            if self.placement.wrong_class(ref.stores):
+            if self.placement.wrong_class(ref.stores, layout.k):
                 # Misplaced, and no store of its class can take it now: wait
                 # for one (a store coming back retries deferred chunks).
                 self._defer(ref.chunk_id)
@@ -526,7 +527,7 @@ class Repairer:
             self.counters.chunks_checked_fine += 1
             return 0
         broken = sorted({*broken, *moves})
-        if all(self.placement.rebuild_target(ref.stores, i) is None for i in broken):
+        if all(self.placement.rebuild_target(ref.stores, i, layout.k) is None for i in broken):
             # Nowhere to put a rebuilt fragment (e.g. a store is gone and
             # every other one already holds a fragment of this chunk): do not
             # read k fragments and decode for nothing, while readers wait.
@@ -558,7 +559,7 @@ class Repairer:
             self.counters.chunks_repaired += 1
         if done.failed:
             self._defer(ref.chunk_id)
-        elif done.committed and self.placement.wrong_class(done.stores):
+        elif done.committed and self.placement.wrong_class(done.stores, layout.k):
             # A fragment that could move only once others had moved (its
             # class's stores held them): again, next.
             with self.db.transaction():
@@ -574,11 +575,12 @@ class Repairer:
         from others, like a broken one), as many at once as leave k other
         fragments to decode from (data fragments first; the chunk is queued
         again for the rest)."""
-        moves = [i for i in self.placement.movable(ref.stores) if i not in broken]
+        k = self.layout.of(ref).k
+        moves = [i for i in self.placement.movable(ref.stores, k) if i not in broken]
         sources = [
             i for i, s in enumerate(ref.stores) if i not in broken and self._usable(s)
         ]
-        return moves[: max(0, len(sources) - self.layout.k)]
+        return moves[: max(0, len(sources) - k)]
 
     def _usable(self, store: int) -> bool:
         return available_runner(self.runners, store) is not None
@@ -608,7 +610,7 @@ class Repairer:
 
     def _give_up(self, ref: ChunkRef, broken: list[int]) -> None:
         message = (
-            f"chunk {ref.chunk_id:016x}: fewer than {self.layout.k} good fragments"
+            f"chunk {ref.chunk_id:016x}: fewer than {self.layout.of(ref).k} good fragments"
             f" (bad: {broken}); its bytes cannot be recovered"
         )
         if ref.chunk_id not in self.unrecoverable:

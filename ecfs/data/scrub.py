@@ -131,13 +131,13 @@ class Scrubber:
         on_queued: Callable[[], None],
         verify_metadata: Callable[[], Awaitable[dict[int | None, str]]] | None = None,
         replica_count: Callable[[], int] = lambda: 0,
-        wrong_class: Callable[[Sequence[int]], list[int]] = lambda stores: [],
+        wrong_class: Callable[[Sequence[int], int], list[int]] = lambda stores, k: [],
         gate: BackgroundGate | None = None,
     ) -> None:
         """`verify_metadata()` verifies the live metadata replicas (and
         replaces bad ones) and the working copy (store index, None for the
         working copy -> problem); `replica_count()` is how many replicas it
-        looks at; `wrong_class(stores)`: the fragments of a chunk on a store
+        looks at; `wrong_class(stores, k)`: the fragments of a chunk on a store
         of the wrong class (`ecfs.data.placement.Placement.wrong_class`);
         `gate`: the volume's pause switch."""
         self.db = db
@@ -264,7 +264,8 @@ class Scrubber:
         if found is None:
             return
         inode, idx, ref = found
-        payload = self.layout.payload_length(ref.length)
+        layout = self.layout.of(ref)
+        payload = layout.payload_length(ref.length)
         bad: list[int] = []
         unavailable: list[int] = []
         reasons: list[str] = []
@@ -283,10 +284,10 @@ class Scrubber:
             self.progress.fragments_verified += 1
             self.progress.bytes_verified += payload
         if not bad:
-            if self.wrong_class(ref.stores) and not self.queue.contains(chunk_id):
+            if self.wrong_class(ref.stores, layout.k) and not self.queue.contains(chunk_id):
                 with self.db.transaction():
                     self.queue.add(
-                        chunk_id, "wrong-class", repair_priority(self.layout.m, "wrong-class"),
+                        chunk_id, "wrong-class", repair_priority(layout.m, "wrong-class"),
                         time.time_ns(), bad=0, demand=0,
                     )  # fmt: skip
                 self.on_queued()
@@ -304,7 +305,7 @@ class Scrubber:
                 chunk=f"{chunk_id:016x}", inode=inode, path=path, offset=offset,
                 fragments=",".join(map(str, bad)), reason="; ".join(reasons),
             )  # fmt: skip
-        spare = self.layout.n - len(bad) - self.layout.k
+        spare = layout.n - len(bad) - layout.k
         with self.db.transaction():
             self.queue.add(
                 chunk_id, "scrub", repair_priority(spare, "scrub"), time.time_ns(),

@@ -27,6 +27,11 @@ fragment of a failed write may not be deletable right away; both are
 handed to `on_abandoned` (the volume remembers them for the garbage
 collector, which deletes them once the store is back).
 
+Coding: a chunk is coded with the volume's k + m, or with the (k', m')
+of its file's redundancy policy (`write(data, coding)`; recorded in the
+returned ref's `k`, see `ecfs.core.geometry.Layout.of`). Aligned buffers
+for direct I/O are pooled for the volume's coding only.
+
 Durability: fragment files are written without fsync. `sync_stores()`
 makes every write so far durable (syncfs per store that was written to);
 the replicator calls it before each metadata batch it commits, so a
@@ -123,24 +128,32 @@ class ChunkWriter:
     def wrong_class(self, ref: ChunkRef) -> int:
         """Bitmask of the fragments of `ref` (just written) on a store of
         the wrong class for the placement policy (`Placement.wrong_class`)."""
-        return sum(1 << i for i in self.placement.wrong_class(ref.stores))
+        k = self.layout.of(ref).k
+        return sum(1 << i for i in self.placement.wrong_class(ref.stores, k))
 
-    async def write(self, data: bytes | bytearray | memoryview) -> ChunkRef:
-        """Store `data` (1..chunk_size bytes) as a new chunk version."""
+    async def write(
+        self, data: bytes | bytearray | memoryview, coding: tuple[int, int] | None = None
+    ) -> ChunkRef:
+        """Store `data` (1..chunk_size bytes) as a new chunk version, coded
+        as `coding` = (k', m') (a redundancy policy; default and when equal
+        to it: the volume's k + m, recorded as ref.k = 0)."""
         chunk_id = await self.new_chunk_id()
-        payload_length = -(-len(data) // self.layout.k)
+        layout = self.layout if coding is None else self.layout.coded(*coding)
+        payload_length = -(-len(data) // layout.k)
         # Whole-block payloads (every full chunk) are laid out in aligned
         # memory, so that the stores can write them with direct I/O.
         buffer = (
-            self._buffers.take(self.layout.n * payload_length)
-            if payload_length % BLOCK == 0
+            self._buffers.take(layout.n * payload_length)
+            if payload_length % BLOCK == 0 and layout is self.layout
             else None
         )
         # Chunks larger than offload.LOOP_CPU_LIMIT are encoded in a thread.
-        fragments = await run_cpu(self._build, chunk_id, data, buffer, size=len(data), limiter=self._cpu)
+        fragments = await run_cpu(
+            self._build, layout, chunk_id, data, buffer, size=len(data), limiter=self._cpu
+        )
         timed_out: list[int] = []
         try:
-            stores = await self._place_all(chunk_id, fragments, timed_out)
+            stores = await self._place_all(layout, chunk_id, fragments, timed_out)
         except EcfsError:
             if buffer is not None and not timed_out:
                 self._buffers.give(buffer)
@@ -149,10 +162,14 @@ class ChunkWriter:
         if buffer is not None and not timed_out:
             self._buffers.give(buffer)
         self.bytes_in += len(data)
-        return ChunkRef(chunk_id, len(data), tuple(stores))
+        return ChunkRef(chunk_id, len(data), tuple(stores), 0 if layout is self.layout else layout.k)
 
     def _build(
-        self, chunk_id: int, data: bytes | bytearray | memoryview, buffer: memoryview | None
+        self,
+        layout: Layout,
+        chunk_id: int,
+        data: bytes | bytearray | memoryview,
+        buffer: memoryview | None,
     ) -> list[FragmentParts]:
         """Encode and frame every fragment (CPU only; may run in a thread).
 
@@ -160,12 +177,12 @@ class ChunkWriter:
         are laid out in aligned memory so that the store can write them with
         direct I/O (see `aligned`); the chunk is copied once into it, and
         nothing returned refers to `data`."""
-        layout = self.layout
+        codec = self.codec if layout is self.layout else Codec.of(layout.k, layout.m)
         direct = buffer is not None
         if buffer is not None:
-            payloads: Sequence[fragment.Buffer] = self.codec.encode_into(data, buffer)
+            payloads: Sequence[fragment.Buffer] = codec.encode_into(data, buffer)
         else:
-            payloads = self.codec.encode(data)
+            payloads = codec.encode(data)
         fragments = []
         for index, payload in enumerate(payloads):
             header, body = fragment.build_fragment(
@@ -175,14 +192,17 @@ class ChunkWriter:
         return fragments
 
     async def _place_all(
-        self, chunk_id: int, fragments: list[FragmentParts], timed_out: list[int]
+        self, layout: Layout, chunk_id: int, fragments: list[FragmentParts], timed_out: list[int]
     ) -> list[int]:
         """Write the fragments to distinct stores (see the module docstring);
-        the stores whose write was given up on (timed out) go to `timed_out`."""
-        n = self.layout.n
+        the stores whose write was given up on (timed out) go to `timed_out`.
+        A chunk of its own coding needs min(n', k' + 1) fragments stored
+        (the same rule as `min_fragments`'s default)."""
+        n = layout.n
+        min_fragments = self.min_fragments if layout is self.layout else min(n, layout.k + 1)
         stores = [NO_STORE] * n
         errors: list[EcfsError] = []
-        targets = self.placement.targets(n)
+        targets = self.placement.targets(n, layout.k)
         used = {t for t in targets if t is not None}
         abandoned: list[tuple[int, int, int]] = []
 
@@ -202,7 +222,7 @@ class ChunkWriter:
                         self.placement.mark_full(store)
                     else:
                         abandoned.append((store, chunk_id, index))
-                    store = self.placement.replacement(index, used)
+                    store = self.placement.replacement(index, used, layout.k)
                     if store is not None:
                         used.add(store)
 
@@ -210,10 +230,10 @@ class ChunkWriter:
             for index in range(n):
                 nursery.start_soon(place, index, targets[index])
         stored = sum(1 for s in stores if s != NO_STORE)
-        if stored < self.min_fragments:
+        if stored < min_fragments:
             abandoned += await self._remove(chunk_id, stores)
         self.on_abandoned(abandoned)
-        if stored < self.min_fragments:
+        if stored < min_fragments:
             # ENOSPC only when space is what is missing; too few healthy
             # stores is an I/O error (EIO).
             all_up = all(r.available for r in self.runners.values())
@@ -222,7 +242,7 @@ class ChunkWriter:
             reason = f" ({errors[0]})" if errors else " (too few healthy stores)"
             raise StoreError(
                 f"cannot place chunk: only {stored} of {n} fragments written, at least"
-                f" {self.min_fragments} are needed{reason}"
+                f" {min_fragments} are needed{reason}"
             )
         if stored < n:
             log.warning(

@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -759,6 +760,101 @@ def _pause_offline(stores: tuple[str, ...], pause: bool) -> None:
         )  # fmt: skip
     else:
         click.echo("background work resumed" if was_paused else "background work was not paused")
+# -- redundancy per directory -------------------------------------------------------
+
+
+def _mountpoint_of(path: str) -> str:
+    """The mountpoint of the filesystem holding `path`."""
+    current = os.path.realpath(path)
+    while not os.path.ismount(current):
+        current = os.path.dirname(current)
+    return current
+
+
+def _policy_client(path: str) -> Any:
+    """A client for the ecfs mount holding `path` (exit 2 if none does)."""
+    if not os.path.exists(path):
+        _fail(f"{path}: no such file or directory", 2)
+    return _client(_mountpoint_of(path))
+
+
+@main.group()
+def policy() -> None:
+    """Redundancy per directory: K data + M parity fragments for the files
+    created below a directory (e.g. 2+2, 8+3, 1+2 = three copies)."""
+
+
+@policy.command("set")
+@click.argument("path")
+@click.argument("policy_text", metavar="K+M")
+def policy_set(path: str, policy_text: str) -> None:
+    """Set the policy of directory PATH to K+M (new chunks of the files
+    below it get it; `ecfs restripe PATH` converts the existing ones)."""
+    from ..data.policy import parse_policy, policy_problem
+
+    try:
+        k, m = parse_policy(policy_text)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if not os.path.isdir(path):
+        _fail(f"{path}: a policy can be set on directories only", 2)
+    client = _policy_client(path)
+    current = _run_client(lambda: client.effective_policy(path))
+    problem = policy_problem(k, m, int(current.get("stores", 0)))
+    if problem is not None:
+        _fail(f"policy {k}+{m} refused for {path}: {problem}", 1)
+    _run_client(lambda: client.set_policy(path, f"{k}+{m}"))
+    click.echo(f"{path}: policy {k}+{m} (new files and new chunks; `ecfs restripe` for the rest)")
+
+
+@policy.command("get")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@click.argument("path")
+def policy_get(as_json: bool, path: str) -> None:
+    """Show the effective policy of PATH and where it comes from."""
+    client = _policy_client(path)
+    found = _run_client(lambda: client.effective_policy(path))
+    if as_json:
+        click.echo(json.dumps(found, sort_keys=True))
+        return
+    source = found.get("source")
+    origin = f"set on {source}" if source else f"the volume's default ({found.get('volume')})"
+    click.echo(f"{path}: {found.get('k')}+{found.get('m')} ({origin})")
+
+
+@policy.command("clear")
+@click.argument("path")
+def policy_clear(path: str) -> None:
+    """Remove the policy of directory PATH (its files then follow the
+    nearest directory above with a policy, or the volume's default)."""
+    client = _policy_client(path)
+    if not _run_client(lambda: client.clear_policy(path)):
+        click.echo(f"{path}: had no policy of its own")
+        return
+    click.echo(f"{path}: policy cleared")
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="Show progress until the restripe is done.")
+@click.argument("path")
+def restripe(wait: bool, path: str) -> None:
+    """Convert the existing files below PATH to their effective policy, in
+    the background (resumed after a crash or unmount; progress in `ecfs
+    status`)."""
+    client = _policy_client(path)
+    _run_client(lambda: client.restripe(path))
+    if not wait:
+        click.echo(f"{path}: restripe started (progress in `ecfs status`)")
+        return
+
+    def progress(s: Any) -> tuple[int, int]:
+        r = s.restripe
+        return (0, 1) if r is None else (r.chunks_done, max(r.chunks_total, 1))
+
+    final = _watch(client, "restriping", progress, lambda s: s.restripe is None or not s.restripe.roots)
+    skipped = final.restripe.skipped if final.restripe is not None else 0
+    click.echo(f"{path}: restripe done" + (f"; {skipped} chunks skipped, retried later" if skipped else ""))
+    sys.exit(1 if skipped else 0)
 
 
 @main.group()

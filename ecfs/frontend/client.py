@@ -1,5 +1,7 @@
 """The CLI's side of the control channel (see `control`): read a mount's
-status and send it commands through the root directory's xattrs.
+status and send it commands through the root directory's xattrs, and
+read or set the redundancy policy of a directory and start a restripe
+through that directory's (virtual) xattrs (`ecfs.data.policy`).
 
 Owns: the attribute names, timeouts and error translation. Must not: know
 what the commands do.
@@ -12,9 +14,10 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..core.errors import EcfsError, VolumeError
+from ..data.policy import EFFECTIVE_XATTR, POLICY_XATTR, RESTRIPE_XATTR
 from ..volume.status import (
     IoStatus,
     StatusFormatError,
@@ -61,6 +64,33 @@ class MountClient:
 
     def command(self, text: str) -> None:
         self._call(lambda: os.setxattr(self.mountpoint, COMMAND, text.encode()))
+
+    def effective_policy(self, path: str) -> dict[str, Any]:
+        """The effective redundancy policy of `path` (see `ecfs.data.policy`)."""
+        raw = self._call(lambda: os.getxattr(path, EFFECTIVE_XATTR))
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            raise EcfsError(f"{path}: the daemon's answer is not understood") from None
+        if not isinstance(document, dict):
+            raise EcfsError(f"{path}: the daemon's answer is not understood")
+        return document
+
+    def set_policy(self, path: str, text: str) -> None:
+        self._call(lambda: os.setxattr(path, POLICY_XATTR, text.encode()))
+
+    def clear_policy(self, path: str) -> bool:
+        """Remove the policy of directory `path`; False if it had none."""
+        try:
+            self._call(lambda: os.removexattr(path, POLICY_XATTR))
+        except VolumeError:
+            if POLICY_XATTR.decode() in self._call(lambda: os.listxattr(path)):
+                raise
+            return False
+        return True
+
+    def restripe(self, path: str) -> None:
+        self._call(lambda: os.setxattr(path, RESTRIPE_XATTR, b"1"))
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run fn in a thread so a hung mount cannot hang the CLI."""

@@ -43,6 +43,7 @@ import pyfuse3
 
 from ..core.errors import EcfsError, FsError
 from ..data.namespace import Inode
+from ..data.policy import POLICY_XATTR, RESTRIPE_XATTR
 from ..volume import control, status
 from ..volume.assembly import Volume
 
@@ -373,7 +374,15 @@ class EcfsOperations(pyfuse3.Operations):
             self._check_control_access(ctx)
             self.volume.run_command(control.read_command(value.decode(errors="replace")))
             return
-        if inode == pyfuse3.ROOT_INODE and name.startswith(b"user.ecfs."):
+        if name == RESTRIPE_XATTR:  # `ecfs restripe PATH`: an operator command
+            self._check_control_access(ctx)
+            self.volume.start_restripe(inode)
+            return
+        if (
+            inode == pyfuse3.ROOT_INODE
+            and name.startswith(b"user.ecfs.")
+            and name != POLICY_XATTR
+        ):
             raise FsError("reserved attribute", errno=errno.EPERM)
         self.ns.setxattr(inode, name, value)
 

@@ -129,6 +129,17 @@ def render_status(status: VolumeStatus) -> str:
             f"scrub: last pass verified {scrub.chunks_done}/{scrub.chunks_total} chunks,"
             f" {scrub.finding_count} findings"
         )
+    restripe = status.restripe
+    if restripe is not None and (restripe.roots or restripe.skipped):
+        lines.append(
+            f"restripe: {restripe.files_done}/{restripe.files_total} files,"
+            f" {restripe.chunks_done}/{restripe.chunks_total} chunks,"
+            f" {format_size(restripe.bytes_done)} of {format_size(restripe.bytes_total)},"
+            f" {format_size(restripe.rate_bytes_per_s)}/s"
+            + (f"; {restripe.skipped} chunks skipped, to retry" if restripe.skipped else "")
+        )
+        for where in restripe.skipped_ranges:
+            lines.append(f"  skipped: {where}")
     log = status.write_log
     lines.append(
         f"small-write log: {log.records} records, {format_size(log.bytes)} in {log.chunks}"

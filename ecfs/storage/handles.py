@@ -17,11 +17,13 @@ event loop thread; `read_header` is blocking and runs in worker threads.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..core import fragment
 from ..core.errors import FragmentCorrupt
+from ..core.model import ChunkRef
 from .store import Store
 
 #: (store index, chunk id, fragment index)
@@ -36,6 +38,24 @@ class Expected:
     k: int
     m: int
     cell_size: int
+
+    def coded(self, k: int, m: int) -> Expected:
+        """What a fragment of a chunk of its own coding k + m must say."""
+        if k == self.k and m == self.m:
+            return self
+        return _coded(self, k, m)
+
+    def of(self, ref: ChunkRef) -> Expected:
+        """What a fragment of stored chunk `ref` must say (its own coding)."""
+        k = ref.k
+        if not k:
+            return self
+        return self.coded(k, len(ref.stores) - k)
+
+
+@functools.lru_cache(maxsize=256)
+def _coded(base: Expected, k: int, m: int) -> Expected:
+    return Expected(base.volume_id, k, m, base.cell_size)
 
 
 def read_header(

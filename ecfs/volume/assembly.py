@@ -66,6 +66,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -87,8 +88,10 @@ from ..data.garbage import ChunkPins, Garbage
 from ..data.logfiles import LogFiles
 from ..data.namespace import Namespace
 from ..data.placement import HYBRID, POLICIES, POLICY_KEY, SPREAD, Placement
+from ..data.policy import Policies
 from ..data.reader import ChunkReader
 from ..data.repair import Repairer
+from ..data.restripe import Restriper
 from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
@@ -97,6 +100,7 @@ from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
 from ..storage.metadb.database import Database
+from ..storage.metadb.inodes import InodeTable
 from ..storage.metadb.schema import ROOT_INODE
 from ..storage.metadb.stores import StoreTable
 from ..storage.metaobjects import (
@@ -393,6 +397,10 @@ class Volume:
         self.background_gate = BackgroundGate(db)
         self.background_gate.on_resume = self._background_resumed
         self.namespace = Namespace(db)
+        self.policies = Policies(
+            InodeTable(db), k, m, lambda: len(self.store_ids) - len(self.placement.draining)
+        )
+        self.namespace.policies = self.policies
         self.writer = ChunkWriter(
             self.layout,
             self.codec,
@@ -450,6 +458,7 @@ class Volume:
             writelog=self.writelog,
             free_space=lambda: self.capacity()[1],
         )
+        self.filedata.coding_of = self.policies.coding_of
         self.repairer = Repairer(
             db,
             self.layout,
@@ -466,6 +475,19 @@ class Volume:
             gate=self.background_gate,
         )
         self.damage.on_queued = self.repairer.poke
+        self.restriper = Restriper(
+            db,
+            self.layout,
+            self.reader,
+            self.writer,
+            self.garbage,
+            self.pins,
+            self.policies.coding_of,
+            self.writelog.has,
+            lambda: self.filedata.last_activity,
+            self._describe_inode,
+            gate=self.background_gate,
+        )
         self.repairer.refresh_usage = self.refresh_usage
         self.scrubber = Scrubber(
             db,
@@ -797,6 +819,7 @@ class Volume:
         await nursery.start(supervised, "garbage collector", self.garbage.run)
         self.garbage.poke()  # fragments left on stores that were away last time
         await nursery.start(supervised, "repair", self.repairer.run)
+        await nursery.start(supervised, "restripe", self.restriper.run)
         await self.refresh_usage()
         nursery.start_soon(supervised, "store health", self._health_loop)
         nursery.start_soon(supervised, "attribute write-back", self.filedata.write_back_attributes)
@@ -1145,6 +1168,7 @@ class Volume:
                 str(self.hooks.hook) if self.hooks is not None else "",
                 self.hooks.statistics() if self.hooks is not None else None,
             ),
+            restripe=self.restriper.statistics(),
         )
 
     def _store_status(
@@ -1284,6 +1308,19 @@ class Volume:
         self.repairer.poke()
         self.garbage.poke()
         self.writelog.poke()
+
+    def _describe_inode(self, ino: int) -> str:
+        """A path of inode `ino` for messages (or "inode N")."""
+        paths = InodeTable(self.db).paths_of(ino, ROOT_INODE, limit=1)
+        return os.fsdecode(paths[0]) if paths else f"inode {ino}"
+
+    def start_restripe(self, ino: int) -> None:
+        """Queue `ecfs restripe` of inode `ino` (a directory or a file):
+        the files below it get their effective policy (`ecfs.data.restripe`)."""
+        node = self.namespace.get(ino)
+        if not (node.is_dir or stat.S_ISREG(node.mode)):
+            raise FsError("restripe takes a directory or a regular file", errno=errno.EINVAL)
+        self.restriper.start(ino)
 
     def start_scrub(self, max_duration: float | None) -> None:
         if self._nursery is None or self.scrubber.progress.running:

@@ -18,7 +18,9 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   applied) and each live record has m+1 copies, which repair writes.
   Rows an older ecfs left in the metadata table must match their checksum
   and apply over the current version; repair deletes the others.
-* `check_chunk_fragments_present`: every fragment of every chunk exists on
+* `check_chunk_fragments_present`: every fragment of every chunk (with the
+  chunk's own coding k' + m' when it has one: a row whose k makes no
+  coding, or whose slots do not match it, is malformed) exists on
   its store as a regular file (a directory, symlink or FIFO there is a bad
   entry; never followed nor blocked on) with a valid header (and, with
   verify_data, valid cells); repair rebuilds the fragment from k good
@@ -749,7 +751,8 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
     for n, (ino, idx, ref) in enumerate(all_chunks):
         ctx.tick("chunks", n, total)
         _check_chunk(ctx, codec, expected, placement, ino, idx, ref, on_missing_store)
-        wrong = classes.wrong_class(ref.stores)
+        chunk_layout = _layout_of(ctx.layout, ref)
+        wrong = [] if chunk_layout is None else classes.wrong_class(ref.stores, chunk_layout.k)
         if wrong:
             wrong_class[ref.chunk_id] = len(wrong)
     ctx.tick("chunks", total, total)
@@ -776,8 +779,7 @@ def _check_chunk(
     on_missing_store: Counter[int],
 ) -> None:
     check = "chunk_fragments_present"
-    layout = ctx.layout
-    start = idx * layout.chunk_size
+    start = idx * ctx.layout.chunk_size
 
     def where() -> str:
         return (
@@ -785,13 +787,18 @@ def _check_chunk(
             f" bytes [{start}, {start + ref.length})"
         )
 
-    if not 0 < ref.length <= layout.chunk_size or len(ref.stores) != layout.n:
+    layout = _layout_of(ctx.layout, ref)
+    if layout is None or not 0 < ref.length <= layout.chunk_size or len(ref.stores) != layout.n:
+        coding = f"k = {ref.k}" if layout is None else f"k + m = {layout.n}"
         ctx.report.add(
             check,
             f"{where()}: malformed chunk row (length {ref.length},"
-            f" {len(ref.stores)} fragment slots for k + m = {layout.n})",
+            f" {len(ref.stores)} fragment slots for {coding})",
         )
         return
+    if ref.k:  # a chunk of its own coding (a redundancy policy)
+        codec = Codec.of(layout.k, layout.m)
+        expected = expected.of(ref)
     payload_length = layout.payload_length(ref.length)
     state = _ChunkState()
     for index, store_index in enumerate(ref.stores):
@@ -833,6 +840,15 @@ def _check_chunk(
         notes += "; rebuilt" if fixed else "; NOT rebuilt: " + "; ".join(failures)
     details = "; ".join(f"fragment {i} {why}" for i, why in sorted(state.bad.items()))
     ctx.report.add(check, f"{where()}: {details}{notes}", severity=severity, fixed=fixed)
+
+
+def _layout_of(layout: Layout, ref: ChunkRef) -> Layout | None:
+    """The layout of chunk `ref` (its own coding), None if its row's k
+    makes no coding (k' outside 1..MAX_K, or no parity fragment)."""
+    try:
+        return layout.of(ref)
+    except ValueError:
+        return None
 
 
 def _report_wrong_class(ctx: FsckContext, wrong_class: dict[int, int]) -> None:
@@ -933,7 +949,7 @@ def _gather_payloads(
     a good fragment that fails the full check moves to `state.bad`."""
     payloads: dict[int, bytes] = {}
     for index in sorted(state.good):
-        if len(payloads) == ctx.layout.k:
+        if len(payloads) == ctx.layout.of(ref).k:
             break
         payload = state.good[index]
         if payload is None:
@@ -1080,7 +1096,7 @@ def _report_unrecoverable(
     ctx.report.add(
         "chunk_fragments_present",
         f"{where}: UNRECOVERABLE, only {len(state.good)} good fragment(s) of the"
-        f" {ctx.layout.k} needed{unavailable}: {details}",
+        f" {ctx.layout.of(ref).k} needed{unavailable}: {details}",
     )
 
 

@@ -49,6 +49,7 @@ from ..data.background import BackgroundStatistics
 from ..data.garbage import GarbageStatistics
 from ..data.reader import ReadStatistics
 from ..data.repair import RepairStatistics
+from ..data.restripe import RestripeStatistics
 from ..data.scrub import ScrubStatistics
 from ..data.smallwrites import WriteLogStatistics
 from ..data.writer import WriteStatistics
@@ -196,6 +197,8 @@ class VolumeStatus:
     redundancy_warning: str | None = None
     #: Events and event hook runs since mount.
     events: EventsStatus = dataclasses.field(default_factory=EventsStatus)
+    #: Pending `ecfs restripe` work and its progress (`ecfs.data.restripe`).
+    restripe: RestripeStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,37 +255,41 @@ def assess(
     n: int,
     stores: Iterable[int],
     available: set[int],
-    classes: Iterable[tuple[tuple[int, ...], int, int]],
-    known_damage: Iterable[tuple[tuple[int, ...], int, int]],
+    classes: Iterable[tuple[tuple[int, ...], int, int, int]],
+    known_damage: Iterable[tuple[tuple[int, ...], int, int, int]],
     domain: Callable[[int], str] = str,
 ) -> Assessment:
     """Tolerance (in failure domains, `domain(store)`: each store its own
-    by default) and fragments per store. `classes`: (stores, chunks,
-    bytes) per redundancy class of the chunk table; `known_damage`:
-    (stores, bad fragment mask, chunks) of the queued repairs. A fragment
-    counts as lost when it is known bad, has no store, or its store is not
-    available. The tolerance also holds for a chunk placed on `stores` as
-    evenly as their domains allow (`layout_tolerance`), failed or not: a
-    volume whose stores share domains says so before it holds data."""
+    by default) and fragments per store. `classes`: (stores, chunk k,
+    chunks, bytes) per redundancy class of the chunk table; `known_damage`:
+    (stores, chunk k, bad fragment mask, chunks) of the queued repairs. A
+    chunk k of 0 is the volume's `k`; a chunk of its own coding (a
+    redundancy policy) counts with its own k' and n' = len(stores). A
+    fragment counts as lost when it is known bad, has no store, or its
+    store is not available. The tolerance also holds for a chunk placed on
+    `stores` as evenly as their domains allow (`layout_tolerance`), failed
+    or not: a volume whose stores share domains says so before it holds
+    data."""
     fragments = dict.fromkeys(stores, 0)
     fragment_bytes = dict(fragments)
     worst = n - k
     if len(fragments) >= n:
         worst = min(worst, layout_tolerance({s: domain(s) for s in fragments}, k, n))
-    for slots, count, size in classes:
+    for slots, chunk_k, count, size in classes:
+        ck = chunk_k or k
         good = [domain(s) for s in slots if s != NO_STORE and s in available]
-        worst = min(worst, tolerance(good, k))
+        worst = min(worst, tolerance(good, ck))
         for s in slots:
             if s in fragments:
                 fragments[s] += count
-                fragment_bytes[s] += size // k
-    for slots, bad, _count in known_damage:
+                fragment_bytes[s] += size // ck
+    for slots, chunk_k, bad, _count in known_damage:
         good = [
             domain(s)
             for i, s in enumerate(slots)
             if not bad >> i & 1 and s != NO_STORE and s in available
         ]
-        worst = min(worst, tolerance(good, k))
+        worst = min(worst, tolerance(good, chunk_k or k))
     return Assessment(worst, fragments, fragment_bytes)
 
 

@@ -63,10 +63,13 @@ import trio
 from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
 from ..data.placement import HYBRID, POLICY_KEY, Placement, policy_problem
+from ..data.policy import Policies
 from ..data.repair import Repairer
 from ..storage.domains import check_label, label_key, labels_of, location_atoms, resolve_stores
 from ..storage.handles import HandleCache
+from ..storage.metadb.chunks import ChunkTable
 from ..storage.metadb.database import Database
+from ..storage.metadb.inodes import InodeTable
 from ..storage.metadb.stores import StoreTable
 from ..storage.offload import StoreRunner, run_in_thread
 from ..storage.s3store import is_s3_location
@@ -377,11 +380,18 @@ class StoreAdmin:
     async def remove(self, old: str) -> str:
         index = await self._index_of(old)
         others = [i for i in self.runners if i != index and i not in self.placement.draining]
-        if len(others) < self.layout.n:
-            raise VolumeError(
-                f"removing store {index} would leave {len(others)} stores;"
-                f" k+m={self.layout.n} are needed"
+        # Chunks and directories of their own coding (redundancy policies)
+        # may need more stores than the volume's k+m.
+        chunk_n = ChunkTable(self.db).widest()
+        policy_n = Policies(InodeTable(self.db), self.layout.k, self.layout.m, lambda: 0).widest()
+        needed = max(self.layout.n, chunk_n, policy_n)
+        if len(others) < needed:
+            why = (
+                f"k+m={needed} are needed"
+                if needed == self.layout.n
+                else f"a redundancy policy (or chunks of one) needs {needed}; see `ecfs policy`"
             )
+            raise VolumeError(f"removing store {index} would leave {len(others)} stores; {why}")
         try:
             self._check_classes(self.placement.policy, drop=index)
         except VolumeError as exc:

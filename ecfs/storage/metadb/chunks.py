@@ -39,8 +39,8 @@ def decode_stores(blob: bytes) -> tuple[int, ...]:
     return tuple(NO_STORE if b == MISSING_STORE_BYTE else b for b in blob)
 
 
-def _ref(chunk_id: int, length: int, stores: bytes) -> ChunkRef:
-    return ChunkRef(chunk_id, length, decode_stores(stores))
+def _ref(chunk_id: int, length: int, stores: bytes, k: int | None) -> ChunkRef:
+    return ChunkRef(chunk_id, length, decode_stores(stores), k or 0)
 
 
 #: Cached chunk indices (refs and holes) per Database before the cache is
@@ -126,11 +126,11 @@ class ChunkTable:
         if entries is not None and all(i in entries for i in range(first, last + 1)):
             return {i: ref for i in range(first, last + 1) if (ref := entries[i]) is not None}
         rows = self.db.query(
-            "SELECT idx, chunk_id, length, stores FROM chunks"
+            "SELECT idx, chunk_id, length, stores, k FROM chunks"
             " WHERE inode = ? AND idx BETWEEN ? AND ?",
             (inode, first, last),
         )
-        found = {idx: _ref(cid, length, stores) for idx, cid, length, stores in rows}
+        found = {idx: _ref(cid, length, stores, k) for idx, cid, length, stores, k in rows}
         for idx in range(first, last + 1):
             cache.store(inode, idx, found.get(idx))
         return found
@@ -140,7 +140,7 @@ class ChunkTable:
         if cached:
             return ref
         row = self.db.query_one(
-            "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx = ?",
+            "SELECT chunk_id, length, stores, k FROM chunks WHERE inode = ? AND idx = ?",
             (inode, idx),
         )
         ref = None if row is None else _ref(*row)
@@ -151,9 +151,9 @@ class ChunkTable:
         """Make `ref` the chunk at (inode, idx); return the version it replaced."""
         old = self.get(inode, idx)
         self.db.write(
-            "INSERT OR REPLACE INTO chunks (inode, idx, chunk_id, length, stores)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (inode, idx, ref.chunk_id, ref.length, encode_stores(ref.stores)),
+            "INSERT OR REPLACE INTO chunks (inode, idx, chunk_id, length, stores, k)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (inode, idx, ref.chunk_id, ref.length, encode_stores(ref.stores), ref.k or None),
         )
         self._cache.store(inode, idx, ref)
         if old is not None:
@@ -172,7 +172,7 @@ class ChunkTable:
     def remove_from(self, inode: int, first: int) -> list[ChunkRef]:
         """Delete chunks idx >= first of inode; return what was removed."""
         rows = self.db.query(
-            "SELECT chunk_id, length, stores FROM chunks WHERE inode = ? AND idx >= ?",
+            "SELECT chunk_id, length, stores, k FROM chunks WHERE inode = ? AND idx >= ?",
             (inode, first),
         )
         self._cache.forget_from(inode, first)
@@ -210,19 +210,19 @@ class ChunkTable:
     def by_id(self, chunk_id: int) -> tuple[int, int, ChunkRef] | None:
         """(inode, idx, ref) of a chunk id, or None if it no longer exists."""
         row = self.db.query_one(
-            "SELECT inode, idx, chunk_id, length, stores FROM chunks WHERE chunk_id = ?",
+            "SELECT inode, idx, chunk_id, length, stores, k FROM chunks WHERE chunk_id = ?",
             (chunk_id,),
         )
         if row is None:
             return None
-        return row[0], row[1], _ref(row[2], row[3], row[4])
+        return row[0], row[1], _ref(row[2], row[3], row[4], row[5])
 
     def iter_all(self) -> Iterator[tuple[int, int, ChunkRef]]:
         """Every (inode, idx, ref) of the volume (for fsck, scrub, rebuilds)."""
-        for inode, idx, cid, length, stores in self.db.query(
-            "SELECT inode, idx, chunk_id, length, stores FROM chunks ORDER BY chunk_id"
+        for inode, idx, cid, length, stores, k in self.db.query(
+            "SELECT inode, idx, chunk_id, length, stores, k FROM chunks ORDER BY chunk_id"
         ):
-            yield inode, idx, _ref(cid, length, stores)
+            yield inode, idx, _ref(cid, length, stores, k)
 
     def of_inode(self, inode: int) -> list[tuple[int, ChunkRef]]:
         """Every (idx, ref) of one file, by index (for `ecfs fsck --path`)."""
@@ -249,14 +249,38 @@ class ChunkTable:
             )
         ]
 
-    def redundancy_classes(self) -> list[tuple[tuple[int, ...], int, int]]:
-        """(stores tuple, chunk count, bytes) per distinct placement."""
+    def redundancy_classes(self) -> list[tuple[tuple[int, ...], int, int, int]]:
+        """(stores tuple, chunk k (0: the volume's), chunk count, bytes) per
+        distinct placement and coding."""
         return [
-            (decode_stores(stores), int(count), int(size))
-            for stores, count, size in self.db.query(
-                "SELECT stores, COUNT(*), SUM(length) FROM chunks GROUP BY stores"
+            (decode_stores(stores), int(k or 0), int(count), int(size))
+            for stores, k, count, size in self.db.query(
+                "SELECT stores, k, COUNT(*), SUM(length) FROM chunks GROUP BY stores, k"
             )
         ]
+
+    def widest(self) -> int:
+        """The most fragment slots of any chunk (0 without chunks)."""
+        return int(self.db.query_value("SELECT COALESCE(MAX(length(stores)), 0) FROM chunks", default=0))
+
+    def chunks_of(self, inode: int) -> list[tuple[int, ChunkRef]]:
+        """(idx, ref) of every chunk of inode, by index (uncached)."""
+        return [
+            (int(idx), _ref(cid, length, stores, k))
+            for idx, cid, length, stores, k in self.db.query(
+                "SELECT idx, chunk_id, length, stores, k FROM chunks WHERE inode = ? ORDER BY idx",
+                (inode,),
+            )
+        ]
+
+    def replace_if(self, inode: int, idx: int, old_id: int, ref: ChunkRef) -> bool:
+        """Make `ref` the chunk at (inode, idx) if chunk `old_id` still is
+        (restripe's swap; a write in between wins). True if replaced."""
+        current = self.get(inode, idx)
+        if current is None or current.chunk_id != old_id:
+            return False
+        self.put(inode, idx, ref)
+        return True
 
     def stored_bytes(self) -> int:
         return int(self.db.query_value("SELECT COALESCE(SUM(length), 0) FROM chunks", default=0))
@@ -278,7 +302,7 @@ class ChunkTable:
         reason 'no-inode' (the inode does not exist), 'not-a-file' (it is
         not a regular file) or 'beyond-size' (idx * chunk_size >= size)."""
         rows = self.db.query(
-            "SELECT c.inode, c.idx, c.chunk_id, c.length, c.stores,"
+            "SELECT c.inode, c.idx, c.chunk_id, c.length, c.stores, c.k,"
             " CASE WHEN i.id IS NULL THEN 'no-inode'"
             f" WHEN (i.mode & {_S_IFMT}) != {_S_IFREG} THEN 'not-a-file'"
             " ELSE 'beyond-size' END"
@@ -288,8 +312,8 @@ class ChunkTable:
             (chunk_size,),
         )
         return [
-            (int(inode), int(idx), _ref(cid, length, stores), str(reason))
-            for inode, idx, cid, length, stores, reason in rows
+            (int(inode), int(idx), _ref(cid, length, stores, k), str(reason))
+            for inode, idx, cid, length, stores, k, reason in rows
         ]
 
 
@@ -340,15 +364,15 @@ class RepairQueue:
         row = self.db.query_one("SELECT bad FROM repair_queue WHERE chunk_id = ?", (chunk_id,))
         return None if row is None else int(row[0])
 
-    def known_damage(self) -> list[tuple[tuple[int, ...], int, int]]:
-        """(stores, bad mask, chunks) of the queued chunks with known-bad
-        fragments, grouped (for the status's tolerance)."""
+    def known_damage(self) -> list[tuple[tuple[int, ...], int, int, int]]:
+        """(stores, chunk k (0: the volume's), bad mask, chunks) of the queued
+        chunks with known-bad fragments, grouped (for the status's tolerance)."""
         return [
-            (decode_stores(stores), int(bad), int(count))
-            for stores, bad, count in self.db.query(
-                "SELECT c.stores, q.bad, COUNT(*) FROM repair_queue AS q"
+            (decode_stores(stores), int(k or 0), int(bad), int(count))
+            for stores, k, bad, count in self.db.query(
+                "SELECT c.stores, c.k, q.bad, COUNT(*) FROM repair_queue AS q"
                 " JOIN chunks AS c ON c.chunk_id = q.chunk_id WHERE q.bad != 0"
-                " GROUP BY c.stores, q.bad"
+                " GROUP BY c.stores, c.k, q.bad"
             )
         ]
 

@@ -233,6 +233,10 @@ class InodeTable:
             (ino, name, value),
         )
 
+    def xattr_values(self, name: bytes) -> list[bytes]:
+        """The values of xattr `name` on every inode that has one."""
+        return [bytes(v) for (v,) in self._db.query("SELECT value FROM xattrs WHERE name = ?", (name,))]
+
     def list_xattrs(self, ino: int) -> list[bytes]:
         """Attribute names of `ino`, in byte order."""
         rows = self._db.query("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))

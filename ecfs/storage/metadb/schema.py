@@ -8,8 +8,9 @@ not: run queries for the filesystem (see `inodes` and `chunks`).
 
 Every database of a volume (the mount's working copy and each replica on a
 store) has exactly this schema: `SCHEMA` (version 1) followed by
-`SCHEMA_2_DDL`. A new volume is made by running both, so that its DDL text
-is the same as that of a version-1 volume upgraded by `upgrade_database`,
+`SCHEMA_2_DDL`, then `SCHEMA_3_DDL`. A new volume is made by running all
+three, so that its DDL text is the same as that of an older volume
+upgraded by `upgrade_database`,
 and `schema_version` can compare a copy's ``sqlite_master`` with the
 expected one exactly: any other table, index, view or trigger (or a
 changed definition) makes the copy unknown, and `ecfs.storage.replicas` refuses
@@ -32,11 +33,12 @@ from .writelog import create_write_log_table
 
 #: Version of this schema; stored in `volume` under key "schema".
 #: 1: the tables of `SCHEMA`; 2: plus `SCHEMA_2_DDL` (content digest,
-#: inline data checksums, remembered deletions) and the small-write log.
-SCHEMA_VERSION = 2
+#: inline data checksums, remembered deletions) and the small-write log;
+#: 3: plus `SCHEMA_3_DDL` (per-chunk coding, restripe work).
+SCHEMA_VERSION = 3
 
 #: Schema versions `schema_version` recognises (older ones are upgraded).
-KNOWN_VERSIONS = (1, 2)
+KNOWN_VERSIONS = (1, 2, 3)
 
 #: Inode number of the root directory (FUSE's ROOT_INODE).
 ROOT_INODE = 1
@@ -184,6 +186,36 @@ CREATE TABLE pending_deletions (
 """
 
 
+SCHEMA_3_DDL = """
+-- chunks.k: the number of data fragments k' of this chunk's own coding
+-- (its parity count is m' = length(stores) - k'); NULL: the volume's k
+-- (and then length(stores) = k + m). A chunk still holds file bytes
+-- [idx*k*F, (idx+1)*k*F) of the volume's chunk size; its `length` bytes are
+-- split into k' data fragments of ceil(length / k') bytes (see
+-- ecfs.core.geometry.Layout.coded). Set by writes under a per-directory
+-- redundancy policy (the xattr user.ecfs.policy) and by restripe.
+ALTER TABLE chunks ADD COLUMN k INTEGER;
+-- Restripe work (ecfs.data.restripe): converting the files below directory
+-- `root` to their effective policy. cursor: every file with an inode
+-- number <= cursor is done (files_done of them); files_total /
+-- chunks_total / bytes_total: what the work covered when it started;
+-- chunks_done / bytes_done: chunks re-encoded or found right so far;
+-- started_ns: when it was asked for. A row is deleted when its work is
+-- finished.
+CREATE TABLE restripe (
+    root         INTEGER PRIMARY KEY,
+    cursor       INTEGER NOT NULL DEFAULT 0,
+    files_done   INTEGER NOT NULL DEFAULT 0,
+    files_total  INTEGER NOT NULL DEFAULT 0,
+    chunks_total INTEGER NOT NULL DEFAULT 0,
+    bytes_total  INTEGER NOT NULL DEFAULT 0,
+    chunks_done  INTEGER NOT NULL DEFAULT 0,
+    bytes_done   INTEGER NOT NULL DEFAULT 0,
+    started_ns   INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
 def _add_schema_2(conn: sqlite3.Connection) -> None:
     """What schema 2 adds to schema 1: `SCHEMA_2_DDL` and the small-write
     log's table (`ecfs.storage.metadb.writelog` documents it)."""
@@ -204,6 +236,8 @@ def _expected_master(version: int) -> frozenset[tuple[str, str, str, str]]:
         conn.executescript(SCHEMA)
         if version >= 2:
             _add_schema_2(conn)
+        if version >= 3:
+            conn.executescript(SCHEMA_3_DDL)
         return frozenset(_master(conn))
     finally:
         conn.close()
@@ -244,20 +278,28 @@ def schema_difference(conn: sqlite3.Connection) -> str:
 
 
 def upgrade_database(path: Path) -> int:
-    """Blocking. Upgrade the schema-1 database at `path` (a working copy no
-    one else has open) to the current schema: add the `SCHEMA_2_DDL`
-    columns, checksum every inline data, record the schema version and
-    the content digest in one more transaction. Returns the new generation.
+    """Blocking. Upgrade the schema-1 or -2 database at `path` (a working
+    copy no one else has open) to the current schema: add the
+    `SCHEMA_2_DDL` columns and checksum every inline data (from 1), add
+    `SCHEMA_3_DDL` (from 1 or 2: every chunk keeps the volume's coding,
+    k NULL), record the schema version and the content digest in one more
+    transaction. Returns the new generation.
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        _add_schema_2(conn)
+        version = schema_version(conn)
+        if version is None or version >= SCHEMA_VERSION:
+            raise ValueError(f"{path}: cannot upgrade schema {version}")
+        if version < 2:
+            _add_schema_2(conn)
+        conn.executescript(SCHEMA_3_DDL)
         conn.create_function("ecfs_inline_checksum", 1, inline_checksum, deterministic=True)
         conn.execute("BEGIN")
-        conn.execute(
-            "UPDATE inodes SET inline_checksum = ecfs_inline_checksum(inline_data)"
-            " WHERE inline_data IS NOT NULL"
-        )
+        if version < 2:
+            conn.execute(
+                "UPDATE inodes SET inline_checksum = ecfs_inline_checksum(inline_data)"
+                " WHERE inline_data IS NOT NULL"
+            )
         conn.execute("UPDATE volume SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         generation = _advance_with_digest(conn)
         conn.execute("COMMIT")
@@ -298,6 +340,7 @@ def create_database(
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
         _add_schema_2(conn)
+        conn.executescript(SCHEMA_3_DDL)
         conn.execute("BEGIN")
         rows = dict(params)
         rows["schema"] = SCHEMA_VERSION
