@@ -119,7 +119,7 @@ EOF
 if [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null 2>&1; then
     say "demo: mkfs, mount, write, read, umount with the installed ecfs"
     mkdir -p "$mnt"
-    "$ecfs_bin" mkfs -k 2 -m 1 "$work/s0" "$work/s1" "$work/s2" >/dev/null
+    "$ecfs_bin" mkfs -k 2 -m 1 --allow-shared-domains "$work/s0" "$work/s1" "$work/s2" >/dev/null
     "$ecfs_bin" mount --log-file "$work/mount.log" "$work/s0" "$work/s1" "$work/s2" "$mnt"
     head -c 3000000 /dev/urandom >"$work/data"
     cp "$work/data" "$mnt/data"
