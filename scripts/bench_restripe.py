@@ -124,7 +124,7 @@ def main() -> int:
     result: dict[str, object] = {}
     sampler: Sampler | None = None
     try:
-        ecfs("mkfs", *map(str, stores))
+        ecfs("mkfs", "--allow-shared-domains", *map(str, stores))  # one disk here
         ecfs("mount", "--log-file", str(log), *map(str, stores), str(mnt))
         tree = mnt / "tree"
         total = int(args.gib * (1 << 30))
