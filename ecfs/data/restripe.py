@@ -32,7 +32,9 @@ chunk refers to (their write was cut short, or their swap not durable)
 get `pending_deletions` rows for every store and fragment index, in the
 transaction that clears the intent, and the collector deletes whatever
 files exist (fsck meanwhile counts those files as remembered, a warning).
-The intent is cleared whenever the loop runs out of work. Then the loop
+The intent is cleared whenever the loop runs out of work (an unmount
+midway leaves it: the next mount then only deletes files that do not
+exist, store x index x INTENT_BATCH no-op deletions). Then the loop
 starts over from the cursor; the chunks of a file already converted are
 found to match and skipped, so nothing is converted twice.
 
