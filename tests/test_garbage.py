@@ -104,3 +104,27 @@ def test_a_remembered_fragment_referred_to_again_or_pinned_is_kept(volume: Volum
     assert not exists(volume, 1, 1003, 1)
     assert exists(volume, 0, 1002, 0)
     assert PendingDeletions(volume.db).count() == 0
+
+
+def test_a_version_remembered_with_its_dereference_waits_until_that_is_durable(
+    volume: Volume,
+) -> None:
+    """Restripe records the version it gives up in pending_deletions in the
+    transaction that drops it (so a crash cannot orphan it): those rows are
+    not deleted while the version waits for its dereference to be durable
+    (a crash then would bring the version back), and are removed with it."""
+    ref = put_fragments(volume, 1004)
+    with volume.db.transaction():
+        PendingDeletions(volume.db).add([(i, 1004, i) for i in range(N)])
+    volume.garbage.load_leftovers()  # as after a remount: the rows are counted
+    durable = 0
+    volume.garbage.durable_generation = lambda: durable
+    volume.garbage.discard([ref], 1, remembered=True)  # dropped by generation 1, not durable
+    trio.run(volume.garbage.collect)
+    assert all(exists(volume, i, 1004, i) for i in range(N))
+    assert PendingDeletions(volume.db).count() == N and volume.garbage.pending == 1
+    durable = 1
+    trio.run(volume.garbage.collect)
+    assert not any(exists(volume, i, 1004, i) for i in range(N))
+    assert PendingDeletions(volume.db).count() == 0 and volume.garbage.pending == 0
+    assert volume.garbage.deleted_chunks == 1

@@ -15,6 +15,7 @@ from ecfs.core.model import ChunkRef
 from ecfs.data.garbage import GarbageStatistics
 from ecfs.data.reader import ReadStatistics
 from ecfs.data.repair import RepairQueueEntry, RepairStatistics
+from ecfs.data.restripe import RestripeStatistics
 from ecfs.data.scrub import MetadataFinding, ScrubFinding, ScrubStatistics
 from ecfs.data.smallwrites import WriteLogStatistics
 from ecfs.data.writer import WriteStatistics
@@ -154,6 +155,31 @@ def test_prometheus_text_of_a_degraded_record() -> None:
     assert "# TYPE ecfs_store_errors_total counter\n" in text
     assert "# TYPE ecfs_store_latency_seconds summary\n" in text
     assert text.endswith("\n")
+
+
+def test_prometheus_restripe_progress() -> None:
+    """The restripe's progress and skipped chunks are gauges; a record
+    without restripe statistics has no such sample."""
+    assert not any(name.startswith("ecfs_restripe") for name in families(render_prometheus(example_status())))
+    restripe = RestripeStatistics(
+        roots=1, files_total=12, files_done=5, chunks_total=40, chunks_done=17,
+        bytes_total=40 << 20, bytes_done=17 << 20, rate_bytes_per_s=3 << 20, skipped=2,
+        skipped_ranges=("/t/f1 bytes [0, 10): unreadable",),
+    )  # fmt: skip
+    text = render_prometheus(example_status(restripe=restripe))
+    found = {name: samples for name, samples in families(text).items() if name.startswith("ecfs_restripe")}
+    assert {name: samples[0][2] for name, samples in found.items()} == {
+        "ecfs_restripe_pending": 1.0,
+        "ecfs_restripe_files": 12.0,
+        "ecfs_restripe_files_done": 5.0,
+        "ecfs_restripe_chunks": 40.0,
+        "ecfs_restripe_chunks_done": 17.0,
+        "ecfs_restripe_bytes": float(40 << 20),
+        "ecfs_restripe_bytes_done": float(17 << 20),
+        "ecfs_restripe_rate_bytes_per_second": float(3 << 20),
+        "ecfs_restripe_skipped_chunks": 2.0,
+    }
+    assert "# TYPE ecfs_restripe_chunks_done gauge\n" in text
 
 
 def test_prometheus_latency_histogram_of_a_store() -> None:

@@ -10,7 +10,13 @@ A version replaced or dropped by the transaction of generation g may only
 be deleted once g is durable on the metadata replicas (otherwise a crash
 could bring back metadata that still points at it) and no read is using it
 (`pins`). A crash loses this in-memory list; the fragments then become
-orphans, which fsck removes.
+orphans, which fsck removes -- except for versions whose caller also
+recorded their fragments in `pending_deletions` in the very transaction
+that dereferenced them (`discard(..., remembered=True)`, as restripe
+does): those rows survive a crash and the next mount deletes the files.
+While such a version waits in the list its rows are left alone (its
+dereference may not be durable yet); once its fragments are deleted,
+their rows are removed.
 
 Deletions that fail because the store is away (failed, vanished, not
 mounted) are remembered durably (`remember`), as are fragments a failed
@@ -119,6 +125,8 @@ class Garbage:
         self.durable_generation = durable_generation
         self.last_foreground = last_foreground
         self._pending: deque[tuple[int, ChunkRef]] = deque()
+        #: Chunk ids in `_pending` whose fragments have pending_deletions rows.
+        self._remembered_ids: set[int] = set()
         self._wakeup = trio.Event()
         self.deleted_chunks = 0
         self.db = db
@@ -127,10 +135,14 @@ class Garbage:
         self.leftover_count = 0
         self._retrying = False
 
-    def discard(self, refs: list[ChunkRef], generation: int) -> None:
-        """Schedule `refs`, dereferenced by transaction `generation`."""
+    def discard(self, refs: list[ChunkRef], generation: int, *, remembered: bool = False) -> None:
+        """Schedule `refs`, dereferenced by transaction `generation`
+        (`remembered`: which also recorded their fragments in
+        pending_deletions, see the module docstring)."""
         for ref in refs:
             self._pending.append((generation, ref))
+            if remembered:
+                self._remembered_ids.add(ref.chunk_id)
         if refs:
             self._wakeup.set()
 
@@ -189,6 +201,8 @@ class Garbage:
             rows = leftovers.on_stores(available, LEFTOVER_BATCH)
             done: list[Fragment] = []
             for store, chunk_id, index in rows:
+                if chunk_id in self._remembered_ids:
+                    continue  # its version waits until its dereference is durable
                 if self.pins.pinned(chunk_id) or queue.contains(chunk_id):
                     continue  # a repair may write this very fragment: later
                 found = chunks.by_id(chunk_id)
@@ -249,6 +263,7 @@ class Garbage:
     async def _delete(self, ref: ChunkRef) -> None:
         self.handles.discard_chunk(ref.chunk_id, len(ref.stores), ref.stores)
         waiting: list[Fragment] = []
+        remembered = ref.chunk_id in self._remembered_ids
 
         async def delete(runner: StoreRunner, index: int) -> None:
             if not await delete_fragment(runner, ref.chunk_id, index):
@@ -263,5 +278,19 @@ class Garbage:
                     waiting.append((store, ref.chunk_id, index))  # away: later
                 else:
                     nursery.start_soon(delete, runner, index)
-        self.remember(waiting)
+        if remembered and self._leftovers is not None and self.db is not None:
+            # Its rows exist already: drop those of the files deleted; the
+            # others stay for `retry_leftovers`.
+            self._remembered_ids.discard(ref.chunk_id)
+            deleted = [
+                (store, ref.chunk_id, index)
+                for index, store in enumerate(ref.stores)
+                if store != NO_STORE and (store, ref.chunk_id, index) not in waiting
+            ]
+            with self.db.transaction():
+                self._leftovers.remove(deleted)
+            self.leftover_count += len(waiting)
+        else:
+            self._remembered_ids.discard(ref.chunk_id)
+            self.remember(waiting)
         self.deleted_chunks += 1

@@ -4,23 +4,39 @@ Owns: the background loop that re-encodes, chunk by chunk, the chunks
 of the files below a directory whose coding differs from their file's
 effective policy (`ecfs.data.policy`), its progress and its skipped
 chunks. Must not: decide policies, or touch the metadata other than
-through ChunkTable / RestripeTable / RepairQueue in one transaction per
-chunk.
+through ChunkTable / RestripeTable / RepairQueue / PendingDeletions in one
+transaction per chunk (and one per INTENT_BATCH chunks, see below).
 
 One chunk at a time: read it (verified; degraded if it must be), write
 it anew with the new coding (new chunk id: copy-on-write, exactly like an
 overwrite), then in ONE transaction swap the chunk row if the chunk is
 still the version read (`ChunkTable.replace_if`: a write in between wins
-and the new version is thrown away) and count the progress. The old
-version goes to the garbage collector like any overwritten chunk.
+and the new version is thrown away) and count the progress. The version
+given up (the old one, or the new one if a write won) goes to the garbage
+collector like any overwritten chunk, and its fragments are recorded in
+`pending_deletions` in that same transaction (`Garbage.discard(...,
+remembered=True)`).
 
 Crash contract: the work is persistent (`restripe` table: the root, a
-cursor = the last file finished, counters). A crash or unmount
-before a swap commits leaves the old version in place (the new
-fragments are orphans, which `ecfs fsck --repair` deletes, as after any
-interrupted write); after it, the new one. At mount the loop starts over
-from the cursor; the chunks of a file already converted are found to
-match and skipped, so nothing is converted twice.
+cursor = the last file finished, counters), and a crash leaves no orphan
+fragment, so `ecfs fsck` is clean once the next mount has run (without
+--repair). Before new fragments are written their chunk id is recorded:
+ids are taken INTENT_BATCH at a time and written to the `volume` row
+`RestripeTable.intent` in a transaction that is made durable (on the
+metadata replicas) before the first of them is used. A crash or unmount
+before a swap commits leaves the old version in place, after it the new
+one, and the version given up is in `pending_deletions` from the swap's
+transaction on: the garbage collector deletes it once the swap is durable,
+or the next mount does. At mount (`recover`) the ids of the intent that no
+chunk refers to (their write was cut short, or their swap not durable)
+get `pending_deletions` rows for every store and fragment index, in the
+transaction that clears the intent, and the collector deletes whatever
+files exist (fsck meanwhile counts those files as remembered, a warning).
+The intent is cleared whenever the loop runs out of work (an unmount
+midway leaves it: the next mount then only deletes files that do not
+exist, store x index x INTENT_BATCH no-op deletions). Then the loop
+starts over from the cursor; the chunks of a file already converted are
+found to match and skipped, so nothing is converted twice.
 
 Bounded space: one chunk is converted at a time, and before the next
 one starts the loop waits (up to GARBAGE_PATIENCE) until the garbage
@@ -34,11 +50,13 @@ durable instead would cap the rate at one chunk per commit interval.
 Yielding: before each chunk the loop waits for the background `gate`
 (pause/resume of all background work; by default always running) and
 for a gap in foreground I/O (`wait_until_idle`, as scrub does). Each
-chunk's read has a deadline (CHUNK_DEADLINE): a chunk that cannot be
-read in time, or fails (unrecoverable, a store error, no space), is
-skipped, logged with its file and byte range, and retried after the
-rest, with backoff (a skipped chunk never blocks the ones behind it). A
-chunk with small writes in the log is left for after their fold.
+chunk's read has a deadline (`ecfs.data.background.chunk_deadline`, from
+the chunk's bytes and this mount's restripe rate; the floor doubles with
+each failure of the chunk): a chunk that cannot be read in time, or fails
+(unrecoverable, a store error, no space), is skipped, logged with its
+file and byte range, and retried after the rest, with backoff (the
+background `RetryBook`; a skipped chunk never blocks the ones behind
+it). A chunk with small writes in the log is left for after their fold.
 
 Concurrency: one task (`run`) in the volume's nursery; `start` is
 called from the FUSE adapter on the loop (the virtual xattr
@@ -50,8 +68,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -60,17 +78,17 @@ from ..core.errors import EcfsError
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, ChunkRef, repair_priority
 from ..core.tasks import wait_until_idle
-from ..storage.metadb.chunks import ChunkTable, RepairQueue
+from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.restripe import RestripeRow, RestripeTable
+from ..storage.metadb.stores import StoreTable
+from .background import DEADLINE_CEILING, DEADLINE_FLOOR, RetryBook, chunk_deadline, locate_chunk
 from .garbage import ChunkPins, Garbage
 from .reader import ChunkReader
 from .writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
-#: Seconds a chunk's read may take before the chunk is skipped (retried later).
-CHUNK_DEADLINE = 30.0
 #: Files fetched per query of the tree.
 FILE_BATCH = 64
 #: Foreground gap (s) waited for before each chunk, and the longest wait.
@@ -79,9 +97,10 @@ PATIENCE = 1.0
 #: Replaced versions the garbage collector may hold before the next chunk.
 MAX_GARBAGE = 8
 GARBAGE_PATIENCE = 10.0
-#: Backoff (s) before skipped chunks are tried again: doubles, up to the max.
-RETRY_FIRST = 5.0
-RETRY_MAX = 600.0
+#: Chunk ids recorded (and made durable) at a time before their fragments are written.
+INTENT_BATCH = 16
+#: Skipped chunks a status lists (the count is always complete).
+SKIPPED_SHOWN = 16
 
 
 class Gate(Protocol):
@@ -113,13 +132,8 @@ class RestripeStatistics:
     skipped_ranges: tuple[str, ...] = ()  # "path [start, end): why" of skipped chunks
 
 
-@dataclass
-class _Skipped:
-    ino: int
-    idx: int
-    why: str
-    tries: int = 1
-    when: float = field(default_factory=time.monotonic)
+async def _durable_now(generation: int) -> None:
+    await trio.lowlevel.checkpoint()
 
 
 class Restriper:
@@ -139,8 +153,12 @@ class Restriper:
         describe: Callable[[int], str] = str,
         *,
         gate: Gate | None = None,
-        chunk_deadline: float = CHUNK_DEADLINE,
+        wait_durable: Callable[[int], Awaitable[None]] = _durable_now,
+        deadline_floor: float = DEADLINE_FLOOR,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`wait_durable(g)`: returns once generation g is on the metadata
+        replicas (the intent must be, see the module docstring)."""
         self.db = db
         self.layout = layout
         self.reader = reader
@@ -152,11 +170,15 @@ class Restriper:
         self.last_activity = last_activity
         self.describe = describe
         self.gate: Gate = gate if gate is not None else _Open()
-        self.chunk_deadline = chunk_deadline
+        self.wait_durable = wait_durable
+        self.deadline_floor = deadline_floor
         self.table = RestripeTable(db)
         self.chunks = ChunkTable(db)
         self.repairs = RepairQueue(db)
-        self.skipped: dict[tuple[int, int], _Skipped] = {}
+        self.leftovers = PendingDeletions(db)
+        self.skipped = RetryBook(clock, what="restripe")
+        #: Chunk ids recorded in the intent and not used yet.
+        self._ids: list[int] = []
         self._wake = trio.Event()
         self._bytes_this_mount = 0
         self._busy_seconds = 0.0
@@ -181,7 +203,8 @@ class Restriper:
         rows = self.table.rows()
         rate = round(self._bytes_this_mount / self._busy_seconds) if self._busy_seconds else 0
         ranges = tuple(
-            self._where(s.ino, s.idx) + f": {s.why}" for s in list(self.skipped.values())[:16]
+            f"{s.path or f'inode {s.inode} (unlinked)'} bytes [{s.start}, {s.stop}): {s.reason}"
+            for s in self.skipped.entries(SKIPPED_SHOWN)
         )
         return RestripeStatistics(
             roots=len(rows),
@@ -198,24 +221,67 @@ class Restriper:
 
     # -- the loop ----------------------------------------------------------
 
+    def recover(self) -> int:
+        """At mount: the fragments a crash may have left under the intent's
+        ids go to pending_deletions, and the intent is cleared (one
+        transaction); the number of rows added."""
+        ids = self.table.intent()
+        if not ids:
+            return 0
+        stores = [index for index, _ in StoreTable(self.db).all()]
+        rows = [
+            (store, chunk_id, index)
+            for chunk_id in ids
+            if self.chunks.by_id(chunk_id) is None
+            for store in stores
+            for index in range(len(stores))
+        ]
+        with self.db.transaction():
+            self.leftovers.add(rows)
+            self.table.set_intent([])
+        if rows:
+            log.info("restripe: %d chunk id(s) a crash may have left fragments under, to delete",
+                     len(rows) // (len(stores) ** 2))  # fmt: skip
+            self.garbage.load_leftovers()
+            self.garbage.poke()
+        return len(rows)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Work until cancelled (the volume's nursery)."""
+        self.recover()
         task_status.started()
-        backoff = RETRY_FIRST
         while True:
             rows = self.table.rows()
             for row in rows:
                 await self._run_root(row)
             if not rows and self.skipped:
                 await self._retry_skipped()
-                if self.skipped:
-                    with trio.move_on_after(backoff):
+                wait = self.skipped.next_due_in()
+                if wait is not None:
+                    self._clear_intent()
+                    with trio.move_on_after(wait):
                         await self._wake_wait()
-                    backoff = min(backoff * 2, RETRY_MAX)
                     continue
-            backoff = RETRY_FIRST
             if not self.table.rows():
+                self._clear_intent()
                 await self._wake_wait()
+
+    def _clear_intent(self) -> None:
+        """Out of work: no id of the intent is in use (see the module docstring)."""
+        if self._ids or self.table.intent():
+            with self.db.transaction():
+                self.table.set_intent([])
+            self._ids = []
+
+    async def _next_id(self) -> int:
+        """A chunk id recorded in the durable intent (see the module docstring)."""
+        if not self._ids:
+            ids = [await self.writer.new_chunk_id() for _ in range(INTENT_BATCH)]
+            with self.db.transaction():
+                self.table.set_intent(ids)
+            await self.wait_durable(self.db.generation)
+            self._ids = ids
+        return self._ids.pop(0)
 
     async def _wake_wait(self) -> None:
         await self._wake.wait()
@@ -244,7 +310,7 @@ class Restriper:
         right = right_bytes = 0
         for idx, ref in self.chunks.chunks_of(ino):
             if self.needs_work(ino, ref) is None:
-                self.skipped.pop((ino, idx), None)
+                self.skipped.done(ref.chunk_id)
                 right += 1
                 right_bytes += ref.length
                 continue
@@ -252,15 +318,16 @@ class Restriper:
         return right, right_bytes
 
     async def _retry_skipped(self) -> None:
-        now = time.monotonic()
-        for key, entry in list(self.skipped.items()):
-            if now - entry.when < min(RETRY_FIRST * 2 ** (entry.tries - 1), RETRY_MAX):
+        """Try the skipped chunks that are due again."""
+        for entry in self.skipped.entries(len(self.skipped)):
+            if not self.skipped.due(entry.chunk_id):
                 continue
-            ref = self.chunks.get(*key)
-            if ref is None:
-                del self.skipped[key]
+            found = self.chunks.by_id(entry.chunk_id)
+            if found is None:  # rewritten or gone: the writer chose its coding
+                self.skipped.done(entry.chunk_id)
                 continue
-            await self._convert_chunk(None, key[0], key[1], ref)
+            ino, idx, ref = found
+            await self._convert_chunk(None, ino, idx, ref)
 
     def needs_work(self, ino: int, ref: ChunkRef) -> tuple[int, int] | None:
         """The coding chunk `ref` of file `ino` must get, or None if it has it."""
@@ -271,7 +338,7 @@ class Restriper:
     async def _convert_chunk(self, root: int | None, ino: int, idx: int, ref: ChunkRef) -> None:
         coding = self.needs_work(ino, ref)
         if coding is None:
-            self.skipped.pop((ino, idx), None)
+            self.skipped.done(ref.chunk_id)
             return
         t0 = time.monotonic()
         await self.gate.wait_running()
@@ -281,37 +348,44 @@ class Restriper:
         if current is None or current.chunk_id != ref.chunk_id:
             return  # rewritten or gone meanwhile: the writer chose its coding
         if self.logged(ino, idx):
-            self._skip(ino, idx, "small writes waiting in the log (retried after their fold)")
+            self._skip(ref, "small writes waiting in the log (retried after their fold)")
             return
         started = time.monotonic()
         self.pins.pin(ref.chunk_id)
         try:
-            with trio.move_on_after(self.chunk_deadline) as scope:
+            deadline = self.chunk_deadline(ref)
+            with trio.move_on_after(deadline) as scope:
                 data = await self.reader.read(ref, 0, ref.length)
             if scope.cancelled_caught:
-                self._skip(ino, idx, f"not read within {self.chunk_deadline:g} s")
+                self._skip(ref, f"not read within {deadline:g} s")
                 return
+            chunk_id = await self._next_id()
             t2 = time.monotonic()
             # Shielded: an unmount waits for this write (bounded by the
             # writer's own timeouts) and its swap, rather than leave its
-            # fragments behind as orphans.
+            # fragments behind (the intent covers a crash, not an unmount).
             with trio.CancelScope(shield=True):
-                new = await self.writer.write(data, coding)
+                new = await self.writer.write(data, coding, chunk_id=chunk_id)
             t3 = time.monotonic()
         except EcfsError as exc:
-            self._skip(ino, idx, str(exc))
+            self._skip(ref, str(exc))
             return
         finally:
             self.pins.unpin(ref.chunk_id)
         with self.db.transaction():
             swapped = self.chunks.replace_if(ino, idx, ref.chunk_id, new)
+            given_up = ref if swapped else new
+            # Deleted by the collector once durable, or after a crash by the next mount.
+            self.leftovers.add(
+                [(s, given_up.chunk_id, i) for i, s in enumerate(given_up.stores) if s != NO_STORE]
+            )
             if swapped:
                 self._queue_if_short(new)
                 if root is not None:
                     self.table.advance(root, None, 1, ref.length)
         generation = self.db.generation
-        self.garbage.discard([ref if swapped else new], generation)
-        self.skipped.pop((ino, idx), None)
+        self.garbage.discard([given_up], generation, remembered=True)
+        self.skipped.done(ref.chunk_id)
         if swapped:
             self._bytes_this_mount += ref.length
         self._busy_seconds += time.monotonic() - started
@@ -343,18 +417,14 @@ class Restriper:
                 await trio.sleep(0.02)
                 self.garbage.poke()
 
-    def _skip(self, ino: int, idx: int, why: str) -> None:
-        entry = self.skipped.get((ino, idx))
-        if entry is None:
-            self.skipped[(ino, idx)] = _Skipped(ino, idx, why)
-        else:
-            entry.tries += 1
-            entry.why = why
-            entry.when = time.monotonic()
-        log.warning("restripe: skipped %s (retried later): %s", self._where(ino, idx), why)
+    def chunk_deadline(self, ref: ChunkRef) -> float:
+        """Seconds the read of `ref` may take (see the module docstring)."""
+        rate = self._bytes_this_mount / self._busy_seconds if self._busy_seconds else 0.0
+        failures = self.skipped.failures(ref.chunk_id)
+        floor = min(self.deadline_floor * 2**failures, DEADLINE_CEILING)
+        return chunk_deadline(ref.length, rate, 0.0, floor=floor)
 
-    def _where(self, ino: int, idx: int) -> str:
-        start = idx * self.layout.chunk_size
-        ref = self.chunks.get(ino, idx)
-        end = start + (ref.length if ref is not None else self.layout.chunk_size)
-        return f"{self.describe(ino)} bytes [{start}, {end})"
+    def _skip(self, ref: ChunkRef, why: str) -> None:
+        """Give the chunk up for now (logged, listed, retried with backoff)."""
+        place = locate_chunk(self.db, self.layout.chunk_size, ref.chunk_id)
+        self.skipped.skip(ref.chunk_id, place, why)

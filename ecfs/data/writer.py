@@ -132,12 +132,18 @@ class ChunkWriter:
         return sum(1 << i for i in self.placement.wrong_class(ref.stores, k))
 
     async def write(
-        self, data: bytes | bytearray | memoryview, coding: tuple[int, int] | None = None
+        self,
+        data: bytes | bytearray | memoryview,
+        coding: tuple[int, int] | None = None,
+        *,
+        chunk_id: int | None = None,
     ) -> ChunkRef:
         """Store `data` (1..chunk_size bytes) as a new chunk version, coded
         as `coding` = (k', m') (a redundancy policy; default and when equal
-        to it: the volume's k + m, recorded as ref.k = 0)."""
-        chunk_id = await self.new_chunk_id()
+        to it: the volume's k + m, recorded as ref.k = 0), under a new id
+        or `chunk_id` (one the caller took from `new_chunk_id`)."""
+        if chunk_id is None:
+            chunk_id = await self.new_chunk_id()
         layout = self.layout if coding is None else self.layout.coded(*coding)
         payload_length = -(-len(data) // layout.k)
         # Whole-block payloads (every full chunk) are laid out in aligned

@@ -184,6 +184,27 @@ METRICS: tuple[Metric, ...] = (
         "gauge",
         "When background work was paused (absent while running).",
     ),
+    _m("ecfs_restripe_pending", "gauge", "Restripes (`ecfs restripe PATH`) not finished yet."),
+    _m("ecfs_restripe_files", "gauge", "Regular files below the pending restripes' roots."),
+    _m("ecfs_restripe_files_done", "gauge", "Of them, files converted."),
+    _m("ecfs_restripe_chunks", "gauge", "Chunks of the pending restripes."),
+    _m(
+        "ecfs_restripe_chunks_done",
+        "gauge",
+        "Of them, chunks re-encoded or found with the right coding already.",
+    ),
+    _m("ecfs_restripe_bytes", "gauge", "File bytes of the pending restripes."),
+    _m("ecfs_restripe_bytes_done", "gauge", "Of them, bytes done."),
+    _m(
+        "ecfs_restripe_rate_bytes_per_second",
+        "gauge",
+        "File bytes re-encoded per second of restripe work (this mount).",
+    ),
+    _m(
+        "ecfs_restripe_skipped_chunks",
+        "gauge",
+        "Chunks whose restripe failed or missed its deadline, waiting to be retried.",
+    ),
     _m("ecfs_scrub_running", "gauge", "1 while a scrub runs."),
     _m("ecfs_scrub_chunks", "gauge", "Chunks in the current or last scrub pass."),
     _m("ecfs_scrub_chunks_done", "gauge", "Of them, chunks verified so far."),
@@ -322,6 +343,17 @@ _SCRUB = {
     "bytes_verified": "ecfs_scrub_bytes_verified",
     "finding_count": "ecfs_scrub_findings",
 }
+_RESTRIPE = {
+    "roots": "ecfs_restripe_pending",
+    "files_total": "ecfs_restripe_files",
+    "files_done": "ecfs_restripe_files_done",
+    "chunks_total": "ecfs_restripe_chunks",
+    "chunks_done": "ecfs_restripe_chunks_done",
+    "bytes_total": "ecfs_restripe_bytes",
+    "bytes_done": "ecfs_restripe_bytes_done",
+    "rate_bytes_per_s": "ecfs_restripe_rate_bytes_per_second",
+    "skipped": "ecfs_restripe_skipped_chunks",
+}
 _GARBAGE = {
     "pending": "ecfs_garbage_pending_chunks",
     "deleted_chunks": "ecfs_garbage_deleted_chunks_total",
@@ -408,6 +440,8 @@ def samples(status: VolumeStatus) -> Iterator[Sample]:
         yield "ecfs_repair_queue_chunks", {"reason": reason}, entry.chunks
         yield "ecfs_repair_queue_bytes", {"reason": reason}, entry.bytes
     yield from _fields(status.repair, _REPAIR)
+    if status.restripe is not None:
+        yield from _fields(status.restripe, _RESTRIPE)
     yield "ecfs_background_paused", {}, status.background.paused
     if status.background.paused:
         yield "ecfs_background_paused_since_timestamp_seconds", {}, status.background.since_ns / 1e9

@@ -487,6 +487,7 @@ class Volume:
             lambda: self.filedata.last_activity,
             self._describe_inode,
             gate=self.background_gate,
+            wait_durable=self._wait_durable,
         )
         self.repairer.refresh_usage = self.refresh_usage
         self.scrubber = Scrubber(

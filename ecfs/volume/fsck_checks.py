@@ -94,6 +94,7 @@ from ..storage.handles import Expected, read_header
 from ..storage.metadb.chunks import ChunkTable, PendingDeletions, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.metadb.inodes import InodeTable
+from ..storage.metadb.restripe import RestripeTable
 from ..storage.metadb.schema import ROOT_INODE
 from ..storage.metadb.stores import StoreTable
 from ..storage.metadb.writelog import WriteLogTable
@@ -1146,14 +1147,17 @@ def check_no_orphan_fragments(ctx: FsckContext) -> None:
                     " copies agree)"
                 )
             # All of them remembered by the volume (left while the store was
-            # away; the next mount deletes them): a warning.
-            remembered = set(orphans) <= PendingDeletions(ctx.db).of_store(store_index)
+            # away, or by a restripe cut short: ids of its intent, see
+            # ecfs.data.restripe; the next mount deletes them): a warning.
+            pending = PendingDeletions(ctx.db).of_store(store_index)
+            intent = set(RestripeTable(ctx.db).intent())
+            remembered = all(o in pending or o[0] in intent for o in orphans)
             ctx.report.add(
                 check,
                 f"store {store_index} ({store.path}): {len(orphans)} fragment file(s) no"
                 f" chunk refers to: {shown}{more}{outcome}"
-                + ("; left while the store was away, the next mount deletes them"
-                   if remembered else ""),
+                + ("; left while the store was away or by a restripe cut short, the next"
+                   " mount deletes them" if remembered else ""),
                 severity="warning" if remembered else "error",
                 fixed=delete and not failures,
             )  # fmt: skip

@@ -1,7 +1,10 @@
 """SQL for restripe work: the `restripe` table and the files below a root.
 
-Owns: the rows of `restripe` (see `schema`, SCHEMA_3_DDL) and the query for
-the regular files below a directory in inode order. Must not: read or
+Owns: the rows of `restripe` (see `schema`, SCHEMA_3_DDL), the query for
+the regular files below a directory in inode order, and the `volume`
+table row INTENT_KEY: the chunk ids restripe may be writing fragments
+under that no chunk refers to yet (decimal, space separated; see
+`ecfs.data.restripe`, "Crash contract"). Must not: read or
 write chunks' fragments, or decide what a file's coding should be
 (`ecfs.data.restripe` and `ecfs.data.policy` do).
 
@@ -14,6 +17,10 @@ import stat
 from dataclasses import dataclass
 
 from .database import Database
+from .stores import StoreTable
+
+#: The `volume` row of the chunk ids restripe writes under (see the module docstring).
+INTENT_KEY = "restripe_writing"
 
 _TREE = (
     "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT d.inode FROM dentries AS d"
@@ -106,3 +113,15 @@ class RestripeTable:
 
     def finish(self, root: int) -> None:
         self.db.write("DELETE FROM restripe WHERE root = ?", (root,))
+
+    def intent(self) -> list[int]:
+        """The chunk ids of the INTENT_KEY row ([] if none)."""
+        value = self.db.query_value("SELECT value FROM volume WHERE key = ?", (INTENT_KEY,))
+        return [int(v) for v in str(value or "").split()]
+
+    def set_intent(self, chunk_ids: list[int]) -> None:
+        """Record `chunk_ids` as the ids restripe writes under ([]: none)."""
+        if chunk_ids:
+            StoreTable(self.db).set_param(INTENT_KEY, " ".join(map(str, chunk_ids)))
+        else:
+            StoreTable(self.db).delete_param(INTENT_KEY)
