@@ -448,3 +448,71 @@ def test_restripe_skips_an_unreadable_chunk_and_converts_the_rest(volume: Mounte
         expected = {(2, 4), (4, 6)} if name == "f1" else {(2, 4)}
         assert codings(volume, ino) == expected, name
     volume.mount()
+
+
+# ---- yielding to foreground requests (in-process)
+
+
+@pytest.mark.trio
+async def test_wait_until_idle_waits_for_a_gap_but_never_longer_than_its_patience(
+    autojump_clock: object,
+) -> None:
+    """What restripe (and scrub) call before each chunk: with requests
+    seen just now it waits, in steps of the gap, up to its patience; with
+    none for longer than the gap it returns at once."""
+    import trio
+
+    from ecfs.core.tasks import wait_until_idle
+
+    start = trio.current_time()
+    await wait_until_idle(lambda: 0.0, 0.05, 1.0)  # idle for ages: no wait
+    assert trio.current_time() == start
+    await wait_until_idle(time.monotonic, 0.05, 1.0)  # always busy: the whole patience
+    assert trio.current_time() - start == pytest.approx(1.0)
+
+
+@pytest.mark.trio
+async def test_restripe_asks_for_a_gap_in_foreground_requests_before_each_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restripe yields to the mount's own requests: before every chunk it
+    waits for a gap in them (`wait_until_idle` on filedata's last activity),
+    so a busy volume converts slowly instead of competing."""
+    import trio
+
+    from ecfs.data import restripe
+    from ecfs.data.policy import POLICY_XATTR
+    from ecfs.storage.metadb.schema import ROOT_INODE
+    from tests.inprocess import CHUNK as RIG_CHUNK
+    from tests.inprocess import make_rig
+
+    rig = make_rig(tmp_path)
+    volume = rig.volume
+    await volume.refresh_usage()
+    for i in range(3):
+        await rig.store_file(os.urandom(RIG_CHUNK), name=b"f%d" % i)
+    volume.namespace.setxattr(ROOT_INODE, POLICY_XATTR, b"2+2")
+    asked: list[float] = []
+
+    async def recording_wait(last_activity, gap, patience):  # type: ignore[no-untyped-def]
+        asked.append(last_activity())
+        await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(restripe, "wait_until_idle", recording_wait)
+    volume.filedata.last_activity = 1234.5  # the mount's last request
+    volume.restriper.start(ROOT_INODE)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(volume.restriper.run)
+        with trio.fail_after(60):
+            while volume.restriper.statistics().roots:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert len(asked) >= 3 and set(asked) == {1234.5}
+    assert {volume.filedata.chunks.get(ino, 0).k for ino in _inodes(volume)} == {2}
+    volume.close()
+
+
+def _inodes(volume) -> list[int]:  # type: ignore[no-untyped-def]
+    from ecfs.storage.metadb.schema import ROOT_INODE
+
+    return [volume.namespace.lookup(ROOT_INODE, b"f%d" % i).id for i in range(3)]
