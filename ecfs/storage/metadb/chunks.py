@@ -227,9 +227,9 @@ class ChunkTable:
     def of_inode(self, inode: int) -> list[tuple[int, ChunkRef]]:
         """Every (idx, ref) of one file, by index (for `ecfs fsck --path`)."""
         return [
-            (idx, _ref(cid, length, stores))
-            for idx, cid, length, stores in self.db.query(
-                "SELECT idx, chunk_id, length, stores FROM chunks WHERE inode = ? ORDER BY idx",
+            (idx, _ref(cid, length, stores, k))
+            for idx, cid, length, stores, k in self.db.query(
+                "SELECT idx, chunk_id, length, stores, k FROM chunks WHERE inode = ? ORDER BY idx",
                 (inode,),
             )
         ]
