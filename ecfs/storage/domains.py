@@ -304,3 +304,39 @@ def spread(
         load[domain(store)] += 1
         chosen.append(store)
     return chosen
+
+
+# -- copies (metadata, small-write log records) ----------------------------------------
+
+
+def copy_helps(
+    have: Iterable[K], store: K, wanted: int, reachable: int, domain: Callable[[K], str]
+) -> bool:
+    """Whether one more copy on `store` helps copies on `have`: they are
+    fewer than `wanted`, or they span fewer than min(wanted, `reachable`)
+    distinct domains (`reachable`: how many domains hold a store that
+    could take a copy) and `store` is in a domain holding none of them.
+    So m+1 copies end up in m+1 domains while the stores allow it, and
+    losing one domain never takes them all while two domains are left."""
+    held = list(have)
+    if len(held) < wanted:
+        return True
+    domains = {domain(s) for s in held}
+    return len(domains) < min(wanted, reachable) and domain(store) not in domains
+
+
+def surplus_copies(have: Sequence[K], wanted: int, domain: Callable[[K], str]) -> list[K]:
+    """The copies of `have` (best first) that can go while at least
+    `wanted` remain in as many distinct domains as before: from the domain
+    holding the most copies, the last first."""
+    kept = list(have)
+    dropped: list[K] = []
+    while len(kept) > wanted:
+        load = Counter(domain(s) for s in kept)
+        crowded = [s for s in kept if load[domain(s)] > 1]
+        if not crowded:
+            break
+        worst = max(crowded, key=lambda s: (load[domain(s)], kept.index(s)))
+        kept.remove(worst)
+        dropped.append(worst)
+    return dropped

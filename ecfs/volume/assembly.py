@@ -89,7 +89,13 @@ from ..data.repair import Repairer
 from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
-from ..storage.domains import labels_of, resolve_stores
+from ..storage.domains import (
+    copy_helps,
+    labels_of,
+    resolve_stores,
+    spread,
+    surplus_copies,
+)
 from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
@@ -425,6 +431,7 @@ class Volume:
                 uuid.UUID(self.volume_id).bytes,
                 self._durable_generation,
                 self.placement.draining,
+                self.domain_of,
             ),
             wait_durable=self._wait_durable,
             gate=self.background_gate,
@@ -685,11 +692,15 @@ class Volume:
                     continue
             targets[index] = objects[index]
         wanted = self.layout.m + 1
+        allowed = [i for i in self._copy_stores() if i in self.stores]
+        reachable = len({self.domain_of(i) for i in allowed})
+        order = spread(allowed, len(allowed), self.domain_of, map(self.domain_of, targets))
+        spread_out = False  # a copy added in a missing domain: a crowded one can go
         try:
-            for index in copy_stores(self._store_kinds(), self.layout.m):
-                if len(targets) >= wanted:
-                    break
-                if index in targets or index not in self.stores:
+            for index in order:
+                if index in targets or not copy_helps(
+                    targets, index, wanted, reachable, self.domain_of
+                ):
                     continue
                 if not snapshot.exists():
                     self.db.snapshot(snapshot)
@@ -699,8 +710,17 @@ class Volume:
                     log.warning("cannot add a metadata replica on store %d: %s", index, exc)
                     continue
                 log.info("added metadata replica on store %d (%s)", index, self.stores[index].path)
+                spread_out = spread_out or len(targets) > wanted
         finally:
             snapshot.unlink(missing_ok=True)
+        for index in surplus_copies(list(targets), wanted, self.domain_of) if spread_out else ():
+            try:  # a copy in a crowded domain (a label changed): one elsewhere replaced it
+                self._remove_copy(index)
+            except (EcfsError, OSError) as exc:
+                log.warning("cannot remove the surplus metadata copy on store %d: %s", index, exc)
+                continue
+            del targets[index]
+            log.info("removed the metadata copy on store %d (its domain holds another)", index)
         if len(targets) < wanted:
             log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
         self.replicator = Replicator(
@@ -712,6 +732,11 @@ class Volume:
         )
         self.db.on_commit = self.replicator.submit
         self.replicator.on_stale = lambda index: self._replace_replicas_soon()
+
+    def _copy_stores(self) -> list[int]:
+        """The stores allowed to hold a metadata copy, best first
+        (`copy_stores`, spread over failure domains)."""
+        return copy_stores(self._store_kinds(), self.layout.m, self.domain_of)
 
     def _store_kinds(self) -> dict[int, bool]:
         """Every store of the volume -> whether it keeps its metadata copy
@@ -1039,12 +1064,13 @@ class Volume:
         if len(live) >= wanted:
             return
         stale = set(replicator.stale_replicas())
-        allowed = copy_stores(self._store_kinds(), self.layout.m)  # local ones first
+        allowed = self._copy_stores()  # local ones first, over distinct domains
         candidates = sorted(
             (i for i in allowed if i in self.runners and self.runners[i].available and i not in live),
             key=lambda i: (i in self.placement.full, i not in stale, allowed.index(i)),
         )
-        for index in candidates[: wanted - len(live)]:
+        taken = [self.domain_of(i) for i in live]
+        for index in spread(candidates, wanted - len(live), self.domain_of, taken):
             if not await replicator.close_stale(index):
                 continue  # its old connection is still busy: never replace the file under it
             # Again if transactions were shipped and forgotten while it was copied.
