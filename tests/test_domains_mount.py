@@ -210,6 +210,107 @@ def test_losing_every_store_of_a_labelled_domain_loses_no_data(
         volume.unmount(check=False)
 
 
+def _labelled_volume(tmp_path: Path, names: list[str], labels: list[str], m: int = 1) -> MountedVolume:
+    stores = [tmp_path / name for name in names]
+    cli(
+        "mkfs", "-k", 2, "-m", m, *TEST_MKFS_ARGS,
+        *[f"--domain={s}={label}" for s, label in zip(stores, labels, strict=True)], *stores,
+    )  # fmt: skip
+    return _volume(tmp_path, stores)
+
+
+def test_a_lost_domain_of_several_stores_is_survived_across_a_crash_and_remount(
+    tmp_path: Path,
+) -> None:
+    """k=2 m=1 over a0, a1 (enclosure-a), b0, c0. The m+1 = 2 metadata
+    copies are on a0 and b0 (by index alone they were on a0 and a1: one
+    domain), every small-write record has a copy outside enclosure-a, and
+    no chunk has two fragments there. With the daemon killed (nothing
+    folded, no clean shutdown) and both stores of enclosure-a gone -- more
+    than m stores, but one domain -- the volume mounts with its latest
+    metadata: the fsync'd files and small overwrites read back."""
+    volume = _labelled_volume(
+        tmp_path, ["a0", "a1", "b0", "c0"], ["enclosure-a", "enclosure-a", "b", "c"]
+    )
+    a0, a1, b0, c0 = volume.stores
+    assert [(s / "meta" / "ecfs-meta.sqlite").exists() for s in volume.stores] == [
+        True, False, True, False,
+    ]  # fmt: skip
+    volume.mount()
+    root = volume.mountpoint
+    expected: dict[Path, bytes] = {}
+    try:
+        for i in range(5):
+            write_pattern_file(root / f"f{i}", seed=i, size=3 * CHUNK + 1000 * i)
+        rng = random.Random(7)
+        for i in range(5):
+            path = root / f"f{i}"
+            with open(path, "r+b") as f:
+                for _ in range(4):  # small overwrites: the small-write log
+                    f.seek(rng.randrange(3 * CHUNK))
+                    f.write(rng.randbytes(rng.randrange(1, 300)))
+                os.fsync(f.fileno())
+            expected[path] = path.read_bytes()
+        late = root / "late"
+        with open(late, "wb") as f:
+            f.write(b"written last")
+            os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        expected[late] = b"written last"
+        in_a: dict[int, int] = {}
+        for store in (a0, a1):
+            for chunk, _index in fragment_files(store):
+                in_a[chunk] = in_a.get(chunk, 0) + 1
+        assert in_a and max(in_a.values()) == 1, "two fragments of a chunk in one domain"
+    finally:
+        volume.kill()
+    for store in (a0, a1):
+        os.rename(store, store.with_name(store.name + "-away"))  # the enclosure is gone
+    volume.mount(stores=[b0, c0])
+    try:
+        drop_caches()
+        for path, data in expected.items():
+            assert path.read_bytes() == data, path
+        record = status(volume)
+        states = {s["index"]: s["state"] for s in record["stores"]}
+        assert states == {0: "missing", 1: "missing", 2: "ok", 3: "ok"}
+    finally:
+        volume.unmount(check=False)
+
+
+def test_more_than_m_missing_stores_in_more_than_m_domains_are_refused(tmp_path: Path) -> None:
+    """The rule is per domain and per chunk: a1 and b0 (two domains, m=1)
+    away is refused, naming the domains; so is one domain holding two
+    fragments of a chunk."""
+    volume = _labelled_volume(
+        tmp_path, ["a0", "a1", "b0", "c0"], ["enclosure-a", "enclosure-a", "b", "c"]
+    )
+    volume.mount()
+    try:
+        write_pattern_file(volume.mountpoint / "f", seed=1, size=3 * CHUNK)
+    finally:
+        volume.unmount()
+    a0, a1, b0, c0 = volume.stores
+    refused = cli("fsck", a0, c0, check=False)
+    assert refused.returncode not in (0, 1)
+    assert "at most 1 may be missing" in refused.stderr
+    assert "in 2 failure domains (b, enclosure-a)" in refused.stderr
+    # Written while b0 was away, a chunk has two fragments in enclosure-a:
+    # losing that domain (one domain, but this chunk's k) is refused too.
+    volume.mount(stores=[a0, a1, c0])
+    try:
+        write_pattern_file(volume.mountpoint / "g", seed=2, size=CHUNK)
+    finally:
+        volume.unmount()
+    refused = cli("fsck", b0, c0, check=False)
+    assert refused.returncode not in (0, 1)
+    assert "1 chunk(s) have fewer than k=2 fragments on the present stores" in refused.stderr
+
+
 @pytest.mark.allow_log(r"store add failed: .* is in failure domain test-domain-0")
 def test_store_add_and_set_domain_keep_the_domain_rule(volume: MountedVolume, tmp_path: Path) -> None:
     """A 6-store 4+2 test volume has six labelled domains. Labelling store 5

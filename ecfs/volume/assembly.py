@@ -17,7 +17,10 @@ in `shutdown_errors`: the daemon then exits 1 and leaves a report that
 Store tolerance at open: every store in the volume's store table is either
 present (its marker names this volume and that store) or missing; at most
 m may be missing, otherwise some data could be unreadable and the mount is
-refused with a clear message.
+refused with a clear message -- unless the missing stores are one lost
+failure domain's worth: in at most m domains of a volume of more than m,
+with every chunk still holding k fragments on the present stores
+(`_too_many_missing` says why this is safe for the metadata too).
 
 Markers, one rule (`select_volume`, `marker_mismatch`): a store whose
 marker cannot be used is left out with a warning naming it and why, and
@@ -25,8 +28,9 @@ counts as missing: an unreadable or garbled marker (or a symlink, FIFO or
 directory in its place), a marker of another volume (the volume is the one
 most given stores belong to; a tie is refused), and a marker whose geometry
 (k, m, fragment_size, cell_size, inline_max) differs from the
-volume's metadata. Only when more than m stores are missing that way is
-the mount refused; fsck reports every such store.
+volume's metadata. Only when more than m stores are missing that way (and
+not just one lost domain's worth, above) is the mount refused; fsck
+reports every such store.
 
 Store identity while mounted: each present store's marker and the device
 and inode of its root are pinned at open (`Store.pin_identity`)
@@ -1513,14 +1517,52 @@ def _match_stores(
         if store_id not in known:
             raise VolumeError(f"store {path} is not (or no longer) part of this volume")
         stores[known[store_id]] = open_store(path)
-    m = int(StoreTable(db).params()["m"])
+    params = StoreTable(db).params()
+    m = int(params["m"])
     missing = [index for index, _ in table if index not in stores]
     if len(missing) > m:
-        raise VolumeError(
-            f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
-            f" missing (missing store indices: {missing})"
-        )
+        why = _too_many_missing(db, params, dict(table), stores, missing)
+        if why is not None:
+            raise VolumeError(
+                f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
+                f" missing (missing store indices: {missing}), {why}"
+            )
     if missing:
         log.warning("mounting degraded: stores %s are missing", missing)
     return stores
 
+
+def _too_many_missing(
+    db: Database,
+    params: dict[str, str],
+    store_ids: dict[int, str],
+    stores: dict[int, Store],
+    missing: list[int],
+) -> str | None:
+    """Blocking: why more than m `missing` stores are too many, or None if
+    the volume is still whole without them. It is whole when (1) they are
+    in at most m failure domains (`ecfs.storage.domains`; a missing store
+    without a label is a domain of its own) of a volume of at least m+1,
+    and (2) every chunk of the chunk table has at least k fragments on the
+    present stores. (2) is the per-chunk truth for the data; (1) is what
+    makes the metadata and the small-write log safe to trust: their m+1
+    copies are kept in distinct domains (`copy_stores`, `LogFiles`), so
+    losing at most m domains leaves a current copy of each among the
+    present stores, and the chosen copy is not a stale one whose newer
+    siblings are all away. So a lost domain of several stores is survived
+    across a remount, not only while mounted."""
+    k, m = int(params["k"]), int(params["m"])
+    domains = resolve_stores(stores, labels_of(params, store_ids))
+    every = {i: domains.get(i) or f"unknown:{i}" for i in store_ids}
+    lost = {every[i] for i in missing}
+    if len(lost) > m:
+        return f"in {len(lost)} failure domains ({', '.join(sorted(lost))})"
+    if len(set(every.values())) <= m:
+        return f"and the volume has only {len(set(every.values()))} failure domain(s)"
+    short = 0
+    for _inode, _idx, ref in ChunkTable(db).iter_all():
+        if sum(1 for s in ref.stores if s in stores) < k:
+            short += 1
+    if short:
+        return f"and {short} chunk(s) have fewer than k={k} fragments on the present stores"
+    return None
