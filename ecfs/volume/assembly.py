@@ -480,7 +480,8 @@ class Volume:
             self.repairer.poke,
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
-            wrong_class=self.placement.wrong_class,
+            wrong_class=self.placement.misplaced,
+            misplaced_reason=self.placement.misplaced_reason,
             gate=self.background_gate,
         )
         self.scrubber.events = self.repairer.events = self.events
@@ -1139,8 +1140,8 @@ class Volume:
                 found.tolerance,
                 bool(unrecoverable),
                 len(available) < len(self.store_ids),
-                # Fragments only to be moved (hybrid placement) lack no redundancy.
-                any(reason != "wrong-class" for reason in repair.queue),
+                # Fragments only to be moved (class, domain) lack no redundancy.
+                any(reason not in ("wrong-class", "shared-domain") for reason in repair.queue),
             ),
             tolerance=found.tolerance,
             stores=tuple(stores),

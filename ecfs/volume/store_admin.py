@@ -290,7 +290,8 @@ class StoreAdmin:
         await self._refresh_domains()
         name = self.domains.get(index, label or "unknown")
         message = f"store {index} is in failure domain {name}" + self._domain_note()
-        return message + " (new chunks follow it; fragments written before stay where they are)"
+        moving = self.repairer.queue_wrong_class()  # now in a shared domain: moved out
+        return message + f" (new chunks follow it; {moving} chunk(s) queued to move a fragment)"
 
     async def replace(
         self, old: str, new: str, *, domain: str | None = None, allow_shared: bool = False
