@@ -27,7 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from ecfs.core.model import NO_STORE
 from ecfs.storage.domains import path_atoms
+from ecfs.storage.metadb.chunks import ChunkTable
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.replicas import replica_path
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_MKFS_ARGS,
@@ -402,3 +406,47 @@ def test_fsck_path_checks_only_the_files_below_it(volume: MountedVolume) -> None
     volume.mount()
     drop_caches()
     assert sha256_file(root / "inside" / "deeper" / "file") == inside
+
+
+@pytest.mark.allow_log(r"chunks queued to move misplaced fragments")
+def test_fragments_in_a_shared_domain_after_a_label_change_move_back(
+    volume: MountedVolume, tmp_path: Path
+) -> None:
+    """4+2 over seven stores in seven domains; labelling store 6 like store
+    5 leaves six. Chunks with fragments on both 5 and 6 have two in one
+    domain while the store they do not use is in a free one: set-domain and
+    scrub queue them ('shared-domain', fsck warns), repair moves one
+    fragment each there, and then no chunk has two fragments in a domain
+    and fsck is clean."""
+    cli("store", "add", "--domain", "rack-7", volume.mountpoint, tmp_path / "new")
+    volume.stores.append(tmp_path / "new")
+    root = volume.mountpoint
+    hashes = {
+        root / f"f{i}": write_pattern_file(root / f"f{i}", seed=i, size=3 * VOLUME_CHUNK + 77 * i)
+        for i in range(8)
+    }
+    os.sync()
+    done = cli("store", "set-domain", volume.mountpoint, "6", "test-domain-5")
+    queued = int(done.stdout.split("new chunks follow it; ")[1].split()[0])
+    assert queued > 0, done.stdout
+    cli("scrub", volume.mountpoint)
+    assert status(volume)["health"] == "healthy"  # only to be moved
+    cli("repair", "--wait", volume.mountpoint)
+    record = status(volume)
+    assert [s["domain"] for s in record["stores"]][5:] == ["test-domain-5", "test-domain-5"]
+    _check(hashes)
+    volume.unmount()
+    db = Database(replica_path(volume.stores[0] / "meta"))
+    try:
+        refs = [ref for _, _, ref in ChunkTable(db).iter_all()]
+    finally:
+        db.close()
+    domain = {i: f"test-domain-{min(i, 5)}" for i in range(7)}
+    assert refs
+    for ref in refs:
+        held = [domain[s] for s in ref.stores if s != NO_STORE]
+        assert len(held) == len(set(held)) == 6, ref
+    code, report = _fsck(volume)
+    assert code == 0 and report["clean"], report
+    assert "fragments_shared_domain" not in report["counts"]
+    volume.mount()
