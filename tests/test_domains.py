@@ -402,3 +402,24 @@ def test_small_write_log_copies_go_to_distinct_domains() -> None:
     for places in placed.values():
         assert sorted(racks[p[0]] for p in places) == ["a", "b"]
     assert [racks[p[0]] for p in again[1]] == ["b"]
+
+
+def test_fragments_in_a_shared_domain_are_misplaced_while_a_domain_is_free() -> None:
+    racks = {0: "a", 1: "a", 2: "b", 3: "c", 4: "d"}
+
+    class Up:
+        available = True
+
+    runners = {i: Up() for i in racks}
+    placement = Placement(runners, domain=racks.__getitem__)
+    assert placement.shared_domain([0, 1, 2]) == [1]  # d and c are free
+    assert placement.misplaced([0, 1, 2]) == [1]
+    assert placement.misplaced_reason([0, 1, 2]) == "shared-domain"
+    assert placement.movable([0, 1, 2]) == [1]
+    assert placement.rebuild_target([0, 1, 2], 1) in (3, 4)
+    assert placement.shared_domain([0, 2, 3]) == []
+    assert placement.shared_domain([0, 1, 2, 3, 4]) == []  # every domain used: unavoidable
+    assert placement.shared_domain([0, NO_STORE, 1]) == [2]
+    runners[3].available = runners[4].available = False  # domains c and d are down
+    assert placement.shared_domain([0, 1, 2]) == [1]  # a layout exists: wait for it
+    assert placement.movable([0, 1, 2]) == []

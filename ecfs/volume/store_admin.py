@@ -21,7 +21,9 @@ itself (the repairer does, in the background).
 
 * set-domain OLD [LABEL]: OLD's failure domain label (`ecfs.storage.domains`,
   kept in the volume table) is set, or removed (back to its default).
-  Placement follows at once; fragments written before are not moved.
+  Placement follows at once; chunks now with two fragments in one domain
+  while a store is in a domain holding none of theirs are queued
+  ('shared-domain', `Repairer.queue_wrong_class`) and repair moves them.
 
 Failure domains (`_check_domains`): replace and add refuse a new store that
 shares a failure domain with another active store when the volume would
