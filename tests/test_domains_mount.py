@@ -450,3 +450,27 @@ def test_fragments_in_a_shared_domain_after_a_label_change_move_back(
     assert code == 0 and report["clean"], report
     assert "fragments_shared_domain" not in report["counts"]
     volume.mount()
+
+
+def test_a_mount_moves_a_metadata_copy_out_of_a_shared_domain(tmp_path: Path) -> None:
+    """k=2 m=1: the copies are on s0 and s1; labelling s1 like s0 puts both
+    in one domain. The next mount writes a copy on s2 (a domain holding
+    none) and removes the one on s1, and the volume keeps its data."""
+    volume = _labelled_volume(tmp_path, ["s0", "s1", "s2", "s3"], ["r0", "r1", "r2", "r3"])
+    copies = [s / "meta" / "ecfs-meta.sqlite" for s in volume.stores]
+    assert [c.exists() for c in copies] == [True, True, False, False]
+    volume.mount()
+    try:
+        digest = write_pattern_file(volume.mountpoint / "f", seed=3, size=3 * CHUNK)
+        cli("store", "set-domain", volume.mountpoint, "1", "r0")
+    finally:
+        volume.unmount()
+    volume.mount()
+    try:
+        assert [c.exists() for c in copies] == [True, False, True, False]
+        assert status(volume)["stores"][1]["domain"] == "r0"
+        drop_caches()
+        assert sha256_file(volume.mountpoint / "f") == digest
+    finally:
+        volume.unmount()
+    volume.check_log_clean()
