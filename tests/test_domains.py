@@ -23,7 +23,6 @@ from ecfs.storage.domains import (
     even_layout,
     label_key,
     layout_tolerance,
-    location_atoms,
     path_atoms,
     spread,
     tolerance,
@@ -31,6 +30,7 @@ from ecfs.storage.domains import (
 from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.stores import StoreTable
 from ecfs.storage.replicas import replica_path
+from ecfs.storage.storefactory import open_store
 from ecfs.volume.control import parse_command
 from ecfs.volume.mkfs import VolumeSpec, create_volume
 from ecfs.volume.status import assess, redundancy_warning
@@ -337,10 +337,89 @@ def test_control_commands_carry_domain_labels() -> None:
 
 def test_an_object_store_is_the_domain_of_its_endpoint() -> None:
     """Two buckets of one server fail together; AWS without an endpoint is one domain."""
-    one = location_atoms("s3://bucket-a/x?endpoint=http://nas.example:9000")
-    assert one == location_atoms("s3://bucket-b/y?endpoint=http://nas.example:9000")
+    one = open_store("s3://bucket-a/x?endpoint=http://nas.example:9000").domain_atoms()
+    assert one == open_store("s3://bucket-b/y?endpoint=http://nas.example:9000").domain_atoms()
     assert one == {"s3:nas.example:9000"}
-    assert location_atoms("s3://bucket-c?endpoint=https://other.example") == {
+    assert open_store("s3://bucket-c?endpoint=https://other.example").domain_atoms() == {
         "s3:other.example:443"
     }
-    assert location_atoms("s3://bucket-d") == {"s3:aws"}
+    assert open_store("s3://bucket-d").domain_atoms() == {"s3:aws"}
+
+
+# --- copies of the metadata and of small-write log records over domains ----------------
+
+
+def test_metadata_copies_go_to_distinct_domains() -> None:
+    """Stores 0 and 1 share rack1: the old rule (local stores by index) put
+    both m+1 = 2 copies there; now the second copy goes to rack2."""
+    from ecfs.storage.domains import copy_helps, surplus_copies
+    from ecfs.storage.metaobjects import copy_stores
+
+    racks = {0: "rack1", 1: "rack1", 2: "rack2", 3: "rack3"}
+    local = {i: False for i in racks}
+    assert copy_stores(local, 1)[:2] == [0, 1]  # every store its own domain: as before
+    assert copy_stores(local, 1, racks.__getitem__)[:2] == [0, 2]
+    assert copy_stores(local, 2, racks.__getitem__) == [0, 2, 3, 1]
+    # Local stores all on one disk, object stores elsewhere: a copy goes off the disk.
+    disk = {0: "disk:sda", 1: "disk:sda", 2: "s3:a:80", 3: "s3:b:80"}
+    mixed = {0: False, 1: False, 2: True, 3: True}
+    assert copy_stores(mixed, 1, disk.__getitem__)[:2] == [0, 2]
+    assert copy_stores(mixed, 1)[:2] == [0, 1]
+    # A copy in a new domain helps two copies in one; one in a used domain does not.
+    assert copy_helps([0, 1], 2, 2, 3, racks.__getitem__)
+    assert not copy_helps([0, 1], 1, 2, 3, racks.__getitem__)
+    assert not copy_helps([0, 2], 3, 2, 3, racks.__getitem__)
+    assert copy_helps([0], 1, 2, 3, racks.__getitem__)  # too few: any store helps
+    assert not copy_helps([0, 1], 2, 2, 1, {0: "a", 1: "a", 2: "a"}.__getitem__)
+    assert surplus_copies([0, 1, 2], 2, racks.__getitem__) == [1]
+    assert surplus_copies([0, 2, 3], 2, racks.__getitem__) == []
+
+
+def test_small_write_log_copies_go_to_distinct_domains() -> None:
+    """Stores 0, 1 in domain a and 2, 3 in domain b: every record's m+1 = 2
+    copies are in both domains (the rotation alone put some in one), also
+    when a record is copied again next to a store that holds it."""
+    import trio
+
+    from ecfs.data.logfiles import LogFiles
+    from ecfs.data.smallwrites import Record
+    from ecfs.storage.fakestores import MemoryStore
+    from ecfs.storage.offload import StoreRunner
+
+    racks = {0: "a", 1: "a", 2: "b", 3: "b"}
+    runners = {i: StoreRunner(i, MemoryStore()) for i in racks}
+    files = LogFiles(runners, 2, b"k" * 16, lambda: 0, domain=racks.__getitem__)
+    records = [Record(i, 2, 0, 9, 0, bytes([i]) * 100, 5, 6) for i in range(1, 9)]
+
+    async def main() -> tuple[dict[int, list[tuple[int, int, int]]], dict]:
+        placed = {}
+        for record in records:  # one append each: the rotation moves on
+            placed.update(await files.write([record]))
+        again = await files.write(records[:1], {1: {1}}, want=1)
+        return placed, again
+
+    placed, again = trio.run(main)
+    for places in placed.values():
+        assert sorted(racks[p[0]] for p in places) == ["a", "b"]
+    assert [racks[p[0]] for p in again[1]] == ["b"]
+
+
+def test_fragments_in_a_shared_domain_are_misplaced_while_a_domain_is_free() -> None:
+    racks = {0: "a", 1: "a", 2: "b", 3: "c", 4: "d"}
+
+    class Up:
+        available = True
+
+    runners = {i: Up() for i in racks}
+    placement = Placement(runners, domain=racks.__getitem__)
+    assert placement.shared_domain([0, 1, 2]) == [1]  # d and c are free
+    assert placement.misplaced([0, 1, 2]) == [1]
+    assert placement.misplaced_reason([0, 1, 2]) == "shared-domain"
+    assert placement.movable([0, 1, 2]) == [1]
+    assert placement.rebuild_target([0, 1, 2], 1) in (3, 4)
+    assert placement.shared_domain([0, 2, 3]) == []
+    assert placement.shared_domain([0, 1, 2, 3, 4]) == []  # every domain used: unavoidable
+    assert placement.shared_domain([0, NO_STORE, 1]) == [2]
+    runners[3].available = runners[4].available = False  # domains c and d are down
+    assert placement.shared_domain([0, 1, 2]) == [1]  # a layout exists: wait for it
+    assert placement.movable([0, 1, 2]) == []

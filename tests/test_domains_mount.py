@@ -27,7 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from ecfs.core.model import NO_STORE
 from ecfs.storage.domains import path_atoms
+from ecfs.storage.metadb.chunks import ChunkTable
+from ecfs.storage.metadb.database import Database
+from ecfs.storage.replicas import replica_path
 from tests.mounting import (
     FUSE_MISSING_REASON,
     TEST_MKFS_ARGS,
@@ -210,6 +214,107 @@ def test_losing_every_store_of_a_labelled_domain_loses_no_data(
         volume.unmount(check=False)
 
 
+def _labelled_volume(tmp_path: Path, names: list[str], labels: list[str], m: int = 1) -> MountedVolume:
+    stores = [tmp_path / name for name in names]
+    cli(
+        "mkfs", "-k", 2, "-m", m, *TEST_MKFS_ARGS,
+        *[f"--domain={s}={label}" for s, label in zip(stores, labels, strict=True)], *stores,
+    )  # fmt: skip
+    return _volume(tmp_path, stores)
+
+
+def test_a_lost_domain_of_several_stores_is_survived_across_a_crash_and_remount(
+    tmp_path: Path,
+) -> None:
+    """k=2 m=1 over a0, a1 (enclosure-a), b0, c0. The m+1 = 2 metadata
+    copies are on a0 and b0 (by index alone they were on a0 and a1: one
+    domain), every small-write record has a copy outside enclosure-a, and
+    no chunk has two fragments there. With the daemon killed (nothing
+    folded, no clean shutdown) and both stores of enclosure-a gone -- more
+    than m stores, but one domain -- the volume mounts with its latest
+    metadata: the fsync'd files and small overwrites read back."""
+    volume = _labelled_volume(
+        tmp_path, ["a0", "a1", "b0", "c0"], ["enclosure-a", "enclosure-a", "b", "c"]
+    )
+    a0, a1, b0, c0 = volume.stores
+    assert [(s / "meta" / "ecfs-meta.sqlite").exists() for s in volume.stores] == [
+        True, False, True, False,
+    ]  # fmt: skip
+    volume.mount()
+    root = volume.mountpoint
+    expected: dict[Path, bytes] = {}
+    try:
+        for i in range(5):
+            write_pattern_file(root / f"f{i}", seed=i, size=3 * CHUNK + 1000 * i)
+        rng = random.Random(7)
+        for i in range(5):
+            path = root / f"f{i}"
+            with open(path, "r+b") as f:
+                for _ in range(4):  # small overwrites: the small-write log
+                    f.seek(rng.randrange(3 * CHUNK))
+                    f.write(rng.randbytes(rng.randrange(1, 300)))
+                os.fsync(f.fileno())
+            expected[path] = path.read_bytes()
+        late = root / "late"
+        with open(late, "wb") as f:
+            f.write(b"written last")
+            os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        expected[late] = b"written last"
+        in_a: dict[int, int] = {}
+        for store in (a0, a1):
+            for chunk, _index in fragment_files(store):
+                in_a[chunk] = in_a.get(chunk, 0) + 1
+        assert in_a and max(in_a.values()) == 1, "two fragments of a chunk in one domain"
+    finally:
+        volume.kill()
+    for store in (a0, a1):
+        os.rename(store, store.with_name(store.name + "-away"))  # the enclosure is gone
+    volume.mount(stores=[b0, c0])
+    try:
+        drop_caches()
+        for path, data in expected.items():
+            assert path.read_bytes() == data, path
+        record = status(volume)
+        states = {s["index"]: s["state"] for s in record["stores"]}
+        assert states == {0: "missing", 1: "missing", 2: "ok", 3: "ok"}
+    finally:
+        volume.unmount(check=False)
+
+
+def test_more_than_m_missing_stores_in_more_than_m_domains_are_refused(tmp_path: Path) -> None:
+    """The rule is per domain and per chunk: a1 and b0 (two domains, m=1)
+    away is refused, naming the domains; so is one domain holding two
+    fragments of a chunk."""
+    volume = _labelled_volume(
+        tmp_path, ["a0", "a1", "b0", "c0"], ["enclosure-a", "enclosure-a", "b", "c"]
+    )
+    volume.mount()
+    try:
+        write_pattern_file(volume.mountpoint / "f", seed=1, size=3 * CHUNK)
+    finally:
+        volume.unmount()
+    a0, a1, b0, c0 = volume.stores
+    refused = cli("fsck", a0, c0, check=False)
+    assert refused.returncode not in (0, 1)
+    assert "at most 1 may be missing" in refused.stderr
+    assert "in 2 failure domains (b, enclosure-a)" in refused.stderr
+    # Written while b0 was away, a chunk has two fragments in enclosure-a:
+    # losing that domain (one domain, but this chunk's k) is refused too.
+    volume.mount(stores=[a0, a1, c0])
+    try:
+        write_pattern_file(volume.mountpoint / "g", seed=2, size=CHUNK)
+    finally:
+        volume.unmount()
+    refused = cli("fsck", b0, c0, check=False)
+    assert refused.returncode not in (0, 1)
+    assert "1 chunk(s) have fewer than k=2 fragments on the present stores" in refused.stderr
+
+
 @pytest.mark.allow_log(r"store add failed: .* is in failure domain test-domain-0")
 def test_store_add_and_set_domain_keep_the_domain_rule(volume: MountedVolume, tmp_path: Path) -> None:
     """A 6-store 4+2 test volume has six labelled domains. Labelling store 5
@@ -301,3 +406,71 @@ def test_fsck_path_checks_only_the_files_below_it(volume: MountedVolume) -> None
     volume.mount()
     drop_caches()
     assert sha256_file(root / "inside" / "deeper" / "file") == inside
+
+
+@pytest.mark.allow_log(r"chunks queued to move misplaced fragments")
+def test_fragments_in_a_shared_domain_after_a_label_change_move_back(
+    volume: MountedVolume, tmp_path: Path
+) -> None:
+    """4+2 over seven stores in seven domains; labelling store 6 like store
+    5 leaves six. Chunks with fragments on both 5 and 6 have two in one
+    domain while the store they do not use is in a free one: set-domain and
+    scrub queue them ('shared-domain', fsck warns), repair moves one
+    fragment each there, and then no chunk has two fragments in a domain
+    and fsck is clean."""
+    cli("store", "add", "--domain", "rack-7", volume.mountpoint, tmp_path / "new")
+    volume.stores.append(tmp_path / "new")
+    root = volume.mountpoint
+    hashes = {
+        root / f"f{i}": write_pattern_file(root / f"f{i}", seed=i, size=3 * VOLUME_CHUNK + 77 * i)
+        for i in range(8)
+    }
+    os.sync()
+    done = cli("store", "set-domain", volume.mountpoint, "6", "test-domain-5")
+    queued = int(done.stdout.split("new chunks follow it; ")[1].split()[0])
+    assert queued > 0, done.stdout
+    cli("scrub", volume.mountpoint)
+    assert status(volume)["health"] == "healthy"  # only to be moved
+    cli("repair", "--wait", volume.mountpoint)
+    record = status(volume)
+    assert [s["domain"] for s in record["stores"]][5:] == ["test-domain-5", "test-domain-5"]
+    _check(hashes)
+    volume.unmount()
+    db = Database(replica_path(volume.stores[0] / "meta"))
+    try:
+        refs = [ref for _, _, ref in ChunkTable(db).iter_all()]
+    finally:
+        db.close()
+    domain = {i: f"test-domain-{min(i, 5)}" for i in range(7)}
+    assert refs
+    for ref in refs:
+        held = [domain[s] for s in ref.stores if s != NO_STORE]
+        assert len(held) == len(set(held)) == 6, ref
+    code, report = _fsck(volume)
+    assert code == 0 and report["clean"], report
+    assert "fragments_shared_domain" not in report["counts"]
+    volume.mount()
+
+
+def test_a_mount_moves_a_metadata_copy_out_of_a_shared_domain(tmp_path: Path) -> None:
+    """k=2 m=1: the copies are on s0 and s1; labelling s1 like s0 puts both
+    in one domain. The next mount writes a copy on s2 (a domain holding
+    none) and removes the one on s1, and the volume keeps its data."""
+    volume = _labelled_volume(tmp_path, ["s0", "s1", "s2", "s3"], ["r0", "r1", "r2", "r3"])
+    copies = [s / "meta" / "ecfs-meta.sqlite" for s in volume.stores]
+    assert [c.exists() for c in copies] == [True, True, False, False]
+    volume.mount()
+    try:
+        digest = write_pattern_file(volume.mountpoint / "f", seed=3, size=3 * CHUNK)
+        cli("store", "set-domain", volume.mountpoint, "1", "r0")
+    finally:
+        volume.unmount()
+    volume.mount()
+    try:
+        assert [c.exists() for c in copies] == [True, False, True, False]
+        assert status(volume)["stores"][1]["domain"] == "r0"
+        drop_caches()
+        assert sha256_file(volume.mountpoint / "f") == digest
+    finally:
+        volume.unmount()
+    volume.check_log_clean()

@@ -416,7 +416,12 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]
             match = PROMETHEUS_LINE.match(line)
             assert match, f"not a sample line: {line!r}"
             name = match["name"]
-            assert name in typed, f"{name} has no # TYPE before it"
+            family = next(
+                (name.removesuffix(suffix) for suffix in ("_bucket", "_sum", "_count")
+                 if typed.get(name.removesuffix(suffix)) == "histogram"),
+                name,
+            )  # fmt: skip
+            assert family in typed, f"{name} has no # TYPE before it"
             labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
             samples.setdefault(name, []).append((labels, float(match["value"])))
     for name, kind in typed.items():
@@ -434,11 +439,15 @@ def test_prometheus_output_of_a_live_mount(busy_volume: MountedVolume) -> None:
     result = cli("status", "--prometheus", busy_volume.mountpoint)
     assert result.stderr == ""
     samples = parse_prometheus(result.stdout)
-    assert set(samples) <= {m.name for m in METRICS}
+    exported = {m.name for m in METRICS} | {
+        m.name + suffix for m in METRICS if m.type == "histogram"
+        for suffix in ("_bucket", "_sum", "_count")
+    }  # fmt: skip
+    assert set(samples) <= exported
     assert samples["ecfs_volume_tolerance"] == [({}, 2.0)]
     assert ({"state": "healthy"}, 1.0) in samples["ecfs_volume_health"]
     latency = {(s["store"], s["quantile"]) for s, _ in samples["ecfs_store_latency_seconds"]}
-    assert latency == {(str(i), q) for i in range(6) for q in ("0.5", "0.95")}
+    assert latency == {(str(i), q) for i in range(6) for q in ("0.5", "0.95", "0.99")}
     for name in (
         "ecfs_store_bytes_read_total", "ecfs_store_bytes_written_total",
         "ecfs_store_errors_total", "ecfs_store_free_bytes",

@@ -54,9 +54,12 @@ class Transaction:
 #: a degraded read, a write with reduced redundancy, a scrub finding, a
 #: fragment `ecfs fsck --repair` found bad and could not rebuild (left to
 #: the mount), the bulk rebuild of a failed or of a replaced store, a
-#: fragment on a store of the wrong class (hybrid placement, moved back).
+#: fragment on a store of the wrong class (hybrid placement, moved back),
+#: a fragment in a failure domain holding another of the chunk (moved to an
+#: unused domain).
 REPAIR_REASONS = (
     "degraded-read", "write", "scrub", "fsck", "store-failed", "store-replaced", "wrong-class",
+    "shared-domain",
 )
 
 
@@ -67,7 +70,8 @@ def repair_priority(spare: int, reason: str) -> int:
     (good fragments - k; negative means part of it is unreadable now).
     At equal risk: chunks readers hit, then short writes, then scrub
     findings, then what fsck left, then bulk rebuilds of a failed or replaced store,
-    then fragments to move to a store of their class (hybrid placement). Within a
+    then fragments to move to a store of their class (hybrid placement), then
+    fragments to move out of a shared failure domain. Within a
     priority, more read demand comes first (see RepairQueue.next_batch).
     """
     return max(spare, -1) * len(REPAIR_REASONS) + REPAIR_REASONS.index(reason)

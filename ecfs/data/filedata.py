@@ -836,9 +836,11 @@ class FileData:
         missing = [i for i, s in enumerate(ref.stores) if s == NO_STORE]
         if not missing and self.writer.wrong_class(ref):
             # A fragment on a store of the wrong class (hybrid placement with
-            # a class short): repair moves it back when it can.
+            # a class short) or in a shared failure domain (one was down or
+            # full): repair moves it back when it can.
+            why = self.writer.placement.misplaced_reason(ref.stores)
             self.repairs.add(
-                ref.chunk_id, "wrong-class", repair_priority(self.layout.of(ref).m, "wrong-class"),
+                ref.chunk_id, why, repair_priority(self.layout.of(ref).m, why),
                 self.clock_ns(), bad=0, demand=0,
             )  # fmt: skip
         if missing:

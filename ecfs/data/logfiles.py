@@ -34,7 +34,9 @@ any more (see `LogFiles.release`); the old records left in them verify but
 are dead for good, since liveness is decided by the metadata (see
 `ecfs.data.smallwrites`), which never makes a dead record live again.
 
-Which stores: only those that hold log segments
+Which stores: the m+1 copies of a record go to distinct failure domains
+while the usable stores span enough of them (`LogFiles.write`), else as
+evenly as they allow; only stores that hold log segments
 (`ecfs.storage.store.Store.holds_log_segments`; `log_stores`). An object
 store (`ecfs.storage.s3store.S3Store`) holds none: preallocated segments
 overwritten in place do not map onto immutable objects. A volume whose
@@ -77,6 +79,7 @@ import trio
 
 from ..core.errors import NoSpace, StoreError
 from ..core.fragment import checksum64
+from ..storage.domains import spread
 from ..storage.offload import StoreRunner
 from ..storage.store import Store
 from .writer import write_deadline
@@ -214,7 +217,10 @@ class ScanResult:
 
 
 class LogFiles:
-    """m+1 copies of each record on distinct stores."""
+    """m+1 copies of each record on distinct stores, in distinct failure
+    domains while the usable stores allow it (`ecfs.storage.domains.spread`;
+    the stores already holding a record count), so that losing one domain
+    never takes every copy of a record."""
 
     def __init__(
         self,
@@ -223,8 +229,12 @@ class LogFiles:
         key: bytes,
         durable_generation: Callable[[], int],
         draining: set[int] | None = None,
+        domain: Callable[[int], str] = str,
     ) -> None:
         self.runners = runners
+        #: A store's failure domain (`ecfs.storage.domains`; read at each
+        #: write, labels may change): a record's copies go to distinct ones.
+        self.domain = domain
         #: Stores being emptied for removal (the volume's set, shared): no
         #: new copies go there, and copies there count as missing.
         self.draining = draining if draining is not None else set()
@@ -322,12 +332,10 @@ class LogFiles:
             for n, record in enumerate(records):
                 missing = want - len(placed[record.seq])
                 banned = exclude.get(record.seq, set()) | {p[0] for p in placed[record.seq]}
-                for store in candidates:
-                    if missing <= 0:
-                        break
-                    if store not in banned:
-                        jobs.setdefault(store, []).append(n)
-                        missing -= 1
+                free = [store for store in candidates if store not in banned]
+                taken = [self.domain(store) for store in banned]
+                for store in spread(free, missing, self.domain, taken):
+                    jobs.setdefault(store, []).append(n)
             if not jobs:
                 break
             tried.update(jobs)

@@ -46,7 +46,14 @@ made with ``--allow-shared-domains``, or with a domain's stores failed or
 full). This holds for any number of fragments, for `targets`,
 `replacement` (the stores already used count) and `rebuild_target`: a
 rebuilt fragment stays on its own store only if no candidate is in a
-domain holding fewer of the chunk's other fragments.
+domain holding fewer of the chunk's other fragments. A chunk left with two
+fragments in one domain (written while a domain was down or full, or
+before a label changed) while some store is in a domain holding none of
+its fragments has fragments in a shared domain (`shared_domain`): like a
+wrong-class one, the caller queues the chunk ('shared-domain': scrub, a
+write, fsck), and repair moves one such fragment at a time to a candidate
+in an unused domain (`movable`, `rebuild_target`) until none is left or
+no candidate is (`misplaced` covers both kinds).
 """
 
 from __future__ import annotations
@@ -204,14 +211,53 @@ class Placement:
         dk = self.k if k is None else k
         return [i for i, s in enumerate(stores) if s != NO_STORE and self.remote(s) != (i >= dk)]
 
+    def shared_domain(self, stores: Sequence[int]) -> list[int]:
+        """Fragment indices of a chunk (slots `stores`) in a failure domain
+        holding an earlier fragment of the chunk, while a layout exists that
+        avoids it: some store of the volume (not draining) is in a domain
+        holding none of the chunk's fragments. NO_STORE slots are not."""
+        held = [(i, self.domain(s)) for i, s in enumerate(stores) if s != NO_STORE]
+        used = {domain for _, domain in held}
+        if len(used) == len(held) or not any(
+            self.domain(s) not in used for s in self.runners if s not in self.draining
+        ):
+            return []
+        seen: set[str] = set()
+        extra = []
+        for index, domain in held:
+            if domain in seen:
+                extra.append(index)
+            seen.add(domain)
+        return extra
+
+    def misplaced(self, stores: Sequence[int], k: int | None = None) -> list[int]:
+        """The fragments of a chunk to move: `wrong_class` and `shared_domain`."""
+        return sorted({*self.wrong_class(stores, k), *self.shared_domain(stores)})
+
+    def misplaced_reason(self, stores: Sequence[int], k: int | None = None) -> str:
+        """The repair reason of a `misplaced` chunk: 'wrong-class' if a
+        fragment is on the wrong class, else 'shared-domain'."""
+        return "wrong-class" if self.wrong_class(stores, k) else "shared-domain"
+
     def movable(self, stores: Sequence[int], k: int | None = None) -> list[int]:
-        """The `wrong_class` fragments that a candidate of their class
-        holding no other fragment of the chunk could take now."""
+        """The `misplaced` fragments that a candidate could take now: for a
+        `wrong_class` one, a candidate of its class holding no other fragment
+        of the chunk; for a `shared_domain` one, such a candidate (of its
+        class under HYBRID) in a domain holding none of the chunk's other
+        fragments (`rebuild_target` then chooses one)."""
         moves = []
         dk = self.k if k is None else k
         for index in self.wrong_class(stores, dk):
             others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
             if self._candidates(others, index >= dk):
+                moves.append(index)
+        for index in self.shared_domain(stores):
+            others = {s for i, s in enumerate(stores) if i != index and s != NO_STORE}
+            used = {self.domain(s) for s in others}
+            kind = index >= self.k if self.policy == HYBRID else None
+            if index not in moves and any(
+                self.domain(c) not in used for c in self._candidates(others, kind)
+            ):
                 moves.append(index)
         return moves
 

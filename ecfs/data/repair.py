@@ -11,9 +11,11 @@ Repairing one chunk: the fragments known bad (the queue's bitmask, slots
 without a store, slots on failed stores) are re-checked first: a fragment
 on a store that came back and still verifies is kept (a store that was only
 away for a while costs nothing). Under hybrid placement, good fragments on
-a store of the wrong class (`Placement.movable`) are rebuilt onto a store
-of their class with them; a chunk whose misplaced fragments have nowhere
-to go yet stays queued (deferred) until a store of their class is back. k good fragments are read whole and
+a store of the wrong class, and good fragments in a failure domain holding
+another of the chunk ('shared-domain'), are rebuilt onto a store of their
+class, or of an unused domain, with them (`Placement.movable`); a chunk whose
+misplaced fragments have nowhere to go yet stays queued (deferred) until
+such a store is back. k good fragments are read whole and
 verified; only the missing fragments are regenerated, placed, written,
 read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
 (the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
@@ -349,19 +351,20 @@ class Repairer:
     def queue_wrong_class(self) -> int:
         """Queue every chunk with a fragment on a store of the wrong class
         for the placement policy (e.g. after a switch to hybrid placement:
-        the parity written before moves to the remote stores)."""
+        the parity written before moves to the remote stores), or in a
+        shared failure domain (after a label change): `Placement.misplaced`."""
         now = time.time_ns()
-        priority = repair_priority(self.layout.m, "wrong-class")
         wrong = [
-            ref.chunk_id
+            (ref.chunk_id, self.placement.misplaced_reason(ref.stores, self.layout.of(ref).k))
             for _, _, ref in self.chunks.iter_all()
-            if self.placement.wrong_class(ref.stores, self.layout.of(ref).k)
+            if self.placement.misplaced(ref.stores, self.layout.of(ref).k)
         ]
         with self.db.transaction():
-            for chunk_id in wrong:
-                self.queue.add(chunk_id, "wrong-class", priority, now, bad=0, demand=0)
+            for chunk_id, why in wrong:
+                priority = repair_priority(self.layout.m, why)
+                self.queue.add(chunk_id, why, priority, now, bad=0, demand=0)
         if wrong:
-            log.warning("%d chunks queued to move fragments to a store of their class", len(wrong))
+            log.warning("%d chunks queued to move misplaced fragments", len(wrong))
             self.poke()
         return len(wrong)
 
@@ -517,7 +520,7 @@ class Repairer:
         broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
         moves = self._moves(ref, broken)
         if not broken and not moves:
-            if self.placement.wrong_class(ref.stores, layout.k):
+            if self.placement.misplaced(ref.stores, layout.k):
                 # Misplaced, and no store of its class can take it now: wait
                 # for one (a store coming back retries deferred chunks).
                 self._defer(ref.chunk_id)
@@ -559,19 +562,21 @@ class Repairer:
             self.counters.chunks_repaired += 1
         if done.failed:
             self._defer(ref.chunk_id)
-        elif done.committed and self.placement.wrong_class(done.stores, layout.k):
+        elif done.committed and self.placement.misplaced(done.stores, layout.k):
             # A fragment that could move only once others had moved (its
-            # class's stores held them): again, next.
+            # class's stores held them, or a shared domain had two): again, next.
+            why = self.placement.misplaced_reason(done.stores, layout.k)
             with self.db.transaction():
                 self.queue.add(
-                    ref.chunk_id, "wrong-class", repair_priority(layout.m, "wrong-class"),
+                    ref.chunk_id, why, repair_priority(layout.m, why),
                     time.time_ns(), bad=0, demand=0,
                 )  # fmt: skip
         return done.bytes_written
 
     def _moves(self, ref: ChunkRef, broken: list[int]) -> list[int]:
-        """Good fragments on a store of the wrong class (hybrid placement)
-        that a store of their class can take now: rebuilt there (decoded
+        """Good misplaced fragments (a store of the wrong class under
+        hybrid placement, a shared failure domain) that a store of their
+        class, or of an unused domain, can take now: rebuilt there (decoded
         from others, like a broken one), as many at once as leave k other
         fragments to decode from (data fragments first; the chunk is queued
         again for the rest)."""

@@ -3,8 +3,9 @@
 Owns: walking the chunks in order of `chunks.verified_ns`, reading each
 present fragment whole (every cell checked against its checksum), queueing
 what is missing or corrupt for repair (and, under hybrid placement, chunks
-with a fragment on a store of the wrong class: 'wrong-class', moved by the
-repairer), and recording progress. Must not:
+with a fragment on a store of the wrong class: 'wrong-class', and chunks
+with two fragments in one failure domain while another domain is unused:
+'shared-domain', both moved by the repairer), and recording progress. Must not:
 repair anything itself (the repairer does), or hurt foreground I/O: like
 repair, it yields to FUSE requests.
 
@@ -133,16 +134,19 @@ class Scrubber:
         replica_count: Callable[[], int] = lambda: 0,
         wrong_class: Callable[[Sequence[int], int], list[int]] = lambda stores, k: [],
         gate: BackgroundGate | None = None,
+        misplaced_reason: Callable[[Sequence[int], int], str] = lambda stores, k: "wrong-class",
     ) -> None:
         """`verify_metadata()` verifies the live metadata replicas (and
         replaces bad ones) and the working copy (store index, None for the
         working copy -> problem); `replica_count()` is how many replicas it
-        looks at; `wrong_class(stores, k)`: the fragments of a chunk on a store
-        of the wrong class (`ecfs.data.placement.Placement.wrong_class`);
-        `gate`: the volume's pause switch."""
+        looks at; `wrong_class(stores, k)`: the fragments of a chunk to move
+        (`ecfs.data.placement.Placement.misplaced`: a store of the wrong
+        class, a shared failure domain) and `misplaced_reason(stores, k)` the
+        repair reason for them; `gate`: the volume's pause switch."""
         self.db = db
         self.gate = gate if gate is not None else BackgroundGate()
         self.wrong_class = wrong_class
+        self.misplaced_reason = misplaced_reason
         self.verify_metadata = verify_metadata
         self.replica_count = replica_count
         self.chunks = ChunkTable(db)
@@ -285,9 +289,10 @@ class Scrubber:
             self.progress.bytes_verified += payload
         if not bad:
             if self.wrong_class(ref.stores, layout.k) and not self.queue.contains(chunk_id):
+                why = self.misplaced_reason(ref.stores, layout.k)
                 with self.db.transaction():
                     self.queue.add(
-                        chunk_id, "wrong-class", repair_priority(layout.m, "wrong-class"),
+                        chunk_id, why, repair_priority(layout.m, why),
                         time.time_ns(), bad=0, demand=0,
                     )  # fmt: skip
                 self.on_queued()

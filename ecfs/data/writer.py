@@ -11,8 +11,10 @@ under hybrid placement, data fragments on local stores, parity on remote
 ones). A store that fails during the write, or that `before_write`
 refuses, is replaced by another healthy store that holds no fragment of
 the chunk (`Placement.replacement`: one of the fragment's class if any).
-A fragment that had to go to a store of the other class is reported by
-`wrong_class` (the caller queues the chunk for repair to move it).
+A fragment that had to go to a store of the other class, or into a failure
+domain holding another fragment of the chunk while an unused domain has a
+store, is reported by `wrong_class` (the caller queues the chunk for repair
+to move it).
 
 If fewer than k+m fragments could be stored but at least `min_fragments`
 (k+1 by default: the chunk still survives the loss of one store), the chunk is accepted with reduced redundancy, the missing
@@ -127,9 +129,10 @@ class ChunkWriter:
 
     def wrong_class(self, ref: ChunkRef) -> int:
         """Bitmask of the fragments of `ref` (just written) on a store of
-        the wrong class for the placement policy (`Placement.wrong_class`)."""
+        the wrong class for the placement policy, or in a shared failure
+        domain (`Placement.misplaced`)."""
         k = self.layout.of(ref).k
-        return sum(1 << i for i in self.placement.wrong_class(ref.stores, k))
+        return sum(1 << i for i in self.placement.misplaced(ref.stores, k))
 
     async def write(
         self,

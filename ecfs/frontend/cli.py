@@ -949,7 +949,8 @@ def store_set_domain(mountpoint: str, store_ref: str, label: str | None) -> None
     """Set the failure domain label of STORE (a path, index or id): stores
     with one label fail together (a host, an enclosure...). Without LABEL,
     STORE goes back to its default domain (its disk). New chunks follow
-    at once; fragments written before stay where they are."""
+    at once; chunks left with two fragments in one domain are queued for
+    repair, which moves one to a domain holding none."""
     words = f" {_quote(label)}" if label is not None else ""
     _store_change(mountpoint, f"store-domain {_store_ref(store_ref)}{words}")
 

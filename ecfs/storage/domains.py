@@ -184,27 +184,14 @@ def endpoint_atoms(endpoint: str | None) -> frozenset[str]:
     return frozenset([f"s3:{parts.hostname}:{port}"])
 
 
-def location_atoms(location: os.PathLike[str] | str) -> frozenset[str]:
-    """The default domain atoms of a store location (directory or s3://);
-    OSError for a directory that cannot be reached."""
-    from .s3store import S3Location, is_s3_location
-
-    if is_s3_location(location):
-        return endpoint_atoms(S3Location.parse(location).endpoint)
-    return path_atoms(location)
-
-
 def store_atoms(store: object) -> frozenset[str]:
-    """The default domain atoms of an open store: a directory's disk(s),
-    an object store's endpoint; any other kind of store (the in-memory
-    fakes of the tests) is a domain of its own, ``store:PATH``."""
-    from .s3store import S3Store
-    from .store import DirectoryStore
-
-    if isinstance(store, DirectoryStore):
-        return path_atoms(store.path)
-    if isinstance(store, S3Store):
-        return endpoint_atoms(store.location.endpoint)
+    """The default domain atoms of an open store: what the store says
+    (`ecfs.storage.store.Store.domain_atoms`: a directory's disk(s), an
+    object store's endpoint); anything without that method is a domain of
+    its own, ``store:PATH``."""
+    atoms = getattr(store, "domain_atoms", None)
+    if atoms is not None:
+        return frozenset(atoms())
     return frozenset([f"store:{getattr(store, 'path', id(store))}"])
 
 
@@ -304,3 +291,39 @@ def spread(
         load[domain(store)] += 1
         chosen.append(store)
     return chosen
+
+
+# -- copies (metadata, small-write log records) ----------------------------------------
+
+
+def copy_helps(
+    have: Iterable[K], store: K, wanted: int, reachable: int, domain: Callable[[K], str]
+) -> bool:
+    """Whether one more copy on `store` helps copies on `have`: they are
+    fewer than `wanted`, or they span fewer than min(wanted, `reachable`)
+    distinct domains (`reachable`: how many domains hold a store that
+    could take a copy) and `store` is in a domain holding none of them.
+    So m+1 copies end up in m+1 domains while the stores allow it, and
+    losing one domain never takes them all while two domains are left."""
+    held = list(have)
+    if len(held) < wanted:
+        return True
+    domains = {domain(s) for s in held}
+    return len(domains) < min(wanted, reachable) and domain(store) not in domains
+
+
+def surplus_copies(have: Sequence[K], wanted: int, domain: Callable[[K], str]) -> list[K]:
+    """The copies of `have` (best first) that can go while at least
+    `wanted` remain in as many distinct domains as before: from the domain
+    holding the most copies, the last first."""
+    kept = list(have)
+    dropped: list[K] = []
+    while len(kept) > wanted:
+        load = Counter(domain(s) for s in kept)
+        crowded = [s for s in kept if load[domain(s)] > 1]
+        if not crowded:
+            break
+        worst = max(crowded, key=lambda s: (load[domain(s)], kept.index(s)))
+        kept.remove(worst)
+        dropped.append(worst)
+    return dropped

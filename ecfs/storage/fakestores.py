@@ -90,6 +90,10 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({self.path.name!r}, {len(self._fragments)} fragments)"
 
+    def domain_atoms(self) -> frozenset[str]:
+        """Each in-memory store is a failure domain of its own."""
+        return frozenset([f"store:{self.path}"])
+
     @property
     def meta_dir(self) -> Path:
         return self.path / "meta"
@@ -353,6 +357,9 @@ class FaultyStore:
     @property
     def remote(self) -> bool:
         return self.inner.remote
+
+    def domain_atoms(self) -> frozenset[str]:
+        return self.inner.domain_atoms()
 
     @property
     def concurrency(self) -> int:

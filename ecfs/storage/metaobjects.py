@@ -16,7 +16,13 @@ serves).
 
 Which stores hold the copies (`copy_stores`): a volume with at least m+1
 local stores keeps them there, as files (``<store>/meta/ecfs-meta.sqlite``);
-otherwise m+1 stores, local ones first, then object stores. The tolerance
+otherwise m+1 stores, local ones first, then object stores. Failure
+domains (`ecfs.storage.domains`) come before that order: the local stores
+alone hold the copies only if they span as many domains as the volume does
+(up to m+1), and the stores are taken so that the m+1 copies are in
+distinct domains whenever the stores allow it (`spread`; the mount adds a
+copy in a missing domain and drops a crowded one, `copy_helps` and
+`surplus_copies`), so losing one domain never takes every copy. The tolerance
 is the same: any one of the m+1 copies is enough to mount. An object copy
 needs no local directory: any host with the credentials can mount the
 volume from the store locations alone, after the first host died.
@@ -93,7 +99,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +108,7 @@ from typing import Protocol
 from ..core.errors import EcfsError, FragmentMissing, StoreError
 from ..core.fragment import checksum128
 from ..core.model import Transaction
+from .domains import spread
 from .replicas import (
     CopyInspection,
     ReplicaError,
@@ -158,16 +165,26 @@ def keeps_meta_objects(store: object) -> bool:
     return bool(getattr(store, "holds_meta_objects", False))
 
 
-def copy_stores(objects: Mapping[int, bool], m: int) -> list[int]:
+def copy_stores(
+    objects: Mapping[int, bool], m: int, domain: Callable[[int], str] = str
+) -> list[int]:
     """The one rule of where the metadata copies are: the store indices
     that may hold one, in order of preference. `objects`: every store of
-    the volume -> whether it is an object store. With at least m+1 local
-    stores, the local ones only (as files); otherwise every store, local
-    ones first (an object store keeps its copy as objects)."""
+    the volume -> whether it is an object store; `domain(store)`: its
+    failure domain (`ecfs.storage.domains`; default: every store its own).
+    With at least m+1 local stores in as many distinct domains as the
+    whole volume offers (up to m+1), the local ones only (as files);
+    otherwise every store, local ones first (an object store keeps its
+    copy as objects). Either way ordered so that each next store is from a
+    domain holding the fewest of the stores before it (`spread`): the
+    first m+1 are in distinct domains whenever the stores allow it, so
+    losing one domain never takes every copy."""
     local = sorted(i for i, is_object in objects.items() if not is_object)
-    if len(local) >= m + 1:
-        return local
-    return local + sorted(i for i, is_object in objects.items() if is_object)
+    remote = sorted(i for i, is_object in objects.items() if is_object)
+    reachable = min(m + 1, len({domain(i) for i in objects}))
+    if len(local) >= m + 1 and len({domain(i) for i in local}) >= reachable:
+        return spread(local, len(local), domain)
+    return spread(local + remote, len(local) + len(remote), domain)
 
 
 # ---------------------------------------------------------------- names and format

@@ -455,6 +455,11 @@ class S3Store:
         self._prefetch_bytes = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
+    def domain_atoms(self) -> frozenset[str]:
+        from .domains import endpoint_atoms
+
+        return endpoint_atoms(self.location.endpoint)
+
     def __repr__(self) -> str:
         return f"S3Store({str(self.location)!r})"
 

@@ -327,6 +327,14 @@ class Store(Protocol):
     #: REMOTE_CONCURRENCY for an object store.
     concurrency: int
 
+    def domain_atoms(self) -> frozenset[str]:
+        """The store's default failure domain, as the atoms it shares a
+        fate with (`ecfs.storage.domains`: a directory's disk(s) found
+        through sysfs, an object store's endpoint); stores whose atoms
+        overlap are one domain unless labelled. No I/O beyond stat and
+        sysfs reads."""
+        ...
+
     @property
     def meta_dir(self) -> Path:
         """Directory of the metadata replica database (owned by
@@ -521,6 +529,11 @@ class DirectoryStore:
         self._owner = next(_OWNERS)
         #: (marker, st_dev, st_ino of the root) once `pin_identity` ran.
         self._pinned: tuple[StoreMarker, int, int] | None = None
+
+    def domain_atoms(self) -> frozenset[str]:
+        from .domains import path_atoms
+
+        return path_atoms(self.path)
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.path)!r})"

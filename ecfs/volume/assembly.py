@@ -17,7 +17,10 @@ in `shutdown_errors`: the daemon then exits 1 and leaves a report that
 Store tolerance at open: every store in the volume's store table is either
 present (its marker names this volume and that store) or missing; at most
 m may be missing, otherwise some data could be unreadable and the mount is
-refused with a clear message.
+refused with a clear message -- unless the missing stores are one lost
+failure domain's worth: in at most m domains of a volume of more than m,
+with every chunk still holding k fragments on the present stores
+(`_too_many_missing` says why this is safe for the metadata too).
 
 Markers, one rule (`select_volume`, `marker_mismatch`): a store whose
 marker cannot be used is left out with a warning naming it and why, and
@@ -25,8 +28,9 @@ counts as missing: an unreadable or garbled marker (or a symlink, FIFO or
 directory in its place), a marker of another volume (the volume is the one
 most given stores belong to; a tie is refused), and a marker whose geometry
 (k, m, fragment_size, cell_size, inline_max) differs from the
-volume's metadata. Only when more than m stores are missing that way is
-the mount refused; fsck reports every such store.
+volume's metadata. Only when more than m stores are missing that way (and
+not just one lost domain's worth, above) is the mount refused; fsck
+reports every such store.
 
 Store identity while mounted: each present store's marker and the device
 and inode of its root are pinned at open (`Store.pin_identity`)
@@ -95,7 +99,13 @@ from ..data.restripe import Restriper
 from ..data.scrub import Scrubber
 from ..data.smallwrites import WriteLog
 from ..data.writer import ChunkWriter
-from ..storage.domains import labels_of, resolve_stores
+from ..storage.domains import (
+    copy_helps,
+    labels_of,
+    resolve_stores,
+    spread,
+    surplus_copies,
+)
 from ..storage.handles import Expected, HandleCache
 from ..storage.lease import Lease
 from ..storage.metadb.chunks import ChunkTable, RepairQueue
@@ -440,6 +450,7 @@ class Volume:
                 uuid.UUID(self.volume_id).bytes,
                 self._durable_generation,
                 self.placement.draining,
+                self.domain_of,
             ),
             wait_durable=self._wait_durable,
             gate=self.background_gate,
@@ -499,7 +510,8 @@ class Volume:
             self.repairer.poke,
             self.verify_metadata_replicas,
             lambda: len(self.replicator.live_replicas()) if self.replicator else 0,
-            wrong_class=self.placement.wrong_class,
+            wrong_class=self.placement.misplaced,
+            misplaced_reason=self.placement.misplaced_reason,
             gate=self.background_gate,
         )
         self.scrubber.events = self.repairer.events = self.events
@@ -715,11 +727,15 @@ class Volume:
                     continue
             targets[index] = objects[index]
         wanted = self.layout.m + 1
+        allowed = [i for i in self._copy_stores() if i in self.stores]
+        reachable = len({self.domain_of(i) for i in allowed})
+        order = spread(allowed, len(allowed), self.domain_of, map(self.domain_of, targets))
+        spread_out = False  # a copy added in a missing domain: a crowded one can go
         try:
-            for index in copy_stores(self._store_kinds(), self.layout.m):
-                if len(targets) >= wanted:
-                    break
-                if index in targets or index not in self.stores:
+            for index in order:
+                if index in targets or not copy_helps(
+                    targets, index, wanted, reachable, self.domain_of
+                ):
                     continue
                 if not snapshot.exists():
                     self.db.snapshot(snapshot)
@@ -729,8 +745,17 @@ class Volume:
                     log.warning("cannot add a metadata replica on store %d: %s", index, exc)
                     continue
                 log.info("added metadata replica on store %d (%s)", index, self.stores[index].path)
+                spread_out = spread_out or len(targets) > wanted
         finally:
             snapshot.unlink(missing_ok=True)
+        for index in surplus_copies(list(targets), wanted, self.domain_of) if spread_out else ():
+            try:  # a copy in a crowded domain (a label changed): one elsewhere replaced it
+                self._remove_copy(index)
+            except (EcfsError, OSError) as exc:
+                log.warning("cannot remove the surplus metadata copy on store %d: %s", index, exc)
+                continue
+            del targets[index]
+            log.info("removed the metadata copy on store %d (its domain holds another)", index)
         if len(targets) < wanted:
             log.warning("only %d metadata replicas (want %d)", len(targets), wanted)
         self.replicator = Replicator(
@@ -742,6 +767,11 @@ class Volume:
         )
         self.db.on_commit = self.replicator.submit
         self.replicator.on_stale = lambda index: self._replace_replicas_soon()
+
+    def _copy_stores(self) -> list[int]:
+        """The stores allowed to hold a metadata copy, best first
+        (`copy_stores`, spread over failure domains)."""
+        return copy_stores(self._store_kinds(), self.layout.m, self.domain_of)
 
     def _store_kinds(self) -> dict[int, bool]:
         """Every store of the volume -> whether it keeps its metadata copy
@@ -1069,12 +1099,13 @@ class Volume:
         if len(live) >= wanted:
             return
         stale = set(replicator.stale_replicas())
-        allowed = copy_stores(self._store_kinds(), self.layout.m)  # local ones first
+        allowed = self._copy_stores()  # local ones first, over distinct domains
         candidates = sorted(
             (i for i in allowed if i in self.runners and self.runners[i].available and i not in live),
             key=lambda i: (i in self.placement.full, i not in stale, allowed.index(i)),
         )
-        for index in candidates[: wanted - len(live)]:
+        taken = [self.domain_of(i) for i in live]
+        for index in spread(candidates, wanted - len(live), self.domain_of, taken):
             if not await replicator.close_stale(index):
                 continue  # its old connection is still busy: never replace the file under it
             # Again if transactions were shipped and forgotten while it was copied.
@@ -1139,8 +1170,8 @@ class Volume:
                 found.tolerance,
                 bool(unrecoverable),
                 len(available) < len(self.store_ids),
-                # Fragments only to be moved (hybrid placement) lack no redundancy.
-                any(reason != "wrong-class" for reason in repair.queue),
+                # Fragments only to be moved (class, domain) lack no redundancy.
+                any(reason not in ("wrong-class", "shared-domain") for reason in repair.queue),
             ),
             tolerance=found.tolerance,
             stores=tuple(stores),
@@ -1536,14 +1567,52 @@ def _match_stores(
         if store_id not in known:
             raise VolumeError(f"store {path} is not (or no longer) part of this volume")
         stores[known[store_id]] = open_store(path)
-    m = int(StoreTable(db).params()["m"])
+    params = StoreTable(db).params()
+    m = int(params["m"])
     missing = [index for index, _ in table if index not in stores]
     if len(missing) > m:
-        raise VolumeError(
-            f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
-            f" missing (missing store indices: {missing})"
-        )
+        why = _too_many_missing(db, params, dict(table), stores, missing)
+        if why is not None:
+            raise VolumeError(
+                f"only {len(stores)} of {len(table)} stores are present; at most {m} may be"
+                f" missing (missing store indices: {missing}), {why}"
+            )
     if missing:
         log.warning("mounting degraded: stores %s are missing", missing)
     return stores
 
+
+def _too_many_missing(
+    db: Database,
+    params: dict[str, str],
+    store_ids: dict[int, str],
+    stores: dict[int, Store],
+    missing: list[int],
+) -> str | None:
+    """Blocking: why more than m `missing` stores are too many, or None if
+    the volume is still whole without them. It is whole when (1) they are
+    in at most m failure domains (`ecfs.storage.domains`; a missing store
+    without a label is a domain of its own) of a volume of at least m+1,
+    and (2) every chunk of the chunk table has at least k fragments on the
+    present stores. (2) is the per-chunk truth for the data; (1) is what
+    makes the metadata and the small-write log safe to trust: their m+1
+    copies are kept in distinct domains (`copy_stores`, `LogFiles`), so
+    losing at most m domains leaves a current copy of each among the
+    present stores, and the chosen copy is not a stale one whose newer
+    siblings are all away. So a lost domain of several stores is survived
+    across a remount, not only while mounted."""
+    k, m = int(params["k"]), int(params["m"])
+    domains = resolve_stores(stores, labels_of(params, store_ids))
+    every = {i: domains.get(i) or f"unknown:{i}" for i in store_ids}
+    lost = {every[i] for i in missing}
+    if len(lost) > m:
+        return f"in {len(lost)} failure domains ({', '.join(sorted(lost))})"
+    if len(set(every.values())) <= m:
+        return f"and the volume has only {len(set(every.values()))} failure domain(s)"
+    short = 0
+    for _inode, _idx, ref in ChunkTable(db).iter_all():
+        if sum(1 for s in ref.stores if s in stores) < k:
+            short += 1
+    if short:
+        return f"and {short} chunk(s) have fewer than k={k} fragments on the present stores"
+    return None

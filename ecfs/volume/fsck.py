@@ -85,6 +85,7 @@ from pathlib import Path
 
 from ..core.errors import StoreError, VolumeError
 from ..core.geometry import Layout
+from ..storage.domains import copy_helps, labels_of, resolve_stores, spread
 from ..storage.lease import Lease, held_lease
 from ..storage.lock import VolumeLock
 from ..storage.metadb.database import Database
@@ -338,8 +339,13 @@ def _check_volume(
         db.close()
     kinds = {i: is_s3_location(p) for i, p in table_paths.items() if p}
     kinds.update({i: keeps_meta_objects(s) for i, s in stores.items()})
-    holders = copy_stores(kinds, layout.m)
-    copies = WriteBack(gathered, uuid.UUID(report.volume_id).bytes, epoch, holders)
+    domains = resolve_stores(stores, labels_of(params, dict(table)))
+
+    def domain(index: int) -> str:
+        return domains.get(index) or f"unknown:{index}"
+
+    holders = copy_stores(kinds, layout.m, domain)
+    copies = WriteBack(gathered, uuid.UUID(report.volume_id).bytes, epoch, holders, domain)
     if _write_back(report, working, stores, layout.m + 1, progress, set(choice.refused), copies):
         for finding in replica_findings:
             finding.fixed = True
@@ -393,12 +399,14 @@ def _copy_chosen(choice: CopyChoice, working: Path) -> None:
 class WriteBack:
     """Where fsck's write-back puts the metadata copies: the copies found
     (`gather_copies`), the volume id and epoch of object copies, and the
-    stores allowed to hold one in order of preference (`copy_stores`)."""
+    stores allowed to hold one in order of preference (`copy_stores`), and
+    each store's failure domain (new copies go to domains holding none)."""
 
     gathered: GatheredCopies
     volume: bytes
     epoch: int
     holders: list[int]
+    domain: Callable[[int], str] = str
 
 
 def _write_back(
@@ -412,16 +420,17 @@ def _write_back(
 ) -> bool:
     """Copy the working copy over every metadata copy on the present stores
     (setting the `refused` ones aside first; an object copy gets a new
-    snapshot), then onto more stores (in `copies.holders` order) until
-    `wanted` exist. True if every copy was written and there are `wanted`
+    snapshot), then onto more stores (in `copies.holders` order, domains
+    holding no copy first) until `wanted` exist, in as many failure domains
+    as they can be. True if every copy was written and there are `wanted`
     of them."""
     copy_of = {str(store): copy for copy, store in copies.gathered.store_of.items()}
     has_copy = [i for i, s in sorted(stores.items()) if str(s.path) in copy_of]
     targets = list(has_copy)
-    for index in copies.holders:
-        if len(targets) >= wanted:
-            break
-        if index in stores and index not in targets:
+    allowed = [i for i in copies.holders if i in stores]
+    reachable = len({copies.domain(i) for i in allowed})
+    for index in spread(allowed, len(allowed), copies.domain, map(copies.domain, targets)):
+        if index not in targets and copy_helps(targets, index, wanted, reachable, copies.domain):
             targets.append(index)
     image = working.with_name("write-back.sqlite")
     copy_database(working, image)  # one file at one generation, no side files

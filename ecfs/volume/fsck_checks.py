@@ -32,7 +32,10 @@ Owns: `Finding`, `UnrecoverableRange`, `FsckReport` (the result of a run),
   Under hybrid placement (`ecfs.data.placement`), fragments on a store of
   the wrong class (a data fragment on a remote store, parity on a local
   one) are reported as a warning; repair queues their chunks
-  ('wrong-class') for the mount's repairer, which moves them.
+  ('wrong-class') for the mount's repairer, which moves them. So are
+  fragments in a failure domain holding another fragment of their chunk
+  while a present store is in a domain holding none
+  (`Placement.shared_domain`; 'shared-domain').
   A bad header is described, its bytes never printed.
 * `check_no_orphan_fragments`: every fragment file on a store is referred
   to by a chunk at that (store, chunk, index); repair deletes the others,
@@ -747,8 +750,9 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
     on_missing_store: Counter[int] = Counter()
     total = len(all_chunks)
     placement = _placement(ctx) if ctx.repair else None
-    classes = _policy_placement(ctx, {})
+    classes = _policy_placement(ctx, {i: _Present(True) for i in ctx.stores})
     wrong_class: dict[int, int] = {}  # chunk id -> fragments on the wrong class
+    shared_domain: dict[int, int] = {}  # chunk id -> fragments in a shared domain
     for n, (ino, idx, ref) in enumerate(all_chunks):
         ctx.tick("chunks", n, total)
         _check_chunk(ctx, codec, expected, placement, ino, idx, ref, on_missing_store)
@@ -756,10 +760,14 @@ def check_chunk_fragments_present(ctx: FsckContext) -> None:
         wrong = [] if chunk_layout is None else classes.wrong_class(ref.stores, chunk_layout.k)
         if wrong:
             wrong_class[ref.chunk_id] = len(wrong)
+        elif shared := classes.shared_domain(ref.stores):
+            shared_domain[ref.chunk_id] = len(shared)
     ctx.tick("chunks", total, total)
     ctx.report.counts["chunks"] = total
     if wrong_class:
         _report_wrong_class(ctx, wrong_class)
+    if shared_domain:
+        _report_wrong_class(ctx, shared_domain, "shared-domain")
     for index in sorted(set(ctx.store_ids) - set(ctx.stores)):
         ctx.report.add(
             "chunk_fragments_present",
@@ -852,26 +860,36 @@ def _layout_of(layout: Layout, ref: ChunkRef) -> Layout | None:
         return None
 
 
-def _report_wrong_class(ctx: FsckContext, wrong_class: dict[int, int]) -> None:
+def _report_wrong_class(
+    ctx: FsckContext, wrong_class: dict[int, int], reason: str = "wrong-class"
+) -> None:
     """A warning for the fragments on a store of the wrong class (hybrid
-    placement); with repair, their chunks are queued ('wrong-class') for
-    the mount's repairer, which moves them to a store of their class."""
+    placement), or in a failure domain holding another fragment of their
+    chunk (`reason` 'shared-domain'); with repair, their chunks are queued
+    (`reason`) for the mount's repairer, which moves them to a store of
+    their class, or of an unused domain."""
     fragments = sum(wrong_class.values())
-    ctx.report.counts["fragments_wrong_class"] = fragments
-    note = "the mount's repair moves them when a store of their class can take them"
+    ctx.report.counts[f"fragments_{reason.replace('-', '_')}"] = fragments
+    where = "a store of their class" if reason == "wrong-class" else "an unused domain"
+    note = f"the mount's repair moves them when {where} can take them"
     if ctx.repair:
         queue = RepairQueue(ctx.db)
-        priority = repair_priority(ctx.layout.m, "wrong-class")
+        priority = repair_priority(ctx.layout.m, reason)
         now = time.time_ns()
         with ctx.db.transaction():
             for chunk_id in wrong_class:
-                queue.add(chunk_id, "wrong-class", priority, now, bad=0, demand=0)
+                queue.add(chunk_id, reason, priority, now, bad=0, demand=0)
         note = "queued for the mount's repair, which moves them"
+    what = (
+        "are on a store of the wrong class for hybrid placement (a data fragment on a remote"
+        " store or parity on a local one)"
+        if reason == "wrong-class"
+        else "share a failure domain with another fragment of their chunk while a store is in"
+        " a domain holding none (losing that domain costs the chunk two fragments)"
+    )
     ctx.report.add(
         "chunk_fragments_present",
-        f"{fragments} fragment(s) of {len(wrong_class)} chunk(s) are on a store of the wrong"
-        " class for hybrid placement (a data fragment on a remote store or parity on a local"
-        f" one); {note}",
+        f"{fragments} fragment(s) of {len(wrong_class)} chunk(s) {what}; {note}",
         severity="warning",
         fixed=ctx.repair,
     )

@@ -8,7 +8,8 @@ Every check runs before anything is written, so a refused mkfs leaves the
 directories as they were.
 
 Stores are local directories or ``s3://`` locations (`ecfs.storage.s3store`). The
-m+1 metadata copies go where `ecfs.storage.metaobjects.copy_stores` says: on
+m+1 metadata copies go where `ecfs.storage.metaobjects.copy_stores` says
+(in distinct failure domains while the stores allow it): on
 local directories (as files) when there are at least m+1 of them,
 otherwise on local ones first and then object stores (as objects: a
 snapshot at epoch 0, see `ecfs.storage.metaobjects`). A volume of directories
@@ -51,7 +52,13 @@ from ..core.geometry import (
     Layout,
 )
 from ..data.placement import POLICY_KEY, SPREAD, policy_problem
-from ..storage.domains import assign, check_label, label_key, location_atoms, shared
+from ..storage.domains import (
+    assign,
+    check_label,
+    label_key,
+    resolve_stores,
+    shared,
+)
 from ..storage.metadb.schema import create_database
 from ..storage.metaobjects import ObjectCopy, copy_stores, keeps_meta_objects
 from ..storage.replicas import copy_database, read_generation, replica_path
@@ -197,7 +204,7 @@ def check_domains(
         if i in chosen:
             continue
         try:
-            atoms[i] = location_atoms(path)
+            atoms[i] = open_store(path).domain_atoms()
         except OSError as exc:
             raise VolumeError(f"cannot find the disk of {given[i]}: {exc.strerror}") from None
     domains = assign(atoms, chosen)
@@ -292,8 +299,9 @@ def create_volume(
         params.update({label_key(store_ids[i]): label for i, label in labels.items()})
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()
+        domains = resolve_stores(dict(enumerate(stores)), labels)
         holders = copy_stores(
-            {i: keeps_meta_objects(s) for i, s in enumerate(stores)}, spec.m
+            {i: keeps_meta_objects(s) for i, s in enumerate(stores)}, spec.m, domains.__getitem__
         )[: spec.m + 1]
         with tempfile.TemporaryDirectory(prefix="ecfs-mkfs-") as scratch:
             for store in [stores[i] for i in holders]:

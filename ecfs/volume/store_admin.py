@@ -21,7 +21,9 @@ itself (the repairer does, in the background).
 
 * set-domain OLD [LABEL]: OLD's failure domain label (`ecfs.storage.domains`,
   kept in the volume table) is set, or removed (back to its default).
-  Placement follows at once; fragments written before are not moved.
+  Placement follows at once; chunks now with two fragments in one domain
+  while a store is in a domain holding none of theirs are queued
+  ('shared-domain', `Repairer.queue_wrong_class`) and repair moves them.
 
 Failure domains (`_check_domains`): replace and add refuse a new store that
 shares a failure domain with another active store when the volume would
@@ -65,7 +67,7 @@ from ..core.geometry import Layout
 from ..data.placement import HYBRID, POLICY_KEY, Placement, policy_problem
 from ..data.policy import Policies
 from ..data.repair import Repairer
-from ..storage.domains import check_label, label_key, labels_of, location_atoms, resolve_stores
+from ..storage.domains import check_label, label_key, labels_of, resolve_stores
 from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable
 from ..storage.metadb.database import Database
@@ -139,7 +141,7 @@ def _location_atoms(location: str) -> frozenset[str]:
     """The default failure domain atoms of a new store location (blocking);
     an unreachable one is a domain of its own."""
     try:
-        return location_atoms(location)
+        return open_store(location).domain_atoms()
     except OSError:
         return frozenset([f"unknown:{location}"])
 
@@ -293,7 +295,8 @@ class StoreAdmin:
         await self._refresh_domains()
         name = self.domains.get(index, label or "unknown")
         message = f"store {index} is in failure domain {name}" + self._domain_note()
-        return message + " (new chunks follow it; fragments written before stay where they are)"
+        moving = self.repairer.queue_wrong_class()  # now in a shared domain: moved out
+        return message + f" (new chunks follow it; {moving} chunk(s) queued to move a fragment)"
 
     async def replace(
         self, old: str, new: str, *, domain: str | None = None, allow_shared: bool = False
