@@ -12,7 +12,10 @@ calls go to threads. The faultfs mount tests stay the end-to-end layer.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,10 @@ import trio
 
 from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE
+from ecfs.storage import offload
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
-from ecfs.storage.offload import StoreState
+from ecfs.storage.offload import QUICK_ANSWERS, StoreRunner, StoreState
+from ecfs.volume import assembly
 
 from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig
 
@@ -425,3 +430,107 @@ async def test_read_ahead_plans_parity_for_a_fragment_it_cannot_open(rig: Rig) -
     assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
     assert volume.reader.counters.one_call_reads == 1
     assert volume.reader.counters.thread_reads == threads
+
+
+# ---- store health after a hang, and of a slow store (issue 17)
+
+
+class _TimedCalls:
+    """Store calls that take the time the test says, on a clock the test
+    owns (the runner measures service time with it)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def call(self, seconds: float) -> None:  # in the worker thread
+        self.now += seconds
+
+
+async def test_a_store_quick_again_after_a_slow_stretch_is_ok_at_once(rig: Rig) -> None:
+    """After a hang (or the backlog after it) the store's late, slow
+    answers raised its fast latency estimate and made it SLOW; the reader
+    then routes around it and reads it only by a probe every 0.5 s. A few
+    quick data answers in a row restart the estimate (as mark_ok does)
+    instead of decaying through ~20 probe samples (tests/test_failures.py's
+    hung-store test waited over 12 s for that under load). Quick health
+    checks (no bytes) do not count: a slow disk answers those quickly too."""
+    timed = _TimedCalls()
+    runner = StoreRunner(0, rig.stores[0], clock=timed.clock)
+    for _ in range(30):
+        await runner.call(timed.call, 0.001, nbytes_read=4096)
+    for _ in range(5):
+        await runner.call(timed.call, 2.0, nbytes_read=4096)
+    assert runner.state is StoreState.SLOW
+    for _ in range(5):
+        await runner.call(timed.call, 0.001)  # health checks: no data
+    assert runner.state is StoreState.SLOW
+    for _ in range(QUICK_ANSWERS):
+        await runner.call(timed.call, 0.001, nbytes_read=4096)
+    assert runner.state is StoreState.OK
+    assert runner.expected_latency() < 0.1  # the baseline (it learnt a little of the first 2 s)
+    # A store slow for real stays SLOW: its data answers are not quick.
+    for _ in range(5):
+        await runner.call(timed.call, 2.0, nbytes_read=4096)
+    for _ in range(10):
+        await runner.call(timed.call, 0.5, nbytes_read=4096)
+    assert runner.state is StoreState.SLOW
+
+
+async def test_a_call_that_ran_across_a_hang_is_no_latency_sample(rig: Rig) -> None:
+    """A read not waited for (the reader's probe read) that started before
+    a hang returns when the hang ends, 20 s later: its time is the hang's,
+    not the store's; once the store is back (mark_ok) its estimate is what
+    it was before, not 0.4 s (the baseline learning 2% of 20 s)."""
+    timed = _TimedCalls()
+    runner = StoreRunner(0, rig.stores[0], clock=timed.clock)
+    for _ in range(30):
+        await runner.call(timed.call, 0.001, nbytes_read=4096)
+    release = threading.Event()
+
+    def hung() -> None:
+        release.wait(10)
+        timed.now += 20.0
+
+    pending = await runner.start(hung, nbytes_read=4096)
+    runner.mark_failed("test: hung")
+    release.set()
+    await pending.result()
+    runner.mark_ok()
+    assert runner.expected_latency() == pytest.approx(0.001)
+    assert runner.statistics().latency_p95 == pytest.approx(0.001)
+
+
+async def test_a_slow_working_store_passes_its_health_check_a_hung_one_fails(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose every thread is busy with slow reads (a disk at 2
+    MiB/s) answers its health check late, after the queue ahead of it: it
+    is not failed (nor has anything queued for repair), since it answers.
+    A hung store answers nothing and is failed after one window. (The
+    window is shortened to 0.2 s here, the old fixed probe timeout too.)"""
+    monkeypatch.setattr(offload, "PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(assembly, "PROBE_TIMEOUT", 0.2, raising=False)
+    volume = rig.volume
+    index = 0
+    runner = volume.runners[index]
+    async with trio.open_nursery() as nursery:
+        for _ in range(2 * runner.statistics().max_threads):  # each 0.15 s, 8 at once
+            nursery.start_soon(functools.partial(runner.call, time.sleep, 0.15, nbytes_read=1))
+        await trio.sleep(0.01)
+        assert runner.waiting > 0
+        started = trio.current_time()
+        await volume.probe_store(index)
+        assert trio.current_time() - started > 0.2  # longer than the old fixed timeout
+        assert runner.available, runner.failure_reason
+    assert _queued(rig) == {}
+    rig.stores[index].set("hang")
+    try:
+        await volume.probe_store(index)
+        assert not runner.available
+    finally:
+        rig.stores[index].heal()
+    await volume.probe_store(index)
+    assert runner.available

@@ -135,9 +135,6 @@ KEEP_MARKER = "KEEP-not-durable-on-replicas"
 #: and exits 1. The next mount deletes the directory as usual.
 SHUTDOWN_REPORT = "shutdown-errors"
 
-#: Seconds a store probe may take before the store counts as failed.
-PROBE_TIMEOUT = 2.0
-
 #: An fsync waiting this long probes the stores of the replicas behind.
 LAGGING_REPLICA_PROBE = 1.0
 
@@ -903,9 +900,8 @@ class Volume:
         runner = self.runners[index]
         was_available = runner.available
         try:
-            marker, device = await runner.call(
-                _probe_store, runner.store, not was_available, timeout=PROBE_TIMEOUT
-            )
+            # (failed only if the store answers nothing: see StoreRunner.health_call)
+            marker, device = await runner.health_call(_probe_store, runner.store, not was_available)
             if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
                 raise StoreError(f"{runner.store.path} now holds a different store")
         except StoreError as exc:
