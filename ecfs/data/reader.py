@@ -26,6 +26,20 @@ any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes.
 
+Kept bytes of degraded reads: a sequential reader (its chunk was read
+ahead: `prefetch`) that needs a data fragment decoded, because its store is
+unavailable or routed around, has the range decoded up to KEEP_SPAN bytes
+ahead at once, and the decoded bytes and the verified data-fragment
+sources of that decode are kept (`_kept`, at most KEEP_BYTES, oldest
+dropped first) keyed by the chunk version (the ChunkRef: chunk ids are
+never reused, every rewrite of a chunk is a new id, and a fragment moved
+by repair is a new ref) and fragment index. The next requests of the
+reader (FUSE asks 128 KiB at a time) for that fragment and for the
+neighbouring data fragments are then served from those bytes on the loop
+(`read_cached`): each range of the chunk is read, checksummed and decoded
+once instead of k sources per request. Concurrent requests covered by a
+decode under way wait for it instead of decoding the same range again.
+
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative (`_route_around`: its
 expected latency, EWMA x queue depth from its StoreRunner, above
@@ -52,7 +66,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -124,6 +138,13 @@ PROBE_INTERVAL = 0.5
 #: the reads that were outrun and abandoned never are).
 RESUME_AFTER = 2.0
 
+#: A sequential reader's degraded read decodes this many bytes of the lost
+#: fragment at once (from the requested start, within its payload) and
+#: keeps them, with the data-fragment sources, for its next requests; at
+#: most KEEP_BYTES are kept (see the module docstring).
+KEEP_SPAN = 1024 * 1024
+KEEP_BYTES = 32 * 1024 * 1024
+
 #: Chunks read ahead that are planned again when a store starts lagging:
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
 #: and a few behind it (those, already read, cost a parity read each).
@@ -149,6 +170,8 @@ class ReadCounters:
     routed_reads: int = 0
     #: Reads sent to a routed-around store to keep its latency measured.
     probe_reads: int = 0
+    #: Pieces served from the kept bytes of a degraded read (see KEEP_SPAN).
+    kept_reads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +226,14 @@ def _decode_range(
     lost: int,
     start: int,
     end: int,
-) -> bytes | None:
+) -> tuple[bytes, dict[int, bytearray]] | None:
     """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
-    decoded from the same range of k `sources` (store, verified header).
-    Their reads are started together (`Store.prefetch`), then read and
-    verified in turn, so the wait is about one disk read, not k. None if a
-    source cannot be read or fails its checksums (the caller then takes the
-    general path, which finds out which one and reads another)."""
+    decoded from the same range of k `sources` (store, verified header),
+    and the verified source bytes by index. Their reads are started
+    together (`Store.prefetch`), then read and verified in turn, so the
+    wait is about one disk read, not k. None if a source cannot be read or
+    fails its checksums (the caller then takes the general path, which
+    finds out which one and reads another)."""
     try:
         for store, header in sources:
             store.prefetch(
@@ -218,7 +242,7 @@ def _decode_range(
         pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
     except (StoreError, FragmentCorrupt):
         return None
-    return codec.decode(pieces, [lost])[lost]
+    return codec.decode(pieces, [lost])[lost], pieces
 
 
 def _verify(
@@ -268,6 +292,12 @@ class ChunkReader:
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
+        #: Kept bytes of degraded reads (see the module docstring):
+        #: (chunk version, fragment index) -> [(start, end, verified bytes)].
+        self._kept: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes]]] = OrderedDict()
+        self._kept_bytes = 0
+        #: Decodes to be kept under way: (ref, lost) -> (start, end, done).
+        self._keeping: dict[tuple[ChunkRef, int], tuple[int, int, trio.Event]] = {}
 
     def statistics(self) -> ReadStatistics:
         c = self.counters
@@ -402,6 +432,8 @@ class ChunkReader:
         """Fill `dest` with `piece` from a known header and the store's
         cached bytes, on the loop; False if it cannot be done without
         blocking."""
+        if self._kept and self._copy_kept(ref, piece.index, piece.frag_start, dest):
+            return True
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
         if runner is None or store in self._avoided:
@@ -450,12 +482,20 @@ class ChunkReader:
             if store not in self._unavailable:
                 self._unavailable.add(store)
                 self._replan(store)
-            return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+            kept = await self._kept_or_span(ref, index, start, end)
+            if kept is not None:
+                return kept
+            self.counters.degraded_reads += 1
+            self.counters.degraded_requested_bytes += wanted
+            return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
         if self._route_around(ref, index):
             await self._probe(runner, ref, index, start, end)
+            kept = await self._kept_or_span(ref, index, start, end)
+            if kept is not None:
+                return kept
             try:
-                data = await self._read_degraded(
+                data = await self._read_degraded_kept(
                     ref, index, start, end, f"store {store} lags", damaged=False
                 )
             except Unrecoverable:
@@ -713,19 +753,23 @@ class ChunkReader:
 
     async def _read_degraded(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
-        damaged: bool = True,
+        damaged: bool = True, keep: bool = False,
     ) -> bytes:  # fmt: skip
         """Bytes [start, end) of fragment `lost`, decoded from k others.
         `lost` is reported as damaged (with any source found bad) unless
-        `damaged` is False (it is only slow)."""
+        `damaged` is False (it is only slow). With `keep`, the decoded bytes
+        and the data-fragment sources are kept (see the module docstring)."""
         k = self.layout.k
         candidates = self.sources(ref, exclude={lost})
-        decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
-        if decoded_fast is not None:
+        one_call = await self._decode_in_one_call(ref, candidates, lost, start, end)
+        if one_call is not None:
+            decoded_fast, sources = one_call
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
             if damaged:
                 self.on_damage(ref, [lost], reason)
+            if keep:
+                self._keep(ref, lost, start, end, decoded_fast, sources)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
@@ -740,11 +784,81 @@ class ChunkReader:
                 f" bytes [{start}, {end}) of fragment {lost}"
             )
         decoded = await run_cpu(self.codec.decode, pieces, [lost], size=end - start)
+        if keep:
+            self._keep(ref, lost, start, end, decoded[lost], pieces)
         return decoded[lost]
+
+    # -- kept bytes of degraded reads (see the module docstring) ----------------
+
+    def _copy_kept(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
+        """Fill `dest` with fragment `index` bytes from `frag_start` if they
+        are kept; False if not."""
+        ranges = self._kept.get((ref, index))
+        if ranges is None:
+            return False
+        frag_end = frag_start + len(dest)
+        for a, b, data in ranges:
+            if a <= frag_start and frag_end <= b:
+                dest[:] = memoryview(data)[frag_start - a : frag_end - a]
+                self.counters.kept_reads += 1
+                return True
+        return False
+
+    def _keep(
+        self, ref: ChunkRef, lost: int, start: int, end: int, decoded: Bytes,
+        sources: Mapping[int, Bytes],
+    ) -> None:  # fmt: skip
+        """Keep fragment `lost`'s decoded bytes [start, end) and those of the
+        data-fragment `sources`, dropping the oldest beyond KEEP_BYTES."""
+        k = self.layout.k
+        for index, data in [(lost, decoded), *sources.items()]:
+            if index >= k or len(data) != end - start:
+                continue
+            key = (ref, index)
+            ranges = self._kept.setdefault(key, [])
+            ranges.append((start, end, data))
+            self._kept.move_to_end(key)
+            self._kept_bytes += end - start
+        while self._kept_bytes > KEEP_BYTES and self._kept:
+            _, dropped = self._kept.popitem(last=False)
+            self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+
+    async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
+        """Fragment `lost`'s bytes [start, end) if a decode under way that
+        covers them is kept (waited for): None if not."""
+        keeping = self._keeping.get((ref, lost))
+        if keeping is None or not (keeping[0] <= start and end <= keeping[1]):
+            return None
+        await keeping[2].wait()
+        data = bytearray(end - start)
+        return data if self._copy_kept(ref, lost, start, memoryview(data)) else None
+
+    async def _read_degraded_kept(
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
+        damaged: bool = True,
+    ) -> Bytes:  # fmt: skip
+        """`_read_degraded` of [start, end); for a sequential reader (its
+        chunk was read ahead lately) up to KEEP_SPAN bytes from `start` are
+        decoded and kept for its next requests (see the module docstring)."""
+        if ref not in self._planned:
+            return await self._read_degraded(ref, lost, start, end, reason, damaged)
+        payload = self.layout.payload_length(ref.length)
+        stop = max(end, self.layout.cell_range(start, min(payload, start + KEEP_SPAN), payload)[1])
+        key = (ref, lost)
+        done = trio.Event()
+        if key not in self._keeping:
+            self._keeping[key] = (start, stop, done)
+        try:
+            data = await self._read_degraded(ref, lost, start, stop, reason, damaged, keep=True)
+        finally:
+            if self._keeping.get(key, (0, 0, None))[2] is done:
+                del self._keeping[key]
+            done.set()
+        return data if stop == end else data[: end - start]
 
     async def _decode_in_one_call(
         self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
-    ) -> bytes | None:
+    ) -> tuple[bytes, dict[int, bytearray]] | None:
         """The common degraded read in ONE worker-thread call (k reads, their
         checks and the decode: `_decode_range`) instead of k thread round
         trips and a task each, then a decode: possible when the headers of k
@@ -752,7 +866,7 @@ class ChunkReader:
         ahead, or read before). None when it is not, or when the call fails
         or takes longer than twice the slowest source's hedge deadline (it
         is then abandoned and `gather_fragments`, which hedges and widens
-        per source, takes over). An abandoned call's thread ends when its
+        per source, takes over). Returns the decoded bytes and the sources'. An abandoned call's thread ends when its
         store answers (a store keeps what the thread uses open until then)."""
         k = self.layout.k
         sources: list[tuple[Store, fragment.FragmentHeader]] = []
