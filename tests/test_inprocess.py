@@ -593,3 +593,50 @@ async def test_a_sequential_read_over_a_missing_store_decodes_each_range_once(
         )
         await read_all(new)
         await volume.filedata.released(ino)
+
+
+# ---- writes do not wait for a slow store (issue 17)
+
+
+@pytest.mark.parametrize("fault", ["slow", "hang"])
+async def test_a_chunk_write_does_not_wait_for_a_straggling_store(rig: Rig, fault: str) -> None:
+    """One store's fragment writes are slow (or hang): once k+1 fragments
+    of a chunk are written and the grace period passed, the write
+    completes with the slow store's slot in its ref, the write going on
+    in the background. A slow straggler lands later (nothing to repair);
+    a hung one times out and its fragment is marked missing: the chunk is
+    queued for repair. The data reads back either way."""
+    volume = rig.volume
+    volume.writer.write_timeout = 1.5  # a hung write's deadline (default 30 s)
+    slow = 0
+    data = os.urandom(4 * CHUNK)
+    ino = rig.new_file()
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.writer.attach(nursery)
+        volume.filedata.opened(ino)
+        rig.stores[slow].set(fault, delay=1.0, ops={"write"})
+        try:
+            await volume.filedata.write(ino, 0, data)
+            await volume.filedata.flush(ino)
+            refs = volume.filedata.chunks.get_range(ino, 0, 3)
+            on_slow = {ref.chunk_id: ref.stores.index(slow) for ref in refs.values() if slow in ref.stores}
+            assert on_slow, refs  # the slow store kept its slots: not replaced by the spare
+            written = [rig.memory[slow].fragment(c, i) for c, i in on_slow.items()]
+            assert written == [None] * len(on_slow)  # completed before the slow store answered
+            with trio.fail_after(10):
+                while any(  # noqa: ASYNC110 (polls the stores)
+                    rig.memory[slow].fragment(c, i) is None and not _queued(rig).get(c, 0) >> i & 1
+                    for c, i in on_slow.items()
+                ):
+                    await trio.sleep(0.05)
+        finally:
+            rig.stores[slow].heal()
+        if fault == "slow":
+            assert _queued(rig) == {}
+            assert all(rig.memory[slow].fragment(c, i) for c, i in on_slow.items())
+        else:
+            assert all(_queued(rig)[c] >> i & 1 for c, i in on_slow.items())
+        volume.handles.close_all()
+        assert await _read_sequentially(rig, ino, len(data)) == data
+        await volume.filedata.released(ino)

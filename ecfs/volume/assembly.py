@@ -372,6 +372,7 @@ class Volume:
             db,
         )
         self.writer.on_abandoned = self.garbage.remember
+        self.writer.on_late_failure = self.damage.record  # a straggler lost: repair it
         self.writelog = WriteLog(
             db,
             self.layout.chunk_size,
@@ -740,6 +741,7 @@ class Volume:
             lambda: self.filedata.last_activity,
         )
         self.filedata.attach(nursery)
+        self.writer.attach(nursery)  # stragglers finish in the background
         if self.lease is not None:
             nursery.start_soon(supervised, "lease renewal", self.lease.keep_renewed)
         for ino in self.namespace.orphans():
