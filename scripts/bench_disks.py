@@ -34,7 +34,8 @@ and 40 MiB/s, where the disks bind):
     the passthrough;
   - the reads again with device 5 slowed to 2 MiB/s (its cap changed under
     the running mount), and with store 5 missing (deleted, ecfs mounted on
-    the five others);
+    the five others); with device 5 slow, also a sequential write of a
+    quarter of the size (removed again after);
   - the rebuild of the replaced store (`ecfs store replace` to a new empty
     directory on device 5, then `ecfs repair --wait`) while a foreground
     reader reads the big file sequentially.
@@ -711,6 +712,17 @@ class DiskBench:
                     res.add(Row(cap, "4K rand read QD1 p99, 1 dev slow", "ecfs", p99, "ms",
                                 None, "", f"<= 2 x healthy ({2 * rand[1]['p99_ms']:.2f})",
                                 p99 <= 2 * rand[1]["p99_ms"]))  # fmt: skip
+                # a write with the device slow (a quarter of the size): the
+                # writer does not wait for the slow store's fragments once
+                # k+1 are written (stragglers, ecfs.data.writer); the file is
+                # removed again so that the rest measures the same volume
+                extra = mnt / "seq-slow.dat"
+                w_slow = seq_write(extra, cfg.size // 4, direct=False)
+                res.add(Row(cap, "seq write, 1 dev at 2 MiB/s", "ecfs", w_slow, "MiB/s",
+                            (N - 1) * cap / 1.25, "5 x cap / 1.25",
+                            f"{w_slow / w:.2f} x healthy write"))  # fmt: skip
+                extra.unlink()
+                wl.sync_all()
             finally:
                 m.cap(N - 1, bps)
             # one device missing: its store deleted, ecfs mounted on the others

@@ -25,7 +25,7 @@ from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE
 from ecfs.storage import offload
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
-from ecfs.storage.offload import QUICK_ANSWERS, StoreRunner, StoreState
+from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
 from ecfs.volume import assembly
 
 from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig
@@ -477,6 +477,29 @@ async def test_a_store_quick_again_after_a_slow_stretch_is_ok_at_once(rig: Rig) 
     for _ in range(10):
         await runner.call(timed.call, 0.5, nbytes_read=4096)
     assert runner.state is StoreState.SLOW
+
+
+async def test_a_slow_store_read_by_nobody_is_ok_again_after_a_quick_health_check(
+    rig: Rig,
+) -> None:
+    """The flake of tests/test_failures.py's hung-store test: the hang
+    ended with the store SLOW (late answers) but never failed, and nothing
+    read it afterwards, so nothing measured it again: it stayed SLOW. A
+    health check that answers quickly, once no data call was measured for
+    SLOW_STALE seconds, restarts the estimate; while data calls measure it
+    slow, a quick health check does not."""
+    timed = _TimedCalls()
+    runner = StoreRunner(0, rig.stores[0], clock=timed.clock)
+    for _ in range(30):
+        await runner.call(timed.call, 0.001, nbytes_read=4096)
+    for _ in range(5):
+        await runner.call(timed.call, 2.0, nbytes_read=4096)
+    assert runner.state is StoreState.SLOW
+    await runner.health_call(timed.call, 0.001)
+    assert runner.state is StoreState.SLOW  # just measured slow: kept
+    timed.now += SLOW_STALE
+    await runner.health_call(timed.call, 0.001)
+    assert runner.state is StoreState.OK
 
 
 async def test_a_call_that_ran_across_a_hang_is_no_latency_sample(rig: Rig) -> None:

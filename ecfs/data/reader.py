@@ -481,6 +481,7 @@ class ChunkReader:
         if runner is None:
             if store not in self._unavailable:
                 self._unavailable.add(store)
+                self._outrun.pop(store, None)  # back later: counted afresh
                 self._replan(store)
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:

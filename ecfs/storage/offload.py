@@ -56,7 +56,12 @@ Health policy (kept deliberately simple):
   twenty-odd samples the EWMA needs to decay, which for a store the reader
   routes around (a probe read every 0.5 s) took over ten seconds. A store
   that is really slow answers its data reads slowly and is not reset by
-  this (its health checks, quick as they may be, do not count).
+  this (its health checks, quick as they may be, do not count). Nor is an
+  estimate kept when nothing measures it: a health check that answers
+  quickly restarts it too once no data call was measured for SLOW_STALE
+  seconds (a store SLOW at the end of a hang, and read by nobody since,
+  would otherwise stay SLOW for good; a slow store that is read around
+  still gets the reader's probe reads, which keep its estimate fresh).
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
@@ -170,6 +175,9 @@ SLOW_FLOOR = 0.02
 #: Data calls in a row answering within the clearing bound that restart an
 #: inflated fast EWMA from the baseline (see "SLOW" in the module docstring).
 QUICK_ANSWERS = 3
+#: A quick health check restarts it too when no data call was measured for
+#: this many seconds.
+SLOW_STALE = 2.0
 #: `call_timeout`: this many times the p99 of answered calls, at least
 #: CALL_TIMEOUT_FLOOR seconds (twice the health probe's PROBE_TIMEOUT: a
 #: store that answers its probes is not failed by a read quicker than
@@ -337,6 +345,8 @@ class StoreRunner:
         self._quick = 0
         #: Calls that ended with an answer from the store (any outcome).
         self._answers = 0
+        #: When (`clock`) a data call was last measured.
+        self._last_data = -math.inf
         self._slow = False
         self._samples = 0
         self._ewma = 0.0
@@ -556,8 +566,9 @@ class StoreRunner:
         return memo[1]
 
     def record_latency(self, seconds: float) -> None:
-        """Record a latency measured elsewhere (e.g. an on-loop cached read)."""
-        self._record_sample(seconds)
+        """Record a latency measured elsewhere (e.g. an on-loop cached read,
+        or what a read outrun by a hedge had waited): a data call's."""
+        self._record_sample(seconds, data=True)
 
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
@@ -596,7 +607,11 @@ class StoreRunner:
                 with trio.move_on_after(self.probe_window()):
                     if pending is None:
                         pending = await self.start(fn, *args)
-                    return await pending.result()
+                    result = await pending.result()
+                    quick = pending._job.elapsed < self._slow_bound() / 2
+                    if quick and self._clock() - self._last_data >= SLOW_STALE:
+                        self._restart_fast_estimate()  # nothing says it is slow now
+                    return result
                 waited = trio.current_time() - started
                 if self._answers == answers or waited >= PROBE_TIMEOUT_MAX:
                     break  # nothing of the store answered: hung
@@ -649,6 +664,8 @@ class StoreRunner:
         """A measured call took `seconds`; `data`: it read or wrote bytes
         (only those count as quick answers, see the module docstring)."""
         seconds = max(0.0, seconds)
+        if data:
+            self._last_data = self._clock()
         if self._samples == 0:
             self._ewma = self._baseline = seconds
         else:
@@ -678,6 +695,7 @@ class StoreRunner:
         self._late_answers += 1
         if self._samples and self._failure is None:
             self._quick = 0
+            self._last_data = self._clock()
             self._ewma += EWMA_ALPHA * (max(0.0, seconds) - self._ewma)
             self._update_slow()
 
