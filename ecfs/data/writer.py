@@ -81,7 +81,7 @@ WRITE_TIMEOUT = 30.0
 #: written, the others get this many times the time those took, at least
 #: the floor (seconds), before the write completes without them...
 STRAGGLER_GRACE_FACTOR = 2.0
-STRAGGLER_GRACE_FLOOR = 0.2
+STRAGGLER_GRACE_FLOOR = 0.05
 #: ... and at most this many chunks have stragglers in the background.
 MAX_STRAGGLING_CHUNKS = 8
 
