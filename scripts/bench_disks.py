@@ -55,7 +55,7 @@ extract) about 1-2; --reads-only skips the baselines, random reads and the
 extract. ECFS_BENCH_LOG_LEVEL sets the daemons' log level (default
 warning); ECFS_BENCH_PROFILE=DIR (with py-spy on PATH or in
 ECFS_BENCH_PYSPY) records the daemon's stacks during the healthy, slow and
-missing reads and the rebuild. Every FUSE mount, device mount, loop device
+missing reads, the healthy random reads and the rebuild. Every FUSE mount, device mount, loop device
 and the cgroup are removed on any exit (try/finally, SIGTERM/SIGHUP/SIGINT
 handlers, lazy unmounts as the last resort).
 """
@@ -667,7 +667,8 @@ class DiskBench:
             rand: dict[int, dict[str, float]] = {}
             for depth in () if cfg.reads_only else (1, 16):
                 self.cold(all_devices)
-                rand[depth] = rand_read(big, depth, cfg.rand_s)
+                with self.profiled(mnt, f"{cap}-rand-qd{depth}"):
+                    rand[depth] = rand_read(big, depth, cfg.rand_s)
                 row = Row(cap, f"4K rand read QD{depth}", "ecfs", rand[depth]["iops"], "IOPS")
                 if depth == 16 and pt_rand.get(16):
                     row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
@@ -755,7 +756,9 @@ class DiskBench:
     def profiled(self, mnt: Path, name: str) -> Iterator[None]:
         """With ECFS_BENCH_PROFILE=DIR and py-spy on PATH (or
         ECFS_BENCH_PYSPY): the daemon's stacks (py-spy record, raw
-        collapsed format, --nonblocking) while the block runs, in DIR/name.txt."""
+        collapsed format, --nonblocking) while the block runs, in DIR/name.txt
+        (the healthy, slow and missing sequential reads, the healthy random
+        reads and the rebuild)."""
         out_dir = os.environ.get("ECFS_BENCH_PROFILE")
         py_spy = os.environ.get("ECFS_BENCH_PYSPY") or shutil.which("py-spy")
         if not out_dir or not py_spy:
