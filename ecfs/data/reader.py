@@ -226,23 +226,34 @@ def _decode_range(
     lost: int,
     start: int,
     end: int,
-) -> tuple[bytes, dict[int, bytearray]] | None:
+    unopened: tuple[Store, int, int, Expected, int] | None = None,
+) -> tuple[bytes, dict[int, bytearray], fragment.FragmentHeader | None] | None:
     """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
     decoded from the same range of k `sources` (store, verified header),
     and the verified source bytes by index. Their reads are started
     together (`Store.prefetch`), then read and verified in turn, so the
-    wait is about one disk read, not k. None if a source cannot be read or
-    fails its checksums (the caller then takes the general path, which
-    finds out which one and reads another)."""
+    wait is about one disk read, not k. One more source may be given
+    `unopened` (store, chunk id, index, expected, payload length): its
+    header is read and verified here first, and returned (for the handle
+    cache). None if a source cannot be read or fails its checksums (the
+    caller then takes the general path, which finds out which one and
+    reads another)."""
+    opened = None
     try:
+        if unopened is not None:
+            store, chunk_id, index, expected, payload = unopened
+            opened, _ = read_header(store, chunk_id, index, expected)
+            if opened.payload_length != payload:
+                return None
+            sources = [*sources, (store, opened)]
         for store, header in sources:
             store.prefetch(
                 header.chunk_id, header.index, header.payload_offset + start, end - start
             )
         pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
-    except (StoreError, FragmentCorrupt):
+    except (EcfsError, FragmentCorrupt):
         return None
-    return codec.decode(pieces, [lost])[lost], pieces
+    return codec.decode(pieces, [lost])[lost], pieces, opened
 
 
 def _verify(
@@ -871,15 +882,20 @@ class ChunkReader:
         store answers (a store keeps what the thread uses open until then)."""
         k = self.layout.k
         sources: list[tuple[Store, fragment.FragmentHeader]] = []
+        unopened: tuple[Store, int, int, Expected, int] | None = None
+        payload = self.layout.payload_length(ref.length)
         deadline = 0.0
         for index in candidates:
-            if len(sources) == k:
+            if len(sources) + (unopened is not None) == k:
                 break
             runner = self.runners.get(ref.stores[index])
             if runner is None or runner.state is not StoreState.OK:
                 continue
             header = self.handles.get((ref.stores[index], ref.chunk_id, index))
             if header is None:
+                if unopened is None:  # one header (a parity not read ahead yet) read there
+                    unopened = (runner.store, ref.chunk_id, index, self.expected, payload)
+                    deadline = max(deadline, 2 * runner.hedge_deadline())
                 continue
             try:
                 self._check_payload(ref, header)
@@ -887,14 +903,20 @@ class ChunkReader:
                 return None  # the general path reads it and reports it
             sources.append((runner.store, header))
             deadline = max(deadline, 2 * runner.hedge_deadline())
-        if len(sources) < k:
+        if len(sources) + (unopened is not None) < k:
             return None
         with trio.move_on_after(deadline) as scope:
             decoded = await run_in_thread(
-                _decode_range, self.codec, sources, lost, start, end,
+                _decode_range, self.codec, sources, lost, start, end, unopened,
                 abandon_on_cancel=True, limiter=self._one_call_limiter,
             )  # fmt: skip
-        return None if scope.cancelled_caught else decoded
+        if scope.cancelled_caught or decoded is None:
+            return None
+        data, pieces, opened = decoded
+        if opened is not None and unopened is not None:
+            store = ref.stores[opened.index]
+            self.handles.insert((store, ref.chunk_id, opened.index), opened)
+        return data, pieces
 
     async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int
