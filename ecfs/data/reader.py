@@ -67,7 +67,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -290,6 +290,10 @@ class ChunkReader:
         self.expected = expected
         self.on_damage = on_damage
         self.on_missing = on_missing
+        #: (store, chunk id, index) of fragments being written now (the
+        #: writer's stragglers): a read that finds one missing decodes it
+        #: from the others without reporting damage.
+        self.writing: Container[tuple[int, int, int]] = frozenset()
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self.readahead = ReadAhead(handles, expected, on_failed=self._read_ahead_failed)
@@ -529,7 +533,11 @@ class ChunkReader:
                     nursery.cancel_scope.cancel()
                 except (StoreError, FragmentCorrupt) as exc:
                     errors.append(exc)
-                    if isinstance(exc, FragmentMissing) and self.on_missing is not None:
+                    if (
+                        isinstance(exc, FragmentMissing)
+                        and self.on_missing is not None
+                        and (store, ref.chunk_id, index) not in self.writing
+                    ):
                         self.on_missing(store)  # a vanished store looks like this
                 finally:
                     primary_done.set()
@@ -779,7 +787,7 @@ class ChunkReader:
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
             if damaged:
-                self.on_damage(ref, [lost], reason)
+                self._damage(ref, [lost], reason)
             if keep:
                 self._keep(ref, lost, start, end, decoded_fast, sources)
             return decoded_fast
@@ -788,7 +796,7 @@ class ChunkReader:
         if damaged:
             bad = [lost, *bad]
         if bad:
-            self.on_damage(ref, bad, reason)
+            self._damage(ref, bad, reason)
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(
@@ -799,6 +807,14 @@ class ChunkReader:
         if keep:
             self._keep(ref, lost, start, end, decoded[lost], pieces)
         return decoded[lost]
+
+    def _damage(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
+        """Report `bad` fragments of `ref`, except those still being written
+        (`writing`: a straggler is missing until it lands, not damaged)."""
+        if self.writing:
+            bad = [i for i in bad if (ref.stores[i], ref.chunk_id, i) not in self.writing]
+        if bad:
+            self.on_damage(ref, bad, reason)
 
     # -- kept bytes of degraded reads (see the module docstring) ----------------
 

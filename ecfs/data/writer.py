@@ -34,7 +34,9 @@ oldest one's are cancelled, which bounds the memory they hold) is not
 placed elsewhere (the caller has committed the ref by then): it is
 reported to `on_late_failure` (the volume queues the chunk for repair, as
 for a fragment found missing) and its store keeps the fragment slot,
-missing, until repair writes it. Without a nursery (tools, tests) every
+missing, until repair writes it. While a straggler runs it is in
+`straggling`, which the reader consults: a read that finds it missing
+decodes around it without reporting damage. Without a nursery (tools, tests) every
 fragment is waited for as before.
 
 Leftovers: a fragment write that failed other than for lack of space (the
@@ -147,6 +149,9 @@ class ChunkWriter:
         self._cpu = trio.CapacityLimiter(2)
         self._buffers = BufferPool(POOLED_BUFFERS)
         self._nursery: trio.Nursery | None = None
+        #: (store, chunk id, index) of the stragglers being written now
+        #: (the reader does not count them as damage while missing).
+        self.straggling: set[tuple[int, int, int]] = set()
         #: Cancel scopes (one per slot) of the chunks whose stragglers run
         #: now, oldest first.
         self._straggling: list[list[trio.CancelScope]] = []
@@ -281,6 +286,8 @@ class ChunkWriter:
                     bugs.append(exc)  # raised by the write itself, below
             finally:
                 finished[index] = True
+                if handed:
+                    self.straggling.discard((handed[0].stores[index], chunk_id, index))
                 if all(finished):
                     all_done.set()
                     if scopes in self._straggling:
@@ -313,6 +320,7 @@ class ChunkWriter:
                 for index in stragglers:
                     chosen[index] = current[index] if current[index] is not None else NO_STORE
                 handed.append(ChunkRef(chunk_id, length, tuple(chosen)))
+                self.straggling.update((chosen[i], chunk_id, i) for i in stragglers)
                 timed_out.append("straggling")
                 self._straggling.append(scopes)
                 while len(self._straggling) > MAX_STRAGGLING_CHUNKS:

@@ -373,6 +373,7 @@ class Volume:
         )
         self.writer.on_abandoned = self.garbage.remember
         self.writer.on_late_failure = self.damage.record  # a straggler lost: repair it
+        self.reader.writing = self.writer.straggling  # missing until they land
         self.writelog = WriteLog(
             db,
             self.layout.chunk_size,
