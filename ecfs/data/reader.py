@@ -24,7 +24,9 @@ fails or is slow, each source is read and hedged on its own. zfec is
 systematic and works byte position by byte position, so bytes [a, b) of
 any k fragments determine bytes [a, b) of every other one.
 Fewer than k good fragments for the range: Unrecoverable (EIO), never
-guessed or zeroed bytes.
+guessed or zeroed bytes. A fragment the writer is still writing (a
+straggler, `writing`, see `ecfs.data.writer`) that is found missing is
+decoded around the same way but not reported as damage.
 
 Kept bytes of degraded reads: a sequential reader (its chunk was read
 ahead: `prefetch`) that needs a data fragment decoded, because its store is
