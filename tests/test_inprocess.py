@@ -668,3 +668,18 @@ async def test_a_chunk_write_does_not_wait_for_a_straggling_store(rig: Rig, faul
         volume.handles.close_all()
         assert await _read_sequentially(rig, ino, len(data)) == data
         await volume.filedata.released(ino)
+
+
+async def test_only_timed_reads_make_a_store_an_alternative_for_reads(rig: Rig) -> None:
+    """The reader routes around a lagging store only towards stores whose
+    reads were timed: health checks and writes (all a hybrid volume's
+    remote parity stores get while it is healthy) do not count, or a busy
+    local store would be read around towards a remote one (seen once in
+    tests/test_hybrid_mount.py under load, with the remote servers paused)."""
+    timed = _TimedCalls()
+    runner = StoreRunner(0, rig.stores[0], clock=timed.clock)
+    await runner.health_call(timed.call, 0.001)
+    await runner.call(timed.call, 0.001, nbytes_written=4096)
+    assert not runner.measured
+    await runner.call(timed.call, 0.001, nbytes_read=4096)
+    assert runner.measured

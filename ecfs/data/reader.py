@@ -517,7 +517,9 @@ class ChunkReader:
                     ref, index, start, end, f"store {store} lags", damaged=False
                 )
             except Unrecoverable:
-                pass  # the lagging store is the only hope: read it below
+                # Not unrecoverable (yet): the lagging store is the only
+                # hope, read below.
+                self.counters.unrecoverable_reads -= 1
             else:
                 self.counters.routed_reads += 1
                 return data
@@ -561,6 +563,7 @@ class ChunkReader:
                 except Unrecoverable:
                     if errors:
                         raise
+                    self.counters.unrecoverable_reads -= 1  # not (yet): see below
                     return  # the slow primary is the only hope: wait for it
                 if not primary_done.is_set():
                     # The read it outran is abandoned (its latency is never

@@ -347,6 +347,8 @@ class StoreRunner:
         self._answers = 0
         #: When (`clock`) a data call was last measured.
         self._last_data = -math.inf
+        #: Whether a read of data was timed (`measured`).
+        self._read_measured = False
         self._slow = False
         self._samples = 0
         self._ewma = 0.0
@@ -445,13 +447,13 @@ class StoreRunner:
             if not job.abandoned:
                 if isinstance(exc, FragmentMissing):
                     if measured:
-                        self._record_sample(job.elapsed)
+                        self._record_sample(job.elapsed, read=pending.nbytes_read > 0)
                 elif isinstance(exc, EcfsError):
                     self._note_error(exc)
         elif not job.abandoned:
             if measured:
-                data = pending.nbytes_read > 0 or pending.nbytes_written > 0
-                self._record_sample(job.elapsed, data=data)
+                read = pending.nbytes_read > 0
+                self._record_sample(job.elapsed, data=read or pending.nbytes_written > 0, read=read)
             self._bytes_read += pending.nbytes_read
             self._bytes_written += pending.nbytes_written
         elif job.stage == _DONE:  # abandoned while it ran, and it answered after all
@@ -534,9 +536,11 @@ class StoreRunner:
 
     @property
     def measured(self) -> bool:
-        """Whether a call of this store has been timed yet (before that,
-        `expected_latency` is a guess)."""
-        return self._samples > 0
+        """Whether a read of this store's data has been timed yet (a call
+        that read bytes, or `record_latency`): health checks and writes do
+        not make a store an alternative for reads (the remote parity
+        stores of a hybrid volume, say; see `ecfs.data.reader`)."""
+        return self._read_measured
 
     def expected_latency(self) -> float:
         """Estimated seconds for a new call: EWMA x (1 + queue depth).
@@ -568,7 +572,7 @@ class StoreRunner:
     def record_latency(self, seconds: float) -> None:
         """Record a latency measured elsewhere (e.g. an on-loop cached read,
         or what a read outrun by a hedge had waited): a data call's."""
-        self._record_sample(seconds, data=True)
+        self._record_sample(seconds, data=True, read=True)
 
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
@@ -660,12 +664,15 @@ class StoreRunner:
 
     # ---- latency bookkeeping
 
-    def _record_sample(self, seconds: float, *, data: bool = False) -> None:
+    def _record_sample(self, seconds: float, *, data: bool = False, read: bool = False) -> None:
         """A measured call took `seconds`; `data`: it read or wrote bytes
-        (only those count as quick answers, see the module docstring)."""
+        (only those count as quick answers, see the module docstring);
+        `read`: it read bytes (`measured`)."""
         seconds = max(0.0, seconds)
         if data:
             self._last_data = self._clock()
+        if read:
+            self._read_measured = True
         if self._samples == 0:
             self._ewma = self._baseline = seconds
         else:
