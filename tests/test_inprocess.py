@@ -486,8 +486,9 @@ async def test_a_slow_store_read_by_nobody_is_ok_again_after_a_quick_health_chec
     ended with the store SLOW (late answers) but never failed, and nothing
     read it afterwards, so nothing measured it again: it stayed SLOW. A
     health check that answers quickly, once no data call was measured for
-    SLOW_STALE seconds, restarts the estimate; while data calls measure it
-    slow, a quick health check does not."""
+    SLOW_STALE seconds and none runs, restarts the estimate; while data
+    calls measure it slow, or one runs (a probe read behind a queue on a
+    slow disk), a quick health check does not."""
     timed = _TimedCalls()
     runner = StoreRunner(0, rig.stores[0], clock=timed.clock)
     for _ in range(30):
@@ -497,6 +498,13 @@ async def test_a_slow_store_read_by_nobody_is_ok_again_after_a_quick_health_chec
     assert runner.state is StoreState.SLOW
     await runner.health_call(timed.call, 0.001)
     assert runner.state is StoreState.SLOW  # just measured slow: kept
+    timed.now += SLOW_STALE
+    release = threading.Event()
+    reading = await runner.start(release.wait, 10, nbytes_read=4096)  # a slow read running
+    await runner.health_call(timed.call, 0.001)
+    assert runner.state is StoreState.SLOW  # read around, still being measured: kept
+    release.set()
+    await reading.result()
     timed.now += SLOW_STALE
     await runner.health_call(timed.call, 0.001)
     assert runner.state is StoreState.OK

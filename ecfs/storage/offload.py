@@ -59,9 +59,10 @@ Health policy (kept deliberately simple):
   this (its health checks, quick as they may be, do not count). Nor is an
   estimate kept when nothing measures it: a health check that answers
   quickly restarts it too once no data call was measured for SLOW_STALE
-  seconds (a store SLOW at the end of a hang, and read by nobody since,
-  would otherwise stay SLOW for good; a slow store that is read around
-  still gets the reader's probe reads, which keep its estimate fresh).
+  seconds and none is running (a store SLOW at the end of a hang, and
+  read by nobody since, would otherwise stay SLOW for good; a slow store
+  that is read around still gets the reader's probe reads, one at a time,
+  which keep it measured or running).
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
@@ -613,7 +614,8 @@ class StoreRunner:
                         pending = await self.start(fn, *args)
                     result = await pending.result()
                     quick = pending._job.elapsed < self._slow_bound() / 2
-                    if quick and self._clock() - self._last_data >= SLOW_STALE:
+                    idle = self.in_flight == 0 and self._clock() - self._last_data >= SLOW_STALE
+                    if quick and idle:
                         self._restart_fast_estimate()  # nothing says it is slow now
                     return result
                 waited = trio.current_time() - started
