@@ -906,17 +906,18 @@ class ChunkReader:
         unopened: tuple[Store, int, int, Expected, int] | None = None
         payload = self.layout.payload_length(ref.length)
         deadline = 0.0
+        first_unopened: StoreRunner | None = None
         for index in candidates:
-            if len(sources) + (unopened is not None) == k:
+            if len(sources) == k:
                 break
             runner = self.runners.get(ref.stores[index])
             if runner is None or runner.state is not StoreState.OK:
                 continue
             header = self.handles.get((ref.stores[index], ref.chunk_id, index))
             if header is None:
-                if unopened is None:  # one header (a parity not read ahead yet) read there
+                if unopened is None:  # kept in case k known ones are not found
                     unopened = (runner.store, ref.chunk_id, index, self.expected, payload)
-                    deadline = max(deadline, 2 * runner.hedge_deadline())
+                    first_unopened = runner
                 continue
             try:
                 self._check_payload(ref, header)
@@ -924,7 +925,12 @@ class ChunkReader:
                 return None  # the general path reads it and reports it
             sources.append((runner.store, header))
             deadline = max(deadline, 2 * runner.hedge_deadline())
-        if len(sources) + (unopened is not None) < k:
+        if len(sources) == k:
+            unopened = None  # all known (read ahead): no header to read
+        elif len(sources) == k - 1 and first_unopened is not None:
+            # one header (a parity not read ahead yet) is read there
+            deadline = max(deadline, 2 * first_unopened.hedge_deadline())
+        else:
             return None
         with trio.move_on_after(deadline) as scope:
             decoded = await run_in_thread(
