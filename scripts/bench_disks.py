@@ -34,7 +34,8 @@ and 40 MiB/s, where the disks bind):
     the passthrough;
   - the reads again with device 5 slowed to 2 MiB/s (its cap changed under
     the running mount), and with store 5 missing (deleted, ecfs mounted on
-    the five others);
+    the five others); with device 5 slow, also a sequential write of a
+    quarter of the size (removed again after);
   - the rebuild of the replaced store (`ecfs store replace` to a new empty
     directory on device 5, then `ecfs repair --wait`) while a foreground
     reader reads the big file sequentially.
@@ -54,7 +55,7 @@ extract) about 1-2; --reads-only skips the baselines, random reads and the
 extract. ECFS_BENCH_LOG_LEVEL sets the daemons' log level (default
 warning); ECFS_BENCH_PROFILE=DIR (with py-spy on PATH or in
 ECFS_BENCH_PYSPY) records the daemon's stacks during the healthy, slow and
-missing reads and the rebuild. Every FUSE mount, device mount, loop device
+missing reads, the healthy random reads and the rebuild. Every FUSE mount, device mount, loop device
 and the cgroup are removed on any exit (try/finally, SIGTERM/SIGHUP/SIGINT
 handlers, lazy unmounts as the last resort).
 """
@@ -666,7 +667,8 @@ class DiskBench:
             rand: dict[int, dict[str, float]] = {}
             for depth in () if cfg.reads_only else (1, 16):
                 self.cold(all_devices)
-                rand[depth] = rand_read(big, depth, cfg.rand_s)
+                with self.profiled(mnt, f"{cap}-rand-qd{depth}"):
+                    rand[depth] = rand_read(big, depth, cfg.rand_s)
                 row = Row(cap, f"4K rand read QD{depth}", "ecfs", rand[depth]["iops"], "IOPS")
                 if depth == 16 and pt_rand.get(16):
                     row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
@@ -711,6 +713,17 @@ class DiskBench:
                     res.add(Row(cap, "4K rand read QD1 p99, 1 dev slow", "ecfs", p99, "ms",
                                 None, "", f"<= 2 x healthy ({2 * rand[1]['p99_ms']:.2f})",
                                 p99 <= 2 * rand[1]["p99_ms"]))  # fmt: skip
+                # a write with the device slow (a quarter of the size): the
+                # writer does not wait for the slow store's fragments once
+                # k+1 are written (stragglers, ecfs.data.writer); the file is
+                # removed again so that the rest measures the same volume
+                extra = mnt / "seq-slow.dat"
+                w_slow = seq_write(extra, cfg.size // 4, direct=False)
+                res.add(Row(cap, "seq write, 1 dev at 2 MiB/s", "ecfs", w_slow, "MiB/s",
+                            (N - 1) * cap / 1.25, "5 x cap / 1.25",
+                            f"{w_slow / w:.2f} x healthy write"))  # fmt: skip
+                extra.unlink()
+                wl.sync_all()
             finally:
                 m.cap(N - 1, bps)
             # one device missing: its store deleted, ecfs mounted on the others
@@ -743,7 +756,9 @@ class DiskBench:
     def profiled(self, mnt: Path, name: str) -> Iterator[None]:
         """With ECFS_BENCH_PROFILE=DIR and py-spy on PATH (or
         ECFS_BENCH_PYSPY): the daemon's stacks (py-spy record, raw
-        collapsed format, --nonblocking) while the block runs, in DIR/name.txt."""
+        collapsed format, --nonblocking) while the block runs, in DIR/name.txt
+        (the healthy, slow and missing sequential reads, the healthy random
+        reads and the rebuild)."""
         out_dir = os.environ.get("ECFS_BENCH_PROFILE")
         py_spy = os.environ.get("ECFS_BENCH_PYSPY") or shutil.which("py-spy")
         if not out_dir or not py_spy:

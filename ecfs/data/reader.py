@@ -28,6 +28,23 @@ guessed or zeroed bytes. Every k, fragment length and header check above
 is the chunk's own (`Layout.of(ref)`, `Expected.of(ref)`: a chunk written
 under a redundancy policy has its own k' + m'; codecs are shared per
 coding, `Codec.of`).
+A fragment the writer is still writing (a
+straggler, `writing`, see `ecfs.data.writer`) that is found missing is
+decoded around the same way but not reported as damage.
+
+Kept bytes of degraded reads: a sequential reader (its chunk was read
+ahead: `prefetch`) that needs a data fragment decoded, because its store is
+unavailable or routed around, has the range decoded up to KEEP_SPAN bytes
+ahead at once, and the decoded bytes and the verified data-fragment
+sources of that decode are kept (`_kept`, at most KEEP_BYTES, oldest
+dropped first) keyed by the chunk version (the ChunkRef: chunk ids are
+never reused, every rewrite of a chunk is a new id, and a fragment moved
+by repair is a new ref) and fragment index. The next requests of the
+reader (FUSE asks 128 KiB at a time) for that fragment and for the
+neighbouring data fragments are then served from those bytes on the loop
+(`read_cached`): each range of the chunk is read, checksummed and decoded
+once instead of k sources per request. Concurrent requests covered by a
+decode under way wait for it instead of decoding the same range again.
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative (`_route_around`: its
@@ -55,8 +72,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -127,6 +144,13 @@ PROBE_INTERVAL = 0.5
 #: the reads that were outrun and abandoned never are).
 RESUME_AFTER = 2.0
 
+#: A sequential reader's degraded read decodes this many bytes of the lost
+#: fragment at once (from the requested start, within its payload) and
+#: keeps them, with the data-fragment sources, for its next requests; at
+#: most KEEP_BYTES are kept (see the module docstring).
+KEEP_SPAN = 1024 * 1024
+KEEP_BYTES = 32 * 1024 * 1024
+
 #: Chunks read ahead that are planned again when a store starts lagging:
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
 #: and a few behind it (those, already read, cost a parity read each).
@@ -152,6 +176,8 @@ class ReadCounters:
     routed_reads: int = 0
     #: Reads sent to a routed-around store to keep its latency measured.
     probe_reads: int = 0
+    #: Pieces served from the kept bytes of a degraded read (see KEEP_SPAN).
+    kept_reads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,22 +232,34 @@ def _decode_range(
     lost: int,
     start: int,
     end: int,
-) -> bytes | None:
+    unopened: tuple[Store, int, int, Expected, int] | None = None,
+) -> tuple[bytes, dict[int, bytearray], fragment.FragmentHeader | None] | None:
     """Blocking (one worker thread): bytes [start, end) of fragment `lost`,
-    decoded from the same range of k `sources` (store, verified header).
-    Their reads are started together (`Store.prefetch`), then read and
-    verified in turn, so the wait is about one disk read, not k. None if a
-    source cannot be read or fails its checksums (the caller then takes the
-    general path, which finds out which one and reads another)."""
+    decoded from the same range of k `sources` (store, verified header),
+    and the verified source bytes by index. Their reads are started
+    together (`Store.prefetch`), then read and verified in turn, so the
+    wait is about one disk read, not k. One more source may be given
+    `unopened` (store, chunk id, index, expected, payload length): its
+    header is read and verified here first, and returned (for the handle
+    cache). None if a source cannot be read or fails its checksums (the
+    caller then takes the general path, which finds out which one and
+    reads another)."""
+    opened = None
     try:
+        if unopened is not None:
+            store, chunk_id, index, expected, payload = unopened
+            opened, _ = read_header(store, chunk_id, index, expected)
+            if opened.payload_length != payload:
+                return None
+            sources = [*sources, (store, opened)]
         for store, header in sources:
             store.prefetch(
                 header.chunk_id, header.index, header.payload_offset + start, end - start
             )
         pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
-    except (StoreError, FragmentCorrupt):
+    except (EcfsError, FragmentCorrupt):
         return None
-    return codec.decode(pieces, [lost])[lost]
+    return codec.decode(pieces, [lost])[lost], pieces, opened
 
 
 def _verify(
@@ -258,6 +296,10 @@ class ChunkReader:
         self.expected = expected
         self.on_damage = on_damage
         self.on_missing = on_missing
+        #: (store, chunk id, index) of fragments being written now (the
+        #: writer's stragglers): a read that finds one missing decodes it
+        #: from the others without reporting damage.
+        self.writing: Container[tuple[int, int, int]] = frozenset()
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self.readahead = ReadAhead(handles, expected, on_failed=self._read_ahead_failed)
@@ -271,6 +313,12 @@ class ChunkReader:
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
+        #: Kept bytes of degraded reads (see the module docstring):
+        #: (chunk version, fragment index) -> [(start, end, verified bytes)].
+        self._kept: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes]]] = OrderedDict()
+        self._kept_bytes = 0
+        #: Decodes to be kept under way: (ref, lost) -> (start, end, done).
+        self._keeping: dict[tuple[ChunkRef, int], tuple[int, int, trio.Event]] = {}
 
     def _codec(self, ref: ChunkRef) -> Codec:
         """The codec of chunk `ref` (its own coding, or the volume's)."""
@@ -413,6 +461,8 @@ class ChunkReader:
         """Fill `dest` with `piece` from a known header and the store's
         cached bytes, on the loop; False if it cannot be done without
         blocking."""
+        if self._kept and self._copy_kept(ref, piece.index, piece.frag_start, dest):
+            return True
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
         if runner is None or store in self._avoided:
@@ -461,17 +511,28 @@ class ChunkReader:
         if runner is None:
             if store not in self._unavailable:
                 self._unavailable.add(store)
+                self._outrun.pop(store, None)  # back later: counted afresh
                 self._replan(store)
-            return await self._degraded(ref, index, start, end, wanted, "store unavailable")
+            kept = await self._kept_or_span(ref, index, start, end)
+            if kept is not None:
+                return kept
+            self.counters.degraded_reads += 1
+            self.counters.degraded_requested_bytes += wanted
+            return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
         if self._route_around(ref, index):
             await self._probe(runner, ref, index, start, end)
+            kept = await self._kept_or_span(ref, index, start, end)
+            if kept is not None:
+                return kept
             try:
-                data = await self._read_degraded(
+                data = await self._read_degraded_kept(
                     ref, index, start, end, f"store {store} lags", damaged=False
                 )
             except Unrecoverable:
-                pass  # the lagging store is the only hope: read it below
+                # Not unrecoverable (yet): the lagging store is the only
+                # hope, read below.
+                self.counters.unrecoverable_reads -= 1
             else:
                 self.counters.routed_reads += 1
                 return data
@@ -489,7 +550,11 @@ class ChunkReader:
                     nursery.cancel_scope.cancel()
                 except (StoreError, FragmentCorrupt) as exc:
                     errors.append(exc)
-                    if isinstance(exc, FragmentMissing) and self.on_missing is not None:
+                    if (
+                        isinstance(exc, FragmentMissing)
+                        and self.on_missing is not None
+                        and (store, ref.chunk_id, index) not in self.writing
+                    ):
                         self.on_missing(store)  # a vanished store looks like this
                 finally:
                     primary_done.set()
@@ -511,6 +576,7 @@ class ChunkReader:
                 except Unrecoverable:
                     if errors:
                         raise
+                    self.counters.unrecoverable_reads -= 1  # not (yet): see below
                     return  # the slow primary is the only hope: wait for it
                 if not primary_done.is_set():
                     # The read it outran is abandoned (its latency is never
@@ -725,26 +791,30 @@ class ChunkReader:
 
     async def _read_degraded(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
-        damaged: bool = True,
+        damaged: bool = True, keep: bool = False,
     ) -> bytes:  # fmt: skip
         """Bytes [start, end) of fragment `lost`, decoded from k others.
         `lost` is reported as damaged (with any source found bad) unless
-        `damaged` is False (it is only slow)."""
+        `damaged` is False (it is only slow). With `keep`, the decoded bytes
+        and the data-fragment sources are kept (see the module docstring)."""
         k = self.layout.of(ref).k
         candidates = self.sources(ref, exclude={lost})
-        decoded_fast = await self._decode_in_one_call(ref, candidates, lost, start, end)
-        if decoded_fast is not None:
+        one_call = await self._decode_in_one_call(ref, candidates, lost, start, end)
+        if one_call is not None:
+            decoded_fast, sources = one_call
             self.counters.one_call_reads += 1
             self.counters.degraded_store_bytes += k * (end - start)
             if damaged:
-                self.on_damage(ref, [lost], reason)
+                self._damage(ref, [lost], reason)
+            if keep:
+                self._keep(ref, lost, start, end, decoded_fast, sources)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
         if damaged:
             bad = [lost, *bad]
         if bad:
-            self.on_damage(ref, bad, reason)
+            self._damage(ref, bad, reason)
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(
@@ -752,11 +822,90 @@ class ChunkReader:
                 f" bytes [{start}, {end}) of fragment {lost}"
             )
         decoded = await run_cpu(self._codec(ref).decode, pieces, [lost], size=end - start)
+        if keep:
+            self._keep(ref, lost, start, end, decoded[lost], pieces)
         return decoded[lost]
+
+    def _damage(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
+        """Report `bad` fragments of `ref`, except those still being written
+        (`writing`: a straggler is missing until it lands, not damaged)."""
+        if self.writing:
+            bad = [i for i in bad if (ref.stores[i], ref.chunk_id, i) not in self.writing]
+        if bad:
+            self.on_damage(ref, bad, reason)
+
+    # -- kept bytes of degraded reads (see the module docstring) ----------------
+
+    def _copy_kept(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
+        """Fill `dest` with fragment `index` bytes from `frag_start` if they
+        are kept; False if not."""
+        ranges = self._kept.get((ref, index))
+        if ranges is None:
+            return False
+        frag_end = frag_start + len(dest)
+        for a, b, data in ranges:
+            if a <= frag_start and frag_end <= b:
+                dest[:] = memoryview(data)[frag_start - a : frag_end - a]
+                self.counters.kept_reads += 1
+                return True
+        return False
+
+    def _keep(
+        self, ref: ChunkRef, lost: int, start: int, end: int, decoded: Bytes,
+        sources: Mapping[int, Bytes],
+    ) -> None:  # fmt: skip
+        """Keep fragment `lost`'s decoded bytes [start, end) and those of the
+        data-fragment `sources`, dropping the oldest beyond KEEP_BYTES."""
+        k = self.layout.of(ref).k
+        for index, data in [(lost, decoded), *sources.items()]:
+            if index >= k or len(data) != end - start:
+                continue
+            key = (ref, index)
+            ranges = self._kept.setdefault(key, [])
+            ranges.append((start, end, data))
+            self._kept.move_to_end(key)
+            self._kept_bytes += end - start
+        while self._kept_bytes > KEEP_BYTES and self._kept:
+            _, dropped = self._kept.popitem(last=False)
+            self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+
+    async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
+        """Fragment `lost`'s bytes [start, end) if a decode under way that
+        covers them is kept (waited for): None if not."""
+        keeping = self._keeping.get((ref, lost))
+        if keeping is None or not (keeping[0] <= start and end <= keeping[1]):
+            return None
+        await keeping[2].wait()
+        data = bytearray(end - start)
+        return data if self._copy_kept(ref, lost, start, memoryview(data)) else None
+
+    async def _read_degraded_kept(
+        self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
+        damaged: bool = True,
+    ) -> Bytes:  # fmt: skip
+        """`_read_degraded` of [start, end); for a sequential reader (its
+        chunk was read ahead lately) up to KEEP_SPAN bytes from `start` are
+        decoded and kept for its next requests (see the module docstring)."""
+        if ref not in self._planned:
+            return await self._read_degraded(ref, lost, start, end, reason, damaged)
+        layout = self.layout.of(ref)
+        payload = layout.payload_length(ref.length)
+        stop = max(end, layout.cell_range(start, min(payload, start + KEEP_SPAN), payload)[1])
+        key = (ref, lost)
+        done = trio.Event()
+        if key not in self._keeping:
+            self._keeping[key] = (start, stop, done)
+        try:
+            data = await self._read_degraded(ref, lost, start, stop, reason, damaged, keep=True)
+        finally:
+            if self._keeping.get(key, (0, 0, None))[2] is done:
+                del self._keeping[key]
+            done.set()
+        return data if stop == end else data[: end - start]
 
     async def _decode_in_one_call(
         self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
-    ) -> bytes | None:
+    ) -> tuple[bytes, dict[int, bytearray]] | None:
         """The common degraded read in ONE worker-thread call (k reads, their
         checks and the decode: `_decode_range`) instead of k thread round
         trips and a task each, then a decode: possible when the headers of k
@@ -764,11 +913,14 @@ class ChunkReader:
         ahead, or read before). None when it is not, or when the call fails
         or takes longer than twice the slowest source's hedge deadline (it
         is then abandoned and `gather_fragments`, which hedges and widens
-        per source, takes over). An abandoned call's thread ends when its
+        per source, takes over). Returns the decoded bytes and the sources'. An abandoned call's thread ends when its
         store answers (a store keeps what the thread uses open until then)."""
         k = self.layout.of(ref).k
         sources: list[tuple[Store, fragment.FragmentHeader]] = []
+        unopened: tuple[Store, int, int, Expected, int] | None = None
+        payload = self.layout.of(ref).payload_length(ref.length)
         deadline = 0.0
+        first_unopened: StoreRunner | None = None
         for index in candidates:
             if len(sources) == k:
                 break
@@ -777,6 +929,9 @@ class ChunkReader:
                 continue
             header = self.handles.get((ref.stores[index], ref.chunk_id, index))
             if header is None:
+                if unopened is None:  # kept in case k known ones are not found
+                    unopened = (runner.store, ref.chunk_id, index, self.expected.of(ref), payload)
+                    first_unopened = runner
                 continue
             try:
                 self._check_payload(ref, header)
@@ -784,14 +939,25 @@ class ChunkReader:
                 return None  # the general path reads it and reports it
             sources.append((runner.store, header))
             deadline = max(deadline, 2 * runner.hedge_deadline())
-        if len(sources) < k:
+        if len(sources) == k:
+            unopened = None  # all known (read ahead): no header to read
+        elif len(sources) == k - 1 and first_unopened is not None:
+            # one header (a parity not read ahead yet) is read there
+            deadline = max(deadline, 2 * first_unopened.hedge_deadline())
+        else:
             return None
         with trio.move_on_after(deadline) as scope:
             decoded = await run_in_thread(
-                _decode_range, self._codec(ref), sources, lost, start, end,
+                _decode_range, self._codec(ref), sources, lost, start, end, unopened,
                 abandon_on_cancel=True, limiter=self._one_call_limiter,
             )  # fmt: skip
-        return None if scope.cancelled_caught else decoded
+        if scope.cancelled_caught or decoded is None:
+            return None
+        data, pieces, opened = decoded
+        if opened is not None and unopened is not None:
+            store = ref.stores[opened.index]
+            self.handles.insert((store, ref.chunk_id, opened.index), opened)
+        return data, pieces
 
     async def gather_fragments(
         self, ref: ChunkRef, candidates: list[int], start: int, end: int

@@ -23,6 +23,24 @@ fragments already written are deleted and the write fails: NoSpace
 (ENOSPC) when stores were full, StoreError (EIO) otherwise. Data already
 committed is never touched by a failed write.
 
+Stragglers (issue 17: one slow disk must not slow every write down): with
+a background nursery (`attach`; the mount has one), a chunk write does not
+wait for the slowest stores. Once `min_fragments` fragments are written
+(k+1: the k+1 rule is kept), the others get a grace period of
+STRAGGLER_GRACE_FACTOR x the time those took (at least
+STRAGGLER_GRACE_FLOOR); fragments still being written then are
+"stragglers": the write completes with their stores in the ChunkRef and
+they go on in the background. A straggler that then fails, times out or
+is given up (beyond MAX_STRAGGLING_CHUNKS chunks with stragglers the
+oldest one's are cancelled, which bounds the memory they hold) is not
+placed elsewhere (the caller has committed the ref by then): it is
+reported to `on_late_failure` (the volume queues the chunk for repair, as
+for a fragment found missing) and its store keeps the fragment slot,
+missing, until repair writes it. While a straggler runs it is in
+`straggling`, which the reader consults: a read that finds it missing
+decodes around it without reporting damage. Without a nursery (tools, tests) every
+fragment is waited for as before.
+
 Leftovers: a fragment write that failed other than for lack of space (the
 store timed out, vanished or failed) may have left a file behind, and a
 fragment of a failed write may not be deletable right away; both are
@@ -37,7 +55,10 @@ for direct I/O are pooled for the volume's coding only.
 Durability: fragment files are written without fsync. `sync_stores()`
 makes every write so far durable (syncfs per store that was written to);
 the replicator calls it before each metadata batch it commits, so a
-durable metadata generation never refers to a fragment that is not.
+durable metadata generation never refers to a chunk with fewer than
+`min_fragments` durable fragments, nor to any fragment not durable except
+a straggler's still being written (after a crash that one is missing, as
+on a lost disk, and repair restores it when it is read or scrubbed).
 """
 
 from __future__ import annotations
@@ -64,6 +85,14 @@ log = logging.getLogger(__name__)
 WRITE_DEADLINE_FLOOR = 3.0
 #: Longest wait for one store write (ChunkWriter's default `write_timeout`).
 WRITE_TIMEOUT = 30.0
+
+#: Stragglers (see the module docstring): once min_fragments fragments are
+#: written, the others get this many times the time those took, at least
+#: the floor (seconds), before the write completes without them...
+STRAGGLER_GRACE_FACTOR = 2.0
+STRAGGLER_GRACE_FLOOR = 0.05
+#: ... and at most this many chunks have stragglers in the background.
+MAX_STRAGGLING_CHUNKS = 8
 
 #: Encode buffers of full chunks kept for reuse (each n x F bytes).
 POOLED_BUFFERS = 8
@@ -121,8 +150,23 @@ class ChunkWriter:
         #: Asked before a fragment goes to a store: False means use another
         #: (the volume re-checks a store's identity after idle time here).
         self.before_write: Callable[[int], Awaitable[bool]] | None = None
+        #: Called with (chunk, [fragment index], reason) when a straggler
+        #: fails after its chunk's write completed (see the module docstring).
+        self.on_late_failure: Callable[[ChunkRef, list[int], str], None] = _log_late_failure
         self._cpu = trio.CapacityLimiter(2)
         self._buffers = BufferPool(POOLED_BUFFERS)
+        self._nursery: trio.Nursery | None = None
+        #: (store, chunk id, index) of the stragglers being written now
+        #: (the reader does not count them as damage while missing).
+        self.straggling: set[tuple[int, int, int]] = set()
+        #: Cancel scopes (one per slot) of the chunks whose stragglers run
+        #: now, oldest first.
+        self._straggling: list[list[trio.CancelScope]] = []
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the writer the nursery stragglers finish in (see the module
+        docstring); without one, every fragment write is waited for."""
+        self._nursery = nursery
 
     def statistics(self) -> WriteStatistics:
         return WriteStatistics(self.bytes_in, self.bytes_out)
@@ -160,14 +204,15 @@ class ChunkWriter:
         fragments = await run_cpu(
             self._build, layout, chunk_id, data, buffer, size=len(data), limiter=self._cpu
         )
-        timed_out: list[int] = []
+        # Stores given up on (timed out), or "straggling" if stragglers run.
+        timed_out: list[int | str] = []
         try:
-            stores = await self._place_all(layout, chunk_id, fragments, timed_out)
+            stores = await self._place_all(layout, chunk_id, len(data), fragments, timed_out)
         except EcfsError:
             if buffer is not None and not timed_out:
                 self._buffers.give(buffer)
             raise
-        # A write given up on may still be reading the buffer in its thread.
+        # A write given up on (or a straggler) may still read the buffer.
         if buffer is not None and not timed_out:
             self._buffers.give(buffer)
         self.bytes_in += len(data)
@@ -201,12 +246,14 @@ class ChunkWriter:
         return fragments
 
     async def _place_all(
-        self, layout: Layout, chunk_id: int, fragments: list[FragmentParts], timed_out: list[int]
-    ) -> list[int]:
+        self, layout: Layout, chunk_id: int, length: int, fragments: list[FragmentParts],
+        timed_out: list[int | str],
+    ) -> list[int]:  # fmt: skip
         """Write the fragments to distinct stores (see the module docstring);
-        the stores whose write was given up on (timed out) go to `timed_out`.
-        A chunk of its own coding needs min(n', k' + 1) fragments stored
-        (the same rule as `min_fragments`'s default)."""
+        the stores whose write was given up on (timed out) go to `timed_out`,
+        and "straggling" if stragglers go on in the background. A chunk of
+        its own coding needs min(n', k' + 1) fragments stored (the same rule
+        as `min_fragments`'s default)."""
         n = layout.n
         min_fragments = self.min_fragments if layout is self.layout else min(n, layout.k + 1)
         stores = [NO_STORE] * n
@@ -214,9 +261,20 @@ class ChunkWriter:
         targets = self.placement.targets(n, layout.k)
         used = {t for t in targets if t is not None}
         abandoned: list[tuple[int, int, int]] = []
+        #: The store each slot is being written to now, and whether it is done.
+        current: list[int | None] = list(targets)
+        finished = [False] * n
+        enough = trio.Event()  # min_fragments written, or every slot done
+        all_done = trio.Event()
+        #: Set once the write completed without the stragglers: their ref.
+        handed: list[ChunkRef] = []
+        bugs: list[Exception] = []  # raised by a slot in the background
+        #: One per slot when the slots run in the background nursery.
+        scopes = [trio.CancelScope() for _ in range(n)]
 
         async def place(index: int, store: int | None) -> None:
             while store is not None:
+                current[index] = store
                 try:
                     if self.before_write is not None and not await self.before_write(store):
                         raise StoreError(f"store {store} is unavailable")
@@ -224,6 +282,9 @@ class ChunkWriter:
                     stores[index] = store
                     return
                 except StoreError as exc:
+                    if handed:  # committed with this slot: repair restores it
+                        self.on_late_failure(handed[0], [index], f"straggling write: {exc}")
+                        return
                     errors.append(exc)
                     if isinstance(exc, StoreTimeout):
                         timed_out.append(store)
@@ -235,9 +296,67 @@ class ChunkWriter:
                     if store is not None:
                         used.add(store)
 
-        async with open_fan_out() as nursery:
+        async def slot(index: int, scope: trio.CancelScope | None) -> None:
+            try:
+                if scope is None:
+                    await place(index, targets[index])
+                    return
+                with scope:
+                    await place(index, targets[index])
+                if scope.cancelled_caught and handed and stores[index] == NO_STORE:
+                    reason = "straggling write given up (too many chunks straggle)"
+                    self.on_late_failure(handed[0], [index], reason)
+            except Exception as exc:  # in the background nursery: never take the volume down
+                if scope is None:
+                    raise
+                if handed:
+                    log.exception("bug in a straggling write of chunk %016x", chunk_id)
+                else:
+                    bugs.append(exc)  # raised by the write itself, below
+            finally:
+                finished[index] = True
+                if handed:
+                    self.straggling.discard((handed[0].stores[index], chunk_id, index))
+                if all(finished):
+                    all_done.set()
+                    if scopes in self._straggling:
+                        self._straggling.remove(scopes)
+                if all(finished) or sum(1 for s in stores if s != NO_STORE) >= self.min_fragments:
+                    enough.set()
+
+        if self._nursery is None:
+            async with open_fan_out() as nursery:
+                for index in range(n):
+                    nursery.start_soon(slot, index, None)
+        else:
             for index in range(n):
-                nursery.start_soon(place, index, targets[index])
+                self._nursery.start_soon(slot, index, scopes[index])
+            started = trio.current_time()
+            try:
+                await enough.wait()
+                grace = STRAGGLER_GRACE_FACTOR * (trio.current_time() - started)
+                with trio.move_on_after(max(STRAGGLER_GRACE_FLOOR, grace)):
+                    await all_done.wait()
+            except BaseException:
+                _cancel(scopes)  # the caller gave up: so do the writes
+                raise
+            if bugs:
+                _cancel(scopes)
+                raise bugs[0]
+            if not all_done.is_set():
+                stragglers = [i for i in range(n) if not finished[i]]
+                chosen = list(stores)
+                for index in stragglers:
+                    chosen[index] = current[index] if current[index] is not None else NO_STORE
+                handed.append(ChunkRef(chunk_id, length, tuple(chosen)))
+                self.straggling.update((chosen[i], chunk_id, i) for i in stragglers)
+                timed_out.append("straggling")
+                self._straggling.append(scopes)
+                while len(self._straggling) > MAX_STRAGGLING_CHUNKS:
+                    _cancel(self._straggling.pop(0))
+                log.debug("chunk %016x: fragments %s straggle", chunk_id, stragglers)
+                self.on_abandoned(abandoned)
+                return chosen
         stored = sum(1 for s in stores if s != NO_STORE)
         if stored < min_fragments:
             abandoned += await self._remove(chunk_id, stores)
@@ -314,6 +433,15 @@ class ChunkWriter:
         async with open_fan_out() as nursery:
             for store in pending:
                 nursery.start_soon(sync, store)
+
+
+def _cancel(scopes: list[trio.CancelScope]) -> None:
+    for scope in scopes:
+        scope.cancel()
+
+
+def _log_late_failure(ref: ChunkRef, bad: list[int], reason: str) -> None:
+    log.warning("chunk %016x: fragments %s not written (%s)", ref.chunk_id, bad, reason)
 
 
 async def delete_fragment(runner: StoreRunner, chunk_id: int, index: int) -> bool:

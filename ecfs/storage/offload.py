@@ -50,6 +50,21 @@ Health policy (kept deliberately simple):
   store slow from its first call on has a slow baseline and is never
   SLOW (expected_latency and the hedge deadline still reflect it).
   `mark_ok` clears SLOW too and restarts the fast EWMA from the baseline.
+  So do QUICK_ANSWERS data calls (bytes read or written) in a row that
+  answer within the clearing bound while the fast EWMA is above it: a
+  store that was slow for a while (a hang, the backlog after it) is judged
+  by its answers again as soon as they are quick, instead of after the
+  twenty-odd samples the EWMA needs to decay, which for a store the reader
+  routes around (a probe read every 0.5 s) took over ten seconds. A store
+  that is really slow answers its data reads slowly and is not reset by
+  this (its health checks, quick as they may be, do not count). Nor is an
+  estimate kept when nothing measures it: a health check that answers
+  quickly restarts it too once no data call was measured for SLOW_STALE
+  seconds and none is running (a store SLOW at the end of a hang, and
+  read by nobody since, would otherwise stay SLOW for good; a slow store
+  that is read around still gets the reader's probe reads, one at a time,
+  which keep it measured or running).
+
 - Every change between available and FAILED (either way) calls
   `on_health_change` (the volume's: it reports a store-failed or
   store-back event, `ecfs.core.events`); a new reason while FAILED does not.
@@ -68,11 +83,23 @@ abandoned (a hedge won, a timeout) is no error, whatever it raises; if it
 returns after all, its time is a "late answer": it moves the fast EWMA
 (expected_latency, SLOW) but not the baseline or the percentile window
 (nor anything while the store is FAILED: what a hung store releases says
-how long it hung).
+how long it hung). For the same reason a call that was running when the
+store was marked FAILED is no sample either, even if its caller still
+waited for it (a probe read not waited for, say): its time is the hang's.
 A store slowed down is then seen as SLOW by the very reads that hedged
 around it, while its hedge deadline and timeouts stay those of the calls
 that were waited for (were late answers samples, a slowed store would
 raise its own hedge deadline and become its own normal at once).
+
+Health checks (`health_call`, `probe`): a store is failed by its health
+check only when nothing of it answers: the check waits a window of
+PROBE_TIMEOUT seconds, or PROBE_QUEUE_FACTOR x its expected latency (the
+queue ahead of it at the measured latency) if longer, and waits another
+window as long as some call of the store answered during the last one (up
+to PROBE_TIMEOUT_MAX). A slow but working store (a disk at 2 MiB/s with
+reads queued on it) is then shown SLOW, not failed (which would have its
+chunks queued for repair); a hung one answers nothing and fails after one
+window.
 
 Timeouts (`call_timeout`): a caller passes the longest wait it accepts;
 reads (`ecfs.data.reader`) ask the runner for one derived from the
@@ -134,8 +161,13 @@ from .store import Store
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-#: Timeout of `StoreRunner.probe` (seconds).
+#: A health check (`StoreRunner.health_call`) fails the store when neither
+#: it nor any other call of the store answered for this long (seconds), or
+#: for PROBE_QUEUE_FACTOR x its expected latency if that is longer...
 PROBE_TIMEOUT = 2.0
+PROBE_QUEUE_FACTOR = 3.0
+#: ... and after this long in all, answers or not.
+PROBE_TIMEOUT_MAX = 60.0
 #: Latencies kept for p50/p95.
 LATENCY_WINDOW = 256
 #: Upper bounds (seconds, inclusive) of the latency histogram's buckets;
@@ -161,6 +193,12 @@ PERCENTILE_EXACT_SAMPLES = 64
 PERCENTILE_REFRESH = 16
 SLOW_FACTOR = 5.0
 SLOW_FLOOR = 0.02
+#: Data calls in a row answering within the clearing bound that restart an
+#: inflated fast EWMA from the baseline (see "SLOW" in the module docstring).
+QUICK_ANSWERS = 3
+#: A quick health check restarts it too when no data call was measured for
+#: this many seconds.
+SLOW_STALE = 2.0
 #: `call_timeout`: this many times the p99 of answered calls, at least
 #: CALL_TIMEOUT_FLOOR seconds (twice the health probe's PROBE_TIMEOUT: a
 #: store that answers its probes is not failed by a read quicker than
@@ -235,13 +273,15 @@ class _ThreadJob(Generic[T]):
     runner counts it as abandoned until `fn` returns).
     """
 
-    __slots__ = ("abandoned", "elapsed", "fn", "runner", "stage")
+    __slots__ = ("abandoned", "elapsed", "failures", "fn", "runner", "stage")
 
     def __init__(self, runner: StoreRunner, fn: Callable[..., T]) -> None:
         self.runner = runner
         self.fn = fn
         self.stage = _PENDING
         self.elapsed = 0.0
+        #: The runner's count of mark_failed calls when the call started.
+        self.failures = runner._failures
         #: Set (for good) when the caller gave up while `fn` ran.
         self.abandoned = False
 
@@ -338,6 +378,16 @@ class StoreRunner:
         self._histogram = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
         self._failure: str | None = None
+        #: mark_failed calls so far (a call running across one is no sample).
+        self._failures = 0
+        #: Quick data answers in a row while the fast EWMA is inflated.
+        self._quick = 0
+        #: Calls that ended with an answer from the store (any outcome).
+        self._answers = 0
+        #: When (`clock`) a data call was last measured.
+        self._last_data = -math.inf
+        #: Whether a read of data was timed (`measured`).
+        self._read_measured = False
         self._slow = False
         self._samples = 0
         self._ewma = 0.0
@@ -422,6 +472,10 @@ class StoreRunner:
         self._limiter.release_on_behalf_of(pending)
         job = pending._job
         settled: outcome.Outcome[T] = cast("outcome.Outcome[T]", result)
+        if job.stage == _DONE:
+            self._answers += 1
+        # A call that ran while the store was marked failed timed the hang.
+        measured = job.failures == self._failures
         if isinstance(result, outcome.Error):
             exc = result.error
             if isinstance(exc, OSError):
@@ -431,11 +485,14 @@ class StoreRunner:
                 exc = translated
             if not job.abandoned:
                 if isinstance(exc, FragmentMissing):
-                    self._record_sample(job.elapsed)
+                    if measured:
+                        self._record_sample(job.elapsed, read=pending.nbytes_read > 0)
                 elif isinstance(exc, EcfsError):
                     self._note_error(exc)
         elif not job.abandoned:
-            self._record_sample(job.elapsed)
+            if measured:
+                read = pending.nbytes_read > 0
+                self._record_sample(job.elapsed, data=read or pending.nbytes_written > 0, read=read)
             if pending.nbytes_read:
                 self._bytes_read += pending.nbytes_read
                 self._read_ops += 1
@@ -522,9 +579,11 @@ class StoreRunner:
 
     @property
     def measured(self) -> bool:
-        """Whether a call of this store has been timed yet (before that,
-        `expected_latency` is a guess)."""
-        return self._samples > 0
+        """Whether a read of this store's data has been timed yet (a call
+        that read bytes, or `record_latency`): health checks and writes do
+        not make a store an alternative for reads (the remote parity
+        stores of a hybrid volume, say; see `ecfs.data.reader`)."""
+        return self._read_measured
 
     def expected_latency(self) -> float:
         """Estimated seconds for a new call: EWMA x (1 + queue depth).
@@ -554,8 +613,9 @@ class StoreRunner:
         return memo[1]
 
     def record_latency(self, seconds: float) -> None:
-        """Record a latency measured elsewhere (e.g. an on-loop cached read)."""
-        self._record_sample(seconds)
+        """Record a latency measured elsewhere (e.g. an on-loop cached read,
+        or what a read outrun by a hedge had waited): a data call's."""
+        self._record_sample(seconds, data=True, read=True)
 
     def record_loop_read(self, nbytes: int) -> None:
         """Count a read of `nbytes` served on the loop without a thread
@@ -567,6 +627,7 @@ class StoreRunner:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
         was_available = self._failure is None
         self._failure = reason
+        self._failures += 1
         if was_available and self.on_health_change is not None:
             self.on_health_change(self)
 
@@ -577,20 +638,60 @@ class StoreRunner:
         calls it hung on."""
         was_failed = self._failure is not None
         self._failure = None
-        self._slow = False
-        self._ewma = self._baseline
+        self._restart_fast_estimate()
         if was_failed and self.on_health_change is not None:
             self.on_health_change(self)
 
+    def _restart_fast_estimate(self) -> None:
+        self._slow = False
+        self._quick = 0
+        self._ewma = self._baseline
+
+    def probe_window(self) -> float:
+        """Seconds a health check waits for an answer of the store before
+        it looks whether the store answered anything else meanwhile (see
+        the module docstring)."""
+        return min(PROBE_TIMEOUT_MAX, max(PROBE_TIMEOUT, PROBE_QUEUE_FACTOR * self.expected_latency()))
+
+    async def health_call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """``fn(*args)`` as a health check: like `call`, but StoreTimeout
+        (and FAILED) only if a whole `probe_window` passed with no answer
+        from the store to this or any other call, or PROBE_TIMEOUT_MAX in
+        all (see the module docstring)."""
+        started = trio.current_time()
+        pending: PendingCall[T] | None = None
+        try:
+            while True:
+                answers = self._answers
+                with trio.move_on_after(self.probe_window()):
+                    if pending is None:
+                        pending = await self.start(fn, *args)
+                    result = await pending.result()
+                    quick = pending._job.elapsed < self._slow_bound() / 2
+                    idle = self.in_flight == 0 and self._clock() - self._last_data >= SLOW_STALE
+                    if quick and idle:
+                        self._restart_fast_estimate()  # nothing says it is slow now
+                    return result
+                waited = trio.current_time() - started
+                if self._answers == answers or waited >= PROBE_TIMEOUT_MAX:
+                    break  # nothing of the store answered: hung
+        except trio.Cancelled:
+            if pending is not None:
+                pending.abandon()
+            raise
+        if pending is not None:
+            pending.abandon()
+        raise self._timed_out(fn, waited)
+
     async def probe(self) -> bool:
-        """Run the store's cheap health check with a PROBE_TIMEOUT deadline.
+        """Run the store's cheap health check (`health_call`).
 
         Success -> mark_ok() and True; a StoreError (incl. timeout) ->
         mark_failed() and False. Runs through the limiter, so a store whose
         threads are all stuck fails its probe.
         """
         try:
-            await self.call(self.store.probe, timeout=PROBE_TIMEOUT)
+            await self.health_call(self.store.probe)
         except StoreError as exc:
             self.mark_failed(f"probe failed: {exc}")
             return False
@@ -624,11 +725,25 @@ class StoreRunner:
 
     # ---- latency bookkeeping
 
-    def _record_sample(self, seconds: float) -> None:
+    def _record_sample(self, seconds: float, *, data: bool = False, read: bool = False) -> None:
+        """A measured call took `seconds`; `data`: it read or wrote bytes
+        (only those count as quick answers, see the module docstring);
+        `read`: it read bytes (`measured`)."""
         seconds = max(0.0, seconds)
+        if data:
+            self._last_data = self._clock()
+        if read:
+            self._read_measured = True
         if self._samples == 0:
             self._ewma = self._baseline = seconds
         else:
+            clear = self._slow_bound() / 2
+            if data and seconds < clear < self._ewma:
+                self._quick += 1
+                if self._quick >= QUICK_ANSWERS:
+                    self._restart_fast_estimate()  # quick again: as mark_ok does
+            else:
+                self._quick = 0
             self._ewma += EWMA_ALPHA * (seconds - self._ewma)
             if not self._slow:  # see "SLOW" in the module docstring
                 self._baseline += BASELINE_ALPHA * (seconds - self._baseline)
@@ -649,13 +764,19 @@ class StoreRunner:
         is; `mark_ok` starts afresh)."""
         self._late_answers += 1
         if self._samples and self._failure is None:
+            self._quick = 0
+            self._last_data = self._clock()
             self._ewma += EWMA_ALPHA * (max(0.0, seconds) - self._ewma)
             self._update_slow()
+
+    def _slow_bound(self) -> float:
+        """The fast EWMA above which the store is SLOW (see the module docstring)."""
+        return max(SLOW_FLOOR, SLOW_FACTOR * self._baseline)
 
     def _update_slow(self) -> None:
         if self._samples < SLOW_MIN_SAMPLES:
             return
-        bound = max(SLOW_FLOOR, SLOW_FACTOR * self._baseline)
+        bound = self._slow_bound()
         if self._ewma > bound:
             self._slow = True
         elif self._ewma < bound / 2:

@@ -177,9 +177,6 @@ KEEP_MARKER = "KEEP-not-durable-on-replicas"
 #: and exits 1. The next mount deletes the directory as usual.
 SHUTDOWN_REPORT = "shutdown-errors"
 
-#: Seconds a store probe may take before the store counts as failed.
-PROBE_TIMEOUT = 2.0
-
 #: An fsync waiting this long probes the stores of the replicas behind.
 LAGGING_REPLICA_PROBE = 1.0
 
@@ -441,6 +438,8 @@ class Volume:
             gate=self.background_gate,
         )
         self.writer.on_abandoned = self.garbage.remember
+        self.writer.on_late_failure = self.damage.record  # a straggler lost: repair it
+        self.reader.writing = self.writer.straggling  # missing until they land
         self.writelog = WriteLog(
             db,
             self.layout.chunk_size,
@@ -862,6 +861,7 @@ class Volume:
             lambda: self.filedata.last_activity,
         )
         self.filedata.attach(nursery)
+        self.writer.attach(nursery)  # stragglers finish in the background
         if self.lease is not None:
             nursery.start_soon(supervised, "lease renewal", self.lease.keep_renewed)
         for ino in self.namespace.orphans():
@@ -1022,9 +1022,8 @@ class Volume:
         runner = self.runners[index]
         was_available = runner.available
         try:
-            marker, device = await runner.call(
-                _probe_store, runner.store, not was_available, timeout=PROBE_TIMEOUT
-            )
+            # (failed only if the store answers nothing: see StoreRunner.health_call)
+            marker, device = await runner.health_call(_probe_store, runner.store, not was_available)
             if marker.store_id != self.store_ids[index] or marker.volume_id != self.volume_id:
                 raise StoreError(f"{runner.store.path} now holds a different store")
         except StoreError as exc:
