@@ -53,7 +53,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..core import host
 from ..core.errors import VolumeError
@@ -184,15 +184,11 @@ def endpoint_atoms(endpoint: str | None) -> frozenset[str]:
     return frozenset([f"s3:{parts.hostname}:{port}"])
 
 
-def store_atoms(store: object) -> frozenset[str]:
-    """The default domain atoms of an open store: what the store says
-    (`ecfs.storage.store.Store.domain_atoms`: a directory's disk(s), an
-    object store's endpoint); anything without that method is a domain of
-    its own, ``store:PATH``."""
-    atoms = getattr(store, "domain_atoms", None)
-    if atoms is not None:
-        return frozenset(atoms())
-    return frozenset([f"store:{getattr(store, 'path', id(store))}"])
+class Located(Protocol):
+    """What `resolve_stores` needs of a store: its default domain atoms
+    (`ecfs.storage.store.Store.domain_atoms`; every store kind has it)."""
+
+    def domain_atoms(self) -> frozenset[str]: ...
 
 
 def assign(atoms: Mapping[K, frozenset[str]], labels: Mapping[K, str]) -> dict[K, str]:
@@ -214,7 +210,7 @@ def assign(atoms: Mapping[K, frozenset[str]], labels: Mapping[K, str]) -> dict[K
     return names
 
 
-def resolve_stores(stores: Mapping[K, object], labels: Mapping[K, str]) -> dict[K, str]:
+def resolve_stores(stores: Mapping[K, Located], labels: Mapping[K, str]) -> dict[K, str]:
     """Domain names of open stores (blocking: stat and sysfs reads); a store
     that cannot be reached and has no label is ``unknown:KEY``."""
     atoms = {}
@@ -222,7 +218,7 @@ def resolve_stores(stores: Mapping[K, object], labels: Mapping[K, str]) -> dict[
         if key in labels:
             continue
         try:
-            atoms[key] = store_atoms(store)
+            atoms[key] = store.domain_atoms()
         except OSError:
             atoms[key] = frozenset([f"unknown:{key}"])
     return assign(atoms, labels)
