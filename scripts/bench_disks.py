@@ -3,9 +3,9 @@
 
     sudo python scripts/bench_disks.py [--quick] [--size MIB] [--caps 150,40] [--out DIR]
 
-Sets up 6 loop devices (sparse image files under one temp dir on the root
-filesystem, `losetup --direct-io=on`), each with its own ext4 and mount,
-and one blkio cgroup that caps every device's read and write bandwidth
+Sets up 6 loop devices (sparse image files on a tmpfs, i.e. in RAM, or
+with --images-on-disk under one temp dir on the root filesystem; `losetup
+--direct-io=on`), each with its own ext4 and mount, and one blkio cgroup that caps every device's read and write bandwidth
 (cgroup v1 `blkio.throttle.{read,write}_bps_device`; cgroup v2 `io.max`
 where the machine has only v2). This process moves itself into the cgroup
 first (its pid written to the cgroup's procs file), so every daemon and
@@ -40,11 +40,17 @@ and 40 MiB/s, where the disks bind):
     directory on device 5, then `ecfs repair --wait`) while a foreground
     reader reads the big file sequentially.
 
-Host cache: this VM's disk is cached by the host, so before every cold read
-the image files of the devices that read touches are read once through
-(O_DIRECT, data extents only, from this process: the root disk is not
-capped), the same way for every contender; then the guest's caches are
-dropped (sync; echo 3 > /proc/sys/vm/drop_caches).
+Images: by default the device images live in a tmpfs, so that a device
+is exactly as fast as its cap (on this VM the host caches its disk, and
+the first cold read after a write ran at a third of the second one: the
+order of runs decided the ratios). With --images-on-disk they live on the
+root filesystem and before every cold read the image files of the devices
+that read touches are read once through (O_DIRECT, data extents only, from
+this process: the root disk is not capped), the same way for every
+contender. Either way the guest's caches are dropped before every cold
+read (sync; echo 3 > /proc/sys/vm/drop_caches). Each store is labelled as
+its own failure domain (`mkfs --domain STORE=devN`): the devices stand for
+separate disks.
 
 Prints a table (rich) with each figure next to its physical limit (n x cap
 for reads, n x cap / 1.5 for writes, ecfs's page-cache ceiling where it is
@@ -97,6 +103,8 @@ K, M = 4, 2
 N = K + M
 SLOW_BPS = 2 * MiB
 IMAGE_SIZE = 8 << 30  # sparse
+#: The tmpfs holding the images (their written parts: about 5 GiB at --size 1024).
+TMPFS_SIZE = 12 << 30
 BLOCK = MiB
 TIMEOUT = 300.0
 #: A cold sequential read stops after this many seconds (with a slow
@@ -172,15 +180,26 @@ class Device:
 
 
 class Machine:
-    """The loop devices, their mounts, the cgroup; everything torn down by close()."""
+    """The loop devices, their mounts, the cgroup (and the tmpfs holding the
+    images, with `in_memory`); everything torn down by close()."""
 
-    def __init__(self, work: Path, n: int) -> None:
+    def __init__(self, work: Path, n: int, in_memory: bool) -> None:
         self.work = work
-        self.devices = [Device(work / f"disk{i}.img", work / f"d{i}") for i in range(n)]
+        self.in_memory = in_memory
+        self.images = work / "images"
+        self.images_mounted = False
+        self.devices = [Device(self.images / f"disk{i}.img", work / f"d{i}") for i in range(n)]
         self.cgroup: Cgroup | None = None
 
     def setup(self) -> None:
         self.cgroup = Cgroup(f"ecfs-bench-disks-{os.getpid()}")
+        self.images.mkdir()
+        if self.in_memory:
+            # The images in RAM: a device is then as fast as its cap lets
+            # it, whatever the host caches of this VM's disk (which made the
+            # first cold read after a write run at a third of the second).
+            sh("mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE >> 20}m", "ecfs-bench", str(self.images))
+            self.images_mounted = True
         for dev in self.devices:
             with open(dev.image, "wb") as f:
                 f.truncate(IMAGE_SIZE)
@@ -204,8 +223,11 @@ class Machine:
 
     def warm_host(self, indices: list[int]) -> float:
         """Read the data extents of these devices' images once with O_DIRECT
-        (the host then has them cached for every contender alike); seconds."""
+        (the host then has them cached for every contender alike); seconds.
+        Nothing to do for images in memory."""
         start = time.monotonic()
+        if self.in_memory:
+            return 0.0
         buf = mmap.mmap(-1, 8 * MiB)
         for i in indices:
             fd = os.open(self.devices[i].image, os.O_RDONLY | os.O_DIRECT)
@@ -236,6 +258,8 @@ class Machine:
             if dev.loop:
                 run_quiet("losetup", "-d", dev.loop)
                 dev.loop = ""
+        if self.images_mounted and run_quiet("umount", str(self.images)) == 0:
+            self.images_mounted = False
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
@@ -474,13 +498,14 @@ class Config:
     tar_bytes: int
     out: Path
     reads_only: bool = False
+    images_on_disk: bool = False
 
 
 class DiskBench:
     def __init__(self, cfg: Config, work: Path) -> None:
         self.cfg = cfg
         self.work = work
-        self.machine = Machine(work, N)
+        self.machine = Machine(work, N, in_memory=not cfg.images_on_disk)
         self.res = Results()
         self.daemons: list[bench.Daemon] = []
         self.tarball: Path | None = None
@@ -525,12 +550,13 @@ class DiskBench:
 
     # -- phases
     def run(self) -> None:
-        cfg = self.cfg
-        self.machine.setup()
-        assert self.machine.cgroup is not None
+        cfg, m = self.cfg, self.machine
+        m.setup()
+        assert m.cgroup is not None
+        where = "a tmpfs (RAM)" if m.in_memory else str(self.work)
         self.res.notes.append(
-            f"devices: {N} loop devices (--direct-io=on) on sparse images under {self.work},"
-            f" ext4 each; caps with {self.machine.cgroup.kind}; this process, the daemons and"
+            f"devices: {N} loop devices (--direct-io=on) on sparse images on {where},"
+            f" ext4 each; caps with {m.cgroup.kind}; this process, the daemons and"
             " the workloads run in the capped cgroup"
         )
         self.tarball, info = bench.get_tarball(
@@ -540,11 +566,12 @@ class DiskBench:
         for cap in cfg.caps:
             print(f"-- cap {cap} MiB/s per device", flush=True)
             self.level(cap)
-        self.res.notes.append(
-            f"host cache: before every cold read the images of the devices it touches were"
-            f" read once with O_DIRECT ({self.warm_s:.0f} s in all), then the guest caches"
-            " dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
-        )
+        if not m.in_memory:
+            self.res.notes.append(
+                f"host cache: before every cold read the images of the devices it touches were"
+                f" read once with O_DIRECT ({self.warm_s:.0f} s in all), then the guest caches"
+                " dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
+            )
 
     def level(self, cap: int) -> None:
         cfg, res, m = self.cfg, self.res, self.machine
@@ -624,7 +651,9 @@ class DiskBench:
         mnt = self.work / f"ecfs-mnt-{cap}"
         mnt.mkdir()
         log = self.work / f"ecfs-{cap}.log"
-        self.ecfs_cmd("mkfs", "--data", str(K), "--parity", str(M), "--allow-shared-domains", *map(str, stores))
+        # Each store on its own (simulated) device: its own failure domain.
+        domains = [f"--domain={s}=dev{i}" for i, s in enumerate(stores)]
+        self.ecfs_cmd("mkfs", "--data", str(K), "--parity", str(M), *domains, *map(str, stores))
         daemon = self.mount_ecfs(stores, mnt, log)
         big = mnt / "seq.dat"
         all_devices = list(range(N))
@@ -798,7 +827,7 @@ class DiskBench:
 
     def rebuild(self, cap: int, mnt: Path, old: Path, new: Path, healthy: float) -> None:
         res = self.res
-        self.ecfs_cmd("store", "replace", str(mnt), str(old), str(new))
+        self.ecfs_cmd("store", "replace", "--domain", f"dev{N - 1}", str(mnt), str(old), str(new))
         client = MountClient(str(mnt))
         before = client.status().repair
         reader = Reader(mnt / "seq.dat")
@@ -854,6 +883,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where the images go (on the root filesystem; default /var/tmp)")
+    parser.add_argument("--images-on-disk", action="store_true",
+                        help="the device images on --workdir's disk instead of a tmpfs (the"
+                        " host's cache of that disk then shows in the figures: each cold"
+                        " read first reads the images once with O_DIRECT)")
     parser.add_argument("--reads-only", action="store_true",
                         help="only ecfs's sequential write, reads (healthy, slow, missing) and rebuild")
     return parser.parse_args(argv)
@@ -881,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         tar_bytes=(48 if quick else 256) * MiB,
         out=args.out,
         reads_only=args.reads_only,
+        images_on_disk=args.images_on_disk,
     )
 
     def terminate(signum: int, frame: object) -> None:
@@ -913,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(log, logs / log.name)
         run.cleanup()
         leftovers = [p for p in bench.fuse_mountpoints() if work in p.parents]
-        if leftovers or any(dev.mounted for dev in run.machine.devices):
+        if leftovers or run.machine.images_mounted or any(dev.mounted for dev in run.machine.devices):
             print(f"bench_disks: could not unmount everything; leaving {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
