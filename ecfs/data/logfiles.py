@@ -419,14 +419,15 @@ class LogFiles:
         if current is None or entry.position + length > entry.sizes.get(current, SEGMENT_SIZE):
             if current is not None and not entry.live.get(current):
                 self._free(store, current)
-            entry.current, fresh = self._take_segment(entry, length)
+            current, fresh = self._take_segment(entry, length)
+            entry.current = current
             entry.position = 0
-            entry.live.setdefault(entry.current, 0)
+            entry.live.setdefault(current, 0)
         else:
             fresh = False
         offset = entry.position
         entry.position += length
-        return entry.current, offset, fresh
+        return current, offset, fresh
 
     def _take_segment(self, entry: _StoreLog, length: int) -> tuple[int, bool]:
         """A free segment with room for `length` bytes, or a new one."""

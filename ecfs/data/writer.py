@@ -347,7 +347,8 @@ class ChunkWriter:
                 stragglers = [i for i in range(n) if not finished[i]]
                 chosen = list(stores)
                 for index in stragglers:
-                    chosen[index] = current[index] if current[index] is not None else NO_STORE
+                    now = current[index]
+                    chosen[index] = now if now is not None else NO_STORE
                 handed.append(ChunkRef(chunk_id, length, tuple(chosen)))
                 self.straggling.update((chosen[i], chunk_id, i) for i in stragglers)
                 timed_out.append("straggling")

@@ -540,7 +540,7 @@ def _watch(
             shown = max(shown, current)
             time.sleep(poll)
             status = _run_client(client.status)
-        bar.update(max(0, bar.length - shown))
+        bar.update(max(0, (bar.length or 0) - shown))
     return status
 
 

@@ -1283,7 +1283,7 @@ class Volume:
         problems: dict[int | None, str] = {}
         if self.replicator is not None:
             found = await self.replicator.verify_replicas(call_timeout=VERIFY_REPLICA_TIMEOUT)
-            problems.update(found)
+            problems.update(found.items())
             if found:
                 await self.ensure_replicas()
         working = await self._verify_working_copy()

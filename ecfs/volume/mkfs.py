@@ -299,9 +299,11 @@ def create_volume(
         params.update({label_key(store_ids[i]): label for i, label in labels.items()})
         # One timestamp for every replica: they must be identical copies.
         now_ns = time.time_ns()
-        domains = resolve_stores(dict(enumerate(stores)), labels)
+        store_domains = resolve_stores(dict(enumerate(stores)), labels)
         holders = copy_stores(
-            {i: keeps_meta_objects(s) for i, s in enumerate(stores)}, spec.m, domains.__getitem__
+            {i: keeps_meta_objects(s) for i, s in enumerate(stores)},
+            spec.m,
+            store_domains.__getitem__,
         )[: spec.m + 1]
         with tempfile.TemporaryDirectory(prefix="ecfs-mkfs-") as scratch:
             for store in [stores[i] for i in holders]:
