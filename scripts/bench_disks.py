@@ -60,7 +60,7 @@ minutes at 40 MiB/s); --quick (one cap level, 256 MiB, a 2,000-file
 extract) about 1-2; --reads-only skips the baselines, random reads and the
 extract. ECFS_BENCH_LOG_LEVEL sets the daemons' log level (default
 warning); ECFS_BENCH_PROFILE=DIR (with py-spy on PATH or in
-ECFS_BENCH_PYSPY) records the daemon's stacks during the healthy, slow and
+ECFS_BENCH_PYSPY) records the daemon's stacks during the sequential write, the healthy, slow and
 missing reads, the healthy random reads and the rebuild. Every FUSE mount, device mount, loop device
 and the cgroup are removed on any exit (try/finally, SIGTERM/SIGHUP/SIGINT
 handlers, lazy unmounts as the last resort).
@@ -658,7 +658,8 @@ class DiskBench:
         big = mnt / "seq.dat"
         all_devices = list(range(N))
         try:
-            w = seq_write(big, cfg.size, direct=False)
+            with self.profiled(mnt, f"{cap}-write"):
+                w = seq_write(big, cfg.size, direct=False)
             limit = N * cap / 1.5
             res.add(Row(cap, "seq write (fsync)", "ecfs", w, "MiB/s", limit, "n x cap / 1.5",
                         ">= 0.8 x limit", w >= 0.8 * limit))  # fmt: skip
@@ -786,8 +787,8 @@ class DiskBench:
         """With ECFS_BENCH_PROFILE=DIR and py-spy on PATH (or
         ECFS_BENCH_PYSPY): the daemon's stacks (py-spy record, raw
         collapsed format, --nonblocking) while the block runs, in DIR/name.txt
-        (the healthy, slow and missing sequential reads, the healthy random
-        reads and the rebuild)."""
+        (the sequential write, the healthy, slow and missing sequential
+        reads, the healthy random reads and the rebuild)."""
         out_dir = os.environ.get("ECFS_BENCH_PROFILE")
         py_spy = os.environ.get("ECFS_BENCH_PYSPY") or shutil.which("py-spy")
         if not out_dir or not py_spy:
