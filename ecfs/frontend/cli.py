@@ -27,6 +27,7 @@ from ..core import units
 from ..core.errors import EcfsError, VolumeError
 from ..core.events import JsonFormatter
 from ..data.placement import POLICIES, SPREAD
+from ..storage.lease import host_id
 from ..storage.s3store import is_s3_location
 from ..volume.mkfs import VolumeSpec, check_store_arg, create_volume
 
@@ -721,15 +722,15 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[st
 
 
 def _who() -> str:
-    """user@host, for the record of a pause."""
+    """user@host, for the record of a pause (the host as the lease names it:
+    $ECFS_HOST_ID, else the host name)."""
     import getpass
-    import socket
 
     try:
         user = getpass.getuser()
     except (OSError, KeyError):
         user = f"uid {os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
+    return f"{user}@{host_id()}"
 
 
 def _pause_offline(stores: tuple[str, ...], pause: bool) -> None:

@@ -195,10 +195,16 @@ class Holder:
         return f"host {self.host} (pid {self.pid})"
 
 
+def host_id() -> str:
+    """This host as volumes record it (the lease holder, who paused the
+    background work): $ECFS_HOST_ID, else the host name."""
+    return os.environ.get(HOST_ID_ENV) or socket.gethostname()
+
+
 def this_holder() -> Holder:
     """A new holder identity for this process (a fresh mount id)."""
     return Holder(
-        os.environ.get(HOST_ID_ENV) or socket.gethostname(),
+        host_id(),
         os.getpid(),
         _process_space(),
         secrets.token_hex(16),
