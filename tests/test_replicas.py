@@ -565,3 +565,56 @@ async def test_a_replica_copied_before_forgotten_transactions_is_not_added(
         nursery.cancel_scope.cancel()
     await replicator.aclose()
     assert dump(current) == dump(targets[0])
+
+
+class GatedRunner(FakeRunner):
+    """A FakeRunner whose apply_blocking waits for `gate` (set: at once)."""
+
+    def __init__(self, index: int, log: list[Any] | None = None) -> None:
+        super().__init__(index, log)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.applying = trio.Event()
+
+    async def call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> T:
+        if fn.__name__ == "apply_blocking":
+            self.applying.set()
+            await self.gate.wait()
+        return await super().call(fn, *args, timeout=timeout)
+
+
+@pytest.mark.trio
+async def test_a_replica_added_while_a_batch_is_applied_gets_the_rest_of_it(
+    tmp_path: Path,
+) -> None:
+    """A replica copied at generation 3 joins while the batch 1..5 is being
+    applied to the others: it must get 4..5 too. (It did not: the batch
+    went to the replicas live when it started and was then forgotten, the
+    new replica stayed at 3, the durable generation with it, and an
+    fsync() waiting for 5 hung until some later write came along.)"""
+    targets, _, log = setup_replicas(tmp_path)
+    runners = {i: GatedRunner(i, log) for i in range(3)}
+    late = targets.pop(2)
+    replicator = Replicator(targets, runners, SyncRecorder(), 0)
+    transactions = make_transactions(5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        runners[0].gate = trio.Event()  # replica 0 holds the batch in its apply
+        for txn in transactions:
+            replicator.submit(txn)
+        nursery.start_soon(replicator.drain)  # a waiter: the batch 1..5 goes now
+        await runners[0].applying.wait()
+        current = make_database(late.with_name("current.sqlite"), transactions[:3])
+        assert await replicator.add_replica(2, current, 3)
+        runners[0].gate.set()
+        with trio.fail_after(10):
+            await replicator.wait_durable(5)
+        assert replicator.live_replicas() == [0, 1, 2]
+        nursery.cancel_scope.cancel()
+    await replicator.aclose()
+    assert dump(current) == dump(targets[0])

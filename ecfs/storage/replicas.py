@@ -110,7 +110,9 @@ The file stays locked while the replicator has it open: nothing else
 at mount and by fsck, under the volume lock, open a copy ``immutable=1``
 unless a crash left WAL frames to read (`_connect_read_only`).
 `wait_durable` waits on an event that `run` replaces every time the
-durable generation or the set of live replicas changes.
+durable generation or the set of live replicas changes. A replica added
+while a batch is being applied (its copy taken at a generation inside the
+batch) is given the rest of that batch before the batch is forgotten.
 
 What a crash leaves behind, step by step:
 
@@ -1358,7 +1360,7 @@ class Replicator:
             while True:
                 batch = await self._wait_batch()
                 await self._sync_before_apply()
-                await self._for_each_live(self._apply_one, batch)
+                await self._apply_batch(batch)
                 self._finish_batch(len(batch))
         finally:
             self._running = False
@@ -1429,6 +1431,23 @@ class Replicator:
         its thread still holds the connection's lock)."""
         async with replica.turn:
             return await replica.runner.call(fn, *args, timeout=self._timeout)
+
+    async def _apply_batch(self, batch: Sequence[Transaction]) -> None:
+        """Apply `batch` to every live replica, including one added (by
+        `add_replica`, at a generation inside the batch) while it was being
+        applied to the others: the batch is forgotten afterwards, and a
+        replica that missed its end would hold the durable generation back
+        for good (an fsync() waiting for it hung until a later write)."""
+        done: list[_Replica] = []  # the replica objects given the batch
+
+        def not_given(replica: _Replica) -> bool:
+            return not any(replica is given for given in done)
+
+        while todo := [r for i in sorted(self._live) if not_given(r := self._replicas[i])]:
+            done.extend(todo)
+            async with trio.open_nursery() as nursery:
+                for replica in todo:
+                    nursery.start_soon(self._apply_one, replica, batch)
 
     async def _open_one(self, replica: _Replica) -> None:
         try:
