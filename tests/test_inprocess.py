@@ -24,7 +24,7 @@ import trio
 from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE
 from ecfs.storage import offload
-from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
+from ecfs.storage.metadb.chunks import PendingDeletions, RepairEntry, RepairQueue
 from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
 from ecfs.volume import assembly
 
@@ -673,6 +673,10 @@ async def test_a_chunk_write_does_not_wait_for_a_straggling_store(rig: Rig, faul
             assert all(rig.memory[slow].fragment(c, i) for c, i in on_slow.items())
         else:
             assert all(_queued(rig)[c] >> i & 1 for c, i in on_slow.items())
+            # What the timed-out writes may leave is remembered for the
+            # collector (deleted unless repair writes that fragment again).
+            remembered = set(PendingDeletions(volume.db).on_stores([slow], 1000))
+            assert {(slow, c, i) for c, i in on_slow.items()} <= remembered, remembered
         volume.handles.close_all()
         assert await _read_sequentially(rig, ino, len(data)) == data
         await volume.filedata.released(ino)

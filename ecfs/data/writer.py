@@ -36,7 +36,10 @@ oldest one's are cancelled, which bounds the memory they hold) is not
 placed elsewhere (the caller has committed the ref by then): it is
 reported to `on_late_failure` (the volume queues the chunk for repair, as
 for a fragment found missing) and its store keeps the fragment slot,
-missing, until repair writes it. While a straggler runs it is in
+missing, until repair writes it; the file it may have left (or may still
+leave: a timed-out write's thread runs on) goes to `on_abandoned`, so
+that the garbage collector deletes it unless repair writes that very
+fragment again (see `ecfs.data.garbage`). While a straggler runs it is in
 `straggling`, which the reader consults: a read that finds it missing
 decodes around it without reporting damage. Without a nursery (tools, tests) every
 fragment is waited for as before.
@@ -284,6 +287,7 @@ class ChunkWriter:
                 except StoreError as exc:
                     if handed:  # committed with this slot: repair restores it
                         self.on_late_failure(handed[0], [index], f"straggling write: {exc}")
+                        self.on_abandoned([(store, chunk_id, index)])
                         return
                     errors.append(exc)
                     if isinstance(exc, StoreTimeout):
@@ -306,6 +310,9 @@ class ChunkWriter:
                 if scope.cancelled_caught and handed and stores[index] == NO_STORE:
                     reason = "straggling write given up (too many chunks straggle)"
                     self.on_late_failure(handed[0], [index], reason)
+                    given_up = current[index]
+                    if given_up is not None:
+                        self.on_abandoned([(given_up, chunk_id, index)])
             except Exception as exc:  # in the background nursery: never take the volume down
                 if scope is None:
                     raise
