@@ -30,7 +30,9 @@ and 40 MiB/s, where the disks bind):
   - the page-cache ceiling of ecfs: the same read with the fragments in
     the stores' page cache (only the mount's own cache dropped; the better
     of two);
-  - 4 KiB random reads at queue depth 1 and 16 (threads doing os.pread);
+  - 4 KiB random reads at queue depth 1 and 16 (threads doing os.pread;
+    the notes say how many read I/Os of what size the devices saw per
+    request, from /sys/block/loopN/stat);
   - the 10,000-file extract (scripts/bench.py's source tarball) on ecfs and
     the passthrough;
   - the reads again with device 5 slowed to 2 MiB/s (its cap changed under
@@ -40,6 +42,28 @@ and 40 MiB/s, where the disks bind):
   - the rebuild of the replaced store (`ecfs store replace` to a new empty
     directory on device 5, then `ecfs repair --wait`) while a foreground
     reader reads the big file sequentially.
+
+Random reads on a disk that seeks (--hdd-iops, default 200; 0 skips
+them): the caps above limit bandwidth only, and a loop device on a tmpfs
+answers a 4 KiB read at once, so there the random reads measure CPU (the
+passthrough's as much as ecfs's), not how reads spread over disks. So once
+more, after the cap levels, every device is capped like an HDD: 150 MiB/s
+and 200 read and 200 write operations per second (cgroup v1
+`blkio.throttle.{read,write}_iops_device`, v2 `io.max riops= wiops=`, with
+the bandwidth caps), and raw (O_DIRECT, device 0), the passthrough (device
+0) and ecfs (all six) each write a file of the baselines' size under that
+model and read it at QD1 and QD16, caches dropped before. Rows "4K rand
+read QDn, 200 IOPS/dev" (cap column 150) with the physical limit (1 x IOPS
+for one device, n x IOPS for ecfs) and, at QD16, the target >= 4 x the
+passthrough. The throttle counts each I/O sent to the device (a request the
+kernel merged, or read ahead, of up to its largest size is one), as a disk
+pays one seek for it; the notes give the device I/Os per request and
+ecfs's read counters (routed, hedged and degraded reads cost k device
+reads each instead of one). The model caps the rate, it adds no latency
+to an I/O (there is no device-mapper here for dm-delay): a lone read on an
+idle device is served at once, so QD1 measures how fast one reader's
+reads spread over devices with budget left, not a seek-bound 1/latency;
+QD16 is where the caps bind.
 
 Images: by default the device images live in a tmpfs, so that a device
 is exactly as fast as its cap (on this VM the host caches its disk, and
@@ -111,6 +135,11 @@ TIMEOUT = 300.0
 #: A cold sequential read stops after this many seconds (with a slow
 #: device a read the code does not route well could take minutes).
 READ_LIMIT_S = 60.0
+#: The disk model of the IOPS-capped random-read rows ("like an HDD"):
+#: HDD_MIBS MiB/s and --hdd-iops read and write operations per second per
+#: device (default HDD_IOPS), see `DiskBench.hdd_level`.
+HDD_MIBS = 150
+HDD_IOPS = 200
 CGROUP_V1 = Path("/sys/fs/cgroup/blkio")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 
@@ -139,15 +168,13 @@ class Cgroup:
     def kind(self) -> str:
         return "cgroup v2 io.max" if self.v2 else "cgroup v1 blkio.throttle.*_bps_device"
 
-    def cap(self, device: str, bps: int) -> None:
-        """Cap reads and writes of block device `device` ("major:minor");
-        0 lifts the cap."""
-        if self.v2:
-            limit = bps or "max"
-            (self.path / "io.max").write_text(f"{device} rbps={limit} wbps={limit}\n")
-        else:
-            (self.path / "blkio.throttle.read_bps_device").write_text(f"{device} {bps}\n")
-            (self.path / "blkio.throttle.write_bps_device").write_text(f"{device} {bps}\n")
+    def cap(self, device: str, bps: int, iops: int = 0) -> None:
+        """Cap reads and writes of block device `device` ("major:minor") at
+        `bps` bytes per second each and, with `iops`, at `iops` read and
+        `iops` write operations per second too (0: no operation cap; a
+        cap set before is lifted); a `bps` of 0 lifts the bandwidth cap."""
+        for name, text in cap_settings(device, bps, iops, v2=self.v2):
+            (self.path / name).write_text(text)
 
     def enter(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(f"{pid}\n")
@@ -170,7 +197,44 @@ class Cgroup:
         print(f"bench_disks: could not remove {self.path}", file=sys.stderr)
 
 
+def cap_settings(device: str, bps: int, iops: int, *, v2: bool) -> list[tuple[str, str]]:
+    """The cgroup files and lines that cap `device` ("major:minor") at `bps`
+    bytes/s and (`iops` > 0) `iops` operations/s, reads and writes each; an
+    `iops` (or `bps`) of 0 lifts that cap (v1: the value 0 removes the
+    rule, v2: "max")."""
+    if v2:
+        ops = f"riops={iops} wiops={iops}" if iops else "riops=max wiops=max"
+        rate = bps or "max"
+        return [("io.max", f"{device} rbps={rate} wbps={rate} {ops}\n")]
+    return [
+        ("blkio.throttle.read_bps_device", f"{device} {bps}\n"),
+        ("blkio.throttle.write_bps_device", f"{device} {bps}\n"),
+        ("blkio.throttle.read_iops_device", f"{device} {iops}\n"),
+        ("blkio.throttle.write_iops_device", f"{device} {iops}\n"),
+    ]
+
+
 # --- devices --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceReads:
+    """Read I/Os completed by block devices, merges, bytes (a counter
+    snapshot; subtract two for what happened in between)."""
+
+    ios: int = 0
+    merges: int = 0
+    nbytes: int = 0
+
+    def __add__(self, other: DeviceReads) -> DeviceReads:
+        return DeviceReads(
+            self.ios + other.ios, self.merges + other.merges, self.nbytes + other.nbytes
+        )
+
+    def __sub__(self, other: DeviceReads) -> DeviceReads:
+        return DeviceReads(
+            self.ios - other.ios, self.merges - other.merges, self.nbytes - other.nbytes
+        )
 
 
 @dataclass
@@ -217,14 +281,26 @@ class Machine:
             dev.mounted = True
         self.cgroup.enter(os.getpid())  # every child inherits it
 
-    def cap_all(self, bps: int) -> None:
+    def cap_all(self, bps: int, iops: int = 0) -> None:
         assert self.cgroup is not None
         for dev in self.devices:
-            self.cgroup.cap(dev.majmin, bps)
+            self.cgroup.cap(dev.majmin, bps, iops)
 
-    def cap(self, index: int, bps: int) -> None:
+    def cap(self, index: int, bps: int, iops: int = 0) -> None:
         assert self.cgroup is not None
-        self.cgroup.cap(self.devices[index].majmin, bps)
+        self.cgroup.cap(self.devices[index].majmin, bps, iops)
+
+    def read_stats(self, indices: list[int]) -> DeviceReads:
+        """Reads the block layer completed on these devices so far (summed
+        over them, from /sys/block/loopN/stat): what the devices saw, after
+        the page cache, read-ahead and merging."""
+        total = DeviceReads()
+        for i in indices:
+            name = Path(self.devices[i].loop).name
+            fields = (Path("/sys/block") / name / "stat").read_text().split()
+            # read I/Os, read merges, read sectors (Documentation/block/stat.rst)
+            total = total + DeviceReads(int(fields[0]), int(fields[1]), int(fields[2]) * 512)
+        return total
 
     def warm_host(self, indices: list[int]) -> float:
         """Read the data extents of these devices' images once with O_DIRECT
@@ -391,8 +467,9 @@ def rand_read(path: Path, depth: int, seconds: float, direct: bool = False) -> d
     os.close(fd)
     every = sorted(x for lat in latencies for x in lat)
     if not every:
-        return {"iops": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+        return {"iops": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "reads": 0}
     return {
+        "reads": len(every),
         "iops": len(every) / elapsed,
         "p50_ms": every[len(every) // 2] * 1000,
         "p99_ms": every[min(len(every) - 1, int(len(every) * 0.99))] * 1000,
@@ -504,6 +581,9 @@ class Config:
     out: Path
     reads_only: bool = False
     images_on_disk: bool = False
+    #: Operations per second of the disk model of the random-read rows
+    #: "like a disk that seeks" (HDD_MIBS and this; 0: no such rows).
+    hdd_iops: int = 0
 
 
 class DiskBench:
@@ -571,6 +651,9 @@ class DiskBench:
         for cap in cfg.caps:
             print(f"-- cap {cap} MiB/s per device", flush=True)
             self.level(cap)
+        if cfg.hdd_iops and not cfg.reads_only:
+            print(f"-- disk model {HDD_MIBS} MiB/s and {cfg.hdd_iops} IOPS per device", flush=True)
+            self.hdd_level(cfg.hdd_iops)
         if not m.in_memory:
             self.res.notes.append(
                 f"host cache: before every cold read the images of the devices it touches were"
@@ -600,7 +683,9 @@ class DiskBench:
         raw_rand = {}
         for depth in (1, 16):
             self.cold([0])
-            raw_rand[depth] = rand_read(raw_file, depth, cfg.rand_s, direct=True)
+            raw_rand[depth] = self.rand(
+                f"{cap} MiB/s QD{depth} raw", raw_file, depth, [0], direct=True
+            )
             res.add(Row(cap, f"4K rand read QD{depth}", "raw", raw_rand[depth]["iops"], "IOPS"))
         raw_file.unlink()
         # what the machine gives all devices at once (the host's disk is shared)
@@ -632,7 +717,9 @@ class DiskBench:
             res.add(Row(cap, "seq read, cold", "passthrough", r, "MiB/s", cap, "1 x cap"))
             for depth in (1, 16):
                 self.cold([0])
-                pt_rand[depth] = rand_read(pt_mnt / "seq.dat", depth, cfg.rand_s)
+                pt_rand[depth] = self.rand(
+                    f"{cap} MiB/s QD{depth} passthrough", pt_mnt / "seq.dat", depth, [0]
+                )
                 res.add(Row(cap, f"4K rand read QD{depth}", "passthrough",
                             pt_rand[depth]["iops"], "IOPS"))  # fmt: skip
             res.add(Row(cap, "4K rand read QD1 p99", "passthrough", pt_rand[1]["p99_ms"], "ms"))
@@ -716,7 +803,7 @@ class DiskBench:
             for depth in () if cfg.reads_only else (1, 16):
                 self.cold(all_devices)
                 with self.profiled(mnt, f"{cap}-rand-qd{depth}"):
-                    rand[depth] = rand_read(big, depth, cfg.rand_s)
+                    rand[depth] = self.rand(f"{cap} MiB/s QD{depth} ecfs", big, depth, all_devices)
                 row = Row(cap, f"4K rand read QD{depth}", "ecfs", rand[depth]["iops"], "IOPS")
                 if depth == 16 and pt_rand.get(16):
                     row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
@@ -799,6 +886,101 @@ class DiskBench:
             self.rebuild(cap, mnt, stores[-1], d[-1] / "store-new", healthy)
         finally:
             self.stop(daemon)
+
+    def rand(
+        self, label: str, path: Path, depth: int, devices: list[int], direct: bool = False
+    ) -> dict[str, float]:
+        """`rand_read` of `path` (its file on `devices`), noting what the
+        devices saw meanwhile (/sys/block/loopN/stat): read I/Os per
+        request and their size, after the page cache, read-ahead and
+        merging (in the notes and in raw["device_reads"])."""
+        before = self.machine.read_stats(devices)
+        result = rand_read(path, depth, self.cfg.rand_s, direct=direct)
+        seen = self.machine.read_stats(devices) - before
+        reads = max(1, int(result["reads"]))
+        self.res.raw.setdefault("device_reads", {})[label] = {
+            "requests": result["reads"], "ios": seen.ios, "merges": seen.merges, "bytes": seen.nbytes,
+        }  # fmt: skip
+        self.res.notes.append(
+            f"devices under {label} 4K random reads: {seen.ios / reads:.2f} read I/Os per request,"
+            f" {seen.nbytes / max(1, seen.ios) / 1024:.1f} KiB each, {seen.merges} merged"
+        )
+        return result
+
+    def hdd_level(self, iops: int) -> None:
+        """4 KiB random reads at QD1 and QD16 with every device capped like
+        a disk that seeks: HDD_MIBS MiB/s and `iops` read and `iops` write
+        operations per second (cgroup v1 blkio.throttle.*_iops_device, v2
+        io.max riops/wiops, on top of the bandwidth caps). Raw (O_DIRECT)
+        and the passthrough on device 0, ecfs over all six; the same file
+        size (the baselines' size) for each, written under the same model.
+        The throttle counts the I/Os the device is sent (a merged or
+        read-ahead request of up to 128 KiB is one), as a disk's seek
+        budget does; the notes say what the devices saw per request."""
+        cfg, res, m = self.cfg, self.res, self.machine
+        cap, bps = HDD_MIBS, HDD_MIBS * MiB
+        m.cap_all(bps, iops)
+        model = f"{iops} IOPS/dev"
+        d = [dev.mountpoint / "hdd" for dev in m.devices]
+        for x in d:
+            x.mkdir()
+        try:
+            raw_file = d[0] / "raw.dat"
+            seq_write(raw_file, cfg.base_size, direct=True)
+            for depth in (1, 16):
+                self.cold([0])
+                r = self.rand(f"{model} QD{depth} raw", raw_file, depth, [0], direct=True)
+                res.add(Row(cap, f"4K rand read QD{depth}, {model}", "raw", r["iops"], "IOPS",
+                            iops, "1 x IOPS"))  # fmt: skip
+            raw_file.unlink()
+            pt_src, pt_mnt = d[0] / "pt-src", self.work / "pt-mnt-hdd"
+            pt_src.mkdir()
+            pt_mnt.mkdir()
+            pt = self.start(bench.Daemon(
+                "passthrough",
+                [bench.PYTHON, str(bench.REPO / "scripts" / "passthrough.py"), str(pt_src),
+                 str(pt_mnt), "--foreground"],
+                pt_mnt, self.work / "passthrough-hdd.log",
+            ))  # fmt: skip
+            pt_rand: dict[int, dict[str, float]] = {}
+            try:
+                seq_write(pt_mnt / "seq.dat", cfg.base_size, direct=False)
+                for depth in (1, 16):
+                    self.cold([0])
+                    pt_rand[depth] = self.rand(f"{model} QD{depth} passthrough", pt_mnt / "seq.dat",
+                                               depth, [0])  # fmt: skip
+                    res.add(Row(cap, f"4K rand read QD{depth}, {model}", "passthrough",
+                                pt_rand[depth]["iops"], "IOPS", iops, "1 x IOPS"))  # fmt: skip
+            finally:
+                self.stop(pt)
+            stores = [x / "store" for x in d]
+            mnt = self.work / "ecfs-mnt-hdd"
+            mnt.mkdir()
+            domains = [f"--domain={s}=dev{i}" for i, s in enumerate(stores)]
+            self.ecfs_cmd("mkfs", "--data", str(K), "--parity", str(M), *domains, *map(str, stores))
+            daemon = self.mount_ecfs(stores, mnt, self.work / "ecfs-hdd.log")
+            try:
+                big = mnt / "seq.dat"
+                seq_write(big, cfg.base_size, direct=False)
+                for depth in (1, 16):
+                    self.cold(list(range(N)))
+                    before_counters = read_counters(mnt)
+                    with self.profiled(mnt, f"hdd-rand-qd{depth}"):
+                        r = self.rand(f"{model} QD{depth} ecfs", big, depth, list(range(N)))
+                    self.note_counters(cap, f"{model}, random QD{depth}", before_counters,
+                                       read_counters(mnt))  # fmt: skip
+                    row = Row(cap, f"4K rand read QD{depth}, {model}", "ecfs", r["iops"], "IOPS",
+                              N * iops, "n x IOPS")  # fmt: skip
+                    if depth == 16 and pt_rand.get(16):
+                        row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
+                        row.passed = r["iops"] >= 4 * pt_rand[16]["iops"]
+                    res.add(row)
+            finally:
+                self.stop(daemon)
+        finally:
+            m.cap_all(bps)  # the operation caps lifted
+            for x in d:
+                shutil.rmtree(x, ignore_errors=True)
 
     @contextlib.contextmanager
     def profiled(self, mnt: Path, name: str) -> Iterator[None]:
@@ -906,6 +1088,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the device images on --workdir's disk instead of a tmpfs (the"
                         " host's cache of that disk then shows in the figures: each cold"
                         " read first reads the images once with O_DIRECT)")
+    parser.add_argument("--hdd-iops", type=int, default=HDD_IOPS, metavar="IOPS",
+                        help=f"the random reads again with every device capped like a disk that"
+                        f" seeks: {HDD_MIBS} MiB/s and IOPS read and write operations per second"
+                        f" (default {HDD_IOPS}; 0 skips them)")  # fmt: skip
     parser.add_argument("--reads-only", action="store_true",
                         help="only ecfs's sequential write, reads (healthy, slow, missing) and rebuild")
     return parser.parse_args(argv)
@@ -934,6 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         reads_only=args.reads_only,
         images_on_disk=args.images_on_disk,
+        hdd_iops=max(0, args.hdd_iops),
     )
 
     def terminate(signum: int, frame: object) -> None:
