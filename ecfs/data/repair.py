@@ -86,7 +86,6 @@ from ..core.errors import EcfsError, FragmentCorrupt, StoreError
 from ..core.events import REPAIR_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
-from ..core.tasks import wait_until_idle
 from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
@@ -96,6 +95,7 @@ from .background import (
     DEADLINE_FLOOR,
     SKIPPED_SHOWN,
     BackgroundGate,
+    RatePacer,
     RetryBook,
     SkippedChunk,
     chunk_deadline,
@@ -108,8 +108,13 @@ from .rebuild import rebuild_fragments
 
 log = logging.getLogger(__name__)
 
-#: Chunks repaired at once in urgent mode.
-URGENT_PARALLEL = 8
+#: Chunks repaired at once in urgent mode (at most: under foreground load
+#: the minimum rate spaces their starts out).
+URGENT_PARALLEL = 16
+#: Default minimum rate of urgent repair under foreground load, in bytes
+#: of rebuilt fragments written per second (`-o repair_min_rate=`): half
+#: of what one HDD streams (see the module docstring).
+DEFAULT_MIN_RATE = 80 << 20
 
 #: Seconds without foreground requests before a non-urgent repair step.
 IDLE_GAP = 0.05
@@ -178,6 +183,7 @@ class RepairStatistics:
     skipped: int = 0
     skipped_chunks: tuple[SkippedChunk, ...] = ()
     deadline_misses: int = 0
+    min_rate: float = 0.0
 
 
 class Repairer:
@@ -199,6 +205,7 @@ class Repairer:
         note_unsynced: Callable[[int], None],
         *,
         rate: float = 0.0,
+        min_rate: float = DEFAULT_MIN_RATE,
         rebuild_after: float = DEFAULT_REBUILD_AFTER,
         clock: Callable[[], float] = time.monotonic,
         gate: BackgroundGate | None = None,
@@ -223,7 +230,16 @@ class Repairer:
         self.volume_id = volume_id
         self.last_foreground = last_foreground
         self.note_unsynced = note_unsynced
+        #: The most bytes/s of rebuilt fragments written, at any time (0: no cap).
         self.rate = rate
+        #: The least bytes/s urgent repair keeps under foreground load, and
+        #: the most it takes then (see "Pacing" in the module docstring).
+        self.min_rate = min_rate
+        self._max_pacer = RatePacer(clock)
+        self._min_pacer = RatePacer(clock)
+        #: Bytes written per chunk repaired (EWMA): what a chunk is charged
+        #: to the pacers when it starts (corrected when it ends).
+        self._chunk_bytes = float(layout.payload_length(layout.chunk_size))
         self.rebuild_after = rebuild_after
         self.clock = clock
         self.urgent = False
@@ -310,6 +326,7 @@ class Repairer:
             urgent=self.urgent,
             rate_bytes_per_s=rate,
             rate_limit=float(self.rate),
+            min_rate=float(self.min_rate),
             busy=self.busy,
             queue=queue,
             chunks=sum(e.chunks for e in queue.values()),
@@ -394,20 +411,24 @@ class Repairer:
             async with trio.open_nursery() as nursery:
                 for entry in entries:
                     await self.gate.wait_running()
-                    await self._pace()
                     borrower = object()
                     await limit.acquire_on_behalf_of(borrower)
-                    nursery.start_soon(self._repair_entry, entry, limit, borrower)
+                    charged = await self._pace()
+                    nursery.start_soon(self._repair_entry, entry, limit, borrower, charged)
 
     async def _repair_entry(
-        self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object
+        self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object, charged: float
     ) -> None:
+        written = 0
         try:
-            await self.repair_chunk(entry)
+            written = await self.repair_chunk(entry)
         except EcfsError as exc:
             self._skip(entry.chunk_id, f"failed: {exc}")
         finally:
             limit.release_on_behalf_of(borrower)
+            self._max_pacer.correct(written - charged, self.rate)
+            self._min_pacer.correct(written - charged, self.min_rate)
+            self._chunk_bytes += 0.2 * (written - self._chunk_bytes)
 
     def _report_drained(self) -> None:
         """The queue has nothing due: a REPAIR_FINISHED event if the busy
@@ -471,25 +492,54 @@ class Repairer:
         self._deferred[chunk_id] = self.clock() + RETRY_DELAY
         self.counters.deferred += 1
 
-    async def _pace(self) -> None:
-        if not self.urgent:
-            await wait_until_idle(self.last_foreground, IDLE_GAP, MAX_STARVATION)
+    def _foreground_busy(self) -> bool:
+        return time.monotonic() - self.last_foreground() < IDLE_GAP
 
-    async def _throttle(self, nbytes: int, elapsed: float) -> None:
+    async def _pace(self) -> float:
+        """Wait until the next chunk may start (see "Pacing" in the module
+        docstring); the bytes it was charged to the pacers."""
+        since = time.monotonic()
+        while True:
+            wait = self._max_pacer.delay(self.rate)
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
+            if not self._foreground_busy():
+                self._min_pacer.restart()  # idle: full speed, no debt for later
+                break
+            if not self.urgent or self.min_rate <= 0:
+                # Yield to the foreground, at most MAX_STARVATION (checked
+                # again every IDLE_GAP: `ecfs repair` may come meanwhile).
+                if time.monotonic() - since >= MAX_STARVATION:
+                    self._min_pacer.restart()
+                    break
+                await trio.sleep(IDLE_GAP)
+                continue
+            wait = self._min_pacer.delay(self.min_rate)
+            if wait <= 0:
+                break
+            # Busy and ahead of the minimum: wait, but not past the moment
+            # the foreground pauses.
+            await trio.sleep(min(wait, IDLE_GAP))
+        charged = self._chunk_bytes
+        self._max_pacer.charge(charged, self.rate)
+        self._min_pacer.charge(charged, self.min_rate)
+        return charged
+
+    def _note_rate(self, nbytes: int, elapsed: float) -> None:
         if elapsed > 0:
             self._rate_ewma = 0.8 * self._rate_ewma + 0.2 * (nbytes / elapsed)
-        if self.rate > 0:
-            await trio.sleep(max(0.0, nbytes / self.rate - elapsed))
 
     # -- one chunk -----------------------------------------------------------------------
 
-    async def repair_chunk(self, entry: RepairEntry) -> None:
+    async def repair_chunk(self, entry: RepairEntry) -> int:
+        """Repair one queued chunk; the bytes of rebuilt fragments written."""
         found = self.chunks.by_id(entry.chunk_id)
         if found is None:
             with self.db.transaction():
                 self.queue.remove(entry.chunk_id)
             self.skipped.done(entry.chunk_id)
-            return
+            return 0
         _, _, ref = found
         started = self.clock()
         deadline = self.chunk_deadline(ref)
@@ -506,9 +556,10 @@ class Repairer:
             self.counters.deadline_misses += 1
             stores.remember(stores.touched)  # whatever landed: deleted unless referred to
             self._skip(ref.chunk_id, f"not repaired within its deadline of {deadline:.1f} s")
-            return
+            return 0
         self.skipped.done(ref.chunk_id)
-        await self._throttle(written, self.clock() - started)
+        self._note_rate(written, self.clock() - started)
+        return written
 
     async def _repair(
         self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
