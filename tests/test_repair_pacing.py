@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from ecfs.core.errors import VolumeError
+from ecfs.core.errors import FsError, VolumeError
 from ecfs.data.background import RatePacer
 from ecfs.data.repair import DEFAULT_MIN_RATE
 from ecfs.frontend.mount import parse_options
 from ecfs.storage.metadb.chunks import RepairQueue
+from ecfs.volume.control import parse_command
 from tests.inprocess import CHUNK, FRAGMENT, Rig, make_rig
 from tests.mounting import MountedVolume, cli
 from tests.volume_files import pattern
@@ -180,9 +181,34 @@ def test_rate_options_are_parsed() -> None:
         parse_options(["repair_min_rate=fast"])
 
 
-def test_the_rate_options_are_shown_in_the_status(volume: MountedVolume) -> None:
+def test_the_repair_command_carries_rates() -> None:
+    command = parse_command("repair urgent min=1000 max=0")
+    assert (command.urgent, command.min_rate, command.max_rate) == (True, 1000, 0)
+    command = parse_command("repair normal")
+    assert (command.urgent, command.min_rate, command.max_rate) == (False, None, None)
+    for bad in ("repair urgent min=-1", "repair urgent min=1 min=2", "repair urgent fast=1",
+                "repair urgent min=1M"):  # fmt: skip
+        with pytest.raises(FsError):
+            parse_command(bad)
+
+
+def test_the_rates_are_set_by_mount_options_and_ecfs_repair_and_shown(
+    volume: MountedVolume,
+) -> None:
     volume.remount("-o", "repair_min_rate=30M,repair_max_rate=200M")
-    repair = json.loads(cli("status", "--json", str(volume.mountpoint)).stdout)["repair"]
-    assert (repair["min_rate"], repair["rate_limit"]) == (30 << 20, 200 << 20)
+
+    def repair() -> dict[str, float]:
+        return json.loads(cli("status", "--json", str(volume.mountpoint)).stdout)["repair"]
+
+    assert (repair()["min_rate"], repair()["rate_limit"]) == (30 << 20, 200 << 20)
     text = cli("status", str(volume.mountpoint)).stdout
     assert "repair pace: at least 30.0 MiB/s under load, at most 200.0 MiB/s" in text
+    # `ecfs repair` changes them for the rest of the mount.
+    cli("repair", "--min-rate", "20M", "--max-rate", "0", str(volume.mountpoint))
+    now = repair()
+    assert (now["min_rate"], now["rate_limit"], now["urgent"]) == (20 << 20, 0, True)
+    cli("repair", "--normal", "--min-rate", "5M", str(volume.mountpoint))
+    now = repair()
+    assert (now["min_rate"], now["rate_limit"], now["urgent"]) == (5 << 20, 0, False)
+    bad = cli("repair", "--min-rate", "fast", str(volume.mountpoint), check=False)
+    assert bad.returncode == 2 and "--min-rate" in bad.stderr
