@@ -1,9 +1,11 @@
 """Background work that never gets stuck: one pause switch for all of it,
 and a per-chunk deadline and retry book.
 
-Owns: `BackgroundGate`, the volume's "paused on purpose" state, and
+Owns: `BackgroundGate`, the volume's "paused on purpose" state,
 `RetryBook` + `chunk_deadline`, the rules by which one chunk's repair (or
-restripe) is given up for now and retried later. Must not: know what the
+restripe) is given up for now and retried later, and `RatePacer`, which
+spaces work out to a rate (repair's minimum and maximum rates, see
+`ecfs.data.repair`, "Pacing"). Must not: know what the
 work is; repair (`ecfs.data.repair`), scrub, the small-write log's fold
 task, the garbage collector and restripe each call the gate before a chunk
 and keep their own book.

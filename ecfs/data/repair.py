@@ -60,13 +60,34 @@ they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
 Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
 gate before each chunk; a chunk under way is finished.
 
-Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
-has been seen for IDLE_GAP seconds (but at least one chunk every
-MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
-URGENT_PARALLEL chunks at once, from the moment it is set (a batch under
-way follows). `rate` (bytes/s, 0 = unlimited) caps the rebuild bandwidth
-in any case. Sources are read fastest first (`ChunkReader.sources`:
-expected latency, i.e. latency x queue depth: the least busy survivors).
+Pacing (like Linux md's speed_limit_min and speed_limit_max; rates count
+rebuilt fragment bytes written, what a replaced disk receives). The
+foreground is busy while a FUSE request was seen within IDLE_GAP seconds
+(URGENT_IDLE_GAP for urgent repair).
+- Idle: full speed, up to `rate` (`-o repair_max_rate`, 0 = no cap).
+- Busy, not urgent (background repair): a chunk only once the foreground
+  pauses, but at least one every MAX_STARVATION seconds (never starved).
+- Busy, urgent (`ecfs repair`): `min_rate` (`-o repair_min_rate`,
+  default DEFAULT_MIN_RATE), and no more: chunks start as the rate allows
+  (a `RatePacer`: each start charges the bytes a chunk wrote on average,
+  corrected when it ends), so the disks' time beyond the minimum is left
+  to the foreground. If the stores cannot give the minimum, repair takes
+  what it can (the minimum goes before the foreground's speed; a lagging
+  repair catches up by at most background.PACE_BURST seconds). `min_rate` 0: as
+  background repair.
+Not urgent, one chunk at a time; urgent, up to URGENT_PARALLEL at once,
+from the moment it is set (a batch under way follows). `rate` is one
+pacer for all chunks in flight. The rates are set by the mount options
+and changed on a running mount by `ecfs repair --min-rate/--max-rate`.
+Why 80 MiB/s by default: half of what one hard disk streams, the issue's
+"rebuild at 0.5 x the replacement's speed" for HDDs: a 4 TB disk is
+rebuilt within 14 hours under load; on slower disks the minimum is more
+than they give and repair takes what it can (redundancy first: lower it
+to favour the foreground). On 6 capped devices (scripts/bench_disks.py)
+a rebuild at R reads k x R from the survivors, so with n x cap in all a
+reader keeps at most (n - 1) x cap - k x R.
+Sources are read fastest first (`ChunkReader.sources`: expected latency,
+i.e. latency x queue depth: the least busy survivors).
 """
 
 from __future__ import annotations
@@ -90,6 +111,7 @@ from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
+from ..storage.store import Store
 from .background import (
     DEADLINE_CEILING,
     DEADLINE_FLOOR,
@@ -118,6 +140,10 @@ DEFAULT_MIN_RATE = 80 << 20
 
 #: Seconds without foreground requests before a non-urgent repair step.
 IDLE_GAP = 0.05
+#: Seconds without foreground requests before urgent repair goes past its
+#: minimum rate: longer than a request delayed by repair itself, or the
+#: pause of a program between two files, which must not count as idle.
+URGENT_IDLE_GAP = 1.0
 #: A non-urgent repair waits at most this long for the foreground to pause.
 MAX_STARVATION = 2.0
 #: Seconds before an entry that could not be repaired is tried again.
@@ -493,7 +519,8 @@ class Repairer:
         self.counters.deferred += 1
 
     def _foreground_busy(self) -> bool:
-        return time.monotonic() - self.last_foreground() < IDLE_GAP
+        gap = URGENT_IDLE_GAP if self.urgent and self.min_rate > 0 else IDLE_GAP
+        return time.monotonic() - self.last_foreground() < gap
 
     async def _pace(self) -> float:
         """Wait until the next chunk may start (see "Pacing" in the module
@@ -698,9 +725,10 @@ class _RepairStores:
         repairer.handles.discard((store, chunk_id, index))
         size = sum(len(p) for p in parts)
         self.touched.append((store, chunk_id, index))
-        await runner.call(runner.store.delete_fragment, chunk_id, index)
+        # One call (one turn in the store's queue, which a replaced store
+        # shares with the readers that find its fragments missing).
         return await runner.call(
-            runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size
+            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
         )
 
     async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
@@ -716,3 +744,10 @@ class _RepairStores:
 
     def discard(self, refs: list[ChunkRef]) -> None:
         self.repairer.garbage.discard(refs, self.repairer.db.generation)
+
+
+def _replace_fragment(store: Store, chunk_id: int, index: int, parts: list[fragment.Buffer]) -> int:
+    """In a worker thread: remove any fragment file by that name (they are
+    never overwritten), then write it."""
+    store.delete_fragment(chunk_id, index)
+    return store.write_fragment(chunk_id, index, parts)
