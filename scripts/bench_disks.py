@@ -844,6 +844,7 @@ class DiskBench:
         time.sleep(1.0)  # the reader at speed before the rebuild starts
         profile = self.profiled(mnt, f"{cap}-rebuild")
         read0, start = reader.done, time.monotonic()
+        profile.__enter__()
         try:
             self.ecfs_cmd("store", "replace", "--domain", f"dev{N - 1}", str(mnt), str(old), str(new))
             # Urgent at once (the control command `ecfs repair` sends, without
@@ -859,7 +860,6 @@ class DiskBench:
             except OSError:  # a tree from before the rates: plain urgent
                 minimum = "repair urgent"
                 client.command(minimum)
-            profile.__enter__()
             while True:
                 status = client.status().repair
                 if status.chunks == 0 and not status.busy:
