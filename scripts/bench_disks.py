@@ -96,6 +96,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (a sibling script: Daemon, the tarball, the venv)
 import bench_workloads as wl  # noqa: E402
 
+from ecfs.core.errors import EcfsError  # noqa: E402
 from ecfs.frontend.client import MountClient  # noqa: E402
 
 MiB = wl.MiB
@@ -857,7 +858,7 @@ class DiskBench:
             minimum = f"repair urgent min={cap // 2 * MiB}"
             try:
                 client.command(minimum)
-            except OSError:  # a tree from before the rates: plain urgent
+            except EcfsError:  # refused by a tree from before the rates: plain urgent
                 minimum = "repair urgent"
                 client.command(minimum)
             while True:
