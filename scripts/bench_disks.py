@@ -401,7 +401,9 @@ REBUILD_MIN_DATA = 1024 * MiB
 
 class Reader(threading.Thread):
     """A foreground sequential reader: reads `path` over and over (guest
-    caches dropped before each pass) until stopped; bytes and seconds."""
+    caches dropped before each pass, without a sync: a reader does not
+    wait for the rebuild's writes to reach the disk) until stopped; bytes
+    and seconds."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
@@ -414,7 +416,7 @@ class Reader(threading.Thread):
         buf = bytearray(BLOCK)
         try:
             while not self.halt.is_set():
-                wl.drop_caches()
+                wl.drop_caches(sync=False)
                 with open(self.path, "rb", buffering=0) as f:
                     while not self.halt.is_set() and (n := f.readinto(buf)):
                         self.done += n
