@@ -851,13 +851,15 @@ class DiskBench:
         try:
             self.ecfs_cmd("store", "replace", "--domain", f"dev{N - 1}", str(mnt), str(old), str(new))
             # Urgent at once (the control command `ecfs repair` sends, without
-            # the CLI's start-up), with the target as the operator's
-            # minimum rate under load (`ecfs repair --min-rate`; the mount's
-            # default is 80M). Timed from there: rebuild and reader over one
-            # window (background repair may have done a little before).
+            # the CLI's start-up), with the target (0.5 x cap) as the
+            # operator's minimum rate under load (`ecfs repair --min-rate`;
+            # the mount's default is 80M), plus 5% for the pipeline's ends
+            # inside the window (the last chunk's latency, the status poll).
+            # Timed from there: rebuild and reader over one window
+            # (background repair may have done a little before).
             before = client.status().repair
             read0, start = reader.done, time.monotonic()
-            minimum = f"repair urgent min={cap // 2 * MiB}"
+            minimum = f"repair urgent min={round(0.525 * cap * MiB)}"
             try:
                 client.command(minimum)
             except EcfsError:  # refused by a tree from before the rates: plain urgent
