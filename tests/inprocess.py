@@ -91,6 +91,7 @@ def make_rig(
     inline_max: int = 0,
     remote: int = 0,
     placement: str | None = None,
+    concurrency: int | None = None,
 ) -> Rig:
     """A volume of K+M+`spare` in-memory stores (fragments of FRAGMENT bytes),
     the last `remote` of them remote (`Store.remote`, space unknown), with
@@ -106,6 +107,9 @@ def make_rig(
         )
         for i, store_id in enumerate(store_ids)
     ]
+    if concurrency is not None:  # calls each store serves at once (a disk: few)
+        for store in memory:
+            store.concurrency = concurrency
     stores = [FaultyStore(store) for store in memory]
     for store in stores:
         store.pin_identity()

@@ -1,9 +1,11 @@
 """Background work that never gets stuck: one pause switch for all of it,
 and a per-chunk deadline and retry book.
 
-Owns: `BackgroundGate`, the volume's "paused on purpose" state, and
+Owns: `BackgroundGate`, the volume's "paused on purpose" state,
 `RetryBook` + `chunk_deadline`, the rules by which one chunk's repair (or
-restripe) is given up for now and retried later. Must not: know what the
+restripe) is given up for now and retried later, and `RatePacer`, which
+spaces work out to a rate (repair's minimum and maximum rates, see
+`ecfs.data.repair`, "Pacing"). Must not: know what the
 work is; repair (`ecfs.data.repair`), scrub, the small-write log's fold
 task, the garbage collector and restripe each call the gate before a chunk
 and keep their own book.
@@ -43,6 +45,7 @@ metadata transaction (no await); `wait_running` is a checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +76,8 @@ RETRY_BASE = 30.0
 RETRY_CAP = 3600.0
 #: Skipped chunks a status snapshot lists (the count is always complete).
 SKIPPED_SHOWN = 20
+#: Seconds of work a `RatePacer` lets build up as credit while idle.
+PACE_BURST = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +198,42 @@ def chunk_deadline(
     store round trips, times DEADLINE_SLACK, between `floor` and `ceiling`."""
     speed = speed if speed > 0 else ASSUMED_SPEED
     return min(ceiling, max(floor, DEADLINE_SLACK * (nbytes / speed + latency)))
+
+
+class RatePacer:
+    """Spaces work out to a rate in bytes/s: a virtual clock that each
+    piece of work started moves on by its bytes / rate (`charge`, and
+    `correct` once its real size is known); the next may start once the
+    clock has caught up (`delay`). While nothing is charged, credit for at
+    most `burst` seconds of work builds up (a repair that fell behind
+    catches up by that much, not by everything it missed). The rate is
+    passed to each call (0 or less: no pacing), so it can change at any
+    time (`ecfs.data.repair`'s minimum and maximum rates)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, burst: float = PACE_BURST) -> None:
+        self.clock = clock
+        self.burst = burst
+        self._next = -math.inf
+
+    def delay(self, rate: float) -> float:
+        """Seconds until work may start at `rate` (0.0: now)."""
+        if rate <= 0:
+            return 0.0
+        return max(0.0, self._next - self.clock())
+
+    def charge(self, nbytes: float, rate: float) -> None:
+        """Work of `nbytes` starts now."""
+        if rate > 0:
+            self._next = max(self._next, self.clock() - self.burst) + nbytes / rate
+
+    def correct(self, nbytes: float, rate: float) -> None:
+        """Work charged earlier turned out `nbytes` larger (or smaller)."""
+        if rate > 0 and self._next > -math.inf:
+            self._next += nbytes / rate
+
+    def restart(self) -> None:
+        """Forget the past: no debt, no credit (e.g. after unpaced work)."""
+        self._next = self.clock()
 
 
 @dataclass(frozen=True, slots=True)

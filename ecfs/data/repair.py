@@ -60,13 +60,34 @@ they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
 Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
 gate before each chunk; a chunk under way is finished.
 
-Pacing: with `urgent` off, a chunk is repaired only when no FUSE request
-has been seen for IDLE_GAP seconds (but at least one chunk every
-MAX_STARVATION seconds, so repair never starves), one at a time; urgent,
-URGENT_PARALLEL chunks at once, from the moment it is set (a batch under
-way follows). `rate` (bytes/s, 0 = unlimited) caps the rebuild bandwidth
-in any case. Sources are read fastest first (`ChunkReader.sources`:
-expected latency, i.e. latency x queue depth: the least busy survivors).
+Pacing (like Linux md's speed_limit_min and speed_limit_max; rates count
+rebuilt fragment bytes written, what a replaced disk receives). The
+foreground is busy while a FUSE request was seen within IDLE_GAP seconds
+(URGENT_IDLE_GAP for urgent repair).
+- Idle: full speed, up to `rate` (`-o repair_max_rate`, 0 = no cap).
+- Busy, not urgent (background repair): a chunk only once the foreground
+  pauses, but at least one every MAX_STARVATION seconds (never starved).
+- Busy, urgent (`ecfs repair`): `min_rate` (`-o repair_min_rate`,
+  default DEFAULT_MIN_RATE), and no more: chunks start as the rate allows
+  (a `RatePacer`: each start charges the bytes a chunk wrote on average,
+  corrected when it ends), so the disks' time beyond the minimum is left
+  to the foreground. If the stores cannot give the minimum, repair takes
+  what it can (the minimum goes before the foreground's speed; a lagging
+  repair catches up by at most background.PACE_BURST seconds). `min_rate` 0: as
+  background repair.
+Not urgent, one chunk at a time; urgent, up to URGENT_PARALLEL at once,
+from the moment it is set (a batch under way follows). `rate` is one
+pacer for all chunks in flight. The rates are set by the mount options
+and changed on a running mount by `ecfs repair --min-rate/--max-rate`.
+Why 80 MiB/s by default: half of what one hard disk streams, the issue's
+"rebuild at 0.5 x the replacement's speed" for HDDs: a 4 TB disk is
+rebuilt within 14 hours under load; on slower disks the minimum is more
+than they give and repair takes what it can (redundancy first: lower it
+to favour the foreground). On 6 capped devices (scripts/bench_disks.py)
+a rebuild at R reads k x R from the survivors, so with n x cap in all a
+reader keeps at most (n - 1) x cap - k x R.
+Sources are read fastest first (`ChunkReader.sources`: expected latency,
+i.e. latency x queue depth: the least busy survivors).
 """
 
 from __future__ import annotations
@@ -86,16 +107,17 @@ from ..core.errors import EcfsError, FragmentCorrupt, StoreError
 from ..core.events import REPAIR_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
-from ..core.tasks import wait_until_idle
 from ..storage.handles import HandleCache
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
+from ..storage.store import Store
 from .background import (
     DEADLINE_CEILING,
     DEADLINE_FLOOR,
     SKIPPED_SHOWN,
     BackgroundGate,
+    RatePacer,
     RetryBook,
     SkippedChunk,
     chunk_deadline,
@@ -108,11 +130,21 @@ from .rebuild import rebuild_fragments
 
 log = logging.getLogger(__name__)
 
-#: Chunks repaired at once in urgent mode.
+#: Chunks repaired at once in urgent mode (at most: under foreground load
+#: the minimum rate spaces their starts out; 16 did not rebuild faster on
+#: six capped disks, where the daemon's CPU bounds it, and slowed readers).
 URGENT_PARALLEL = 8
+#: Default minimum rate of urgent repair under foreground load, in bytes
+#: of rebuilt fragments written per second (`-o repair_min_rate=`): half
+#: of what one HDD streams (see the module docstring).
+DEFAULT_MIN_RATE = 80 << 20
 
 #: Seconds without foreground requests before a non-urgent repair step.
 IDLE_GAP = 0.05
+#: Seconds without foreground requests before urgent repair goes past its
+#: minimum rate: longer than a request delayed by repair itself, or the
+#: pause of a program between two files, which must not count as idle.
+URGENT_IDLE_GAP = 1.0
 #: A non-urgent repair waits at most this long for the foreground to pause.
 MAX_STARVATION = 2.0
 #: Seconds before an entry that could not be repaired is tried again.
@@ -178,6 +210,7 @@ class RepairStatistics:
     skipped: int = 0
     skipped_chunks: tuple[SkippedChunk, ...] = ()
     deadline_misses: int = 0
+    min_rate: float = 0.0
 
 
 class Repairer:
@@ -199,6 +232,7 @@ class Repairer:
         note_unsynced: Callable[[int], None],
         *,
         rate: float = 0.0,
+        min_rate: float = DEFAULT_MIN_RATE,
         rebuild_after: float = DEFAULT_REBUILD_AFTER,
         clock: Callable[[], float] = time.monotonic,
         gate: BackgroundGate | None = None,
@@ -223,7 +257,16 @@ class Repairer:
         self.volume_id = volume_id
         self.last_foreground = last_foreground
         self.note_unsynced = note_unsynced
+        #: The most bytes/s of rebuilt fragments written, at any time (0: no cap).
         self.rate = rate
+        #: The least bytes/s urgent repair keeps under foreground load, and
+        #: the most it takes then (see "Pacing" in the module docstring).
+        self.min_rate = min_rate
+        self._max_pacer = RatePacer(clock)
+        self._min_pacer = RatePacer(clock)
+        #: Bytes written per chunk repaired (EWMA): what a chunk is charged
+        #: to the pacers when it starts (corrected when it ends).
+        self._chunk_bytes = float(layout.payload_length(layout.chunk_size))
         self.rebuild_after = rebuild_after
         self.clock = clock
         self.urgent = False
@@ -310,6 +353,7 @@ class Repairer:
             urgent=self.urgent,
             rate_bytes_per_s=rate,
             rate_limit=float(self.rate),
+            min_rate=float(self.min_rate),
             busy=self.busy,
             queue=queue,
             chunks=sum(e.chunks for e in queue.values()),
@@ -394,20 +438,24 @@ class Repairer:
             async with trio.open_nursery() as nursery:
                 for entry in entries:
                     await self.gate.wait_running()
-                    await self._pace()
                     borrower = object()
                     await limit.acquire_on_behalf_of(borrower)
-                    nursery.start_soon(self._repair_entry, entry, limit, borrower)
+                    charged = await self._pace()
+                    nursery.start_soon(self._repair_entry, entry, limit, borrower, charged)
 
     async def _repair_entry(
-        self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object
+        self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object, charged: float
     ) -> None:
+        written = 0
         try:
-            await self.repair_chunk(entry)
+            written = await self.repair_chunk(entry)
         except EcfsError as exc:
             self._skip(entry.chunk_id, f"failed: {exc}")
         finally:
             limit.release_on_behalf_of(borrower)
+            self._max_pacer.correct(written - charged, self.rate)
+            self._min_pacer.correct(written - charged, self.min_rate)
+            self._chunk_bytes += 0.2 * (written - self._chunk_bytes)
 
     def _report_drained(self) -> None:
         """The queue has nothing due: a REPAIR_FINISHED event if the busy
@@ -471,25 +519,55 @@ class Repairer:
         self._deferred[chunk_id] = self.clock() + RETRY_DELAY
         self.counters.deferred += 1
 
-    async def _pace(self) -> None:
-        if not self.urgent:
-            await wait_until_idle(self.last_foreground, IDLE_GAP, MAX_STARVATION)
+    def _foreground_busy(self) -> bool:
+        gap = URGENT_IDLE_GAP if self.urgent and self.min_rate > 0 else IDLE_GAP
+        return time.monotonic() - self.last_foreground() < gap
 
-    async def _throttle(self, nbytes: int, elapsed: float) -> None:
+    async def _pace(self) -> float:
+        """Wait until the next chunk may start (see "Pacing" in the module
+        docstring); the bytes it was charged to the pacers."""
+        since = time.monotonic()
+        while True:
+            wait = self._max_pacer.delay(self.rate)
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
+            if not self._foreground_busy():
+                self._min_pacer.restart()  # idle: full speed, no debt for later
+                break
+            if not self.urgent or self.min_rate <= 0:
+                # Yield to the foreground, at most MAX_STARVATION (checked
+                # again every IDLE_GAP: `ecfs repair` may come meanwhile).
+                if time.monotonic() - since >= MAX_STARVATION:
+                    self._min_pacer.restart()
+                    break
+                await trio.sleep(IDLE_GAP)
+                continue
+            wait = self._min_pacer.delay(self.min_rate)
+            if wait <= 0:
+                break
+            # Busy and ahead of the minimum: wait, but not past the moment
+            # the foreground pauses.
+            await trio.sleep(min(wait, IDLE_GAP))
+        charged = self._chunk_bytes
+        self._max_pacer.charge(charged, self.rate)
+        self._min_pacer.charge(charged, self.min_rate)
+        return charged
+
+    def _note_rate(self, nbytes: int, elapsed: float) -> None:
         if elapsed > 0:
             self._rate_ewma = 0.8 * self._rate_ewma + 0.2 * (nbytes / elapsed)
-        if self.rate > 0:
-            await trio.sleep(max(0.0, nbytes / self.rate - elapsed))
 
     # -- one chunk -----------------------------------------------------------------------
 
-    async def repair_chunk(self, entry: RepairEntry) -> None:
+    async def repair_chunk(self, entry: RepairEntry) -> int:
+        """Repair one queued chunk; the bytes of rebuilt fragments written."""
         found = self.chunks.by_id(entry.chunk_id)
         if found is None:
             with self.db.transaction():
                 self.queue.remove(entry.chunk_id)
             self.skipped.done(entry.chunk_id)
-            return
+            return 0
         _, _, ref = found
         started = self.clock()
         deadline = self.chunk_deadline(ref)
@@ -506,9 +584,10 @@ class Repairer:
             self.counters.deadline_misses += 1
             stores.remember(stores.touched)  # whatever landed: deleted unless referred to
             self._skip(ref.chunk_id, f"not repaired within its deadline of {deadline:.1f} s")
-            return
+            return 0
         self.skipped.done(ref.chunk_id)
-        await self._throttle(written, self.clock() - started)
+        self._note_rate(written, self.clock() - started)
+        return written
 
     async def _repair(
         self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
@@ -647,9 +726,10 @@ class _RepairStores:
         repairer.handles.discard((store, chunk_id, index))
         size = sum(len(p) for p in parts)
         self.touched.append((store, chunk_id, index))
-        await runner.call(runner.store.delete_fragment, chunk_id, index)
+        # One call (one turn in the store's queue, which a replaced store
+        # shares with the readers that find its fragments missing).
         return await runner.call(
-            runner.store.write_fragment, chunk_id, index, parts, nbytes_written=size
+            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
         )
 
     async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
@@ -665,3 +745,10 @@ class _RepairStores:
 
     def discard(self, refs: list[ChunkRef]) -> None:
         self.repairer.garbage.discard(refs, self.repairer.db.generation)
+
+
+def _replace_fragment(store: Store, chunk_id: int, index: int, parts: list[fragment.Buffer]) -> int:
+    """In a worker thread: remove any fragment file by that name (they are
+    never overwritten), then write it."""
+    store.delete_fragment(chunk_id, index)
+    return store.write_fragment(chunk_id, index, parts)

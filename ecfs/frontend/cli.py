@@ -659,15 +659,43 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
     " deletion) until --resume, across unmount and mount.",
 )
 @click.option("--resume", is_flag=True, help="Resume background work paused with --pause.")
+@click.option(
+    "--min-rate",
+    metavar="SIZE",
+    help="Rebuilt bytes per second urgent repair keeps, and takes no more,"
+    " while files are in use (for the rest of the mount; default -o repair_min_rate).",
+)
+@click.option(
+    "--max-rate",
+    metavar="SIZE",
+    help="Cap repair at SIZE bytes per second at any time, 0 for none (for the rest of"
+    " the mount; default -o repair_max_rate).",
+)
 @click.argument("target", nargs=-1, required=True, metavar="MOUNTPOINT|STORES...")
-def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[str, ...]) -> None:
-    """Make background repair urgent (full speed, even while files are
-    being used); with --wait, follow it until nothing is left to repair.
+def repair(
+    wait: bool,
+    normal: bool,
+    pause: bool,
+    resume: bool,
+    min_rate: str | None,
+    max_rate: str | None,
+    target: tuple[str, ...],
+) -> None:
+    """Make background repair urgent: at full speed while the volume is
+    idle, at its minimum rate (--min-rate) while files are being used;
+    with --wait, follow it until nothing is left to repair.
     --pause and --resume also work on an unmounted volume: give its STORES
     (paths or quoted globs) instead of the MOUNTPOINT. Exit status 1 if some
     data cannot be recovered, or if background work is paused (see --pause)."""
     if pause + resume + wait + normal > 1 and (pause or resume):
         raise click.UsageError("--pause and --resume go alone")
+    if (pause or resume) and (min_rate is not None or max_rate is not None):
+        raise click.UsageError("--pause and --resume go alone")
+    rates = "".join(
+        f" {name}={_rate_option(option, value)}"
+        for name, option, value in (("min", "--min-rate", min_rate), ("max", "--max-rate", max_rate))
+        if value is not None
+    )
     from ..core.host import mount_at
 
     # One ecfs mount: the running volume; otherwise (--pause/--resume) stores.
@@ -694,7 +722,7 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[st
         return
     if not normal:
         _fail_if_paused(_run_client(client.status))
-    _run_client(lambda: client.command("repair normal" if normal else "repair urgent"))
+    _run_client(lambda: client.command(("repair normal" if normal else "repair urgent") + rates))
     if not wait:
         return
     start = _run_client(client.status).repair.chunks
@@ -719,6 +747,19 @@ def repair(wait: bool, normal: bool, pause: bool, resume: bool, target: tuple[st
     for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
     sys.exit(1 if final.unrecoverable else 0)
+
+
+def _rate_option(option: str, value: str) -> int:
+    """A --min-rate/--max-rate SIZE in bytes per second."""
+    from ..core.units import parse_size
+
+    try:
+        rate = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 80M)", param_hint=option) from None
+    if rate < 0:
+        raise click.BadParameter("must not be negative", param_hint=option)
+    return rate
 
 
 def _who() -> str:

@@ -56,6 +56,7 @@ from ..core.host import mount_at
 from ..core.tasks import supervised
 from ..core.units import parse_size
 from ..data.background import DEADLINE_FLOOR
+from ..data.repair import DEFAULT_MIN_RATE
 from ..storage.lease import DEFAULT_TTL, MIN_TTL, Lease, lease_for_stores
 from ..storage.lock import VolumeLock
 from ..storage.offload import run_in_thread
@@ -104,9 +105,13 @@ class MountOptions:
     fuse: set[str] = field(default_factory=set)
     allow_other: bool = os.geteuid() == 0
     fsname: str = "ecfs"
-    #: Repair bandwidth cap in bytes/s (0: none; repair still yields to
-    #: foreground I/O).
+    #: Repair bandwidth cap in bytes/s (`-o repair_max_rate=`, or its older
+    #: name `repair_rate=`; 0: none). See ecfs.data.repair, "Pacing".
     repair_rate: int = 0
+    #: The least bytes/s urgent repair keeps under foreground load, and the
+    #: most it takes then (`-o repair_min_rate=`; 0: it yields as
+    #: background repair does).
+    repair_min_rate: int = DEFAULT_MIN_RATE
     #: Seconds a store may stay failed before all its chunks are rebuilt
     #: elsewhere (when there is a store to rebuild onto).
     rebuild_after: float = 900.0
@@ -154,8 +159,10 @@ def parse_options(values: Sequence[str]) -> MountOptions:
                 options.allow_other = False
             elif name == "fsname" and arg:
                 options.fsname = arg
-            elif name == "repair_rate" and arg:
+            elif name in ("repair_rate", "repair_max_rate") and arg:
                 options.repair_rate = _option_number(item, parse_size, arg)
+            elif name == "repair_min_rate" and arg:
+                options.repair_min_rate = _option_number(item, parse_size, arg)
             elif name == "rebuild_after" and arg:
                 options.rebuild_after = _option_number(item, float, arg)
             elif name == "repair_deadline" and arg:
@@ -455,6 +462,7 @@ def _serve_process(
     lock, lease, volume = open_volume(store_args, options)
     try:
         volume.repairer.rate = options.repair_rate
+        volume.repairer.min_rate = options.repair_min_rate
         volume.repairer.rebuild_after = options.rebuild_after
         volume.repairer.deadline_floor = options.repair_deadline
         volume.repairer.deadline_ceiling = max(

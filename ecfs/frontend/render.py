@@ -109,6 +109,13 @@ def render_status(status: VolumeStatus) -> str:
         f"  rebuilt so far: {repair.fragments_rebuilt} fragments,"
         f" {format_size(repair.bytes_written)}"
     )
+    lines.append(
+        "  repair pace: "
+        + (f"at least {format_size(repair.min_rate)}/s under load" if repair.min_rate
+           else "yields to the foreground")
+        + (f", at most {format_size(repair.rate_limit)}/s" if repair.rate_limit else ", no cap")
+        + " (-o repair_min_rate, repair_max_rate)"
+    )  # fmt: skip
     if repair.skipped:
         lines.append(
             f"  skipped: {repair.skipped} chunks (failed or missed their deadline;"

@@ -1320,6 +1320,10 @@ class Volume:
         elif command.verb == "scrub-stop":
             self.scrubber.stop()
         elif command.verb == "repair":
+            if command.min_rate is not None:
+                self.repairer.min_rate = command.min_rate
+            if command.max_rate is not None:
+                self.repairer.rate = command.max_rate
             self.repairer.set_urgent(command.urgent)
         elif command.verb == "pause":
             self.background_gate.pause(command.by)

@@ -16,7 +16,9 @@ or clean up, and the kernel tells the daemon who asks):
   directory, where it leaves a report if its shutdown fails (`ecfs umount`
   reads it: see volume.SHUTDOWN_REPORT);
 * setxattr(MOUNTPOINT, "user.ecfs.control", COMMAND) runs a command:
-  "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent", "repair normal",
+  "scrub [MAX_SECONDS]", "scrub-stop", "repair urgent|normal [min=BYTES]
+  [max=BYTES]" (with the repair's minimum and maximum rates for the rest
+  of the mount, see `ecfs.data.repair`),
   "store-replace OLD NEW", "store-add NEW [spread|hybrid]" (with a placement
   policy to switch to), "store-remove OLD", "pause [WHO]" (pause all
   background work, persisted until "resume"; WHO: who asked, e.g.
@@ -69,7 +71,7 @@ class Command:
     """One validated control command.
 
     verb: "scrub" (seconds: a limit, or None), "scrub-stop", "repair"
-    (urgent), "store-replace" (old, new), "store-add" (new, placement: a
+    (urgent; min_rate, max_rate: bytes/s to set, or None), "store-replace" (old, new), "store-add" (new, placement: a
     policy to switch to, or None), "store-remove" (old), "pause" (by: who
     asked, or ""), "resume", "store-domain"
     (old, domain: a label or None for the default). `new` is always an
@@ -86,6 +88,8 @@ class Command:
     by: str = ""
     domain: str | None = None
     allow_shared: bool = False
+    min_rate: int | None = None
+    max_rate: int | None = None
 
 
 def parse_command(text: str) -> Command:
@@ -109,7 +113,7 @@ def parse_command(text: str) -> Command:
                 domain = _label(text, word.removeprefix("--domain="))
             else:
                 raise _refused(text, f"unknown option {word!r}")
-    arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 1), "store-replace": (2, 2),
+    arity = {"scrub": (0, 1), "scrub-stop": (0, 0), "repair": (1, 3), "store-replace": (2, 2),
              "store-add": (1, 2), "store-remove": (1, 1), "pause": (0, 1),
              "resume": (0, 0), "store-domain": (1, 2)}  # fmt: skip
     if verb not in arity:
@@ -122,7 +126,15 @@ def parse_command(text: str) -> Command:
     if verb == "repair":
         if args[0] not in ("urgent", "normal"):
             raise _refused(text, "repair takes 'urgent' or 'normal'")
-        return Command(verb, urgent=args[0] == "urgent")
+        rates: dict[str, int] = {}
+        for word in args[1:]:
+            name, _, value = word.partition("=")
+            if name not in ("min", "max") or name in rates or not re.fullmatch(r"[0-9]{1,18}", value):
+                raise _refused(text, f"{word!r} is not min=BYTES or max=BYTES (bytes per second)")
+            rates[name] = int(value)
+        return Command(
+            verb, urgent=args[0] == "urgent", min_rate=rates.get("min"), max_rate=rates.get("max")
+        )
     if verb == "store-replace":
         return Command(
             verb, old=_old_store(text, args[0]), new=_new_path(text, args[1]), domain=domain,
