@@ -450,10 +450,6 @@ class ChunkReader:
     async def _read_piece(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
     ) -> None:
-        at = piece.chunk_start - start
-        await trio.lowlevel.checkpoint()  # PROTOTYPE
-        if self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
-            return
         a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         data = await self._read_hedged(ref, piece.index, a, b, piece.length)
         at = piece.chunk_start - start
