@@ -10,7 +10,9 @@ on the loop (a page-cached preadv2 with RWF_NOWAIT), with no thread round
 trip. Must not: return payload bytes, decide what is degraded, or change
 a store's health (a failed read-ahead is reported to `on_failed`, which
 may plan another fragment in its place; the real read meets the same
-problem and reports it).
+problem and reports it). Every request a store answered (read, or
+failed to read) is reported to `on_answer` with the store's index: a
+store slow to answer is not hung (its runner's `note_answer`).
 
 Why not `StoreRunner.call`: a runner call costs the event loop a trio
 thread round trip (limiter, cancel scope, outcome, wakeup: tens of
@@ -64,12 +66,15 @@ class ReadAhead:
         handles: HandleCache,
         expected: Expected,
         on_failed: Callable[[HandleKey], None] | None = None,
+        on_answer: Callable[[int], None] | None = None,
     ) -> None:
         self.handles = handles
         self.expected = expected
         #: Called on the loop with the key of a fragment whose header could
         #: not be read (missing, say: a store being rebuilt).
         self.on_failed = on_failed
+        #: Called on the loop with the store index of every finished job.
+        self.on_answer = on_answer
         self.requested = 0
         self.dropped = 0
         self._queues: dict[int, queue.SimpleQueue[_Job | None]] = {}
@@ -126,6 +131,8 @@ class ReadAhead:
         """Loop side of a finished job: cache a newly verified header."""
         self._pending.discard(key)
         self._queued[key[0]] -= 1
+        if self.on_answer is not None:
+            self.on_answer(key[0])
         if header is not None:
             self.handles.insert(key, header)
         elif failed and self.on_failed is not None:

@@ -87,6 +87,8 @@ from ..core.tasks import gather_in_order, open_fan_out
 from ..storage.handles import Expected, HandleCache, read_header
 from ..storage.offload import (
     HEDGE_FLOOR,
+    PROBE_TIMEOUT,
+    SMALL_READ,
     StoreRunner,
     StoreState,
     available_runner,
@@ -120,14 +122,23 @@ HEDGE_BURST = 16
 ONE_CALL_THREADS = 8
 
 #: A data fragment's store is routed around (the range decoded from k other
-#: fragments instead) when its expected latency exceeds AVOID_FACTOR times
-#: that of the k-th fastest other measured source plus AVOID_MARGIN seconds;
-#: it is used again once it falls below RESUME_FACTOR times (hysteresis).
-#: Measured on 6 capped loop devices (scripts/bench_disks.py): a busy
-#: healthy store reaches 4-5x the others now and then (queueing), a device
-#: at 2 MiB/s among 40 MiB/s ones 10-20x.
+#: fragments instead) when its expected latency for a read of that size
+#: (small: up to offload.SMALL_READ bytes, or large) exceeds AVOID_FACTOR
+#: times that of the k-th fastest other measured source plus a margin,
+#: SMALL_AVOID_MARGIN for small reads and AVOID_MARGIN for large ones; it
+#: is used again once it falls below RESUME_FACTOR times (hysteresis). The
+#: factor keeps the queueing of equal stores (a busy healthy store reaches
+#: 4-5x the others now and then) from routing; the margin is what a
+#: routed read costs beyond the alternative's latency (k reads instead of
+#: one, a worker thread, the decode: ~0.3-1 ms for 4 KiB here, a few ms
+#: for the k MiB of a large one). Measured on 6 capped loop devices
+#: (scripts/bench_disks.py): a 4 KiB read of a device at 2 MiB/s takes 2-8
+#: ms against 0.1-0.2 ms for the others at 40 MiB/s (10-40x), a 1 MiB
+#: read 0.5 s against 25 ms (20x). (One 5 ms margin for all sizes never
+#: routed small reads around the slow device.)
 AVOID_FACTOR = 8.0
 AVOID_MARGIN = 0.005
+SMALL_AVOID_MARGIN = 0.001
 RESUME_FACTOR = 3.0
 
 #: A read is hedged after at most this many times the expected latency of
@@ -150,6 +161,8 @@ RESUME_AFTER = 2.0
 #: most KEEP_BYTES are kept (see the module docstring).
 KEEP_SPAN = 1024 * 1024
 KEEP_BYTES = 32 * 1024 * 1024
+#: A degraded read of at least this many bytes is a stream's (`_streaming`).
+STREAM_REQUEST = 64 * 1024
 
 #: Chunks read ahead that are planned again when a store starts lagging:
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
@@ -302,7 +315,9 @@ class ChunkReader:
         self.writing: Container[tuple[int, int, int]] = frozenset()
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
-        self.readahead = ReadAhead(handles, expected, on_failed=self._read_ahead_failed)
+        self.readahead = ReadAhead(
+            handles, expected, on_failed=self._read_ahead_failed, on_answer=self._answered
+        )
         self._outrun: dict[int, int] = {}
         #: Stores routed around now -> when the last probe read was sent.
         self._avoided: dict[int, float] = {}
@@ -360,6 +375,12 @@ class ChunkReader:
                     break
                 if self._read_ahead(ref, index):
                     replacements -= 1
+
+    def _answered(self, store: int) -> None:
+        """Read-ahead of `store` returned: it answers (see `_note_outrun`)."""
+        runner = self.runners.get(store)
+        if runner is not None:
+            runner.note_answer()
 
     def _read_ahead_failed(self, key: tuple[int, int, int]) -> None:
         """Read-ahead could not open fragment `key` (missing: its store is
@@ -520,7 +541,7 @@ class ChunkReader:
             self.counters.degraded_requested_bytes += wanted
             return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
-        if self._route_around(ref, index):
+        if self._route_around(ref, index, end - start):
             await self._probe(runner, ref, index, start, end)
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
@@ -560,7 +581,7 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(self._hedge_deadline(runner, ref, index)):
+                with trio.move_on_after(self._hedge_deadline(runner, ref, index, end - start)):
                     await primary_done.wait()
                 if winner or (not errors and not self._may_hedge()):
                     return
@@ -581,7 +602,7 @@ class ChunkReader:
                 if not primary_done.is_set():
                     # The read it outran is abandoned (its latency is never
                     # sampled): what it took so far is a lower bound.
-                    runner.record_latency(time.monotonic() - started)
+                    runner.record_latency(time.monotonic() - started, end - start)
                     self._note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
@@ -592,24 +613,30 @@ class ChunkReader:
         raise errors[0]
 
     def _note_outrun(self, runner: StoreRunner) -> None:
-        """A hedge beat this store's read: after OUTRUN_LIMIT in a row the
-        store is treated as hung and routed around (its health probe brings
-        it back once it answers again), instead of every read waiting for
-        the hedge deadline first."""
+        """A hedge beat this store's read: after OUTRUN_LIMIT in a row, if
+        nothing of the store answered for PROBE_TIMEOUT seconds either,
+        the store is treated as hung and failed (its health probe brings it
+        back once it answers again), instead of every read waiting for the
+        hedge deadline first. A store that answers, however late, is slow,
+        not hung: the latency the hedges sample routes reads around it
+        (`_route_around`) and it stays usable (issue 17: a disk at 2 MiB/s
+        was failed this way, and every chunk it held queued for repair)."""
         count = self._outrun.get(runner.index, 0) + 1
         self._outrun[runner.index] = count
-        if count >= OUTRUN_LIMIT and runner.available:
+        if count >= OUTRUN_LIMIT and runner.available and runner.silent_for(PROBE_TIMEOUT):
             runner.mark_failed(f"{count} reads in a row outrun by hedged reads: store hung?")
             log.warning("store %d: %d reads in a row did not answer in time; routing around it",
                         runner.index, count)
             self._outrun.pop(runner.index, None)
 
-    def _route_around(self, ref: ChunkRef, index: int) -> bool:
+    def _route_around(self, ref: ChunkRef, index: int, nbytes: int | None = None) -> bool:
         """Whether data fragment `index` of `ref` should be decoded from k
-        other fragments instead of read, because its store is measurably
-        slower than the alternative: its expected latency (latency EWMA x
-        queue depth, `StoreRunner.expected_latency`) exceeds AVOID_FACTOR x
-        that of the k-th fastest other source plus AVOID_MARGIN (and, once
+        other fragments instead of read (`nbytes` of it: None for a whole
+        fragment read ahead), because its store is measurably slower than
+        the alternative: its expected latency for a read of that size
+        (latency EWMA of its size class x queue depth,
+        `StoreRunner.expected_latency`) exceeds AVOID_FACTOR x that of the
+        k-th fastest other source plus AVOID_MARGIN (and, once
         routed around, until it falls below RESUME_FACTOR x). Only measured
         stores count on either side: a store never read (a remote parity
         store of a hybrid volume, say) is never switched to on a guess, so
@@ -619,11 +646,17 @@ class ChunkReader:
         runner = available_runner(self.runners, store)
         if runner is None or not runner.measured:
             return False
-        mine = runner.expected_latency()
+        if nbytes is None:
+            nbytes = self.layout.of(ref).payload_length(ref.length)
         avoided = store in self._avoided
-        if not avoided and mine <= AVOID_MARGIN:
+        if not avoided and not runner.measured_size(nbytes):
+            return False  # only what was measured for reads of this size
+        small = nbytes <= SMALL_READ
+        mine = runner.expected_latency(nbytes, queued=not small)
+        margin = SMALL_AVOID_MARGIN if small else AVOID_MARGIN
+        if not avoided and mine <= margin:
             return False
-        other = self._alternative_latency(ref, index)
+        other = self._alternative_latency(ref, index, nbytes)
         if other is None:
             verdict = False
         elif avoided:
@@ -633,7 +666,7 @@ class ChunkReader:
                 or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
             )
         else:
-            verdict = mine > AVOID_FACTOR * other + AVOID_MARGIN
+            verdict = mine > AVOID_FACTOR * other + margin
         if verdict and not avoided:
             log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
                      store, mine, other)  # fmt: skip
@@ -651,12 +684,15 @@ class ChunkReader:
             if store in planned.stores[: self.layout.of(planned).k]:
                 self._plan(planned)
 
-    def _alternative_latency(self, ref: ChunkRef, index: int) -> float | None:
-        """Expected latency of a read of `ref` that does without fragment
-        `index`: that of the k-th fastest other measured source (None with
-        fewer than k measured)."""
+    def _alternative_latency(
+        self, ref: ChunkRef, index: int, nbytes: int | None = None
+    ) -> float | None:
+        """Expected latency of a read (of `nbytes`) of `ref` that does
+        without fragment `index`: that of the k-th fastest other measured
+        source (None with fewer than k measured)."""
+        queued = nbytes is None or nbytes > SMALL_READ
         others = sorted(
-            r.expected_latency()
+            r.expected_latency(nbytes, queued=queued)
             for j in ref.present()
             if j != index
             and (r := available_runner(self.runners, ref.stores[j])) is not None
@@ -665,14 +701,16 @@ class ChunkReader:
         k = self.layout.of(ref).k
         return others[k - 1] if len(others) >= k else None
 
-    def _hedge_deadline(self, runner: StoreRunner, ref: ChunkRef, index: int) -> float:
+    def _hedge_deadline(
+        self, runner: StoreRunner, ref: ChunkRef, index: int, nbytes: int | None = None
+    ) -> float:
         """How long to wait for fragment `index` before decoding it from
         others as well: the store's own hedge deadline, but never more than
         HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
         (a store that turns slow must not stretch its own deadline: each
         hedged read samples what it waited, which raises its p95)."""
         deadline = runner.hedge_deadline()
-        other = self._alternative_latency(ref, index)
+        other = self._alternative_latency(ref, index, nbytes)
         if other is not None:
             deadline = min(deadline, max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * other))
         return deadline
@@ -884,9 +922,10 @@ class ChunkReader:
         damaged: bool = True,
     ) -> Bytes:  # fmt: skip
         """`_read_degraded` of [start, end); for a sequential reader (its
-        chunk was read ahead lately) up to KEEP_SPAN bytes from `start` are
-        decoded and kept for its next requests (see the module docstring)."""
-        if ref not in self._planned:
+        chunk was read ahead lately, and the range is a stream's: see
+        `_streaming`) up to KEEP_SPAN bytes from `start` are decoded and
+        kept for its next requests (see the module docstring)."""
+        if ref not in self._planned or not self._streaming(ref, lost, start, end):
             return await self._read_degraded(ref, lost, start, end, reason, damaged)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
@@ -902,6 +941,18 @@ class ChunkReader:
                 del self._keeping[key]
             done.set()
         return data if stop == end else data[: end - start]
+
+    def _streaming(self, ref: ChunkRef, lost: int, start: int, end: int) -> bool:
+        """Whether fragment range [start, end) looks like a sequential
+        stream's: a large request (STREAM_REQUEST bytes or more: FUSE's
+        read-ahead), the start of the fragment, or where bytes kept for it
+        end. A small random read of a chunk that a sequential reader had
+        read ahead earlier is not one: decoding KEEP_SPAN for it would read
+        k x KEEP_SPAN bytes for 4 KiB (measured: it made the p99 of 4 KiB
+        random reads after a sequential read 10x that of the others)."""
+        if end - start >= STREAM_REQUEST or start == 0:
+            return True
+        return any(b == start for _, b, _ in self._kept.get((ref, lost), ()))
 
     async def _decode_in_one_call(
         self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
