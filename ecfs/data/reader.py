@@ -90,7 +90,6 @@ from ..storage.offload import (
     PROBE_TIMEOUT,
     SMALL_READ,
     StoreRunner,
-    StoreState,
     available_runner,
     run_cpu,
     run_in_thread,
@@ -678,8 +677,10 @@ class ChunkReader:
         return verdict
 
     def _replan(self, store: int) -> None:
-        """`store` lags or is unavailable now: plan the chunks read ahead
-        lately that have a data fragment on it again (parity in its place)."""
+        """`store` lags or is unavailable now: drop its read-ahead still
+        queued and plan the chunks read ahead lately that have a data
+        fragment on it again (parity in its place)."""
+        self.readahead.drop(store)
         for planned in list(self._planned):
             if store in planned.stores[: self.layout.of(planned).k]:
                 self._plan(planned)
@@ -960,7 +961,8 @@ class ChunkReader:
         """The common degraded read in ONE worker-thread call (k reads, their
         checks and the decode: `_decode_range`) instead of k thread round
         trips and a task each, then a decode: possible when the headers of k
-        of the `candidates` (best first) on healthy stores are known (read
+        of the `candidates` (best first) on available stores not routed
+        around are known (read
         ahead, or read before). None when it is not, or when the call fails
         or takes longer than twice the slowest source's hedge deadline (it
         is then abandoned and `gather_fragments`, which hedges and widens
@@ -976,7 +978,10 @@ class ChunkReader:
             if len(sources) == k:
                 break
             runner = self.runners.get(ref.stores[index])
-            if runner is None or runner.state is not StoreState.OK:
+            if runner is None or not runner.available or runner.index in self._avoided:
+                # (a SLOW store is read: a healthy one is SLOW for a while
+                # when its latency moves from small reads to large ones;
+                # one that lags is routed around, i.e. avoided)
                 continue
             header = self.handles.get((ref.stores[index], ref.chunk_id, index))
             if header is None:
