@@ -689,8 +689,10 @@ class ChunkReader:
         self, ref: ChunkRef, index: int, nbytes: int | None = None
     ) -> float | None:
         """Expected latency of a read (of `nbytes`) of `ref` that does
-        without fragment `index`: that of the k-th fastest other measured
-        source (None with fewer than k measured)."""
+        without fragment `index`: that of the k-th fastest other source
+        measured (for reads of that size: `StoreRunner.measured_size`; a
+        store measured only by reads of the other size would look as fast
+        or as slow as those); None with fewer than k measured."""
         queued = nbytes is None or nbytes > SMALL_READ
         others = sorted(
             r.expected_latency(nbytes, queued=queued)
@@ -698,6 +700,7 @@ class ChunkReader:
             if j != index
             and (r := available_runner(self.runners, ref.stores[j])) is not None
             and r.measured
+            and (nbytes is None or r.measured_size(nbytes))
         )
         k = self.layout.of(ref).k
         return others[k - 1] if len(others) >= k else None
