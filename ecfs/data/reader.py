@@ -33,7 +33,9 @@ straggler, `writing`, see `ecfs.data.writer`) that is found missing is
 decoded around the same way but not reported as damage.
 
 Kept bytes of degraded reads: a sequential reader (its chunk was read
-ahead: `prefetch`) that needs a data fragment decoded, because its store is
+ahead: `prefetch`, and the request looks like a stream's: `_streaming`,
+not a 4 KiB random read of a chunk read ahead earlier) that needs a data
+fragment decoded, because its store is
 unavailable or routed around, has the range decoded up to KEEP_SPAN bytes
 ahead at once, and the decoded bytes and the verified data-fragment
 sources of that decode are kept (`_kept`, at most KEEP_BYTES, oldest
@@ -47,10 +49,21 @@ once instead of k sources per request. Concurrent requests covered by a
 decode under way wait for it instead of decoding the same range again.
 
 Scheduling around a lagging store (issue 17): a data fragment whose
-store is measurably slower than the alternative (`_route_around`: its
-expected latency, EWMA x queue depth from its StoreRunner, above
-AVOID_FACTOR x that of the k-th fastest other measured source) is not
-waited for: its range is decoded from k others at once (a "routed" read:
+store is measurably slower than the alternative is not waited for. The
+rule (`_route_around`): compare like with like, the latency of reads of
+the same size class (small: up to SMALL_READ = 64 KiB, e.g. 4 KiB random
+reads; large: whole fragments read ahead, 1 MiB requests), from the
+StoreRunners' per-class EWMAs (`expected_latency(nbytes)`; only stores
+measured in that class count, on both sides); small reads by service
+time alone (queue imbalance at QD16 is no reason to read k fragments
+instead of one), large ones times the queue depth; route when the store's
+estimate exceeds AVOID_FACTOR (8) x that of the k-th fastest other source
+plus a margin for what the routed read itself costs: SMALL_AVOID_MARGIN
+(1 ms) for small reads, AVOID_MARGIN (5 ms) for large ones. A 4 KiB read
+of a disk at 2 MiB/s (2-8 ms against 0.1-0.3 ms) is then routed, which
+one fixed 5 ms margin never did (its p99 stayed 3-4 ms); equal stores,
+however noisy, and a store just measured by large reads among stores
+measured by small ones, are not. Such a read is not waited for: its range is decoded from k others at once (a "routed" read:
 not damage, nothing is queued for repair), read-ahead plans a parity
 fragment in its place (and plans the chunks read ahead lately again when
 the store starts lagging), and cached reads are not tried on it. A probe
@@ -60,7 +73,14 @@ least, with none of its calls in flight) it is read again. A store found
 unavailable has the chunks read ahead lately planned again too. Only measured
 stores count on either side, so a store never read (the remote parity
 stores of a hybrid volume) never attracts reads on a guess: healthy reads
-of a healthy volume read the data fragments only. A read that is waited
+of a healthy volume read the data fragments only. A store that answers,
+however late, is never failed by the reader: OUTRUN_LIMIT hedges in a
+row fail it only if nothing of it answered for PROBE_TIMEOUT (a slow disk
+was failed this way, and every chunk it holds queued for repair); the
+read-ahead's answers count (`StoreRunner.note_answer`), and read-ahead
+keeps at most a few fragments in flight per store (see
+`ecfs.data.readahead`), so a lagging store's queue stays short and its
+health check is answered. A read that is waited
 for is hedged after its store's hedge deadline, capped at
 HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency; a hedge
 that wins records what the abandoned read had waited so far (a lower

@@ -81,6 +81,13 @@ the page cache counts too, `record_loop_read`), and every measured latency
 sample in the fixed buckets LATENCY_BUCKETS (one list increment per
 sample: a Prometheus histogram without a lock, read on the loop).
 
+Read latency is also kept per size class (up to SMALL_READ bytes, or
+more: `expected_latency(nbytes)`, `measured_size`), so that a reader
+compares a 4 KiB read of one store with 4 KiB reads of the others, not
+with their 1 MiB ones (issue 17). `mark_ok` forgets them; nothing else
+does (a slow disk answers small reads quicker than large ones, and a
+quick small answer must not clear what its large reads showed).
+
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
 raised FragmentMissing (a fast, healthy answer). A call that its caller
@@ -99,7 +106,8 @@ raise its own hedge deadline and become its own normal at once).
 Health checks (`health_call`, `probe`): a store is failed by its health
 check only when nothing of it answers: the check waits a window of
 PROBE_TIMEOUT seconds, or PROBE_QUEUE_FACTOR x its expected latency (the
-queue ahead of it at the measured latency) if longer, and waits another
+queue ahead of it at the measured latency, by the slowest of its EWMAs:
+all calls, small reads, large reads) if longer, and waits another
 window as long as some call of the store answered during the last one (up
 to PROBE_TIMEOUT_MAX). A slow but working store (a disk at 2 MiB/s with
 reads queued on it) is then shown SLOW, not failed (which would have its
