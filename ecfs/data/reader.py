@@ -56,7 +56,9 @@ reads; large: whole fragments read ahead, 1 MiB requests), from the
 StoreRunners' per-class EWMAs (`expected_latency(nbytes)`; only stores
 measured in that class count, on both sides); small reads by service
 time alone (queue imbalance at QD16 is no reason to read k fragments
-instead of one), large ones times the queue depth; route when the store's
+instead of one), large ones times the queue depth, or by how long a
+large read of it has been waited for already if longer (a store turning
+slow is seen before its first late answer or hedge); route when the store's
 estimate exceeds AVOID_FACTOR (8) x that of the k-th fastest other source
 plus a margin for what the routed read itself costs: SMALL_AVOID_MARGIN
 (1 ms) for small reads, AVOID_MARGIN (5 ms) for large ones. A 4 KiB read
@@ -345,6 +347,9 @@ class ChunkReader:
         self._unavailable: set[int] = set()
         #: The chunks read ahead last (planned again when a store lags).
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
+        #: Store -> when the reads of it being waited for now started
+        #: (oldest first): evidence of a lag before any of them ends.
+        self._reading: dict[int, list[float]] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
         #: Kept bytes of degraded reads (see the module docstring):
@@ -584,6 +589,8 @@ class ChunkReader:
         async with open_fan_out() as nursery:
 
             async def primary() -> None:
+                reading = self._reading.setdefault(store, [])
+                reading.append(started)
                 try:
                     winner.append(await self._read_fragment(ref, index, start, end))
                     self._outrun.pop(store, None)
@@ -597,6 +604,7 @@ class ChunkReader:
                     ):
                         self.on_missing(store)  # a vanished store looks like this
                 finally:
+                    reading.remove(started)
                     primary_done.set()
 
             async def hedge() -> None:
@@ -672,6 +680,10 @@ class ChunkReader:
             return False  # only what was measured for reads of this size
         small = nbytes <= SMALL_READ
         mine = runner.expected_latency(nbytes, queued=not small)
+        reading = self._reading.get(store)
+        if reading and not small:
+            # a large read waited for this long already says as much
+            mine = max(mine, time.monotonic() - reading[0])
         margin = SMALL_AVOID_MARGIN if small else AVOID_MARGIN
         if not avoided and mine <= margin:
             return False
