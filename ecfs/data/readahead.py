@@ -25,9 +25,10 @@ Hung stores: a worker stuck in a store call on a hung store blocks
 only its own queue; once MAX_QUEUED requests wait for it, further requests
 for that store are dropped, so nothing grows or stalls elsewhere.
 
-Slow stores: a worker waits for the payload it asked for (a one-byte
-read of its last cell, `_wait_for`) before taking its next job, so a
-store has at most WORKERS_PER_STORE fragments being read ahead at once:
+Slow stores: a worker waits for the payload it asked for of a local
+store (a one-byte read of its last byte, `_wait_for`) before taking its
+next job, so a disk has at most WORKERS_PER_STORE fragments being read
+ahead at once (an object store's prefetches run in its own bounded pool):
 a disk at 2 MiB/s among 40 MiB/s ones was handed the whole read-ahead
 window (over 10 MiB, seconds of its bandwidth) before the reader saw it
 lag, and every read of it, the health check included, queued behind that
@@ -198,7 +199,8 @@ def _verify_and_prefetch(
         if header is None:
             header, _ = read_header(store, key[1], key[2], expected)
         store.prefetch(key[1], key[2], header.payload_offset, header.payload_length)
-        _wait_for(store, key, header)
+        if not store.remote:  # an object store bounds its prefetches itself
+            _wait_for(store, key, header)
     except EcfsError as exc:
         log.debug("read-ahead of %s failed: %s", key, exc)
     return header
