@@ -608,7 +608,9 @@ class ChunkReader:
                     primary_done.set()
 
             async def hedge() -> None:
-                with trio.move_on_after(self._hedge_deadline(runner, ref, index, end - start)):
+                small = end - start <= SMALL_READ
+                size = end - start if small else None
+                with trio.move_on_after(self._hedge_deadline(runner, ref, index, size)):
                     await primary_done.wait()
                 if winner or (not errors and not self._may_hedge()):
                     return
@@ -676,20 +678,29 @@ class ChunkReader:
         if nbytes is None:
             nbytes = self.layout.of(ref).payload_length(ref.length)
         avoided = store in self._avoided
-        if not avoided and not runner.measured_size(nbytes):
-            return False  # only what was measured for reads of this size
         small = nbytes <= SMALL_READ
-        mine = runner.expected_latency(nbytes, queued=not small)
-        reading = self._reading.get(store)
-        if reading and not small:
-            # a large read waited for this long already says as much
-            mine = max(mine, time.monotonic() - reading[0])
-        margin = SMALL_AVOID_MARGIN if small else AVOID_MARGIN
-        if not avoided and mine <= margin:
-            return False
-        other = self._alternative_latency(ref, index, nbytes)
+        if small:
+            if not avoided and not runner.measured_size(nbytes):
+                return False  # only what was measured for reads of this size
+            mine = runner.expected_latency(nbytes, queued=False)
+            margin = SMALL_AVOID_MARGIN
+            other = None if not avoided and mine <= margin else (
+                self._alternative_latency(ref, index, nbytes)
+            )  # fmt: skip
+        else:
+            # Large reads: every sample, times the queue (the stores that
+            # serve a sequential reader from their page cache have few
+            # timed large reads), or how long one has been waited for.
+            mine = runner.expected_latency()
+            reading = self._reading.get(store)
+            if reading:
+                mine = max(mine, time.monotonic() - reading[0])
+            margin = AVOID_MARGIN
+            other = None if not avoided and mine <= margin else (
+                self._alternative_latency(ref, index)
+            )  # fmt: skip
         if other is None:
-            verdict = False
+            verdict = avoided  # no evidence either way: as it was
         elif avoided:
             verdict = (
                 mine > RESUME_FACTOR * other
