@@ -50,18 +50,21 @@ decode under way wait for it instead of decoding the same range again.
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative is not waited for. The
-rule (`_route_around`): compare like with like, the latency of reads of
-the same size class (small: up to SMALL_READ = 64 KiB, e.g. 4 KiB random
-reads; large: whole fragments read ahead, 1 MiB requests), from the
-StoreRunners' per-class EWMAs (`expected_latency(nbytes)`; only stores
-measured in that class count, on both sides); small reads by service
-time alone (queue imbalance at QD16 is no reason to read k fragments
-instead of one), large ones times the queue depth, or by how long a
-large read of it has been waited for already if longer (a store turning
-slow is seen before its first late answer or hedge); route when the store's
-estimate exceeds AVOID_FACTOR (8) x that of the k-th fastest other source
-plus a margin for what the routed read itself costs: SMALL_AVOID_MARGIN
-(1 ms) for small reads, AVOID_MARGIN (5 ms) for large ones. A 4 KiB read
+rule (`_route_around`): a small read (up to SMALL_READ = 64 KiB, e.g. a
+4 KiB random read) compares like with like, the EWMA of small reads of
+each store (`StoreRunner.expected_latency(nbytes)`; only stores measured
+by small reads count, on both sides: a store just measured by 1 MiB
+reads is not slower than one measured by 4 KiB ones), by service time
+alone (queue imbalance at QD16 is no reason to read k fragments instead
+of one); a large read (a whole fragment read ahead, a 1 MiB request)
+compares the EWMA of every sample times the queue depth (the stores
+serving a sequential reader from their page cache have few timed large
+reads), or how long a read of the store has been waited for already if
+longer (a store turning slow is seen before its first late answer or
+hedge). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
+of the k-th fastest other source plus a margin for what the routed read
+itself costs: SMALL_AVOID_MARGIN (1 ms) for small reads, AVOID_MARGIN (5
+ms) for large ones. A 4 KiB read
 of a disk at 2 MiB/s (2-8 ms against 0.1-0.3 ms) is then routed, which
 one fixed 5 ms margin never did (its p99 stayed 3-4 ms); equal stores,
 however noisy, and a store just measured by large reads among stores
@@ -143,9 +146,9 @@ HEDGE_BURST = 16
 ONE_CALL_THREADS = 8
 
 #: A data fragment's store is routed around (the range decoded from k other
-#: fragments instead) when its expected latency for a read of that size
-#: (small: up to offload.SMALL_READ bytes, or large) exceeds AVOID_FACTOR
-#: times that of the k-th fastest other measured source plus a margin,
+#: fragments instead) when its expected latency for the read (small: up to
+#: offload.SMALL_READ bytes, or large; see the module docstring) exceeds
+#: AVOID_FACTOR times that of the k-th fastest other measured source plus a margin,
 #: SMALL_AVOID_MARGIN for small reads and AVOID_MARGIN for large ones; it
 #: is used again once it falls below RESUME_FACTOR times (hysteresis). The
 #: factor keeps the queueing of equal stores (a busy healthy store reaches
@@ -662,10 +665,9 @@ class ChunkReader:
         """Whether data fragment `index` of `ref` should be decoded from k
         other fragments instead of read (`nbytes` of it: None for a whole
         fragment read ahead), because its store is measurably slower than
-        the alternative: its expected latency for a read of that size
-        (latency EWMA of its size class x queue depth,
-        `StoreRunner.expected_latency`) exceeds AVOID_FACTOR x that of the
-        k-th fastest other source plus AVOID_MARGIN (and, once
+        the alternative, by the rule of the module docstring: its
+        estimate exceeds AVOID_FACTOR x that of the k-th fastest other
+        source plus the margin of the read's size (and, once
         routed around, until it falls below RESUME_FACTOR x). Only measured
         stores count on either side: a store never read (a remote parity
         store of a hybrid volume, say) is never switched to on a guess, so
