@@ -59,9 +59,10 @@ alone (queue imbalance at QD16 is no reason to read k fragments instead
 of one); a large read (a whole fragment read ahead, a 1 MiB request)
 compares the EWMA of every sample times the queue depth (the stores
 serving a sequential reader from their page cache have few timed large
-reads), or how long a read of the store has been waited for already if
-longer (a store turning slow is seen before its first late answer or
-hedge). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
+reads); and how long a read of the store has been waited for already,
+against the large reads of the others when k of them were timed (a
+store turning slow is seen before its first late answer or hedge; their
+small reads say nothing of how long a large one takes). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
 of the k-th fastest other source plus a margin for what the routed read
 itself costs: SMALL_AVOID_MARGIN (1 ms) for small reads, AVOID_MARGIN (5
 ms) for large ones. A 4 KiB read
@@ -694,10 +695,18 @@ class ChunkReader:
             # serve a sequential reader from their page cache have few
             # timed large reads), or how long one has been waited for.
             mine = runner.expected_latency()
-            reading = self._reading.get(store)
-            if reading:
-                mine = max(mine, time.monotonic() - reading[0])
             margin = AVOID_MARGIN
+            reading = self._reading.get(store)
+            if reading and not avoided:
+                # A read of it waited for longer than the bound, against
+                # the large reads of k others (if they were timed: not
+                # their small ones), says as much before it ends.
+                waited = time.monotonic() - reading[0]
+                large = self._alternative_latency(ref, index, nbytes)
+                if large is not None and waited > AVOID_FACTOR * large + margin:
+                    mine = max(mine, waited)
+                    other = large
+                    return self._start_avoiding(store, mine, other)
             other = None if not avoided and mine <= margin else (
                 self._alternative_latency(ref, index)
             )  # fmt: skip
@@ -712,14 +721,19 @@ class ChunkReader:
         else:
             verdict = mine > AVOID_FACTOR * other + margin
         if verdict and not avoided:
-            log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
-                     store, mine, other)  # fmt: skip
-            self._avoided[store] = self._avoided_since[store] = time.monotonic()
-            self._replan(store)
-        elif avoided and not verdict:
+            return self._start_avoiding(store, mine, other)
+        if avoided and not verdict:
             log.info("store %d keeps up again: reading from it", store)
             del self._avoided[store], self._avoided_since[store]
         return verdict
+
+    def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
+        """`store` lags: route around it from now on (see `_route_around`)."""
+        log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
+                 store, mine, other)  # fmt: skip
+        self._avoided[store] = self._avoided_since[store] = time.monotonic()
+        self._replan(store)
+        return True
 
     def _replan(self, store: int) -> None:
         """`store` lags or is unavailable now: drop its read-ahead still
