@@ -57,12 +57,13 @@ by small reads count, on both sides: a store just measured by 1 MiB
 reads is not slower than one measured by 4 KiB ones), by service time
 alone (queue imbalance at QD16 is no reason to read k fragments instead
 of one); a large read (a whole fragment read ahead, a 1 MiB request)
-compares the EWMA of every sample times the queue depth (the stores
-serving a sequential reader from their page cache have few timed large
-reads); and how long a read of the store has been waited for already,
-against the large reads of the others when k of them were timed (a
-store turning slow is seen before its first late answer or hedge; their
-small reads say nothing of how long a large one takes). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
+compares the EWMAs of large reads times the queue depth when the store
+and k others were timed reading large, else the EWMAs of every sample
+(the stores serving a sequential reader from their page cache have few
+timed large reads); and how long a read of the store has been waited for
+already, against the large reads of the others when k of them were
+timed (a store turning slow is seen before its first late answer or
+hedge; their small reads say nothing of how long a large one takes). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
 of the k-th fastest other source plus a margin for what the routed read
 itself costs: SMALL_AVOID_MARGIN (1 ms) for small reads, AVOID_MARGIN (5
 ms) for large ones. A 4 KiB read
@@ -694,22 +695,30 @@ class ChunkReader:
             # Large reads: every sample, times the queue (the stores that
             # serve a sequential reader from their page cache have few
             # timed large reads), or how long one has been waited for.
-            mine = runner.expected_latency()
+            # Large reads: by their own EWMAs (times the queue) when this
+            # store and k others were timed reading large; else (the stores
+            # serving a sequential reader from their page cache have few
+            # timed large reads) by every sample, as all are then.
             margin = AVOID_MARGIN
+            large = self._alternative_latency(ref, index, nbytes)
+            if large is not None and runner.measured_size(nbytes):
+                mine = runner.expected_latency(nbytes)
+            else:
+                mine = runner.expected_latency()
             reading = self._reading.get(store)
-            if reading and not avoided:
+            if reading and not avoided and large is not None:
                 # A read of it waited for longer than the bound, against
-                # the large reads of k others (if they were timed: not
-                # their small ones), says as much before it ends.
+                # the large reads of k others (not their small ones), says
+                # as much before it ends.
                 waited = time.monotonic() - reading[0]
-                large = self._alternative_latency(ref, index, nbytes)
-                if large is not None and waited > AVOID_FACTOR * large + margin:
-                    mine = max(mine, waited)
-                    other = large
-                    return self._start_avoiding(store, mine, other)
-            other = None if not avoided and mine <= margin else (
-                self._alternative_latency(ref, index)
-            )  # fmt: skip
+                if waited > AVOID_FACTOR * large + margin:
+                    return self._start_avoiding(store, max(mine, waited), large)
+            if not avoided and mine <= margin:
+                other = None
+            elif large is not None and runner.measured_size(nbytes):
+                other = large
+            else:
+                other = self._alternative_latency(ref, index)
         if other is None:
             verdict = avoided  # no evidence either way: as it was
         elif avoided:
