@@ -10,7 +10,9 @@ on the loop (a page-cached preadv2 with RWF_NOWAIT), with no thread round
 trip. Must not: return payload bytes, decide what is degraded, or change
 a store's health (a failed read-ahead is reported to `on_failed`, which
 may plan another fragment in its place; the real read meets the same
-problem and reports it).
+problem and reports it). Every request a store answered (read, or
+failed to read) is reported to `on_answer` with the store's index: a
+store slow to answer is not hung (its runner's `note_answer`).
 
 Why not `StoreRunner.call`: a runner call costs the event loop a trio
 thread round trip (limiter, cancel scope, outcome, wakeup: tens of
@@ -22,6 +24,17 @@ back.
 Hung stores: a worker stuck in a store call on a hung store blocks
 only its own queue; once MAX_QUEUED requests wait for it, further requests
 for that store are dropped, so nothing grows or stalls elsewhere.
+
+Slow stores: a worker waits for the payload it asked for of a local
+store (a one-byte read of its last byte, `_wait_for`) before taking its
+next job, so a disk has at most WORKERS_PER_STORE fragments being read
+ahead at once (an object store's prefetches run in its own bounded pool):
+a disk at 2 MiB/s among 40 MiB/s ones was handed the whole read-ahead
+window (over 10 MiB, seconds of its bandwidth) before the reader saw it
+lag, and every read of it, the health check included, queued behind that
+(issue 17). Each finished job is an answer of the store (`on_answer`),
+and `drop(store)` skips the jobs of a store still queued (the reader
+plans parity in their place when it starts routing around the store).
 
 Concurrency contract: `request` and the delivery callbacks run on the trio
 loop thread; workers touch only their queue and the store (whose methods
@@ -52,8 +65,9 @@ MAX_QUEUED = 64
 #: sequential reader at a few hundred MiB/s.
 WORKERS_PER_STORE = 4
 
-#: (handle key, store object, expected header, header already known or None)
-_Job = tuple[HandleKey, Store, Expected, FragmentHeader | None]
+#: (handle key, store object, expected header, header already known or
+#: None, sequence number)
+_Job = tuple[HandleKey, Store, Expected, FragmentHeader | None, int]
 
 
 class ReadAhead:
@@ -64,18 +78,25 @@ class ReadAhead:
         handles: HandleCache,
         expected: Expected,
         on_failed: Callable[[HandleKey], None] | None = None,
+        on_answer: Callable[[int], None] | None = None,
     ) -> None:
         self.handles = handles
         self.expected = expected
         #: Called on the loop with the key of a fragment whose header could
         #: not be read (missing, say: a store being rebuilt).
         self.on_failed = on_failed
+        #: Called on the loop with the store index of every finished job.
+        self.on_answer = on_answer
         self.requested = 0
         self.dropped = 0
         self._queues: dict[int, queue.SimpleQueue[_Job | None]] = {}
         self._queued: dict[int, int] = {}
         self._pending: set[HandleKey] = set()
         self._token: trio.lowlevel.TrioToken | None = None
+        #: Jobs numbered below cutoff[store] are skipped (`drop`); read by
+        #: the workers (a dict lookup: atomic).
+        self._seq = 0
+        self._cutoff: dict[int, int] = {}
 
     def request(self, key: HandleKey, store: Store, expected: Expected | None = None) -> None:
         """Verify the header of fragment `key` = (store index, chunk id,
@@ -94,7 +115,13 @@ class ReadAhead:
         self._pending.add(key)
         self._queued[index] = self._queued.get(index, 0) + 1
         self.requested += 1
-        self._queue(index).put((key, store, expected or self.expected, known))
+        self._seq += 1
+        self._queue(index).put((key, store, expected or self.expected, known, self._seq))
+
+    def drop(self, index: int) -> None:
+        """Skip the jobs of store `index` queued so far (those running
+        finish); they are delivered as not read ahead, not as failed."""
+        self._cutoff[index] = self._seq + 1
 
     def pending(self, key: HandleKey) -> bool:
         """Whether fragment `key` was asked for and is not delivered yet."""
@@ -116,7 +143,7 @@ class ReadAhead:
             for _ in range(WORKERS_PER_STORE):
                 threading.Thread(
                     target=_work,
-                    args=(q, self._token, self._deliver),
+                    args=(q, self._token, self._deliver, self._cutoff),
                     name=f"ecfs readahead {index}",
                     daemon=True,
                 ).start()
@@ -126,6 +153,8 @@ class ReadAhead:
         """Loop side of a finished job: cache a newly verified header."""
         self._pending.discard(key)
         self._queued[key[0]] -= 1
+        if self.on_answer is not None:
+            self.on_answer(key[0])
         if header is not None:
             self.handles.insert(key, header)
         elif failed and self.on_failed is not None:
@@ -136,11 +165,18 @@ def _work(
     jobs: queue.SimpleQueue[_Job | None],
     token: trio.lowlevel.TrioToken,
     deliver: Callable[[HandleKey, FragmentHeader | None, bool], None],
+    cutoff: dict[int, int],
 ) -> None:
-    """A store's worker: verify the header (if needed) and prefetch, one
-    job at a time."""
+    """A store's worker: verify the header (if needed), prefetch, and wait
+    for the payload, one job at a time; jobs dropped meanwhile are skipped."""
     while (job := jobs.get()) is not None:
-        key, store, expected, known = job
+        key, store, expected, known, seq = job
+        if seq < cutoff.get(key[0], 0):
+            try:
+                token.run_sync_soon(deliver, key, None, False)
+            except trio.RunFinishedError:
+                return
+            continue
         try:
             header = _verify_and_prefetch(key, store, expected, known)
         except Exception:  # a bug: never leave the request pending
@@ -163,6 +199,17 @@ def _verify_and_prefetch(
         if header is None:
             header, _ = read_header(store, key[1], key[2], expected)
         store.prefetch(key[1], key[2], header.payload_offset, header.payload_length)
+        if not store.remote:  # an object store bounds its prefetches itself
+            _wait_for(store, key, header)
     except EcfsError as exc:
         log.debug("read-ahead of %s failed: %s", key, exc)
     return header
+
+
+def _wait_for(store: Store, key: HandleKey, header: FragmentHeader) -> None:
+    """Blocking: wait until the payload asked for is fetched, by reading
+    its last byte (a directory store's read-ahead is read in order; an
+    object store's read waits for its prefetch)."""
+    if header.payload_length > 0:
+        last = header.payload_offset + header.payload_length - 1
+        store.read_fragment(key[1], key[2], last, memoryview(bytearray(1)))

@@ -34,8 +34,13 @@ Health policy (kept deliberately simple):
   other than FragmentMissing, BadFragmentEntry and NoSpace: a missing or
   bad fragment file is the fragment's problem and a full store still
   serves reads), a timeout, or
-  `abandoned >= max_threads` (the store has no thread left to run on).
-  `mark_failed()` does the same.
+  `abandoned >= max_threads` while the store answered nothing for
+  PROBE_TIMEOUT seconds (`silent_for`: the store has no thread left to
+  run on and none comes back; a slow disk whose abandoned reads do come
+  back, late, is not hung). `mark_failed()` does the same. Answers are
+  the ends of this runner's calls, and whatever a service reports with
+  `note_answer` (the reader's read-ahead, which reads the store outside
+  the runner).
 - FAILED is sticky: successful calls do not clear it; `mark_ok()` or a
   successful `probe()` does. `call` still runs on a FAILED store (callers
   route around it by checking `available`).
@@ -76,6 +81,13 @@ the page cache counts too, `record_loop_read`), and every measured latency
 sample in the fixed buckets LATENCY_BUCKETS (one list increment per
 sample: a Prometheus histogram without a lock, read on the loop).
 
+Read latency is also kept per size class (up to SMALL_READ bytes, or
+more: `expected_latency(nbytes)`, `measured_size`), so that a reader
+compares a 4 KiB read of one store with 4 KiB reads of the others, not
+with their 1 MiB ones (issue 17). `mark_ok` forgets them; nothing else
+does (a slow disk answers small reads quicker than large ones, and a
+quick small answer must not clear what its large reads showed).
+
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
 raised FragmentMissing (a fast, healthy answer). A call that its caller
@@ -94,7 +106,8 @@ raise its own hedge deadline and become its own normal at once).
 Health checks (`health_call`, `probe`): a store is failed by its health
 check only when nothing of it answers: the check waits a window of
 PROBE_TIMEOUT seconds, or PROBE_QUEUE_FACTOR x its expected latency (the
-queue ahead of it at the measured latency) if longer, and waits another
+queue ahead of it at the measured latency, by the slowest of its EWMAs:
+all calls, small reads, large reads) if longer, and waits another
 window as long as some call of the store answered during the last one (up
 to PROBE_TIMEOUT_MAX). A slow but working store (a disk at 2 MiB/s with
 reads queued on it) is then shown SLOW, not failed (which would have its
@@ -183,6 +196,8 @@ EWMA_ALPHA = 0.2
 BASELINE_ALPHA = 0.02
 #: expected_latency of a store with no measured call yet (seconds).
 UNMEASURED_LATENCY = 0.01
+#: Reads of up to this many bytes are "small" for `expected_latency(nbytes)`.
+SMALL_READ = 64 * 1024
 #: hedge_deadline never goes below this (seconds).
 HEDGE_FLOOR = 0.05
 SLOW_MIN_SAMPLES = 20
@@ -382,8 +397,11 @@ class StoreRunner:
         self._failures = 0
         #: Quick data answers in a row while the fast EWMA is inflated.
         self._quick = 0
-        #: Calls that ended with an answer from the store (any outcome).
+        #: Calls that ended with an answer from the store (any outcome),
+        #: and answers noted by services (`note_answer`).
         self._answers = 0
+        #: When (`clock`) the store last answered.
+        self._last_answer = -math.inf
         #: When (`clock`) a data call was last measured.
         self._last_data = -math.inf
         #: Whether a read of data was timed (`measured`).
@@ -392,6 +410,8 @@ class StoreRunner:
         self._samples = 0
         self._ewma = 0.0
         self._baseline = 0.0
+        #: Read latency EWMAs by size class (small, large): `expected_latency`.
+        self._size_ewma: list[float | None] = [None, None]
         self._window: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._sorted_window: list[float] | None = []
         #: (bound, timeout) of the last `call_timeout`; None once the
@@ -473,7 +493,7 @@ class StoreRunner:
         job = pending._job
         settled: outcome.Outcome[T] = cast("outcome.Outcome[T]", result)
         if job.stage == _DONE:
-            self._answers += 1
+            self.note_answer()
         # A call that ran while the store was marked failed timed the hang.
         measured = job.failures == self._failures
         if isinstance(result, outcome.Error):
@@ -492,7 +512,10 @@ class StoreRunner:
         elif not job.abandoned:
             if measured:
                 read = pending.nbytes_read > 0
-                self._record_sample(job.elapsed, data=read or pending.nbytes_written > 0, read=read)
+                self._record_sample(
+                    job.elapsed, data=read or pending.nbytes_written > 0, read=read,
+                    nbytes=pending.nbytes_read,
+                )  # fmt: skip
             if pending.nbytes_read:
                 self._bytes_read += pending.nbytes_read
                 self._read_ops += 1
@@ -500,7 +523,7 @@ class StoreRunner:
                 self._bytes_written += pending.nbytes_written
                 self._write_ops += 1
         elif job.stage == _DONE:  # abandoned while it ran, and it answered after all
-            self._record_late_answer(job.elapsed)
+            self._record_late_answer(job.elapsed, pending.nbytes_read)
         pending._outcome = settled
         pending._done.set()
 
@@ -518,7 +541,7 @@ class StoreRunner:
             self._abandoned += 1
             self._abandoned_total += 1
             abandoned = self._abandoned
-        if abandoned >= self._max_threads:
+        if abandoned >= self._max_threads and self.silent_for(PROBE_TIMEOUT):
             self.mark_failed(f"{abandoned} threads stuck in store calls")
 
     def _thread_starting(self, job: _ThreadJob[T]) -> bool:
@@ -585,14 +608,31 @@ class StoreRunner:
         stores of a hybrid volume, say; see `ecfs.data.reader`)."""
         return self._read_measured
 
-    def expected_latency(self) -> float:
+    def expected_latency(self, nbytes: int | None = None, *, queued: bool = True) -> float:
         """Estimated seconds for a new call: EWMA x (1 + queue depth).
 
         Queue depth = in_flight + waiting. A store never measured counts as
-        UNMEASURED_LATENCY per call.
+        UNMEASURED_LATENCY per call. With `nbytes` (a read of that size),
+        the EWMA is that of the reads of its size class (up to SMALL_READ
+        bytes, or more), once one was measured: a 4 KiB read and a 1 MiB
+        one differ by the transfer time, so stores are compared like with
+        like (a store whose last samples were large reads is not slower
+        than one whose last samples were small ones). Without `queued`,
+        the EWMA alone (the service time of one call).
         """
         per_call = self._ewma if self._samples else UNMEASURED_LATENCY
-        return per_call * (1 + self.in_flight + self.waiting)
+        if nbytes is not None:
+            by_size = self._size_ewma[nbytes > SMALL_READ]
+            if by_size is not None:
+                per_call = by_size
+        return per_call * (1 + self.in_flight + self.waiting) if queued else per_call
+
+    def measured_size(self, nbytes: int) -> bool:
+        """Whether a read of `nbytes`'s size class was timed, or no read of
+        a known size was (see `expected_latency`): False when only reads
+        of the other size class were, whose latency says little of this."""
+        classes = self._size_ewma
+        return classes[nbytes > SMALL_READ] is not None or classes == [None, None]
 
     def hedge_deadline(self) -> float:
         """Seconds to wait for this store before asking another source too:
@@ -612,16 +652,28 @@ class StoreRunner:
             memo = self._timeout_memo = (bound, min(bound, derived))
         return memo[1]
 
-    def record_latency(self, seconds: float) -> None:
+    def record_latency(self, seconds: float, nbytes: int = 0) -> None:
         """Record a latency measured elsewhere (e.g. an on-loop cached read,
-        or what a read outrun by a hedge had waited): a data call's."""
-        self._record_sample(seconds, data=True, read=True)
+        or what a read outrun by a hedge had waited): a data call's (a read
+        of `nbytes`, if known: see `expected_latency`)."""
+        self._record_sample(seconds, data=True, read=True, nbytes=nbytes)
 
     def record_loop_read(self, nbytes: int) -> None:
         """Count a read of `nbytes` served on the loop without a thread
         (a page cache hit) in the read counters."""
         self._read_ops += 1
         self._bytes_read += nbytes
+
+    def note_answer(self) -> None:
+        """The store answered a request (one of this runner's calls, or
+        one made outside it: a read-ahead): it is not hung."""
+        self._answers += 1
+        self._last_answer = self._clock()
+
+    def silent_for(self, seconds: float) -> bool:
+        """Whether nothing of the store answered for `seconds` (true of a
+        store that never answered)."""
+        return self._clock() - self._last_answer >= seconds
 
     def mark_failed(self, reason: str) -> None:
         """Move to FAILED (sticky until mark_ok) with a human-readable reason."""
@@ -639,6 +691,7 @@ class StoreRunner:
         was_failed = self._failure is not None
         self._failure = None
         self._restart_fast_estimate()
+        self._size_ewma = [None, None]  # from the baseline again too
         if was_failed and self.on_health_change is not None:
             self.on_health_change(self)
 
@@ -651,7 +704,9 @@ class StoreRunner:
         """Seconds a health check waits for an answer of the store before
         it looks whether the store answered anything else meanwhile (see
         the module docstring)."""
-        return min(PROBE_TIMEOUT_MAX, max(PROBE_TIMEOUT, PROBE_QUEUE_FACTOR * self.expected_latency()))
+        slowest = max([self._ewma if self._samples else 0.0, *filter(None, self._size_ewma)])
+        queue = slowest * (1 + self.in_flight + self.waiting)
+        return min(PROBE_TIMEOUT_MAX, max(PROBE_TIMEOUT, PROBE_QUEUE_FACTOR * queue))
 
     async def health_call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """``fn(*args)`` as a health check: like `call`, but StoreTimeout
@@ -725,11 +780,15 @@ class StoreRunner:
 
     # ---- latency bookkeeping
 
-    def _record_sample(self, seconds: float, *, data: bool = False, read: bool = False) -> None:
+    def _record_sample(
+        self, seconds: float, *, data: bool = False, read: bool = False, nbytes: int = 0
+    ) -> None:
         """A measured call took `seconds`; `data`: it read or wrote bytes
         (only those count as quick answers, see the module docstring);
-        `read`: it read bytes (`measured`)."""
+        `read`: it read bytes (`measured`), `nbytes` of them if known."""
         seconds = max(0.0, seconds)
+        if nbytes:
+            self._size_sample(seconds, nbytes)
         if data:
             self._last_data = self._clock()
         if read:
@@ -756,7 +815,13 @@ class StoreRunner:
             self._timeout_memo = None
         self._update_slow()
 
-    def _record_late_answer(self, seconds: float) -> None:
+    def _size_sample(self, seconds: float, nbytes: int) -> None:
+        """Move the EWMA of `nbytes`'s size class (see `expected_latency`)."""
+        large = nbytes > SMALL_READ
+        old = self._size_ewma[large]
+        self._size_ewma[large] = seconds if old is None else old + EWMA_ALPHA * (seconds - old)
+
+    def _record_late_answer(self, seconds: float, nbytes: int = 0) -> None:
         """An abandoned call returned after `seconds`: the fast EWMA only
         (see the module docstring); nothing before a first measured call,
         which gives the baseline to compare with, nor while FAILED (the
@@ -764,6 +829,8 @@ class StoreRunner:
         is; `mark_ok` starts afresh)."""
         self._late_answers += 1
         if self._samples and self._failure is None:
+            if nbytes:
+                self._size_sample(seconds, nbytes)
             self._quick = 0
             self._last_data = self._clock()
             self._ewma += EWMA_ALPHA * (max(0.0, seconds) - self._ewma)

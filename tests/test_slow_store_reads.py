@@ -1,0 +1,200 @@
+"""Reads with one store slower than the others, in-process (issue 17):
+small random reads are routed around a store a few milliseconds slower,
+stores that are equal but noisy (and reads of mixed sizes) route
+nothing, and a slow store that answers is never failed. Fake stores
+(tests/inprocess.py) with real delays in worker threads: counted, never
+timed."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from ecfs.data import reader as reader_module
+from ecfs.data.readahead import WORKERS_PER_STORE, ReadAhead
+from ecfs.storage import offload
+from ecfs.storage.fakestores import FaultyStore
+from ecfs.storage.handles import HandleCache
+from ecfs.storage.offload import StoreRunner, StoreState
+
+from .inprocess import CHUNK, FRAGMENT, K, Rig, make_rig
+
+pytestmark = pytest.mark.trio
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return make_rig(tmp_path)
+
+
+def _data(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+async def _files(rig: Rig, count: int) -> tuple[list, list[bytes]]:
+    datas = [_data(CHUNK, seed=s) for s in range(count)]
+    refs = [await rig.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
+    for ref in refs:
+        rig.learn_headers(ref)  # as after a first read: every header known
+    return refs, datas
+
+
+async def test_small_random_reads_route_around_a_store_slower_by_a_few_ms(rig: Rig) -> None:
+    """One store answers every 4 KiB read 3 ms late, the others at once
+    (from their cache). Once measured, its ranges are decoded from the
+    others, not waited for: a 4 KiB read costs ~0.2 ms elsewhere, so 3 ms
+    is 15x that. (The old rule, 8x the alternative plus a fixed 5 ms, never
+    routed a small read around a disk at 2 MiB/s: 4 KiB takes 2 ms there.)"""
+    volume = rig.volume
+    refs, datas = await _files(rig, 12)
+    slow_store = 0
+    slow = rig.stores[slow_store]
+    slow.set("slow", delay=0.003)
+    calls = slow.calls["read"]
+    on_slow = 0
+    try:
+        for n in range(240):
+            ref, data = refs[n % len(refs)], datas[n % len(refs)]
+            start = (n * 7 * 4096) % CHUNK
+            on_slow += ref.stores[start // FRAGMENT] == slow_store
+            got = await volume.reader.read(ref, start, start + 4096)
+            assert bytes(got) == data[start : start + 4096]
+    finally:
+        slow.heal()
+    counters = volume.reader.counters
+    assert on_slow >= 30
+    assert counters.routed_reads >= on_slow - 4, (on_slow, counters)
+    # measured once or twice, then only probes (every PROBE_INTERVAL)
+    assert slow.calls["read"] - calls <= 8, (slow.calls, counters)
+    assert volume.runners[slow_store].state is not StoreState.FAILED
+    assert counters.degraded_reads == 0  # routed, not damage
+
+
+def _sized_delays(store: FaultyStore, rng: random.Random, lock: threading.Lock) -> None:
+    """Every read of `store` takes 0.2-1 ms, plus 1.5-3 ms per KiB beyond
+    the first 4 (a noisy disk whose large reads are bound by transfer
+    time; the same for every store)."""
+    read = store.read_fragment
+
+    def slow_read(chunk_id: int, index: int, offset: int, dest: memoryview) -> int:
+        with lock:
+            base, per_kib = rng.uniform(0.0002, 0.001), rng.uniform(0.0015, 0.003)
+        time.sleep(base + per_kib * max(0, len(dest) - 4096) / 1024)
+        return read(chunk_id, index, offset, dest)
+
+    store.read_fragment = slow_read  # type: ignore[method-assign]
+
+
+async def test_equal_noisy_stores_and_mixed_sizes_route_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every store equally noisy, small reads, then reads of two sizes
+    mixed (a 4 KiB read takes ~0.6 ms, a whole 16 KiB fragment ~27 ms;
+    SMALL_READ set to 8 KiB so that these are the small and the large
+    class; as a random reader after a sequential one): nothing is routed
+    around and nothing hedged. A store whose last reads were large ones
+    is not slower than one whose last reads were small: latencies are
+    compared per size class (`StoreRunner.expected_latency(nbytes)`); with
+    one latency for all sizes, a store just measured by a large read
+    looked 10x slower than the others and was routed around."""
+    monkeypatch.setattr(offload, "SMALL_READ", 8192)
+    monkeypatch.setattr(reader_module, "SMALL_READ", 8192)
+    volume = rig.volume
+    refs, datas = await _files(rig, 12)
+    rng = random.Random(7)
+    lock = threading.Lock()
+    for store in rig.stores:
+        _sized_delays(store, rng, lock)
+    monkeypatch.setattr(
+        type(rig.memory[0]), "read_fragment_cached", lambda *args: False
+    )  # every read goes to a worker thread and is measured
+    order = random.Random(3)
+    for n in range(240):  # small reads only, then large ones too
+        i = order.randrange(len(refs))
+        ref, data = refs[i], datas[i]
+        if n >= 120 and order.random() < 0.5:  # a whole fragment
+            start = order.randrange(K) * FRAGMENT
+            end = start + FRAGMENT
+        else:
+            start = order.randrange(CHUNK // 4096) * 4096
+            end = start + 4096
+        assert bytes(await volume.reader.read(ref, start, end)) == data[start:end]
+    counters = volume.reader.counters
+    # (nothing, bar a store stalled for real by a loaded machine: a thread
+    # woken 30 ms late is a lag; one latency for all sizes routed ~20)
+    assert counters.routed_reads <= 2, counters
+    assert counters.degraded_reads == 0, counters
+
+
+async def test_a_slow_store_whose_threads_are_all_abandoned_is_not_failed_while_it_answers(
+    rig: Rig,
+) -> None:
+    """Hedged reads abandon the slow store's reads (the hedge won); with
+    every thread of the store running an abandoned read, the store used
+    to be failed at once ("N threads stuck in store calls"), and every
+    chunk it holds queued for repair: a disk at 2 MiB/s was failed so in
+    the benchmark. A store that answered within PROBE_TIMEOUT is slow,
+    not hung: it stays usable. One that never answers is failed as
+    before (tests/test_offload.py)."""
+    runner = StoreRunner(0, rig.stores[0], max_threads=2)
+    await runner.call(lambda: None, nbytes_read=1)  # it answers
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(runner.call, release.wait, 10)
+        for _ in range(10_000):  # the calls start in worker threads: poll
+            if runner.in_flight == 2:
+                break
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()  # hedges won: both abandoned
+    assert runner.statistics().abandoned == 2
+    assert runner.available and runner.state is not StoreState.FAILED
+    release.set()
+    for _ in range(10_000):
+        if not runner.in_flight:
+            break
+        await trio.sleep(0.001)
+    assert runner.in_flight == 0 and runner.available
+
+
+async def test_read_ahead_answers_count_and_a_dropped_store_skips_its_queue(rig: Rig) -> None:
+    """Read-ahead reads a store outside its runner: each job it finishes
+    is reported (`on_answer`: the runner's `note_answer`, so a store
+    busy with read-ahead is not taken for hung), and `drop(store)` skips
+    the jobs still queued for a store the reader starts routing around
+    (they would keep a slow disk busy for seconds)."""
+    refs, _ = await _files(rig, 8)
+    target = 0
+    keys = [
+        (s, ref.chunk_id, i) for ref in refs for i, s in enumerate(ref.stores) if s == target
+    ]
+    assert len(keys) > WORKERS_PER_STORE + 1
+    handles = HandleCache()
+    answers: list[int] = []
+    ahead = ReadAhead(handles, rig.volume.reader.expected, on_answer=answers.append)
+    store = rig.stores[target]
+    store.set("slow", delay=0.05)
+    try:
+        before = store.calls["read"]
+        for key in keys:
+            ahead.request(key, store)
+        for _ in range(3000):  # the first jobs start in the workers: poll
+            if store.calls["read"] > before:
+                break
+            await trio.sleep(0.001)
+        ahead.drop(target)
+        for _ in range(3000):  # delivered from the workers: poll
+            if not any(ahead.pending(key) for key in keys):
+                break
+            await trio.sleep(0.01)
+    finally:
+        store.heal()
+        ahead.close()
+    assert answers == [target] * len(keys)
+    read = [key for key in keys if handles.get(key) is not None]
+    assert 0 < len(read) <= WORKERS_PER_STORE  # those running; the queued ones were skipped
