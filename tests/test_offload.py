@@ -141,6 +141,35 @@ async def test_hung_call_times_out_while_other_store_keeps_working(
         await drain(hung, hang)
 
 
+async def test_a_timed_out_call_fails_the_store_only_if_nothing_else_answered(
+    store: DirectoryStore, hang: Hang
+) -> None:
+    """A store whose other calls answer meanwhile is slow, not hung: a call
+    over its deadline (a write queued behind others on a disk at 2 MiB/s)
+    fails that call, not the store. A store that answers nothing for the
+    whole deadline is failed."""
+    runner = StoreRunner(0, store, max_threads=4, timeout=0.3)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def keep_answering() -> None:
+                while True:
+                    await runner.call(lambda: 1)
+                    await trio.sleep(0.02)
+
+            nursery.start_soon(keep_answering)
+            with pytest.raises(StoreTimeout):
+                await runner.call(hang)
+            assert runner.available, runner.failure_reason
+            nursery.cancel_scope.cancel()
+        with pytest.raises(StoreTimeout):
+            await runner.call(hang)  # nothing else answers now
+        assert not runner.available
+        assert "did not answer" in (runner.failure_reason or "")
+    finally:
+        await drain(runner, hang)
+
+
 async def test_abandoned_counted_until_thread_returns(store: DirectoryStore, hang: Hang) -> None:
     runner = StoreRunner(0, store, max_threads=4, timeout=0.05)
     try:

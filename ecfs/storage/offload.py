@@ -33,7 +33,9 @@ Health policy (kept deliberately simple):
 - OK -> FAILED on: a store error (an OSError escaping `fn`, or a StoreError
   other than FragmentMissing, BadFragmentEntry and NoSpace: a missing or
   bad fragment file is the fragment's problem and a full store still
-  serves reads), a timeout, or
+  serves reads), a timeout while nothing else of the store answered for
+  as long (a store that answers other calls is slow, not hung: a write
+  queued behind others on a disk at 2 MiB/s times out alone), or
   `abandoned >= max_threads` while the store answered nothing for
   PROBE_TIMEOUT seconds (`silent_for`: the store has no thread left to
   run on and none comes back; a slow disk whose abandoned reads do come
@@ -560,9 +562,15 @@ class StoreRunner:
             job.stage = _DONE
 
     def _timed_out(self, fn: Callable[..., object], limit: float) -> StoreTimeout:
+        """A call got no answer within `limit`: the store is failed if
+        nothing else of it answered meanwhile either (hung); one that
+        answers other calls is slow, not failed (a disk at 2 MiB/s whose
+        queued writes each wait seconds: the caller places that write
+        elsewhere, reads decode around it)."""
         self._timeouts += 1
         exc = StoreTimeout(f"store {self.index}: {_name(fn)} did not answer within {limit:.3g} s")
-        self.mark_failed(str(exc))
+        if self.silent_for(limit):
+            self.mark_failed(str(exc))
         return exc
 
     def _note_error(self, exc: EcfsError) -> None:
