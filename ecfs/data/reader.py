@@ -729,7 +729,7 @@ class ChunkReader:
             )
         else:
             verdict = mine > AVOID_FACTOR * other + margin
-        if verdict and not avoided:
+        if verdict and not avoided and other is not None:  # (other is None: verdict is avoided)
             return self._start_avoiding(store, mine, other)
         if avoided and not verdict:
             log.info("store %d keeps up again: reading from it", store)

@@ -110,7 +110,7 @@ async def rebuild_fragments(
     placement: Placement,
     io: FragmentIO,
     ref: ChunkRef,
-    sources: Mapping[int, bytes],
+    sources: Mapping[int, bytes | bytearray],
     broken: Sequence[int],
     *,
     reason: str,

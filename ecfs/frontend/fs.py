@@ -37,7 +37,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
@@ -330,7 +330,8 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.data.read(fh, off, size)
+        # pyfuse3 sends any buffer: the bytearray is not copied into bytes.
+        return cast(bytes, await self.data.read(fh, off, size))
 
     @errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
