@@ -614,6 +614,14 @@ class DiskBench:
             self.res.errors.append(problem)
         self.daemons.remove(daemon)
 
+    def start_passthrough(self, src: Path, mnt: Path, log_name: str) -> bench.Daemon:
+        """scripts/passthrough.py mirroring the new directory `src` at `mnt`."""
+        src.mkdir()
+        mnt.mkdir()
+        argv = [bench.PYTHON, str(bench.REPO / "scripts" / "passthrough.py"), str(src), str(mnt),
+                "--foreground"]  # fmt: skip
+        return self.start(bench.Daemon("passthrough", argv, mnt, self.work / log_name))
+
     def mount_ecfs(self, stores: list[Path], mnt: Path, log: Path) -> bench.Daemon:
         argv = [
             bench.PYTHON, "-m", "ecfs", "mount", "--foreground", "--log-level",
@@ -707,14 +715,7 @@ class DiskBench:
             f.unlink()
 
         pt_src, pt_mnt = d[0] / "pt-src", self.work / f"pt-mnt-{cap}"
-        pt_src.mkdir()
-        pt_mnt.mkdir()
-        pt = self.start(bench.Daemon(
-            "passthrough",
-            [bench.PYTHON, str(bench.REPO / "scripts" / "passthrough.py"), str(pt_src),
-             str(pt_mnt), "--foreground"],
-            pt_mnt, self.work / f"passthrough-{cap}.log",
-        ))  # fmt: skip
+        pt = self.start_passthrough(pt_src, pt_mnt, f"passthrough-{cap}.log")
         pt_rand = {}
         try:
             w = seq_write(pt_mnt / "seq.dat", cfg.base_size, direct=False)
@@ -941,14 +942,7 @@ class DiskBench:
                             iops, "1 x IOPS"))  # fmt: skip
             raw_file.unlink()
             pt_src, pt_mnt = d[0] / "pt-src", self.work / "pt-mnt-hdd"
-            pt_src.mkdir()
-            pt_mnt.mkdir()
-            pt = self.start(bench.Daemon(
-                "passthrough",
-                [bench.PYTHON, str(bench.REPO / "scripts" / "passthrough.py"), str(pt_src),
-                 str(pt_mnt), "--foreground"],
-                pt_mnt, self.work / "passthrough-hdd.log",
-            ))  # fmt: skip
+            pt = self.start_passthrough(pt_src, pt_mnt, "passthrough-hdd.log")
             pt_rand: dict[int, dict[str, float]] = {}
             try:
                 seq_write(pt_mnt / "seq.dat", cfg.base_size, direct=False)
