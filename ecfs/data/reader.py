@@ -51,12 +51,21 @@ decode under way wait for it instead of decoding the same range again.
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative is not waited for. The
 rule (`_route_around`): a small read (up to SMALL_READ = 64 KiB, e.g. a
-4 KiB random read) compares like with like, the EWMA of small reads of
-each store (`StoreRunner.expected_latency(nbytes)`; only stores measured
-by small reads count, on both sides: a store just measured by 1 MiB
-reads is not slower than one measured by 4 KiB ones), by service time
-alone (queue imbalance at QD16 is no reason to read k fragments instead
-of one); a large read (a whole fragment read ahead, a 1 MiB request)
+4 KiB random read) compares like with like, small reads of each store,
+by service time alone (queue imbalance at QD16 is no reason to read k
+fragments instead of one): once SMALL_MIN_SAMPLES of the store's small
+reads were timed, the median of its last ones
+(`StoreRunner.small_read_quantiles`) against the k-th smallest 90th
+percentile of the others' (a routed read waits for the slowest of k),
+routed above SMALL_AVOID_FACTOR x that plus SMALL_AVOID_MARGIN, read
+again below SMALL_RESUME_FACTOR x that (stores at their IOPS limit that
+all wait now and then route nothing: routing would cost k reads of
+stores just as limited; the EWMAs had each store in turn look 8x slower
+after a run of waits); before that, the EWMAs of small reads
+(`StoreRunner.expected_latency(nbytes)`; only stores measured by small
+reads count, on both sides: a store just measured by 1 MiB reads is not
+slower than one measured by 4 KiB ones) with FEW_SAMPLES_MARGIN, so
+that only a store far behind (100 ms) is routed around on few samples; a large read (a whole fragment read ahead, a 1 MiB request)
 compares the EWMAs of large reads times the queue depth when the store
 and k others were timed reading large, else the EWMAs of every sample
 (the stores serving a sequential reader from their page cache have few
@@ -163,6 +172,16 @@ ONE_CALL_THREADS = 8
 #: read 0.5 s against 25 ms (20x). (One 5 ms margin for all sizes never
 #: routed small reads around the slow device.)
 AVOID_FACTOR = 8.0
+#: Small reads: a store is routed around when the median of its last small
+#: reads exceeds SMALL_AVOID_FACTOR x the k-th smallest 90th percentile of
+#: the others' plus SMALL_AVOID_MARGIN, and read again once it is below
+#: SMALL_RESUME_FACTOR x that (see `_route_around`).
+SMALL_AVOID_FACTOR = 2.0
+SMALL_RESUME_FACTOR = 1.0
+#: Before SMALL_MIN_SAMPLES small reads of a store were timed, it is routed
+#: around only when its EWMA exceeds AVOID_FACTOR x the alternative's plus
+#: this (see `_route_around`).
+FEW_SAMPLES_MARGIN = 0.05
 AVOID_MARGIN = 0.005
 SMALL_AVOID_MARGIN = 0.001
 RESUME_FACTOR = 3.0
@@ -686,8 +705,35 @@ class ChunkReader:
         if small:
             if not avoided and not runner.measured_size(nbytes):
                 return False  # only what was measured for reads of this size
-            mine = runner.expected_latency(nbytes, queued=False)
+            # The routed read waits for the slowest of k others: this
+            # store's typical small read (median) against the others' slow
+            # tail (p90). Stores that all wait now and then (a disk at its
+            # IOPS limit) then route nothing: routing would cost k reads
+            # of stores just as limited and wait for the slowest of them.
             margin = SMALL_AVOID_MARGIN
+            quantiles = runner.small_read_quantiles()
+            tail = None
+            if quantiles is not None and (avoided or quantiles[0] > margin):
+                tail = self._small_alternative(ref, index, nbytes)
+            if quantiles is not None and tail is not None:
+                mine = quantiles[0]
+                if avoided:
+                    verdict = (
+                        mine > SMALL_RESUME_FACTOR * tail + margin / 2
+                        or runner.in_flight > 0
+                        or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
+                    )
+                else:
+                    verdict = mine > SMALL_AVOID_FACTOR * tail + margin
+                return self._verdict(store, avoided, verdict, mine, tail)
+            # Too few small reads timed for the quantiles (or none, its
+            # estimate that of its other calls), or routed around already:
+            # the EWMAs; while a few small reads were timed, with a margin
+            # of FEW_SAMPLES_MARGIN (a run of 10-40 ms waits of a store at
+            # its IOPS limit is no lag; a store 100 ms late is).
+            if not avoided and runner.small_reads_timed:
+                margin = FEW_SAMPLES_MARGIN
+            mine = runner.expected_latency(nbytes, queued=False)
             other = None if not avoided and mine <= margin else (
                 self._alternative_latency(ref, index, nbytes)
             )  # fmt: skip
@@ -729,12 +775,37 @@ class ChunkReader:
             )
         else:
             verdict = mine > AVOID_FACTOR * other + margin
-        if verdict and not avoided and other is not None:  # (other is None: verdict is avoided)
+        if other is None:  # (verdict is avoided)
+            return verdict
+        return self._verdict(store, avoided, verdict, mine, other)
+
+    def _verdict(
+        self, store: int, avoided: bool, verdict: bool, mine: float, other: float
+    ) -> bool:
+        """Start or stop routing around `store` as `verdict` says."""
+        if verdict and not avoided:
             return self._start_avoiding(store, mine, other)
         if avoided and not verdict:
             log.info("store %d keeps up again: reading from it", store)
             del self._avoided[store], self._avoided_since[store]
         return verdict
+
+    def _small_alternative(self, ref: ChunkRef, index: int, nbytes: int) -> float | None:
+        """The slow tail of a small read of `ref` that does without
+        fragment `index`: the k-th smallest 90th percentile of the small
+        reads of the other sources (one with fewer than SMALL_MIN_SAMPLES
+        timed, e.g. serving from its cache, by its estimate); None with
+        fewer than k measured."""
+        tails = []
+        for j in ref.present():
+            r = available_runner(self.runners, ref.stores[j])
+            if j == index or r is None or not r.measured or not r.measured_size(nbytes):
+                continue
+            quantiles = r.small_read_quantiles()
+            tails.append(quantiles[1] if quantiles else r.expected_latency(nbytes, queued=False))
+        tails.sort()
+        k = self.layout.of(ref).k
+        return tails[k - 1] if len(tails) >= k else None
 
     def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
         """`store` lags: route around it from now on (see `_route_around`)."""

@@ -88,7 +88,11 @@ more: `expected_latency(nbytes)`, `measured_size`), so that a reader
 compares a 4 KiB read of one store with 4 KiB reads of the others, not
 with their 1 MiB ones (issue 17). `mark_ok` forgets them; nothing else
 does (a slow disk answers small reads quicker than large ones, and a
-quick small answer must not clear what its large reads showed).
+quick small answer must not clear what its large reads showed). The last
+SMALL_WINDOW small reads also give a median and a 90th percentile
+(`small_read_quantiles`): a reader routing a small read around a store
+waits for the slowest of k others, so it compares this store's typical
+read with the others' slow tail.
 
 Latency measured for a call is the time `fn` ran in its thread (service
 time, without the limiter wait), only for calls that returned normally or
@@ -152,6 +156,7 @@ import enum
 import errno
 import functools
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -198,6 +203,10 @@ EWMA_ALPHA = 0.2
 BASELINE_ALPHA = 0.02
 #: expected_latency of a store with no measured call yet (seconds).
 UNMEASURED_LATENCY = 0.01
+#: The last this many small reads give `small_read_quantiles`, once there
+#: are SMALL_MIN_SAMPLES of them.
+SMALL_WINDOW = 16
+SMALL_MIN_SAMPLES = 8
 #: Reads of up to this many bytes are "small" for `expected_latency(nbytes)`.
 SMALL_READ = 64 * 1024
 #: hedge_deadline never goes below this (seconds).
@@ -414,6 +423,10 @@ class StoreRunner:
         self._baseline = 0.0
         #: Read latency EWMAs by size class (small, large): `expected_latency`.
         self._size_ewma: list[float | None] = [None, None]
+        #: The last SMALL_WINDOW small-read latencies, and their (median,
+        #: p90) once asked for (`small_read_quantiles`).
+        self._small_reads: deque[float] = deque(maxlen=SMALL_WINDOW)
+        self._small_quantiles: tuple[float, float] | None = None
         self._window: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._sorted_window: list[float] | None = []
         #: (bound, timeout) of the last `call_timeout`; None once the
@@ -635,6 +648,23 @@ class StoreRunner:
                 per_call = by_size
         return per_call * (1 + self.in_flight + self.waiting) if queued else per_call
 
+    def small_read_quantiles(self) -> tuple[float, float] | None:
+        """(median, 90th percentile) of the last SMALL_WINDOW small reads'
+        latencies; None before SMALL_MIN_SAMPLES were timed. The reader
+        compares a store's typical small read with the slow tail of the
+        reads that would replace it (see `ecfs.data.reader`)."""
+        if self._small_quantiles is None and len(self._small_reads) >= SMALL_MIN_SAMPLES:
+            ordered = sorted(self._small_reads)
+            p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+            self._small_quantiles = (statistics.median(ordered), p90)
+        return self._small_quantiles
+
+    @property
+    def small_reads_timed(self) -> int:
+        """How many small reads `small_read_quantiles` has (at most
+        SMALL_WINDOW)."""
+        return len(self._small_reads)
+
     def measured_size(self, nbytes: int) -> bool:
         """Whether a read of `nbytes`'s size class was timed, or no read of
         a known size was (see `expected_latency`): False when only reads
@@ -700,6 +730,8 @@ class StoreRunner:
         self._failure = None
         self._restart_fast_estimate()
         self._size_ewma = [None, None]  # from the baseline again too
+        self._small_reads.clear()
+        self._small_quantiles = None
         if was_failed and self.on_health_change is not None:
             self.on_health_change(self)
 
@@ -828,6 +860,9 @@ class StoreRunner:
         large = nbytes > SMALL_READ
         old = self._size_ewma[large]
         self._size_ewma[large] = seconds if old is None else old + EWMA_ALPHA * (seconds - old)
+        if not large:
+            self._small_reads.append(seconds)
+            self._small_quantiles = None
 
     def _record_late_answer(self, seconds: float, nbytes: int = 0) -> None:
         """An abandoned call returned after `seconds`: the fast EWMA only
