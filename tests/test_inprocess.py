@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from ecfs.core.errors import StoreTimeout
-from ecfs.core.model import NO_STORE
+from ecfs.core.model import NO_STORE, ChunkRef
 from ecfs.storage import offload
 from ecfs.storage.metadb.chunks import PendingDeletions, RepairEntry, RepairQueue
 from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
@@ -290,6 +290,22 @@ async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -
 # ---- scheduling around a slow store (issue 17)
 
 
+async def _written_file(
+    rig: Rig, nursery: trio.Nursery, chunks: int
+) -> tuple[int, bytes, dict[int, ChunkRef]]:
+    """A new open file of `chunks` chunks of random bytes, written back
+    (the file data's background work in `nursery`): (inode, data, chunk
+    index -> its ref)."""
+    volume = rig.volume
+    data = os.urandom(chunks * CHUNK)
+    ino = rig.new_file()
+    volume.filedata.attach(nursery)
+    volume.filedata.opened(ino)
+    await volume.filedata.write(ino, 0, data)
+    await volume.filedata.flush(ino)
+    return ino, data, volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+
+
 async def _read_sequentially(rig: Rig, ino: int, size: int) -> bytes:
     out = bytearray()
     for offset in range(0, size, CHUNK):
@@ -306,14 +322,8 @@ async def test_a_slow_store_is_routed_around_not_waited_for(rig: Rig) -> None:
     read now and then, not waited for either. Counted, not timed."""
     volume = rig.volume
     chunks = 48
-    data = os.urandom(chunks * CHUNK)
-    ino = rig.new_file()
     async with trio.open_nursery() as nursery:
-        volume.filedata.attach(nursery)
-        volume.filedata.opened(ino)
-        await volume.filedata.write(ino, 0, data)
-        await volume.filedata.flush(ino)
-        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        ino, data, refs = await _written_file(rig, nursery, chunks)
         slow_index = 0
         on_slow = sum(1 for ref in refs.values() if slow_index in ref.stores[:K])
         assert on_slow >= chunks // 3  # stores take turns holding data
@@ -346,14 +356,8 @@ async def test_healthy_reads_keep_to_the_data_fragments(rig: Rig) -> None:
     nothing is routed around."""
     volume = rig.volume
     chunks = 24
-    data = os.urandom(chunks * CHUNK)
-    ino = rig.new_file()
     async with trio.open_nursery() as nursery:
-        volume.filedata.attach(nursery)
-        volume.filedata.opened(ino)
-        await volume.filedata.write(ino, 0, data)
-        await volume.filedata.flush(ino)
-        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        ino, data, refs = await _written_file(rig, nursery, chunks)
         volume.handles.close_all()
         for store in rig.stores:
             store.calls["read"] = 0
@@ -582,14 +586,8 @@ async def test_a_sequential_read_over_a_missing_store_decodes_each_range_once(
     volume = rig.volume
     chunks = 8
     step = 4096
-    data = os.urandom(chunks * CHUNK)
-    ino = rig.new_file()
     async with trio.open_nursery() as nursery:
-        volume.filedata.attach(nursery)
-        volume.filedata.opened(ino)
-        await volume.filedata.write(ino, 0, data)
-        await volume.filedata.flush(ino)
-        refs = volume.filedata.chunks.get_range(ino, 0, chunks - 1)
+        ino, data, refs = await _written_file(rig, nursery, chunks)
         away = 0
         with_lost = sum(1 for ref in refs.values() if away in ref.stores[:K])
         assert with_lost >= 2
