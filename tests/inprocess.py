@@ -78,9 +78,38 @@ class Rig:
             self.memory[index].write_fragment(chunk_id, index, parts)
         return ChunkRef(chunk_id, len(data), tuple(range(K + M)))
 
+    async def stored_files(self, count: int) -> tuple[list[ChunkRef], list[bytes]]:
+        """`count` one-chunk files of `pattern` bytes (seeds 0..count-1),
+        every header known (as after a first read): (refs, contents)."""
+        datas = [pattern(CHUNK, seed=s) for s in range(count)]
+        refs = [await self.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
+        for ref in refs:
+            self.learn_headers(ref)
+        return refs, datas
+
+    async def strided_small_reads(
+        self, refs: list[ChunkRef], datas: list[bytes], count: int, store: int
+    ) -> int:
+        """`count` 4 KiB reads through the volume's reader, of the chunks
+        `refs` in turn (contents `datas`) at offsets striding by 7 pages,
+        every byte checked; how many lay on a data fragment of `store`."""
+        on_store = 0
+        for n in range(count):
+            ref, data = refs[n % len(refs)], datas[n % len(refs)]
+            start = (n * 7 * 4096) % CHUNK
+            on_store += ref.stores[start // FRAGMENT] == store
+            got = await self.volume.reader.read(ref, start, start + 4096)
+            assert bytes(got) == data[start : start + 4096]
+        return on_store
+
     def heal(self) -> None:
         for store in self.stores:
             store.heal()
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    """`n` bytes of a pattern that differs by `seed`."""
+    return bytes((i * 7 + seed) % 251 for i in range(n))
 
 
 def make_rig(

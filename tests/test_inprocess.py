@@ -28,7 +28,7 @@ from ecfs.storage.metadb.chunks import PendingDeletions, RepairEntry, RepairQueu
 from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
 from ecfs.volume import assembly
 
-from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig
+from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig, pattern
 
 pytestmark = pytest.mark.trio
 
@@ -36,10 +36,6 @@ pytestmark = pytest.mark.trio
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
     return make_rig(tmp_path)
-
-
-def _data(n: int, seed: int = 1) -> bytes:
-    return bytes((i * 7 + seed) % 251 for i in range(n))
 
 
 def _queued(rig: Rig) -> dict[int, int]:
@@ -52,7 +48,7 @@ def _queued(rig: Rig) -> dict[int, int]:
 
 
 async def test_reader_plain_read_is_verified_and_served_from_data_fragments(rig: Rig) -> None:
-    data = _data(CHUNK - 1000)
+    data = pattern(CHUNK - 1000)
     ref = await rig.store_file(data)
     reader = rig.volume.reader
     assert bytes(await reader.read(ref, 0, len(data))) == data
@@ -69,7 +65,7 @@ async def test_reader_plain_read_is_verified_and_served_from_data_fragments(rig:
 
 @pytest.mark.parametrize("mode", ["eio", "gone"])
 async def test_reader_degraded_with_m_stores_failing(rig: Rig, mode: str) -> None:
-    data = _data(CHUNK)
+    data = pattern(CHUNK)
     ref = await rig.store_file(data)
     for index in range(M):  # two data fragments' stores
         rig.store_of(ref, index).set(mode)
@@ -87,7 +83,7 @@ async def test_reader_degraded_with_m_stores_failing(rig: Rig, mode: str) -> Non
 async def test_reader_detects_a_corrupt_fragment_and_serves_from_others(
     rig: Rig, lasting: bool
 ) -> None:
-    data = _data(CHUNK, seed=3)
+    data = pattern(CHUNK, seed=3)
     ref = await rig.store_file(data)
     if lasting:
         rig.memory[ref.stores[1]].damage(ref.chunk_id, 1, 4096 + 4096 + 17)  # in payload cell 1
@@ -99,7 +95,7 @@ async def test_reader_detects_a_corrupt_fragment_and_serves_from_others(
 
 
 async def test_hedged_read_around_a_slow_store(rig: Rig, autojump_clock: trio.abc.Clock) -> None:
-    data = _data(CHUNK, seed=5)
+    data = pattern(CHUNK, seed=5)
     ref = rig.put_chunk(data)
     rig.learn_headers(ref)
     reader = rig.volume.reader
@@ -122,7 +118,7 @@ async def test_hedged_read_around_a_slow_store(rig: Rig, autojump_clock: trio.ab
 async def test_a_hung_store_times_out_and_is_routed_around(
     rig: Rig, autojump_clock: trio.abc.Clock
 ) -> None:
-    data = _data(CHUNK, seed=7)
+    data = pattern(CHUNK, seed=7)
     ref = rig.put_chunk(data)
     rig.learn_headers(ref)
     reader = rig.volume.reader
@@ -155,7 +151,7 @@ async def test_writer_places_a_fragment_elsewhere_when_a_store_fails(
     await volume.refresh_usage()
     bad = 2
     rig.stores[bad].set(mode, ops={"write", "probe", "usage", "marker"})
-    data = _data(CHUNK, seed=11)
+    data = pattern(CHUNK, seed=11)
     ref = await volume.writer.write(data)
     assert bad not in ref.stores and NO_STORE not in ref.stores
     assert len(set(ref.stores)) == K + M
@@ -168,7 +164,7 @@ async def test_writer_fails_cleanly_with_too_few_stores(rig: Rig) -> None:
     for store in rig.stores[:3]:
         store.set("eio", ops={"write"})
     with pytest.raises(Exception) as info:
-        await rig.volume.writer.write(_data(CHUNK))
+        await rig.volume.writer.write(pattern(CHUNK))
     assert getattr(info.value, "errno", None) == 5
     assert all(not store.list_fragments() for store in rig.memory[:3])
 
@@ -208,7 +204,7 @@ async def test_repair_rebuilds_a_lost_fragment(rig: Rig) -> None:
     volume = rig.volume
     await volume.refresh_usage()
     ino = rig.new_file()
-    data = _data(CHUNK, seed=13)
+    data = pattern(CHUNK, seed=13)
     await volume.filedata.write(ino, 0, data)
     await volume.filedata.flush(ino)
     ref = volume.filedata.chunks.get(ino, 0)
@@ -229,7 +225,7 @@ async def test_repair_rebuilds_a_lost_fragment(rig: Rig) -> None:
 async def test_scrub_finds_a_corrupt_fragment(rig: Rig) -> None:
     volume = rig.volume
     ino = rig.new_file()
-    await volume.filedata.write(ino, 0, _data(2 * CHUNK, seed=17))
+    await volume.filedata.write(ino, 0, pattern(2 * CHUNK, seed=17))
     await volume.filedata.flush(ino)
     ref = volume.filedata.chunks.get(ino, 1)
     assert ref is not None
@@ -245,10 +241,10 @@ async def test_scrub_finds_a_corrupt_fragment(rig: Rig) -> None:
 async def test_garbage_deletes_unreferenced_fragments_but_not_pinned_ones(rig: Rig) -> None:
     volume = rig.volume
     ino = rig.new_file()
-    await volume.filedata.write(ino, 0, _data(CHUNK, seed=19))
+    await volume.filedata.write(ino, 0, pattern(CHUNK, seed=19))
     await volume.filedata.flush(ino)
     old = volume.filedata.chunks.get(ino, 0)
-    await volume.filedata.write(ino, 0, _data(CHUNK, seed=23))  # a new version
+    await volume.filedata.write(ino, 0, pattern(CHUNK, seed=23))  # a new version
     await volume.filedata.flush(ino)
     new = volume.filedata.chunks.get(ino, 0)
     assert old is not None and new is not None and new.chunk_id != old.chunk_id
@@ -267,7 +263,7 @@ async def test_garbage_deletes_unreferenced_fragments_but_not_pinned_ones(rig: R
 
 
 async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -> None:
-    data = _data(CHUNK, seed=29)
+    data = pattern(CHUNK, seed=29)
     ref = await rig.store_file(data)
     volume = rig.volume
     volume.handles.close_all()
@@ -385,22 +381,14 @@ async def test_random_reads_route_around_a_slow_store(rig: Rig) -> None:
     a store that only ever holds parity, as the remote stores of a hybrid
     volume, is never switched to: see _route_around.)"""
     volume = rig.volume
-    datas = [_data(CHUNK, seed=s) for s in range(12)]
-    refs = [await rig.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
-    for ref in refs:
-        rig.learn_headers(ref)
+    refs, datas = await rig.stored_files(12)
     slow_store = 0
     slow = rig.stores[slow_store]
     slow.set("slow", delay=0.1)
     reader = volume.reader
     calls = slow.calls["read"]
-    on_slow = 0
     try:
-        for n in range(96):
-            ref, data = refs[n % len(refs)], datas[n % len(refs)]
-            start = (n * 7 * 4096) % CHUNK
-            on_slow += ref.stores[start // FRAGMENT] == slow_store
-            assert bytes(await reader.read(ref, start, start + 4096)) == data[start : start + 4096]
+        on_slow = await rig.strided_small_reads(refs, datas, 96, slow_store)
     finally:
         slow.heal()
     counters = reader.counters
@@ -417,7 +405,7 @@ async def test_read_ahead_plans_parity_for_a_fragment_it_cannot_open(rig: Rig) -
     rebuilt, say): read-ahead fails to open it and plans the best parity
     fragment in its place, so the degraded read finds k sources cached and
     needs no worker thread."""
-    data = _data(CHUNK, seed=31)
+    data = pattern(CHUNK, seed=31)
     ref = await rig.store_file(data)
     volume = rig.volume
     volume.handles.close_all()

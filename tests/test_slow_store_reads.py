@@ -32,16 +32,6 @@ def rig(tmp_path: Path) -> Rig:
     return make_rig(tmp_path)
 
 
-def _data(n: int, seed: int) -> bytes:
-    return bytes((i * 7 + seed) % 251 for i in range(n))
-
-
-async def _files(rig: Rig, count: int) -> tuple[list, list[bytes]]:
-    datas = [_data(CHUNK, seed=s) for s in range(count)]
-    refs = [await rig.store_file(d, name=b"f%d" % s) for s, d in enumerate(datas)]
-    for ref in refs:
-        rig.learn_headers(ref)  # as after a first read: every header known
-    return refs, datas
 
 
 async def test_small_random_reads_route_around_a_store_slower_by_a_few_ms(rig: Rig) -> None:
@@ -51,19 +41,13 @@ async def test_small_random_reads_route_around_a_store_slower_by_a_few_ms(rig: R
     is 15x that. (The old rule, 8x the alternative plus a fixed 5 ms, never
     routed a small read around a disk at 2 MiB/s: 4 KiB takes 2 ms there.)"""
     volume = rig.volume
-    refs, datas = await _files(rig, 12)
+    refs, datas = await rig.stored_files(12)
     slow_store = 0
     slow = rig.stores[slow_store]
     slow.set("slow", delay=0.003)
     calls = slow.calls["read"]
-    on_slow = 0
     try:
-        for n in range(240):
-            ref, data = refs[n % len(refs)], datas[n % len(refs)]
-            start = (n * 7 * 4096) % CHUNK
-            on_slow += ref.stores[start // FRAGMENT] == slow_store
-            got = await volume.reader.read(ref, start, start + 4096)
-            assert bytes(got) == data[start : start + 4096]
+        on_slow = await rig.strided_small_reads(refs, datas, 240, slow_store)
     finally:
         slow.heal()
     counters = volume.reader.counters
@@ -106,7 +90,7 @@ async def test_equal_noisy_stores_and_mixed_sizes_route_nothing(
     monkeypatch.setattr(offload, "SMALL_READ", 8192)
     monkeypatch.setattr(reader_module, "SMALL_READ", 8192)
     volume = rig.volume
-    refs, datas = await _files(rig, 12)
+    refs, datas = await rig.stored_files(12)
     rng = random.Random(7)
     lock = threading.Lock()
     for store in rig.stores:
@@ -143,7 +127,7 @@ async def test_a_store_whose_small_reads_wait_now_and_then_is_judged_by_its_medi
     reads per request, QD16 at 1.5-2.2x the passthrough). It is judged by
     the median of its last small reads against the others' 90th
     percentile instead; a store slow for every read still is routed."""
-    refs, _ = await _files(rig, 1)
+    refs, _ = await rig.stored_files(1)
     ref = refs[0]
     reader = rig.volume.reader
     runners = [rig.volume.runners[s] for s in ref.stores]
@@ -198,7 +182,7 @@ async def test_read_ahead_answers_count_and_a_dropped_store_skips_its_queue(rig:
     busy with read-ahead is not taken for hung), and `drop(store)` skips
     the jobs still queued for a store the reader starts routing around
     (they would keep a slow disk busy for seconds)."""
-    refs, _ = await _files(rig, 8)
+    refs, _ = await rig.stored_files(8)
     target = 0
     keys = [
         (s, ref.chunk_id, i) for ref in refs for i, s in enumerate(ref.stores) if s == target
