@@ -702,6 +702,8 @@ class ChunkReader:
             nbytes = self.layout.of(ref).payload_length(ref.length)
         avoided = store in self._avoided
         small = nbytes <= SMALL_READ
+        avoid_factor, resume_factor, resume_margin = AVOID_FACTOR, RESUME_FACTOR, 0.0
+        other: float | None
         if small:
             if not avoided and not runner.measured_size(nbytes):
                 return False  # only what was measured for reads of this size
@@ -716,35 +718,28 @@ class ChunkReader:
             if quantiles is not None and (avoided or quantiles[0] > margin):
                 tail = self._small_alternative(ref, index, nbytes)
             if quantiles is not None and tail is not None:
-                mine = quantiles[0]
-                if avoided:
-                    verdict = (
-                        mine > SMALL_RESUME_FACTOR * tail + margin / 2
-                        or runner.in_flight > 0
-                        or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
-                    )
-                else:
-                    verdict = mine > SMALL_AVOID_FACTOR * tail + margin
-                return self._verdict(store, avoided, verdict, mine, tail)
-            # Too few small reads timed for the quantiles (or none, its
-            # estimate that of its other calls), or routed around already:
-            # the EWMAs; while a few small reads were timed, with a margin
-            # of FEW_SAMPLES_MARGIN (a run of 10-40 ms waits of a store at
-            # its IOPS limit is no lag; a store 100 ms late is).
-            if not avoided and runner.small_reads_timed:
-                margin = FEW_SAMPLES_MARGIN
-            mine = runner.expected_latency(nbytes, queued=False)
-            other = None if not avoided and mine <= margin else (
-                self._alternative_latency(ref, index, nbytes)
-            )  # fmt: skip
+                mine, other = quantiles[0], tail
+                avoid_factor, resume_factor = SMALL_AVOID_FACTOR, SMALL_RESUME_FACTOR
+                resume_margin = margin / 2
+            else:
+                # Too few small reads timed for the quantiles (or none, its
+                # estimate that of its other calls), or routed around
+                # already: the EWMAs; while a few small reads were timed,
+                # with a margin of FEW_SAMPLES_MARGIN (a run of 10-40 ms
+                # waits of a store at its IOPS limit is no lag; a store
+                # 100 ms late is).
+                if not avoided and runner.small_reads_timed:
+                    margin = FEW_SAMPLES_MARGIN
+                mine = runner.expected_latency(nbytes, queued=False)
+                other = None if not avoided and mine <= margin else (
+                    self._alternative_latency(ref, index, nbytes)
+                )  # fmt: skip
         else:
-            # Large reads: every sample, times the queue (the stores that
-            # serve a sequential reader from their page cache have few
-            # timed large reads), or how long one has been waited for.
             # Large reads: by their own EWMAs (times the queue) when this
             # store and k others were timed reading large; else (the stores
             # serving a sequential reader from their page cache have few
-            # timed large reads) by every sample, as all are then.
+            # timed large reads) by every sample, as all are then; or how
+            # long one has been waited for.
             margin = AVOID_MARGIN
             large = self._alternative_latency(ref, index, nbytes)
             if large is not None and runner.measured_size(nbytes):
@@ -766,23 +761,15 @@ class ChunkReader:
             else:
                 other = self._alternative_latency(ref, index)
         if other is None:
-            verdict = avoided  # no evidence either way: as it was
-        elif avoided:
+            return avoided  # no evidence either way: as it was
+        if avoided:
             verdict = (
-                mine > RESUME_FACTOR * other
+                mine > resume_factor * other + resume_margin
                 or runner.in_flight > 0
                 or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
             )
         else:
-            verdict = mine > AVOID_FACTOR * other + margin
-        if other is None:  # (verdict is avoided)
-            return verdict
-        return self._verdict(store, avoided, verdict, mine, other)
-
-    def _verdict(
-        self, store: int, avoided: bool, verdict: bool, mine: float, other: float
-    ) -> bool:
-        """Start or stop routing around `store` as `verdict` says."""
+            verdict = mine > avoid_factor * other + margin
         if verdict and not avoided:
             return self._start_avoiding(store, mine, other)
         if avoided and not verdict:
