@@ -661,13 +661,13 @@ def scrub(max_duration: str | None, as_json: bool, mountpoint: str) -> None:
 @click.option("--resume", is_flag=True, help="Resume background work paused with --pause.")
 @click.option(
     "--min-rate",
-    metavar="SIZE",
+    type=SizeType(),
     help="Rebuilt bytes per second urgent repair keeps, and takes no more,"
     " while files are in use (for the rest of the mount; default -o repair_min_rate).",
 )
 @click.option(
     "--max-rate",
-    metavar="SIZE",
+    type=SizeType(),
     help="Cap repair at SIZE bytes per second at any time, 0 for none (for the rest of"
     " the mount; default -o repair_max_rate).",
 )
@@ -677,8 +677,8 @@ def repair(
     normal: bool,
     pause: bool,
     resume: bool,
-    min_rate: str | None,
-    max_rate: str | None,
+    min_rate: int | None,
+    max_rate: int | None,
     target: tuple[str, ...],
 ) -> None:
     """Make background repair urgent: at full speed while the volume is
@@ -692,8 +692,8 @@ def repair(
     if (pause or resume) and (min_rate is not None or max_rate is not None):
         raise click.UsageError("--pause and --resume go alone")
     rates = "".join(
-        f" {name}={_rate_option(option, value)}"
-        for name, option, value in (("min", "--min-rate", min_rate), ("max", "--max-rate", max_rate))
+        f" {name}={value}"
+        for name, value in (("min", min_rate), ("max", max_rate))
         if value is not None
     )
     from ..core.host import mount_at
@@ -747,19 +747,6 @@ def repair(
     for message in final.unrecoverable:
         click.echo(f"UNRECOVERABLE: {message}")
     sys.exit(1 if final.unrecoverable else 0)
-
-
-def _rate_option(option: str, value: str) -> int:
-    """A --min-rate/--max-rate SIZE in bytes per second."""
-    from ..core.units import parse_size
-
-    try:
-        rate = parse_size(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size (e.g. 80M)", param_hint=option) from None
-    if rate < 0:
-        raise click.BadParameter("must not be negative", param_hint=option)
-    return rate
 
 
 def _who() -> str:
