@@ -286,8 +286,7 @@ class ChunkWriter:
                     return
                 except StoreError as exc:
                     if handed:  # committed with this slot: repair restores it
-                        self.on_late_failure(handed[0], [index], f"straggling write: {exc}")
-                        self.on_abandoned([(store, chunk_id, index)])
+                        lost_late(index, store, f"straggling write: {exc}")
                         return
                     errors.append(exc)
                     if isinstance(exc, StoreTimeout):
@@ -300,6 +299,13 @@ class ChunkWriter:
                     if store is not None:
                         used.add(store)
 
+        def lost_late(index: int, store: int | None, reason: str) -> None:
+            """A straggler lost after the ref was handed: the chunk is
+            queued for repair, and the file the write may leave is garbage."""
+            self.on_late_failure(handed[0], [index], reason)
+            if store is not None:
+                self.on_abandoned([(store, chunk_id, index)])
+
         async def slot(index: int, scope: trio.CancelScope | None) -> None:
             try:
                 if scope is None:
@@ -309,10 +315,7 @@ class ChunkWriter:
                     await place(index, targets[index])
                 if scope.cancelled_caught and handed and stores[index] == NO_STORE:
                     reason = "straggling write given up (too many chunks straggle)"
-                    self.on_late_failure(handed[0], [index], reason)
-                    given_up = current[index]
-                    if given_up is not None:
-                        self.on_abandoned([(given_up, chunk_id, index)])
+                    lost_late(index, current[index], reason)
             except Exception as exc:  # in the background nursery: never take the volume down
                 if scope is None:
                     raise
