@@ -781,6 +781,12 @@ class DiskBench:
             with self.profiled(mnt, f"{cap}-write"):
                 w = seq_write(big, cfg.size, direct=False)
             write_ceiling = max(write_ceiling, self.write_ceiling(mnt, cap, bps, "after"))
+            if w > write_ceiling:  # both uncapped writes were disturbed
+                res.notes.append(
+                    f"{cap} MiB/s: the uncapped writes ({write_ceiling:.0f} MiB/s) ran slower"
+                    f" than the capped one ({w:.0f}): the ceiling is taken as the latter"
+                )
+                write_ceiling = w
             res.add(Row(cap, "seq write, ceiling (caps lifted)", "ecfs", write_ceiling, "MiB/s"))
             limit = min(N * cap / 1.5, write_ceiling)
             note = "n x cap / 1.5" if N * cap / 1.5 <= write_ceiling else "ceiling"
