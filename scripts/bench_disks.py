@@ -17,7 +17,8 @@ directory on it).
 For each cap level (default 150 MiB/s, HDD-like, where Python FUSE binds,
 and 40 MiB/s, where the disks bind):
   - sequential write, then a cold sequential read, of --size MiB on ecfs
-    (and the write ceiling of ecfs: the same write with the caps lifted)
+    (and the write ceiling of ecfs: the same write with the caps lifted,
+    the better of one before and one after the capped write)
     (1 MiB requests); the baselines write and read --size/4 (one device
     reaches its steady rate in that much, and at 40 MiB/s it keeps the run
     short). Writes are timed to the final fsync. cgroup v1 caps only direct
