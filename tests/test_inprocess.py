@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ecfs.core import fragment
 from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE, ChunkRef
 from ecfs.storage import offload
@@ -465,6 +466,44 @@ async def test_replacement_parity_is_spread_over_stores_and_the_decode_reads_it(
     # parity fragments and one data fragment, by latency)
     read = {s: rig.stores[s].calls["read"] - before[s] for s in range(1, K + M)}
     assert read == {1: 16, 2: 16, K: 8, K + 1: 8}, read
+
+
+async def test_a_streamed_degraded_chunk_reads_and_verifies_each_cell_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential reader's chunk with a data fragment on an unavailable
+    store, read fragment by fragment: the first request (of fragment 0,
+    before the lost one) starts the decode, whose verified sources are
+    kept and serve every request; no cell is read and checked once by
+    the healthy read and again by the decode."""
+    volume = rig.volume
+    reader = volume.reader
+    data = pattern(CHUNK, seed=47)
+    ref = rig.put_chunk(data)
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
+    reader.prefetch(ref)
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    verified: dict[int, int] = {}
+    bad_cells = fragment.bad_cells
+
+    def counting(header: fragment.FragmentHeader, start: int, buf: fragment.Buffer) -> list[int]:
+        verified[header.index] = verified.get(header.index, 0) + len(buf)
+        return bad_cells(header, start, buf)
+
+    monkeypatch.setattr(fragment, "bad_cells", counting)
+    for start in range(0, CHUNK, FRAGMENT):  # a stream's requests
+        got = await reader.read(ref, start, start + FRAGMENT)
+        assert bytes(got) == data[start : start + FRAGMENT]
+    parity = reader._chosen[ref] - set(range(K))
+    assert len(parity) == 1
+    # each source of the decode checked once (the old code: fragment 0
+    # twice, by its cached read and by the decode)
+    assert verified == dict.fromkeys({0, 2, *parity}, FRAGMENT), verified
+    assert reader.counters.one_call_reads == 1
+    assert reader.counters.nowait_hits == 0  # every request from the kept bytes
 
 
 # ---- store health after a hang, and of a slow store (issue 17)

@@ -47,6 +47,18 @@ neighbouring data fragments are then served from those bytes on the loop
 (`read_cached`): each range of the chunk is read, checksummed and decoded
 once instead of k sources per request. Concurrent requests covered by a
 decode under way wait for it instead of decoding the same range again.
+The decode starts with the chunk's first stream request, whichever data
+fragment it is for (`_decode_first`): the requests for the data
+fragments before the decoded one are served from its kept sources too,
+so each cell is read and checked once, not by a cached read and again
+by the decode.
+
+Which sources: a chunk planned with a data fragment replaced has its
+parity read ahead from the store with the shortest read-ahead backlog
+(`ReadAhead.queued`; latency estimates, which a sequential reader's
+page-cache reads seldom update, sent every replacement to the same
+stores: two of five devices idled a third of the time), and its
+degraded reads use the fragments read ahead for it first (`_chosen`).
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative is not waited for. The
@@ -524,7 +536,9 @@ class ChunkReader:
         missing = []
         for piece in layout.data_pieces(ref.length, start, end):
             at = piece.chunk_start - start
-            if not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
+            if self._chosen and self._decode_first(ref, payload, piece) is not None:
+                missing.append(piece)  # served from the decode's sources
+            elif not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
                 missing.append(piece)
         return missing
 
@@ -534,6 +548,8 @@ class ChunkReader:
         """Fill the parts of `dest` (chunk bytes from `start`) that
         `read_cached` left: read in worker threads, hedged, or decoded."""
         payload = self.layout.of(ref).payload_length(ref.length)
+        if self._chosen and ref in self._chosen:
+            pieces = await self._read_from_decode(ref, payload, start, pieces, dest)
         await gather_in_order(
             [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
@@ -1082,6 +1098,66 @@ class ChunkReader:
         while self._kept_bytes > KEEP_BYTES and self._kept:
             _, dropped = self._kept.popitem(last=False)
             self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+
+    def _decode_first(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> int | None:
+        """The data fragment to decode first for `piece` of a healthy data
+        fragment, or None: in a sequential reader's chunk with a data
+        fragment decoded (planned with a parity in its place: `_chosen`,
+        its store unavailable or routed around), a stream's request
+        (STREAM_REQUEST bytes, or a whole small fragment) whose bytes are
+        not kept yet is served from the sources of that decode (which reads
+        and verifies them anyway, and keeps them: see the module
+        docstring) rather than read from its store first and by the decode
+        again."""
+        chosen = self._chosen.get(ref)
+        if chosen is None or self._is_kept(ref, piece):
+            return None
+        k = self.layout.of(ref).k
+        lost = None
+        for index in range(k):
+            if index not in chosen:
+                if lost is not None:
+                    return None  # two decoded: the general path
+                lost = index
+        if lost is None or lost == piece.index:
+            return None
+        store = ref.stores[lost]
+        if store not in self._avoided and available_runner(self.runners, store) is not None:
+            return None  # read again
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+        if b - a < min(STREAM_REQUEST, payload) or ref not in self._planned:
+            return None
+        return lost
+
+    def _is_kept(self, ref: ChunkRef, piece: FragmentPiece) -> bool:
+        """Whether the bytes of `piece` are kept."""
+        return any(
+            a <= piece.frag_start and piece.frag_end <= b
+            for a, b, _ in self._kept.get((ref, piece.index), ())
+        )
+
+    async def _read_from_decode(
+        self, ref: ChunkRef, payload: int, start: int, pieces: list[FragmentPiece],
+        dest: memoryview,
+    ) -> list[FragmentPiece]:  # fmt: skip
+        """Decode the ranges `_decode_first` names for `pieces` (or wait for
+        the decode under way), then serve every piece whose bytes are kept
+        (the decoded fragment's included); the pieces left (to be read)."""
+        for piece in pieces:
+            lost = self._decode_first(ref, payload, piece)
+            if lost is None:
+                continue
+            a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+            try:
+                await self._read_hedged(ref, lost, a, b, 0)
+            except EcfsError:
+                pass  # the piece's own fragment may still be read
+        left = []
+        for piece in pieces:
+            at = piece.chunk_start - start
+            if not self._copy_kept(ref, piece.index, piece.frag_start, dest[at : at + piece.length]):
+                left.append(piece)
+        return left
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that
