@@ -14,9 +14,9 @@ reader never sees how a store keeps them (no file descriptors here).
 
 Degraded read: when a data fragment is missing, its store unavailable, its
 cells fail their checksums, or the read errors or times out, the SAME
-cell-aligned byte range [a, b) is read from k surviving fragments (fastest
-stores first, data fragments before parity on ties) and only that range is
-decoded. When the headers of k of those fragments on healthy stores are
+cell-aligned byte range [a, b) is read from k surviving fragments (those
+read ahead for the chunk first, then the fastest stores, data fragments
+before parity on ties) and only that range is decoded. When the headers of k of those fragments on healthy stores are
 known (sequential readers have them read ahead, parity included), the k
 reads, their checks
 and the decode are one worker-thread call; otherwise, or if that call
