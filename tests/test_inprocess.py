@@ -506,6 +506,29 @@ async def test_a_streamed_degraded_chunk_reads_and_verifies_each_cell_once(
     assert reader.counters.nowait_hits == 0  # every request from the kept bytes
 
 
+async def test_a_streamed_degraded_chunk_never_serves_a_corrupt_source(rig: Rig) -> None:
+    """As above, with the data fragment before the decoded one corrupt on
+    its store: the decode finds it bad and decodes from others, and the
+    request for it is served verified bytes (decoded), never the bad ones."""
+    volume = rig.volume
+    reader = volume.reader
+    data = pattern(CHUNK, seed=53)
+    ref = rig.put_chunk(data)
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
+    reader.prefetch(ref)
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    rig.stores[ref.stores[0]].set("corrupt")
+    try:
+        for start in range(0, CHUNK, FRAGMENT):  # a stream's requests
+            got = await reader.read(ref, start, start + FRAGMENT)
+            assert bytes(got) == data[start : start + FRAGMENT]
+    finally:
+        rig.heal()
+
+
 # ---- store health after a hang, and of a slow store (issue 17)
 
 
