@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ecfs.core import fragment
 from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE, ChunkRef
 from ecfs.storage import offload
@@ -422,6 +423,110 @@ async def test_read_ahead_plans_parity_for_a_fragment_it_cannot_open(rig: Rig) -
     assert bytes(await volume.reader.read(ref, 0, len(data))) == data  # fragment 1 decoded
     assert volume.reader.counters.one_call_reads == 1
     assert volume.reader.counters.thread_reads == threads
+
+
+async def test_replacement_parity_is_spread_over_stores_and_the_decode_reads_it(
+    rig: Rig,
+) -> None:
+    """A sequential reader's chunks with a data fragment on an unavailable
+    store: read-ahead plans each chunk's parity replacement on the store
+    with the shortest read-ahead backlog, not always on the one that looks
+    fastest (latency estimates a sequential reader's page-cache reads
+    seldom update: at 150 MiB/s per device two of five devices idled a
+    third of the time), and each degraded read decodes from the fragments
+    read ahead for its chunk, not from sources that merely look faster
+    (here both parity fragments, whose headers are known from before)."""
+    volume = rig.volume
+    reader = volume.reader
+    datas = [pattern(CHUNK, seed=40 + i) for i in range(9)]
+    # every chunk on stores 0..K+M-1, fragment i on store i: parity on K, K+1
+    refs = [rig.put_chunk(d, chunk_id=(1 << 20) + i) for i, d in enumerate(datas)]
+    for ref in refs:
+        rig.learn_headers(ref)  # as after an earlier read
+    volume.runners[0].mark_failed("test: away")  # data fragment 0 decoded
+    volume.runners[K].record_latency(0.001, FRAGMENT)  # looks faster than K+1
+    volume.runners[K + 1].record_latency(0.002, FRAGMENT)  # and both than data
+    # (a first read finds store 0 unavailable)
+    assert bytes(await reader.read(refs[-1], 0, CHUNK)) == datas[-1]
+    refs, datas = refs[:-1], datas[:-1]
+    for ref in refs:  # planned at once, as a reader's read-ahead window
+        reader.prefetch(ref)
+    asked = {s: reader.readahead.queued(s) for s in (K, K + 1)}
+    assert asked == {K: 4, K + 1: 4}, asked  # (the old choice: {K: 8, K + 1: 0})
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    before = {s: rig.stores[s].calls["read"] for s in range(1, K + M)}
+    for ref, data in zip(refs, datas, strict=True):
+        assert bytes(await reader.read(ref, 0, CHUNK)) == data
+    assert reader.counters.one_call_reads == len(refs) + 1
+    # each decode read (prefetch + read) the k fragments read ahead for its
+    # chunk: both data fragments, and one parity (the old order: both
+    # parity fragments and one data fragment, by latency)
+    read = {s: rig.stores[s].calls["read"] - before[s] for s in range(1, K + M)}
+    assert read == {1: 16, 2: 16, K: 8, K + 1: 8}, read
+
+
+async def test_a_streamed_degraded_chunk_reads_and_verifies_each_cell_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential reader's chunk with a data fragment on an unavailable
+    store, read fragment by fragment: the first request (of fragment 0,
+    before the lost one) starts the decode, whose verified sources are
+    kept and serve every request; no cell is read and checked once by
+    the healthy read and again by the decode."""
+    volume = rig.volume
+    reader = volume.reader
+    data = pattern(CHUNK, seed=47)
+    ref = rig.put_chunk(data)
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
+    reader.prefetch(ref)
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    verified: dict[int, int] = {}
+    bad_cells = fragment.bad_cells
+
+    def counting(header: fragment.FragmentHeader, start: int, buf: fragment.Buffer) -> list[int]:
+        verified[header.index] = verified.get(header.index, 0) + len(buf)
+        return bad_cells(header, start, buf)
+
+    monkeypatch.setattr(fragment, "bad_cells", counting)
+    for start in range(0, CHUNK, FRAGMENT):  # a stream's requests
+        got = await reader.read(ref, start, start + FRAGMENT)
+        assert bytes(got) == data[start : start + FRAGMENT]
+    parity = reader._chosen[ref] - set(range(K))
+    assert len(parity) == 1
+    # each source of the decode checked once (the old code: fragment 0
+    # twice, by its cached read and by the decode)
+    assert verified == dict.fromkeys({0, 2, *parity}, FRAGMENT), verified
+    assert reader.counters.one_call_reads == 1
+    assert reader.counters.nowait_hits == 0  # every request from the kept bytes
+
+
+async def test_a_streamed_degraded_chunk_never_serves_a_corrupt_source(rig: Rig) -> None:
+    """As above, with the data fragment before the decoded one corrupt on
+    its store: the decode finds it bad and decodes from others, and the
+    request for it is served verified bytes (decoded), never the bad ones."""
+    volume = rig.volume
+    reader = volume.reader
+    data = pattern(CHUNK, seed=53)
+    ref = rig.put_chunk(data)
+    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
+    reader.prefetch(ref)
+    for _ in range(1000):  # read-ahead delivers from its threads: poll
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    rig.stores[ref.stores[0]].set("corrupt")
+    try:
+        for start in range(0, CHUNK, FRAGMENT):  # a stream's requests
+            got = await reader.read(ref, start, start + FRAGMENT)
+            assert bytes(got) == data[start : start + FRAGMENT]
+    finally:
+        rig.heal()
 
 
 # ---- store health after a hang, and of a slow store (issue 17)

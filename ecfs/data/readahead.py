@@ -35,6 +35,8 @@ lag, and every read of it, the health check included, queued behind that
 (issue 17). Each finished job is an answer of the store (`on_answer`),
 and `drop(store)` skips the jobs of a store still queued (the reader
 plans parity in their place when it starts routing around the store).
+`queued(store)` is a store's backlog: the reader reads a replacement
+parity fragment ahead from the store with the shortest one.
 
 Concurrency contract: `request` and the delivery callbacks run on the trio
 loop thread; workers touch only their queue and the store (whose methods
@@ -126,6 +128,12 @@ class ReadAhead:
     def pending(self, key: HandleKey) -> bool:
         """Whether fragment `key` was asked for and is not delivered yet."""
         return key in self._pending
+
+    def queued(self, index: int) -> int:
+        """Fragments of store `index` asked for and not delivered yet (its
+        read-ahead backlog: the reader plans parity on the least busy
+        stores, see `ecfs.data.reader`)."""
+        return self._queued.get(index, 0)
 
     def close(self) -> None:
         """Stop the workers (a worker stuck on a hung store exits when its

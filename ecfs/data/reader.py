@@ -14,9 +14,9 @@ reader never sees how a store keeps them (no file descriptors here).
 
 Degraded read: when a data fragment is missing, its store unavailable, its
 cells fail their checksums, or the read errors or times out, the SAME
-cell-aligned byte range [a, b) is read from k surviving fragments (fastest
-stores first, data fragments before parity on ties) and only that range is
-decoded. When the headers of k of those fragments on healthy stores are
+cell-aligned byte range [a, b) is read from k surviving fragments (those
+read ahead for the chunk first, then the fastest stores, data fragments
+before parity on ties) and only that range is decoded. When the headers of k of those fragments on healthy stores are
 known (sequential readers have them read ahead, parity included), the k
 reads, their checks
 and the decode are one worker-thread call; otherwise, or if that call
@@ -47,6 +47,18 @@ neighbouring data fragments are then served from those bytes on the loop
 (`read_cached`): each range of the chunk is read, checksummed and decoded
 once instead of k sources per request. Concurrent requests covered by a
 decode under way wait for it instead of decoding the same range again.
+The decode starts with the chunk's first stream request, whichever data
+fragment it is for (`_decode_first`): the requests for the data
+fragments before the decoded one are served from its kept sources too,
+so each cell is read and checked once, not by a cached read and again
+by the decode.
+
+Which sources: a chunk planned with a data fragment replaced has its
+parity read ahead from the store with the shortest read-ahead backlog
+(`ReadAhead.queued`; latency estimates, which a sequential reader's
+page-cache reads seldom update, sent every replacement to the same
+stores: two of five devices idled a third of the time), and its
+degraded reads use the fragments read ahead for it first (`_chosen`).
 
 Scheduling around a lagging store (issue 17): a data fragment whose
 store is measurably slower than the alternative is not waited for. The
@@ -213,6 +225,8 @@ STREAM_REQUEST = 64 * 1024
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
 #: and a few behind it (those, already read, cost a parity read each).
 PLANNED_CHUNKS = 24
+#: Chunks whose read-ahead sources are remembered (`_chosen`).
+CHOSEN_CHUNKS = 2 * PLANNED_CHUNKS
 
 
 @dataclass(slots=True)
@@ -371,6 +385,10 @@ class ChunkReader:
         self._unavailable: set[int] = set()
         #: The chunks read ahead last (planned again when a store lags).
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
+        #: Chunks planned lately with a data fragment replaced -> the
+        #: fragment indices read ahead for them (the sources their
+        #: degraded reads use first: `_read_degraded`).
+        self._chosen: OrderedDict[ChunkRef, set[int]] = OrderedDict()
         #: Store -> when the reads of it being waited for now started
         #: (oldest first): evidence of a lag before any of them ends.
         self._reading: dict[int, list[float]] = {}
@@ -411,18 +429,50 @@ class ChunkReader:
         self._plan(ref)
 
     def _plan(self, ref: ChunkRef) -> None:
-        """Ask read-ahead for the fragments a read of `ref` will use."""
+        """Ask read-ahead for the fragments a read of `ref` will use (and
+        note them: `_chosen`)."""
         k = self.layout.of(ref).k
+        chosen: set[int] = set()
         replacements = 0
         for index in range(k):
             if self._route_around(ref, index) or not self._read_ahead(ref, index):
                 replacements += 1
+            else:
+                chosen.add(index)
+        before = self._chosen.pop(ref, None)
         if replacements:
-            for index in self.sources(ref, exclude=set(range(k))):
-                if replacements == 0:
-                    break
-                if self._read_ahead(ref, index):
-                    replacements -= 1
+            self._read_ahead_parity(ref, replacements, chosen, before)
+            self._note_chosen(ref, chosen)
+
+    def _read_ahead_parity(
+        self, ref: ChunkRef, count: int, chosen: set[int], before: set[int] | None = None
+    ) -> None:
+        """Ask read-ahead for `count` parity fragments of `ref` not in
+        `chosen` (in place of data fragments that will be decoded), from
+        the stores with the shortest read-ahead backlog (those chosen
+        `before` for the chunk first, then ties in the usual order,
+        `sources`), and add them to `chosen`. (By latency alone, estimates
+        that the page-cache reads of a sequential reader seldom update,
+        the same parity stores took every replacement: at 150 MiB/s per
+        device two of five stores idled a third of the time, and a read
+        with one device slow ran at 4 x cap, not 5 x.)"""
+        k = self.layout.of(ref).k
+        parity = self.sources(ref, exclude=set(range(k)) | chosen)
+        queued = self.readahead.queued
+        parity.sort(key=lambda i: (before is None or i not in before, queued(ref.stores[i])))
+        for index in parity:
+            if count == 0:
+                break
+            if self._read_ahead(ref, index):
+                chosen.add(index)
+                count -= 1
+
+    def _note_chosen(self, ref: ChunkRef, chosen: set[int]) -> None:
+        """Remember the fragments read ahead for `ref` (the last
+        CHOSEN_CHUNKS chunks with a replaced data fragment)."""
+        self._chosen[ref] = chosen
+        while len(self._chosen) > CHOSEN_CHUNKS:
+            self._chosen.popitem(last=False)
 
     def _answered(self, store: int) -> None:
         """Read-ahead of `store` returned: it answers (see `_note_outrun`)."""
@@ -433,19 +483,20 @@ class ChunkReader:
     def _read_ahead_failed(self, key: tuple[int, int, int]) -> None:
         """Read-ahead could not open fragment `key` (missing: its store is
         being rebuilt, say): if it is a data fragment of a chunk planned
-        lately, read the best parity fragment not yet asked for ahead in
-        its place, so that the degraded read finds k sources cached."""
+        lately, read a parity fragment not yet asked for ahead in its
+        place (`_read_ahead_parity`), so that the degraded read finds k
+        sources cached."""
         _, chunk_id, index = key
         for ref in reversed(self._planned):
             if ref.chunk_id == chunk_id:
                 k = self.layout.of(ref).k
                 if index >= k:
                     return
-                for parity in self.sources(ref, exclude=set(range(k))):
-                    other = (ref.stores[parity], chunk_id, parity)
-                    if self.handles.get(other) is None and not self.readahead.pending(other):
-                        self._read_ahead(ref, parity)
-                        return
+                chosen = self._chosen.pop(ref, None) or set(range(k))
+                chosen.discard(index)
+                if len(chosen) < k:
+                    self._read_ahead_parity(ref, k - len(chosen), chosen)
+                self._note_chosen(ref, chosen)
                 return
 
     def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
@@ -485,7 +536,9 @@ class ChunkReader:
         missing = []
         for piece in layout.data_pieces(ref.length, start, end):
             at = piece.chunk_start - start
-            if not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
+            if self._chosen and self._decode_first(ref, payload, piece) is not None:
+                missing.append(piece)  # served from the decode's sources
+            elif not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
                 missing.append(piece)
         return missing
 
@@ -495,6 +548,8 @@ class ChunkReader:
         """Fill the parts of `dest` (chunk bytes from `start`) that
         `read_cached` left: read in worker threads, hedged, or decoded."""
         payload = self.layout.of(ref).payload_length(ref.length)
+        if self._chosen and ref in self._chosen:
+            pieces = await self._read_from_decode(ref, payload, start, pieces, dest)
         await gather_in_order(
             [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
         )
@@ -967,7 +1022,14 @@ class ChunkReader:
         and the data-fragment sources are kept (see the module docstring)."""
         k = self.layout.of(ref).k
         candidates = self.sources(ref, exclude={lost})
-        one_call = await self._decode_in_one_call(ref, candidates, lost, start, end)
+        chosen = self._chosen.get(ref)
+        if chosen:
+            # The fragments read ahead for it first: in the page cache, and
+            # spread over the stores (`_read_ahead_parity`).
+            candidates.sort(key=lambda i: i not in chosen)  # stable
+        one_call = await self._decode_in_one_call(
+            ref, candidates, lost, start, end, chosen or ()
+        )
         if one_call is not None:
             decoded_fast, sources = one_call
             self.counters.one_call_reads += 1
@@ -1037,6 +1099,66 @@ class ChunkReader:
             _, dropped = self._kept.popitem(last=False)
             self._kept_bytes -= sum(b - a for a, b, _ in dropped)
 
+    def _decode_first(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> int | None:
+        """The data fragment to decode first for `piece` of a healthy data
+        fragment, or None: in a sequential reader's chunk with a data
+        fragment decoded (planned with a parity in its place: `_chosen`,
+        its store unavailable or routed around), a stream's request
+        (STREAM_REQUEST bytes, or a whole small fragment) whose bytes are
+        not kept yet is served from the sources of that decode (which reads
+        and verifies them anyway, and keeps them: see the module
+        docstring) rather than read from its store first and by the decode
+        again."""
+        chosen = self._chosen.get(ref)
+        if chosen is None or self._is_kept(ref, piece):
+            return None
+        k = self.layout.of(ref).k
+        lost = None
+        for index in range(k):
+            if index not in chosen:
+                if lost is not None:
+                    return None  # two decoded: the general path
+                lost = index
+        if lost is None or lost == piece.index:
+            return None
+        store = ref.stores[lost]
+        if store not in self._avoided and available_runner(self.runners, store) is not None:
+            return None  # read again
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+        if b - a < min(STREAM_REQUEST, payload) or ref not in self._planned:
+            return None
+        return lost
+
+    def _is_kept(self, ref: ChunkRef, piece: FragmentPiece) -> bool:
+        """Whether the bytes of `piece` are kept."""
+        return any(
+            a <= piece.frag_start and piece.frag_end <= b
+            for a, b, _ in self._kept.get((ref, piece.index), ())
+        )
+
+    async def _read_from_decode(
+        self, ref: ChunkRef, payload: int, start: int, pieces: list[FragmentPiece],
+        dest: memoryview,
+    ) -> list[FragmentPiece]:  # fmt: skip
+        """Decode the ranges `_decode_first` names for `pieces` (or wait for
+        the decode under way), then serve every piece whose bytes are kept
+        (the decoded fragment's included); the pieces left (to be read)."""
+        for piece in pieces:
+            lost = self._decode_first(ref, payload, piece)
+            if lost is None:
+                continue
+            a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+            try:
+                await self._read_hedged(ref, lost, a, b, 0)
+            except EcfsError:
+                pass  # the piece's own fragment may still be read
+        left = []
+        for piece in pieces:
+            at = piece.chunk_start - start
+            if not self._copy_kept(ref, piece.index, piece.frag_start, dest[at : at + piece.length]):
+                left.append(piece)
+        return left
+
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that
         covers them is kept (waited for): None if not."""
@@ -1085,8 +1207,9 @@ class ChunkReader:
         return any(b == start for _, b, _ in self._kept.get((ref, lost), ()))
 
     async def _decode_in_one_call(
-        self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int
-    ) -> tuple[bytes, dict[int, bytearray]] | None:
+        self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int,
+        chosen: Container[int] = (),
+    ) -> tuple[bytes, dict[int, bytearray]] | None:  # fmt: skip
         """The common degraded read in ONE worker-thread call (k reads, their
         checks and the decode: `_decode_range`) instead of k thread round
         trips and a task each, then a decode: possible when the headers of k
@@ -1096,7 +1219,10 @@ class ChunkReader:
         or takes longer than twice the slowest source's hedge deadline (it
         is then abandoned and `gather_fragments`, which hedges and widens
         per source, takes over). Returns the decoded bytes and the sources'. An abandoned call's thread ends when its
-        store answers (a store keeps what the thread uses open until then)."""
+        store answers (a store keeps what the thread uses open until then).
+        A source read ahead for the chunk (in `chosen`) whose header is not
+        delivered yet is opened there rather than replaced by one that
+        was not read ahead (that one's payload would come from its disk)."""
         k = self.layout.of(ref).k
         sources: list[tuple[Store, fragment.FragmentHeader]] = []
         unopened: tuple[Store, int, int, Expected, int] | None = None
@@ -1104,7 +1230,10 @@ class ChunkReader:
         deadline = 0.0
         first_unopened: StoreRunner | None = None
         for index in candidates:
-            if len(sources) == k:
+            if len(sources) == k or (
+                len(sources) == k - 1 and unopened is not None and index not in chosen
+                and unopened[2] in chosen
+            ):  # fmt: skip
                 break
             runner = self.runners.get(ref.stores[index])
             if runner is None or not runner.available or runner.index in self._avoided:
