@@ -374,6 +374,9 @@ class ChunkReader:
         #: Store -> when the reads of it being waited for now started
         #: (oldest first): evidence of a lag before any of them ends.
         self._reading: dict[int, list[float]] = {}
+        #: Store -> pieces of requests being read from it now (`_read_piece`):
+        #: whether the other stores are idle (`_others_idle`).
+        self._outstanding: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
         #: Kept bytes of degraded reads (see the module docstring):
@@ -519,10 +522,40 @@ class ChunkReader:
     async def _read_piece(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
     ) -> None:
-        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
-        data = await self._read_hedged(ref, piece.index, a, b, piece.length)
         at = piece.chunk_start - start
-        dest[at : at + piece.length] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
+        part = dest[at : at + piece.length]
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+        store = ref.stores[piece.index]
+        runner = available_runner(self.runners, store)
+        outstanding = self._outstanding
+        outstanding[store] = outstanding.get(store, 0) + 1
+        try:
+            if (
+                runner is not None
+                and store not in self._avoided
+                and self.handles.get((store, ref.chunk_id, piece.index)) is not None
+            ):
+                # The cached read that just missed (`read_cached`) made the
+                # kernel start reading these pages: let the loop serve the
+                # other requests once and try again, before the hedged read
+                # (a nursery, two tasks, a deadline: about half the loop's
+                # time per 4 KiB request at QD16). A hit is not timed, as
+                # no cached read is: the store's latency statistics stay
+                # those of its thread reads. (Timed, as a first try had it,
+                # the hits took the EWMAs and percentiles of some stores to
+                # near zero, against which the others' thread reads looked
+                # slow: QD16 fell to 1,300-4,000 requests/s in some runs,
+                # healthy reads routed around their stores.)
+                await trio.lowlevel.checkpoint()
+                if self._read_cached_nowait(ref, payload, piece, part):
+                    return
+            data = await self._read_hedged(ref, piece.index, a, b, piece.length)
+        finally:
+            if outstanding[store] == 1:
+                del outstanding[store]
+            else:
+                outstanding[store] -= 1
+        part[:] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
 
     def _read_cached_nowait(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, dest: memoryview
@@ -712,12 +745,25 @@ class ChunkReader:
             # tail (p90). Stores that all wait now and then (a disk at its
             # IOPS limit) then route nothing: routing would cost k reads
             # of stores just as limited and wait for the slowest of them.
+            # A routed read costs k reads of other stores: while k of them
+            # are idle (nothing of this reader's outstanding there: a
+            # reader at QD1, say) that is cheap; while they are busy too,
+            # the k reads queue there and take what the other requests
+            # wait for, and a store that waits is not slower by that, only
+            # busier (it holds more of the data read, or got a burst of
+            # requests): no small read starts routing around it then. (On
+            # the benchmark's HDD model, 200 IOPS per device, QD16: routed,
+            # each such store in turn cost k device reads per request for
+            # seconds, 2.4-3.6x the passthrough instead of 4-5x.) A store
+            # routed around already is read again by the rule below.
             margin = SMALL_AVOID_MARGIN
             quantiles = runner.small_read_quantiles()
             tail = None
             if quantiles is not None and (avoided or quantiles[0] > margin):
                 tail = self._small_alternative(ref, index, nbytes)
             if quantiles is not None and tail is not None:
+                if not avoided and not self._others_idle(ref, index):
+                    return False
                 mine, other = quantiles[0], tail
                 avoid_factor, resume_factor = SMALL_AVOID_FACTOR, SMALL_RESUME_FACTOR
                 resume_margin = margin / 2
@@ -794,6 +840,16 @@ class ChunkReader:
         k = self.layout.of(ref).k
         return tails[k - 1] if len(tails) >= k else None
 
+    def _others_idle(self, ref: ChunkRef, index: int) -> bool:
+        """Whether k of the other fragments' stores have no piece of a
+        request being read from them now (`_outstanding`)."""
+        outstanding = self._outstanding
+        idle = 0
+        for j in ref.present():
+            if j != index and ref.stores[j] not in outstanding:
+                idle += 1
+        return idle >= self.layout.of(ref).k
+
     def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
         """`store` lags: route around it from now on (see `_route_around`)."""
         log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
@@ -838,7 +894,20 @@ class ChunkReader:
         others as well: the store's own hedge deadline, but never more than
         HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
         (a store that turns slow must not stretch its own deadline: each
-        hedged read samples what it waited, which raises its p95)."""
+        hedged read samples what it waited, which raises its p95). A small
+        read is hedged after HEDGE_ALTERNATIVE_FACTOR x the slow tail of
+        the others' small reads (`_small_alternative`, as `_route_around`
+        uses), at least HEDGE_FLOOR, whatever its own deadline: the hedge
+        waits for the slowest of k of them, k device reads. (By its own
+        p95 or the others' EWMAs, mostly quick answers, stores at their
+        IOPS limit, where a read now and then waits for a throttle's next
+        slice, tens of ms for every store alike, were hedged at the 50 ms
+        floor: ~5% of the reads cost k device reads more on devices just
+        as limited.)"""
+        if nbytes is not None and nbytes <= SMALL_READ:
+            tail = self._small_alternative(ref, index, nbytes)
+            if tail is not None:
+                return max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * tail)
         deadline = runner.hedge_deadline()
         other = self._alternative_latency(ref, index, nbytes)
         if other is not None:
