@@ -748,25 +748,28 @@ class ChunkReader:
             # A routed read costs k reads of other stores: while k of them
             # are idle (nothing of this reader's outstanding there: a
             # reader at QD1, say) that is cheap; while they are busy too,
-            # the k reads queue there and take what the other requests
-            # wait for, and a store that waits is not slower by that, only
-            # busier (it holds more of the data read, or got a burst of
-            # requests): no small read starts routing around it then. (On
-            # the benchmark's HDD model, 200 IOPS per device, QD16: routed,
-            # each such store in turn cost k device reads per request for
-            # seconds, 2.4-3.6x the passthrough instead of 4-5x.) A store
-            # routed around already is read again by the rule below.
+            # the k reads queue there behind what the other requests wait
+            # for, and a store that waits is mostly busier, not slower (it
+            # holds more of the data read, or got a burst of requests):
+            # it is then routed around only above k x SMALL_AVOID_FACTOR x
+            # the others' tail, and not on few samples. (On the benchmark's
+            # HDD model, 200 IOPS per device, QD16: routed by the plain
+            # rule, such stores in turn cost k device reads per request
+            # for seconds, 2.4-3.6x the passthrough instead of 4-5x.) A
+            # store routed around already is read again by the rule below.
             margin = SMALL_AVOID_MARGIN
             quantiles = runner.small_read_quantiles()
             tail = None
             if quantiles is not None and (avoided or quantiles[0] > margin):
                 tail = self._small_alternative(ref, index, nbytes)
             if quantiles is not None and tail is not None:
-                if not avoided and not self._others_idle(ref, index):
-                    return False
                 mine, other = quantiles[0], tail
                 avoid_factor, resume_factor = SMALL_AVOID_FACTOR, SMALL_RESUME_FACTOR
+                if not avoided and not self._others_idle(ref, index):
+                    avoid_factor *= self.layout.of(ref).k
                 resume_margin = margin / 2
+            elif not avoided and quantiles is None and not self._others_idle(ref, index):
+                return False  # few samples, and routing is not cheap now
             else:
                 # Too few small reads timed for the quantiles (or none, its
                 # estimate that of its other calls), or routed around
