@@ -9,7 +9,11 @@ Healthy read: the data fragments holding the range are read, cell-aligned,
 one store read each (on the event loop through `Store.read_fragment_cached`
 when the store has the bytes at hand, e.g. in the page cache, otherwise one
 thread call per fragment), and every touched cell is verified against its
-checksum. Fragments are named to stores by (chunk, index, byte range); the
+checksum. A cached read that misses is tried once more after one pass of
+the loop (the miss made the kernel start reading the pages: on a fast
+device they are in by then) before the hedged read; cached reads are
+never timed, so the stores' latency statistics are those of their
+thread reads. Fragments are named to stores by (chunk, index, byte range); the
 reader never sees how a store keeps them (no file descriptors here).
 
 Degraded read: when a data fragment is missing, its store unavailable, its
@@ -65,7 +69,16 @@ after a run of waits); before that, the EWMAs of small reads
 (`StoreRunner.expected_latency(nbytes)`; only stores measured by small
 reads count, on both sides: a store just measured by 1 MiB reads is not
 slower than one measured by 4 KiB ones) with FEW_SAMPLES_MARGIN, so
-that only a store far behind (100 ms) is routed around on few samples; a large read (a whole fragment read ahead, a 1 MiB request)
+that only a store far behind (100 ms) is routed around on few samples.
+A routed small read costs k reads of other stores: cheap while k of them
+are idle (no piece of a request being read there, `_others_idle`: a
+reader at QD1); while they are busy too (QD16), their k reads queue
+behind what other requests wait for, and a store that waits is mostly
+busier, not slower (more of the data read is on it, or a burst of
+requests came): a store starts being routed around then only above k x
+SMALL_AVOID_FACTOR x the others' tail, and never on few samples (on
+disks at their IOPS limit, stores routed around in turn cost 1.2-1.9
+device reads per request); a large read (a whole fragment read ahead, a 1 MiB request)
 compares the EWMAs of large reads times the queue depth when the store
 and k others were timed reading large, else the EWMAs of every sample
 (the stores serving a sequential reader from their page cache have few
@@ -98,7 +111,9 @@ keeps at most a few fragments in flight per store (see
 `ecfs.data.readahead`), so a lagging store's queue stays short and its
 health check is answered. A read that is waited
 for is hedged after its store's hedge deadline, capped at
-HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency; a hedge
+HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency (a small
+read: after that factor x the others' slow tail, at least HEDGE_FLOOR,
+see `_hedge_deadline`); a hedge
 that wins records what the abandoned read had waited so far (a lower
 bound of its latency), so a store turning slow is measured as such.
 """
