@@ -270,13 +270,12 @@ async def test_a_read_cached_on_the_second_try_skips_the_hedged_read_and_is_not_
         assert runner.small_reads_timed == 0
 
 
-def _busy(reader: reader_module.ChunkReader, ref: ChunkRef, but: int) -> None:
+def _busy(reader: reader_module.ChunkReader, ref: ChunkRef, queue: int) -> None:
     """Pretend a request's piece is being read from every store of `ref`
-    but fragment `but`'s (as at queue depth 16)."""
+    (as at queue depth 16), `queue` of them from fragment 0's store."""
     reader._outstanding.clear()
     for j, store in enumerate(ref.stores):
-        if j != but:
-            reader._outstanding[store] = 1
+        reader._outstanding[store] = queue if j == 0 else 1
 
 
 async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too(
@@ -285,11 +284,14 @@ async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too
     """Stores at their IOPS limit, every one with reads outstanding (QD16):
     store 0 holds more of the data read and its small reads wait for the
     next throttle slice more often (median 8 ms against a 90th percentile
-    of 2 ms elsewhere). Routing its reads would cost k reads each of the
-    others, just as limited: it is not routed around while they are busy,
-    nor on a few slow samples; while they are idle (a reader at QD1) it
-    is, as before; a store slower by far (50 ms) is routed around either
-    way. (The benchmark's HDD model: routed in turn, such stores cost
+    of 2 ms elsewhere; the others answer at once until they are at their
+    limit too). A routed read costs k reads of the others, just as
+    limited: while they are busy a read is routed only when its store has
+    k more reads outstanding than the k-th least busy other, whatever its
+    latency, and that decides for this read alone (a store routed around
+    before is read while its queue is short). While the others are idle
+    (a reader at QD1) the latency rule decides as before. (The
+    benchmark's HDD model: routed in turn for seconds, such stores cost
     1.2-1.9 device reads per request.)"""
     refs, _ = await rig.stored_files(1)
     ref = refs[0]
@@ -300,19 +302,19 @@ async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too
             runner.record_latency(0.002 if n % 8 == 0 else 0.0003, 4096)
     for _ in range(3):  # a few slow samples only
         runners[0].record_latency(0.2, 4096)
-    _busy(reader, ref, 0)
+    _busy(reader, ref, 1)
     assert not reader._route_around(ref, 0, 4096)
     for _ in range(SMALL_MIN_SAMPLES + 8):
         runners[0].record_latency(0.008, 4096)
     assert not reader._route_around(ref, 0, 4096)
+    _busy(reader, ref, 1 + 1 + K)  # this read, and K more than the others
+    assert reader._route_around(ref, 0, 4096)
+    assert ref.stores[0] not in reader._avoided  # this read only
     reader._outstanding.clear()  # the others idle
     assert reader._route_around(ref, 0, 4096)
-    reader._avoided.clear()
-    reader._avoided_since.clear()
-    _busy(reader, ref, 0)
-    for _ in range(SMALL_MIN_SAMPLES + 8):
-        runners[0].record_latency(0.05, 4096)
-    assert reader._route_around(ref, 0, 4096)
+    assert ref.stores[0] in reader._avoided
+    _busy(reader, ref, 1)
+    assert not reader._route_around(ref, 0, 4096)  # routed around, but its queue is short
 
 
 async def test_small_reads_are_hedged_after_the_slow_tail_of_the_others(rig: Rig) -> None:

@@ -71,14 +71,16 @@ reads count, on both sides: a store just measured by 1 MiB reads is not
 slower than one measured by 4 KiB ones) with FEW_SAMPLES_MARGIN, so
 that only a store far behind (100 ms) is routed around on few samples.
 A routed small read costs k reads of other stores: cheap while k of them
-are idle (no piece of a request being read there, `_others_idle`: a
-reader at QD1); while they are busy too (QD16), their k reads queue
-behind what other requests wait for, and a store that waits is mostly
-busier, not slower (more of the data read is on it, or a burst of
-requests came): a store starts being routed around then only above k x
-SMALL_AVOID_FACTOR x the others' tail, and never on few samples (on
-disks at their IOPS limit, stores routed around in turn cost 1.2-1.9
-device reads per request); a large read (a whole fragment read ahead, a 1 MiB request)
+are idle (no piece of a request being read there: a reader at QD1), and
+the rule above decides; while they are busy too (QD16), their k reads
+queue behind what other requests wait for, and a store that waits is
+mostly busier, not slower (more of the data read is on it, or a burst of
+requests came; latencies cannot tell on disks at their IOPS limit, where
+the others answer at once until they are at it too): then each read
+decides for itself, routed when its store has k more pieces outstanding
+than the k-th least busy other (`_queue_routes`), whatever the rule
+above had decided (stores routed around in turn for seconds cost 1.2-1.9
+device reads per request there); a large read (a whole fragment read ahead, a 1 MiB request)
 compares the EWMAs of large reads times the queue depth when the store
 and k others were timed reading large, else the EWMAs of every sample
 (the stores serving a sequential reader from their page cache have few
@@ -390,7 +392,7 @@ class ChunkReader:
         #: (oldest first): evidence of a lag before any of them ends.
         self._reading: dict[int, list[float]] = {}
         #: Store -> pieces of requests being read from it now (`_read_piece`):
-        #: whether the other stores are idle (`_others_idle`).
+        #: whether the other stores are busy too (`_queue_routes`).
         self._outstanding: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
@@ -762,16 +764,22 @@ class ChunkReader:
             # of stores just as limited and wait for the slowest of them.
             # A routed read costs k reads of other stores: while k of them
             # are idle (nothing of this reader's outstanding there: a
-            # reader at QD1, say) that is cheap; while they are busy too,
-            # the k reads queue there behind what the other requests wait
-            # for, and a store that waits is mostly busier, not slower (it
-            # holds more of the data read, or got a burst of requests):
-            # it is then routed around only above k x SMALL_AVOID_FACTOR x
-            # the others' tail, and not on few samples. (On the benchmark's
-            # HDD model, 200 IOPS per device, QD16: routed by the plain
-            # rule, such stores in turn cost k device reads per request
-            # for seconds, 2.4-3.6x the passthrough instead of 4-5x.) A
-            # store routed around already is read again by the rule below.
+            # reader at QD1, say) that is cheap, and the rule below
+            # decides. While they are busy too, the k reads queue there
+            # behind what the other requests wait for, and a store that
+            # waits is mostly busier, not slower (more of the data read is
+            # on it, or a burst of requests came; latencies cannot tell:
+            # on disks at their IOPS limit the others answer at once until
+            # they are at it too): then this read alone is routed, when
+            # its store has k more of them outstanding than the k-th least
+            # busy other (`_queue_routes`), whatever was decided before.
+            # (On the benchmark's HDD model, 200 IOPS per device, QD16:
+            # routed by the rule below, such stores in turn cost k device
+            # reads per request for seconds, 2.4-3.6x the passthrough
+            # instead of 4-5x.)
+            busy = self._queue_routes(ref, index)
+            if busy is not None:
+                return busy
             margin = SMALL_AVOID_MARGIN
             quantiles = runner.small_read_quantiles()
             tail = None
@@ -780,11 +788,7 @@ class ChunkReader:
             if quantiles is not None and tail is not None:
                 mine, other = quantiles[0], tail
                 avoid_factor, resume_factor = SMALL_AVOID_FACTOR, SMALL_RESUME_FACTOR
-                if not avoided and not self._others_idle(ref, index):
-                    avoid_factor *= self.layout.of(ref).k
                 resume_margin = margin / 2
-            elif not avoided and quantiles is None and not self._others_idle(ref, index):
-                return False  # few samples, and routing is not cheap now
             else:
                 # Too few small reads timed for the quantiles (or none, its
                 # estimate that of its other calls), or routed around
@@ -858,15 +862,19 @@ class ChunkReader:
         k = self.layout.of(ref).k
         return tails[k - 1] if len(tails) >= k else None
 
-    def _others_idle(self, ref: ChunkRef, index: int) -> bool:
-        """Whether k of the other fragments' stores have no piece of a
-        request being read from them now (`_outstanding`)."""
+    def _queue_routes(self, ref: ChunkRef, index: int) -> bool | None:
+        """None while k of the other fragments' stores have no piece of a
+        request being read from them (`_outstanding`); else whether this
+        read of fragment `index` is to be routed: its store has at least k
+        more pieces outstanding (this one not counted) than the k-th least
+        busy other, i.e. the k reads of the route wait behind fewer than
+        the read itself would, by at least what they cost."""
         outstanding = self._outstanding
-        idle = 0
-        for j in ref.present():
-            if j != index and ref.stores[j] not in outstanding:
-                idle += 1
-        return idle >= self.layout.of(ref).k
+        others = sorted(outstanding.get(ref.stores[j], 0) for j in ref.present() if j != index)
+        k = self.layout.of(ref).k
+        if len(others) < k or others[k - 1] == 0:
+            return None
+        return outstanding.get(ref.stores[index], 1) - 1 >= others[k - 1] + k
 
     def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
         """`store` lags: route around it from now on (see `_route_around`)."""
