@@ -644,6 +644,12 @@ class ChunkReader:
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
                 return kept
+            # Its k reads count as outstanding on the stores the decode
+            # reads first (`_queue_routes` weighs their queues).
+            routed = [ref.stores[j] for j in self.sources(ref, {index})[: self.layout.of(ref).k]]
+            outstanding = self._outstanding
+            for other in routed:
+                outstanding[other] = outstanding.get(other, 0) + 1
             try:
                 data = await self._read_degraded_kept(
                     ref, index, start, end, f"store {store} lags", damaged=False
@@ -655,6 +661,12 @@ class ChunkReader:
             else:
                 self.counters.routed_reads += 1
                 return data
+            finally:
+                for other in routed:
+                    if outstanding[other] == 1:
+                        del outstanding[other]
+                    else:
+                        outstanding[other] -= 1
         winner: list[Bytes] = []
         started = time.monotonic()
         errors: list[EcfsError] = []
