@@ -335,3 +335,23 @@ async def test_small_reads_are_hedged_after_the_slow_tail_of_the_others(rig: Rig
             runner.record_latency(0.0002, 4096)  # the EWMAs quick again
     deadline = reader._hedge_deadline(runners[0], ref, 0, 4096)
     assert deadline >= reader_module.HEDGE_ALTERNATIVE_FACTOR * 0.04
+
+
+async def test_a_small_read_routed_around_a_slow_store_is_decoded_on_the_loop(rig: Rig) -> None:
+    """One store answers every read 3 ms late; the others have the bytes
+    in their cache. Once it is routed around, its 4 KiB ranges are decoded
+    on the loop from k cached sources: no worker thread for the k reads
+    and the decode (which made the routed reads the p99 of 4 KiB reads at
+    QD1 with one device slow)."""
+    refs, datas = await rig.stored_files(12)
+    slow_store = 0
+    slow = rig.stores[slow_store]
+    slow.set("slow", delay=0.003)
+    try:
+        await rig.strided_small_reads(refs, datas, 240, slow_store)
+    finally:
+        slow.heal()
+    counters = rig.volume.reader.counters
+    assert counters.routed_reads >= 20, counters
+    assert counters.one_call_reads == 0, counters
+    assert counters.degraded_reads == 0, counters
