@@ -747,32 +747,35 @@ class ChunkReader:
         """Fragment `lost`'s bytes [start, end) (cell-aligned, small) decoded
         on the loop from the cached bytes of the first k other fragments
         (`sources`) whose headers are known, on stores available and not
-        routed around; None if one of those misses (its store starts
-        reading it: `Store.read_fragment_cached`) or fails its checks."""
+        routed around; None if fewer than k are known or one of them
+        misses (each is tried: a miss makes its store start reading it,
+        `Store.read_fragment_cached`) or fails its checks."""
         k = self.layout.of(ref).k
+        payload = self.layout.of(ref).payload_length(ref.length)
         pieces: dict[int, Bytes] = {}
+        tried = 0
         for j in self.sources(ref, {lost}):
             store = ref.stores[j]
             runner = available_runner(self.runners, store)
             if runner is None or store in self._avoided:
                 continue
             header = self.handles.get((store, ref.chunk_id, j))
-            if header is None or header.payload_length != self.layout.of(ref).payload_length(
-                ref.length
-            ):
+            if header is None or header.payload_length != payload:
                 continue
             data = bytearray(end - start)
             try:
-                if not self._read_nowait(runner.store, header, start, memoryview(data)):
-                    return None
+                if self._read_nowait(runner.store, header, start, memoryview(data)):
+                    runner.record_loop_read(end - start)
+                    pieces[j] = data
             except FragmentCorrupt:
                 return None  # the general path reads it and reports it
-            runner.record_loop_read(end - start)
-            pieces[j] = data
-            if len(pieces) == k:
-                self.counters.degraded_store_bytes += k * (end - start)
-                return self._codec(ref).decode(pieces, [lost])[lost]
-        return None
+            tried += 1
+            if tried == k:
+                break
+        if len(pieces) < k:
+            return None
+        self.counters.degraded_store_bytes += k * (end - start)
+        return self._codec(ref).decode(pieces, [lost])[lost]
 
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row, if
