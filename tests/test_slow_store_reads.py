@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ecfs.core.model import ChunkRef
 from ecfs.data import reader as reader_module
 from ecfs.data.readahead import WORKERS_PER_STORE, ReadAhead
 from ecfs.storage import offload
@@ -213,3 +214,144 @@ async def test_read_ahead_answers_count_and_a_dropped_store_skips_its_queue(rig:
     assert answers == [target] * len(keys)
     read = [key for key in keys if handles.get(key) is not None]
     assert 0 < len(read) <= WORKERS_PER_STORE  # those running; the queued ones were skipped
+
+
+async def test_a_read_cached_on_the_second_try_skips_the_hedged_read_and_is_not_timed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every first cached try misses and the second finds the bytes (the
+    kernel read them in meanwhile, as the miss asked): the read is
+    served on the loop after one pass of it, without the hedged-read
+    machinery (a nursery, two tasks, a deadline: half the loop's time per
+    4 KiB request at QD16), and the hit is not timed, as no cached read is:
+    the stores' latency statistics stay those of their thread reads (a
+    first try timed the hits, which took some stores' estimates to near
+    zero; the others' thread reads then looked slow and were routed
+    around: QD16 fell to 1,300-4,000 requests/s in some runs)."""
+    refs, datas = await rig.stored_files(4)
+    reader = rig.volume.reader
+    await rig.strided_small_reads(refs, datas, 12, 0)  # every store served once
+    seen: set[tuple[int, int, int]] = set()
+    for store in rig.stores:
+        cached = store.read_fragment_cached
+
+        def first_miss(
+            chunk_id: int, index: int, offset: int, dest: memoryview, cached=cached
+        ) -> bool:
+            if (chunk_id, index, offset) not in seen:
+                seen.add((chunk_id, index, offset))
+                return False
+            return cached(chunk_id, index, offset, dest)
+
+        store.read_fragment_cached = first_miss  # type: ignore[method-assign]
+    hedged = 0
+    read_hedged = reader._read_hedged
+
+    async def counting(*args: object) -> object:
+        nonlocal hedged
+        hedged += 1
+        return await read_hedged(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader, "_read_hedged", counting)
+    before = {s: r.statistics() for s, r in rig.volume.runners.items()}
+    hits = reader.counters.nowait_hits
+    order = random.Random(5)
+    for _ in range(40):
+        i = order.randrange(len(refs))
+        start = order.randrange(CHUNK // 4096) * 4096
+        got = await reader.read(refs[i], start, start + 4096)
+        assert bytes(got) == datas[i][start : start + 4096]
+    assert hedged == 0
+    assert reader.counters.nowait_hits - hits == 40
+    assert reader.counters.thread_reads == 0
+    for s, runner in rig.volume.runners.items():
+        now = runner.statistics()
+        assert now.latency_histogram == before[s].latency_histogram
+        assert runner.small_reads_timed == 0
+
+
+def _busy(reader: reader_module.ChunkReader, ref: ChunkRef, queue: int) -> None:
+    """Pretend a request's piece is being read from every store of `ref`
+    (as at queue depth 16), `queue` of them from fragment 0's store."""
+    reader._outstanding.clear()
+    for j, store in enumerate(ref.stores):
+        reader._outstanding[store] = queue if j == 0 else 1
+
+
+async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too(
+    rig: Rig,
+) -> None:
+    """Stores at their IOPS limit, every one with reads outstanding (QD16):
+    store 0 holds more of the data read and its small reads wait for the
+    next throttle slice more often (median 8 ms against a 90th percentile
+    of 2 ms elsewhere; the others answer at once until they are at their
+    limit too). A routed read costs k reads of the others, just as
+    limited: while they are busy a read is routed only when its store has
+    k more reads outstanding than the k-th least busy other, whatever its
+    latency, and that decides for this read alone (a store routed around
+    before is read while its queue is short). While the others are idle
+    (a reader at QD1) the latency rule decides as before. (The
+    benchmark's HDD model: routed in turn for seconds, such stores cost
+    1.2-1.9 device reads per request.)"""
+    refs, _ = await rig.stored_files(1)
+    ref = refs[0]
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for runner in runners[1:]:
+        for n in range(SMALL_MIN_SAMPLES + 8):
+            runner.record_latency(0.002 if n % 8 == 0 else 0.0003, 4096)
+    for _ in range(3):  # a few slow samples only
+        runners[0].record_latency(0.2, 4096)
+    _busy(reader, ref, 1)
+    assert not reader._route_around(ref, 0, 4096)
+    for _ in range(SMALL_MIN_SAMPLES + 8):
+        runners[0].record_latency(0.008, 4096)
+    assert not reader._route_around(ref, 0, 4096)
+    _busy(reader, ref, 1 + 1 + K)  # this read, and K more than the others
+    assert reader._route_around(ref, 0, 4096)
+    assert ref.stores[0] not in reader._avoided  # this read only
+    reader._outstanding.clear()  # the others idle
+    assert reader._route_around(ref, 0, 4096)
+    assert ref.stores[0] in reader._avoided
+    _busy(reader, ref, 1)
+    assert not reader._route_around(ref, 0, 4096)  # routed around, but its queue is short
+
+
+async def test_small_reads_are_hedged_after_the_slow_tail_of_the_others(rig: Rig) -> None:
+    """A hedged small read waits for the slowest of k other reads: it is
+    started after HEDGE_ALTERNATIVE_FACTOR x the others' 90th percentile
+    of small reads, not their EWMAs (mostly quick answers, with every
+    tenth read waiting 40 ms for a throttle's next slice, the EWMAs had
+    every store hedged at the 50 ms floor, k device reads each on devices
+    just as limited)."""
+    refs, _ = await rig.stored_files(1)
+    ref = refs[0]
+    reader = rig.volume.reader
+    runners = [rig.volume.runners[s] for s in ref.stores]
+    for runner in runners:
+        for n in range(SMALL_MIN_SAMPLES + 8):
+            runner.record_latency(0.04 if n % 5 == 0 else 0.0002, 4096)
+        for _ in range(3):
+            runner.record_latency(0.0002, 4096)  # the EWMAs quick again
+    deadline = reader._hedge_deadline(runners[0], ref, 0, 4096)
+    assert deadline >= reader_module.HEDGE_ALTERNATIVE_FACTOR * 0.04
+
+
+async def test_a_small_read_routed_around_a_slow_store_is_decoded_on_the_loop(rig: Rig) -> None:
+    """One store answers every read 3 ms late; the others have the bytes
+    in their cache. Once it is routed around, its 4 KiB ranges are decoded
+    on the loop from k cached sources: no worker thread for the k reads
+    and the decode (which made the routed reads the p99 of 4 KiB reads at
+    QD1 with one device slow)."""
+    refs, datas = await rig.stored_files(12)
+    slow_store = 0
+    slow = rig.stores[slow_store]
+    slow.set("slow", delay=0.003)
+    try:
+        await rig.strided_small_reads(refs, datas, 240, slow_store)
+    finally:
+        slow.heal()
+    counters = rig.volume.reader.counters
+    assert counters.routed_reads >= 20, counters
+    assert counters.one_call_reads == 0, counters
+    assert counters.degraded_reads == 0, counters

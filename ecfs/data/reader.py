@@ -9,7 +9,11 @@ Healthy read: the data fragments holding the range are read, cell-aligned,
 one store read each (on the event loop through `Store.read_fragment_cached`
 when the store has the bytes at hand, e.g. in the page cache, otherwise one
 thread call per fragment), and every touched cell is verified against its
-checksum. Fragments are named to stores by (chunk, index, byte range); the
+checksum. A cached read that misses is tried once more after one pass of
+the loop (the miss made the kernel start reading the pages: on a fast
+device they are in by then) before the hedged read; cached reads are
+never timed, so the stores' latency statistics are those of their
+thread reads. Fragments are named to stores by (chunk, index, byte range); the
 reader never sees how a store keeps them (no file descriptors here).
 
 Degraded read: when a data fragment is missing, its store unavailable, its
@@ -77,7 +81,18 @@ after a run of waits); before that, the EWMAs of small reads
 (`StoreRunner.expected_latency(nbytes)`; only stores measured by small
 reads count, on both sides: a store just measured by 1 MiB reads is not
 slower than one measured by 4 KiB ones) with FEW_SAMPLES_MARGIN, so
-that only a store far behind (100 ms) is routed around on few samples; a large read (a whole fragment read ahead, a 1 MiB request)
+that only a store far behind (100 ms) is routed around on few samples.
+A routed small read costs k reads of other stores: cheap while k of them
+are idle (no piece of a request being read there: a reader at QD1), and
+the rule above decides; while they are busy too (QD16), their k reads
+queue behind what other requests wait for, and a store that waits is
+mostly busier, not slower (more of the data read is on it, or a burst of
+requests came; latencies cannot tell on disks at their IOPS limit, where
+the others answer at once until they are at it too): then each read
+decides for itself, routed when its store has k more pieces outstanding
+than the k-th least busy other (`_queue_routes`), whatever the rule
+above had decided (stores routed around in turn for seconds cost 1.2-1.9
+device reads per request there); a large read (a whole fragment read ahead, a 1 MiB request)
 compares the EWMAs of large reads times the queue depth when the store
 and k others were timed reading large, else the EWMAs of every sample
 (the stores serving a sequential reader from their page cache have few
@@ -92,7 +107,9 @@ of a disk at 2 MiB/s (2-8 ms against 0.1-0.3 ms) is then routed, which
 one fixed 5 ms margin never did (its p99 stayed 3-4 ms); equal stores,
 however noisy, and a store just measured by large reads among stores
 measured by small ones, are not. Such a read is not waited for: its range is decoded from k others at once (a "routed" read:
-not damage, nothing is queued for repair), read-ahead plans a parity
+not damage, nothing is queued for repair; a small one on the loop from k
+cached sources when it can, tried again after one pass of the loop as a
+healthy read is, `_decode_cached`), read-ahead plans a parity
 fragment in its place (and plans the chunks read ahead lately again when
 the store starts lagging), and cached reads are not tried on it. A probe
 read, not waited for, goes to it every PROBE_INTERVAL so that its latency
@@ -110,7 +127,9 @@ keeps at most a few fragments in flight per store (see
 `ecfs.data.readahead`), so a lagging store's queue stays short and its
 health check is answered. A read that is waited
 for is hedged after its store's hedge deadline, capped at
-HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency; a hedge
+HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency (a small
+read: after that factor x the others' slow tail, at least HEDGE_FLOOR,
+see `_hedge_deadline`); a hedge
 that wins records what the abandoned read had waited so far (a lower
 bound of its latency), so a store turning slow is measured as such.
 """
@@ -392,6 +411,9 @@ class ChunkReader:
         #: Store -> when the reads of it being waited for now started
         #: (oldest first): evidence of a lag before any of them ends.
         self._reading: dict[int, list[float]] = {}
+        #: Store -> pieces of requests being read from it now (`_read_piece`):
+        #: whether the other stores are busy too (`_queue_routes`).
+        self._outstanding: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
         #: Kept bytes of degraded reads (see the module docstring):
@@ -574,10 +596,40 @@ class ChunkReader:
     async def _read_piece(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
     ) -> None:
-        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
-        data = await self._read_hedged(ref, piece.index, a, b, piece.length)
         at = piece.chunk_start - start
-        dest[at : at + piece.length] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
+        part = dest[at : at + piece.length]
+        a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
+        store = ref.stores[piece.index]
+        runner = available_runner(self.runners, store)
+        outstanding = self._outstanding
+        outstanding[store] = outstanding.get(store, 0) + 1
+        try:
+            if (
+                runner is not None
+                and store not in self._avoided
+                and self.handles.get((store, ref.chunk_id, piece.index)) is not None
+            ):
+                # The cached read that just missed (`read_cached`) made the
+                # kernel start reading these pages: let the loop serve the
+                # other requests once and try again, before the hedged read
+                # (a nursery, two tasks, a deadline: about half the loop's
+                # time per 4 KiB request at QD16). A hit is not timed, as
+                # no cached read is: the store's latency statistics stay
+                # those of its thread reads. (Timed, as a first try had it,
+                # the hits took the EWMAs and percentiles of some stores to
+                # near zero, against which the others' thread reads looked
+                # slow: QD16 fell to 1,300-4,000 requests/s in some runs,
+                # healthy reads routed around their stores.)
+                await trio.lowlevel.checkpoint()
+                if self._read_cached_nowait(ref, payload, piece, part):
+                    return
+            data = await self._read_hedged(ref, piece.index, a, b, piece.length)
+        finally:
+            if outstanding[store] == 1:
+                del outstanding[store]
+            else:
+                outstanding[store] -= 1
+        part[:] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
 
     def _read_cached_nowait(
         self, ref: ChunkRef, payload: int, piece: FragmentPiece, dest: memoryview
@@ -649,6 +701,26 @@ class ChunkReader:
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
                 return kept
+            if end - start <= SMALL_READ and not (
+                ref in self._planned and self._streaming(ref, index, start, end)
+            ):
+                # A small routed read: its k sources from the page cache and
+                # the decode on the loop, tried again after one pass of it
+                # as `_read_piece` does (a worker thread for the k reads
+                # and the decode made it the p99 of 4 KiB reads at QD1).
+                decoded = self._decode_cached(ref, index, start, end)
+                if decoded is None:
+                    await trio.lowlevel.checkpoint()
+                    decoded = self._decode_cached(ref, index, start, end)
+                if decoded is not None:
+                    self.counters.routed_reads += 1
+                    return decoded
+            # Its k reads count as outstanding on the stores the decode
+            # reads first (`_queue_routes` weighs their queues).
+            routed = [ref.stores[j] for j in self.sources(ref, {index})[: self.layout.of(ref).k]]
+            outstanding = self._outstanding
+            for other in routed:
+                outstanding[other] = outstanding.get(other, 0) + 1
             try:
                 data = await self._read_degraded_kept(
                     ref, index, start, end, f"store {store} lags", damaged=False
@@ -660,6 +732,12 @@ class ChunkReader:
             else:
                 self.counters.routed_reads += 1
                 return data
+            finally:
+                for other in routed:
+                    if outstanding[other] == 1:
+                        del outstanding[other]
+                    else:
+                        outstanding[other] -= 1
         winner: list[Bytes] = []
         started = time.monotonic()
         errors: list[EcfsError] = []
@@ -720,6 +798,40 @@ class ChunkReader:
             return winner[0]
         raise errors[0]
 
+    def _decode_cached(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
+        """Fragment `lost`'s bytes [start, end) (cell-aligned, small) decoded
+        on the loop from the cached bytes of the first k other fragments
+        (`sources`) whose headers are known, on stores available and not
+        routed around; None if fewer than k are known or one of them
+        misses (each is tried: a miss makes its store start reading it,
+        `Store.read_fragment_cached`) or fails its checks."""
+        k = self.layout.of(ref).k
+        payload = self.layout.of(ref).payload_length(ref.length)
+        pieces: dict[int, Bytes] = {}
+        tried = 0
+        for j in self.sources(ref, {lost}):
+            store = ref.stores[j]
+            runner = available_runner(self.runners, store)
+            if runner is None or store in self._avoided:
+                continue
+            header = self.handles.get((store, ref.chunk_id, j))
+            if header is None or header.payload_length != payload:
+                continue
+            data = bytearray(end - start)
+            try:
+                if self._read_nowait(runner.store, header, start, memoryview(data)):
+                    runner.record_loop_read(end - start)
+                    pieces[j] = data
+            except FragmentCorrupt:
+                return None  # the general path reads it and reports it
+            tried += 1
+            if tried == k:
+                break
+        if len(pieces) < k:
+            return None
+        self.counters.degraded_store_bytes += k * (end - start)
+        return self._codec(ref).decode(pieces, [lost])[lost]
+
     def _note_outrun(self, runner: StoreRunner) -> None:
         """A hedge beat this store's read: after OUTRUN_LIMIT in a row, if
         nothing of the store answered for PROBE_TIMEOUT seconds either,
@@ -767,6 +879,24 @@ class ChunkReader:
             # tail (p90). Stores that all wait now and then (a disk at its
             # IOPS limit) then route nothing: routing would cost k reads
             # of stores just as limited and wait for the slowest of them.
+            # A routed read costs k reads of other stores: while k of them
+            # are idle (nothing of this reader's outstanding there: a
+            # reader at QD1, say) that is cheap, and the rule below
+            # decides. While they are busy too, the k reads queue there
+            # behind what the other requests wait for, and a store that
+            # waits is mostly busier, not slower (more of the data read is
+            # on it, or a burst of requests came; latencies cannot tell:
+            # on disks at their IOPS limit the others answer at once until
+            # they are at it too): then this read alone is routed, when
+            # its store has k more of them outstanding than the k-th least
+            # busy other (`_queue_routes`), whatever was decided before.
+            # (On the benchmark's HDD model, 200 IOPS per device, QD16:
+            # routed by the rule below, such stores in turn cost k device
+            # reads per request for seconds, 2.4-3.6x the passthrough
+            # instead of 4-5x.)
+            busy = self._queue_routes(ref, index)
+            if busy is not None:
+                return busy
             margin = SMALL_AVOID_MARGIN
             quantiles = runner.small_read_quantiles()
             tail = None
@@ -849,6 +979,20 @@ class ChunkReader:
         k = self.layout.of(ref).k
         return tails[k - 1] if len(tails) >= k else None
 
+    def _queue_routes(self, ref: ChunkRef, index: int) -> bool | None:
+        """None while k of the other fragments' stores have no piece of a
+        request being read from them (`_outstanding`); else whether this
+        read of fragment `index` is to be routed: its store has at least k
+        more pieces outstanding (this one not counted) than the k-th least
+        busy other, i.e. the k reads of the route wait behind fewer than
+        the read itself would, by at least what they cost."""
+        outstanding = self._outstanding
+        others = sorted(outstanding.get(ref.stores[j], 0) for j in ref.present() if j != index)
+        k = self.layout.of(ref).k
+        if len(others) < k or others[k - 1] == 0:
+            return None
+        return outstanding.get(ref.stores[index], 1) - 1 >= others[k - 1] + k
+
     def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
         """`store` lags: route around it from now on (see `_route_around`)."""
         log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
@@ -893,7 +1037,20 @@ class ChunkReader:
         others as well: the store's own hedge deadline, but never more than
         HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
         (a store that turns slow must not stretch its own deadline: each
-        hedged read samples what it waited, which raises its p95)."""
+        hedged read samples what it waited, which raises its p95). A small
+        read is hedged after HEDGE_ALTERNATIVE_FACTOR x the slow tail of
+        the others' small reads (`_small_alternative`, as `_route_around`
+        uses), at least HEDGE_FLOOR, whatever its own deadline: the hedge
+        waits for the slowest of k of them, k device reads. (By its own
+        p95 or the others' EWMAs, mostly quick answers, stores at their
+        IOPS limit, where a read now and then waits for a throttle's next
+        slice, tens of ms for every store alike, were hedged at the 50 ms
+        floor: ~5% of the reads cost k device reads more on devices just
+        as limited.)"""
+        if nbytes is not None and nbytes <= SMALL_READ:
+            tail = self._small_alternative(ref, index, nbytes)
+            if tail is not None:
+                return max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * tail)
         deadline = runner.hedge_deadline()
         other = self._alternative_latency(ref, index, nbytes)
         if other is not None:
