@@ -485,6 +485,7 @@ class Volume:
             gate=self.background_gate,
         )
         self.damage.on_queued = self.repairer.poke
+        self.reader.not_rebuilt = self.repairer.not_rebuilt  # never read, decoded at once
         self.restriper = Restriper(
             db,
             self.layout,

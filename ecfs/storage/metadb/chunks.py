@@ -356,6 +356,17 @@ class RepairQueue:
     def remove(self, chunk_id: int) -> None:
         self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (chunk_id,))
 
+    def remove_unchanged(self, entries: list[tuple[int, int, int, int]]) -> None:
+        """Remove the entries (chunk_id, priority, demand, bad) that are
+        still as given: one merged into since it was read (a fragment
+        reported bad, a degraded read's demand) stays queued."""
+        for chunk_id, priority, demand, bad in entries:
+            self.db.write(
+                "DELETE FROM repair_queue WHERE chunk_id = ? AND priority = ?"
+                " AND demand = ? AND bad = ?",
+                (chunk_id, priority, demand, bad),
+            )
+
     def contains(self, chunk_id: int) -> bool:
         return self.db.query_one("SELECT 1 FROM repair_queue WHERE chunk_id = ?", (chunk_id,)) is not None
 
@@ -414,10 +425,10 @@ class RepairQueue:
             )
         ]
 
-    def enqueue_store(self, store: int, reason: str, priority: int, now_ns: int) -> int:
+    def enqueue_store(self, store: int, reason: str, priority: int, now_ns: int) -> list[int]:
         """Queue every chunk with a fragment on `store` (bulk rebuild);
-        returns how many chunks that is."""
-        count = 0
+        returns their chunk ids."""
+        queued = []
         for chunk_id, stores in self.db.query("SELECT chunk_id, stores FROM chunks"):
             bad = 0
             for index, value in enumerate(stores):
@@ -425,8 +436,8 @@ class RepairQueue:
                     bad |= 1 << index
             if bad:
                 self.add(chunk_id, reason, priority, now_ns, bad=bad, demand=0)
-                count += 1
-        return count
+                queued.append(int(chunk_id))
+        return queued
 
 
 class PendingDeletions:
