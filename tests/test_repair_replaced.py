@@ -18,6 +18,8 @@ import pytest
 import trio
 
 from ecfs.storage.metadb.chunks import RepairQueue
+from ecfs.storage.metadb.database import Database
+from ecfs.volume.assembly import Volume
 from tests.inprocess import CHUNK, Rig, make_rig
 from tests.volume_files import pattern
 
@@ -153,4 +155,28 @@ async def test_a_fragment_reported_bad_during_a_rebuild_keeps_its_chunk_queued(
     assert rig.memory[replaced].fragment(ref.chunk_id, 0) is not None
     assert rig.memory[ref.stores[other]].fragment(ref.chunk_id, other) is not None
     assert ref.chunk_id not in repairer.not_rebuilt[replaced]
+    volume.close()
+
+
+@pytest.mark.trio
+async def test_a_remount_during_a_rebuild_still_reads_around_the_new_store(
+    tmp_path: Path,
+) -> None:
+    count = 6
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    left = set(rig.volume.repairer.not_rebuilt[replaced])
+    assert left
+    rig.volume.close()
+    workdir = tmp_path / "work-again"
+    workdir.mkdir()
+    volume = Volume(
+        Database(tmp_path / "metadata.sqlite"), dict(enumerate(rig.stores)), workdir
+    )
+    rig = Rig(volume, rig.stores, rig.memory)
+    assert volume.repairer.not_rebuilt[replaced] == left
+    store = rig.stores[replaced]
+    store.set("slow", delay=0.3)
+    reads_before = store.calls["read"]
+    await _read_all(rig, ino, count)
+    assert store.calls["read"] == reads_before
     volume.close()

@@ -35,8 +35,9 @@ commits the new locations, or, when nothing moved (every fragment rebuilt
 onto the store its slot names, e.g. a replaced store, or the chunk found
 fine), after it, together with the entries of the other chunks settled
 so far, in one transaction (SETTLE_BATCH of them, or as soon as no other
-chunk is in flight, and before the queue is read again), and only if the entry is unchanged since it was read (a fragment
-reported bad meanwhile keeps its chunk queued). So a crash at any point
+chunk is in flight, and before the queue is read again), and only if the
+entry is unchanged since it was read (a fragment reported bad meanwhile
+keeps its chunk queued). So a crash at any point
 leaves the chunk queued (a fragment written but not committed is an
 orphan for fsck; one rebuilt in place is found good by the next check).
 A fragment write that fails is handed to the garbage collector's
@@ -45,7 +46,7 @@ recorded and the chunk stays queued for the others.
 
 A replaced store (`queue_store_rebuild(..., "store-replaced")`) is new and
 empty: its chunks are `not_rebuilt` until their fragment on it is
-rebuilt. Their suspect check is skipped, and the reader decodes their
+rebuilt (at mount, the chunks queued as "store-replaced" are). Their suspect check is skipped, and the reader decodes their
 fragments on it from the others at once instead of asking the new store
 (whose queue the rebuild's writes fill) for what is not there yet.
 
@@ -95,8 +96,8 @@ foreground is busy while a FUSE request was seen within IDLE_GAP seconds
 Not urgent, one chunk at a time; urgent, up to URGENT_PARALLEL at once,
 from the moment it is set (a batch under way follows); the next entries
 are read from the queue as soon as a batch has started (those in flight
-left out), so the chunks in flight do not drain between batches. `rate` is one
-pacer for all chunks in flight. The rates are set by the mount options
+left out), so the chunks in flight do not drain between batches. `rate`
+is one pacer for all chunks in flight. The rates are set by the mount options
 and changed on a running mount by `ecfs repair --min-rate/--max-rate`.
 Why 80 MiB/s by default: half of what one hard disk streams, the issue's
 "rebuild at 0.5 x the replacement's speed" for HDDs: a 4 TB disk is
@@ -326,13 +327,18 @@ class Repairer:
         self._recent: deque[tuple[float, int]] = deque()
         self._idle = trio.Event()
         #: Store -> ids of the chunks whose fragment on it is known not to
-        #: be there yet: queued when the store was replaced during this
-        #: mount (`queue_store_rebuild(..., "store-replaced")`), until that
+        #: be there yet: queued when the store was replaced
+        #: (`queue_store_rebuild(..., "store-replaced")`), until that
         #: fragment is rebuilt or the chunk is gone. The reader decodes them
         #: from the others at once instead of waiting in the replacement's
         #: queue behind the rebuild's writes (`ChunkReader.not_rebuilt`),
         #: and their suspect check is skipped. About 60 bytes per chunk.
         self.not_rebuilt: dict[int, set[int]] = {}
+        # A rebuild under way at the last unmount (or crash) goes on: its
+        # chunks left are not there either (those rebuilt just before it,
+        # still queued, are rebuilt again).
+        for store, chunk_id in self.queue.queued_on_stores("store-replaced"):
+            self.not_rebuilt.setdefault(store, set()).add(chunk_id)
         #: Chunks under repair now (never taken from the queue twice).
         self._in_flight: set[int] = set()
         #: Queue entries of chunks repaired with nothing to record but the

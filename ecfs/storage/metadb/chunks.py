@@ -387,6 +387,19 @@ class RepairQueue:
             )
         ]
 
+    def queued_on_stores(self, reason: str) -> Iterator[tuple[int, int]]:
+        """(store, chunk_id) of the known-bad fragments of the chunks queued
+        for `reason` (a chunk's entry keeps the reason it was first queued
+        for; its bad mask may hold fragments reported bad since)."""
+        for chunk_id, bad, stores in self.db.query(
+            "SELECT q.chunk_id, q.bad, c.stores FROM repair_queue AS q"
+            " JOIN chunks AS c ON c.chunk_id = q.chunk_id WHERE q.reason = ?",
+            (reason,),
+        ):
+            for index, store in enumerate(decode_stores(stores)):
+                if int(bad) >> index & 1 and store != NO_STORE:
+                    yield store, int(chunk_id)
+
     def next_batch(self, limit: int = 64) -> list[RepairEntry]:
         """The most urgent entries: priority, then demand, then age."""
         return [
