@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 import trio
 
+from ecfs.data.repair import URGENT_PARALLEL
 from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.storage.metadb.database import Database
 from ecfs.volume.assembly import Volume
-from tests.inprocess import CHUNK, Rig, make_rig
+from tests.inprocess import CHUNK, K, Rig, make_rig
 from tests.volume_files import pattern
+
+#: (chunk id, index) -> the fragment file `_replaced_rig` wiped last.
+WIPED: dict[tuple[int, int], bytes | None] = {}
 
 
 async def _replaced_rig(tmp_path: Path, count: int, **kwargs: object) -> tuple[Rig, int, int]:
@@ -39,6 +43,7 @@ async def _replaced_rig(tmp_path: Path, count: int, **kwargs: object) -> tuple[R
     replaced = first.stores[0]
     memory = rig.memory[replaced]
     for chunk_id, index in memory.list_fragments():
+        WIPED[(chunk_id, index)] = memory.fragment(chunk_id, index)
         memory.delete_fragment(chunk_id, index)
     volume.repairer.queue_store_rebuild(replaced, "store-replaced")
     volume.handles.close_all()
@@ -179,4 +184,73 @@ async def test_a_remount_during_a_rebuild_still_reads_around_the_new_store(
     reads_before = store.calls["read"]
     await _read_all(rig, ino, count)
     assert store.calls["read"] == reads_before
+    volume.close()
+
+
+@pytest.mark.trio
+async def test_the_rebuild_takes_what_a_sequential_reader_decoded(tmp_path: Path) -> None:
+    count = 8
+    WIPED.clear()
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    refs = [volume.filedata.chunks.get(ino, i) for i in range(count)]
+    data_on_new = [
+        r for r in refs if r is not None and replaced in r.stores[:K]
+    ]
+    assert data_on_new
+    # A sequential reader (read ahead, as filedata plans it) reads the
+    # file once: it decodes the fragments on the new store whole.
+    data = bytes(pattern(5, count * CHUNK))
+    for index, ref in enumerate(refs):
+        assert ref is not None
+        volume.reader.prefetch(ref)
+        got = await volume.filedata.read(ino, index * CHUNK, CHUNK)
+        assert bytes(got) == data[index * CHUNK : (index + 1) * CHUNK]
+    others = {i: rig.stores[i].calls["read"] for i in range(len(rig.stores)) if i != replaced}
+    repairer = volume.repairer
+    repairer.last_foreground = lambda: 0.0
+    repairer.set_urgent(True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(repairer.run)
+        with trio.fail_after(30):
+            while repairer.busy or RepairQueue(volume.db).count():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    # Those chunks were rebuilt from the reader's bytes (old code: k
+    # fragments read again for each), and rebuilt right.
+    assert repairer.counters.fragments_shared == len(data_on_new)
+    reads = sum(rig.stores[i].calls["read"] - n for i, n in others.items())
+    on_new = [r for r in refs if r is not None and replaced in r.stores]
+    assert reads <= K * (len(on_new) - len(data_on_new)) + K  # (+ a widened read)
+    for key, original in WIPED.items():
+        assert rig.memory[replaced].fragment(*key) == original
+    volume.close()
+
+
+@pytest.mark.trio
+async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) -> None:
+    """(The old code got this order from the damage its reads reported,
+    after a wait in the new store's queue; the new one reports none.)"""
+    count = 40
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    refs = [volume.filedata.chunks.get(ino, i) for i in range(count)]
+    index = max(i for i, r in enumerate(refs) if r is not None and replaced in r.stores[:K])
+    last = refs[index]
+    assert last is not None
+    await volume.filedata.read(ino, index * CHUNK, CHUNK)  # decoded around it
+    queued = len(volume.repairer.not_rebuilt[replaced])
+    repairer = volume.repairer
+    repairer.last_foreground = lambda: 0.0
+    repairer.set_urgent(True)
+    rig.stores[replaced].set("slow", delay=0.05, ops={"write"})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(repairer.run)
+        with trio.fail_after(30):
+            while last.chunk_id in repairer.not_rebuilt[replaced]:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        left = len(repairer.not_rebuilt[replaced])
+        nursery.cancel_scope.cancel()
+    # Among the first chunks rebuilt, not after the others.
+    assert left >= queued - 2 * URGENT_PARALLEL, (left, queued)
     volume.close()

@@ -366,6 +366,9 @@ class ChunkReader:
         #: Store -> ids of chunks whose fragment on it is known not to be
         #: there yet (the repairer's `Repairer.not_rebuilt`): never read.
         self.not_rebuilt: Mapping[int, Container[int]] = {}
+        #: Called with (ref, index) when a read decodes around such a
+        #: fragment (the repairer rebuilds the chunks being read first).
+        self.on_not_rebuilt: Callable[[ChunkRef, int], None] | None = None
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self.readahead = ReadAhead(
@@ -598,6 +601,8 @@ class ChunkReader:
             return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
         if self._not_rebuilt(store, ref.chunk_id):
+            if self.on_not_rebuilt is not None:
+                self.on_not_rebuilt(ref, index)
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
                 return kept
@@ -1053,6 +1058,19 @@ class ChunkReader:
         while self._kept_bytes > KEEP_BYTES and self._kept:
             _, dropped = self._kept.popitem(last=False)
             self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+
+    def kept_payloads(self, ref: ChunkRef) -> dict[int, memoryview]:
+        """The whole payloads of fragments of `ref` that degraded reads
+        keep (decoded, or verified sources; see the module docstring): what
+        a repair of the chunk can take instead of reading and decoding."""
+        payload = self.layout.of(ref).payload_length(ref.length)
+        whole = {}
+        for index in range(self.layout.of(ref).k):
+            for a, b, data in self._kept.get((ref, index), ()):
+                if a == 0 and b >= payload:
+                    whole[index] = memoryview(data)[:payload]
+                    break
+        return whole
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that

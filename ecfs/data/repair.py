@@ -50,6 +50,15 @@ rebuilt (at mount, the chunks queued as "store-replaced" are). Their suspect che
 fragments on it from the others at once instead of asking the new store
 (whose queue the rebuild's writes fill) for what is not there yet.
 
+Shared with readers: a chunk that a reader decodes around its fragment
+not rebuilt yet is rebuilt next (`want`, before the queue's order; the
+reader is there, and its pass behind the rebuild reads the chunk healthy),
+and when the reader's degraded reads keep k whole payloads of it (a
+sequential reader decodes the lost data fragment whole and keeps it with
+its verified data-fragment sources, see `ecfs.data.reader`), the rebuild
+takes them instead of reading k fragments and decoding
+(`counters.fragments_shared`): the survivors are read once for both.
+
 The rate shown (`statistics().rate_bytes_per_s`, `ecfs status`, the
 metrics) is the volume's: rebuilt bytes of the repairs that ended in the
 last RATE_WINDOW seconds, per second, whatever the number of chunks
@@ -179,6 +188,8 @@ LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
+#: Chunks read around by readers that are remembered, to be rebuilt first.
+WANTED = 64
 #: Queue entries of chunks settled (see "Crash contract") removed in one
 #: transaction: SETTLE_BATCH of them, or fewer when no other chunk is in
 #: flight or before the queue is read again.
@@ -201,6 +212,8 @@ class RepairCounters:
     unrecoverable: int = 0
     deferred: int = 0
     deadline_misses: int = 0
+    #: Rebuilt fragments taken from a reader's decode (no source read).
+    fragments_shared: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +354,9 @@ class Repairer:
             self.not_rebuilt.setdefault(store, set()).add(chunk_id)
         #: Chunks under repair now (never taken from the queue twice).
         self._in_flight: set[int] = set()
+        #: Chunks not rebuilt yet that readers read around lately (most
+        #: recent last, at most WANTED): repaired before the others.
+        self._wanted: dict[int, None] = {}
         #: Queue entries of chunks repaired with nothing to record but the
         #: entry's removal: removed together, in one transaction before the
         #: queue is read again (`_flush_settled`), if unchanged meanwhile.
@@ -369,6 +385,16 @@ class Repairer:
         self.poke()
         if self._idle.is_set():  # busy until the task looked again (`ecfs repair --wait`)
             self._idle = trio.Event()
+
+    def want(self, ref: ChunkRef, index: int) -> None:
+        """A reader decoded around fragment `index` of `ref`, not rebuilt
+        yet: rebuild that chunk next (see "Shared with readers")."""
+        if ref.chunk_id in self._wanted or ref.chunk_id in self._in_flight:
+            return
+        if len(self._wanted) >= WANTED:
+            del self._wanted[next(iter(self._wanted))]
+        self._wanted[ref.chunk_id] = None
+        self.poke()
 
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
@@ -518,6 +544,8 @@ class Repairer:
             async with trio.open_nursery() as nursery:
                 while entries:
                     for entry in entries:
+                        if self._wanted and entry.chunk_id not in self._wanted:
+                            break  # a reader waits for others: those first
                         await self.gate.wait_running()
                         borrower = object()
                         await limit.acquire_on_behalf_of(borrower)
@@ -575,14 +603,23 @@ class Repairer:
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
         excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped) + len(self._in_flight))
-        due = (
-            e
-            for e in self.queue.next_batch(BATCH + excluded)
-            if e.chunk_id not in self._deferred
-            and e.chunk_id not in self._in_flight
-            and self.skipped.due(e.chunk_id)
-        )
-        return list(itertools.islice(due, BATCH))
+        wanted = list(reversed(self._wanted))  # the latest first: the reader is there
+        self._wanted.clear()
+        first = self.queue.entries_of(wanted) if wanted else []
+        seen: set[int] = set()
+        due = []
+        for e in itertools.chain(first, self.queue.next_batch(BATCH + excluded)):
+            if (
+                e.chunk_id not in seen
+                and e.chunk_id not in self._deferred
+                and e.chunk_id not in self._in_flight
+                and self.skipped.due(e.chunk_id)
+            ):
+                seen.add(e.chunk_id)
+                due.append(e)
+                if len(due) == BATCH:
+                    break
+        return due
 
     def _flush_settled(self) -> None:
         """Remove the settled chunks' queue entries in one transaction
@@ -742,7 +779,9 @@ class Repairer:
             self._defer(ref.chunk_id)
             return 0
         found_bad = set(broken)
-        good = await self._read_good(ref, found_bad, payload)
+        good = self._shared(ref, found_bad)
+        if good is None:
+            good = await self._read_good(ref, found_bad, payload)
         broken = sorted(found_bad)  # sources found bad are rebuilt too
         if len(good) < layout.k:
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
@@ -783,6 +822,17 @@ class Repairer:
         elif done.removal_deferred and entry is not None:
             self._settled.append(entry)
         return done.bytes_written
+
+    def _shared(self, ref: ChunkRef, broken: set[int]) -> dict[int, Bytes] | None:
+        """k whole payloads of `ref` that a reader's degraded reads keep
+        (see "Shared with readers"), or None."""
+        kept = self.reader.kept_payloads(ref)
+        if len(kept) < self.layout.of(ref).k or any(
+            i in broken and i not in kept for i in range(self.layout.of(ref).k)
+        ):
+            return None
+        self.counters.fragments_shared += sum(1 for i in broken if i in kept)
+        return dict(kept)
 
     def _absent(self, ref: ChunkRef, index: int) -> bool:
         """Fragment `index` of `ref` is known not to be on its store yet

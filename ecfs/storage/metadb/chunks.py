@@ -400,6 +400,20 @@ class RepairQueue:
                 if int(bad) >> index & 1 and store != NO_STORE:
                     yield store, int(chunk_id)
 
+    def entries_of(self, chunk_ids: list[int]) -> list[RepairEntry]:
+        """The entries of those of `chunk_ids` that are queued, in that order."""
+        found: dict[int, RepairEntry] = {}
+        for start in range(0, len(chunk_ids), 500):
+            batch = chunk_ids[start : start + 500]
+            marks = ", ".join("?" * len(batch))
+            for a, b, c, d, e in self.db.query(
+                "SELECT chunk_id, reason, priority, demand, bad FROM repair_queue"
+                f" WHERE chunk_id IN ({marks})",
+                tuple(batch),
+            ):
+                found[int(a)] = RepairEntry(int(a), str(b), int(c), int(d), int(e))
+        return [found[c] for c in chunk_ids if c in found]
+
     def next_batch(self, limit: int = 64) -> list[RepairEntry]:
         """The most urgent entries: priority, then demand, then age."""
         return [
