@@ -188,6 +188,13 @@ LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
+#: Rebuilt fragments written to one store at once, at most, as a share of
+#: the calls it serves at once (`Store.concurrency`): the rest of its
+#: threads stay free for the readers of what is rebuilt already and for
+#: the repair's read-backs (a replaced store serves those next to the
+#: rebuild; a write queue as deep as its threads made every such read
+#: wait for the writes ahead of it).
+WRITE_SHARE = 0.5
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
 #: Queue entries of chunks settled (see "Crash contract") removed in one
@@ -354,6 +361,8 @@ class Repairer:
             self.not_rebuilt.setdefault(store, set()).add(chunk_id)
         #: Chunks under repair now (never taken from the queue twice).
         self._in_flight: set[int] = set()
+        #: Store -> how many rebuilt fragments may be written to it at once.
+        self._write_slots: dict[int, trio.CapacityLimiter] = {}
         #: Chunks not rebuilt yet that readers read around lately (most
         #: recent last, at most WANTED): repaired before the others.
         self._wanted: dict[int, None] = {}
@@ -834,6 +843,14 @@ class Repairer:
         self.counters.fragments_shared += sum(1 for i in broken if i in kept)
         return dict(kept)
 
+    def write_slots(self, store: int) -> trio.CapacityLimiter:
+        """The limiter of rebuilt fragment writes to `store` (WRITE_SHARE)."""
+        slots = self._write_slots.get(store)
+        if slots is None:
+            share = int(self.runners[store].store.concurrency * WRITE_SHARE)
+            slots = self._write_slots[store] = trio.CapacityLimiter(max(1, share))
+        return slots
+
     def _absent(self, ref: ChunkRef, index: int) -> bool:
         """Fragment `index` of `ref` is known not to be on its store yet
         (`not_rebuilt`)."""
@@ -915,10 +932,12 @@ class _RepairStores:
         size = sum(len(p) for p in parts)
         self.touched.append((store, chunk_id, index))
         # One call (one turn in the store's queue, which a replaced store
-        # shares with the readers that find its fragments missing).
-        return await runner.call(
-            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
-        )
+        # shares with the readers of what is rebuilt already), and only
+        # so many at once (WRITE_SHARE).
+        async with repairer.write_slots(store):
+            return await runner.call(
+                _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
+            )
 
     async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
         await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
