@@ -398,11 +398,17 @@ class Repairer:
     def want(self, ref: ChunkRef, index: int) -> None:
         """A reader decoded around fragment `index` of `ref`, not rebuilt
         yet: rebuild that chunk next (see "Shared with readers")."""
-        if ref.chunk_id in self._wanted or ref.chunk_id in self._in_flight:
+        chunk_id = ref.chunk_id
+        if (
+            chunk_id in self._wanted
+            or chunk_id in self._in_flight
+            or chunk_id in self._deferred  # (nowhere to go yet, or waiting for a store)
+            or not self.skipped.due(chunk_id)
+        ):
             return
         if len(self._wanted) >= WANTED:
             del self._wanted[next(iter(self._wanted))]
-        self._wanted[ref.chunk_id] = None
+        self._wanted[chunk_id] = None
         self.poke()
 
     def retry_deferred(self) -> None:
