@@ -274,7 +274,7 @@ async def test_the_rebuild_leaves_the_new_store_threads_for_readers(tmp_path: Pa
                 await trio.sleep(0.005)
         nursery.cancel_scope.cancel()
     assert repairer.counters.fragments_rebuilt > 0
-    # Old code: all 8 chunks' writes queued for its 8 threads, and a
-    # read of a fragment rebuilt already waited behind them.
-    assert busiest <= rig.memory[replaced].concurrency // 2 + 1, busiest
+    # Old code: all 8 chunks' writes (and read-backs) queued for its 8
+    # threads, and a read of a fragment rebuilt already waited behind them.
+    assert busiest <= rig.memory[replaced].concurrency // 2, busiest
     volume.close()

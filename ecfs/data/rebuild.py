@@ -123,7 +123,7 @@ async def rebuild_fragments(
     placement: Placement,
     io: FragmentIO,
     ref: ChunkRef,
-    sources: Mapping[int, bytes | bytearray],
+    sources: Mapping[int, bytes | bytearray | memoryview],
     broken: Sequence[int],
     *,
     reason: str,
@@ -131,7 +131,8 @@ async def rebuild_fragments(
     defer_removal: bool = False,
 ) -> Rebuilt:
     """Rebuild fragments `broken` of `ref` from `sources` (at least k whole,
-    verified payloads of other fragments) and record them (see the module
+    verified payloads of other fragments, or the broken ones' own payloads
+    decoded already) and record them (see the module
     docstring). `reason` (one of model.REPAIR_REASONS) and the chunk's
     spare fragments afterwards (n - what is still broken - `unchecked`
     fragments nobody could look at - k) queue what could not be rebuilt.
@@ -143,12 +144,16 @@ async def rebuild_fragments(
     if ref.k:  # a chunk of its own coding (a redundancy policy)
         layout = layout.of(ref)
         codec = Codec.of(layout.k, layout.m)
-    if len(sources) < layout.k:
-        raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
-    payload_length = layout.payload_length(ref.length)
     wanted = sorted(broken)
-    chosen = dict(sorted(sources.items())[: layout.k])
-    decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
+    decoded: Mapping[int, bytes | bytearray | memoryview]
+    if all(i in sources for i in wanted):  # decoded already (a reader's, see repair)
+        decoded = {i: sources[i] for i in wanted}
+    elif len(sources) < layout.k:
+        raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
+    else:
+        chosen = dict(sorted(sources.items())[: layout.k])
+        decoded = await run_cpu(codec.decode, chosen, wanted, size=layout.payload_length(ref.length))
+    payload_length = layout.payload_length(ref.length)
     stores = list(ref.stores)
     failed: dict[int, str] = {}
     rebuilt: list[int] = []

@@ -188,12 +188,12 @@ LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
-#: Rebuilt fragments written to one store at once, at most, as a share of
-#: the calls it serves at once (`Store.concurrency`): the rest of its
-#: threads stay free for the readers of what is rebuilt already and for
-#: the repair's read-backs (a replaced store serves those next to the
-#: rebuild; a write queue as deep as its threads made every such read
-#: wait for the writes ahead of it).
+#: Rebuilt fragments written to one store, or read back, at once, at
+#: most, as a share of the calls it serves at once (`Store.concurrency`):
+#: the rest of its threads stay free for the readers of what is rebuilt
+#: already (a replaced store serves those next to the rebuild; a write
+#: queue as deep as its threads made every such read wait for the writes
+#: ahead of it).
 WRITE_SHARE = 0.5
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
@@ -361,7 +361,8 @@ class Repairer:
             self.not_rebuilt.setdefault(store, set()).add(chunk_id)
         #: Chunks under repair now (never taken from the queue twice).
         self._in_flight: set[int] = set()
-        #: Store -> how many rebuilt fragments may be written to it at once.
+        #: Store -> how many rebuilt fragments may be written to it (or
+        #: read back) at once.
         self._write_slots: dict[int, trio.CapacityLimiter] = {}
         #: Chunks not rebuilt yet that readers read around lately (most
         #: recent last, at most WANTED): repaired before the others.
@@ -794,11 +795,12 @@ class Repairer:
             self._defer(ref.chunk_id)
             return 0
         found_bad = set(broken)
-        good = self._shared(ref, found_bad)
-        if good is None:
-            good = await self._read_good(ref, found_bad, payload)
+        shared = self._shared(ref, found_bad)
+        good: Mapping[int, Bytes | memoryview] = (
+            shared if shared is not None else await self._read_good(ref, found_bad, payload)
+        )
         broken = sorted(found_bad)  # sources found bad are rebuilt too
-        if len(good) < layout.k:
+        if len(good) < layout.k and not good.keys() >= set(broken):
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
             if len(good) + len(away) + len(moves) >= layout.k:
                 # Not lost: stores holding the rest are only unavailable now.
@@ -838,19 +840,19 @@ class Repairer:
             self._settled.append(entry)
         return done.bytes_written
 
-    def _shared(self, ref: ChunkRef, broken: set[int]) -> dict[int, Bytes] | None:
-        """k whole payloads of `ref` that a reader's degraded reads keep
-        (see "Shared with readers"), or None."""
+    def _shared(self, ref: ChunkRef, broken: set[int]) -> dict[int, Bytes | memoryview] | None:
+        """The whole payloads of `ref` that a reader's degraded reads keep
+        (see "Shared with readers") when they are those of every broken
+        fragment, or k of them; else None."""
         kept = self.reader.kept_payloads(ref)
-        if len(kept) < self.layout.of(ref).k or any(
-            i in broken and i not in kept for i in range(self.layout.of(ref).k)
-        ):
+        if not kept or not (broken <= kept.keys() or len(kept) >= self.layout.of(ref).k):
             return None
-        self.counters.fragments_shared += sum(1 for i in broken if i in kept)
+        self.counters.fragments_shared += len(broken & kept.keys())
         return dict(kept)
 
     def write_slots(self, store: int) -> trio.CapacityLimiter:
-        """The limiter of rebuilt fragment writes to `store` (WRITE_SHARE)."""
+        """The limiter of rebuilt fragment writes and read-backs on `store`
+        (WRITE_SHARE)."""
         slots = self._write_slots.get(store)
         if slots is None:
             share = int(self.runners[store].store.concurrency * WRITE_SHARE)
@@ -946,7 +948,8 @@ class _RepairStores:
             )
 
     async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+        async with self.repairer.write_slots(ref.stores[index]):
+            await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
 
     def note_unsynced(self, store: int) -> None:
         # Made durable before any metadata batch that refers to it (the
