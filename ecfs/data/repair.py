@@ -604,7 +604,8 @@ class Repairer:
             return
         self.events.emit(
             REPAIR_FINISHED,
-            f"repair queue drained: {repaired} chunks repaired ({rebuilt} fragments rebuilt),"
+            f"repair queue drained: {repaired} chunks repaired ({rebuilt} fragments rebuilt,"
+            f" {now.fragments_shared - before.fragments_shared} of them from readers' decodes),"
             f" {fine} found fine, {len(self._deferred)} put off",
             chunks_repaired=repaired, fragments_rebuilt=rebuilt, chunks_checked_fine=fine,
             unrecoverable=now.unrecoverable - before.unrecoverable,
