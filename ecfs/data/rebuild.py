@@ -36,8 +36,8 @@ removal) reaches durable metadata (`FragmentIO.note_unsynced`: the mount's
 replicator syncs them before shipping the batch, fsck syncs before its
 write-back). A crash before the switch leaves at most orphans (fsck deletes
 them) and the chunk still queued or still found bad (a fragment rebuilt in
-place is then found good by the next repair's check and kept). A write that fails is
-handed to `FragmentIO.remember` (whatever landed is deleted later, unless
+place is then found good by the next repair's check and kept). A write
+that fails is handed to `FragmentIO.remember` (whatever landed is deleted later, unless
 the chunk refers to it). A chunk rewritten or deleted while a fragment was
 rebuilt in place: that fragment has its old version's name and store, and
 is deleted with it by the garbage collector (the caller's pin keeps the
@@ -145,6 +145,7 @@ async def rebuild_fragments(
         layout = layout.of(ref)
         codec = Codec.of(layout.k, layout.m)
     wanted = sorted(broken)
+    payload_length = layout.payload_length(ref.length)
     decoded: Mapping[int, bytes | bytearray | memoryview]
     if all(i in sources for i in wanted):  # decoded already (a reader's, see repair)
         decoded = {i: sources[i] for i in wanted}
@@ -152,8 +153,7 @@ async def rebuild_fragments(
         raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
     else:
         chosen = dict(sorted(sources.items())[: layout.k])
-        decoded = await run_cpu(codec.decode, chosen, wanted, size=layout.payload_length(ref.length))
-    payload_length = layout.payload_length(ref.length)
+        decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
     stores = list(ref.stores)
     failed: dict[int, str] = {}
     rebuilt: list[int] = []
