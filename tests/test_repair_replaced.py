@@ -255,26 +255,3 @@ async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) ->
     assert left >= queued - 2 * URGENT_PARALLEL, (left, queued)
     volume.close()
 
-
-@pytest.mark.trio
-async def test_the_rebuild_leaves_the_new_store_threads_for_readers(tmp_path: Path) -> None:
-    rig, _, replaced = await _replaced_rig(tmp_path, 60)
-    volume = rig.volume
-    runner = volume.runners[replaced]
-    rig.stores[replaced].set("slow", delay=0.1, ops={"write"})
-    repairer = volume.repairer
-    repairer.last_foreground = lambda: 0.0
-    repairer.set_urgent(True)
-    busiest = 0
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
-        with trio.move_on_after(1.0):
-            while True:
-                busiest = max(busiest, runner.in_flight + runner.waiting)
-                await trio.sleep(0.005)
-        nursery.cancel_scope.cancel()
-    assert repairer.counters.fragments_rebuilt > 0
-    # Old code: all 8 chunks' writes (and read-backs) queued for its 8
-    # threads, and a read of a fragment rebuilt already waited behind them.
-    assert busiest <= rig.memory[replaced].concurrency // 2, busiest
-    volume.close()

@@ -188,13 +188,6 @@ LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
-#: Rebuilt fragments written to one store, or read back, at once, at
-#: most, as a share of the calls it serves at once (`Store.concurrency`):
-#: the rest of its threads stay free for the readers of what is rebuilt
-#: already (a replaced store serves those next to the rebuild; a write
-#: queue as deep as its threads made every such read wait for the writes
-#: ahead of it).
-WRITE_SHARE = 0.5
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
 #: Queue entries of chunks settled (see "Crash contract") removed in one
@@ -361,9 +354,6 @@ class Repairer:
             self.not_rebuilt.setdefault(store, set()).add(chunk_id)
         #: Chunks under repair now (never taken from the queue twice).
         self._in_flight: set[int] = set()
-        #: Store -> how many rebuilt fragments may be written to it (or
-        #: read back) at once.
-        self._write_slots: dict[int, trio.CapacityLimiter] = {}
         #: Chunks not rebuilt yet that readers read around lately (most
         #: recent last, at most WANTED): repaired before the others.
         self._wanted: dict[int, None] = {}
@@ -851,15 +841,6 @@ class Repairer:
         self.counters.fragments_shared += len(broken & kept.keys())
         return dict(kept)
 
-    def write_slots(self, store: int) -> trio.CapacityLimiter:
-        """The limiter of rebuilt fragment writes and read-backs on `store`
-        (WRITE_SHARE)."""
-        slots = self._write_slots.get(store)
-        if slots is None:
-            share = int(self.runners[store].store.concurrency * WRITE_SHARE)
-            slots = self._write_slots[store] = trio.CapacityLimiter(max(1, share))
-        return slots
-
     def _absent(self, ref: ChunkRef, index: int) -> bool:
         """Fragment `index` of `ref` is known not to be on its store yet
         (`not_rebuilt`)."""
@@ -941,16 +922,13 @@ class _RepairStores:
         size = sum(len(p) for p in parts)
         self.touched.append((store, chunk_id, index))
         # One call (one turn in the store's queue, which a replaced store
-        # shares with the readers of what is rebuilt already), and only
-        # so many at once (WRITE_SHARE).
-        async with repairer.write_slots(store):
-            return await runner.call(
-                _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
-            )
+        # shares with the readers of what is rebuilt already).
+        return await runner.call(
+            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
+        )
 
     async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        async with self.repairer.write_slots(ref.stores[index]):
-            await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
 
     def note_unsynced(self, store: int) -> None:
         # Made durable before any metadata batch that refers to it (the
