@@ -1064,12 +1064,20 @@ class ChunkReader:
         keep (decoded, or verified sources; see the module docstring): what
         a repair of the chunk can take instead of reading and decoding."""
         payload = self.layout.of(ref).payload_length(ref.length)
-        whole = {}
+        whole: dict[int, memoryview] = {}
         for index in range(self.layout.of(ref).k):
-            for a, b, data in self._kept.get((ref, index), ()):
-                if a == 0 and b >= payload:
-                    whole[index] = memoryview(data)[:payload]
+            ranges = sorted(self._kept.get((ref, index), ()), key=lambda r: r[0])
+            if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
+                whole[index] = memoryview(ranges[0][2])[:payload]
+                continue
+            joined = bytearray()  # spans kept one after another (requests out of order)
+            for a, b, data in ranges:
+                if a > len(joined):
                     break
+                if b > len(joined):
+                    joined += memoryview(data)[len(joined) - a :]
+            if len(joined) >= payload:
+                whole[index] = memoryview(joined)[:payload]
         return whole
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
