@@ -366,8 +366,9 @@ class ChunkReader:
         #: Store -> ids of chunks whose fragment on it is known not to be
         #: there yet (the repairer's `Repairer.not_rebuilt`): never read.
         self.not_rebuilt: Mapping[int, Container[int]] = {}
-        #: Called with (ref, index) when a read decodes around such a
-        #: fragment (the repairer rebuilds the chunks being read first).
+        #: Called with (ref, index) when a read decoded around such a
+        #: fragment (the repairer rebuilds the chunks being read first,
+        #: from what the read kept: `kept_payloads`).
         self.on_not_rebuilt: Callable[[ChunkRef, int], None] | None = None
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
@@ -601,16 +602,16 @@ class ChunkReader:
             return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
         if self._not_rebuilt(store, ref.chunk_id):
-            if self.on_not_rebuilt is not None:
-                self.on_not_rebuilt(ref, index)
             kept = await self._kept_or_span(ref, index, start, end)
-            if kept is not None:
-                return kept
-            self.counters.degraded_reads += 1
-            self.counters.degraded_requested_bytes += wanted
-            return await self._read_degraded_kept(
-                ref, index, start, end, "not rebuilt yet", damaged=False
-            )
+            if kept is None:
+                self.counters.degraded_reads += 1
+                self.counters.degraded_requested_bytes += wanted
+                kept = await self._read_degraded_kept(
+                    ref, index, start, end, "not rebuilt yet", damaged=False
+                )
+            if self.on_not_rebuilt is not None:  # (once what it decoded is kept)
+                self.on_not_rebuilt(ref, index)
+            return kept
         if self._route_around(ref, index, end - start):
             await self._probe(runner, ref, index, start, end)
             kept = await self._kept_or_span(ref, index, start, end)
