@@ -190,6 +190,9 @@ LOOKAHEAD = 100_000
 ROUND_TRIPS = 4
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
+#: Chunks whose payloads decoded by a reader are held for their rebuild
+#: (one fragment each, typically: 1 MiB).
+TAKEN_CHUNKS = 32
 #: Queue entries of chunks settled (see "Crash contract") removed in one
 #: transaction: SETTLE_BATCH of them, or fewer when no other chunk is in
 #: flight or before the queue is read again.
@@ -357,6 +360,10 @@ class Repairer:
         #: Chunks not rebuilt yet that readers read around lately (most
         #: recent last, at most WANTED): repaired before the others.
         self._wanted: dict[int, None] = {}
+        #: Chunk id -> index -> the whole payload a reader decoded (taken
+        #: from its kept bytes when it said so, `want`), at most
+        #: TAKEN_CHUNKS chunks (the oldest dropped), until its rebuild.
+        self._taken: dict[int, dict[int, Bytes | memoryview]] = {}
         #: Queue entries of chunks repaired with nothing to record but the
         #: entry's removal: removed together, in one transaction before the
         #: queue is read again (`_flush_settled`), if unchanged meanwhile.
@@ -390,6 +397,18 @@ class Repairer:
         """A reader decoded around fragment `index` of `ref`, not rebuilt
         yet: rebuild that chunk next (see "Shared with readers")."""
         chunk_id = ref.chunk_id
+        taken = self._taken.get(chunk_id)
+        if (taken is None or index not in taken) and chunk_id not in self._in_flight:
+            # Hold on to what the reader decoded (its kept bytes are dropped
+            # within a few chunks of a sequential reader, often before the
+            # rebuild of this one starts).
+            payload = self.reader.kept_payloads(ref).get(index)
+            if payload is not None:
+                if taken is None:
+                    while len(self._taken) >= TAKEN_CHUNKS:
+                        del self._taken[next(iter(self._taken))]
+                    taken = self._taken[chunk_id] = {}
+                taken[index] = payload
         if (
             chunk_id in self._wanted
             or chunk_id in self._in_flight
@@ -835,7 +854,7 @@ class Repairer:
         """The whole payloads of `ref` that a reader's degraded reads keep
         (see "Shared with readers") when they are those of every broken
         fragment, or k of them; else None."""
-        kept = self.reader.kept_payloads(ref)
+        kept = {**self.reader.kept_payloads(ref), **self._taken.pop(ref.chunk_id, {})}
         if not kept or not (broken <= kept.keys() or len(kept) >= self.layout.of(ref).k):
             return None
         self.counters.fragments_shared += len(broken & kept.keys())
