@@ -57,7 +57,10 @@ and when the reader's degraded reads keep k whole payloads of it (a
 sequential reader decodes the lost data fragment whole and keeps it with
 its verified data-fragment sources, see `ecfs.data.reader`), the rebuild
 takes them instead of reading k fragments and decoding
-(`counters.fragments_shared`): the survivors are read once for both.
+(`counters.fragments_shared`): the survivors are read once for both. The
+payload a reader decoded is taken when it tells (`want`) and held until
+the chunk's rebuild (TAKEN_CHUNKS chunks at most): the reader's own kept
+bytes are dropped within a few chunks.
 
 The rate shown (`statistics().rate_bytes_per_s`, `ecfs status`, the
 metrics) is the volume's: rebuilt bytes of the repairs that ended in the
