@@ -35,6 +35,11 @@ coding, `Codec.of`).
 A fragment the writer is still writing (a
 straggler, `writing`, see `ecfs.data.writer`) that is found missing is
 decoded around the same way but not reported as damage.
+A fragment known not to be on its store yet (`not_rebuilt`: the store
+was replaced and repair has not rebuilt it) is not asked for at all: it
+is decoded from the others at once (not damage: it is queued), instead of
+waiting in the new store's queue behind the rebuild's writes to learn
+that it is missing; it is no source, and read-ahead skips it.
 
 Kept bytes of degraded reads: a sequential reader (its chunk was read
 ahead: `prefetch`, and the request looks like a stream's: `_streaming`,
@@ -391,6 +396,13 @@ class ChunkReader:
         #: writer's stragglers): a read that finds one missing decodes it
         #: from the others without reporting damage.
         self.writing: Container[tuple[int, int, int]] = frozenset()
+        #: Store -> ids of chunks whose fragment on it is known not to be
+        #: there yet (the repairer's `Repairer.not_rebuilt`): never read.
+        self.not_rebuilt: Mapping[int, Container[int]] = {}
+        #: Called with (ref, index) when a read decoded around such a
+        #: fragment (the repairer rebuilds the chunks being read first,
+        #: from what the read kept: `kept_payloads`).
+        self.on_not_rebuilt: Callable[[ChunkRef, int], None] | None = None
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
         self.readahead = ReadAhead(
@@ -526,7 +538,7 @@ class ChunkReader:
         store is unavailable."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
-        if runner is None:
+        if runner is None or self._not_rebuilt(store, ref.chunk_id):
             return False
         self.readahead.request((store, ref.chunk_id, index), runner.store, self.expected.of(ref))
         return True
@@ -696,6 +708,17 @@ class ChunkReader:
             self.counters.degraded_requested_bytes += wanted
             return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
         self._unavailable.discard(store)
+        if self._not_rebuilt(store, ref.chunk_id):
+            kept = await self._kept_or_span(ref, index, start, end)
+            if kept is None:
+                self.counters.degraded_reads += 1
+                self.counters.degraded_requested_bytes += wanted
+                kept = await self._read_degraded_kept(
+                    ref, index, start, end, "not rebuilt yet", damaged=False
+                )
+            if self.on_not_rebuilt is not None:  # (once what it decoded is kept)
+                self.on_not_rebuilt(ref, index)
+            return kept
         if self._route_around(ref, index, end - start):
             await self._probe(runner, ref, index, start, end)
             kept = await self._kept_or_span(ref, index, start, end)
@@ -1316,6 +1339,27 @@ class ChunkReader:
                 left.append(piece)
         return left
 
+    def kept_payloads(self, ref: ChunkRef) -> dict[int, memoryview]:
+        """The whole payloads of fragments of `ref` that degraded reads
+        keep (decoded, or verified sources; see the module docstring): what
+        a repair of the chunk can take instead of reading and decoding."""
+        payload = self.layout.of(ref).payload_length(ref.length)
+        whole: dict[int, memoryview] = {}
+        for index in range(self.layout.of(ref).k):
+            ranges = sorted(self._kept.get((ref, index), ()), key=lambda r: r[0])
+            if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
+                whole[index] = memoryview(ranges[0][2])[:payload]
+                continue
+            joined = bytearray()  # spans kept one after another (requests out of order)
+            for a, b, data in ranges:
+                if a > len(joined):
+                    break
+                if b > len(joined):
+                    joined += memoryview(data)[len(joined) - a :]
+            if len(joined) >= payload:
+                whole[index] = memoryview(joined)[:payload]
+        return whole
+
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that
         covers them is kept (waited for): None if not."""
@@ -1486,6 +1530,10 @@ class ChunkReader:
             nursery.start_soon(widen)
         return pieces, bad, bytes_read
 
+    def _not_rebuilt(self, store: int, chunk_id: int) -> bool:
+        chunks = self.not_rebuilt.get(store)
+        return chunks is not None and chunk_id in chunks
+
     def sources(self, ref: ChunkRef, exclude: set[int]) -> list[int]:
         """Fragment indices worth reading, best first: available stores,
         lowest expected latency, data before parity on ties."""
@@ -1493,7 +1541,7 @@ class ChunkReader:
         usable = []
         for index in ref.present():
             runner = available_runner(self.runners, ref.stores[index])
-            if index in exclude or runner is None:
+            if index in exclude or runner is None or self._not_rebuilt(ref.stores[index], ref.chunk_id):
                 continue
             usable.append((runner.expected_latency(), index >= k, index))
         usable.sort()

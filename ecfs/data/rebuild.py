@@ -11,7 +11,11 @@ as needing a sync, read it back and verify it, then switch the metadata in
 one transaction: the new locations, and the repair-queue entry removed
 (everything rebuilt) or added/merged with reason, `model.repair_priority`
 and the bad mask of what is still broken. Fragments that moved off a store
-are handed to `FragmentIO.discard` only after that switch.
+are handed to `FragmentIO.discard` only after that switch. A fragment
+rebuilt onto the store its slot names (a replaced or wiped store) changes
+no location: the chunk row is left alone, and with `defer_removal` (the
+mount's repair) so is the queue entry, which the caller removes later
+together with others (`ecfs.data.repair`, "Crash contract").
 
 Must not: find out what is broken or read the sources (the callers do,
 each its own way: repair re-checks suspects and reads through the hedging
@@ -25,13 +29,19 @@ its fragments are written (a mount): the metadata switch then changes
 nothing and what was written is discarded as orphans.
 
 Crash contract: nothing refers to a rebuilt fragment before the metadata
-switch, and the caller makes the written stores durable before that
-switch reaches durable metadata (`FragmentIO.note_unsynced`: the mount's
+switch (or, rebuilt onto the store its slot names, the slot referred to a
+missing or bad fragment, which the chunk's queue entry says), and the
+caller makes the written stores durable before that switch (or the entry's
+removal) reaches durable metadata (`FragmentIO.note_unsynced`: the mount's
 replicator syncs them before shipping the batch, fsck syncs before its
 write-back). A crash before the switch leaves at most orphans (fsck deletes
-them) and the chunk still queued or still found bad. A write that fails is
-handed to `FragmentIO.remember` (whatever landed is deleted later, unless
-the chunk refers to it).
+them) and the chunk still queued or still found bad (a fragment rebuilt in
+place is then found good by the next repair's check and kept). A write
+that fails is handed to `FragmentIO.remember` (whatever landed is deleted later, unless
+the chunk refers to it). A chunk rewritten or deleted while a fragment was
+rebuilt in place: that fragment has its old version's name and store, and
+is deleted with it by the garbage collector (the caller's pin keeps the
+collector off until the rebuild is over).
 """
 
 from __future__ import annotations
@@ -92,7 +102,9 @@ class Rebuilt:
     fragment indices written, verified and recorded; `failed`: index ->
     why it was not rebuilt (left queued); `bytes_written`; `committed`:
     False if the chunk was rewritten or deleted meanwhile (nothing was
-    recorded; what was written was discarded).
+    recorded; what was written was discarded); `removal_deferred`: the
+    chunk's repair-queue entry is the caller's to remove (`defer_removal`:
+    nothing else was left to record).
     """
 
     stores: tuple[int, ...]
@@ -100,6 +112,7 @@ class Rebuilt:
     failed: Mapping[int, str] = field(default_factory=dict)
     bytes_written: int = 0
     committed: bool = True
+    removal_deferred: bool = False
 
 
 async def rebuild_fragments(
@@ -110,28 +123,37 @@ async def rebuild_fragments(
     placement: Placement,
     io: FragmentIO,
     ref: ChunkRef,
-    sources: Mapping[int, bytes | bytearray],
+    sources: Mapping[int, bytes | bytearray | memoryview],
     broken: Sequence[int],
     *,
     reason: str,
     unchecked: int = 0,
+    defer_removal: bool = False,
 ) -> Rebuilt:
     """Rebuild fragments `broken` of `ref` from `sources` (at least k whole,
-    verified payloads of other fragments) and record them (see the module
+    verified payloads of other fragments, or the broken ones' own payloads
+    decoded already) and record them (see the module
     docstring). `reason` (one of model.REPAIR_REASONS) and the chunk's
     spare fragments afterwards (n - what is still broken - `unchecked`
-    fragments nobody could look at - k) queue what could not be rebuilt."""
+    fragments nobody could look at - k) queue what could not be rebuilt.
+    `defer_removal`: when every fragment was rebuilt onto its own store
+    (no location changes), the queue entry is left for the caller to
+    remove (`Rebuilt.removal_deferred`; no transaction here)."""
     if reason not in REPAIR_REASONS:
         raise ValueError(f"unknown repair reason {reason!r}")
     if ref.k:  # a chunk of its own coding (a redundancy policy)
         layout = layout.of(ref)
         codec = Codec.of(layout.k, layout.m)
-    if len(sources) < layout.k:
-        raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
-    payload_length = layout.payload_length(ref.length)
     wanted = sorted(broken)
-    chosen = dict(sorted(sources.items())[: layout.k])
-    decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
+    payload_length = layout.payload_length(ref.length)
+    decoded: Mapping[int, bytes | bytearray | memoryview]
+    if all(i in sources for i in wanted):  # decoded already (a reader's, see repair)
+        decoded = {i: sources[i] for i in wanted}
+    elif len(sources) < layout.k:
+        raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
+    else:
+        chosen = dict(sorted(sources.items())[: layout.k])
+        decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
     stores = list(ref.stores)
     failed: dict[int, str] = {}
     rebuilt: list[int] = []
@@ -164,8 +186,15 @@ async def rebuild_fragments(
         rebuilt.append(index)
     chunks = ChunkTable(db)
     queue = RepairQueue(db)
+    moved_any = tuple(stores) != ref.stores  # else the metadata already says it all
+    if defer_removal and not failed and not moved_any:
+        # Nothing to record. Were the chunk rewritten or deleted meanwhile,
+        # the rebuilt fragments have the names and stores of its old
+        # version's: the garbage collector deletes them with it (the
+        # caller pins the chunk until then).
+        return Rebuilt(tuple(stores), tuple(rebuilt), failed, written, removal_deferred=True)
     with db.transaction():
-        if rebuilt:
+        if moved_any:
             committed = chunks.set_stores(ref.chunk_id, tuple(stores))
         else:
             committed = chunks.by_id(ref.chunk_id) is not None

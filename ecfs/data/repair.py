@@ -31,11 +31,41 @@ RETRY_DELAY seconds, or until a store comes back or has room again
 urgent (`set_urgent`, which also refreshes the stores' free space first).
 
 Crash contract: the queue entry is removed in the same transaction that
-commits the new locations, so a crash at any point leaves the chunk queued
-(a fragment written but not committed is an orphan for fsck). A fragment
-write that fails is handed to the garbage collector's remembered
-deletions (see garbage); the fragments rebuilt meanwhile are recorded and
-the chunk stays queued for the others.
+commits the new locations, or, when nothing moved (every fragment rebuilt
+onto the store its slot names, e.g. a replaced store, or the chunk found
+fine), after it, together with the entries of the other chunks settled
+so far, in one transaction (SETTLE_BATCH of them, or as soon as no other
+chunk is in flight, and before the queue is read again), and only if the
+entry is unchanged since it was read (a fragment reported bad meanwhile
+keeps its chunk queued). So a crash at any point
+leaves the chunk queued (a fragment written but not committed is an
+orphan for fsck; one rebuilt in place is found good by the next check).
+A fragment write that fails is handed to the garbage collector's
+remembered deletions (see garbage); the fragments rebuilt meanwhile are
+recorded and the chunk stays queued for the others.
+
+A replaced store (`queue_store_rebuild(..., "store-replaced")`) is new and
+empty: its chunks are `not_rebuilt` until their fragment on it is
+rebuilt (at mount, the chunks queued as "store-replaced" are). Their suspect check is skipped, and the reader decodes their
+fragments on it from the others at once instead of asking the new store
+(whose queue the rebuild's writes fill) for what is not there yet.
+
+Shared with readers: a chunk that a reader decodes around its fragment
+not rebuilt yet is rebuilt next (`want`, before the queue's order; the
+reader is there, and its pass behind the rebuild reads the chunk healthy),
+and when the reader's degraded reads keep k whole payloads of it (a
+sequential reader decodes the lost data fragment whole and keeps it with
+its verified data-fragment sources, see `ecfs.data.reader`), the rebuild
+takes them instead of reading k fragments and decoding
+(`counters.fragments_shared`): the survivors are read once for both. The
+payload a reader decoded is taken when it tells (`want`) and held until
+the chunk's rebuild (TAKEN_CHUNKS chunks at most): the reader's own kept
+bytes are dropped within a few chunks.
+
+The rate shown (`statistics().rate_bytes_per_s`, `ecfs status`, the
+metrics) is the volume's: rebuilt bytes of the repairs that ended in the
+last RATE_WINDOW seconds, per second, whatever the number of chunks
+repaired at once (the deadlines use each chunk's own speed).
 
 Events (`ecfs.core.events`): when the queue has nothing due any more
 after a busy period that repaired or checked chunks, REPAIR_FINISHED
@@ -76,8 +106,10 @@ foreground is busy while a FUSE request was seen within IDLE_GAP seconds
   repair catches up by at most background.PACE_BURST seconds). `min_rate` 0: as
   background repair.
 Not urgent, one chunk at a time; urgent, up to URGENT_PARALLEL at once,
-from the moment it is set (a batch under way follows). `rate` is one
-pacer for all chunks in flight. The rates are set by the mount options
+from the moment it is set (a batch under way follows); the next entries
+are read from the queue as soon as a batch has started (those in flight
+left out), so the chunks in flight do not drain between batches. `rate`
+is one pacer for all chunks in flight. The rates are set by the mount options
 and changed on a running mount by `ecfs repair --min-rate/--max-rate`.
 Why 80 MiB/s by default: half of what one hard disk streams, the issue's
 "rebuild at 0.5 x the replacement's speed" for HDDs: a 4 TB disk is
@@ -96,6 +128,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -158,6 +191,21 @@ LOOKAHEAD = 100_000
 #: Store round trips one chunk's repair makes one after another (suspect
 #: check, source reads, write, read back), for its deadline.
 ROUND_TRIPS = 4
+#: Chunks read around by readers that are remembered, to be rebuilt first.
+WANTED = 64
+#: Chunks whose payloads decoded by a reader are held for their rebuild
+#: (one fragment each, typically: 1 MiB).
+TAKEN_CHUNKS = 32
+#: Queue entries of chunks settled (see "Crash contract") removed in one
+#: transaction: SETTLE_BATCH of them, or fewer when no other chunk is in
+#: flight or before the queue is read again.
+SETTLE_BATCH = 16
+#: The rate shown (`RepairStatistics.rate_bytes_per_s`) is the rebuilt
+#: bytes of the repairs that ended within the last RATE_WINDOW seconds, per
+#: second of that window (of the busy period, when it is younger; at least
+#: RATE_MIN_SPAN seconds).
+RATE_WINDOW = 5.0
+RATE_MIN_SPAN = 0.5
 
 
 @dataclass(slots=True)
@@ -170,6 +218,8 @@ class RepairCounters:
     unrecoverable: int = 0
     deferred: int = 0
     deadline_misses: int = 0
+    #: Rebuilt fragments taken from a reader's decode (no source read).
+    fragments_shared: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,8 +339,38 @@ class Repairer:
         self._failed_since: dict[int, float] = {}
         self._bulk_queued: set[int] = set()
         self._wakeup = trio.Event()
+        #: Rebuilt bytes / seconds of one chunk's repair (EWMA): its deadline.
         self._rate_ewma = 0.0
+        #: (clock when it ended, bytes written) of the repairs that ended
+        #: within RATE_WINDOW: the volume's repair rate (`statistics`).
+        self._recent: deque[tuple[float, int]] = deque()
         self._idle = trio.Event()
+        #: Store -> ids of the chunks whose fragment on it is known not to
+        #: be there yet: queued when the store was replaced
+        #: (`queue_store_rebuild(..., "store-replaced")`), until that
+        #: fragment is rebuilt or the chunk is gone. The reader decodes them
+        #: from the others at once instead of waiting in the replacement's
+        #: queue behind the rebuild's writes (`ChunkReader.not_rebuilt`),
+        #: and their suspect check is skipped. About 60 bytes per chunk.
+        self.not_rebuilt: dict[int, set[int]] = {}
+        # A rebuild under way at the last unmount (or crash) goes on: its
+        # chunks left are not there either (those rebuilt just before it,
+        # still queued, are rebuilt again).
+        for store, chunk_id in self.queue.queued_on_stores("store-replaced"):
+            self.not_rebuilt.setdefault(store, set()).add(chunk_id)
+        #: Chunks under repair now (never taken from the queue twice).
+        self._in_flight: set[int] = set()
+        #: Chunks not rebuilt yet that readers read around lately (most
+        #: recent last, at most WANTED): repaired before the others.
+        self._wanted: dict[int, None] = {}
+        #: Chunk id -> index -> the whole payload a reader decoded (taken
+        #: from its kept bytes when it said so, `want`), at most
+        #: TAKEN_CHUNKS chunks (the oldest dropped), until its rebuild.
+        self._taken: dict[int, dict[int, Bytes | memoryview]] = {}
+        #: Queue entries of chunks repaired with nothing to record but the
+        #: entry's removal: removed together, in one transaction before the
+        #: queue is read again (`_flush_settled`), if unchanged meanwhile.
+        self._settled: list[RepairEntry] = []
         #: Refreshes the stores' free space (set by the volume); run before
         #: the retry that `set_urgent` starts, so that a store that was full
         #: and has room again takes the rebuilt fragments at once.
@@ -316,6 +396,34 @@ class Repairer:
         if self._idle.is_set():  # busy until the task looked again (`ecfs repair --wait`)
             self._idle = trio.Event()
 
+    def want(self, ref: ChunkRef, index: int) -> None:
+        """A reader decoded around fragment `index` of `ref`, not rebuilt
+        yet: rebuild that chunk next (see "Shared with readers")."""
+        chunk_id = ref.chunk_id
+        taken = self._taken.get(chunk_id)
+        if (taken is None or index not in taken) and chunk_id not in self._in_flight:
+            # Hold on to what the reader decoded (its kept bytes are dropped
+            # within a few chunks of a sequential reader, often before the
+            # rebuild of this one starts).
+            payload = self.reader.kept_payloads(ref).get(index)
+            if payload is not None:
+                if taken is None:
+                    while len(self._taken) >= TAKEN_CHUNKS:
+                        del self._taken[next(iter(self._taken))]
+                    taken = self._taken[chunk_id] = {}
+                taken[index] = payload
+        if (
+            chunk_id in self._wanted
+            or chunk_id in self._in_flight
+            or chunk_id in self._deferred  # (nowhere to go yet, or waiting for a store)
+            or not self.skipped.due(chunk_id)
+        ):
+            return
+        if len(self._wanted) >= WANTED:
+            del self._wanted[next(iter(self._wanted))]
+        self._wanted[chunk_id] = None
+        self.poke()
+
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
         put off (for RETRY_DELAY) because they had nowhere to go, and the
@@ -340,7 +448,7 @@ class Repairer:
         }
         # (at the volume's coding: an estimate for chunks of their own)
         bytes_left = sum(e.bytes for e in queue.values()) * self.layout.n // self.layout.k
-        rate = round(self._rate_ewma)
+        rate = round(self.current_rate())
         counters = self.counters
         return RepairStatistics(
             chunks_repaired=counters.chunks_repaired,
@@ -364,6 +472,19 @@ class Repairer:
             deadline_misses=counters.deadline_misses,
         )
 
+    def current_rate(self) -> float:
+        """The volume's repair rate now: rebuilt fragment bytes per second
+        of the last RATE_WINDOW seconds (the repairs that ended in it),
+        whatever number of chunks ran at once; 0 when idle."""
+        now = self.clock()
+        recent = self._recent
+        while recent and recent[0][0] < now - RATE_WINDOW:
+            recent.popleft()
+        if not recent or self._busy_since is None:
+            return 0.0
+        span = min(RATE_WINDOW, max(RATE_MIN_SPAN, now - self._busy_since[0]))
+        return sum(nbytes for _, nbytes in recent) / span
+
     def unrecoverable_chunks(self) -> tuple[str, ...]:
         """Why each chunk found unrecoverable is (one message per chunk)."""
         return tuple(self.unrecoverable.values())
@@ -385,12 +506,14 @@ class Repairer:
         """Queue every chunk with a fragment on `store` (bulk rebuild)."""
         self._bulk_queued.add(store)
         with self.db.transaction():
-            count = self.queue.enqueue_store(
+            queued = self.queue.enqueue_store(
                 store, reason, repair_priority(self.layout.m - 1, reason), time.time_ns()
             )
-        log.warning("store %d: %d chunks queued for rebuild (%s)", store, count, reason)
+        if reason == "store-replaced":  # a new, empty store: nothing of them is there
+            self.not_rebuilt[store] = set(queued)
+        log.warning("store %d: %d chunks queued for rebuild (%s)", store, len(queued), reason)
         self.poke()
-        return count
+        return len(queued)
 
     def queue_wrong_class(self) -> int:
         """Queue every chunk with a fragment on a store of the wrong class
@@ -416,10 +539,17 @@ class Repairer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._flush_settled()
+
+    async def _run(self) -> None:
         while True:
             if self._refresh_first and self.refresh_usage is not None:
                 self._refresh_first = False
                 await self.refresh_usage()
+            self._flush_settled()
             entries = self._due_entries()
             if not entries:
                 self._report_drained()
@@ -431,17 +561,27 @@ class Repairer:
                 continue
             if self._busy_since is None:
                 self._busy_since = (self.clock(), dataclasses.replace(self.counters))
-            self._idle = trio.Event()
+            if self._idle.is_set():  # (a `wait_idle` under way keeps its event)
+                self._idle = trio.Event()
             # Urgent: several chunks at once (their fragments are on
             # different stores' queues); otherwise one at a time, paced.
+            # The next entries are taken as soon as these have started
+            # (those in flight left out), so the pipeline never drains
+            # between batches.
             limit = self._parallel
             async with trio.open_nursery() as nursery:
-                for entry in entries:
-                    await self.gate.wait_running()
-                    borrower = object()
-                    await limit.acquire_on_behalf_of(borrower)
-                    charged = await self._pace()
-                    nursery.start_soon(self._repair_entry, entry, limit, borrower, charged)
+                while entries:
+                    for entry in entries:
+                        if self._wanted and entry.chunk_id not in self._wanted:
+                            break  # a reader waits for others: those first
+                        await self.gate.wait_running()
+                        borrower = object()
+                        await limit.acquire_on_behalf_of(borrower)
+                        charged = await self._pace()
+                        self._in_flight.add(entry.chunk_id)
+                        nursery.start_soon(self._repair_entry, entry, limit, borrower, charged)
+                    self._flush_settled()
+                    entries = self._due_entries()
 
     async def _repair_entry(
         self, entry: RepairEntry, limit: trio.CapacityLimiter, borrower: object, charged: float
@@ -452,6 +592,9 @@ class Repairer:
         except EcfsError as exc:
             self._skip(entry.chunk_id, f"failed: {exc}")
         finally:
+            self._in_flight.discard(entry.chunk_id)
+            if len(self._settled) >= SETTLE_BATCH or not self._in_flight:
+                self._flush_settled()
             limit.release_on_behalf_of(borrower)
             self._max_pacer.correct(written - charged, self.rate)
             self._min_pacer.correct(written - charged, self.min_rate)
@@ -473,7 +616,8 @@ class Repairer:
             return
         self.events.emit(
             REPAIR_FINISHED,
-            f"repair queue drained: {repaired} chunks repaired ({rebuilt} fragments rebuilt),"
+            f"repair queue drained: {repaired} chunks repaired ({rebuilt} fragments rebuilt,"
+            f" {now.fragments_shared - before.fragments_shared} of them from readers' decodes),"
             f" {fine} found fine, {len(self._deferred)} put off",
             chunks_repaired=repaired, fragments_rebuilt=rebuilt, chunks_checked_fine=fine,
             unrecoverable=now.unrecoverable - before.unrecoverable,
@@ -487,13 +631,42 @@ class Repairer:
         entries are read as can be left out, up to LOOKAHEAD)."""
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
-        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped))
-        due = (
-            e
-            for e in self.queue.next_batch(BATCH + excluded)
-            if e.chunk_id not in self._deferred and self.skipped.due(e.chunk_id)
-        )
-        return list(itertools.islice(due, BATCH))
+        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped) + len(self._in_flight))
+        wanted = list(reversed(self._wanted))  # the latest first: the reader is there
+        self._wanted.clear()
+        first = self.queue.entries_of(wanted) if wanted else []
+        seen: set[int] = set()
+        due = []
+        for e in itertools.chain(first, self.queue.next_batch(BATCH + excluded)):
+            if (
+                e.chunk_id not in seen
+                and e.chunk_id not in self._deferred
+                and e.chunk_id not in self._in_flight
+                and self.skipped.due(e.chunk_id)
+            ):
+                seen.add(e.chunk_id)
+                due.append(e)
+                if len(due) == BATCH:
+                    break
+        return due
+
+    def _flush_settled(self) -> None:
+        """Remove the settled chunks' queue entries in one transaction
+        (each only if it is as it was read: a fragment reported bad
+        meanwhile keeps its chunk queued)."""
+        if self._settled:
+            settled, self._settled = self._settled, []
+            with self.db.transaction():
+                self.queue.remove_unchanged(
+                    [(e.chunk_id, e.priority, e.demand, e.bad) for e in settled]
+                )
+
+    def _forget_absent(self, chunk_id: int, stores: tuple[int, ...] | None = None) -> None:
+        """Chunk `chunk_id`'s fragments on `stores` (None: all: the chunk
+        is gone) are rebuilt: no longer `not_rebuilt`."""
+        for store, chunks in self.not_rebuilt.items():
+            if stores is None or store in stores:
+                chunks.discard(chunk_id)
 
     def _skip(self, chunk_id: int, reason: str) -> None:
         """Give the chunk up for now (see the module docstring)."""
@@ -557,6 +730,8 @@ class Repairer:
     def _note_rate(self, nbytes: int, elapsed: float) -> None:
         if elapsed > 0:
             self._rate_ewma = 0.8 * self._rate_ewma + 0.2 * (nbytes / elapsed)
+        if nbytes:
+            self._recent.append((self.clock(), nbytes))
 
     # -- one chunk -----------------------------------------------------------------------
 
@@ -567,6 +742,7 @@ class Repairer:
             with self.db.transaction():
                 self.queue.remove(entry.chunk_id)
             self.skipped.done(entry.chunk_id)
+            self._forget_absent(entry.chunk_id)
             return 0
         _, _, ref = found
         started = self.clock()
@@ -577,7 +753,7 @@ class Repairer:
             # Nothing awaits between the metadata switch and the end of
             # `_repair`: a cut-off repair never committed.
             with trio.move_on_after(deadline) as scope:
-                written = await self._repair(ref, entry.bad, entry.reason, stores)
+                written = await self._repair(ref, entry.bad, entry.reason, stores, entry)
         finally:
             self.pins.unpin(ref.chunk_id)
         if scope.cancelled_caught:
@@ -590,13 +766,25 @@ class Repairer:
         return written
 
     async def _repair(
-        self, ref: ChunkRef, bad_mask: int, reason: str, stores: _RepairStores | None = None
+        self,
+        ref: ChunkRef,
+        bad_mask: int,
+        reason: str,
+        stores: _RepairStores | None = None,
+        entry: RepairEntry | None = None,
     ) -> int:
+        """Repair `ref`; with the queue `entry` it was taken from, a chunk
+        left with nothing to record but the entry's removal is settled
+        (removed with others, `_flush_settled`)."""
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         suspects = {i for i in range(layout.n) if bad_mask >> i & 1}
         suspects |= {i for i, s in enumerate(ref.stores) if not self._usable(s)}
-        broken = [i for i in sorted(suspects) if not await self._still_good(ref, i, payload)]
+        broken = [
+            i
+            for i in sorted(suspects)
+            if self._absent(ref, i) or not await self._still_good(ref, i, payload)
+        ]
         moves = self._moves(ref, broken)
         if not broken and not moves:
             if self.placement.misplaced(ref.stores, layout.k):
@@ -604,8 +792,11 @@ class Repairer:
                 # for one (a store coming back retries deferred chunks).
                 self._defer(ref.chunk_id)
                 return 0
-            with self.db.transaction():
-                self.queue.remove(ref.chunk_id)
+            if entry is not None:
+                self._settled.append(entry)
+            else:
+                with self.db.transaction():
+                    self.queue.remove(ref.chunk_id)
             self.counters.chunks_checked_fine += 1
             return 0
         broken = sorted({*broken, *moves})
@@ -617,9 +808,12 @@ class Repairer:
             self._defer(ref.chunk_id)
             return 0
         found_bad = set(broken)
-        good = await self._read_good(ref, found_bad, payload)
+        shared = self._shared(ref, found_bad)
+        good: Mapping[int, Bytes | memoryview] = (
+            shared if shared is not None else await self._read_good(ref, found_bad, payload)
+        )
         broken = sorted(found_bad)  # sources found bad are rebuilt too
-        if len(good) < layout.k:
+        if len(good) < layout.k and not good.keys() >= set(broken):
             away = [i for i in broken if not self._usable(ref.stores[i]) and ref.stores[i] != NO_STORE]
             if len(good) + len(away) + len(moves) >= layout.k:
                 # Not lost: stores holding the rest are only unavailable now.
@@ -634,7 +828,12 @@ class Repairer:
             stores if stores is not None else _RepairStores(self),
             ref, good, broken,
             reason=reason if reason in REPAIR_REASONS else "store-failed",
+            defer_removal=entry is not None,
         )  # fmt: skip
+        if not done.committed:
+            self._forget_absent(ref.chunk_id)
+        elif done.rebuilt:
+            self._forget_absent(ref.chunk_id, tuple(ref.stores[i] for i in done.rebuilt))
         self.counters.fragments_rebuilt += len(done.rebuilt)
         self.counters.bytes_written += done.bytes_written
         if done.committed and done.rebuilt:
@@ -650,7 +849,25 @@ class Repairer:
                     ref.chunk_id, why, repair_priority(layout.m, why),
                     time.time_ns(), bad=0, demand=0,
                 )  # fmt: skip
+        elif done.removal_deferred and entry is not None:
+            self._settled.append(entry)
         return done.bytes_written
+
+    def _shared(self, ref: ChunkRef, broken: set[int]) -> dict[int, Bytes | memoryview] | None:
+        """The whole payloads of `ref` that a reader's degraded reads keep
+        (see "Shared with readers") when they are those of every broken
+        fragment, or k of them; else None."""
+        kept = {**self.reader.kept_payloads(ref), **self._taken.pop(ref.chunk_id, {})}
+        if not kept or not (broken <= kept.keys() or len(kept) >= self.layout.of(ref).k):
+            return None
+        self.counters.fragments_shared += len(broken & kept.keys())
+        return dict(kept)
+
+    def _absent(self, ref: ChunkRef, index: int) -> bool:
+        """Fragment `index` of `ref` is known not to be on its store yet
+        (`not_rebuilt`)."""
+        chunks = self.not_rebuilt.get(ref.stores[index])
+        return chunks is not None and ref.chunk_id in chunks
 
     def _moves(self, ref: ChunkRef, broken: list[int]) -> list[int]:
         """Good misplaced fragments (a store of the wrong class under
@@ -727,7 +944,7 @@ class _RepairStores:
         size = sum(len(p) for p in parts)
         self.touched.append((store, chunk_id, index))
         # One call (one turn in the store's queue, which a replaced store
-        # shares with the readers that find its fragments missing).
+        # shares with the readers of what is rebuilt already).
         return await runner.call(
             _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
         )

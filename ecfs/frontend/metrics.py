@@ -146,7 +146,11 @@ METRICS: tuple[Metric, ...] = (
     _m(
         "ecfs_repair_deferred_chunks", "gauge", "Queued chunks waiting for a store to rebuild onto."
     ),
-    _m("ecfs_repair_rate_bytes_per_second", "gauge", "Current repair speed."),
+    _m(
+        "ecfs_repair_rate_bytes_per_second",
+        "gauge",
+        "Repair speed: fragment bytes rebuilt per second over the last 5 s (0 when idle).",
+    ),
     _m(
         "ecfs_repair_rate_limit_bytes_per_second",
         "gauge",

@@ -485,6 +485,8 @@ class Volume:
             gate=self.background_gate,
         )
         self.damage.on_queued = self.repairer.poke
+        self.reader.not_rebuilt = self.repairer.not_rebuilt  # never read, decoded at once
+        self.reader.on_not_rebuilt = self.repairer.want  # ... and rebuilt first
         self.restriper = Restriper(
             db,
             self.layout,

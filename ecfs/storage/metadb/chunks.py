@@ -356,6 +356,17 @@ class RepairQueue:
     def remove(self, chunk_id: int) -> None:
         self.db.write("DELETE FROM repair_queue WHERE chunk_id = ?", (chunk_id,))
 
+    def remove_unchanged(self, entries: list[tuple[int, int, int, int]]) -> None:
+        """Remove the entries (chunk_id, priority, demand, bad) that are
+        still as given: one merged into since it was read (a fragment
+        reported bad, a degraded read's demand) stays queued."""
+        for chunk_id, priority, demand, bad in entries:
+            self.db.write(
+                "DELETE FROM repair_queue WHERE chunk_id = ? AND priority = ?"
+                " AND demand = ? AND bad = ?",
+                (chunk_id, priority, demand, bad),
+            )
+
     def contains(self, chunk_id: int) -> bool:
         return self.db.query_one("SELECT 1 FROM repair_queue WHERE chunk_id = ?", (chunk_id,)) is not None
 
@@ -375,6 +386,33 @@ class RepairQueue:
                 " GROUP BY c.stores, c.k, q.bad"
             )
         ]
+
+    def queued_on_stores(self, reason: str) -> Iterator[tuple[int, int]]:
+        """(store, chunk_id) of the known-bad fragments of the chunks queued
+        for `reason` (a chunk's entry keeps the reason it was first queued
+        for; its bad mask may hold fragments reported bad since)."""
+        for chunk_id, bad, stores in self.db.query(
+            "SELECT q.chunk_id, q.bad, c.stores FROM repair_queue AS q"
+            " JOIN chunks AS c ON c.chunk_id = q.chunk_id WHERE q.reason = ?",
+            (reason,),
+        ):
+            for index, store in enumerate(decode_stores(stores)):
+                if int(bad) >> index & 1 and store != NO_STORE:
+                    yield store, int(chunk_id)
+
+    def entries_of(self, chunk_ids: list[int]) -> list[RepairEntry]:
+        """The entries of those of `chunk_ids` that are queued, in that order."""
+        found: dict[int, RepairEntry] = {}
+        for start in range(0, len(chunk_ids), 500):
+            batch = chunk_ids[start : start + 500]
+            marks = ", ".join("?" * len(batch))
+            for a, b, c, d, e in self.db.query(
+                "SELECT chunk_id, reason, priority, demand, bad FROM repair_queue"
+                f" WHERE chunk_id IN ({marks})",
+                tuple(batch),
+            ):
+                found[int(a)] = RepairEntry(int(a), str(b), int(c), int(d), int(e))
+        return [found[c] for c in chunk_ids if c in found]
 
     def next_batch(self, limit: int = 64) -> list[RepairEntry]:
         """The most urgent entries: priority, then demand, then age."""
@@ -414,10 +452,10 @@ class RepairQueue:
             )
         ]
 
-    def enqueue_store(self, store: int, reason: str, priority: int, now_ns: int) -> int:
+    def enqueue_store(self, store: int, reason: str, priority: int, now_ns: int) -> list[int]:
         """Queue every chunk with a fragment on `store` (bulk rebuild);
-        returns how many chunks that is."""
-        count = 0
+        returns their chunk ids."""
+        queued = []
         for chunk_id, stores in self.db.query("SELECT chunk_id, stores FROM chunks"):
             bad = 0
             for index, value in enumerate(stores):
@@ -425,8 +463,8 @@ class RepairQueue:
                     bad |= 1 << index
             if bad:
                 self.add(chunk_id, reason, priority, now_ns, bad=bad, demand=0)
-                count += 1
-        return count
+                queued.append(int(chunk_id))
+        return queued
 
 
 class PendingDeletions:
