@@ -24,6 +24,7 @@ import trio
 from ecfs.core import fragment
 from ecfs.core.errors import StoreTimeout
 from ecfs.core.model import NO_STORE, ChunkRef
+from ecfs.data.reader import ChunkReader
 from ecfs.storage import offload
 from ecfs.storage.metadb.chunks import PendingDeletions, RepairEntry, RepairQueue
 from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
@@ -468,6 +469,22 @@ async def test_replacement_parity_is_spread_over_stores_and_the_decode_reads_it(
     assert read == {1: 16, 2: 16, K: 8, K + 1: 8}, read
 
 
+async def _streamed_degraded_chunk(rig: Rig, seed: int) -> tuple[ChunkReader, bytes, ChunkRef]:
+    """A chunk of `pattern(CHUNK, seed)` whose fragment 1's store is
+    unavailable (so decoded), read ahead as a sequential reader's and
+    delivered (from the read-ahead's threads: polled); (reader, data, ref)."""
+    reader = rig.volume.reader
+    data = pattern(CHUNK, seed=seed)
+    ref = rig.put_chunk(data)
+    rig.volume.runners[ref.stores[1]].mark_failed("test: away")
+    reader.prefetch(ref)
+    for _ in range(1000):
+        if not any(reader.readahead.queued(s) for s in range(K + M)):
+            break
+        await trio.sleep(0.01)
+    return reader, data, ref
+
+
 async def test_a_streamed_degraded_chunk_reads_and_verifies_each_cell_once(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -476,16 +493,7 @@ async def test_a_streamed_degraded_chunk_reads_and_verifies_each_cell_once(
     before the lost one) starts the decode, whose verified sources are
     kept and serve every request; no cell is read and checked once by
     the healthy read and again by the decode."""
-    volume = rig.volume
-    reader = volume.reader
-    data = pattern(CHUNK, seed=47)
-    ref = rig.put_chunk(data)
-    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
-    reader.prefetch(ref)
-    for _ in range(1000):  # read-ahead delivers from its threads: poll
-        if not any(reader.readahead.queued(s) for s in range(K + M)):
-            break
-        await trio.sleep(0.01)
+    reader, data, ref = await _streamed_degraded_chunk(rig, seed=47)
     verified: dict[int, int] = {}
     bad_cells = fragment.bad_cells
 
@@ -510,16 +518,7 @@ async def test_a_streamed_degraded_chunk_never_serves_a_corrupt_source(rig: Rig)
     """As above, with the data fragment before the decoded one corrupt on
     its store: the decode finds it bad and decodes from others, and the
     request for it is served verified bytes (decoded), never the bad ones."""
-    volume = rig.volume
-    reader = volume.reader
-    data = pattern(CHUNK, seed=53)
-    ref = rig.put_chunk(data)
-    volume.runners[ref.stores[1]].mark_failed("test: away")  # fragment 1 decoded
-    reader.prefetch(ref)
-    for _ in range(1000):  # read-ahead delivers from its threads: poll
-        if not any(reader.readahead.queued(s) for s in range(K + M)):
-            break
-        await trio.sleep(0.01)
+    reader, data, ref = await _streamed_degraded_chunk(rig, seed=53)
     rig.stores[ref.stores[0]].set("corrupt")
     try:
         for start in range(0, CHUNK, FRAGMENT):  # a stream's requests

@@ -12,12 +12,14 @@ In-process on fake stores (tests/inprocess.py); rates with wide bounds.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from ecfs.data.repair import URGENT_PARALLEL
+from ecfs.data.repair import URGENT_PARALLEL, Repairer
 from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.storage.metadb.database import Database
 from ecfs.volume.assembly import Volume
@@ -57,6 +59,26 @@ async def _read_all(rig: Rig, ino: int, count: int) -> None:
         assert bytes(got) == data[index * CHUNK : (index + 1) * CHUNK]
 
 
+@asynccontextmanager
+async def _repairing(volume: Volume) -> AsyncIterator[Repairer]:
+    """The volume's repairer running at full speed (the foreground idle,
+    urgent) for the block."""
+    repairer = volume.repairer
+    repairer.last_foreground = lambda: 0.0
+    repairer.set_urgent(True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(repairer.run)
+        yield repairer
+        nursery.cancel_scope.cancel()
+
+
+async def _until_idle(volume: Volume) -> None:
+    """Wait until the repairer has nothing queued or under way."""
+    with trio.fail_after(30):
+        while volume.repairer.busy or RepairQueue(volume.db).count():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
 @pytest.mark.trio
 async def test_reads_do_not_ask_a_replaced_store_for_fragments_not_rebuilt_yet(
     tmp_path: Path,
@@ -78,15 +100,8 @@ async def test_reads_do_not_ask_a_replaced_store_for_fragments_not_rebuilt_yet(
     assert all(e.reason == "store-replaced" and e.demand == 0 for e in queue.next_batch(100))
     # Once rebuilt, its fragments are read from it again.
     store.heal()
-    repairer = volume.repairer
-    repairer.last_foreground = lambda: 0.0
-    repairer.set_urgent(True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
-        with trio.fail_after(30):
-            while repairer.busy or queue.count():  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+    async with _repairing(volume) as repairer:
+        await _until_idle(volume)
     assert not repairer.not_rebuilt[replaced]
     volume.handles.close_all()
     reads_before = store.calls["read"]
@@ -106,17 +121,12 @@ async def test_the_shown_rate_is_the_volumes_with_chunks_repaired_at_once(
     # Each rebuilt fragment's write takes 100 ms: the repair's 8 chunks at
     # once rebuild about 8 x what one chunk does on its own.
     rig.stores[replaced].set("slow", delay=0.1, ops={"write"})
-    repairer = rig.volume.repairer
-    repairer.last_foreground = lambda: 0.0  # idle: full speed
-    repairer.set_urgent(True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
+    async with _repairing(rig.volume) as repairer:
         await trio.sleep(1.0)
         started, written = time.monotonic(), repairer.counters.bytes_written
         await trio.sleep(2.0)
         real = (repairer.counters.bytes_written - written) / (time.monotonic() - started)
         stats = repairer.statistics()
-        nursery.cancel_scope.cancel()
     assert repairer.counters.fragments_rebuilt < count  # still under way
     assert real > 0
     # Old code: each chunk's own bytes per second (an EWMA), about an
@@ -139,11 +149,7 @@ async def test_a_fragment_reported_bad_during_a_rebuild_keeps_its_chunk_queued(
     store = rig.stores[replaced]
     store.set("slow", delay=0.5, ops={"write"})
     writes = store.calls["write"]
-    repairer = volume.repairer
-    repairer.last_foreground = lambda: 0.0
-    repairer.set_urgent(True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
+    async with _repairing(volume) as repairer:
         with trio.fail_after(10):
             while store.calls["write"] == writes:  # noqa: ASYNC110
                 await trio.sleep(0.01)
@@ -151,10 +157,7 @@ async def test_a_fragment_reported_bad_during_a_rebuild_keeps_its_chunk_queued(
         # chunk is lost and a reader reports it.
         rig.memory[ref.stores[other]].delete_fragment(ref.chunk_id, other)
         volume.damage.record(ref, [other], "fragment missing")
-        with trio.fail_after(30):
-            while repairer.busy or RepairQueue(volume.db).count():  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+        await _until_idle(volume)
     # Old code removed the queue entry with the rebuild, and the report
     # with it: the lost fragment stayed lost, and nothing was queued.
     assert rig.memory[replaced].fragment(ref.chunk_id, 0) is not None
@@ -206,15 +209,8 @@ async def test_the_rebuild_takes_what_a_sequential_reader_decoded(tmp_path: Path
         volume.reader.prefetch(ref)
         got = await volume.filedata.read(ino, index * CHUNK, CHUNK)
         assert bytes(got) == data[index * CHUNK : (index + 1) * CHUNK]
-    repairer = volume.repairer
-    repairer.last_foreground = lambda: 0.0
-    repairer.set_urgent(True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
-        with trio.fail_after(30):
-            while repairer.busy or RepairQueue(volume.db).count():  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+    async with _repairing(volume) as repairer:
+        await _until_idle(volume)
     # Those chunks were rebuilt from the reader's bytes (old code: k
     # fragments read again for each), and rebuilt right.
     assert repairer.counters.fragments_shared == len(data_on_new)
@@ -240,17 +236,12 @@ async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) ->
     assert last is not None
     await volume.filedata.read(ino, index * CHUNK, CHUNK)  # decoded around it
     queued = len(volume.repairer.not_rebuilt[replaced])
-    repairer = volume.repairer
-    repairer.last_foreground = lambda: 0.0
-    repairer.set_urgent(True)
     rig.stores[replaced].set("slow", delay=0.05, ops={"write"})
-    async with trio.open_nursery() as nursery:
-        await nursery.start(repairer.run)
+    async with _repairing(volume) as repairer:
         with trio.fail_after(30):
             while last.chunk_id in repairer.not_rebuilt[replaced]:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         left = len(repairer.not_rebuilt[replaced])
-        nursery.cancel_scope.cancel()
     # Among the first chunks rebuilt, not after the others.
     assert left >= queued - 2 * URGENT_PARALLEL, (left, queued)
     volume.close()
