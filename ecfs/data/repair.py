@@ -140,7 +140,7 @@ from ..core.errors import EcfsError, FragmentCorrupt, StoreError
 from ..core.events import REPAIR_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
-from ..storage.handles import HandleCache
+from ..storage.handles import Expected, HandleCache, read_header
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
 from ..storage.offload import StoreRunner, available_runner
@@ -933,24 +933,28 @@ class _RepairStores:
         #: Fragment files written (or being written) for this chunk.
         self.touched: list[tuple[int, int, int]] = []
 
-    async def replace_fragment(
-        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    async def write_verified(
+        self, store: int, ref: ChunkRef, index: int, parts: list[fragment.Buffer]
     ) -> int:
         repairer = self.repairer
         if repairer.before_write is not None and not await repairer.before_write(store):
             raise StoreError(f"store {store} is unavailable")
         runner = repairer.runners[store]
-        repairer.handles.discard((store, chunk_id, index))
+        key = (store, ref.chunk_id, index)
+        repairer.handles.discard(key)
         size = sum(len(p) for p in parts)
-        self.touched.append((store, chunk_id, index))
-        # One call (one turn in the store's queue, which a replaced store
-        # shares with the readers of what is rebuilt already).
-        return await runner.call(
-            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
-        )
-
-    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+        self.touched.append(key)
+        # One call: one turn in the store's queue (which a replaced store
+        # shares with the readers of what is rebuilt already), one thread
+        # round trip for the write and its read-back. (The read-back is not
+        # a latency sample of the store's reads: it is timed with the write.)
+        written, header = await runner.call(
+            _write_verified, runner.store, ref.chunk_id, index, parts,
+            repairer.reader.expected.of(ref), repairer.layout.of(ref).payload_length(ref.length),
+            nbytes_written=size,
+        )  # fmt: skip
+        repairer.handles.insert(key, header)  # verified: as a read would have
+        return written
 
     def note_unsynced(self, store: int) -> None:
         # Made durable before any metadata batch that refers to it (the
@@ -964,8 +968,31 @@ class _RepairStores:
         self.repairer.garbage.discard(refs, self.repairer.db.generation)
 
 
-def _replace_fragment(store: Store, chunk_id: int, index: int, parts: list[fragment.Buffer]) -> int:
+def _write_verified(
+    store: Store,
+    chunk_id: int,
+    index: int,
+    parts: list[fragment.Buffer],
+    expected: Expected,
+    payload_length: int,
+) -> tuple[int, fragment.FragmentHeader]:
     """In a worker thread: remove any fragment file by that name (they are
-    never overwritten), then write it."""
+    never overwritten), write it, then read it back whole (header and
+    payload in one request) and verify it; (bytes written, its header).
+    FragmentCorrupt if what was read back is not what was written."""
     store.delete_fragment(chunk_id, index)
-    return store.write_fragment(chunk_id, index, parts)
+    written = store.write_fragment(chunk_id, index, parts)
+    header, prefix = read_header(
+        store, chunk_id, index, expected, probe=fragment.HEADER_PROBE_SIZE + payload_length
+    )
+    if header.payload_length != payload_length:
+        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index} read back: payload length")
+    start = header.payload_offset
+    payload: fragment.Buffer = prefix[start : start + payload_length]
+    if len(payload) < payload_length:  # a header block larger than the probe
+        payload = bytearray(payload_length)
+        got = store.read_fragment(chunk_id, index, start, memoryview(payload))
+        payload = memoryview(payload)[:got]
+    if len(payload) != payload_length or fragment.bad_cells(header, 0, payload):
+        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index} read back: bad cells")
+    return written, header
