@@ -12,13 +12,14 @@ In-process on fake stores (tests/inprocess.py); rates with wide bounds.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from ecfs.core.codec import Buffer, Codec
 from ecfs.data.repair import URGENT_PARALLEL, Repairer
 from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.storage.metadb.database import Database
@@ -246,3 +247,52 @@ async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) ->
     assert left >= queued - 2 * URGENT_PARALLEL, (left, queued)
     volume.close()
 
+
+
+class _SourceCountingCodec(Codec):
+    """A Codec that counts the parity fragments rebuilt, and those of them
+    rebuilt from sources other than the k data fragments (a decode of the
+    data first, then the encode: twice the CPU)."""
+
+    def __init__(self, k: int, m: int) -> None:
+        super().__init__(k, m)
+        self.parity_rebuilt = 0
+        self.parity_from_parity = 0
+
+    def decode(self, pieces: Mapping[int, Buffer], wanted: Iterable[int]) -> dict[int, bytes]:
+        wanted = list(wanted)
+        if wanted and all(i >= self.k for i in wanted) and not set(wanted) <= pieces.keys():
+            self.parity_rebuilt += 1
+            self.parity_from_parity += any(i >= self.k for i in pieces)
+        return super().decode(pieces, wanted)
+
+
+@pytest.mark.trio
+async def test_a_parity_fragment_is_rebuilt_from_the_data_fragments(tmp_path: Path) -> None:
+    """Even when a data fragment's store answers slower than the other
+    parity's: a parity rebuilt from k - 1 data fragments and the other
+    parity costs a decode and an encode, from the k data fragments only
+    the encode (ecfs.data.repair, `_cheapest_first`)."""
+    count = 16
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    codec = _SourceCountingCodec(K, volume.layout.m)
+    volume.repairer.codec = codec
+    refs = [volume.filedata.chunks.get(ino, i) for i in range(count)]
+    # Every store but the replaced one is slow to answer, by store number:
+    # the fastest ones hold parity fragments of some chunks, slower ones
+    # their data fragments (old code read the fastest k).
+    for index, store in enumerate(rig.stores):
+        if index != replaced:
+            store.set("slow", delay=0.002 * index, ops={"read"})
+    await _read_all(rig, ino, count)  # the stores' latencies measured
+    rig.heal()
+    parity_on_new = [r for r in refs if r is not None and replaced in r.stores[K:]]
+    assert parity_on_new
+    async with _repairing(volume):
+        await _until_idle(volume)
+    assert codec.parity_rebuilt == len(parity_on_new)
+    assert codec.parity_from_parity == 0
+    volume.handles.close_all()
+    await _read_all(rig, ino, count)  # rebuilt right
+    volume.close()
