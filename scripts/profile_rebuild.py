@@ -82,12 +82,14 @@ async def rebuild_once(volume: Volume, args: argparse.Namespace, *, last: bool) 
         spy.send_signal(2)  # SIGINT: py-spy writes its file
         await trio.to_thread.run_sync(spy.wait)
     rebuilt = repairer.counters.fragments_rebuilt - counters0
+    one_call = getattr(repairer.counters, "one_call_reads", None)  # (newer trees)
     transactions = volume.db.generation - generation0
     print(
         f"{queued} chunks queued, {rebuilt} fragments rebuilt in {wall:.2f} s"
         f" ({rebuilt / wall:.1f} MiB/s): CPU {cpu * 1000 / rebuilt:.2f} ms per fragment"
         f" (loop thread {loop * 1000 / rebuilt:.2f}), wall {wall * 1000 / rebuilt:.2f} ms;"
         f" {transactions} transactions ({transactions / max(1, rebuilt):.2f} per fragment)"
+        + (f"; sources read in one call (since the start): {one_call}" if one_call is not None else "")
     )
     if profiler is not None:
         _write_profile(profiler, args.profile)
