@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from ecfs.core.codec import Buffer, Codec
-from ecfs.data.repair import URGENT_PARALLEL, Repairer
-from ecfs.storage.metadb.chunks import RepairQueue
+from ecfs.data.repair import BATCH, HORIZON, LOOK_INTERVAL, URGENT_PARALLEL, Repairer
+from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.storage.metadb.database import Database
 from ecfs.volume.assembly import Volume
 from tests.inprocess import CHUNK, FRAGMENT, K, Rig, make_rig
@@ -323,4 +323,37 @@ async def test_a_rebuilt_fragment_costs_one_store_call(tmp_path: Path) -> None:
     assert all(n <= 1 for n in made.values()), made
     assert repairer.counters.one_call_reads == rebuilt
     assert repairer.counters.bytes_read == rebuilt * K * FRAGMENT
+    volume.close()
+
+
+class _LookCountingQueue(RepairQueue):
+    """A RepairQueue that counts the looks at the whole queue (`next_batch`:
+    a scan of every entry, ~55 ms for a million of them)."""
+
+    looks = 0
+
+    def next_batch(self, limit: int = 64) -> list[RepairEntry]:
+        self.looks += 1
+        return super().next_batch(limit)
+
+
+@pytest.mark.trio
+async def test_a_long_rebuild_looks_at_the_whole_queue_rarely(tmp_path: Path) -> None:
+    """Entries are taken from one look at the queue, re-read by their keys,
+    not from a scan of it per batch of BATCH (old code: a million entries
+    cost 1.7 ms of the loop's CPU per chunk repaired)."""
+    count = 400
+    rig, _, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    queue = _LookCountingQueue(volume.db)
+    volume.repairer.queue = queue
+    queued = len(volume.repairer.not_rebuilt[replaced])
+    assert queued > 10 * BATCH
+    started = time.monotonic()
+    async with _repairing(volume) as repairer:
+        await _until_idle(volume)
+    assert repairer.counters.fragments_rebuilt == queued
+    # One look per HORIZON entries, per LOOK_INTERVAL, and at the ends.
+    seconds = time.monotonic() - started
+    assert queue.looks <= queued / HORIZON + seconds / LOOK_INTERVAL + 4, (queue.looks, seconds)
     volume.close()
