@@ -148,14 +148,13 @@ async def rebuild_fragments(
     wanted = sorted(broken)
     payload_length = layout.payload_length(ref.length)
     built: Mapping[int, list[fragment.Buffer]]
-    if all(i in sources for i in wanted):  # decoded already (a reader's, see repair)
+    if all(i in sources for i in wanted):  # decoded already (a reader's or repair's, see repair)
         built = _built(layout, volume_id, ref.chunk_id, {i: sources[i] for i in wanted})
     elif len(sources) < layout.k:
         raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
     else:
-        chosen = dict(sorted(sources.items())[: layout.k])
         built = await run_cpu(
-            _decode_and_build, codec, layout, volume_id, ref.chunk_id, chosen, wanted,
+            _decode_and_build, codec, layout, volume_id, ref.chunk_id, sources, wanted,
             size=payload_length,
         )  # fmt: skip
     stores = list(ref.stores)
@@ -240,8 +239,20 @@ def _decode_and_build(
     wanted: list[int],
 ) -> dict[int, list[fragment.Buffer]]:
     """CPU work, in one worker-thread call: decode fragments `wanted` from
-    k `sources` and build their files (the cells' checksums)."""
-    return _built(layout, volume_id, chunk_id, codec.decode(sources, wanted))
+    `sources` (`decode_broken`) and build their files (the cells' checksums)."""
+    return _built(layout, volume_id, chunk_id, decode_broken(codec, sources, wanted))
+
+
+def decode_broken(
+    codec: Codec, sources: Mapping[int, bytes | bytearray | memoryview], broken: Sequence[int]
+) -> dict[int, bytes]:
+    """CPU work (blocking: for a worker thread): fragments `broken` decoded
+    from the k of `sources` with the lowest indices (data fragments first:
+    the fewest passes). `rebuild_fragments` decodes this way; a caller that
+    reads the sources in a worker thread may decode there too and hand
+    the result over as decoded already (the mount's repair: one thread
+    round trip less per chunk)."""
+    return codec.decode(dict(sorted(sources.items())[: codec.k]), sorted(broken))
 
 
 def _with(stores: Sequence[int], index: int, store: int) -> tuple[int, ...]:

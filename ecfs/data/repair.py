@@ -168,7 +168,7 @@ from .background import (
 from .garbage import ChunkPins, Garbage
 from .placement import Placement
 from .reader import Bytes, ChunkReader
-from .rebuild import rebuild_fragments
+from .rebuild import decode_broken, rebuild_fragments
 
 log = logging.getLogger(__name__)
 
@@ -965,11 +965,11 @@ class Repairer:
     ) -> Mapping[int, Bytes | memoryview]:
         """k whole, verified fragments (data fragments first, then the
         fastest stores, see `_cheapest_first`): in one worker-thread call
-        (`_read_in_one_call`), else read in parallel, hedged and widened
-        (`ChunkReader.gather_fragments`); fragments found bad are added to
-        `broken`."""
+        with the decode of `broken` (`_read_in_one_call`), else read in
+        parallel, hedged and widened (`ChunkReader.gather_fragments`);
+        fragments found bad are added to `broken`."""
         candidates = self._cheapest_first(ref, self.reader.sources(ref, exclude=broken))
-        in_one_call = await self._read_in_one_call(ref, candidates, payload)
+        in_one_call = await self._read_in_one_call(ref, candidates, payload, sorted(broken))
         if in_one_call is not None:
             return in_one_call
         good, bad, bytes_read = await self.reader.gather_fragments(ref, candidates, 0, payload)
@@ -978,13 +978,15 @@ class Repairer:
         return good
 
     async def _read_in_one_call(
-        self, ref: ChunkRef, candidates: list[int], payload: int
-    ) -> dict[int, memoryview] | None:
-        """The first k `candidates` read whole and verified in ONE
-        worker-thread call (`_read_sources`): one thread round trip and no
-        copy of the payloads, instead of k round trips, a task each and a
-        copy each (measured: ~1 ms of CPU less per rebuilt 1 MiB fragment).
-        None when there are fewer than k, when one cannot be read or fails
+        self, ref: ChunkRef, candidates: list[int], payload: int, broken: list[int]
+    ) -> dict[int, Bytes | memoryview] | None:
+        """The first k `candidates` read whole and verified, and fragments
+        `broken` decoded from them, in ONE worker-thread call
+        (`_read_sources`): one thread round trip and no copy of the
+        payloads, instead of k round trips, a task each and a copy each,
+        then one more for the decode (measured: ~1 ms of CPU less per
+        rebuilt 1 MiB fragment); the sources' payloads and the decoded ones
+        (which `rebuild_fragments` takes as decoded already). None when there are fewer than k, when one cannot be read or fails
         its checks, or when the call takes longer than twice the slowest
         source's hedge deadline (abandoned: its thread ends when its stores
         answer): `gather_fragments`, which hedges, replaces and reports
@@ -996,22 +998,24 @@ class Repairer:
             return None
         chosen = [(self.runners[ref.stores[i]], i) for i in candidates[:k]]
         deadline = 2 * max(runner.hedge_deadline() for runner, _ in chosen)
+        codec = Codec.of(k, len(ref.stores) - k) if ref.k else self.codec
         with trio.move_on_after(deadline):
-            read = await run_in_thread(
+            done = await run_in_thread(
                 _read_sources, [(runner.store, i) for runner, i in chosen], ref.chunk_id,
-                self.reader.expected.of(ref), payload,
+                self.reader.expected.of(ref), payload, codec, broken,
                 abandon_on_cancel=True, limiter=self._one_call_limiter,
             )  # fmt: skip
-            if read is None:
+            if done is None:
                 self.counters.one_call_fallbacks += 1
                 return None
+            read, decoded = done
             for runner, index in chosen:
                 self.handles.insert((runner.index, ref.chunk_id, index), read[index][0])
                 runner.note_answer()
                 runner.record_loop_read(payload)
             self.counters.bytes_read += k * payload
             self.counters.one_call_reads += 1
-            return {index: data for index, (_, data) in read.items()}
+            return {**{index: data for index, (_, data) in read.items()}, **decoded}
         self.counters.one_call_fallbacks += 1
         return None
 
@@ -1111,23 +1115,31 @@ def _write_verified(
 
 
 def _read_sources(
-    sources: list[tuple[Store, int]], chunk_id: int, expected: Expected, payload_length: int
-) -> dict[int, tuple[fragment.FragmentHeader, memoryview]] | None:
-    """In one worker thread: fragments (store, index) of chunk `chunk_id`
-    read whole and verified (`_read_whole`), by index; their reads are
-    started together first (`Store.prefetch`), so the wait is about one
-    disk read, not k. None if one of them cannot be read or fails its
-    checks (the caller then reads them one by one and finds out which)."""
+    sources: list[tuple[Store, int]],
+    chunk_id: int,
+    expected: Expected,
+    payload_length: int,
+    codec: Codec,
+    wanted: list[int],
+) -> tuple[dict[int, tuple[fragment.FragmentHeader, memoryview]], dict[int, bytes]] | None:
+    """In one worker thread: k fragments (store, index) of chunk `chunk_id`
+    read whole and verified (`_read_whole`), by index, and fragments
+    `wanted` decoded from them. Their reads are started together first
+    (`Store.prefetch`), so the wait is about one disk read, not k. None if
+    one of them cannot be read or fails its checks (the caller then reads
+    them one by one and finds out which)."""
     probe = fragment.HEADER_PROBE_SIZE + payload_length
     try:
         for store, index in sources:
             store.prefetch(chunk_id, index, 0, probe)
-        return {
+        read = {
             index: _read_whole(store, chunk_id, index, expected, payload_length)
             for store, index in sources
         }
     except (EcfsError, OSError):
         return None
+    payloads = {i: data for i, (_, data) in read.items()}
+    return read, decode_broken(codec, payloads, wanted) if wanted else {}
 
 
 def _read_whole(
