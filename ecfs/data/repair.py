@@ -15,13 +15,15 @@ a store of the wrong class, and good fragments in a failure domain holding
 another of the chunk ('shared-domain'), are rebuilt onto a store of their
 class, or of an unused domain, with them (`Placement.movable`); a chunk whose
 misplaced fragments have nowhere to go yet stays queued (deferred) until
-such a store is back. k good fragments are read whole and
-verified (in one worker-thread call, else one by one, hedged); only the missing fragments are regenerated, placed, written,
-read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
-(the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
-store's runner, the volume's identity check before a write, the handle
-cache, the replicator's sync before the next metadata batch, the garbage
-collector. Nothing else of the chunk is rewritten. If the chunk was
+such a store is back. k good fragments are read whole and verified,
+data fragments first (`_cheapest_first`), in one worker-thread call that
+also decodes the missing ones (`_read_in_one_call`), else one by one,
+hedged, and decoded by `rebuild_fragments`; only the missing fragments are
+regenerated, then placed, written, read back and verified (one store call)
+and recorded by `ecfs.data.rebuild.rebuild_fragments` (the same path
+`ecfs fsck --repair` takes), through `_RepairStores`: the store's runner,
+the volume's identity check before a write, the handle cache, the
+replicator's sync before the next metadata batch, the garbage collector. Nothing else of the chunk is rewritten. If the chunk was
 rewritten meanwhile, the new fragments are orphans and are deleted.
 
 A chunk that cannot be repaired now (no store can take a rebuilt
@@ -207,7 +209,8 @@ LOOKAHEAD = 100_000
 HORIZON = 512
 LOOK_INTERVAL = 2.0
 #: Store round trips one chunk's repair makes one after another (suspect
-#: check, source reads, write, read back), for its deadline.
+#: check, source reads, write, read back: the last two are one call now,
+#: whose time is both), for its deadline.
 ROUND_TRIPS = 4
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
