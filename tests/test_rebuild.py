@@ -14,7 +14,7 @@ import trio
 
 from ecfs.core import fragment
 from ecfs.core.codec import Codec
-from ecfs.core.errors import FragmentCorrupt, StoreError
+from ecfs.core.errors import FragmentCorrupt
 from ecfs.core.geometry import Layout
 from ecfs.core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
 from ecfs.data.placement import Placement
@@ -49,23 +49,19 @@ class FakeStores:
         self.discarded: list[tuple[ChunkRef, ChunkRef | None]] = []
         self.on_write = lambda: None
 
-    async def replace_fragment(self, store: int, chunk_id: int, index: int, parts: list) -> int:
-        self.files.pop((store, chunk_id, index), None)
+    async def write_verified(self, store: int, ref: ChunkRef, index: int, parts: list) -> int:
+        key = (store, ref.chunk_id, index)
+        self.files.pop(key, None)
         data = bytearray(b"".join(bytes(p) for p in parts))
         if store in self.corrupt:
             data[-1] ^= 0xFF
-        self.files[(store, chunk_id, index)] = bytes(data)
+        self.files[key] = bytes(data)
         self.on_write()
-        return len(data)
-
-    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        data = self.files.get((ref.stores[index], ref.chunk_id, index))
-        if data is None:
-            raise StoreError("missing")
-        header = fragment.parse_header(data)
-        payload = data[header.payload_offset : header.payload_offset + payload_length]
-        if fragment.bad_cells(header, 0, payload):
+        header = fragment.parse_header(self.files[key])
+        payload = self.files[key][header.payload_offset :]
+        if len(payload) != LAYOUT.payload_length(ref.length) or fragment.bad_cells(header, 0, payload):
             raise FragmentCorrupt("bad cells")
+        return len(data)
 
     def note_unsynced(self, store: int) -> None:
         self.unsynced.add(store)

@@ -3,11 +3,13 @@ mount's background repair (`ecfs.data.repair`) and by `ecfs fsck --repair`
 (`ecfs.volume.fsck_checks`).
 
 Owns: `rebuild_fragments`: from k verified payloads of a chunk, decode the
-broken fragments, choose where each goes (`ecfs.data.placement.Placement.
-rebuild_target`: its own store when usable, else a store holding no other
-fragment of the chunk), write each one (any file by its name on the target
-is removed first: fragment files are never overwritten), note the store
-as needing a sync, read it back and verify it, then switch the metadata in
+broken fragments and build their files (one worker-thread call: the decode
+and the cells' checksums), choose where each goes (`ecfs.data.placement.
+Placement.rebuild_target`: its own store when usable, else a store holding
+no other fragment of the chunk), write each one (any file by its name on
+the target is removed first: fragment files are never overwritten), read it
+back and verify it (`FragmentIO.write_verified`: one call), note the store
+as needing a sync, then switch the metadata in
 one transaction: the new locations, and the repair-queue entry removed
 (everything rebuilt) or added/merged with reason, `model.repair_priority`
 and the bad mask of what is still broken. Fragments that moved off a store
@@ -68,16 +70,15 @@ log = logging.getLogger(__name__)
 class FragmentIO(Protocol):
     """How `rebuild_fragments` reaches the stores."""
 
-    async def replace_fragment(
-        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    async def write_verified(
+        self, store: int, ref: ChunkRef, index: int, parts: list[fragment.Buffer]
     ) -> int:
-        """Write fragment file (chunk_id, index) on `store` after removing
-        any entry by that name; the bytes written. StoreError if not."""
-        ...
-
-    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        """Read fragment `index` of `ref` back whole and check its header and
-        every cell; FragmentCorrupt or StoreError if it is not good."""
+        """Write fragment file (ref.chunk_id, index) on `store` after
+        removing any entry by that name, then read it back whole and check
+        its header (against `ref`) and every cell; the bytes written.
+        StoreError or FragmentCorrupt if not (what was written may have
+        landed: the caller hands it to `remember`). The mount does both in
+        one worker-thread call (one round trip, not two)."""
         ...
 
     def note_unsynced(self, store: int) -> None:
@@ -146,14 +147,16 @@ async def rebuild_fragments(
         codec = Codec.of(layout.k, layout.m)
     wanted = sorted(broken)
     payload_length = layout.payload_length(ref.length)
-    decoded: Mapping[int, bytes | bytearray | memoryview]
-    if all(i in sources for i in wanted):  # decoded already (a reader's, see repair)
-        decoded = {i: sources[i] for i in wanted}
+    built: Mapping[int, list[fragment.Buffer]]
+    if all(i in sources for i in wanted):  # decoded already (a reader's or repair's, see repair)
+        built = _built(layout, volume_id, ref.chunk_id, {i: sources[i] for i in wanted})
     elif len(sources) < layout.k:
         raise ValueError(f"{len(sources)} source fragments, {layout.k} needed")
     else:
-        chosen = dict(sorted(sources.items())[: layout.k])
-        decoded = await run_cpu(codec.decode, chosen, wanted, size=payload_length)
+        built = await run_cpu(
+            _decode_and_build, codec, layout, volume_id, ref.chunk_id, sources, wanted,
+            size=payload_length,
+        )  # fmt: skip
     stores = list(ref.stores)
     failed: dict[int, str] = {}
     rebuilt: list[int] = []
@@ -164,20 +167,16 @@ async def rebuild_fragments(
         if target is None:
             failed[index] = "no usable store holds no other fragment of the chunk"
             continue
-        parts = fragment.build_fragment(
-            volume_id, ref.chunk_id, index, layout.k, layout.m, layout.cell_size, decoded[index]
-        )
+        landed = ChunkRef(ref.chunk_id, ref.length, _with(stores, index, target), ref.k)
         try:
-            size = await io.replace_fragment(target, ref.chunk_id, index, parts)
-            io.note_unsynced(target)
-            landed = ChunkRef(ref.chunk_id, ref.length, _with(stores, index, target), ref.k)
-            await io.verify_fragment(landed, index, payload_length)
+            size = await io.write_verified(target, landed, index, built[index])
         except (StoreError, FragmentCorrupt) as exc:
             if isinstance(exc, NoSpace):
                 placement.mark_full(target)
             io.remember([(target, ref.chunk_id, index)])
             failed[index] = f"on store {target}: {exc}"
             continue
+        io.note_unsynced(target)
         placement.note_written(target, size)
         written += size
         if stores[index] not in (NO_STORE, target):
@@ -217,6 +216,43 @@ async def rebuild_fragments(
     for index, why in sorted(failed.items()):
         log.info("chunk %016x: fragment %d not rebuilt: %s", ref.chunk_id, index, why)
     return Rebuilt(tuple(stores), tuple(rebuilt), failed, written)
+
+
+def _built(
+    layout: Layout, volume_id: bytes, chunk_id: int, payloads: Mapping[int, fragment.Buffer]
+) -> dict[int, list[fragment.Buffer]]:
+    """Fragment files (header block, payload) of `payloads` by index."""
+    return {
+        index: fragment.build_fragment(
+            volume_id, chunk_id, index, layout.k, layout.m, layout.cell_size, payload
+        )
+        for index, payload in payloads.items()
+    }
+
+
+def _decode_and_build(
+    codec: Codec,
+    layout: Layout,
+    volume_id: bytes,
+    chunk_id: int,
+    sources: Mapping[int, bytes | bytearray | memoryview],
+    wanted: list[int],
+) -> dict[int, list[fragment.Buffer]]:
+    """CPU work, in one worker-thread call: decode fragments `wanted` from
+    `sources` (`decode_broken`) and build their files (the cells' checksums)."""
+    return _built(layout, volume_id, chunk_id, decode_broken(codec, sources, wanted))
+
+
+def decode_broken(
+    codec: Codec, sources: Mapping[int, bytes | bytearray | memoryview], broken: Sequence[int]
+) -> dict[int, bytes]:
+    """CPU work (blocking: for a worker thread): fragments `broken` decoded
+    from the k of `sources` with the lowest indices (data fragments first:
+    the fewest passes). `rebuild_fragments` decodes this way; a caller that
+    reads the sources in a worker thread may decode there too and hand
+    the result over as decoded already (the mount's repair: one thread
+    round trip less per chunk)."""
+    return codec.decode(dict(sorted(sources.items())[: codec.k]), sorted(broken))
 
 
 def _with(stores: Sequence[int], index: int, store: int) -> tuple[int, ...]:

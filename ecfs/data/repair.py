@@ -15,13 +15,15 @@ a store of the wrong class, and good fragments in a failure domain holding
 another of the chunk ('shared-domain'), are rebuilt onto a store of their
 class, or of an unused domain, with them (`Placement.movable`); a chunk whose
 misplaced fragments have nowhere to go yet stays queued (deferred) until
-such a store is back. k good fragments are read whole and
-verified; only the missing fragments are regenerated, placed, written,
-read back and verified and recorded by `ecfs.data.rebuild.rebuild_fragments`
-(the same path `ecfs fsck --repair` takes), through `_RepairStores`: the
-store's runner, the volume's identity check before a write, the handle
-cache, the replicator's sync before the next metadata batch, the garbage
-collector. Nothing else of the chunk is rewritten. If the chunk was
+such a store is back. k good fragments are read whole and verified,
+data fragments first (`_cheapest_first`), in one worker-thread call that
+also decodes the missing ones (`_read_in_one_call`), else one by one,
+hedged, and decoded by `rebuild_fragments`; only the missing fragments are
+regenerated, then placed, written, read back and verified (one store call)
+and recorded by `ecfs.data.rebuild.rebuild_fragments` (the same path
+`ecfs fsck --repair` takes), through `_RepairStores`: the store's runner,
+the volume's identity check before a write, the handle cache, the
+replicator's sync before the next metadata batch, the garbage collector. Nothing else of the chunk is rewritten. If the chunk was
 rewritten meanwhile, the new fragments are orphans and are deleted.
 
 A chunk that cannot be repaired now (no store can take a rebuilt
@@ -87,6 +89,12 @@ read past the deferred and skipped entries (up to LOOKAHEAD of them), so
 they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
 (a store back) make skipped chunks due again at once.
 
+Reading the queue: one look at the whole queue (a scan: no index gives
+its order) reads its HORIZON most urgent entries; they are taken BATCH at
+a time, each re-read by its key when taken (as it is then, or gone). The
+queue is looked at again when they run out, when something was queued
+(`poke`), when the queue had nothing due, or after LOOK_INTERVAL seconds.
+
 Pause (`ecfs repair --pause`, `BackgroundGate`): the task waits at the
 gate before each chunk; a chunk under way is finished.
 
@@ -118,15 +126,18 @@ than they give and repair takes what it can (redundancy first: lower it
 to favour the foreground). On 6 capped devices (scripts/bench_disks.py)
 a rebuild at R reads k x R from the survivors, so with n x cap in all a
 reader keeps at most (n - 1) x cap - k x R.
-Sources are read fastest first (`ChunkReader.sources`: expected latency,
-i.e. latency x queue depth: the least busy survivors).
+Sources are read data fragments first (the decode's CPU: a parity rebuilt
+from the k data fragments is one encode pass, from the other parity a
+decode and an encode), then fastest first (`ChunkReader.sources`: expected
+latency, i.e. latency x queue depth: the least busy survivors); a data
+fragment on a SLOW store goes by its latency (`_cheapest_first`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -140,10 +151,10 @@ from ..core.errors import EcfsError, FragmentCorrupt, StoreError
 from ..core.events import REPAIR_FINISHED, EventSink
 from ..core.geometry import Layout
 from ..core.model import NO_STORE, REPAIR_REASONS, ChunkRef, repair_priority
-from ..storage.handles import HandleCache
+from ..storage.handles import Expected, HandleCache, read_header
 from ..storage.metadb.chunks import ChunkTable, RepairEntry, RepairQueue
 from ..storage.metadb.database import Database
-from ..storage.offload import StoreRunner, available_runner
+from ..storage.offload import StoreRunner, StoreState, available_runner, run_in_thread
 from ..storage.store import Store
 from .background import (
     DEADLINE_CEILING,
@@ -159,7 +170,7 @@ from .background import (
 from .garbage import ChunkPins, Garbage
 from .placement import Placement
 from .reader import Bytes, ChunkReader
-from .rebuild import rebuild_fragments
+from .rebuild import decode_broken, rebuild_fragments
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +199,18 @@ DEFAULT_REBUILD_AFTER = 900.0
 #: entries a look at the queue reads past (one query, one sort).
 BATCH = 32
 LOOKAHEAD = 100_000
+#: Entries one look at the whole queue reads (`_look_at_queue`), taken
+#: BATCH at a time, each re-read by its key when taken. A look scans the
+#: queue (no index gives its order: ~55 ms of the loop's CPU for a million
+#: entries here, ~5 ms for 100,000), so it is made when those run out,
+#: something was queued (`poke`), or LOOK_INTERVAL seconds passed (what is
+#: queued without a poke, e.g. a write at reduced redundancy), not before
+#: every batch: a million entries cost 1.7 ms per chunk repaired that way.
+HORIZON = 512
+LOOK_INTERVAL = 2.0
 #: Store round trips one chunk's repair makes one after another (suspect
-#: check, source reads, write, read back), for its deadline.
+#: check, source reads, write, read back: the last two are one call now,
+#: whose time is both), for its deadline.
 ROUND_TRIPS = 4
 #: Chunks read around by readers that are remembered, to be rebuilt first.
 WANTED = 64
@@ -220,6 +241,10 @@ class RepairCounters:
     deadline_misses: int = 0
     #: Rebuilt fragments taken from a reader's decode (no source read).
     fragments_shared: int = 0
+    #: Chunks whose k sources were read in one call (`_read_in_one_call`),
+    #: and those read one by one after such a call failed or took too long.
+    one_call_reads: int = 0
+    one_call_fallbacks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,14 +401,23 @@ class Repairer:
         #: and has room again takes the rebuilt fragments at once.
         self.refresh_usage: Callable[[], Awaitable[None]] | None = None
         self._refresh_first = False
+        #: Ids of the most urgent queue entries not taken yet, in queue
+        #: order, from the last look at the whole queue (`_look_at_queue`),
+        #: when it was made (`clock`), and whether to look again first.
+        self._horizon: deque[int] = deque()
+        self._looked_at = -math.inf
+        self._look_again = True
         #: Chunks repaired at once: URGENT_PARALLEL when urgent, else 1
         #: (changed in place by set_urgent, so a batch under way follows).
         self._parallel = trio.CapacityLimiter(1)
+        #: Chunks whose sources are read in one call at once (`_read_in_one_call`).
+        self._one_call_limiter = trio.CapacityLimiter(URGENT_PARALLEL)
 
     # -- control -------------------------------------------------------------------
 
     def poke(self) -> None:
         """Something was queued: look at the queue now."""
+        self._look_again = True
         self._wakeup.set()
 
     def set_urgent(self, urgent: bool) -> None:
@@ -422,7 +456,7 @@ class Repairer:
         if len(self._wanted) >= WANTED:
             del self._wanted[next(iter(self._wanted))]
         self._wanted[chunk_id] = None
-        self.poke()
+        self._wakeup.set()  # (read by its key: no new look at the whole queue)
 
     def retry_deferred(self) -> None:
         """A store came back or has room again: retry the entries that were
@@ -571,9 +605,12 @@ class Repairer:
             limit = self._parallel
             async with trio.open_nursery() as nursery:
                 while entries:
-                    for entry in entries:
+                    for taken, entry in enumerate(entries):
                         if self._wanted and entry.chunk_id not in self._wanted:
-                            break  # a reader waits for others: those first
+                            # A reader waits for others: those first (these
+                            # go back where they were taken from).
+                            self._horizon.extendleft(e.chunk_id for e in reversed(entries[taken:]))
+                            break
                         await self.gate.wait_running()
                         borrower = object()
                         await limit.acquire_on_behalf_of(borrower)
@@ -626,29 +663,57 @@ class Repairer:
         )  # fmt: skip
 
     def _due_entries(self) -> list[RepairEntry]:
-        """Up to BATCH entries to repair now, most urgent first, read past
-        the deferred and skipped ones (never stuck behind them: as many
-        entries are read as can be left out, up to LOOKAHEAD)."""
+        """Up to BATCH entries to repair now, most urgent first (the chunks
+        readers wait for, then the queue's order): taken from the last look
+        at the queue (`_look_at_queue`), each as it is now (re-read by its
+        key), past the deferred and skipped ones (never stuck behind them)."""
         now = self.clock()
         self._deferred = {c: t for c, t in self._deferred.items() if t > now}
-        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped) + len(self._in_flight))
         wanted = list(reversed(self._wanted))  # the latest first: the reader is there
         self._wanted.clear()
-        first = self.queue.entries_of(wanted) if wanted else []
-        seen: set[int] = set()
-        due = []
-        for e in itertools.chain(first, self.queue.next_batch(BATCH + excluded)):
+        due: dict[int, RepairEntry] = {}
+        self._add_due(due, self.queue.entries_of(wanted) if wanted else [])
+        looked = False
+        while len(due) < BATCH:
+            if not self._horizon or self._look_again or now - self._looked_at >= LOOK_INTERVAL:
+                if looked:
+                    break
+                self._look_at_queue()
+                looked = True
+                if not self._horizon:
+                    break
+            count = min(BATCH - len(due), len(self._horizon))
+            self._add_due(due, self.queue.entries_of([self._horizon.popleft() for _ in range(count)]))
+        return list(due.values())
+
+    def _add_due(self, due: dict[int, RepairEntry], entries: list[RepairEntry]) -> None:
+        """Add those of `entries` that are due (not deferred, skipped or in
+        flight) to `due`, up to BATCH of them."""
+        for e in entries:
+            if len(due) == BATCH:
+                return
             if (
-                e.chunk_id not in seen
+                e.chunk_id not in due
                 and e.chunk_id not in self._deferred
                 and e.chunk_id not in self._in_flight
                 and self.skipped.due(e.chunk_id)
             ):
-                seen.add(e.chunk_id)
-                due.append(e)
-                if len(due) == BATCH:
-                    break
-        return due
+                due[e.chunk_id] = e
+
+    def _look_at_queue(self) -> None:
+        """Read the HORIZON most urgent entries of the whole queue (past as
+        many deferred, skipped or in-flight ones as there are, up to
+        LOOKAHEAD: one query) into the horizon (see HORIZON)."""
+        self._look_again = False
+        self._looked_at = self.clock()
+        excluded = min(LOOKAHEAD, len(self._deferred) + len(self.skipped) + len(self._in_flight))
+        self._horizon = deque(
+            e.chunk_id
+            for e in self.queue.next_batch(HORIZON + excluded)
+            if e.chunk_id not in self._deferred
+            and e.chunk_id not in self._in_flight
+            and self.skipped.due(e.chunk_id)
+        )
 
     def _flush_settled(self) -> None:
         """Remove the settled chunks' queue entries in one transaction
@@ -898,16 +963,82 @@ class Repairer:
         self.counters.bytes_read += payload
         return True
 
-    async def _read_good(self, ref: ChunkRef, broken: set[int], payload: int) -> dict[int, Bytes]:
-        """k whole, verified fragments (read in parallel, fastest stores and
-        data fragments first); fragments found bad are added to `broken`."""
-        candidates = [
-            i for i in self.reader.sources(ref, exclude=broken) if self._usable(ref.stores[i])
-        ]
+    async def _read_good(
+        self, ref: ChunkRef, broken: set[int], payload: int
+    ) -> Mapping[int, Bytes | memoryview]:
+        """k whole, verified fragments (data fragments first, then the
+        fastest stores, see `_cheapest_first`): in one worker-thread call
+        with the decode of `broken` (`_read_in_one_call`), else read in
+        parallel, hedged and widened (`ChunkReader.gather_fragments`);
+        fragments found bad are added to `broken`."""
+        candidates = self._cheapest_first(ref, self.reader.sources(ref, exclude=broken))
+        in_one_call = await self._read_in_one_call(ref, candidates, payload, sorted(broken))
+        if in_one_call is not None:
+            return in_one_call
         good, bad, bytes_read = await self.reader.gather_fragments(ref, candidates, 0, payload)
         broken.update(bad)
         self.counters.bytes_read += bytes_read
         return good
+
+    async def _read_in_one_call(
+        self, ref: ChunkRef, candidates: list[int], payload: int, broken: list[int]
+    ) -> dict[int, Bytes | memoryview] | None:
+        """The first k `candidates` read whole and verified, and fragments
+        `broken` decoded from them, in ONE worker-thread call
+        (`_read_sources`): one thread round trip and no copy of the
+        payloads, instead of k round trips, a task each and a copy each,
+        then one more for the decode (measured: ~1 ms of CPU less per
+        rebuilt 1 MiB fragment); the sources' payloads and the decoded ones
+        (which `rebuild_fragments` takes as decoded already). None when there are fewer than k, when one cannot be read or fails
+        its checks, or when the call takes longer than twice the slowest
+        source's hedge deadline (abandoned: its thread ends when its stores
+        answer): `gather_fragments`, which hedges, replaces and reports
+        per fragment, then reads them. The headers read go to the handle
+        cache, and the bytes to the stores' read counters, as a read
+        through the reader would."""
+        k = self.layout.of(ref).k
+        if len(candidates) < k:
+            return None
+        chosen = [(self.runners[ref.stores[i]], i) for i in candidates[:k]]
+        deadline = 2 * max(runner.hedge_deadline() for runner, _ in chosen)
+        codec = Codec.of(k, len(ref.stores) - k) if ref.k else self.codec
+        with trio.move_on_after(deadline):
+            done = await run_in_thread(
+                _read_sources, [(runner.store, i) for runner, i in chosen], ref.chunk_id,
+                self.reader.expected.of(ref), payload, codec, broken,
+                abandon_on_cancel=True, limiter=self._one_call_limiter,
+            )  # fmt: skip
+            if done is None:
+                self.counters.one_call_fallbacks += 1
+                return None
+            read, decoded = done
+            for runner, index in chosen:
+                self.handles.insert((runner.index, ref.chunk_id, index), read[index][0])
+                runner.note_answer()
+                runner.record_loop_read(payload)
+            self.counters.bytes_read += k * payload
+            self.counters.one_call_reads += 1
+            return {**{index: data for index, (_, data) in read.items()}, **decoded}
+        self.counters.one_call_fallbacks += 1
+        return None
+
+    def _cheapest_first(self, ref: ChunkRef, sources: list[int]) -> list[int]:
+        """`sources` (fastest first) on usable stores, the data fragments
+        on stores that are not SLOW before the others: the decode costs one
+        pass over the k sources per data fragment missing among them, plus
+        one per parity fragment rebuilt, so a parity rebuilt from k data
+        fragments costs one pass, from k - 1 of them and the other parity
+        two (zfec: ~1.3 ms against ~3.3 ms per 1 MiB fragment here, a third
+        of the rebuild's CPU). A slow data store is not waited for (it
+        stays where its latency puts it; the reads hedge past it anyway)."""
+        k = self.layout.of(ref).k
+        usable: list[tuple[bool, int]] = []
+        for index in sources:
+            runner = available_runner(self.runners, ref.stores[index])
+            if runner is not None:
+                usable.append((index >= k or runner.state is StoreState.SLOW, index))
+        usable.sort(key=lambda pair: pair[0])  # stable: fastest first within each
+        return [index for _, index in usable]
 
     def _give_up(self, ref: ChunkRef, broken: list[int]) -> None:
         message = (
@@ -933,24 +1064,28 @@ class _RepairStores:
         #: Fragment files written (or being written) for this chunk.
         self.touched: list[tuple[int, int, int]] = []
 
-    async def replace_fragment(
-        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    async def write_verified(
+        self, store: int, ref: ChunkRef, index: int, parts: list[fragment.Buffer]
     ) -> int:
         repairer = self.repairer
         if repairer.before_write is not None and not await repairer.before_write(store):
             raise StoreError(f"store {store} is unavailable")
         runner = repairer.runners[store]
-        repairer.handles.discard((store, chunk_id, index))
+        key = (store, ref.chunk_id, index)
+        repairer.handles.discard(key)
         size = sum(len(p) for p in parts)
-        self.touched.append((store, chunk_id, index))
-        # One call (one turn in the store's queue, which a replaced store
-        # shares with the readers of what is rebuilt already).
-        return await runner.call(
-            _replace_fragment, runner.store, chunk_id, index, parts, nbytes_written=size
-        )
-
-    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        await self.repairer.reader.read_fragment(ref, index, 0, payload_length)
+        self.touched.append(key)
+        # One call: one turn in the store's queue (which a replaced store
+        # shares with the readers of what is rebuilt already), one thread
+        # round trip for the write and its read-back. (The read-back is not
+        # a latency sample of the store's reads: it is timed with the write.)
+        written, header = await runner.call(
+            _write_verified, runner.store, ref.chunk_id, index, parts,
+            repairer.reader.expected.of(ref), repairer.layout.of(ref).payload_length(ref.length),
+            nbytes_written=size,
+        )  # fmt: skip
+        repairer.handles.insert(key, header)  # verified: as a read would have
+        return written
 
     def note_unsynced(self, store: int) -> None:
         # Made durable before any metadata batch that refers to it (the
@@ -964,8 +1099,72 @@ class _RepairStores:
         self.repairer.garbage.discard(refs, self.repairer.db.generation)
 
 
-def _replace_fragment(store: Store, chunk_id: int, index: int, parts: list[fragment.Buffer]) -> int:
+def _write_verified(
+    store: Store,
+    chunk_id: int,
+    index: int,
+    parts: list[fragment.Buffer],
+    expected: Expected,
+    payload_length: int,
+) -> tuple[int, fragment.FragmentHeader]:
     """In a worker thread: remove any fragment file by that name (they are
-    never overwritten), then write it."""
+    never overwritten), write it, then read it back whole and verify it
+    (`_read_whole`); (bytes written, its header). FragmentCorrupt if what
+    was read back is not what was written."""
     store.delete_fragment(chunk_id, index)
-    return store.write_fragment(chunk_id, index, parts)
+    written = store.write_fragment(chunk_id, index, parts)
+    header, _ = _read_whole(store, chunk_id, index, expected, payload_length)
+    return written, header
+
+
+def _read_sources(
+    sources: list[tuple[Store, int]],
+    chunk_id: int,
+    expected: Expected,
+    payload_length: int,
+    codec: Codec,
+    wanted: list[int],
+) -> tuple[dict[int, tuple[fragment.FragmentHeader, memoryview]], dict[int, bytes]] | None:
+    """In one worker thread: k fragments (store, index) of chunk `chunk_id`
+    read whole and verified (`_read_whole`), by index, and fragments
+    `wanted` decoded from them. Their reads are started together first
+    (`Store.prefetch`), so the wait is about one disk read, not k. None if
+    one of them cannot be read or fails its checks (the caller then reads
+    them one by one and finds out which)."""
+    probe = fragment.HEADER_PROBE_SIZE + payload_length
+    try:
+        for store, index in sources:
+            store.prefetch(chunk_id, index, 0, probe)
+        read = {
+            index: _read_whole(store, chunk_id, index, expected, payload_length)
+            for store, index in sources
+        }
+    except (EcfsError, OSError):
+        return None
+    payloads = {i: data for i, (_, data) in read.items()}
+    return read, decode_broken(codec, payloads, wanted) if wanted else {}
+
+
+def _read_whole(
+    store: Store, chunk_id: int, index: int, expected: Expected, payload_length: int
+) -> tuple[fragment.FragmentHeader, memoryview]:
+    """Blocking: fragment (chunk_id, index) read whole (header and payload
+    in one request) and verified against `expected`, `payload_length` and
+    its cells' checksums: (header, payload, a view of the bytes read: no
+    copy). FragmentCorrupt, or the store's errors."""
+    header, prefix = read_header(
+        store, chunk_id, index, expected, probe=fragment.HEADER_PROBE_SIZE + payload_length
+    )
+    if header.payload_length != payload_length:
+        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index}: payload length mismatch")
+    start = header.payload_offset
+    payload = prefix[start : start + payload_length]
+    if len(payload) < payload_length:  # a header block larger than the probe
+        buf = bytearray(payload_length)
+        payload = memoryview(buf)[: store.read_fragment(chunk_id, index, start, memoryview(buf))]
+    if len(payload) != payload_length:
+        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index} is truncated")
+    bad = fragment.bad_cells(header, 0, payload)
+    if bad:
+        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index}: bad cells {bad[:8]}")
+    return header, payload

@@ -697,8 +697,9 @@ class StoreRunner:
         self._record_sample(seconds, data=True, read=True, nbytes=nbytes)
 
     def record_loop_read(self, nbytes: int) -> None:
-        """Count a read of `nbytes` served on the loop without a thread
-        (a page cache hit) in the read counters."""
+        """Count a read of `nbytes` made without one of this runner's
+        threads (a page cache hit served on the loop, a repair's sources
+        read in one call) in the read counters."""
         self._read_ops += 1
         self._bytes_read += nbytes
 

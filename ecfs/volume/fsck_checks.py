@@ -1061,22 +1061,21 @@ class _FsckStores:
         self.ctx = ctx
         self.expected = expected
 
-    async def replace_fragment(
-        self, store: int, chunk_id: int, index: int, parts: list[fragment.Buffer]
+    async def write_verified(
+        self, store: int, ref: ChunkRef, index: int, parts: list[fragment.Buffer]
     ) -> int:
         target = self.ctx.stores[store]
         self.ctx.touched.add(store)
-        target.delete_fragment(chunk_id, index)  # fragment files are never overwritten
-        return target.write_fragment(chunk_id, index, parts)
-
-    async def verify_fragment(self, ref: ChunkRef, index: int, payload_length: int) -> None:
-        store = self.ctx.stores[ref.stores[index]]
+        target.delete_fragment(ref.chunk_id, index)  # fragment files are never overwritten
+        written = target.write_fragment(ref.chunk_id, index, parts)
+        payload_length = self.ctx.layout.of(ref).payload_length(ref.length)
         problem, _ = _verify_fragment(
-            self.ctx, store, ref.chunk_id, index, payload_length, self.expected,
+            self.ctx, target, ref.chunk_id, index, payload_length, self.expected,
             full=True, count=False,
         )  # fmt: skip
         if problem is not None:
             raise FragmentCorrupt(f"fragment {index} read back: {problem}")
+        return written
 
     def note_unsynced(self, store: int) -> None:
         self.ctx.touched.add(store)
