@@ -41,26 +41,22 @@ is decoded from the others at once (not damage: it is queued), instead of
 waiting in the new store's queue behind the rebuild's writes to learn
 that it is missing; it is no source, and read-ahead skips it.
 
-Kept bytes of degraded reads: a sequential reader (its chunk was read
-ahead: `prefetch`, and the request looks like a stream's: `_streaming`,
-not a 4 KiB random read of a chunk read ahead earlier) that needs a data
-fragment decoded, because its store is
-unavailable or routed around, has the range decoded up to KEEP_SPAN bytes
-ahead at once, and the decoded bytes and the verified data-fragment
-sources of that decode are kept (`_kept`, at most KEEP_BYTES, oldest
-dropped first) keyed by the chunk version (the ChunkRef: chunk ids are
-never reused, every rewrite of a chunk is a new id, and a fragment moved
-by repair is a new ref) and fragment index. The next requests of the
-reader (FUSE asks 128 KiB at a time) for that fragment and for the
-neighbouring data fragments are then served from those bytes on the loop
-(`read_cached`): each range of the chunk is read, checksummed and decoded
-once instead of k sources per request. Concurrent requests covered by a
-decode under way wait for it instead of decoding the same range again.
-The decode starts with the chunk's first stream request, whichever data
-fragment it is for (`_decode_first`): the requests for the data
-fragments before the decoded one are served from its kept sources too,
-so each cell is read and checked once, not by a cached read and again
-by the decode.
+Kept bytes of degraded reads (`ecfs.data.kept`, which states what is
+kept and for how long): a sequential reader (its chunk was read ahead:
+`prefetch`, and the request looks like a stream's:
+`KeptBytes.streaming`) that needs a data fragment decoded, because its
+store is unavailable or routed around, has the range decoded up to
+KEEP_SPAN bytes ahead at once (`_read_degraded_kept`), and the decoded
+bytes and the verified data-fragment sources of that decode are kept.
+Its next requests for that fragment and for the neighbouring data
+fragments are then served from those bytes on the loop (`read_cached`),
+and concurrent requests covered by a decode under way wait for it
+(`_kept_or_span`). The decode starts with the chunk's first stream
+request, whichever data fragment it is for (`_decode_first`): the
+requests for the data fragments before the decoded one are served from
+its kept sources too, so each cell is read and checked once, not by a
+cached read and again by the decode. A repair takes the whole payloads
+kept (`kept_payloads`).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
@@ -167,12 +163,10 @@ from ..storage.offload import (
     run_in_thread,
 )
 from ..storage.store import Store
+from .kept import KEEP_SPAN, STREAM_REQUEST, Bytes, KeptBytes
 from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
-
-#: Verified bytes as read (a bytearray when read into a buffer: never copied again).
-Bytes = bytes | bytearray
 
 #: Called with (chunk, fragment indices found bad, reason) after a degraded read.
 DamageCallback = Callable[[ChunkRef, list[int], str], None]
@@ -235,15 +229,6 @@ PROBE_INTERVAL = 0.5
 #: only with no call of it in flight (its probe reads then measured it:
 #: the reads that were outrun and abandoned never are).
 RESUME_AFTER = 2.0
-
-#: A sequential reader's degraded read decodes this many bytes of the lost
-#: fragment at once (from the requested start, within its payload) and
-#: keeps them, with the data-fragment sources, for its next requests; at
-#: most KEEP_BYTES are kept (see the module docstring).
-KEEP_SPAN = 1024 * 1024
-KEEP_BYTES = 32 * 1024 * 1024
-#: A degraded read of at least this many bytes is a stream's (`_streaming`).
-STREAM_REQUEST = 64 * 1024
 
 #: Chunks read ahead that are planned again when a store starts lagging:
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
@@ -428,12 +413,8 @@ class ChunkReader:
         self._outstanding: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
-        #: Kept bytes of degraded reads (see the module docstring):
-        #: (chunk version, fragment index) -> [(start, end, verified bytes)].
-        self._kept: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes]]] = OrderedDict()
-        self._kept_bytes = 0
-        #: Decodes to be kept under way: (ref, lost) -> (start, end, done).
-        self._keeping: dict[tuple[ChunkRef, int], tuple[int, int, trio.Event]] = {}
+        #: Kept bytes of degraded reads (see `ecfs.data.kept`).
+        self._kept = KeptBytes()
 
     def _codec(self, ref: ChunkRef) -> Codec:
         """The codec of chunk `ref` (its own coding, or the volume's)."""
@@ -725,7 +706,7 @@ class ChunkReader:
             if kept is not None:
                 return kept
             if end - start <= SMALL_READ and not (
-                ref in self._planned and self._streaming(ref, index, start, end)
+                ref in self._planned and self._kept.streaming(ref, index, start, end)
             ):
                 # A small routed read: its k sources from the page cache and
                 # the decode on the loop, tried again after one pass of it
@@ -1199,7 +1180,7 @@ class ChunkReader:
         """Bytes [start, end) of fragment `lost`, decoded from k others.
         `lost` is reported as damaged (with any source found bad) unless
         `damaged` is False (it is only slow). With `keep`, the decoded bytes
-        and the data-fragment sources are kept (see the module docstring)."""
+        and the data-fragment sources are kept (see `ecfs.data.kept`)."""
         k = self.layout.of(ref).k
         candidates = self.sources(ref, exclude={lost})
         chosen = self._chosen.get(ref)
@@ -1217,7 +1198,7 @@ class ChunkReader:
             if damaged:
                 self._damage(ref, [lost], reason)
             if keep:
-                self._keep(ref, lost, start, end, decoded_fast, sources)
+                self._kept.keep(ref, k, lost, start, end, decoded_fast, sources)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
@@ -1233,7 +1214,7 @@ class ChunkReader:
             )
         decoded = await run_cpu(self._codec(ref).decode, pieces, [lost], size=end - start)
         if keep:
-            self._keep(ref, lost, start, end, decoded[lost], pieces)
+            self._kept.keep(ref, k, lost, start, end, decoded[lost], pieces)
         return decoded[lost]
 
     def _damage(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
@@ -1244,40 +1225,15 @@ class ChunkReader:
         if bad:
             self.on_damage(ref, bad, reason)
 
-    # -- kept bytes of degraded reads (see the module docstring) ----------------
+    # -- kept bytes of degraded reads (see ecfs.data.kept) ----------------------
 
     def _copy_kept(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
         """Fill `dest` with fragment `index` bytes from `frag_start` if they
-        are kept; False if not."""
-        ranges = self._kept.get((ref, index))
-        if ranges is None:
+        are kept (counted: `kept_reads`); False if not."""
+        if not self._kept.copy(ref, index, frag_start, dest):
             return False
-        frag_end = frag_start + len(dest)
-        for a, b, data in ranges:
-            if a <= frag_start and frag_end <= b:
-                dest[:] = memoryview(data)[frag_start - a : frag_end - a]
-                self.counters.kept_reads += 1
-                return True
-        return False
-
-    def _keep(
-        self, ref: ChunkRef, lost: int, start: int, end: int, decoded: Bytes,
-        sources: Mapping[int, Bytes],
-    ) -> None:  # fmt: skip
-        """Keep fragment `lost`'s decoded bytes [start, end) and those of the
-        data-fragment `sources`, dropping the oldest beyond KEEP_BYTES."""
-        k = self.layout.of(ref).k
-        for index, data in [(lost, decoded), *sources.items()]:
-            if index >= k or len(data) != end - start:
-                continue
-            key = (ref, index)
-            ranges = self._kept.setdefault(key, [])
-            ranges.append((start, end, data))
-            self._kept.move_to_end(key)
-            self._kept_bytes += end - start
-        while self._kept_bytes > KEEP_BYTES and self._kept:
-            _, dropped = self._kept.popitem(last=False)
-            self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+        self.counters.kept_reads += 1
+        return True
 
     def _decode_first(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> int | None:
         """The data fragment to decode first for `piece` of a healthy data
@@ -1290,7 +1246,7 @@ class ChunkReader:
         docstring) rather than read from its store first and by the decode
         again."""
         chosen = self._chosen.get(ref)
-        if chosen is None or self._is_kept(ref, piece):
+        if chosen is None or self._kept.covers(ref, piece.index, piece.frag_start, piece.frag_end):
             return None
         k = self.layout.of(ref).k
         lost = None
@@ -1308,13 +1264,6 @@ class ChunkReader:
         if b - a < min(STREAM_REQUEST, payload) or ref not in self._planned:
             return None
         return lost
-
-    def _is_kept(self, ref: ChunkRef, piece: FragmentPiece) -> bool:
-        """Whether the bytes of `piece` are kept."""
-        return any(
-            a <= piece.frag_start and piece.frag_end <= b
-            for a, b, _ in self._kept.get((ref, piece.index), ())
-        )
 
     async def _read_from_decode(
         self, ref: ChunkRef, payload: int, start: int, pieces: list[FragmentPiece],
@@ -1341,32 +1290,16 @@ class ChunkReader:
 
     def kept_payloads(self, ref: ChunkRef) -> dict[int, memoryview]:
         """The whole payloads of fragments of `ref` that degraded reads
-        keep (decoded, or verified sources; see the module docstring): what
+        keep (decoded, or verified sources; see `ecfs.data.kept`): what
         a repair of the chunk can take instead of reading and decoding."""
-        payload = self.layout.of(ref).payload_length(ref.length)
-        whole: dict[int, memoryview] = {}
-        for index in range(self.layout.of(ref).k):
-            ranges = sorted(self._kept.get((ref, index), ()), key=lambda r: r[0])
-            if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
-                whole[index] = memoryview(ranges[0][2])[:payload]
-                continue
-            joined = bytearray()  # spans kept one after another (requests out of order)
-            for a, b, data in ranges:
-                if a > len(joined):
-                    break
-                if b > len(joined):
-                    joined += memoryview(data)[len(joined) - a :]
-            if len(joined) >= payload:
-                whole[index] = memoryview(joined)[:payload]
-        return whole
+        layout = self.layout.of(ref)
+        return self._kept.whole_payloads(ref, layout.k, layout.payload_length(ref.length))
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that
         covers them is kept (waited for): None if not."""
-        keeping = self._keeping.get((ref, lost))
-        if keeping is None or not (keeping[0] <= start and end <= keeping[1]):
+        if not await self._kept.wait_for_decode(ref, lost, start, end):
             return None
-        await keeping[2].wait()
         data = bytearray(end - start)
         return data if self._copy_kept(ref, lost, start, memoryview(data)) else None
 
@@ -1376,36 +1309,16 @@ class ChunkReader:
     ) -> Bytes:  # fmt: skip
         """`_read_degraded` of [start, end); for a sequential reader (its
         chunk was read ahead lately, and the range is a stream's: see
-        `_streaming`) up to KEEP_SPAN bytes from `start` are decoded and
-        kept for its next requests (see the module docstring)."""
-        if ref not in self._planned or not self._streaming(ref, lost, start, end):
+        `KeptBytes.streaming`) up to KEEP_SPAN bytes from `start` are
+        decoded and kept for its next requests (see `ecfs.data.kept`)."""
+        if ref not in self._planned or not self._kept.streaming(ref, lost, start, end):
             return await self._read_degraded(ref, lost, start, end, reason, damaged)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         stop = max(end, layout.cell_range(start, min(payload, start + KEEP_SPAN), payload)[1])
-        key = (ref, lost)
-        done = trio.Event()
-        if key not in self._keeping:
-            self._keeping[key] = (start, stop, done)
-        try:
+        with self._kept.decoding(ref, lost, start, stop):
             data = await self._read_degraded(ref, lost, start, stop, reason, damaged, keep=True)
-        finally:
-            if self._keeping.get(key, (0, 0, None))[2] is done:
-                del self._keeping[key]
-            done.set()
         return data if stop == end else data[: end - start]
-
-    def _streaming(self, ref: ChunkRef, lost: int, start: int, end: int) -> bool:
-        """Whether fragment range [start, end) looks like a sequential
-        stream's: a large request (STREAM_REQUEST bytes or more: FUSE's
-        read-ahead), the start of the fragment, or where bytes kept for it
-        end. A small random read of a chunk that a sequential reader had
-        read ahead earlier is not one: decoding KEEP_SPAN for it would read
-        k x KEEP_SPAN bytes for 4 KiB (measured: it made the p99 of 4 KiB
-        random reads after a sequential read 10x that of the others)."""
-        if end - start >= STREAM_REQUEST or start == 0:
-            return True
-        return any(b == start for _, b, _ in self._kept.get((ref, lost), ()))
 
     async def _decode_in_one_call(
         self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int,
