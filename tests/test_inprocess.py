@@ -381,7 +381,7 @@ async def test_random_reads_route_around_a_slow_store(rig: Rig) -> None:
     serve from their cache. (Placement rotates the stores, so every store
     holds data fragments of some chunks and is measured by reading them;
     a store that only ever holds parity, as the remote stores of a hybrid
-    volume, is never switched to: see _route_around.)"""
+    volume, is never switched to: see Router.route_around.)"""
     volume = rig.volume
     refs, datas = await rig.stored_files(12)
     slow_store = 0

@@ -547,7 +547,7 @@ async def test_a_hedged_read_abandons_the_slow_request_and_returns(tmp_path: Pat
     reader = rig.volume.reader
     runner = rig.volume.runners[ref.stores[0]]
     for _ in range(SLOW_MIN_SAMPLES):
-        for store in ref.stores:  # every source measured (ChunkReader._route_around)
+        for store in ref.stores:  # every source measured (Router.route_around)
             rig.volume.runners[store].record_latency(0.001)
     slow = rig.store_of(ref, 0)
     slow.set("slow", delay=60.0, ops={"read"})
@@ -609,7 +609,7 @@ async def test_a_read_of_a_hung_fast_store_times_out_at_the_derived_timeout(
 
 async def test_stores_slow_together_are_read_as_usual(tmp_path: Path) -> None:
     """A SLOW store is read around only while k others are much quicker
-    (ChunkReader._route_around): when the others are about as slow (all
+    (Router.route_around): when the others are about as slow (all
     under load), it is read."""
     from .inprocess import CHUNK, make_rig
 
@@ -664,7 +664,7 @@ async def test_a_store_slow_from_the_start_is_read_around_too(tmp_path: Path) ->
 async def test_a_store_read_around_is_still_asked_now_and_then(tmp_path: Path) -> None:
     """A store read around still gets probe reads (nobody waits for them):
     once it answers quickly again, it is no longer read around."""
-    from ecfs.data.reader import PROBE_INTERVAL
+    from ecfs.data.routing import PROBE_INTERVAL
 
     from .inprocess import CHUNK, make_rig
 

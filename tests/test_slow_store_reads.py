@@ -17,6 +17,7 @@ import trio
 
 from ecfs.core.model import ChunkRef
 from ecfs.data import reader as reader_module
+from ecfs.data import routing
 from ecfs.data.readahead import WORKERS_PER_STORE, ReadAhead
 from ecfs.storage import offload
 from ecfs.storage.fakestores import FaultyStore
@@ -90,6 +91,7 @@ async def test_equal_noisy_stores_and_mixed_sizes_route_nothing(
     looked 10x slower than the others and was routed around."""
     monkeypatch.setattr(offload, "SMALL_READ", 8192)
     monkeypatch.setattr(reader_module, "SMALL_READ", 8192)
+    monkeypatch.setattr(routing, "SMALL_READ", 8192)
     volume = rig.volume
     refs, datas = await rig.stored_files(12)
     rng = random.Random(7)
@@ -141,10 +143,10 @@ async def test_a_store_whose_small_reads_wait_now_and_then_is_judged_by_its_medi
             runner.record_latency(0.0003, 4096)
     for _ in range(5):  # store 0's last five reads waited for the next slice
         runners[0].record_latency(0.03, 4096)
-    assert not reader._route_around(ref, 0, 4096)
+    assert not reader.router.route_around(ref, 0, 4096)
     for _ in range(SMALL_MIN_SAMPLES + 2):  # now slow for every read
         runners[0].record_latency(0.004, 4096)
-    assert reader._route_around(ref, 0, 4096)
+    assert reader.router.route_around(ref, 0, 4096)
 
 
 async def test_a_slow_store_whose_threads_are_all_abandoned_is_not_failed_while_it_answers(
@@ -273,9 +275,9 @@ async def test_a_read_cached_on_the_second_try_skips_the_hedged_read_and_is_not_
 def _busy(reader: reader_module.ChunkReader, ref: ChunkRef, queue: int) -> None:
     """Pretend a request's piece is being read from every store of `ref`
     (as at queue depth 16), `queue` of them from fragment 0's store."""
-    reader._outstanding.clear()
+    reader.router._outstanding.clear()
     for j, store in enumerate(ref.stores):
-        reader._outstanding[store] = queue if j == 0 else 1
+        reader.router._outstanding[store] = queue if j == 0 else 1
 
 
 async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too(
@@ -303,18 +305,18 @@ async def test_a_busier_store_is_not_routed_around_while_the_others_are_busy_too
     for _ in range(3):  # a few slow samples only
         runners[0].record_latency(0.2, 4096)
     _busy(reader, ref, 1)
-    assert not reader._route_around(ref, 0, 4096)
+    assert not reader.router.route_around(ref, 0, 4096)
     for _ in range(SMALL_MIN_SAMPLES + 8):
         runners[0].record_latency(0.008, 4096)
-    assert not reader._route_around(ref, 0, 4096)
+    assert not reader.router.route_around(ref, 0, 4096)
     _busy(reader, ref, 1 + 1 + K)  # this read, and K more than the others
-    assert reader._route_around(ref, 0, 4096)
-    assert ref.stores[0] not in reader._avoided  # this read only
-    reader._outstanding.clear()  # the others idle
-    assert reader._route_around(ref, 0, 4096)
-    assert ref.stores[0] in reader._avoided
+    assert reader.router.route_around(ref, 0, 4096)
+    assert ref.stores[0] not in reader.router.avoided  # this read only
+    reader.router._outstanding.clear()  # the others idle
+    assert reader.router.route_around(ref, 0, 4096)
+    assert ref.stores[0] in reader.router.avoided
     _busy(reader, ref, 1)
-    assert not reader._route_around(ref, 0, 4096)  # routed around, but its queue is short
+    assert not reader.router.route_around(ref, 0, 4096)  # routed around, but its queue is short
 
 
 async def test_small_reads_are_hedged_after_the_slow_tail_of_the_others(rig: Rig) -> None:
@@ -333,8 +335,8 @@ async def test_small_reads_are_hedged_after_the_slow_tail_of_the_others(rig: Rig
             runner.record_latency(0.04 if n % 5 == 0 else 0.0002, 4096)
         for _ in range(3):
             runner.record_latency(0.0002, 4096)  # the EWMAs quick again
-    deadline = reader._hedge_deadline(runners[0], ref, 0, 4096)
-    assert deadline >= reader_module.HEDGE_ALTERNATIVE_FACTOR * 0.04
+    deadline = reader.router.hedge_deadline(runners[0], ref, 0, 4096)
+    assert deadline >= routing.HEDGE_ALTERNATIVE_FACTOR * 0.04
 
 
 async def test_a_small_read_routed_around_a_slow_store_is_decoded_on_the_loop(rig: Rig) -> None:

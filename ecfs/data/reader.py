@@ -41,26 +41,22 @@ is decoded from the others at once (not damage: it is queued), instead of
 waiting in the new store's queue behind the rebuild's writes to learn
 that it is missing; it is no source, and read-ahead skips it.
 
-Kept bytes of degraded reads: a sequential reader (its chunk was read
-ahead: `prefetch`, and the request looks like a stream's: `_streaming`,
-not a 4 KiB random read of a chunk read ahead earlier) that needs a data
-fragment decoded, because its store is
-unavailable or routed around, has the range decoded up to KEEP_SPAN bytes
-ahead at once, and the decoded bytes and the verified data-fragment
-sources of that decode are kept (`_kept`, at most KEEP_BYTES, oldest
-dropped first) keyed by the chunk version (the ChunkRef: chunk ids are
-never reused, every rewrite of a chunk is a new id, and a fragment moved
-by repair is a new ref) and fragment index. The next requests of the
-reader (FUSE asks 128 KiB at a time) for that fragment and for the
-neighbouring data fragments are then served from those bytes on the loop
-(`read_cached`): each range of the chunk is read, checksummed and decoded
-once instead of k sources per request. Concurrent requests covered by a
-decode under way wait for it instead of decoding the same range again.
-The decode starts with the chunk's first stream request, whichever data
-fragment it is for (`_decode_first`): the requests for the data
-fragments before the decoded one are served from its kept sources too,
-so each cell is read and checked once, not by a cached read and again
-by the decode.
+Kept bytes of degraded reads (`ecfs.data.kept`, which states what is
+kept and for how long): a sequential reader (its chunk was read ahead:
+`prefetch`, and the request looks like a stream's:
+`KeptBytes.streaming`) that needs a data fragment decoded, because its
+store is unavailable or routed around, has the range decoded up to
+KEEP_SPAN bytes ahead at once (`_read_degraded_kept`), and the decoded
+bytes and the verified data-fragment sources of that decode are kept.
+Its next requests for that fragment and for the neighbouring data
+fragments are then served from those bytes on the loop (`read_cached`),
+and concurrent requests covered by a decode under way wait for it
+(`_kept_or_span`). The decode starts with the chunk's first stream
+request, whichever data fragment it is for (`_decode_first`): the
+requests for the data fragments before the decoded one are served from
+its kept sources too, so each cell is read and checked once, not by a
+cached read and again by the decode. A repair takes the whole payloads
+kept (`kept_payloads`).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
@@ -69,80 +65,31 @@ page-cache reads seldom update, sent every replacement to the same
 stores: two of five devices idled a third of the time), and its
 degraded reads use the fragments read ahead for it first (`_chosen`).
 
-Scheduling around a lagging store (issue 17): a data fragment whose
-store is measurably slower than the alternative is not waited for. The
-rule (`_route_around`): a small read (up to SMALL_READ = 64 KiB, e.g. a
-4 KiB random read) compares like with like, small reads of each store,
-by service time alone (queue imbalance at QD16 is no reason to read k
-fragments instead of one): once SMALL_MIN_SAMPLES of the store's small
-reads were timed, the median of its last ones
-(`StoreRunner.small_read_quantiles`) against the k-th smallest 90th
-percentile of the others' (a routed read waits for the slowest of k),
-routed above SMALL_AVOID_FACTOR x that plus SMALL_AVOID_MARGIN, read
-again below SMALL_RESUME_FACTOR x that (stores at their IOPS limit that
-all wait now and then route nothing: routing would cost k reads of
-stores just as limited; the EWMAs had each store in turn look 8x slower
-after a run of waits); before that, the EWMAs of small reads
-(`StoreRunner.expected_latency(nbytes)`; only stores measured by small
-reads count, on both sides: a store just measured by 1 MiB reads is not
-slower than one measured by 4 KiB ones) with FEW_SAMPLES_MARGIN, so
-that only a store far behind (100 ms) is routed around on few samples.
-A routed small read costs k reads of other stores: cheap while k of them
-are idle (no piece of a request being read there: a reader at QD1), and
-the rule above decides; while they are busy too (QD16), their k reads
-queue behind what other requests wait for, and a store that waits is
-mostly busier, not slower (more of the data read is on it, or a burst of
-requests came; latencies cannot tell on disks at their IOPS limit, where
-the others answer at once until they are at it too): then each read
-decides for itself, routed when its store has k more pieces outstanding
-than the k-th least busy other (`_queue_routes`), whatever the rule
-above had decided (stores routed around in turn for seconds cost 1.2-1.9
-device reads per request there); a large read (a whole fragment read ahead, a 1 MiB request)
-compares the EWMAs of large reads times the queue depth when the store
-and k others were timed reading large, else the EWMAs of every sample
-(the stores serving a sequential reader from their page cache have few
-timed large reads); and how long a read of the store has been waited for
-already, against the large reads of the others when k of them were
-timed (a store turning slow is seen before its first late answer or
-hedge; their small reads say nothing of how long a large one takes). Route when the store's estimate exceeds AVOID_FACTOR (8) x that
-of the k-th fastest other source plus a margin for what the routed read
-itself costs: SMALL_AVOID_MARGIN (1 ms) for small reads, AVOID_MARGIN (5
-ms) for large ones. A 4 KiB read
-of a disk at 2 MiB/s (2-8 ms against 0.1-0.3 ms) is then routed, which
-one fixed 5 ms margin never did (its p99 stayed 3-4 ms); equal stores,
-however noisy, and a store just measured by large reads among stores
-measured by small ones, are not. Such a read is not waited for: its range is decoded from k others at once (a "routed" read:
-not damage, nothing is queued for repair; a small one on the loop from k
-cached sources when it can, tried again after one pass of the loop as a
-healthy read is, `_decode_cached`), read-ahead plans a parity
-fragment in its place (and plans the chunks read ahead lately again when
-the store starts lagging), and cached reads are not tried on it. A probe
-read, not waited for, goes to it every PROBE_INTERVAL so that its latency
-stays measured; below RESUME_FACTOR x (after RESUME_AFTER seconds at
-least, with none of its calls in flight) it is read again. A store found
-unavailable has the chunks read ahead lately planned again too. Only measured
-stores count on either side, so a store never read (the remote parity
-stores of a hybrid volume) never attracts reads on a guess: healthy reads
-of a healthy volume read the data fragments only. A store that answers,
-however late, is never failed by the reader: OUTRUN_LIMIT hedges in a
-row fail it only if nothing of it answered for PROBE_TIMEOUT (a slow disk
-was failed this way, and every chunk it holds queued for repair); the
-read-ahead's answers count (`StoreRunner.note_answer`), and read-ahead
-keeps at most a few fragments in flight per store (see
-`ecfs.data.readahead`), so a lagging store's queue stays short and its
-health check is answered. A read that is waited
-for is hedged after its store's hedge deadline, capped at
-HEDGE_ALTERNATIVE_FACTOR x the alternative's expected latency (a small
-read: after that factor x the others' slow tail, at least HEDGE_FLOOR,
-see `_hedge_deadline`); a hedge
-that wins records what the abandoned read had waited so far (a lower
-bound of its latency), so a store turning slow is measured as such.
+Reading around a lagging store (issue 17): whether a store is waited
+for, and how long, is decided by the reader's `Router`
+(`ecfs.data.routing`, which states the rule); the reader acts on its
+answers. A data fragment whose store is routed around
+(`Router.route_around`) is not waited for: its range is decoded from k
+others at once (a "routed" read: not damage, nothing is queued for
+repair; a small one on the loop from k cached sources when it can, tried
+again after one pass of the loop as a healthy read is,
+`_decode_cached`), read-ahead plans a parity fragment in its place (and
+plans the chunks read ahead lately again when the store starts lagging
+or is found unavailable: `_replan`, called by the router), cached reads
+are not tried on it, and now and then a probe read, not waited for,
+goes to it (`_probe`, when `Router.probe_due`) so that its latency stays
+measured. A read that is waited for is hedged (`_read_hedged`) after
+`Router.hedge_deadline`, when `Router.may_hedge`: the same range is
+decoded from others too and the first answer wins; a hedge that wins
+records what the abandoned read had waited so far (a lower bound of its
+latency), so a store turning slow is measured as such, and tells the
+router (`Router.note_outrun`), which fails a store only when it has
+stopped answering altogether.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Container, Mapping
@@ -157,22 +104,11 @@ from ..core.geometry import FragmentPiece, Layout
 from ..core.model import ChunkRef
 from ..core.tasks import gather_in_order, open_fan_out
 from ..storage.handles import Expected, HandleCache, read_header
-from ..storage.offload import (
-    HEDGE_FLOOR,
-    PROBE_TIMEOUT,
-    SMALL_READ,
-    StoreRunner,
-    available_runner,
-    run_cpu,
-    run_in_thread,
-)
+from ..storage.offload import SMALL_READ, StoreRunner, available_runner, run_cpu, run_in_thread
 from ..storage.store import Store
+from .kept import KEEP_SPAN, STREAM_REQUEST, Bytes, KeptBytes
 from .readahead import ReadAhead
-
-log = logging.getLogger(__name__)
-
-#: Verified bytes as read (a bytearray when read into a buffer: never copied again).
-Bytes = bytes | bytearray
+from .routing import Router
 
 #: Called with (chunk, fragment indices found bad, reason) after a degraded read.
 DamageCallback = Callable[[ChunkRef, list[int], str], None]
@@ -181,69 +117,8 @@ DamageCallback = Callable[[ChunkRef, list[int], str], None]
 #: with the header in one pread.
 ONE_READ_GAP = 64 * 1024
 
-#: Consecutive reads of one store beaten by their hedge before the store
-#: is marked failed (hung).
-OUTRUN_LIMIT = 4
-
-#: Slow-read hedges allowed: this fraction of fragment reads, plus a burst.
-HEDGE_FRACTION = 0.05
-HEDGE_BURST = 16
-
 #: Degraded reads done at once in one worker-thread call each.
 ONE_CALL_THREADS = 8
-
-#: A data fragment's store is routed around (the range decoded from k other
-#: fragments instead) when its expected latency for the read (small: up to
-#: offload.SMALL_READ bytes, or large; see the module docstring) exceeds
-#: AVOID_FACTOR times that of the k-th fastest other measured source plus a margin,
-#: SMALL_AVOID_MARGIN for small reads and AVOID_MARGIN for large ones; it
-#: is used again once it falls below RESUME_FACTOR times (hysteresis). The
-#: factor keeps the queueing of equal stores (a busy healthy store reaches
-#: 4-5x the others now and then) from routing; the margin is what a
-#: routed read costs beyond the alternative's latency (k reads instead of
-#: one, a worker thread, the decode: ~0.3-1 ms for 4 KiB here, a few ms
-#: for the k MiB of a large one). Measured on 6 capped loop devices
-#: (scripts/bench_disks.py): a 4 KiB read of a device at 2 MiB/s takes 2-8
-#: ms against 0.1-0.2 ms for the others at 40 MiB/s (10-40x), a 1 MiB
-#: read 0.5 s against 25 ms (20x). (One 5 ms margin for all sizes never
-#: routed small reads around the slow device.)
-AVOID_FACTOR = 8.0
-#: Small reads: a store is routed around when the median of its last small
-#: reads exceeds SMALL_AVOID_FACTOR x the k-th smallest 90th percentile of
-#: the others' plus SMALL_AVOID_MARGIN, and read again once it is below
-#: SMALL_RESUME_FACTOR x that (see `_route_around`).
-SMALL_AVOID_FACTOR = 2.0
-SMALL_RESUME_FACTOR = 1.0
-#: Before SMALL_MIN_SAMPLES small reads of a store were timed, it is routed
-#: around only when its EWMA exceeds AVOID_FACTOR x the alternative's plus
-#: this (see `_route_around`).
-FEW_SAMPLES_MARGIN = 0.05
-AVOID_MARGIN = 0.005
-SMALL_AVOID_MARGIN = 0.001
-RESUME_FACTOR = 3.0
-
-#: A read is hedged after at most this many times the expected latency of
-#: doing without it (see `_hedge_deadline`).
-HEDGE_ALTERNATIVE_FACTOR = 3.0
-
-#: While a store is routed around, one real read (not waited for) goes to
-#: it at most this often (seconds), so that its latency stays measured and
-#: it is used again once it is fast.
-PROBE_INTERVAL = 0.5
-
-#: A store routed around is read again only after this many seconds, and
-#: only with no call of it in flight (its probe reads then measured it:
-#: the reads that were outrun and abandoned never are).
-RESUME_AFTER = 2.0
-
-#: A sequential reader's degraded read decodes this many bytes of the lost
-#: fragment at once (from the requested start, within its payload) and
-#: keeps them, with the data-fragment sources, for its next requests; at
-#: most KEEP_BYTES are kept (see the module docstring).
-KEEP_SPAN = 1024 * 1024
-KEEP_BYTES = 32 * 1024 * 1024
-#: A degraded read of at least this many bytes is a stream's (`_streaming`).
-STREAM_REQUEST = 64 * 1024
 
 #: Chunks read ahead that are planned again when a store starts lagging:
 #: a sequential reader's read-ahead window (filedata.PREFETCH_CHUNKS = 16)
@@ -405,35 +280,21 @@ class ChunkReader:
         self.on_not_rebuilt: Callable[[ChunkRef, int], None] | None = None
         self.read_timeout = read_timeout
         self.counters = ReadCounters()
+        #: Whether to wait for a store, and how long (`ecfs.data.routing`).
+        self.router = Router(layout, runners, replan=self._replan)
         self.readahead = ReadAhead(
-            handles, expected, on_failed=self._read_ahead_failed, on_answer=self._answered
+            handles, expected, on_failed=self._read_ahead_failed, on_answer=self.router.answered
         )
-        self._outrun: dict[int, int] = {}
-        #: Stores routed around now -> when the last probe read was sent.
-        self._avoided: dict[int, float] = {}
-        self._avoided_since: dict[int, float] = {}
-        #: Stores found unavailable by the last read of one of their fragments.
-        self._unavailable: set[int] = set()
         #: The chunks read ahead last (planned again when a store lags).
         self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
         #: Chunks planned lately with a data fragment replaced -> the
         #: fragment indices read ahead for them (the sources their
         #: degraded reads use first: `_read_degraded`).
         self._chosen: OrderedDict[ChunkRef, set[int]] = OrderedDict()
-        #: Store -> when the reads of it being waited for now started
-        #: (oldest first): evidence of a lag before any of them ends.
-        self._reading: dict[int, list[float]] = {}
-        #: Store -> pieces of requests being read from it now (`_read_piece`):
-        #: whether the other stores are busy too (`_queue_routes`).
-        self._outstanding: dict[int, int] = {}
         #: Worker threads for one-call degraded reads (`_decode_in_one_call`).
         self._one_call_limiter = trio.CapacityLimiter(ONE_CALL_THREADS)
-        #: Kept bytes of degraded reads (see the module docstring):
-        #: (chunk version, fragment index) -> [(start, end, verified bytes)].
-        self._kept: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes]]] = OrderedDict()
-        self._kept_bytes = 0
-        #: Decodes to be kept under way: (ref, lost) -> (start, end, done).
-        self._keeping: dict[tuple[ChunkRef, int], tuple[int, int, trio.Event]] = {}
+        #: Kept bytes of degraded reads (see `ecfs.data.kept`).
+        self._kept = KeptBytes()
 
     def _codec(self, ref: ChunkRef) -> Codec:
         """The codec of chunk `ref` (its own coding, or the volume's)."""
@@ -455,7 +316,7 @@ class ChunkReader:
         next and have their payload read into the page cache in the
         background (see readahead), so that the reads themselves are served
         on the loop. A data fragment whose store is unavailable, or lags
-        (`_route_around`), will be decoded: one more fragment (the best
+        (`Router.route_around`), will be decoded: one more fragment (the best
         available parity) is read ahead in its place, so that the degraded
         read finds all k sources in the page cache too. Best effort;
         returns at once."""
@@ -469,7 +330,7 @@ class ChunkReader:
         chosen: set[int] = set()
         replacements = 0
         for index in range(k):
-            if self._route_around(ref, index) or not self._read_ahead(ref, index):
+            if self.router.route_around(ref, index) or not self._read_ahead(ref, index):
                 replacements += 1
             else:
                 chosen.add(index)
@@ -508,12 +369,6 @@ class ChunkReader:
         while len(self._chosen) > CHOSEN_CHUNKS:
             self._chosen.popitem(last=False)
 
-    def _answered(self, store: int) -> None:
-        """Read-ahead of `store` returned: it answers (see `_note_outrun`)."""
-        runner = self.runners.get(store)
-        if runner is not None:
-            runner.note_answer()
-
     def _read_ahead_failed(self, key: tuple[int, int, int]) -> None:
         """Read-ahead could not open fragment `key` (missing: its store is
         being rebuilt, say): if it is a data fragment of a chunk planned
@@ -532,6 +387,15 @@ class ChunkReader:
                     self._read_ahead_parity(ref, k - len(chosen), chosen)
                 self._note_chosen(ref, chosen)
                 return
+
+    def _replan(self, store: int) -> None:
+        """`store` lags or is unavailable now: drop its read-ahead still
+        queued and plan the chunks read ahead lately that have a data
+        fragment on it again (parity in its place)."""
+        self.readahead.drop(store)
+        for planned in list(self._planned):
+            if store in planned.stores[: self.layout.of(planned).k]:
+                self._plan(planned)
 
     def _read_ahead(self, ref: ChunkRef, index: int) -> bool:
         """Ask for fragment `index` of `ref` to be read ahead; False if its
@@ -613,12 +477,10 @@ class ChunkReader:
         a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
-        outstanding = self._outstanding
-        outstanding[store] = outstanding.get(store, 0) + 1
-        try:
+        with self.router.busy((store,)):
             if (
                 runner is not None
-                and store not in self._avoided
+                and store not in self.router.avoided
                 and self.handles.get((store, ref.chunk_id, piece.index)) is not None
             ):
                 # The cached read that just missed (`read_cached`) made the
@@ -636,11 +498,6 @@ class ChunkReader:
                 if self._read_cached_nowait(ref, payload, piece, part):
                     return
             data = await self._read_hedged(ref, piece.index, a, b, piece.length)
-        finally:
-            if outstanding[store] == 1:
-                del outstanding[store]
-            else:
-                outstanding[store] -= 1
         part[:] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
 
     def _read_cached_nowait(
@@ -653,7 +510,7 @@ class ChunkReader:
             return True
         store = ref.stores[piece.index]
         runner = available_runner(self.runners, store)
-        if runner is None or store in self._avoided:
+        if runner is None or store in self.router.avoided:
             # (a cached read that misses makes the kernel read ahead: not
             # on a store that already lags)
             return False
@@ -679,7 +536,7 @@ class ChunkReader:
             runner.record_loop_read(b - a)
             if not runner.measured:
                 # A store that serves from its cache: at hand, i.e. fast
-                # (the one sample `_route_around` needs to compare with it).
+                # (the one sample `Router.route_around` needs to compare with it).
                 runner.record_latency(0.0)
         return done
 
@@ -692,22 +549,19 @@ class ChunkReader:
         then (cancelling it abandons its thread, which the store's health
         counts; if it answers later, its time marks the store SLOW). A
         store measurably slower than the alternative is not waited for
-        (`_route_around`): the range is decoded from k others at once and
+        (`Router.route_around`): the range is decoded from k others at once and
         the store gets only a probe read."""
         store = ref.stores[index]
         runner = available_runner(self.runners, store)
         if runner is None:
-            if store not in self._unavailable:
-                self._unavailable.add(store)
-                self._outrun.pop(store, None)  # back later: counted afresh
-                self._replan(store)
+            self.router.note_unavailable(store)
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
                 return kept
             self.counters.degraded_reads += 1
             self.counters.degraded_requested_bytes += wanted
             return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
-        self._unavailable.discard(store)
+        self.router.note_available(store)
         if self._not_rebuilt(store, ref.chunk_id):
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is None:
@@ -719,13 +573,13 @@ class ChunkReader:
             if self.on_not_rebuilt is not None:  # (once what it decoded is kept)
                 self.on_not_rebuilt(ref, index)
             return kept
-        if self._route_around(ref, index, end - start):
+        if self.router.route_around(ref, index, end - start):
             await self._probe(runner, ref, index, start, end)
             kept = await self._kept_or_span(ref, index, start, end)
             if kept is not None:
                 return kept
             if end - start <= SMALL_READ and not (
-                ref in self._planned and self._streaming(ref, index, start, end)
+                ref in self._planned and self._kept.streaming(ref, index, start, end)
             ):
                 # A small routed read: its k sources from the page cache and
                 # the decode on the loop, tried again after one pass of it
@@ -739,28 +593,20 @@ class ChunkReader:
                     self.counters.routed_reads += 1
                     return decoded
             # Its k reads count as outstanding on the stores the decode
-            # reads first (`_queue_routes` weighs their queues).
+            # reads first (the router weighs their queues).
             routed = [ref.stores[j] for j in self.sources(ref, {index})[: self.layout.of(ref).k]]
-            outstanding = self._outstanding
-            for other in routed:
-                outstanding[other] = outstanding.get(other, 0) + 1
-            try:
-                data = await self._read_degraded_kept(
-                    ref, index, start, end, f"store {store} lags", damaged=False
-                )
-            except Unrecoverable:
-                # Not unrecoverable (yet): the lagging store is the only
-                # hope, read below.
-                self.counters.unrecoverable_reads -= 1
-            else:
-                self.counters.routed_reads += 1
-                return data
-            finally:
-                for other in routed:
-                    if outstanding[other] == 1:
-                        del outstanding[other]
-                    else:
-                        outstanding[other] -= 1
+            with self.router.busy(routed):
+                try:
+                    data = await self._read_degraded_kept(
+                        ref, index, start, end, f"store {store} lags", damaged=False
+                    )
+                except Unrecoverable:
+                    # Not unrecoverable (yet): the lagging store is the only
+                    # hope, read below.
+                    self.counters.unrecoverable_reads -= 1
+                else:
+                    self.counters.routed_reads += 1
+                    return data
         winner: list[Bytes] = []
         started = time.monotonic()
         errors: list[EcfsError] = []
@@ -769,30 +615,30 @@ class ChunkReader:
         async with open_fan_out() as nursery:
 
             async def primary() -> None:
-                reading = self._reading.setdefault(store, [])
-                reading.append(started)
-                try:
-                    winner.append(await self._read_fragment(ref, index, start, end))
-                    self._outrun.pop(store, None)
-                    nursery.cancel_scope.cancel()
-                except (StoreError, FragmentCorrupt) as exc:
-                    errors.append(exc)
-                    if (
-                        isinstance(exc, FragmentMissing)
-                        and self.on_missing is not None
-                        and (store, ref.chunk_id, index) not in self.writing
-                    ):
-                        self.on_missing(store)  # a vanished store looks like this
-                finally:
-                    reading.remove(started)
-                    primary_done.set()
+                with self.router.waiting(store, started):
+                    try:
+                        winner.append(await self._read_fragment(ref, index, start, end))
+                        self.router.note_in_time(store)
+                        nursery.cancel_scope.cancel()
+                    except (StoreError, FragmentCorrupt) as exc:
+                        errors.append(exc)
+                        if (
+                            isinstance(exc, FragmentMissing)
+                            and self.on_missing is not None
+                            and (store, ref.chunk_id, index) not in self.writing
+                        ):
+                            self.on_missing(store)  # a vanished store looks like this
+                    finally:
+                        primary_done.set()
 
             async def hedge() -> None:
                 small = end - start <= SMALL_READ
                 size = end - start if small else None
-                with trio.move_on_after(self._hedge_deadline(runner, ref, index, size)):
+                with trio.move_on_after(self.router.hedge_deadline(runner, ref, index, size)):
                     await primary_done.wait()
-                if winner or (not errors and not self._may_hedge()):
+                c = self.counters
+                may_hedge = self.router.may_hedge(c.hedged_reads, c.thread_reads + c.nowait_hits)
+                if winner or (not errors and not may_hedge):
                     return
                 reason = str(errors[0]) if errors else f"store {store} slow: hedged"
                 if not errors:
@@ -812,7 +658,7 @@ class ChunkReader:
                     # The read it outran is abandoned (its latency is never
                     # sampled): what it took so far is a lower bound.
                     runner.record_latency(time.monotonic() - started, end - start)
-                    self._note_outrun(runner)
+                    self.router.note_outrun(runner)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(primary)
@@ -835,7 +681,7 @@ class ChunkReader:
         for j in self.sources(ref, {lost}):
             store = ref.stores[j]
             runner = available_runner(self.runners, store)
-            if runner is None or store in self._avoided:
+            if runner is None or store in self.router.avoided:
                 continue
             header = self.handles.get((store, ref.chunk_id, j))
             if header is None or header.payload_length != payload:
@@ -855,241 +701,14 @@ class ChunkReader:
         self.counters.degraded_store_bytes += k * (end - start)
         return self._codec(ref).decode(pieces, [lost])[lost]
 
-    def _note_outrun(self, runner: StoreRunner) -> None:
-        """A hedge beat this store's read: after OUTRUN_LIMIT in a row, if
-        nothing of the store answered for PROBE_TIMEOUT seconds either,
-        the store is treated as hung and failed (its health probe brings it
-        back once it answers again), instead of every read waiting for the
-        hedge deadline first. A store that answers, however late, is slow,
-        not hung: the latency the hedges sample routes reads around it
-        (`_route_around`) and it stays usable (issue 17: a disk at 2 MiB/s
-        was failed this way, and every chunk it held queued for repair)."""
-        count = self._outrun.get(runner.index, 0) + 1
-        self._outrun[runner.index] = count
-        if count >= OUTRUN_LIMIT and runner.available and runner.silent_for(PROBE_TIMEOUT):
-            runner.mark_failed(f"{count} reads in a row outrun by hedged reads: store hung?")
-            log.warning("store %d: %d reads in a row did not answer in time; routing around it",
-                        runner.index, count)
-            self._outrun.pop(runner.index, None)
-
-    def _route_around(self, ref: ChunkRef, index: int, nbytes: int | None = None) -> bool:
-        """Whether data fragment `index` of `ref` should be decoded from k
-        other fragments instead of read (`nbytes` of it: None for a whole
-        fragment read ahead), because its store is measurably slower than
-        the alternative, by the rule of the module docstring: its
-        estimate exceeds AVOID_FACTOR x that of the k-th fastest other
-        source plus the margin of the read's size (and, once
-        routed around, until it falls below RESUME_FACTOR x). Only measured
-        stores count on either side: a store never read (a remote parity
-        store of a hybrid volume, say) is never switched to on a guess, so
-        healthy reads keep to the data fragments. When a store starts
-        lagging, the chunks read ahead lately are planned again."""
-        store = ref.stores[index]
-        runner = available_runner(self.runners, store)
-        if runner is None or not runner.measured:
-            return False
-        if nbytes is None:
-            nbytes = self.layout.of(ref).payload_length(ref.length)
-        avoided = store in self._avoided
-        small = nbytes <= SMALL_READ
-        avoid_factor, resume_factor, resume_margin = AVOID_FACTOR, RESUME_FACTOR, 0.0
-        other: float | None
-        if small:
-            if not avoided and not runner.measured_size(nbytes):
-                return False  # only what was measured for reads of this size
-            # The routed read waits for the slowest of k others: this
-            # store's typical small read (median) against the others' slow
-            # tail (p90). Stores that all wait now and then (a disk at its
-            # IOPS limit) then route nothing: routing would cost k reads
-            # of stores just as limited and wait for the slowest of them.
-            # A routed read costs k reads of other stores: while k of them
-            # are idle (nothing of this reader's outstanding there: a
-            # reader at QD1, say) that is cheap, and the rule below
-            # decides. While they are busy too, the k reads queue there
-            # behind what the other requests wait for, and a store that
-            # waits is mostly busier, not slower (more of the data read is
-            # on it, or a burst of requests came; latencies cannot tell:
-            # on disks at their IOPS limit the others answer at once until
-            # they are at it too): then this read alone is routed, when
-            # its store has k more of them outstanding than the k-th least
-            # busy other (`_queue_routes`), whatever was decided before.
-            # (On the benchmark's HDD model, 200 IOPS per device, QD16:
-            # routed by the rule below, such stores in turn cost k device
-            # reads per request for seconds, 2.4-3.6x the passthrough
-            # instead of 4-5x.)
-            busy = self._queue_routes(ref, index)
-            if busy is not None:
-                return busy
-            margin = SMALL_AVOID_MARGIN
-            quantiles = runner.small_read_quantiles()
-            tail = None
-            if quantiles is not None and (avoided or quantiles[0] > margin):
-                tail = self._small_alternative(ref, index, nbytes)
-            if quantiles is not None and tail is not None:
-                mine, other = quantiles[0], tail
-                avoid_factor, resume_factor = SMALL_AVOID_FACTOR, SMALL_RESUME_FACTOR
-                resume_margin = margin / 2
-            else:
-                # Too few small reads timed for the quantiles (or none, its
-                # estimate that of its other calls), or routed around
-                # already: the EWMAs; while a few small reads were timed,
-                # with a margin of FEW_SAMPLES_MARGIN (a run of 10-40 ms
-                # waits of a store at its IOPS limit is no lag; a store
-                # 100 ms late is).
-                if not avoided and runner.small_reads_timed:
-                    margin = FEW_SAMPLES_MARGIN
-                mine = runner.expected_latency(nbytes, queued=False)
-                other = None if not avoided and mine <= margin else (
-                    self._alternative_latency(ref, index, nbytes)
-                )  # fmt: skip
-        else:
-            # Large reads: by their own EWMAs (times the queue) when this
-            # store and k others were timed reading large; else (the stores
-            # serving a sequential reader from their page cache have few
-            # timed large reads) by every sample, as all are then; or how
-            # long one has been waited for.
-            margin = AVOID_MARGIN
-            large = self._alternative_latency(ref, index, nbytes)
-            if large is not None and runner.measured_size(nbytes):
-                mine = runner.expected_latency(nbytes)
-            else:
-                mine = runner.expected_latency()
-            reading = self._reading.get(store)
-            if reading and not avoided and large is not None:
-                # A read of it waited for longer than the bound, against
-                # the large reads of k others (not their small ones), says
-                # as much before it ends.
-                waited = time.monotonic() - reading[0]
-                if waited > AVOID_FACTOR * large + margin:
-                    return self._start_avoiding(store, max(mine, waited), large)
-            if not avoided and mine <= margin:
-                other = None
-            elif large is not None and runner.measured_size(nbytes):
-                other = large
-            else:
-                other = self._alternative_latency(ref, index)
-        if other is None:
-            return avoided  # no evidence either way: as it was
-        if avoided:
-            verdict = (
-                mine > resume_factor * other + resume_margin
-                or runner.in_flight > 0
-                or time.monotonic() - self._avoided_since[store] < RESUME_AFTER
-            )
-        else:
-            verdict = mine > avoid_factor * other + margin
-        if verdict and not avoided:
-            return self._start_avoiding(store, mine, other)
-        if avoided and not verdict:
-            log.info("store %d keeps up again: reading from it", store)
-            del self._avoided[store], self._avoided_since[store]
-        return verdict
-
-    def _small_alternative(self, ref: ChunkRef, index: int, nbytes: int) -> float | None:
-        """The slow tail of a small read of `ref` that does without
-        fragment `index`: the k-th smallest 90th percentile of the small
-        reads of the other sources (one with fewer than SMALL_MIN_SAMPLES
-        timed, e.g. serving from its cache, by its estimate); None with
-        fewer than k measured."""
-        tails = []
-        for j in ref.present():
-            r = available_runner(self.runners, ref.stores[j])
-            if j == index or r is None or not r.measured or not r.measured_size(nbytes):
-                continue
-            quantiles = r.small_read_quantiles()
-            tails.append(quantiles[1] if quantiles else r.expected_latency(nbytes, queued=False))
-        tails.sort()
-        k = self.layout.of(ref).k
-        return tails[k - 1] if len(tails) >= k else None
-
-    def _queue_routes(self, ref: ChunkRef, index: int) -> bool | None:
-        """None while k of the other fragments' stores have no piece of a
-        request being read from them (`_outstanding`); else whether this
-        read of fragment `index` is to be routed: its store has at least k
-        more pieces outstanding (this one not counted) than the k-th least
-        busy other, i.e. the k reads of the route wait behind fewer than
-        the read itself would, by at least what they cost."""
-        outstanding = self._outstanding
-        others = sorted(outstanding.get(ref.stores[j], 0) for j in ref.present() if j != index)
-        k = self.layout.of(ref).k
-        if len(others) < k or others[k - 1] == 0:
-            return None
-        return outstanding.get(ref.stores[index], 1) - 1 >= others[k - 1] + k
-
-    def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
-        """`store` lags: route around it from now on (see `_route_around`)."""
-        log.info("store %d lags (expected %.3f s against %.3f s): reading around it",
-                 store, mine, other)  # fmt: skip
-        self._avoided[store] = self._avoided_since[store] = time.monotonic()
-        self._replan(store)
-        return True
-
-    def _replan(self, store: int) -> None:
-        """`store` lags or is unavailable now: drop its read-ahead still
-        queued and plan the chunks read ahead lately that have a data
-        fragment on it again (parity in its place)."""
-        self.readahead.drop(store)
-        for planned in list(self._planned):
-            if store in planned.stores[: self.layout.of(planned).k]:
-                self._plan(planned)
-
-    def _alternative_latency(
-        self, ref: ChunkRef, index: int, nbytes: int | None = None
-    ) -> float | None:
-        """Expected latency of a read (of `nbytes`) of `ref` that does
-        without fragment `index`: that of the k-th fastest other source
-        measured (for reads of that size: `StoreRunner.measured_size`; a
-        store measured only by reads of the other size would look as fast
-        or as slow as those); None with fewer than k measured."""
-        queued = nbytes is None or nbytes > SMALL_READ
-        others = sorted(
-            r.expected_latency(nbytes, queued=queued)
-            for j in ref.present()
-            if j != index
-            and (r := available_runner(self.runners, ref.stores[j])) is not None
-            and r.measured
-            and (nbytes is None or r.measured_size(nbytes))
-        )
-        k = self.layout.of(ref).k
-        return others[k - 1] if len(others) >= k else None
-
-    def _hedge_deadline(
-        self, runner: StoreRunner, ref: ChunkRef, index: int, nbytes: int | None = None
-    ) -> float:
-        """How long to wait for fragment `index` before decoding it from
-        others as well: the store's own hedge deadline, but never more than
-        HEDGE_ALTERNATIVE_FACTOR x the expected latency of doing without it
-        (a store that turns slow must not stretch its own deadline: each
-        hedged read samples what it waited, which raises its p95). A small
-        read is hedged after HEDGE_ALTERNATIVE_FACTOR x the slow tail of
-        the others' small reads (`_small_alternative`, as `_route_around`
-        uses), at least HEDGE_FLOOR, whatever its own deadline: the hedge
-        waits for the slowest of k of them, k device reads. (By its own
-        p95 or the others' EWMAs, mostly quick answers, stores at their
-        IOPS limit, where a read now and then waits for a throttle's next
-        slice, tens of ms for every store alike, were hedged at the 50 ms
-        floor: ~5% of the reads cost k device reads more on devices just
-        as limited.)"""
-        if nbytes is not None and nbytes <= SMALL_READ:
-            tail = self._small_alternative(ref, index, nbytes)
-            if tail is not None:
-                return max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * tail)
-        deadline = runner.hedge_deadline()
-        other = self._alternative_latency(ref, index, nbytes)
-        if other is not None:
-            deadline = min(deadline, max(HEDGE_FLOOR, HEDGE_ALTERNATIVE_FACTOR * other))
-        return deadline
-
     async def _probe(
         self, runner: StoreRunner, ref: ChunkRef, index: int, start: int, end: int
     ) -> None:
         """Send the read of a routed-around store anyway, at most every
         PROBE_INTERVAL and only when nothing else of its runs, without
         waiting for it: its latency is sampled when it ends."""
-        now = time.monotonic()
-        if runner.in_flight or now - self._avoided.get(runner.index, now) < PROBE_INTERVAL:
+        if not self.router.probe_due(runner):
             return
-        self._avoided[runner.index] = now
         self.counters.probe_reads += 1
         header = self.handles.get((runner.index, ref.chunk_id, index))
         if header is None:
@@ -1102,12 +721,6 @@ class ChunkReader:
             await runner.start(
                 _read_verified, runner.store, header, start, end, nbytes_read=end - start
             )
-
-    def _may_hedge(self) -> bool:
-        """Hedging a slow read costs k extra reads: allow it for at most
-        HEDGE_FRACTION of fragment reads (plus a small burst allowance)."""
-        reads = self.counters.thread_reads + self.counters.nowait_hits
-        return self.counters.hedged_reads < HEDGE_BURST + HEDGE_FRACTION * reads
 
     async def _read_fragment(
         self, ref: ChunkRef, index: int, start: int, end: int
@@ -1199,7 +812,7 @@ class ChunkReader:
         """Bytes [start, end) of fragment `lost`, decoded from k others.
         `lost` is reported as damaged (with any source found bad) unless
         `damaged` is False (it is only slow). With `keep`, the decoded bytes
-        and the data-fragment sources are kept (see the module docstring)."""
+        and the data-fragment sources are kept (see `ecfs.data.kept`)."""
         k = self.layout.of(ref).k
         candidates = self.sources(ref, exclude={lost})
         chosen = self._chosen.get(ref)
@@ -1217,7 +830,7 @@ class ChunkReader:
             if damaged:
                 self._damage(ref, [lost], reason)
             if keep:
-                self._keep(ref, lost, start, end, decoded_fast, sources)
+                self._kept.keep(ref, k, lost, start, end, decoded_fast, sources)
             return decoded_fast
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
@@ -1233,7 +846,7 @@ class ChunkReader:
             )
         decoded = await run_cpu(self._codec(ref).decode, pieces, [lost], size=end - start)
         if keep:
-            self._keep(ref, lost, start, end, decoded[lost], pieces)
+            self._kept.keep(ref, k, lost, start, end, decoded[lost], pieces)
         return decoded[lost]
 
     def _damage(self, ref: ChunkRef, bad: list[int], reason: str) -> None:
@@ -1244,40 +857,15 @@ class ChunkReader:
         if bad:
             self.on_damage(ref, bad, reason)
 
-    # -- kept bytes of degraded reads (see the module docstring) ----------------
+    # -- kept bytes of degraded reads (see ecfs.data.kept) ----------------------
 
     def _copy_kept(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
         """Fill `dest` with fragment `index` bytes from `frag_start` if they
-        are kept; False if not."""
-        ranges = self._kept.get((ref, index))
-        if ranges is None:
+        are kept (counted: `kept_reads`); False if not."""
+        if not self._kept.copy(ref, index, frag_start, dest):
             return False
-        frag_end = frag_start + len(dest)
-        for a, b, data in ranges:
-            if a <= frag_start and frag_end <= b:
-                dest[:] = memoryview(data)[frag_start - a : frag_end - a]
-                self.counters.kept_reads += 1
-                return True
-        return False
-
-    def _keep(
-        self, ref: ChunkRef, lost: int, start: int, end: int, decoded: Bytes,
-        sources: Mapping[int, Bytes],
-    ) -> None:  # fmt: skip
-        """Keep fragment `lost`'s decoded bytes [start, end) and those of the
-        data-fragment `sources`, dropping the oldest beyond KEEP_BYTES."""
-        k = self.layout.of(ref).k
-        for index, data in [(lost, decoded), *sources.items()]:
-            if index >= k or len(data) != end - start:
-                continue
-            key = (ref, index)
-            ranges = self._kept.setdefault(key, [])
-            ranges.append((start, end, data))
-            self._kept.move_to_end(key)
-            self._kept_bytes += end - start
-        while self._kept_bytes > KEEP_BYTES and self._kept:
-            _, dropped = self._kept.popitem(last=False)
-            self._kept_bytes -= sum(b - a for a, b, _ in dropped)
+        self.counters.kept_reads += 1
+        return True
 
     def _decode_first(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> int | None:
         """The data fragment to decode first for `piece` of a healthy data
@@ -1290,7 +878,7 @@ class ChunkReader:
         docstring) rather than read from its store first and by the decode
         again."""
         chosen = self._chosen.get(ref)
-        if chosen is None or self._is_kept(ref, piece):
+        if chosen is None or self._kept.covers(ref, piece.index, piece.frag_start, piece.frag_end):
             return None
         k = self.layout.of(ref).k
         lost = None
@@ -1302,19 +890,12 @@ class ChunkReader:
         if lost is None or lost == piece.index:
             return None
         store = ref.stores[lost]
-        if store not in self._avoided and available_runner(self.runners, store) is not None:
+        if store not in self.router.avoided and available_runner(self.runners, store) is not None:
             return None  # read again
         a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         if b - a < min(STREAM_REQUEST, payload) or ref not in self._planned:
             return None
         return lost
-
-    def _is_kept(self, ref: ChunkRef, piece: FragmentPiece) -> bool:
-        """Whether the bytes of `piece` are kept."""
-        return any(
-            a <= piece.frag_start and piece.frag_end <= b
-            for a, b, _ in self._kept.get((ref, piece.index), ())
-        )
 
     async def _read_from_decode(
         self, ref: ChunkRef, payload: int, start: int, pieces: list[FragmentPiece],
@@ -1341,32 +922,16 @@ class ChunkReader:
 
     def kept_payloads(self, ref: ChunkRef) -> dict[int, memoryview]:
         """The whole payloads of fragments of `ref` that degraded reads
-        keep (decoded, or verified sources; see the module docstring): what
+        keep (decoded, or verified sources; see `ecfs.data.kept`): what
         a repair of the chunk can take instead of reading and decoding."""
-        payload = self.layout.of(ref).payload_length(ref.length)
-        whole: dict[int, memoryview] = {}
-        for index in range(self.layout.of(ref).k):
-            ranges = sorted(self._kept.get((ref, index), ()), key=lambda r: r[0])
-            if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
-                whole[index] = memoryview(ranges[0][2])[:payload]
-                continue
-            joined = bytearray()  # spans kept one after another (requests out of order)
-            for a, b, data in ranges:
-                if a > len(joined):
-                    break
-                if b > len(joined):
-                    joined += memoryview(data)[len(joined) - a :]
-            if len(joined) >= payload:
-                whole[index] = memoryview(joined)[:payload]
-        return whole
+        layout = self.layout.of(ref)
+        return self._kept.whole_payloads(ref, layout.k, layout.payload_length(ref.length))
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that
         covers them is kept (waited for): None if not."""
-        keeping = self._keeping.get((ref, lost))
-        if keeping is None or not (keeping[0] <= start and end <= keeping[1]):
+        if not await self._kept.wait_for_decode(ref, lost, start, end):
             return None
-        await keeping[2].wait()
         data = bytearray(end - start)
         return data if self._copy_kept(ref, lost, start, memoryview(data)) else None
 
@@ -1376,36 +941,16 @@ class ChunkReader:
     ) -> Bytes:  # fmt: skip
         """`_read_degraded` of [start, end); for a sequential reader (its
         chunk was read ahead lately, and the range is a stream's: see
-        `_streaming`) up to KEEP_SPAN bytes from `start` are decoded and
-        kept for its next requests (see the module docstring)."""
-        if ref not in self._planned or not self._streaming(ref, lost, start, end):
+        `KeptBytes.streaming`) up to KEEP_SPAN bytes from `start` are
+        decoded and kept for its next requests (see `ecfs.data.kept`)."""
+        if ref not in self._planned or not self._kept.streaming(ref, lost, start, end):
             return await self._read_degraded(ref, lost, start, end, reason, damaged)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         stop = max(end, layout.cell_range(start, min(payload, start + KEEP_SPAN), payload)[1])
-        key = (ref, lost)
-        done = trio.Event()
-        if key not in self._keeping:
-            self._keeping[key] = (start, stop, done)
-        try:
+        with self._kept.decoding(ref, lost, start, stop):
             data = await self._read_degraded(ref, lost, start, stop, reason, damaged, keep=True)
-        finally:
-            if self._keeping.get(key, (0, 0, None))[2] is done:
-                del self._keeping[key]
-            done.set()
         return data if stop == end else data[: end - start]
-
-    def _streaming(self, ref: ChunkRef, lost: int, start: int, end: int) -> bool:
-        """Whether fragment range [start, end) looks like a sequential
-        stream's: a large request (STREAM_REQUEST bytes or more: FUSE's
-        read-ahead), the start of the fragment, or where bytes kept for it
-        end. A small random read of a chunk that a sequential reader had
-        read ahead earlier is not one: decoding KEEP_SPAN for it would read
-        k x KEEP_SPAN bytes for 4 KiB (measured: it made the p99 of 4 KiB
-        random reads after a sequential read 10x that of the others)."""
-        if end - start >= STREAM_REQUEST or start == 0:
-            return True
-        return any(b == start for _, b, _ in self._kept.get((ref, lost), ()))
 
     async def _decode_in_one_call(
         self, ref: ChunkRef, candidates: list[int], lost: int, start: int, end: int,
@@ -1437,7 +982,7 @@ class ChunkReader:
             ):  # fmt: skip
                 break
             runner = self.runners.get(ref.stores[index])
-            if runner is None or not runner.available or runner.index in self._avoided:
+            if runner is None or not runner.available or runner.index in self.router.avoided:
                 # (a SLOW store is read: a healthy one is SLOW for a while
                 # when its latency moves from small reads to large ones;
                 # one that lags is routed around, i.e. avoided)

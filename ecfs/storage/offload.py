@@ -52,7 +52,7 @@ Health policy (kept deliberately simple):
   that bound. The baseline learns only while the store is not SLOW: a
   store that became slow stays SLOW until its answers are quick again
   (the reader routes around a store by its expected latency, which
-  the late answers raise, and probes it now and then: `ecfs.data.reader`),
+  the late answers raise, and probes it now and then: `ecfs.data.routing`),
   instead of becoming its own new normal after some fifty slow calls. A
   store slow from its first call on has a slow baseline and is never
   SLOW (expected_latency and the hedge deadline still reflect it).
@@ -626,7 +626,7 @@ class StoreRunner:
         """Whether a read of this store's data has been timed yet (a call
         that read bytes, or `record_latency`): health checks and writes do
         not make a store an alternative for reads (the remote parity
-        stores of a hybrid volume, say; see `ecfs.data.reader`)."""
+        stores of a hybrid volume, say; see `ecfs.data.routing`)."""
         return self._read_measured
 
     def expected_latency(self, nbytes: int | None = None, *, queued: bool = True) -> float:
@@ -652,7 +652,7 @@ class StoreRunner:
         """(median, 90th percentile) of the last SMALL_WINDOW small reads'
         latencies; None before SMALL_MIN_SAMPLES were timed. The reader
         compares a store's typical small read with the slow tail of the
-        reads that would replace it (see `ecfs.data.reader`)."""
+        reads that would replace it (see `ecfs.data.routing`)."""
         if self._small_quantiles is None and len(self._small_reads) >= SMALL_MIN_SAMPLES:
             ordered = sorted(self._small_reads)
             p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
