@@ -1,12 +1,21 @@
-"""ecfs.data.damage: degraded reads queue their chunk for repair, and repeated
-damage of a queued chunk does not cost a replicated transaction per read."""
+"""ecfs.data.damage: degraded reads queue their chunk for repair, repeated
+damage of a queued chunk does not cost a replicated transaction per read,
+and chunks read around an unavailable store are summed up in the log."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
+
 from ecfs.core.model import ChunkRef
-from ecfs.data.damage import DEMAND_BATCH, DamageRecorder
+from ecfs.data.damage import (
+    DEMAND_BATCH,
+    STORE_UNAVAILABLE,
+    UNAVAILABLE_LOG_INTERVAL,
+    DamageRecorder,
+)
 from ecfs.storage.metadb.chunks import ChunkTable, RepairQueue
 from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.schema import create_database
@@ -52,4 +61,38 @@ def test_new_damage_and_repaired_chunks_are_written_at_once(tmp_path: Path) -> N
     recorder.record(REF, [1], "broken again")
     assert RepairQueue(db).next_batch()[0].bad == 0b10
     assert len(commits) == 4
+    db.close()
+
+
+def test_chunks_read_around_an_unavailable_store_are_summed_up_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line when a store's chunks are first read around it, then one
+    per UNAVAILABLE_LOG_INTERVAL with the count (the old code: one line
+    per chunk, 256 per GiB read); other damage keeps its line per chunk."""
+    path = tmp_path / "db.sqlite"
+    create_database(path, {"uuid": "x", "k": 4, "m": 2}, ["s0"], root_uid=0, root_gid=0, now_ns=1)
+    db = Database(path)
+    refs = [ChunkRef(100 + i, 4096, (0, 1, 2, 3, 4, 5)) for i in range(50)]
+    with db.transaction():
+        for i, ref in enumerate(refs):
+            ChunkTable(db).put(3, i, ref)
+    now = [0.0]
+    recorder = DamageRecorder(db, 4, clock_ns=lambda: 5, monotonic=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="ecfs.data.damage")
+    for ref in refs[:40]:
+        recorder.record(ref, [5], STORE_UNAVAILABLE)
+        now[0] += 1.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "store 5 unavailable" in lines[0], lines
+    now[0] = UNAVAILABLE_LOG_INTERVAL + 1.0
+    recorder.record(refs[40], [5], STORE_UNAVAILABLE)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "40 chunks" in lines[1], lines
+    assert RepairQueue(db).count() == 41  # every one queued all the same
+    for ref in refs[41:]:
+        recorder.record(ref, [2], "bad cells [0]")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 + len(refs[41:])
+    assert all("unreadable (bad cells [0])" in line for line in lines[2:])
     db.close()

@@ -1,8 +1,13 @@
-"""Recording damage found by reads: the repair queue, and one log line.
+"""Recording damage found by reads: the repair queue, and the log.
 
 Owns: turning "these fragments of this chunk could not be read" into a
-repair-queue entry (demand raises its priority) and a single log line per
-chunk. Must not: repair anything (see the repair task).
+repair-queue entry (demand raises its priority) and the log of it: one
+line per damaged chunk, except for fragments on a store that is
+unavailable (STORE_UNAVAILABLE: failed, or missing at mount), whose
+chunks are summed up per store, one line at the first and then at most
+one per UNAVAILABLE_LOG_INTERVAL (the store's failure has its own event;
+a line per chunk would be 256 lines per GiB read). Must not: repair
+anything (see the repair task).
 
 Cost: with a store gone, every read of one of its fragments is degraded,
 so recording must not cost a replicated transaction each time. Damage
@@ -24,22 +29,36 @@ log = logging.getLogger(__name__)
 
 #: Repeated degraded reads of a queued chunk counted before its demand is written.
 DEMAND_BATCH = 32
-#: Chunks remembered as queued before that memory starts over.
+#: Chunks remembered as queued (or logged) before that memory starts over.
 QUEUED_MASKS_MAX = 100_000
+#: The reason a reader gives for fragments on a store that is unavailable.
+STORE_UNAVAILABLE = "store unavailable"
+#: Seconds between two log lines summing up the chunks read around one
+#: unavailable store.
+UNAVAILABLE_LOG_INTERVAL = 60.0
 
 
 class DamageRecorder:
     """The reader's `on_damage` callback."""
 
     def __init__(
-        self, db: Database, k: int, clock_ns: Callable[[], int] = time.time_ns
+        self,
+        db: Database,
+        k: int,
+        clock_ns: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.queue = RepairQueue(db)
         self.chunks = ChunkTable(db)
         self.k = k
         self.clock_ns = clock_ns
+        self.monotonic = monotonic
         self._logged: set[int] = set()
+        #: store -> when its unavailable chunks were last logged, and how
+        #: many were queued since (see UNAVAILABLE_LOG_INTERVAL).
+        self._unavailable_logged: dict[int, float] = {}
+        self._unavailable_since: dict[int, int] = {}
         #: chunk id -> bad-fragment mask written to the queue, and the
         #: degraded reads of it not yet added to its demand.
         self._queued_mask: dict[int, int] = {}
@@ -83,11 +102,44 @@ class DamageRecorder:
         self._queued_mask[chunk_id] = mask | (queued or 0)
         self._unwritten_demand.pop(chunk_id, None)
         self.on_queued()
-        if ref.chunk_id not in self._logged:
-            self._logged.add(ref.chunk_id)
+        if reason == STORE_UNAVAILABLE:
+            self._log_unavailable({ref.stores[i] for i in bad})
+        elif chunk_id not in self._logged:
+            if len(self._logged) >= QUEUED_MASKS_MAX:
+                self._logged.clear()
+            self._logged.add(chunk_id)
             log.warning(
                 "chunk %016x: fragments %s unreadable (%s); queued for repair",
-                ref.chunk_id,
+                chunk_id,
                 sorted(set(bad)),
                 reason,
             )
+
+    def _log_unavailable(self, stores: set[int]) -> None:
+        """Count a chunk queued because of `stores` being unavailable, and
+        log the count of each at its first and then once per
+        UNAVAILABLE_LOG_INTERVAL."""
+        now = self.monotonic()
+        for store in sorted(stores):
+            count = self._unavailable_since.get(store, 0) + 1
+            last = self._unavailable_logged.get(store)
+            if last is None:
+                log.warning(
+                    "store %d unavailable: its fragments unreadable, chunks read around"
+                    " it queued for repair (summed up every %.0f s from now on)",
+                    store,
+                    UNAVAILABLE_LOG_INTERVAL,
+                )
+            elif now - last >= UNAVAILABLE_LOG_INTERVAL:
+                log.warning(
+                    "store %d unavailable: its fragments unreadable, %d chunks read"
+                    " around it queued for repair in the last %.0f s",
+                    store,
+                    count,
+                    now - last,
+                )
+            else:
+                self._unavailable_since[store] = count
+                continue
+            self._unavailable_logged[store] = now
+            self._unavailable_since[store] = 0

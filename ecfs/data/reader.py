@@ -106,6 +106,7 @@ from ..core.tasks import gather_in_order, open_fan_out
 from ..storage.handles import Expected, HandleCache, read_header
 from ..storage.offload import SMALL_READ, StoreRunner, available_runner, run_cpu, run_in_thread
 from ..storage.store import Store
+from .damage import STORE_UNAVAILABLE
 from .kept import KEEP_SPAN, STREAM_REQUEST, Bytes, KeptBytes
 from .readahead import ReadAhead
 from .routing import Router
@@ -560,7 +561,7 @@ class ChunkReader:
                 return kept
             self.counters.degraded_reads += 1
             self.counters.degraded_requested_bytes += wanted
-            return await self._read_degraded_kept(ref, index, start, end, "store unavailable")
+            return await self._read_degraded_kept(ref, index, start, end, STORE_UNAVAILABLE)
         self.router.note_available(store)
         if self._not_rebuilt(store, ref.chunk_id):
             kept = await self._kept_or_span(ref, index, start, end)
@@ -835,9 +836,9 @@ class ChunkReader:
         pieces, bad, bytes_read = await self.gather_fragments(ref, candidates, start, end)
         self.counters.degraded_store_bytes += bytes_read
         if damaged:
-            bad = [lost, *bad]
-        if bad:
-            self._damage(ref, bad, reason)
+            self._damage(ref, [lost], reason)
+        if bad:  # (logged apart: `reason` is the lost fragment's)
+            self._damage(ref, bad, f"sources of a read around fragment {lost} ({reason})")
         if len(pieces) < k:
             self.counters.unrecoverable_reads += 1
             raise Unrecoverable(
