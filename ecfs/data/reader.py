@@ -170,7 +170,7 @@ class ReadStatistics:
     probe_reads: int = 0
 
 
-def _read_verified(
+def read_verified(
     store: Store, header: fragment.FragmentHeader, start: int, end: int
 ) -> bytearray:
     """Blocking: read payload bytes [start, end) (cell-aligned) and verify."""
@@ -178,7 +178,7 @@ def _read_verified(
     n = store.read_fragment(
         header.chunk_id, header.index, header.payload_offset + start, memoryview(data)
     )
-    _verify(header, start, end, memoryview(data)[:n])
+    verify_payload(header, start, end, memoryview(data)[:n])
     return data
 
 
@@ -193,9 +193,9 @@ def _open_and_read(
     offset = header.payload_offset
     if len(prefix) >= offset + end:
         data = bytes(prefix[offset + start : offset + end])
-        _verify(header, start, end, data)
+        verify_payload(header, start, end, data)
         return header, data
-    return header, _read_verified(store, header, start, end)
+    return header, read_verified(store, header, start, end)
 
 
 def _decode_range(
@@ -228,15 +228,17 @@ def _decode_range(
             store.prefetch(
                 header.chunk_id, header.index, header.payload_offset + start, end - start
             )
-        pieces = {h.index: _read_verified(store, h, start, end) for store, h in sources}
+        pieces = {h.index: read_verified(store, h, start, end) for store, h in sources}
     except (EcfsError, FragmentCorrupt):
         return None
     return codec.decode(pieces, [lost])[lost], pieces, opened
 
 
-def _verify(
+def verify_payload(
     header: fragment.FragmentHeader, start: int, end: int, data: fragment.Buffer
 ) -> None:
+    """`data` is payload bytes [start, end) of the fragment of `header`,
+    whole and with good cells; FragmentCorrupt if not."""
     if len(data) != end - start:
         raise FragmentCorrupt(f"fragment {header.chunk_id:016x}.{header.index} is truncated")
     bad = fragment.bad_cells(header, start, data)
@@ -720,7 +722,7 @@ class ChunkReader:
             )  # fmt: skip
         else:
             await runner.start(
-                _read_verified, runner.store, header, start, end, nbytes_read=end - start
+                read_verified, runner.store, header, start, end, nbytes_read=end - start
             )
 
     async def _read_fragment(
@@ -762,7 +764,7 @@ class ChunkReader:
                 data = bytearray(end - start)
                 if not self._read_nowait(runner.store, header, start, memoryview(data)):
                     data = await runner.call(
-                        _read_verified,
+                        read_verified,
                         runner.store,
                         header,
                         start,
@@ -792,7 +794,7 @@ class ChunkReader:
             header.chunk_id, header.index, header.payload_offset + start, dest
         ):
             return False
-        _verify(header, start, start + len(dest), dest)
+        verify_payload(header, start, start + len(dest), dest)
         self.counters.nowait_hits += 1
         return True
 

@@ -169,7 +169,7 @@ from .background import (
 )
 from .garbage import ChunkPins, Garbage
 from .placement import Placement
-from .reader import Bytes, ChunkReader
+from .reader import Bytes, ChunkReader, read_verified, verify_payload
 from .rebuild import decode_broken, rebuild_fragments
 
 log = logging.getLogger(__name__)
@@ -996,12 +996,13 @@ class Repairer:
         per fragment, then reads them. The headers read go to the handle
         cache, and the bytes to the stores' read counters, as a read
         through the reader would."""
-        k = self.layout.of(ref).k
+        layout = self.layout.of(ref)
+        k = layout.k
         if len(candidates) < k:
             return None
         chosen = [(self.runners[ref.stores[i]], i) for i in candidates[:k]]
         deadline = 2 * max(runner.hedge_deadline() for runner, _ in chosen)
-        codec = Codec.of(k, len(ref.stores) - k) if ref.k else self.codec
+        codec = Codec.of(k, layout.m) if ref.k else self.codec  # its own coding, or the volume's
         with trio.move_on_after(deadline):
             done = await run_in_thread(
                 _read_sources, [(runner.store, i) for runner, i in chosen], ref.chunk_id,
@@ -1124,7 +1125,7 @@ def _read_sources(
     payload_length: int,
     codec: Codec,
     wanted: list[int],
-) -> tuple[dict[int, tuple[fragment.FragmentHeader, memoryview]], dict[int, bytes]] | None:
+) -> tuple[dict[int, tuple[fragment.FragmentHeader, Bytes | memoryview]], dict[int, bytes]] | None:
     """In one worker thread: k fragments (store, index) of chunk `chunk_id`
     read whole and verified (`_read_whole`), by index, and fragments
     `wanted` decoded from them. Their reads are started together first
@@ -1147,24 +1148,19 @@ def _read_sources(
 
 def _read_whole(
     store: Store, chunk_id: int, index: int, expected: Expected, payload_length: int
-) -> tuple[fragment.FragmentHeader, memoryview]:
+) -> tuple[fragment.FragmentHeader, Bytes | memoryview]:
     """Blocking: fragment (chunk_id, index) read whole (header and payload
     in one request) and verified against `expected`, `payload_length` and
-    its cells' checksums: (header, payload, a view of the bytes read: no
-    copy). FragmentCorrupt, or the store's errors."""
+    its cells' checksums: (header, payload: a view of the bytes read with
+    the header, no copy). FragmentCorrupt, or the store's errors."""
     header, prefix = read_header(
         store, chunk_id, index, expected, probe=fragment.HEADER_PROBE_SIZE + payload_length
     )
     if header.payload_length != payload_length:
         raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index}: payload length mismatch")
     start = header.payload_offset
+    if len(prefix) < start + payload_length:  # a header block larger than the probe
+        return header, read_verified(store, header, 0, payload_length)
     payload = prefix[start : start + payload_length]
-    if len(payload) < payload_length:  # a header block larger than the probe
-        buf = bytearray(payload_length)
-        payload = memoryview(buf)[: store.read_fragment(chunk_id, index, start, memoryview(buf))]
-    if len(payload) != payload_length:
-        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index} is truncated")
-    bad = fragment.bad_cells(header, 0, payload)
-    if bad:
-        raise FragmentCorrupt(f"fragment {chunk_id:016x}.{index}: bad cells {bad[:8]}")
+    verify_payload(header, 0, payload_length, payload)
     return header, payload
