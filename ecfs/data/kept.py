@@ -171,6 +171,10 @@ class KeptBytes:
                 del self._decoding[key]
             done.set()
 
+    def under_way(self, ref: ChunkRef, index: int) -> bool:
+        """Whether a decode of fragment `index` to be kept is under way."""
+        return (ref, index) in self._decoding
+
     async def wait_for_decode(self, ref: ChunkRef, index: int, start: int, end: int) -> bool:
         """If a decode under way (`decoding`) covers fragment `index` bytes
         [start, end), wait for it to end and return True (its bytes are

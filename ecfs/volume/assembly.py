@@ -864,6 +864,7 @@ class Volume:
         )
         self.filedata.attach(nursery)
         self.writer.attach(nursery)  # stragglers finish in the background
+        self.reader.attach(nursery)  # decodes ahead of sequential readers
         if self.lease is not None:
             nursery.start_soon(supervised, "lease renewal", self.lease.keep_renewed)
         for ino in self.namespace.orphans():
