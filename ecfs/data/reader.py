@@ -56,7 +56,7 @@ request, whichever data fragment it is for (`_decode_first`): the
 requests for the data fragments before the decoded one are served from
 its kept sources too, so each cell is read and checked once, not by a
 cached read and again by the decode. A repair takes the whole payloads
-kept (`kept_payloads`).
+kept (`kept_payloads`, or one fragment's: `kept_payload`).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
@@ -929,6 +929,13 @@ class ChunkReader:
         a repair of the chunk can take instead of reading and decoding."""
         layout = self.layout.of(ref)
         return self._kept.whole_payloads(ref, layout.k, layout.payload_length(ref.length))
+
+    def kept_payload(self, ref: ChunkRef, index: int) -> memoryview | None:
+        """The whole payload of fragment `index` of `ref` if degraded reads
+        keep it (`kept_payloads` of that one index, without joining or
+        copying the others'); None if not."""
+        payload = self.layout.of(ref).payload_length(ref.length)
+        return self._kept.whole_payload(ref, index, payload)
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that

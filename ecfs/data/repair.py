@@ -439,7 +439,7 @@ class Repairer:
             # Hold on to what the reader decoded (its kept bytes are dropped
             # within a few chunks of a sequential reader, often before the
             # rebuild of this one starts).
-            payload = self.reader.kept_payloads(ref).get(index)
+            payload = self.reader.kept_payload(ref, index)
             if payload is not None:
                 if taken is None:
                     while len(self._taken) >= TAKEN_CHUNKS:
