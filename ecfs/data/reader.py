@@ -31,7 +31,7 @@ Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes. Every k, fragment length and header check above
 is the chunk's own (`Layout.of(ref)`, `Expected.of(ref)`: a chunk written
 under a redundancy policy has its own k' + m'; codecs are shared per
-coding, `Codec.of`).
+coding: `Codec.for_layout`).
 A fragment the writer is still writing (a
 straggler, `writing`, see `ecfs.data.writer`) that is found missing is
 decoded around the same way but not reported as damage.
@@ -300,11 +300,9 @@ class ChunkReader:
         self._kept = KeptBytes()
 
     def _codec(self, ref: ChunkRef) -> Codec:
-        """The codec of chunk `ref` (its own coding, or the volume's)."""
-        if not ref.k:
-            return self.codec
-        layout = self.layout.of(ref)
-        return Codec.of(layout.k, layout.m)
+        """The codec of chunk `ref` (its own coding, or the volume's:
+        `Codec.for_layout`)."""
+        return self.codec.for_layout(self.layout.of(ref))
 
     def statistics(self) -> ReadStatistics:
         c = self.counters

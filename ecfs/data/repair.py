@@ -1002,7 +1002,7 @@ class Repairer:
             return None
         chosen = [(self.runners[ref.stores[i]], i) for i in candidates[:k]]
         deadline = 2 * max(runner.hedge_deadline() for runner, _ in chosen)
-        codec = Codec.of(k, layout.m) if ref.k else self.codec  # its own coding, or the volume's
+        codec = self.codec.for_layout(layout)  # its own coding, or the volume's
         with trio.move_on_after(deadline):
             done = await run_in_thread(
                 _read_sources, [(runner.store, i) for runner, i in chosen], ref.chunk_id,
