@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ecfs.core.codec import Codec
 from ecfs.core.errors import CodecError
+from ecfs.core.geometry import Layout
 
 
 @st.composite
@@ -201,3 +202,15 @@ def test_encode_into_refuses_a_small_or_read_only_buffer() -> None:
         codec.encode_into(b"x" * 400, memoryview(bytearray(599)))
     with pytest.raises(CodecError):
         codec.encode_into(b"x" * 400, memoryview(bytes(600)))
+
+
+def test_for_layout_is_this_codec_for_its_coding_else_the_shared_one() -> None:
+    """The one choice of a chunk's codec (reader, writer, repair, rebuild,
+    fsck): the volume's own codec, whichever it was given, for the
+    volume's coding; the shared codec of a chunk's own coding otherwise."""
+    volume = Layout(4, 2, 128 * 1024, 4096)
+    codec = Codec(4, 2)  # not the shared one: as a volume (or a test) may be given
+    assert codec.for_layout(volume) is codec
+    assert codec.for_layout(volume.coded(4, 2)) is codec
+    own = codec.for_layout(volume.coded(3, 3))
+    assert own is Codec.of(3, 3) and (own.k, own.m) == (3, 3)

@@ -3,6 +3,8 @@ its LRU bound. Pure: no stores, no reader."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 import trio
 import trio.testing
@@ -41,6 +43,34 @@ def test_whole_payloads_join_ranges_kept_one_after_another() -> None:
     kept.keep(REF, K, 0, 0, 4, b"1234", {1: b"xxxx"})
     whole = kept.whole_payloads(REF, K, 8)
     assert set(whole) == {0} and bytes(whole[0]) == b"12345678"
+
+
+def test_one_whole_payload_is_that_fragment_alone_and_copies_no_other() -> None:
+    """`whole_payload` of one index returns that fragment's bytes (a view
+    of the range kept, not a copy) and joins none of the others' ranges:
+    nothing near the size of fragment 0's out-of-order halves is
+    allocated, which `whole_payloads` has to join."""
+    half = 512 * 1024
+    kept = KeptBytes()
+    kept.keep(REF, K, 0, half, 2 * half, b"b" * half, {})
+    kept.keep(REF, K, 0, 0, half, b"a" * half, {})  # fragment 0: two ranges to join
+    source = b"s" * (2 * half)
+    kept.keep(REF, K, 2, 0, 2 * half, b"l" * (2 * half), {1: source})
+    tracemalloc.start()
+    try:
+        one = kept.whole_payload(REF, 1, 2 * half)
+        _, one_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        every = kept.whole_payloads(REF, K, 2 * half)
+        _, every_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert one is not None and one.obj is source and bytes(one) == source
+    assert one_peak < 64 * 1024 <= 2 * half <= every_peak  # fragment 0 joined only for all
+    assert set(every) == {0, 1, 2} and bytes(every[0]) == b"a" * half + b"b" * half
+    assert bytes(kept.whole_payload(REF, 0, 2 * half) or b"") == bytes(every[0])
+    assert kept.whole_payload(REF, 3, 2 * half) is None  # not kept
+    assert kept.whole_payload(REF, 1, 2 * half + 1) is None  # shorter than the payload
 
 
 def test_streaming_requests() -> None:

@@ -21,9 +21,11 @@ import trio
 
 from ecfs.core.codec import Buffer, Codec
 from ecfs.data.repair import BATCH, HORIZON, LOOK_INTERVAL, URGENT_PARALLEL, Repairer
+from ecfs.frontend.metrics import render_prometheus
 from ecfs.storage.metadb.chunks import RepairEntry, RepairQueue
 from ecfs.storage.metadb.database import Database
 from ecfs.volume.assembly import Volume
+from ecfs.volume.status import to_json
 from tests.inprocess import CHUNK, FRAGMENT, K, Rig, make_rig
 from tests.volume_files import pattern
 
@@ -323,6 +325,35 @@ async def test_a_rebuilt_fragment_costs_one_store_call(tmp_path: Path) -> None:
     assert all(n <= 1 for n in made.values()), made
     assert repairer.counters.one_call_reads == rebuilt
     assert repairer.counters.bytes_read == rebuilt * K * FRAGMENT
+    volume.close()
+
+
+@pytest.mark.trio
+async def test_a_one_call_read_that_falls_back_is_counted_and_shown(tmp_path: Path) -> None:
+    """A chunk whose one-call source read takes too long (a source store
+    slow for it) is read one by one, hedged, instead, and counted in
+    `one_call_fallbacks`: in the repairer's statistics, `ecfs status
+    --json` and the metrics (`ecfs_repair_one_call_fallbacks_total`)."""
+    count = 4
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    first = volume.filedata.chunks.get(ino, 0)
+    assert first is not None and first.stores[0] == replaced
+    queued = len(volume.repairer.not_rebuilt[replaced])
+    # Its fragment 1 (a data fragment: among the k read first) answers
+    # after 1 s, far past twice the hedge deadline (2 x HEDGE_FLOOR here).
+    rig.stores[first.stores[1]].set("slow", delay=1.0, ops={"read"}, chunks={first.chunk_id})
+    async with _repairing(volume) as repairer:
+        await _until_idle(volume)
+    fallbacks = repairer.counters.one_call_fallbacks
+    assert fallbacks >= 1 and repairer.counters.fragments_rebuilt == queued
+    status = volume.status()
+    assert status.repair.one_call_fallbacks == fallbacks
+    assert to_json(status)["repair"]["one_call_fallbacks"] == fallbacks
+    assert f"ecfs_repair_one_call_fallbacks_total {float(fallbacks)}" in render_prometheus(status)
+    rig.heal()
+    volume.handles.close_all()
+    await _read_all(rig, ino, count)  # rebuilt right
     volume.close()
 
 

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import zfec
 
 from .errors import CodecError
+
+if TYPE_CHECKING:
+    from .geometry import Layout
 
 Buffer = bytes | bytearray | memoryview
 
@@ -80,6 +84,16 @@ class Codec:
         """A shared Codec for k + m (one per coding, cached: chunks of
         several codings are read and written at once)."""
         return _shared_codec(k, m)
+
+    def for_layout(self, layout: Layout) -> Codec:
+        """The codec of a chunk laid out as `layout` (its own coding,
+        `Layout.of(ref)`): this one when `layout` is coded as it is (the
+        volume's codec for the volume's chunks: whichever codec the volume
+        was given, a test's included), else the shared one of the layout's
+        coding (`Codec.of`)."""
+        if layout.k == self.k and layout.m == self.m:
+            return self
+        return Codec.of(layout.k, layout.m)
 
     def encode(self, chunk: Buffer) -> list[bytes]:
         """Encode a chunk into its n fragment payloads.

@@ -21,8 +21,8 @@ bytes on the loop (`copy`): each range of the chunk is read, checksummed
 and decoded once instead of k sources per request. Concurrent requests
 covered by a decode under way wait for it (`decoding`, `wait_for_decode`)
 instead of decoding the same range again. A repair of the chunk takes
-the whole payloads kept (`whole_payloads`) instead of reading and
-decoding k fragments.
+the whole payloads kept (`whole_payloads`, or one fragment's:
+`whole_payload`) instead of reading and decoding k fragments.
 
 Contract:
 * Only data fragments (index < k) are kept, and only bytes that were
@@ -124,23 +124,29 @@ class KeptBytes:
 
     def whole_payloads(self, ref: ChunkRef, k: int, payload: int) -> dict[int, memoryview]:
         """The whole payloads (`payload` bytes) of the data fragments of
-        `ref` (indices below `k`) that are kept, in one range or in ranges
-        kept one after another (requests out of order)."""
+        `ref` (indices below `k`) that are kept: `whole_payload` of each."""
         whole: dict[int, memoryview] = {}
         for index in range(k):
-            ranges = sorted(self._ranges.get((ref, index), ()), key=lambda r: r[0])
-            if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
-                whole[index] = memoryview(ranges[0][2])[:payload]
-                continue
-            joined = bytearray()  # spans kept one after another (requests out of order)
-            for a, b, data in ranges:
-                if a > len(joined):
-                    break
-                if b > len(joined):
-                    joined += memoryview(data)[len(joined) - a :]
-            if len(joined) >= payload:
-                whole[index] = memoryview(joined)[:payload]
+            view = self.whole_payload(ref, index, payload)
+            if view is not None:
+                whole[index] = view
         return whole
+
+    def whole_payload(self, ref: ChunkRef, index: int, payload: int) -> memoryview | None:
+        """The whole payload (`payload` bytes) of fragment `index` of `ref`
+        if it is kept, in one range (a view of it, not copied) or in ranges
+        kept one after another (requests out of order: joined into a new
+        buffer); None if not. Only this fragment's ranges are looked at."""
+        ranges = sorted(self._ranges.get((ref, index), ()), key=lambda r: r[0])
+        if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
+            return memoryview(ranges[0][2])[:payload]
+        joined = bytearray()  # spans kept one after another (requests out of order)
+        for a, b, data in ranges:
+            if a > len(joined):
+                break
+            if b > len(joined):
+                joined += memoryview(data)[len(joined) - a :]
+        return memoryview(joined)[:payload] if len(joined) >= payload else None
 
     def streaming(self, ref: ChunkRef, index: int, start: int, end: int) -> bool:
         """Whether fragment range [start, end) looks like a sequential

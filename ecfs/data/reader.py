@@ -31,7 +31,7 @@ Fewer than k good fragments for the range: Unrecoverable (EIO), never
 guessed or zeroed bytes. Every k, fragment length and header check above
 is the chunk's own (`Layout.of(ref)`, `Expected.of(ref)`: a chunk written
 under a redundancy policy has its own k' + m'; codecs are shared per
-coding, `Codec.of`).
+coding: `Codec.for_layout`).
 A fragment the writer is still writing (a
 straggler, `writing`, see `ecfs.data.writer`) that is found missing is
 decoded around the same way but not reported as damage.
@@ -56,7 +56,7 @@ request, whichever data fragment it is for (`_decode_first`): the
 requests for the data fragments before the decoded one are served from
 its kept sources too, so each cell is read and checked once, not by a
 cached read and again by the decode. A repair takes the whole payloads
-kept (`kept_payloads`).
+kept (`kept_payloads`, or one fragment's: `kept_payload`).
 
 Decoding ahead: the first request of a chunk whose data fragment is
 decoded waited for that decode (k sources read and checked, the decode:
@@ -337,11 +337,9 @@ class ChunkReader:
         self._nursery = nursery
 
     def _codec(self, ref: ChunkRef) -> Codec:
-        """The codec of chunk `ref` (its own coding, or the volume's)."""
-        if not ref.k:
-            return self.codec
-        layout = self.layout.of(ref)
-        return Codec.of(layout.k, layout.m)
+        """The codec of chunk `ref` (its own coding, or the volume's:
+        `Codec.for_layout`)."""
+        return self.codec.for_layout(self.layout.of(ref))
 
     def statistics(self) -> ReadStatistics:
         c = self.counters
@@ -1020,6 +1018,13 @@ class ChunkReader:
         a repair of the chunk can take instead of reading and decoding."""
         layout = self.layout.of(ref)
         return self._kept.whole_payloads(ref, layout.k, layout.payload_length(ref.length))
+
+    def kept_payload(self, ref: ChunkRef, index: int) -> memoryview | None:
+        """The whole payload of fragment `index` of `ref` if degraded reads
+        keep it (`kept_payloads` of that one index, without joining or
+        copying the others'); None if not."""
+        payload = self.layout.of(ref).payload_length(ref.length)
+        return self._kept.whole_payload(ref, index, payload)
 
     async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
         """Fragment `lost`'s bytes [start, end) if a decode under way that

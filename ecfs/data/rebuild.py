@@ -139,12 +139,13 @@ async def rebuild_fragments(
     fragments nobody could look at - k) queue what could not be rebuilt.
     `defer_removal`: when every fragment was rebuilt onto its own store
     (no location changes), the queue entry is left for the caller to
-    remove (`Rebuilt.removal_deferred`; no transaction here)."""
+    remove (`Rebuilt.removal_deferred`; no transaction here). `layout` and
+    `codec` are the volume's: a chunk of its own coding is rebuilt with
+    its own (`Layout.of`, `Codec.for_layout`)."""
     if reason not in REPAIR_REASONS:
         raise ValueError(f"unknown repair reason {reason!r}")
-    if ref.k:  # a chunk of its own coding (a redundancy policy)
-        layout = layout.of(ref)
-        codec = Codec.of(layout.k, layout.m)
+    layout = layout.of(ref)  # a chunk of its own coding (a redundancy policy), or the volume's
+    codec = codec.for_layout(layout)
     wanted = sorted(broken)
     payload_length = layout.payload_length(ref.length)
     built: Mapping[int, list[fragment.Buffer]]

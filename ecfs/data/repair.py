@@ -265,7 +265,9 @@ class RepairStatistics:
     current rate (None while the rate is 0). `skipped`: chunks given up for
     now (missed their deadline or failed; retried with backoff), the first
     SKIPPED_SHOWN of them in `skipped_chunks` with file and byte range;
-    `deadline_misses` counts deadlines missed since mount."""
+    `deadline_misses` counts deadlines missed since mount;
+    `one_call_fallbacks` the chunks whose sources were read one by one
+    after the one-call read failed or took too long (`_read_in_one_call`)."""
 
     chunks_repaired: int
     chunks_checked_fine: int
@@ -286,6 +288,7 @@ class RepairStatistics:
     skipped_chunks: tuple[SkippedChunk, ...] = ()
     deadline_misses: int = 0
     min_rate: float = 0.0
+    one_call_fallbacks: int = 0
 
 
 class Repairer:
@@ -439,7 +442,7 @@ class Repairer:
             # Hold on to what the reader decoded (its kept bytes are dropped
             # within a few chunks of a sequential reader, often before the
             # rebuild of this one starts).
-            payload = self.reader.kept_payloads(ref).get(index)
+            payload = self.reader.kept_payload(ref, index)
             if payload is not None:
                 if taken is None:
                     while len(self._taken) >= TAKEN_CHUNKS:
@@ -504,6 +507,7 @@ class Repairer:
             skipped=len(self.skipped),
             skipped_chunks=self.skipped.entries(SKIPPED_SHOWN),
             deadline_misses=counters.deadline_misses,
+            one_call_fallbacks=counters.one_call_fallbacks,
         )
 
     def current_rate(self) -> float:
@@ -1002,7 +1006,7 @@ class Repairer:
             return None
         chosen = [(self.runners[ref.stores[i]], i) for i in candidates[:k]]
         deadline = 2 * max(runner.hedge_deadline() for runner, _ in chosen)
-        codec = Codec.of(k, layout.m) if ref.k else self.codec  # its own coding, or the volume's
+        codec = self.codec.for_layout(layout)  # its own coding, or the volume's
         with trio.move_on_after(deadline):
             done = await run_in_thread(
                 _read_sources, [(runner.store, i) for runner, i in chosen], ref.chunk_id,

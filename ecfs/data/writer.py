@@ -234,7 +234,7 @@ class ChunkWriter:
         are laid out in aligned memory so that the store can write them with
         direct I/O (see `aligned`); the chunk is copied once into it, and
         nothing returned refers to `data`."""
-        codec = self.codec if layout is self.layout else Codec.of(layout.k, layout.m)
+        codec = self.codec.for_layout(layout)
         direct = buffer is not None
         if buffer is not None:
             payloads: Sequence[fragment.Buffer] = codec.encode_into(data, buffer)

@@ -184,6 +184,11 @@ METRICS: tuple[Metric, ...] = (
     ),
     _m("ecfs_repair_deadline_misses_total", "counter", "Chunk repairs cut off by their deadline."),
     _m(
+        "ecfs_repair_one_call_fallbacks_total",
+        "counter",
+        "Chunks whose sources repair read one by one after the one-call read failed or was slow.",
+    ),
+    _m(
         "ecfs_background_paused",
         "gauge",
         "1 while background work is paused on purpose (`ecfs repair --pause`), else 0.",
@@ -344,6 +349,7 @@ _REPAIR = {
     "bytes_written": "ecfs_repair_bytes_written_total",
     "skipped": "ecfs_repair_skipped_chunks",
     "deadline_misses": "ecfs_repair_deadline_misses_total",
+    "one_call_fallbacks": "ecfs_repair_one_call_fallbacks_total",
 }
 _SCRUB = {
     "running": "ecfs_scrub_running",

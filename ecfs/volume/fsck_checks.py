@@ -806,7 +806,7 @@ def _check_chunk(
         )
         return
     if ref.k:  # a chunk of its own coding (a redundancy policy)
-        codec = Codec.of(layout.k, layout.m)
+        codec = codec.for_layout(layout)
         expected = expected.of(ref)
     payload_length = layout.payload_length(ref.length)
     state = _ChunkState()
