@@ -1122,7 +1122,9 @@ class DiskBench:
         res.notes.append(
             f"rebuild at {cap} MiB/s: `{minimum}`, {seconds:.1f} s, {written / MiB:,.0f} MiB"
             f" written ({before.bytes_written / MiB:,.0f} before: background repair),"
-            f" repair read {repair_read / MiB:,.0f} MiB"
+            f" repair read {repair_read / MiB:,.0f} MiB; fragments rebuilt"
+            f" {after.fragments_rebuilt - before.fragments_rebuilt}, of them from readers'"
+            f" decodes {getattr(after, 'fragments_shared', 0) - getattr(before, 'fragments_shared', 0)}"
         )
         if extra.exists():
             extra.unlink()

@@ -215,8 +215,13 @@ async def test_the_rebuild_takes_what_a_sequential_reader_decoded(tmp_path: Path
     async with _repairing(volume) as repairer:
         await _until_idle(volume)
     # Those chunks were rebuilt from the reader's bytes (old code: k
-    # fragments read again for each), and rebuilt right.
+    # fragments read again for each), and rebuilt right; shown as such.
     assert repairer.counters.fragments_shared == len(data_on_new)
+    status = volume.status()
+    assert status.repair.fragments_shared == len(data_on_new)
+    assert to_json(status)["repair"]["fragments_shared"] == len(data_on_new)
+    shown = f"ecfs_repair_fragments_shared_total {float(len(data_on_new))}"
+    assert shown in render_prometheus(status)
     on_new = [r for r in refs if r is not None and replaced in r.stores]
     # (the others: k sources each, more if widened: at most all n - 1)
     read_for_others = (len(rig.stores) - 2) * (len(on_new) - len(data_on_new))

@@ -267,7 +267,10 @@ class RepairStatistics:
     SKIPPED_SHOWN of them in `skipped_chunks` with file and byte range;
     `deadline_misses` counts deadlines missed since mount;
     `one_call_fallbacks` the chunks whose sources were read one by one
-    after the one-call read failed or took too long (`_read_in_one_call`)."""
+    after the one-call read failed or took too long (`_read_in_one_call`);
+    `fragments_shared` the fragments rebuilt from what readers' degraded
+    reads had decoded and kept, with no source read (see "Shared with
+    readers")."""
 
     chunks_repaired: int
     chunks_checked_fine: int
@@ -289,6 +292,7 @@ class RepairStatistics:
     deadline_misses: int = 0
     min_rate: float = 0.0
     one_call_fallbacks: int = 0
+    fragments_shared: int = 0
 
 
 class Repairer:
@@ -508,6 +512,7 @@ class Repairer:
             skipped_chunks=self.skipped.entries(SKIPPED_SHOWN),
             deadline_misses=counters.deadline_misses,
             one_call_fallbacks=counters.one_call_fallbacks,
+            fragments_shared=counters.fragments_shared,
         )
 
     def current_rate(self) -> float:

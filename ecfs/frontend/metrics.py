@@ -189,6 +189,11 @@ METRICS: tuple[Metric, ...] = (
         "Chunks whose sources repair read one by one after the one-call read failed or was slow.",
     ),
     _m(
+        "ecfs_repair_fragments_shared_total",
+        "counter",
+        "Fragments rebuilt from what readers' degraded reads decoded, with no source read.",
+    ),
+    _m(
         "ecfs_background_paused",
         "gauge",
         "1 while background work is paused on purpose (`ecfs repair --pause`), else 0.",
@@ -350,6 +355,7 @@ _REPAIR = {
     "skipped": "ecfs_repair_skipped_chunks",
     "deadline_misses": "ecfs_repair_deadline_misses_total",
     "one_call_fallbacks": "ecfs_repair_one_call_fallbacks_total",
+    "fragments_shared": "ecfs_repair_fragments_shared_total",
 }
 _SCRUB = {
     "running": "ecfs_scrub_running",
