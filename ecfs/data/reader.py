@@ -111,7 +111,7 @@ import functools
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
@@ -316,7 +316,9 @@ class ChunkReader:
             handles, expected, on_failed=self._read_ahead_failed, on_answer=self.router.answered
         )
         #: The chunks read ahead last (planned again when a store lags).
-        self._planned: deque[ChunkRef] = deque(maxlen=PLANNED_CHUNKS)
+        #: (in the order planned, the last PLANNED_CHUNKS: an ordered dict,
+        #: so that "was it read ahead?" costs one lookup per request)
+        self._planned: OrderedDict[ChunkRef, None] = OrderedDict()
         #: Chunks planned lately with a data fragment replaced -> the
         #: fragment indices read ahead for them (the sources their
         #: degraded reads use first: `_read_degraded`).
@@ -358,7 +360,11 @@ class ChunkReader:
         available parity) is read ahead in its place, so that the degraded
         read finds all k sources in the page cache too. Best effort;
         returns at once."""
-        self._planned.append(ref)
+        planned = self._planned
+        planned[ref] = None
+        planned.move_to_end(ref)
+        if len(planned) > PLANNED_CHUNKS:
+            planned.popitem(last=False)
         self._plan(ref)
 
     def _plan(self, ref: ChunkRef) -> None:
@@ -959,14 +965,10 @@ class ChunkReader:
         request finds it kept (see "Decoding ahead" in the module
         docstring). Returns at once."""
         self._ahead_of = ref.chunk_id
-        if self._nursery is None:
+        if self._nursery is None or ref not in self._planned:
             return
-        planned = self._planned
-        try:
-            at = planned.index(ref)
-        except ValueError:
-            return
-        for ahead in itertools.islice(planned, at + 1, at + 1 + DECODE_AHEAD):
+        after = itertools.dropwhile(lambda planned: planned != ref, self._planned)
+        for ahead in itertools.islice(after, 1, 1 + DECODE_AHEAD):
             lost = self._decoded_in_plan(ahead)
             if lost is None or self._kept.under_way(ahead, lost):
                 continue
