@@ -30,7 +30,7 @@ from ecfs.storage.metadb.chunks import PendingDeletions, RepairEntry, RepairQueu
 from ecfs.storage.offload import QUICK_ANSWERS, SLOW_STALE, StoreRunner, StoreState
 from ecfs.volume import assembly
 
-from .inprocess import CHUNK, FRAGMENT, K, M, Rig, make_rig, pattern
+from .inprocess import CELL, CHUNK, FRAGMENT, K, M, Rig, make_rig, pattern
 
 pytestmark = pytest.mark.trio
 
@@ -757,6 +757,40 @@ async def test_a_sequential_reader_finds_its_next_chunks_decoded_ahead(rig: Rig)
         # ahead of its first request (the old code: none)
         assert decoded_ahead == sorted(c for c in lost if c > 0), (decoded_ahead, lost)
         assert reader.counters.degraded_reads == len(lost), reader.counters
+        await volume.filedata.released(ino)
+
+
+async def test_random_small_reads_of_chunks_read_ahead_decode_nothing_ahead(rig: Rig) -> None:
+    """As above, but after the sequential read, small reads that do not
+    start a chunk (a random reader's) of the chunks read ahead decode
+    nothing ahead: each would read k whole fragments for 4 KiB (a random
+    reader after a sequential one ran at 0.5-0.8 of its rate with a
+    device slow or missing)."""
+    volume = rig.volume
+    chunks = 8
+    async with trio.open_nursery() as nursery:
+        ino, data, refs = await _written_file(rig, nursery, chunks)
+        away = 0
+        volume.handles.close_all()
+        volume.runners[away].mark_failed("test: away")
+        reader = volume.reader
+        reader.attach(nursery)
+        reader._kept = type(reader._kept)()  # (nothing kept: see below)
+        for idx in range(chunks):  # read ahead, as a sequential reader's
+            reader.prefetch(refs[idx])
+        assert reader._chosen
+        before = reader.counters.one_call_reads + reader.counters.degraded_reads
+        for idx in range(chunks):
+            offset = idx * CHUNK + CELL  # not a chunk's start
+            got = await volume.filedata.read(ino, offset, CELL)
+            assert bytes(got) == data[offset : offset + CELL]
+        await trio.sleep(0.2)  # (a decode ahead would be done by now)
+        lost = [c for c, ref in refs.items() if away in ref.stores[:K]]
+        # only the reads of a lost fragment's own cells decode (4 KiB each)
+        assert not any(
+            reader._kept.covers(refs[c], refs[c].stores.index(away), 0, FRAGMENT) for c in lost
+        )
+        assert reader.counters.degraded_reads + reader.counters.one_call_reads - before <= 2 * len(lost)
         await volume.filedata.released(ino)
 
 

@@ -64,8 +64,11 @@ about 5 ms for a 4 MiB chunk, as long as the chunk takes to stream at 750
 MiB/s), and every request of the stream queued behind it; at 150 MiB/s
 per device a sequential read with one device missing or slow ran at
 0.8 of its limit, and one next to a rebuild at 0.55-0.65 of healthy.
-So when a sequential reader reads a chunk (its first request of it, in
-`read_cached`), the next DECODE_AHEAD chunks it read ahead that have one
+So when a sequential reader reads a chunk (its first request of it that
+looks like a stream's, in `read_cached`: from the chunk's start, or of
+STREAM_REQUEST bytes or more; random 4 KiB reads that fall on chunks read
+ahead earlier decoded k MiB ahead each, and ran at 0.5-0.8 of their rate
+with one device slow or missing), the next DECODE_AHEAD chunks it read ahead that have one
 data fragment to decode (`_decoded_in_plan`: planned with a parity in
 its place, its store unavailable, routed around or not rebuilt yet)
 have it decoded in the background (`_decode_ahead`, in the nursery given
@@ -473,7 +476,11 @@ class ChunkReader:
         if not 0 <= start < end <= ref.length:
             raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
         self.counters.requested_bytes += end - start
-        if self._chosen and ref.chunk_id != self._ahead_of:
+        if (
+            self._chosen
+            and ref.chunk_id != self._ahead_of
+            and (start == 0 or end - start >= STREAM_REQUEST)
+        ):
             self._decode_ahead(ref)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
