@@ -716,6 +716,21 @@ async def test_a_sequential_read_over_a_missing_store_decodes_each_range_once(
         await volume.filedata.released(ino)
 
 
+async def _file_with_store_0_away(
+    rig: Rig, nursery: trio.Nursery, chunks: int
+) -> tuple[int, bytes, dict[int, ChunkRef], dict[int, int]]:
+    """`_written_file`, then store 0 failed, no header known, and the
+    reader decoding ahead in `nursery`: (inode, data, chunk index -> ref,
+    chunk index -> index of its data fragment on store 0, for the chunks
+    that have one)."""
+    ino, data, refs = await _written_file(rig, nursery, chunks)
+    rig.volume.handles.close_all()
+    rig.volume.runners[0].mark_failed("test: away")
+    rig.volume.reader.attach(nursery)
+    lost = {c: ref.stores.index(0) for c, ref in refs.items() if 0 in ref.stores[:K]}
+    return ino, data, refs, lost
+
+
 async def test_a_sequential_reader_finds_its_next_chunks_decoded_ahead(rig: Rig) -> None:
     """One store away: while a sequential reader reads a chunk, the lost
     data fragment of each of its next DECODE_AHEAD chunks read ahead is
@@ -724,20 +739,10 @@ async def test_a_sequential_reader_finds_its_next_chunks_decoded_ahead(rig: Rig)
     every degraded chunk, 0.6-0.8 of the healthy read). Every byte read is
     still right, and each lost fragment is decoded once."""
     volume = rig.volume
-    chunks = 8
+    reader = volume.reader
     step = 4096
     async with trio.open_nursery() as nursery:
-        ino, data, refs = await _written_file(rig, nursery, chunks)
-        away = 0
-        volume.handles.close_all()
-        volume.runners[away].mark_failed("test: away")
-        reader = volume.reader
-        reader.attach(nursery)
-        lost = {
-            c: ref.stores.index(away)
-            for c, ref in refs.items()
-            if away in ref.stores[:K]
-        }
+        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks=8)
         assert len(lost) >= 3
         decoded_ahead = []
         out = bytearray()
@@ -767,15 +772,10 @@ async def test_random_small_reads_of_chunks_read_ahead_decode_nothing_ahead(rig:
     reader after a sequential one ran at 0.5-0.8 of its rate with a
     device slow or missing)."""
     volume = rig.volume
+    reader = volume.reader
     chunks = 8
     async with trio.open_nursery() as nursery:
-        ino, data, refs = await _written_file(rig, nursery, chunks)
-        away = 0
-        volume.handles.close_all()
-        volume.runners[away].mark_failed("test: away")
-        reader = volume.reader
-        reader.attach(nursery)
-        reader._kept = type(reader._kept)()  # (nothing kept: see below)
+        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
         for idx in range(chunks):  # read ahead, as a sequential reader's
             reader.prefetch(refs[idx])
         assert reader._chosen
@@ -785,11 +785,8 @@ async def test_random_small_reads_of_chunks_read_ahead_decode_nothing_ahead(rig:
             got = await volume.filedata.read(ino, offset, CELL)
             assert bytes(got) == data[offset : offset + CELL]
         await trio.sleep(0.2)  # (a decode ahead would be done by now)
-        lost = [c for c, ref in refs.items() if away in ref.stores[:K]]
         # only the reads of a lost fragment's own cells decode (4 KiB each)
-        assert not any(
-            reader._kept.covers(refs[c], refs[c].stores.index(away), 0, FRAGMENT) for c in lost
-        )
+        assert not any(reader._kept.covers(refs[c], i, 0, FRAGMENT) for c, i in lost.items())
         assert reader.counters.degraded_reads + reader.counters.one_call_reads - before <= 2 * len(lost)
         await volume.filedata.released(ino)
 
