@@ -6,6 +6,7 @@ table shows, a failed store stands out in red and Ctrl-C ends it cleanly."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -182,9 +183,14 @@ def test_a_runner_counts_operations_and_buckets_latencies(tmp_path: Path) -> Non
 
 
 def start_iostat(mountpoint: Path, *options: str, interval: str = "1") -> subprocess.Popen[str]:
+    """`ecfs iostat` with SIGINT at its default disposition, as in a
+    terminal: a suite started in the background by a non-interactive shell
+    (`.ci/run &`) has SIGINT ignored, and a Python started so keeps
+    ignoring it (the Ctrl-C test below then waited 60 s for nothing)."""
     return subprocess.Popen(
         [sys.executable, "-m", "ecfs", "iostat", *options, os.fspath(mountpoint), interval],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
@@ -240,7 +246,12 @@ def test_iostat_json_on_a_busy_mount(volume: MountedVolume) -> None:
     assert proc.stdout is not None
     json.loads(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never left running (its pipes leak into later tests)
+            proc.kill()
+            proc.communicate()
     assert (proc.returncode, err) == (0, "")
 
 
