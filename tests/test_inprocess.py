@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from ecfs.core import fragment
-from ecfs.core.errors import StoreTimeout
+from ecfs.core.errors import StoreTimeout, Unrecoverable
 from ecfs.core.model import NO_STORE, ChunkRef
 from ecfs.data.reader import ChunkReader
 from ecfs.storage import offload
@@ -788,6 +788,37 @@ async def test_random_small_reads_of_chunks_read_ahead_decode_nothing_ahead(rig:
         # only the reads of a lost fragment's own cells decode (4 KiB each)
         assert not any(reader._kept.covers(refs[c], i, 0, FRAGMENT) for c, i in lost.items())
         assert reader.counters.degraded_reads + reader.counters.one_call_reads - before <= 2 * len(lost)
+        await volume.filedata.released(ino)
+
+
+async def test_a_decode_ahead_that_fails_counts_no_unrecoverable_read(rig: Rig) -> None:
+    """A chunk decoded ahead that turns out unrecoverable (too few good
+    fragments) is not counted as an unrecoverable read until a request
+    meets it (the counter is what readers got EIO for); then by that
+    request's reads."""
+    volume = rig.volume
+    reader = volume.reader
+    async with trio.open_nursery() as nursery:
+        ino, _, refs, lost = await _file_with_store_0_away(rig, nursery, chunks=8)
+        doomed = min(c for c in lost if c > 0)
+        ref = refs[doomed]
+        for j in [j for j in range(len(ref.stores)) if ref.stores[j] != 0][:2]:
+            rig.stores[ref.stores[j]].set("eio", chunks={ref.chunk_id})
+        for idx in range(len(refs)):  # read ahead, as a sequential reader's
+            reader.prefetch(refs[idx])
+        degraded = reader.counters.degraded_reads
+        await volume.filedata.read(ino, (doomed - 1) * CHUNK, CELL)  # starts decoding ahead
+        for _ in range(500):  # (read-ahead threads: real time)
+            if not reader._kept.under_way(ref, lost[doomed]) and reader.counters.degraded_reads > degraded:
+                break
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert reader.counters.degraded_reads > degraded  # it was tried ahead
+        assert reader.counters.unrecoverable_reads == 0
+        with pytest.raises(Unrecoverable):
+            await volume.filedata.read(ino, doomed * CHUNK, CHUNK)
+        assert reader.counters.unrecoverable_reads >= 1
+        rig.heal()
         await volume.filedata.released(ino)
 
 

@@ -996,6 +996,8 @@ class ChunkReader:
         try:
             await self._read_hedged(ref, lost, 0, stop, 0)
         except EcfsError as exc:
+            if isinstance(exc, Unrecoverable):
+                self.counters.unrecoverable_reads -= 1  # (the request that meets it counts it)
             log.debug("decoding chunk %016x fragment %d ahead failed: %s", ref.chunk_id, lost, exc)
 
     async def _read_from_decode(
