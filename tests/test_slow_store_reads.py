@@ -361,3 +361,70 @@ async def test_a_small_read_routed_around_a_slow_store_is_decoded_on_the_loop(ri
     assert counters.routed_reads >= 20, counters
     assert counters.one_call_reads == 0, counters
     assert counters.degraded_reads == 0, counters
+
+
+async def test_read_ahead_measures_how_fast_each_store_delivers(rig: Rig) -> None:
+    """`ReadAhead.delivery_rate`: a store whose fetches take 30 ms each
+    delivers at a fraction of the rate of stores that answer at once; a
+    store with read-ahead to do that stops delivering is judged by the
+    time since its last delivery too, not by its past alone."""
+    refs, _ = await rig.stored_files(8)
+    slow_store = 0
+    handles = HandleCache()
+    ahead = ReadAhead(handles, rig.volume.reader.expected)
+    keys = [(s, ref.chunk_id, i) for ref in refs for i, s in enumerate(ref.stores)]
+    rig.stores[slow_store].set("slow", delay=0.03, ops={"read"})
+    try:
+        for key in keys:
+            ahead.request(key, rig.stores[key[0]])
+        for _ in range(3000):  # delivered from the workers: poll
+            if not any(ahead.pending(key) for key in keys):
+                break
+            await trio.sleep(0.01)
+        rates = {s: ahead.delivery_rate(s) for s in range(len(rig.stores))}
+        assert all(rate is not None for rate in rates.values()), rates
+        fast = sorted(r for s, r in rates.items() if s != slow_store and r is not None)
+        assert rates[slow_store] is not None and rates[slow_store] < fast[0] / 5, rates
+        # A job that hangs (no delivery since): its rate falls as it waits.
+        rig.stores[1].set("hang", ops={"read"})
+        ref = refs[0]
+        hung = (1, ref.chunk_id, ref.stores.index(1))
+        handles.discard(hung)
+        before = ahead.delivery_rate(1)
+        ahead.request(hung, rig.stores[1])
+        await trio.sleep(0.2)
+        after = ahead.delivery_rate(1)
+        assert before is not None and after is not None and after < before / 5, (before, after)
+    finally:
+        rig.heal()
+        ahead.close()
+
+
+@pytest.mark.parametrize(("rate", "routed"), [(40.0, False), (2.0, True)])
+async def test_a_busy_store_is_not_routed_around_by_large_reads_a_slow_one_is(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, rate: float, routed: bool
+) -> None:
+    """A store whose large reads take 15x the others' (0.2 s against
+    0.013: the busiest disk, its reads waiting in its queue, or a disk at
+    2 MiB/s) is routed around by a large read only when its read-ahead
+    delivers below BUSY_NOT_SLOW of the others' rate: a busy disk
+    delivering 40 MiB/s among disks delivering 50 is read (the old rule
+    routed around it: four disks served a read five could), a slow one
+    at 2 MiB/s is not."""
+    monkeypatch.setattr(offload, "SMALL_READ", 8192)
+    monkeypatch.setattr(routing, "SMALL_READ", 8192)
+    volume = rig.volume
+    refs, _ = await rig.stored_files(1)
+    ref = refs[0]
+    for index, store in enumerate(ref.stores):
+        for _ in range(8):
+            volume.runners[store].record_latency(0.2 if index == 0 else 0.013, FRAGMENT)
+    router = routing.Router(volume.layout, volume.runners, replan=lambda store: None)
+    mib = 1024 * 1024
+    rates = {s: (rate if i == 0 else 50.0) * mib for i, s in enumerate(ref.stores)}
+    router.delivery_rate = rates.get
+    assert router.route_around(ref, 0) is routed
+    # without rates (none measured yet: an object store's prefetches, say)
+    # latency decides, as before
+    router = routing.Router(volume.layout, volume.runners, replan=lambda store: None)
+    assert router.route_around(ref, 0) is True

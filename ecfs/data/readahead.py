@@ -38,6 +38,17 @@ plans parity in their place when it starts routing around the store).
 `queued(store)` is a store's backlog: the reader reads a replacement
 parity fragment ahead from the store with the shortest one.
 
+Delivery rates: `delivery_rate(store)` is how fast a store's disk
+delivers what is read ahead while it has some of it to do: payload bytes
+per second of the time from a busy stretch's first request (or the
+previous delivery) to each delivery, over the last few deliveries (sums
+decayed by RATE_DECAY per delivery; the time since the last delivery
+counts while it has some to do). A busy disk at its cap delivers its
+cap however long its queue, a disk at 2 MiB/s delivers 2 MiB/s, and an
+idle one delivers what one fetch takes: the router tells a busy disk
+from a slow one by it (`ecfs.data.routing`), which their latencies
+cannot (both 9x the others' at 40 MiB/s, issue 17).
+
 Concurrency contract: `request` and the delivery callbacks run on the trio
 loop thread; workers touch only their queue and the store (whose methods
 are thread-safe).
@@ -48,6 +59,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import trio
@@ -66,6 +78,10 @@ MAX_QUEUED = 64
 #: read from disk, so one thread per store could not keep ahead of a
 #: sequential reader at a few hundred MiB/s.
 WORKERS_PER_STORE = 4
+
+#: Weight of the past in a store's delivery rate, per delivery (see
+#: "Delivery rates" in the module docstring).
+RATE_DECAY = 0.7
 
 #: (handle key, store object, expected header, header already known or
 #: None, sequence number)
@@ -99,6 +115,13 @@ class ReadAhead:
         #: the workers (a dict lookup: atomic).
         self._seq = 0
         self._cutoff: dict[int, int] = {}
+        #: Store -> when its busy stretch started or its last job was
+        #: delivered, and its decayed sums of bytes delivered and of the
+        #: time they took (`delivery_rate`).
+        self._since: dict[int, float] = {}
+        self._rate_bytes: dict[int, float] = {}
+        self._rate_seconds: dict[int, float] = {}
+        self.clock: Callable[[], float] = time.monotonic
 
     def request(self, key: HandleKey, store: Store, expected: Expected | None = None) -> None:
         """Verify the header of fragment `key` = (store index, chunk id,
@@ -115,6 +138,8 @@ class ReadAhead:
             self._token = trio.lowlevel.current_trio_token()
         known = self.handles.get(key)
         self._pending.add(key)
+        if not self._queued.get(index):
+            self._since[index] = self.clock()  # a busy stretch starts
         self._queued[index] = self._queued.get(index, 0) + 1
         self.requested += 1
         self._seq += 1
@@ -134,6 +159,19 @@ class ReadAhead:
         read-ahead backlog: the reader plans parity on the least busy
         stores, see `ecfs.data.reader`)."""
         return self._queued.get(index, 0)
+
+    def delivery_rate(self, index: int) -> float | None:
+        """Bytes per second that store `index` delivered its read-ahead at
+        while it had some to do, lately (see "Delivery rates" in the module
+        docstring), the time since its last delivery counted while it has
+        some to do (a disk that stopped delivering is not judged by its
+        past); None before a first payload was delivered."""
+        seconds = self._rate_seconds.get(index)
+        if not seconds:
+            return None
+        if self._queued.get(index):
+            seconds += max(0.0, self.clock() - self._since.get(index, 0.0))
+        return self._rate_bytes[index] / seconds
 
     def close(self) -> None:
         """Stop the workers (a worker stuck on a hung store exits when its
@@ -157,10 +195,22 @@ class ReadAhead:
                 ).start()
         return q
 
-    def _deliver(self, key: HandleKey, header: FragmentHeader | None, failed: bool) -> None:
-        """Loop side of a finished job: cache a newly verified header."""
+    def _deliver(
+        self, key: HandleKey, header: FragmentHeader | None, failed: bool, nbytes: int = 0
+    ) -> None:
+        """Loop side of a finished job (`nbytes` of payload fetched; 0 for a
+        job skipped or failed): cache a newly verified header, count the
+        delivery in the store's rate."""
         self._pending.discard(key)
         self._queued[key[0]] -= 1
+        index, now = key[0], self.clock()
+        if nbytes > 0:
+            since = self._since.get(index, now)
+            self._rate_bytes[index] = self._rate_bytes.get(index, 0.0) * RATE_DECAY + nbytes
+            self._rate_seconds[index] = (
+                self._rate_seconds.get(index, 0.0) * RATE_DECAY + max(0.0, now - since)
+            )
+        self._since[index] = now
         if self.on_answer is not None:
             self.on_answer(key[0])
         if header is not None:
@@ -172,7 +222,7 @@ class ReadAhead:
 def _work(
     jobs: queue.SimpleQueue[_Job | None],
     token: trio.lowlevel.TrioToken,
-    deliver: Callable[[HandleKey, FragmentHeader | None, bool], None],
+    deliver: Callable[[HandleKey, FragmentHeader | None, bool, int], None],
     cutoff: dict[int, int],
 ) -> None:
     """A store's worker: verify the header (if needed), prefetch, and wait
@@ -181,37 +231,43 @@ def _work(
         key, store, expected, known, seq = job
         if seq < cutoff.get(key[0], 0):
             try:
-                token.run_sync_soon(deliver, key, None, False)
+                token.run_sync_soon(deliver, key, None, False, 0)
             except trio.RunFinishedError:
                 return
             continue
+        fetched = 0
         try:
-            header = _verify_and_prefetch(key, store, expected, known)
+            header, fetched = _verify_and_prefetch(key, store, expected, known)
         except Exception:  # a bug: never leave the request pending
             log.exception("bug in read-ahead of %s", key)
             header = None
         try:
-            token.run_sync_soon(deliver, key, header if known is None else None, header is None)
+            token.run_sync_soon(
+                deliver, key, header if known is None else None, header is None, fetched
+            )
         except trio.RunFinishedError:
             return
 
 
 def _verify_and_prefetch(
     key: HandleKey, store: Store, expected: Expected, known: FragmentHeader | None
-) -> FragmentHeader | None:
+) -> tuple[FragmentHeader | None, int]:
     """Blocking: the fragment's verified header (`known`, or read now)
-    after asking the store to fetch its payload; None if it could not be
-    read."""
+    after asking the store to fetch its payload, None if it could not be
+    read; and the payload bytes waited for (0 if none: an object store's
+    prefetch runs on, or it failed)."""
     header = known
+    fetched = 0
     try:
         if header is None:
             header, _ = read_header(store, key[1], key[2], expected)
         store.prefetch(key[1], key[2], header.payload_offset, header.payload_length)
         if not store.remote:  # an object store bounds its prefetches itself
             _wait_for(store, key, header)
+            fetched = header.payload_length
     except EcfsError as exc:
         log.debug("read-ahead of %s failed: %s", key, exc)
-    return header
+    return header, fetched
 
 
 def _wait_for(store: Store, key: HandleKey, header: FragmentHeader) -> None:

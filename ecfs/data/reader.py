@@ -318,6 +318,7 @@ class ChunkReader:
         self.readahead = ReadAhead(
             handles, expected, on_failed=self._read_ahead_failed, on_answer=self.router.answered
         )
+        self.router.delivery_rate = self.readahead.delivery_rate
         #: The chunks read ahead last (planned again when a store lags).
         #: (in the order planned, the last PLANNED_CHUNKS: an ordered dict,
         #: so that "was it read ahead?" costs one lookup per request)
