@@ -201,9 +201,9 @@ class ReadAhead:
         """Loop side of a finished job (`nbytes` of payload fetched; 0 for a
         job skipped or failed): cache a newly verified header, count the
         delivery in the store's rate."""
-        self._pending.discard(key)
-        self._queued[key[0]] -= 1
         index, now = key[0], self.clock()
+        self._pending.discard(key)
+        self._queued[index] -= 1
         if nbytes > 0:
             since = self._since.get(index, now)
             self._rate_bytes[index] = self._rate_bytes.get(index, 0.0) * RATE_DECAY + nbytes
@@ -212,7 +212,7 @@ class ReadAhead:
             )
         self._since[index] = now
         if self.on_answer is not None:
-            self.on_answer(key[0])
+            self.on_answer(index)
         if header is not None:
             self.handles.insert(key, header)
         elif failed and self.on_failed is not None:

@@ -75,9 +75,10 @@ have it decoded in the background (`_decode_ahead`, in the nursery given
 by `attach`), by the same path as that request would take
 (`_read_hedged`: the same reasons, counters, damage reports and kept
 bytes); the request finds the bytes kept, or waits for the decode under
-way. Measured (scripts/bench_disks.py, 150 MiB/s, one run each, same
-session): one device missing 622 -> 698 MiB/s, one at 2 MiB/s 601 -> 677,
-the reader next to a rebuild 489 -> 613.
+way. Measured (scripts/bench_disks.py --reads-only, 150 MiB/s, one run
+of the old code, six of the new, same session): one device missing 622
+-> 698-747 MiB/s, one at 2 MiB/s 601 -> 677-725, the reader next to a
+rebuild 489 -> 436-616 (median 602).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
@@ -930,10 +931,12 @@ class ChunkReader:
         and verifies them anyway, and keeps them: see the module
         docstring) rather than read from its store first and by the decode
         again."""
-        if self._kept.covers(ref, piece.index, piece.frag_start, piece.frag_end):
-            return None
-        lost = self._decoded_in_plan(ref)
-        if lost is None or lost == piece.index:
+        lost = self._decoded_in_plan(ref)  # (None at once for a chunk not in `_chosen`)
+        if (
+            lost is None
+            or lost == piece.index
+            or self._kept.covers(ref, piece.index, piece.frag_start, piece.frag_end)
+        ):
             return None
         a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
         if b - a < min(STREAM_REQUEST, payload):

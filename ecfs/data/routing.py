@@ -455,8 +455,7 @@ class Router:
         available stores of the chunk (k of them known at least): busy,
         not slow (see the module docstring); False when not known."""
         rate_of = self.delivery_rate
-        mine = None if rate_of is None else rate_of(ref.stores[index])
-        if rate_of is None or mine is None:
+        if rate_of is None or (mine := rate_of(ref.stores[index])) is None:
             return False
         others = sorted(
             rate
@@ -467,10 +466,11 @@ class Router:
         )
         if len(others) < self.layout.of(ref).k:
             return False
-        busy = mine >= BUSY_NOT_SLOW * others[len(others) // 2]
+        median = others[len(others) // 2]
+        busy = mine >= BUSY_NOT_SLOW * median
         if busy:
             log.debug("store %d waited for but busy, not slow (%.0f MiB/s against %.0f)",
-                      ref.stores[index], mine / 2**20, others[len(others) // 2] / 2**20)  # fmt: skip
+                      ref.stores[index], mine / 2**20, median / 2**20)  # fmt: skip
         return busy
 
     def _start_avoiding(self, store: int, mine: float, other: float) -> bool:
