@@ -232,6 +232,44 @@ async def test_the_rebuild_takes_what_a_sequential_reader_decoded(tmp_path: Path
 
 
 @pytest.mark.trio
+async def test_a_rebuild_ahead_of_a_sequential_reader_decodes_once_for_both(
+    tmp_path: Path,
+) -> None:
+    """The rebuild meets chunks that a sequential reader has read ahead
+    but not decoded yet (the two run side by side: at 150 MiB/s per device
+    the rebuild's front and the reader moved in step in 4 of 14 runs, each
+    reading every chunk, and readers' decodes supplied 2-16 of ~235
+    rebuilt fragments): the lost data fragment is decoded once, kept for
+    the reader, and taken by the rebuild; the reader then reads it from
+    its kept bytes, decoding nothing again."""
+    count = 8
+    WIPED.clear()
+    rig, ino, replaced = await _replaced_rig(tmp_path, count)
+    volume = rig.volume
+    reader = volume.reader
+    refs = [volume.filedata.chunks.get(ino, i) for i in range(count)]
+    data_on_new = [r for r in refs if r is not None and replaced in r.stores[:K]]
+    assert data_on_new
+    for ref in refs:  # read ahead, as a sequential reader's, nothing read yet
+        assert ref is not None
+        reader.prefetch(ref)
+    async with _repairing(volume) as repairer:
+        await _until_idle(volume)
+    assert repairer.counters.fragments_shared == len(data_on_new)
+    on_new = [r for r in refs if r is not None and replaced in r.stores]
+    read_for_others = (len(rig.stores) - 2) * (len(on_new) - len(data_on_new))
+    assert repairer.counters.bytes_read <= FRAGMENT * read_for_others
+    # The reader's decodes were those, one per chunk: its reads find them kept.
+    decoded = reader.counters.degraded_reads
+    assert decoded == len(data_on_new), reader.counters
+    await _read_all(rig, ino, count)
+    assert reader.counters.degraded_reads == decoded, reader.counters
+    for key, original in WIPED.items():
+        assert rig.memory[replaced].fragment(*key) == original
+    volume.close()
+
+
+@pytest.mark.trio
 async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) -> None:
     """(The old code got this order from the damage its reads reported,
     after a wait in the new store's queue; the new one reports none.)"""

@@ -62,7 +62,10 @@ takes them instead of reading k fragments and decoding
 (`counters.fragments_shared`): the survivors are read once for both. The
 payload a reader decoded is taken when it tells (`want`) and held until
 the chunk's rebuild (TAKEN_CHUNKS chunks at most): the reader's own kept
-bytes are dropped within a few chunks.
+bytes are dropped within a few chunks. A chunk the rebuild reaches first,
+which a sequential reader has read ahead and will decode, is decoded
+once for both by the reader's path (`ChunkReader.decode_for_repair`,
+asked before the sources are read).
 
 The rate shown (`statistics().rate_bytes_per_s`, `ecfs status`, the
 metrics) is the volume's: rebuilt bytes of the repairs that ended in the
@@ -882,6 +885,7 @@ class Repairer:
             self._defer(ref.chunk_id)
             return 0
         found_bad = set(broken)
+        await self.reader.decode_for_repair(ref, found_bad)
         shared = self._shared(ref, found_bad)
         good: Mapping[int, Bytes | memoryview] = (
             shared if shared is not None else await self._read_good(ref, found_bad, payload)
