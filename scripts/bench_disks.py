@@ -401,10 +401,21 @@ def seq_read(path: Path, limit_s: float = READ_LIMIT_S) -> float:
 
 
 def read_counters(mnt: Path) -> dict[str, float]:
-    """The ecfs daemon's read counters (since it mounted), and its CPU seconds."""
+    """The ecfs daemon's read counters (since it mounted), its CPU seconds,
+    and the machine's busy and total CPU seconds (all cores, /proc/stat)."""
     counters: dict[str, float] = dict(json.loads(os.getxattr(mnt, "user.ecfs.status"))["reads"])
     counters["cpu_s"] = wl.cpu_seconds(int(os.getxattr(mnt, "user.ecfs.pid")))
+    counters["host_busy_s"], counters["host_total_s"] = host_cpu_seconds()
     return counters
+
+
+def host_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the machine since boot, all cores: the
+    first line of /proc/stat, idle and iowait counted as not busy."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields[:8])  # (guest time is counted in user already)
+    return (total - fields[3] - fields[4]) / tick, total / tick
 
 
 def requested_bytes(mnt: Path) -> int:
@@ -1055,6 +1066,9 @@ class DiskBench:
         if delta.get("requested_bytes"):
             gib = delta["requested_bytes"] / (1 << 30)
             text += f"; daemon CPU {delta.get('cpu_s', 0.0) / gib:.2f} s per GiB read"
+        if delta.get("host_total_s"):
+            busy = delta.get("host_busy_s", 0.0) / delta["host_total_s"]
+            text += f"; the machine's CPUs {busy:.0%} busy"
         self.res.notes.append(f"ecfs read counters, {cap} MiB/s, {case}: {text}")
 
     def rebuild(self, cap: int, mnt: Path, old: Path, new: Path, healthy: float) -> None:
@@ -1072,6 +1086,8 @@ class DiskBench:
         time.sleep(1.0)  # the reader at speed before the rebuild starts
         profile = self.profiled(mnt, f"{cap}-rebuild")
         read0, start = reader.done, time.monotonic()
+        survivors = list(range(N - 1))  # (the replaced store is on device N - 1)
+        disks0, cpu0 = self.machine.read_stats(survivors), host_cpu_seconds()
         profile.__enter__()
         try:
             self.ecfs_cmd("store", "replace", "--domain", f"dev{N - 1}", str(mnt), str(old), str(new))
@@ -1083,6 +1099,7 @@ class DiskBench:
             # Timed from there: rebuild and reader over one window
             # (background repair may have done a little before).
             before = client.status().repair
+            disks0, cpu0 = self.machine.read_stats(survivors), host_cpu_seconds()
             read0, start = reader.done, time.monotonic()
             minimum = f"repair urgent min={round(0.525 * cap * MiB)}"
             try:
@@ -1100,6 +1117,8 @@ class DiskBench:
         finally:
             seconds = time.monotonic() - start
             read = reader.done - read0
+            delivered = (self.machine.read_stats(survivors) - disks0).nbytes
+            busy, total = (b - a for a, b in zip(cpu0, host_cpu_seconds(), strict=True))
             profile.__exit__(None, None, None)
             reader.halt.set()
             reader.join(TIMEOUT)
@@ -1117,14 +1136,18 @@ class DiskBench:
         res.raw.setdefault("rebuild", {})[cap] = {
             "seconds": seconds, "bytes_written": written, "bytes_read": repair_read,
             "foreground_bytes": read, "command": minimum,
-            "written_before": before.bytes_written,
+            "written_before": before.bytes_written, "survivors_read_bytes": delivered,
+            "host_cpu_busy": busy / max(total, 1e-9),
         }  # fmt: skip
         res.notes.append(
             f"rebuild at {cap} MiB/s: `{minimum}`, {seconds:.1f} s, {written / MiB:,.0f} MiB"
             f" written ({before.bytes_written / MiB:,.0f} before: background repair),"
             f" repair read {repair_read / MiB:,.0f} MiB; fragments rebuilt"
             f" {after.fragments_rebuilt - before.fragments_rebuilt}, of them from readers'"
-            f" decodes {getattr(after, 'fragments_shared', 0) - getattr(before, 'fragments_shared', 0)}"
+            f" decodes {getattr(after, 'fragments_shared', 0) - getattr(before, 'fragments_shared', 0)};"
+            f" the {N - 1} survivors' devices read {delivered / MiB / seconds:,.0f} MiB/s"
+            f" (limit {(N - 1) * cap:,}: the reader's and the repair's reads after the page cache);"
+            f" the machine's CPUs {busy / max(total, 1e-9):.0%} busy"
         )
         if extra.exists():
             extra.unlink()
