@@ -89,9 +89,9 @@ reading k fragments itself; the reader then finds the bytes kept. So the
 rebuild's front and the reader decode each chunk once between them,
 whichever of the two comes first (before, when the front ran in step
 with the reader, both read every chunk: in 4 of 14 runs at 150 MiB/s per
-device readers' decodes supplied 2-16 of ~235 rebuilt fragments, the
-repair read 900 MiB instead of 270, and the reader ran at 440 MiB/s
-instead of 470-620).
+device readers' decodes supplied 2-16 of ~235 rebuilt fragments, and the
+repair read 870-930 MiB; with this, 169-170 in every run, the repair
+reading 236-348 MiB).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
