@@ -270,6 +270,32 @@ async def test_a_rebuild_ahead_of_a_sequential_reader_decodes_once_for_both(
 
 
 @pytest.mark.trio
+async def test_no_decode_for_a_repair_that_could_not_take_the_fragment_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`decode_for_repair` decodes a planned chunk's lost fragment only
+    when one decode keeps it whole (KEEP_SPAN): a part would be decoded
+    for nothing, the repair reading k fragments anyway."""
+    rig, ino, replaced = await _replaced_rig(tmp_path, 4)
+    reader = rig.volume.reader
+    refs = [rig.volume.filedata.chunks.get(ino, i) for i in range(4)]
+    ref = next(r for r in refs if r is not None and replaced in r.stores[:K])
+    lost = ref.stores.index(replaced)
+    for r in refs:
+        assert r is not None
+        reader.prefetch(r)
+    monkeypatch.setattr("ecfs.data.reader.KEEP_SPAN", FRAGMENT // 2)
+    await reader.decode_for_repair(ref, {lost})
+    assert reader.counters.degraded_reads == 0
+    assert reader.kept_payload(ref, lost) is None
+    monkeypatch.undo()
+    await reader.decode_for_repair(ref, {lost})
+    assert reader.counters.degraded_reads == 1
+    assert reader.kept_payload(ref, lost) is not None
+    rig.volume.close()
+
+
+@pytest.mark.trio
 async def test_chunks_a_reader_reads_around_are_rebuilt_first(tmp_path: Path) -> None:
     """(The old code got this order from the damage its reads reported,
     after a wait in the new store's queue; the new one reports none.)"""

@@ -1009,13 +1009,16 @@ class ChunkReader:
         module docstring): wait for that decode if it is under way, else
         decode it now as decoding ahead would. The repair then takes the
         kept payloads (`kept_payloads`); a decode that fails leaves it to
-        read them itself."""
+        read them itself. Nothing is done for a fragment longer than one
+        decode keeps (KEEP_SPAN): the repair could not take it whole."""
         lost = self._decoded_in_plan(ref)
         if lost is None or lost not in broken:
             return
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         stop = layout.cell_range(0, min(payload, KEEP_SPAN), payload)[1]
+        if stop < payload:
+            return
         if not await self._kept.wait_for_decode(ref, lost, 0, stop):
             if not self._kept.covers(ref, lost, 0, stop):
                 await self._decode_one_ahead(ref, lost, stop)
