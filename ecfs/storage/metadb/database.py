@@ -33,7 +33,7 @@ tarball extract makes ~150,000 transactions).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,16 @@ class Database:
             self._conn.backup(target)
         finally:
             target.close()
+
+    def install_temp(self, statements: Sequence[str]) -> None:
+        """Run `statements` that create TEMP objects of this connection
+        only (a table and the triggers that keep it: never in the file,
+        never replicated, not digested), in order, outside a transaction
+        (RuntimeError inside one). The caller keeps no await between them."""
+        if self._statements is not None:
+            raise RuntimeError("install_temp inside a transaction")
+        for sql in statements:
+            self._conn.execute(sql)
 
     # -- writes --------------------------------------------------------------
 
