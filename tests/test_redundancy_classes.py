@@ -17,14 +17,10 @@ from ecfs.core.model import NO_STORE, ChunkRef
 from ecfs.storage.metadb.chunks import ChunkTable, decode_stores
 from ecfs.storage.metadb.database import Database
 from ecfs.storage.metadb.digest import content_digest
-from ecfs.storage.metadb.schema import SCHEMA_VERSION, create_database, schema_version
+from ecfs.storage.metadb.schema import SCHEMA_VERSION, schema_version
+from tests.test_chunk_cache import Boom, open_db
 
 Classes = list[tuple[tuple[int, ...], int, int, int]]
-
-
-def open_db(path: Path) -> Database:
-    create_database(path, {"uuid": "x", "k": 4, "m": 2}, ["s0"], root_uid=0, root_gid=0, now_ns=1)
-    return Database(path)
 
 
 def scanned(db: Database) -> Classes:
@@ -38,10 +34,6 @@ def scanned(db: Database) -> Classes:
 
 
 PLACEMENTS = [(0, 1, 2, 3, 4, 5), (5, 4, 3, 2, 1, 0), (0, 1, 2, 3, 4, NO_STORE), (0, 1, 2)]
-
-
-class Boom(Exception):
-    pass
 
 
 OPS = st.lists(
