@@ -14,18 +14,9 @@ module's own write methods (the only writers of `chunks` while a volume is
 open) and dropped on a rollback. It is bounded: past CACHE_LIMIT cached
 indices it starts over.
 
-Redundancy classes (`redundancy_classes`: chunks and bytes per placement
-and coding, which `ecfs status` and every metrics scrape need): a GROUP BY
-over the whole chunk table on the event loop took 0.58 s per call at a
-million chunks (4 TiB of 4 MiB chunks), a stall of every request at each
-scrape. The first call fills a TEMP table of the working copy's
-connection from one such scan and installs TEMP triggers on `chunks` that
-keep it current (`Database.install_temp`: never in the file, never
-replicated, not digested; rolled back with the transaction that changed
-the rows); every later call reads that table, one row per class (0.02 ms,
-against a 160 ms scan at 200,000 chunks; each chunk row written costs
-about 2 us more, 16.4 against 14.1 us per `put`). Inside a transaction,
-before the first call, it scans.
+Counts for the status (`ChunkTable.redundancy_classes`,
+`RepairQueue.known_damage`): kept current by TEMP triggers, see
+`ecfs.storage.metadb.tallies`.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ...core.model import NO_STORE, ChunkRef
+from . import tallies
 from .database import Database
 from .schema import MISSING_STORE_BYTE
 
@@ -60,37 +52,6 @@ def _ref(chunk_id: int, length: int, stores: bytes, k: int | None) -> ChunkRef:
 #: emptied (~200 bytes each).
 CACHE_LIMIT = 1 << 17
 
-# Redundancy classes: the chunks per (stores, k) that `ecfs status` and the
-# metrics need on every call, kept in a TEMP table by TEMP triggers on the
-# chunk table (installed on the first call: one scan, then O(classes)).
-_CLASSES_SCAN = (
-    "SELECT stores, COALESCE(k, 0), COUNT(*), SUM(length) FROM main.chunks"
-    " GROUP BY stores, COALESCE(k, 0)"
-)
-_CLASSES_KEPT = (
-    "SELECT stores, k, chunks, bytes FROM temp.ecfs_redundancy_classes WHERE chunks > 0"
-)
-_CLASSES_INSTALLED = (
-    "SELECT 1 FROM temp.sqlite_master WHERE type = 'table' AND name = 'ecfs_redundancy_classes'"
-)
-_ADD_CLASS = (
-    "INSERT INTO ecfs_redundancy_classes VALUES (NEW.stores, COALESCE(NEW.k, 0), 1,"
-    " NEW.length) ON CONFLICT (stores, k) DO UPDATE SET chunks = chunks + 1,"
-    " bytes = bytes + excluded.bytes;"
-)
-_REMOVE_CLASS = (
-    "UPDATE ecfs_redundancy_classes SET chunks = chunks - 1, bytes = bytes - OLD.length"
-    " WHERE stores = OLD.stores AND k = COALESCE(OLD.k, 0);"
-)
-_CLASSES_DDL = (
-    "CREATE TEMP TABLE ecfs_redundancy_classes (stores BLOB NOT NULL, k INTEGER NOT NULL,"
-    " chunks INTEGER NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (stores, k)) WITHOUT ROWID",
-    f"INSERT INTO temp.ecfs_redundancy_classes {_CLASSES_SCAN}",
-    f"CREATE TEMP TRIGGER ecfs_classes_insert AFTER INSERT ON main.chunks BEGIN {_ADD_CLASS} END",
-    f"CREATE TEMP TRIGGER ecfs_classes_delete AFTER DELETE ON main.chunks BEGIN {_REMOVE_CLASS} END",
-    "CREATE TEMP TRIGGER ecfs_classes_update AFTER UPDATE OF stores, k, length ON main.chunks"
-    f" BEGIN {_REMOVE_CLASS} {_ADD_CLASS} END",
-)
 
 
 class _ChunkCache:
@@ -296,13 +257,10 @@ class ChunkTable:
 
     def redundancy_classes(self) -> list[tuple[tuple[int, ...], int, int, int]]:
         """(stores tuple, chunk k (0: the volume's), chunk count, bytes) per
-        distinct placement and coding (see "Redundancy classes")."""
-        if not self.db.in_transaction and not self.db.query_one(_CLASSES_INSTALLED):
-            self.db.install_temp(_CLASSES_DDL)
-        sql = _CLASSES_KEPT if self.db.query_one(_CLASSES_INSTALLED) else _CLASSES_SCAN
+        distinct placement and coding (`tallies`: O(classes), not O(chunks))."""
         return [
             (decode_stores(stores), int(k), int(count), int(size))
-            for stores, k, count, size in self.db.query(sql)
+            for stores, k, count, size in tallies.redundancy_classes(self.db)
         ]
 
     def widest(self) -> int:
@@ -423,14 +381,11 @@ class RepairQueue:
 
     def known_damage(self) -> list[tuple[tuple[int, ...], int, int, int]]:
         """(stores, chunk k (0: the volume's), bad mask, chunks) of the queued
-        chunks with known-bad fragments, grouped (for the status's tolerance)."""
+        chunks with known-bad fragments, grouped (for the status's
+        tolerance; `tallies`: O(groups), not O(queue))."""
         return [
-            (decode_stores(stores), int(k or 0), int(bad), int(count))
-            for stores, k, bad, count in self.db.query(
-                "SELECT c.stores, c.k, q.bad, COUNT(*) FROM repair_queue AS q"
-                " JOIN chunks AS c ON c.chunk_id = q.chunk_id WHERE q.bad != 0"
-                " GROUP BY c.stores, c.k, q.bad"
-            )
+            (decode_stores(stores), int(k), int(bad), int(count))
+            for stores, k, bad, count in tallies.known_damage(self.db)
         ]
 
     def queued_on_stores(self, reason: str) -> Iterator[tuple[int, int]]:
