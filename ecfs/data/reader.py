@@ -90,8 +90,10 @@ rebuild's front and the reader decode each chunk once between them,
 whichever of the two comes first (before, when the front ran in step
 with the reader, both read every chunk: in 4 of 14 runs at 150 MiB/s per
 device readers' decodes supplied 2-16 of ~235 rebuilt fragments, and the
-repair read 870-930 MiB; with this, 169-170 in every run, the repair
-reading 236-348 MiB).
+repair read 870-930 MiB; with this, 166-170 in 18 of 20 runs, the
+repair reading 236-348 MiB; in the other two, a reader slowed by
+profiling was elsewhere in the file when the rebuild started and met its
+front late: fewer shared, none read twice).
 
 Which sources: a chunk planned with a data fragment replaced has its
 parity read ahead from the store with the shortest read-ahead backlog
