@@ -377,7 +377,7 @@ def test_a_chunk_layout_keeps_the_volume_chunk_size() -> None:
         volume.of(ChunkRef(1, 10, (0,) * 3, 3))  # no parity fragment: not a coding
 
 
-def test_a_schema_2_database_is_upgraded_to_3(tmp_path: Path) -> None:
+def test_a_schema_2_database_is_upgraded_to_the_current_one(tmp_path: Path) -> None:
     from ecfs.storage.metadb import schema
     from ecfs.storage.metadb.digest import content_digest
 
@@ -396,9 +396,9 @@ def test_a_schema_2_database_is_upgraded_to_3(tmp_path: Path) -> None:
     assert schema.upgrade_database(path) == 8
     conn = sqlite3.connect(path)
     try:
-        assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 3
+        assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 4
         assert conn.execute("SELECT k FROM chunks").fetchall() == [(None,)]
-        assert conn.execute("SELECT value FROM volume WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM volume WHERE key = 'schema'").fetchone() == ("4",)
         (digest,) = conn.execute("SELECT digest FROM replica_state").fetchone()
         assert digest == content_digest(conn)
     finally:

@@ -234,3 +234,4 @@ def test_inside_a_transaction_before_the_first_call_it_scans(tmp_path: Path) -> 
     agree(db)
     assert db.query_value(installed) == 8  # two tables, six triggers
     db.close()
+

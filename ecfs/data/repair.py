@@ -92,8 +92,8 @@ read past the deferred and skipped entries (up to LOOKAHEAD of them), so
 they cannot keep the rest waiting. `set_urgent` and `retry_deferred`
 (a store back) make skipped chunks due again at once.
 
-Reading the queue: one look at the whole queue (a scan: no index gives
-its order) reads its HORIZON most urgent entries; they are taken BATCH at
+Reading the queue: one look at the queue (its order index: schema 4)
+reads its HORIZON most urgent entries; they are taken BATCH at
 a time, each re-read by its key when taken (as it is then, or gone). The
 queue is looked at again when they run out, when something was queued
 (`poke`), when the queue had nothing due, or after LOOK_INTERVAL seconds.
@@ -199,16 +199,16 @@ RETRY_DELAY = 30.0
 #: Seconds a store stays failed before all its chunks are queued for rebuild.
 DEFAULT_REBUILD_AFTER = 900.0
 #: Queue entries taken per batch, and at most how many deferred or skipped
-#: entries a look at the queue reads past (one query, one sort).
+#: entries a look at the queue reads past (one query).
 BATCH = 32
 LOOKAHEAD = 100_000
-#: Entries one look at the whole queue reads (`_look_at_queue`), taken
-#: BATCH at a time, each re-read by its key when taken. A look scans the
-#: queue (no index gives its order: ~55 ms of the loop's CPU for a million
-#: entries here, ~5 ms for 100,000), so it is made when those run out,
-#: something was queued (`poke`), or LOOK_INTERVAL seconds passed (what is
-#: queued without a poke, e.g. a write at reduced redundancy), not before
-#: every batch: a million entries cost 1.7 ms per chunk repaired that way.
+#: Entries one look at the queue reads (`_look_at_queue`), taken BATCH at a
+#: time, each re-read by its key when taken. A look reads the queue in the
+#: order of its index (schema 4: 1.8 ms for 1,024 entries of 200,000;
+#: before it, a sort of the whole queue on the loop: 18 ms there, ~55 ms
+#: for a million), and is made when those run out, something was queued
+#: (`poke`), or LOOK_INTERVAL seconds passed (what is queued without a
+#: poke, e.g. a write at reduced redundancy), not before every batch.
 HORIZON = 512
 LOOK_INTERVAL = 2.0
 #: Store round trips one chunk's repair makes one after another (suspect

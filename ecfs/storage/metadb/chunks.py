@@ -416,7 +416,8 @@ class RepairQueue:
         return [found[c] for c in chunk_ids if c in found]
 
     def next_batch(self, limit: int = 64) -> list[RepairEntry]:
-        """The most urgent entries: priority, then demand, then age."""
+        """The most urgent entries: priority, then demand, then age (read
+        in the order of the index `repair_queue_order`, not sorted)."""
         return [
             RepairEntry(int(a), str(b), int(c), int(d), int(e))
             for a, b, c, d, e in self.db.query(

@@ -8,9 +8,9 @@ not: run queries for the filesystem (see `inodes` and `chunks`).
 
 Every database of a volume (the mount's working copy and each replica on a
 store) has exactly this schema: `SCHEMA` (version 1) followed by
-`SCHEMA_2_DDL`, then `SCHEMA_3_DDL`. A new volume is made by running all
-three, so that its DDL text is the same as that of an older volume
-upgraded by `upgrade_database`,
+`SCHEMA_2_DDL`, `SCHEMA_3_DDL`, then `SCHEMA_4_DDL`. A new volume is made
+by running all four, so that its DDL text is the same as that of an older
+volume upgraded by `upgrade_database`,
 and `schema_version` can compare a copy's ``sqlite_master`` with the
 expected one exactly: any other table, index, view or trigger (or a
 changed definition) makes the copy unknown, and `ecfs.storage.replicas` refuses
@@ -34,11 +34,12 @@ from .writelog import create_write_log_table
 #: Version of this schema; stored in `volume` under key "schema".
 #: 1: the tables of `SCHEMA`; 2: plus `SCHEMA_2_DDL` (content digest,
 #: inline data checksums, remembered deletions) and the small-write log;
-#: 3: plus `SCHEMA_3_DDL` (per-chunk coding, restripe work).
-SCHEMA_VERSION = 3
+#: 3: plus `SCHEMA_3_DDL` (per-chunk coding, restripe work); 4: plus
+#: `SCHEMA_4_DDL` (the repair queue's order index).
+SCHEMA_VERSION = 4
 
 #: Schema versions `schema_version` recognises (older ones are upgraded).
-KNOWN_VERSIONS = (1, 2, 3)
+KNOWN_VERSIONS = (1, 2, 3, 4)
 
 #: Inode number of the root directory (FUSE's ROOT_INODE).
 ROOT_INODE = 1
@@ -216,6 +217,16 @@ CREATE TABLE restripe (
 """
 
 
+SCHEMA_4_DDL = """
+-- The repair queue in the order the repair task takes it (most urgent
+-- first: ecfs.storage.metadb.chunks.RepairQueue.next_batch). Without it
+-- every look at the queue sorted the whole of it on the event loop: 18 ms
+-- at 200,000 entries (a replaced store's rebuild queues all its chunks),
+-- every 2 s while a rebuild runs; 1.8 ms with it.
+CREATE INDEX repair_queue_order ON repair_queue (priority, demand DESC, enqueued_ns);
+"""
+
+
 def _add_schema_2(conn: sqlite3.Connection) -> None:
     """What schema 2 adds to schema 1: `SCHEMA_2_DDL` and the small-write
     log's table (`ecfs.storage.metadb.writelog` documents it)."""
@@ -238,6 +249,8 @@ def _expected_master(version: int) -> frozenset[tuple[str, str, str, str]]:
             _add_schema_2(conn)
         if version >= 3:
             conn.executescript(SCHEMA_3_DDL)
+        if version >= 4:
+            conn.executescript(SCHEMA_4_DDL)
         return frozenset(_master(conn))
     finally:
         conn.close()
@@ -278,12 +291,13 @@ def schema_difference(conn: sqlite3.Connection) -> str:
 
 
 def upgrade_database(path: Path) -> int:
-    """Blocking. Upgrade the schema-1 or -2 database at `path` (a working
-    copy no one else has open) to the current schema: add the
+    """Blocking. Upgrade the schema-1, -2 or -3 database at `path` (a
+    working copy no one else has open) to the current schema: add the
     `SCHEMA_2_DDL` columns and checksum every inline data (from 1), add
     `SCHEMA_3_DDL` (from 1 or 2: every chunk keeps the volume's coding,
-    k NULL), record the schema version and the content digest in one more
-    transaction. Returns the new generation.
+    k NULL) and `SCHEMA_4_DDL` (from 1, 2 or 3), record the schema
+    version and the content digest in one more transaction. Returns the
+    new generation.
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -292,7 +306,9 @@ def upgrade_database(path: Path) -> int:
             raise ValueError(f"{path}: cannot upgrade schema {version}")
         if version < 2:
             _add_schema_2(conn)
-        conn.executescript(SCHEMA_3_DDL)
+        if version < 3:
+            conn.executescript(SCHEMA_3_DDL)
+        conn.executescript(SCHEMA_4_DDL)
         conn.create_function("ecfs_inline_checksum", 1, inline_checksum, deterministic=True)
         conn.execute("BEGIN")
         if version < 2:
@@ -341,6 +357,7 @@ def create_database(
         conn.executescript(SCHEMA)
         _add_schema_2(conn)
         conn.executescript(SCHEMA_3_DDL)
+        conn.executescript(SCHEMA_4_DDL)
         conn.execute("BEGIN")
         rows = dict(params)
         rows["schema"] = SCHEMA_VERSION
