@@ -377,30 +377,45 @@ def test_a_chunk_layout_keeps_the_volume_chunk_size() -> None:
         volume.of(ChunkRef(1, 10, (0,) * 3, 3))  # no parity fragment: not a coding
 
 
-def test_a_schema_2_database_is_upgraded_to_the_current_one(tmp_path: Path) -> None:
+def upgraded_from(path: Path, version: int, statements: list[tuple[str, tuple]]) -> sqlite3.Connection:
+    """A schema-`version` database (1 to 3) at generation 7 with the rows
+    `statements` insert, upgraded by `upgrade_database` (to generation 8,
+    the current schema, its digest recorded anew): a connection to it."""
     from ecfs.storage.metadb import schema
     from ecfs.storage.metadb.digest import content_digest
 
-    path = tmp_path / "meta.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(schema.SCHEMA)
-    schema._add_schema_2(conn)
-    conn.execute("INSERT INTO volume (key, value) VALUES ('schema', '2')")
+    if version >= 2:
+        schema._add_schema_2(conn)
+    if version >= 3:
+        conn.executescript(schema.SCHEMA_3_DDL)
+    conn.execute("INSERT INTO volume (key, value) VALUES ('schema', ?)", (str(version),))
     conn.execute("INSERT INTO replica_state (id, generation) VALUES (0, 7)")
-    conn.execute(
-        "INSERT INTO chunks (inode, idx, chunk_id, length, stores) VALUES (2, 0, 5, 9, ?)",
-        (bytes(range(6)),),
-    )
-    assert schema.schema_version(conn) == 2
+    for sql, params in statements:
+        conn.execute(sql, params)
+    assert schema.schema_version(conn) == version
     conn.close()
     assert schema.upgrade_database(path) == 8
     conn = sqlite3.connect(path)
+    assert schema.schema_version(conn) == schema.SCHEMA_VERSION
+    (digest,) = conn.execute("SELECT digest FROM replica_state").fetchone()
+    assert digest == content_digest(conn)
+    return conn
+
+
+def test_a_schema_2_database_is_upgraded_to_the_current_one(tmp_path: Path) -> None:
+    from ecfs.storage.metadb import schema
+
+    conn = upgraded_from(
+        tmp_path / "meta.sqlite", 2,
+        [("INSERT INTO chunks (inode, idx, chunk_id, length, stores) VALUES (2, 0, 5, 9, ?)",
+          (bytes(range(6)),))],
+    )  # fmt: skip
     try:
         assert schema.schema_version(conn) == schema.SCHEMA_VERSION == 4
         assert conn.execute("SELECT k FROM chunks").fetchall() == [(None,)]
         assert conn.execute("SELECT value FROM volume WHERE key = 'schema'").fetchone() == ("4",)
-        (digest,) = conn.execute("SELECT digest FROM replica_state").fetchone()
-        assert digest == content_digest(conn)
     finally:
         conn.close()
 

@@ -8,6 +8,7 @@ chunks or queue entries as at 20,000 (the scan of the chunk table took
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,9 +157,8 @@ def test_every_trigger_path_keeps_the_tallies(tmp_path: Path) -> None:
     db.close()
 
 
-def _steps(db: Database, conn: sqlite3.Connection) -> int:
-    """SQLite VM steps (in units of 100) a `redundancy_classes` and a
-    `known_damage` call take."""
+def vm_steps(conn: sqlite3.Connection, call: Callable[[], object]) -> int:
+    """SQLite VM steps (in units of 100) `call` takes on `conn`."""
     count = [0]
 
     def tick() -> int:
@@ -167,11 +167,17 @@ def _steps(db: Database, conn: sqlite3.Connection) -> int:
 
     conn.set_progress_handler(tick, 100)
     try:
-        ChunkTable(db).redundancy_classes()
-        RepairQueue(db).known_damage()
+        call()
     finally:
         conn.set_progress_handler(None, 0)
     return count[0]
+
+
+def _steps(db: Database, conn: sqlite3.Connection) -> int:
+    """VM steps of a `redundancy_classes` and a `known_damage` call."""
+    return vm_steps(
+        conn, lambda: (ChunkTable(db).redundancy_classes(), RepairQueue(db).known_damage())
+    )
 
 
 def test_a_call_costs_the_same_at_any_number_of_chunks(tmp_path: Path) -> None:
