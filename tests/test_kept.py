@@ -28,6 +28,18 @@ def test_data_fragments_are_kept_and_served_parity_is_not() -> None:
     assert kept.covers(REF, 0, 0, 4) and not kept.covers(REF, 0, 2, 6)
 
 
+def test_a_view_is_the_kept_bytes_themselves_read_only() -> None:
+    kept = KeptBytes(limit=8)
+    lost = bytearray(b"lost")
+    kept.keep(REF, K, 0, 4, 8, lost, {})
+    view = kept.view(REF, 0, 5, 7)
+    assert view is not None and view == b"os" and view.readonly
+    assert view.obj is lost  # not a copy
+    assert kept.view(REF, 0, 3, 6) is None and kept.view(REF, 1, 4, 8) is None
+    kept.keep(REF, K, 1, 0, 8, b"12345678", {})  # drops fragment 0: the view stays good
+    assert kept.view(REF, 0, 4, 8) is None and view == b"os"
+
+
 def test_the_oldest_fragment_is_dropped_beyond_the_limit() -> None:
     kept = KeptBytes(limit=8)
     kept.keep(REF, K, 0, 0, 4, b"aaaa", {})

@@ -303,13 +303,15 @@ class FileData:
 
     # -- read ----------------------------------------------------------------
 
-    async def read(self, ino: int, offset: int, size: int) -> bytearray:
+    async def read(self, ino: int, offset: int, size: int) -> bytearray | memoryview:
         """File bytes [offset, offset+size), clipped at the file size.
 
         Built in one buffer: buffered (dirty) bytes and inline data are
         copied in, holes are left zero, and stored chunks are read straight
         into it, first from the page cache on the loop (`read_cached`, no
-        task, no thread) and only what that left in worker threads."""
+        task, no thread) and only what that left in worker threads. A
+        range that a degraded read keeps whole (`_read_kept`) is returned
+        as a read-only view of those bytes instead, not copied."""
         self.last_activity = time.monotonic()
         file_size = self.namespace.get(ino).size
         end = min(offset + size, file_size)
@@ -318,6 +320,9 @@ class FileData:
         state = self._states.get(ino)
         if state is not None:
             self._maybe_prefetch(ino, state, offset, end, file_size)
+        kept = self._read_kept(ino, state, offset, end)
+        if kept is not None:
+            return kept
         out = bytearray(end - offset)
         view = memoryview(out)
         slow: list[_SlowSpan] = []
@@ -343,6 +348,26 @@ class FileData:
         for dest, start, pieces in overlays:
             lay_over(dest, start, pieces)
         return out
+
+    def _read_kept(
+        self, ino: int, state: FileState | None, offset: int, end: int
+    ) -> memoryview | None:
+        """File bytes [offset, end) as a view of a degraded read's kept
+        bytes (`ChunkReader.read_kept`: not copied) when they lie in one
+        stored chunk with nothing buffered, logged or patched over them;
+        None if not."""
+        spans = self.layout.chunk_spans(offset, end - offset)
+        if len(spans) != 1:
+            return None
+        span = spans[0]
+        if state is not None and (
+            state.buffered(span.chunk_index) is not None or span.chunk_index in state.patches
+        ):
+            return None
+        ref = self.chunks.get(ino, span.chunk_index)
+        if ref is None or span.end > ref.length or self.log.has(ino, span.chunk_index):
+            return None
+        return self.reader.read_kept(ref, span.start, span.end)
 
     def _overlay(
         self, ino: int, state: FileState | None, span: ChunkSpan

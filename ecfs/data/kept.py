@@ -17,8 +17,10 @@ has the range decoded up to KEEP_SPAN bytes ahead at once (the reader's
 data-fragment sources of that decode are kept (`keep`). The next
 requests of the reader (FUSE asks 128 KiB at a time) for that fragment
 and for the neighbouring data fragments are then served from those
-bytes on the loop (`copy`): each range of the chunk is read, checksummed
-and decoded once instead of k sources per request. Concurrent requests
+bytes on the loop (`copy`, or `view`: a request that lies in one kept
+range is answered with the kept bytes themselves, not a copy): each
+range of the chunk is read, checksummed and decoded once instead of k
+sources per request. Concurrent requests
 covered by a decode under way wait for it (`decoding`, `wait_for_decode`)
 instead of decoding the same range again. A repair of the chunk takes
 the whole payloads kept (`whole_payloads`, or one fragment's:
@@ -86,15 +88,21 @@ class KeptBytes:
     def copy(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
         """Fill `dest` with fragment `index` bytes from `frag_start` if they
         are kept (within one kept range); False if not."""
-        ranges = self._ranges.get((ref, index))
-        if ranges is None:
+        kept = self.view(ref, index, frag_start, frag_start + len(dest))
+        if kept is None:
             return False
-        frag_end = frag_start + len(dest)
-        for a, b, data in ranges:
+        dest[:] = kept
+        return True
+
+    def view(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> memoryview | None:
+        """Fragment `index` bytes [frag_start, frag_end) if they are kept
+        (within one kept range): a read-only view of them, not a copy (it
+        keeps the bytes alive after they are dropped here, and they never
+        change: see the contract); None if not."""
+        for a, b, data in self._ranges.get((ref, index), ()):
             if a <= frag_start and frag_end <= b:
-                dest[:] = memoryview(data)[frag_start - a : frag_end - a]
-                return True
-        return False
+                return memoryview(data).toreadonly()[frag_start - a : frag_end - a]
+        return None
 
     def covers(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> bool:
         """Whether fragment `index` bytes [frag_start, frag_end) are kept."""

@@ -492,13 +492,7 @@ class ChunkReader:
         passed to `read_missing`); an empty list means `dest` is complete."""
         if not 0 <= start < end <= ref.length:
             raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
-        self.counters.requested_bytes += end - start
-        if (
-            self._chosen
-            and ref.chunk_id != self._ahead_of
-            and (start == 0 or end - start >= STREAM_REQUEST)
-        ):
-            self._decode_ahead(ref)
+        self._note_request(ref, start, end)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         missing = []
@@ -509,6 +503,38 @@ class ChunkReader:
             elif not self._read_cached_nowait(ref, payload, piece, dest[at : at + piece.length]):
                 missing.append(piece)
         return missing
+
+    def read_kept(self, ref: ChunkRef, start: int, end: int) -> memoryview | None:
+        """Chunk bytes [start, end) without reading or copying them, when
+        they lie in one data fragment whose bytes a degraded read keeps
+        (see `ecfs.data.kept`): a read-only view of the kept bytes, which
+        never change. None if not (nothing is counted then: `read_cached`
+        serves the request). Saves a sequential reader's degraded chunks
+        the copy of each request out of the kept bytes."""
+        if not self._kept or not 0 <= start < end <= ref.length:
+            return None
+        pieces = self.layout.of(ref).data_pieces(ref.length, start, end)
+        if len(pieces) != 1:
+            return None
+        piece = pieces[0]
+        kept = self._kept.view(ref, piece.index, piece.frag_start, piece.frag_end)
+        if kept is None:
+            return None
+        self._note_request(ref, start, end)
+        self.counters.kept_reads += 1
+        return kept
+
+    def _note_request(self, ref: ChunkRef, start: int, end: int) -> None:
+        """Count a request for chunk bytes [start, end), and if it is a
+        sequential reader's first of the chunk, start decoding ahead of it
+        (see "Decoding ahead" in the module docstring)."""
+        self.counters.requested_bytes += end - start
+        if (
+            self._chosen
+            and ref.chunk_id != self._ahead_of
+            and (start == 0 or end - start >= STREAM_REQUEST)
+        ):
+            self._decode_ahead(ref)
 
     async def read_missing(
         self, ref: ChunkRef, start: int, pieces: list[FragmentPiece], dest: memoryview

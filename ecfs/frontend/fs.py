@@ -330,7 +330,8 @@ class EcfsOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        # pyfuse3 sends any buffer: the bytearray is not copied into bytes.
+        # pyfuse3 sends any buffer as it is (a bytearray, or a view of
+        # kept bytes: `FileData.read`), not copied into bytes.
         return cast(bytes, await self.data.read(fh, off, size))
 
     @errno_boundary
