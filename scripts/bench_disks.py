@@ -1098,7 +1098,7 @@ class DiskBench:
             # inside the window (the first chunk's latency, the last one's,
             # the status poll every 0.1 s: 0.1-0.2 s of the 3 s window at
             # 150 MiB/s; with 5% the rebuild measured 0.50-0.61 x cap over
-            # 45 runs, once 0.497).
+            # 44 runs, once 0.497).
             # Timed from there: rebuild and reader over one window
             # (background repair may have done a little before).
             before = client.status().repair
