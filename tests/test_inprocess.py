@@ -720,19 +720,14 @@ async def test_requests_in_kept_bytes_are_answered_with_them_not_a_copy(rig: Rig
     """One store away: a sequential reader's requests that lie in bytes
     its degraded reads keep are answered with a read-only view of those
     bytes, not a copy of them (`FileData.read`, `ChunkReader.read_kept`);
-    the bytes are right, and a write over them (a patch, the log record
-    it becomes, then the whole chunk: a buffer) is seen by the next read,
-    not hidden by the view."""
+    the bytes are right, and a write over them (a buffer in one chunk; a
+    patch, then the log record it becomes, in another) is seen by the
+    next read, not hidden by the view."""
     volume = rig.volume
-    chunks = 4
     step = 4096
     async with trio.open_nursery() as nursery:
-        ino, data, refs = await _written_file(rig, nursery, chunks)
-        away = 0
-        lost = [idx for idx, ref in refs.items() if away in ref.stores[:K]]
-        assert lost
-        volume.handles.close_all()
-        volume.runners[away].mark_failed("test: away")
+        ino, data, _, lost_at = await _file_with_store_0_away(rig, nursery, chunks=8)
+        assert len(lost_at) >= 2
         views = 0
         for offset in range(0, len(data), step):
             got = await volume.filedata.read(ino, offset, step)
@@ -742,19 +737,27 @@ async def test_requests_in_kept_bytes_are_answered_with_them_not_a_copy(rig: Rig
                 views += 1
         # (4 KiB requests: the lost fragment's are served from its decode,
         # the other fragments' from their stores)
-        assert views >= len(lost) * (FRAGMENT // step - 1), volume.reader.counters
-        offset = lost[0] * CHUNK + refs[lost[0]].stores.index(away) * FRAGMENT + step
+        assert views >= len(lost_at) * (FRAGMENT // step - 1), volume.reader.counters
+        (buffered, lost_1), (patched, lost_2) = list(lost_at.items())[:2]
+
+        # A write too large for a patch, short of the whole chunk: a
+        # buffer, kept until flushed (`FileData.write`).
+        at = lost_1 * FRAGMENT + step
+        offset = buffered * CHUNK + at
+        assert isinstance(await volume.filedata.read(ino, offset, step), memoryview)
+        rewritten = os.urandom(max(volume.filedata.log.log_max + 1, at + step))
+        assert len(rewritten) < CHUNK
+        await volume.filedata.write(ino, buffered * CHUNK, rewritten)
+        assert bytes(await volume.filedata.read(ino, offset, step)) == rewritten[at : at + step]
+
+        offset = patched * CHUNK + lost_2 * FRAGMENT + step
         assert isinstance(await volume.filedata.read(ino, offset, step), memoryview)
         await volume.filedata.write(ino, offset + 10, b"patched")
         expected = data[offset : offset + 10] + b"patched" + data[offset + 17 : offset + step]
         assert bytes(await volume.filedata.read(ino, offset, step)) == expected
         await volume.filedata.flush(ino)  # the patch: a log record now
-        assert volume.filedata.log.has(ino, lost[0])
+        assert volume.filedata.log.has(ino, patched)
         assert bytes(await volume.filedata.read(ino, offset, step)) == expected
-        rewritten = os.urandom(CHUNK)  # the whole chunk: a buffer
-        await volume.filedata.write(ino, lost[0] * CHUNK, rewritten)
-        at = offset - lost[0] * CHUNK
-        assert bytes(await volume.filedata.read(ino, offset, step)) == rewritten[at : at + step]
         await volume.filedata.released(ino)
 
 
