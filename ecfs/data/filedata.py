@@ -320,16 +320,18 @@ class FileData:
         state = self._states.get(ino)
         if state is not None:
             self._maybe_prefetch(ino, state, offset, end, file_size)
-        kept = self._read_kept(ino, state, offset, end)
-        if kept is not None:
-            return kept
+        spans = self.layout.chunk_spans(offset, end - offset)
+        if len(spans) == 1 and self.reader.keeps_bytes:
+            kept = self._read_kept(ino, state, spans[0])
+            if kept is not None:
+                return kept
         out = bytearray(end - offset)
         view = memoryview(out)
         slow: list[_SlowSpan] = []
         overlays: list[tuple[memoryview, int, list[tuple[int, bytes]]]] = []
         pos = 0
         try:
-            for span in self.layout.chunk_spans(offset, end - offset):
+            for span in spans:
                 dest = view[pos : pos + span.end - span.start]
                 pos += span.end - span.start
                 # Captured with the chunk ref, before any await (see smallwrites).
@@ -349,17 +351,11 @@ class FileData:
             lay_over(dest, start, pieces)
         return out
 
-    def _read_kept(
-        self, ino: int, state: FileState | None, offset: int, end: int
-    ) -> memoryview | None:
-        """File bytes [offset, end) as a view of a degraded read's kept
-        bytes (`ChunkReader.read_kept`: not copied) when they lie in one
-        stored chunk with nothing buffered, logged or patched over them;
-        None if not."""
-        spans = self.layout.chunk_spans(offset, end - offset)
-        if len(spans) != 1:
-            return None
-        span = spans[0]
+    def _read_kept(self, ino: int, state: FileState | None, span: ChunkSpan) -> memoryview | None:
+        """The bytes of `span` (a request's only one) as a view of a
+        degraded read's kept bytes (`ChunkReader.read_kept`: not copied)
+        when nothing is buffered, logged or patched over them; None if
+        not."""
         if state is not None and (
             state.buffered(span.chunk_index) is not None or span.chunk_index in state.patches
         ):

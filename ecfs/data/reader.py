@@ -504,6 +504,12 @@ class ChunkReader:
                 missing.append(piece)
         return missing
 
+    @property
+    def keeps_bytes(self) -> bool:
+        """Whether degraded reads keep any bytes now (if not, `read_kept`
+        serves nothing: a caller skips what it would look up for it)."""
+        return bool(self._kept)
+
     def read_kept(self, ref: ChunkRef, start: int, end: int) -> memoryview | None:
         """Chunk bytes [start, end) without reading or copying them, when
         they lie in one data fragment whose bytes a degraded read keeps

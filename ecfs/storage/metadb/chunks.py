@@ -53,7 +53,6 @@ def _ref(chunk_id: int, length: int, stores: bytes, k: int | None) -> ChunkRef:
 CACHE_LIMIT = 1 << 17
 
 
-
 class _ChunkCache:
     """Rows of `chunks` by inode and index (None: a hole), and where each
     cached chunk id sits. See the module docstring."""
