@@ -35,7 +35,11 @@ and 40 MiB/s, where the disks bind):
     of two);
   - 4 KiB random reads at queue depth 1 and 16 (threads doing os.pread;
     the notes say how many read I/Os of what size the devices saw per
-    request, from /sys/block/loopN/stat);
+    request, from /sys/block/loopN/stat), and the request ceiling beside
+    them: the same reads from the passthrough with --no-io (answered from
+    memory: what a Python FUSE filesystem does per second here with no
+    I/O at all; the "physical limit" of ecfs's random reads on bandwidth
+    caps, where a device answers a 4 KiB read at once);
   - the 10,000-file extract (scripts/bench.py's source tarball) on ecfs and
     the passthrough;
   - the reads again with device 5 slowed to 2 MiB/s (its cap changed under
@@ -628,12 +632,13 @@ class DiskBench:
             self.res.errors.append(problem)
         self.daemons.remove(daemon)
 
-    def start_passthrough(self, src: Path, mnt: Path, log_name: str) -> bench.Daemon:
-        """scripts/passthrough.py mirroring the new directory `src` at `mnt`."""
-        src.mkdir()
-        mnt.mkdir()
+    def start_passthrough(self, src: Path, mnt: Path, log_name: str, *options: str) -> bench.Daemon:
+        """scripts/passthrough.py (with `options`) mirroring the directory
+        `src` (made if new) at `mnt` (made if new)."""
+        src.mkdir(exist_ok=True)
+        mnt.mkdir(exist_ok=True)
         argv = [bench.PYTHON, str(bench.REPO / "scripts" / "passthrough.py"), str(src), str(mnt),
-                "--foreground"]  # fmt: skip
+                "--foreground", *options]  # fmt: skip
         return self.start(bench.Daemon("passthrough", argv, mnt, self.work / log_name))
 
     def mount_ecfs(self, stores: list[Path], mnt: Path, log: Path) -> bench.Daemon:
@@ -698,7 +703,7 @@ class DiskBench:
         for x in d:
             x.mkdir()
         if cfg.reads_only:
-            self.ecfs_level(cap, d, {})
+            self.ecfs_level(cap, d, {}, {})
             for x in d:
                 shutil.rmtree(x, ignore_errors=True)
             return
@@ -752,9 +757,19 @@ class DiskBench:
             res.add(Row(cap, f"extract {cfg.tar_files:,} files", "passthrough", t, "s"))
         finally:
             self.stop(pt)
+        # The request ceiling: the same reads answered from memory (no I/O).
+        ceiling = {}  # queue depth -> requests/s
+        pt = self.start_passthrough(pt_src, pt_mnt, f"passthrough-no-io-{cap}.log", "--no-io")
+        try:
+            for depth in (1, 16):
+                ceiling[depth] = rand_read(pt_mnt / "seq.dat", depth, cfg.rand_s)["iops"]
+                res.add(Row(cap, f"4K rand read QD{depth}, no I/O", "passthrough",
+                            ceiling[depth], "IOPS", ceiling[depth], "request ceiling"))  # fmt: skip
+        finally:
+            self.stop(pt)
         shutil.rmtree(pt_src)
 
-        self.ecfs_level(cap, d, pt_rand)
+        self.ecfs_level(cap, d, pt_rand, ceiling)
         for x in d:
             shutil.rmtree(x, ignore_errors=True)
 
@@ -771,7 +786,13 @@ class DiskBench:
             self.machine.cap_all(bps)
         return speed
 
-    def ecfs_level(self, cap: int, d: list[Path], pt_rand: dict[int, dict[str, float]]) -> None:
+    def ecfs_level(
+        self, cap: int, d: list[Path], pt_rand: dict[int, dict[str, float]],
+        request_ceiling: dict[int, float],
+    ) -> None:  # fmt: skip
+        """ecfs's rows at one cap level; `pt_rand` (the passthrough's
+        random reads) and `request_ceiling` (its no-I/O request rate, by
+        queue depth) are empty with --reads-only."""
         cfg, res, m = self.cfg, self.res, self.machine
         bps = cap * MiB
         stores = [x / "store" for x in d]
@@ -854,6 +875,8 @@ class DiskBench:
                 with self.profiled(mnt, f"{cap}-rand-qd{depth}"):
                     rand[depth] = self.rand(f"{cap} MiB/s QD{depth} ecfs", big, depth, all_devices)
                 row = Row(cap, f"4K rand read QD{depth}", "ecfs", rand[depth]["iops"], "IOPS")
+                if depth in request_ceiling:
+                    row.limit, row.limit_note = request_ceiling[depth], "request ceiling"
                 if depth == 16 and pt_rand.get(16):
                     row.target = f">= 4 x passthrough ({4 * pt_rand[16]['iops']:,.0f})"
                     row.passed = rand[16]["iops"] >= 4 * pt_rand[16]["iops"]
