@@ -72,9 +72,9 @@ class KeptBytes:
 
     def __init__(self, limit: int = KEEP_BYTES) -> None:
         self.limit = limit
-        #: (chunk version, fragment index) -> [(start, end, verified bytes)],
-        #: least recently kept first.
-        self._ranges: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes]]] = (
+        #: (chunk version, fragment index) -> [(start, end, verified bytes,
+        #: whether they were decoded)], least recently kept first.
+        self._ranges: OrderedDict[tuple[ChunkRef, int], list[tuple[int, int, Bytes, bool]]] = (
             OrderedDict()
         )
         self._bytes = 0
@@ -99,15 +99,25 @@ class KeptBytes:
         (within one kept range): a read-only view of them, not a copy (it
         keeps the bytes alive after they are dropped here, and they never
         change: see the contract); None if not."""
-        for a, b, data in self._ranges.get((ref, index), ()):
+        for a, b, data, _ in self._ranges.get((ref, index), ()):
             if a <= frag_start and frag_end <= b:
                 return memoryview(data).toreadonly()[frag_start - a : frag_end - a]
         return None
 
+    def decoded(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> bool:
+        """Whether fragment `index` bytes [frag_start, frag_end) are kept
+        as decoded ones (a lost fragment's), not as a decode's verified
+        source: a request served from them is a degraded read's (the
+        reader counts it so)."""
+        return any(
+            decoded and a <= frag_start and frag_end <= b
+            for a, b, _, decoded in self._ranges.get((ref, index), ())
+        )
+
     def covers(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> bool:
         """Whether fragment `index` bytes [frag_start, frag_end) are kept."""
         return any(
-            a <= frag_start and frag_end <= b for a, b, _ in self._ranges.get((ref, index), ())
+            a <= frag_start and frag_end <= b for a, b, _, _ in self._ranges.get((ref, index), ())
         )
 
     def keep(
@@ -123,12 +133,12 @@ class KeptBytes:
                 continue
             key = (ref, index)
             ranges = self._ranges.setdefault(key, [])
-            ranges.append((start, end, data))
+            ranges.append((start, end, data, index == lost))
             self._ranges.move_to_end(key)
             self._bytes += end - start
         while self._bytes > self.limit and self._ranges:
             _, dropped = self._ranges.popitem(last=False)
-            self._bytes -= sum(b - a for a, b, _ in dropped)
+            self._bytes -= sum(b - a for a, b, _, _ in dropped)
 
     def whole_payloads(self, ref: ChunkRef, k: int, payload: int) -> dict[int, memoryview]:
         """The whole payloads (`payload` bytes) of the data fragments of
@@ -149,7 +159,7 @@ class KeptBytes:
         if ranges and ranges[0][0] == 0 and ranges[0][1] >= payload:
             return memoryview(ranges[0][2])[:payload]
         joined = bytearray()  # spans kept one after another (requests out of order)
-        for a, b, data in ranges:
+        for a, b, data, _ in ranges:
             if a > len(joined):
                 break
             if b > len(joined):
@@ -166,7 +176,7 @@ class KeptBytes:
         random reads after a sequential read 10x that of the others)."""
         if end - start >= STREAM_REQUEST or start == 0:
             return True
-        return any(b == start for _, b, _ in self._ranges.get((ref, index), ()))
+        return any(b == start for _, b, _, _ in self._ranges.get((ref, index), ()))
 
     @contextmanager
     def decoding(self, ref: ChunkRef, index: int, start: int, end: int) -> Iterator[None]:

@@ -180,9 +180,14 @@ class ReadCounters:
     """Bytes asked for versus bytes read from stores, healthy and degraded."""
 
     requested_bytes: int = 0
+    #: Bytes read from stores for the healthy path (not a decode's sources).
     store_bytes: int = 0
+    #: Decodes of a fragment range (for a request, or ahead of one).
     degraded_reads: int = 0
+    #: Bytes asked for that were served decoded: at once, or from the
+    #: kept bytes of a decode (see `_count_kept`).
     degraded_requested_bytes: int = 0
+    #: Bytes read from stores to decode.
     degraded_store_bytes: int = 0
     unrecoverable_reads: int = 0
     hedged_reads: int = 0
@@ -527,7 +532,7 @@ class ChunkReader:
         if kept is None:
             return None
         self._note_request(ref, start, end)
-        self.counters.kept_reads += 1
+        self._count_kept(ref, piece.index, piece.frag_start, piece.frag_end, end - start)
         return kept
 
     def _note_request(self, ref: ChunkRef, start: int, end: int) -> None:
@@ -657,7 +662,7 @@ class ChunkReader:
         runner = available_runner(self.runners, store)
         if runner is None:
             self.router.note_unavailable(store)
-            kept = await self._kept_or_span(ref, index, start, end)
+            kept = await self._kept_or_span(ref, index, start, end, wanted)
             if kept is not None:
                 return kept
             self.counters.degraded_reads += 1
@@ -665,7 +670,7 @@ class ChunkReader:
             return await self._read_degraded_kept(ref, index, start, end, STORE_UNAVAILABLE)
         self.router.note_available(store)
         if self._not_rebuilt(store, ref.chunk_id):
-            kept = await self._kept_or_span(ref, index, start, end)
+            kept = await self._kept_or_span(ref, index, start, end, wanted)
             if kept is None:
                 self.counters.degraded_reads += 1
                 self.counters.degraded_requested_bytes += wanted
@@ -677,7 +682,7 @@ class ChunkReader:
             return kept
         if self.router.route_around(ref, index, end - start):
             await self._probe(runner, ref, index, start, end)
-            kept = await self._kept_or_span(ref, index, start, end)
+            kept = await self._kept_or_span(ref, index, start, end, wanted)
             if kept is not None:
                 return kept
             if end - start <= SMALL_READ and not (
@@ -961,13 +966,32 @@ class ChunkReader:
 
     # -- kept bytes of degraded reads (see ecfs.data.kept) ----------------------
 
-    def _copy_kept(self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview) -> bool:
+    def _copy_kept(
+        self, ref: ChunkRef, index: int, frag_start: int, dest: memoryview,
+        wanted: int | None = None,
+    ) -> bool:  # fmt: skip
         """Fill `dest` with fragment `index` bytes from `frag_start` if they
-        are kept (counted: `kept_reads`); False if not."""
+        are kept (counted, as `wanted` bytes asked for, default all of
+        `dest`: `_count_kept`); False if not."""
         if not self._kept.copy(ref, index, frag_start, dest):
             return False
-        self.counters.kept_reads += 1
+        wanted = len(dest) if wanted is None else wanted
+        self._count_kept(ref, index, frag_start, frag_start + len(dest), wanted)
         return True
+
+    def _count_kept(
+        self, ref: ChunkRef, index: int, frag_start: int, frag_end: int, wanted: int
+    ) -> None:
+        """Count a request served from kept bytes (`kept_reads`); one
+        served from a decoded fragment's is a degraded read's, decoded
+        ahead or for an earlier request: its `wanted` bytes count as
+        `degraded_requested_bytes` (the decode counted its reads in
+        `degraded_store_bytes`), so that the two still compare bytes read
+        to decode with bytes served decoded. A kept source's bytes are a
+        healthy fragment's (read once for the decode), not counted so."""
+        self.counters.kept_reads += 1
+        if self._kept.decoded(ref, index, frag_start, frag_end):
+            self.counters.degraded_requested_bytes += wanted
 
     def _decode_first(self, ref: ChunkRef, payload: int, piece: FragmentPiece) -> int | None:
         """The data fragment to decode first for `piece` of a healthy data
@@ -1109,13 +1133,16 @@ class ChunkReader:
         payload = self.layout.of(ref).payload_length(ref.length)
         return self._kept.whole_payload(ref, index, payload)
 
-    async def _kept_or_span(self, ref: ChunkRef, lost: int, start: int, end: int) -> Bytes | None:
-        """Fragment `lost`'s bytes [start, end) if a decode under way that
-        covers them is kept (waited for): None if not."""
+    async def _kept_or_span(
+        self, ref: ChunkRef, lost: int, start: int, end: int, wanted: int
+    ) -> Bytes | None:
+        """Fragment `lost`'s bytes [start, end) (`wanted` of them asked
+        for) if a decode under way that covers them is kept (waited for):
+        None if not."""
         if not await self._kept.wait_for_decode(ref, lost, start, end):
             return None
         data = bytearray(end - start)
-        return data if self._copy_kept(ref, lost, start, memoryview(data)) else None
+        return data if self._copy_kept(ref, lost, start, memoryview(data), wanted) else None
 
     async def _read_degraded_kept(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
