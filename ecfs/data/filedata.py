@@ -318,11 +318,13 @@ class FileData:
         if offset >= end:
             return bytearray()
         state = self._states.get(ino)
+        # (a stream's request, for decoding ahead: `ChunkReader.read_cached`)
+        stream = state is None or offset in (0, state.next_read)
         if state is not None:
             self._maybe_prefetch(ino, state, offset, end, file_size)
         spans = self.layout.chunk_spans(offset, end - offset)
         if len(spans) == 1 and self.reader.keeps_bytes:
-            kept = self._read_kept(ino, state, spans[0])
+            kept = self._read_kept(ino, state, spans[0], stream)
             if kept is not None:
                 return kept
         out = bytearray(end - offset)
@@ -338,7 +340,7 @@ class FileData:
                 pieces = self._overlay(ino, state, span)
                 if pieces:
                     overlays.append((dest, span.start, pieces))
-                job = self._read_span_cached(ino, state, span, dest)
+                job = self._read_span_cached(ino, state, span, dest, stream)
                 if job is not None:
                     self.pins.pin(job.ref.chunk_id)
                     slow.append(job)
@@ -351,7 +353,9 @@ class FileData:
             lay_over(dest, start, pieces)
         return out
 
-    def _read_kept(self, ino: int, state: FileState | None, span: ChunkSpan) -> memoryview | None:
+    def _read_kept(
+        self, ino: int, state: FileState | None, span: ChunkSpan, stream: bool
+    ) -> memoryview | None:
         """The bytes of `span` (a request's only one) as a view of a
         degraded read's kept bytes (`ChunkReader.read_kept`: not copied)
         when nothing is buffered, logged or patched over them; None if
@@ -363,7 +367,7 @@ class FileData:
         ref = self.chunks.get(ino, span.chunk_index)
         if ref is None or span.end > ref.length or self.log.has(ino, span.chunk_index):
             return None
-        return self.reader.read_kept(ref, span.start, span.end)
+        return self.reader.read_kept(ref, span.start, span.end, stream=stream)
 
     def _overlay(
         self, ino: int, state: FileState | None, span: ChunkSpan
@@ -400,10 +404,13 @@ class FileData:
                 self.reader.prefetch(ref)
 
     def _read_span_cached(
-        self, ino: int, state: FileState | None, span: ChunkSpan, dest: memoryview
-    ) -> _SlowSpan | None:
+        self, ino: int, state: FileState | None, span: ChunkSpan, dest: memoryview,
+        stream: bool,
+    ) -> _SlowSpan | None:  # fmt: skip
         """Fill `dest` with chunk bytes [span.start, span.end) if that can be
-        done without waiting; otherwise return what is left to read."""
+        done without waiting; otherwise return what is left to read.
+        `stream`: the request continues the file's previous one, or starts
+        the file (see `ChunkReader.read_cached`)."""
         buf = state.buffered(span.chunk_index) if state is not None else None
         if buf is not None:
             _copy_padded(dest, buf, span.start)
@@ -419,7 +426,7 @@ class FileData:
         if span.start >= stop:
             return None
         dest = dest[: stop - span.start]
-        missing = self.reader.read_cached(ref, span.start, stop, dest)
+        missing = self.reader.read_cached(ref, span.start, stop, dest, stream=stream)
         return _SlowSpan(ino, span, ref, missing, dest) if missing else None
 
     async def _finish_span(self, job: _SlowSpan) -> None:

@@ -65,10 +65,11 @@ MiB/s), and every request of the stream queued behind it; at 150 MiB/s
 per device a sequential read with one device missing or slow ran at
 0.8 of its limit, and one next to a rebuild at 0.55-0.65 of healthy.
 So when a sequential reader reads a chunk (its first request of it that
-looks like a stream's, in `read_cached`: from the chunk's start, or of
-STREAM_REQUEST bytes or more; random 4 KiB reads that fall on chunks read
-ahead earlier decoded k MiB ahead each, and ran at 0.5-0.8 of their rate
-with one device slow or missing), the next DECODE_AHEAD chunks it read ahead that have one
+looks like a stream's, in `read_cached`: from the chunk's start and
+continuing the file's previous request, or of STREAM_REQUEST bytes or
+more; random 4 KiB reads that fall on chunks read ahead earlier decoded
+k MiB ahead each, and ran at 0.5-0.8 of their rate with one device slow
+or missing), the next DECODE_AHEAD chunks it read ahead that have one
 data fragment to decode (`_decoded_in_plan`: planned with a parity in
 its place, its store unavailable, routed around or not rebuilt yet)
 have it decoded in the background (`_decode_ahead`, in the nursery given
@@ -489,15 +490,18 @@ class ChunkReader:
             await self.read_missing(ref, start, missing, dest)
 
     def read_cached(
-        self, ref: ChunkRef, start: int, end: int, dest: memoryview
+        self, ref: ChunkRef, start: int, end: int, dest: memoryview, *, stream: bool = True
     ) -> list[FragmentPiece]:
         """The fast path, on the loop without awaiting: fill the parts of
         `dest` (chunk bytes [start, end)) whose fragments are open and whose
         bytes are in the page cache. Returns the pieces not served (to be
-        passed to `read_missing`); an empty list means `dest` is complete."""
+        passed to `read_missing`); an empty list means `dest` is complete.
+        `stream` False: the caller knows the request does not continue a
+        sequential read (a small one from the chunk's start then starts no
+        decoding ahead: see `_note_request`)."""
         if not 0 <= start < end <= ref.length:
             raise ValueError(f"bad chunk range [{start}, {end}) of {ref.length}")
-        self._note_request(ref, start, end)
+        self._note_request(ref, start, end, stream)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
         missing = []
@@ -515,13 +519,16 @@ class ChunkReader:
         serves nothing: a caller skips what it would look up for it)."""
         return bool(self._kept)
 
-    def read_kept(self, ref: ChunkRef, start: int, end: int) -> memoryview | None:
+    def read_kept(
+        self, ref: ChunkRef, start: int, end: int, *, stream: bool = True
+    ) -> memoryview | None:
         """Chunk bytes [start, end) without reading or copying them, when
         they lie in one data fragment whose bytes a degraded read keeps
         (see `ecfs.data.kept`): a read-only view of the kept bytes, which
         never change. None if not (nothing is counted then: `read_cached`
         serves the request). Saves a sequential reader's degraded chunks
-        the copy of each request out of the kept bytes."""
+        the copy of each request out of the kept bytes. `stream`: as for
+        `read_cached`."""
         if not self._kept or not 0 <= start < end <= ref.length:
             return None
         pieces = self.layout.of(ref).data_pieces(ref.length, start, end)
@@ -531,19 +538,25 @@ class ChunkReader:
         kept = self._kept.view(ref, piece.index, piece.frag_start, piece.frag_end)
         if kept is None:
             return None
-        self._note_request(ref, start, end)
+        self._note_request(ref, start, end, stream)
         self._count_kept(ref, piece.index, piece.frag_start, piece.frag_end, end - start)
         return kept
 
-    def _note_request(self, ref: ChunkRef, start: int, end: int) -> None:
+    def _note_request(self, ref: ChunkRef, start: int, end: int, stream: bool) -> None:
         """Count a request for chunk bytes [start, end), and if it is a
-        sequential reader's first of the chunk, start decoding ahead of it
-        (see "Decoding ahead" in the module docstring)."""
+        sequential reader's first of the chunk (STREAM_REQUEST bytes or
+        more, or from the chunk's start and continuing a `stream`), start
+        decoding ahead of it (see "Decoding ahead" in the module
+        docstring). (A small request from a chunk's start that does not
+        continue the file's previous one is a random reader's: it decoded
+        DECODE_AHEAD chunks ahead, k whole fragments each, when it fell on
+        a chunk read ahead lately; bench.py's random reads with a store
+        missing read 4.6-5.0 bytes per degraded byte instead of 4.)"""
         self.counters.requested_bytes += end - start
         if (
             self._chosen
             and ref.chunk_id != self._ahead_of
-            and (start == 0 or end - start >= STREAM_REQUEST)
+            and ((start == 0 and stream) or end - start >= STREAM_REQUEST)
         ):
             self._decode_ahead(ref)
 
