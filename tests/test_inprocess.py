@@ -893,6 +893,37 @@ async def test_random_small_reads_from_chunk_starts_decode_nothing_ahead(rig: Ri
         await volume.filedata.released(ino)
 
 
+async def test_random_small_reads_from_lost_fragment_starts_decode_only_their_cells(
+    rig: Rig,
+) -> None:
+    """As above, reading the first cell of each lost fragment (not a
+    chunk's start) out of order: each decodes that cell from k others and
+    keeps nothing; a stream's read from a fragment's start decodes and
+    keeps KEEP_SPAN for its next requests (`KeptBytes.streaming` is told
+    whether the request continues the file's previous one), a random
+    reader's did too, k x KEEP_SPAN bytes read for 4 KiB."""
+    volume = rig.volume
+    reader = volume.reader
+    chunks = 16
+    async with trio.open_nursery() as nursery:
+        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
+        for idx in range(chunks):  # read ahead, as a sequential reader's
+            reader.prefetch(refs[idx])
+        starts = [c for c in range(chunks) if lost.get(c, 0) > 0]
+        order = starts[1::2] + starts[0::2]
+        assert len(order) >= 3
+        before = reader.statistics()
+        for c in order:
+            offset = c * CHUNK + lost[c] * FRAGMENT
+            got = await volume.filedata.read(ino, offset, CELL)
+            assert bytes(got) == data[offset : offset + CELL]
+        await trio.sleep(0.2)  # (a decode ahead would be done by now)
+        assert not any(reader._kept.covers(refs[c], i, 0, 2 * CELL) for c, i in lost.items())
+        read = reader.statistics().degraded_store_bytes - before.degraded_store_bytes
+        assert read == K * CELL * len(order), (read, reader.counters)
+        await volume.filedata.released(ino)
+
+
 async def test_a_decode_ahead_that_fails_counts_no_unrecoverable_read(rig: Rig) -> None:
     """A chunk decoded ahead that turns out unrecoverable (too few good
     fragments) is not counted as an unrecoverable read until a request

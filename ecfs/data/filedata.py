@@ -121,6 +121,8 @@ class _SlowSpan:
     ref: ChunkRef
     missing: list[FragmentPiece]
     dest: memoryview
+    #: Whether the request continues a stream (see `FileData.read`).
+    stream: bool
 
 
 @dataclass(eq=False)
@@ -427,12 +429,14 @@ class FileData:
             return None
         dest = dest[: stop - span.start]
         missing = self.reader.read_cached(ref, span.start, stop, dest, stream=stream)
-        return _SlowSpan(ino, span, ref, missing, dest) if missing else None
+        return _SlowSpan(ino, span, ref, missing, dest, stream) if missing else None
 
     async def _finish_span(self, job: _SlowSpan) -> None:
         """Read what `_read_span_cached` left (the caller pins the chunk)."""
         try:
-            await self.reader.read_missing(job.ref, job.span.start, job.missing, job.dest)
+            await self.reader.read_missing(
+                job.ref, job.span.start, job.missing, job.dest, stream=job.stream
+            )
         except Unrecoverable as exc:
             self._report_unrecoverable(
                 job.ino, job.span.chunk_index, job.ref.length, exc, job.ref.chunk_id

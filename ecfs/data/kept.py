@@ -166,15 +166,19 @@ class KeptBytes:
                 joined += memoryview(data)[len(joined) - a :]
         return memoryview(joined)[:payload] if len(joined) >= payload else None
 
-    def streaming(self, ref: ChunkRef, index: int, start: int, end: int) -> bool:
+    def streaming(
+        self, ref: ChunkRef, index: int, start: int, end: int, continues: bool = True
+    ) -> bool:
         """Whether fragment range [start, end) looks like a sequential
         stream's: a large request (STREAM_REQUEST bytes or more: FUSE's
-        read-ahead), the start of the fragment, or where bytes kept for it
-        end. A small random read of a chunk that a sequential reader had
-        read ahead earlier is not one: decoding KEEP_SPAN for it would read
-        k x KEEP_SPAN bytes for 4 KiB (measured: it made the p99 of 4 KiB
-        random reads after a sequential read 10x that of the others)."""
-        if end - start >= STREAM_REQUEST or start == 0:
+        read-ahead), the start of the fragment for a request that
+        `continues` the file's previous one (the caller knows), or where
+        bytes kept for it end. A small random read of a chunk that a
+        sequential reader had read ahead earlier is not one: decoding
+        KEEP_SPAN for it would read k x KEEP_SPAN bytes for 4 KiB
+        (measured: it made the p99 of 4 KiB random reads after a
+        sequential read 10x that of the others)."""
+        if end - start >= STREAM_REQUEST or (start == 0 and continues):
             return True
         return any(b == start for _, b, _, _ in self._ranges.get((ref, index), ()))
 

@@ -561,15 +561,21 @@ class ChunkReader:
             self._decode_ahead(ref)
 
     async def read_missing(
-        self, ref: ChunkRef, start: int, pieces: list[FragmentPiece], dest: memoryview
-    ) -> None:
+        self, ref: ChunkRef, start: int, pieces: list[FragmentPiece], dest: memoryview,
+        *, stream: bool = True,
+    ) -> None:  # fmt: skip
         """Fill the parts of `dest` (chunk bytes from `start`) that
-        `read_cached` left: read in worker threads, hedged, or decoded."""
+        `read_cached` left: read in worker threads, hedged, or decoded.
+        `stream`: as for `read_cached` (a small decode from a fragment's
+        start keeps KEEP_SPAN only for a stream: `_read_degraded_kept`)."""
         payload = self.layout.of(ref).payload_length(ref.length)
         if self._chosen and ref in self._chosen:
             pieces = await self._read_from_decode(ref, payload, start, pieces, dest)
         await gather_in_order(
-            [functools.partial(self._read_piece, ref, payload, p, start, dest) for p in pieces]
+            [
+                functools.partial(self._read_piece, ref, payload, p, start, dest, stream)
+                for p in pieces
+            ]
         )
 
     async def read_fragment(self, ref: ChunkRef, index: int, start: int, end: int) -> Bytes:
@@ -590,8 +596,9 @@ class ChunkReader:
     # -- one data piece ---------------------------------------------------------
 
     async def _read_piece(
-        self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview
-    ) -> None:
+        self, ref: ChunkRef, payload: int, piece: FragmentPiece, start: int, dest: memoryview,
+        stream: bool,
+    ) -> None:  # fmt: skip
         at = piece.chunk_start - start
         part = dest[at : at + piece.length]
         a, b = self.layout.of(ref).cell_range(piece.frag_start, piece.frag_end, payload)
@@ -617,7 +624,7 @@ class ChunkReader:
                 await trio.lowlevel.checkpoint()
                 if self._read_cached_nowait(ref, payload, piece, part):
                     return
-            data = await self._read_hedged(ref, piece.index, a, b, piece.length)
+            data = await self._read_hedged(ref, piece.index, a, b, piece.length, stream=stream)
         part[:] = memoryview(data)[piece.frag_start - a : piece.frag_end - a]
 
     def _read_cached_nowait(
@@ -661,8 +668,9 @@ class ChunkReader:
         return done
 
     async def _read_hedged(
-        self, ref: ChunkRef, index: int, start: int, end: int, wanted: int
-    ) -> Bytes:
+        self, ref: ChunkRef, index: int, start: int, end: int, wanted: int, *,
+        stream: bool = True,
+    ) -> Bytes:  # fmt: skip
         """Read one fragment range; if it fails, decode it from others; if it
         is slow (past its store's hedge deadline), ALSO decode it from others
         and take whichever answers first. The slow read keeps running until
@@ -680,7 +688,9 @@ class ChunkReader:
                 return kept
             self.counters.degraded_reads += 1
             self.counters.degraded_requested_bytes += wanted
-            return await self._read_degraded_kept(ref, index, start, end, STORE_UNAVAILABLE)
+            return await self._read_degraded_kept(
+                ref, index, start, end, STORE_UNAVAILABLE, stream=stream
+            )
         self.router.note_available(store)
         if self._not_rebuilt(store, ref.chunk_id):
             kept = await self._kept_or_span(ref, index, start, end, wanted)
@@ -688,7 +698,7 @@ class ChunkReader:
                 self.counters.degraded_reads += 1
                 self.counters.degraded_requested_bytes += wanted
                 kept = await self._read_degraded_kept(
-                    ref, index, start, end, "not rebuilt yet", damaged=False
+                    ref, index, start, end, "not rebuilt yet", damaged=False, stream=stream
                 )
             if self.on_not_rebuilt is not None:  # (once what it decoded is kept)
                 self.on_not_rebuilt(ref, index)
@@ -699,7 +709,7 @@ class ChunkReader:
             if kept is not None:
                 return kept
             if end - start <= SMALL_READ and not (
-                ref in self._planned and self._kept.streaming(ref, index, start, end)
+                ref in self._planned and self._kept.streaming(ref, index, start, end, stream)
             ):
                 # A small routed read: its k sources from the page cache and
                 # the decode on the loop, tried again after one pass of it
@@ -718,8 +728,9 @@ class ChunkReader:
             with self.router.busy(routed):
                 try:
                     data = await self._read_degraded_kept(
-                        ref, index, start, end, f"store {store} lags", damaged=False
-                    )
+                        ref, index, start, end, f"store {store} lags", damaged=False,
+                        stream=stream,
+                    )  # fmt: skip
                 except Unrecoverable:
                     # Not unrecoverable (yet): the lagging store is the only
                     # hope, read below.
@@ -1159,13 +1170,14 @@ class ChunkReader:
 
     async def _read_degraded_kept(
         self, ref: ChunkRef, lost: int, start: int, end: int, reason: str,
-        damaged: bool = True,
+        damaged: bool = True, stream: bool = True,
     ) -> Bytes:  # fmt: skip
         """`_read_degraded` of [start, end); for a sequential reader (its
         chunk was read ahead lately, and the range is a stream's: see
-        `KeptBytes.streaming`) up to KEEP_SPAN bytes from `start` are
-        decoded and kept for its next requests (see `ecfs.data.kept`)."""
-        if ref not in self._planned or not self._kept.streaming(ref, lost, start, end):
+        `KeptBytes.streaming`, told whether the request continues a
+        `stream`) up to KEEP_SPAN bytes from `start` are decoded and kept
+        for its next requests (see `ecfs.data.kept`)."""
+        if ref not in self._planned or not self._kept.streaming(ref, lost, start, end, stream):
             return await self._read_degraded(ref, lost, start, end, reason, damaged)
         layout = self.layout.of(ref)
         payload = layout.payload_length(ref.length)
