@@ -1014,6 +1014,51 @@ async def test_a_chunk_write_does_not_wait_for_a_straggling_store(rig: Rig, faul
         await volume.filedata.released(ino)
 
 
+async def test_a_version_freed_under_its_stragglers_is_deleted_after_they_land(rig: Rig) -> None:
+    """A chunk version replaced while a straggler of it is still being
+    written is not deleted until the straggler lands (the writer pins the
+    chunk meanwhile), so the straggler's file is deleted too. Before, the
+    collector deleted the fragments there were, the straggler's file landed
+    after and stayed behind (tests/test_mount_posix.py's unlinked-file test
+    found two under load)."""
+    volume = rig.volume
+    ino = rig.new_file()
+
+    def held(chunk_id: int) -> int:
+        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
+
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.writer.attach(nursery)
+        volume.filedata.opened(ino)
+        # Two slow stores, one slower: whichever of them a chunk's
+        # fragments go to, one straggles (the other is waited for).
+        rig.stores[0].set("slow", delay=0.2, ops={"write"})
+        rig.stores[1].set("slow", delay=1.5, ops={"write"})
+        try:
+            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=31))
+            await volume.filedata.flush(ino)
+            old = volume.filedata.chunks.get(ino, 0)
+            assert old is not None
+            assert any(c == old.chunk_id for _, c, _ in volume.writer.straggling)
+            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=37))  # a new version
+            await volume.filedata.flush(ino)
+            assert volume.filedata.chunks.get(ino, 0) != old
+            await volume.garbage.collect()  # its straggler still runs: nothing deleted
+            if any(c == old.chunk_id for _, c, _ in volume.writer.straggling):  # (not too late)
+                assert held(old.chunk_id) == len(old.stores) - 1
+            with trio.fail_after(10):
+                await volume.writer.stragglers_done()
+        finally:
+            for store in (0, 1):
+                rig.stores[store].heal()
+        assert held(old.chunk_id) == len(old.stores)  # landed
+        await volume.garbage.collect()
+        assert held(old.chunk_id) == 0
+        await volume.filedata.released(ino)
+        nursery.cancel_scope.cancel()
+
+
 async def test_only_timed_reads_make_a_store_an_alternative_for_reads(rig: Rig) -> None:
     """The reader routes around a lagging store only towards stores whose
     reads were timed: health checks and writes (all a hybrid volume's

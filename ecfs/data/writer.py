@@ -41,7 +41,12 @@ leave: a timed-out write's thread runs on) goes to `on_abandoned`, so
 that the garbage collector deletes it unless repair writes that very
 fragment again (see `ecfs.data.garbage`). While a straggler runs it is in
 `straggling`, which the reader consults: a read that finds it missing
-decodes around it without reporting damage. Without a nursery (tools, tests) every
+decodes around it without reporting damage; and its chunk is pinned
+(`pin_chunk`), so that the garbage collector does not delete a version
+freed meanwhile before its stragglers' files landed (they were left
+behind as orphans: seen in tests/test_mount_posix.py under load). The
+unmount waits for the stragglers (`stragglers_done`) before it deletes
+garbage. Without a nursery (tools, tests) every
 fragment is waited for as before.
 
 Leftovers: a fragment write that failed other than for lack of space (the
@@ -96,6 +101,8 @@ STRAGGLER_GRACE_FACTOR = 2.0
 STRAGGLER_GRACE_FLOOR = 0.05
 #: ... and at most this many chunks have stragglers in the background.
 MAX_STRAGGLING_CHUNKS = 8
+#: Seconds between two looks at the stragglers (`stragglers_done`).
+STRAGGLER_POLL = 0.01
 
 #: Encode buffers of full chunks kept for reuse (each n x F bytes).
 POOLED_BUFFERS = 8
@@ -165,6 +172,13 @@ class ChunkWriter:
         #: Cancel scopes (one per slot) of the chunks whose stragglers run
         #: now, oldest first.
         self._straggling: list[list[trio.CancelScope]] = []
+        #: Called with a chunk id when stragglers of it go on in the
+        #: background, and `unpin_chunk` when the last of them ended: the
+        #: volume pins the chunk (`ecfs.data.garbage.ChunkPins`), so that a
+        #: version freed meanwhile is not deleted under a straggler (its
+        #: file would land after the deletion and stay behind).
+        self.pin_chunk: Callable[[int], None] = lambda chunk_id: None
+        self.unpin_chunk: Callable[[int], None] = lambda chunk_id: None
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Give the writer the nursery stragglers finish in (see the module
@@ -173,6 +187,12 @@ class ChunkWriter:
 
     def statistics(self) -> WriteStatistics:
         return WriteStatistics(self.bytes_in, self.bytes_out)
+
+    async def stragglers_done(self) -> None:
+        """Return once no straggler runs (each ends by its write's timeout
+        at the latest; the unmount waits for them before deleting garbage)."""
+        while self.straggling:  # noqa: ASYNC110 (slots end in the background nursery)
+            await trio.sleep(STRAGGLER_POLL)
 
     def wrong_class(self, ref: ChunkRef) -> int:
         """Bitmask of the fragments of `ref` (just written) on a store of
@@ -331,6 +351,8 @@ class ChunkWriter:
                     all_done.set()
                     if scopes in self._straggling:
                         self._straggling.remove(scopes)
+                    if handed:
+                        self.unpin_chunk(chunk_id)
                 if all(finished) or sum(1 for s in stores if s != NO_STORE) >= self.min_fragments:
                     enough.set()
 
@@ -360,6 +382,7 @@ class ChunkWriter:
                     now = current[index]
                     chosen[index] = now if now is not None else NO_STORE
                 handed.append(ChunkRef(chunk_id, length, tuple(chosen)))
+                self.pin_chunk(chunk_id)  # (unpinned by the last slot to end)
                 self.straggling.update((chosen[i], chunk_id, i) for i in stragglers)
                 timed_out.append("straggling")
                 self._straggling.append(scopes)

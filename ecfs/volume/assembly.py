@@ -167,6 +167,10 @@ COMMIT_INTERVAL = 1.0
 #: Seconds unmount waits for the metadata to become durable before giving
 #: up (and keeping the working copy, see KEEP_MARKER).
 SHUTDOWN_DRAIN_TIMEOUT = 300.0
+#: Seconds unmount waits for straggling fragment writes to land before it
+#: deletes garbage (a version they keep pinned is then left to fsck, as a
+#: straggler on a hung store ends only at its write timeout).
+STRAGGLER_SHUTDOWN_WAIT = 5.0
 
 #: In a working-copy directory: keep it (it holds metadata not durable anywhere).
 KEEP_MARKER = "KEEP-not-durable-on-replicas"
@@ -439,6 +443,7 @@ class Volume:
         )
         self.writer.on_abandoned = self.garbage.remember
         self.writer.on_late_failure = self.damage.record  # a straggler lost: repair it
+        self.writer.pin_chunk, self.writer.unpin_chunk = self.pins.pin, self.pins.unpin
         self.reader.writing = self.writer.straggling  # missing until they land
         self.writelog = WriteLog(
             db,
@@ -891,6 +896,10 @@ class Volume:
             self._shutdown_failed("writing back data and attributes", exc)
         if not await self._drain_at_shutdown():
             return
+        # Stragglers of a freed version keep it pinned (writer docstring):
+        # let them land, so that it is deleted now rather than left behind.
+        with trio.move_on_after(STRAGGLER_SHUTDOWN_WAIT):
+            await self.writer.stragglers_done()
         try:
             await self.garbage.collect()
         except Exception as exc:
