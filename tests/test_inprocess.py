@@ -776,6 +776,26 @@ async def _file_with_store_0_away(
     return ino, data, refs, lost
 
 
+async def _file_read_ahead_with_store_0_away(
+    rig: Rig, nursery: trio.Nursery, chunks: int
+) -> tuple[int, bytes, dict[int, ChunkRef], dict[int, int]]:
+    """`_file_with_store_0_away`, every chunk then read ahead as a
+    sequential reader's would be (the reader's plan holds them)."""
+    ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
+    for idx in range(chunks):
+        rig.volume.reader.prefetch(refs[idx])
+    assert rig.volume.reader._chosen
+    return ino, data, refs, lost
+
+
+async def _read_cells(rig: Rig, ino: int, data: bytes, offsets: list[int]) -> None:
+    """Read one cell at each of `offsets` in turn (a random reader's
+    requests), checking the bytes."""
+    for offset in offsets:
+        got = await rig.volume.filedata.read(ino, offset, CELL)
+        assert bytes(got) == data[offset : offset + CELL]
+
+
 async def test_a_sequential_reader_finds_its_next_chunks_decoded_ahead(rig: Rig) -> None:
     """One store away: while a sequential reader reads a chunk, the lost
     data fragment of each of its next DECODE_AHEAD chunks read ahead is
@@ -846,15 +866,9 @@ async def test_random_small_reads_of_chunks_read_ahead_decode_nothing_ahead(rig:
     reader = volume.reader
     chunks = 8
     async with trio.open_nursery() as nursery:
-        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
-        for idx in range(chunks):  # read ahead, as a sequential reader's
-            reader.prefetch(refs[idx])
-        assert reader._chosen
+        ino, data, refs, lost = await _file_read_ahead_with_store_0_away(rig, nursery, chunks)
         before = reader.counters.one_call_reads + reader.counters.degraded_reads
-        for idx in range(chunks):
-            offset = idx * CHUNK + CELL  # not a chunk's start
-            got = await volume.filedata.read(ino, offset, CELL)
-            assert bytes(got) == data[offset : offset + CELL]
+        await _read_cells(rig, ino, data, [idx * CHUNK + CELL for idx in range(chunks)])  # not starts
         await trio.sleep(0.2)  # (a decode ahead would be done by now)
         # only the reads of a lost fragment's own cells decode (4 KiB each)
         assert not any(reader._kept.covers(refs[c], i, 0, FRAGMENT) for c, i in lost.items())
@@ -875,18 +889,12 @@ async def test_random_small_reads_from_chunk_starts_decode_nothing_ahead(rig: Ri
     reader = volume.reader
     chunks = 8
     async with trio.open_nursery() as nursery:
-        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
-        for idx in range(chunks):  # read ahead, as a sequential reader's
-            reader.prefetch(refs[idx])
-        assert reader._chosen
+        ino, data, refs, lost = await _file_read_ahead_with_store_0_away(rig, nursery, chunks)
         starts = [idx for idx in range(1, chunks) if lost.get(idx) != 0]
         order = starts[1::2] + starts[0::2]  # (never the chunk after the one before)
         assert len(order) >= 4
         before = reader.statistics()
-        for idx in order:
-            offset = idx * CHUNK
-            got = await volume.filedata.read(ino, offset, CELL)
-            assert bytes(got) == data[offset : offset + CELL]
+        await _read_cells(rig, ino, data, [idx * CHUNK for idx in order])
         await trio.sleep(0.2)  # (a decode ahead would be done by now)
         assert not any(reader._kept.covers(refs[c], i, 0, CELL) for c, i in lost.items())
         assert reader.statistics().degraded_store_bytes == before.degraded_store_bytes
@@ -906,17 +914,12 @@ async def test_random_small_reads_from_lost_fragment_starts_decode_only_their_ce
     reader = volume.reader
     chunks = 16
     async with trio.open_nursery() as nursery:
-        ino, data, refs, lost = await _file_with_store_0_away(rig, nursery, chunks)
-        for idx in range(chunks):  # read ahead, as a sequential reader's
-            reader.prefetch(refs[idx])
+        ino, data, refs, lost = await _file_read_ahead_with_store_0_away(rig, nursery, chunks)
         starts = [c for c in range(chunks) if lost.get(c, 0) > 0]
         order = starts[1::2] + starts[0::2]
         assert len(order) >= 3
         before = reader.statistics()
-        for c in order:
-            offset = c * CHUNK + lost[c] * FRAGMENT
-            got = await volume.filedata.read(ino, offset, CELL)
-            assert bytes(got) == data[offset : offset + CELL]
+        await _read_cells(rig, ino, data, [c * CHUNK + lost[c] * FRAGMENT for c in order])
         await trio.sleep(0.2)  # (a decode ahead would be done by now)
         assert not any(reader._kept.covers(refs[c], i, 0, 2 * CELL) for c, i in lost.items())
         read = reader.statistics().degraded_store_bytes - before.degraded_store_bytes
