@@ -56,6 +56,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _holds_port(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on TCP `port`
+    (/proc/net/tcp's LISTEN entries, matched to the process's fds)."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            listening.add(f"socket:[{fields[9]}]")
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in listening:
+                return True
+    return False
+
+
 #: A request line in moto's (werkzeug's) log, e.g. '"GET /b/k HTTP/1.1" 200'.
 _REQUEST_LINE = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/')
 
@@ -68,11 +83,33 @@ class MotoServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = log
+        self._started = False  # (a restart keeps its port)
 
     def location(self, bucket: str = "ecfs", prefix: str = "store") -> str:
         return f"s3://{bucket}/{prefix}?endpoint={self.endpoint}"
 
     def start(self) -> MotoServer:
+        """Start the server (again, after `stop`/`kill`: on the same port).
+        A first start whose port another process took between `_free_port`
+        and the server's bind (a test in another xdist worker: this one
+        then exits, and the other answered in its place, with another
+        volume in its buckets) is retried on a new port."""
+        first = not self._started
+        for _ in range(5):
+            self._start_once()
+            assert self.proc is not None
+            if _holds_port(self.proc.pid, self.port):
+                self._started = True
+                return self
+            self.stop()
+            if not first:
+                break
+            self.port = _free_port()
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+        raise RuntimeError(f"moto_server: port {self.port} is held by another process")
+
+    def _start_once(self) -> None:
+        """Run moto_server on `port`; return once something answers there."""
         with contextlib.ExitStack() as files:
             err = files.enter_context(self.log.open("ab")) if self.log else subprocess.DEVNULL
             self.proc = subprocess.Popen(
@@ -87,7 +124,7 @@ class MotoServer:
                 raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
             try:
                 urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=2).close()
-                return self
+                return
             except OSError:
                 time.sleep(0.1)
         self.stop()
