@@ -1062,6 +1062,47 @@ async def test_a_version_freed_under_its_stragglers_is_deleted_after_they_land(r
         nursery.cancel_scope.cancel()
 
 
+async def test_a_hung_straggler_given_up_unpins_its_freed_version(rig: Rig) -> None:
+    """The unmount's way with a straggler on a hung store: given up
+    (`give_up_stragglers`), it ends at once, its file is remembered for
+    the collector and its chunk unpinned, so the freed version's other
+    fragments are deleted now, not left behind."""
+    volume = rig.volume
+    volume.writer.write_timeout = 60.0  # (it would not end by itself)
+    ino = rig.new_file()
+
+    def held(chunk_id: int) -> int:
+        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
+
+    async with trio.open_nursery() as nursery:
+        volume.filedata.attach(nursery)
+        volume.writer.attach(nursery)
+        volume.filedata.opened(ino)
+        rig.stores[0].set("slow", delay=0.2, ops={"write"})
+        rig.stores[1].set("hang", ops={"write"})
+        try:
+            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=41))
+            await volume.filedata.flush(ino)
+            old = volume.filedata.chunks.get(ino, 0)
+            assert old is not None
+            [hung] = [(s, c, i) for s, c, i in volume.writer.straggling if c == old.chunk_id]
+            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=43))  # a new version
+            await volume.filedata.flush(ino)
+            await volume.garbage.collect()
+            assert held(old.chunk_id) == len(old.stores) - 1  # pinned: kept
+            volume.writer.give_up_stragglers()
+            with trio.fail_after(5):
+                await volume.writer.stragglers_done()
+            assert hung in set(PendingDeletions(volume.db).on_stores([hung[0]], 1000))
+            await volume.garbage.collect()
+            assert held(old.chunk_id) == 0
+        finally:
+            for store in (0, 1):
+                rig.stores[store].heal()
+        await volume.filedata.released(ino)
+        nursery.cancel_scope.cancel()
+
+
 async def test_only_timed_reads_make_a_store_an_alternative_for_reads(rig: Rig) -> None:
     """The reader routes around a lagging store only towards stores whose
     reads were timed: health checks and writes (all a hybrid volume's

@@ -45,8 +45,8 @@ decodes around it without reporting damage; and its chunk is pinned
 (`pin_chunk`), so that the garbage collector does not delete a version
 freed meanwhile before its stragglers' files landed (they were left
 behind as orphans: seen in tests/test_mount_posix.py under load). The
-unmount waits for the stragglers (`stragglers_done`) before it deletes
-garbage. Without a nursery (tools, tests) every
+unmount waits for the stragglers (`stragglers_done`), then gives up those
+still running (`give_up_stragglers`), before it deletes garbage. Without a nursery (tools, tests) every
 fragment is waited for as before.
 
 Leftovers: a fragment write that failed other than for lack of space (the
@@ -194,6 +194,15 @@ class ChunkWriter:
         while self.straggling:  # noqa: ASYNC110 (slots end in the background nursery)
             await trio.sleep(STRAGGLER_POLL)
 
+    def give_up_stragglers(self) -> None:
+        """Cancel every straggling write (the unmount, once it waited long
+        enough): each is lost late, as one given up beyond
+        MAX_STRAGGLING_CHUNKS is (its chunk queued for repair, the file it
+        may leave remembered for the collector), and unpins its chunk
+        when its slot ends, at the slot's next checkpoint."""
+        for scopes in self._straggling:
+            _cancel(scopes)
+
     def wrong_class(self, ref: ChunkRef) -> int:
         """Bitmask of the fragments of `ref` (just written) on a store of
         the wrong class for the placement policy, or in a shared failure
@@ -334,7 +343,7 @@ class ChunkWriter:
                 with scope:
                     await place(index, targets[index])
                 if scope.cancelled_caught and handed and stores[index] == NO_STORE:
-                    reason = "straggling write given up (too many chunks straggle)"
+                    reason = "straggling write given up (too many chunks straggle, or unmount)"
                     lost_late(index, current[index], reason)
             except Exception as exc:  # in the background nursery: never take the volume down
                 if scope is None:

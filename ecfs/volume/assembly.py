@@ -168,8 +168,8 @@ COMMIT_INTERVAL = 1.0
 #: up (and keeping the working copy, see KEEP_MARKER).
 SHUTDOWN_DRAIN_TIMEOUT = 300.0
 #: Seconds unmount waits for straggling fragment writes to land before it
-#: deletes garbage (a version they keep pinned is then left to fsck, as a
-#: straggler on a hung store ends only at its write timeout).
+#: gives them up and deletes garbage (a straggler on a hung store ends
+#: only at its write timeout).
 STRAGGLER_SHUTDOWN_WAIT = 5.0
 
 #: In a working-copy directory: keep it (it holds metadata not durable anywhere).
@@ -897,7 +897,12 @@ class Volume:
         if not await self._drain_at_shutdown():
             return
         # Stragglers of a freed version keep it pinned (writer docstring):
-        # let them land, so that it is deleted now rather than left behind.
+        # let them land, so that it is deleted now rather than left behind;
+        # those that do not (a hung store) are given up: the files they may
+        # leave are remembered for deletion, their chunks queued for repair.
+        with trio.move_on_after(STRAGGLER_SHUTDOWN_WAIT):
+            await self.writer.stragglers_done()
+        self.writer.give_up_stragglers()
         with trio.move_on_after(STRAGGLER_SHUTDOWN_WAIT):
             await self.writer.stragglers_done()
         try:
