@@ -251,17 +251,14 @@ async def test_garbage_deletes_unreferenced_fragments_but_not_pinned_ones(rig: R
     new = volume.filedata.chunks.get(ino, 0)
     assert old is not None and new is not None and new.chunk_id != old.chunk_id
 
-    def held(chunk_id: int) -> int:
-        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
-
-    assert held(old.chunk_id) == K + M
+    assert _held(rig, old.chunk_id) == K + M
     volume.pins.pin(old.chunk_id)  # a reader still uses it
     await volume.garbage.collect()
-    assert held(old.chunk_id) == K + M
+    assert _held(rig, old.chunk_id) == K + M
     volume.pins.unpin(old.chunk_id)
     await volume.garbage.collect()
-    assert held(old.chunk_id) == 0
-    assert held(new.chunk_id) == K + M
+    assert _held(rig, old.chunk_id) == 0
+    assert _held(rig, new.chunk_id) == K + M
 
 
 async def test_read_ahead_verifies_headers_so_reads_stay_on_the_loop(rig: Rig) -> None:
@@ -1017,6 +1014,34 @@ async def test_a_chunk_write_does_not_wait_for_a_straggling_store(rig: Rig, faul
         await volume.filedata.released(ino)
 
 
+def _held(rig: Rig, chunk_id: int) -> int:
+    """How many fragment files of `chunk_id` the stores hold."""
+    return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
+
+
+async def _version_with_a_straggler(
+    rig: Rig, nursery: trio.Nursery, fault: str
+) -> tuple[int, ChunkRef]:
+    """A new one-chunk file written with store 0's writes slow (0.2 s)
+    and store 1's `fault` ("slow": 1.5 s, or "hang"), the writer's
+    stragglers in `nursery`: whichever of the two its fragments go to,
+    one straggles (the other is waited for). Its inode and chunk; the
+    caller heals stores 0 and 1."""
+    volume = rig.volume
+    ino = rig.new_file()
+    volume.filedata.attach(nursery)
+    volume.writer.attach(nursery)
+    volume.filedata.opened(ino)
+    rig.stores[0].set("slow", delay=0.2, ops={"write"})
+    rig.stores[1].set(fault, delay=1.5, ops={"write"})
+    await volume.filedata.write(ino, 0, pattern(CHUNK, seed=31))
+    await volume.filedata.flush(ino)
+    ref = volume.filedata.chunks.get(ino, 0)
+    assert ref is not None
+    assert any(c == ref.chunk_id for _, c, _ in volume.writer.straggling)
+    return ino, ref
+
+
 async def test_a_version_freed_under_its_stragglers_is_deleted_after_they_land(rig: Rig) -> None:
     """A chunk version replaced while a straggler of it is still being
     written is not deleted until the straggler lands (the writer pins the
@@ -1025,39 +1050,23 @@ async def test_a_version_freed_under_its_stragglers_is_deleted_after_they_land(r
     after and stayed behind (tests/test_mount_posix.py's unlinked-file test
     found two under load)."""
     volume = rig.volume
-    ino = rig.new_file()
-
-    def held(chunk_id: int) -> int:
-        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
-
     async with trio.open_nursery() as nursery:
-        volume.filedata.attach(nursery)
-        volume.writer.attach(nursery)
-        volume.filedata.opened(ino)
-        # Two slow stores, one slower: whichever of them a chunk's
-        # fragments go to, one straggles (the other is waited for).
-        rig.stores[0].set("slow", delay=0.2, ops={"write"})
-        rig.stores[1].set("slow", delay=1.5, ops={"write"})
         try:
-            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=31))
-            await volume.filedata.flush(ino)
-            old = volume.filedata.chunks.get(ino, 0)
-            assert old is not None
-            assert any(c == old.chunk_id for _, c, _ in volume.writer.straggling)
+            ino, old = await _version_with_a_straggler(rig, nursery, "slow")
             await volume.filedata.write(ino, 0, pattern(CHUNK, seed=37))  # a new version
             await volume.filedata.flush(ino)
             assert volume.filedata.chunks.get(ino, 0) != old
             await volume.garbage.collect()  # its straggler still runs: nothing deleted
             if any(c == old.chunk_id for _, c, _ in volume.writer.straggling):  # (not too late)
-                assert held(old.chunk_id) == len(old.stores) - 1
+                assert _held(rig, old.chunk_id) == len(old.stores) - 1
             with trio.fail_after(10):
                 await volume.writer.stragglers_done()
         finally:
             for store in (0, 1):
                 rig.stores[store].heal()
-        assert held(old.chunk_id) == len(old.stores)  # landed
+        assert _held(rig, old.chunk_id) == len(old.stores)  # landed
         await volume.garbage.collect()
-        assert held(old.chunk_id) == 0
+        assert _held(rig, old.chunk_id) == 0
         await volume.filedata.released(ino)
         nursery.cancel_scope.cancel()
 
@@ -1069,33 +1078,20 @@ async def test_a_hung_straggler_given_up_unpins_its_freed_version(rig: Rig) -> N
     fragments are deleted now, not left behind."""
     volume = rig.volume
     volume.writer.write_timeout = 60.0  # (it would not end by itself)
-    ino = rig.new_file()
-
-    def held(chunk_id: int) -> int:
-        return sum(1 for m in rig.memory for c, _ in m.list_fragments() if c == chunk_id)
-
     async with trio.open_nursery() as nursery:
-        volume.filedata.attach(nursery)
-        volume.writer.attach(nursery)
-        volume.filedata.opened(ino)
-        rig.stores[0].set("slow", delay=0.2, ops={"write"})
-        rig.stores[1].set("hang", ops={"write"})
         try:
-            await volume.filedata.write(ino, 0, pattern(CHUNK, seed=41))
-            await volume.filedata.flush(ino)
-            old = volume.filedata.chunks.get(ino, 0)
-            assert old is not None
+            ino, old = await _version_with_a_straggler(rig, nursery, "hang")
             [hung] = [(s, c, i) for s, c, i in volume.writer.straggling if c == old.chunk_id]
             await volume.filedata.write(ino, 0, pattern(CHUNK, seed=43))  # a new version
             await volume.filedata.flush(ino)
             await volume.garbage.collect()
-            assert held(old.chunk_id) == len(old.stores) - 1  # pinned: kept
+            assert _held(rig, old.chunk_id) == len(old.stores) - 1  # pinned: kept
             volume.writer.give_up_stragglers()
             with trio.fail_after(5):
                 await volume.writer.stragglers_done()
             assert hung in set(PendingDeletions(volume.db).on_stores([hung[0]], 1000))
             await volume.garbage.collect()
-            assert held(old.chunk_id) == 0
+            assert _held(rig, old.chunk_id) == 0
         finally:
             for store in (0, 1):
                 rig.stores[store].heal()
