@@ -99,9 +99,8 @@ class KeptBytes:
         (within one kept range): a read-only view of them, not a copy (it
         keeps the bytes alive after they are dropped here, and they never
         change: see the contract); None if not."""
-        for a, b, data, _ in self._ranges.get((ref, index), ()):
-            if a <= frag_start and frag_end <= b:
-                return memoryview(data).toreadonly()[frag_start - a : frag_end - a]
+        for a, _, data, _ in self._covering(ref, index, frag_start, frag_end):
+            return memoryview(data).toreadonly()[frag_start - a : frag_end - a]
         return None
 
     def decoded(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> bool:
@@ -109,16 +108,20 @@ class KeptBytes:
         as decoded ones (a lost fragment's), not as a decode's verified
         source: a request served from them is a degraded read's (the
         reader counts it so)."""
-        return any(
-            decoded and a <= frag_start and frag_end <= b
-            for a, b, _, decoded in self._ranges.get((ref, index), ())
-        )
+        return any(decoded for *_, decoded in self._covering(ref, index, frag_start, frag_end))
 
     def covers(self, ref: ChunkRef, index: int, frag_start: int, frag_end: int) -> bool:
         """Whether fragment `index` bytes [frag_start, frag_end) are kept."""
-        return any(
-            a <= frag_start and frag_end <= b for a, b, _, _ in self._ranges.get((ref, index), ())
-        )
+        return any(True for _ in self._covering(ref, index, frag_start, frag_end))
+
+    def _covering(
+        self, ref: ChunkRef, index: int, frag_start: int, frag_end: int
+    ) -> Iterator[tuple[int, int, Bytes, bool]]:
+        """The kept ranges of fragment `index` that hold all of bytes
+        [frag_start, frag_end), oldest first."""
+        for kept in self._ranges.get((ref, index), ()):
+            if kept[0] <= frag_start and frag_end <= kept[1]:
+                yield kept
 
     def keep(
         self, ref: ChunkRef, k: int, lost: int, start: int, end: int, decoded: Bytes,
