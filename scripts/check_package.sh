@@ -130,8 +130,8 @@ if [[ -e /dev/fuse ]] && command -v fusermount3 >/dev/null 2>&1; then
     cmp "$work/data" "$mnt/data" || fail "the file read back differs"
     "$ecfs_bin" status "$mnt" >/dev/null || fail "ecfs status says the demo volume is unhealthy"
     "$ecfs_bin" umount "$mnt"
-    grep -q "no fallocate handler" "$work/mount.log" \
-        && say "note: this pyfuse3 lacks the fallocate patch (see scripts/pyfuse3/README.md)"
+    grep -q "lacks ecfs's patches" "$work/mount.log" \
+        && say "note: this pyfuse3 lacks ecfs's patches (see scripts/pyfuse3/README.md)"
     say "demo volume mounted, used and unmounted"
 else
     say "no /dev/fuse or fusermount3: demo mount skipped"

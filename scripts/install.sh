@@ -59,7 +59,7 @@ fi
 if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
-# scripts/pyfuse3/install.sh patches pyfuse3's source (fallocate.patch).
+# scripts/pyfuse3/install.sh patches pyfuse3's source (scripts/pyfuse3/*.patch).
 command -v patch >/dev/null 2>&1 || command -v git >/dev/null 2>&1 || missing+=(patch)
 
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -104,7 +104,8 @@ else
     say "virtual environment $venv exists"
 fi
 
-# pyfuse3 3.5.0 has no fallocate handler: build it with ours (see
+# pyfuse3 3.5.0 has no fallocate handler and sends read replies with the GIL
+# held: build it with our patches (see
 # scripts/pyfuse3/README.md). First, so that the install of ecfs below finds
 # pyfuse3==3.5.0 present and keeps it; quick when it is installed already.
 bash "$repo/scripts/pyfuse3/install.sh" "$venv/bin/python"

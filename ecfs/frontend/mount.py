@@ -431,15 +431,25 @@ def run_mount(
 
 
 def check_pyfuse3() -> None:
-    """Warn when the installed pyfuse3 lacks the fallocate handler ecfs
-    patches in (a plain `pip install` of ecfs gets PyPI's pyfuse3): the
-    mount works, but fallocate(2) on it fails with EOPNOTSUPP."""
+    """Warn when the installed pyfuse3 lacks a patch of ecfs's (a plain
+    `pip install` of ecfs gets PyPI's pyfuse3; see scripts/pyfuse3): the
+    mount works, but without the fallocate handler fallocate(2) on it fails
+    with EOPNOTSUPP, and without the read reply that releases the GIL large
+    reads are slower beside decodes and repairs (the worker threads wait
+    while the kernel copies each reply)."""
+    missing = []
     if not hasattr(pyfuse3.Operations, "fallocate"):
+        missing.append(
+            "no fallocate handler: fallocate(2) on this mount fails with EOPNOTSUPP"
+            " (posix_fallocate falls back to writing zeros)"
+        )
+    if not hasattr(pyfuse3, "ECFS_READ_REPLY_NOGIL_MIN"):
+        missing.append("read replies hold the GIL: degraded reads and reads beside a repair are slower")
+    if missing:
         log.warning(
-            "pyfuse3 %s has no fallocate handler: fallocate(2) on this mount fails with"
-            " EOPNOTSUPP (posix_fallocate falls back to writing zeros); to fix, run"
+            "pyfuse3 %s lacks ecfs's patches: %s; to fix, run"
             " scripts/pyfuse3/install.sh %s from the ecfs source (see its README)",
-            getattr(pyfuse3, "__version__", "?"), sys.executable,
+            getattr(pyfuse3, "__version__", "?"), "; ".join(missing), sys.executable,
         )  # fmt: skip
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Build and install pyfuse3 with fallocate.patch into a Python environment.
+# Build and install pyfuse3 with this directory's patches (fallocate.patch,
+# read-reply-nogil.patch) into a Python environment.
 #
 #   scripts/pyfuse3/install.sh [PYTHON]     (default: python3)
 #
 # See README.md beside this file for why. Idempotent and quick when the
-# installed pyfuse3 already has `Operations.fallocate` (patched here, or a
-# later upstream release that has it). Otherwise: download the pyfuse3
-# sdist of PYFUSE3_VERSION from PyPI, apply the patch, and `pip install` the
+# installed pyfuse3 already has both (`Operations.fallocate` and
+# `ECFS_READ_REPLY_NOGIL_MIN`). Otherwise: download the pyfuse3 sdist of
+# PYFUSE3_VERSION from PyPI, apply the patches in name order, and `pip install` the
 # patched tree (pip builds it in an isolated environment with setuptools,
 # setuptools_scm and Cython from PyPI, against the system's libfuse3-dev).
 # Needs: gcc, pkg-config, libfuse3-dev, the Python headers (scripts/install.sh
@@ -19,13 +20,14 @@ version=${PYFUSE3_VERSION:-3.5.0}
 
 say() { printf '[pyfuse3] %s\n' "$*"; }
 
-has_fallocate() {
+patched() {
     "$python" -c 'import sys, pyfuse3
-sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' 2>/dev/null
+sys.exit(not (hasattr(pyfuse3.Operations, "fallocate")
+              and hasattr(pyfuse3, "ECFS_READ_REPLY_NOGIL_MIN")))' 2>/dev/null
 }
 
-if has_fallocate; then
-    say "pyfuse3 with Operations.fallocate is installed"
+if patched; then
+    say "pyfuse3 with ecfs's patches is installed"
     exit 0
 fi
 
@@ -36,12 +38,14 @@ say "downloading the pyfuse3 $version sdist"
     -d "$work" "pyfuse3==$version"
 tar xzf "$work/pyfuse3-$version.tar.gz" -C "$work"
 src=$work/pyfuse3-$version
-say "applying fallocate.patch"
-if command -v patch >/dev/null 2>&1; then
-    patch -s -p1 -d "$src" <"$here/fallocate.patch"
-else
-    (cd "$src" && git apply "$here/fallocate.patch")
-fi
+for p in "$here"/*.patch; do
+    say "applying $(basename "$p")"
+    if command -v patch >/dev/null 2>&1; then
+        patch -s -p1 -d "$src" <"$p"
+    else
+        (cd "$src" && git apply "$p")
+    fi
+done
 say "building and installing the patched pyfuse3 $version (about a minute)"
 # --force-reinstall --no-deps: replace an unpatched 3.5.0 of the same version,
 # keep its dependency (trio) as installed.
@@ -49,8 +53,8 @@ say "building and installing the patched pyfuse3 $version (about a minute)"
     --force-reinstall --no-deps "$src"
 "$python" -c 'import trio' 2>/dev/null \
     || "$python" -m pip install -q --disable-pip-version-check "trio>=0.15"
-if ! has_fallocate; then
-    say "the installed pyfuse3 still has no Operations.fallocate"
+if ! patched; then
+    say "the installed pyfuse3 still lacks a patch"
     exit 1
 fi
 say "done"
