@@ -104,8 +104,8 @@ else
     say "virtual environment $venv exists"
 fi
 
-# pyfuse3 3.5.0 has no fallocate handler and sends read replies with the GIL
-# held: build it with our patches (see
+# pyfuse3 3.5.0 has no fallocate handler and copies requests and replies
+# with the GIL held: build it with our patches (see
 # scripts/pyfuse3/README.md). First, so that the install of ecfs below finds
 # pyfuse3==3.5.0 present and keeps it; quick when it is installed already.
 bash "$repo/scripts/pyfuse3/install.sh" "$venv/bin/python"

@@ -1,9 +1,9 @@
 """The installed pyfuse3 carries ecfs's patches (scripts/pyfuse3), and the
 mount says so when it does not (`ecfs.frontend.mount.check_pyfuse3`).
 
-Without read-reply-nogil.patch a 1 MiB read reply holds the GIL while the
+Without release-gil.patch a 1 MiB read reply holds the GIL while the
 kernel copies it, and the reads beside a rebuild fell short of issue 17's
-target (543-593 MiB/s against 630; 670-690 with it, scripts/pyfuse3/README.md);
+target (543-593 MiB/s against 630; 662-690 with it, scripts/pyfuse3/README.md);
 without fallocate.patch fallocate(2) fails with EOPNOTSUPP."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ecfs.frontend import mount
 
 def test_the_installed_pyfuse3_has_both_patches() -> None:
     assert hasattr(pyfuse3.Operations, "fallocate")
-    assert pyfuse3.ECFS_READ_REPLY_NOGIL_MIN == 64 * 1024
+    assert pyfuse3.ECFS_NOGIL_MIN == 64 * 1024
 
 
 def test_a_patched_pyfuse3_mounts_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -30,7 +30,7 @@ def test_a_patched_pyfuse3_mounts_without_a_warning(caplog: pytest.LogCaptureFix
 @pytest.mark.parametrize(
     ("missing", "said"),
     [
-        ("ECFS_READ_REPLY_NOGIL_MIN", "read replies hold the GIL"),
+        ("ECFS_NOGIL_MIN", "copied with the GIL held"),
         ("fallocate", "no fallocate handler"),
     ],
 )

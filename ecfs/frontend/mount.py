@@ -434,17 +434,20 @@ def check_pyfuse3() -> None:
     """Warn when the installed pyfuse3 lacks a patch of ecfs's (a plain
     `pip install` of ecfs gets PyPI's pyfuse3; see scripts/pyfuse3): the
     mount works, but without the fallocate handler fallocate(2) on it fails
-    with EOPNOTSUPP, and without the read reply that releases the GIL large
-    reads are slower beside decodes and repairs (the worker threads wait
-    while the kernel copies each reply)."""
+    with EOPNOTSUPP, and without the one that releases the GIL while the
+    kernel copies requests and replies, large reads and writes are slower
+    beside decodes and repairs (the worker threads wait meanwhile)."""
     missing = []
     if not hasattr(pyfuse3.Operations, "fallocate"):
         missing.append(
             "no fallocate handler: fallocate(2) on this mount fails with EOPNOTSUPP"
             " (posix_fallocate falls back to writing zeros)"
         )
-    if not hasattr(pyfuse3, "ECFS_READ_REPLY_NOGIL_MIN"):
-        missing.append("read replies hold the GIL: degraded reads and reads beside a repair are slower")
+    if not hasattr(pyfuse3, "ECFS_NOGIL_MIN"):
+        missing.append(
+            "requests and replies are copied with the GIL held: large reads and writes are"
+            " slower beside decodes and repairs"
+        )
     if missing:
         log.warning(
             "pyfuse3 %s lacks ecfs's patches: %s; to fix, run"

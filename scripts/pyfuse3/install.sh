@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build and install pyfuse3 with this directory's patches (fallocate.patch,
-# read-reply-nogil.patch) into a Python environment.
+# release-gil.patch) into a Python environment.
 #
 #   scripts/pyfuse3/install.sh [PYTHON]     (default: python3)
 #
 # See README.md beside this file for why. Idempotent and quick when the
 # installed pyfuse3 already has both (`Operations.fallocate` and
-# `ECFS_READ_REPLY_NOGIL_MIN`). Otherwise: download the pyfuse3 sdist of
+# `ECFS_NOGIL_MIN`). Otherwise: download the pyfuse3 sdist of
 # PYFUSE3_VERSION from PyPI, apply the patches in name order, and `pip install` the
 # patched tree (pip builds it in an isolated environment with setuptools,
 # setuptools_scm and Cython from PyPI, against the system's libfuse3-dev).
@@ -23,7 +23,7 @@ say() { printf '[pyfuse3] %s\n' "$*"; }
 patched() {
     "$python" -c 'import sys, pyfuse3
 sys.exit(not (hasattr(pyfuse3.Operations, "fallocate")
-              and hasattr(pyfuse3, "ECFS_READ_REPLY_NOGIL_MIN")))' 2>/dev/null
+              and hasattr(pyfuse3, "ECFS_NOGIL_MIN")))' 2>/dev/null
 }
 
 if patched; then
