@@ -388,6 +388,7 @@ async def test_percentiles_and_hedge_deadline(store: DirectoryStore) -> None:
     stats = runner.statistics()
     assert stats.latency_p50 == pytest.approx(0.050)
     assert stats.latency_p95 == pytest.approx(0.095)
+    assert runner.latency_p95() == stats.latency_p95
     assert runner.hedge_deadline() == pytest.approx(3 * 0.095)
     # the window keeps the last 256 samples only
     for _ in range(256):

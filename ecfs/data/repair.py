@@ -754,7 +754,7 @@ class Repairer:
         """Seconds the repair of `ref` may take (see the module docstring)."""
         payload = self.layout.payload_length(ref.length)
         latency = max(
-            (r.statistics().latency_p95 for r in self.runners.values() if r.available),
+            (r.latency_p95() for r in self.runners.values() if r.available),
             default=0.0,
         )
         # Doubled per skip in a row: slow is not stuck (the rate is only

@@ -675,7 +675,12 @@ class StoreRunner:
     def hedge_deadline(self) -> float:
         """Seconds to wait for this store before asking another source too:
         max(HEDGE_FLOOR, 3 x latency_p95)."""
-        return max(HEDGE_FLOOR, 3 * self._percentile(0.95))
+        return max(HEDGE_FLOOR, 3 * self.latency_p95())
+
+    def latency_p95(self) -> float:
+        """p95 of the latency window, seconds (0.0 when empty): what
+        `statistics` reports, without building the whole snapshot."""
+        return self._percentile(0.95)
 
     def call_timeout(self, bound: float) -> float:
         """A timeout for one call derived from this store's measured
