@@ -55,6 +55,12 @@ def test_the_pacer_spaces_work_out_to_its_rate() -> None:
     assert pacer.delay(100.0) == 0.0
     pacer.charge(10, 100.0)
     assert pacer.delay(100.0) == pytest.approx(0.1)
+    pacer.drop_credit()  # a debt is kept...
+    assert pacer.delay(100.0) == pytest.approx(0.1)
+    clock.now += 10.0
+    pacer.drop_credit()  # ...a credit is not
+    pacer.charge(100, 100.0)
+    assert pacer.delay(100.0) == pytest.approx(1.0)
 
 
 async def _queued_rig(tmp_path: Path, count: int, **kwargs: int) -> tuple[Rig, int]:
@@ -171,6 +177,40 @@ async def test_the_maximum_rate_caps_urgent_repair_when_idle(tmp_path: Path) -> 
         allowed = per_second * (time.monotonic() - started)
         # (old code: each of 8 parallel chunks slept for its own bytes: 8x)
         assert done <= 1.5 * allowed + per_second
+        nursery.cancel_scope.cancel()
+    rig.volume.close()
+
+
+@pytest.mark.trio
+async def test_chunks_queued_one_by_one_are_rebuilt_at_most_at_the_maximum_rate(
+    tmp_path: Path,
+) -> None:
+    """Each chunk queued after the queue drained starts a busy period; the
+    pacers keep their debt across them (`RatePacer.drop_credit`), so the
+    maximum rate holds. (A first version of the no-burst change forgot
+    debts too, and a queue filled chunk by chunk, as a scrub fills it,
+    was rebuilt at full speed.)"""
+    rig, _ = await _queued_rig(tmp_path, 200)
+    repairer = rig.volume.repairer
+    per_second = 20
+    repairer.rate = per_second * FRAGMENT
+    repairer.last_foreground = lambda: 0.0  # idle: the maximum rate binds
+    repairer.set_urgent(True)
+    queued = [entry.chunk_id for entry in repairer.queue.next_batch(200)]
+    with rig.volume.db.transaction():
+        for chunk_id in queued:
+            repairer.queue.remove(chunk_id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(repairer.run)
+        started = time.monotonic()
+        for chunk_id in queued[:100]:  # one every 10 ms, over a second
+            with rig.volume.db.transaction():
+                repairer.queue.add(chunk_id, "scrub", 1, time.time_ns(), bad=1, demand=0)
+            repairer.poke()
+            await trio.sleep(0.01)
+        done = repairer.counters.fragments_rebuilt
+        allowed = per_second * (time.monotonic() - started)
+        assert done <= allowed + 2, (done, allowed)
         nursery.cancel_scope.cancel()
     rig.volume.close()
 

@@ -235,6 +235,12 @@ class RatePacer:
         """Forget the past: no debt, no credit (e.g. after unpaced work)."""
         self._next = self.clock()
 
+    def drop_credit(self) -> None:
+        """Forget the credit built up while nothing was charged, keep any
+        debt: the next work starts no earlier than `delay` says now, and
+        what follows it is paced from then, with no burst."""
+        self._next = max(self._next, self.clock())
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkPlace:

@@ -116,12 +116,14 @@ foreground is busy while a FUSE request was seen within IDLE_GAP seconds
   what it can (the minimum goes before the foreground's speed; a lagging
   repair catches up by at most background.PACE_BURST seconds). `min_rate` 0: as
   background repair.
-- A busy period, and urgent repair, start with neither credit nor debt
-  (`_restart_pacers`): the pacers' credit is for a repair that fell behind
-  while busy, not for the time the queue was empty or background-paced.
-  With it, urgent repair took PACE_BURST seconds of work at once beyond
-  its minimum: bench_disks' rebuild at 150 MiB/s ran at 0.61-0.64 x cap
-  under a minimum of 0.55, taking that from the reader beside it.
+- A busy period, and urgent repair, start without credit
+  (`_drop_credit`; a debt, work done ahead of a rate, is kept, so chunks
+  queued one by one still go at most at `rate`): the pacers' credit is
+  for a repair that fell behind while busy, not for the time the queue
+  was empty or background-paced. With it, urgent repair took PACE_BURST
+  seconds of work at once beyond its minimum: bench_disks' rebuild at
+  150 MiB/s ran at 0.61-0.64 x cap under a minimum of 0.55, taking that
+  from the reader beside it.
 Not urgent, one chunk at a time; urgent, up to URGENT_PARALLEL at once,
 from the moment it is set (a batch under way follows); the next entries
 are read from the queue as soon as a batch has started (those in flight
@@ -439,7 +441,7 @@ class Repairer:
     def set_urgent(self, urgent: bool) -> None:
         self.urgent = urgent
         if urgent:
-            self._restart_pacers()
+            self._drop_credit()
         self._parallel.total_tokens = URGENT_PARALLEL if urgent else 1
         self._deferred.clear()
         self.skipped.retry_now()
@@ -615,7 +617,7 @@ class Repairer:
                 continue
             if self._busy_since is None:
                 self._busy_since = (self.clock(), dataclasses.replace(self.counters))
-                self._restart_pacers()
+                self._drop_credit()
             if self._idle.is_set():  # (a `wait_idle` under way keeps its event)
                 self._idle = trio.Event()
             # Urgent: several chunks at once (their fragments are on
@@ -778,10 +780,10 @@ class Repairer:
         self._deferred[chunk_id] = self.clock() + RETRY_DELAY
         self.counters.deferred += 1
 
-    def _restart_pacers(self) -> None:
-        """No credit, no debt from before (see "Pacing" in the module docstring)."""
-        self._max_pacer.restart()
-        self._min_pacer.restart()
+    def _drop_credit(self) -> None:
+        """No credit from before; debts kept (see "Pacing" in the module docstring)."""
+        self._max_pacer.drop_credit()
+        self._min_pacer.drop_credit()
 
     def _foreground_busy(self) -> bool:
         gap = URGENT_IDLE_GAP if self.urgent and self.min_rate > 0 else IDLE_GAP
