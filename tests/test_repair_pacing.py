@@ -82,6 +82,26 @@ async def _queued_rig(tmp_path: Path, count: int, **kwargs: int) -> tuple[Rig, i
     return rig, ino
 
 
+def _unqueue_all(rig: Rig) -> list[int]:
+    """Take every entry out of the repair queue (the chunks stay broken);
+    their chunk ids, most urgent first."""
+    queue = rig.volume.repairer.queue
+    chunk_ids = [entry.chunk_id for entry in queue.next_batch(1_000_000)]
+    with rig.volume.db.transaction():
+        for chunk_id in chunk_ids:
+            queue.remove(chunk_id)
+    return chunk_ids
+
+
+def _queue_again(rig: Rig, chunk_ids: list[int]) -> None:
+    """Queue `chunk_ids` again, as `_queued_rig` did, and tell the repairer."""
+    repairer = rig.volume.repairer
+    with rig.volume.db.transaction():
+        for chunk_id in chunk_ids:
+            repairer.queue.add(chunk_id, "scrub", 1, time.time_ns(), bad=1, demand=0)
+    repairer.poke()
+
+
 @pytest.mark.trio
 async def test_urgent_repair_keeps_its_minimum_rate_under_load_and_no_more(
     tmp_path: Path,
@@ -132,22 +152,16 @@ async def test_urgent_repair_takes_no_burst_beyond_its_minimum_when_it_starts(
     per_second = 40  # fragments
     repairer.min_rate = per_second * FRAGMENT
     repairer.last_foreground = time.monotonic  # foreground requests all the time
-    queued = [entry.chunk_id for entry in repairer.queue.next_batch(400)]
     if before == "idle":
         repairer.set_urgent(True)
-        with rig.volume.db.transaction():
-            for chunk_id in queued:
-                repairer.queue.remove(chunk_id)
+        queued = _unqueue_all(rig)
     async with trio.open_nursery() as nursery:
         await nursery.start(repairer.run)
         await trio.sleep(1.0)  # credit builds up meanwhile
         trickle = repairer.counters.fragments_rebuilt
         if before == "idle":
             assert trickle == 0
-            with rig.volume.db.transaction():
-                for chunk_id in queued:
-                    repairer.queue.add(chunk_id, "scrub", 1, time.time_ns(), bad=1, demand=0)
-            repairer.poke()
+            _queue_again(rig, queued)
         else:
             repairer.set_urgent(True)
         started = time.monotonic()
@@ -196,17 +210,12 @@ async def test_chunks_queued_one_by_one_are_rebuilt_at_most_at_the_maximum_rate(
     repairer.rate = per_second * FRAGMENT
     repairer.last_foreground = lambda: 0.0  # idle: the maximum rate binds
     repairer.set_urgent(True)
-    queued = [entry.chunk_id for entry in repairer.queue.next_batch(200)]
-    with rig.volume.db.transaction():
-        for chunk_id in queued:
-            repairer.queue.remove(chunk_id)
+    queued = _unqueue_all(rig)
     async with trio.open_nursery() as nursery:
         await nursery.start(repairer.run)
         started = time.monotonic()
         for chunk_id in queued[:100]:  # one every 10 ms, over a second
-            with rig.volume.db.transaction():
-                repairer.queue.add(chunk_id, "scrub", 1, time.time_ns(), bad=1, demand=0)
-            repairer.poke()
+            _queue_again(rig, [chunk_id])
             await trio.sleep(0.01)
         done = repairer.counters.fragments_rebuilt
         allowed = per_second * (time.monotonic() - started)
