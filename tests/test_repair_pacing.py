@@ -23,7 +23,6 @@ from ecfs.core.errors import FsError, VolumeError
 from ecfs.data.background import RatePacer
 from ecfs.data.repair import DEFAULT_MIN_RATE
 from ecfs.frontend.mount import parse_options
-from ecfs.storage.metadb.chunks import RepairQueue
 from ecfs.volume.control import parse_command
 from tests.inprocess import CHUNK, FRAGMENT, Rig, make_rig
 from tests.mounting import MountedVolume, cli
@@ -71,13 +70,13 @@ async def _queued_rig(tmp_path: Path, count: int, **kwargs: int) -> tuple[Rig, i
     ino = rig.new_file(b"big")
     await volume.filedata.write(ino, 0, bytes(pattern(7, count * CHUNK)))
     await volume.filedata.flush(ino)
-    queue = RepairQueue(volume.db)
-    with volume.db.transaction():
-        for index in range(count):
-            ref = volume.filedata.chunks.get(ino, index)
-            assert ref is not None
-            rig.memory[ref.stores[0]].delete_fragment(ref.chunk_id, 0)
-            queue.add(ref.chunk_id, "scrub", 1, time.time_ns(), bad=1, demand=0)
+    chunk_ids = []
+    for index in range(count):
+        ref = volume.filedata.chunks.get(ino, index)
+        assert ref is not None
+        rig.memory[ref.stores[0]].delete_fragment(ref.chunk_id, 0)
+        chunk_ids.append(ref.chunk_id)
+    _queue_again(rig, chunk_ids)
     volume.handles.close_all()
     return rig, ino
 
@@ -94,7 +93,8 @@ def _unqueue_all(rig: Rig) -> list[int]:
 
 
 def _queue_again(rig: Rig, chunk_ids: list[int]) -> None:
-    """Queue `chunk_ids` again, as `_queued_rig` did, and tell the repairer."""
+    """Queue `chunk_ids` (fragment 0 of each lost, found by a scrub) and
+    tell the repairer."""
     repairer = rig.volume.repairer
     with rig.volume.db.transaction():
         for chunk_id in chunk_ids:
